@@ -1,0 +1,1 @@
+"""The site side of fedseg: ClientApp, site state, site data and the site daemon."""

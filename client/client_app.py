@@ -1,0 +1,192 @@
+"""The ClientApp every site runs: FedProx training and evaluation with site-local norm layers.
+
+Handlers are thin: resolve the site, load the merged model, call a common/
+loop, reply with only the travelling arrays and numeric metrics. Any failure
+is logged in full at the site and answered with a short, sanitized reason:
+no traceback, no file paths, no case names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from common import keys
+from common.config import ConfigError, FedsegConfig, from_yaml_text, load_config
+from common.dataset import DatasetError
+from common.loops import evaluate as evaluate_model
+from common.loops import train_local
+from common.model import build_model
+from common.params import ParameterSplit, ParameterSplitError, load_merged, model_signature, select, split_parameters
+from common.runs import run_dir, simulated_site_config
+from common.wire import from_wire, to_wire
+
+from .site_data import SiteData
+from .site_state import SiteState
+
+log = logging.getLogger("fedseg.client")
+SITE_ERROR_CODE = 1001
+
+
+class SignatureMismatch(ValueError):
+    """Server and site disagree on the model (different config or version)."""
+
+
+SANITIZED_REASONS: dict[type[BaseException], str] = {
+    SignatureMismatch: "model signature mismatch: the site and the server run different model configurations",
+    DatasetError: "the site's dataset could not be read; run `fedseg-client check` at the site",
+    ConfigError: "the site's configuration is invalid; see the site log",
+    ParameterSplitError: "the norm mode does not fit the model; see the site log",
+    FloatingPointError: "local training diverged (non-finite loss)",
+    MemoryError: "the site ran out of memory",
+}
+
+
+def sanitized_reason(site: str, err: BaseException) -> str:
+    """Short, fixed wording per failure kind: exception texts may hold paths or case names."""
+    for kind, reason in SANITIZED_REASONS.items():
+        if isinstance(err, kind):
+            return f"site {site}: {reason}"
+    return f"site {site}: internal error ({type(err).__name__}); see the site log"
+
+
+@dataclasses.dataclass
+class Site:
+    """Everything one handler call needs about this site and this run."""
+
+    cfg: FedsegConfig
+    state: SiteState
+    model: torch.nn.Module
+    split: ParameterSplit
+    signature: str
+
+    @classmethod
+    def resolve(cls, context: Context) -> Site:
+        """Federation settings come from the run config, identity and paths from site.yaml.
+
+        A deployed SuperNode names its site.yaml in its node config; in the
+        simulation, the launcher wrote one site.yaml per partition into the run
+        directory.
+        """
+        cfg = from_yaml_text(str(context.run_config[keys.RUN_CONFIG_KEY]), "run config")
+        if keys.NODE_SITE_CONFIG in context.node_config:
+            site_yaml = Path(str(context.node_config[keys.NODE_SITE_CONFIG]))
+        else:
+            site_yaml = simulated_site_config(run_dir(cfg), int(context.node_config[keys.NODE_PARTITION_ID]))
+        cfg = dataclasses.replace(cfg, site=load_config(site_yaml).site)
+        state = SiteState(Path(cfg.site.state_dir))
+        _log_to_site_file(state.root)
+        torch.set_num_threads(cfg.site.torch_threads)
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg.model)
+        split = split_parameters(model, cfg.train.norm_mode)
+        return cls(cfg, state, model, split, model_signature(model, split))
+
+    def load_global(self, msg: Message) -> dict[str, torch.Tensor]:
+        """Load the received shared tensors plus this site's local ones into the model."""
+        expected = str(msg.content[keys.CONFIG][keys.SIGNATURE])
+        if expected != self.signature:
+            raise SignatureMismatch(f"server signature {expected}, site signature {self.signature}")
+        received = from_wire(msg.content[keys.ARRAYS])
+        load_merged(self.model, self.split, received, self.state.load_local(self.signature))
+        return received
+
+    def reply(self, msg: Message, metrics: dict[str, float], arrays: ArrayRecord | None = None) -> Message:
+        content = RecordDict(
+            {
+                keys.METRICS: MetricRecord(metrics),
+                keys.IDENTITY: ConfigRecord({keys.SITE: self.cfg.site.name, keys.SIGNATURE: self.signature}),
+            }
+        )
+        if arrays is not None:
+            content[keys.ARRAYS] = arrays
+        return Message(content=content, reply_to=msg)
+
+
+_site_log_handlers: dict[Path, logging.Handler] = {}
+
+
+def _log_to_site_file(state_root: Path) -> None:
+    """Full details of every failure stay at the site, in <state_dir>/site.log."""
+    if state_root not in _site_log_handlers:
+        handler = logging.FileHandler(state_root / "site.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        _site_log_handlers[state_root] = handler
+
+
+def _round_seed(cfg: FedsegConfig, server_round: int) -> int:
+    return cfg.train.seed * 1_000_003 + server_round * 7919 + zlib.crc32(cfg.site.name.encode())
+
+
+def _train(site: Site, msg: Message) -> Message:
+    started = time.perf_counter()
+    received = site.load_global(msg)
+    config = msg.content[keys.CONFIG]
+    server_round = int(config[keys.SERVER_ROUND])
+    data = SiteData.open(site.cfg, site.state)
+    result = train_local(
+        site.model,
+        data.volumes(data.train_ids),
+        site.cfg.data,
+        site.cfg.train,
+        global_params={k: received[k] for k in site.split.trainable_shared},
+        mu=float(config[keys.PROXIMAL_MU]),
+        seed=_round_seed(site.cfg, server_round),
+    )
+    site.state.save_local(select(site.model, site.split.local), server_round, site.signature)
+    arrays = to_wire(select(site.model, site.split.travelling), str(config[keys.WIRE_DTYPE]))
+    metrics = {
+        "loss": result.loss,
+        "proximal_loss": result.proximal_loss,
+        "duration_s": time.perf_counter() - started,
+        keys.NUM_EXAMPLES: len(data.train_ids),
+    }
+    log.info("round %d: trained %d steps, loss %.4f", server_round, result.steps, result.loss)
+    return site.reply(msg, metrics, arrays)
+
+
+def _evaluate(site: Site, msg: Message) -> Message:
+    site.load_global(msg)
+    data = SiteData.open(site.cfg, site.state)
+    result = evaluate_model(
+        site.model, data.volumes(data.val_ids), site.cfg.data, site.cfg.train, data.spec.num_classes
+    )
+    metrics = {"dice": result.dice, "loss": result.loss, keys.NUM_EXAMPLES: result.num_cases}
+    metrics |= {f"{keys.DICE_CLASS_PREFIX}{i + 1}": d for i, d in enumerate(result.dice_per_class)}
+    if result.hd95 is not None:
+        metrics["hd95"] = result.hd95
+    return site.reply(msg, metrics)
+
+
+def _handle(handler: Callable[[Site, Message], Message], msg: Message, context: Context) -> Message:
+    site_name = "unknown"
+    try:
+        site = Site.resolve(context)
+        site_name = site.cfg.site.name
+        return handler(site, msg)
+    except Exception as err:  # every failure becomes a sanitized error reply
+        log.exception("site %s failed to handle a %s message", site_name, msg.metadata.message_type)
+        return Message(Error(code=SITE_ERROR_CODE, reason=sanitized_reason(site_name, err)), reply_to=msg)
+
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return _handle(_train, msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return _handle(_evaluate, msg, context)

@@ -1,0 +1,82 @@
+"""A site's private state directory, which never leaves the site.
+
+Local normalization tensors are written atomically (temporary file, fsync,
+rename), so a crash mid-write leaves the previous tensors intact, and they
+are reloaded after every restart of the site and in every new run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+NORM_FILE = "norm.safetensors"
+SITE_FILE = "site.json"
+CACHE_DIR = "cache"
+
+log = logging.getLogger(__name__)
+
+
+def _atomic_replace(tmp: Path, path: Path) -> None:
+    with tmp.open("rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class SiteState:
+    """Reads and writes ``<state_dir>/norm.safetensors`` and ``site.json``."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.root = Path(state_dir)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / CACHE_DIR
+
+    def info(self) -> dict[str, Any]:
+        path = self.root / SITE_FILE
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def update_info(self, **fields: Any) -> None:
+        info = {**self.info(), **fields, "updated": time.time()}
+        path = self.root / SITE_FILE
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        _atomic_replace(tmp, path)
+
+    def load_local(self, signature: str) -> dict[str, torch.Tensor] | None:
+        """The site's local tensors for this model, or None on the site's first round.
+
+        Tensors saved for a different model signature cannot be loaded into this
+        model; they are set aside (renamed, not deleted) and the site starts from
+        the global initialisation.
+        """
+        path = self.root / NORM_FILE
+        if not path.is_file():
+            return None
+        stored = self.info().get("model_signature")
+        if stored != signature:
+            aside = path.with_name(f"norm.{stored or 'unknown'}.safetensors")
+            log.warning(
+                "local tensors in %s belong to model signature %s, not %s; moved to %s and starting "
+                "this site's normalization layers from the global initialisation",
+                path, stored, signature, aside.name,
+            )
+            os.replace(path, aside)
+            return None
+        return load_file(path)
+
+    def save_local(self, tensors: dict[str, torch.Tensor], server_round: int, signature: str) -> None:
+        path = self.root / NORM_FILE
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        _atomic_replace(tmp, path)
+        self.update_info(model_signature=signature, last_round=server_round)

@@ -1,0 +1,276 @@
+"""The one typed configuration schema of fedseg, loaded from YAML.
+
+Every option lives here once, with its default and a one-line description.
+The server's federation.yaml, a site's site.yaml and the simulation's YAML are
+all read through this schema, so a misspelt key is caught in the same way
+everywhere: the error names the key, the file and the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+NormMode = Literal["local", "stats", "shared"]
+"""Which normalization tensors stay at the site (see design.md)."""
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message says how to fix it."""
+
+
+def option(default: Any, doc: str) -> Any:
+    """Declare a schema field with its default and its one-line description."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class ModelConfig:
+    """The shared 3D segmentation network."""
+
+    arch: Literal["unet", "dynunet"] = option("unet", "Network: MONAI UNet, or DynUNet (nnU-Net-like).")
+    channels: list[int] = option([16, 32, 64, 128, 256], "Feature channels per resolution level.")
+    strides: list[int] = option([2, 2, 2, 2], "Downsampling stride between levels (one fewer than channels).")
+    num_res_units: int = option(2, "Residual units per UNet block.")
+    norm: Literal["instance", "batch"] = option(
+        "instance", "Normalization layer; instance norm is built with affine=True so it has site-local weights."
+    )
+    in_channels: int = option(1, "Image channels (modalities) per case.")
+    out_channels: int = option(2, "Classes including background.")
+    dropout: float = option(0.0, "Dropout probability inside the network.")
+
+
+@dataclass
+class DataConfig:
+    """How a site turns its NIfTI cases into training patches."""
+
+    spacing: list[float] = option([1.5, 1.5, 1.5], "Target voxel spacing in mm (RAS) every case is resampled to.")
+    patch_size: list[int] = option([32, 32, 32], "Training patch and sliding-window size in voxels.")
+    foreground_fraction: float = option(0.33, "Share of patches centred on foreground (nnU-Net samples >= 1/3).")
+    val_fraction: float = option(0.25, "Share of a site's cases held out for validation.")
+    split_seed: int = option(0, "Seed of the deterministic train/validation split.")
+    clip_percentiles: list[float] = option([0.5, 99.5], "Per-case intensity percentiles clipped before z-scoring.")
+
+
+@dataclass
+class TrainConfig:
+    """Local training at a site and evaluation of the global model."""
+
+    local_steps: int = option(10, "Optimizer steps per site per round.")
+    batch_size: int = option(2, "Patches per optimizer step.")
+    optimizer: Literal["adam", "sgd"] = option("adam", "Local optimizer, freshly created every round.")
+    lr: float = option(1e-3, "Local learning rate.")
+    weight_decay: float = option(1e-5, "L2 weight decay of the local optimizer.")
+    proximal_mu: float = option(0.01, "FedProx mu: weight of (mu/2)*||w - w_global||^2; 0 is FedAvg.")
+    norm_mode: NormMode = option("local", "local (FedBN), stats (SiloBN) or shared (FedAvg of everything).")
+    sw_overlap: float = option(0.25, "Sliding-window overlap during evaluation.")
+    hd95: bool = option(True, "Also report the 95th percentile Hausdorff distance (mm) in evaluation.")
+    seed: int = option(0, "Seed of model initialisation and patch sampling.")
+
+
+@dataclass
+class FederationConfig:
+    """The server's round loop, quorum and outputs."""
+
+    rounds: int = option(3, "Federated rounds to run.")
+    min_sites: int = option(2, "Quorum: sites that must reply successfully for a round to be aggregated.")
+    on_quorum_failure: Literal["skip", "stop"] = option(
+        "skip", "Below quorum: skip the round keeping the previous global model, or stop the run."
+    )
+    round_timeout_s: float = option(1800.0, "Seconds to wait for site replies each round.")
+    wire_dtype: Literal["float32", "float16"] = option(
+        "float32", "dtype of model arrays on the wire; aggregation is always float32."
+    )
+    sites: list[str] = option([], "Site names expected in this federation (recorded in the log); empty: whoever connects.")
+    runs_dir: str = option("runs", "Folder that holds one run directory per run.")
+    run_name: str = option("", "Run directory name; empty means a timestamped name.")
+
+
+@dataclass
+class SiteConfig:
+    """Who this site is and where its data and private state live (site.yaml)."""
+
+    name: str = option("", "The site's name as it appears in the server's metrics log.")
+    data_dir: str = option("", "nnU-Net raw dataset folder (holds dataset.json, imagesTr, labelsTr).")
+    state_dir: str = option("", "Private state folder: local norm tensors, cache, egress log.")
+    torch_threads: int = option(1, "CPU threads torch may use for this site's training.")
+
+
+@dataclass
+class SimulationConfig:
+    """The local multi-site simulation on built-in synthetic data."""
+
+    num_sites: int = option(3, "Simulated hospitals.")
+    cases_per_site: int = option(6, "Synthetic cases generated per site.")
+    volume_shape: list[int] = option([48, 48, 32], "Voxel shape of each synthetic volume.")
+    shift_strength: float = option(1.0, "Scanner shift between sites: 0 identical scanners, 1 strong shift.")
+    data_dir: str = option("data/synthetic", "Where synthetic site datasets are generated (reused if present).")
+    ray_num_cpus: int = option(2, "CPUs Ray may use for the whole simulation.")
+    cpus_per_site: int = option(2, "CPUs reserved per simulated site; sites run in turns when CPUs are scarce.")
+    seed: int = option(0, "Seed of the synthetic data.")
+
+
+@dataclass
+class FedsegConfig:
+    """Everything fedseg can be configured with; each YAML file sets a subset."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    site: SiteConfig = field(default_factory=SiteConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+    def __post_init__(self) -> None:
+        check_consistency(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_yaml().encode()).hexdigest()
+
+
+def check_consistency(cfg: FedsegConfig) -> None:
+    """Reject combinations that each look valid alone but cannot work together."""
+    m, d, t, f = cfg.model, cfg.data, cfg.train, cfg.federation
+    if m.arch == "unet" and len(m.strides) != len(m.channels) - 1:
+        raise ConfigError(
+            f"model.strides has {len(m.strides)} entries but model.channels has {len(m.channels)}; "
+            "UNet needs exactly one stride fewer than channels."
+        )
+    if len(d.patch_size) != 3 or len(d.spacing) != 3:
+        raise ConfigError("data.patch_size and data.spacing need three values (x, y, z).")
+    factor = 1
+    for s in m.strides:
+        factor *= s
+    if any(p % factor for p in d.patch_size):
+        raise ConfigError(
+            f"data.patch_size {d.patch_size} must be divisible by {factor} (the product of model.strides)."
+        )
+    if not 0.0 <= d.foreground_fraction <= 1.0:
+        raise ConfigError(f"data.foreground_fraction must be in [0, 1], got {d.foreground_fraction}.")
+    if not 0.0 < d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}.")
+    if t.proximal_mu < 0:
+        raise ConfigError(f"train.proximal_mu must be >= 0, got {t.proximal_mu}.")
+    if t.local_steps < 1 or t.batch_size < 1 or f.rounds < 1 or f.min_sites < 1:
+        raise ConfigError("train.local_steps, train.batch_size, federation.rounds and federation.min_sites must be >= 1.")
+
+
+_SECTION_TYPES = typing.get_type_hints(FedsegConfig)
+
+
+def describe_options() -> list[tuple[str, Any, str]]:
+    """(dotted key, default, description) of every option, for docs and --help."""
+    rows = []
+    for section, cls in _SECTION_TYPES.items():
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            rows.append((f"{section}.{f.name}", default, f.metadata["doc"]))
+    return rows
+
+
+def _closest(name: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    return f" Did you mean '{match[0]}'?" if match else f" Valid keys: {', '.join(valid)}."
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check one YAML value against its declared type, allowing int where float is expected."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            choices = ", ".join(repr(c) for c in typing.get_args(hint))
+            raise ConfigError(f"{where}: {value!r} is not one of {choices}.")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list of {item.__name__}, got {value!r}.")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{where}: union types are not supported in the schema.")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r} ({type(value).__name__}).")
+    return value
+
+
+def from_dict(raw: dict[str, Any], source: str = "<config>") -> FedsegConfig:
+    """Build a validated config from nested dictionaries; ``source`` names the file in errors."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}.")
+    sections: dict[str, Any] = {}
+    for section, values in raw.items():
+        if section not in _SECTION_TYPES:
+            raise ConfigError(f"{source}: unknown section '{section}'.{_closest(str(section), list(_SECTION_TYPES))}")
+        cls = _SECTION_TYPES[section]
+        hints = typing.get_type_hints(cls)
+        values = values or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{section}' must be a mapping, got {values!r}.")
+        for key in values:
+            if key not in hints:
+                raise ConfigError(
+                    f"{source}: unknown key '{section}.{key}'.{_closest(str(key), list(hints))}"
+                )
+        kwargs = {k: _coerce(v, hints[k], f"{source}: {section}.{k}") for k, v in values.items()}
+        sections[section] = cls(**kwargs)
+    return FedsegConfig(**sections)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) on top of a raw config."""
+    merged = {k: dict(v or {}) for k, v in (raw or {}).items()}
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override '{item}' must look like section.key=value, e.g. train.lr=0.001.")
+        dotted, text = item.split("=", 1)
+        section, key = dotted.strip().split(".", 1)
+        merged.setdefault(section, {})[key] = yaml.safe_load(text)
+    return merged
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML file, turning parse errors into a message that names the file and line."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}.") from err
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err}).") from err
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> FedsegConfig:
+    """Load a YAML file (or the defaults when ``path`` is None), then apply flag overrides."""
+    raw = read_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "<defaults>"
+    if overrides:
+        source += " + overrides"
+    return from_dict(apply_overrides(raw, overrides or []), source)
+
+
+def from_yaml_text(text: str, source: str) -> FedsegConfig:
+    """Parse a config that travelled as YAML text (the run config)."""
+    return from_dict(yaml.safe_load(text) or {}, source)

@@ -1,0 +1,78 @@
+"""Stopping what we started: a process, its whole tree, and nothing else.
+
+Flower's SuperLink spawns the simulation or ServerApp process, which spawns
+Ray's workers; some of these start sessions of their own, so signalling one
+process group is not enough. The tree is read from /proc before signalling.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+TERM_GRACE_S = 20.0
+KILL_GRACE_S = 5.0
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        ppid = int(text.rsplit(")", 1)[1].split()[1])
+        tree.setdefault(ppid, []).append(int(stat.parent.name))
+    return tree
+
+
+def descendants(pid: int) -> list[int]:
+    """All living descendants of ``pid`` (children first found, then theirs)."""
+    tree, found, todo = _children(), [], [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie has exited; it only waits to be reaped
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _signal_all(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def stop_tree(proc: subprocess.Popen | None) -> None:
+    """SIGTERM ``proc`` and all its descendants, wait, then SIGKILL what is left."""
+    if proc is None:
+        return
+    pids = [proc.pid, *descendants(proc.pid)]
+    for sig, grace in ((signal.SIGTERM, TERM_GRACE_S), (signal.SIGKILL, KILL_GRACE_S)):
+        pids = [p for p in pids if _alive(p)]
+        if not pids:
+            break
+        pids += [d for p in pids for d in descendants(p) if d not in pids]
+        _signal_all(pids, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            proc.poll()
+            time.sleep(0.2)
+    proc.poll()

@@ -1,0 +1,27 @@
+"""The wire format: one ArrayRecord of travelling tensors, optionally in half precision.
+
+Arrays may travel as float16 to halve the bytes; they are always returned as
+float32, so aggregation and training never run in half precision. (bfloat16 is
+not offered: Flower's ArrayRecord stores numpy arrays, and numpy has no
+bfloat16.)
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord
+
+WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def to_wire(tensors: dict[str, torch.Tensor], wire_dtype: str = "float32") -> ArrayRecord:
+    """Pack tensors into an ArrayRecord, casting floating tensors to ``wire_dtype``."""
+    dtype = WIRE_DTYPES[wire_dtype]
+    cast = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+    return ArrayRecord(cast)
+
+
+def from_wire(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """Unpack an ArrayRecord into float32 (floating) tensors."""
+    state = record.to_torch_state_dict()
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}

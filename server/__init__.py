@@ -1,0 +1,1 @@
+"""The coordinating centre's side of fedseg: ServerApp, strategy, checkpoints and launcher."""

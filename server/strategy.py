@@ -1,0 +1,251 @@
+"""fedseg's strategy: FedProx over the shared tensors, hardened for hospitals."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedProx
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, aggregate_metricrecords
+
+from common import keys
+from common.config import FedsegConfig
+from common.metrics_log import MetricsLog
+from common.wire import from_wire, to_wire
+
+from .checkpoints import Checkpoints
+
+log = logging.getLogger("fedseg.server")
+
+
+class QuorumNotReached(RuntimeError):
+    """Fewer sites than the quorum succeeded and the federation is set to stop."""
+
+
+@dataclass
+class RoundTally:
+    """What happened in one round, for its summary line."""
+
+    started: float = field(default_factory=time.perf_counter)
+    bytes_total: int = 0
+    bytes_down: int = 0
+    """Bytes of the global model sent to each site for training."""
+    trained: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    aggregated: bool = False
+
+
+class FedSegStrategy(FedProx):
+    r"""FedProx on the shared tensors; normalization tensors chosen by ``norm_mode`` never leave the site.
+
+    Site k minimises its local objective with the proximal term
+
+    .. math::
+        F_k(w) + \frac{\mu}{2} \lVert w - w^t \rVert^2
+
+    over the shared trainable parameters, and the server averages the shared
+    tensors weighted by the sites' training cases:
+
+    .. math::
+        w^{t+1} = \sum_{k \in S_t} \frac{n_k}{n} w_k, \qquad n = \sum_{k \in S_t} n_k
+
+    where :math:`S_t` are the sites whose reply passed validation (signature,
+    keys, shapes, finite values). Replies that fail are logged and left out, so
+    one broken site can neither end the run nor poison the average. When fewer
+    than ``federation.min_sites`` sites remain, the round is not aggregated:
+    it is skipped (the previous global model is kept) or the run stops, as
+    configured. Arrays may travel in float16; the mean is always taken in float32.
+    """
+
+    def __init__(
+        self,
+        cfg: FedsegConfig,
+        signature: str,
+        shapes: dict[str, tuple[int, ...]],
+        metrics_log: MetricsLog,
+        checkpoints: Checkpoints,
+        round_offset: int = 0,
+    ) -> None:
+        quorum = cfg.federation.min_sites
+        super().__init__(
+            min_train_nodes=quorum,
+            min_evaluate_nodes=quorum,
+            min_available_nodes=quorum,
+            weighted_by_key=keys.NUM_EXAMPLES,
+            arrayrecord_key=keys.ARRAYS,
+            configrecord_key=keys.CONFIG,
+            proximal_mu=cfg.train.proximal_mu,
+        )
+        self.cfg = cfg
+        self.signature = signature
+        self.shapes = shapes
+        self.metrics = metrics_log
+        self.checkpoints = checkpoints
+        self.round_offset = round_offset
+        self.node_sites: dict[int, str] = {}
+        self.tally = RoundTally()
+
+    def summary(self) -> None:
+        log.info("fedseg: norm_mode=%s quorum=%d on_quorum_failure=%s wire=%s",
+                 self.cfg.train.norm_mode, self.cfg.federation.min_sites,
+                 self.cfg.federation.on_quorum_failure, self.cfg.federation.wire_dtype)
+        super().summary()
+
+    # --- configure -----------------------------------------------------------------
+
+    def _outgoing(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> tuple[int, ArrayRecord]:
+        config[keys.SIGNATURE] = self.signature
+        config[keys.WIRE_DTYPE] = self.cfg.federation.wire_dtype
+        wire = to_wire(from_wire(arrays), self.cfg.federation.wire_dtype)
+        return server_round + self.round_offset, wire
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.tally = RoundTally()
+        rnd, wire = self._outgoing(server_round, arrays, config)
+        messages = list(super().configure_train(rnd, wire, config, grid))
+        self.tally.bytes_down = wire.count_bytes()
+        self.tally.bytes_total += wire.count_bytes() * len(messages)
+        return messages
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        rnd, wire = self._outgoing(server_round, arrays, config)
+        messages = list(super().configure_evaluate(rnd, wire, config, grid))
+        self.tally.bytes_total += wire.count_bytes() * len(messages)
+        return messages
+
+    # --- screening -------------------------------------------------------------------
+
+    def _site(self, msg: Message) -> str:
+        node = msg.metadata.src_node_id
+        if msg.has_content() and keys.IDENTITY in msg.content.config_records:
+            self.node_sites[node] = str(msg.content.config_records[keys.IDENTITY].get(keys.SITE, f"node-{node}"))
+        return self.node_sites.get(node, f"node-{node}")
+
+    def _problem(self, msg: Message, is_train: bool) -> str | None:
+        """Why a reply cannot be used, or None when it is sound."""
+        if msg.has_error():
+            return msg.error.reason or f"error code {msg.error.code}"
+        content = msg.content
+        identity = content.config_records.get(keys.IDENTITY)
+        if identity is None or str(identity.get(keys.SIGNATURE)) != self.signature:
+            return "model signature missing or different from the server's"
+        metrics = content.metric_records.get(keys.METRICS)
+        if metrics is None or float(metrics.get(keys.NUM_EXAMPLES, 0)) <= 0:
+            return f"no positive '{keys.NUM_EXAMPLES}' in the reply metrics"
+        required = keys.TRAIN_METRICS if is_train else keys.EVAL_REQUIRED
+        missing = [k for k in required if k not in metrics]
+        if missing:
+            return f"reply metrics lack {missing}"
+        if not all(np.isfinite(float(v)) for v in metrics.values() if not isinstance(v, list)):
+            return "non-finite metric values"
+        if not is_train:
+            return None
+        arrays = content.array_records.get(keys.ARRAYS)
+        if arrays is None:
+            return "no model arrays in a training reply"
+        if set(arrays.keys()) != set(self.shapes):
+            return "model arrays do not match the model's travelling keys"
+        for key, array in arrays.items():
+            if tuple(array.shape) != self.shapes[key]:
+                return f"array '{key}' has shape {tuple(array.shape)}, expected {self.shapes[key]}"
+            if not np.isfinite(array.numpy()).all():
+                return f"array '{key}' holds NaN or Inf"
+        return None
+
+    def _screen(self, server_round: int, replies: Iterable[Message], is_train: bool) -> list[Message]:
+        """Keep sound replies; log every failure with the site and reason."""
+        sound = []
+        for msg in replies:
+            site = self._site(msg)
+            problem = self._problem(msg, is_train)
+            if problem is None:
+                sound.append(msg)
+                continue
+            stage = "train" if is_train else "evaluate"
+            log.warning("round %d: %s reply of site %s rejected: %s", server_round, stage, site, problem)
+            self.metrics.write("failure", round=server_round, site=site, stage=stage, reason=problem)
+            if site not in self.tally.failed:
+                self.tally.failed.append(site)
+        return sound
+
+    def _below_quorum(self, server_round: int, stage: str, n_ok: int) -> None:
+        msg = (f"round {server_round}: only {n_ok} site(s) completed {stage}, "
+               f"quorum is {self.cfg.federation.min_sites}")
+        self.metrics.write("quorum-failure", round=server_round, stage=stage, sites_ok=n_ok,
+                           action=self.cfg.federation.on_quorum_failure)
+        self.metrics.sync()
+        if self.cfg.federation.on_quorum_failure == "stop":
+            raise QuorumNotReached(msg + "; stopping as configured (federation.on_quorum_failure: stop).")
+        log.warning("%s; keeping the previous global model", msg)
+
+    # --- aggregate -------------------------------------------------------------------
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        rnd = server_round + self.round_offset
+        sound = self._screen(rnd, replies, is_train=True)
+        contents: list[RecordDict] = []
+        for msg in sound:
+            metrics = msg.content.metric_records[keys.METRICS]
+            arrays = msg.content.array_records[keys.ARRAYS]
+            site = self._site(msg)
+            self.tally.trained.append(site)
+            self.tally.bytes_total += arrays.count_bytes()
+            self.metrics.write(
+                "train", round=rnd, site=site, num_examples=int(metrics[keys.NUM_EXAMPLES]),
+                loss=metrics["loss"], proximal_loss=metrics["proximal_loss"],
+                duration_s=metrics["duration_s"], bytes_up=arrays.count_bytes(),
+                bytes_down=self.tally.bytes_down,
+            )
+            contents.append(RecordDict({keys.ARRAYS: ArrayRecord(from_wire(arrays)), keys.METRICS: metrics}))
+        if len(contents) < self.cfg.federation.min_sites:
+            self._below_quorum(rnd, "train", len(contents))
+            return None, None
+        aggregate = aggregate_arrayrecords(contents, keys.NUM_EXAMPLES)
+        self.checkpoints.save_round(rnd, from_wire(aggregate))
+        self.tally.aggregated = True
+        return aggregate, aggregate_metricrecords(contents, keys.NUM_EXAMPLES)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        rnd = server_round + self.round_offset
+        sound = self._screen(rnd, replies, is_train=False)
+        dice, weights = [], []
+        for msg in sound:
+            m = msg.content.metric_records[keys.METRICS]
+            per_class = [float(v) for k, v in sorted(m.items()) if k.startswith(keys.DICE_CLASS_PREFIX)]
+            self.metrics.write(
+                "evaluate", round=rnd, site=self._site(msg), num_examples=int(m[keys.NUM_EXAMPLES]),
+                dice=m["dice"], dice_per_class=per_class, hd95=m.get("hd95"), loss=m["loss"],
+            )
+            dice.append(float(m["dice"]))
+            weights.append(float(m[keys.NUM_EXAMPLES]))
+        summary = self._close_round(rnd, dice, weights)
+        if not sound:
+            return None
+        return MetricRecord({"dice_mean": summary["dice_mean"], "dice_weighted": summary["dice_weighted"]})
+
+    def _close_round(self, rnd: int, dice: list[float], weights: list[float]) -> dict:
+        """Write the round's summary, offer the model as best, and make the log durable."""
+        dice_mean = float(np.mean(dice)) if dice else float("nan")
+        dice_weighted = float(np.average(dice, weights=weights)) if dice else float("nan")
+        summary = self.metrics.write(
+            "round", round=rnd, sites_ok=len(self.tally.trained), sites_failed=self.tally.failed,
+            aggregated=self.tally.aggregated, dice_mean=dice_mean, dice_weighted=dice_weighted,
+            duration_s=time.perf_counter() - self.tally.started, bytes_total=self.tally.bytes_total,
+        )
+        if self.tally.aggregated and dice:
+            self.checkpoints.offer_best(rnd, dice_weighted)
+        self.metrics.sync()
+        log.info("round %d: %d site(s) trained, %d failed, Dice mean %.4f weighted %.4f",
+                 rnd, len(self.tally.trained), len(self.tally.failed), dice_mean, dice_weighted)
+        return {"dice_mean": dice_mean, "dice_weighted": dice_weighted}

@@ -1,0 +1,1 @@
+"""Local multi-site simulation tools: synthetic federations and strategy comparisons."""

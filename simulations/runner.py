@@ -1,0 +1,206 @@
+"""The local multi-site simulation: the deployment's apps on Flower's simulation engine.
+
+``run_simulation`` generates (or reuses) the synthetic sites, writes one
+site.yaml per simulated site into the run directory, starts a private
+SuperLink in simulation mode, submits the app with ``flwr run`` and follows
+the metrics log to show progress per round. Whatever it starts it stops, also
+on Ctrl-C or an error: no SuperLink, simulation or Ray process outlives it.
+
+Flower 1.42 details handled here: the SuperLink runs with its own FLWR_HOME
+(so the user's ~/.flwr and pyproject's legacy ``[tool.flwr.federations]`` are
+never read or rewritten), from a scratch working directory (it would import
+code from the directory it was started in), with runtime dependency
+installation and telemetry disabled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import tomli_w
+import yaml
+
+from common import keys
+from common.config import FedsegConfig
+from common.flower_env import flower_command, flower_env, free_port
+from common.processes import stop_tree
+from common.metrics_log import METRICS_FILE, read_events
+from common.runs import new_run_name, run_dir, simulated_site_config
+
+from .synthetic import generate_federation
+
+log = logging.getLogger("fedseg.sim")
+
+APP_DIR = Path(__file__).resolve().parent.parent
+"""The Flower App (pyproject.toml with [tool.flwr.app]) is the repository root."""
+CONNECTION = "fedseg-sim"
+STARTUP_TIMEOUT_S = 60.0
+POLL_S = 0.5
+FINISH_GRACE_S = 30.0
+"""How long `flwr run --stream` may take to notice the run has ended."""
+
+
+class SimulationError(RuntimeError):
+    """The simulation could not run to completion; the message names the log to read."""
+
+
+def prepare_run(cfg: FedsegConfig) -> FedsegConfig:
+    """Name the run, make every path absolute and list the simulated sites."""
+    sim = cfg.simulation
+    run_name = cfg.federation.run_name or new_run_name("sim")
+    names = [f"site-{i + 1}" for i in range(sim.num_sites)]
+    federation = dataclasses.replace(
+        cfg.federation,
+        run_name=run_name,
+        runs_dir=str(Path(cfg.federation.runs_dir).resolve()),
+        sites=names,
+        min_sites=min(cfg.federation.min_sites, sim.num_sites),
+    )
+    simulation = dataclasses.replace(sim, data_dir=str(Path(sim.data_dir).resolve()))
+    return dataclasses.replace(cfg, federation=federation, simulation=simulation)
+
+
+def write_site_configs(cfg: FedsegConfig, datasets: dict[str, Path]) -> None:
+    """One site.yaml per simulated site, exactly as a hospital would write it."""
+    run = run_dir(cfg)
+    threads = cfg.simulation.cpus_per_site
+    for index, (name, data_dir) in enumerate(sorted(datasets.items(), key=lambda kv: int(kv[0].split("-")[1]))):
+        path = simulated_site_config(run, index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        site = {"name": name, "data_dir": str(data_dir), "state_dir": str(path.with_suffix("")),
+                "torch_threads": threads}
+        path.write_text(yaml.safe_dump({"site": site}, sort_keys=False))
+
+
+class LocalSuperLink:
+    """A private SuperLink in simulation mode, stopped with everything it spawned."""
+
+    def __init__(self, run: Path, threads: int) -> None:
+        self.run = run
+        self.home = run / "flwr-home"
+        self.port = free_port()
+        self.env = flower_env(self.home, threads)
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> LocalSuperLink:
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "config.toml").write_text(tomli_w.dumps({
+            "superlink": {"default": CONNECTION,
+                          CONNECTION: {"address": f"127.0.0.1:{self.port}", "insecure": True}},
+        }))
+        command = [
+            flower_command("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--disable-runtime-dependency-installation",
+            "--log-file", str(self.run / "superlink.log"),
+        ]
+        scratch = self.home / "cwd"
+        scratch.mkdir(exist_ok=True)
+        self.proc = subprocess.Popen(
+            command, cwd=scratch, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SimulationError(f"flower-superlink exited with code {self.proc.returncode}; "
+                                      f"see {self.run / 'superlink.log'}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1.0).is_success:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(POLL_S)
+        raise SimulationError(f"flower-superlink did not become ready in {STARTUP_TIMEOUT_S:.0f} s; "
+                              f"see {self.run / 'superlink.log'}")
+
+    def __exit__(self, *exc: object) -> None:
+        stop_tree(self.proc)
+
+
+def describe(event: dict) -> str | None:
+    """One terminal line per event worth showing while the simulation runs."""
+    kind = event["event"]
+    if kind == "train":
+        return (f"  round {event['round']:>3}  {event['site']:<10} trained   loss {event['loss']:.4f}  "
+                f"prox {event['proximal_loss']:.5f}  {event['duration_s']:.1f} s")
+    if kind == "evaluate":
+        return f"  round {event['round']:>3}  {event['site']:<10} evaluated Dice {event['dice']:.4f}"
+    if kind == "failure":
+        return f"  round {event['round']:>3}  {event['site']:<10} FAILED ({event['stage']}): {event['reason']}"
+    if kind == "round":
+        dice = event["dice_weighted"]
+        dice_text = f"{dice:.4f}" if dice is not None else "n/a"
+        return (f"round {event['round']} done: {event['sites_ok']} site(s) trained, "
+                f"{len(event['sites_failed'])} failed, Dice (weighted) {dice_text}, {event['duration_s']:.1f} s")
+    if kind == "run-end":
+        return f"run finished: {event['status']}; best round {event['best_round']} (Dice {event['best_dice']:.4f})"
+    return None
+
+
+def follow(path: Path, seen: int, show: Callable[[str], None]) -> int:
+    """Show events appended since the last call; returns how many have been seen."""
+    if not path.is_file():
+        return seen
+    events = list(read_events(path))
+    for event in events[seen:]:
+        line = describe(event)
+        if line:
+            show(line)
+    return len(events)
+
+
+def run_simulation(cfg: FedsegConfig, show: Callable[[str], None] = print) -> Path:
+    """Run the simulation described by ``cfg``; returns the run directory."""
+    cfg = prepare_run(cfg)
+    sim = cfg.simulation
+    run = run_dir(cfg)
+    run.mkdir(parents=True, exist_ok=True)
+    show(f"fedseg-sim: {sim.num_sites} sites, {cfg.federation.rounds} rounds -> {run}")
+    datasets = generate_federation(
+        Path(sim.data_dir), n_sites=sim.num_sites, n_cases=sim.cases_per_site,
+        shape=tuple(sim.volume_shape), strength=sim.shift_strength, seed=sim.seed,
+    )
+    write_site_configs(cfg, datasets)
+    run_config = run / "run-config.toml"
+    run_config.write_text(tomli_w.dumps({keys.RUN_CONFIG_KEY: cfg.to_yaml()}))
+    federation_config = (f"num-supernodes={sim.num_sites} client-resources-num-cpus={sim.cpus_per_site} "
+                         f"init-args-num-cpus={sim.ray_num_cpus}")
+    metrics = run / METRICS_FILE
+    threads = sim.cpus_per_site
+    with LocalSuperLink(run, threads) as link, (run / "flwr-run.log").open("w") as flwr_log:
+        submit = subprocess.Popen(
+            [flower_command("flwr"), "run", str(APP_DIR), CONNECTION,
+             "--run-config", str(run_config), "--federation-config", federation_config, "--stream"],
+            env=link.env, stdout=flwr_log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        seen, finished_at = 0, None
+        try:
+            while submit.poll() is None:
+                seen = follow(metrics, seen, show)
+                if finished_at is None and _finished(metrics):
+                    finished_at = time.monotonic()
+                if finished_at is not None and time.monotonic() - finished_at > FINISH_GRACE_S:
+                    break
+                time.sleep(POLL_S)
+            seen = follow(metrics, seen, show)
+        finally:
+            stop_tree(submit)
+    if not _finished(metrics):
+        raise SimulationError(f"the run ended without finishing; see {run / 'flwr-run.log'} and "
+                              f"{run / 'superlink.log'}")
+    return run
+
+
+def _finished(metrics: Path) -> bool:
+    return metrics.is_file() and any(e["event"] == "run-end" for e in read_events(metrics))
