@@ -1,0 +1,67 @@
+"""One shape for fedseg's three commands: ``<command> <subcommand> --config X.yaml --set k=v``.
+
+Each subcommand is a module with ``add_arguments(parser)`` and ``run(args) -> int``;
+modules import their heavy dependencies inside ``run`` so ``--help`` stays fast.
+Errors fedseg anticipates (bad config, bad data, refused certificates) end with
+one clear line and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from .config import ConfigError, FedsegConfig, load_config
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UserError(Exception):
+    """A problem the user can fix; the message says what happened and what to do."""
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML configuration file (see deploy/ for commented examples).")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="Override one option, e.g. --set train.lr=0.0005 (repeatable; beats the YAML).")
+
+
+def config_from_args(args: argparse.Namespace, extra: list[str] | None = None) -> FedsegConfig:
+    """The config file plus ``--set`` overrides plus subcommand-specific overrides."""
+    return load_config(args.config, [*args.overrides, *(extra or [])])
+
+
+def make_main(prog: str, description: str, commands: dict[str, tuple[str, str]],
+              default: str | None = None) -> Callable[[list[str] | None], int]:
+    """Build a ``main(argv)`` dispatching to ``commands``: name -> (module, one-line help)."""
+
+    def main(argv: list[str] | None = None) -> int:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if default and (not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+            argv.insert(0, default)
+        parser = argparse.ArgumentParser(prog=prog, description=description)
+        sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+        modules = {}
+        for name, (module_name, help_text) in commands.items():
+            module = importlib.import_module(module_name)
+            sp = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
+            add_config_arguments(sp)
+            module.add_arguments(sp)
+            modules[name] = module
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        try:
+            return int(modules[args.command].run(args) or 0)
+        except (ConfigError, UserError) as err:
+            print(f"{prog} {args.command}: error: {err}", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            print(f"{prog} {args.command}: interrupted; everything it started has been stopped.", file=sys.stderr)
+            return EXIT_INTERRUPTED
+
+    return main
