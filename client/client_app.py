@@ -27,8 +27,9 @@ from common.loops import train_local
 from common.model import build_model
 from common.params import ParameterSplit, ParameterSplitError, load_merged, model_signature, select, split_parameters
 from common.runs import run_dir, simulated_site_config
-from common.wire import from_wire, to_wire
+from common.wire import error_reason, from_wire, to_wire
 
+from . import egress
 from .site_data import SiteData
 from .site_state import SiteState
 
@@ -54,8 +55,8 @@ def sanitized_reason(site: str, err: BaseException) -> str:
     """Short, fixed wording per failure kind: exception texts may hold paths or case names."""
     for kind, reason in SANITIZED_REASONS.items():
         if isinstance(err, kind):
-            return f"site {site}: {reason}"
-    return f"site {site}: internal error ({type(err).__name__}); see the site log"
+            return error_reason(site, reason)
+    return error_reason(site, f"internal error ({type(err).__name__}); see the site log")
 
 
 @dataclasses.dataclass
@@ -169,14 +170,16 @@ def _evaluate(site: Site, msg: Message) -> Message:
 
 
 def _handle(handler: Callable[[Site, Message], Message], msg: Message, context: Context) -> Message:
-    site_name = "unknown"
+    """Every reply, error or not, leaves through the egress guard (client/egress.py)."""
+    site_name, site = "unknown", None
     try:
         site = Site.resolve(context)
         site_name = site.cfg.site.name
-        return handler(site, msg)
+        reply = handler(site, msg)
     except Exception as err:  # every failure becomes a sanitized error reply
         log.exception("site %s failed to handle a %s message", site_name, msg.metadata.message_type)
-        return Message(Error(code=SITE_ERROR_CODE, reason=sanitized_reason(site_name, err)), reply_to=msg)
+        reply = Message(Error(code=SITE_ERROR_CODE, reason=sanitized_reason(site_name, err)), reply_to=msg)
+    return egress.guard(reply, msg, site)
 
 
 app = ClientApp()

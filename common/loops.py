@@ -121,8 +121,8 @@ def train_local(
             raise FloatingPointError(f"training loss became non-finite at local step {step + 1}")
         loss.backward()
         optimizer.step()
-        seg_total += float(seg)
-        prox_total += float(prox)
+        seg_total += seg.item()
+        prox_total += prox.detach().item()
     return TrainResult(seg_total / cfg.local_steps, prox_total / cfg.local_steps, cfg.local_steps)
 
 

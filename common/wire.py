@@ -25,3 +25,20 @@ def from_wire(record: ArrayRecord) -> dict[str, torch.Tensor]:
     """Unpack an ArrayRecord into float32 (floating) tensors."""
     state = record.to_torch_state_dict()
     return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+
+
+ERROR_PREFIX = "site "
+ERROR_SEPARATOR = ": "
+
+
+def error_reason(site: str, reason: str) -> str:
+    """A site's error text: Flower error replies carry no records, so the name leads the reason."""
+    return f"{ERROR_PREFIX}{site}{ERROR_SEPARATOR}{reason}"
+
+
+def site_of_error(reason: str | None) -> str | None:
+    """The site name that ``error_reason`` put in front, if any."""
+    if not reason or not reason.startswith(ERROR_PREFIX) or ERROR_SEPARATOR not in reason:
+        return None
+    name = reason[len(ERROR_PREFIX):].split(ERROR_SEPARATOR, 1)[0]
+    return name if name and " " not in name else None

@@ -16,7 +16,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, aggre
 from common import keys
 from common.config import FedsegConfig
 from common.metrics_log import MetricsLog
-from common.wire import from_wire, to_wire
+from common.wire import from_wire, site_of_error, to_wire
 
 from .checkpoints import Checkpoints
 
@@ -128,6 +128,8 @@ class FedSegStrategy(FedProx):
         node = msg.metadata.src_node_id
         if msg.has_content() and keys.IDENTITY in msg.content.config_records:
             self.node_sites[node] = str(msg.content.config_records[keys.IDENTITY].get(keys.SITE, f"node-{node}"))
+        elif msg.has_error() and site_of_error(msg.error.reason):
+            self.node_sites[node] = site_of_error(msg.error.reason)
         return self.node_sites.get(node, f"node-{node}")
 
     def _problem(self, msg: Message, is_train: bool) -> str | None:

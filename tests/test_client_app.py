@@ -1,0 +1,59 @@
+"""The ClientApp's handlers on real NIfTI data: local tensors survive restarts, errors stay sanitized."""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import MessageType
+from safetensors.torch import load_file
+
+from common import keys
+from common.model import build_model
+from common.params import split_parameters
+from tests.site_harness import handle, run_fresh, site_setup
+
+
+def test_norm_tensors_survive_a_fresh_client_process(tmp_path, tiny_federation):
+    cfg, site_yaml = site_setup(tmp_path, tiny_federation["site-1"])
+    assert run_fresh(cfg, site_yaml, "train", 1)["error"] is None
+    saved = load_file(tmp_path / "site-1-state" / "norm.safetensors")
+    assert saved and all(k.endswith((".weight", ".bias")) for k in saved)
+    assert any(not torch.equal(v, torch.ones_like(v)) and not torch.equal(v, torch.zeros_like(v))
+               for v in saved.values()), "training should have moved the site's norm weights"
+    restored = tmp_path / "restored.safetensors"
+    run_fresh(cfg, site_yaml, "evaluate", 2, out=restored)
+    again = load_file(restored)
+    assert again.keys() == saved.keys()
+    assert all(torch.equal(again[k], saved[k]) for k in saved)
+
+
+def test_reply_carries_only_travelling_arrays_and_numbers(tmp_path, tiny_federation):
+    cfg, site_yaml = site_setup(tmp_path, tiny_federation["site-2"], "site-2")
+    reply = handle(cfg, site_yaml, MessageType.TRAIN)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    arrays = reply.content.array_records[keys.ARRAYS]
+    model = build_model(cfg.model)
+    split = split_parameters(model, cfg.train.norm_mode)
+    assert set(arrays) == set(split.travelling)
+    assert not set(arrays) & set(split.local)
+    metrics = reply.content.metric_records[keys.METRICS]
+    assert all(isinstance(v, (int, float)) for v in metrics.values())
+    assert metrics[keys.NUM_EXAMPLES] == 3
+    evaluation = handle(cfg, site_yaml, MessageType.EVALUATE)
+    assert 0.0 <= evaluation.content.metric_records[keys.METRICS]["dice"] <= 1.0
+
+
+def test_failure_reason_holds_no_paths_or_case_names(tmp_path, tiny_federation):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_federation["site-3"], broken)
+    victim = sorted((broken / "imagesTr").glob("*.nii.gz"))[0]
+    victim.write_bytes(victim.read_bytes()[:200])
+    cfg, site_yaml = site_setup(tmp_path, broken, "site-3")
+    reply = handle(cfg, site_yaml, MessageType.TRAIN)
+    assert reply.has_error()
+    reason = reply.error.reason
+    assert reason.startswith("site site-3:")
+    assert "/" not in reason and "Traceback" not in reason and victim.stem.split("_0000")[0] not in reason
+    site_log = (tmp_path / "site-3-state" / "site.log").read_text()
+    assert "Traceback" in site_log, "the full story stays in the site's own log"
