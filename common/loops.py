@@ -3,8 +3,10 @@ baselines and benchmarks, so every path trains and scores in the same way."""
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,10 +20,22 @@ from torch import nn
 
 from .config import DataConfig, TrainConfig
 from .fedprox import proximal_term
+from .preprocess import Volume, class_locations
+
+log = logging.getLogger(__name__)
 
 IMAGE, LABEL = "image", "label"
 HD_PERCENTILE = 95
-Volume = tuple[np.ndarray, np.ndarray]
+ROTATION_RAD = 0.26
+"""Augmentation: up to about 15 degrees of rotation per axis (nnU-Net uses up to 30 on 3D data)."""
+SCALE_RANGE = 0.15
+AFFINE_PROB = 0.2
+FLIP_PROB = 0.5
+INTENSITY_PROB = 0.15
+BRIGHTNESS = 0.25
+GAMMA = (0.7, 1.5)
+NOISE_STD = 0.1
+NOISE_PROB = 0.1
 
 
 @dataclass(frozen=True)
@@ -36,47 +50,156 @@ class TrainResult:
 @dataclass(frozen=True)
 class EvalResult:
     dice: float
-    """Mean foreground Dice over cases and classes."""
+    """Mean foreground Dice over cases and classes (against the annotators' fusion when several)."""
     dice_per_class: list[float]
     hd95: float | None
     """Mean 95th percentile Hausdorff distance in mm (an empty prediction scores the
     volume diagonal, the worst possible); None when disabled."""
     loss: float
     num_cases: int
+    dice_per_annotator: list[float] | None = None
+    """With several label files per case: mean foreground Dice against each annotator."""
 
 
-def patch_sampler(data: DataConfig, batch_size: int, seed: int) -> mt.Compose:
-    """Class-balanced random patches with moderate augmentation.
+def bf16_available() -> bool:
+    """Native bfloat16 on this CPU; without it autocast is emulated and many times slower."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
-    ``foreground_fraction`` of the patches are centred on a foreground voxel, so a
-    structure occupying a fraction of a percent of the volume is still seen
-    every step; the rest are centred on background.
+
+def autocast(enabled: bool) -> AbstractContextManager:
+    """bf16 autocast when asked for and the CPU has it; fp32 (with a warning) otherwise."""
+    if enabled and not bf16_available():
+        log.warning("train.bf16 is set but this CPU has no native bfloat16 (AVX512-BF16/AMX); running fp32")
+        enabled = False
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+
+
+def fuse(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Majority vote of annotators [A, X, Y, Z] -> [1, X, Y, Z] (ties go to the lower class)."""
+    if labels.shape[0] == 1:
+        return np.asarray(labels)
+    vote = mt.VoteEnsemble(num_classes=num_classes)
+    return np.asarray(vote(torch.as_tensor(np.asarray(labels)[:, None]))).astype(np.uint8)
+
+
+def augmentation(seed: int) -> mt.Compose:
+    """Moderate spatial and intensity augmentation of a patch (a subset of nnU-Net's)."""
+    both = [IMAGE, LABEL]
+    augment = mt.Compose([
+        mt.RandAffined(keys=both, prob=AFFINE_PROB, rotate_range=(ROTATION_RAD,) * 3,
+                       scale_range=(SCALE_RANGE,) * 3, mode=("bilinear", "nearest"), padding_mode="zeros"),
+        *(mt.RandFlipd(keys=both, prob=FLIP_PROB, spatial_axis=axis) for axis in range(3)),
+        mt.RandScaleIntensityd(keys=IMAGE, factors=BRIGHTNESS, prob=INTENSITY_PROB),
+        mt.RandAdjustContrastd(keys=IMAGE, gamma=GAMMA, prob=INTENSITY_PROB),
+        mt.RandGaussianNoised(keys=IMAGE, std=NOISE_STD, prob=NOISE_PROB),
+    ])
+    augment.set_random_state(seed)
+    return augment
+
+
+def extract(array: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
+    """array[:, start:start+size] read from a (memory-mapped) volume, zero-padded outside it."""
+    out = np.zeros((array.shape[0], *size), dtype=array.dtype)
+    src, dst = [slice(None)], [slice(None)]
+    for s, n, dim in zip(start, size, array.shape[1:]):
+        lo, hi = max(s, 0), min(s + n, dim)
+        src.append(slice(lo, max(lo, hi)))
+        dst.append(slice(lo - s, lo - s + max(0, hi - lo)))
+    out[tuple(dst)] = array[tuple(src)]
+    return out
+
+
+def as_volume(volume: Volume | tuple[np.ndarray, np.ndarray], num_classes: int) -> Volume:
+    """Accept plain (image, label) pairs too; their foreground locations are found here."""
+    if isinstance(volume, Volume) and volume.locations is not None:
+        return volume
+    image, label = volume
+    label = np.asarray(label)
+    return Volume(image, label, class_locations(label, num_classes, np.random.default_rng(0)))
+
+
+class PatchSampler:
+    """Patches with nnU-Net's foreground oversampling, then augmentation.
+
+    Exactly ``foreground_fraction`` of all patches drawn (error diffusion over
+    the stream, not per batch, so the rate holds for any batch size) are
+    centred on a voxel of a random foreground class present in the case; the
+    others are placed uniformly at random. Patches may reach past the volume
+    and are zero-padded there. Cases with several annotators give one label
+    per patch: a random annotator (``sample``) or their majority vote (``fuse``).
     """
-    fg = data.foreground_fraction
-    sampler = mt.Compose(
-        [
-            mt.SpatialPadd(keys=[IMAGE, LABEL], spatial_size=data.patch_size),
-            mt.RandCropByPosNegLabeld(
-                keys=[IMAGE, LABEL], label_key=LABEL, spatial_size=data.patch_size,
-                pos=fg, neg=1.0 - fg, num_samples=batch_size,
-            ),
-            mt.RandFlipd(keys=[IMAGE, LABEL], prob=0.5, spatial_axis=0),
-            mt.RandScaleIntensityd(keys=IMAGE, factors=0.1, prob=0.3),
-            mt.RandGaussianNoised(keys=IMAGE, std=0.05, prob=0.2),
-        ]
-    )
-    sampler.set_random_state(seed)
-    return sampler
+
+    def __init__(self, data: DataConfig, batch_size: int, seed: int, num_classes: int = 2,
+                 augment: bool = True) -> None:
+        if len(data.patch_size) != 3:
+            raise ValueError("data.patch_size is empty: resolve the plan first (common.plan.Plan.data_config).")
+        self.size = tuple(int(v) for v in data.patch_size)
+        self.fraction = data.foreground_fraction
+        self.fuse = data.annotators == "fuse"
+        self.batch_size = batch_size
+        self.num_classes = num_classes
+        self.rng = np.random.default_rng(seed)
+        self.augment = augmentation(seed) if augment else None
+        self.drawn = self.forced = 0
+
+    def _force_foreground(self) -> bool:
+        self.drawn += 1
+        if math.floor(self.drawn * self.fraction) > self.forced:
+            self.forced += 1
+            return True
+        return False
+
+    def _start(self, shape: Sequence[int], center: np.ndarray | None) -> list[int]:
+        start = []
+        for axis, (dim, n) in enumerate(zip(shape, self.size)):
+            lo, hi = min(0, dim - n), max(0, dim - n)
+            if center is None:
+                start.append(int(self.rng.integers(lo, hi + 1)))
+            else:
+                start.append(int(np.clip(center[axis] - n // 2, lo, hi)))
+        return start
+
+    def _center(self, volume: Volume) -> np.ndarray | None:
+        present = [c for c, where in (volume.locations or {}).items() if len(where)]
+        if not present:
+            return None
+        where = volume.locations[present[int(self.rng.integers(len(present)))]]
+        return where[int(self.rng.integers(len(where)))]
+
+    def patch(self, volume: Volume) -> tuple[np.ndarray, np.ndarray]:
+        """(image [C, *size] float32, label [1, *size] uint8) from one volume."""
+        center = self._center(volume) if self._force_foreground() else None
+        start = self._start(volume.image.shape[1:], center)
+        image = extract(volume.image, start, self.size).astype(np.float32, copy=False)
+        labels = extract(volume.label, start, self.size)
+        if self.fuse:
+            label = fuse(labels, self.num_classes)
+        else:
+            pick = int(self.rng.integers(labels.shape[0])) if labels.shape[0] > 1 else 0
+            label = labels[pick:pick + 1]
+        if self.augment is not None:
+            out = self.augment({IMAGE: image, LABEL: label.astype(np.float32)})
+            image, label = np.asarray(out[IMAGE]), np.rint(np.asarray(out[LABEL])).astype(np.uint8)
+        return image, label
+
+    def __call__(self, sample: dict) -> list[dict]:
+        """``batch_size`` patches of one case given as {"image", "label"[, "locations"]}."""
+        volume = as_volume(Volume(sample[IMAGE], sample[LABEL], sample.get("locations")), self.num_classes)
+        return [dict(zip((IMAGE, LABEL), self.patch(volume))) for _ in range(self.batch_size)]
 
 
-def _batches(volumes: Sequence[Volume], sampler: mt.Compose, rng: np.random.Generator):
-    """Endless stream of (image, label) batches, one random case per batch."""
+def patch_sampler(data: DataConfig, batch_size: int, seed: int, num_classes: int = 2) -> PatchSampler:
+    return PatchSampler(data, batch_size, seed, num_classes)
+
+
+def _batches(volumes: Sequence[Volume], sampler: PatchSampler, rng: np.random.Generator
+             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless stream of (image, label) batches; each patch from a random case."""
     while True:
-        image, label = volumes[int(rng.integers(len(volumes)))]
-        patches = sampler({IMAGE: image, LABEL: label})
+        pairs = [sampler.patch(volumes[int(rng.integers(len(volumes)))]) for _ in range(sampler.batch_size)]
         yield (
-            torch.stack([torch.as_tensor(p[IMAGE]) for p in patches]).float(),
-            torch.stack([torch.as_tensor(p[LABEL]) for p in patches]).long(),
+            torch.from_numpy(np.stack([p[0] for p in pairs])).float(),
+            torch.from_numpy(np.stack([p[1] for p in pairs])).long(),
         )
 
 
@@ -91,9 +214,13 @@ def seg_loss() -> nn.Module:
     return DiceCELoss(to_onehot_y=True, softmax=True)
 
 
+def _num_classes(model: nn.Module, default: int = 2) -> int:
+    return int(getattr(model, "out_channels", default))
+
+
 def train_local(
     model: nn.Module,
-    volumes: Sequence[Volume],
+    volumes: Sequence[Volume | tuple[np.ndarray, np.ndarray]],
     data: DataConfig,
     cfg: TrainConfig,
     global_params: dict[str, torch.Tensor],
@@ -106,15 +233,19 @@ def train_local(
     site reports a failure instead of sending NaN weights.
     """
     model.train()
+    num_classes = _num_classes(model)
+    volumes = [as_volume(v, num_classes) for v in volumes]
     optimizer = make_optimizer(model, cfg)
     criterion = seg_loss()
-    batches = _batches(volumes, patch_sampler(data, cfg.batch_size, seed), np.random.default_rng(seed))
+    sampler = PatchSampler(data, cfg.batch_size, seed, num_classes)
+    batches = _batches(volumes, sampler, np.random.default_rng(seed))
     anchors = {k: v.detach() for k, v in global_params.items()}
     seg_total, prox_total = 0.0, 0.0
     for step in range(cfg.local_steps):
         image, label = next(batches)
         optimizer.zero_grad(set_to_none=True)
-        seg = criterion(model(image), label)
+        with autocast(cfg.bf16):
+            seg = criterion(model(image).float(), label)
         prox = proximal_term(model, anchors, mu)
         loss = seg + prox
         if not torch.isfinite(loss):
@@ -126,30 +257,46 @@ def train_local(
     return TrainResult(seg_total / cfg.local_steps, prox_total / cfg.local_steps, cfg.local_steps)
 
 
+def _mean_foreground_dice(pred: torch.Tensor, truth: torch.Tensor) -> float:
+    metric = DiceMetric(include_background=False, reduction="mean", ignore_empty=False)
+    return float(metric(pred, truth).mean())
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    volumes: Sequence[Volume],
+    volumes: Sequence[Volume | tuple[np.ndarray, np.ndarray]],
     data: DataConfig,
     cfg: TrainConfig,
     num_classes: int,
 ) -> EvalResult:
-    """Sliding-window prediction of whole volumes, scored with per-class Dice and HD95."""
+    """Sliding-window prediction of whole volumes, scored with per-class Dice and HD95.
+
+    With several annotators per case the headline Dice and loss are against
+    their majority vote, and Dice against each annotator is reported as well.
+    """
     model.eval()
     criterion = seg_loss()
     dice_metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=False)
     hd_metric = HausdorffDistanceMetric(include_background=False, percentile=HD_PERCENTILE, reduction="none")
-    losses, hds = [], []
-    for image, label in volumes:
-        x = torch.as_tensor(image)[None].float()
-        y = torch.as_tensor(label)[None].long()
-        logits = sliding_window_inference(
-            x, roi_size=data.patch_size, sw_batch_size=1, predictor=model, overlap=cfg.sw_overlap
-        )
+    losses, hds, per_annotator = [], [], []
+    for image, labels in volumes:
+        labels = np.asarray(labels)
+        x = torch.as_tensor(np.asarray(image))[None].float()
+        y = torch.as_tensor(fuse(labels, num_classes))[None].long()
+        with autocast(cfg.bf16):
+            logits = sliding_window_inference(
+                x, roi_size=data.patch_size, sw_batch_size=1, predictor=model, overlap=cfg.sw_overlap
+            ).float()
         losses.append(float(criterion(logits, y)))
         pred = one_hot(logits.argmax(dim=1, keepdim=True), num_classes)
         truth = one_hot(y, num_classes)
         dice_metric(pred, truth)
+        if labels.shape[0] > 1:
+            per_annotator.append([
+                _mean_foreground_dice(pred, one_hot(torch.as_tensor(a[None, None]).long(), num_classes))
+                for a in labels
+            ])
         if cfg.hd95:
             hd = hd_metric(pred, truth, spacing=list(data.spacing))
             diagonal = math.dist([0, 0, 0], [s * d for s, d in zip(image.shape[1:], data.spacing)])
@@ -161,4 +308,5 @@ def evaluate(
         hd95=float(np.mean(hds)) if cfg.hd95 else None,
         loss=float(np.mean(losses)),
         num_cases=len(volumes),
+        dice_per_annotator=[float(v) for v in np.mean(per_annotator, axis=0)] if per_annotator else None,
     )

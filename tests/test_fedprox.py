@@ -35,3 +35,22 @@ def test_parameters_absent_from_the_anchor_are_not_pulled():
 def test_zero_mu_is_exactly_fedavg():
     model = nn.Linear(2, 1)
     assert proximal_term(model, {"weight": torch.zeros(1, 2)}, 0.0).item() == 0.0
+
+
+def test_fused_gradient_equals_autograd_of_the_term():
+    from common.fedprox import ProximalGradient
+
+    torch.manual_seed(0)
+    a, b = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    b.load_state_dict(a.state_dict())
+    anchor = {k: v.detach() + torch.randn_like(v) for k, v in a.named_parameters() if k != "1.bias"}
+    mu = 0.3
+    value = proximal_term(a, anchor, mu)
+    value.backward()
+    fused_value = ProximalGradient(b, anchor, mu).apply()
+    assert fused_value == pytest.approx(value.item(), rel=1e-5)
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        if name == "1.bias":
+            assert pa.grad is None and pb.grad is None
+        else:
+            assert torch.allclose(pa.grad, pb.grad, atol=1e-6), name
