@@ -1,0 +1,26 @@
+# Two commands for a fresh machine (Python 3.11 with venv):
+#   make demo   set up .venv and run the local multi-site simulation on built-in synthetic data
+#   make test   set up .venv and run the test suite
+# torch is installed as torch==2.13.0 first: any other spec pulls a multi-GB CUDA build.
+
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fedseg-installed
+PYTHON ?= python3
+
+.PHONY: demo test setup
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fedseg-sim
+
+test: $(STAMP)
+	$(PY) -m pytest
