@@ -29,8 +29,9 @@ from common.params import ParameterSplit, ParameterSplitError, load_merged, mode
 from common.runs import run_dir, simulated_site_config
 from common.wire import error_reason, from_wire, to_wire
 
-from . import egress
-from .site_data import SiteData
+from . import egress, site_history
+from .cross_eval import cross_evaluate
+from .site_data import SiteData, annotator_metrics, fingerprint_reply
 from .site_state import SiteState
 
 log = logging.getLogger("fedseg.client")
@@ -109,6 +110,7 @@ class Site:
         )
         if arrays is not None:
             content[keys.ARRAYS] = arrays
+        site_history.record_reply(self.state.root, msg, metrics, arrays)
         return Message(content=content, reply_to=msg)
 
 
@@ -134,7 +136,7 @@ def _train(site: Site, msg: Message) -> Message:
     received = site.load_global(msg)
     config = msg.content[keys.CONFIG]
     server_round = int(config[keys.SERVER_ROUND])
-    data = SiteData.open(site.cfg, site.state)
+    data = SiteData.open(site.cfg, site.state, msg)
     result = train_local(
         site.model,
         data.volumes(data.train_ids),
@@ -158,7 +160,7 @@ def _train(site: Site, msg: Message) -> Message:
 
 def _evaluate(site: Site, msg: Message) -> Message:
     site.load_global(msg)
-    data = SiteData.open(site.cfg, site.state)
+    data = SiteData.open(site.cfg, site.state, msg)
     result = evaluate_model(
         site.model, data.volumes(data.val_ids), site.cfg.data, site.cfg.train, data.spec.num_classes
     )
@@ -166,6 +168,7 @@ def _evaluate(site: Site, msg: Message) -> Message:
     metrics |= {f"{keys.DICE_CLASS_PREFIX}{i + 1}": d for i, d in enumerate(result.dice_per_class)}
     if result.hd95 is not None:
         metrics["hd95"] = result.hd95
+    metrics |= annotator_metrics(result)
     return site.reply(msg, metrics)
 
 
@@ -193,3 +196,15 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     return _handle(_evaluate, msg, context)
+
+
+@app.query(keys.FINGERPRINT_ACTION)
+def fingerprint(msg: Message, context: Context) -> Message:
+    """Aggregate statistics of this site's data for the federation's plan (server/planning.py)."""
+    return _handle(fingerprint_reply, msg, context)
+
+
+@app.query(keys.CROSS_EVAL_ACTION)
+def cross_eval(msg: Message, context: Context) -> Message:
+    """Score a global checkpoint with this site's own norm tensors (server/cross_eval.py)."""
+    return _handle(cross_evaluate, msg, context)

@@ -1,49 +1,132 @@
-"""The site's cases, split once and preprocessed into its on-disk cache."""
+"""The site's cases: checked, split once, planned, and preprocessed into its on-disk cache.
+
+Which plan a site uses, in order: the one the server sent with this message
+(kept as ``<state_dir>/plan.json`` for later prediction), else the last one it
+received, else a plan the site makes from its own fingerprint by the same
+rules (a site working alone, or a test harness without a server).
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
 
-import numpy as np
+from flwr.app import Message, MetricRecord
 
+from common import keys
 from common.config import FedsegConfig
 from common.dataset import DatasetSpec, read_dataset, split_cases
-from common.preprocess import PreprocessedCases
+from common.loops import EvalResult
+from common.fingerprint import merge_fingerprints, site_fingerprint
+from common.plan import PLAN_FILE, Plan, make_plan
+from common.preprocess import PreprocessedCases, Volume
 
+from .check import preflight
 from .site_state import SiteState
 
-Volume = tuple[np.ndarray, np.ndarray]
+log = logging.getLogger("fedseg.client")
+FINGERPRINT_FILE = "fingerprint.json"
+LOCAL_PLANNER = "fedseg site-local plan (no federated plan received)"
 
 
 @dataclass
 class SiteData:
-    """Training and validation volumes of one site."""
+    """Training and validation volumes of one site, in the plan's space."""
 
     spec: DatasetSpec
     train_ids: list[str]
     val_ids: list[str]
     cases: PreprocessedCases
+    plan: Plan
 
     @classmethod
-    def open(cls, cfg: FedsegConfig, state: SiteState) -> SiteData:
-        """Index the dataset and fix the split; the split is recorded in site.json
-        the first time and reused afterwards, so validation cases never leak
-        into training when cases are added later."""
-        spec = read_dataset(cfg.site.data_dir)
-        if spec.num_classes != cfg.model.out_channels:
-            raise ValueError(
-                f"dataset.json of site '{cfg.site.name}' declares {spec.num_classes} classes but "
-                f"model.out_channels is {cfg.model.out_channels}; the federation must agree on the labels."
-            )
-        ids = [c.case_id for c in spec.cases]
-        recorded = state.info().get("split")
-        if recorded and set(recorded["train"]) | set(recorded["val"]) == set(ids):
-            train_ids, val_ids = recorded["train"], recorded["val"]
-        else:
-            train_ids, val_ids = split_cases(ids, cfg.data.val_fraction, cfg.data.split_seed)
-            state.update_info(split={"train": train_ids, "val": val_ids})
-        return cls(spec, train_ids, val_ids, PreprocessedCases(state.cache_dir, cfg.data))
+    def open(cls, cfg: FedsegConfig, state: SiteState, msg: Message | None = None) -> SiteData:
+        """Index, check, split and plan the site's dataset.
+
+        The split is recorded in site.json the first time and reused
+        afterwards, so validation cases never leak into training when cases
+        are added later. ``cfg.data`` is updated in place with the plan's
+        spacing and patch size, so every loop that follows uses the plan.
+        """
+        spec, train_ids, val_ids = open_split(cfg, state)
+        plan = resolve_plan(cfg, state, spec, train_ids, msg)
+        cfg.data = plan.data_config(cfg.data)
+        return cls(spec, train_ids, val_ids, PreprocessedCases(state.cache_dir, plan, spec.num_classes), plan)
 
     def volumes(self, ids: list[str]) -> list[Volume]:
-        by_id = {c.case_id: c for c in self.spec.cases}
-        return [self.cases.load(by_id[i]) for i in ids]
+        return [self.cases.load(self.spec.case(i)) for i in ids]
+
+
+def open_split(cfg: FedsegConfig, state: SiteState) -> tuple[DatasetSpec, list[str], list[str]]:
+    """Read and preflight-check the dataset (refusing a broken one), then fix the split."""
+    spec = read_dataset(cfg.site.data_dir)
+    if spec.num_classes != cfg.model.out_channels:
+        raise ValueError(
+            f"dataset.json of site '{cfg.site.name}' declares {spec.num_classes} classes but "
+            f"model.out_channels is {cfg.model.out_channels}; the federation must agree on the labels."
+        )
+    if spec.num_channels != cfg.model.in_channels:
+        raise ValueError(
+            f"dataset.json of site '{cfg.site.name}' declares {spec.num_channels} channels but "
+            f"model.in_channels is {cfg.model.in_channels}; the federation must agree on the modalities."
+        )
+    stamp, report = preflight(spec.root, state.info())
+    if report is not None:
+        state.update_info(checked_stamp=stamp)
+    ids = [c.case_id for c in spec.cases]
+    recorded = state.info().get("split")
+    if recorded and set(recorded["train"]) | set(recorded["val"]) == set(ids):
+        train_ids, val_ids = recorded["train"], recorded["val"]
+    else:
+        train_ids, val_ids = split_cases(ids, cfg.data.val_fraction, cfg.data.split_seed)
+        state.update_info(split={"train": train_ids, "val": val_ids})
+    return spec, train_ids, val_ids
+
+
+def fingerprint(cfg: FedsegConfig, state: SiteState) -> dict:
+    """This site's fingerprint over its training cases, cached until the data or split change."""
+    spec, train_ids, _ = open_split(cfg, state)
+    key = f"{state.info().get('checked_stamp')}:{','.join(train_ids)}"
+    path = state.root / FINGERPRINT_FILE
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached["record"]
+    record = site_fingerprint(spec, train_ids, seed=cfg.data.split_seed)
+    path.write_text(json.dumps({"key": key, "record": record}))
+    return record
+
+
+def resolve_plan(cfg: FedsegConfig, state: SiteState, spec: DatasetSpec, train_ids: list[str],
+                 msg: Message | None) -> Plan:
+    stored = state.root / PLAN_FILE
+    config = msg.content.config_records.get(keys.CONFIG) if msg is not None and msg.has_content() else None
+    if config is not None and keys.PLAN in config:
+        plan = Plan.from_json(str(config[keys.PLAN]), "the plan sent by the server")
+        if not stored.is_file() or Plan.load(stored).version != plan.version:
+            plan.save(stored)
+            state.update_info(plan_version=plan.version)
+        return plan
+    if stored.is_file():
+        return Plan.load(stored)
+    merged = merge_fingerprints({cfg.site.name: fingerprint(cfg, state)})
+    plan = make_plan(merged, cfg.data, cfg.model, LOCAL_PLANNER)
+    log.info("no federated plan received: planned from this site's own data (plan %s)", plan.version)
+    return plan
+
+
+def fingerprint_reply(site, msg: Message) -> Message:
+    """The reply to a fingerprint query: aggregates only, under keys.FINGERPRINT (client_app.Site)."""
+    record = fingerprint(site.cfg, site.state)
+    reply = site.reply(msg, {keys.NUM_EXAMPLES: int(record[f"{keys.FINGERPRINT_PREFIX}cases"])})
+    reply.content[keys.FINGERPRINT] = MetricRecord(record)
+    return reply
+
+
+def annotator_metrics(result: EvalResult) -> dict[str, float]:
+    """Dice against the fusion and against each annotator, when cases have several label files."""
+    if not result.dice_per_annotator:
+        return {}
+    per = {f"dice_annotator_{i + 1}": d for i, d in enumerate(result.dice_per_annotator[: keys.MAX_ANNOTATORS])}
+    return {"dice_fusion": result.dice, **per}

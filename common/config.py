@@ -54,12 +54,27 @@ class ModelConfig:
 class DataConfig:
     """How a site turns its NIfTI cases into training patches."""
 
-    spacing: list[float] = option([1.5, 1.5, 1.5], "Target voxel spacing in mm (RAS) every case is resampled to.")
-    patch_size: list[int] = option([32, 32, 32], "Training patch and sliding-window size in voxels.")
+    spacing: list[float] = option(
+        [], "Target voxel spacing in mm (RAS); empty: the federation's plan decides (nnU-Net's median rule)."
+    )
+    patch_size: list[int] = option(
+        [], "Training patch and sliding-window size in voxels; empty: the plan decides within max_patch_voxels."
+    )
+    max_patch_voxels: int = option(
+        110592, "Plan: most voxels in a training patch (48^3), the time and memory budget of a 2-core CPU step."
+    )
+    normalization: Literal["auto", "ct", "zscore"] = option(
+        "auto", "Plan: auto (CT channels by dataset.json -> federation clip + z-score, others per-case z-score)."
+    )
+    annotators: Literal["sample", "fuse"] = option(
+        "sample", "Cases with several label files: train on a random annotator per patch, or on their majority vote."
+    )
     foreground_fraction: float = option(0.33, "Share of patches centred on foreground (nnU-Net samples >= 1/3).")
     val_fraction: float = option(0.25, "Share of a site's cases held out for validation.")
     split_seed: int = option(0, "Seed of the deterministic train/validation split.")
-    clip_percentiles: list[float] = option([0.5, 99.5], "Per-case intensity percentiles clipped before z-scoring.")
+    clip_percentiles: list[float] = option(
+        [0.5, 99.5], "CT: percentiles of the federation's foreground intensities clipped to before z-scoring."
+    )
 
 
 @dataclass
@@ -75,6 +90,11 @@ class TrainConfig:
     norm_mode: NormMode = option("local", "local (FedBN), stats (SiloBN) or shared (FedAvg of everything).")
     sw_overlap: float = option(0.25, "Sliding-window overlap during evaluation.")
     hd95: bool = option(True, "Also report the 95th percentile Hausdorff distance (mm) in evaluation.")
+    bf16: bool = option(False, "bfloat16 autocast for training and evaluation on CPUs with native bf16 (else fp32).")
+    adapt_norm_steps: int = option(
+        20, "Norm adaptation of a site that never trained: steps over its unlabeled patches (0: none)."
+    )
+    adapt_norm_lr: float = option(1e-3, "Norm adaptation: learning rate of the entropy minimisation of norm weights.")
     seed: int = option(0, "Seed of model initialisation and patch sampling.")
 
 
@@ -92,8 +112,22 @@ class FederationConfig:
         "float32", "dtype of model arrays on the wire; aggregation is always float32."
     )
     sites: list[str] = option([], "Site names expected in this federation (recorded in the log); empty: whoever connects.")
+    held_out_sites: list[str] = option(
+        [], "Sites that connect but never train: only evaluated (as-is and norm-adapted) in the cross-site evaluation."
+    )
+    cross_eval: bool = option(True, "After training, evaluate the best and last global model at every site.")
+    evaluate_checkpoint: str = option(
+        "", "Skip training; only cross-evaluate this checkpoint of the run (best, last, round-0003 or a file)."
+    )
     runs_dir: str = option("runs", "Folder that holds one run directory per run.")
     run_name: str = option("", "Run directory name; empty means a timestamped name.")
+    aggregator: Literal["mean", "trimmed_mean", "median"] = option(
+        "mean", "How shared tensors are combined: weighted mean, or a robust coordinate-wise trimmed mean or median."
+    )
+    trim_fraction: float = option(0.2, "trimmed_mean: share of sites dropped at each end of every coordinate.")
+    norm_bound: float = option(
+        10.0, "Reject an update whose ||w_k - w_global|| exceeds this multiple of the other sites' median; 0: off."
+    )
 
 
 @dataclass
@@ -104,6 +138,16 @@ class SiteConfig:
     data_dir: str = option("", "nnU-Net raw dataset folder (holds dataset.json, imagesTr, labelsTr).")
     state_dir: str = option("", "Private state folder: local norm tensors, cache, egress log.")
     torch_threads: int = option(1, "CPU threads torch may use for this site's training.")
+    # Deployment (fedseg-client start); see deploy/site.yaml.
+    server_address: str = option("", "host:port of the centre's Fleet gateway, the only server port a site reaches.")
+    root_certificate: str = option("", "The federation CA certificate (ca.crt) the server's TLS certificate must chain to.")
+    private_key: str = option("", "This site's node-authentication key (fedseg-client keygen); it never leaves the site.")
+    approved_bundles: list[str] = option(
+        [], "SHA-256 of the app bundles this site agrees to run (fedseg-client approve); others are refused."
+    )
+    runtime_port: int = option(0, "Loopback port of the SuperNode's local Runtime API; 0 picks a free port.")
+    retry_initial_s: float = option(5.0, "Wait before restarting a SuperNode that stopped; doubles per failure.")
+    retry_max_s: float = option(300.0, "Longest wait between SuperNode restarts while the server is unreachable.")
 
 
 @dataclass
@@ -118,6 +162,28 @@ class SimulationConfig:
     ray_num_cpus: int = option(2, "CPUs Ray may use for the whole simulation.")
     cpus_per_site: int = option(2, "CPUs reserved per simulated site; sites run in turns when CPUs are scarce.")
     seed: int = option(0, "Seed of the synthetic data.")
+    held_out_sites: int = option(0, "Extra simulated sites that never train, for the cross-site evaluation.")
+
+
+@dataclass
+class ServerConfig:
+    """The coordinating centre's deployment: ports, certificates and state (fedseg-server start)."""
+
+    fleet_host: str = option("0.0.0.0", "Address the Fleet gateway listens on; sites reach nothing else.")
+    fleet_port: int = option(9092, "Port of the TLS Fleet gateway that sites connect to.")
+    superlink_port: int = option(9093, "Loopback-only port of the SuperLink (Fleet, Control and Runtime APIs).")
+    cert_dir: str = option("certs", "Folder with ca.crt, server.crt, server.key and sites/<name>.pub (fedseg-server certs).")
+    state_dir: str = option("server-state", "Folder for the SuperLink database, Flower's home and the server logs.")
+    app_dir: str = option("", "Folder of the reviewed fedseg release shipped to sites; empty: this installation.")
+
+
+@dataclass
+class PrivacyConfig:
+    """Central differential privacy of the released global models (off unless noise_multiplier > 0)."""
+
+    noise_multiplier: float = option(0.0, "Gaussian noise std as a multiple of clipping_norm / sites; 0: DP off.")
+    clipping_norm: float = option(1.0, "Each site's update ||w_k - w_global|| is clipped to this L2 norm.")
+    delta: float = option(1e-5, "delta of the (epsilon, delta) budget reported in the metrics log every round.")
 
 
 @dataclass
@@ -130,6 +196,8 @@ class FedsegConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     site: SiteConfig = field(default_factory=SiteConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
 
     def __post_init__(self) -> None:
         check_consistency(self)
@@ -152,8 +220,10 @@ def check_consistency(cfg: FedsegConfig) -> None:
             f"model.strides has {len(m.strides)} entries but model.channels has {len(m.channels)}; "
             "UNet needs exactly one stride fewer than channels."
         )
-    if len(d.patch_size) != 3 or len(d.spacing) != 3:
-        raise ConfigError("data.patch_size and data.spacing need three values (x, y, z).")
+    if len(d.patch_size) not in (0, 3) or len(d.spacing) not in (0, 3):
+        raise ConfigError("data.patch_size and data.spacing need three values (x, y, z), or none to use the plan's.")
+    if any(v <= 0 for v in d.spacing) or d.max_patch_voxels < 1:
+        raise ConfigError("data.spacing values and data.max_patch_voxels must be positive.")
     factor = 1
     for s in m.strides:
         factor *= s
@@ -167,8 +237,25 @@ def check_consistency(cfg: FedsegConfig) -> None:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}.")
     if t.proximal_mu < 0:
         raise ConfigError(f"train.proximal_mu must be >= 0, got {t.proximal_mu}.")
+    check_robustness(cfg)
     if t.local_steps < 1 or t.batch_size < 1 or f.rounds < 1 or f.min_sites < 1:
         raise ConfigError("train.local_steps, train.batch_size, federation.rounds and federation.min_sites must be >= 1.")
+
+
+def check_robustness(cfg: FedsegConfig) -> None:
+    """Robust aggregation and DP settings; DP's noise is calibrated for a plain mean only."""
+    f, p = cfg.federation, cfg.privacy
+    if not 0.0 <= f.trim_fraction < 0.5:
+        raise ConfigError(f"federation.trim_fraction must be in [0, 0.5), got {f.trim_fraction}.")
+    if f.norm_bound != 0 and f.norm_bound < 1:
+        raise ConfigError(f"federation.norm_bound must be 0 (off) or >= 1, got {f.norm_bound}.")
+    if p.noise_multiplier < 0 or p.clipping_norm <= 0 or not 0 < p.delta < 1:
+        raise ConfigError("privacy.noise_multiplier must be >= 0, privacy.clipping_norm > 0 and privacy.delta in (0, 1).")
+    if p.noise_multiplier > 0 and f.aggregator != "mean":
+        raise ConfigError(
+            f"privacy.noise_multiplier > 0 needs federation.aggregator: mean (got '{f.aggregator}'): the noise is "
+            "calibrated to the sensitivity of a mean of clipped updates."
+        )
 
 
 _SECTION_TYPES = typing.get_type_hints(FedsegConfig)
@@ -240,13 +327,20 @@ def from_dict(raw: dict[str, Any], source: str = "<config>") -> FedsegConfig:
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` overrides (values parsed as YAML) on top of a raw config."""
-    merged = {k: dict(v or {}) for k, v in (raw or {}).items()}
+    if not overrides:
+        return raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the top level must be a mapping of sections, got {type(raw).__name__}.")
+    merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ConfigError(f"override '{item}' must look like section.key=value, e.g. train.lr=0.001.")
         dotted, text = item.split("=", 1)
         section, key = dotted.strip().split(".", 1)
-        merged.setdefault(section, {})[key] = yaml.safe_load(text)
+        target = merged.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"override '{item}': section '{section}' is not a mapping in the config file.")
+        target[key] = yaml.safe_load(text)
     return merged
 
 

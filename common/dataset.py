@@ -1,8 +1,18 @@
-"""A site's dataset as it lies on disk: the nnU-Net v2 raw layout.
+"""A site's dataset as it lies on disk, read without conversion.
 
-``DatasetXXX_Name/dataset.json`` names the channels, labels and file ending;
-``imagesTr/{case}_{channel:04d}{ending}`` holds one file per channel and
-``labelsTr/{case}{ending}`` the integer label map.
+Two layouts are understood, told apart by their dataset.json:
+
+- **nnU-Net v2 raw** (``channel_names``, ``labels``, ``file_ending``):
+  ``imagesTr/{case}_{channel:04d}{ending}`` holds one 3D file per channel and
+  ``labelsTr/{case}{ending}`` the integer label map.
+- **Medical Segmentation Decathlon** (a ``training`` list of
+  ``{"image": ..., "label": ...}``, ``modality``, ``labels`` keyed by value):
+  one file per case, 4D (channel last) when there are several modalities.
+
+Several annotators: an nnU-Net dataset.json may list ``"annotators":
+["labelsTr", "labelsTr_reader2", ...]`` (label folders, the first is the
+reference); in the MSD layout a ``label`` entry may be a list of files. Every
+case must then have one label file per annotator.
 """
 
 from __future__ import annotations
@@ -10,6 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -17,6 +28,11 @@ DATASET_JSON = "dataset.json"
 IMAGES_DIR = "imagesTr"
 LABELS_DIR = "labelsTr"
 CHANNEL_SUFFIX_DIGITS = 4
+NIFTI_ENDINGS = (".nii.gz", ".nii")
+CT_MODALITY = "CT"
+"""Channel name that selects CT normalization (nnU-Net's convention)."""
+
+Layout = Literal["nnunet", "msd"]
 
 
 class DatasetError(ValueError):
@@ -25,11 +41,21 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class Case:
-    """One training case: its channel files in channel order and its label file."""
+    """One training case: its image file(s) and one label file per annotator."""
 
     case_id: str
     images: tuple[Path, ...]
-    label: Path
+    """One 3D file per channel (nnU-Net), or a single 3D/4D file (MSD)."""
+    labels: tuple[Path, ...]
+    """One label map per annotator; the first is the reference annotator."""
+
+    @property
+    def label(self) -> Path:
+        return self.labels[0]
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        return (*self.images, *self.labels)
 
 
 @dataclass(frozen=True)
@@ -37,60 +63,154 @@ class DatasetSpec:
     """What dataset.json declares plus the cases found on disk."""
 
     root: Path
+    layout: Layout
     channel_names: dict[str, str]
     labels: dict[str, int]
+    """Label name -> integer value, as in nnU-Net's dataset.json."""
     file_ending: str
     cases: tuple[Case, ...]
+    annotators: tuple[str, ...] = (LABELS_DIR,)
 
     @property
     def num_classes(self) -> int:
         return max(self.labels.values()) + 1
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def channel_is_ct(self) -> list[bool]:
+        """Per channel (in channel order): does it hold CT intensities (Hounsfield units)?"""
+        return [self.channel_names[k].strip().upper() == CT_MODALITY for k in sorted(self.channel_names, key=int)]
+
+    def case(self, case_id: str) -> Case:
+        for case in self.cases:
+            if case.case_id == case_id:
+                return case
+        raise DatasetError(f"case '{case_id}' is not in {self.root}.")
 
 
 def _read_dataset_json(root: Path) -> dict:
     path = root / DATASET_JSON
     if not path.is_file():
         raise DatasetError(
-            f"{path} not found: point site.data_dir at an nnU-Net raw dataset folder "
-            "(the one holding dataset.json, imagesTr and labelsTr)."
+            f"{path} not found: point site.data_dir at an nnU-Net raw or Medical Segmentation Decathlon "
+            "dataset folder (the one holding dataset.json, imagesTr and labelsTr)."
         )
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise DatasetError(f"{path} is not valid JSON: {err}.") from err
-    for key in ("channel_names", "labels", "file_ending"):
-        if key not in meta:
-            raise DatasetError(f"{path} lacks the key '{key}' required by the nnU-Net raw layout.")
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{path} must hold a JSON object.")
     return meta
 
 
-def read_dataset(root: Path) -> DatasetSpec:
-    """Index a dataset folder; every labelled case must have all its channel files."""
-    root = Path(root)
-    meta = _read_dataset_json(root)
+def _int_labels(labels: dict, path: Path) -> dict[str, int]:
+    """nnU-Net labels: name -> integer. Region-based (list-valued) labels are not supported."""
+    out = {}
+    for name, value in labels.items():
+        if isinstance(value, (list, tuple)) or int(value) != value:
+            raise DatasetError(
+                f"{path}: label '{name}' maps to {value!r}; fedseg supports integer labels only "
+                "(not nnU-Net's region-based training)."
+            )
+        out[str(name)] = int(value)
+    if sorted(out.values()) != list(range(len(out))):
+        raise DatasetError(f"{path}: label values {sorted(out.values())} must be consecutive from 0 (background).")
+    return out
+
+
+def _nnunet_cases(root: Path, meta: dict, annotators: tuple[str, ...]) -> list[Case]:
     ending = meta["file_ending"]
     channels = sorted(meta["channel_names"], key=int)
-    labels_dir = root / LABELS_DIR
-    label_files = sorted(labels_dir.glob(f"*{ending}"))
+    reference = root / annotators[0]
+    label_files = sorted(p for p in reference.glob(f"*{ending}") if not p.name.startswith("."))
     if not label_files:
-        raise DatasetError(f"no label files matching *{ending} in {labels_dir}.")
+        raise DatasetError(f"no label files matching *{ending} in {reference}.")
     cases = []
     for label in label_files:
         case_id = label.name[: -len(ending)]
         images = tuple(
             root / IMAGES_DIR / f"{case_id}_{int(c):0{CHANNEL_SUFFIX_DIGITS}d}{ending}" for c in channels
         )
-        missing = [p.name for p in images if not p.is_file()]
+        labels = tuple(root / folder / label.name for folder in annotators)
+        missing = [str(p.relative_to(root)) for p in (*images, *labels) if not p.is_file()]
         if missing:
-            raise DatasetError(f"case '{case_id}' in {root}: missing image file(s) {missing}.")
-        cases.append(Case(case_id, images, label))
+            raise DatasetError(f"case '{case_id}' in {root}: missing file(s) {missing}.")
+        cases.append(Case(case_id, images, labels))
+    return cases
+
+
+def _read_nnunet(root: Path, meta: dict) -> DatasetSpec:
+    path = root / DATASET_JSON
+    for key in ("channel_names", "labels", "file_ending"):
+        if key not in meta:
+            raise DatasetError(f"{path} lacks the key '{key}' required by the nnU-Net raw layout.")
+    annotators = tuple(meta.get("annotators") or (LABELS_DIR,))
     return DatasetSpec(
         root=root,
-        channel_names=dict(meta["channel_names"]),
-        labels={str(k): int(v) for k, v in meta["labels"].items()},
-        file_ending=ending,
-        cases=tuple(cases),
+        layout="nnunet",
+        channel_names={str(k): str(v) for k, v in meta["channel_names"].items()},
+        labels=_int_labels(meta["labels"], path),
+        file_ending=meta["file_ending"],
+        cases=tuple(_nnunet_cases(root, meta, annotators)),
+        annotators=annotators,
     )
+
+
+def _ending_of(name: str) -> str:
+    for ending in NIFTI_ENDINGS:
+        if name.endswith(ending):
+            return ending
+    raise DatasetError(f"'{name}' is not a NIfTI file (.nii or .nii.gz).")
+
+
+def _read_msd(root: Path, meta: dict) -> DatasetSpec:
+    """MSD: labels are keyed by value ({"0": "background"}), channels by "modality"."""
+    path = root / DATASET_JSON
+    modality = meta.get("modality") or meta.get("channel_names")
+    if not modality or "labels" not in meta:
+        raise DatasetError(f"{path}: a Decathlon dataset.json needs 'modality' and 'labels' next to 'training'.")
+    labels = _int_labels({name: int(value) for value, name in meta["labels"].items()}, path)
+    cases, n_annotators = [], None
+    for i, entry in enumerate(meta["training"]):
+        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+            raise DatasetError(f"{path}: training entry {i} needs 'image' and 'label'.")
+        image = (root / entry["image"]).resolve()
+        label_entries = entry["label"] if isinstance(entry["label"], list) else [entry["label"]]
+        label_paths = tuple((root / p).resolve() for p in label_entries)
+        if n_annotators not in (None, len(label_paths)):
+            raise DatasetError(f"{path}: training entry {i} has {len(label_paths)} labels, others {n_annotators}.")
+        n_annotators = len(label_paths)
+        missing = [str(p) for p in (image, *label_paths) if not p.is_file()]
+        if missing:
+            raise DatasetError(f"{path}: training entry {i} names missing file(s) {missing}.")
+        case_id = image.name[: -len(_ending_of(image.name))]
+        cases.append(Case(case_id, (image,), label_paths))
+    if not cases:
+        raise DatasetError(f"{path}: the 'training' list is empty.")
+    return DatasetSpec(
+        root=root,
+        layout="msd",
+        channel_names={str(k): str(v) for k, v in modality.items()},
+        labels=labels,
+        file_ending=_ending_of(cases[0].images[0].name),
+        cases=tuple(sorted(cases, key=lambda c: c.case_id)),
+        annotators=tuple(f"annotator-{i + 1}" for i in range(n_annotators or 1)),
+    )
+
+
+def read_dataset(root: Path | str) -> DatasetSpec:
+    """Index a dataset folder in either layout; every case must have all its files."""
+    root = Path(root)
+    meta = _read_dataset_json(root)
+    spec = _read_msd(root, meta) if "training" in meta else _read_nnunet(root, meta)
+    ids = [c.case_id for c in spec.cases]
+    if len(set(ids)) != len(ids):
+        raise DatasetError(f"{root}: case ids are not unique ({len(ids) - len(set(ids))} duplicates).")
+    return spec
 
 
 def split_cases(case_ids: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:

@@ -26,3 +26,34 @@ NODE_PARTITION_ID = "partition-id"
 TRAIN_METRICS = ("loss", "proximal_loss", "duration_s", NUM_EXAMPLES)
 EVAL_REQUIRED = ("dice", "loss", NUM_EXAMPLES)
 DICE_CLASS_PREFIX = "dice_class_"
+
+CROSS_EVAL_ACTION = "cross_eval"
+"""Query action of the cross-site evaluation: messages of type ``query.cross_eval``."""
+CROSS_EVAL_TASK = "cross-eval-task"
+"""ConfigRecord entry of a cross-site evaluation query: ``identify`` or ``evaluate``."""
+CROSS_EVAL_MODEL = "cross-eval-model"
+"""ConfigRecord entry naming the checkpoint being evaluated (best, last, round-0003)."""
+CROSS_EVAL_METRICS = ("dice", "dice_adapted", "trained", NUM_EXAMPLES)
+"""Numeric metrics a site returns to a cross-site evaluation query (dice_adapted only if it never trained)."""
+
+FINGERPRINT_ACTION = "fingerprint"
+"""Query action asking every site for its data fingerprint before training (server/planning.py)."""
+PLAN = "plan"
+"""ConfigRecord entry of train/evaluate messages: the federation's plan as JSON (common/plan.py)."""
+MAX_ANNOTATORS = 8
+ANNOTATOR_METRICS = ("dice_fusion", *(f"dice_annotator_{i}" for i in range(1, MAX_ANNOTATORS + 1)))
+"""Evaluation of cases with several label files: Dice against their fusion and against each annotator."""
+
+# --- What may leave a site (client/egress.py enforces it; server/validation.py expects it) ---
+EVAL_METRICS = (*EVAL_REQUIRED, "hd95", *ANNOTATOR_METRICS)
+"""Every scalar an evaluation reply may carry, besides one DICE_CLASS_PREFIX<i> per foreground class."""
+FINGERPRINT = "fingerprint"
+"""MetricRecord of a site's data fingerprint: aggregate statistics only."""
+FINGERPRINT_PREFIX = "fp_"
+"""Every fingerprint metric's name starts with this; values are numbers or short lists of numbers."""
+EGRESS_METRICS = frozenset((*TRAIN_METRICS, *EVAL_METRICS, *CROSS_EVAL_METRICS))
+"""The declared metric names a site may send (plus the per-class Dice and fingerprint prefixes)."""
+EGRESS_MAX_LIST = 16
+"""Longest numeric list one metric may hold: enough for percentiles, too short for an image patch."""
+CONTENT_SHA256 = "sha256"
+"""Field of a site's egress.jsonl line and of the server's train event: common.digest.content_sha256."""

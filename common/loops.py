@@ -79,7 +79,7 @@ def fuse(labels: np.ndarray, num_classes: int) -> np.ndarray:
     if labels.shape[0] == 1:
         return np.asarray(labels)
     vote = mt.VoteEnsemble(num_classes=num_classes)
-    return np.asarray(vote(torch.as_tensor(np.asarray(labels)[:, None]))).astype(np.uint8)
+    return np.asarray(vote(torch.from_numpy(np.array(labels)[:, None]))).astype(np.uint8)
 
 
 def augmentation(seed: int) -> mt.Compose:
@@ -282,7 +282,7 @@ def evaluate(
     losses, hds, per_annotator = [], [], []
     for image, labels in volumes:
         labels = np.asarray(labels)
-        x = torch.as_tensor(np.asarray(image))[None].float()
+        x = torch.from_numpy(np.array(image, dtype=np.float32))[None]
         y = torch.as_tensor(fuse(labels, num_classes))[None].long()
         with autocast(cfg.bf16):
             logits = sliding_window_inference(

@@ -1,79 +1,214 @@
-"""Turn a case on disk into normalised arrays on the target grid, cached on disk.
+"""Turn a case on disk into normalized arrays on the plan's grid, cached on disk per plan.
 
-The pipeline is one MONAI dictionary Compose: load with nibabel, channel first,
-reorient to RAS, resample to the target spacing (image linear, label nearest),
-clip each case's intensities to its own percentiles, then z-score per channel.
-Results are cached as .npz per case under a folder named after the data config,
-so a change of spacing or normalisation never reuses stale arrays.
+The steps follow nnU-Net, built from MONAI transforms: load with nibabel,
+channel first, reorient to RAS, crop to the nonzero box, resample to the
+plan's spacing in voxel space (image trilinear, labels nearest), normalize each
+channel by the plan's scheme. Resampling uses ``Resize`` (torch interpolate)
+rather than ``Spacing`` (grid_sample), because the latter builds a coordinate
+grid three times the size of the output, which does not fit a 512x512x400 CT
+in a 2-core site's memory.
+
+The cache holds, per case, ``image.npy`` [C, X, Y, Z] float32, ``label.npy``
+[A, X, Y, Z] uint8 (one channel per annotator) and ``locations.npz`` (a sample
+of voxel coordinates per foreground class, for the patch sampler), under
+``<state_dir>/cache/plan-<version>/<case>/``. Arrays are memory-mapped when
+read, so a site trains on huge volumes with only its patches in memory.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 import os
-from dataclasses import asdict
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+import torch
 from monai import transforms as mt
+from monai.data import MetaTensor
 
-from .config import DataConfig
 from .dataset import Case
+from .plan import ChannelNorm, Plan
+
+log = logging.getLogger(__name__)
 
 IMAGE, LABEL = "image", "label"
+LOCATIONS_PER_CLASS = 10_000
+"""Foreground voxel coordinates kept per class for oversampling (nnU-Net keeps 10,000)."""
+META_FILE = "meta.json"
+RAS = "RAS"
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
-def preprocessing_id(cfg: DataConfig) -> str:
-    """Names the cache folder after everything that changes the preprocessed arrays."""
-    relevant = {k: v for k, v in asdict(cfg).items() if k in ("spacing", "clip_percentiles")}
-    return "prep-" + hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:10]
+class Volume(tuple):
+    """A preprocessed case: unpacks as ``(image, label)`` like a pair.
+
+    ``image`` is [C, X, Y, Z] float32 and ``label`` [A, X, Y, Z] uint8 with one
+    channel per annotator (the first is the reference). ``locations`` maps a
+    foreground class to sampled voxel coordinates [N, 3]; None means "find
+    them when needed".
+    """
+
+    def __new__(cls, image: np.ndarray, label: np.ndarray, locations: dict[int, np.ndarray] | None = None) -> Volume:
+        obj = super().__new__(cls, (image, label))
+        obj.locations = locations
+        return obj
+
+    @property
+    def image(self) -> np.ndarray:
+        return self[0]
+
+    @property
+    def label(self) -> np.ndarray:
+        return self[1]
 
 
-def preprocessing_pipeline(cfg: DataConfig) -> mt.Compose:
-    low, high = cfg.clip_percentiles
-    return mt.Compose(
-        [
-            mt.LoadImaged(keys=[IMAGE, LABEL], reader="NibabelReader", image_only=True),
-            mt.EnsureChannelFirstd(keys=[IMAGE, LABEL]),
-            mt.Orientationd(keys=[IMAGE, LABEL], axcodes="RAS"),
-            mt.Spacingd(keys=[IMAGE, LABEL], pixdim=cfg.spacing, mode=("bilinear", "nearest")),
-            mt.ClipIntensityPercentilesd(keys=IMAGE, lower=low, upper=high, channel_wise=True),
-            mt.NormalizeIntensityd(keys=IMAGE, channel_wise=True),
-        ]
-    )
+@dataclass(frozen=True)
+class Geometry:
+    """Where the plan-space array sits in the original file, to map a prediction back."""
+
+    affine: np.ndarray
+    """The input file's affine (written unchanged to the output)."""
+    shape: tuple[int, int, int]
+    """The input file's spatial shape."""
+    ras_shape: tuple[int, int, int]
+    box: tuple[tuple[int, int], ...]
+    """The nonzero crop in RAS voxel coordinates (start, stop) per axis."""
 
 
-def _atomic_save(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
+def class_locations(label: np.ndarray, num_classes: int, rng: np.random.Generator) -> dict[int, np.ndarray]:
+    """A sample of voxel coordinates per foreground class, over all annotators."""
+    out = {}
+    for c in range(1, num_classes):
+        coords = np.argwhere(np.any(label == c, axis=0))
+        if len(coords) > LOCATIONS_PER_CLASS:
+            coords = coords[rng.choice(len(coords), LOCATIONS_PER_CLASS, replace=False)]
+        out[c] = coords.astype(np.int32)
+    return out
+
+
+def _resample(tensor: MetaTensor, spacing: tuple[float, ...], mode: str) -> MetaTensor:
+    """Resample to ``spacing`` in voxel space (nnU-Net's way), keeping the metadata's affine right."""
+    pixdim = np.asarray(tensor.pixdim, dtype=float)[:3]
+    size = [max(1, round(s * p / t)) for s, p, t in zip(tensor.shape[1:], pixdim, spacing)]
+    if list(size) == list(tensor.shape[1:]):
+        return tensor
+    return mt.Resize(spatial_size=size, mode=mode, anti_aliasing=False)(tensor)
+
+
+def normalize(image: torch.Tensor, norms: tuple[ChannelNorm, ...]) -> torch.Tensor:
+    """Normalize each channel in place as the plan says (see ChannelNorm)."""
+    if image.shape[0] != len(norms):
+        raise ValueError(f"the image has {image.shape[0]} channels, the plan normalizes {len(norms)}.")
+    for c, norm in enumerate(norms):
+        channel = image[c:c + 1]
+        if norm.scheme == "ct":
+            scale = mt.ScaleIntensityRange(
+                a_min=norm.clip_low, a_max=norm.clip_high,
+                b_min=(norm.clip_low - norm.mean) / norm.std, b_max=(norm.clip_high - norm.mean) / norm.std,
+                clip=True,
+            )
+        else:
+            scale = mt.NormalizeIntensity()
+        image[c:c + 1] = scale(channel)
+    return image
+
+
+def load_image(paths: tuple[Path, ...]) -> MetaTensor:
+    """Channel-first image in its stored orientation: one 3D file per channel, or one 4D file."""
+    loader = mt.LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=np.float32)
+    files = [str(p) for p in paths]
+    return loader(files if len(files) > 1 else files[0])
+
+
+def _crop_box(image: torch.Tensor) -> tuple[tuple[int, int], ...]:
+    mask = torch.any(image != 0, dim=0)
+    if not bool(mask.any()):
+        return tuple((0, s) for s in mask.shape)
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hit = torch.nonzero(mask.any(dim=other)).flatten()
+        box.append((int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
+
+
+def _crop(tensor: MetaTensor, box: tuple[tuple[int, int], ...]) -> MetaTensor:
+    return mt.SpatialCrop(roi_start=[b[0] for b in box], roi_end=[b[1] for b in box])(tensor)
+
+
+def prepare_image(paths: tuple[Path, ...], plan: Plan) -> tuple[MetaTensor, Geometry]:
+    """Image in plan space plus the geometry needed to map results back to the file's grid."""
+    image = load_image(paths)
+    affine = np.asarray(image.meta["original_affine"], dtype=float)
+    shape = tuple(int(s) for s in image.shape[1:])
+    image = mt.Orientation(axcodes=RAS, labels=RAS_LABELS)(image)
+    box = _crop_box(image)
+    image = _resample(_crop(image, box), plan.target_spacing, "trilinear")
+    image = normalize(image, plan.normalization)
+    return image, Geometry(affine, shape, _ras_shape(shape, affine), box)
+
+
+def _ras_shape(shape: tuple[int, ...], affine: np.ndarray) -> tuple[int, int, int]:
+    ornt = nib.orientations.io_orientation(affine)
+    out = [0, 0, 0]
+    for axis, (target, _) in enumerate(ornt):
+        out[int(target)] = shape[axis]
+    return tuple(out)
+
+
+def prepare_case(case: Case, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
+    """(image [C, X, Y, Z] float32, labels [A, X, Y, Z] uint8) of a training case in plan space."""
+    image, geometry = prepare_image(case.images, plan)
+    labels = []
+    label_loader = mt.LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=np.uint8)
+    for path in case.labels:
+        label = mt.Orientation(axcodes=RAS, labels=RAS_LABELS)(label_loader(str(path)))
+        label = _resample(_crop(label, geometry.box), plan.target_spacing, "nearest-exact")
+        labels.append(np.rint(label.numpy()).astype(np.uint8))
+    return image.numpy().astype(np.float32, copy=False), np.concatenate(labels)
+
+
+def _atomic_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        np.save(f, array)
     os.replace(tmp, path)
 
 
 class PreprocessedCases:
-    """Preprocessed arrays of a site's cases, computed once and kept on disk."""
+    """Preprocessed arrays of a site's cases, computed once per plan version and kept on disk."""
 
-    def __init__(self, cache_root: Path, cfg: DataConfig) -> None:
-        self.cfg = cfg
-        self.cache_dir = Path(cache_root) / preprocessing_id(cfg)
-        self._pipeline: mt.Compose | None = None
+    def __init__(self, cache_root: Path, plan: Plan, num_classes: int) -> None:
+        self.plan = plan
+        self.num_classes = num_classes
+        self.cache_dir = Path(cache_root) / f"plan-{plan.version}"
 
-    def _compute(self, case: Case) -> tuple[np.ndarray, np.ndarray]:
-        if self._pipeline is None:
-            self._pipeline = preprocessing_pipeline(self.cfg)
-        images = [str(p) for p in case.images]
-        out = self._pipeline({IMAGE: images if len(images) > 1 else images[0], LABEL: str(case.label)})
-        image = np.asarray(out[IMAGE], dtype=np.float32)
-        label = np.rint(np.asarray(out[LABEL])).astype(np.uint8)
-        return image, label
+    def _build(self, case: Case, folder: Path) -> None:
+        image, labels = prepare_case(case, self.plan)
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        _atomic_npy(folder / "image.npy", image)
+        _atomic_npy(folder / "label.npy", labels)
+        rng = np.random.default_rng(len(case.case_id))
+        locations = class_locations(labels, self.num_classes, rng)
+        np.savez(folder / "locations.npz", **{str(c): v for c, v in locations.items()})
+        (folder / META_FILE).write_text(json.dumps({"plan": self.plan.version, "shape": list(image.shape)}))
 
-    def load(self, case: Case) -> tuple[np.ndarray, np.ndarray]:
-        """(image [C,X,Y,Z] float32, label [1,X,Y,Z] uint8), from cache when possible."""
-        path = self.cache_dir / f"{case.case_id}.npz"
-        if path.is_file():
-            with np.load(path) as cached:
-                return cached[IMAGE], cached[LABEL]
-        image, label = self._compute(case)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_save(path, image=image, label=label)
-        return image, label
+    def load(self, case: Case) -> Volume:
+        """The case in plan space (memory-mapped), preprocessing it first if not cached."""
+        folder = self.cache_dir / case.case_id
+        if not (folder / META_FILE).is_file():
+            log.info("preprocessing case into %s", folder)
+            self._build(case, folder)
+        with np.load(folder / "locations.npz") as stored:
+            locations = {int(c): stored[c] for c in stored.files}
+        return Volume(
+            np.load(folder / "image.npy", mmap_mode="r"),
+            np.load(folder / "label.npy", mmap_mode="r"),
+            locations,
+        )

@@ -8,6 +8,9 @@ from common.cli import make_main
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module with add_arguments/run, one-line help)
+    "start": ("server.launcher", "Run the centre: SuperLink, Fleet gateway and the training run."),
+    "certs": ("server.certs_cmd", "Create the federation CA and server certificate; allow-list site keys."),
+    "report": ("server.report_cmd", "Plots and a one-page summary of a run (also while it runs)."),
 }
 
 main = make_main("fedseg-server", "The coordinating centre of a fedseg federation.", COMMANDS)

@@ -20,7 +20,12 @@ from common.model import build_model
 from common.params import model_signature, select, split_parameters
 from common.runs import CHECKPOINT_DIR, CONFIG_FILE, run_dir
 
+from . import cross_eval
 from .checkpoints import Checkpoints
+from .planning import plan_config, plan_federation
+from .resume import resume_point
+from .site_registry import read_nodes
+from .dp import with_privacy
 from .strategy import FedSegStrategy, QuorumNotReached
 
 log = logging.getLogger("fedseg.server")
@@ -41,11 +46,13 @@ def main(grid: Grid, context: Context) -> None:
     cfg = from_yaml_text(str(context.run_config[keys.RUN_CONFIG_KEY]), "run config")
     run = run_dir(cfg)
     run.mkdir(parents=True, exist_ok=True)
-    (run / CONFIG_FILE).write_text(cfg.to_yaml())
     weights, signature = initial_weights(cfg)
+    if cfg.federation.evaluate_checkpoint:
+        cross_eval.on_demand(grid, cfg, signature, run)
+        return
+    (run / CONFIG_FILE).write_text(cfg.to_yaml())
     checkpoints = Checkpoints(run / CHECKPOINT_DIR)
-    resumed = checkpoints.load_last()
-    done = checkpoints.state.last_round if resumed is not None else 0
+    done, resumed = resume_point(run, checkpoints)
     metrics_log = MetricsLog(run)
     metrics_log.write("run-start", run=cfg.federation.run_name, config_sha256=cfg.sha256(),
                       sites=cfg.federation.sites, signature=signature, resumed_from_round=done)
@@ -54,17 +61,21 @@ def main(grid: Grid, context: Context) -> None:
         cfg, signature, {k: tuple(v.shape) for k, v in weights.items()}, metrics_log, checkpoints,
         round_offset=done,
     )
+    strategy.node_sites.update(read_nodes(run))
     status = "completed"
     try:
+        training = cross_eval.training_grid(grid, cfg)
+        plan = plan_federation(training, cfg, run, metrics_log)
         if cfg.federation.rounds > done:
-            strategy.start(
-                grid=grid,
+            with_privacy(strategy, cfg.privacy, metrics_log).start(
+                grid=training,
                 initial_arrays=ArrayRecord(resumed if resumed is not None else weights),
                 num_rounds=cfg.federation.rounds - done,
                 timeout=cfg.federation.round_timeout_s,
-                train_config=ConfigRecord(),
-                evaluate_config=ConfigRecord(),
+                train_config=plan_config(plan),
+                evaluate_config=plan_config(plan),
             )
+        cross_eval.after_training(grid, cfg, signature, metrics_log, run)
     except QuorumNotReached as err:
         status = f"stopped: {err}"
         raise

@@ -9,16 +9,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedProx
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, aggregate_metricrecords
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from common import keys
 from common.config import FedsegConfig
+from common.digest import message_sha256
 from common.metrics_log import MetricsLog
 from common.wire import from_wire, site_of_error, to_wire
 
+from . import robust
 from .checkpoints import Checkpoints
+from .validation import ReplyValidator
 
 log = logging.getLogger("fedseg.server")
 
@@ -38,6 +42,11 @@ class RoundTally:
     trained: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     aggregated: bool = False
+    reference: dict[str, np.ndarray] | None = None
+    """The global tensors as sent this round: the origin of every site's update."""
+    screened: bool = False
+    """The replies about to be aggregated were already screened (the DP wrapper screens before it clips)."""
+    aggregation_s: float = 0.0
 
 
 class FedSegStrategy(FedProx):
@@ -49,14 +58,22 @@ class FedSegStrategy(FedProx):
         F_k(w) + \frac{\mu}{2} \lVert w - w^t \rVert^2
 
     over the shared trainable parameters, and the server averages the shared
-    tensors weighted by the sites' training cases:
+    tensors weighted by the sites' training cases (``federation.aggregator: mean``):
 
     .. math::
         w^{t+1} = \sum_{k \in S_t} \frac{n_k}{n} w_k, \qquad n = \sum_{k \in S_t} n_k
 
     where :math:`S_t` are the sites whose reply passed validation (signature,
-    keys, shapes, finite values). Replies that fail are logged and left out, so
-    one broken site can neither end the run nor poison the average. When fewer
+    keys, shapes, finite values, and an update no larger than ``norm_bound``
+    times the median of the other sites':
+    :math:`\lVert w_k - w^t \rVert \le c \cdot \mathrm{median}_{j \ne k} \lVert w_j - w^t \rVert`).
+    Replies that fail are logged and left out, so
+    one broken site can neither end the run nor poison the average. The
+    ``trimmed_mean`` and ``median`` aggregators replace the weighted mean by the
+    unweighted coordinate-wise trimmed mean or median over :math:`S_t`
+    (server/robust.py). With differential privacy on, every :math:`w_k - w^t`
+    is clipped to norm :math:`C`, the mean is unweighted and Gaussian noise of
+    std :math:`zC/|S_t|` is added (server/dp.py). When fewer
     than ``federation.min_sites`` sites remain, the round is not aggregated:
     it is skipped (the previous global model is kept) or the run stops, as
     configured. Arrays may travel in float16; the mean is always taken in float32.
@@ -88,7 +105,12 @@ class FedSegStrategy(FedProx):
         self.checkpoints = checkpoints
         self.round_offset = round_offset
         self.node_sites: dict[int, str] = {}
+        self.outgoing: list[Message] = []
+        """The last configure step's messages: names the node behind an error the SuperLink wrote."""
         self.tally = RoundTally()
+        self.validator = ReplyValidator(signature, shapes, cfg.federation.norm_bound)
+        self.private = cfg.privacy.noise_multiplier > 0
+        """With DP the mean is unweighted and the DP wrapper publishes the noised model (server/dp.py)."""
 
     def summary(self) -> None:
         log.info("fedseg: norm_mode=%s quorum=%d on_quorum_failure=%s wire=%s",
@@ -109,7 +131,8 @@ class FedSegStrategy(FedProx):
     ) -> Iterable[Message]:
         self.tally = RoundTally()
         rnd, wire = self._outgoing(server_round, arrays, config)
-        messages = list(super().configure_train(rnd, wire, config, grid))
+        messages = self.outgoing = list(super().configure_train(rnd, wire, config, grid))
+        self.tally.reference = {k: v.numpy().astype(np.float32) for k, v in wire.items()}
         self.tally.bytes_down = wire.count_bytes()
         self.tally.bytes_total += wire.count_bytes() * len(messages)
         return messages
@@ -118,7 +141,7 @@ class FedSegStrategy(FedProx):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         rnd, wire = self._outgoing(server_round, arrays, config)
-        messages = list(super().configure_evaluate(rnd, wire, config, grid))
+        messages = self.outgoing = list(super().configure_evaluate(rnd, wire, config, grid))
         self.tally.bytes_total += wire.count_bytes() * len(messages)
         return messages
 
@@ -126,49 +149,26 @@ class FedSegStrategy(FedProx):
 
     def _site(self, msg: Message) -> str:
         node = msg.metadata.src_node_id
+        if node == SUPERLINK_NODE_ID:  # the SuperLink answered for a node that went away
+            node = next((m.metadata.dst_node_id for m in self.outgoing
+                         if m.metadata.message_id == msg.metadata.reply_to_message_id), node)
         if msg.has_content() and keys.IDENTITY in msg.content.config_records:
             self.node_sites[node] = str(msg.content.config_records[keys.IDENTITY].get(keys.SITE, f"node-{node}"))
         elif msg.has_error() and site_of_error(msg.error.reason):
             self.node_sites[node] = site_of_error(msg.error.reason)
         return self.node_sites.get(node, f"node-{node}")
 
-    def _problem(self, msg: Message, is_train: bool) -> str | None:
-        """Why a reply cannot be used, or None when it is sound."""
-        if msg.has_error():
-            return msg.error.reason or f"error code {msg.error.code}"
-        content = msg.content
-        identity = content.config_records.get(keys.IDENTITY)
-        if identity is None or str(identity.get(keys.SIGNATURE)) != self.signature:
-            return "model signature missing or different from the server's"
-        metrics = content.metric_records.get(keys.METRICS)
-        if metrics is None or float(metrics.get(keys.NUM_EXAMPLES, 0)) <= 0:
-            return f"no positive '{keys.NUM_EXAMPLES}' in the reply metrics"
-        required = keys.TRAIN_METRICS if is_train else keys.EVAL_REQUIRED
-        missing = [k for k in required if k not in metrics]
-        if missing:
-            return f"reply metrics lack {missing}"
-        if not all(np.isfinite(float(v)) for v in metrics.values() if not isinstance(v, list)):
-            return "non-finite metric values"
-        if not is_train:
-            return None
-        arrays = content.array_records.get(keys.ARRAYS)
-        if arrays is None:
-            return "no model arrays in a training reply"
-        if set(arrays.keys()) != set(self.shapes):
-            return "model arrays do not match the model's travelling keys"
-        for key, array in arrays.items():
-            if tuple(array.shape) != self.shapes[key]:
-                return f"array '{key}' has shape {tuple(array.shape)}, expected {self.shapes[key]}"
-            if not np.isfinite(array.numpy()).all():
-                return f"array '{key}' holds NaN or Inf"
-        return None
-
     def _screen(self, server_round: int, replies: Iterable[Message], is_train: bool) -> list[Message]:
-        """Keep sound replies; log every failure with the site and reason."""
+        """Keep sound replies (server/validation.py); log every failure with the site and reason."""
+        checked = [(msg, self.validator.problem(msg, is_train)) for msg in replies]
+        if is_train and self.tally.reference is not None:
+            sound = [msg for msg, problem in checked if problem is None]
+            updates = [msg.content.array_records[keys.ARRAYS] for msg in sound]
+            too_large = iter(self.validator.norm_problems(updates, self.tally.reference))
+            checked = [(msg, problem if problem is not None else next(too_large)) for msg, problem in checked]
         sound = []
-        for msg in replies:
+        for msg, problem in checked:
             site = self._site(msg)
-            problem = self._problem(msg, is_train)
             if problem is None:
                 sound.append(msg)
                 continue
@@ -191,12 +191,11 @@ class FedSegStrategy(FedProx):
 
     # --- aggregate -------------------------------------------------------------------
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def screen_train(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """The sound training replies of a round, each logged with the digest of what arrived."""
+        started = time.perf_counter()
         rnd = server_round + self.round_offset
         sound = self._screen(rnd, replies, is_train=True)
-        contents: list[RecordDict] = []
         for msg in sound:
             metrics = msg.content.metric_records[keys.METRICS]
             arrays = msg.content.array_records[keys.ARRAYS]
@@ -207,16 +206,35 @@ class FedSegStrategy(FedProx):
                 "train", round=rnd, site=site, num_examples=int(metrics[keys.NUM_EXAMPLES]),
                 loss=metrics["loss"], proximal_loss=metrics["proximal_loss"],
                 duration_s=metrics["duration_s"], bytes_up=arrays.count_bytes(),
-                bytes_down=self.tally.bytes_down,
+                bytes_down=self.tally.bytes_down, **{keys.CONTENT_SHA256: message_sha256(msg)},
             )
-            contents.append(RecordDict({keys.ARRAYS: ArrayRecord(from_wire(arrays)), keys.METRICS: metrics}))
-        if len(contents) < self.cfg.federation.min_sites:
-            self._below_quorum(rnd, "train", len(contents))
+        self.tally.screened = True
+        self.tally.aggregation_s += time.perf_counter() - started
+        return sound
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        rnd = server_round + self.round_offset
+        sound = list(replies) if self.tally.screened else self.screen_train(server_round, replies)
+        self.tally.screened = False
+        if len(sound) < self.cfg.federation.min_sites:
+            self._below_quorum(rnd, "train", len(sound))
             return None, None
-        aggregate = aggregate_arrayrecords(contents, keys.NUM_EXAMPLES)
+        started = time.perf_counter()
+        metrics = [RecordDict({keys.METRICS: msg.content.metric_records[keys.METRICS]}) for msg in sound]
+        weights = [1.0 if self.private else float(m[keys.METRICS][keys.NUM_EXAMPLES]) for m in metrics]
+        aggregate = robust.aggregate([msg.content.array_records[keys.ARRAYS] for msg in sound], weights,
+                                     self.cfg.federation)
+        self.tally.aggregation_s += time.perf_counter() - started
+        if not self.private:
+            self.publish(rnd, aggregate)
+        return aggregate, aggregate_metricrecords(metrics, keys.NUM_EXAMPLES)
+
+    def publish(self, rnd: int, aggregate: ArrayRecord) -> None:
+        """Make ``aggregate`` the round's global model on disk (with DP: the noised one)."""
         self.checkpoints.save_round(rnd, from_wire(aggregate))
         self.tally.aggregated = True
-        return aggregate, aggregate_metricrecords(contents, keys.NUM_EXAMPLES)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         rnd = server_round + self.round_offset
@@ -244,6 +262,7 @@ class FedSegStrategy(FedProx):
             "round", round=rnd, sites_ok=len(self.tally.trained), sites_failed=self.tally.failed,
             aggregated=self.tally.aggregated, dice_mean=dice_mean, dice_weighted=dice_weighted,
             duration_s=time.perf_counter() - self.tally.started, bytes_total=self.tally.bytes_total,
+            aggregation_s=self.tally.aggregation_s,
         )
         if self.tally.aggregated and dice:
             self.checkpoints.offer_best(rnd, dice_weighted)

@@ -8,6 +8,7 @@ from common.cli import make_main
 
 COMMANDS = {
     "run": ("simulations.run_cmd", "Run the local multi-site simulation (the default)."),
+    "compare": ("simulations.compare", "Compare local, pooled and federated strategies under scanner shift."),
 }
 
 main = make_main(

@@ -55,11 +55,13 @@ def prepare_run(cfg: FedsegConfig) -> FedsegConfig:
     sim = cfg.simulation
     run_name = cfg.federation.run_name or new_run_name("sim")
     names = [f"site-{i + 1}" for i in range(sim.num_sites)]
+    held_out = [f"site-{i + 1}" for i in range(sim.num_sites, sim.num_sites + sim.held_out_sites)]
     federation = dataclasses.replace(
         cfg.federation,
         run_name=run_name,
         runs_dir=str(Path(cfg.federation.runs_dir).resolve()),
         sites=names,
+        held_out_sites=held_out,
         min_sites=min(cfg.federation.min_sites, sim.num_sites),
     )
     simulation = dataclasses.replace(sim, data_dir=str(Path(sim.data_dir).resolve()))
@@ -168,14 +170,14 @@ def run_simulation(cfg: FedsegConfig, show: Callable[[str], None] = print) -> Pa
     run.mkdir(parents=True, exist_ok=True)
     show(f"fedseg-sim: {sim.num_sites} sites, {cfg.federation.rounds} rounds -> {run}")
     datasets = generate_federation(
-        Path(sim.data_dir), n_sites=sim.num_sites, n_cases=sim.cases_per_site,
+        Path(sim.data_dir), n_sites=sim.num_sites + sim.held_out_sites, n_cases=sim.cases_per_site,
         shape=tuple(sim.volume_shape), strength=sim.shift_strength, seed=sim.seed,
     )
     write_site_configs(cfg, datasets)
     run_config = run / "run-config.toml"
     run_config.write_text(tomli_w.dumps({keys.RUN_CONFIG_KEY: cfg.to_yaml()}))
-    federation_config = (f"num-supernodes={sim.num_sites} client-resources-num-cpus={sim.cpus_per_site} "
-                         f"init-args-num-cpus={sim.ray_num_cpus}")
+    federation_config = (f"num-supernodes={sim.num_sites + sim.held_out_sites} "
+                         f"client-resources-num-cpus={sim.cpus_per_site} init-args-num-cpus={sim.ray_num_cpus}")
     metrics = run / METRICS_FILE
     threads = sim.cpus_per_site
     with LocalSuperLink(run, threads) as link, (run / "flwr-run.log").open("w") as flwr_log:

@@ -47,7 +47,10 @@ DATASET_JSON = "dataset.json"
 COMPLETE_MARKER = ".complete"
 FILE_ENDING = ".nii.gz"
 CHANNEL_SUFFIX = "_0000"
-CHANNEL_NAMES = {"0": "CT"}
+CHANNEL_NAMES = {"0": "MR"}
+"""One MR contrast at every site: MR intensities are uncalibrated, so each scanner's
+units, offset and contrast curve may differ, and the plan normalizes per case
+(nnU-Net's rule for non-CT); a CT federation would share Hounsfield units."""
 LABELS = {"background": 0, "lesion": 1}
 LESION_LABEL = LABELS["lesion"]
 MIN_DATASET_ID = 1
@@ -58,7 +61,7 @@ SITE_NAME_TEMPLATE = "site-{index}"
 NIFTI_XFORM_CODE = 1  # NIFTI_XFORM_SCANNER_ANAT: the affine is the scanner's world
 SPATIAL_UNITS = "mm"
 # Bump when the drawing procedure changes, so cached datasets are redrawn.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 # --------------------------------------------------------------------------
 # Anatomy, in the canonical [0, 1] tissue scale
@@ -183,9 +186,10 @@ class ScannerSignature:
 
 NEUTRAL_SIGNATURE = ScannerSignature(**NEUTRAL_SIGNATURE_KWARGS)
 
-# Full-strength scanner archetypes: CT-like sites in HU-ish units (and LPS, as
-# DICOM converters write), MR-like sites in arbitrary units with strong bias
-# fields. Neighbouring sites differ in every field.
+# Full-strength scanner archetypes: MR scanners whose reconstructions use
+# different units and offsets, contrast curves, bias fields, noise, voxel
+# spacing and storage orientation (LPS, as DICOM converters write, or RAS).
+# Neighbouring sites differ in every field.
 SITE_ARCHETYPES: tuple[ScannerSignature, ...] = (
     ScannerSignature(gamma=0.6, bias_strength=0.15, noise_std=0.12, spacing=(0.8, 0.8, 2.5),
                      orientation="LPS", intensity_scale=1200.0, intensity_offset=-1000.0),

@@ -79,7 +79,7 @@ def test_layout_and_dataset_json(federation: dict[str, Path]) -> None:
         assert (dataset_dir / ".complete").is_file()
         meta = json.loads((dataset_dir / "dataset.json").read_text())
         assert set(meta) == EXPECTED_JSON_KEYS
-        assert meta["channel_names"] == {"0": "CT"}
+        assert meta["channel_names"] == {"0": "MR"}
         assert meta["labels"] == {"background": 0, "lesion": 1}
         assert meta["numTraining"] == N_CASES
         assert meta["file_ending"] == ".nii.gz"

@@ -1,0 +1,115 @@
+"""Per-round overhead of a deployed round against the same work in the simulation, and ClientApp start time.
+
+In Flower 1.42 every message a SuperNode receives starts a fresh ClientApp
+process, which imports torch, MONAI and Flower before any work. This script
+measures:
+
+1. ClientApp start: the wall time of a fresh interpreter importing
+   ``client.client_app`` (what each train/evaluate message pays first), median
+   of several runs.
+2. A deployed federation (real SuperLink, gateway and two SuperNodes with TLS
+   and node auth on 127.0.0.1) and the simulation (``fedseg-sim``) running the
+   same tiny model, data and rounds. It prints the median round duration of
+   each (the first round is left out: it fills the preprocessing caches), the
+   difference and the ratio, and the share of a deployed round the sites spent
+   training (their own ``duration_s``).
+
+Usage: ``.venv/bin/python benchmarks/bench_round_overhead.py [--rounds 3] [--out DIR]``.
+Figures depend on the machine's load; rerun the baseline on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from common.flower_env import BIN_DIR  # noqa: E402
+from deploy_harness import (  # noqa: E402
+    GATEWAY_HOST, TINY, Launched, allow, events, federation_yaml, make_site, snapshot_app, wait_for, write_yaml,
+)
+
+SITES = ["site-1", "site-2"]
+CASES, SHAPE = 4, (32, 32, 24)
+IMPORT_RUNS = 3
+
+
+def clientapp_start_s() -> list[float]:
+    times = []
+    for _ in range(IMPORT_RUNS):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import client.client_app"], cwd=ROOT, check=True)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def round_stats(run: Path) -> tuple[list[float], list[float]]:
+    """(round durations, per-site training durations), first round excluded."""
+    log = events(run)
+    rounds = [e["duration_s"] for e in log if e["event"] == "round" and e["round"] > 1]
+    train = [e["duration_s"] for e in log if e["event"] == "train" and e["round"] > 1]
+    return rounds, train
+
+
+def deployed(root: Path, rounds: int) -> Path:
+    from server.certs import init_pki
+    from simulations.synthetic import generate_federation
+
+    data = generate_federation(root / "data", n_sites=len(SITES), n_cases=CASES, shape=SHAPE, strength=1.0, seed=0)
+    app, digest = snapshot_app(root / "app")
+    fed = federation_yaml(root, app, SITES, rounds=rounds, min_sites=len(SITES), run_name="bench",
+                          cross_eval=False)
+    init_pki(root / "certs", [], [GATEWAY_HOST])
+    sites = {n: make_site(root, n, data[n], fed, [digest]) for n in SITES}
+    for name, path in sites.items():
+        allow(fed, name, path)
+    server = Launched(root / "server.out", "fedseg-server", "start", "--config", str(fed))
+    daemons = [Launched(root / f"{n}.out", "fedseg-client", "start", "--config", str(p)) for n, p in sites.items()]
+    try:
+        wait_for(lambda: server.proc.poll() is not None, 3600, "the deployed run", server, *daemons)
+    finally:
+        for proc in [*daemons, server]:
+            proc.terminate()
+    return root / "runs" / "bench"
+
+
+def simulated(root: Path, rounds: int) -> Path:
+    sim = {**TINY, "federation": {"rounds": rounds, "min_sites": len(SITES), "runs_dir": str(root / "runs"),
+                                  "run_name": "bench-sim", "cross_eval": False},
+           "simulation": {"num_sites": len(SITES), "cases_per_site": CASES, "volume_shape": list(SHAPE),
+                          "data_dir": str(root / "sim-data"), "ray_num_cpus": 2, "cpus_per_site": 1}}
+    config = write_yaml(root / "sim.yaml", sim)
+    subprocess.run([str(BIN_DIR / "fedseg-sim"), "--config", str(config)], check=True)
+    return root / "runs" / "bench-sim"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    root = args.out or Path(tempfile.mkdtemp(prefix="fedseg-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+
+    starts = clientapp_start_s()
+    print(f"ClientApp start (fresh process importing client.client_app): median {statistics.median(starts):.2f} s "
+          f"(runs: {', '.join(f'{s:.2f}' for s in starts)})")
+    dep_rounds, dep_train = round_stats(deployed(root / "deployed", args.rounds))
+    sim_rounds, sim_train = round_stats(simulated(root / "simulated", args.rounds))
+    dep, sim = statistics.median(dep_rounds), statistics.median(sim_rounds)
+    print(f"rounds 2..{args.rounds}, {len(SITES)} sites, tiny UNet, {CASES} cases of {SHAPE} per site")
+    print(f"  deployed round:  median {dep:.1f} s; sites trained for median {statistics.median(dep_train):.1f} s")
+    print(f"  simulated round: median {sim:.1f} s; sites trained for median {statistics.median(sim_train):.1f} s")
+    print(f"  overhead of deployment: {dep - sim:+.1f} s per round, ratio {dep / sim:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,151 @@
+"""The site runs only app bundles it has approved, checked before any bundle code runs.
+
+A SuperNode executes whatever app bundle (FAB) the SuperLink sends, and
+Flower 1.42's own check (``--trusted-entities``) only accepts bundles signed
+through Flower's hub, which an air-gapped federation cannot reach. So the
+site's daemon puts this guard in front of Flower's ClientApp process:
+
+- ``fedseg-client start`` writes a ``flwr-clientapp`` launcher into a private
+  folder placed first on the SuperNode's PATH (Flower starts its ClientApp
+  processes by that name) and hands over the approved SHA-256 list in
+  ``FEDSEG_APPROVED_BUNDLES``.
+- The launcher wraps Flower's FAB installation step: the SHA-256 of the
+  received bundle bytes must be on the list, otherwise the task fails with
+  :class:`BundleNotApproved` before the bundle is unpacked or imported.
+  Flower then replies to the server with an error, so the refusal shows up
+  in the run's metrics log as a failure of that site.
+
+It fails closed: no list, or a Flower whose ClientApp runner no longer has the
+step it wraps, means every bundle is refused. This module imports nothing
+from fedseg (the bundle brings its own copy), so no unapproved code can
+shadow it. Residual risks are spelled out in README, "Deploy across hospitals".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+APPROVED_ENV = "FEDSEG_APPROVED_BUNDLES"
+"""Comma-separated SHA-256 digests of the approved bundles."""
+DECISIONS_ENV = "FEDSEG_BUNDLE_LOG"
+"""JSON Lines file where every accept/refuse decision is recorded at the site."""
+LAUNCHER = "flwr-clientapp"
+"""The executable name Flower's SuperExec starts for every ClientApp task."""
+WRAPPED_MODULE = "flwr.supernode.runtime.run_clientapp"
+WRAPPED_STEP = "install_from_fab"
+OWN_PACKAGE = "client"
+SHA256_HEX_LEN = 64
+
+
+class BundleNotApproved(RuntimeError):
+    """The received app bundle is not on this site's approved list."""
+
+
+def parse_approved(values: Iterable[str]) -> frozenset[str]:
+    """Normalised digests; anything that is not a SHA-256 hex digest is an error."""
+    digests = set()
+    for value in values:
+        digest = value.strip().lower()
+        if len(digest) != SHA256_HEX_LEN or any(c not in "0123456789abcdef" for c in digest):
+            raise ValueError(f"'{value}' is not a SHA-256 hex digest (64 hex characters).")
+        digests.add(digest)
+    return frozenset(digests)
+
+
+def _record(log_path: str | None, **fields: Any) -> None:
+    if not log_path:
+        return
+    with open(log_path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"time": time.time(), **fields}) + "\n")
+
+
+def check_bundle(content: bytes, approved: frozenset[str], log_path: str | None = None) -> str:
+    """The bundle's SHA-256 if approved; raises :class:`BundleNotApproved` otherwise."""
+    digest = hashlib.sha256(content).hexdigest()
+    if digest not in approved:
+        _record(log_path, decision="refused", sha256=digest, bytes=len(content))
+        raise BundleNotApproved(
+            f"this site has not approved app bundle sha256:{digest[:16]}; "
+            "its operator must add the digest to site.approved_bundles after reviewing the release"
+        )
+    _record(log_path, decision="accepted", sha256=digest, bytes=len(content))
+    return digest
+
+
+def guard_install(install: Callable[..., Any], approved: frozenset[str], log_path: str | None) -> Callable[..., Any]:
+    """Flower's FAB installer, preceded by the approval check."""
+
+    def guarded(fab_file: Any, *args: Any, **kwargs: Any) -> Any:
+        content = fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes()
+        check_bundle(content, approved, log_path)
+        return install(fab_file, *args, **kwargs)
+
+    return guarded
+
+
+def _forget_own_modules() -> None:
+    """Let the approved bundle's own copy of ``client`` load, as Flower intends."""
+    for name in [m for m in sys.modules if m == OWN_PACKAGE or m.startswith(OWN_PACKAGE + ".")]:
+        del sys.modules[name]
+
+
+def approved_from_env(env: Mapping[str, str]) -> frozenset[str]:
+    """The approved digests handed over by the daemon; missing or malformed means none (fail closed)."""
+    try:
+        return parse_approved(filter(None, env.get(APPROVED_ENV, "").split(",")))
+    except ValueError as err:
+        print(f"fedseg bundle guard: {APPROVED_ENV}: {err} Refusing every bundle.", file=sys.stderr)
+        return frozenset()
+
+
+def main() -> int:
+    """Entry point of the ``flwr-clientapp`` launcher: guard, then Flower's own ClientApp runner."""
+    import importlib
+
+    approved = approved_from_env(os.environ)
+    runner = importlib.import_module(WRAPPED_MODULE)
+    if not callable(getattr(runner, WRAPPED_STEP, None)):
+        print(f"fedseg bundle guard: this Flower has no {WRAPPED_MODULE}.{WRAPPED_STEP} to guard; refusing to run "
+              "any bundle. Pin flwr 1.42 or update client/bundle_guard.py.", file=sys.stderr)
+        return 1
+    setattr(runner, WRAPPED_STEP, guard_install(getattr(runner, WRAPPED_STEP), approved,
+                                                os.environ.get(DECISIONS_ENV)))
+    _forget_own_modules()
+    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+
+    flwr_clientapp()
+    return 0
+
+
+def write_launcher(bin_dir: Path) -> Path:
+    """Write the ``flwr-clientapp`` launcher that runs :func:`main` with this interpreter."""
+    bin_dir = Path(bin_dir)
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    path = bin_dir / LAUNCHER
+    path.write_text(
+        f"#!{sys.executable}\n"
+        "# Written by `fedseg-client start`: checks every app bundle against site.approved_bundles\n"
+        "# before Flower installs or imports it (client/bundle_guard.py).\n"
+        "import sys\n"
+        "from client.bundle_guard import main\n"
+        "sys.exit(main())\n"
+    )
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP)
+    return path
+
+
+def guard_env(bin_dir: Path, approved: Iterable[str], decisions: Path, env: dict[str, str]) -> dict[str, str]:
+    """``env`` with the launcher first on PATH and the approved list handed over."""
+    out = dict(env)
+    out["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    out[APPROVED_ENV] = ",".join(sorted(parse_approved(approved)))
+    out[DECISIONS_ENV] = str(decisions)
+    return out

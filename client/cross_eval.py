@@ -1,0 +1,59 @@
+"""The site's side of the cross-site evaluation (``query.cross_eval`` messages).
+
+The server sends a global checkpoint; the site scores it on its own validation
+cases with its own normalization tensors, which never leave it. A site that
+never trained has none: it scores the checkpoint as it arrives and again after
+adapting its normalization layers to its own unlabeled training scans
+(common.norm_adapt). Only Dice values and counts go back.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from flwr.app import Message
+
+from common import keys
+from common.loops import evaluate
+from common.norm_adapt import adapt_norm
+
+from .site_data import SiteData
+
+if TYPE_CHECKING:
+    from .client_app import Site
+
+log = logging.getLogger("fedseg.client")
+IDENTIFY, EVALUATE = "identify", "evaluate"
+
+
+def has_trained(site: Site) -> bool:
+    """A site trained in this federation exactly when it holds local tensors for this model."""
+    return site.state.load_local(site.signature) is not None
+
+
+def cross_evaluate(site: Site, msg: Message) -> Message:
+    """Answer an ``identify`` or ``evaluate`` cross-evaluation query."""
+    config = msg.content[keys.CONFIG]
+    task = str(config[keys.CROSS_EVAL_TASK])
+    trained = has_trained(site)
+    if task == IDENTIFY:
+        return site.reply(msg, {"trained": float(trained), keys.NUM_EXAMPLES: 1})
+    if task != EVALUATE:
+        raise ValueError(f"unknown cross-evaluation task {task!r}; expected '{IDENTIFY}' or '{EVALUATE}'")
+    site.load_global(msg)
+    data = SiteData.open(site.cfg, site.state, msg)
+    val = data.volumes(data.val_ids)
+    num_classes = data.spec.num_classes
+    own = evaluate(site.model, val, site.cfg.data, site.cfg.train, num_classes)
+    metrics = {"dice": own.dice, "trained": float(trained), keys.NUM_EXAMPLES: own.num_cases}
+    train = site.cfg.train
+    if not trained and train.adapt_norm_steps > 0:
+        images = [image for image, _ in data.volumes(data.train_ids)]
+        result = adapt_norm(site.model, images, site.cfg.data, train.adapt_norm_steps, train.adapt_norm_lr,
+                            train.batch_size, train.seed)
+        metrics["dice_adapted"] = evaluate(site.model, val, site.cfg.data, train, num_classes).dice
+        log.info("cross-eval %s: norm adaptation, entropy %.4f -> %.4f, Dice %.4f -> %.4f",
+                 config[keys.CROSS_EVAL_MODEL], result.entropy_before, result.entropy_after,
+                 own.dice, metrics["dice_adapted"])
+    return site.reply(msg, metrics)

@@ -1,0 +1,210 @@
+"""Run this hospital's site: a long-running SuperNode that joins the federation over TLS.
+
+Checks site.yaml and the site's certificate and key first (each refusal names
+the file and the fix), then starts flower-supernode with the federation's CA
+certificate, the site's private key and its node config, behind the app-bundle
+guard (only bundles listed in site.approved_bundles run). If the SuperNode
+stops, for instance while the server is down, it is restarted with exponential
+back-off. Stop it with Ctrl-C or SIGTERM: everything it started is stopped.
+The site's local normalization tensors and data cache live in site.state_dir
+and survive restarts and reboots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from common.cli import UserError, config_from_args
+from common.config import FedsegConfig, SiteConfig
+
+FLWR_HOME = "flwr-home"
+GUARD_BIN = "guard-bin"
+RESOLVED_SITE = "site.resolved.yaml"
+SUPERNODE_LOG = "supernode.log"
+BUNDLE_LOG = "bundles.jsonl"
+DAEMON_FILE = "daemon.json"
+STABLE_RUN_S = 120.0
+"""A SuperNode that ran this long counts as healthy: the next restart waits retry_initial_s again."""
+POLL_S = 0.5
+
+
+DIAGNOSES = {
+    "Failed to activate SuperNode": "the centre did not accept this site's key; ask it to allow-list "
+                                    "the .pub file (fedseg-server certs add-site) and check that it is running",
+    "CERTIFICATE_VERIFY_FAILED": "the server's TLS certificate was not issued by the CA in site.root_certificate",
+    "Connection refused": "nothing listens at site.server_address (server down or wrong address)",
+}
+"""Phrases in Flower's log that explain why a SuperNode stopped, and what they mean for the site."""
+LOG_TAIL_BYTES = 20_000
+
+
+class Shutdown(Exception):
+    """SIGTERM or SIGINT arrived: stop the SuperNode and leave."""
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
+def resolve_site(cfg: FedsegConfig) -> SiteConfig:
+    """The site section with every path absolute, after checking it is complete."""
+    site = cfg.site
+    required = ("name", "data_dir", "state_dir", "server_address", "root_certificate", "private_key")
+    missing = [k for k in required if not getattr(site, k)]
+    if missing:
+        raise UserError(f"site.yaml lacks site.{', site.'.join(missing)}; see deploy/site.yaml for each option.")
+    if ":" not in site.server_address:
+        raise UserError(f"site.server_address '{site.server_address}' must be host:port of the centre's gateway.")
+    if not site.approved_bundles:
+        raise UserError("site.approved_bundles is empty, so every app bundle would be refused; add the digest "
+                        "printed by `fedseg-client approve` for the release this site has reviewed.")
+    from .bundle_guard import parse_approved
+
+    try:
+        parse_approved(site.approved_bundles)
+    except ValueError as err:
+        raise UserError(f"site.approved_bundles: {err}") from None
+    if not Path(site.data_dir).is_dir():
+        raise UserError(f"site.data_dir {site.data_dir} is not a folder; point it at the site's dataset.")
+    return dataclasses.replace(site, data_dir=_absolute(site.data_dir), state_dir=_absolute(site.state_dir),
+                               root_certificate=_absolute(site.root_certificate),
+                               private_key=_absolute(site.private_key))
+
+
+def check_material(site: SiteConfig) -> None:
+    """Refuse an unusable CA certificate or private key before Flower gives a vaguer error."""
+    from common.pki import load_certificate, load_node_private_key, require_ca
+
+    ca_path = Path(site.root_certificate)
+    ca = load_certificate(ca_path, "federation CA certificate", "ask the coordinating centre for its ca.crt.")
+    require_ca(ca, ca_path)
+    load_node_private_key(Path(site.private_key))
+
+
+def supernode_command(site: SiteConfig, site_yaml: Path, runtime_port: int) -> list[str]:
+    from common.flower_env import flower_command
+    from common.keys import NODE_SITE_CONFIG
+
+    return [
+        flower_command("flower-supernode"),
+        "--superlink", site.server_address,
+        "--root-certificates", site.root_certificate,
+        "--auth-supernode-private-key", site.private_key,
+        "--node-config", f'{NODE_SITE_CONFIG}="{site_yaml}"',
+        "--isolation", "subprocess",
+        "--host", "127.0.0.1",
+        "--port", str(runtime_port),
+    ]
+
+
+def prepare_state(site: SiteConfig) -> tuple[Path, dict[str, str]]:
+    """The resolved site.yaml the ClientApp reads, and the SuperNode's environment."""
+    from common.flower_env import flower_env
+
+    from .bundle_guard import guard_env, write_launcher
+
+    state = Path(site.state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    site_yaml = state / RESOLVED_SITE
+    site_yaml.write_text(yaml.safe_dump({"site": dataclasses.asdict(site)}, sort_keys=False))
+    bin_dir = write_launcher(state / GUARD_BIN).parent
+    env = flower_env(state / FLWR_HOME, site.torch_threads)
+    return site_yaml, guard_env(bin_dir, site.approved_bundles, state / BUNDLE_LOG, env)
+
+
+def diagnose(log_path: Path) -> str:
+    """A one-line reason for the SuperNode's exit, from the end of its log."""
+    try:
+        with log_path.open("rb") as f:
+            f.seek(max(0, log_path.stat().st_size - LOG_TAIL_BYTES))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    found = [why for phrase, why in DIAGNOSES.items() if phrase in tail]
+    return f" ({found[-1]})" if found else ""
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    raise Shutdown(signal.Signals(signum).name)
+
+
+class Daemon:
+    """Keeps one SuperNode running for this site until told to stop."""
+
+    def __init__(self, site: SiteConfig, say: Callable[[str], None] = print) -> None:
+        self.site = site
+        self.say = say
+        self.state = Path(site.state_dir)
+        self.proc: subprocess.Popen | None = None
+
+    def _start(self, site_yaml: Path, env: dict[str, str]) -> subprocess.Popen:
+        from common.flower_env import free_port
+
+        port = self.site.runtime_port or free_port()
+        log_file = (self.state / SUPERNODE_LOG).open("ab")
+        try:
+            return subprocess.Popen(supernode_command(self.site, site_yaml, port), cwd=self.state, env=env,
+                                    stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            log_file.close()
+
+    def _write_status(self, **fields: object) -> None:
+        (self.state / DAEMON_FILE).write_text(json.dumps({"pid": os.getpid(), "time": time.time(), **fields}))
+
+    def serve(self, max_starts: int | None = None) -> int:
+        """Run, restart with back-off, return 0 on SIGTERM/SIGINT; ``max_starts`` bounds restarts (tests)."""
+        from common.processes import stop_tree
+
+        site_yaml, env = prepare_state(self.site)
+        previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        delay, starts = self.site.retry_initial_s, 0
+        try:
+            while max_starts is None or starts < max_starts:
+                starts += 1
+                self.proc = self._start(site_yaml, env)
+                started = time.monotonic()
+                self._write_status(state="running", supernode_pid=self.proc.pid, starts=starts,
+                                   server=self.site.server_address)
+                self.say(f"site {self.site.name}: SuperNode started (pid {self.proc.pid}), joining "
+                         f"{self.site.server_address}; log: {self.state / SUPERNODE_LOG}")
+                while self.proc.poll() is None:
+                    time.sleep(POLL_S)
+                if time.monotonic() - started > STABLE_RUN_S:
+                    delay = self.site.retry_initial_s
+                stop_tree(self.proc)
+                self._write_status(state="waiting", exit_code=self.proc.returncode, retry_in_s=delay)
+                self.say(f"site {self.site.name}: SuperNode exited with code {self.proc.returncode}"
+                         f"{diagnose(self.state / SUPERNODE_LOG)}; restarting in {delay:.0f} s "
+                         f"(see {self.state / SUPERNODE_LOG})")
+                time.sleep(delay)
+                delay = min(delay * 2, self.site.retry_max_s)
+            return 1
+        except Shutdown as why:
+            self.say(f"site {self.site.name}: {why} received; stopping the SuperNode.")
+            return 0
+        finally:
+            stop_tree(self.proc)
+            self._write_status(state="stopped")
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", help="Shortcut for --set site.server_address=HOST:PORT.")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args, [f"site.server_address={args.server}"] if args.server else [])
+    site = resolve_site(cfg)
+    check_material(site)
+    return Daemon(site).serve()

@@ -1,0 +1,86 @@
+"""Show what this site has done: daemon state, rounds, last metrics, what it sent, bundles refused.
+
+Reads only the site's own state folder (site.state_dir); nothing is asked of
+the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from common.cli import UserError, config_from_args
+
+RECENT = 5
+
+
+def _daemon_line(state: Path) -> str:
+    from .daemon import DAEMON_FILE
+
+    path = state / DAEMON_FILE
+    if not path.is_file():
+        return "daemon: never started here"
+    info = json.loads(path.read_text())
+    alive = info.get("state") != "stopped"
+    if alive:
+        try:
+            os.kill(int(info["pid"]), 0)
+        except (ProcessLookupError, PermissionError):
+            alive = False
+    since = time.strftime("%Y-%m-%d %H:%M", time.localtime(info["time"]))
+    return f"daemon: {info['state'] if alive else 'not running'} (pid {info['pid']}, since {since})"
+
+
+def _jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def report(state: Path) -> list[str]:
+    from .daemon import BUNDLE_LOG
+    from .site_history import read
+
+    lines = [_daemon_line(state)]
+    info = json.loads((state / "site.json").read_text()) if (state / "site.json").is_file() else {}
+    if info:
+        split = info.get("split", {})
+        lines.append(f"last round trained: {info.get('last_round', '-')}, model signature "
+                     f"{info.get('model_signature', '-')}, cases {len(split.get('train', []))} train / "
+                     f"{len(split.get('val', []))} validation")
+    history = list(read(state))
+    rounds = sorted({h["round"] for h in history if h["round"]})
+    sent = sum(h["bytes_sent"] for h in history)
+    lines.append(f"replies sent: {len(history)} over {len(rounds)} round(s), {sent / 1e6:.2f} MB of model arrays")
+    for h in history[-RECENT:]:
+        metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(h["metrics"].items()) if isinstance(v, (int, float)))
+        rnd = "-" if h["round"] is None else h["round"]
+        lines.append(f"  round {rnd:>3} {h['stage']:<8} sent {h['bytes_sent']:>9} B  {metrics}")
+    egress = _jsonl(state / "egress.jsonl")
+    if egress:
+        lines.append(f"egress log: {len(egress)} message(s) recorded in {state / 'egress.jsonl'}")
+    refused = [d for d in _jsonl(state / BUNDLE_LOG) if d["decision"] == "refused"]
+    if refused:
+        lines.append(f"app bundles refused: {len(refused)} (last sha256 {refused[-1]['sha256'][:16]}..., "
+                     f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(refused[-1]['time']))})")
+    return lines
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if not cfg.site.state_dir:
+        raise UserError("site.state_dir is empty; pass the site's --config site.yaml.")
+    state = Path(cfg.site.state_dir)
+    if not state.is_dir():
+        raise UserError(f"{state} does not exist: this site has not run yet (start it with `fedseg-client start`).")
+    print(f"site {cfg.site.name or '?'} ({state})")
+    for line in report(state):
+        print(line)
+    return 0

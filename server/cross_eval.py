@@ -1,0 +1,253 @@
+"""Cross-site evaluation: every global checkpoint scored at every site, as a Flower query round.
+
+Site-local normalization tensors never leave their site, so one site's model
+cannot be scored on another site's data. The matrix is therefore
+checkpoints x sites: each site scores the global shared weights with its own
+norm tensors on its own validation cases. Sites listed in
+``federation.held_out_sites`` connect but never train; they score each
+checkpoint as it arrives and after adapting their normalization layers to
+their own unlabeled scans, so the report can put both numbers side by side.
+
+The matrix is written to ``<run>/cross-eval.json`` and, one event per cell,
+into the metrics log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from safetensors.torch import load_file
+
+from common import keys
+from common.config import FedsegConfig
+from common.metrics_log import MetricsLog
+from common.plan import PLAN_FILE
+from common.runs import CHECKPOINT_DIR
+from common.wire import to_wire
+
+from .checkpoints import BEST, LAST, Checkpoints
+
+log = logging.getLogger("fedseg.server")
+
+CROSS_EVAL_FILE = "cross-eval.json"
+MESSAGE_TYPE = f"{MessageType.QUERY}.{keys.CROSS_EVAL_ACTION}"
+NODE_WAIT_POLL_S = 1.0
+REPLY_POLL_S = 0.5
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One site's score of one checkpoint."""
+
+    model: str
+    site: str
+    trained: bool
+    dice: float
+    """Dice with the site's own norm tensors (a held-out site: the checkpoint as it arrives)."""
+    dice_adapted: float | None
+    """Held-out sites only: Dice after norm adaptation on the site's unlabeled scans."""
+    num_examples: int
+
+
+class TrainingGrid(Grid):
+    """The run's Grid minus the held-out nodes, so the strategy never asks them to train."""
+
+    def __init__(self, grid: Grid, hidden: set[int]) -> None:
+        self._grid, self._hidden = grid, hidden
+
+    def set_run(self, run) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self):
+        return self._grid.run
+
+    def create_message(self, *args, **kwargs) -> Message:
+        return self._grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [n for n in self._grid.get_node_ids() if n not in self._hidden]
+
+    def get_nodes(self):
+        return [n for n in self._grid.get_nodes() if n.node_id not in self._hidden]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+def _query(node: int, task: str, config: dict, arrays: ArrayRecord | None = None) -> Message:
+    content = RecordDict({keys.CONFIG: ConfigRecord({keys.CROSS_EVAL_TASK: task, **config})})
+    if arrays is not None:
+        content[keys.ARRAYS] = arrays
+    return Message(content=content, dst_node_id=node, message_type=MESSAGE_TYPE)
+
+
+def _wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while len(nodes := list(grid.get_node_ids())) < expected and time.monotonic() < deadline:
+        time.sleep(NODE_WAIT_POLL_S)
+    return nodes
+
+
+def _reply_site(msg: Message) -> str:
+    identity = msg.content.config_records.get(keys.IDENTITY) if msg.has_content() else None
+    return str(identity.get(keys.SITE)) if identity is not None else f"node-{msg.metadata.src_node_id}"
+
+
+def training_grid(grid: Grid, cfg: FedsegConfig) -> Grid:
+    """Hide the held-out sites' nodes from training; the grid itself when there are none.
+
+    Node ids say nothing about sites, so every connected node is asked who it is
+    (its reply carries only its configured name).
+    """
+    held_out = set(cfg.federation.held_out_sites)
+    if not held_out:
+        return grid
+    expected = len(cfg.federation.sites) + len(held_out)
+    nodes = _wait_for_nodes(grid, expected, cfg.federation.round_timeout_s)
+    replies = grid.send_and_receive([_query(n, "identify", {}) for n in nodes],
+                                    timeout=cfg.federation.round_timeout_s)
+    hidden = {m.metadata.src_node_id for m in replies if not m.has_error() and _reply_site(m) in held_out}
+    found = {_reply_site(m) for m in replies if not m.has_error()}
+    if missing := held_out - found:
+        log.warning("held-out site(s) %s did not answer; they will not be cross-evaluated", sorted(missing))
+    return TrainingGrid(grid, hidden)
+
+
+def _cell(model: str, msg: Message) -> Cell | str:
+    """The reply as a cell, or the reason it cannot be used."""
+    if msg.has_error():
+        return msg.error.reason or f"error code {msg.error.code}"
+    metrics = msg.content.metric_records.get(keys.METRICS)
+    if metrics is None or "dice" not in metrics:
+        return "reply lacks the Dice metric"
+    adapted = metrics.get("dice_adapted")
+    return Cell(model=model, site=_reply_site(msg), trained=bool(metrics.get("trained", 0.0)),
+                dice=float(metrics["dice"]), dice_adapted=None if adapted is None else float(adapted),
+                num_examples=int(metrics.get(keys.NUM_EXAMPLES, 0)))
+
+
+def cross_evaluate(grid: Grid, cfg: FedsegConfig, signature: str, models: dict[str, dict[str, torch.Tensor]],
+                   metrics_log: MetricsLog, run: Path) -> list[Cell]:
+    """Send every checkpoint to every connected site; log and save the matrix."""
+    nodes = list(grid.get_node_ids())
+    messages = []
+    for name, tensors in models.items():
+        arrays = to_wire(tensors, cfg.federation.wire_dtype)
+        config = {keys.SIGNATURE: signature, keys.WIRE_DTYPE: cfg.federation.wire_dtype, keys.CROSS_EVAL_MODEL: name}
+        if (run / PLAN_FILE).is_file():  # the run's preprocessing plan, also for a site that never trained
+            config[keys.PLAN] = (run / PLAN_FILE).read_text()
+        messages += [(name, _query(n, "evaluate", config, arrays)) for n in nodes]
+    by_id = {}
+    sent = list(grid.push_messages([m for _, m in messages]))
+    for (name, _), msg_id in zip(messages, sent):
+        if msg_id is not None:
+            by_id[msg_id] = name
+    sent = [i for i in sent if i is not None]
+    replies = _pull_all(grid, sent, cfg.federation.round_timeout_s)
+    cells = []
+    for msg in replies:
+        model = by_id.get(msg.metadata.reply_to_message_id, "?")
+        cell = _cell(model, msg)
+        if isinstance(cell, str):
+            log.warning("cross-eval of %s at site %s failed: %s", model, _reply_site(msg), cell)
+            metrics_log.write("failure", round=None, site=_reply_site(msg), stage="cross-eval", reason=cell)
+            continue
+        cells.append(cell)
+        metrics_log.write("cross-eval", **asdict(cell))
+    metrics_log.sync()
+    cells.sort(key=lambda c: (list(models).index(c.model), c.site))
+    _save(run / CROSS_EVAL_FILE, cfg, cells)
+    return cells
+
+
+def _pull_all(grid: Grid, message_ids: list[str], timeout_s: float) -> list[Message]:
+    """Replies to ``message_ids``, waiting at most ``timeout_s``."""
+    pending, replies = set(message_ids), []
+    deadline = time.monotonic() + timeout_s
+    while pending and time.monotonic() < deadline:
+        for msg in grid.pull_messages(list(pending)):
+            replies.append(msg)
+            pending.discard(msg.metadata.reply_to_message_id)
+        if pending:
+            time.sleep(REPLY_POLL_S)
+    return replies
+
+
+def _save(path: Path, cfg: FedsegConfig, cells: list[Cell]) -> None:
+    record = {"run": cfg.federation.run_name, "time": time.time(), "held_out_sites": cfg.federation.held_out_sites,
+              "cells": [asdict(c) for c in cells]}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
+
+
+def run_checkpoints(run: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The run's last and best global models, labelled with their rounds (once if they coincide)."""
+    ckpt = Checkpoints(run / CHECKPOINT_DIR)
+    state = ckpt.state
+    if not state.last_round:
+        return {}
+    if state.best_round == state.last_round or not (ckpt.dir / BEST).is_file():
+        return {f"last (round {state.last_round})": load_file(ckpt.dir / LAST)}
+    return {f"last (round {state.last_round})": load_file(ckpt.dir / LAST),
+            f"best (round {state.best_round})": load_file(ckpt.dir / BEST)}
+
+
+def resolve_checkpoint(run: Path, name: str) -> Path:
+    """``best``, ``last``, ``round-0003`` or a file path, as a checkpoint file that exists."""
+    ckpt_dir = run / CHECKPOINT_DIR
+    candidates = {"best": ckpt_dir / BEST, "last": ckpt_dir / LAST}
+    path = candidates.get(name) or (ckpt_dir / f"{name}.safetensors" if name.startswith("round-") else Path(name))
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{name}' not found as {path}; use best, last, round-NNNN "
+                                f"(see {ckpt_dir}) or a .safetensors file")
+    return path
+
+
+def after_training(grid: Grid, cfg: FedsegConfig, signature: str, metrics_log: MetricsLog, run: Path) -> None:
+    """The cross-site evaluation closing a run; a failure here is logged, never fatal to the run."""
+    models = run_checkpoints(run)
+    if not cfg.federation.cross_eval or not models:
+        return
+    try:
+        cross_evaluate(grid, cfg, signature, models, metrics_log, run)
+    except Exception:  # the trained model is safe on disk; the evaluation can be rerun on demand
+        log.exception("cross-site evaluation failed; rerun it with federation.evaluate_checkpoint")
+
+
+def on_demand(grid: Grid, cfg: FedsegConfig, signature: str, run: Path) -> None:
+    """A run that trains nothing: cross-evaluate one checkpoint of an earlier run at every site."""
+    name = cfg.federation.evaluate_checkpoint
+    path = resolve_checkpoint(run, name)
+    metrics_log = MetricsLog(run)
+    metrics_log.write("run-start", run=cfg.federation.run_name, config_sha256=cfg.sha256(), mode="cross-eval",
+                      checkpoint=name, sites=cfg.federation.sites, signature=signature)
+    status = "evaluated"
+    try:
+        _wait_for_nodes(grid, len(cfg.federation.sites) + len(cfg.federation.held_out_sites),
+                        cfg.federation.round_timeout_s)
+        cross_evaluate(grid, cfg, signature, {name: load_file(path)}, metrics_log, run)
+    except Exception as err:
+        status = f"failed: {type(err).__name__}"
+        raise
+    finally:
+        state = Checkpoints(run / CHECKPOINT_DIR).state
+        metrics_log.write("run-end", status=status, rounds_completed=state.last_round,
+                          best_round=state.best_round, best_dice=state.best_dice)
+        metrics_log.close()

@@ -1,0 +1,268 @@
+"""Run the coordinating centre: SuperLink, Fleet gateway and the training run, until the run ends.
+
+Checks the certificates and the site allow-list, then starts flower-superlink
+on 127.0.0.1 only (TLS, SuperNode authentication, a database file, no runtime
+dependency installation, no telemetry) and the TLS Fleet gateway on
+server.fleet_host:fleet_port, the one port sites reach. It registers exactly
+the allow-listed sites' keys, submits the run (printing the app bundle's
+SHA-256, which every site must have approved), and shows progress per round:
+sites connected, sites replied, Dice. Ctrl-C or SIGTERM stops everything it
+started. Starting again with the same run name resumes after the last
+completed round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from common.cli import UserError, config_from_args
+from common.config import FedsegConfig
+
+STARTUP_TIMEOUT_S = 90.0
+POLL_S = 0.5
+STATUS_EVERY_S = 5.0
+RUN_END_GRACE_S = 30.0
+"""How long the run may take to be marked finished after its run-end line."""
+SUPERLINK_LOG, GATEWAY_LOG, DATABASE = "superlink.log", "gateway.log", "superlink.db"
+
+
+class Shutdown(Exception):
+    """SIGTERM or SIGINT arrived."""
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    raise Shutdown(signal.Signals(signum).name)
+
+
+def prepare(cfg: FedsegConfig) -> FedsegConfig:
+    """Name the run and make the paths the ServerApp and the SuperLink use absolute."""
+    from common.runs import new_run_name
+
+    federation = dataclasses.replace(
+        cfg.federation, run_name=cfg.federation.run_name or new_run_name("run"),
+        runs_dir=str(Path(cfg.federation.runs_dir).resolve()),
+    )
+    server = dataclasses.replace(cfg.server, cert_dir=str(Path(cfg.server.cert_dir).resolve()),
+                                 state_dir=str(Path(cfg.server.state_dir).resolve()))
+    if server.fleet_port == server.superlink_port:
+        raise UserError("server.fleet_port and server.superlink_port must differ.")
+    return dataclasses.replace(cfg, federation=federation, server=server)
+
+
+def _wait_healthy(proc: subprocess.Popen, url: str, ca: Path, log: Path, what: str) -> None:
+    import httpx
+
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise UserError(f"{what} exited with code {proc.returncode} while starting; see {log}")
+        try:
+            httpx.get(url, verify=str(ca), timeout=1.0)
+            return
+        except httpx.HTTPError:
+            time.sleep(POLL_S)
+    raise UserError(f"{what} did not come up within {STARTUP_TIMEOUT_S:.0f} s; see {log}")
+
+
+def describe(event: dict, expected: int) -> str | None:
+    """One progress line per metrics event worth showing."""
+    kind = event["event"]
+    where = f"  round {event.get('round') or '-':>3}  {event.get('site') or '':<12}"
+    if kind == "train":
+        return f"{where} trained   loss {event['loss']:.4f}"
+    if kind == "evaluate":
+        return f"{where} evaluated Dice {event['dice']:.4f}"
+    if kind == "failure":
+        return f"{where} FAILED ({event.get('stage', '?')}): {event.get('reason')}"
+    if kind == "round":
+        dice = event["dice_weighted"]
+        return (f"round {event['round']}: {event['sites_ok']}/{expected} site(s) replied, "
+                f"failed {event['sites_failed'] or 'none'}, Dice {'n/a' if dice is None else f'{dice:.4f}'}, "
+                f"{event['duration_s']:.1f} s")
+    if kind == "run-start" and event.get("resumed_from_round"):
+        return f"resuming after round {event['resumed_from_round']} (from its checkpoint)"
+    if kind == "run-end":
+        return f"run finished: {event['status']}; best round {event['best_round']} (Dice {event['best_dice']:.4f})"
+    return None
+
+
+class Centre:
+    """The processes of the coordinating centre, started in order and stopped together."""
+
+    def __init__(self, cfg: FedsegConfig, say: Callable[[str], None] = print) -> None:
+        from common.flower_env import flower_env
+
+        from .certs import allow_list, check_server_material
+
+        self.cfg = cfg
+        self.say = say
+        self.material = check_server_material(Path(cfg.server.cert_dir))
+        self.keys = allow_list(Path(cfg.server.cert_dir), cfg.federation.sites)
+        self.state = Path(cfg.server.state_dir)
+        self.env = flower_env(self.state / "flwr-home")
+        self.procs: list[subprocess.Popen] = []
+
+    def _spawn(self, command: list[str], log_name: str) -> subprocess.Popen:
+        scratch = self.state / "cwd"
+        scratch.mkdir(parents=True, exist_ok=True)
+        with (self.state / log_name).open("ab") as log_file:
+            proc = subprocess.Popen(command, cwd=scratch, env=self.env, stdout=log_file,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def start_superlink(self) -> subprocess.Popen:
+        from common.flower_env import flower_command
+
+        s, m = self.cfg.server, self.material
+        proc = self._spawn([
+            flower_command("flower-superlink"),
+            "--ssl-certfile", str(m.cert), "--ssl-keyfile", str(m.key), "--ssl-ca-certfile", str(m.ca_cert),
+            "--enable-supernode-auth",
+            "--database", str(self.state / DATABASE),
+            "--disable-runtime-dependency-installation",
+            "--isolation", "subprocess",
+            "--host", "127.0.0.1", "--port", str(s.superlink_port),
+        ], SUPERLINK_LOG)
+        _wait_healthy(proc, f"https://127.0.0.1:{s.superlink_port}/health", m.ca_cert,
+                      self.state / SUPERLINK_LOG, "flower-superlink")
+        return proc
+
+    def start_gateway(self) -> subprocess.Popen:
+        s, m = self.cfg.server, self.material
+        proc = self._spawn([
+            sys.executable, "-m", "server.fleet_gateway", "--listen", f"{s.fleet_host}:{s.fleet_port}",
+            "--upstream", str(s.superlink_port), "--cert", str(m.cert), "--key", str(m.key), "--ca", str(m.ca_cert),
+        ], GATEWAY_LOG)
+        probe_host = "127.0.0.1" if s.fleet_host in ("0.0.0.0", "::") else s.fleet_host
+        _wait_healthy(proc, f"https://{probe_host}:{s.fleet_port}/", m.ca_cert, self.state / GATEWAY_LOG,
+                      "the Fleet gateway")
+        return proc
+
+    def stop(self) -> None:
+        from common.processes import stop_tree
+
+        for proc in reversed(self.procs):
+            stop_tree(proc)
+
+
+def _new_events(metrics: Path, since: float, seen: int) -> tuple[list[dict], int]:
+    """Events of this launch (after its first run-start at or after ``since``) not yet shown."""
+    from common.metrics_log import read_events
+
+    if not metrics.is_file():
+        return [], seen
+    events = list(read_events(metrics))
+    starts = [i for i, e in enumerate(events) if e["event"] == "run-start" and e["time"] >= since]
+    if not starts:
+        return [], seen
+    ours = events[starts[0]:]
+    return ours[seen:], len(ours)
+
+
+def follow_run(centre: Centre, control, run_id: int, metrics: Path, since: float) -> int:
+    """Show progress until the run ends; returns the exit code."""
+    expected = len(centre.cfg.federation.sites)
+    seen, online, next_status, ended_at = 0, None, 0.0, None
+    while True:
+        for proc in centre.procs:
+            if proc.poll() is not None:
+                raise UserError(f"a server process exited (code {proc.returncode}); see the logs in {centre.state}")
+        events, seen = _new_events(metrics, since, seen)
+        for event in events:
+            line = describe(event, expected)
+            if line:
+                centre.say(line)
+            if event["event"] == "run-end":
+                ended_at = time.monotonic()
+        if time.monotonic() >= next_status:
+            next_status = time.monotonic() + STATUS_EVERY_S
+            now_online = control.online_sites()
+            if now_online != online:
+                online = now_online
+                centre.say(f"sites connected: {len(online)}/{expected} ({', '.join(online) or 'none'})")
+            state = control.run_state(run_id)
+            if state.finished:
+                centre.say(f"run {run_id} {state.sub_status}{': ' + state.details if state.details else ''}")
+                return 0 if ended_at is not None and state.sub_status == "completed" else 1
+        if ended_at is not None and time.monotonic() - ended_at > RUN_END_GRACE_S:
+            return 0
+        time.sleep(POLL_S)
+
+
+def start_federation(cfg: FedsegConfig, say: Callable[[str], None] = print) -> int:
+    """Everything ``fedseg-server start`` does; returns the exit code."""
+    import tomli_w
+
+    from common import keys
+    from common.bundle import APP_DIR, bundle_bytes
+    from common.metrics_log import METRICS_FILE
+    from common.runs import run_dir
+
+    from .control import ControlAPI
+    from .resume import last_complete_round
+    from .site_registry import write_nodes
+
+    cfg = prepare(cfg)
+    centre = Centre(cfg, say)
+    run = run_dir(cfg)
+    run.mkdir(parents=True, exist_ok=True)
+    run_config = {keys.RUN_CONFIG_KEY: cfg.to_yaml()}
+    (run / "run-config.toml").write_text(tomli_w.dumps(run_config))
+    app = Path(cfg.server.app_dir) if cfg.server.app_dir else APP_DIR
+    fab = bundle_bytes(app)
+    done = last_complete_round(run / METRICS_FILE)
+    say(f"fedseg-server: run {cfg.federation.run_name} -> {run}"
+        + (f" (resuming after round {done})" if done else ""))
+    say(f"app bundle sha256: {hashlib.sha256(fab).hexdigest()} from {app} "
+        "(each site lists it in site.approved_bundles)")
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    control, run_id = None, None
+    try:
+        centre.start_superlink()
+        control = ControlAPI(cfg.server.superlink_port, centre.material.ca_cert)
+        reg = control.sync_allow_list(centre.keys)
+        say(f"allow-list: {', '.join(cfg.federation.sites)} (newly registered: {', '.join(reg.added) or 'none'}"
+            f"{f'; unregistered {len(reg.removed)} unlisted key(s)' if reg.removed else ''})")
+        write_nodes(run, control.node_names())
+        centre.start_gateway()
+        say(f"sites connect to {cfg.server.fleet_host}:{cfg.server.fleet_port} (TLS; Fleet API only)")
+        since = time.time()
+        run_id = control.start_run(fab, run_config)
+        say(f"submitted run {run_id}; waiting for sites")
+        code = follow_run(centre, control, run_id, run / METRICS_FILE, since)
+        run_id = None
+        return code
+    except Shutdown as why:
+        say(f"{why} received: stopping; start again with --run-name {cfg.federation.run_name} to resume.")
+        return 0
+    finally:
+        if control is not None and run_id is not None:
+            try:
+                control.stop_run(run_id)
+            except Exception:  # the SuperLink may already be gone; stopping it follows anyway
+                pass
+        if control is not None:
+            control.close()
+        centre.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run-name", help="Shortcut for --set federation.run_name=NAME (same name: resume).")
+    parser.add_argument("--rounds", type=int, help="Shortcut for --set federation.rounds=N.")
+
+
+def run(args: argparse.Namespace) -> int:
+    shortcuts = {"federation.run_name": args.run_name, "federation.rounds": args.rounds}
+    cfg = config_from_args(args, [f"{k}={v}" for k, v in shortcuts.items() if v is not None])
+    return start_federation(cfg)

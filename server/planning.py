@@ -1,0 +1,89 @@
+"""Before the first round: ask every site for its fingerprint and make the federation's plan.
+
+The ServerApp sends one ``query.fingerprint`` message to every connected site
+(at least ``federation.min_sites``); each replies with a MetricRecord of
+aggregate statistics (common.fingerprint). The replies are merged and the
+plan is made by nnU-Net's rules (common.plan), written to
+``runs/<run>/plan.json`` with its provenance, and returned so that it travels
+to the sites in every train and evaluate ConfigRecord. A resumed run reuses
+the plan it started with, so its checkpoints and the sites' caches stay valid.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from common import keys
+from common.config import FedsegConfig
+from common.fingerprint import FingerprintError, merge_fingerprints
+from common.metrics_log import MetricsLog
+from common.plan import PLAN_FILE, Plan, make_plan
+
+log = logging.getLogger("fedseg.server")
+PLANNER = "fedseg federated nnU-Net rules (server/planning.py)"
+QUERY_TYPE = f"{MessageType.QUERY}.{keys.FINGERPRINT_ACTION}"
+
+
+class PlanningFailed(RuntimeError):
+    """Too few sites sent a usable fingerprint to plan the federation."""
+
+
+def _site_name(msg: Message) -> str:
+    identity = msg.content.config_records.get(keys.IDENTITY) if msg.has_content() else None
+    return str(identity.get(keys.SITE)) if identity is not None else f"node-{msg.metadata.src_node_id}"
+
+
+def collect_fingerprints(grid: Grid, cfg: FedsegConfig, metrics_log: MetricsLog | None) -> dict[str, dict]:
+    """Site name -> fingerprint record, from every site that answered soundly."""
+    _, node_ids = sample_nodes(grid, cfg.federation.min_sites, cfg.federation.min_sites)
+    messages = [
+        Message(RecordDict({keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 0})}), node, QUERY_TYPE)
+        for node in node_ids
+    ]
+    records = {}
+    for reply in grid.send_and_receive(messages, timeout=cfg.federation.round_timeout_s):
+        site = _site_name(reply)
+        if reply.has_error() or keys.FINGERPRINT not in reply.content.metric_records:
+            reason = reply.error.reason if reply.has_error() else "no fingerprint in the reply"
+            log.warning("fingerprint of site %s unusable: %s", site, reason)
+            if metrics_log is not None:
+                metrics_log.write("failure", round=0, site=site, stage="fingerprint", reason=reason)
+            continue
+        records[site] = dict(reply.content.metric_records[keys.FINGERPRINT])
+    return records
+
+
+def plan_federation(grid: Grid, cfg: FedsegConfig, run: Path, metrics_log: MetricsLog | None = None) -> Plan:
+    """The run's plan: reused from ``run/plan.json`` when resuming, else made from fingerprints."""
+    path = Path(run) / PLAN_FILE
+    if path.is_file():
+        plan = Plan.load(path)
+        log.info("reusing the run's plan %s from %s", plan.version, path)
+        return plan
+    records = collect_fingerprints(grid, cfg, metrics_log)
+    if len(records) < cfg.federation.min_sites:
+        raise PlanningFailed(f"only {len(records)} site(s) sent a usable fingerprint, the quorum is "
+                             f"{cfg.federation.min_sites}; see the failures in the metrics log.")
+    try:
+        plan = make_plan(merge_fingerprints(dict(sorted(records.items()))), cfg.data, cfg.model, PLANNER)
+    except FingerprintError as err:
+        raise PlanningFailed(str(err)) from err
+    plan.save(path)
+    if metrics_log is not None:
+        metrics_log.write("plan", version=plan.version, target_spacing=list(plan.target_spacing),
+                          patch_size=list(plan.patch_size), sites=sorted(records),
+                          schemes=[n.scheme for n in plan.normalization])
+        metrics_log.sync()
+    log.info("plan %s: spacing %s, patch %s, normalization %s", plan.version, plan.target_spacing,
+             plan.patch_size, [n.scheme for n in plan.normalization])
+    return plan
+
+
+def plan_config(plan: Plan) -> ConfigRecord:
+    """The ConfigRecord entry that carries the plan to the sites."""
+    return ConfigRecord({keys.PLAN: plan.to_json()})

@@ -1,0 +1,219 @@
+"""The run report: plots and a one-page summary made from metrics.jsonl alone.
+
+Works on a finished run and on one still going (common.metrics_log.read_events
+skips the line being written), so a clinician can follow a federation while it
+trains. Everything lands in ``<run>/report/``: PNG plots with titles, units,
+site names and legends, ``summary.md`` to read and ``summary.json`` holding the
+same numbers for tools.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from common.metrics_log import METRICS_FILE, read_events  # noqa: E402
+from common.runs import REPORT_DIR  # noqa: E402
+
+PLOT_DPI = 110
+MB = 1e6
+FAILURE_COLOR = "#d62728"
+PLOTS = {
+    "dice": "dice-per-round.png",
+    "loss": "train-loss.png",
+    "seconds": "seconds-per-round.png",
+    "bytes": "bytes-per-round.png",
+}
+
+
+@dataclass
+class RunSummary:
+    """The numbers of the one-page summary, recomputable from metrics.jsonl."""
+
+    run: str
+    status: str
+    """'in progress' until the run-end event, then its status."""
+    sites: list[str]
+    rounds_completed: int
+    last_round: int | None
+    dice_mean_last: float | None
+    dice_weighted_last: float | None
+    best_round: int | None
+    best_dice_weighted: float | None
+    site_dice_last: dict[str, float]
+    failures: list[dict[str, Any]]
+    bytes_total: int
+    seconds_total: float
+    cross_eval: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _by_kind(events: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    kinds: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for event in events:
+        kinds[event["event"]].append(event)
+    return kinds
+
+
+def summarize(events: list[dict[str, Any]]) -> RunSummary:
+    k = _by_kind(events)
+    rounds = k["round"]
+    aggregated = [r for r in rounds if r.get("dice_weighted") is not None]
+    best = max(aggregated, key=lambda r: r["dice_weighted"], default=None)
+    last = rounds[-1] if rounds else None
+    last_round = last["round"] if last else None
+    sites = sorted({e["site"] for e in k["train"] + k["evaluate"]} | set(k["run-start"][0]["sites"] if k["run-start"]
+                                                                       else []))
+    end = k["run-end"][-1] if k["run-end"] and events[-1]["event"] == "run-end" else None
+    return RunSummary(
+        run=k["run-start"][0].get("run", "") if k["run-start"] else "",
+        status=end["status"] if end else "in progress",
+        sites=sites,
+        rounds_completed=len(rounds),
+        last_round=last_round,
+        dice_mean_last=last.get("dice_mean") if last else None,
+        dice_weighted_last=last.get("dice_weighted") if last else None,
+        best_round=best["round"] if best else None,
+        best_dice_weighted=best["dice_weighted"] if best else None,
+        site_dice_last={e["site"]: e["dice"] for e in k["evaluate"] if e["round"] == last_round},
+        failures=[{key: f.get(key) for key in ("round", "site", "stage", "reason")} for f in k["failure"]],
+        bytes_total=sum(int(r.get("bytes_total") or 0) for r in rounds),
+        seconds_total=sum(float(r.get("duration_s") or 0.0) for r in rounds),
+        cross_eval=sorted(({key: c.get(key) for key in ("model", "site", "trained", "dice", "dice_adapted")}
+                           for c in k["cross-eval"]), key=lambda c: (c["model"], c["site"])),
+    )
+
+
+def _series(events: list[dict[str, Any]], field_name: str) -> dict[str, tuple[list[int], list[float]]]:
+    """Per site: rounds and values of one field, skipping missing values."""
+    out: dict[str, tuple[list[int], list[float]]] = defaultdict(lambda: ([], []))
+    for e in events:
+        if e.get(field_name) is not None:
+            out[e["site"]][0].append(e["round"])
+            out[e["site"]][1].append(e[field_name])
+    return dict(sorted(out.items()))
+
+
+def _mark_failures(ax, failures: list[dict[str, Any]], y: float) -> None:
+    rounds = [f["round"] for f in failures if f.get("round") is not None]
+    if rounds:
+        ax.scatter(rounds, [y] * len(rounds), marker="x", s=60, color=FAILURE_COLOR, zorder=4,
+                   label=f"site failure ({len(rounds)})")
+
+
+def _finish(fig, ax, path: Path, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    handles, _ = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=PLOT_DPI)
+    plt.close(fig)
+
+
+def plot_dice(k: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for site, (rounds, dice) in _series(k["evaluate"], "dice").items():
+        ax.plot(rounds, dice, marker="o", label=site)
+    for key, style, label in (("dice_mean", "--", "federation mean"), ("dice_weighted", ":", "federation weighted")):
+        points = [(r["round"], r[key]) for r in k["round"] if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), style, color="black", label=label)
+    _mark_failures(ax, k["failure"], 0.0)
+    ax.set_ylim(-0.03, 1.0)
+    _finish(fig, ax, path, "Validation Dice per site and round (each site's own norm layers)", "Round",
+            "Dice (foreground, 0-1)")
+
+
+def plot_loss(k: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for site, (rounds, loss) in _series(k["train"], "loss").items():
+        ax.plot(rounds, loss, marker="o", label=f"{site} loss (DiceCE)")
+    for site, (rounds, prox) in _series(k["train"], "proximal_loss").items():
+        ax.plot(rounds, prox, linestyle="--", label=f"{site} proximal term")
+    _mark_failures(ax, k["failure"], 0.0)
+    _finish(fig, ax, path, "Local training loss and FedProx proximal term, mean over local steps", "Round",
+            "Loss (dimensionless)")
+
+
+def plot_seconds(k: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for site, (rounds, secs) in _series(k["train"], "duration_s").items():
+        ax.plot(rounds, secs, marker="o", label=f"{site} local training")
+    points = [(r["round"], r["duration_s"]) for r in k["round"] if r.get("duration_s") is not None]
+    if points:
+        ax.plot(*zip(*points), "--", color="black", label="whole round (server)")
+    _mark_failures(ax, k["failure"], 0.0)
+    _finish(fig, ax, path, "Time per round", "Round", "Seconds")
+
+
+def plot_bytes(k: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    points = [(r["round"], (r.get("bytes_total") or 0) / MB) for r in k["round"]]
+    if points:
+        ax.bar(*zip(*points), color="#8fb4d9", label="all sites, both directions")
+    _mark_failures(ax, k["failure"], 0.0)
+    _finish(fig, ax, path, "Model bytes sent per round", "Round", "Megabytes (10^6 bytes)")
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(s: RunSummary) -> str:
+    lines = [
+        f"# Run report: {s.run}", "",
+        f"Status: **{s.status}**. Sites: {', '.join(s.sites) or 'none yet'}. Rounds completed: {s.rounds_completed}.",
+        "",
+        f"- Last round ({s.last_round}): federation Dice mean {_fmt(s.dice_mean_last)}, "
+        f"weighted {_fmt(s.dice_weighted_last)}",
+        f"- Best round: {s.best_round} (weighted Dice {_fmt(s.best_dice_weighted)})",
+        f"- Model bytes sent: {s.bytes_total / MB:.1f} MB; time in rounds: {s.seconds_total:.1f} s",
+        f"- Failures: {len(s.failures)}", "",
+    ]
+    if s.site_dice_last:
+        lines += ["| Site | Dice, last round |", "|---|---|"]
+        lines += [f"| {site} | {_fmt(d)} |" for site, d in sorted(s.site_dice_last.items())]
+        lines.append("")
+    if s.failures:
+        lines += ["## Failures", "", "| Round | Site | Stage | Reason |", "|---|---|---|---|"]
+        lines += [f"| {f['round']} | {f['site']} | {f['stage']} | {f['reason']} |" for f in s.failures]
+        lines.append("")
+    if s.cross_eval:
+        lines += ["## Cross-site evaluation", "",
+                  "Each site scores the global model with its own norm layers on its own validation cases. "
+                  "A held-out site never trained: as-is, and after adapting its norm layers to its unlabeled scans.",
+                  "", "| Model | Site | Trained here | Dice | Dice after norm adaptation |", "|---|---|---|---|---|"]
+        lines += [f"| {c['model']} | {c['site']} | {'yes' if c['trained'] else 'no (held out)'} | {_fmt(c['dice'])} "
+                  f"| {_fmt(c['dice_adapted']) if c['dice_adapted'] is not None else '—'} |" for c in s.cross_eval]
+        lines.append("")
+    lines += [f"![{name}]({name})" for name in PLOTS.values()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run: Path) -> Path:
+    """Render ``<run>/report/``; returns the summary's path."""
+    metrics = Path(run) / METRICS_FILE
+    events = list(read_events(metrics))
+    out = Path(run) / REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    k = _by_kind(events)
+    for key, plot in (("dice", plot_dice), ("loss", plot_loss), ("seconds", plot_seconds), ("bytes", plot_bytes)):
+        plot(k, out / PLOTS[key])
+    summary = summarize(events)
+    (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
+    path = out / "summary.md"
+    path.write_text(markdown(summary))
+    return path

@@ -1,0 +1,73 @@
+"""Where a restarted server picks up a run, so that no round is lost or logged twice.
+
+A round is complete once its summary line (``"event": "round"``) is in the
+metrics log; its checkpoint is written earlier, during aggregation. A server
+killed in between has a checkpoint for round k but no summary, so it must redo
+round k, not skip it. The resume point is therefore the last round with a
+summary line, and the weights are the newest per-round checkpoint not after it
+(a round skipped for lack of quorum has a summary but no checkpoint: the model
+it kept is the previous one). Lines of any later, unfinished round are dropped
+from the log, by an atomic rewrite, before the resumed run appends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from common.metrics_log import METRICS_FILE
+
+from .checkpoints import Checkpoints
+
+log = logging.getLogger("fedseg.server")
+
+ROUND_EVENT = "round"
+ROUND_FILE = "round-{:04d}.safetensors"
+"""Per-round checkpoint name (server/checkpoints.py)."""
+
+
+def _events(path: Path) -> list[tuple[str, dict]]:
+    """(line, event) of every complete line; a torn last line is left out."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    return [(line, json.loads(line)) for line in lines if line.endswith("\n")]
+
+
+def last_complete_round(path: Path) -> int:
+    return max((e.get("round", 0) for _, e in _events(path) if e.get("event") == ROUND_EVENT), default=0)
+
+
+def truncate_log(path: Path, last_round: int) -> int:
+    """Drop lines of rounds after ``last_round`` (and a torn last line); returns how many went."""
+    if not path.is_file():
+        return 0
+    events = _events(path)
+    keep = [line for line, e in events if (e.get("round") or 0) <= last_round]
+    dropped = len(path.read_text(encoding="utf-8").splitlines()) - len(keep)
+    if dropped:
+        tmp = path.with_suffix(".jsonl.tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            f.writelines(keep)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return dropped
+
+
+def resume_point(run: Path, checkpoints: Checkpoints) -> tuple[int, dict[str, torch.Tensor] | None]:
+    """(rounds already done, global weights to continue from or None for a fresh start)."""
+    metrics = Path(run) / METRICS_FILE
+    done = last_complete_round(metrics)
+    dropped = truncate_log(metrics, done)
+    saved = [r for r in range(done, 0, -1) if (checkpoints.dir / ROUND_FILE.format(r)).is_file()]
+    if dropped:
+        log.warning("resuming after round %d: dropped %d log line(s) of the unfinished round", done, dropped)
+    if not saved:
+        return done, None
+    return done, load_file(checkpoints.dir / ROUND_FILE.format(saved[0]))

@@ -1,0 +1,112 @@
+"""The two non-federated reference points of a comparison: each site alone, and all data pooled.
+
+Both use common.loops exactly as the ClientApp does (same loss, patch sampler,
+optimizer, evaluation), the same initial weights (``train.seed``) and the same
+compute budget as the federation: a site alone takes rounds x local_steps
+steps, the pooled model rounds x local_steps x sites steps, which is what the
+federation spends in total. Both train with one optimizer throughout, as
+centralised training would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from client.site_data import SiteData, fingerprint
+from client.site_state import SiteState
+from common.config import FedsegConfig
+from common.fingerprint import merge_fingerprints
+from common.plan import PLAN_FILE, make_plan
+from common.preprocess import Volume
+from common.loops import evaluate, train_local
+from common.model import build_model
+from common.norm_adapt import adapt_norm
+
+
+@dataclass(frozen=True)
+class SiteSplit:
+    train: list[Volume]
+    val: list[Volume]
+    num_classes: int
+
+
+def _site_cfg(cfg: FedsegConfig, name: str, data_dir: Path, work_dir: Path) -> FedsegConfig:
+    return dataclasses.replace(cfg, site=dataclasses.replace(cfg.site, name=name, data_dir=str(data_dir),
+                                                             state_dir=str(work_dir / name)))
+
+
+PLANNER = "fedseg compare baselines: federated nnU-Net rules over the training sites"
+
+
+def load_sites(cfg: FedsegConfig, datasets: dict[str, Path], training: list[str], work_dir: Path
+               ) -> tuple[FedsegConfig, dict[str, SiteSplit]]:
+    """Every site's volumes, preprocessed with the plan the federation would make.
+
+    The plan comes from the training sites' fingerprints by the same rules as
+    server/planning.py, and every site (held-out ones too) is given it, so the
+    baselines see exactly the arrays the federated runs see. Returns the
+    config with the plan's spacing and patch size filled in.
+    """
+    cfgs = {name: _site_cfg(cfg, name, path, work_dir) for name, path in datasets.items()}
+    records = {name: fingerprint(cfgs[name], SiteState(work_dir / name)) for name in sorted(training)}
+    plan = make_plan(merge_fingerprints(records), cfg.data, cfg.model, PLANNER)
+    sites = {}
+    for name, site_cfg in cfgs.items():
+        state = SiteState(work_dir / name)
+        plan.save(state.root / PLAN_FILE)
+        data = SiteData.open(site_cfg, state)
+        sites[name] = SiteSplit(data.volumes(data.train_ids), data.volumes(data.val_ids), data.spec.num_classes)
+    return dataclasses.replace(cfg, data=plan.data_config(cfg.data)), sites
+
+
+def _fresh_model(cfg: FedsegConfig) -> torch.nn.Module:
+    torch.manual_seed(cfg.train.seed)
+    return build_model(cfg.model)
+
+
+def _train(cfg: FedsegConfig, volumes: list[Volume], steps: int) -> torch.nn.Module:
+    model = _fresh_model(cfg)
+    train_cfg = dataclasses.replace(cfg.train, local_steps=steps)
+    train_local(model, volumes, cfg.data, train_cfg, global_params={}, mu=0.0, seed=cfg.train.seed)
+    return model
+
+
+def _score(cfg: FedsegConfig, model: torch.nn.Module, site: SiteSplit) -> float:
+    return evaluate(model, site.val, cfg.data, cfg.train, site.num_classes).dice
+
+
+def held_out_scores(cfg: FedsegConfig, model: torch.nn.Module, site: SiteSplit) -> dict[str, float]:
+    """Dice of a finished model at a site that never trained, as-is and after norm adaptation."""
+    as_is = _score(cfg, model, site)
+    t = cfg.train
+    adapt_norm(model, [image for image, _ in site.train], cfg.data, t.adapt_norm_steps, t.adapt_norm_lr,
+               t.batch_size, t.seed)
+    return {"dice": as_is, "dice_adapted": _score(cfg, model, site)}
+
+
+def local_only(cfg: FedsegConfig, sites: dict[str, SiteSplit]) -> dict[str, float]:
+    """Each site trains alone for rounds x local_steps steps; Dice on its own validation cases."""
+    steps = cfg.federation.rounds * cfg.train.local_steps
+    return {name: _score(cfg, _train(cfg, site.train, steps), site) for name, site in sites.items()}
+
+
+def pooled(cfg: FedsegConfig, sites: dict[str, SiteSplit], held_out: dict[str, SiteSplit]
+           ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """One model on all sites' training cases for the federation's total steps.
+
+    Returns the Dice per training site and, per held-out site, as-is and adapted.
+    """
+    steps = cfg.federation.rounds * cfg.train.local_steps * len(sites)
+    volumes = [v for site in sites.values() for v in site.train]
+    model = _train(cfg, volumes, steps)
+    per_site = {name: _score(cfg, model, site) for name, site in sites.items()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    unseen = {}
+    for name, site in held_out.items():
+        model.load_state_dict(state)
+        unseen[name] = held_out_scores(cfg, model, site)
+    return per_site, unseen

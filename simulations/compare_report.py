@@ -1,0 +1,194 @@
+"""The comparison's table, target check and plots (results.md + PNGs), from results.jsonl alone."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from common.config import FedsegConfig  # noqa: E402
+
+TARGET_VS_POOLED = -0.01
+TARGET_VS_FEDAVG = 0.03
+PLOT_DPI = 110
+PLOTS = ("compare-dice.png", "compare-curves.png", "compare-held-out.png")
+
+
+def _stats(values: Iterable[float | None]) -> tuple[float, float, int] | None:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0), len(vals)
+
+
+def _fmt(stat: tuple[float, float, int] | None) -> str:
+    return "n/a" if stat is None else f"{stat[0]:.3f} ± {stat[1]:.3f}"
+
+
+def summarize(results: list[dict[str, Any]], methods) -> dict[str, dict[str, Any]]:
+    """Per method: per-site, mean and held-out Dice as (mean, std over seeds, n seeds)."""
+    table = {}
+    for method in methods:
+        rows = [r for r in results if r["method"] == method.name and r["status"] == "ok"]
+        sites = sorted({s for r in rows for s in r["per_site"]})
+        held = sorted({s for r in rows for s in r["held_out"]})
+        table[method.name] = {
+            "label": method.label,
+            "runs": len(rows),
+            "failed": sum(1 for r in results if r["method"] == method.name and r["status"] != "ok"),
+            "sites": {s: _stats(r["per_site"].get(s) for r in rows) for s in sites},
+            "mean": _stats(r["mean"] for r in rows),
+            "held_out": {s: {k: _stats(r["held_out"].get(s, {}).get(k) for r in rows) for k in ("dice", "dice_adapted")}
+                         for s in held},
+            "curve": _mean_curve([r["curve"] for r in rows if r["curve"]]),
+        }
+    return table
+
+
+def _mean_curve(curves: list[list[float | None]]) -> list[float | None]:
+    if not curves:
+        return []
+    length = min(len(c) for c in curves)
+    return [(_stats(c[i] for c in curves) or (None,))[0] for i in range(length)]
+
+
+def target_check(table: dict[str, dict[str, Any]]) -> list[str]:
+    """The issue's targets for fedseg's default, each with the measured margin and PASS/FAIL."""
+    fed, pooled, fedavg, local = (table.get(k) for k in ("fedseg", "pooled", "fedavg", "local"))
+    if not fed or not fed["mean"]:
+        return ["fedseg's default did not produce results."]
+    lines = []
+    m = fed["mean"][0]
+    if pooled and pooled["mean"]:
+        d = m - pooled["mean"][0]
+        lines.append(f"- within 0.01 of pooled: fedseg {m:.3f} vs pooled {pooled['mean'][0]:.3f} "
+                     f"(difference {d:+.3f}): **{'PASS' if d >= TARGET_VS_POOLED else 'FAIL'}**")
+    if fedavg and fedavg["mean"]:
+        d = m - fedavg["mean"][0]
+        lines.append(f"- at least 0.03 above FedAvg: fedseg {m:.3f} vs FedAvg {fedavg['mean'][0]:.3f} "
+                     f"(difference {d:+.3f}): **{'PASS' if d >= TARGET_VS_FEDAVG else 'FAIL'}**")
+    if local and local["sites"]:
+        below = [f"{s} ({fed['sites'][s][0]:.3f} < {local['sites'][s][0]:.3f})" for s in local["sites"]
+                 if s in fed["sites"] and fed["sites"][s] and local["sites"][s]
+                 and fed["sites"][s][0] < local["sites"][s][0]]
+        lines.append(f"- no site below its local-only Dice: "
+                     f"**{'FAIL: ' + ', '.join(below) if below else 'PASS'}**")
+    return lines
+
+
+def machine() -> str:
+    import flwr
+    import monai
+    import torch
+
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    return (f"{platform.node() or 'host'}: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+            f"{platform.system()} {platform.release()}, Python {platform.python_version()}, torch {torch.__version__} "
+            f"(CPU), flwr {flwr.__version__}, MONAI {monai.__version__}; load average when the table was written: "
+            f"{load} (the machine was shared)")
+
+
+def markdown(table: dict[str, dict[str, Any]], seeds: list[int], command: str, base: FedsegConfig) -> str:
+    sites = sorted({s for row in table.values() for s in row["sites"]})
+    held = sorted({s for row in table.values() for s in row["held_out"]})
+    head = ["Method", *[f"{s} Dice" for s in sites], "Mean Dice", *[f"{s} (held out) as-is / adapted" for s in held],
+            "Runs"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in table.values():
+        cells = [row["label"], *[_fmt(row["sites"].get(s)) for s in sites], f"**{_fmt(row['mean'])}**"]
+        for s in held:
+            h = row["held_out"].get(s)
+            cells.append(f"{_fmt(h['dice'])} / {_fmt(h['dice_adapted'])}" if h else "—")
+        cells.append(f"{row['runs']}" + (f" ({row['failed']} failed)" if row["failed"] else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    t, f, s = base.train, base.federation, base.simulation
+    return "\n".join([
+        "# Strategy comparison under scanner shift", "",
+        f"Command: `{command}`", "",
+        f"Seeds: {seeds} (model initialisation and patch sampling; the data are the same for every seed: "
+        f"synthetic seed {s.seed}).", "",
+        f"Budget per method and seed: {f.rounds} rounds x {t.local_steps} local steps of batch {t.batch_size} per site "
+        f"({s.num_sites} training sites, {s.held_out_sites} held out, {s.cases_per_site} cases each, "
+        f"shift strength {s.shift_strength}); local-only trains {f.rounds * t.local_steps} steps per site, pooled "
+        f"{f.rounds * t.local_steps * s.num_sites} steps. Every model is scored on its final round.", "",
+        "Dice: mean ± standard deviation over seeds of the foreground Dice on each site's validation cases "
+        "(federated methods: the final global model with the site's own norm tensors). Held-out sites never train: "
+        "as-is = the final global model as it arrives, adapted = after norm adaptation on their unlabeled scans.", "",
+        *lines, "",
+        "## Targets for fedseg's default", "", *target_check(table), "",
+        f"Machine: {machine()}.", "",
+        *[f"![{p}]({p})" for p in PLOTS], "",
+    ])
+
+
+def _plot_dice(table: dict[str, dict[str, Any]], path: Path) -> None:
+    names = [n for n, r in table.items() if r["mean"]]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4.2))
+    means = [table[n]["mean"][0] for n in names]
+    errs = [table[n]["mean"][1] for n in names]
+    ax.bar(range(len(names)), means, yerr=errs, capsize=4, color="#8fb4d9", label="mean over sites (± sd over seeds)")
+    sites = sorted({s for n in names for s in table[n]["sites"]})
+    for k, site in enumerate(sites):
+        xs = [i + (k - (len(sites) - 1) / 2) * 0.12 for i in range(len(names))]
+        ys = [(table[n]["sites"].get(site) or (None,))[0] for n in names]
+        ax.scatter(xs, ys, s=18, zorder=3, label=site)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylabel("Dice (foreground, validation)")
+    ax.set_ylim(0, 1)
+    ax.set_title("Final Dice per method under strong scanner shift")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=PLOT_DPI)
+    plt.close(fig)
+
+
+def _plot_curves(table: dict[str, dict[str, Any]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, row in table.items():
+        if row["curve"]:
+            ax.plot(range(1, len(row["curve"]) + 1), row["curve"], marker=".", label=name)
+    ax.set_xlabel("Round")
+    ax.set_ylabel("Federation mean Dice (mean over seeds)")
+    ax.set_ylim(0, 1)
+    ax.set_title("Federated methods: validation Dice per round")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=PLOT_DPI)
+    plt.close(fig)
+
+
+def _plot_held_out(table: dict[str, dict[str, Any]], path: Path) -> None:
+    rows = [(n, s, h) for n, r in table.items() for s, h in r["held_out"].items() if h["dice"]]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4.2))
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [h["dice"][0] for _, _, h in rows], width=0.4,
+           yerr=[h["dice"][1] for _, _, h in rows], capsize=3, label="as-is", color="#c9c9c9")
+    ax.bar([x + 0.2 for x in xs], [(h["dice_adapted"] or (0, 0))[0] for _, _, h in rows], width=0.4,
+           yerr=[(h["dice_adapted"] or (0, 0))[1] for _, _, h in rows], capsize=3, label="norm adapted",
+           color="#e39b5b")
+    ax.set_xticks(list(xs), [f"{n}\n{s}" for n, s, _ in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("Dice (held-out site, validation)")
+    ax.set_ylim(0, 1)
+    ax.set_title("Site that never trained: as-is vs norm adaptation")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=PLOT_DPI)
+    plt.close(fig)
+
+
+def write_report(out: Path, results: list[dict[str, Any]], methods, seeds: list[int], command: str,
+                 base: FedsegConfig) -> Path:
+    table = summarize(results, methods)
+    for plot, name in zip((_plot_dice, _plot_curves, _plot_held_out), PLOTS):
+        plot(table, out / name)
+    path = out / "results.md"
+    path.write_text(markdown(table, seeds, command, base))
+    return path

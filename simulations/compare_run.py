@@ -1,0 +1,148 @@
+"""Running one comparison: the methods, one run per method and seed, the results file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from common.config import DataConfig, FedsegConfig, apply_overrides, from_dict
+from common.metrics_log import METRICS_FILE, read_events
+from server.cross_eval import CROSS_EVAL_FILE
+
+from . import baselines
+from .runner import SimulationError, prepare_run, run_simulation
+from .synthetic import generate_federation
+
+log = logging.getLogger("fedseg.compare")
+
+RESULTS_FILE = "results.jsonl"
+LAST_MODEL_PREFIX = "last"
+"""Every method is scored on its final model: choosing a 'best' round on the
+validation cases that are then reported would flatter the federated methods."""
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: Literal["local", "pooled", "federated"]
+    label: str
+    overrides: tuple[str, ...] = ()
+
+
+def methods_for(base: FedsegConfig, mu_sweep: list[float]) -> list[Method]:
+    """The compared methods; fedseg's default is the configured norm_mode and mu."""
+    mu, norm_mode = base.train.proximal_mu, base.train.norm_mode
+    methods = [
+        Method("local", "local", "Local only (each site alone)"),
+        Method("pooled", "pooled", "Pooled (all data in one place)"),
+        Method("fedavg", "federated", "FedAvg (everything shared)", ("train.norm_mode=shared", "train.proximal_mu=0")),
+        Method("fedprox", "federated", f"FedProx mu={mu:g} (everything shared)",
+               ("train.norm_mode=shared", f"train.proximal_mu={mu}")),
+        Method("fedbn", "federated", "FedBN (norm local, mu=0)", ("train.norm_mode=local", "train.proximal_mu=0")),
+        Method("silobn", "federated", "SiloBN (BatchNorm statistics local, mu=0)",
+               ("model.norm=batch", "train.norm_mode=stats", "train.proximal_mu=0")),
+        Method("fedseg", "federated", f"fedseg default (norm {norm_mode}, FedProx mu={mu:g})",
+               (f"train.norm_mode={norm_mode}", f"train.proximal_mu={mu}")),
+    ]
+    methods += [Method(f"fedseg-mu{m:g}", "federated", f"fedseg, mu={m:g} (norm {norm_mode})",
+                       (f"train.norm_mode={norm_mode}", f"train.proximal_mu={m}")) for m in mu_sweep if m != mu]
+    return methods
+
+
+def with_overrides(cfg: FedsegConfig, overrides: list[str]) -> FedsegConfig:
+    return from_dict(apply_overrides(cfg.to_dict(), overrides), "compare settings")
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    return list(read_events(path)) if path.is_file() else []
+
+
+def federated_result(run: Path) -> dict[str, Any]:
+    """Per-site Dice of the final model (own norm), held-out Dice as-is and adapted, and the curve."""
+    cells = json.loads((run / CROSS_EVAL_FILE).read_text())["cells"]
+    last = [c for c in cells if c["model"].startswith(LAST_MODEL_PREFIX)]
+    per_site = {c["site"]: c["dice"] for c in last if c["trained"]}
+    held_out = {c["site"]: {"dice": c["dice"], "dice_adapted": c["dice_adapted"]} for c in last if not c["trained"]}
+    curve = [e["dice_mean"] for e in read_events(run / METRICS_FILE) if e["event"] == "round"]
+    return {"per_site": per_site, "held_out": held_out, "curve": curve}
+
+
+class Comparison:
+    """Every method x seed on one synthetic federation, results appended as they finish."""
+
+    def __init__(self, base: FedsegConfig, methods: list[Method], seeds: list[int], out: Path, command: str) -> None:
+        self.base, self.methods, self.seeds, self.out, self.command = base, methods, seeds, out, command
+        self.results_path = out / RESULTS_FILE
+        self._sites: tuple[DataConfig, dict, dict] | None = None
+
+    def _site_data(self) -> tuple[DataConfig, dict[str, baselines.SiteSplit], dict[str, baselines.SiteSplit]]:
+        """Training and held-out sites for the baselines, read as the ClientApp reads them."""
+        if self._sites is None:
+            cfg = prepare_run(self.base)
+            sim = cfg.simulation
+            datasets = generate_federation(Path(sim.data_dir), n_sites=sim.num_sites + sim.held_out_sites,
+                                           n_cases=sim.cases_per_site, shape=tuple(sim.volume_shape),
+                                           strength=sim.shift_strength, seed=sim.seed)
+            held = set(cfg.federation.held_out_sites)
+            planned, split = baselines.load_sites(cfg, datasets, [n for n in datasets if n not in held],
+                                                  self.out / "baseline-sites")
+            self._sites = (planned.data, {n: s for n, s in split.items() if n not in held},
+                           {n: s for n, s in split.items() if n in held})
+        return self._sites
+
+    def _run_one(self, method: Method, cfg: FedsegConfig) -> dict[str, Any]:
+        if method.kind in ("local", "pooled"):
+            data, sites, held_out = self._site_data()
+            cfg = dataclasses.replace(cfg, data=data)
+        if method.kind == "local":
+            return {"per_site": baselines.local_only(cfg, sites), "held_out": {}, "curve": []}
+        if method.kind == "pooled":
+            per_site, unseen = baselines.pooled(cfg, sites, held_out)
+            return {"per_site": per_site, "held_out": unseen, "curve": []}
+        run_name = f"{method.name}-s{cfg.train.seed}"
+        runs_dir = self.out / "runs"
+        shutil.rmtree(runs_dir / run_name, ignore_errors=True)  # never resume a half-finished attempt
+        cfg = with_overrides(cfg, [*method.overrides, f"federation.run_name={run_name}",
+                                   f"federation.runs_dir={runs_dir}"])
+        run = run_simulation(cfg, show=log.info)
+        return federated_result(run)
+
+    def run(self, show: Callable[[str], None] = print) -> list[dict[str, Any]]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "command.txt").write_text(self.command + "\n")
+        (self.out / "settings.yaml").write_text(self.base.to_yaml())
+        done = {(r["method"], r["seed"]) for r in read_results(self.results_path)}
+        for seed in self.seeds:
+            cfg = with_overrides(self.base, [f"train.seed={seed}"])
+            for method in self.methods:
+                if (method.name, seed) in done:
+                    continue
+                started = time.perf_counter()
+                show(f"compare: {method.name} seed {seed} ...")
+                try:
+                    result = {"status": "ok", **self._run_one(method, cfg)}
+                except (SimulationError, FileNotFoundError, KeyError) as err:
+                    log.exception("%s seed %d failed", method.name, seed)
+                    result = {"status": f"failed: {err}", "per_site": {}, "held_out": {}, "curve": []}
+                per_site = result["per_site"]
+                result |= {"method": method.name, "label": method.label, "seed": seed,
+                           "mean": statistics.fmean(per_site.values()) if per_site else None,
+                           "seconds": time.perf_counter() - started}
+                with self.results_path.open("a") as f:
+                    f.write(json.dumps(result) + "\n")
+                mean = f"{result['mean']:.4f}" if result["mean"] is not None else "n/a"
+                show(f"compare: {method.name} seed {seed}: mean Dice {mean} ({result['seconds']:.0f} s, "
+                     f"{result['status']})")
+        from .compare_report import write_report
+
+        results = read_results(self.results_path)
+        write_report(self.out, results, self.methods, self.seeds, self.command, self.base)
+        return results

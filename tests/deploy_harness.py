@@ -1,0 +1,146 @@
+"""Building blocks for the deployment tests: a PKI, sites with keys, and real processes.
+
+Everything runs as the real commands (``fedseg-server start``, ``fedseg-client
+start``) in their own sessions on 127.0.0.1 with free ports, and is stopped
+with its whole process tree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from common.flower_env import BIN_DIR, free_port
+from common.processes import descendants, stop_tree
+
+TINY = {
+    "model": {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1},
+    "data": {"patch_size": [16, 16, 16]},
+    "train": {"local_steps": 2, "batch_size": 1, "hd95": False},
+}
+"""A model and training small enough for a 2-core CI machine."""
+GATEWAY_HOST = "127.0.0.2"
+"""Sites use a different loopback address than the SuperLink, standing in for the centre's public interface."""
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def run_cli(command: str, *args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN_DIR / command), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def federation_yaml(root: Path, app: Path, sites: list[str], rounds: int, min_sites: int, run_name: str,
+                    **federation: object) -> Path:
+    server = {"fleet_host": GATEWAY_HOST, "fleet_port": free_port(GATEWAY_HOST), "superlink_port": free_port(),
+              "cert_dir": str(root / "certs"), "state_dir": str(root / "server-state"), "app_dir": str(app)}
+    fed = {"rounds": rounds, "min_sites": min_sites, "sites": sites, "runs_dir": str(root / "runs"),
+           "run_name": run_name, "round_timeout_s": 120.0, **federation}
+    return write_yaml(root / "federation.yaml", {**TINY, "federation": fed, "server": server})
+
+
+def make_site(root: Path, name: str, data_dir: Path, server_yaml: Path, approved: list[str]) -> Path:
+    """site.yaml plus a fresh key pair, allow-listed at the centre unless the name starts with 'rogue'."""
+    server = yaml.safe_load(server_yaml.read_text())["server"]
+    state = root / "sites" / name
+    site = {"name": name, "data_dir": str(data_dir), "state_dir": str(state),
+            "server_address": f"{server['fleet_host']}:{server['fleet_port']}",
+            "root_certificate": str(Path(server["cert_dir"]) / "ca.crt"),
+            "private_key": str(state / "keys" / "site.key"), "approved_bundles": approved,
+            "retry_initial_s": 1.0, "retry_max_s": 4.0}
+    path = write_yaml(root / f"{name}.yaml", {"site": site})
+    result = run_cli("fedseg-client", "keygen", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    return path
+
+
+def allow(server_yaml: Path, site: str, site_yaml: Path) -> None:
+    key = Path(yaml.safe_load(site_yaml.read_text())["site"]["private_key"])
+    result = run_cli("fedseg-server", "certs", "add-site", "--config", str(server_yaml), "--site", site,
+                     "--key", str(key.with_name(key.name + ".pub")))
+    assert result.returncode == 0, result.stderr
+
+
+class Launched:
+    """A fedseg command running in its own session, its output in a file."""
+
+    def __init__(self, log: Path, command: str, *args: str) -> None:
+        self.log = log
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen([str(BIN_DIR / command), *args], stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def terminate(self, timeout: float = 60) -> int:
+        """SIGTERM the command itself, as systemd would, and wait for it to clean up."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        stop_tree(self.proc)
+        return self.proc.returncode
+
+    def kill_tree(self) -> None:
+        """SIGKILL the command and everything under it at once, like a power cut."""
+        pids = [self.proc.pid, *descendants(self.proc.pid)]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(10)
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str, *logs: Launched) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    tails = "\n".join(f"--- {log.log}\n{log.output()[-3000:]}" for log in logs)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
+
+
+def events(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines(keepends=True) if line.endswith("\n")]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+
+def snapshot_app(dest: Path) -> tuple[Path, str]:
+    """A frozen copy of the app's files and its bundle digest, immune to edits of the working tree."""
+    import shutil
+
+    from common.bundle import app_files, bundle_sha256
+
+    for rel, path in app_files().items():
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest / rel)
+    return dest, bundle_sha256(dest)

@@ -1,0 +1,112 @@
+"""A federation in one process: the real strategy talks to the real ClientApp through Flower's transport.
+
+``LocalGrid`` is a Flower Grid whose ``send_and_receive`` hands each message
+to ``client.client_app.app`` (the ClientApp a SuperNode runs) and returns its
+reply. Both directions go through Flower's wire representation: every object
+of the message is deflated to bytes and the message is re-inflated from
+those bytes, exactly what a SuperLink stores and forwards. A ``tamper`` hook
+may replace a site's reply after it left the site, which is how a hostile
+hospital (one running modified code) is simulated.
+
+It lets the hostile-site and DP tests run several federated rounds of the
+real apps in seconds, without starting Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+from common import keys
+from common.config import FedsegConfig
+from simulations.runner import prepare_run, write_site_configs
+
+Tamper = Callable[[int, Message], Message]
+SERVER_NODE = 0
+RUN_ID = 1
+
+
+def over_the_wire(msg: Message) -> Message:
+    """The message as the receiving side gets it: deflated to bytes, then inflated again."""
+    contents = {object_id: obj.deflate() for object_id, obj in get_all_nested_objects(msg).items()}
+    return inflate_object_from_contents(msg.object_id, contents)
+
+
+def _stamp(msg: Message) -> Message:
+    """Give a message its id as a SuperLink does: its object id (Flower sets it the same way)."""
+    msg.metadata.__dict__["_message_id"] = msg.object_id
+    return msg
+
+
+class LocalGrid(Grid):
+    """Delivers messages to the ClientApp of node 1..N in this process."""
+
+    def __init__(self, cfg: FedsegConfig, app: ClientApp, tamper: Tamper | None = None) -> None:
+        self.cfg = cfg
+        self.app = app
+        self.tamper = tamper
+        self.nodes = list(range(1, len(cfg.federation.sites) + 1))
+        self.received: list[Message] = []
+        """Every reply as the server got it."""
+        self._pending: dict[str, Message] = {}
+        self._run = Run.create_empty(run_id=RUN_ID)
+        # What a ServerApp process has set before the strategy builds its first Message.
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, SERVER_NODE, SERVER_NODE
+
+    def context(self, node: int) -> Context:
+        return Context(run_id=RUN_ID, node_id=node, node_config={keys.NODE_PARTITION_ID: node - 1},
+                       state=RecordDict(), run_config={keys.RUN_CONFIG_KEY: self.cfg.to_yaml()})
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.nodes)
+
+    def _deliver(self, msg: Message) -> Message:
+        node = msg.metadata.dst_node_id
+        _stamp(msg)
+        reply = self.app(over_the_wire(msg), self.context(node))
+        if self.tamper is not None:
+            reply = self.tamper(node, reply)
+        reply = over_the_wire(_stamp(reply))
+        self.received.append(reply)
+        return reply
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Deliver at once; the replies wait under the message's object id until pulled."""
+        ids = []
+        for msg in messages:
+            ids.append(msg.object_id)
+            self._pending[msg.object_id] = self._deliver(msg)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._pending.pop(i) for i in message_ids if i in self._pending]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return [self._deliver(msg) for msg in messages]
+
+
+def federation(cfg: FedsegConfig, datasets: dict[str, Path]) -> FedsegConfig:
+    """Name the run, write one site.yaml per site (as fedseg-sim does) and return the resolved config."""
+    sim = dataclasses.replace(cfg.simulation, num_sites=len(datasets))
+    cfg = prepare_run(dataclasses.replace(cfg, simulation=sim))
+    write_site_configs(cfg, datasets)
+    return cfg

@@ -1,0 +1,92 @@
+"""``fedseg-client check`` finds every kind of defect, names the file, and exits non-zero."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+import yaml
+
+from client.check import check_dataset
+from client.cli import main
+from tests.nifti_cases import RAS, nnunet_dataset, oblique, phantom, save
+
+
+def _site_yaml(tmp_path, root):
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump({"site": {"name": "s", "data_dir": str(root), "state_dir": str(tmp_path / "st")}}))
+    return path
+
+
+def test_clean_dataset_passes_with_summary(tmp_path, capsys):
+    root = nnunet_dataset(tmp_path / "Dataset001_X", n_cases=3)
+    assert main(["check", "--config", str(_site_yaml(tmp_path, root))]) == 0
+    out = capsys.readouterr().out
+    assert "3 case(s)" in out and "spacing (mm" in out and "label 1 'lesion' voxels" in out and "OK" in out
+
+
+@pytest.mark.parametrize("defect, file, words", [
+    ("truncated", "imagesTr/case_001_0000.nii.gz", "unreadable or truncated"),
+    ("shape", "labelsTr/case_001.nii.gz", "shape"),
+    ("affine", "labelsTr/case_001.nii.gz", "affine differs"),
+    ("float_label", "labelsTr/case_001.nii.gz", "not integers"),
+    ("unknown_label", "labelsTr/case_001.nii.gz", "not in dataset.json"),
+    ("nan", "imagesTr/case_001_0000.nii.gz", "NaN/Inf"),
+])
+def test_each_defect_is_reported_with_its_file(tmp_path, capsys, defect, file, words):
+    root = nnunet_dataset(tmp_path / "Dataset002_X", n_cases=3)
+    image, label = phantom(seed=1)
+    target = root / file
+    if defect == "truncated":
+        data = target.read_bytes()
+        target.write_bytes(data[: len(data) // 2])
+    elif defect == "shape":
+        save(label[:-2], RAS, target)
+    elif defect == "affine":
+        shifted = RAS.copy()
+        shifted[0, 3] = 5.0
+        save(label, shifted, target)
+    elif defect == "float_label":
+        save(label.astype(np.float32) * 0.5, RAS, target)
+    elif defect == "unknown_label":
+        save(label * 7, RAS, target)
+    elif defect == "nan":
+        image[0, 0, 0] = np.nan
+        save(image, RAS, target)
+    report = check_dataset(root)
+    assert not report.ok
+    assert any(f.fatal and f.file == file and words in f.problem for f in report.findings), report.table()
+    assert main(["check", "--config", str(_site_yaml(tmp_path, root))]) == 1
+    assert file in capsys.readouterr().out
+
+
+def test_warnings_do_not_fail(tmp_path):
+    root = nnunet_dataset(tmp_path / "Dataset003_X", n_cases=3, affine=oblique())
+    image, label = phantom(seed=2)
+    save(np.zeros_like(label), oblique(), root / "labelsTr" / "case_002.nii.gz")
+    report = check_dataset(root)
+    problems = {f.problem.split(" (")[0] for f in report.findings}
+    assert report.ok, report.table()
+    assert "empty label" in problems and any(p.startswith("oblique orientation") for p in problems)
+
+
+def test_check_never_modifies_data(tmp_path):
+    root = nnunet_dataset(tmp_path / "Dataset004_X", n_cases=2)
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    check_dataset(root)
+    assert before == {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_client_app_refuses_a_broken_dataset_with_the_message(tmp_path):
+    from client.site_data import open_split
+    from client.site_state import SiteState
+    from common.config import load_config
+    from common.dataset import DatasetError
+
+    root = nnunet_dataset(tmp_path / "Dataset005_X", n_cases=3)
+    bad = root / "labelsTr" / "case_000.nii.gz"
+    bad.write_bytes(gzip.compress(b"not a nifti"))
+    cfg = load_config(None, [f"site.data_dir={root}", f"site.state_dir={tmp_path / 's'}"])
+    with pytest.raises(DatasetError, match="labelsTr/case_000.nii.gz: unreadable"):
+        open_split(cfg, SiteState(tmp_path / "s"))

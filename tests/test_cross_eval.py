@@ -1,0 +1,91 @@
+"""Cross-site evaluation in a real 3-site simulation with a held-out site (real SuperLink, Ray, NIfTI)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from common.config import load_config
+from common.loops import evaluate
+from common.model import build_model
+from common.norm_adapt import adapt_norm
+from server.cross_eval import CROSS_EVAL_FILE, resolve_checkpoint
+from server.report import write_report
+from simulations.runner import run_simulation
+
+TINY = [
+    "model.channels=[4, 8, 16]", "model.strides=[2, 2]", "model.num_res_units=1",
+    "train.local_steps=2", "train.hd95=false", "train.adapt_norm_steps=2", "federation.rounds=2",
+    "simulation.num_sites=3", "simulation.held_out_sites=1", "simulation.cases_per_site=4",
+    "simulation.volume_shape=[32, 32, 24]", "simulation.ray_num_cpus=2", "simulation.cpus_per_site=2",
+]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("xeval")
+    cfg = load_config(None, [*TINY, f"federation.runs_dir={root / 'runs'}", f"simulation.data_dir={root / 'data'}",
+                             "federation.run_name=xeval"])
+    return run_simulation(cfg, show=lambda line: None)
+
+
+def test_matrix_has_every_site_and_the_held_out_one_adapted(finished_run):
+    cells = json.loads((finished_run / CROSS_EVAL_FILE).read_text())["cells"]
+    last = [c for c in cells if c["model"].startswith("last")]
+    trained = {c["site"] for c in last if c["trained"]}
+    held_out = [c for c in last if not c["trained"]]
+    assert trained == {"site-1", "site-2", "site-3"}
+    assert [c["site"] for c in held_out] == ["site-4"]
+    assert held_out[0]["dice_adapted"] is not None and 0.0 <= held_out[0]["dice_adapted"] <= 1.0
+    assert all(c["dice_adapted"] is None for c in last if c["trained"])
+    # the held-out site never trained: no train event, no local norm tensors in its state
+    events = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
+    assert not any(e["event"] == "train" and e["site"] == "site-4" for e in events)
+    assert not (finished_run / "sites" / "site-4" / "norm.safetensors").exists()
+    # the trained sites' evaluation of the last round equals their cross-eval cell (same model, same norm)
+    final_round = max(e["round"] for e in events if e["event"] == "round")
+    for c in last:
+        if c["trained"]:
+            ev = next(e for e in events if e["event"] == "evaluate" and e["round"] == final_round
+                      and e["site"] == c["site"])
+            assert c["dice"] == pytest.approx(ev["dice"], abs=1e-6)
+
+
+def test_only_numbers_left_the_sites(finished_run):
+    """Every cross-eval reply, per the site's own egress audit, held metrics and identity only: no arrays."""
+    for site in ("site-1", "site-4"):
+        egress = finished_run / "sites" / site / "egress.jsonl"
+        if not egress.is_file():
+            pytest.skip("this checkout has no egress audit log (issue 6)")
+        sent = [json.loads(line) for line in egress.read_text().splitlines()]
+        cross = [e for e in sent if e["message_type"] == "query.cross_eval"]
+        assert cross and all(e["status"] == "sent" for e in cross)
+        for entry in cross:
+            assert set(entry["keys"]) == {"metrics", "identity"}
+            assert set(entry["keys"]["metrics"]) <= {"dice", "dice_adapted", "trained", "num-examples"}
+    report = write_report(finished_run).read_text()
+    assert "site-4" in report and "no (held out)" in report
+
+
+def test_checkpoint_names_resolve_with_a_clear_error(finished_run):
+    assert resolve_checkpoint(finished_run, "last").is_file()
+    assert resolve_checkpoint(finished_run, "round-0001").is_file()
+    with pytest.raises(FileNotFoundError, match="round-NNNN"):
+        resolve_checkpoint(finished_run, "round-0099")
+
+
+def test_norm_adaptation_changes_only_norm_weights(tiny_federation):
+    cfg = load_config(None, ["model.channels=[4, 8, 16]", "model.strides=[2, 2]", "model.num_res_units=1",
+                             "model.norm=batch", "data.patch_size=[16, 16, 16]", "data.spacing=[1.5, 1.5, 1.5]"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    images = [torch.randn(1, 20, 20, 20).numpy() * 3 + 5 for _ in range(2)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = adapt_norm(model, images, cfg.data, steps=3, lr=1e-2, batch_size=2, seed=0)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".N." in k or "adn.N" in k or "norm" in k.lower() for k in changed), changed
+    assert any(k.endswith("running_mean") for k in changed)
+    assert result.steps == 3

@@ -1,0 +1,159 @@
+"""A real deployment on 127.0.0.1: SuperLink, Fleet gateway and SuperNodes as separate processes, TLS and auth.
+
+One federation serves the whole module: two approved sites train for two
+rounds while a third, registered site refuses the app bundle, and the other
+refusals (unregistered key, plaintext, another CA) and the reachability checks
+run against the live server. Sites reach the gateway on 127.0.0.2, standing in
+for the centre's public interface; the SuperLink is bound to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import httpx
+import pytest
+import yaml
+
+from server.certs import init_pki
+from simulations.synthetic import generate_federation
+
+from deploy_harness import (
+    GATEWAY_HOST, Launched, allow, events, federation_yaml, make_site, run_cli, snapshot_app, wait_for, write_yaml,
+)
+
+GOOD = ["site-1", "site-2"]
+UNAPPROVED = "site-3"
+ROUNDS = 2
+RUN = "deploy"
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deploy")
+    data = generate_federation(root / "data", n_sites=2, n_cases=4, shape=(32, 32, 24), strength=1.0, seed=0)
+    app, digest = snapshot_app(root / "app")
+    fed = federation_yaml(root, app, [*GOOD, UNAPPROVED], rounds=ROUNDS, min_sites=2, run_name=RUN)
+    init_pki(root / "certs", [], [GATEWAY_HOST])
+    sites = {}
+    for name in [*GOOD, UNAPPROVED]:
+        approved = [digest] if name in GOOD else ["0" * 64]
+        sites[name] = make_site(root, name, data["site-1" if name == UNAPPROVED else name], fed, approved)
+        allow(fed, name, sites[name])
+    server = Launched(root / "server.out", "fedseg-server", "start", "--config", str(fed))
+    daemons = {n: Launched(root / f"{n}.out", "fedseg-client", "start", "--config", str(p)) for n, p in sites.items()}
+    ctx = {"root": root, "fed": fed, "cfg": yaml.safe_load(fed.read_text()), "server": server, "daemons": daemons,
+           "sites": sites, "data": data, "digest": digest, "run": root / "runs" / RUN, "extra": []}
+    try:
+        wait_for(lambda: "sites connect to" in server.output(), 180, "the server to come up", server)
+        yield ctx
+    finally:
+        for proc in [*ctx["extra"], *daemons.values()]:
+            proc.terminate()
+        server.terminate()
+
+
+def _gateway(ctx) -> str:
+    return f"https://{GATEWAY_HOST}:{ctx['cfg']['server']['fleet_port']}"
+
+
+def _ca(ctx) -> str:
+    return str(ctx["root"] / "certs" / "ca.crt")
+
+
+def test_a_site_reaches_only_the_fleet_api(federation):
+    ctx = federation
+    with httpx.Client(verify=_ca(ctx), timeout=10) as site:
+        for path in ("/v1/control/start-run", "/v1/control/list-runs", "/v1/control/register-node",
+                     "/v1/runtime/pull-messages", "/v1/runtime/create-task"):
+            assert site.post(_gateway(ctx) + path, content=b"").status_code == 403, path
+        assert site.get(_gateway(ctx) + "/health").status_code == 403
+        assert site.get(_gateway(ctx) + "/docs").status_code == 403
+        # The Fleet API is there, and the SuperLink itself insists on a signed node identity.
+        unsigned = site.post(_gateway(ctx) + "/v1/fleet/get-run", content=b"",
+                             headers={"content-type": "application/protobuf"})
+        assert unsigned.status_code == 401
+    superlink_port = ctx["cfg"]["server"]["superlink_port"]
+    with pytest.raises(OSError):
+        socket.create_connection((GATEWAY_HOST, superlink_port), timeout=5).close()
+    with httpx.Client(verify=_ca(ctx), timeout=10) as local:  # the operator's view, on the centre itself
+        control = local.post(f"https://127.0.0.1:{superlink_port}/v1/control/list-runs", content=b"",
+                             headers={"content-type": "application/protobuf"})
+        assert control.status_code != 403
+
+
+def test_plaintext_connections_are_refused(federation):
+    with pytest.raises(httpx.HTTPError):
+        httpx.post(_gateway(federation).replace("https://", "http://") + "/v1/fleet/get-run", content=b"",
+                   timeout=10)
+
+
+def _extra_site(ctx, name: str, **changes) -> Launched:
+    """A site daemon that is not part of the allow-list or trusts another CA."""
+    site = yaml.safe_load(ctx["sites"]["site-1"].read_text())["site"]
+    state = ctx["root"] / "sites" / name
+    site.update(name=name, state_dir=str(state), private_key=str(state / "keys" / "site.key"), **changes)
+    path = write_yaml(ctx["root"] / f"{name}.yaml", {"site": site})
+    assert run_cli("fedseg-client", "keygen", "--config", str(path)).returncode == 0
+    daemon = Launched(ctx["root"] / f"{name}.out", "fedseg-client", "start", "--config", str(path))
+    ctx["extra"].append(daemon)
+    return daemon
+
+
+def test_a_supernode_whose_key_is_not_registered_is_refused(federation):
+    ctx = federation
+    rogue = _extra_site(ctx, "rogue")
+    log = ctx["root"] / "sites" / "rogue" / "supernode.log"
+    wait_for(lambda: "SuperNode exited with code" in rogue.output(), 240,
+             "the unregistered SuperNode to be turned away", rogue)
+    assert "Failed to activate SuperNode" in log.read_text()
+    assert "the centre did not accept this site's key" in rogue.output()
+    superlink_log = (ctx["root"] / "server-state" / "superlink.log").read_text()
+    assert "No SuperNode found with the given public key" in superlink_log
+    assert not any(e.get("site") == "rogue" for e in events(ctx["run"]))
+
+
+def test_a_server_certificate_from_another_ca_is_refused(federation):
+    ctx = federation
+    init_pki(ctx["root"] / "other-ca", [], [GATEWAY_HOST])
+    foreign = _extra_site(ctx, "foreign-ca", root_certificate=str(ctx["root"] / "other-ca" / "ca.crt"))
+    log = ctx["root"] / "sites" / "foreign-ca" / "supernode.log"
+    wait_for(lambda: log.is_file() and "CERTIFICATE_VERIFY_FAILED" in log.read_text(), 240,
+             "the TLS verification failure", foreign)
+
+
+def test_two_rounds_with_both_sites_in_every_round_and_the_unapproved_bundle_refused(federation):
+    ctx = federation
+    server = ctx["server"]
+    wait_for(lambda: server.proc.poll() is not None, 600, "the run to finish", server, *ctx["daemons"].values())
+    assert server.proc.returncode == 0, server.output()[-3000:]
+    log = events(ctx["run"])
+    assert log[-1]["event"] == "run-end" and log[-1]["status"] == "completed"
+    for rnd in range(1, ROUNDS + 1):
+        for stage in ("train", "evaluate"):
+            assert sorted(e["site"] for e in log if e["event"] == stage and e["round"] == rnd) == GOOD, (rnd, stage)
+        summary = [e for e in log if e["event"] == "round" and e["round"] == rnd]
+        assert len(summary) == 1 and summary[0]["sites_ok"] == len(GOOD)
+        refused = [e for e in log if e["event"] == "failure" and e["round"] == rnd and e["site"] == UNAPPROVED]
+        assert refused and all("has not approved app bundle" in e["reason"] for e in refused)
+    state = ctx["root"] / "sites" / UNAPPROVED
+    decisions = [json.loads(line) for line in (state / "bundles.jsonl").read_text().splitlines()]
+    assert decisions and {d["decision"] for d in decisions} == {"refused"}
+    assert not list((state / "flwr-home").rglob("client_app.py")), "the refused bundle was unpacked"
+    for name in GOOD:
+        accepted = (ctx["root"] / "sites" / name / "bundles.jsonl").read_text()
+        assert ctx["digest"] in accepted and "refused" not in accepted
+    assert "round 2: 2/3 site(s) replied" in server.output()
+
+
+def test_status_tells_a_site_what_it_did(federation):
+    ctx = federation
+    wait_for(lambda: ctx["server"].proc.poll() is not None, 600, "the run to finish", ctx["server"])
+    status = run_cli("fedseg-client", "status", "--config", str(ctx["sites"]["site-1"]))
+    assert status.returncode == 0, status.stderr
+    assert "daemon: running" in status.stdout
+    assert f"last round trained: {ROUNDS}" in status.stdout
+    assert "round   2 train" in status.stdout and "loss" in status.stdout
+    refused = run_cli("fedseg-client", "status", "--config", str(ctx["sites"][UNAPPROVED]))
+    assert "app bundles refused:" in refused.stdout

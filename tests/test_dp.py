@@ -1,0 +1,178 @@
+"""Central differential privacy: Flower's clipping wrapper on fedseg's strategy, its budget, end to end.
+
+The end-to-end test runs the real simulation (Flower's simulation engine,
+the same ServerApp and ClientApp as a deployment) with DP on and checks the
+metrics log carries epsilon every round, and that every site's egress log
+matches, hash for hash, what the server logged as received.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
+from safetensors.torch import load_file
+
+from client.egress import EGRESS_FILE
+from common import keys
+from common.config import load_config
+from common.metrics_log import MetricsLog, read_events
+from server.checkpoints import Checkpoints
+from server.dp import FedSegDifferentialPrivacy, gaussian_delta, gaussian_epsilon, with_privacy
+from server.strategy import FedSegStrategy
+from tests.flower_messages import reply
+from tests.local_grid import LocalGrid
+
+DELTA = 1e-5
+SIZE = 20_000
+"""Coordinates of the hand-made model: enough to measure the noise's std to a few percent."""
+
+
+# --- the accountant -------------------------------------------------------------------
+
+
+def test_epsilon_round_trips_through_the_privacy_profile():
+    for z, releases in [(0.8, 1), (1.0, 10), (2.0, 50), (5.0, 3)]:
+        eps = gaussian_epsilon(z, releases, DELTA)
+        assert gaussian_delta(eps, math.sqrt(releases) / z) == pytest.approx(DELTA, rel=1e-6)
+
+
+def test_epsilon_beats_the_classical_gaussian_bound():
+    """sigma = sqrt(2 ln(1.25/delta)) / eps gives (eps, delta)-DP (Dwork & Roth, eps < 1); exact is tighter."""
+    for eps_classical in (0.25, 0.5, 0.9):
+        z = math.sqrt(2 * math.log(1.25 / DELTA)) / eps_classical
+        assert gaussian_epsilon(z, 1, DELTA) < eps_classical
+
+
+def test_epsilon_grows_with_rounds_and_shrinks_with_noise():
+    per_round = [gaussian_epsilon(1.0, t, DELTA) for t in range(1, 6)]
+    assert per_round == sorted(per_round) and per_round[0] > 0
+    assert gaussian_epsilon(2.0, 5, DELTA) < gaussian_epsilon(1.0, 5, DELTA)
+    assert gaussian_epsilon(1.0, 0, DELTA) == 0.0
+    assert math.isfinite(gaussian_epsilon(0.01, 100, DELTA))
+
+
+# --- the wrapper on fedseg's strategy, with hand-made replies ----------------------------
+
+
+def _train_reply(node: int, site: str, update: np.ndarray, signature: str, n: int = 1):
+    content = RecordDict({
+        keys.ARRAYS: ArrayRecord({"w": Array(update.astype(np.float32))}),
+        keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: n, "loss": 1.0, "proximal_loss": 0.0, "duration_s": 1.0}),
+        keys.IDENTITY: ConfigRecord({keys.SITE: site, keys.SIGNATURE: signature}),
+    })
+    return reply(content, node, MessageType.TRAIN)
+
+
+@pytest.fixture()
+def dp(tmp_path):
+    cfg = load_config(None, ["federation.run_name=dp", f"federation.runs_dir={tmp_path}", "federation.min_sites=2",
+                             "privacy.noise_multiplier=1.0", "privacy.clipping_norm=1.0"])
+    cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, sites=["a", "b", "c"]))
+    log = MetricsLog(tmp_path)
+    inner = FedSegStrategy(cfg, "sig", {"w": (SIZE,)}, log, Checkpoints(tmp_path / "ckpt"))
+    wrapper = with_privacy(inner, cfg.privacy, log)
+    assert isinstance(wrapper, FedSegDifferentialPrivacy)
+    grid = LocalGrid(cfg, app=None)
+    return wrapper, grid, tmp_path
+
+
+def test_updates_are_clipped_averaged_unweighted_and_noised(dp):
+    wrapper, grid, run = dp
+    start = np.zeros(SIZE, np.float32)
+    wrapper.configure_train(1, ArrayRecord({"w": Array(start)}), ConfigRecord(), grid)
+    direction = np.ones(SIZE, np.float32) / math.sqrt(SIZE)
+    replies = [
+        _train_reply(1, "a", start + 4.0 * direction, "sig", n=1),    # clipped to norm 1
+        _train_reply(2, "b", start + 0.5 * direction, "sig", n=100),  # inside the clip, weight ignored
+        _train_reply(3, "c", np.full(SIZE + 1, np.nan), "sig"),        # rejected before clipping
+    ]
+    arrays, _ = wrapper.aggregate_train(1, replies)
+    noise = arrays["w"].numpy() - (1.0 + 0.5) / 2 * direction
+    assert noise.std() == pytest.approx(1.0 * 1.0 / 2, rel=0.05)
+    assert abs(noise.mean()) < 0.02
+    events = list(read_events(run / "metrics.jsonl"))
+    assert [e["site"] for e in events if e["event"] == "failure"] == ["c"]
+    (privacy,) = [e for e in events if e["event"] == "privacy"]
+    assert privacy["round"] == 1 and privacy["sites"] == 2 and privacy["releases"] == 1
+    assert privacy["epsilon"] == pytest.approx(gaussian_epsilon(1.0, 1, DELTA))
+    assert privacy["noise_std"] == pytest.approx(0.5)
+    saved = load_file(run / "ckpt" / "round-0001.safetensors")["w"].numpy()
+    assert np.array_equal(saved, arrays["w"].numpy())
+
+
+def test_an_untrained_reply_is_rejected_before_clipping(dp):
+    wrapper, grid, run = dp
+    start = np.zeros(SIZE, np.float32)
+    wrapper.configure_train(1, ArrayRecord({"w": Array(start)}), ConfigRecord(), grid)
+    replies = [_train_reply(1, "a", start + 0.1, "sig"), _train_reply(2, "b", start + 0.2, "sig"),
+               _train_reply(3, "c", start, "sig")]
+    arrays, _ = wrapper.aggregate_train(1, replies)
+    assert arrays is not None
+    (failure,) = [e for e in read_events(run / "metrics.jsonl") if e["event"] == "failure"]
+    assert failure["site"] == "c" and "exactly zero" in failure["reason"]
+
+
+def test_only_the_travelling_arrays_are_touched(dp):
+    wrapper, grid, _ = dp
+    start = np.zeros(SIZE, np.float32)
+    wrapper.configure_train(1, ArrayRecord({"w": Array(start)}), ConfigRecord(), grid)
+    replies = [_train_reply(i, s, start + 0.1, "sig") for i, s in enumerate("ab", start=1)]
+    before = [{name: dict(rec) for name, rec in r.content.items() if name != keys.ARRAYS} for r in replies]
+    wrapper.aggregate_train(1, replies)
+    after = [{name: dict(rec) for name, rec in r.content.items() if name != keys.ARRAYS} for r in replies]
+    assert before == after
+    assert all(list(r.content.array_records) == [keys.ARRAYS] for r in replies)
+
+
+def test_budget_accumulates_over_released_rounds(dp):
+    wrapper, grid, run = dp
+    start = np.zeros(SIZE, np.float32)
+    for rnd in (1, 2):
+        wrapper.configure_train(rnd, ArrayRecord({"w": Array(start)}), ConfigRecord(), grid)
+        wrapper.aggregate_train(rnd, [_train_reply(i, s, start + 0.1, "sig") for i, s in enumerate("ab", 1)])
+    wrapper.configure_train(3, ArrayRecord({"w": Array(start)}), ConfigRecord(), grid)
+    assert wrapper.aggregate_train(3, [_train_reply(1, "a", start + 0.1, "sig")]) == (None, None)  # below quorum
+    eps = [e["epsilon"] for e in read_events(run / "metrics.jsonl") if e["event"] == "privacy"]
+    assert eps == pytest.approx([gaussian_epsilon(1.0, 1, DELTA), gaussian_epsilon(1.0, 2, DELTA)])
+
+
+# --- end to end in the simulation -----------------------------------------------------------
+
+
+def test_dp_runs_end_to_end_in_the_simulation(tmp_path, tiny_federation):
+    from simulations.runner import run_simulation
+
+    data_dir = Path(tiny_federation["site-1"]).parent
+    cfg = load_config(None, [
+        "model.channels=[8, 16, 32]", "model.strides=[2, 2]", "data.patch_size=[16, 16, 16]",
+        "train.local_steps=2", "train.batch_size=1", "train.hd95=false", "federation.rounds=2",
+        "federation.min_sites=2", f"federation.runs_dir={tmp_path}", "federation.run_name=dp-sim",
+        "simulation.num_sites=2", "simulation.cases_per_site=4", "simulation.volume_shape=[32, 32, 24]",
+        f"simulation.data_dir={data_dir}", "simulation.cpus_per_site=1",
+        "privacy.noise_multiplier=0.5", "privacy.clipping_norm=2.0",
+    ])
+    run = run_simulation(cfg, show=lambda line: None)
+    events = list(read_events(run / "metrics.jsonl"))
+    privacy = [e for e in events if e["event"] == "privacy"]
+    assert [e["round"] for e in privacy] == [1, 2]
+    assert privacy[0]["epsilon"] == pytest.approx(gaussian_epsilon(0.5, 1, DELTA))
+    assert privacy[1]["epsilon"] > privacy[0]["epsilon"] > 0
+    assert [e["status"] for e in events if e["event"] == "run-end"] == ["completed"]
+
+    received = {(e["site"], e["round"]): e[keys.CONTENT_SHA256] for e in events if e["event"] == "train"}
+    assert len(received) == 4
+    for site in ("site-1", "site-2"):
+        lines = [json.loads(x) for x in (run / "sites" / site / EGRESS_FILE).read_text().splitlines()]
+        sent = {(site, e["round"]): e[keys.CONTENT_SHA256] for e in lines
+                if e["message_type"] == MessageType.TRAIN and e["status"] == "sent"}
+        assert sent == {k: v for k, v in received.items() if k[0] == site}
+        assert all(e["status"] == "sent" for e in lines)
+    last = load_file(run / "checkpoints" / "last.safetensors")
+    assert all(torch.isfinite(t).all() for t in last.values())

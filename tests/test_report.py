@@ -1,0 +1,92 @@
+"""fedseg-server report on a finished run and on one still being written."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from common.metrics_log import METRICS_FILE, MetricsLog, read_events
+from server.cli import main as server_main
+from server.report import PLOTS
+
+SITES = ["site-1", "site-2"]
+
+
+def _write_run(run, rounds: int = 3) -> None:
+    """A metrics log as the ServerApp writes it, with a failure in round 2 and a cross-eval."""
+    log = MetricsLog(run)
+    log.write("run-start", run=run.name, config_sha256="x", sites=SITES, signature="s", resumed_from_round=0)
+    for r in range(1, rounds + 1):
+        dice = []
+        for i, site in enumerate(SITES):
+            if r == 2 and site == "site-2":
+                log.write("failure", round=r, site=site, stage="train", reason="site site-2: diverged")
+                continue
+            log.write("train", round=r, site=site, num_examples=4 + i, loss=1.0 / r, proximal_loss=0.01 / r,
+                      duration_s=2.0 + i, bytes_up=1000, bytes_down=1000)
+            d = 0.2 * r + 0.05 * i
+            dice.append((d, 2 + i))
+            log.write("evaluate", round=r, site=site, num_examples=2 + i, dice=d, dice_per_class=[d], hd95=9.0,
+                      loss=0.5)
+        mean = float(np.mean([d for d, _ in dice]))
+        weighted = float(np.average([d for d, _ in dice], weights=[w for _, w in dice]))
+        log.write("round", round=r, sites_ok=len(dice), sites_failed=["site-2"] if r == 2 else [],
+                  aggregated=True, dice_mean=mean, dice_weighted=weighted, duration_s=5.0, bytes_total=4000 * r)
+        log.sync()
+    log.write("cross-eval", model="last (round 3)", site="site-3", trained=False, dice=0.3, dice_adapted=0.4,
+              num_examples=2)
+    log.write("run-end", status="completed", rounds_completed=rounds, best_round=rounds, best_dice=0.7)
+    log.close()
+
+
+def _check_report(run) -> dict:
+    assert server_main(["report", str(run)]) == 0
+    out = run / "report"
+    for name in PLOTS.values():
+        image = np.asarray(Image.open(out / name).convert("L"))
+        assert image.shape[0] > 100 and image.std() > 5, f"{name} looks empty"
+    summary = json.loads((out / "summary.json").read_text())
+    events = list(read_events(run / METRICS_FILE))
+    rounds = [e for e in events if e["event"] == "round"]
+    assert summary["rounds_completed"] == len(rounds)
+    assert summary["dice_weighted_last"] == pytest.approx(rounds[-1]["dice_weighted"])
+    assert summary["dice_mean_last"] == pytest.approx(rounds[-1]["dice_mean"])
+    best = max(rounds, key=lambda r: r["dice_weighted"])
+    assert summary["best_round"] == best["round"]
+    assert summary["bytes_total"] == sum(r["bytes_total"] for r in rounds)
+    last = {e["site"]: e["dice"] for e in events if e["event"] == "evaluate" and e["round"] == rounds[-1]["round"]}
+    assert summary["site_dice_last"] == pytest.approx(last)
+    assert len(summary["failures"]) == sum(e["event"] == "failure" for e in events)
+    assert f"{summary['dice_weighted_last']:.4f}" in (out / "summary.md").read_text()
+    return summary
+
+
+def test_report_of_finished_run(tmp_path):
+    run = tmp_path / "finished"
+    _write_run(run)
+    summary = _check_report(run)
+    assert summary["status"] == "completed"
+    assert summary["failures"][0]["site"] == "site-2"
+    assert summary["cross_eval"][0]["dice_adapted"] == pytest.approx(0.4)
+    assert "no (held out)" in (run / "report" / "summary.md").read_text()
+
+
+def test_report_of_run_in_progress(tmp_path):
+    finished = tmp_path / "finished"
+    _write_run(finished)
+    run = tmp_path / "running"
+    run.mkdir()
+    lines = (finished / METRICS_FILE).read_text().splitlines(keepends=True)
+    cut = next(i for i, line in enumerate(lines) if '"round": 2' in line and '"event": "evaluate"' in line)
+    (run / METRICS_FILE).write_text("".join(lines[:cut]) + lines[cut][: len(lines[cut]) // 2])
+    summary = _check_report(run)
+    assert summary["status"] == "in progress"
+    assert summary["rounds_completed"] == 1
+
+
+def test_report_names_missing_log(tmp_path, capsys):
+    assert server_main(["report", str(tmp_path)]) == 2
+    assert "metrics.jsonl not found" in capsys.readouterr().err
