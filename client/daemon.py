@@ -1,7 +1,8 @@
 """Run this hospital's site: a long-running SuperNode that joins the federation over TLS.
 
-Checks site.yaml and the site's certificate and key first (each refusal names
-the file and the fix), then starts flower-supernode with the federation's CA
+Checks site.yaml, the site's certificate and key, and every case of its data
+(the same check as `fedseg-client check`) first; each refusal names the file
+and the fix. Then it starts flower-supernode with the federation's CA
 certificate, the site's private key and its node config, behind the app-bundle
 guard (only bundles listed in site.approved_bundles run). If the SuperNode
 stops, for instance while the server is down, it is restarted with exponential
@@ -203,8 +204,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", help="Shortcut for --set site.server_address=HOST:PORT.")
 
 
+def check_data(site: SiteConfig, say: Callable[[str], None] = print) -> None:
+    """Run `fedseg-client check` on the site's data; a broken case stops the daemon before it joins."""
+    from .check import check_dataset
+
+    say(f"site {site.name}: checking every case in {site.data_dir} before joining ...")
+    report = check_dataset(site.data_dir)
+    if not report.ok:
+        raise UserError(f"site {site.name} will not join: {report.message()}")
+    say(report.table())
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, [f"site.server_address={args.server}"] if args.server else [])
     site = resolve_site(cfg)
     check_material(site)
+    check_data(site)
     return Daemon(site).serve()

@@ -9,7 +9,9 @@ bfloat16.)
 from __future__ import annotations
 
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, Message
+
+from . import keys
 
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -42,3 +44,11 @@ def site_of_error(reason: str | None) -> str | None:
         return None
     name = reason[len(ERROR_PREFIX):].split(ERROR_SEPARATOR, 1)[0]
     return name if name and " " not in name else None
+
+
+def reply_site(msg: Message) -> str:
+    """The site that sent a reply: from its identity record, else from its error text, else its node id."""
+    if msg.has_content() and keys.IDENTITY in msg.content.config_records:
+        return str(msg.content.config_records[keys.IDENTITY].get(keys.SITE))
+    named = site_of_error(msg.error.reason) if msg.has_error() else None
+    return named or f"node-{msg.metadata.src_node_id}"

@@ -18,6 +18,8 @@ from safetensors.torch import load_file, save_file
 
 STATE_FILE = "state.json"
 LAST, BEST = "last.safetensors", "best.safetensors"
+ROUND_FILE = "round-{:04d}.safetensors"
+"""Name of one round's aggregate; server/resume.py looks rounds up by it."""
 
 
 @dataclass
@@ -48,8 +50,8 @@ class Checkpoints:
 
     def save_round(self, server_round: int, tensors: dict[str, torch.Tensor]) -> None:
         """Keep this round's aggregate as ``round-NNNN`` and as ``last``."""
-        self._save(tensors, f"round-{server_round:04d}.safetensors")
-        shutil.copyfile(self.dir / f"round-{server_round:04d}.safetensors", self.dir / (LAST + ".tmp"))
+        self._save(tensors, ROUND_FILE.format(server_round))
+        shutil.copyfile(self.dir / ROUND_FILE.format(server_round), self.dir / (LAST + ".tmp"))
         os.replace(self.dir / (LAST + ".tmp"), self.dir / LAST)
         self.state.last_round = server_round
         self._write_state()
@@ -58,7 +60,7 @@ class Checkpoints:
         """Make the round's model ``best`` if its federation Dice beats the best so far."""
         if dice <= self.state.best_dice:
             return False
-        shutil.copyfile(self.dir / f"round-{server_round:04d}.safetensors", self.dir / (BEST + ".tmp"))
+        shutil.copyfile(self.dir / ROUND_FILE.format(server_round), self.dir / (BEST + ".tmp"))
         os.replace(self.dir / (BEST + ".tmp"), self.dir / BEST)
         self.state.best_round, self.state.best_dice = server_round, dice
         self._write_state()

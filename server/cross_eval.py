@@ -32,7 +32,7 @@ from common.config import FedsegConfig
 from common.metrics_log import MetricsLog
 from common.plan import PLAN_FILE
 from common.runs import CHECKPOINT_DIR
-from common.wire import to_wire
+from common.wire import reply_site, to_wire
 
 from .checkpoints import BEST, LAST, Checkpoints
 
@@ -104,11 +104,6 @@ def _wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> list[int]:
     return nodes
 
 
-def _reply_site(msg: Message) -> str:
-    identity = msg.content.config_records.get(keys.IDENTITY) if msg.has_content() else None
-    return str(identity.get(keys.SITE)) if identity is not None else f"node-{msg.metadata.src_node_id}"
-
-
 def training_grid(grid: Grid, cfg: FedsegConfig) -> Grid:
     """Hide the held-out sites' nodes from training; the grid itself when there are none.
 
@@ -122,8 +117,8 @@ def training_grid(grid: Grid, cfg: FedsegConfig) -> Grid:
     nodes = _wait_for_nodes(grid, expected, cfg.federation.round_timeout_s)
     replies = grid.send_and_receive([_query(n, "identify", {}) for n in nodes],
                                     timeout=cfg.federation.round_timeout_s)
-    hidden = {m.metadata.src_node_id for m in replies if not m.has_error() and _reply_site(m) in held_out}
-    found = {_reply_site(m) for m in replies if not m.has_error()}
+    hidden = {m.metadata.src_node_id for m in replies if not m.has_error() and reply_site(m) in held_out}
+    found = {reply_site(m) for m in replies if not m.has_error()}
     if missing := held_out - found:
         log.warning("held-out site(s) %s did not answer; they will not be cross-evaluated", sorted(missing))
     return TrainingGrid(grid, hidden)
@@ -137,7 +132,7 @@ def _cell(model: str, msg: Message) -> Cell | str:
     if metrics is None or "dice" not in metrics:
         return "reply lacks the Dice metric"
     adapted = metrics.get("dice_adapted")
-    return Cell(model=model, site=_reply_site(msg), trained=bool(metrics.get("trained", 0.0)),
+    return Cell(model=model, site=reply_site(msg), trained=bool(metrics.get("trained", 0.0)),
                 dice=float(metrics["dice"]), dice_adapted=None if adapted is None else float(adapted),
                 num_examples=int(metrics.get(keys.NUM_EXAMPLES, 0)))
 
@@ -165,8 +160,8 @@ def cross_evaluate(grid: Grid, cfg: FedsegConfig, signature: str, models: dict[s
         model = by_id.get(msg.metadata.reply_to_message_id, "?")
         cell = _cell(model, msg)
         if isinstance(cell, str):
-            log.warning("cross-eval of %s at site %s failed: %s", model, _reply_site(msg), cell)
-            metrics_log.write("failure", round=None, site=_reply_site(msg), stage="cross-eval", reason=cell)
+            log.warning("cross-eval of %s at site %s failed: %s", model, reply_site(msg), cell)
+            metrics_log.write("failure", round=None, site=reply_site(msg), stage="cross-eval", reason=cell)
             continue
         cells.append(cell)
         metrics_log.write("cross-eval", **asdict(cell))

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from common.cli import UserError, config_from_args
 from common.config import FedsegConfig
+from common.progress import describe
 
 STARTUP_TIMEOUT_S = 90.0
 POLL_S = 0.5
@@ -70,28 +71,6 @@ def _wait_healthy(proc: subprocess.Popen, url: str, ca: Path, log: Path, what: s
         except httpx.HTTPError:
             time.sleep(POLL_S)
     raise UserError(f"{what} did not come up within {STARTUP_TIMEOUT_S:.0f} s; see {log}")
-
-
-def describe(event: dict, expected: int) -> str | None:
-    """One progress line per metrics event worth showing."""
-    kind = event["event"]
-    where = f"  round {event.get('round') or '-':>3}  {event.get('site') or '':<12}"
-    if kind == "train":
-        return f"{where} trained   loss {event['loss']:.4f}"
-    if kind == "evaluate":
-        return f"{where} evaluated Dice {event['dice']:.4f}"
-    if kind == "failure":
-        return f"{where} FAILED ({event.get('stage', '?')}): {event.get('reason')}"
-    if kind == "round":
-        dice = event["dice_weighted"]
-        return (f"round {event['round']}: {event['sites_ok']}/{expected} site(s) replied, "
-                f"failed {event['sites_failed'] or 'none'}, Dice {'n/a' if dice is None else f'{dice:.4f}'}, "
-                f"{event['duration_s']:.1f} s")
-    if kind == "run-start" and event.get("resumed_from_round"):
-        return f"resuming after round {event['resumed_from_round']} (from its checkpoint)"
-    if kind == "run-end":
-        return f"run finished: {event['status']}; best round {event['best_round']} (Dice {event['best_dice']:.4f})"
-    return None
 
 
 class Centre:

@@ -23,6 +23,7 @@ from common.config import FedsegConfig
 from common.fingerprint import FingerprintError, merge_fingerprints
 from common.metrics_log import MetricsLog
 from common.plan import PLAN_FILE, Plan, make_plan
+from common.wire import reply_site
 
 log = logging.getLogger("fedseg.server")
 PLANNER = "fedseg federated nnU-Net rules (server/planning.py)"
@@ -31,11 +32,6 @@ QUERY_TYPE = f"{MessageType.QUERY}.{keys.FINGERPRINT_ACTION}"
 
 class PlanningFailed(RuntimeError):
     """Too few sites sent a usable fingerprint to plan the federation."""
-
-
-def _site_name(msg: Message) -> str:
-    identity = msg.content.config_records.get(keys.IDENTITY) if msg.has_content() else None
-    return str(identity.get(keys.SITE)) if identity is not None else f"node-{msg.metadata.src_node_id}"
 
 
 def collect_fingerprints(grid: Grid, cfg: FedsegConfig, metrics_log: MetricsLog | None) -> dict[str, dict]:
@@ -47,7 +43,7 @@ def collect_fingerprints(grid: Grid, cfg: FedsegConfig, metrics_log: MetricsLog 
     ]
     records = {}
     for reply in grid.send_and_receive(messages, timeout=cfg.federation.round_timeout_s):
-        site = _site_name(reply)
+        site = reply_site(reply)
         if reply.has_error() or keys.FINGERPRINT not in reply.content.metric_records:
             reason = reply.error.reason if reply.has_error() else "no fingerprint in the reply"
             log.warning("fingerprint of site %s unusable: %s", site, reason)

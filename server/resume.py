@@ -22,13 +22,11 @@ from safetensors.torch import load_file
 
 from common.metrics_log import METRICS_FILE
 
-from .checkpoints import Checkpoints
+from .checkpoints import ROUND_FILE, Checkpoints
 
 log = logging.getLogger("fedseg.server")
 
 ROUND_EVENT = "round"
-ROUND_FILE = "round-{:04d}.safetensors"
-"""Per-round checkpoint name (server/checkpoints.py)."""
 
 
 def _events(path: Path) -> list[tuple[str, dict]]:

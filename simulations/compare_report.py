@@ -129,6 +129,16 @@ def markdown(table: dict[str, dict[str, Any]], seeds: list[int], command: str, b
     ])
 
 
+def _finish(fig, ax, path: Path, title: str, loc: str = "best") -> None:
+    """Common frame of every comparison plot: Dice axis 0-1, title, legend, PNG."""
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc=loc)
+    fig.tight_layout()
+    fig.savefig(path, dpi=PLOT_DPI)
+    plt.close(fig)
+
+
 def _plot_dice(table: dict[str, dict[str, Any]], path: Path) -> None:
     names = [n for n, r in table.items() if r["mean"]]
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4.2))
@@ -142,12 +152,7 @@ def _plot_dice(table: dict[str, dict[str, Any]], path: Path) -> None:
         ax.scatter(xs, ys, s=18, zorder=3, label=site)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_ylabel("Dice (foreground, validation)")
-    ax.set_ylim(0, 1)
-    ax.set_title("Final Dice per method under strong scanner shift")
-    ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=PLOT_DPI)
-    plt.close(fig)
+    _finish(fig, ax, path, "Final Dice per method under strong scanner shift", loc="upper left")
 
 
 def _plot_curves(table: dict[str, dict[str, Any]], path: Path) -> None:
@@ -157,12 +162,7 @@ def _plot_curves(table: dict[str, dict[str, Any]], path: Path) -> None:
             ax.plot(range(1, len(row["curve"]) + 1), row["curve"], marker=".", label=name)
     ax.set_xlabel("Round")
     ax.set_ylabel("Federation mean Dice (mean over seeds)")
-    ax.set_ylim(0, 1)
-    ax.set_title("Federated methods: validation Dice per round")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=PLOT_DPI)
-    plt.close(fig)
+    _finish(fig, ax, path, "Federated methods: validation Dice per round")
 
 
 def _plot_held_out(table: dict[str, dict[str, Any]], path: Path) -> None:
@@ -176,12 +176,7 @@ def _plot_held_out(table: dict[str, dict[str, Any]], path: Path) -> None:
            color="#e39b5b")
     ax.set_xticks(list(xs), [f"{n}\n{s}" for n, s, _ in rows], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("Dice (held-out site, validation)")
-    ax.set_ylim(0, 1)
-    ax.set_title("Site that never trained: as-is vs norm adaptation")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=PLOT_DPI)
-    plt.close(fig)
+    _finish(fig, ax, path, "Site that never trained: as-is vs norm adaptation")
 
 
 def write_report(out: Path, results: list[dict[str, Any]], methods, seeds: list[int], command: str,

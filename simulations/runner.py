@@ -29,8 +29,9 @@ import yaml
 from common import keys
 from common.config import FedsegConfig
 from common.flower_env import flower_command, flower_env, free_port
-from common.processes import stop_tree
 from common.metrics_log import METRICS_FILE, read_events
+from common.processes import stop_tree
+from common.progress import describe
 from common.runs import new_run_name, run_dir, simulated_site_config
 
 from .synthetic import generate_federation
@@ -128,26 +129,6 @@ class LocalSuperLink:
 
     def __exit__(self, *exc: object) -> None:
         stop_tree(self.proc)
-
-
-def describe(event: dict) -> str | None:
-    """One terminal line per event worth showing while the simulation runs."""
-    kind = event["event"]
-    if kind == "train":
-        return (f"  round {event['round']:>3}  {event['site']:<10} trained   loss {event['loss']:.4f}  "
-                f"prox {event['proximal_loss']:.5f}  {event['duration_s']:.1f} s")
-    if kind == "evaluate":
-        return f"  round {event['round']:>3}  {event['site']:<10} evaluated Dice {event['dice']:.4f}"
-    if kind == "failure":
-        return f"  round {event['round']:>3}  {event['site']:<10} FAILED ({event['stage']}): {event['reason']}"
-    if kind == "round":
-        dice = event["dice_weighted"]
-        dice_text = f"{dice:.4f}" if dice is not None else "n/a"
-        return (f"round {event['round']} done: {event['sites_ok']} site(s) trained, "
-                f"{len(event['sites_failed'])} failed, Dice (weighted) {dice_text}, {event['duration_s']:.1f} s")
-    if kind == "run-end":
-        return f"run finished: {event['status']}; best round {event['best_round']} (Dice {event['best_dice']:.4f})"
-    return None
 
 
 def follow(path: Path, seen: int, show: Callable[[str], None]) -> int:

@@ -90,3 +90,18 @@ def test_client_app_refuses_a_broken_dataset_with_the_message(tmp_path):
     cfg = load_config(None, [f"site.data_dir={root}", f"site.state_dir={tmp_path / 's'}"])
     with pytest.raises(DatasetError, match="labelsTr/case_000.nii.gz: unreadable"):
         open_split(cfg, SiteState(tmp_path / "s"))
+
+
+def test_the_daemon_refuses_to_join_with_a_broken_case(tmp_path):
+    from common.cli import UserError
+    from common.config import SiteConfig
+    from client.daemon import check_data
+
+    root = nnunet_dataset(tmp_path / "Dataset004_X", n_cases=2)
+    lines: list[str] = []
+    check_data(SiteConfig(name="s", data_dir=str(root)), say=lines.append)
+    assert "OK: training can start" in lines[-1]
+    target = root / "labelsTr/case_001.nii.gz"
+    target.write_bytes(target.read_bytes()[:100])
+    with pytest.raises(UserError, match="(?s)will not join.*labelsTr/case_001.nii.gz: unreadable"):
+        check_data(SiteConfig(name="s", data_dir=str(root)), say=lines.append)
