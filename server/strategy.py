@@ -49,6 +49,14 @@ class RoundTally:
     aggregation_s: float = 0.0
 
 
+def _annotator_fields(metrics: MetricRecord) -> dict[str, object]:
+    """Dice against the fusion and against each annotator, for sites whose cases have several label files."""
+    per_annotator = [float(metrics[k]) for k in keys.ANNOTATOR_METRICS[1:] if k in metrics]
+    if not per_annotator:
+        return {}
+    return {"dice_fusion": float(metrics[keys.ANNOTATOR_METRICS[0]]), "dice_per_annotator": per_annotator}
+
+
 class FedSegStrategy(FedProx):
     r"""FedProx on the shared tensors; normalization tensors chosen by ``norm_mode`` never leave the site.
 
@@ -246,6 +254,7 @@ class FedSegStrategy(FedProx):
             self.metrics.write(
                 "evaluate", round=rnd, site=self._site(msg), num_examples=int(m[keys.NUM_EXAMPLES]),
                 dice=m["dice"], dice_per_class=per_class, hd95=m.get("hd95"), loss=m["loss"],
+                **_annotator_fields(m),
             )
             dice.append(float(m["dice"]))
             weights.append(float(m[keys.NUM_EXAMPLES]))

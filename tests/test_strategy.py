@@ -80,3 +80,15 @@ def test_float16_replies_are_averaged_in_float32(tmp_path):
     arrays, _ = strategy.aggregate_train(1, [train_reply(11, "a", 0, 1, arrays=half), train_reply(12, "b", 2.0, 1)])
     assert arrays["w"].numpy().dtype == np.float32
     assert np.allclose(arrays["w"].numpy(), 1.5)
+
+
+def test_evaluate_events_carry_dice_per_annotator_when_a_site_has_several(tmp_path):
+    strategy = make_strategy(tmp_path)
+    common = {keys.NUM_EXAMPLES: 2, "dice": 0.8, "loss": 0.3, f"{keys.DICE_CLASS_PREFIX}1": 0.8}
+    annotated = {**common, "dice_fusion": 0.8, "dice_annotator_1": 0.75, "dice_annotator_2": 0.7}
+    for node, site, metrics in ((21, "many", annotated), (22, "single", common)):
+        content = RecordDict({keys.METRICS: MetricRecord(metrics), keys.IDENTITY: ConfigRecord({keys.SITE: site, keys.SIGNATURE: SIGNATURE})})
+        strategy.aggregate_evaluate(1, [reply(content, node, MessageType.EVALUATE)])
+    events = {e["site"]: e for e in read_events(tmp_path / "metrics.jsonl") if e["event"] == "evaluate"}
+    assert events["many"]["dice_fusion"] == 0.8 and events["many"]["dice_per_annotator"] == [0.75, 0.7]
+    assert "dice_per_annotator" not in events["single"]
