@@ -9,7 +9,10 @@ in a fresh process so that peak memory is its own:
 - ``fedseg-infer``: the same sliding-window segmentation on the preprocessed
   volume only;
 - ``plain``: monai.inferers.sliding_window_inference on the same preprocessed
-  volume, model, window and overlap, then argmax (what the issue measured).
+  volume, model, window and overlap, then argmax, with MONAI's default of one
+  window per forward pass (what the issue measured);
+- ``plain-batched``: the same with fedseg's windows per forward pass
+  (train.sw_batch_size), to show how much of the gain is batching alone.
 
     .venv/bin/python benchmarks/bench_predict.py [--shape 512 512 400] [--threads 2]
 
@@ -77,26 +80,29 @@ def peak_gib() -> float:
 def child(mode: str, work: Path, threads: int, overlap: float) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = build_model(load_config(None, MODEL).model).eval()
+    cfg = load_config(None, MODEL)
+    model = build_model(cfg.model).eval()
+    batch = cfg.train.sw_batch_size
     plan = Plan.load(work / "plan.json")
     started = time.perf_counter()
     if mode == "fedseg":
         from client.predict import predict_file
 
-        predict_file(work / "ct_0000.nii.gz", work / "ct_seg.nii.gz", model, plan, 2, overlap)
+        predict_file(work / "ct_0000.nii.gz", work / "ct_seg.nii.gz", model, plan, 2, overlap, batch)
     elif mode == "fedseg-infer":
         from client.predict import SlabInferer
 
         image = torch.from_numpy(np.load(work / "prepared.npy"))
         started = time.perf_counter()
-        SlabInferer(model, plan.patch_size, overlap, 2)(image)
+        SlabInferer(model, plan.patch_size, overlap, 2, batch)(image)
     else:
         from monai.inferers import sliding_window_inference
 
         image = torch.from_numpy(np.load(work / "prepared.npy"))
         started = time.perf_counter()
         with torch.no_grad():
-            logits = sliding_window_inference(image[None], plan.patch_size, 1, model, overlap=overlap)
+            windows = batch if mode == "plain-batched" else 1
+            logits = sliding_window_inference(image[None], plan.patch_size, windows, model, overlap=overlap)
             logits[0].argmax(0).to(torch.uint8)
     return {"mode": mode, "seconds": time.perf_counter() - started, "peak_gib": peak_gib()}
 
@@ -126,15 +132,15 @@ def main() -> None:
         np.save(work / "prepared.npy", prepared.numpy())
         del prepared
         print(f"volume {tuple(args.shape)} int16 CT, model {MODEL}, window {args.roi}^3, overlap {args.overlap}, "
-              f"{args.threads} threads")
+              f"{load_config(None).train.sw_batch_size} windows per pass (plain: 1), {args.threads} threads")
         results = {}
-        for mode in ("plain", "fedseg-infer", "fedseg"):
+        for mode in ("plain", "plain-batched", "fedseg-infer", "fedseg"):
             out = subprocess.run(
                 [sys.executable, __file__, "--child", mode, "--work", str(work), "--threads", str(args.threads),
                  "--overlap", str(args.overlap)], capture_output=True, text=True, check=True)
             results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
             r = results[mode]
-            print(f"{mode:<13} {r['seconds']:7.1f} s   peak RSS {r['peak_gib']:.2f} GiB", flush=True)
+            print(f"{mode:<14} {r['seconds']:7.1f} s   peak RSS {r['peak_gib']:.2f} GiB", flush=True)
         seg = nib.load(str(work / "ct_seg.nii.gz"))
         print(f"output: shape {seg.shape}, dtype {seg.get_data_dtype()}, axcodes {nib.aff2axcodes(seg.affine)}")
         print("targets: fedseg <= 20 s and <= 2.5 GiB (issue 4); issue's plain figure: 32.7 s, 2.14 GiB fp32")

@@ -145,8 +145,11 @@ def _train(site: Site, msg: Message) -> Message:
         global_params={k: received[k] for k in site.split.trainable_shared},
         mu=float(config[keys.PROXIMAL_MU]),
         seed=_round_seed(site.cfg, server_round),
+        optimizer_state=site.state.load_optimizer(site.signature) if site.cfg.train.keep_optimizer_state else None,
     )
     site.state.save_local(select(site.model, site.split.local), server_round, site.signature)
+    if site.cfg.train.keep_optimizer_state:
+        site.state.save_optimizer(result.optimizer_state, site.signature)
     arrays = to_wire(select(site.model, site.split.travelling), str(config[keys.WIRE_DTYPE]))
     metrics = {
         "loss": result.loss,

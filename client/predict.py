@@ -154,10 +154,10 @@ def to_original(label: np.ndarray, geometry: Geometry) -> np.ndarray:
 
 
 def predict_file(path: Path, out_path: Path, model: nn.Module, plan: Plan, num_classes: int,
-                 overlap: float, progress: bool = False, bf16: bool = False) -> np.ndarray:
-    """Segment one scan and write its label map on the input's grid."""
+                 overlap: float, batch_size: int, progress: bool = False, bf16: bool = False) -> np.ndarray:
+    """Segment one scan and write its label map on the input's grid; ``batch_size`` windows per forward pass."""
     image, geometry = prepare_image((path,), plan)
-    inferer = SlabInferer(model, plan.patch_size, overlap, num_classes, bf16=bf16, progress=progress)
+    inferer = SlabInferer(model, plan.patch_size, overlap, num_classes, batch_size, bf16=bf16, progress=progress)
     label = to_original(inferer(image.as_tensor()), geometry)
     del image
     if label.shape != geometry.shape:
@@ -257,6 +257,6 @@ def run(args: argparse.Namespace) -> int:
     for i, scan in enumerate(inputs, 1):
         out = args.output / output_name(scan)
         print(f"[{i}/{len(inputs)}] {scan.name} -> {out}")
-        predict_file(scan, out, model, plan, run_cfg.model.out_channels, overlap, progress=True,
-                     bf16=run_cfg.train.bf16)
+        predict_file(scan, out, model, plan, run_cfg.model.out_channels, overlap, run_cfg.train.sw_batch_size,
+                     progress=True, bf16=run_cfg.train.bf16)
     return 0

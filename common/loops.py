@@ -7,7 +7,8 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,6 +46,8 @@ class TrainResult:
     proximal_loss: float
     """Mean FedProx penalty over the local steps."""
     steps: int
+    optimizer_state: dict[str, Any] = field(default_factory=dict, repr=False)
+    """The optimizer's state after the last step, for a site that keeps it between rounds."""
 
 
 @dataclass(frozen=True)
@@ -226,8 +229,13 @@ def train_local(
     global_params: dict[str, torch.Tensor],
     mu: float,
     seed: int,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Run ``cfg.local_steps`` optimizer steps of DiceCE + FedProx on random patches.
+
+    ``optimizer_state`` resumes the optimizer where the site's previous round
+    left it: Adam restarted every round spends its first steps with unreliable
+    moment estimates, which at ten local steps is a large share of the round.
 
     Raises FloatingPointError when the loss stops being finite, so a diverging
     site reports a failure instead of sending NaN weights.
@@ -236,6 +244,8 @@ def train_local(
     num_classes = _num_classes(model)
     volumes = [as_volume(v, num_classes) for v in volumes]
     optimizer = make_optimizer(model, cfg)
+    if optimizer_state:
+        optimizer.load_state_dict(optimizer_state)
     criterion = seg_loss()
     sampler = PatchSampler(data, cfg.batch_size, seed, num_classes)
     batches = _batches(volumes, sampler, np.random.default_rng(seed))
@@ -254,7 +264,8 @@ def train_local(
         optimizer.step()
         seg_total += seg.item()
         prox_total += prox.detach().item()
-    return TrainResult(seg_total / cfg.local_steps, prox_total / cfg.local_steps, cfg.local_steps)
+    return TrainResult(seg_total / cfg.local_steps, prox_total / cfg.local_steps, cfg.local_steps,
+                       optimizer.state_dict())
 
 
 def _mean_foreground_dice(pred: torch.Tensor, truth: torch.Tensor) -> float:
@@ -283,10 +294,11 @@ def evaluate(
     for image, labels in volumes:
         labels = np.asarray(labels)
         x = torch.from_numpy(np.array(image, dtype=np.float32))[None]
-        y = torch.as_tensor(fuse(labels, num_classes))[None].long()
+        y = torch.tensor(fuse(labels, num_classes))[None].long()
         with autocast(cfg.bf16):
             logits = sliding_window_inference(
-                x, roi_size=data.patch_size, sw_batch_size=1, predictor=model, overlap=cfg.sw_overlap
+                x, roi_size=data.patch_size, sw_batch_size=cfg.sw_batch_size, predictor=model,
+                overlap=cfg.sw_overlap,
             ).float()
         losses.append(float(criterion(logits, y)))
         pred = one_hot(logits.argmax(dim=1, keepdim=True), num_classes)

@@ -233,7 +233,7 @@ class FedSegStrategy(FedProx):
         metrics = [RecordDict({keys.METRICS: msg.content.metric_records[keys.METRICS]}) for msg in sound]
         weights = [1.0 if self.private else float(m[keys.METRICS][keys.NUM_EXAMPLES]) for m in metrics]
         aggregate = robust.aggregate([msg.content.array_records[keys.ARRAYS] for msg in sound], weights,
-                                     self.cfg.federation)
+                                     self.cfg.federation, self.tally.reference)
         self.tally.aggregation_s += time.perf_counter() - started
         if not self.private:
             self.publish(rnd, aggregate)

@@ -14,7 +14,6 @@ session and shared by test_validation.py and test_robust.py.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from client import client_app
 from common import keys
-from common.config import FedsegConfig, load_config
+from common.config import FedsegConfig, apply_overrides, from_dict, load_config
 from common.metrics_log import MetricsLog
 from server.checkpoints import Checkpoints
 from server.server_app import initial_weights
@@ -58,13 +57,7 @@ class TrainedRound:
 
     def strategy(self, *overrides: str, name: str = "replay") -> FedSegStrategy:
         """A fresh strategy for this round (with ``section.key=value`` overrides), configured for training."""
-        cfg = self.cfg
-        for item in overrides:
-            section, rest = item.split(".", 1)
-            key, value = rest.split("=", 1)
-            kind = type(getattr(getattr(cfg, section), key))
-            cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section),
-                                                                           **{key: kind(value)})})
+        cfg = from_dict(apply_overrides(self.cfg.to_dict(), list(overrides)), "replay settings")
         out = self.run / name
         out.mkdir(parents=True, exist_ok=True)
         strategy = FedSegStrategy(cfg, self.signature, self.shapes, MetricsLog(out), Checkpoints(out / "ckpt"))

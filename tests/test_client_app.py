@@ -57,3 +57,20 @@ def test_failure_reason_holds_no_paths_or_case_names(tmp_path, tiny_federation):
     assert "/" not in reason and "Traceback" not in reason and victim.stem.split("_0000")[0] not in reason
     site_log = (tmp_path / "site-3-state" / "site.log").read_text()
     assert "Traceback" in site_log, "the full story stays in the site's own log"
+
+
+def test_optimizer_state_is_kept_at_the_site_when_configured(tmp_path, tiny_federation):
+    cfg, site_yaml = site_setup(tmp_path, tiny_federation["site-1"], "site-1", "train.keep_optimizer_state=true")
+    state_file = tmp_path / "site-1-state" / "optimizer.pt"
+    for server_round in (1, 2):
+        reply = handle(cfg, site_yaml, MessageType.TRAIN, server_round)
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        steps = {int(s["step"]) for s in torch.load(state_file, weights_only=True)["state"].values()}
+        assert steps == {server_round * cfg.train.local_steps}, "round 2 resumes the moments of round 1"
+    assert not any(k.startswith("optimizer") or k == "state" for k in reply.content.array_records[keys.ARRAYS])
+
+
+def test_a_fresh_optimizer_every_round_by_default(tmp_path, tiny_federation):
+    cfg, site_yaml = site_setup(tmp_path, tiny_federation["site-2"], "site-2")
+    assert not handle(cfg, site_yaml, MessageType.TRAIN).has_error()
+    assert not (tmp_path / "site-2-state" / "optimizer.pt").exists()
