@@ -1,6 +1,6 @@
 """A small trained federation of five real sites, and the hostile replies a broken or malicious site sends.
 
-``trained_round`` warms a five-site federation up for a few rounds with the
+``trained_round`` warms a five-site federation up for six rounds with the
 real strategy and the real ClientApp (tests/local_grid.py), then runs one
 more training round and keeps everything that round produced: the global
 model it started from and the five honest replies as the server received
@@ -8,7 +8,12 @@ them. Tests then swap one reply for a hostile one and aggregate again, and
 score any candidate global model with every site's own evaluation (each site
 uses its own normalization tensors, as in a real round).
 
-Building it takes about a minute on two cores, so it is built once per test
+Six warm-up rounds bring mean Dice to about 0.88, where one honest round
+moves it by about 0.01, as in most rounds of a real federation. After only
+two, one round moves Dice by 0.14, and a site that merely goes missing
+already changes it by more than 0.02: no aggregator could be judged there.
+
+Building it takes about a minute and a half on two cores, so it is built once per test
 session and shared by test_validation.py and test_robust.py.
 """
 
@@ -32,7 +37,7 @@ from simulations.synthetic import generate_federation
 from tests.local_grid import LocalGrid, federation, over_the_wire
 
 N_SITES = 5
-WARMUP_ROUNDS = 2
+WARMUP_ROUNDS = 6
 SETTINGS = [
     "model.channels=[8, 16, 32]", "model.strides=[2, 2]", "data.patch_size=[16, 16, 16]",
     "train.local_steps=15", "train.batch_size=2", "train.hd95=false", "train.lr=0.003",

@@ -1,14 +1,15 @@
-"""Robust aggregation: one hostile site of five does far less harm than with the plain mean.
+"""Robust aggregation: one hostile site of five changes the federation's mean Dice by under 0.02.
 
-The hostile site (site-5) sends the strongest update the norm bound lets
-through: its honest update flipped in sign and stretched to 80% of the bound.
-Measured on this tiny five-site benchmark (one validation case per site, so
-Dice is noisy), the plain mean loses 0.2 to 0.77 mean Dice; the coordinate
-median and trimmed mean lose 0.00 to 0.10, depending on which site is hostile
-and on the run. The issue's target, a change under 0.02, is therefore NOT
-reliably met against this attack, and these tests do not claim it: they
-check that robust aggregation bounds the damage (< 0.1) and at least halves
-what the plain mean suffers.
+Each site in turn plays the hostile one and sends the strongest update the
+norm bound lets through: its honest update flipped in sign and stretched to
+80% of the bound. Robust aggregation here is update clipping to the sites'
+median norm followed by the coordinate-wise trimmed mean or median; the
+issue's target is a change of the mean Dice over all five sites under 0.02.
+The plain mean must visibly suffer from the same attack, or the test proves
+nothing. Measured on this benchmark: trimmed mean or median with clipping
+change the mean Dice by at most 0.011, the plain mean loses 0.02 to 0.10
+depending on which site attacks, and the trimmed mean without clipping up
+to 0.025.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ from flwr.app import Array, ArrayRecord
 
 from common.config import ConfigError, load_config
 from server import robust
-from tests.hostile import scaled_update, trained_round
+from tests.hostile import N_SITES, scaled_update, trained_round
 
 NORM_BOUND = 10.0
 ATTACK_SHARE_OF_BOUND = 0.8
-MAX_ROBUST_DICE_LOSS = 0.1
-MIN_MEAN_DICE_LOSS = 0.1
-"""The attack must visibly hurt the plain mean, or these tests prove nothing."""
+TARGET_DICE_CHANGE = 0.02
+MIN_MEAN_DICE_LOSS = 0.05
+"""At its worst, the attack must visibly hurt the plain mean, or these tests prove nothing."""
+ROBUST = {"median": ("federation.aggregator=median", "federation.clip_updates=true"),
+          "trimmed_mean": ("federation.aggregator=trimmed_mean", "federation.clip_updates=true")}
 
 
 @pytest.fixture(scope="module")
@@ -33,34 +36,28 @@ def fed(tmp_path_factory):
     return trained_round(tmp_path_factory.getbasetemp() / "hostile")
 
 
-@pytest.fixture(scope="module")
-def attacked(fed):
-    """The honest replies with site-5's replaced by a sign-flipped update just inside the bound."""
-    *honest, victim = fed.honest
+def attacked(fed, hostile: int) -> list:
+    """The honest replies with site ``hostile``'s replaced by a sign-flipped update just inside the bound."""
+    replies = list(fed.honest)
     norms = fed.norms()
-    others = float(np.median(norms[:-1]))
-    factor = -ATTACK_SHARE_OF_BOUND * NORM_BOUND * others / norms[-1]
-    return [*honest, scaled_update(victim, fed.start, factor)]
+    others = float(np.median(norms[:hostile] + norms[hostile + 1:]))
+    factor = -ATTACK_SHARE_OF_BOUND * NORM_BOUND * others / norms[hostile]
+    replies[hostile] = scaled_update(replies[hostile], fed.start, factor)
+    return replies
 
 
-@pytest.fixture(scope="module")
-def mean_loss(fed, attacked) -> float:
+def test_the_attack_hurts_the_plain_mean(fed):
     clean = fed.dice(fed.aggregate(fed.honest, name="mean-clean"))
-    hostile = fed.dice(fed.aggregate(attacked, name="mean-hostile"))
-    return clean - hostile
+    losses = [clean - fed.dice(fed.aggregate(attacked(fed, k), name=f"mean-{k}")) for k in range(N_SITES)]
+    assert max(losses) > MIN_MEAN_DICE_LOSS, losses
 
 
-def test_the_attack_hurts_the_plain_mean(mean_loss):
-    assert mean_loss > MIN_MEAN_DICE_LOSS, mean_loss
-
-
-@pytest.mark.parametrize("aggregator", ["median", "trimmed_mean"])
-def test_robust_aggregation_bounds_one_hostile_site_of_five(fed, attacked, mean_loss, aggregator):
-    setting = f"federation.aggregator={aggregator}"
-    clean = fed.dice(fed.aggregate(fed.honest, setting, name=f"{aggregator}-clean"))
-    hostile = fed.dice(fed.aggregate(attacked, setting, name=f"{aggregator}-hostile"))
-    change = abs(hostile - clean)
-    assert change < MAX_ROBUST_DICE_LOSS and change < mean_loss / 2, (aggregator, clean, hostile, mean_loss)
+@pytest.mark.parametrize("aggregator", sorted(ROBUST))
+def test_robust_aggregation_keeps_mean_dice_within_target_whichever_site_is_hostile(fed, aggregator):
+    clean = fed.dice(fed.aggregate(fed.honest, *ROBUST[aggregator], name=f"{aggregator}-clean"))
+    changes = [fed.dice(fed.aggregate(attacked(fed, k), *ROBUST[aggregator], name=f"{aggregator}-{k}")) - clean
+               for k in range(N_SITES)]
+    assert max(abs(c) for c in changes) < TARGET_DICE_CHANGE, (aggregator, clean, changes)
 
 
 # --- the aggregators' arithmetic --------------------------------------------------------
@@ -99,6 +96,17 @@ def test_aggregate_is_float32_in_key_order():
     assert list(out) == ["w", "b"] and out["w"].numpy().dtype == np.float32
 
 
+def test_clipping_scales_long_updates_down_to_the_median_norm():
+    reference = {"w": np.zeros(2, np.float32), "b": np.zeros(1, np.float32)}
+    records = _records(1.0, 2.0, 3.0, -300.0)  # update norms sqrt(3) x |v|: median is 2.5 sqrt(3)
+    clipped = robust.clip_updates(records, reference)
+    assert clipped[0] is records[0] and clipped[1] is records[1], "short updates pass unchanged"
+    assert np.allclose(clipped[2]["w"].numpy(), [2.5, -2.5]) and np.allclose(clipped[3]["b"].numpy(), [-2.5])
+    cfg = load_config(None, ["federation.clip_updates=true"]).federation
+    mean = robust.aggregate(records, [1.0] * 4, cfg, reference)["w"].numpy()
+    assert np.allclose(mean, [(1 + 2 + 2.5 - 2.5) / 4, -(1 + 2 + 2.5 - 2.5) / 4])
+
+
 def test_invalid_settings_are_refused():
     with pytest.raises(ConfigError, match="trim_fraction"):
         load_config(None, ["federation.trim_fraction=0.5"])
@@ -106,3 +114,5 @@ def test_invalid_settings_are_refused():
         load_config(None, ["federation.aggregator=median", "privacy.noise_multiplier=1.0"])
     with pytest.raises(ConfigError, match="norm_bound"):
         load_config(None, ["federation.norm_bound=0.5"])
+    with pytest.raises(ConfigError, match="clip_updates"):
+        load_config(None, ["federation.clip_updates=true", "privacy.noise_multiplier=1.0"])
