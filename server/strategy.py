@@ -21,6 +21,7 @@ from common.metrics_log import MetricsLog
 from common.wire import from_wire, site_of_error, to_wire
 
 from . import robust
+from .momentum import ServerMomentum
 from .checkpoints import Checkpoints
 from .validation import ReplyValidator
 
@@ -84,7 +85,10 @@ class FedSegStrategy(FedProx):
     std :math:`zC/|S_t|` is added (server/dp.py). When fewer
     than ``federation.min_sites`` sites remain, the round is not aggregated:
     it is skipped (the previous global model is kept) or the run stops, as
-    configured. Arrays may travel in float16; the mean is always taken in float32.
+    configured. With ``server_momentum`` :math:`\beta > 0` the server moves by a
+    velocity instead (FedAvgM, server/momentum.py):
+    :math:`v^{t+1} = \beta v^t + (w_{agg} - w^t)`, :math:`w^{t+1} = w^t + v^{t+1}`.
+    Arrays may travel in float16; the mean is always taken in float32.
     """
 
     def __init__(
@@ -118,6 +122,8 @@ class FedSegStrategy(FedProx):
         self.tally = RoundTally()
         self.validator = ReplyValidator(signature, shapes, cfg.federation.norm_bound)
         self.private = cfg.privacy.noise_multiplier > 0
+        beta = cfg.federation.server_momentum
+        self.momentum = ServerMomentum(beta) if beta > 0 else None
         """With DP the mean is unweighted and the DP wrapper publishes the noised model (server/dp.py)."""
 
     def summary(self) -> None:
@@ -234,6 +240,8 @@ class FedSegStrategy(FedProx):
         weights = [1.0 if self.private else float(m[keys.METRICS][keys.NUM_EXAMPLES]) for m in metrics]
         aggregate = robust.aggregate([msg.content.array_records[keys.ARRAYS] for msg in sound], weights,
                                      self.cfg.federation, self.tally.reference)
+        if self.momentum is not None and self.tally.reference is not None:
+            aggregate = self.momentum.step(self.tally.reference, aggregate)
         self.tally.aggregation_s += time.perf_counter() - started
         if not self.private:
             self.publish(rnd, aggregate)
