@@ -259,10 +259,11 @@ def train_local(
             seg = criterion(model(image).float(), label)
         seg.backward()
         prox = proximal.apply()  # adds mu * (w - w^t) to the shared gradients
-        if not (math.isfinite(seg.item()) and math.isfinite(prox)):
+        seg_value = seg.item()
+        if not (math.isfinite(seg_value) and math.isfinite(prox)):
             raise FloatingPointError(f"training loss became non-finite at local step {step + 1}")
         optimizer.step()
-        seg_total += seg.item()
+        seg_total += seg_value
         prox_total += prox
     return TrainResult(seg_total / cfg.local_steps, prox_total / cfg.local_steps, cfg.local_steps,
                        optimizer.state_dict())

@@ -46,9 +46,13 @@ def site_of_error(reason: str | None) -> str | None:
     return name if name and " " not in name else None
 
 
-def reply_site(msg: Message) -> str:
-    """The site that sent a reply: from its identity record, else from its error text, else its node id."""
+def named_site(msg: Message) -> str | None:
+    """The site a reply names: in its identity record, or at the front of its error text."""
     if msg.has_content() and keys.IDENTITY in msg.content.config_records:
         return str(msg.content.config_records[keys.IDENTITY].get(keys.SITE))
-    named = site_of_error(msg.error.reason) if msg.has_error() else None
-    return named or f"node-{msg.metadata.src_node_id}"
+    return site_of_error(msg.error.reason) if msg.has_error() else None
+
+
+def reply_site(msg: Message) -> str:
+    """The site that sent a reply, or its node id when the reply names none."""
+    return named_site(msg) or f"node-{msg.metadata.src_node_id}"

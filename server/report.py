@@ -123,14 +123,19 @@ def _finish(fig, ax, path: Path, title: str, xlabel: str, ylabel: str) -> None:
     plt.close(fig)
 
 
+def _round_line(ax, rounds: list[dict[str, Any]], key: str, style: str, label: str) -> None:
+    """One black line of a federation-wide value from the round summaries, where they have it."""
+    points = [(r["round"], r[key]) for r in rounds if r.get(key) is not None]
+    if points:
+        ax.plot(*zip(*points), style, color="black", label=label)
+
+
 def plot_dice(k: dict[str, list[dict[str, Any]]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for site, (rounds, dice) in _series(k["evaluate"], "dice").items():
         ax.plot(rounds, dice, marker="o", label=site)
-    for key, style, label in (("dice_mean", "--", "federation mean"), ("dice_weighted", ":", "federation weighted")):
-        points = [(r["round"], r[key]) for r in k["round"] if r.get(key) is not None]
-        if points:
-            ax.plot(*zip(*points), style, color="black", label=label)
+    _round_line(ax, k["round"], "dice_mean", "--", "federation mean")
+    _round_line(ax, k["round"], "dice_weighted", ":", "federation weighted")
     _mark_failures(ax, k["failure"], 0.0)
     ax.set_ylim(-0.03, 1.0)
     _finish(fig, ax, path, "Validation Dice per site and round (each site's own norm layers)", "Round",
@@ -152,9 +157,7 @@ def plot_seconds(k: dict[str, list[dict[str, Any]]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for site, (rounds, secs) in _series(k["train"], "duration_s").items():
         ax.plot(rounds, secs, marker="o", label=f"{site} local training")
-    points = [(r["round"], r["duration_s"]) for r in k["round"] if r.get("duration_s") is not None]
-    if points:
-        ax.plot(*zip(*points), "--", color="black", label="whole round (server)")
+    _round_line(ax, k["round"], "duration_s", "--", "whole round (server)")
     _mark_failures(ax, k["failure"], 0.0)
     _finish(fig, ax, path, "Time per round", "Round", "Seconds")
 

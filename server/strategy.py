@@ -18,11 +18,11 @@ from common import keys
 from common.config import FedsegConfig
 from common.digest import message_sha256
 from common.metrics_log import MetricsLog
-from common.wire import from_wire, site_of_error, to_wire
+from common.wire import from_wire, named_site, to_wire
 
 from . import robust
-from .momentum import ServerMomentum
 from .checkpoints import Checkpoints
+from .momentum import ServerMomentum
 from .validation import ReplyValidator
 
 log = logging.getLogger("fedseg.server")
@@ -122,9 +122,9 @@ class FedSegStrategy(FedProx):
         self.tally = RoundTally()
         self.validator = ReplyValidator(signature, shapes, cfg.federation.norm_bound)
         self.private = cfg.privacy.noise_multiplier > 0
+        """With DP the mean is unweighted and the DP wrapper publishes the noised model (server/dp.py)."""
         beta = cfg.federation.server_momentum
         self.momentum = ServerMomentum(beta) if beta > 0 else None
-        """With DP the mean is unweighted and the DP wrapper publishes the noised model (server/dp.py)."""
 
     def summary(self) -> None:
         log.info("fedseg: norm_mode=%s quorum=%d on_quorum_failure=%s wire=%s",
@@ -166,10 +166,8 @@ class FedSegStrategy(FedProx):
         if node == SUPERLINK_NODE_ID:  # the SuperLink answered for a node that went away
             node = next((m.metadata.dst_node_id for m in self.outgoing
                          if m.metadata.message_id == msg.metadata.reply_to_message_id), node)
-        if msg.has_content() and keys.IDENTITY in msg.content.config_records:
-            self.node_sites[node] = str(msg.content.config_records[keys.IDENTITY].get(keys.SITE, f"node-{node}"))
-        elif msg.has_error() and site_of_error(msg.error.reason):
-            self.node_sites[node] = site_of_error(msg.error.reason)
+        if named := named_site(msg):
+            self.node_sites[node] = named
         return self.node_sites.get(node, f"node-{node}")
 
     def _screen(self, server_round: int, replies: Iterable[Message], is_train: bool) -> list[Message]:
