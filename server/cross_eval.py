@@ -35,12 +35,12 @@ from common.runs import CHECKPOINT_DIR
 from common.wire import reply_site, to_wire
 
 from .checkpoints import BEST, LAST, Checkpoints
+from .nodes import wait_for_nodes
 
 log = logging.getLogger("fedseg.server")
 
 CROSS_EVAL_FILE = "cross-eval.json"
 MESSAGE_TYPE = f"{MessageType.QUERY}.{keys.CROSS_EVAL_ACTION}"
-NODE_WAIT_POLL_S = 1.0
 REPLY_POLL_S = 0.5
 
 
@@ -97,13 +97,6 @@ def _query(node: int, task: str, config: dict, arrays: ArrayRecord | None = None
     return Message(content=content, dst_node_id=node, message_type=MESSAGE_TYPE)
 
 
-def _wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> list[int]:
-    deadline = time.monotonic() + timeout_s
-    while len(nodes := list(grid.get_node_ids())) < expected and time.monotonic() < deadline:
-        time.sleep(NODE_WAIT_POLL_S)
-    return nodes
-
-
 def training_grid(grid: Grid, cfg: FedsegConfig) -> Grid:
     """Hide the held-out sites' nodes from training; the grid itself when there are none.
 
@@ -114,7 +107,7 @@ def training_grid(grid: Grid, cfg: FedsegConfig) -> Grid:
     if not held_out:
         return grid
     expected = len(cfg.federation.sites) + len(held_out)
-    nodes = _wait_for_nodes(grid, expected, cfg.federation.round_timeout_s)
+    nodes = wait_for_nodes(grid, expected, cfg.federation.round_timeout_s)
     replies = grid.send_and_receive([_query(n, "identify", {}) for n in nodes],
                                     timeout=cfg.federation.round_timeout_s)
     hidden = {m.metadata.src_node_id for m in replies if not m.has_error() and reply_site(m) in held_out}
@@ -235,7 +228,7 @@ def on_demand(grid: Grid, cfg: FedsegConfig, signature: str, run: Path) -> None:
                       checkpoint=name, sites=cfg.federation.sites, signature=signature)
     status = "evaluated"
     try:
-        _wait_for_nodes(grid, len(cfg.federation.sites) + len(cfg.federation.held_out_sites),
+        wait_for_nodes(grid, len(cfg.federation.sites) + len(cfg.federation.held_out_sites),
                         cfg.federation.round_timeout_s)
         cross_evaluate(grid, cfg, signature, {name: load_file(path)}, metrics_log, run)
     except Exception as err:

@@ -1,7 +1,8 @@
 """Before the first round: ask every site for its fingerprint and make the federation's plan.
 
-The ServerApp sends one ``query.fingerprint`` message to every connected site
-(at least ``federation.min_sites``); each replies with a MetricRecord of
+The ServerApp waits for every site of ``federation.sites`` to connect (at
+least ``federation.min_sites``, at most ``round_timeout_s``) and sends each
+one ``query.fingerprint`` message; each replies with a MetricRecord of
 aggregate statistics (common.fingerprint). The replies are merged and the
 plan is made by nnU-Net's rules (common.plan), written to
 ``runs/<run>/plan.json`` with its provenance, and returned so that it travels
@@ -16,7 +17,6 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from common import keys
 from common.config import FedsegConfig
@@ -24,6 +24,8 @@ from common.fingerprint import FingerprintError, merge_fingerprints
 from common.metrics_log import MetricsLog
 from common.plan import PLAN_FILE, Plan, make_plan
 from common.wire import reply_site
+
+from .nodes import wait_for_nodes
 
 log = logging.getLogger("fedseg.server")
 PLANNER = "fedseg federated nnU-Net rules (server/planning.py)"
@@ -36,7 +38,10 @@ class PlanningFailed(RuntimeError):
 
 def collect_fingerprints(grid: Grid, cfg: FedsegConfig, metrics_log: MetricsLog | None) -> dict[str, dict]:
     """Site name -> fingerprint record, from every site that answered soundly."""
-    _, node_ids = sample_nodes(grid, cfg.federation.min_sites, cfg.federation.min_sites)
+    # Every listed site is waited for (up to a round's timeout): planning on the first
+    # min_sites to connect would leave out, or fail on, sites that join a moment later.
+    expected = max(cfg.federation.min_sites, len(cfg.federation.sites))
+    node_ids = wait_for_nodes(grid, expected, cfg.federation.round_timeout_s)
     messages = [
         Message(RecordDict({keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 0})}), node, QUERY_TYPE)
         for node in node_ids
