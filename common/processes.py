@@ -36,7 +36,7 @@ def descendants(pid: int) -> list[int]:
         for child in tree.get(todo.pop(), []):
             found.append(child)
             todo.append(child)
-    return found
+    return [p for p in found if _alive(p)]
 
 
 def _alive(pid: int) -> bool:

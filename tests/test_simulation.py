@@ -8,6 +8,7 @@ that follow design.md.
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -97,5 +98,6 @@ def test_config_snapshot_and_site_state(finished_run):
 def test_nothing_keeps_running(finished_run):
     import os
 
-    leftovers = [p for p in descendants(os.getpid())]
-    assert leftovers == []
+    leftovers = descendants(os.getpid())
+    assert leftovers == [], [Path(f"/proc/{p}/cmdline").read_bytes()[:200] for p in leftovers
+                             if Path(f"/proc/{p}/cmdline").exists()]
