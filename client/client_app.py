@@ -8,6 +8,7 @@ no traceback, no file paths, no case names.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import logging
 import time
@@ -110,18 +111,34 @@ class Site:
         )
         if arrays is not None:
             content[keys.ARRAYS] = arrays
-        site_history.record_reply(self.state.root, msg, metrics, arrays)
         return Message(content=content, reply_to=msg)
 
 
+_serving: contextvars.ContextVar[Path | None] = contextvars.ContextVar("fedseg_serving_site", default=None)
+"""The state folder of the site whose message this process is handling now.
+
+One process can serve several sites (a Ray actor in the simulation); each
+site.log must get only its own site's records, never another site's tracebacks.
+"""
 _site_log_handlers: dict[Path, logging.Handler] = {}
+
+
+class _OnlyThisSite(logging.Filter):
+    def __init__(self, state_root: Path) -> None:
+        super().__init__()
+        self.state_root = state_root
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _serving.get() == self.state_root
 
 
 def _log_to_site_file(state_root: Path) -> None:
     """Full details of every failure stay at the site, in <state_dir>/site.log."""
+    _serving.set(state_root)
     if state_root not in _site_log_handlers:
         handler = logging.FileHandler(state_root / "site.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(_OnlyThisSite(state_root))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         _site_log_handlers[state_root] = handler
@@ -145,11 +162,8 @@ def _train(site: Site, msg: Message) -> Message:
         global_params={k: received[k] for k in site.split.trainable_shared},
         mu=float(config[keys.PROXIMAL_MU]),
         seed=_round_seed(site.cfg, server_round),
-        optimizer_state=site.state.load_optimizer(site.signature) if site.cfg.train.keep_optimizer_state else None,
     )
     site.state.save_local(select(site.model, site.split.local), server_round, site.signature)
-    if site.cfg.train.keep_optimizer_state:
-        site.state.save_optimizer(result.optimizer_state, site.signature)
     arrays = to_wire(select(site.model, site.split.travelling), str(config[keys.WIRE_DTYPE]))
     metrics = {
         "loss": result.loss,
@@ -178,6 +192,7 @@ def _evaluate(site: Site, msg: Message) -> Message:
 def _handle(handler: Callable[[Site, Message], Message], msg: Message, context: Context) -> Message:
     """Every reply, error or not, leaves through the egress guard (client/egress.py)."""
     site_name, site = "unknown", None
+    _serving.set(None)
     try:
         site = Site.resolve(context)
         site_name = site.cfg.site.name
@@ -185,7 +200,11 @@ def _handle(handler: Callable[[Site, Message], Message], msg: Message, context: 
     except Exception as err:  # every failure becomes a sanitized error reply
         log.exception("site %s failed to handle a %s message", site_name, msg.metadata.message_type)
         reply = Message(Error(code=SITE_ERROR_CODE, reason=sanitized_reason(site_name, err)), reply_to=msg)
-    return egress.guard(reply, msg, site)
+    reply = egress.guard(reply, msg, site)
+    if site is not None and not reply.has_error():  # the site's history counts only what really left
+        site_history.record_reply(site.state.root, msg, dict(reply.content.metric_records.get(keys.METRICS, {})),
+                                  reply.content.array_records.get(keys.ARRAYS))
+    return reply
 
 
 app = ClientApp()

@@ -18,7 +18,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 NORM_FILE = "norm.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
 SITE_FILE = "site.json"
 CACHE_DIR = "cache"
 
@@ -32,7 +31,7 @@ def _atomic_replace(tmp: Path, path: Path) -> None:
 
 
 class SiteState:
-    """Reads and writes ``<state_dir>/norm.safetensors``, ``optimizer.pt`` and ``site.json``."""
+    """Reads and writes ``<state_dir>/norm.safetensors`` and ``site.json``."""
 
     def __init__(self, state_dir: Path) -> None:
         self.root = Path(state_dir)
@@ -81,17 +80,3 @@ class SiteState:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         _atomic_replace(tmp, path)
         self.update_info(model_signature=signature, last_round=server_round)
-
-    def load_optimizer(self, signature: str) -> dict[str, Any] | None:
-        """The optimizer state the site's previous round left, if it was for this model."""
-        path = self.root / OPTIMIZER_FILE
-        if not path.is_file() or self.info().get("optimizer_signature") != signature:
-            return None
-        return torch.load(path, weights_only=True)
-
-    def save_optimizer(self, state: dict[str, Any], signature: str) -> None:
-        path = self.root / OPTIMIZER_FILE
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        _atomic_replace(tmp, path)
-        self.update_info(optimizer_signature=signature)

@@ -84,10 +84,6 @@ class TrainConfig:
     local_steps: int = option(10, "Optimizer steps per site per round.")
     batch_size: int = option(2, "Patches per optimizer step.")
     optimizer: Literal["adam", "sgd"] = option("adam", "Local optimizer.")
-    keep_optimizer_state: bool = option(
-        False, "Keep the local optimizer's moments at the site from round to round (else a fresh optimizer "
-               "every round); they stay in site.state_dir and never travel."
-    )
     lr: float = option(1e-3, "Local learning rate.")
     weight_decay: float = option(1e-5, "L2 weight decay of the local optimizer.")
     proximal_mu: float = option(0.01, "FedProx mu: weight of (mu/2)*||w - w_global||^2; 0 is FedAvg.")
@@ -135,9 +131,6 @@ class FederationConfig:
     clip_updates: bool = option(
         False, "Scale every update ||w_k - w_global|| longer than the sites' median down to it before "
                "aggregating, so no site pulls harder than a typical one (not with differential privacy)."
-    )
-    server_momentum: float = option(
-        0.0, "FedAvgM: the server moves by beta * previous move + this round's update; 0 = plain update."
     )
     trim_fraction: float = option(0.2, "trimmed_mean: share of sites dropped at each end of every coordinate.")
     norm_bound: float = option(
@@ -266,11 +259,6 @@ def check_robustness(cfg: FedsegConfig) -> None:
         raise ConfigError(f"federation.norm_bound must be 0 (off) or >= 1, got {f.norm_bound}.")
     if p.noise_multiplier < 0 or p.clipping_norm <= 0 or not 0 < p.delta < 1:
         raise ConfigError("privacy.noise_multiplier must be >= 0, privacy.clipping_norm > 0 and privacy.delta in (0, 1).")
-    if not 0.0 <= f.server_momentum < 1.0:
-        raise ConfigError(f"federation.server_momentum must be in [0, 1), got {f.server_momentum}.")
-    if p.noise_multiplier > 0 and f.server_momentum > 0:
-        raise ConfigError("privacy.noise_multiplier > 0 needs federation.server_momentum: 0 (the velocity would "
-                          "carry un-noised updates into later releases).")
     if p.noise_multiplier > 0 and f.clip_updates:
         raise ConfigError("privacy.noise_multiplier > 0 clips every update at privacy.clipping_norm already; set "
                           "federation.clip_updates: false (a median-relative clip would break the DP accounting).")

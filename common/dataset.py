@@ -53,10 +53,6 @@ class Case:
     def label(self) -> Path:
         return self.labels[0]
 
-    @property
-    def files(self) -> tuple[Path, ...]:
-        return (*self.images, *self.labels)
-
 
 @dataclass(frozen=True)
 class DatasetSpec:

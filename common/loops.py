@@ -7,8 +7,7 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -46,8 +45,6 @@ class TrainResult:
     proximal_loss: float
     """Mean FedProx penalty over the local steps."""
     steps: int
-    optimizer_state: dict[str, Any] = field(default_factory=dict, repr=False)
-    """The optimizer's state after the last step, for a site that keeps it between rounds."""
 
 
 @dataclass(frozen=True)
@@ -229,12 +226,10 @@ def train_local(
     global_params: dict[str, torch.Tensor],
     mu: float,
     seed: int,
-    optimizer_state: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Run ``cfg.local_steps`` optimizer steps of DiceCE + FedProx on random patches.
 
-    ``optimizer_state`` resumes the optimizer where the site's previous round
-    left it (``train.keep_optimizer_state``). The FedProx gradient is added in
+    The FedProx gradient is added in
     closed form after ``backward()`` (common.fedprox.ProximalGradient), which
     costs a fifth of building the penalty's autograd graph every step.
 
@@ -245,8 +240,6 @@ def train_local(
     num_classes = _num_classes(model)
     volumes = [as_volume(v, num_classes) for v in volumes]
     optimizer = make_optimizer(model, cfg)
-    if optimizer_state:
-        optimizer.load_state_dict(optimizer_state)
     criterion = seg_loss()
     sampler = PatchSampler(data, cfg.batch_size, seed, num_classes)
     batches = _batches(volumes, sampler, np.random.default_rng(seed))
@@ -265,8 +258,7 @@ def train_local(
         optimizer.step()
         seg_total += seg_value
         prox_total += prox
-    return TrainResult(seg_total / cfg.local_steps, prox_total / cfg.local_steps, cfg.local_steps,
-                       optimizer.state_dict())
+    return TrainResult(seg_total / cfg.local_steps, prox_total / cfg.local_steps, cfg.local_steps)
 
 
 def _mean_foreground_dice(pred: torch.Tensor, truth: torch.Tensor) -> float:

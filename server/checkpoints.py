@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 STATE_FILE = "state.json"
 LAST, BEST = "last.safetensors", "best.safetensors"
@@ -65,7 +65,3 @@ class Checkpoints:
         self.state.best_round, self.state.best_dice = server_round, dice
         self._write_state()
         return True
-
-    def load_last(self) -> dict[str, torch.Tensor] | None:
-        path = self.dir / LAST
-        return load_file(path) if self.state.last_round and path.is_file() else None

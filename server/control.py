@@ -41,7 +41,6 @@ COMPONENT = "flwr CLI"
 @dataclass(frozen=True)
 class Registration:
     added: list[str]
-    kept: list[str]
     removed: list[int]
 
 
@@ -85,7 +84,7 @@ class ControlAPI:
             if pem not in present:
                 self.client.RegisterNode(RegisterNodeRequest(public_key=pem, name=site))
                 added.append(site)
-        return Registration(added, sorted(set(wanted.values()) - set(added)), removed)
+        return Registration(added, removed)
 
     def node_names(self) -> dict[int, str]:
         return {n.node_id: n.name for n in self._nodes() if n.name}

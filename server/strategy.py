@@ -22,7 +22,6 @@ from common.wire import from_wire, named_site, to_wire
 
 from . import robust
 from .checkpoints import Checkpoints
-from .momentum import ServerMomentum
 from .validation import ReplyValidator
 
 log = logging.getLogger("fedseg.server")
@@ -85,9 +84,7 @@ class FedSegStrategy(FedProx):
     std :math:`zC/|S_t|` is added (server/dp.py). When fewer
     than ``federation.min_sites`` sites remain, the round is not aggregated:
     it is skipped (the previous global model is kept) or the run stops, as
-    configured. With ``server_momentum`` :math:`\beta > 0` the server moves by a
-    velocity instead (FedAvgM, server/momentum.py):
-    :math:`v^{t+1} = \beta v^t + (w_{agg} - w^t)`, :math:`w^{t+1} = w^t + v^{t+1}`.
+    configured.
     Arrays may travel in float16; the mean is always taken in float32.
     """
 
@@ -123,8 +120,6 @@ class FedSegStrategy(FedProx):
         self.validator = ReplyValidator(signature, shapes, cfg.federation.norm_bound)
         self.private = cfg.privacy.noise_multiplier > 0
         """With DP the mean is unweighted and the DP wrapper publishes the noised model (server/dp.py)."""
-        beta = cfg.federation.server_momentum
-        self.momentum = ServerMomentum(beta) if beta > 0 else None
 
     def summary(self) -> None:
         log.info("fedseg: norm_mode=%s quorum=%d on_quorum_failure=%s wire=%s",
@@ -238,8 +233,6 @@ class FedSegStrategy(FedProx):
         weights = [1.0 if self.private else float(m[keys.METRICS][keys.NUM_EXAMPLES]) for m in metrics]
         aggregate = robust.aggregate([msg.content.array_records[keys.ARRAYS] for msg in sound], weights,
                                      self.cfg.federation, self.tally.reference)
-        if self.momentum is not None and self.tally.reference is not None:
-            aggregate = self.momentum.step(self.tally.reference, aggregate)
         self.tally.aggregation_s += time.perf_counter() - started
         if not self.private:
             self.publish(rnd, aggregate)

@@ -116,19 +116,3 @@ def test_invalid_settings_are_refused():
         load_config(None, ["federation.norm_bound=0.5"])
     with pytest.raises(ConfigError, match="clip_updates"):
         load_config(None, ["federation.clip_updates=true", "privacy.noise_multiplier=1.0"])
-
-
-def test_server_momentum_moves_by_the_velocity():
-    from server.momentum import ServerMomentum
-
-    momentum = ServerMomentum(0.5)
-    start = {"w": np.zeros(2, np.float32), "b": np.zeros(1, np.float32)}
-    first = momentum.step(start, _records(1.0)[0])
-    assert np.allclose(first["w"].numpy(), [1.0, -1.0]), "the first round is the plain update"
-    after = {k: v.numpy() for k, v in first.items()}
-    second = momentum.step(after, _records(2.0)[0])  # this round's update is +1 on w[0]
-    assert np.allclose(second["w"].numpy(), [1.0 + 1.0 + 0.5 * 1.0, -2.5])
-    with pytest.raises(ConfigError, match="server_momentum"):
-        load_config(None, ["federation.server_momentum=0.5", "privacy.noise_multiplier=1.0"])
-    with pytest.raises(ConfigError, match="server_momentum"):
-        load_config(None, ["federation.server_momentum=1.0"])
