@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from common.config import load_config
-from common.loops import make_optimizer, patch_sampler, seg_loss, train_local
+from common.loops import PatchSampler, make_optimizer, seg_loss, train_local
 from common.model import build_model
 from common.params import select, split_parameters
 from common.wire import to_wire
@@ -77,7 +77,7 @@ def main() -> None:
     train_local(model, volumes, cfg.data, cfg.train, anchors, cfg.train.proximal_mu, seed=2)
     fedseg_s = time.perf_counter() - start
 
-    sampler = patch_sampler(cfg.data, cfg.train.batch_size, seed=2)
+    sampler = PatchSampler(cfg.data, cfg.train.batch_size, seed=2)
     rng = np.random.default_rng(2)
     batches = []
     for _ in range(args.steps):

@@ -24,7 +24,7 @@ from common import keys
 from common.config import ConfigError, FedsegConfig, from_yaml_text, load_config
 from common.dataset import DatasetError
 from common.loops import evaluate as evaluate_model
-from common.loops import train_local
+from common.loops import RunSteps, train_local
 from common.model import build_model
 from common.params import ParameterSplit, ParameterSplitError, load_merged, model_signature, select, split_parameters
 from common.runs import run_dir, simulated_site_config
@@ -162,6 +162,8 @@ def _train(site: Site, msg: Message) -> Message:
         global_params={k: received[k] for k in site.split.trainable_shared},
         mu=float(config[keys.PROXIMAL_MU]),
         seed=_round_seed(site.cfg, server_round),
+        steps=RunSteps(done=(server_round - 1) * site.cfg.train.local_steps,
+                       total=site.cfg.federation.rounds * site.cfg.train.local_steps),
     )
     site.state.save_local(select(site.model, site.split.local), server_round, site.signature)
     arrays = to_wire(select(site.model, site.split.travelling), str(config[keys.WIRE_DTYPE]))

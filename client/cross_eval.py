@@ -17,6 +17,7 @@ from flwr.app import Message
 from common import keys
 from common.loops import evaluate
 from common.norm_adapt import adapt_norm
+from common.personalize import personalize
 
 from .site_data import SiteData
 
@@ -48,12 +49,17 @@ def cross_evaluate(site: Site, msg: Message) -> Message:
     own = evaluate(site.model, val, site.cfg.data, site.cfg.train, num_classes)
     metrics = {"dice": own.dice, "trained": float(trained), keys.NUM_EXAMPLES: own.num_cases}
     train = site.cfg.train
+    if trained and train.personalize_steps > 0:
+        result = personalize(site.model, data.volumes(data.train_ids), val, site.cfg.data, train, num_classes,
+                             train.seed)
+        metrics["dice_personal"] = result.dice_after
+        log.info("cross-eval %s: personalized for %d steps, validation Dice %.4f -> %.4f",
+                 config[keys.CROSS_EVAL_MODEL], result.steps, result.dice_before, result.dice_after)
     if not trained and train.adapt_norm_steps > 0:
         images = [image for image, _ in data.volumes(data.train_ids)]
-        result = adapt_norm(site.model, images, site.cfg.data, train.adapt_norm_steps, train.adapt_norm_lr,
-                            train.batch_size, train.seed)
-        metrics["dice_adapted"] = evaluate(site.model, val, site.cfg.data, train, num_classes).dice
-        log.info("cross-eval %s: norm adaptation, entropy %.4f -> %.4f, Dice %.4f -> %.4f",
-                 config[keys.CROSS_EVAL_MODEL], result.entropy_before, result.entropy_after,
-                 own.dice, metrics["dice_adapted"])
+        adapted = adapt_norm(site.model, images, site.cfg.data, train.adapt_norm_steps, train.batch_size, train.seed)
+        metrics["dice_adapted"] = evaluate(site.model, val, site.cfg.data, train, num_classes).dice if adapted \
+            else own.dice
+        log.info("cross-eval %s: BatchNorm statistics %s, Dice %.4f -> %.4f", config[keys.CROSS_EVAL_MODEL],
+                 "re-estimated" if adapted else "absent (nothing to adapt)", own.dice, metrics["dice_adapted"])
     return site.reply(msg, metrics)

@@ -249,10 +249,10 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--adapt-norm needs train.adapt_norm_steps >= 1 in the run's config.")
         images = [prepare_image((p,), plan)[0].numpy() for p in inputs]
         data = dataclasses.replace(plan.data_config(run_cfg.data))
-        result = adapt_norm(model, images, data, train.adapt_norm_steps, train.adapt_norm_lr,
-                            train.batch_size, train.seed)
-        print(f"adapted the normalization layers to {len(images)} scan(s): prediction entropy "
-              f"{result.entropy_before:.4f} -> {result.entropy_after:.4f}")
+        if adapt_norm(model, images, data, train.adapt_norm_steps, train.batch_size, train.seed):
+            print(f"re-estimated the BatchNorm statistics on {len(images)} scan(s)")
+        else:
+            print("the model has no BatchNorm layer: nothing to adapt, it is used as it arrives")
     overlap = run_cfg.train.sw_overlap if args.overlap is None else args.overlap
     for i, scan in enumerate(inputs, 1):
         out = args.output / output_name(scan)

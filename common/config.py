@@ -19,8 +19,10 @@ from typing import Any, Literal
 
 import yaml
 
+Augmentation = Literal["none", "standard", "scanner"]
+"""Patch augmentation: none, nnU-Net-like spatial + intensity, or that plus scanner shift (common/loops.py)."""
 NormMode = Literal["local", "stats", "shared"]
-"""Which normalization tensors stay at the site (see design.md)."""
+"""Which normalization tensors stay at the site (docs/architecture.md, "Shared and site-local tensors")."""
 
 
 class ConfigError(ValueError):
@@ -85,6 +87,13 @@ class TrainConfig:
     batch_size: int = option(2, "Patches per optimizer step.")
     optimizer: Literal["adam", "sgd"] = option("adam", "Local optimizer.")
     lr: float = option(1e-3, "Local learning rate.")
+    lr_schedule: Literal["constant", "poly"] = option(
+        "constant", "constant, or nnU-Net's poly decay lr * (1 - t/T)^0.9 over the run's T = rounds x local_steps steps."
+    )
+    augmentation: Augmentation = option(
+        "standard", "Patch augmentation: none, standard (spatial + brightness/contrast/noise) or scanner "
+                    "(standard plus bias field, gamma, histogram shift, blur and low resolution)."
+    )
     weight_decay: float = option(1e-5, "L2 weight decay of the local optimizer.")
     proximal_mu: float = option(0.01, "FedProx mu: weight of (mu/2)*||w - w_global||^2; 0 is FedAvg.")
     norm_mode: NormMode = option("local", "local (FedBN), stats (SiloBN) or shared (FedAvg of everything).")
@@ -96,9 +105,16 @@ class TrainConfig:
     hd95: bool = option(True, "Also report the 95th percentile Hausdorff distance (mm) in evaluation.")
     bf16: bool = option(False, "bfloat16 autocast for training and evaluation on CPUs with native bf16 (else fp32).")
     adapt_norm_steps: int = option(
-        20, "Norm adaptation of a site that never trained: steps over its unlabeled patches (0: none)."
+        20, "AdaBN at a site that never trained: batches of its unlabeled patches that re-estimate the BatchNorm "
+            "statistics (0: none)."
     )
-    adapt_norm_lr: float = option(1e-3, "Norm adaptation: learning rate of the entropy minimisation of norm weights.")
+    personalize_steps: int = option(
+        0, "After training, each trained site fine-tunes its own copy for up to this many steps (0: off), keeping "
+           "the best on its own validation cases; scored as dice_personal in the cross-site evaluation."
+    )
+    personalize: Literal["norm", "norm+head"] = option(
+        "norm+head", "What the personalization step may change: the norm layers, or those and the output layer."
+    )
     seed: int = option(0, "Seed of model initialisation and patch sampling.")
 
 
@@ -132,6 +148,12 @@ class FederationConfig:
         False, "Scale every update ||w_k - w_global|| longer than the sites' median down to it before "
                "aggregating, so no site pulls harder than a typical one (not with differential privacy)."
     )
+    server_optimizer: Literal["none", "adam", "yogi"] = option(
+        "none", "Server-side adaptive optimisation of the aggregate (Flower's FedAdam / FedYogi, Reddi et al. "
+                "2021); none: the aggregate is the new global model."
+    )
+    server_lr: float = option(0.01, "FedAdam/FedYogi: server learning rate eta.")
+    server_tau: float = option(1e-3, "FedAdam/FedYogi: adaptivity tau (larger: closer to plain averaging).")
     trim_fraction: float = option(0.2, "trimmed_mean: share of sites dropped at each end of every coordinate.")
     norm_bound: float = option(
         10.0, "Reject an update whose ||w_k - w_global|| exceeds this multiple of the other sites' median; 0: off."
@@ -243,6 +265,8 @@ def check_consistency(cfg: FedsegConfig) -> None:
         raise ConfigError(f"data.foreground_fraction must be in [0, 1], got {d.foreground_fraction}.")
     if not 0.0 < d.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}.")
+    if t.personalize_steps < 0 or t.adapt_norm_steps < 0:
+        raise ConfigError("train.personalize_steps and train.adapt_norm_steps must be >= 0.")
     if t.proximal_mu < 0:
         raise ConfigError(f"train.proximal_mu must be >= 0, got {t.proximal_mu}.")
     check_robustness(cfg)
@@ -259,6 +283,12 @@ def check_robustness(cfg: FedsegConfig) -> None:
         raise ConfigError(f"federation.norm_bound must be 0 (off) or >= 1, got {f.norm_bound}.")
     if p.noise_multiplier < 0 or p.clipping_norm <= 0 or not 0 < p.delta < 1:
         raise ConfigError("privacy.noise_multiplier must be >= 0, privacy.clipping_norm > 0 and privacy.delta in (0, 1).")
+    if f.server_lr <= 0 or f.server_tau <= 0:
+        raise ConfigError(f"federation.server_lr and federation.server_tau must be > 0, got {f.server_lr} and "
+                          f"{f.server_tau}.")
+    if p.noise_multiplier > 0 and f.server_optimizer != "none":
+        raise ConfigError("privacy.noise_multiplier > 0 needs federation.server_optimizer: none (the DP wrapper "
+                          "publishes the noised mean itself).")
     if p.noise_multiplier > 0 and f.clip_updates:
         raise ConfigError("privacy.noise_multiplier > 0 clips every update at privacy.clipping_norm already; set "
                           "federation.clip_updates: false (a median-relative clip would break the DP accounting).")

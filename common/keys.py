@@ -33,8 +33,9 @@ CROSS_EVAL_TASK = "cross-eval-task"
 """ConfigRecord entry of a cross-site evaluation query: ``identify`` or ``evaluate``."""
 CROSS_EVAL_MODEL = "cross-eval-model"
 """ConfigRecord entry naming the checkpoint being evaluated (best, last, round-0003)."""
-CROSS_EVAL_METRICS = ("dice", "dice_adapted", "trained", NUM_EXAMPLES)
-"""Numeric metrics a site returns to a cross-site evaluation query (dice_adapted only if it never trained)."""
+CROSS_EVAL_METRICS = ("dice", "dice_adapted", "dice_personal", "trained", NUM_EXAMPLES)
+"""Numeric metrics a site returns to a cross-site evaluation query (dice_adapted only if it never trained,
+dice_personal only if it trained and personalizes)."""
 
 FINGERPRINT_ACTION = "fingerprint"
 """Query action asking every site for its data fingerprint before training (server/planning.py)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -18,7 +18,7 @@ from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from monai.networks.utils import one_hot
 from torch import nn
 
-from .config import DataConfig, TrainConfig
+from .config import Augmentation, DataConfig, TrainConfig
 from .fedprox import ProximalGradient
 from .preprocess import Volume, class_locations
 
@@ -36,6 +36,17 @@ BRIGHTNESS = 0.25
 GAMMA = (0.7, 1.5)
 NOISE_STD = 0.1
 NOISE_PROB = 0.1
+# Scanner augmentation: the intensity changes that separate one scanner from another, at
+# probabilities close to nnU-Net's (noise 0.1, blur 0.2, contrast 0.15, low resolution 0.25, gamma 0.3).
+BIAS_FIELD_PROB = 0.2
+BIAS_COEFF = (0.0, 0.3)
+BLUR_PROB = 0.2
+BLUR_SIGMA = (0.5, 1.0)
+HISTOGRAM_PROB = 0.15
+HISTOGRAM_POINTS = (5, 10)
+LOW_RES_PROB = 0.25
+LOW_RES_ZOOM = (0.5, 1.0)
+SCANNER_GAMMA_PROB = 0.3
 
 
 @dataclass(frozen=True)
@@ -82,15 +93,35 @@ def fuse(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return np.asarray(vote(torch.from_numpy(np.array(labels)[:, None]))).astype(np.uint8)
 
 
-def augmentation(seed: int) -> mt.Compose:
-    """Moderate spatial and intensity augmentation of a patch (a subset of nnU-Net's)."""
+def _scanner_shift() -> list[mt.MapTransform]:
+    """What differs between scanners: bias field, contrast curve, histogram, blur, resolution, noise.
+
+    A model that has seen these on every site's patches depends less on the
+    intensity profile of the scanners it trained with, which is what a site
+    with another scanner (or a site that never trained) needs.
+    """
+    return [
+        mt.RandBiasFieldd(keys=IMAGE, coeff_range=BIAS_COEFF, prob=BIAS_FIELD_PROB),
+        mt.RandAdjustContrastd(keys=IMAGE, gamma=GAMMA, prob=SCANNER_GAMMA_PROB),
+        mt.RandHistogramShiftd(keys=IMAGE, num_control_points=HISTOGRAM_POINTS, prob=HISTOGRAM_PROB),
+        mt.RandGaussianSmoothd(keys=IMAGE, sigma_x=BLUR_SIGMA, sigma_y=BLUR_SIGMA, sigma_z=BLUR_SIGMA,
+                               prob=BLUR_PROB),
+        mt.RandSimulateLowResolutiond(keys=IMAGE, zoom_range=LOW_RES_ZOOM, prob=LOW_RES_PROB),
+    ]
+
+
+def augmentation(seed: int, kind: Augmentation = "standard") -> mt.Compose | None:
+    """Spatial and intensity augmentation of a patch (a subset of nnU-Net's); ``scanner`` adds scanner shift."""
+    if kind == "none":
+        return None
     both = [IMAGE, LABEL]
     augment = mt.Compose([
         mt.RandAffined(keys=both, prob=AFFINE_PROB, rotate_range=(ROTATION_RAD,) * 3,
                        scale_range=(SCALE_RANGE,) * 3, mode=("bilinear", "nearest"), padding_mode="zeros"),
         *(mt.RandFlipd(keys=both, prob=FLIP_PROB, spatial_axis=axis) for axis in range(3)),
         mt.RandScaleIntensityd(keys=IMAGE, factors=BRIGHTNESS, prob=INTENSITY_PROB),
-        mt.RandAdjustContrastd(keys=IMAGE, gamma=GAMMA, prob=INTENSITY_PROB),
+        *(_scanner_shift() if kind == "scanner" else [mt.RandAdjustContrastd(keys=IMAGE, gamma=GAMMA,
+                                                                               prob=INTENSITY_PROB)]),
         mt.RandGaussianNoised(keys=IMAGE, std=NOISE_STD, prob=NOISE_PROB),
     ])
     augment.set_random_state(seed)
@@ -130,7 +161,7 @@ class PatchSampler:
     """
 
     def __init__(self, data: DataConfig, batch_size: int, seed: int, num_classes: int = 2,
-                 augment: bool = True) -> None:
+                 augment: Augmentation = "standard") -> None:
         if len(data.patch_size) != 3:
             raise ValueError("data.patch_size is empty: resolve the plan first (common.plan.Plan.data_config).")
         self.size = tuple(int(v) for v in data.patch_size)
@@ -139,7 +170,7 @@ class PatchSampler:
         self.batch_size = batch_size
         self.num_classes = num_classes
         self.rng = np.random.default_rng(seed)
-        self.augment = augmentation(seed) if augment else None
+        self.augment = augmentation(seed, augment)
         self.drawn = self.forced = 0
 
     def _force_foreground(self) -> bool:
@@ -188,10 +219,6 @@ class PatchSampler:
         return [dict(zip((IMAGE, LABEL), self.patch(volume))) for _ in range(self.batch_size)]
 
 
-def patch_sampler(data: DataConfig, batch_size: int, seed: int, num_classes: int = 2) -> PatchSampler:
-    return PatchSampler(data, batch_size, seed, num_classes)
-
-
 def _batches(volumes: Sequence[Volume], sampler: PatchSampler, rng: np.random.Generator
              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless stream of (image, label) batches; each patch from a random case."""
@@ -204,10 +231,10 @@ def _batches(volumes: Sequence[Volume], sampler: PatchSampler, rng: np.random.Ge
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.99, nesterov=True,
-                               weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.99, nesterov=True, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def seg_loss() -> nn.Module:
@@ -218,6 +245,28 @@ def _num_classes(model: nn.Module, default: int = 2) -> int:
     return int(getattr(model, "out_channels", default))
 
 
+@dataclass(frozen=True)
+class RunSteps:
+    """Where this call's steps sit in the whole run, for a learning-rate schedule over the run."""
+
+    done: int
+    """Optimizer steps this site took in earlier rounds of the run."""
+    total: int
+    """Optimizer steps this site takes over the whole run (rounds x local_steps)."""
+
+
+POLY_EXPONENT = 0.9
+"""nnU-Net's poly schedule: lr_t = lr * (1 - t / T) ** 0.9."""
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps: RunSteps
+                 ) -> torch.optim.lr_scheduler.LRScheduler | None:
+    if cfg.lr_schedule == "constant":
+        return None
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: max(0.0, 1.0 - (steps.done + s) / steps.total) ** POLY_EXPONENT)
+
+
 def train_local(
     model: nn.Module,
     volumes: Sequence[Volume | tuple[np.ndarray, np.ndarray]],
@@ -226,12 +275,19 @@ def train_local(
     global_params: dict[str, torch.Tensor],
     mu: float,
     seed: int,
+    steps: RunSteps | None = None,
+    every: int = 0,
+    checkpoint: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Run ``cfg.local_steps`` optimizer steps of DiceCE + FedProx on random patches.
 
-    The FedProx gradient is added in
-    closed form after ``backward()`` (common.fedprox.ProximalGradient), which
-    costs a fifth of building the penalty's autograd graph every step.
+    The FedProx gradient is added in closed form after ``backward()``
+    (common.fedprox.ProximalGradient), which costs a fifth of building the
+    penalty's autograd graph every step. With ``train.lr_schedule: poly`` the
+    learning rate decays over the whole run, which ``steps`` locates this call in
+    (default: this call is the whole run). Parameters with ``requires_grad``
+    off are left as they are (the personalization step trains a subset).
+    ``checkpoint(step)`` is called after every ``every`` steps (a learning curve).
 
     Raises FloatingPointError when the loss stops being finite, so a diverging
     site reports a failure instead of sending NaN weights.
@@ -240,8 +296,9 @@ def train_local(
     num_classes = _num_classes(model)
     volumes = [as_volume(v, num_classes) for v in volumes]
     optimizer = make_optimizer(model, cfg)
+    scheduler = lr_scheduler(optimizer, cfg, steps or RunSteps(0, cfg.local_steps))
     criterion = seg_loss()
-    sampler = PatchSampler(data, cfg.batch_size, seed, num_classes)
+    sampler = PatchSampler(data, cfg.batch_size, seed, num_classes, cfg.augmentation)
     batches = _batches(volumes, sampler, np.random.default_rng(seed))
     proximal = ProximalGradient(model, global_params, mu)
     seg_total, prox_total = 0.0, 0.0
@@ -256,6 +313,10 @@ def train_local(
         if not (math.isfinite(seg_value) and math.isfinite(prox)):
             raise FloatingPointError(f"training loss became non-finite at local step {step + 1}")
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        if checkpoint is not None and every and (step + 1) % every == 0:
+            checkpoint(step + 1)
         seg_total += seg_value
         prox_total += prox
     return TrainResult(seg_total / cfg.local_steps, prox_total / cfg.local_steps, cfg.local_steps)

@@ -1,45 +1,39 @@
-"""Adapting the normalization layers to a site that never trained, from its unlabeled scans.
+"""Re-estimating BatchNorm statistics at a site that never trained (AdaBN), from its unlabeled scans.
 
-A hospital that joins after training has no site-local norm tensors: with
-``norm_mode: local`` the global model reaches it with the initial norm weights,
-which no site trained with. Its labels are not needed to do better:
+A hospital that joins after training has no site-local norm tensors. With
+BatchNorm, the running statistics it receives (or the initial ones, when they
+are site-local) describe other scanners, and the model is close to useless
+there until they are re-estimated on the site's own patches (AdaBN, Li et al.
+2016). That needs no label, and only the resulting Dice leaves the site.
 
-1. BatchNorm running statistics are re-estimated on the site's own patches
-   (AdaBN, Li et al. 2016). Instance norm has no statistics to re-estimate: it
-   normalises every patch by itself.
-2. The affine weights of every normalization layer are fitted by minimising the
-   entropy of the model's predictions on those patches (Tent, Wang et al. 2021),
-   with every other weight frozen.
-
-Everything happens at the site; only the resulting Dice leaves it.
+Instance norm has no statistics: it normalises every patch by itself, so
+there is nothing to re-estimate and the model is used as it arrives.
+Entropy minimisation of the norm weights (Tent) was tried and dropped: it
+lowered the held-out site's Dice in 7 of 8 settings of the strategy comparison.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import itertools
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 from monai import transforms as mt
 from torch import nn
+from torch.optim.swa_utils import update_bn
 
 from .config import DataConfig
-from .params import NORM_TYPES
 
 IMAGE = "image"
 
 
-@dataclass(frozen=True)
-class AdaptResult:
-    entropy_before: float
-    """Mean voxel entropy (nats) of the predictions on the first batch, before adaptation."""
-    entropy_after: float
-    """Mean voxel entropy over the last adaptation step."""
-    steps: int
+def has_batch_norm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def _image_patches(images: Sequence[np.ndarray], data: DataConfig, batch_size: int, seed: int):
+def _image_patches(images: Sequence[np.ndarray], data: DataConfig, batch_size: int, seed: int
+                   ) -> Iterator[torch.Tensor]:
     """Endless stream of batches of random image patches; no label is read."""
     sampler = mt.Compose([
         mt.SpatialPadd(keys=IMAGE, spatial_size=data.patch_size),
@@ -52,64 +46,27 @@ def _image_patches(images: Sequence[np.ndarray], data: DataConfig, batch_size: i
         yield torch.stack([torch.as_tensor(p[IMAGE]) for p in patches]).float()
 
 
-def _entropy(logits: torch.Tensor) -> torch.Tensor:
-    log_p = torch.log_softmax(logits, dim=1)
-    return -(log_p.exp() * log_p).sum(dim=1).mean()
-
-
-def _batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-@torch.no_grad()
-def _reestimate_statistics(model: nn.Module, batches, steps: int) -> None:
-    """AdaBN: cumulative mean of the site's batch statistics (momentum None)."""
-    norms = _batch_norms(model)
-    if not norms:
-        return
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    for _ in range(steps):
-        model(next(batches))
-    for m, momentum in zip(norms, saved):
-        m.momentum = momentum
-
-
 def adapt_norm(
     model: nn.Module,
     images: Sequence[np.ndarray],
     data: DataConfig,
     steps: int,
-    lr: float,
     batch_size: int,
     seed: int,
-) -> AdaptResult:
-    """Adapt ``model``'s normalization layers in place to ``images`` (channel-first arrays)."""
+) -> bool:
+    """Re-estimate ``model``'s BatchNorm statistics in place on ``steps`` batches of ``images``.
+
+    The statistics become the cumulative mean over those batches
+    (``torch.optim.swa_utils.update_bn``). Returns False, leaving the model
+    untouched, when it has no BatchNorm layer.
+    """
     if steps < 1 or not images:
         raise ValueError(f"norm adaptation needs >= 1 step and >= 1 image, got {steps} steps, {len(images)} images")
-    batches = _image_patches(images, data, batch_size, seed)
-    _reestimate_statistics(model, batches, steps)
-    affine = [p for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)]
-    model.eval()  # BatchNorm keeps the statistics just estimated; instance norm is unaffected
+    if not has_batch_norm(model):
+        return False
+    device = next(model.parameters()).device
+    batches = (b.to(device) for b in itertools.islice(_image_patches(images, data, batch_size, seed), steps))
     with torch.no_grad():
-        before = float(_entropy(model(next(batches))))
-    after = before
-    if affine:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in affine:
-            p.requires_grad_(True)
-        optimizer = torch.optim.Adam(affine, lr=lr)
-        for _ in range(steps):
-            optimizer.zero_grad(set_to_none=True)
-            loss = _entropy(model(next(batches)))
-            loss.backward()
-            optimizer.step()
-            after = float(loss.detach())
-        for p in model.parameters():
-            p.requires_grad_(True)
+        update_bn(batches, model)
     model.eval()
-    return AdaptResult(entropy_before=before, entropy_after=after, steps=steps)
+    return True

@@ -1,4 +1,4 @@
-"""Where a run's files live (design.md, "Run directory"), in one place."""
+"""Where a run's files live (docs/architecture.md, "Run directory"), in one place."""
 
 from __future__ import annotations
 

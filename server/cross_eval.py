@@ -56,6 +56,8 @@ class Cell:
     dice_adapted: float | None
     """Held-out sites only: Dice after norm adaptation on the site's unlabeled scans."""
     num_examples: int
+    dice_personal: float | None = None
+    """Trained sites with ``train.personalize_steps``: Dice of the site's personalized copy."""
 
 
 class TrainingGrid(Grid):
@@ -124,10 +126,11 @@ def _cell(model: str, msg: Message) -> Cell | str:
     metrics = msg.content.metric_records.get(keys.METRICS)
     if metrics is None or "dice" not in metrics:
         return "reply lacks the Dice metric"
-    adapted = metrics.get("dice_adapted")
+    adapted, personal = metrics.get("dice_adapted"), metrics.get("dice_personal")
     return Cell(model=model, site=reply_site(msg), trained=bool(metrics.get("trained", 0.0)),
                 dice=float(metrics["dice"]), dice_adapted=None if adapted is None else float(adapted),
-                num_examples=int(metrics.get(keys.NUM_EXAMPLES, 0)))
+                num_examples=int(metrics.get(keys.NUM_EXAMPLES, 0)),
+                dice_personal=None if personal is None else float(personal))
 
 
 def cross_evaluate(grid: Grid, cfg: FedsegConfig, signature: str, models: dict[str, dict[str, torch.Tensor]],

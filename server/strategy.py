@@ -22,6 +22,7 @@ from common.wire import from_wire, named_site, to_wire
 
 from . import robust
 from .checkpoints import Checkpoints
+from .server_opt import server_optimizer
 from .validation import ReplyValidator
 
 log = logging.getLogger("fedseg.server")
@@ -84,7 +85,8 @@ class FedSegStrategy(FedProx):
     std :math:`zC/|S_t|` is added (server/dp.py). When fewer
     than ``federation.min_sites`` sites remain, the round is not aggregated:
     it is skipped (the previous global model is kept) or the run stops, as
-    configured.
+    configured. With ``federation.server_optimizer`` the server moves by Flower's
+    FedAdam or FedYogi step on :math:`w_{agg} - w^t` instead (server/server_opt.py).
     Arrays may travel in float16; the mean is always taken in float32.
     """
 
@@ -118,6 +120,7 @@ class FedSegStrategy(FedProx):
         """The last configure step's messages: names the node behind an error the SuperLink wrote."""
         self.tally = RoundTally()
         self.validator = ReplyValidator(signature, shapes, cfg.federation.norm_bound)
+        self.server_optimizer = server_optimizer(cfg.federation)
         self.private = cfg.privacy.noise_multiplier > 0
         """With DP the mean is unweighted and the DP wrapper publishes the noised model (server/dp.py)."""
 
@@ -233,6 +236,8 @@ class FedSegStrategy(FedProx):
         weights = [1.0 if self.private else float(m[keys.METRICS][keys.NUM_EXAMPLES]) for m in metrics]
         aggregate = robust.aggregate([msg.content.array_records[keys.ARRAYS] for msg in sound], weights,
                                      self.cfg.federation, self.tally.reference)
+        if self.server_optimizer is not None and self.tally.reference is not None:
+            aggregate = self.server_optimizer.step(rnd, self.tally.reference, aggregate)
         self.tally.aggregation_s += time.perf_counter() - started
         if not self.private:
             self.publish(rnd, aggregate)

@@ -11,6 +11,7 @@ centralised training would.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,45 +69,63 @@ def _fresh_model(cfg: FedsegConfig) -> torch.nn.Module:
     return build_model(cfg.model)
 
 
-def _train(cfg: FedsegConfig, volumes: list[Volume], steps: int) -> torch.nn.Module:
+def _train(cfg: FedsegConfig, volumes: list[Volume], steps: int, per_round: int,
+           curve_sites: dict[str, SiteSplit]) -> tuple[torch.nn.Module, list[float]]:
+    """The trained model and its learning curve: mean validation Dice over ``curve_sites`` per round's worth."""
     model = _fresh_model(cfg)
     train_cfg = dataclasses.replace(cfg.train, local_steps=steps)
-    train_local(model, volumes, cfg.data, train_cfg, global_params={}, mu=0.0, seed=cfg.train.seed)
-    return model
+    curve: list[float] = []
+
+    def score_round(step: int) -> None:
+        curve.append(statistics.fmean(_score(cfg, model, s) for s in curve_sites.values()))
+        model.train()
+
+    train_local(model, volumes, cfg.data, train_cfg, global_params={}, mu=0.0, seed=cfg.train.seed,
+                every=per_round, checkpoint=score_round)
+    return model, curve
 
 
 def _score(cfg: FedsegConfig, model: torch.nn.Module, site: SiteSplit) -> float:
-    return evaluate(model, site.val, cfg.data, cfg.train, site.num_classes).dice
+    return evaluate(model, site.val, cfg.data, dataclasses.replace(cfg.train, hd95=False), site.num_classes).dice
 
 
 def held_out_scores(cfg: FedsegConfig, model: torch.nn.Module, site: SiteSplit) -> dict[str, float]:
     """Dice of a finished model at a site that never trained, as-is and after norm adaptation."""
     as_is = _score(cfg, model, site)
     t = cfg.train
-    adapt_norm(model, [image for image, _ in site.train], cfg.data, t.adapt_norm_steps, t.adapt_norm_lr,
-               t.batch_size, t.seed)
+    if not adapt_norm(model, [image for image, _ in site.train], cfg.data, t.adapt_norm_steps, t.batch_size, t.seed):
+        return {"dice": as_is, "dice_adapted": as_is}
     return {"dice": as_is, "dice_adapted": _score(cfg, model, site)}
 
 
-def local_only(cfg: FedsegConfig, sites: dict[str, SiteSplit]) -> dict[str, float]:
-    """Each site trains alone for rounds x local_steps steps; Dice on its own validation cases."""
-    steps = cfg.federation.rounds * cfg.train.local_steps
-    return {name: _score(cfg, _train(cfg, site.train, steps), site) for name, site in sites.items()}
+def local_only(cfg: FedsegConfig, sites: dict[str, SiteSplit]) -> tuple[dict[str, float], list[float]]:
+    """Each site trains alone for rounds x local_steps steps; Dice on its own validation cases.
+
+    Also returns the learning curve: the sites' mean validation Dice after each round's worth of steps.
+    """
+    steps, per_round = cfg.federation.rounds * cfg.train.local_steps, cfg.train.local_steps
+    scores, curves = {}, []
+    for name, site in sites.items():
+        model, curve = _train(cfg, site.train, steps, per_round, {name: site})
+        scores[name] = _score(cfg, model, site)
+        curves.append(curve)
+    return scores, [statistics.fmean(values) for values in zip(*curves)]
 
 
 def pooled(cfg: FedsegConfig, sites: dict[str, SiteSplit], held_out: dict[str, SiteSplit]
-           ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+           ) -> tuple[dict[str, float], dict[str, dict[str, float]], list[float]]:
     """One model on all sites' training cases for the federation's total steps.
 
-    Returns the Dice per training site and, per held-out site, as-is and adapted.
+    Returns the Dice per training site, per held-out site as-is and adapted, and
+    the learning curve (mean validation Dice over the sites after each round's worth of steps).
     """
-    steps = cfg.federation.rounds * cfg.train.local_steps * len(sites)
+    per_round = cfg.train.local_steps * len(sites)
     volumes = [v for site in sites.values() for v in site.train]
-    model = _train(cfg, volumes, steps)
+    model, curve = _train(cfg, volumes, cfg.federation.rounds * per_round, per_round, sites)
     per_site = {name: _score(cfg, model, site) for name, site in sites.items()}
     state = {k: v.clone() for k, v in model.state_dict().items()}
     unseen = {}
     for name, site in held_out.items():
         model.load_state_dict(state)
         unseen[name] = held_out_scores(cfg, model, site)
-    return per_site, unseen
+    return per_site, unseen, curve

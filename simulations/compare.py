@@ -41,16 +41,28 @@ QUICK = [
     "data.val_fraction=0.25",
 ]
 DEFAULT_SEEDS = [0, 1, 2]
-DEFAULT_MU_SWEEP = [0.001, 0.1]
+DEFAULT_METHODS = ["local", "pooled", "fedavg", "fedbn", "fedseg"]
+"""What fits in about 30 minutes on 2 cores with 3 seeds; ``--methods all`` runs every method."""
+BUDGETS = {
+    "equal": [],
+    "long": ["federation.rounds=30"],
+}
+"""equal: every method sees the same number of patches as 10 rounds x 10 local steps per site.
+long: three times that, long enough for the pooled and local-only learning curves to flatten
+(the report's curves show whether they did)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="Tiny sizes for tests: 2 sites, 2 rounds, tiny model.")
     parser.add_argument("--seeds", type=int, nargs="+",
                         help=f"Seeds of model init and sampling (default {DEFAULT_SEEDS}).")
-    parser.add_argument("--mu-sweep", type=float, nargs="*", help=f"Extra FedProx mu values for fedseg's "
-                        f"local-norm setting (default {DEFAULT_MU_SWEEP}).")
-    parser.add_argument("--methods", nargs="+", help="Run only these methods (default: all).")
+    parser.add_argument("--mu-sweep", type=float, nargs="*", default=[],
+                        help="Extra FedProx mu values for fedseg's default (default: none).")
+    parser.add_argument("--methods", nargs="+",
+                        help=f"Methods to run, or 'all' (default: {' '.join(DEFAULT_METHODS)}).")
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="equal",
+                        help="equal: 10 rounds x 10 local steps per site (default); long: 30 rounds, until the "
+                             "baselines' learning curves have flattened.")
     parser.add_argument("--out", type=Path, help="Output folder (default runs/compare-<time>); reused to resume.")
 
 
@@ -60,19 +72,19 @@ def run(args: argparse.Namespace) -> int:
     from .compare_run import Comparison, methods_for
 
     raw = read_yaml(args.config) if args.config else {}
-    overrides = [*BENCHMARK, *(QUICK if args.quick else []), *args.overrides]
+    overrides = [*BENCHMARK, *BUDGETS[args.budget], *(QUICK if args.quick else []), *args.overrides]
     try:
         base = from_dict(apply_overrides(raw, overrides), "compare settings")
     except ConfigError as err:
         raise UserError(str(err)) from err
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else DEFAULT_SEEDS)
-    mu_sweep = args.mu_sweep if args.mu_sweep is not None else ([] if args.quick else DEFAULT_MU_SWEEP)
-    methods = methods_for(base, mu_sweep)
-    if args.methods:
-        unknown = sorted(set(args.methods) - {m.name for m in methods})
+    methods = methods_for(base, args.mu_sweep)
+    chosen = args.methods or DEFAULT_METHODS + [f"fedseg-mu{m:g}" for m in args.mu_sweep]
+    if chosen != ["all"]:
+        unknown = sorted(set(chosen) - {m.name for m in methods})
         if unknown:
-            raise UserError(f"unknown method(s) {unknown}; choose from {[m.name for m in methods]}")
-        methods = [m for m in methods if m.name in args.methods]
+            raise UserError(f"unknown method(s) {unknown}; choose from {[m.name for m in methods]} or 'all'")
+        methods = [m for m in methods if m.name in chosen]
     out = args.out or Path(base.federation.runs_dir) / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     comparison = Comparison(base, methods, seeds, out.resolve(), command_line(args, out))
     comparison.run(show=print)
@@ -87,8 +99,10 @@ def command_line(args: argparse.Namespace, out: Path) -> str:
         parts += ["--config", str(args.config)]
     if args.quick:
         parts.append("--quick")
+    if args.budget != "equal":
+        parts += ["--budget", args.budget]
     for name, values in (("--seeds", args.seeds), ("--mu-sweep", args.mu_sweep), ("--methods", args.methods)):
-        if values is not None:
+        if values:
             parts += [name, *map(str, values)]
     for item in args.overrides:
         parts += ["--set", item]

@@ -38,22 +38,42 @@ class Method:
 
 
 def methods_for(base: FedsegConfig, mu_sweep: list[float]) -> list[Method]:
-    """The compared methods; fedseg's default is the configured norm_mode and mu."""
-    mu, norm_mode = base.train.proximal_mu, base.train.norm_mode
+    """Every method the comparison knows; fedseg's default is the configured settings, unchanged.
+
+    Each other federated method changes the default in one respect, so its row
+    answers one question (which norm, which server optimizer, which augmentation,
+    how many rounds for the same patches, which learning-rate schedule).
+    """
+    t, f = base.train, base.federation
+    mu = t.proximal_mu
     methods = [
         Method("local", "local", "Local only (each site alone)"),
         Method("pooled", "pooled", "Pooled (all data in one place)"),
-        Method("fedavg", "federated", "FedAvg (everything shared)", ("train.norm_mode=shared", "train.proximal_mu=0")),
+        Method("pooled-other-norm", "pooled", "Pooled, " + ("instance" if base.model.norm == "batch" else "batch")
+               + " norm", ("model.norm=" + ("instance" if base.model.norm == "batch" else "batch"),)),
+        Method("fedavg", "federated", "FedAvg (everything shared)",
+               ("train.norm_mode=shared", "train.proximal_mu=0", "federation.server_optimizer=none",
+                "train.personalize_steps=0")),
         Method("fedprox", "federated", f"FedProx mu={mu:g} (everything shared)",
-               ("train.norm_mode=shared", f"train.proximal_mu={mu}")),
-        Method("fedbn", "federated", "FedBN (norm local, mu=0)", ("train.norm_mode=local", "train.proximal_mu=0")),
-        Method("silobn", "federated", "SiloBN (BatchNorm statistics local, mu=0)",
-               ("model.norm=batch", "train.norm_mode=stats", "train.proximal_mu=0")),
-        Method("fedseg", "federated", f"fedseg default (norm {norm_mode}, FedProx mu={mu:g})",
-               (f"train.norm_mode={norm_mode}", f"train.proximal_mu={mu}")),
+               ("train.norm_mode=shared", "federation.server_optimizer=none", "train.personalize_steps=0")),
+        Method("fedbn", "federated", "FedBN (BatchNorm statistics and weights local, mu=0)",
+               ("model.norm=batch", "train.norm_mode=local", "train.proximal_mu=0", "train.personalize_steps=0")),
+        Method("fedin", "federated", "Instance norm, weights local (mu=0)",
+               ("model.norm=instance", "train.norm_mode=local", "train.proximal_mu=0", "train.personalize_steps=0")),
+        Method("silobn", "federated", "SiloBN (BatchNorm statistics local, weights shared, mu=0)",
+               ("model.norm=batch", "train.norm_mode=stats", "train.proximal_mu=0", "train.personalize_steps=0")),
+        Method("fedseg", "federated", "fedseg default"),
+        Method("fedadam", "federated", "fedseg default + FedAdam at the server", ("federation.server_optimizer=adam",)),
+        Method("fedyogi", "federated", "fedseg default + FedYogi at the server", ("federation.server_optimizer=yogi",)),
+        Method("scanner-aug", "federated", "fedseg default + scanner augmentation", ("train.augmentation=scanner",)),
+        Method("poly", "federated", "fedseg default + poly learning rate", ("train.lr_schedule=poly",)),
     ]
-    methods += [Method(f"fedseg-mu{m:g}", "federated", f"fedseg, mu={m:g} (norm {norm_mode})",
-                       (f"train.norm_mode={norm_mode}", f"train.proximal_mu={m}")) for m in mu_sweep if m != mu]
+    if t.local_steps % 2 == 0:
+        methods.append(Method("more-rounds", "federated",
+                              f"fedseg default, {2 * f.rounds} rounds x {t.local_steps // 2} steps (same patches)",
+                              (f"federation.rounds={2 * f.rounds}", f"train.local_steps={t.local_steps // 2}")))
+    methods += [Method(f"fedseg-mu{m:g}", "federated", f"fedseg default, mu={m:g}", (f"train.proximal_mu={m}",))
+                for m in mu_sweep if m != mu]
     return methods
 
 
@@ -70,9 +90,10 @@ def federated_result(run: Path) -> dict[str, Any]:
     cells = json.loads((run / CROSS_EVAL_FILE).read_text())["cells"]
     last = [c for c in cells if c["model"].startswith(LAST_MODEL_PREFIX)]
     per_site = {c["site"]: c["dice"] for c in last if c["trained"]}
+    personal = {c["site"]: c["dice_personal"] for c in last if c["trained"] and c.get("dice_personal") is not None}
     held_out = {c["site"]: {"dice": c["dice"], "dice_adapted": c["dice_adapted"]} for c in last if not c["trained"]}
     curve = [e["dice_mean"] for e in read_events(run / METRICS_FILE) if e["event"] == "round"]
-    return {"per_site": per_site, "held_out": held_out, "curve": curve}
+    return {"per_site": per_site, "held_out": held_out, "curve": curve, "personal": personal}
 
 
 class Comparison:
@@ -101,12 +122,13 @@ class Comparison:
     def _run_one(self, method: Method, cfg: FedsegConfig) -> dict[str, Any]:
         if method.kind in ("local", "pooled"):
             data, sites, held_out = self._site_data()
-            cfg = dataclasses.replace(cfg, data=data)
+            cfg = dataclasses.replace(with_overrides(cfg, list(method.overrides)), data=data)
         if method.kind == "local":
-            return {"per_site": baselines.local_only(cfg, sites), "held_out": {}, "curve": []}
+            per_site, curve = baselines.local_only(cfg, sites)
+            return {"per_site": per_site, "held_out": {}, "curve": curve}
         if method.kind == "pooled":
-            per_site, unseen = baselines.pooled(cfg, sites, held_out)
-            return {"per_site": per_site, "held_out": unseen, "curve": []}
+            per_site, unseen, curve = baselines.pooled(cfg, sites, held_out)
+            return {"per_site": per_site, "held_out": unseen, "curve": curve}
         run_name = f"{method.name}-s{cfg.train.seed}"
         runs_dir = self.out / "runs"
         shutil.rmtree(runs_dir / run_name, ignore_errors=True)  # never resume a half-finished attempt

@@ -48,11 +48,11 @@ def test_training_samples_annotators_or_their_fusion(tmp_path):
     fused = fuse(labels, 2)
     assert fused.shape == (1, *labels.shape[1:])
     assert np.array_equal(fused[0], (labels.sum(0) >= 2).astype(np.uint8))  # majority of three
-    sampler = PatchSampler(data, 1, seed=0, augment=False)
+    sampler = PatchSampler(data, 1, seed=0, augment="none")
     sums = {int(sampler.patch(volumes[0])[1].sum()) for _ in range(40)}
     assert len(sums) > 1  # different annotators (or places) are drawn
     data.annotators = "fuse"
-    fusing = PatchSampler(data, 1, seed=0, augment=False)
+    fusing = PatchSampler(data, 1, seed=0, augment="none")
     image, label = fusing.patch(volumes[0])
     assert label.shape == (1, 8, 8, 8)
 

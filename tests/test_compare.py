@@ -16,7 +16,8 @@ METHODS = ["local", "pooled", "fedseg"]
 def test_quick_compare_writes_table_plots_and_resumes(tmp_path):
     out = tmp_path / "cmp"
     args = ["compare", "--quick", "--methods", *METHODS, "--out", str(out),
-            "--set", f"simulation.data_dir={tmp_path / 'data'}", "--set", f"federation.runs_dir={tmp_path / 'runs'}"]
+            "--set", f"simulation.data_dir={tmp_path / 'data'}", "--set", f"federation.runs_dir={tmp_path / 'runs'}",
+            "--set", "train.personalize_steps=2"]
     assert sim_main(args) == 0
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["method"] for r in rows] == METHODS
@@ -28,9 +29,14 @@ def test_quick_compare_writes_table_plots_and_resumes(tmp_path):
     fed = rows[2]
     assert set(fed["held_out"]) == {"site-3"} and fed["held_out"]["site-3"]["dice_adapted"] is not None
     assert len(fed["curve"]) == 2
+    assert len(rows[0]["curve"]) == len(rows[1]["curve"]) == 2, "baselines record a round's-worth learning curve"
+    assert set(fed["personal"]) == {"site-1", "site-2"}
+    assert all(fed["personal"][s] >= fed["per_site"][s] - 1e-6 for s in fed["personal"]), \
+        "early stopping keeps the federated model when fine-tuning does not help"
     table = (out / "results.md").read_text()
     assert "fedseg-sim compare --quick" in table and "Seeds: [0]" in table
     assert f"{rows[0]['per_site']['site-1']:.3f}" in table
+    assert "+ personalization at each site" in table and "Wall time (s)" in table
     for name in PLOTS:
         assert np.asarray(Image.open(out / name).convert("L")).std() > 5
     # a second call with the same --out reuses what finished and only rewrites the table

@@ -23,7 +23,7 @@ def test_foreground_rate_holds_for_a_tiny_structure(fraction):
     volume = tiny_lesion_volume()
     assert volume.label.mean() < 0.005
     cfg = load_config(None, ["data.patch_size=[16, 16, 16]", f"data.foreground_fraction={fraction}"])
-    sampler = PatchSampler(cfg.data, batch_size=2, seed=1, augment=False)
+    sampler = PatchSampler(cfg.data, batch_size=2, seed=1, augment="none")
     n = 300
     hits = sum(bool(sampler.patch(volume)[1].any()) for _ in range(n))
     assert sampler.forced == int(n * fraction)
@@ -34,7 +34,7 @@ def test_foreground_rate_holds_for_a_tiny_structure(fraction):
 def test_without_oversampling_the_structure_is_rarely_seen():
     volume = tiny_lesion_volume()
     cfg = load_config(None, ["data.patch_size=[16, 16, 16]", "data.foreground_fraction=0"])
-    sampler = PatchSampler(cfg.data, batch_size=2, seed=1, augment=False)
+    sampler = PatchSampler(cfg.data, batch_size=2, seed=1, augment="none")
     hits = sum(bool(sampler.patch(volume)[1].any()) for _ in range(300))
     assert hits / 300 < 0.1
 

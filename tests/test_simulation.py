@@ -2,7 +2,7 @@
 
 One site's data is broken: the run must log its failures, keep going on the
 quorum of the other two, and leave a metrics log, checkpoints and config
-that follow design.md.
+that follow docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -1,0 +1,41 @@
+"""Server-side FedAdam / FedYogi: the global model moves by the optimiser's step on the round's aggregate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord
+
+from common.config import ConfigError, load_config
+from server.server_opt import BETA_1, BETA_2, server_optimizer
+
+
+def _record(values: list[float]) -> ArrayRecord:
+    return ArrayRecord({"w": Array(np.asarray(values, dtype=np.float32))})
+
+
+def test_fedadam_moves_by_adams_step_on_the_pseudo_gradient():
+    cfg = load_config(None, ["federation.server_optimizer=adam", "federation.server_lr=0.1",
+                             "federation.server_tau=0.001"]).federation
+    opt = server_optimizer(cfg)
+    start = {"w": np.array([0.0, 1.0], np.float32)}
+    moved = opt.step(1, start, _record([0.5, 0.0])).to_numpy_ndarrays()[0]
+    delta = np.array([0.5, -1.0])
+    m, v = (1 - BETA_1) * delta, (1 - BETA_2) * delta ** 2
+    eta = 0.1 * np.sqrt(1 - BETA_2 ** 2) / (1 - BETA_1 ** 2)
+    assert moved.dtype == np.float32
+    np.testing.assert_allclose(moved, start["w"] + eta * m / (np.sqrt(v) + 0.001), rtol=1e-5)
+    assert moved[0] > 0 and moved[1] < 1, "the step follows the sign of the sites' update"
+    second = opt.step(2, {"w": moved}, _record([0.5, 0.0])).to_numpy_ndarrays()[0]
+    assert not np.allclose(second, moved), "the moments carry over to the next round"
+
+
+def test_yogi_and_none_and_dp_are_checked():
+    assert server_optimizer(load_config(None, []).federation) is None
+    yogi = server_optimizer(load_config(None, ["federation.server_optimizer=yogi"]).federation)
+    moved = yogi.step(1, {"w": np.zeros(2, np.float32)}, _record([1.0, -1.0])).to_numpy_ndarrays()[0]
+    assert moved[0] > 0 > moved[1]
+    with pytest.raises(ConfigError, match="server_optimizer"):
+        load_config(None, ["federation.server_optimizer=adam", "privacy.noise_multiplier=1.0"])
+    with pytest.raises(ConfigError, match="server_lr"):
+        load_config(None, ["federation.server_lr=0"])
