@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/fedseg-sim
+	$(VENV)/bin/fedseg-sim --config simulations/demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -43,6 +43,10 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------
 IMAGES_DIR = "imagesTr"
 LABELS_DIR = "labelsTr"
+TEST_IMAGES_DIR = "imagesTs"
+TEST_LABELS_DIR = "labelsTs"
+TEST_STREAM = 1_000_000
+"""Test case j is drawn from the seed (seed, TEST_STREAM + j): never the same patient as a training case."""
 DATASET_JSON = "dataset.json"
 COMPLETE_MARKER = ".complete"
 FILE_ENDING = ".nii.gz"
@@ -458,10 +462,15 @@ def _dataset_dir(out_dir: Path, site_name: str, dataset_id: int) -> Path:
     return Path(out_dir) / f"Dataset{dataset_id:03d}_{_camel(site_name)}"
 
 
-def _case_paths(dataset_dir: Path, case_id: str) -> tuple[Path, Path]:
-    """(image path, label path) of one case."""
-    return (dataset_dir / IMAGES_DIR / f"{case_id}{CHANNEL_SUFFIX}{FILE_ENDING}",
-            dataset_dir / LABELS_DIR / f"{case_id}{FILE_ENDING}")
+def _case_paths(dataset_dir: Path, case_id: str, test: bool = False) -> tuple[Path, Path]:
+    """(image path, label path) of one training case, or of one test case."""
+    images, labels = (TEST_IMAGES_DIR, TEST_LABELS_DIR) if test else (IMAGES_DIR, LABELS_DIR)
+    return (dataset_dir / images / f"{case_id}{CHANNEL_SUFFIX}{FILE_ENDING}",
+            dataset_dir / labels / f"{case_id}{FILE_ENDING}")
+
+
+def _test_ids(site_name: str, n_test: int) -> list[str]:
+    return [f"{c}_test" for c in _case_ids(site_name, n_test)]
 
 
 def _dataset_json(site_name: str, n_cases: int) -> dict:
@@ -475,7 +484,7 @@ def _dataset_json(site_name: str, n_cases: int) -> dict:
 
 
 def _provenance(site_name: str, n_cases: int, shape: tuple[int, int, int],
-                signature: ScannerSignature, seed: int, dataset_id: int) -> dict:
+                signature: ScannerSignature, seed: int, dataset_id: int, n_test: int = 0) -> dict:
     """Everything that determines a dataset's contents; stored in the marker.
 
     A cached dataset is reused only when this matches, so changing e.g. the
@@ -489,6 +498,7 @@ def _provenance(site_name: str, n_cases: int, shape: tuple[int, int, int],
         "signature": asdict(signature),
         "seed": seed,
         "dataset_id": dataset_id,
+        **({"n_test": n_test} if n_test else {}),
     }))
 
 
@@ -503,14 +513,16 @@ def _is_complete(dataset_dir: Path, provenance: dict) -> bool:
     if marker != provenance or meta != expected_json:
         return False
     case_ids = _case_ids(provenance["site_name"], provenance["n_cases"])
-    return all(p.is_file() for c in case_ids for p in _case_paths(dataset_dir, c))
+    test_ids = _test_ids(provenance["site_name"], provenance.get("n_test", 0))
+    return (all(p.is_file() for c in case_ids for p in _case_paths(dataset_dir, c))
+            and all(p.is_file() for c in test_ids for p in _case_paths(dataset_dir, c, test=True)))
 
 
 def _clear_dataset(dataset_dir: Path) -> None:
     """Remove what a previous (possibly interrupted) run wrote; marker first."""
     (dataset_dir / COMPLETE_MARKER).unlink(missing_ok=True)
     (dataset_dir / DATASET_JSON).unlink(missing_ok=True)
-    for sub in (IMAGES_DIR, LABELS_DIR):
+    for sub in (IMAGES_DIR, LABELS_DIR, TEST_IMAGES_DIR, TEST_LABELS_DIR):
         if (dataset_dir / sub).exists():
             shutil.rmtree(dataset_dir / sub)
 
@@ -533,7 +545,7 @@ def _validate_site_args(n_cases: int, shape: tuple[int, int, int], dataset_id: i
 def generate_site(out_dir: Path, site_name: str, n_cases: int,
                   shape: tuple[int, int, int] = DEFAULT_SHAPE,
                   signature: ScannerSignature | None = None, seed: int = 0,
-                  dataset_id: int = DEFAULT_DATASET_ID) -> Path:
+                  dataset_id: int = DEFAULT_DATASET_ID, n_test: int = 0) -> Path:
     """Write one site's dataset in the nnU-Net v2 raw layout; return its folder.
 
     Always (re)writes: any earlier content of the dataset folder's layout is
@@ -557,6 +569,8 @@ def generate_site(out_dir: Path, site_name: str, n_cases: int,
         Anatomy and scanner-noise seed.
     dataset_id
         nnU-Net dataset id, 1..999.
+    n_test
+        Labelled test cases in imagesTs/labelsTs (other patients of the same scanner).
     """
     shape = tuple(int(n) for n in shape)
     _validate_site_args(n_cases, shape, dataset_id)
@@ -567,18 +581,22 @@ def generate_site(out_dir: Path, site_name: str, n_cases: int,
     (dataset_dir / LABELS_DIR).mkdir(parents=True, exist_ok=True)
 
     affine = _canonical_affine(shape, signature.spacing)
-    for index, case_id in enumerate(_case_ids(site_name, n_cases)):
-        anatomy_seq, scanner_seq = np.random.SeedSequence([seed, index]).spawn(2)
+    cases = [(case_id, index, False) for index, case_id in enumerate(_case_ids(site_name, n_cases))]
+    cases += [(case_id, TEST_STREAM + j, True) for j, case_id in enumerate(_test_ids(site_name, n_test))]
+    for case_id, stream, test in cases:
+        anatomy_seq, scanner_seq = np.random.SeedSequence([seed, stream]).spawn(2)
         tissue, label = _draw_case(shape, np.random.default_rng(anatomy_seq))
         image = _apply_signature(tissue, signature, np.random.default_rng(scanner_seq))
         (image, label), stored_affine = _reorient([image, label], affine, signature.orientation)
-        image_path, label_path = _case_paths(dataset_dir, case_id)
+        image_path, label_path = _case_paths(dataset_dir, case_id, test)
+        image_path.parent.mkdir(parents=True, exist_ok=True)
+        label_path.parent.mkdir(parents=True, exist_ok=True)
         _save_nifti(image, stored_affine, image_path)
         _save_nifti(label, stored_affine, label_path)
 
     meta = _dataset_json(site_name, n_cases)
     (dataset_dir / DATASET_JSON).write_text(json.dumps(meta, indent=2) + "\n")
-    provenance = _provenance(site_name, n_cases, shape, signature, seed, dataset_id)
+    provenance = _provenance(site_name, n_cases, shape, signature, seed, dataset_id, n_test)
     (dataset_dir / COMPLETE_MARKER).write_text(json.dumps(provenance, indent=2) + "\n")
     logger.info("wrote %d synthetic cases for %s to %s", n_cases, site_name, dataset_dir)
     return dataset_dir
@@ -591,7 +609,7 @@ def _site_seed(seed: int, site_index: int) -> int:
 
 def generate_federation(out_dir: Path, n_sites: int = 3, n_cases: int = 8,
                         shape: tuple[int, int, int] = DEFAULT_SHAPE, strength: float = 1.0,
-                        seed: int = 0) -> dict[str, Path]:
+                        seed: int = 0, n_test: int = 0) -> dict[str, Path]:
     """Write (or reuse) one dataset per site; return ``{site_name: dataset_dir}``.
 
     Idempotent: a site whose folder holds a finished dataset drawn with the same
@@ -612,6 +630,8 @@ def generate_federation(out_dir: Path, n_sites: int = 3, n_cases: int = 8,
         Domain-shift strength passed to :func:`default_signatures`.
     seed
         Federation seed; each site derives its own from it.
+    n_test
+        Labelled test cases per site (imagesTs/labelsTs).
     """
     signatures = default_signatures(n_sites, strength)
     if DEFAULT_DATASET_ID + len(signatures) - 1 > MAX_DATASET_ID:
@@ -628,10 +648,10 @@ def generate_federation(out_dir: Path, n_sites: int = 3, n_cases: int = 8,
         dataset_id = DEFAULT_DATASET_ID + index
         site_seed = _site_seed(seed, index)
         dataset_dir = _dataset_dir(out_dir, site_name, dataset_id)
-        provenance = _provenance(site_name, n_cases, shape, signature, site_seed, dataset_id)
+        provenance = _provenance(site_name, n_cases, shape, signature, site_seed, dataset_id, n_test)
         if _is_complete(dataset_dir, provenance):
             logger.info("reusing complete synthetic dataset %s", dataset_dir)
         else:
-            generate_site(out_dir, site_name, n_cases, shape, signature, site_seed, dataset_id)
+            generate_site(out_dir, site_name, n_cases, shape, signature, site_seed, dataset_id, n_test)
         sites[site_name] = dataset_dir
     return sites

@@ -269,3 +269,18 @@ def test_invalid_signature_is_rejected(kwargs: dict) -> None:
 def test_invalid_federation_is_rejected(n_sites: int, strength: float) -> None:
     with pytest.raises(ValueError):
         default_signatures(n_sites, strength)
+
+
+def test_test_cases_are_other_patients_of_the_same_scanner(tmp_path: Path) -> None:
+    sites = generate_federation(tmp_path, n_sites=1, n_cases=2, n_test=2)
+    site = sites["site-1"]
+    tests = sorted((site / "imagesTs").iterdir())
+    assert len(tests) == 2 and len(list((site / "labelsTs").iterdir())) == 2
+    train = sorted((site / "imagesTr").iterdir())
+    test_arrays = [np.asarray(nib.load(p).dataobj) for p in tests]
+    train_arrays = [np.asarray(nib.load(p).dataobj) for p in train]
+    assert all(not np.array_equal(a, b) for a in test_arrays for b in train_arrays)
+    assert nib.load(tests[0]).header.get_zooms() == nib.load(train[0]).header.get_zooms()
+    assert json.loads((site / "dataset.json").read_text())["numTraining"] == 2
+    generate_federation(tmp_path, n_sites=1, n_cases=2)
+    assert not (site / "imagesTs").exists(), "a federation drawn without test cases has none"
