@@ -8,6 +8,7 @@ everywhere: the error names the key, the file and the closest valid key.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -31,8 +32,8 @@ class ConfigError(ValueError):
 
 def option(default: Any, doc: str) -> Any:
     """Declare a schema field with its default and its one-line description."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"doc": doc})
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
     return field(default=default, metadata={"doc": doc})
 
 
@@ -181,8 +182,17 @@ class SiteConfig:
 
 
 @dataclass
+class SimulatedSite:
+    """One of the user's own sites in a simulation (an entry of ``simulation.sites``)."""
+
+    data_dir: str = option("", "nnU-Net raw or Medical Segmentation Decathlon dataset folder of this site.")
+    held_out: bool = option(False, "The site never trains; it is only scored (as-is and norm-adapted) on all "
+                                   "its labelled cases.")
+
+
+@dataclass
 class SimulationConfig:
-    """The local multi-site simulation on built-in synthetic data."""
+    """The local multi-site simulation: the user's own sites, or built-in synthetic data."""
 
     num_sites: int = option(3, "Simulated hospitals.")
     cases_per_site: int = option(6, "Synthetic cases generated per site.")
@@ -193,6 +203,9 @@ class SimulationConfig:
     cpus_per_site: int = option(2, "CPUs reserved per simulated site; sites run in turns when CPUs are scarce.")
     seed: int = option(0, "Seed of the synthetic data.")
     held_out_sites: int = option(0, "Extra simulated sites that never train, for the cross-site evaluation.")
+    sites: dict[str, SimulatedSite] = option(
+        {}, "Your own sites: name -> {data_dir, held_out}; empty: the synthetic generator (num_sites etc.)."
+    )
 
 
 @dataclass
@@ -270,6 +283,7 @@ def check_consistency(cfg: FedsegConfig) -> None:
     if t.proximal_mu < 0:
         raise ConfigError(f"train.proximal_mu must be >= 0, got {t.proximal_mu}.")
     check_robustness(cfg)
+    check_simulated_sites(cfg.simulation)
     if t.local_steps < 1 or t.batch_size < 1 or f.rounds < 1 or f.min_sites < 1:
         raise ConfigError("train.local_steps, train.batch_size, federation.rounds and federation.min_sites must be >= 1.")
 
@@ -299,6 +313,18 @@ def check_robustness(cfg: FedsegConfig) -> None:
         )
 
 
+def check_simulated_sites(sim: SimulationConfig) -> None:
+    """The user's own simulated sites: each names a folder, and at least one of them trains."""
+    for name, site in sim.sites.items():
+        if not name.strip():
+            raise ConfigError("simulation.sites: a site name is empty; name every site (it appears in the metrics log).")
+        if not site.data_dir:
+            raise ConfigError(f"simulation.sites.{name}.data_dir is empty: set it to the site's nnU-Net raw or "
+                              "Decathlon dataset folder.")
+    if sim.sites and all(site.held_out for site in sim.sites.values()):
+        raise ConfigError(f"simulation.sites: every site ({', '.join(sim.sites)}) is held_out; at least one must train.")
+
+
 _SECTION_TYPES = typing.get_type_hints(FedsegConfig)
 
 
@@ -317,9 +343,32 @@ def _closest(name: str, valid: list[str]) -> str:
     return f" Did you mean '{match[0]}'?" if match else f" Valid keys: {', '.join(valid)}."
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
+def _coerce_fields(values: Any, cls: type, source: str, dotted: str) -> dict[str, Any]:
+    """A YAML mapping checked key by key against a schema dataclass (a section or a nested entry)."""
+    values = {} if values is None else values
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: '{dotted}' must be a mapping, got {values!r}.")
+    hints = typing.get_type_hints(cls)
+    for key in values:
+        if key not in hints:
+            raise ConfigError(f"{source}: unknown key '{dotted}.{key}'.{_closest(str(key), list(hints))}")
+    return {k: _coerce(v, hints[k], source, f"{dotted}.{k}") for k, v in values.items()}
+
+
+def _coerce(value: Any, hint: Any, source: str, dotted: str) -> Any:
     """Check one YAML value against its declared type, allowing int where float is expected."""
+    where = f"{source}: {dotted}"
     origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return hint(**_coerce_fields(value, hint, source, dotted))
+    if origin is dict:
+        key_type, item = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {key_type.__name__} to {item.__name__}, got {value!r}.")
+        for k in value:
+            if not isinstance(k, key_type):
+                raise ConfigError(f"{where}: key {k!r} must be a {key_type.__name__}.")
+        return {k: _coerce(v, item, source, f"{dotted}.{k}") for k, v in value.items()}
     if origin is Literal:
         if value not in typing.get_args(hint):
             choices = ", ".join(repr(c) for c in typing.get_args(hint))
@@ -329,7 +378,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list of {item.__name__}, got {value!r}.")
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_coerce(v, item, source, f"{dotted}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"{where}: union types are not supported in the schema.")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
@@ -352,35 +401,34 @@ def from_dict(raw: dict[str, Any], source: str = "<config>") -> FedsegConfig:
         if section not in _SECTION_TYPES:
             raise ConfigError(f"{source}: unknown section '{section}'.{_closest(str(section), list(_SECTION_TYPES))}")
         cls = _SECTION_TYPES[section]
-        hints = typing.get_type_hints(cls)
-        values = values or {}
-        if not isinstance(values, dict):
+        if values is not None and not isinstance(values, dict):
             raise ConfigError(f"{source}: section '{section}' must be a mapping, got {values!r}.")
-        for key in values:
-            if key not in hints:
-                raise ConfigError(
-                    f"{source}: unknown key '{section}.{key}'.{_closest(str(key), list(hints))}"
-                )
-        kwargs = {k: _coerce(v, hints[k], f"{source}: {section}.{k}") for k, v in values.items()}
-        sections[section] = cls(**kwargs)
+        sections[section] = cls(**_coerce_fields(values, cls, source, section))
     return FedsegConfig(**sections)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` overrides (values parsed as YAML) on top of a raw config."""
+    """Apply ``section.key=value`` overrides (values parsed as YAML) on top of a raw config.
+
+    A longer dotted key reaches into a mapping option, e.g.
+    ``simulation.sites.hospital-a.held_out=true``.
+    """
     if not overrides:
         return raw
     if not isinstance(raw, dict):
         raise ConfigError(f"the top level must be a mapping of sections, got {type(raw).__name__}.")
-    merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    merged = copy.deepcopy(raw)
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ConfigError(f"override '{item}' must look like section.key=value, e.g. train.lr=0.001.")
         dotted, text = item.split("=", 1)
-        section, key = dotted.strip().split(".", 1)
-        target = merged.setdefault(section, {})
-        if not isinstance(target, dict):
-            raise ConfigError(f"override '{item}': section '{section}' is not a mapping in the config file.")
+        *parents, key = dotted.strip().split(".")
+        target = merged
+        for depth, name in enumerate(parents):
+            target = target.setdefault(name, {})
+            if not isinstance(target, dict):
+                where = ".".join(parents[: depth + 1])
+                raise ConfigError(f"override '{item}': '{where}' is not a mapping in the config file.")
         target[key] = yaml.safe_load(text)
     return merged
 

@@ -85,3 +85,33 @@ def test_yaml_round_trip_keeps_every_value():
     assert again == cfg
     assert again.sha256() == cfg.sha256()
     assert isinstance(FedsegConfig().to_dict()["model"], dict)
+
+
+def test_simulated_sites_are_a_typed_mapping_that_round_trips(tmp_path):
+    from common.config import SimulatedSite, from_yaml_text
+
+    path = tmp_path / "sim.yaml"
+    path.write_text("simulation:\n  sites:\n    hospital-a: {data_dir: /data/a}\n"
+                    "    hospital-b: {data_dir: /data/b, held_out: true}\n")
+    cfg = load_config(path, ["simulation.sites.hospital-a.held_out=false"])
+    assert cfg.simulation.sites == {"hospital-a": SimulatedSite("/data/a", False),
+                                    "hospital-b": SimulatedSite("/data/b", True)}
+    assert from_yaml_text(cfg.to_yaml(), "round trip") == cfg
+    assert load_config().simulation.sites == {}
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("simulation:\n  sites:\n    a: {data_dir: /x, heldout: true}\n", "unknown key 'simulation.sites.a.heldout'. "
+                                                                       "Did you mean 'held_out'?"),
+    ("simulation:\n  sites:\n    a: {data_dir: /x, held_out: maybe}\n", "simulation.sites.a.held_out: expected bool"),
+    ("simulation:\n  sites:\n    a: /x\n", "'simulation.sites.a' must be a mapping"),
+    ("simulation:\n  sites: [a, b]\n", "simulation.sites: expected a mapping"),
+    ("simulation:\n  sites:\n    a: {held_out: false}\n", "simulation.sites.a.data_dir is empty"),
+    ("simulation:\n  sites:\n    a: {data_dir: /x, held_out: true}\n", "at least one must train"),
+])
+def test_simulated_site_errors_name_the_key(tmp_path, text, fragment):
+    path = tmp_path / "sim.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert fragment in str(err.value)
