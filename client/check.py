@@ -1,9 +1,12 @@
 """Preflight check of a site's data: open every case and report what would break training.
 
 Every file is opened and read in full, and each defect is reported with the
-file's name: unreadable or truncated files, image/label shapes or affines that
-disagree, labels that are not integers or not declared in dataset.json, NaN or
-Inf voxels, empty labels, and odd orientation or spacing. A summary table
+file's name: unreadable or truncated files, an image without a label or a
+label without an image, image/label shapes or affines that disagree, labels
+that are not integers or not declared in dataset.json, NaN or Inf voxels,
+empty labels, odd orientation or spacing, and a numTraining in dataset.json
+that disagrees with the cases found. Labelled test cases (imagesTs/labelsTs)
+are checked like training cases. A summary table
 follows (cases, spacing and shape ranges, label voxel fractions). Nothing is
 modified. The exit code is 1 when training would fail (any problem), 0
 otherwise (warnings only). The ClientApp runs the same check before it uses a
@@ -21,7 +24,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from common.dataset import Case, DatasetError, DatasetSpec, read_dataset
+from common.dataset import DATASET_JSON, Case, DatasetError, DatasetSpec, read_dataset
 
 log = logging.getLogger("fedseg.client")
 
@@ -82,7 +85,8 @@ class CheckReport:
         spec = self.spec
         if spec is None:
             return "\n".join(f.line() for f in self.findings)
-        out = [f"dataset {self.root} ({spec.layout} layout): {len(spec.cases)} case(s), {spec.num_channels} "
+        tests = f" + {len(spec.test_cases)} labelled test case(s)" if spec.test_cases else ""
+        out = [f"dataset {self.root} ({spec.layout} layout): {len(spec.cases)} case(s){tests}, {spec.num_channels} "
                f"channel(s) {list(spec.channel_names.values())}, {spec.num_classes} classes, "
                f"{len(spec.annotators)} annotator(s)"]
         out += ["  " + f.line() for f in self.findings]
@@ -194,6 +198,15 @@ def check_case(case: Case, spec: DatasetSpec) -> tuple[list[Finding], CaseInfo |
     return found, info
 
 
+def inventory_findings(spec: DatasetSpec) -> list[Finding]:
+    """Files without a partner (never trained on, so an annotation is probably lost) and a stale numTraining."""
+    found = [Finding(u.file, u.problem, True) for u in spec.unpaired]
+    if spec.num_training is not None and spec.num_training != len(spec.cases):
+        found.append(Finding(DATASET_JSON, f"numTraining is {spec.num_training} but {len(spec.cases)} complete "
+                                           "training case(s) were found", False))
+    return found
+
+
 def check_dataset(root: Path | str) -> CheckReport:
     """Open every case of the dataset at ``root``; the report lists every defect."""
     root = Path(root)
@@ -202,7 +215,8 @@ def check_dataset(root: Path | str) -> CheckReport:
     except DatasetError as err:
         return CheckReport(root, None, [Finding(str(root), str(err), True)])
     report = CheckReport(root, spec)
-    for case in spec.cases:
+    report.findings += inventory_findings(spec)
+    for case in (*spec.cases, *spec.test_cases):
         found, info = check_case(case, spec)
         report.findings += found
         if info is not None:

@@ -9,6 +9,12 @@ Two layouts are understood, told apart by their dataset.json:
   ``{"image": ..., "label": ...}``, ``modality``, ``labels`` keyed by value):
   one file per case, 4D (channel last) when there are several modalities.
 
+Test sets: an nnU-Net ``imagesTs``/``labelsTs`` pair, or MSD ``test`` entries
+that name a label (``{"image": ..., "label": ...}``), are the site's test
+cases; test images without a label are ignored. Images and labels that have
+no partner are kept aside in ``DatasetSpec.unpaired`` (never trained on) for
+the preflight check to report.
+
 Several annotators: an nnU-Net dataset.json may list ``"annotators":
 ["labelsTr", "labelsTr_reader2", ...]`` (label folders, the first is the
 reference); in the MSD layout a ``label`` entry may be a list of files. Every
@@ -27,6 +33,10 @@ import numpy as np
 DATASET_JSON = "dataset.json"
 IMAGES_DIR = "imagesTr"
 LABELS_DIR = "labelsTr"
+TEST_IMAGES_DIR = "imagesTs"
+TEST_LABELS_DIR = "labelsTs"
+IMAGE_WITHOUT_LABEL = "image without a label"
+LABEL_WITHOUT_IMAGE = "label without an image"
 CHANNEL_SUFFIX_DIGITS = 4
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 CT_MODALITY = "CT"
@@ -55,6 +65,15 @@ class Case:
 
 
 @dataclass(frozen=True)
+class Unpaired:
+    """A file whose partner is missing: an image without a label, or a label without an image."""
+
+    file: str
+    """Path relative to the dataset folder."""
+    problem: str
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
     """What dataset.json declares plus the cases found on disk."""
 
@@ -66,6 +85,11 @@ class DatasetSpec:
     file_ending: str
     cases: tuple[Case, ...]
     annotators: tuple[str, ...] = (LABELS_DIR,)
+    test_cases: tuple[Case, ...] = ()
+    """Labelled test cases (imagesTs/labelsTs, or MSD test entries with a label): scored, never chosen on."""
+    unpaired: tuple[Unpaired, ...] = ()
+    num_training: int | None = None
+    """dataset.json's numTraining, when it declares one."""
 
     @property
     def num_classes(self) -> int:
@@ -81,7 +105,7 @@ class DatasetSpec:
         return [self.channel_names[k].strip().upper() == CT_MODALITY for k in sorted(self.channel_names, key=int)]
 
     def case(self, case_id: str) -> Case:
-        for case in self.cases:
+        for case in (*self.cases, *self.test_cases):
             if case.case_id == case_id:
                 return case
         raise DatasetError(f"case '{case_id}' is not in {self.root}.")
@@ -118,25 +142,39 @@ def _int_labels(labels: dict, path: Path) -> dict[str, int]:
     return out
 
 
-def _nnunet_cases(root: Path, meta: dict, annotators: tuple[str, ...]) -> list[Case]:
+def _rel(path: Path, root: Path) -> str:
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+def _nnunet_pairs(root: Path, meta: dict, images_dir: str, label_dirs: tuple[str, ...]
+                  ) -> tuple[list[Case], list[Unpaired]]:
+    """Cases of one image folder and its label folder(s), and the labels whose images are missing."""
     ending = meta["file_ending"]
     channels = sorted(meta["channel_names"], key=int)
-    reference = root / annotators[0]
+    reference = root / label_dirs[0]
     label_files = sorted(p for p in reference.glob(f"*{ending}") if not p.name.startswith("."))
-    if not label_files:
-        raise DatasetError(f"no label files matching *{ending} in {reference}.")
-    cases = []
+    cases, unpaired = [], []
     for label in label_files:
         case_id = label.name[: -len(ending)]
         images = tuple(
-            root / IMAGES_DIR / f"{case_id}_{int(c):0{CHANNEL_SUFFIX_DIGITS}d}{ending}" for c in channels
+            root / images_dir / f"{case_id}_{int(c):0{CHANNEL_SUFFIX_DIGITS}d}{ending}" for c in channels
         )
-        labels = tuple(root / folder / label.name for folder in annotators)
-        missing = [str(p.relative_to(root)) for p in (*images, *labels) if not p.is_file()]
-        if missing:
+        labels = tuple(root / folder / label.name for folder in label_dirs)
+        if missing_images := [_rel(p, root) for p in images if not p.is_file()]:
+            unpaired.append(Unpaired(_rel(label, root), f"{LABEL_WITHOUT_IMAGE} (missing {missing_images})"))
+            continue
+        if missing := [_rel(p, root) for p in labels if not p.is_file()]:
             raise DatasetError(f"case '{case_id}' in {root}: missing file(s) {missing}.")
         cases.append(Case(case_id, images, labels))
-    return cases
+    return cases, unpaired
+
+
+def _images_without_label(root: Path, meta: dict, labelled: set[str]) -> list[Unpaired]:
+    """imagesTr files (any channel) whose case has no label file."""
+    ending = meta["file_ending"]
+    suffix_len = 1 + CHANNEL_SUFFIX_DIGITS + len(ending)
+    found = sorted(p for p in (root / IMAGES_DIR).glob(f"*{ending}") if not p.name.startswith("."))
+    return [Unpaired(_rel(p, root), IMAGE_WITHOUT_LABEL) for p in found if p.name[:-suffix_len] not in labelled]
 
 
 def _read_nnunet(root: Path, meta: dict) -> DatasetSpec:
@@ -145,14 +183,22 @@ def _read_nnunet(root: Path, meta: dict) -> DatasetSpec:
         if key not in meta:
             raise DatasetError(f"{path} lacks the key '{key}' required by the nnU-Net raw layout.")
     annotators = tuple(meta.get("annotators") or (LABELS_DIR,))
+    cases, unpaired = _nnunet_pairs(root, meta, IMAGES_DIR, annotators)
+    if not cases and not unpaired:
+        raise DatasetError(f"no label files matching *{meta['file_ending']} in {root / annotators[0]}.")
+    test_cases, test_unpaired = _nnunet_pairs(root, meta, TEST_IMAGES_DIR, (TEST_LABELS_DIR,))
+    labelled = {c.case_id for c in cases} | {Path(u.file).name[: -len(meta["file_ending"])] for u in unpaired}
     return DatasetSpec(
         root=root,
         layout="nnunet",
         channel_names={str(k): str(v) for k, v in meta["channel_names"].items()},
         labels=_int_labels(meta["labels"], path),
         file_ending=meta["file_ending"],
-        cases=tuple(_nnunet_cases(root, meta, annotators)),
+        cases=tuple(cases),
         annotators=annotators,
+        test_cases=tuple(test_cases),
+        unpaired=(*unpaired, *_images_without_label(root, meta, labelled), *test_unpaired),
+        num_training=meta.get("numTraining"),
     )
 
 
@@ -163,6 +209,43 @@ def _ending_of(name: str) -> str:
     raise DatasetError(f"'{name}' is not a NIfTI file (.nii or .nii.gz).")
 
 
+def _msd_cases(root: Path, path: Path, entries: list, what: str) -> tuple[list[Case], list[Unpaired], set[Path]]:
+    """Cases of a Decathlon list, the entries whose image or label file is missing, and every file named."""
+    cases, unpaired, named, n_annotators = [], [], set(), None
+    base = root.resolve()
+    for i, entry in enumerate(entries):
+        if what == "test" and not (isinstance(entry, dict) and "label" in entry):
+            continue  # an unlabelled test image: nothing to score
+        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+            raise DatasetError(f"{path}: {what} entry {i} needs 'image' and 'label'.")
+        image = (root / entry["image"]).resolve()
+        label_entries = entry["label"] if isinstance(entry["label"], list) else [entry["label"]]
+        label_paths = tuple((root / p).resolve() for p in label_entries)
+        named |= {image, *label_paths}
+        if n_annotators not in (None, len(label_paths)):
+            raise DatasetError(f"{path}: {what} entry {i} has {len(label_paths)} labels, others {n_annotators}.")
+        n_annotators = len(label_paths)
+        if not image.is_file():
+            unpaired += [Unpaired(_rel(p, base), LABEL_WITHOUT_IMAGE) for p in label_paths if p.is_file()]
+            continue
+        if not all(p.is_file() for p in label_paths):
+            unpaired.append(Unpaired(_rel(image, base), IMAGE_WITHOUT_LABEL))
+            continue
+        case_id = image.name[: -len(_ending_of(image.name))]
+        cases.append(Case(case_id, (image,), label_paths))
+    return sorted(cases, key=lambda c: c.case_id), unpaired, named
+
+
+def _unlisted(root: Path, named: set[Path]) -> list[Unpaired]:
+    """Files in imagesTr/labelsTr that no training entry names: they have no partner."""
+    found = []
+    for folder, problem in ((IMAGES_DIR, IMAGE_WITHOUT_LABEL), (LABELS_DIR, LABEL_WITHOUT_IMAGE)):
+        for p in sorted((root / folder).glob("*.nii*")):
+            if not p.name.startswith(".") and p.resolve() not in named:
+                found.append(Unpaired(_rel(p, root), f"{problem} (not in dataset.json's training list)"))
+    return found
+
+
 def _read_msd(root: Path, meta: dict) -> DatasetSpec:
     """MSD: labels are keyed by value ({"0": "background"}), channels by "modality"."""
     path = root / DATASET_JSON
@@ -170,31 +253,21 @@ def _read_msd(root: Path, meta: dict) -> DatasetSpec:
     if not modality or "labels" not in meta:
         raise DatasetError(f"{path}: a Decathlon dataset.json needs 'modality' and 'labels' next to 'training'.")
     labels = _int_labels({name: int(value) for value, name in meta["labels"].items()}, path)
-    cases, n_annotators = [], None
-    for i, entry in enumerate(meta["training"]):
-        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
-            raise DatasetError(f"{path}: training entry {i} needs 'image' and 'label'.")
-        image = (root / entry["image"]).resolve()
-        label_entries = entry["label"] if isinstance(entry["label"], list) else [entry["label"]]
-        label_paths = tuple((root / p).resolve() for p in label_entries)
-        if n_annotators not in (None, len(label_paths)):
-            raise DatasetError(f"{path}: training entry {i} has {len(label_paths)} labels, others {n_annotators}.")
-        n_annotators = len(label_paths)
-        missing = [str(p) for p in (image, *label_paths) if not p.is_file()]
-        if missing:
-            raise DatasetError(f"{path}: training entry {i} names missing file(s) {missing}.")
-        case_id = image.name[: -len(_ending_of(image.name))]
-        cases.append(Case(case_id, (image,), label_paths))
+    cases, unpaired, named = _msd_cases(root, path, meta["training"], "training")
     if not cases:
-        raise DatasetError(f"{path}: the 'training' list is empty.")
+        raise DatasetError(f"{path}: the 'training' list names no complete case.")
+    test_cases, test_unpaired, _ = _msd_cases(root, path, meta.get("test") or [], "test")
     return DatasetSpec(
         root=root,
         layout="msd",
         channel_names={str(k): str(v) for k, v in modality.items()},
         labels=labels,
         file_ending=_ending_of(cases[0].images[0].name),
-        cases=tuple(sorted(cases, key=lambda c: c.case_id)),
-        annotators=tuple(f"annotator-{i + 1}" for i in range(n_annotators or 1)),
+        cases=tuple(cases),
+        annotators=tuple(f"annotator-{i + 1}" for i in range(len(cases[0].labels))),
+        test_cases=tuple(test_cases),
+        unpaired=(*unpaired, *_unlisted(root.resolve(), named), *test_unpaired),
+        num_training=meta.get("numTraining"),
     )
 
 
@@ -203,9 +276,10 @@ def read_dataset(root: Path | str) -> DatasetSpec:
     root = Path(root)
     meta = _read_dataset_json(root)
     spec = _read_msd(root, meta) if "training" in meta else _read_nnunet(root, meta)
-    ids = [c.case_id for c in spec.cases]
+    ids = [c.case_id for c in (*spec.cases, *spec.test_cases)]
     if len(set(ids)) != len(ids):
-        raise DatasetError(f"{root}: case ids are not unique ({len(ids) - len(set(ids))} duplicates).")
+        raise DatasetError(f"{root}: case ids are not unique across training and test cases "
+                           f"({len(ids) - len(set(ids))} duplicates).")
     return spec
 
 

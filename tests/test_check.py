@@ -105,3 +105,42 @@ def test_the_daemon_refuses_to_join_with_a_broken_case(tmp_path):
     target.write_bytes(target.read_bytes()[:100])
     with pytest.raises(UserError, match="(?s)will not join.*labelsTr/case_001.nii.gz: unreadable"):
         check_data(SiteConfig(name="s", data_dir=str(root)), say=lines.append)
+
+
+def test_unpaired_files_and_a_stale_num_training_are_reported(tmp_path, capsys):
+    root = nnunet_dataset(tmp_path / "Dataset005_X", n_cases=4)
+    (root / "labelsTr" / "case_001.nii.gz").unlink()
+    (root / "imagesTr" / "case_002_0000.nii.gz").unlink()
+    report = check_dataset(root)
+    found = {(f.file, f.problem.split(" (")[0], f.fatal) for f in report.findings}
+    assert ("imagesTr/case_001_0000.nii.gz", "image without a label", True) in found
+    assert ("labelsTr/case_002.nii.gz", "label without an image", True) in found
+    assert ("dataset.json", "numTraining is 4 but 2 complete training case(s) were found", False) in found
+    assert main(["check", "--config", str(_site_yaml(tmp_path, root))]) == 1
+    out = capsys.readouterr().out
+    assert "image without a label" in out and "label without an image" in out and "numTraining is 4" in out
+
+
+def test_msd_unpaired_entries_and_labelled_test_cases(tmp_path):
+    import json
+
+    from tests.nifti_cases import msd_dataset
+
+    root = msd_dataset(tmp_path / "Task01_X", n_cases=4, modalities=("T1",))
+    meta = json.loads((root / "dataset.json").read_text())
+    (root / "labelsTr" / "case_0.nii.gz").unlink()
+    (root / "imagesTr" / "case_1.nii.gz").unlink()
+    image, label = phantom(seed=9)
+    save(image, RAS, root / "imagesTr" / "stray.nii.gz")
+    save(image, RAS, root / "imagesTs" / "case_t.nii.gz")
+    save(label, RAS, root / "labelsTs" / "case_t.nii.gz")
+    meta["test"] = ["./imagesTs/unlabelled.nii.gz",
+                    {"image": "./imagesTs/case_t.nii.gz", "label": "./labelsTs/case_t.nii.gz"}]
+    meta["numTraining"] = 3
+    (root / "dataset.json").write_text(json.dumps(meta))
+    report = check_dataset(root)
+    found = {(f.file, f.problem.split(" (")[0]) for f in report.findings}
+    assert {("imagesTr/case_0.nii.gz", "image without a label"), ("labelsTr/case_1.nii.gz", "label without an image"),
+            ("imagesTr/stray.nii.gz", "image without a label"),
+            ("dataset.json", "numTraining is 3 but 2 complete training case(s) were found")} <= found
+    assert [c.case_id for c in report.spec.test_cases] == ["case_t"] and not report.ok
