@@ -31,7 +31,7 @@ from common.runs import run_dir, simulated_site_config
 from common.wire import error_reason, from_wire, to_wire
 
 from . import egress, site_history
-from .cross_eval import cross_evaluate
+from .cross_eval import class_metrics, cross_evaluate
 from .site_data import SiteData, annotator_metrics, fingerprint_reply
 from .site_state import SiteState
 
@@ -184,7 +184,7 @@ def _evaluate(site: Site, msg: Message) -> Message:
         site.model, data.volumes(data.val_ids), site.cfg.data, site.cfg.train, data.spec.num_classes
     )
     metrics = {"dice": result.dice, "loss": result.loss, keys.NUM_EXAMPLES: result.num_cases}
-    metrics |= {f"{keys.DICE_CLASS_PREFIX}{i + 1}": d for i, d in enumerate(result.dice_per_class)}
+    metrics |= class_metrics(keys.DICE_CLASS_PREFIX, result.dice_per_class)
     if result.hd95 is not None:
         metrics["hd95"] = result.hd95
     metrics |= annotator_metrics(result)

@@ -1,9 +1,11 @@
 """The site's side of the cross-site evaluation (``query.cross_eval`` messages).
 
 The server sends a global checkpoint; the site scores it on its own validation
-cases with its own normalization tensors, which never leave it. A site that
-never trained has none: it scores the checkpoint as it arrives and again after
-adapting its normalization layers to its own unlabeled training scans
+cases with its own normalization tensors, which never leave it, and on its
+labelled test cases when it has any (scored here only, never used to choose a
+round). A site that never trained has no norm tensors and no reason to hold
+cases back: it scores the checkpoint on all its labelled cases as it arrives,
+and again after adapting its normalization layers to those scans' images
 (common.norm_adapt). Only Dice values and counts go back.
 """
 
@@ -44,22 +46,34 @@ def cross_evaluate(site: Site, msg: Message) -> Message:
         raise ValueError(f"unknown cross-evaluation task {task!r}; expected '{IDENTIFY}' or '{EVALUATE}'")
     site.load_global(msg)
     data = SiteData.open(site.cfg, site.state, msg)
-    val = data.volumes(data.val_ids)
+    scored = data.volumes(data.val_ids if trained else data.labelled_ids)
+    test = data.volumes(data.test_ids) if trained else []
     num_classes = data.spec.num_classes
-    own = evaluate(site.model, val, site.cfg.data, site.cfg.train, num_classes)
-    metrics = {"dice": own.dice, "trained": float(trained), keys.NUM_EXAMPLES: own.num_cases}
     train = site.cfg.train
+    own = evaluate(site.model, scored, site.cfg.data, train, num_classes)
+    metrics = {"dice": own.dice, "trained": float(trained), keys.NUM_EXAMPLES: own.num_cases,
+               **class_metrics(keys.DICE_CLASS_PREFIX, own.dice_per_class)}
+    if test:
+        scores = evaluate(site.model, test, site.cfg.data, train, num_classes)
+        metrics |= {keys.TEST_DICE: scores.dice, keys.TEST_NUM_EXAMPLES: scores.num_cases,
+                    **class_metrics(keys.TEST_DICE_CLASS_PREFIX, scores.dice_per_class)}
     if trained and train.personalize_steps > 0:
-        result = personalize(site.model, data.volumes(data.train_ids), val, site.cfg.data, train, num_classes,
+        result = personalize(site.model, data.volumes(data.train_ids), scored, site.cfg.data, train, num_classes,
                              train.seed)
         metrics["dice_personal"] = result.dice_after
+        if test:
+            metrics[keys.TEST_DICE_PERSONAL] = evaluate(site.model, test, site.cfg.data, train, num_classes).dice
         log.info("cross-eval %s: personalized for %d steps, validation Dice %.4f -> %.4f",
                  config[keys.CROSS_EVAL_MODEL], result.steps, result.dice_before, result.dice_after)
     if not trained and train.adapt_norm_steps > 0:
-        images = [image for image, _ in data.volumes(data.train_ids)]
+        images = [image for image, _ in scored]
         adapted = adapt_norm(site.model, images, site.cfg.data, train.adapt_norm_steps, train.batch_size, train.seed)
-        metrics["dice_adapted"] = evaluate(site.model, val, site.cfg.data, train, num_classes).dice if adapted \
+        metrics["dice_adapted"] = evaluate(site.model, scored, site.cfg.data, train, num_classes).dice if adapted \
             else own.dice
         log.info("cross-eval %s: BatchNorm statistics %s, Dice %.4f -> %.4f", config[keys.CROSS_EVAL_MODEL],
                  "re-estimated" if adapted else "absent (nothing to adapt)", own.dice, metrics["dice_adapted"])
     return site.reply(msg, metrics)
+
+def class_metrics(prefix: str, dice_per_class: list[float]) -> dict[str, float]:
+    """One Dice per foreground class, named ``<prefix><class>`` (classes from 1)."""
+    return {f"{prefix}{i + 1}": d for i, d in enumerate(dice_per_class)}

@@ -93,7 +93,8 @@ class EgressPolicy:
             dtypes = {wire_dtype} if tensor.is_floating_point() else {str(tensor.dtype).removeprefix("torch.")}
             arrays[key] = (tuple(tensor.shape), frozenset(dtypes))
             total += tensor.numel() * tensor.element_size() + NPY_HEADER_MAX + len(key)
-        per_class = {f"{keys.DICE_CLASS_PREFIX}{i}" for i in range(1, site.cfg.model.out_channels)}
+        per_class = {f"{prefix}{i}" for prefix in (keys.DICE_CLASS_PREFIX, keys.TEST_DICE_CLASS_PREFIX)
+                     for i in range(1, site.cfg.model.out_channels)}
         return cls(
             site=site.cfg.site.name,
             signature=site.signature,

@@ -54,6 +54,16 @@ class SiteData:
         cfg.data = plan.data_config(cfg.data)
         return cls(spec, train_ids, val_ids, PreprocessedCases(state.cache_dir, plan, spec.num_classes), plan)
 
+    @property
+    def test_ids(self) -> list[str]:
+        """Labelled test cases: scored at the end only, never used to choose anything."""
+        return [c.case_id for c in self.spec.test_cases]
+
+    @property
+    def labelled_ids(self) -> list[str]:
+        """Every labelled case: what a site that never trained is scored on."""
+        return [*self.train_ids, *self.val_ids, *self.test_ids]
+
     def volumes(self, ids: list[str]) -> list[Volume]:
         return [self.cases.load(self.spec.case(i)) for i in ids]
 

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import difflib
 import hashlib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,9 @@ import yaml
 
 Augmentation = Literal["none", "standard", "scanner"]
 """Patch augmentation: none, nnU-Net-like spatial + intensity, or that plus scanner shift (common/loops.py)."""
+SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+"""A simulated site's name: it also names a folder."""
+
 NormMode = Literal["local", "stats", "shared"]
 """Which normalization tensors stay at the site (docs/architecture.md, "Shared and site-local tensors")."""
 
@@ -316,8 +320,9 @@ def check_robustness(cfg: FedsegConfig) -> None:
 def check_simulated_sites(sim: SimulationConfig) -> None:
     """The user's own simulated sites: each names a folder, and at least one of them trains."""
     for name, site in sim.sites.items():
-        if not name.strip():
-            raise ConfigError("simulation.sites: a site name is empty; name every site (it appears in the metrics log).")
+        if not SITE_NAME.fullmatch(name):
+            raise ConfigError(f"simulation.sites: site name {name!r} must be letters, digits, '.', '_' or '-' "
+                              "(it names the site's state folder and appears in the metrics log).")
         if not site.data_dir:
             raise ConfigError(f"simulation.sites.{name}.data_dir is empty: set it to the site's nnU-Net raw or "
                               "Decathlon dataset folder.")

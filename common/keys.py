@@ -33,9 +33,16 @@ CROSS_EVAL_TASK = "cross-eval-task"
 """ConfigRecord entry of a cross-site evaluation query: ``identify`` or ``evaluate``."""
 CROSS_EVAL_MODEL = "cross-eval-model"
 """ConfigRecord entry naming the checkpoint being evaluated (best, last, round-0003)."""
-CROSS_EVAL_METRICS = ("dice", "dice_adapted", "dice_personal", "trained", NUM_EXAMPLES)
+TEST_DICE = "test_dice"
+TEST_DICE_PERSONAL = "test_dice_personal"
+TEST_NUM_EXAMPLES = "test-num-examples"
+TEST_DICE_CLASS_PREFIX = "test_dice_class_"
+"""A site's labelled test cases (imagesTs/labelsTs), scored in the cross-site evaluation only."""
+CROSS_EVAL_METRICS = ("dice", "dice_adapted", "dice_personal", "trained", NUM_EXAMPLES, TEST_DICE,
+                      TEST_DICE_PERSONAL, TEST_NUM_EXAMPLES)
 """Numeric metrics a site returns to a cross-site evaluation query (dice_adapted only if it never trained,
-dice_personal only if it trained and personalizes)."""
+dice_personal only if it trained and personalizes, test_* only if it has labelled test cases), besides one
+DICE_CLASS_PREFIX<i> and TEST_DICE_CLASS_PREFIX<i> per foreground class."""
 
 FINGERPRINT_ACTION = "fingerprint"
 """Query action asking every site for its data fingerprint before training (server/planning.py)."""

@@ -3,10 +3,12 @@
 Site-local normalization tensors never leave their site, so one site's model
 cannot be scored on another site's data. The matrix is therefore
 checkpoints x sites: each site scores the global shared weights with its own
-norm tensors on its own validation cases. Sites listed in
-``federation.held_out_sites`` connect but never train; they score each
-checkpoint as it arrives and after adapting their normalization layers to
-their own unlabeled scans, so the report can put both numbers side by side.
+norm tensors on its own validation cases, and on its labelled test cases when
+it has any (the test Dice is reported, never used to choose anything). Sites
+listed in ``federation.held_out_sites`` connect but never train; they score
+each checkpoint on all their labelled cases as it arrives and after adapting
+their normalization layers to those scans, so the report can put both numbers
+side by side.
 
 The matrix is written to ``<run>/cross-eval.json`` and, one event per cell,
 into the metrics log.
@@ -19,7 +21,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -52,12 +54,20 @@ class Cell:
     site: str
     trained: bool
     dice: float
-    """Dice with the site's own norm tensors (a held-out site: the checkpoint as it arrives)."""
+    """Dice with the site's own norm tensors on its validation cases (a held-out site: on all its labelled
+    cases, with the checkpoint as it arrives)."""
     dice_adapted: float | None
     """Held-out sites only: Dice after norm adaptation on the site's unlabeled scans."""
     num_examples: int
     dice_personal: float | None = None
     """Trained sites with ``train.personalize_steps``: Dice of the site's personalized copy."""
+    dice_per_class: list[float] = field(default_factory=list)
+    test_dice: float | None = None
+    """Training sites with labelled test cases: Dice on them (reported only, never used to choose)."""
+    test_dice_per_class: list[float] | None = None
+    test_dice_personal: float | None = None
+    """Test Dice of the personalized copy (with ``train.personalize_steps``)."""
+    test_num_examples: int = 0
 
 
 class TrainingGrid(Grid):
@@ -126,11 +136,27 @@ def _cell(model: str, msg: Message) -> Cell | str:
     metrics = msg.content.metric_records.get(keys.METRICS)
     if metrics is None or "dice" not in metrics:
         return "reply lacks the Dice metric"
-    adapted, personal = metrics.get("dice_adapted"), metrics.get("dice_personal")
     return Cell(model=model, site=reply_site(msg), trained=bool(metrics.get("trained", 0.0)),
-                dice=float(metrics["dice"]), dice_adapted=None if adapted is None else float(adapted),
+                dice=float(metrics["dice"]), dice_adapted=_optional(metrics, "dice_adapted"),
                 num_examples=int(metrics.get(keys.NUM_EXAMPLES, 0)),
-                dice_personal=None if personal is None else float(personal))
+                dice_personal=_optional(metrics, "dice_personal"),
+                dice_per_class=_per_class(metrics, keys.DICE_CLASS_PREFIX),
+                test_dice=_optional(metrics, keys.TEST_DICE),
+                test_dice_per_class=_per_class(metrics, keys.TEST_DICE_CLASS_PREFIX) if keys.TEST_DICE in metrics
+                else None,
+                test_dice_personal=_optional(metrics, keys.TEST_DICE_PERSONAL),
+                test_num_examples=int(metrics.get(keys.TEST_NUM_EXAMPLES, 0)))
+
+
+def _optional(metrics, name: str) -> float | None:
+    return None if metrics.get(name) is None else float(metrics[name])
+
+
+def _per_class(metrics, prefix: str) -> list[float]:
+    """The ``<prefix><class>`` metrics of a reply as a list, class 1 first."""
+    found = {int(k.removeprefix(prefix)): float(v) for k, v in metrics.items()
+             if k.startswith(prefix) and k.removeprefix(prefix).isdigit()}
+    return [found[c] for c in sorted(found)]
 
 
 def cross_evaluate(grid: Grid, cfg: FedsegConfig, signature: str, models: dict[str, dict[str, torch.Tensor]],

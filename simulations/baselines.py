@@ -5,7 +5,9 @@ optimizer, evaluation), the same initial weights (``train.seed``) and the same
 compute budget as the federation: a site alone takes rounds x local_steps
 steps, the pooled model rounds x local_steps x sites steps, which is what the
 federation spends in total. Both train with one optimizer throughout, as
-centralised training would.
+centralised training would. They are scored like the federated runs: on each
+site's validation cases, on its labelled test cases (reported only), and a
+held-out site on all its labelled cases.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from common.config import FedsegConfig
 from common.fingerprint import merge_fingerprints
 from common.plan import PLAN_FILE, make_plan
 from common.preprocess import Volume
-from common.loops import evaluate, train_local
+from common.loops import EvalResult, evaluate, train_local
 from common.model import build_model
 from common.norm_adapt import adapt_norm
 
@@ -33,6 +35,13 @@ class SiteSplit:
     train: list[Volume]
     val: list[Volume]
     num_classes: int
+    test: list[Volume] = dataclasses.field(default_factory=list)
+    """Labelled test cases: scored at the end, never used to choose anything."""
+
+    @property
+    def labelled(self) -> list[Volume]:
+        """Every labelled case: what a site that never trained is scored on."""
+        return [*self.train, *self.val, *self.test]
 
 
 def _site_cfg(cfg: FedsegConfig, name: str, data_dir: Path, work_dir: Path) -> FedsegConfig:
@@ -60,7 +69,8 @@ def load_sites(cfg: FedsegConfig, datasets: dict[str, Path], training: list[str]
         state = SiteState(work_dir / name)
         plan.save(state.root / PLAN_FILE)
         data = SiteData.open(site_cfg, state)
-        sites[name] = SiteSplit(data.volumes(data.train_ids), data.volumes(data.val_ids), data.spec.num_classes)
+        sites[name] = SiteSplit(data.volumes(data.train_ids), data.volumes(data.val_ids), data.spec.num_classes,
+                                data.volumes(data.test_ids))
     return dataclasses.replace(cfg, data=plan.data_config(cfg.data)), sites
 
 
@@ -85,47 +95,71 @@ def _train(cfg: FedsegConfig, volumes: list[Volume], steps: int, per_round: int,
     return model, curve
 
 
+def _evaluate(cfg: FedsegConfig, model: torch.nn.Module, site: SiteSplit, volumes: list[Volume]) -> EvalResult:
+    return evaluate(model, volumes, cfg.data, dataclasses.replace(cfg.train, hd95=False), site.num_classes)
+
+
 def _score(cfg: FedsegConfig, model: torch.nn.Module, site: SiteSplit) -> float:
-    return evaluate(model, site.val, cfg.data, dataclasses.replace(cfg.train, hd95=False), site.num_classes).dice
+    return _evaluate(cfg, model, site, site.val).dice
+
+
+def test_scores(cfg: FedsegConfig, models: dict[str, torch.nn.Module], sites: dict[str, SiteSplit]
+                ) -> dict[str, dict]:
+    """Test Dice per site and per class, for the sites that have test cases (scored, never chosen on).
+
+    ``models`` gives the model each site is scored with; the keys are those
+    of compare_run.federated_result.
+    """
+    result: dict[str, dict] = {"test_per_site": {}, "test_per_class": {}}
+    for name, site in sites.items():
+        if site.test:
+            test = _evaluate(cfg, models[name], site, site.test)
+            result["test_per_site"][name], result["test_per_class"][name] = test.dice, test.dice_per_class
+    return result
 
 
 def held_out_scores(cfg: FedsegConfig, model: torch.nn.Module, site: SiteSplit) -> dict[str, float]:
-    """Dice of a finished model at a site that never trained, as-is and after norm adaptation."""
-    as_is = _score(cfg, model, site)
+    """Dice of a finished model on all labelled cases of a site that never trained, as-is and norm adapted."""
+    as_is = _evaluate(cfg, model, site, site.labelled).dice
     t = cfg.train
-    if not adapt_norm(model, [image for image, _ in site.train], cfg.data, t.adapt_norm_steps, t.batch_size, t.seed):
+    if not adapt_norm(model, [image for image, _ in site.labelled], cfg.data, t.adapt_norm_steps, t.batch_size,
+                      t.seed):
         return {"dice": as_is, "dice_adapted": as_is}
-    return {"dice": as_is, "dice_adapted": _score(cfg, model, site)}
+    return {"dice": as_is, "dice_adapted": _evaluate(cfg, model, site, site.labelled).dice}
 
 
-def local_only(cfg: FedsegConfig, sites: dict[str, SiteSplit]) -> tuple[dict[str, float], list[float]]:
+def local_only(cfg: FedsegConfig, sites: dict[str, SiteSplit]
+               ) -> tuple[dict[str, float], list[float], dict[str, dict]]:
     """Each site trains alone for rounds x local_steps steps; Dice on its own validation cases.
 
-    Also returns the learning curve: the sites' mean validation Dice after each round's worth of steps.
+    Also returns the learning curve (the sites' mean validation Dice after
+    each round's worth of steps) and the test scores (``test_scores``).
     """
     steps, per_round = cfg.federation.rounds * cfg.train.local_steps, cfg.train.local_steps
-    scores, curves = {}, []
+    scores, curves, models = {}, [], {}
     for name, site in sites.items():
-        model, curve = _train(cfg, site.train, steps, per_round, {name: site})
-        scores[name] = _score(cfg, model, site)
+        models[name], curve = _train(cfg, site.train, steps, per_round, {name: site})
+        scores[name] = _score(cfg, models[name], site)
         curves.append(curve)
-    return scores, [statistics.fmean(values) for values in zip(*curves)]
+    return scores, [statistics.fmean(values) for values in zip(*curves)], test_scores(cfg, models, sites)
 
 
 def pooled(cfg: FedsegConfig, sites: dict[str, SiteSplit], held_out: dict[str, SiteSplit]
-           ) -> tuple[dict[str, float], dict[str, dict[str, float]], list[float]]:
+           ) -> tuple[dict[str, float], dict[str, dict[str, float]], list[float], dict[str, dict]]:
     """One model on all sites' training cases for the federation's total steps.
 
-    Returns the Dice per training site, per held-out site as-is and adapted, and
-    the learning curve (mean validation Dice over the sites after each round's worth of steps).
+    Returns the Dice per training site, per held-out site as-is and adapted,
+    the learning curve (mean validation Dice over the sites after each
+    round's worth of steps) and the test scores (``test_scores``).
     """
     per_round = cfg.train.local_steps * len(sites)
     volumes = [v for site in sites.values() for v in site.train]
     model, curve = _train(cfg, volumes, cfg.federation.rounds * per_round, per_round, sites)
     per_site = {name: _score(cfg, model, site) for name, site in sites.items()}
+    tests = test_scores(cfg, dict.fromkeys(sites, model), sites)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     unseen = {}
     for name, site in held_out.items():
         model.load_state_dict(state)
         unseen[name] = held_out_scores(cfg, model, site)
-    return per_site, unseen, curve
+    return per_site, unseen, curve, tests

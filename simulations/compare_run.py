@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from common.config import DataConfig, FedsegConfig, apply_overrides, from_dict
+from common.dataset import DatasetSpec
 from common.metrics_log import METRICS_FILE, read_events
 from server.cross_eval import CROSS_EVAL_FILE
 
 from . import baselines
 from .runner import SimulationError, prepare_run, run_simulation
-from .synthetic import generate_federation
+from .sites import read_site_specs, site_datasets, with_data_channels
 
 log = logging.getLogger("fedseg.compare")
 
@@ -86,14 +87,20 @@ def read_results(path: Path) -> list[dict[str, Any]]:
 
 
 def federated_result(run: Path) -> dict[str, Any]:
-    """Per-site Dice of the final model (own norm), held-out Dice as-is and adapted, and the curve."""
+    """Scores of the final model: per-site Dice (own norm), test Dice per site and class, held-out Dice
+    as-is and adapted (on all the held-out site's labelled cases), and the curve."""
     cells = json.loads((run / CROSS_EVAL_FILE).read_text())["cells"]
     last = [c for c in cells if c["model"].startswith(LAST_MODEL_PREFIX)]
     per_site = {c["site"]: c["dice"] for c in last if c["trained"]}
     personal = {c["site"]: c["dice_personal"] for c in last if c["trained"] and c.get("dice_personal") is not None}
+    tested = [c for c in last if c["trained"] and c.get("test_dice") is not None]
     held_out = {c["site"]: {"dice": c["dice"], "dice_adapted": c["dice_adapted"]} for c in last if not c["trained"]}
     curve = [e["dice_mean"] for e in read_events(run / METRICS_FILE) if e["event"] == "round"]
-    return {"per_site": per_site, "held_out": held_out, "curve": curve, "personal": personal}
+    return {"per_site": per_site, "held_out": held_out, "curve": curve, "personal": personal,
+            "test_per_site": {c["site"]: c["test_dice"] for c in tested},
+            "test_per_class": {c["site"]: c["test_dice_per_class"] for c in tested},
+            "test_personal": {c["site"]: c["test_dice_personal"] for c in tested
+                              if c.get("test_dice_personal") is not None}}
 
 
 class Comparison:
@@ -102,33 +109,35 @@ class Comparison:
     def __init__(self, base: FedsegConfig, methods: list[Method], seeds: list[int], out: Path, command: str) -> None:
         self.base, self.methods, self.seeds, self.out, self.command = base, methods, seeds, out, command
         self.results_path = out / RESULTS_FILE
-        self._sites: tuple[DataConfig, dict, dict] | None = None
+        self._sites: tuple[DataConfig, dict, dict, dict] | None = None
 
-    def _site_data(self) -> tuple[DataConfig, dict[str, baselines.SiteSplit], dict[str, baselines.SiteSplit]]:
-        """Training and held-out sites for the baselines, read as the ClientApp reads them."""
+    def _site_data(self) -> tuple[DataConfig, dict[str, DatasetSpec], dict[str, baselines.SiteSplit],
+                                  dict[str, baselines.SiteSplit]]:
+        """The plan's data settings, every site's dataset.json, and the training and held-out sites for the
+        baselines, read as the ClientApp reads them."""
         if self._sites is None:
             cfg = prepare_run(self.base)
-            sim = cfg.simulation
-            datasets = generate_federation(Path(sim.data_dir), n_sites=sim.num_sites + sim.held_out_sites,
-                                           n_cases=sim.cases_per_site, shape=tuple(sim.volume_shape),
-                                           strength=sim.shift_strength, seed=sim.seed)
+            datasets = site_datasets(cfg)
+            specs = read_site_specs(datasets)
+            cfg = with_data_channels(cfg, specs)
             held = set(cfg.federation.held_out_sites)
             planned, split = baselines.load_sites(cfg, datasets, [n for n in datasets if n not in held],
                                                   self.out / "baseline-sites")
-            self._sites = (planned.data, {n: s for n, s in split.items() if n not in held},
+            self._sites = (planned.data, specs, {n: s for n, s in split.items() if n not in held},
                            {n: s for n, s in split.items() if n in held})
         return self._sites
 
     def _run_one(self, method: Method, cfg: FedsegConfig) -> dict[str, Any]:
         if method.kind in ("local", "pooled"):
-            data, sites, held_out = self._site_data()
+            data, specs, sites, held_out = self._site_data()
             cfg = dataclasses.replace(with_overrides(cfg, list(method.overrides)), data=data)
+            cfg = with_data_channels(cfg, specs)
         if method.kind == "local":
-            per_site, curve = baselines.local_only(cfg, sites)
-            return {"per_site": per_site, "held_out": {}, "curve": curve}
+            per_site, curve, tests = baselines.local_only(cfg, sites)
+            return {"per_site": per_site, "held_out": {}, "curve": curve, **tests}
         if method.kind == "pooled":
-            per_site, unseen, curve = baselines.pooled(cfg, sites, held_out)
-            return {"per_site": per_site, "held_out": unseen, "curve": curve}
+            per_site, unseen, curve, tests = baselines.pooled(cfg, sites, held_out)
+            return {"per_site": per_site, "held_out": unseen, "curve": curve, **tests}
         run_name = f"{method.name}-s{cfg.train.seed}"
         runs_dir = self.out / "runs"
         shutil.rmtree(runs_dir / run_name, ignore_errors=True)  # never resume a half-finished attempt

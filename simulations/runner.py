@@ -1,6 +1,7 @@
 """The local multi-site simulation: the deployment's apps on Flower's simulation engine.
 
-``run_simulation`` generates (or reuses) the synthetic sites, writes one
+``run_simulation`` takes the user's own sites (``simulation.sites``) or
+generates (or reuses) the synthetic ones, writes one
 site.yaml per simulated site into the run directory, starts a private
 SuperLink in simulation mode, submits the app with ``flwr run`` and follows
 the metrics log to show progress per round. Whatever it starts it stops, also
@@ -27,14 +28,14 @@ import tomli_w
 import yaml
 
 from common import keys
-from common.config import FedsegConfig
+from common.config import FedsegConfig, load_config
 from common.flower_env import flower_command, flower_env, free_port
 from common.metrics_log import METRICS_FILE, read_events
 from common.processes import stop_tree
 from common.progress import describe
-from common.runs import new_run_name, run_dir, simulated_site_config
+from common.runs import SIM_SITES_DIR, new_run_name, run_dir, simulated_site_config
 
-from .synthetic import generate_federation
+from .sites import read_site_specs, site_datasets, site_names, with_data_channels
 
 log = logging.getLogger("fedseg.sim")
 
@@ -55,28 +56,32 @@ def prepare_run(cfg: FedsegConfig) -> FedsegConfig:
     """Name the run, make every path absolute and list the simulated sites."""
     sim = cfg.simulation
     run_name = cfg.federation.run_name or new_run_name("sim")
-    names = [f"site-{i + 1}" for i in range(sim.num_sites)]
-    held_out = [f"site-{i + 1}" for i in range(sim.num_sites, sim.num_sites + sim.held_out_sites)]
+    names, held_out = site_names(cfg)
     federation = dataclasses.replace(
         cfg.federation,
         run_name=run_name,
         runs_dir=str(Path(cfg.federation.runs_dir).resolve()),
         sites=names,
         held_out_sites=held_out,
-        min_sites=min(cfg.federation.min_sites, sim.num_sites),
+        min_sites=min(cfg.federation.min_sites, len(names)),
     )
     simulation = dataclasses.replace(sim, data_dir=str(Path(sim.data_dir).resolve()))
     return dataclasses.replace(cfg, federation=federation, simulation=simulation)
 
 
+def site_state_dir(run: Path, name: str) -> Path:
+    """A simulated site's private state folder (norm tensors, cache, egress log, pictures)."""
+    return Path(run) / SIM_SITES_DIR / name
+
+
 def write_site_configs(cfg: FedsegConfig, datasets: dict[str, Path]) -> None:
-    """One site.yaml per simulated site, exactly as a hospital would write it."""
+    """One site.yaml per simulated site (partition i: the i-th site), exactly as a hospital would write it."""
     run = run_dir(cfg)
     threads = cfg.simulation.cpus_per_site
-    for index, (name, data_dir) in enumerate(sorted(datasets.items(), key=lambda kv: int(kv[0].split("-")[1]))):
+    for index, (name, data_dir) in enumerate(datasets.items()):
         path = simulated_site_config(run, index)
         path.parent.mkdir(parents=True, exist_ok=True)
-        site = {"name": name, "data_dir": str(data_dir), "state_dir": str(path.with_suffix("")),
+        site = {"name": name, "data_dir": str(data_dir), "state_dir": str(site_state_dir(run, name)),
                 "torch_threads": threads}
         path.write_text(yaml.safe_dump({"site": site}, sort_keys=False))
 
@@ -148,16 +153,15 @@ def run_simulation(cfg: FedsegConfig, show: Callable[[str], None] = print) -> Pa
     cfg = prepare_run(cfg)
     sim = cfg.simulation
     run = run_dir(cfg)
+    datasets = site_datasets(cfg)
+    cfg = with_data_channels(cfg, read_site_specs(datasets))
     run.mkdir(parents=True, exist_ok=True)
-    show(f"fedseg-sim: {sim.num_sites} sites, {cfg.federation.rounds} rounds -> {run}")
-    datasets = generate_federation(
-        Path(sim.data_dir), n_sites=sim.num_sites + sim.held_out_sites, n_cases=sim.cases_per_site,
-        shape=tuple(sim.volume_shape), strength=sim.shift_strength, seed=sim.seed,
-    )
+    held = f" (+{len(cfg.federation.held_out_sites)} held out)" if cfg.federation.held_out_sites else ""
+    show(f"fedseg-sim: {len(cfg.federation.sites)} sites{held}, {cfg.federation.rounds} rounds -> {run}")
     write_site_configs(cfg, datasets)
     run_config = run / "run-config.toml"
     run_config.write_text(tomli_w.dumps({keys.RUN_CONFIG_KEY: cfg.to_yaml()}))
-    federation_config = (f"num-supernodes={sim.num_sites + sim.held_out_sites} "
+    federation_config = (f"num-supernodes={len(datasets)} "
                          f"client-resources-num-cpus={sim.cpus_per_site} init-args-num-cpus={sim.ray_num_cpus}")
     metrics = run / METRICS_FILE
     threads = sim.cpus_per_site
@@ -182,7 +186,29 @@ def run_simulation(cfg: FedsegConfig, show: Callable[[str], None] = print) -> Pa
     if not _finished(metrics):
         raise SimulationError(f"the run ended without finishing; see {run / 'flwr-run.log'} and "
                               f"{run / 'superlink.log'}")
+    draw_site_pictures(run, len(datasets), show)
     return run
+
+
+def draw_site_pictures(run: Path, n_sites: int, show: Callable[[str], None]) -> None:
+    """Each simulated site draws a validation case with the last model into its own folder.
+
+    This is what ``fedseg-client report`` does at a hospital: the pictures are
+    made from the site's data on the machine that holds it and never travel.
+    A site whose data cannot be drawn is skipped with a note.
+    """
+    from client.site_report import site_pictures
+
+    for index in range(n_sites):
+        site_cfg = load_config(simulated_site_config(run, index))
+        try:
+            paths = site_pictures(site_cfg, run)
+        except Exception as err:  # a picture is a convenience; the run's results stand without it
+            log.warning("no picture for site %s: %s", site_cfg.site.name, err)
+            show(f"  picture   {site_cfg.site.name:<10} skipped: {str(err).splitlines()[0]}")
+            continue
+        for path in paths:
+            show(f"  picture   {site_cfg.site.name:<10} {path}")
 
 
 def _finished(metrics: Path) -> bool:

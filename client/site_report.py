@@ -1,0 +1,132 @@
+"""Pictures of the model's segmentations, drawn at the site from the site's own scans, and kept there.
+
+    fedseg-client report --config site.yaml --run RUN_DIR [--weights FILE] [--out DIR] [--cases N]
+
+For each of the first N validation cases: an axial slice through the most
+ground-truth foreground, drawn three times (the scan, the ground truth
+overlaid, the prediction overlaid) with the case's Dice, as a PNG in
+``<state_dir>/report/`` (or ``--out``). The model is the run's last global
+checkpoint plus this site's own normalization tensors, as in ``predict``.
+
+A picture of a scan is patient data: this command only writes local files.
+Nothing here builds a Flower message, and the egress guard (client/egress.py)
+refuses any reply that carries an image, a picture or any other array outside
+the model signature. The simulation draws the same pictures for every
+simulated site into that site's folder, on the machine that holds the data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+
+from monai.metrics import compute_dice  # noqa: E402
+
+from common.config import FedsegConfig  # noqa: E402
+from common.loops import fuse  # noqa: E402
+from common.preprocess import PreprocessedCases  # noqa: E402
+
+log = logging.getLogger("fedseg.client")
+
+REPORT_DIR = "report"
+LAST_CHECKPOINT = Path("checkpoints") / "last.safetensors"
+CLASS_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c"]
+OVERLAY_ALPHA = 0.45
+
+
+def axial_index(truth: np.ndarray) -> int:
+    """The axial slice (last axis, superior in plan space) with the most foreground; the middle if none."""
+    per_slice = (truth > 0).reshape(-1, truth.shape[-1]).sum(0)
+    return int(per_slice.argmax()) if per_slice.any() else truth.shape[-1] // 2
+
+
+def case_dice(truth: np.ndarray, prediction: np.ndarray, num_classes: int) -> float:
+    """Mean foreground Dice of one case (a class absent from both maps scores 1)."""
+    one_hot = lambda a: torch.nn.functional.one_hot(torch.from_numpy(a.astype(np.int64)), num_classes).movedim(-1, 0)[None]  # noqa: E731
+    return float(compute_dice(one_hot(prediction), one_hot(truth), include_background=False, ignore_empty=False).mean())
+
+
+def draw_overlay(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, num_classes: int, title: str,
+                 path: Path) -> Path:
+    """One axial slice: the scan, ground truth overlaid, prediction overlaid; written as a PNG."""
+    k = axial_index(truth)
+    scan = image[0, :, :, k].T  # x to the right, y upwards with origin="lower"
+    colours = ListedColormap(CLASS_COLOURS[: max(1, num_classes - 1)])
+    fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.6))
+    for ax, (name, labels) in zip(axes, (("scan", None), ("ground truth", truth), ("prediction", prediction))):
+        ax.imshow(scan, cmap="gray", origin="lower")
+        if labels is not None:
+            mask = np.ma.masked_equal(labels[:, :, k].T, 0)
+            ax.imshow(mask, cmap=colours, vmin=1, vmax=max(1, num_classes - 1), alpha=OVERLAY_ALPHA,
+                      origin="lower", interpolation="nearest")
+        ax.set_title(name)
+        ax.axis("off")
+    fig.suptitle(f"{title} (axial slice {k})")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def site_pictures(site_cfg: FedsegConfig, run: Path, weights: Path | None = None, out: Path | None = None,
+                  cases: int = 1) -> list[Path]:
+    """Draw the first ``cases`` validation cases of this site with the run's model; returns the PNG paths.
+
+    ``site_cfg`` is the site's own config (site.yaml): its data, its state
+    directory (norm tensors, split, cache), its threads.
+    """
+    from .predict import SlabInferer, load_model
+    from .site_data import open_split
+    from .site_state import SiteState
+
+    state = SiteState(Path(site_cfg.site.state_dir))
+    args = argparse.Namespace(run=Path(run), weights=weights or Path(run) / LAST_CHECKPOINT, adapt_norm=False)
+    model, plan, run_cfg = load_model(args, site_cfg, state.root)
+    cfg = dataclasses.replace(run_cfg, site=site_cfg.site)
+    spec, _, val_ids = open_split(cfg, state)
+    store = PreprocessedCases(state.cache_dir, plan, spec.num_classes)
+    inferer = SlabInferer(model, plan.patch_size, run_cfg.train.sw_overlap, spec.num_classes,
+                          run_cfg.train.sw_batch_size)
+    folder = out or state.root / REPORT_DIR
+    written = []
+    for case_id in val_ids[:cases]:
+        image, labels = store.load(spec.case(case_id))
+        truth = fuse(np.asarray(labels), spec.num_classes)[0]
+        prediction = inferer(torch.from_numpy(np.array(image, dtype=np.float32)))
+        dice = case_dice(truth, prediction, spec.num_classes)
+        title = f"site {site_cfg.site.name}, validation case {case_id}: Dice {dice:.3f}"
+        written.append(draw_overlay(np.asarray(image), truth, prediction, spec.num_classes, title,
+                                    folder / f"{site_cfg.site.name}-{case_id}.png"))
+    return written
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", type=Path, required=True,
+                        help="Run folder from the centre (config.yaml, plan.json, checkpoints/).")
+    parser.add_argument("--weights", type=Path, help="Global weights (default: RUN/checkpoints/last.safetensors).")
+    parser.add_argument("--out", type=Path, help="Folder for the pictures (default: <state_dir>/report).")
+    parser.add_argument("--cases", type=int, default=1, help="Validation cases to draw (default 1).")
+
+
+def run(args: argparse.Namespace) -> int:
+    from common.cli import UserError, config_from_args
+
+    cfg = config_from_args(args)
+    if not cfg.site.state_dir or not cfg.site.data_dir:
+        raise UserError("site.yaml must set site.data_dir and site.state_dir (the site's own data and state).")
+    torch.set_num_threads(cfg.site.torch_threads)
+    for path in site_pictures(cfg, args.run, args.weights, args.out, args.cases):
+        print(f"wrote {path}")
+    print("These pictures show patient data: they stay at this site.")
+    return 0

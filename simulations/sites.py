@@ -1,0 +1,78 @@
+"""Which sites a simulation runs: the user's own datasets (``simulation.sites``) or synthetic ones.
+
+Either way every site is a dataset folder on this machine, read by the very
+same ClientApp code a hospital runs. The model's input and output channels
+come from the sites' dataset.json and must agree across sites.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from common.config import ConfigError, FedsegConfig, ModelConfig
+from common.dataset import DatasetError, DatasetSpec, read_dataset
+
+from .synthetic import generate_federation
+
+
+def site_names(cfg: FedsegConfig) -> tuple[list[str], list[str]]:
+    """(training sites, held-out sites) in the order the simulation numbers its partitions."""
+    sim = cfg.simulation
+    if sim.sites:
+        return ([n for n, s in sim.sites.items() if not s.held_out], [n for n, s in sim.sites.items() if s.held_out])
+    names = [f"site-{i + 1}" for i in range(sim.num_sites + sim.held_out_sites)]
+    return names[: sim.num_sites], names[sim.num_sites:]
+
+
+def site_datasets(cfg: FedsegConfig) -> dict[str, Path]:
+    """Every site's dataset folder, training sites first; synthetic ones are generated (or reused)."""
+    sim = cfg.simulation
+    training, held_out = site_names(cfg)
+    if sim.sites:
+        return {name: Path(sim.sites[name].data_dir).resolve() for name in [*training, *held_out]}
+    return generate_federation(Path(sim.data_dir), n_sites=sim.num_sites + sim.held_out_sites,
+                               n_cases=sim.cases_per_site, shape=tuple(sim.volume_shape),
+                               strength=sim.shift_strength, seed=sim.seed)
+
+
+def read_site_specs(datasets: dict[str, Path]) -> dict[str, DatasetSpec]:
+    """Each site's dataset.json and cases; an unreadable one is named with its site."""
+    specs = {}
+    for name, path in datasets.items():
+        try:
+            specs[name] = read_dataset(path)
+        except DatasetError as err:
+            raise ConfigError(f"simulation.sites.{name}: {err}") from err
+    return specs
+
+
+def with_data_channels(cfg: FedsegConfig, specs: dict[str, DatasetSpec]) -> FedsegConfig:
+    """The config with model.in_channels/out_channels taken from the sites' dataset.json.
+
+    Every site must declare the same number of channels and classes; the
+    first site that disagrees with the first one is named. A value set in
+    the config other than the schema default must equal the data's.
+    """
+    (first, ref), *others = specs.items()
+    for name, spec in others:
+        for what, mine, theirs in (("channels", spec.num_channels, ref.num_channels),
+                                   ("classes", spec.num_classes, ref.num_classes)):
+            if mine != theirs:
+                detail = (f"{spec.channel_names} vs {ref.channel_names}" if what == "channels"
+                          else f"{spec.labels} vs {ref.labels}")
+                raise ConfigError(
+                    f"site '{name}' declares {mine} {what} in {spec.root / 'dataset.json'} but site '{first}' "
+                    f"declares {theirs} ({detail}); every site's dataset.json must agree."
+                )
+    default = ModelConfig()
+    for key, found in (("in_channels", ref.num_channels), ("out_channels", ref.num_classes)):
+        configured = getattr(cfg.model, key)
+        if configured not in (found, getattr(default, key)):
+            raise ConfigError(
+                f"model.{key} is {configured} but the sites' dataset.json declare {found} (site '{first}': "
+                f"{ref.channel_names if key == 'in_channels' else ref.labels}); remove model.{key} from the "
+                f"config to take it from the data, or set it to {found}."
+            )
+    model = dataclasses.replace(cfg.model, in_channels=ref.num_channels, out_channels=ref.num_classes)
+    return dataclasses.replace(cfg, model=model)

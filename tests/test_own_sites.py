@@ -1,0 +1,205 @@
+"""The user's own sites in the simulation: test sets, a held-out site, channels from dataset.json, pictures.
+
+Three small real-NIfTI sites written with simulations.synthetic: one nnU-Net
+raw with imagesTs/labelsTs, one Decathlon layout with labelled "test"
+entries, one held out. One `fedseg-sim run` serves every assertion about the
+federated side; `fedseg-sim compare --quick` runs the two baselines on the
+same sites.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from client.egress import EGRESS_FILE
+from common import keys
+from common.config import ConfigError, load_config
+from common.dataset import read_dataset
+from common.metrics_log import read_events
+from server.cross_eval import CROSS_EVAL_FILE
+from simulations.cli import main as sim_main
+from simulations.compare_run import federated_result
+from simulations.sites import read_site_specs, with_data_channels
+from simulations.synthetic import default_signatures, generate_site
+from tests.nifti_cases import nnunet_dataset
+
+SHAPE = (32, 32, 24)
+TRAIN_CASES, TEST_CASES = 4, 2
+SETTINGS = {
+    "model": {"channels": [4, 8, 16], "strides": [2, 2]},
+    "data": {"patch_size": [16, 16, 16], "val_fraction": 0.25},
+    "train": {"local_steps": 2, "batch_size": 1, "hd95": False, "adapt_norm_steps": 2},
+    "federation": {"rounds": 2, "run_name": "own"},
+    "simulation": {"cpus_per_site": 1, "ray_num_cpus": 2},
+}
+
+
+def _to_test_set(root: Path, n_test: int) -> list[str]:
+    """Move the last ``n_test`` cases of an nnU-Net folder into imagesTs/labelsTs; their ids."""
+    ids = sorted(p.name.removesuffix(".nii.gz") for p in (root / "labelsTr").glob("*.nii.gz"))[-n_test:]
+    for folder, suffix in (("images", "_0000.nii.gz"), ("labels", ".nii.gz")):
+        (root / f"{folder}Ts").mkdir()
+        for case in ids:
+            shutil.move(root / f"{folder}Tr" / f"{case}{suffix}", root / f"{folder}Ts" / f"{case}{suffix}")
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["numTraining"] = TRAIN_CASES
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return ids
+
+
+def _as_decathlon(root: Path, test_ids: list[str]) -> None:
+    """Rewrite an nnU-Net folder's dataset.json in the Decathlon form, test entries labelled."""
+    meta = json.loads((root / "dataset.json").read_text())
+    train_ids = sorted(p.name.removesuffix(".nii.gz") for p in (root / "labelsTr").glob("*.nii.gz"))
+    entry = lambda case, split: {"image": f"./images{split}/{case}_0000.nii.gz",  # noqa: E731
+                                 "label": f"./labels{split}/{case}.nii.gz"}
+    msd = {"name": "own", "modality": meta["channel_names"], "numTraining": len(train_ids),
+           "labels": {str(v): k for k, v in meta["labels"].items()},
+           "training": [entry(c, "Tr") for c in train_ids], "test": [entry(c, "Ts") for c in test_ids]}
+    (root / "dataset.json").write_text(json.dumps(msd))
+
+
+@pytest.fixture(scope="module")
+def own_sites(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    root = tmp_path_factory.mktemp("own")
+    signatures = default_signatures(3)
+    folders = {}
+    for i, name in enumerate(["north", "south", "east"]):
+        folder = generate_site(root / "data", name, TRAIN_CASES + TEST_CASES, SHAPE, signatures[i], seed=i,
+                               dataset_id=201 + i)
+        test_ids = _to_test_set(folder, TEST_CASES)
+        if name == "south":
+            _as_decathlon(folder, test_ids)
+        folders[name] = folder
+    config = {**SETTINGS, "simulation": {**SETTINGS["simulation"], "sites": {
+        "north": {"data_dir": str(folders["north"])},
+        "south": {"data_dir": str(folders["south"])},
+        "east": {"data_dir": str(folders["east"]), "held_out": True},
+    }}, "federation": {**SETTINGS["federation"], "runs_dir": str(root / "runs")}}
+    path = root / "sites.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path, folders
+
+
+@pytest.fixture(scope="module")
+def own_run(own_sites) -> Path:
+    config, _ = own_sites
+    assert sim_main(["run", "--config", str(config)]) == 0
+    return Path(load_config(config).federation.runs_dir) / "own"
+
+
+def test_layouts_expose_their_test_sets(own_sites):
+    _, folders = own_sites
+    for name in ("north", "south"):
+        spec = read_dataset(folders[name])
+        assert (len(spec.cases), len(spec.test_cases), spec.unpaired) == (TRAIN_CASES, TEST_CASES, ())
+    assert read_dataset(folders["south"]).layout == "msd"
+
+
+def test_run_on_own_sites_scores_test_sets_and_the_held_out_site_on_everything(own_run):
+    events = list(read_events(own_run / "metrics.jsonl"))
+    assert events[0]["sites"] == ["north", "south"] and events[-1]["status"] == "completed"
+    assert {e["site"] for e in events if e["event"] == "train"} == {"north", "south"}
+    cells = json.loads((own_run / CROSS_EVAL_FILE).read_text())["cells"]
+    last = {c["site"]: c for c in cells if c["model"].startswith("last")}
+    for name in ("north", "south"):
+        cell = last[name]
+        assert cell["trained"] and cell["test_num_examples"] == TEST_CASES and 0.0 <= cell["test_dice"] <= 1.0
+        assert len(cell["test_dice_per_class"]) == 1 and len(cell["dice_per_class"]) == 1
+        assert cell["num_examples"] == 1  # validation cases only
+    east = last["east"]
+    assert not east["trained"] and east["test_dice"] is None and east["dice_adapted"] is not None
+    assert east["num_examples"] == TRAIN_CASES + TEST_CASES  # all its labelled cases
+    result = federated_result(own_run)
+    assert set(result["test_per_site"]) == {"north", "south"} and set(result["held_out"]) == {"east"}
+    assert result["test_per_class"]["north"] == [last["north"]["test_dice"]]
+    # the rounds (which choose the best checkpoint) saw the validation case only, never a test case
+    assert {e["num_examples"] for e in events if e["event"] == "evaluate"} == {1}
+
+
+def test_channels_come_from_dataset_json(own_run):
+    snapshot = yaml.safe_load((own_run / "config.yaml").read_text())
+    assert (snapshot["model"]["in_channels"], snapshot["model"]["out_channels"]) == (1, 2)
+
+
+def test_pictures_stay_at_each_site_and_nothing_image_like_left(own_run):
+    for name in ("north", "south", "east"):
+        (picture,) = (own_run / "sites" / name / "report").glob("*.png")
+        pixels = np.asarray(Image.open(picture).convert("RGB"))
+        assert pixels.shape[0] > 200 and pixels.std() > 10
+        width = pixels.shape[1]
+        tinted = pixels[..., 0].astype(int) - pixels[..., 1] > 50  # the class-1 overlay over a grey scan
+        assert not tinted[:, : width // 3].any(), "the left panel is the bare scan"
+        assert tinted[:, width // 3: 2 * width // 3].sum() > 20, "the ground truth is drawn in the middle panel"
+        for line in read_events(own_run / "sites" / name / EGRESS_FILE):
+            assert line["status"] == "sent" and set(line["keys"]) <= {keys.ARRAYS, keys.METRICS, keys.IDENTITY, keys.FINGERPRINT}
+            assert not any(k.endswith(".png") or "image" in k for ks in line["keys"].values() for k in ks)
+    assert {p.relative_to(own_run).parts[::2] for p in own_run.rglob("*.png")} == {("sites", "report")}
+
+
+def test_site_side_report_command(own_run, tmp_path, capsys):
+    from client.cli import main as client_main
+
+    site_yaml = own_run / "sites" / "site-1.yaml"
+    out = tmp_path / "pictures"
+    assert client_main(["report", "--config", str(site_yaml), "--run", str(own_run), "--out", str(out),
+                        "--cases", "1"]) == 0
+    (picture,) = out.glob("north-*.png")
+    assert "stay at this site" in capsys.readouterr().out and picture.stat().st_size > 5000
+
+
+def test_compare_quick_on_own_sites(own_sites, tmp_path):
+    config, _ = own_sites
+    out = tmp_path / "cmp"
+    assert sim_main(["compare", "--quick", "--config", str(config), "--methods", "local", "pooled",
+                     "--out", str(out)]) == 0
+    rows = {r["method"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    for row in rows.values():
+        assert row["status"] == "ok" and set(row["per_site"]) == {"north", "south"}
+        assert set(row["test_per_site"]) == {"north", "south"} and all(len(v) == 1 for v in
+                                                                        row["test_per_class"].values())
+    assert set(rows["pooled"]["held_out"]) == {"east"}
+
+
+def _channel_specs(tmp_path, **channels):
+    return read_site_specs({name: nnunet_dataset(tmp_path / name, n_cases=2, channels=ch)
+                            for name, ch in channels.items()})
+
+
+def test_sites_that_disagree_on_channels_are_named(tmp_path):
+    specs = _channel_specs(tmp_path, a=("CT",), b=("CT",), c=("CT", "PET"))
+    with pytest.raises(ConfigError, match=r"site 'c' declares 2 channels .* site 'a' declares 1"):
+        with_data_channels(load_config(), specs)
+    labels = tmp_path / "b" / "dataset.json"
+    meta = json.loads(labels.read_text())
+    meta["labels"] = {"background": 0, "lesion": 1, "edema": 2}
+    labels.write_text(json.dumps(meta))
+    specs = read_site_specs({"a": tmp_path / "a", "b": tmp_path / "b"})
+    with pytest.raises(ConfigError, match=r"site 'b' declares 3 classes"):
+        with_data_channels(load_config(), specs)
+
+
+def test_explicit_channels_must_agree_with_the_data(tmp_path):
+    specs = _channel_specs(tmp_path, a=("CT", "PET"), b=("CT", "PET"))
+    resolved = with_data_channels(load_config(), specs)
+    assert (resolved.model.in_channels, resolved.model.out_channels) == (2, 2)
+    assert with_data_channels(load_config(None, ["model.in_channels=2"]), specs).model.in_channels == 2
+    with pytest.raises(ConfigError, match=r"model.in_channels is 3 but the sites' dataset.json declare 2"):
+        with_data_channels(load_config(None, ["model.in_channels=3"]), specs)
+
+
+def test_sim_run_refuses_disagreeing_sites_before_starting(tmp_path, capsys):
+    specs = {"a": ("CT",), "b": ("CT", "PET")}
+    sites = {n: {"data_dir": str(nnunet_dataset(tmp_path / n, n_cases=2, channels=c))} for n, c in specs.items()}
+    config = tmp_path / "sites.yaml"
+    config.write_text(yaml.safe_dump({"simulation": {"sites": sites}, "federation": {"runs_dir": str(tmp_path)}}))
+    assert sim_main(["run", "--config", str(config)]) == 2
+    assert "site 'b' declares 2 channels" in capsys.readouterr().err
+    assert not list(tmp_path.glob("sim-*"))
