@@ -263,3 +263,27 @@ def test_real_fingerprint_and_identify_replies_pass(site):
 
     reply = cross_evaluate(site, incoming(identify, "query.cross_eval", node_id=1))
     assert _check(site, reply.content) == []
+
+
+
+def test_a_site_picture_cannot_leave(site, tmp_path):
+    """What `fedseg-client report` draws from a real scan is refused in every form a reply could carry it."""
+    from PIL import Image
+
+    from client.site_report import draw_overlay
+
+    data_dir = Path(site.cfg.site.data_dir)
+    image = np.asarray(nib.load(sorted((data_dir / "imagesTr").glob("*.nii.gz"))[0]).dataobj, dtype=np.float32)
+    label = np.asarray(nib.load(sorted((data_dir / "labelsTr").glob("*.nii.gz"))[0]).dataobj).astype(np.uint8)
+    png = draw_overlay(image[None], label, label, 2, "site-1", tmp_path / "picture.png")
+    pixels = np.asarray(Image.open(png).convert("L"))
+    as_bytes = _content(site)
+    as_bytes["report"] = ConfigRecord({"picture": png.read_bytes()})
+    as_array = _content(site, {"report.png": pixels})
+    as_metric = _content(site, dice_class_1=[float(v) for v in pixels.ravel()[:64]])
+    for content, words in ((as_bytes, "record 'report' (ConfigRecord)"), (as_array, "not in the model signature"),
+                           (as_metric, "is a list of 64 values")):
+        assert any(words in p for p in _check(site, content)), words
+        request = _request(site.cfg)
+        sent = egress.guard(Message(content, reply_to=request), request, site)
+        assert sent.has_error() and sent.error.code == egress.EGRESS_BLOCKED_CODE
