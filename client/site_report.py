@@ -22,19 +22,10 @@ import dataclasses
 import logging
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
-
-from monai.metrics import compute_dice  # noqa: E402
-
-from common.config import FedsegConfig  # noqa: E402
-from common.loops import fuse  # noqa: E402
-from common.preprocess import PreprocessedCases  # noqa: E402
+from common.config import FedsegConfig
 
 log = logging.getLogger("fedseg.client")
 
@@ -52,13 +43,26 @@ def axial_index(truth: np.ndarray) -> int:
 
 def case_dice(truth: np.ndarray, prediction: np.ndarray, num_classes: int) -> float:
     """Mean foreground Dice of one case (a class absent from both maps scores 1)."""
-    one_hot = lambda a: torch.nn.functional.one_hot(torch.from_numpy(a.astype(np.int64)), num_classes).movedim(-1, 0)[None]  # noqa: E731
-    return float(compute_dice(one_hot(prediction), one_hot(truth), include_background=False, ignore_empty=False).mean())
+    from monai.metrics import compute_dice
+
+    pred, true = (_one_hot(a, num_classes) for a in (prediction, truth))
+    return float(compute_dice(pred, true, include_background=False, ignore_empty=False).mean())
+
+
+def _one_hot(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """[X, Y, Z] integer labels -> [1, C, X, Y, Z] one-hot, MONAI's metric layout."""
+    return torch.nn.functional.one_hot(torch.from_numpy(labels.astype(np.int64)), num_classes).movedim(-1, 0)[None]
 
 
 def draw_overlay(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, num_classes: int, title: str,
                  path: Path) -> Path:
     """One axial slice: the scan, ground truth overlaid, prediction overlaid; written as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
     k = axial_index(truth)
     scan = image[0, :, :, k].T  # x to the right, y upwards with origin="lower"
     colours = ListedColormap(CLASS_COLOURS[: max(1, num_classes - 1)])
@@ -86,6 +90,9 @@ def site_pictures(site_cfg: FedsegConfig, run: Path, weights: Path | None = None
     ``site_cfg`` is the site's own config (site.yaml): its data, its state
     directory (norm tensors, split, cache), its threads.
     """
+    from common.loops import fuse
+    from common.preprocess import PreprocessedCases
+
     from .predict import SlabInferer, load_model
     from .site_data import open_split
     from .site_state import SiteState
