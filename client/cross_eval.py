@@ -74,6 +74,7 @@ def cross_evaluate(site: Site, msg: Message) -> Message:
                  "re-estimated" if adapted else "absent (nothing to adapt)", own.dice, metrics["dice_adapted"])
     return site.reply(msg, metrics)
 
+
 def class_metrics(prefix: str, dice_per_class: list[float]) -> dict[str, float]:
     """One Dice per foreground class, named ``<prefix><class>`` (classes from 1)."""
     return {f"{prefix}{i + 1}": d for i, d in enumerate(dice_per_class)}

@@ -101,8 +101,8 @@ def test_simulated_sites_are_a_typed_mapping_that_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize("text, fragment", [
-    ("simulation:\n  sites:\n    a: {data_dir: /x, heldout: true}\n", "unknown key 'simulation.sites.a.heldout'. "
-                                                                       "Did you mean 'held_out'?"),
+    ("simulation:\n  sites:\n    a: {data_dir: /x, heldout: true}\n",
+     "unknown key 'simulation.sites.a.heldout'. Did you mean 'held_out'?"),
     ("simulation:\n  sites:\n    a: {data_dir: /x, held_out: maybe}\n", "simulation.sites.a.held_out: expected bool"),
     ("simulation:\n  sites:\n    a: /x\n", "'simulation.sites.a' must be a mapping"),
     ("simulation:\n  sites: [a, b]\n", "simulation.sites: expected a mapping"),

@@ -273,8 +273,8 @@ def test_a_site_picture_cannot_leave(site, tmp_path):
     from client.site_report import draw_overlay
 
     data_dir = Path(site.cfg.site.data_dir)
-    image = np.asarray(nib.load(sorted((data_dir / "imagesTr").glob("*.nii.gz"))[0]).dataobj, dtype=np.float32)
-    label = np.asarray(nib.load(sorted((data_dir / "labelsTr").glob("*.nii.gz"))[0]).dataobj).astype(np.uint8)
+    image = np.asarray(nib.load(min((data_dir / "imagesTr").glob("*.nii.gz"))).dataobj, dtype=np.float32)
+    label = np.asarray(nib.load(min((data_dir / "labelsTr").glob("*.nii.gz"))).dataobj).astype(np.uint8)
     png = draw_overlay(image[None], label, label, 2, "site-1", tmp_path / "picture.png")
     pixels = np.asarray(Image.open(png).convert("L"))
     as_bytes = _content(site)

@@ -58,8 +58,10 @@ def _as_decathlon(root: Path, test_ids: list[str]) -> None:
     """Rewrite an nnU-Net folder's dataset.json in the Decathlon form, test entries labelled."""
     meta = json.loads((root / "dataset.json").read_text())
     train_ids = sorted(p.name.removesuffix(".nii.gz") for p in (root / "labelsTr").glob("*.nii.gz"))
-    entry = lambda case, split: {"image": f"./images{split}/{case}_0000.nii.gz",  # noqa: E731
-                                 "label": f"./labels{split}/{case}.nii.gz"}
+
+    def entry(case: str, split: str) -> dict[str, str]:
+        return {"image": f"./images{split}/{case}_0000.nii.gz", "label": f"./labels{split}/{case}.nii.gz"}
+
     msd = {"name": "own", "modality": meta["channel_names"], "numTraining": len(train_ids),
            "labels": {str(v): k for k, v in meta["labels"].items()},
            "training": [entry(c, "Tr") for c in train_ids], "test": [entry(c, "Ts") for c in test_ids]}
