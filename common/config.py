@@ -200,6 +200,9 @@ class SimulationConfig:
 
     num_sites: int = option(3, "Simulated hospitals.")
     cases_per_site: int = option(6, "Synthetic cases generated per site.")
+    test_cases_per_site: int = option(
+        0, "Synthetic labelled test cases per site (imagesTs/labelsTs): scored at the end, never chosen on."
+    )
     volume_shape: list[int] = option([48, 48, 32], "Voxel shape of each synthetic volume.")
     shift_strength: float = option(1.0, "Scanner shift between sites: 0 identical scanners, 1 strong shift.")
     data_dir: str = option("data/synthetic", "Where synthetic site datasets are generated (reused if present).")

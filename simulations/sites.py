@@ -33,7 +33,7 @@ def site_datasets(cfg: FedsegConfig) -> dict[str, Path]:
         return {name: Path(sim.sites[name].data_dir).resolve() for name in [*training, *held_out]}
     return generate_federation(Path(sim.data_dir), n_sites=sim.num_sites + sim.held_out_sites,
                                n_cases=sim.cases_per_site, shape=tuple(sim.volume_shape),
-                               strength=sim.shift_strength, seed=sim.seed)
+                               strength=sim.shift_strength, seed=sim.seed, n_test=sim.test_cases_per_site)
 
 
 def read_site_specs(datasets: dict[str, Path]) -> dict[str, DatasetSpec]:

@@ -10,7 +10,6 @@ same sites.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -41,23 +40,11 @@ SETTINGS = {
 }
 
 
-def _to_test_set(root: Path, n_test: int) -> list[str]:
-    """Move the last ``n_test`` cases of an nnU-Net folder into imagesTs/labelsTs; their ids."""
-    ids = sorted(p.name.removesuffix(".nii.gz") for p in (root / "labelsTr").glob("*.nii.gz"))[-n_test:]
-    for folder, suffix in (("images", "_0000.nii.gz"), ("labels", ".nii.gz")):
-        (root / f"{folder}Ts").mkdir()
-        for case in ids:
-            shutil.move(root / f"{folder}Tr" / f"{case}{suffix}", root / f"{folder}Ts" / f"{case}{suffix}")
-    meta = json.loads((root / "dataset.json").read_text())
-    meta["numTraining"] = TRAIN_CASES
-    (root / "dataset.json").write_text(json.dumps(meta))
-    return ids
-
-
-def _as_decathlon(root: Path, test_ids: list[str]) -> None:
+def _as_decathlon(root: Path) -> None:
     """Rewrite an nnU-Net folder's dataset.json in the Decathlon form, test entries labelled."""
     meta = json.loads((root / "dataset.json").read_text())
-    train_ids = sorted(p.name.removesuffix(".nii.gz") for p in (root / "labelsTr").glob("*.nii.gz"))
+    train_ids, test_ids = (sorted(p.name.removesuffix(".nii.gz") for p in (root / f"labels{split}").glob("*.nii.gz"))
+                           for split in ("Tr", "Ts"))
 
     def entry(case: str, split: str) -> dict[str, str]:
         return {"image": f"./images{split}/{case}_0000.nii.gz", "label": f"./labels{split}/{case}.nii.gz"}
@@ -74,11 +61,10 @@ def own_sites(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
     signatures = default_signatures(3)
     folders = {}
     for i, name in enumerate(["north", "south", "east"]):
-        folder = generate_site(root / "data", name, TRAIN_CASES + TEST_CASES, SHAPE, signatures[i], seed=i,
-                               dataset_id=201 + i)
-        test_ids = _to_test_set(folder, TEST_CASES)
+        folder = generate_site(root / "data", name, TRAIN_CASES, SHAPE, signatures[i], seed=i, dataset_id=201 + i,
+                               n_test=TEST_CASES)
         if name == "south":
-            _as_decathlon(folder, test_ids)
+            _as_decathlon(folder)
         folders[name] = folder
     config = {**SETTINGS, "simulation": {**SETTINGS["simulation"], "sites": {
         "north": {"data_dir": str(folders["north"])},
@@ -205,3 +191,15 @@ def test_sim_run_refuses_disagreeing_sites_before_starting(tmp_path, capsys):
     assert sim_main(["run", "--config", str(config)]) == 2
     assert "site 'b' declares 2 channels" in capsys.readouterr().err
     assert not list(tmp_path.glob("sim-*"))
+
+
+def test_synthetic_sites_can_carry_test_sets(tmp_path):
+    from simulations.runner import prepare_run
+    from simulations.sites import site_datasets
+
+    cfg = prepare_run(load_config(None, ["simulation.num_sites=2", "simulation.cases_per_site=2",
+                                         "simulation.test_cases_per_site=1", "simulation.volume_shape=[32, 32, 24]",
+                                         f"simulation.data_dir={tmp_path}", f"federation.runs_dir={tmp_path}"]))
+    specs = read_site_specs(site_datasets(cfg))
+    assert list(specs) == ["site-1", "site-2"] == cfg.federation.sites
+    assert all((len(s.cases), len(s.test_cases), s.unpaired) == (2, 1, ()) for s in specs.values())
