@@ -114,7 +114,7 @@ class TrainConfig:
             "statistics (0: none)."
     )
     personalize_steps: int = option(
-        0, "After training, each trained site fine-tunes its own copy for up to this many steps (0: off), keeping "
+        30, "After training, each trained site fine-tunes its own copy for up to this many steps (0: off), keeping "
            "the best on its own validation cases; scored as dice_personal in the cross-site evaluation."
     )
     personalize: Literal["norm", "norm+head"] = option(

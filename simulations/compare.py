@@ -31,14 +31,14 @@ BENCHMARK = [
     "federation.rounds=10", "federation.cross_eval=true",
     "data.val_fraction=0.3",
     "simulation.num_sites=3", "simulation.held_out_sites=1", "simulation.cases_per_site=10",
-    "simulation.shift_strength=1.0", "simulation.volume_shape=[48, 48, 32]",
+    "simulation.shift_strength=1.0", "simulation.volume_shape=[48, 48, 32]", "simulation.test_cases_per_site=5",
     "simulation.ray_num_cpus=2", "simulation.cpus_per_site=2",
     "simulation.data_dir=data/compare",
 ]
 QUICK = [
     "model.channels=[4, 8, 16]", "train.local_steps=2", "train.adapt_norm_steps=2", "federation.rounds=2",
     "simulation.num_sites=2", "simulation.cases_per_site=4", "simulation.volume_shape=[32, 32, 24]",
-    "data.val_fraction=0.25",
+    "data.val_fraction=0.25", "simulation.test_cases_per_site=1",
 ]
 DEFAULT_SEEDS = [0, 1, 2]
 DEFAULT_METHODS = ["local", "pooled", "fedavg", "fedbn", "fedseg"]

@@ -36,19 +36,36 @@ def _fmt(stat: tuple[float, float, int] | None) -> str:
 def summarize(results: list[dict[str, Any]], methods) -> dict[str, dict[str, Any]]:
     """Per method: per-site, mean and held-out Dice as (mean, std over seeds, n seeds), curve and wall time.
 
-    A federated method whose sites personalized (``train.personalize_steps``)
-    gets a second row, ``<method>+personal``, with the personalized copies' Dice.
+    Sites with labelled test cases are scored on them (never chosen on);
+    otherwise on their validation cases. A federated method whose sites
+    personalized (``train.personalize_steps``) gets a second row,
+    ``<method>+personal``, with the personalized copies' Dice.
     """
     table = {}
     for method in methods:
         rows = [r for r in results if r["method"] == method.name and r["status"] == "ok"]
         failed = sum(1 for r in results if r["method"] == method.name and r["status"] != "ok")
-        table[method.name] = _row(method.label, rows, "per_site", failed)
-        personal = [r for r in rows if r.get("personal")]
+        test = bool(rows) and all(r.get("test_per_site") for r in rows)
+        table[method.name] = _row(method.label, rows, "test_per_site" if test else "per_site", failed)
+        table[method.name]["per_class"] = _per_class(rows) if test else []
+        key = "test_personal" if test else "personal"
+        personal = [r for r in rows if r.get(key)]
         if personal:
             table[f"{method.name}+personal"] = _row(f"{method.label} + personalization at each site", personal,
-                                                    "personal", 0) | {"held_out": {}, "curve": []}
+                                                    key, 0) | {"held_out": {}, "curve": [], "per_class": []}
     return table
+
+
+def scored_on(results: list[dict[str, Any]]) -> str:
+    ok = [r for r in results if r["status"] == "ok"]
+    return "test" if ok and all(r.get("test_per_site") for r in ok) else "validation"
+
+
+def _per_class(rows: list[dict[str, Any]]) -> list[tuple[float, float, int] | None]:
+    """Per foreground class: the mean over sites of the test Dice, as (mean, sd, n) over seeds."""
+    per_seed = [[statistics.fmean(v) for v in zip(*r["test_per_class"].values())] for r in rows
+                if r.get("test_per_class")]
+    return [_stats(values) for values in zip(*per_seed)]
 
 
 def _row(label: str, rows: list[dict[str, Any]], key: str, failed: int) -> dict[str, Any]:
@@ -122,7 +139,19 @@ def machine() -> str:
             f"{load} (the machine was shared)")
 
 
-def markdown(table: dict[str, dict[str, Any]], seeds: list[int], command: str, base: FedsegConfig) -> str:
+def _class_table(table: dict[str, dict[str, Any]]) -> list[str]:
+    rows = [(r["label"], r["per_class"]) for r in table.values() if r.get("per_class")]
+    if not rows:
+        return []
+    n = max(len(pc) for _, pc in rows)
+    lines = ["Test Dice per foreground class (mean over sites; mean ± sd over seeds):", "",
+             "| Method | " + " | ".join(f"class {i + 1}" for i in range(n)) + " |", "|" + "---|" * (n + 1)]
+    lines += ["| " + " | ".join([label, *[_fmt(s) for s in pc]]) + " |" for label, pc in rows]
+    return lines
+
+
+def markdown(table: dict[str, dict[str, Any]], seeds: list[int], command: str, base: FedsegConfig,
+             cases: str = "validation cases") -> str:
     sites = sorted({s for row in table.values() for s in row["sites"]})
     held = sorted({s for row in table.values() for s in row["held_out"]})
     head = ["Method", *[f"{s} Dice" for s in sites], "Mean Dice", *[f"{s} (held out) as-is / adapted" for s in held],
@@ -150,11 +179,14 @@ def markdown(table: dict[str, dict[str, Any]], seeds: list[int], command: str, b
         f"model is scored on its final round. Personalization (rows '+ personalization') then fine-tunes each "
         f"site's norm layers{' and output layer' if t.personalize == 'norm+head' else ''} for at most "
         f"{t.personalize_steps} steps on its own training cases, keeping the copy with the best Dice on its own "
-        f"validation cases (those rows are therefore chosen on the cases they are scored on).", "",
-        "Dice: mean ± standard deviation over seeds of the foreground Dice on each site's validation cases "
-        "(federated methods: the final global model with the site's own norm tensors). Held-out sites never train: "
-        "as-is = the final global model as it arrives, adapted = after norm adaptation on their unlabeled scans.", "",
+        f"validation cases" + (" (those rows are therefore chosen on the cases they are scored on)."
+                                if cases == "validation cases" else ", never on the test cases it is scored on."), "",
+        f"Dice: mean ± standard deviation over seeds of the foreground Dice on each site's {cases} "
+        "(federated methods: the final global model with the site's own norm tensors). Held-out sites never train "
+        "and are scored on all their labelled cases: as-is = the final global model as it arrives, adapted = after "
+        "AdaBN on their unlabeled scans (equal to as-is for a model without BatchNorm).", "",
         *lines, "",
+        *_class_table(table), "",
         "## Targets for fedseg's default", "", *target_check(table), "",
         f"Machine: {machine()}.", "",
         *[f"![{p}]({p})" for p in PLOTS], "",
@@ -217,5 +249,6 @@ def write_report(out: Path, results: list[dict[str, Any]], methods, seeds: list[
     for plot, name in zip((_plot_dice, _plot_curves, _plot_held_out), PLOTS):
         plot(table, out / name)
     path = out / "results.md"
-    path.write_text(markdown(table, seeds, command, base))
+    cases = "labelled test cases (imagesTs/labelsTs)" if scored_on(results) == "test" else "validation cases"
+    path.write_text(markdown(table, seeds, command, base, cases))
     return path

@@ -175,5 +175,8 @@ class Comparison:
         from .compare_report import write_report
 
         results = read_results(self.results_path)
-        write_report(self.out, results, self.methods, self.seeds, self.command, self.base)
+        known = {m.name: m for m in methods_for(self.base, [])} | {m.name: m for m in self.methods}
+        present = {r["method"] for r in results}
+        shown = [m for m in known.values() if m.name in present]  # earlier calls' methods stay in the table
+        write_report(self.out, results, shown, self.seeds, self.command, self.base)
         return results
