@@ -43,7 +43,6 @@ log = logging.getLogger("fedseg.server")
 
 CROSS_EVAL_FILE = "cross-eval.json"
 MESSAGE_TYPE = f"{MessageType.QUERY}.{keys.CROSS_EVAL_ACTION}"
-REPLY_POLL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -163,23 +162,25 @@ def cross_evaluate(grid: Grid, cfg: FedsegConfig, signature: str, models: dict[s
                    metrics_log: MetricsLog, run: Path) -> list[Cell]:
     """Send every checkpoint to every connected site; log and save the matrix."""
     nodes = list(grid.get_node_ids())
-    messages = []
-    for name, tensors in models.items():
+    cells = []
+    for model, tensors in models.items():
         arrays = to_wire(tensors, cfg.federation.wire_dtype)
-        config = {keys.SIGNATURE: signature, keys.WIRE_DTYPE: cfg.federation.wire_dtype, keys.CROSS_EVAL_MODEL: name}
+        config = {keys.SIGNATURE: signature, keys.WIRE_DTYPE: cfg.federation.wire_dtype, keys.CROSS_EVAL_MODEL: model}
         if (run / PLAN_FILE).is_file():  # the run's preprocessing plan, also for a site that never trained
             config[keys.PLAN] = (run / PLAN_FILE).read_text()
-        messages += [(name, _query(n, "evaluate", config, arrays)) for n in nodes]
-    by_id = {}
-    sent = list(grid.push_messages([m for _, m in messages]))
-    for (name, _), msg_id in zip(messages, sent):
-        if msg_id is not None:
-            by_id[msg_id] = name
-    sent = [i for i in sent if i is not None]
-    replies = _pull_all(grid, sent, cfg.federation.round_timeout_s)
+        replies = grid.send_and_receive([_query(n, "evaluate", config, arrays) for n in nodes],
+                                        timeout=cfg.federation.round_timeout_s)
+        cells += _cells(model, replies, metrics_log)
+    metrics_log.sync()
+    cells.sort(key=lambda c: (list(models).index(c.model), c.site))
+    _save(run / CROSS_EVAL_FILE, cfg, cells)
+    return cells
+
+
+def _cells(model: str, replies: Iterable[Message], metrics_log: MetricsLog) -> list[Cell]:
+    """One model's cells; each failed reply is logged as a failure instead."""
     cells = []
     for msg in replies:
-        model = by_id.get(msg.metadata.reply_to_message_id, "?")
         cell = _cell(model, msg)
         if isinstance(cell, str):
             log.warning("cross-eval of %s at site %s failed: %s", model, reply_site(msg), cell)
@@ -187,23 +188,7 @@ def cross_evaluate(grid: Grid, cfg: FedsegConfig, signature: str, models: dict[s
             continue
         cells.append(cell)
         metrics_log.write("cross-eval", **asdict(cell))
-    metrics_log.sync()
-    cells.sort(key=lambda c: (list(models).index(c.model), c.site))
-    _save(run / CROSS_EVAL_FILE, cfg, cells)
     return cells
-
-
-def _pull_all(grid: Grid, message_ids: list[str], timeout_s: float) -> list[Message]:
-    """Replies to ``message_ids``, waiting at most ``timeout_s``."""
-    pending, replies = set(message_ids), []
-    deadline = time.monotonic() + timeout_s
-    while pending and time.monotonic() < deadline:
-        for msg in grid.pull_messages(list(pending)):
-            replies.append(msg)
-            pending.discard(msg.metadata.reply_to_message_id)
-        if pending:
-            time.sleep(REPLY_POLL_S)
-    return replies
 
 
 def _save(path: Path, cfg: FedsegConfig, cells: list[Cell]) -> None:

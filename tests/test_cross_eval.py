@@ -58,8 +58,7 @@ def test_only_numbers_left_the_sites(finished_run):
     """Every cross-eval reply, per the site's own egress audit, held metrics and identity only: no arrays."""
     for site in ("site-1", "site-4"):
         egress = finished_run / "sites" / site / "egress.jsonl"
-        if not egress.is_file():
-            pytest.skip("this checkout has no egress audit log (issue 6)")
+        assert egress.is_file(), f"every site keeps an egress audit log: {egress} is missing"
         sent = [json.loads(line) for line in egress.read_text().splitlines()]
         cross = [e for e in sent if e["message_type"] == "query.cross_eval"]
         assert cross and all(e["status"] == "sent" for e in cross)
