@@ -17,6 +17,7 @@ from typing import Any
 from flwr.app import ArrayRecord, Message
 
 from common import keys
+from common.files import read_jsonl
 
 HISTORY_FILE = "history.jsonl"
 
@@ -44,10 +45,4 @@ def digest_arrays(arrays: ArrayRecord | None) -> tuple[int, str | None]:
 
 
 def read(state_root: Path) -> Iterator[dict[str, Any]]:
-    path = Path(state_root) / HISTORY_FILE
-    if not path.is_file():
-        return
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if line.endswith("\n"):
-                yield json.loads(line)
+    return read_jsonl(Path(state_root) / HISTORY_FILE)

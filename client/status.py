@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from common.cli import UserError, config_from_args
+from common.files import read_jsonl
 
 RECENT = 5
 
@@ -34,12 +35,6 @@ def _daemon_line(state: Path) -> str:
     return f"daemon: {info['state'] if alive else 'not running'} (pid {info['pid']}, since {since})"
 
 
-def _jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def report(state: Path) -> list[str]:
     from .daemon import BUNDLE_LOG
     from .site_history import read
@@ -59,10 +54,10 @@ def report(state: Path) -> list[str]:
         metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(h["metrics"].items()) if isinstance(v, (int, float)))
         rnd = "-" if h["round"] is None else h["round"]
         lines.append(f"  round {rnd:>3} {h['stage']:<8} sent {h['bytes_sent']:>9} B  {metrics}")
-    egress = _jsonl(state / "egress.jsonl")
+    egress = read_jsonl(state / "egress.jsonl")
     if egress:
         lines.append(f"egress log: {len(egress)} message(s) recorded in {state / 'egress.jsonl'}")
-    refused = [d for d in _jsonl(state / BUNDLE_LOG) if d["decision"] == "refused"]
+    refused = [d for d in read_jsonl(state / BUNDLE_LOG) if d["decision"] == "refused"]
     if refused:
         lines.append(f"app bundles refused: {len(refused)} (last sha256 {refused[-1]['sha256'][:16]}..., "
                      f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(refused[-1]['time']))})")

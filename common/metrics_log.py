@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .files import read_jsonl
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -55,8 +57,4 @@ class MetricsLog:
 
 def read_events(path: Path) -> Iterator[dict[str, Any]]:
     """Events of a metrics log, skipping a trailing line that is still being written."""
-    with Path(path).open(encoding="utf-8") as f:
-        for line in f:
-            if not line.endswith("\n"):
-                return
-            yield json.loads(line)
+    return read_jsonl(path)

@@ -8,13 +8,13 @@ round ``last`` and ``best`` hold, and is what a restarted server resumes from.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from common.files import atomic_copy, atomic_save, atomic_write_text
 
 STATE_FILE = "state.json"
 LAST, BEST = "last.safetensors", "best.safetensors"
@@ -39,20 +39,16 @@ class Checkpoints:
         self.state = CheckpointState(**json.loads(path.read_text())) if path.is_file() else CheckpointState()
 
     def _write_state(self) -> None:
-        tmp = self.dir / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(asdict(self.state)))
-        os.replace(tmp, self.dir / STATE_FILE)
+        atomic_write_text(self.dir / STATE_FILE, json.dumps(asdict(self.state)))
 
     def _save(self, tensors: dict[str, torch.Tensor], name: str) -> None:
-        tmp = self.dir / (name + ".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, self.dir / name)
+        contiguous = {k: v.contiguous() for k, v in tensors.items()}
+        atomic_save(self.dir / name, lambda tmp: save_file(contiguous, str(tmp)))
 
     def save_round(self, server_round: int, tensors: dict[str, torch.Tensor]) -> None:
         """Keep this round's aggregate as ``round-NNNN`` and as ``last``."""
         self._save(tensors, ROUND_FILE.format(server_round))
-        shutil.copyfile(self.dir / ROUND_FILE.format(server_round), self.dir / (LAST + ".tmp"))
-        os.replace(self.dir / (LAST + ".tmp"), self.dir / LAST)
+        atomic_copy(self.dir / ROUND_FILE.format(server_round), self.dir / LAST)
         self.state.last_round = server_round
         self._write_state()
 
@@ -60,8 +56,7 @@ class Checkpoints:
         """Make the round's model ``best`` if its federation Dice beats the best so far."""
         if dice <= self.state.best_dice:
             return False
-        shutil.copyfile(self.dir / ROUND_FILE.format(server_round), self.dir / (BEST + ".tmp"))
-        os.replace(self.dir / (BEST + ".tmp"), self.dir / BEST)
+        atomic_copy(self.dir / ROUND_FILE.format(server_round), self.dir / BEST)
         self.state.best_round, self.state.best_dice = server_round, dice
         self._write_state()
         return True

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ from safetensors.torch import load_file
 
 from common import keys
 from common.config import FedsegConfig
+from common.files import atomic_write_text
 from common.metrics_log import MetricsLog
 from common.plan import PLAN_FILE
 from common.runs import CHECKPOINT_DIR
@@ -194,9 +194,7 @@ def _cells(model: str, replies: Iterable[Message], metrics_log: MetricsLog) -> l
 def _save(path: Path, cfg: FedsegConfig, cells: list[Cell]) -> None:
     record = {"run": cfg.federation.run_name, "time": time.time(), "held_out_sites": cfg.federation.held_out_sites,
               "cells": [asdict(c) for c in cells]}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(record, indent=2))
 
 
 def run_checkpoints(run: Path) -> dict[str, dict[str, torch.Tensor]]:

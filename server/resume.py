@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from common.files import atomic_write_text, read_jsonl
 from common.metrics_log import METRICS_FILE
 
 from .checkpoints import ROUND_FILE, Checkpoints
@@ -29,32 +29,18 @@ log = logging.getLogger("fedseg.server")
 ROUND_EVENT = "round"
 
 
-def _events(path: Path) -> list[tuple[str, dict]]:
-    """(line, event) of every complete line; a torn last line is left out."""
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    return [(line, json.loads(line)) for line in lines if line.endswith("\n")]
-
-
 def last_complete_round(path: Path) -> int:
-    return max((e.get("round", 0) for _, e in _events(path) if e.get("event") == ROUND_EVENT), default=0)
+    return max((e.get("round", 0) for e in read_jsonl(path) if e.get("event") == ROUND_EVENT), default=0)
 
 
 def truncate_log(path: Path, last_round: int) -> int:
     """Drop lines of rounds after ``last_round`` (and a torn last line); returns how many went."""
     if not path.is_file():
         return 0
-    events = _events(path)
-    keep = [line for line, e in events if (e.get("round") or 0) <= last_round]
+    keep = [e for e in read_jsonl(path) if (e.get("round") or 0) <= last_round]
     dropped = len(path.read_text(encoding="utf-8").splitlines()) - len(keep)
     if dropped:
-        tmp = path.with_suffix(".jsonl.tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            f.writelines(keep)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in keep))
     return dropped
 
 
