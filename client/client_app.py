@@ -23,6 +23,7 @@ from flwr.clientapp import ClientApp
 from common import keys
 from common.config import ConfigError, FedsegConfig, from_yaml_text, load_config
 from common.dataset import DatasetError
+from common.device import with_site_compute
 from common.loops import evaluate as evaluate_model
 from common.loops import RunSteps, train_local
 from common.model import build_model
@@ -84,7 +85,8 @@ class Site:
             site_yaml = Path(str(context.node_config[keys.NODE_SITE_CONFIG]))
         else:
             site_yaml = simulated_site_config(run_dir(cfg), int(context.node_config[keys.NODE_PARTITION_ID]))
-        cfg = dataclasses.replace(cfg, site=load_config(site_yaml).site)
+        local = load_config(site_yaml)
+        cfg = dataclasses.replace(cfg, site=local.site, train=with_site_compute(cfg.train, local.train))
         state = SiteState(Path(cfg.site.state_dir))
         _log_to_site_file(state.root)
         torch.set_num_threads(cfg.site.torch_threads)

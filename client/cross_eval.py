@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from flwr.app import Message
 
 from common import keys
+from common.device import compute_for
 from common.loops import evaluate
 from common.norm_adapt import adapt_norm
 from common.personalize import personalize
@@ -67,7 +68,8 @@ def cross_evaluate(site: Site, msg: Message) -> Message:
                  config[keys.CROSS_EVAL_MODEL], result.steps, result.dice_before, result.dice_after)
     if not trained and train.adapt_norm_steps > 0:
         images = [image for image, _ in scored]
-        adapted = adapt_norm(site.model, images, site.cfg.data, train.adapt_norm_steps, train.batch_size, train.seed)
+        adapted = adapt_norm(site.model, images, site.cfg.data, train.adapt_norm_steps, train.batch_size, train.seed,
+                             compute_for(train).device)
         metrics["dice_adapted"] = evaluate(site.model, scored, site.cfg.data, train, num_classes).dice if adapted \
             else own.dice
         log.info("cross-eval %s: BatchNorm statistics %s, Dice %.4f -> %.4f", config[keys.CROSS_EVAL_MODEL],

@@ -108,7 +108,14 @@ class TrainConfig:
            "at once run about 3x faster per window than one)."
     )
     hd95: bool = option(True, "Also report the 95th percentile Hausdorff distance (mm) in evaluation.")
-    bf16: bool = option(False, "bfloat16 autocast for training and evaluation on CPUs with native bf16 (else fp32).")
+    device: str = option(
+        "auto", "Where models run: auto (the first CUDA GPU when torch sees one, else the CPU), cpu, cuda or "
+                "cuda:N; a site's own site.yaml may set it for that site."
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = option(
+        "fp32", "Autocast of training and inference: bf16 (CUDA, or CPUs with native bf16, else fp32 with a "
+                "warning) or fp16 (CUDA only, with loss scaling); a site's site.yaml may set it for that site."
+    )
     adapt_norm_steps: int = option(
         20, "AdaBN at a site that never trained: batches of its unlabeled patches that re-estimate the BatchNorm "
             "statistics (0: none)."
@@ -287,6 +294,8 @@ def check_consistency(cfg: FedsegConfig) -> None:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}.")
     if t.personalize_steps < 0 or t.adapt_norm_steps < 0:
         raise ConfigError("train.personalize_steps and train.adapt_norm_steps must be >= 0.")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
+        raise ConfigError(f"train.device: {t.device!r} is not one of auto, cpu, cuda, cuda:N (e.g. cuda:1).")
     if t.proximal_mu < 0:
         raise ConfigError(f"train.proximal_mu must be >= 0, got {t.proximal_mu}.")
     check_robustness(cfg)

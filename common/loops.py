@@ -3,10 +3,8 @@ baselines and benchmarks, so every path trains and scores in the same way."""
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,10 +17,10 @@ from monai.networks.utils import one_hot
 from torch import nn
 
 from .config import Augmentation, DataConfig, TrainConfig
+from .device import compute_for, on_device
 from .fedprox import ProximalGradient
 from .preprocess import Volume, class_locations
 
-log = logging.getLogger(__name__)
 
 IMAGE, LABEL = "image", "label"
 HD_PERCENTILE = 95
@@ -70,19 +68,6 @@ class EvalResult:
     num_cases: int
     dice_per_annotator: list[float] | None = None
     """With several label files per case: mean foreground Dice against each annotator."""
-
-
-def bf16_available() -> bool:
-    """Native bfloat16 on this CPU; without it autocast is emulated and many times slower."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
-def autocast(enabled: bool) -> AbstractContextManager:
-    """bf16 autocast when asked for and the CPU has it; fp32 (with a warning) otherwise."""
-    if enabled and not bf16_available():
-        log.warning("train.bf16 is set but this CPU has no native bfloat16 (AVX512-BF16/AMX); running fp32")
-        enabled = False
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
 def fuse(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -292,33 +277,38 @@ def train_local(
     Raises FloatingPointError when the loss stops being finite, so a diverging
     site reports a failure instead of sending NaN weights.
     """
-    model.train()
-    num_classes = _num_classes(model)
-    volumes = [as_volume(v, num_classes) for v in volumes]
-    optimizer = make_optimizer(model, cfg)
-    scheduler = lr_scheduler(optimizer, cfg, steps or RunSteps(0, cfg.local_steps))
-    criterion = seg_loss()
-    sampler = PatchSampler(data, cfg.batch_size, seed, num_classes, cfg.augmentation)
-    batches = _batches(volumes, sampler, np.random.default_rng(seed))
-    proximal = ProximalGradient(model, global_params, mu)
-    seg_total, prox_total = 0.0, 0.0
-    for step in range(cfg.local_steps):
-        image, label = next(batches)
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(cfg.bf16):
-            seg = criterion(model(image).float(), label)
-        seg.backward()
-        prox = proximal.apply()  # adds mu * (w - w^t) to the shared gradients
-        seg_value = seg.item()
-        if not (math.isfinite(seg_value) and math.isfinite(prox)):
-            raise FloatingPointError(f"training loss became non-finite at local step {step + 1}")
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        if checkpoint is not None and every and (step + 1) % every == 0:
-            checkpoint(step + 1)
-        seg_total += seg_value
-        prox_total += prox
+    compute = compute_for(cfg)
+    with on_device(model, compute.device):
+        model.train()
+        num_classes = _num_classes(model)
+        volumes = [as_volume(v, num_classes) for v in volumes]
+        optimizer = make_optimizer(model, cfg)
+        scheduler = lr_scheduler(optimizer, cfg, steps or RunSteps(0, cfg.local_steps))
+        criterion = seg_loss()
+        sampler = PatchSampler(data, cfg.batch_size, seed, num_classes, cfg.augmentation)
+        batches = _batches(volumes, sampler, np.random.default_rng(seed))
+        scaler = compute.grad_scaler()
+        proximal = ProximalGradient(model, {k: compute.to(v) for k, v in global_params.items()}, mu)
+        seg_total, prox_total = 0.0, 0.0
+        for step in range(cfg.local_steps):
+            image, label = (compute.to(t) for t in next(batches))
+            optimizer.zero_grad(set_to_none=True)
+            with compute.autocast():
+                seg = criterion(model(image).float(), label)
+            scaler.scale(seg).backward()
+            scaler.unscale_(optimizer)  # fp16: the proximal gradient is added to the true, unscaled gradients
+            prox = proximal.apply()  # adds mu * (w - w^t) to the shared gradients
+            seg_value = seg.item()
+            if not (math.isfinite(seg_value) and math.isfinite(prox)):
+                raise FloatingPointError(f"training loss became non-finite at local step {step + 1}")
+            scaler.step(optimizer)
+            scaler.update()
+            if scheduler is not None:
+                scheduler.step()
+            if checkpoint is not None and every and (step + 1) % every == 0:
+                checkpoint(step + 1)
+            seg_total += seg_value
+            prox_total += prox
     return TrainResult(seg_total / cfg.local_steps, prox_total / cfg.local_steps, cfg.local_steps)
 
 
@@ -340,33 +330,35 @@ def evaluate(
     With several annotators per case the headline Dice and loss are against
     their majority vote, and Dice against each annotator is reported as well.
     """
-    model.eval()
-    criterion = seg_loss()
-    dice_metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=False)
-    hd_metric = HausdorffDistanceMetric(include_background=False, percentile=HD_PERCENTILE, reduction="none")
-    losses, hds, per_annotator = [], [], []
-    for image, labels in volumes:
-        labels = np.asarray(labels)
-        x = torch.from_numpy(np.array(image, dtype=np.float32))[None]
-        y = torch.tensor(fuse(labels, num_classes))[None].long()
-        with autocast(cfg.bf16):
-            logits = sliding_window_inference(
-                x, roi_size=data.patch_size, sw_batch_size=cfg.sw_batch_size, predictor=model,
-                overlap=cfg.sw_overlap,
-            ).float()
-        losses.append(float(criterion(logits, y)))
-        pred = one_hot(logits.argmax(dim=1, keepdim=True), num_classes)
-        truth = one_hot(y, num_classes)
-        dice_metric(pred, truth)
-        if labels.shape[0] > 1:
-            per_annotator.append([
-                _mean_foreground_dice(pred, one_hot(torch.as_tensor(a[None, None]).long(), num_classes))
-                for a in labels
-            ])
-        if cfg.hd95:
-            hd = hd_metric(pred, truth, spacing=list(data.spacing))
-            diagonal = math.dist([0, 0, 0], [s * d for s, d in zip(image.shape[1:], data.spacing)])
-            hds.append(torch.nan_to_num(hd, nan=diagonal, posinf=diagonal).mean().item())
+    compute = compute_for(cfg)
+    with on_device(model, compute.device):
+        model.eval()
+        criterion = seg_loss()
+        dice_metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=False)
+        hd_metric = HausdorffDistanceMetric(include_background=False, percentile=HD_PERCENTILE, reduction="none")
+        losses, hds, per_annotator = [], [], []
+        for image, labels in volumes:
+            labels = np.asarray(labels)
+            x = compute.to(torch.from_numpy(np.array(image, dtype=np.float32))[None])
+            y = torch.tensor(fuse(labels, num_classes))[None].long()
+            with compute.autocast():
+                logits = sliding_window_inference(
+                    x, roi_size=data.patch_size, sw_batch_size=cfg.sw_batch_size, predictor=model,
+                    overlap=cfg.sw_overlap,
+                ).float().cpu()
+            losses.append(float(criterion(logits, y)))
+            pred = one_hot(logits.argmax(dim=1, keepdim=True), num_classes)
+            truth = one_hot(y, num_classes)
+            dice_metric(pred, truth)
+            if labels.shape[0] > 1:
+                per_annotator.append([
+                    _mean_foreground_dice(pred, one_hot(torch.as_tensor(a[None, None]).long(), num_classes))
+                    for a in labels
+                ])
+            if cfg.hd95:
+                hd = hd_metric(pred, truth, spacing=list(data.spacing))
+                diagonal = math.dist([0, 0, 0], [s * d for s, d in zip(image.shape[1:], data.spacing)])
+                hds.append(torch.nan_to_num(hd, nan=diagonal, posinf=diagonal).mean().item())
     per_class = [float(v) for v in dice_metric.aggregate()]
     return EvalResult(
         dice=float(np.mean(per_class)),

@@ -24,6 +24,7 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 
 from .config import DataConfig
+from .device import CPU, on_device
 
 IMAGE = "image"
 
@@ -53,20 +54,20 @@ def adapt_norm(
     steps: int,
     batch_size: int,
     seed: int,
+    device: torch.device = CPU,
 ) -> bool:
     """Re-estimate ``model``'s BatchNorm statistics in place on ``steps`` batches of ``images``.
 
     The statistics become the cumulative mean over those batches
-    (``torch.optim.swa_utils.update_bn``). Returns False, leaving the model
+    (``torch.optim.swa_utils.update_bn``), computed on ``device``. Returns False, leaving the model
     untouched, when it has no BatchNorm layer.
     """
     if steps < 1 or not images:
         raise ValueError(f"norm adaptation needs >= 1 step and >= 1 image, got {steps} steps, {len(images)} images")
     if not has_batch_norm(model):
         return False
-    device = next(model.parameters()).device
     batches = (b.to(device) for b in itertools.islice(_image_patches(images, data, batch_size, seed), steps))
-    with torch.no_grad():
+    with on_device(model, device), torch.no_grad():
         update_bn(batches, model)
     model.eval()
     return True

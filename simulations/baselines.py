@@ -22,6 +22,7 @@ import torch
 from client.site_data import SiteData, fingerprint
 from client.site_state import SiteState
 from common.config import FedsegConfig
+from common.device import compute_for
 from common.fingerprint import merge_fingerprints
 from common.plan import PLAN_FILE, make_plan
 from common.preprocess import Volume
@@ -123,7 +124,7 @@ def held_out_scores(cfg: FedsegConfig, model: torch.nn.Module, site: SiteSplit) 
     as_is = _evaluate(cfg, model, site, site.labelled).dice
     t = cfg.train
     if not adapt_norm(model, [image for image, _ in site.labelled], cfg.data, t.adapt_norm_steps, t.batch_size,
-                      t.seed):
+                      t.seed, compute_for(t).device):
         return {"dice": as_is, "dice_adapted": as_is}
     return {"dice": as_is, "dice_adapted": _evaluate(cfg, model, site, site.labelled).dice}
 
