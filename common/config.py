@@ -215,6 +215,14 @@ class SimulationConfig:
     data_dir: str = option("data/synthetic", "Where synthetic site datasets are generated (reused if present).")
     ray_num_cpus: int = option(2, "CPUs Ray may use for the whole simulation.")
     cpus_per_site: int = option(2, "CPUs reserved per simulated site; sites run in turns when CPUs are scarce.")
+    gpus_per_site: float = option(
+        0.0, "GPU share each simulated site asks Ray for (Flower's client-resources-num-gpus): 0.25 lets four "
+             "sites train side by side on one GPU; 0: none reserved."
+    )
+    ray_address: str = option(
+        "", "host:port of a running Ray cluster (`ray start --head`) the simulation joins instead of starting "
+            "a local Ray; its CPUs and GPUs are the cluster's (ray_num_cpus is ignored); empty: local Ray."
+    )
     seed: int = option(0, "Seed of the synthetic data.")
     held_out_sites: int = option(0, "Extra simulated sites that never train, for the cross-site evaluation.")
     sites: dict[str, SimulatedSite] = option(
@@ -296,6 +304,8 @@ def check_consistency(cfg: FedsegConfig) -> None:
         raise ConfigError("train.personalize_steps and train.adapt_norm_steps must be >= 0.")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
         raise ConfigError(f"train.device: {t.device!r} is not one of auto, cpu, cuda, cuda:N (e.g. cuda:1).")
+    if cfg.simulation.gpus_per_site < 0:
+        raise ConfigError(f"simulation.gpus_per_site must be >= 0, got {cfg.simulation.gpus_per_site}.")
     if t.proximal_mu < 0:
         raise ConfigError(f"train.proximal_mu must be >= 0, got {t.proximal_mu}.")
     check_robustness(cfg)

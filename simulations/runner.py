@@ -44,6 +44,7 @@ APP_DIR = Path(__file__).resolve().parent.parent
 CONNECTION = "fedseg-sim"
 STARTUP_TIMEOUT_S = 60.0
 POLL_S = 0.5
+RAY_ADDRESS = "RAY_ADDRESS"
 FINISH_GRACE_S = 30.0
 """How long `flwr run --stream` may take to notice the run has ended."""
 
@@ -89,11 +90,16 @@ def write_site_configs(cfg: FedsegConfig, datasets: dict[str, Path]) -> None:
 class LocalSuperLink:
     """A private SuperLink in simulation mode, stopped with everything it spawned."""
 
-    def __init__(self, run: Path, threads: int) -> None:
+    def __init__(self, run: Path, threads: int, ray_address: str = "") -> None:
         self.run = run
         self.home = run / "flwr-home"
         self.port = free_port()
         self.env = flower_env(self.home, threads)
+        # Flower 1.42's federation config has no Ray address; ray.init() reads RAY_ADDRESS, and the
+        # simulation process inherits the SuperLink's environment.
+        self.env.pop(RAY_ADDRESS, None)
+        if ray_address:
+            self.env[RAY_ADDRESS] = ray_address
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> LocalSuperLink:
@@ -148,6 +154,17 @@ def follow(path: Path, seen: int, show: Callable[[str], None]) -> int:
     return len(events)
 
 
+def federation_config(cfg: FedsegConfig, num_sites: int) -> str:
+    """Flower's simulation settings: sites, each site's CPU and GPU share, and the local Ray's size.
+
+    Joining a running cluster, Ray refuses a CPU count: the cluster has its own.
+    """
+    sim = cfg.simulation
+    settings = (f"num-supernodes={num_sites} client-resources-num-cpus={sim.cpus_per_site} "
+                f"client-resources-num-gpus={sim.gpus_per_site}")
+    return settings if sim.ray_address else f"{settings} init-args-num-cpus={sim.ray_num_cpus}"
+
+
 def run_simulation(cfg: FedsegConfig, show: Callable[[str], None] = print) -> Path:
     """Run the simulation described by ``cfg``; returns the run directory."""
     cfg = prepare_run(cfg)
@@ -161,14 +178,13 @@ def run_simulation(cfg: FedsegConfig, show: Callable[[str], None] = print) -> Pa
     write_site_configs(cfg, datasets)
     run_config = run / "run-config.toml"
     run_config.write_text(tomli_w.dumps({keys.RUN_CONFIG_KEY: cfg.to_yaml()}))
-    federation_config = (f"num-supernodes={len(datasets)} "
-                         f"client-resources-num-cpus={sim.cpus_per_site} init-args-num-cpus={sim.ray_num_cpus}")
     metrics = run / METRICS_FILE
     threads = sim.cpus_per_site
-    with LocalSuperLink(run, threads) as link, (run / "flwr-run.log").open("w") as flwr_log:
+    with LocalSuperLink(run, threads, sim.ray_address) as link, (run / "flwr-run.log").open("w") as flwr_log:
         submit = subprocess.Popen(
             [flower_command("flwr"), "run", str(APP_DIR), CONNECTION,
-             "--run-config", str(run_config), "--federation-config", federation_config, "--stream"],
+             "--run-config", str(run_config), "--federation-config", federation_config(cfg, len(datasets)),
+             "--stream"],
             env=link.env, stdout=flwr_log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         seen, finished_at = 0, None
