@@ -14,9 +14,11 @@ in a fresh process so that peak memory is its own:
 - ``plain-batched``: the same with fedseg's windows per forward pass
   (train.sw_batch_size), to show how much of the gain is batching alone.
 
-    .venv/bin/python benchmarks/bench_predict.py [--shape 512 512 400] [--threads 2]
+    .venv/bin/python benchmarks/bench_predict.py [--shape 512 512 400] [--threads 2] [--modes fedseg-infer fedseg]
+        [--set train.device=cuda --set train.precision=bf16]
 
-Targets (issue 4): fedseg <= 20 s and <= 2.5 GiB peak on 2 cores.
+Targets (issue 4): fedseg <= 20 s and <= 2.5 GiB peak on 2 cores. Issue 12: file to file
+(``fedseg``) <= 1.3x inference alone (``fedseg-infer``) on CPU; the ratio is printed.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import numpy as np
 import torch
 
 from common.config import load_config
+from common.device import compute_for
 from common.model import build_model
 from common.plan import ChannelNorm, Plan
 
@@ -42,6 +45,7 @@ SPACING = (0.8, 0.8, 1.0)
 LPS = np.diag([-SPACING[0], -SPACING[1], SPACING[2], 1.0])
 AIR, BODY, ORGAN, LESION = -1000.0, 40.0, 60.0, 110.0
 GIB = 1024 ** 3
+MODES = ("plain", "plain-batched", "fedseg-infer", "fedseg")
 MODEL = ["model.channels=[8, 16, 32]", "model.strides=[2, 2]", "model.num_res_units=1"]
 
 
@@ -77,24 +81,23 @@ def peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
 
 
-def child(mode: str, work: Path, threads: int, overlap: float) -> dict:
+def child(mode: str, work: Path, threads: int, overlap: float, overrides: list[str]) -> dict:
+    from client.predict import InferenceOptions, SlabInferer, predict_file
+
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    cfg = load_config(None, MODEL)
+    cfg = load_config(None, [*MODEL, *overrides])
     model = build_model(cfg.model).eval()
     batch = cfg.train.sw_batch_size
+    options = InferenceOptions(overlap, batch, compute_for(cfg.train))
     plan = Plan.load(work / "plan.json")
     started = time.perf_counter()
     if mode == "fedseg":
-        from client.predict import predict_file
-
-        predict_file(work / "ct_0000.nii.gz", work / "ct_seg.nii.gz", model, plan, 2, overlap, batch)
+        predict_file(work / "ct_0000.nii.gz", work / "ct_seg.nii.gz", model, plan, 2, options)
     elif mode == "fedseg-infer":
-        from client.predict import SlabInferer
-
         image = torch.from_numpy(np.load(work / "prepared.npy"))
         started = time.perf_counter()
-        SlabInferer(model, plan.patch_size, overlap, 2, batch)(image)
+        SlabInferer(model, plan.patch_size, 2, options)(image)
     else:
         from monai.inferers import sliding_window_inference
 
@@ -113,16 +116,29 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--roi", type=int, default=64, help="Window side (the plan's patch size).")
     parser.add_argument("--overlap", type=float, default=0.25)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="What to time.")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="Config override, e.g. --set train.device=cuda --set train.precision=bf16.")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.work, args.threads, args.overlap)))
+        print(json.dumps(child(args.child, args.work, args.threads, args.overlap, args.overrides)))
         return
+    results = run_modes(tuple(args.shape), args.roi, args.overlap, args.threads, args.modes, args.overrides)
+    if {"fedseg", "fedseg-infer"} <= results.keys():
+        ratio = results["fedseg"]["seconds"] / results["fedseg-infer"]["seconds"]
+        print(f"file to file / inference alone: {ratio:.2f}x (target <= 1.3x, issue 12)")
+    print("targets: fedseg <= 20 s and <= 2.5 GiB (issue 4); issue's plain figure: 32.7 s, 2.14 GiB fp32")
+
+
+def run_modes(shape: tuple[int, int, int], roi: int, overlap: float, threads: int, modes: list[str],
+              overrides: list[str]) -> dict[str, dict]:
+    """Write the synthetic CT, then time each mode in a fresh process; prints one line per mode."""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        image, label = synthetic_ct(tuple(args.shape))
-        plan = ct_plan(image, label, args.roi)
+        image, label = synthetic_ct(shape)
+        plan = ct_plan(image, label, roi)
         plan.save(work / "plan.json")
         nib.save(nib.Nifti1Image(image, LPS), str(work / "ct_0000.nii.gz"))
         del image, label
@@ -131,19 +147,23 @@ def main() -> None:
         prepared, _ = prepare_image((work / "ct_0000.nii.gz",), plan)
         np.save(work / "prepared.npy", prepared.numpy())
         del prepared
-        print(f"volume {tuple(args.shape)} int16 CT, model {MODEL}, window {args.roi}^3, overlap {args.overlap}, "
-              f"{load_config(None).train.sw_batch_size} windows per pass (plain: 1), {args.threads} threads")
+        cfg = load_config(None, [*MODEL, *overrides])
+        print(f"volume {shape} int16 CT, model {MODEL}, window {roi}^3, overlap {overlap}, "
+              f"{cfg.train.sw_batch_size} windows per pass (plain: 1), {threads} threads, "
+              f"device {cfg.train.device}, precision {cfg.train.precision}")
         results = {}
-        for mode in ("plain", "plain-batched", "fedseg-infer", "fedseg"):
+        for mode in modes:
             out = subprocess.run(
-                [sys.executable, __file__, "--child", mode, "--work", str(work), "--threads", str(args.threads),
-                 "--overlap", str(args.overlap)], capture_output=True, text=True, check=True)
+                [sys.executable, __file__, "--child", mode, "--work", str(work), "--threads", str(threads),
+                 "--overlap", str(overlap), *(f"--set={o}" for o in overrides)],
+                capture_output=True, text=True, check=True)
             results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
             r = results[mode]
             print(f"{mode:<14} {r['seconds']:7.1f} s   peak RSS {r['peak_gib']:.2f} GiB", flush=True)
-        seg = nib.load(str(work / "ct_seg.nii.gz"))
-        print(f"output: shape {seg.shape}, dtype {seg.get_data_dtype()}, axcodes {nib.aff2axcodes(seg.affine)}")
-        print("targets: fedseg <= 20 s and <= 2.5 GiB (issue 4); issue's plain figure: 32.7 s, 2.14 GiB fp32")
+        if "fedseg" in results:
+            seg = nib.load(str(work / "ct_seg.nii.gz"))
+            print(f"output: shape {seg.shape}, dtype {seg.get_data_dtype()}, axcodes {nib.aff2axcodes(seg.affine)}")
+        return results
 
 
 if __name__ == "__main__":

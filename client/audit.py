@@ -3,7 +3,8 @@
 For a hospital's privacy officer: when messages left, what records and keys
 they carried, how many bytes, their SHA-256 (which the server logs too, so
 the two sides can be compared), and every reply the egress guard blocked
-with the reason. Reads <state_dir>/egress.jsonl; changes nothing.
+with the reason, and every model exported from the site (``fedseg-client export``).
+Reads <state_dir>/egress.jsonl and exports.jsonl; changes nothing.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def _print_text(site: str, path: Path, summary: dict, entries: list[dict], last:
 
 def run(args: argparse.Namespace) -> int:
     from .egress import EGRESS_FILE, EgressLog
+    from .site_model import exports
 
     cfg = config_from_args(args)
     if not cfg.site.state_dir:
@@ -91,8 +93,19 @@ def run(args: argparse.Namespace) -> int:
                         f"{args.config or 'the config'}.")
     entries = EgressLog(state_dir).entries()
     summary = summarize(entries)
+    exported = exports(state_dir)
     if args.json:
-        print(json.dumps({"site": cfg.site.name, "egress_log": str(state_dir / EGRESS_FILE), **summary}, indent=2))
+        print(json.dumps({"site": cfg.site.name, "egress_log": str(state_dir / EGRESS_FILE), **summary,
+                          "exports": exported}, indent=2))
     else:
         _print_text(cfg.site.name, state_dir / EGRESS_FILE, summary, entries, args.last)
+        _print_exports(exported)
     return 0
+
+
+def _print_exports(exported: list[dict]) -> None:
+    """Models written out of the state folder by `fedseg-client export`, one line each."""
+    print(f"  model exports: {len(exported)}")
+    for e in exported:
+        print(f"    {_when(e['time'])}  run {e['run']} {e['weights']} (round {e['round']})  -> {e['folder']}"
+              f"  sha256 {e['sha256'][:SHA_SHOWN]}")

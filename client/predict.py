@@ -1,14 +1,17 @@
 """Segment scans at the site with the federation's global weights and the site's own norm tensors.
 
     fedseg-client predict --config site.yaml --run RUN_DIR --input scan.nii.gz|folder --output out/
+    fedseg-client predict --model MODEL_DIR --input scan.nii.gz|folder --output out/
 
 ``RUN_DIR`` is what the coordinating centre hands to hospitals from a run:
 its ``config.yaml`` (the model), ``plan.json`` (preprocessing) and
 ``checkpoints/best.safetensors`` (global weights; ``--weights`` picks
 another). The site's own normalization tensors come from its state directory.
-Each scan is preprocessed by the plan, segmented by sliding windows, and the
-integer label map is mapped back (resampling, crop, orientation) onto exactly
-the input's grid: same shape, same affine, same orientation.
+``MODEL_DIR`` is a folder written by ``fedseg-client export`` and holds all of
+that itself. Each scan is preprocessed by the plan, segmented by sliding
+windows on ``train.device`` in ``train.precision``, and the integer label map
+is mapped back (resampling, crop, orientation) onto exactly the input's grid:
+same shape, same affine, same orientation.
 
 Windows are visited slab by slab along the last axis, and logits are kept
 only for the slab in progress (one window deep), so memory stays near the
@@ -16,23 +19,30 @@ size of the input; a window whose input is constant (air clipped by the CT
 plan, zero padding) gives the same output wherever it lies and is computed
 once. ``--adapt-norm`` is for a hospital that never trained: it first adapts
 the normalization layers to its own unlabeled scans (common.norm_adapt).
+Off by default: ``--tta`` (mirroring), ``--probabilities`` (a 4D softmax
+file) and ``--largest-component`` (per-class largest connected component).
+Written files carry the geometry only, never the input header's text fields.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import nibabel as nib
 import numpy as np
 import torch
+from monai.transforms import KeepLargestConnectedComponent
 from torch import nn
 
 from common.dataset import NIFTI_ENDINGS
+from common.config import FedsegConfig
+from common.device import CPU_FP32, Compute, compute_for, with_site_compute
 from common.plan import PLAN_FILE, Plan
 from common.preprocess import Geometry, prepare_image
 
@@ -41,7 +51,36 @@ log = logging.getLogger("fedseg.client")
 CHECKPOINT = Path("checkpoints") / "best.safetensors"
 RUN_CONFIG = "config.yaml"
 SUFFIX = "_seg"
+PROB_SUFFIX = "_prob"
 PROGRESS_WIDTH = 30
+
+
+MIRROR_AXES = ((2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4))
+"""Test-time mirroring: every flip of a window's three spatial axes, as nnU-Net does."""
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How scans are segmented; every feature beyond the plain sliding window is off by default."""
+
+    overlap: float = 0.25
+    batch_size: int = 1
+    """Windows per forward pass (train.sw_batch_size)."""
+    compute: Compute = CPU_FP32
+    mirror: bool = False
+    """Test-time augmentation: average the logits of the 8 mirrored copies of every window (8x the time)."""
+    probabilities: bool = False
+    """Also write the softmax probabilities: one 4D file, a volume per class (1/255 resolution)."""
+    largest_component: bool = False
+    """Keep only the largest connected component of every foreground class."""
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    label: np.ndarray
+    """[X, Y, Z] uint8 class map."""
+    probabilities: np.ndarray | None
+    """[C, X, Y, Z] float16 softmax, when asked for."""
 
 
 def _window_starts(size: int, roi: int, step: int) -> list[int]:
@@ -52,47 +91,64 @@ def _window_starts(size: int, roi: int, step: int) -> list[int]:
     return [*starts, size - roi]
 
 
-class SlabInferer:
-    """Sliding-window segmentation with memory bounded by one slab of logits."""
+def _is_constant(window: torch.Tensor) -> bool:
+    flat = window.flatten(1)
+    return bool(torch.all(flat.amax(1) == flat.amin(1)))
 
-    def __init__(self, model: nn.Module, roi: tuple[int, int, int], overlap: float, num_classes: int,
-                 batch_size: int = 1, bf16: bool = False, progress: bool = False) -> None:
+
+class SlabInferer:
+    """Sliding-window segmentation with memory bounded by one slab of logits, on the compute device."""
+
+    def __init__(self, model: nn.Module, roi: tuple[int, int, int], num_classes: int,
+                 options: InferenceOptions = InferenceOptions(), progress: bool = False) -> None:
         self.model = model
         self.roi = tuple(int(r) for r in roi)
-        self.step = tuple(max(1, int(r * (1 - overlap))) for r in self.roi)
+        self.step = tuple(max(1, int(r * (1 - options.overlap))) for r in self.roi)
         self.num_classes = num_classes
-        self.batch_size = batch_size
-        self.bf16 = bf16
+        self.options = options
+        self.compute = options.compute
         self.progress = progress
         self._constant: dict[tuple[float, ...], torch.Tensor] = {}
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of a batch of windows, averaged over the mirrored copies with TTA."""
+        with self.compute.autocast():
+            logits = self.model(batch).float()
+            if self.options.mirror:
+                for axes in MIRROR_AXES:
+                    logits += torch.flip(self.model(torch.flip(batch, axes)), axes).float()
+                logits /= len(MIRROR_AXES) + 1
+        return logits
 
     def _predict(self, windows: list[torch.Tensor]) -> list[torch.Tensor]:
         """Logits per window; constant windows are computed once per value."""
         out: list[torch.Tensor | None] = [None] * len(windows)
         todo = []
         for i, w in enumerate(windows):
-            flat = w.flatten(1)
-            if bool(torch.all(flat.amax(1) == flat.amin(1))):
-                key = tuple(float(v) for v in flat[:, 0])
+            if _is_constant(w):
+                key = tuple(float(v) for v in w.flatten(1)[:, 0])
                 if key in self._constant:
                     out[i] = self._constant[key]
                     continue
             todo.append(i)
-        for k in range(0, len(todo), self.batch_size):
-            chunk = todo[k:k + self.batch_size]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-                logits = self.model(torch.stack([windows[i] for i in chunk])).float()
+        for k in range(0, len(todo), self.options.batch_size):
+            chunk = todo[k:k + self.options.batch_size]
+            logits = self._forward(torch.stack([windows[i] for i in chunk]))
             for i, y in zip(chunk, logits):
                 out[i] = y
-                flat = windows[i].flatten(1)
-                if bool(torch.all(flat.amax(1) == flat.amin(1))):
-                    self._constant[tuple(float(v) for v in flat[:, 0])] = y
+                if _is_constant(windows[i]):
+                    self._constant[tuple(float(v) for v in windows[i].flatten(1)[:, 0])] = y
         return out
 
-    @torch.no_grad()
     def __call__(self, image: torch.Tensor) -> np.ndarray:
         """image [C, X, Y, Z] -> label [X, Y, Z] uint8."""
-        self.model.eval()
+        return self.segment(image).label
+
+    @torch.no_grad()
+    def segment(self, image: torch.Tensor) -> Segmentation:
+        """image [C, X, Y, Z] (on any device) -> the label map, and the probabilities when asked for."""
+        self.model.to(self.compute.device).eval()
+        image = self.compute.to(image)
         shape = image.shape[1:]
         pad = [max(0, r - s) for r, s in zip(self.roi, shape)]
         if any(pad):
@@ -103,9 +159,11 @@ class SlabInferer:
         ys = _window_starts(size[1], ry, self.step[1])
         zs = _window_starts(size[2], rz, self.step[2])
         label = np.zeros(size, dtype=np.uint8)
+        probabilities = np.zeros((self.num_classes, *size), np.float16) if self.options.probabilities else None
         # Summed logits of the slab in progress; the argmax of a sum equals that of MONAI's
-        # average (the window count is positive), so no count map is kept.
-        logits = torch.zeros((self.num_classes, size[0], size[1], rz))
+        # average (the window count is positive), so the count is kept only for probabilities.
+        logits = torch.zeros((self.num_classes, size[0], size[1], rz), device=self.compute.device)
+        counts = torch.zeros((1, size[0], size[1], rz), device=self.compute.device)
         base = 0
         started = time.perf_counter()
         for n, z in enumerate(zs):
@@ -118,15 +176,21 @@ class SlabInferer:
                     places.append((x, y))
             for (x, y), out in zip(places, self._predict(windows)):
                 logits[:, x:x + rx, y:y + ry, z - base:z - base + rz] += out
+                counts[:, x:x + rx, y:y + ry, z - base:z - base + rz] += 1
             done = zs[n + 1] if n + 1 < len(zs) else size[2]
             ready = done - base
-            label[..., base:done] = logits[..., :ready].argmax(0).numpy()
-            logits[..., : rz - ready] = logits[..., ready:].clone()
-            logits[..., rz - ready:] = 0
+            label[..., base:done] = logits[..., :ready].argmax(0).to(torch.uint8).cpu().numpy()
+            if probabilities is not None:
+                soft = torch.softmax(logits[..., :ready] / counts[..., :ready], dim=0)
+                probabilities[..., base:done] = soft.to(torch.float16).cpu().numpy()
+            for buffer in (logits, counts):
+                buffer[..., : rz - ready] = buffer[..., ready:].clone()
+                buffer[..., rz - ready:] = 0
             base = done
             if self.progress:
                 _progress(n + 1, len(zs), time.perf_counter() - started)
-        return label[: shape[0], : shape[1], : shape[2]]
+        crop = (slice(None), slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
+        return Segmentation(label[crop[1:]], None if probabilities is None else probabilities[crop])
 
 
 def _progress(done: int, total: int, elapsed: float) -> None:
@@ -139,36 +203,91 @@ def _progress(done: int, total: int, elapsed: float) -> None:
     sys.stderr.flush()
 
 
-def to_original(label: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Map a plan-space label map back onto the input file's voxel grid."""
-    box_shape = [stop - start for start, stop in geometry.box]
-    resized = torch.nn.functional.interpolate(
-        torch.from_numpy(label)[None, None].float(), size=box_shape, mode="nearest-exact"
-    )[0, 0].numpy().astype(np.uint8)
-    ras = np.zeros(geometry.ras_shape, dtype=np.uint8)
-    ras[tuple(slice(start, stop) for start, stop in geometry.box)] = resized
+def _ras_to_file(array: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """An array [X, Y, Z, ...] in RAS voxel order reoriented to the input file's axes (a view)."""
     ras_to_file = nib.orientations.ornt_transform(
         nib.orientations.axcodes2ornt("RAS"), nib.orientations.io_orientation(geometry.affine)
     )
-    return np.ascontiguousarray(nib.orientations.apply_orientation(ras, ras_to_file))
+    return nib.orientations.apply_orientation(array, ras_to_file)
+
+
+def to_original(label: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Map a plan-space label map back onto the input file's voxel grid (nearest neighbour, in uint8)."""
+    box_shape = [stop - start for start, stop in geometry.box]
+    resized = torch.from_numpy(label)
+    if list(label.shape) != box_shape:
+        resized = torch.nn.functional.interpolate(resized[None, None], size=box_shape, mode="nearest-exact")[0, 0]
+    ras = np.zeros(geometry.ras_shape, dtype=np.uint8)
+    ras[tuple(slice(start, stop) for start, stop in geometry.box)] = resized.numpy()
+    return np.ascontiguousarray(_ras_to_file(ras, geometry))
+
+
+def probabilities_to_original(probabilities: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Plan-space probabilities [C, ...] -> [X, Y, Z, C] float32 on the input's grid (trilinear).
+
+    Outside the nonzero crop the image was empty: background there has probability 1.
+    """
+    box_shape = [stop - start for start, stop in geometry.box]
+    resized = torch.from_numpy(probabilities).float()
+    if list(probabilities.shape[1:]) != box_shape:
+        resized = torch.nn.functional.interpolate(resized[None], size=box_shape, mode="trilinear")[0]
+    ras = np.zeros((*geometry.ras_shape, len(probabilities)), dtype=np.float32)
+    ras[..., 0] = 1.0
+    ras[tuple(slice(start, stop) for start, stop in geometry.box)] = np.moveaxis(resized.numpy(), 0, -1)
+    return np.ascontiguousarray(_ras_to_file(ras, geometry))
+
+
+def output_header(source: nib.Nifti1Header, dtype: type) -> nib.Nifti1Header:
+    """A fresh header for a file fedseg writes: the data type and the source's units, nothing else.
+
+    The source's free-text fields (descrip, aux_file, intent_name, db_name) and
+    extensions can carry patient data, so they are never copied; the geometry
+    comes from the affine given to the image.
+    """
+    header = nib.Nifti1Header()
+    header.set_data_dtype(dtype)
+    header.set_xyzt_units(*source.get_xyzt_units())
+    return header
+
+
+def write_nifti(array: np.ndarray, geometry: Geometry, source: nib.Nifti1Header, path: Path,
+                dtype: type | None = None) -> None:
+    """Write ``array`` on the input's grid (scanner qform and sform from its affine), stored as ``dtype``."""
+    out = nib.Nifti1Image(array, geometry.affine, output_header(source, dtype or array.dtype))
+    out.set_qform(geometry.affine, code=1)
+    out.set_sform(geometry.affine, code=1)
+    nib.save(out, str(path))
+
+
+def keep_largest_components(label: np.ndarray, num_classes: int) -> np.ndarray:
+    """Only the largest connected component of each foreground class (MONAI's KeepLargestConnectedComponent)."""
+    keep = KeepLargestConnectedComponent(applied_labels=list(range(1, num_classes)), is_onehot=False,
+                                         independent=True)
+    return np.asarray(keep(torch.from_numpy(label)[None]))[0].astype(np.uint8, copy=False)
+
+
+def probability_path(out_path: Path) -> Path:
+    """case_seg.nii.gz -> case_prob.nii.gz, next to the label map."""
+    return out_path.with_name(out_path.name.replace(SUFFIX, PROB_SUFFIX, 1))
 
 
 def predict_file(path: Path, out_path: Path, model: nn.Module, plan: Plan, num_classes: int,
-                 overlap: float, batch_size: int, progress: bool = False, bf16: bool = False) -> np.ndarray:
-    """Segment one scan and write its label map on the input's grid; ``batch_size`` windows per forward pass."""
+                 options: InferenceOptions = InferenceOptions(), progress: bool = False) -> np.ndarray:
+    """Segment one scan and write its label map (and probabilities) on the input's grid."""
     image, geometry = prepare_image((path,), plan)
-    inferer = SlabInferer(model, plan.patch_size, overlap, num_classes, batch_size, bf16=bf16, progress=progress)
-    label = to_original(inferer(image.as_tensor()), geometry)
+    segmentation = SlabInferer(model, plan.patch_size, num_classes, options, progress=progress).segment(image)
     del image
+    label = to_original(segmentation.label, geometry)
     if label.shape != geometry.shape:
         raise RuntimeError(f"{path}: prediction shape {label.shape} differs from the input's {geometry.shape}")
-    header = nib.load(str(path)).header.copy()
-    header.set_data_dtype(np.uint8)
-    header.set_slope_inter(1, 0)
-    out = nib.Nifti1Image(label, geometry.affine, header)
-    out.set_qform(geometry.affine, code=1)
-    out.set_sform(geometry.affine, code=1)
-    nib.save(out, str(out_path))
+    if options.largest_component:
+        label = keep_largest_components(label, num_classes)
+    source = nib.load(str(path)).header
+    write_nifti(label, geometry, source, out_path)
+    if segmentation.probabilities is not None:
+        probabilities = probabilities_to_original(segmentation.probabilities, geometry)
+        # NIfTI has no float16: uint8 with a 1/255 scale factor, which nibabel applies when reading
+        write_nifti(probabilities, geometry, source, probability_path(out_path), dtype=np.uint8)
     return label
 
 
@@ -194,18 +313,31 @@ def output_name(scan: Path) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", type=Path, required=True,
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", type=Path,
                         help="Run folder from the centre: config.yaml, plan.json, checkpoints/best.safetensors.")
+    source.add_argument("--model", type=Path,
+                        help="A model folder written by `fedseg-client export` (no run folder or site state needed).")
     parser.add_argument("--input", type=Path, required=True, help="A scan (.nii/.nii.gz) or a folder of scans.")
     parser.add_argument("--output", type=Path, required=True, help="Folder for the label maps (<case>_seg.nii.gz).")
     parser.add_argument("--weights", type=Path, help="Global weights (default: RUN/checkpoints/best.safetensors).")
     parser.add_argument("--overlap", type=float, default=None, help="Sliding-window overlap (default: train.sw_overlap).")
     parser.add_argument("--adapt-norm", action="store_true",
                         help="First adapt the normalization layers to these unlabeled scans (a site that never trained).")
+    parser.add_argument("--tta", action="store_true",
+                        help="Test-time mirroring: average the 8 flipped copies of every window (8x slower).")
+    parser.add_argument("--probabilities", action="store_true",
+                        help="Also write <case>_prob.nii.gz: the softmax, one volume per class (4D).")
+    parser.add_argument("--largest-component", action="store_true",
+                        help="Keep only the largest connected component of each foreground class.")
 
 
-def load_model(args: argparse.Namespace, cfg, state_root: Path) -> tuple[nn.Module, Plan, object]:
-    """The run's model with global weights plus this site's norm tensors, and the plan."""
+def load_run_model(run: Path, weights: Path | None, state_root: Path | None,
+                   missing_local: Literal["warn", "quiet", "error"] = "warn") -> tuple[nn.Module, Plan, FedsegConfig]:
+    """The run's model with global weights plus this site's norm tensors, the plan and the run's config.
+
+    ``missing_local`` says what to do when the site has no norm tensors for this model.
+    """
     from safetensors.torch import load_file
 
     from common.cli import UserError
@@ -215,48 +347,73 @@ def load_model(args: argparse.Namespace, cfg, state_root: Path) -> tuple[nn.Modu
 
     from .site_state import SiteState
 
-    run_cfg = load_config(args.run / RUN_CONFIG) if (args.run / RUN_CONFIG).is_file() else None
-    if run_cfg is None:
-        raise UserError(f"{args.run / RUN_CONFIG} not found: --run must be a run folder from the centre.")
-    plan_path = args.run / PLAN_FILE if (args.run / PLAN_FILE).is_file() else state_root / PLAN_FILE
+    if not (run / RUN_CONFIG).is_file():
+        raise UserError(f"{run / RUN_CONFIG} not found: --run must be a run folder from the centre.")
+    run_cfg = load_config(run / RUN_CONFIG)
+    plan_path = run / PLAN_FILE if (run / PLAN_FILE).is_file() or state_root is None else state_root / PLAN_FILE
     plan = Plan.load(plan_path)
-    weights = args.weights or args.run / CHECKPOINT
+    weights = weights or run / CHECKPOINT
     if not weights.is_file():
         raise UserError(f"{weights} not found: pass --weights with a global checkpoint (.safetensors).")
     model = build_model(run_cfg.model)
     split = split_parameters(model, run_cfg.train.norm_mode)
     local = SiteState(state_root).load_local(model_signature(model, split)) if state_root else None
-    if local is None and run_cfg.train.norm_mode != "shared" and not args.adapt_norm:
-        log.warning("this site has no normalization tensors of its own for this model: predicting with the "
-                    "global initialisation of the norm layers; consider --adapt-norm")
+    if local is None and run_cfg.train.norm_mode != "shared":
+        if missing_local == "error":
+            raise UserError(f"this site ({state_root}) has no normalization tensors of its own for the model of "
+                            f"{run}: it never trained in this run; export needs a site that trained.")
+        if missing_local == "warn":
+            log.warning("this site has no normalization tensors of its own for this model: predicting with the "
+                        "global initialisation of the norm layers; consider --adapt-norm")
     load_merged(model, split, load_file(str(weights)), local)
     return model, plan, run_cfg
+
+
+def inference_options(args: argparse.Namespace, model_cfg: FedsegConfig, site_cfg: FedsegConfig) -> InferenceOptions:
+    """The model's sliding-window settings, the site's device and precision, and the command's flags."""
+    train = with_site_compute(model_cfg.train, site_cfg.train)
+    return InferenceOptions(
+        overlap=train.sw_overlap if args.overlap is None else args.overlap,
+        batch_size=train.sw_batch_size,
+        compute=compute_for(train),
+        mirror=args.tta,
+        probabilities=args.probabilities,
+        largest_component=args.largest_component,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from common.cli import UserError, config_from_args
     from common.norm_adapt import adapt_norm
 
+    from .site_model import load_site_model
+
     cfg = config_from_args(args)
     torch.set_num_threads(cfg.site.torch_threads)
     state_root = Path(cfg.site.state_dir) if cfg.site.state_dir else None
-    model, plan, run_cfg = load_model(args, cfg, state_root)
+    if args.model is not None:
+        if args.weights is not None:
+            raise UserError("--weights goes with --run; an exported --model folder holds its own weights.")
+        model, plan, model_cfg = load_site_model(args.model)
+    else:
+        model, plan, model_cfg = load_run_model(args.run, args.weights, state_root,
+                                                   missing_local="quiet" if args.adapt_norm else "warn")
+    options = inference_options(args, model_cfg, cfg)
     inputs = scans(args.input)
     args.output.mkdir(parents=True, exist_ok=True)
     if args.adapt_norm:
-        train = run_cfg.train
+        train = model_cfg.train
         if train.adapt_norm_steps < 1:
-            raise UserError("--adapt-norm needs train.adapt_norm_steps >= 1 in the run's config.")
+            raise UserError("--adapt-norm needs train.adapt_norm_steps >= 1 in the model's config.")
         images = [prepare_image((p,), plan)[0].numpy() for p in inputs]
-        data = dataclasses.replace(plan.data_config(run_cfg.data))
-        if adapt_norm(model, images, data, train.adapt_norm_steps, train.batch_size, train.seed):
+        data = plan.data_config(model_cfg.data)
+        if adapt_norm(model, images, data, train.adapt_norm_steps, train.batch_size, train.seed,
+                      options.compute.device):
             print(f"re-estimated the BatchNorm statistics on {len(images)} scan(s)")
         else:
             print("the model has no BatchNorm layer: nothing to adapt, it is used as it arrives")
-    overlap = run_cfg.train.sw_overlap if args.overlap is None else args.overlap
     for i, scan in enumerate(inputs, 1):
         out = args.output / output_name(scan)
         print(f"[{i}/{len(inputs)}] {scan.name} -> {out}")
-        predict_file(scan, out, model, plan, run_cfg.model.out_channels, overlap, run_cfg.train.sw_batch_size,
-                     progress=True, bf16=run_cfg.train.bf16)
+        predict_file(scan, out, model, plan, model_cfg.model.out_channels, options, progress=True)
     return 0

@@ -93,18 +93,20 @@ def site_pictures(site_cfg: FedsegConfig, run: Path, weights: Path | None = None
     from common.loops import fuse
     from common.preprocess import PreprocessedCases
 
-    from .predict import SlabInferer, load_model
+    from common.device import compute_for, with_site_compute
+
+    from .predict import InferenceOptions, SlabInferer, load_run_model
     from .site_data import open_split
     from .site_state import SiteState
 
     state = SiteState(Path(site_cfg.site.state_dir))
-    args = argparse.Namespace(run=Path(run), weights=weights or Path(run) / LAST_CHECKPOINT, adapt_norm=False)
-    model, plan, run_cfg = load_model(args, site_cfg, state.root)
+    model, plan, run_cfg = load_run_model(Path(run), weights or Path(run) / LAST_CHECKPOINT, state.root)
     cfg = dataclasses.replace(run_cfg, site=site_cfg.site)
     spec, _, val_ids = open_split(cfg, state)
     store = PreprocessedCases(state.cache_dir, plan, spec.num_classes)
-    inferer = SlabInferer(model, plan.patch_size, run_cfg.train.sw_overlap, spec.num_classes,
-                          run_cfg.train.sw_batch_size)
+    train = with_site_compute(run_cfg.train, site_cfg.train)
+    options = InferenceOptions(train.sw_overlap, train.sw_batch_size, compute_for(train))
+    inferer = SlabInferer(model, plan.patch_size, spec.num_classes, options)
     folder = out or state.root / REPORT_DIR
     written = []
     for case_id in val_ids[:cases]:

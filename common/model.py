@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from monai.networks.nets import DynUNet, UNet
 from torch import nn
 
@@ -22,11 +24,10 @@ def norm_spec(norm: str) -> tuple[str, dict]:
     return ("batch", {})
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """Build the network described by ``cfg`` (weights from torch's default init)."""
+def network_spec(cfg: ModelConfig) -> tuple[type[nn.Module], dict[str, Any]]:
+    """The MONAI class and its keyword arguments for ``cfg``: one source for fedseg and for exported models."""
     if cfg.arch == "unet":
-
-        return UNet(
+        return UNet, dict(
             spatial_dims=SPATIAL_DIMS,
             in_channels=cfg.in_channels,
             out_channels=cfg.out_channels,
@@ -37,7 +38,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
             dropout=cfg.dropout,
         )
     levels = len(cfg.channels)
-    return DynUNet(
+    return DynUNet, dict(
         spatial_dims=SPATIAL_DIMS,
         in_channels=cfg.in_channels,
         out_channels=cfg.out_channels,
@@ -49,3 +50,9 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         dropout=cfg.dropout or None,
         res_block=cfg.num_res_units > 0,
     )
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """Build the network described by ``cfg`` (weights from torch's default init)."""
+    network, arguments = network_spec(cfg)
+    return network(**arguments)

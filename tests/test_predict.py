@@ -57,7 +57,7 @@ def test_slab_inferer_matches_monai_sliding_window():
     image[:, :, :, 30:] = 0.0  # constant windows are computed once and reused
     with torch.no_grad():
         ref = sliding_window_inference(image[None], (16, 16, 16), 1, model, overlap=0.25)[0].argmax(0).numpy()
-    ours = SlabInferer(model, (16, 16, 16), 0.25, 2)(image)
+    ours = SlabInferer(model, (16, 16, 16), 2)(image)
     assert ours.shape == ref.shape and (ours == ref).mean() > 0.999
 
 

@@ -1,0 +1,129 @@
+"""The model a site keeps: export, predict from the folder alone, the README's snippet, and the audit trail."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from client.cli import main
+from client.site_model import EXPORT_LOG, README_FILE, load_site_model
+from client.site_state import SiteState
+from common.config import load_config
+from common.metrics_log import METRICS_FILE
+from common.model import build_model
+from common.params import model_signature, select, split_parameters
+from server.server_app import initial_weights
+from tests.nifti_cases import LPS, RAS, nnunet_dataset, phantom, save
+from tests.test_predict import TINY, _plan
+
+ROUND = 2
+
+
+@pytest.fixture
+def trained_site(tmp_path):
+    """A run folder as the centre hands it out, and a site that trained in it (its own norm tensors)."""
+    cfg = load_config(None, TINY)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    _plan([1.0, 1.2, 2.0]).save(run / "plan.json")
+    weights, _ = initial_weights(cfg)
+    for name in ("best", "last", f"round-{ROUND:04d}"):
+        save_file(weights, str(run / "checkpoints" / f"{name}.safetensors"))
+    (run / "checkpoints" / "state.json").write_text(json.dumps({"last_round": ROUND, "best_round": ROUND,
+                                                                "best_dice": 0.5}))
+    (run / METRICS_FILE).write_text("\n".join(json.dumps(e) for e in [
+        {"event": "evaluate", "round": ROUND, "site": "h", "dice": 0.6125},
+        {"event": "round", "round": ROUND, "dice_mean": 0.55},
+    ]) + "\n")
+    model = build_model(cfg.model)
+    split = split_parameters(model, cfg.train.norm_mode)
+    local = {k: v * 1.5 + 0.1 for k, v in select(model, split.local).items()}  # differs from the global init
+    SiteState(tmp_path / "state").save_local(local, ROUND, model_signature(model, split))
+    site = tmp_path / "site.yaml"
+    site.write_text(yaml.safe_dump({"site": {"name": "h", "data_dir": str(nnunet_dataset(tmp_path / "data")),
+                                             "state_dir": str(tmp_path / "state")}}))
+    scans = tmp_path / "scans"
+    for name, affine in (("ras", RAS), ("lps", LPS)):
+        save(phantom(seed=3)[0], affine, scans / f"{name}_0000.nii.gz")
+    return run, site, scans
+
+
+def _labels(folder):
+    return {p.name: np.asanyarray(nib.load(str(p)).dataobj) for p in sorted(folder.glob("*_seg.nii.gz"))}
+
+
+def test_exported_model_reproduces_predict_voxel_for_voxel(tmp_path, trained_site, capsys):
+    run, site, scans = trained_site
+    model_dir = tmp_path / "my-model"
+    assert main(["export", "--config", str(site), "--run", str(run), "--out", str(model_dir)]) == 0
+    assert "round 2" in capsys.readouterr().out
+    assert {p.name for p in model_dir.iterdir()} == {"model.safetensors", "config.yaml", "plan.json", "labels.json",
+                                                     "provenance.json", README_FILE}
+    assert json.loads((model_dir / "labels.json").read_text()) == {"background": 0, "lesion": 1}
+    provenance = json.loads((model_dir / "provenance.json").read_text())
+    assert (provenance["run"], provenance["round"], provenance["site_dice"], provenance["federation_dice"]) == \
+        ("run", ROUND, 0.6125, 0.55)
+    readme = (model_dir / README_FILE).read_text()
+    assert "0.6125" in readme and "round 2" in readme
+    assert main(["predict", "--config", str(site), "--run", str(run), "--input", str(scans),
+                 "--output", str(tmp_path / "from-run")]) == 0
+    assert main(["predict", "--model", str(model_dir), "--input", str(scans), "--output", str(tmp_path / "from-model")]) == 0
+    from_run, from_model = _labels(tmp_path / "from-run"), _labels(tmp_path / "from-model")
+    assert from_run.keys() == from_model.keys() and len(from_run) == 2
+    assert all(np.array_equal(from_run[k], from_model[k]) for k in from_run)
+
+
+def test_readme_snippet_loads_the_same_network_with_torch_and_monai(tmp_path, trained_site, monkeypatch):
+    run, site, _ = trained_site
+    model_dir = tmp_path / "m"
+    assert main(["export", "--config", str(site), "--run", str(run), "--weights", "last", "--out", str(model_dir)]) == 0
+    snippet = re.search(r"```python\n(.*?)```", (model_dir / README_FILE).read_text(), re.S).group(1)
+    monkeypatch.chdir(model_dir)
+    scope: dict = {}
+    exec(snippet, scope)  # noqa: S102 - the documented snippet itself is what is tested
+    ours, _, _ = load_site_model(model_dir)
+    ours.eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(scope["net"](x), ours(x))
+    norm_key = next(k for k in ours.state_dict() if "adn.N.weight" in k)
+    assert not torch.equal(ours.state_dict()[norm_key], build_model(load_config(None, TINY).model).state_dict()[norm_key])
+
+
+def test_audit_lists_every_export(tmp_path, trained_site, capsys):
+    run, site, _ = trained_site
+    for i, weights in enumerate(("best", f"round-{ROUND}")):
+        assert main(["export", "--config", str(site), "--run", str(run), "--weights", weights,
+                     "--out", str(tmp_path / f"export-{i}")]) == 0
+    lines = (tmp_path / "state" / EXPORT_LOG).read_text().splitlines()
+    assert [json.loads(line)["weights"] for line in lines] == ["best", "round-2"]
+    capsys.readouterr()
+    assert main(["audit", "--config", str(site)]) == 0
+    text = capsys.readouterr().out
+    assert "model exports: 2" in text and str((tmp_path / "export-1").resolve()) in text
+    assert main(["audit", "--config", str(site), "--json"]) == 0
+    exported = json.loads(capsys.readouterr().out)["exports"]
+    assert [(e["weights"], e["round"]) for e in exported] == [("best", ROUND), ("round-2", ROUND)]
+    assert all(len(e["sha256"]) == 64 for e in exported)
+
+
+def test_export_refuses_a_site_that_never_trained_and_a_used_folder(tmp_path, trained_site, capsys):
+    run, site, _ = trained_site
+    fresh = tmp_path / "fresh.yaml"
+    fresh.write_text(yaml.safe_dump({"site": {"name": "new", "state_dir": str(tmp_path / "new-state")}}))
+    assert main(["export", "--config", str(fresh), "--run", str(run), "--out", str(tmp_path / "x")]) == 2
+    assert "never trained" in capsys.readouterr().err
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "keep.txt").write_text("mine")
+    assert main(["export", "--config", str(site), "--run", str(run), "--out", str(used)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert not (tmp_path / "new-state" / EXPORT_LOG).exists()
