@@ -1,4 +1,5 @@
-"""Prediction writes integer label maps with exactly the input's shape, affine and orientation."""
+"""Prediction writes integer label maps with exactly the input's shape, affine and orientation;
+mirroring, probabilities and largest-component postprocessing when asked; never the input's header text."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import pytest
 import torch
 import yaml
 from monai.inferers import sliding_window_inference
+from scipy import ndimage
 from safetensors.torch import save_file
 
 from client.cli import main
-from client.predict import SlabInferer, to_original
+from client.predict import MIRROR_AXES, InferenceOptions, SlabInferer, keep_largest_components, to_original
 from common.config import load_config
 from common.dataset import Case
 from common.model import build_model
@@ -93,3 +95,69 @@ def test_predict_refuses_a_missing_run(tmp_path, capsys):
     code = main(["predict", "--config", str(site), "--run", str(tmp_path / "nope"), "--input", str(tmp_path),
                  "--output", str(tmp_path / "o")])
     assert code == 2 and "config.yaml not found" in capsys.readouterr().err
+
+
+def test_mirroring_averages_the_eight_flipped_copies_of_a_window():
+    torch.manual_seed(0)
+    model = build_model(load_config(None, TINY).model).eval()
+    image = torch.randn(1, 16, 16, 16)
+    with torch.no_grad():
+        x = image[None]
+        logits = sum(torch.flip(model(torch.flip(x, axes)), axes) for axes in [(), *MIRROR_AXES]) / 8
+        expected = torch.softmax(logits, dim=1)[0]
+    mirrored = SlabInferer(model, (16, 16, 16), 2, InferenceOptions(mirror=True, probabilities=True)).segment(image)
+    plain = SlabInferer(model, (16, 16, 16), 2, InferenceOptions(probabilities=True)).segment(image)
+    assert np.allclose(mirrored.probabilities, expected.numpy(), atol=2e-3)
+    assert np.array_equal(mirrored.label, expected.argmax(0).numpy())
+    assert not np.allclose(plain.probabilities, mirrored.probabilities, atol=2e-3), "mirroring changed nothing"
+
+
+def test_largest_component_keeps_one_blob_per_foreground_class():
+    label = np.zeros((20, 20, 20), np.uint8)
+    label[1:4, 1:4, 1:4] = 1       # 27 voxels: kept
+    label[10:12, 10:12, 10:12] = 1  # 8 voxels: dropped
+    label[15:17, 1:3, 1:3] = 2     # 8 voxels: kept
+    label[18, 18, 18] = 2          # 1 voxel: dropped
+    kept = keep_largest_components(label, 3)
+    assert (kept == 1).sum() == 27 and kept[1, 1, 1] == 1 and kept[10, 10, 10] == 0
+    assert (kept == 2).sum() == 8 and kept[18, 18, 18] == 0
+
+
+def _scan_with_patient_text(path):
+    image = nib.Nifti1Image(phantom(lesion=6)[0], LPS)
+    header = image.header
+    header["descrip"] = b"Doe^John 1961-02-03"
+    header["aux_file"] = b"MRN 1234567"
+    header["intent_name"] = b"Doe^John"
+    header["db_name"] = b"St Elsewhere"
+    header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"patient: John Doe"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(image, str(path))
+    return path
+
+
+def test_predict_options_on_real_nifti_and_no_header_text_copied(tmp_path):
+    cfg = load_config(None, TINY)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    _plan([1.0, 1.2, 2.0]).save(run / "plan.json")
+    weights, _ = initial_weights(cfg)
+    save_file(weights, str(run / "checkpoints" / "best.safetensors"))
+    scan = _scan_with_patient_text(tmp_path / "scans" / "p_0000.nii.gz")
+    out = tmp_path / "out"
+    assert main(["predict", "--run", str(run), "--input", str(scan), "--output", str(out),
+                 "--tta", "--probabilities", "--largest-component"]) == 0
+    seg, prob = nib.load(str(out / "p_seg.nii.gz")), nib.load(str(out / "p_prob.nii.gz"))
+    for written in (seg, prob):
+        h = written.header
+        assert all(bytes(h[f].item()).strip(b"\0") == b"" for f in ("descrip", "aux_file", "intent_name", "db_name"))
+        assert len(h.extensions) == 0
+        assert np.allclose(written.affine, LPS, atol=1e-5)
+    label, p = np.asanyarray(seg.dataobj), prob.get_fdata()
+    assert p.shape == (*label.shape, 2) and p.min() >= 0 and p.max() <= 1
+    assert np.allclose(p.sum(-1), 1.0, atol=2.5 / 255)
+    kept = label > 0  # the largest component of the argmax: its probability is the highest there
+    assert kept.any() and np.all(p[..., 1][kept] >= 0.5 - 1.5 / 255)
+    for c in np.unique(label[label > 0]):
+        assert ndimage.label(label == c, structure=np.ones((3, 3, 3)))[1] == 1  # MONAI: full connectivity
