@@ -91,9 +91,10 @@ def _window_starts(size: int, roi: int, step: int) -> list[int]:
     return [*starts, size - roi]
 
 
-def _is_constant(window: torch.Tensor) -> bool:
-    flat = window.flatten(1)
-    return bool(torch.all(flat.amax(1) == flat.amin(1)))
+def _constant_key(window: torch.Tensor) -> tuple[float, ...] | None:
+    """The per-channel value of a window that holds one value per channel, else None."""
+    low, high = window.amin(dim=(1, 2, 3)), window.amax(dim=(1, 2, 3))
+    return tuple(low.tolist()) if bool(torch.equal(low, high)) else None
 
 
 class SlabInferer:
@@ -123,21 +124,20 @@ class SlabInferer:
     def _predict(self, windows: list[torch.Tensor]) -> list[torch.Tensor]:
         """Logits per window; constant windows are computed once per value."""
         out: list[torch.Tensor | None] = [None] * len(windows)
+        keys = [_constant_key(w) for w in windows]
         todo = []
-        for i, w in enumerate(windows):
-            if _is_constant(w):
-                key = tuple(float(v) for v in w.flatten(1)[:, 0])
-                if key in self._constant:
-                    out[i] = self._constant[key]
-                    continue
-            todo.append(i)
+        for i, key in enumerate(keys):
+            if key is not None and key in self._constant:
+                out[i] = self._constant[key]
+            else:
+                todo.append(i)
         for k in range(0, len(todo), self.options.batch_size):
             chunk = todo[k:k + self.options.batch_size]
             logits = self._forward(torch.stack([windows[i] for i in chunk]))
             for i, y in zip(chunk, logits):
                 out[i] = y
-                if _is_constant(windows[i]):
-                    self._constant[tuple(float(v) for v in windows[i].flatten(1)[:, 0])] = y
+                if keys[i] is not None:
+                    self._constant[keys[i]] = y
         return out
 
     def __call__(self, image: torch.Tensor) -> np.ndarray:
@@ -158,7 +158,7 @@ class SlabInferer:
         xs = _window_starts(size[0], rx, self.step[0])
         ys = _window_starts(size[1], ry, self.step[1])
         zs = _window_starts(size[2], rz, self.step[2])
-        label = np.zeros(size, dtype=np.uint8)
+        label = np.zeros(size, dtype=np.uint8, order="F")  # a slab along Z is contiguous; NIfTI's own order
         probabilities = np.zeros((self.num_classes, *size), np.float16) if self.options.probabilities else None
         # Summed logits of the slab in progress; the argmax of a sum equals that of MONAI's
         # average (the window count is positive), so the count is kept only for probabilities.
@@ -212,14 +212,20 @@ def _ras_to_file(array: np.ndarray, geometry: Geometry) -> np.ndarray:
 
 
 def to_original(label: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Map a plan-space label map back onto the input file's voxel grid (nearest neighbour, in uint8)."""
+    """Map a plan-space label map back onto the input file's voxel grid (nearest neighbour, in uint8).
+
+    The result may be a strided view (flipped axes); nibabel writes it as it is.
+    """
     box_shape = [stop - start for start, stop in geometry.box]
-    resized = torch.from_numpy(label)
     if list(label.shape) != box_shape:
-        resized = torch.nn.functional.interpolate(resized[None, None], size=box_shape, mode="nearest-exact")[0, 0]
-    ras = np.zeros(geometry.ras_shape, dtype=np.uint8)
-    ras[tuple(slice(start, stop) for start, stop in geometry.box)] = resized.numpy()
-    return np.ascontiguousarray(_ras_to_file(ras, geometry))
+        label = torch.nn.functional.interpolate(torch.from_numpy(label)[None, None], size=box_shape,
+                                                mode="nearest-exact")[0, 0].numpy()
+    if list(box_shape) == list(geometry.ras_shape):
+        ras = label
+    else:
+        ras = np.zeros(geometry.ras_shape, dtype=np.uint8, order="F")
+        ras[tuple(slice(start, stop) for start, stop in geometry.box)] = label
+    return _ras_to_file(ras, geometry)
 
 
 def probabilities_to_original(probabilities: np.ndarray, geometry: Geometry) -> np.ndarray:
@@ -263,7 +269,7 @@ def keep_largest_components(label: np.ndarray, num_classes: int) -> np.ndarray:
     """Only the largest connected component of each foreground class (MONAI's KeepLargestConnectedComponent)."""
     keep = KeepLargestConnectedComponent(applied_labels=list(range(1, num_classes)), is_onehot=False,
                                          independent=True)
-    return np.asarray(keep(torch.from_numpy(label)[None]))[0].astype(np.uint8, copy=False)
+    return np.asarray(keep(torch.from_numpy(np.ascontiguousarray(label))[None]))[0].astype(np.uint8, copy=False)
 
 
 def probability_path(out_path: Path) -> Path:
@@ -274,8 +280,9 @@ def probability_path(out_path: Path) -> Path:
 def predict_file(path: Path, out_path: Path, model: nn.Module, plan: Plan, num_classes: int,
                  options: InferenceOptions = InferenceOptions(), progress: bool = False) -> np.ndarray:
     """Segment one scan and write its label map (and probabilities) on the input's grid."""
-    image, geometry = prepare_image((path,), plan)
-    segmentation = SlabInferer(model, plan.patch_size, num_classes, options, progress=progress).segment(image)
+    image, geometry = prepare_image((path,), plan, file_layout=True)
+    inferer = SlabInferer(model, plan.patch_size, num_classes, options, progress=progress)
+    segmentation = inferer.segment(image.as_tensor())  # a plain tensor: MetaTensor's bookkeeping costs per op
     del image
     label = to_original(segmentation.label, geometry)
     if label.shape != geometry.shape:

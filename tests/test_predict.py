@@ -161,3 +161,30 @@ def test_predict_options_on_real_nifti_and_no_header_text_copied(tmp_path):
     assert kept.any() and np.all(p[..., 1][kept] >= 0.5 - 1.5 / 255)
     for c in np.unique(label[label > 0]):
         assert ndimage.label(label == c, structure=np.ones((3, 3, 3)))[1] == 1  # MONAI: full connectivity
+
+
+@pytest.mark.parametrize("scheme", ["ct", "zscore"])
+def test_fast_loading_matches_monai_loading_bit_for_bit(tmp_path, scheme):
+    """prepare_image reads 3D files with nibabel + torch; the result is exactly MONAI's LoadImage pipeline's."""
+    from monai import transforms as mt
+
+    from common.preprocess import RAS_LABELS, _crop, _resample, prepare_image
+
+    image = phantom(lesion=5)[0].astype(np.int16) - 50
+    image[:3] = 0  # a zero border to crop
+    norm = ChannelNorm("ct", -20.0, 120.0, 50.0, 30.0) if scheme == "ct" else ChannelNorm("zscore")
+    for name, affine in AFFINES.items():
+        path = save(image, affine, tmp_path / f"{name}.nii.gz")
+        plan = Plan((2.0, 2.0, 2.0), (16, 16, 16), (norm,), (24, 20, 16))
+        ours, geometry = prepare_image((path,), plan)
+        in_file_order, _ = prepare_image((path,), plan, file_layout=True)
+        loader = mt.LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=np.float32)
+        ref = mt.Orientation(axcodes="RAS", labels=RAS_LABELS)(loader(str(path)))
+        ref = _resample(_crop(ref, geometry.box), plan.target_spacing, "trilinear")
+        if scheme == "ct":
+            ref = mt.ScaleIntensityRange(-20.0, 120.0, (-20.0 - 50.0) / 30.0, (120.0 - 50.0) / 30.0, clip=True)(ref)
+        else:
+            ref = mt.NormalizeIntensity()(ref)
+        assert ours.is_contiguous() and torch.equal(ours.as_tensor(), ref.as_tensor())
+        assert np.allclose(ours.affine, ref.affine)
+        assert torch.allclose(in_file_order.as_tensor(), ours.as_tensor(), atol=1e-6)
