@@ -40,8 +40,8 @@ import torch
 from monai.transforms import KeepLargestConnectedComponent
 from torch import nn
 
-from common.dataset import NIFTI_ENDINGS
 from common.config import FedsegConfig
+from common.dataset import NIFTI_ENDINGS
 from common.device import CPU_FP32, Compute, compute_for, with_site_compute
 from common.plan import PLAN_FILE, Plan
 from common.preprocess import Geometry, prepare_image

@@ -27,29 +27,29 @@ def norm_spec(norm: str) -> tuple[str, dict]:
 def network_spec(cfg: ModelConfig) -> tuple[type[nn.Module], dict[str, Any]]:
     """The MONAI class and its keyword arguments for ``cfg``: one source for fedseg and for exported models."""
     if cfg.arch == "unet":
-        return UNet, dict(
-            spatial_dims=SPATIAL_DIMS,
-            in_channels=cfg.in_channels,
-            out_channels=cfg.out_channels,
-            channels=tuple(cfg.channels),
-            strides=tuple(cfg.strides),
-            num_res_units=cfg.num_res_units,
-            norm=norm_spec(cfg.norm),
-            dropout=cfg.dropout,
-        )
+        return UNet, {
+            "spatial_dims": SPATIAL_DIMS,
+            "in_channels": cfg.in_channels,
+            "out_channels": cfg.out_channels,
+            "channels": tuple(cfg.channels),
+            "strides": tuple(cfg.strides),
+            "num_res_units": cfg.num_res_units,
+            "norm": norm_spec(cfg.norm),
+            "dropout": cfg.dropout,
+        }
     levels = len(cfg.channels)
-    return DynUNet, dict(
-        spatial_dims=SPATIAL_DIMS,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        kernel_size=[DYNUNET_KERNEL] * levels,
-        strides=[1, *cfg.strides[: levels - 1]],
-        upsample_kernel_size=list(cfg.strides[: levels - 1]),
-        filters=list(cfg.channels),
-        norm_name=norm_spec(cfg.norm),
-        dropout=cfg.dropout or None,
-        res_block=cfg.num_res_units > 0,
-    )
+    return DynUNet, {
+        "spatial_dims": SPATIAL_DIMS,
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "kernel_size": [DYNUNET_KERNEL] * levels,
+        "strides": [1, *cfg.strides[: levels - 1]],
+        "upsample_kernel_size": list(cfg.strides[: levels - 1]),
+        "filters": list(cfg.channels),
+        "norm_name": norm_spec(cfg.norm),
+        "dropout": cfg.dropout or None,
+        "res_block": cfg.num_res_units > 0,
+    }
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from common.config import ConfigError, load_config
-from common.device import CPU, compute_for, cpu_bf16_available, resolve_device, with_site_compute
+from common.device import (
+    CPU,
+    compute_for,
+    cpu_bf16_available,
+    resolve_device,
+    with_site_compute,
+)
 from common.loops import evaluate, train_local
 from common.model import build_model
 from tests.site_harness import TINY

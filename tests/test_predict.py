@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 from monai.inferers import sliding_window_inference
-from scipy import ndimage
 from safetensors.torch import save_file
+from scipy import ndimage
 
 from client.cli import main
 from client.predict import MIRROR_AXES, InferenceOptions, SlabInferer, keep_largest_components, to_original
@@ -33,6 +33,19 @@ def _plan(spacing) -> Plan:
 def _case(tmp_path, affine):
     image, label = phantom(lesion=5)
     return Case("c", (save(image, affine, tmp_path / "c_0000.nii.gz"),), (save(label, affine, tmp_path / "c.nii.gz"),)), label
+
+
+def run_folder(tmp_path, checkpoints: tuple[str, ...]):
+    """A run folder as the centre hands it to hospitals: config.yaml, plan.json and global checkpoints."""
+    cfg = load_config(None, TINY)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    _plan([1.0, 1.2, 2.0]).save(run / "plan.json")
+    weights, _ = initial_weights(cfg)
+    for name in checkpoints:
+        save_file(weights, str(run / "checkpoints" / f"{name}.safetensors"))
+    return run
 
 
 @pytest.mark.parametrize("orientation", list(AFFINES))
@@ -64,13 +77,7 @@ def test_slab_inferer_matches_monai_sliding_window():
 
 
 def test_predict_command_writes_input_geometry(tmp_path, capsys):
-    cfg = load_config(None, TINY)
-    run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    (run / "config.yaml").write_text(cfg.to_yaml())
-    _plan([1.0, 1.2, 2.0]).save(run / "plan.json")
-    weights, _ = initial_weights(cfg)
-    save_file(weights, str(run / "checkpoints" / "best.safetensors"))
+    run = run_folder(tmp_path, ("best",))
     scans = tmp_path / "scans"
     for name, affine in AFFINES.items():
         save(phantom()[0], affine, scans / f"{name}_0000.nii.gz")
@@ -137,13 +144,7 @@ def _scan_with_patient_text(path):
 
 
 def test_predict_options_on_real_nifti_and_no_header_text_copied(tmp_path):
-    cfg = load_config(None, TINY)
-    run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    (run / "config.yaml").write_text(cfg.to_yaml())
-    _plan([1.0, 1.2, 2.0]).save(run / "plan.json")
-    weights, _ = initial_weights(cfg)
-    save_file(weights, str(run / "checkpoints" / "best.safetensors"))
+    run = run_folder(tmp_path, ("best",))
     scan = _scan_with_patient_text(tmp_path / "scans" / "p_0000.nii.gz")
     out = tmp_path / "out"
     assert main(["predict", "--run", str(run), "--input", str(scan), "--output", str(out),

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
 
 from client.cli import main
 from client.site_model import EXPORT_LOG, README_FILE, load_site_model
@@ -19,9 +18,8 @@ from common.config import load_config
 from common.metrics_log import METRICS_FILE
 from common.model import build_model
 from common.params import model_signature, select, split_parameters
-from server.server_app import initial_weights
 from tests.nifti_cases import LPS, RAS, nnunet_dataset, phantom, save
-from tests.test_predict import TINY, _plan
+from tests.test_predict import TINY, run_folder
 
 ROUND = 2
 
@@ -30,13 +28,7 @@ ROUND = 2
 def trained_site(tmp_path):
     """A run folder as the centre hands it out, and a site that trained in it (its own norm tensors)."""
     cfg = load_config(None, TINY)
-    run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    (run / "config.yaml").write_text(cfg.to_yaml())
-    _plan([1.0, 1.2, 2.0]).save(run / "plan.json")
-    weights, _ = initial_weights(cfg)
-    for name in ("best", "last", f"round-{ROUND:04d}"):
-        save_file(weights, str(run / "checkpoints" / f"{name}.safetensors"))
+    run = run_folder(tmp_path, ("best", "last", f"round-{ROUND:04d}"))
     (run / "checkpoints" / "state.json").write_text(json.dumps({"last_round": ROUND, "best_round": ROUND,
                                                                 "best_dice": 0.5}))
     (run / METRICS_FILE).write_text("\n".join(json.dumps(e) for e in [
@@ -85,7 +77,7 @@ def test_readme_snippet_loads_the_same_network_with_torch_and_monai(tmp_path, tr
     run, site, _ = trained_site
     model_dir = tmp_path / "m"
     assert main(["export", "--config", str(site), "--run", str(run), "--weights", "last", "--out", str(model_dir)]) == 0
-    snippet = re.search(r"```python\n(.*?)```", (model_dir / README_FILE).read_text(), re.S).group(1)
+    snippet = re.search(r"```python\n(.*?)```", (model_dir / README_FILE).read_text(), re.DOTALL).group(1)
     monkeypatch.chdir(model_dir)
     scope: dict = {}
     exec(snippet, scope)  # noqa: S102 - the documented snippet itself is what is tested
