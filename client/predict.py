@@ -163,7 +163,8 @@ class SlabInferer:
         # Summed logits of the slab in progress; the argmax of a sum equals that of MONAI's
         # average (the window count is positive), so the count is kept only for probabilities.
         logits = torch.zeros((self.num_classes, size[0], size[1], rz), device=self.compute.device)
-        counts = torch.zeros((1, size[0], size[1], rz), device=self.compute.device)
+        counts = torch.zeros((1, size[0], size[1], rz), device=self.compute.device) if probabilities is not None \
+            else None
         base = 0
         started = time.perf_counter()
         for n, z in enumerate(zs):
@@ -176,14 +177,15 @@ class SlabInferer:
                     places.append((x, y))
             for (x, y), out in zip(places, self._predict(windows)):
                 logits[:, x:x + rx, y:y + ry, z - base:z - base + rz] += out
-                counts[:, x:x + rx, y:y + ry, z - base:z - base + rz] += 1
+                if counts is not None:
+                    counts[:, x:x + rx, y:y + ry, z - base:z - base + rz] += 1
             done = zs[n + 1] if n + 1 < len(zs) else size[2]
             ready = done - base
             label[..., base:done] = logits[..., :ready].argmax(0).to(torch.uint8).cpu().numpy()
             if probabilities is not None:
                 soft = torch.softmax(logits[..., :ready] / counts[..., :ready], dim=0)
                 probabilities[..., base:done] = soft.to(torch.float16).cpu().numpy()
-            for buffer in (logits, counts):
+            for buffer in (b for b in (logits, counts) if b is not None):
                 buffer[..., : rz - ready] = buffer[..., ready:].clone()
                 buffer[..., rz - ready:] = 0
             base = done
