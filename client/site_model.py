@@ -28,6 +28,7 @@ from torch import nn
 
 from common.cli import UserError
 from common.config import FedsegConfig, load_config
+from common.files import read_jsonl
 from common.metrics_log import METRICS_FILE, read_events
 from common.model import build_model, network_spec
 from common.plan import PLAN_FILE, Plan
@@ -194,7 +195,4 @@ def record_export(state_root: Path, entry: dict[str, Any]) -> None:
 
 def exports(state_root: Path) -> list[dict[str, Any]]:
     """Every export recorded at this site, oldest first."""
-    path = state_root / EXPORT_LOG
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return list(read_jsonl(state_root / EXPORT_LOG))
