@@ -7,7 +7,8 @@ On a CUDA machine it prints (about 5 minutes on a data-centre GPU):
 - training throughput in voxels/s of fedseg's loop (common.loops.train_local:
   sampling, augmentation, DiceCE, FedProx) next to a bare PyTorch loop over the
   same model and patches, at 96^3 and 128^3 patches, in fp32, bf16 and fp16,
-  with the peak GPU memory of each;
+  with the peak GPU memory of each, and in fp32 without the prefetch thread
+  (train.prefetch_batches=0) to show what it is worth;
 - the time of the 512x512x400 CT prediction, file to file and inference alone
   (benchmarks/bench_predict.py with train.device=cuda);
 - the round time of a 3-site simulation whose sites share the one GPU
@@ -41,7 +42,7 @@ def no_gpu_message() -> str:
 
 
 def training(steps: int) -> None:
-    """fedseg's loop vs a bare loop per patch size and precision, with peak GPU memory."""
+    """fedseg's loop vs a bare loop per patch size and precision, with peak GPU memory; fp32 also without prefetch."""
     import numpy as np
 
     sys.path.insert(0, str(HERE))
@@ -55,11 +56,11 @@ def training(steps: int) -> None:
     volumes = [synthetic_volume(np.random.default_rng(i)) for i in range(4)]
     print(f"training, default model, batch 2, {steps} steps (after 2 warm-up steps), voxels/s:")
     for side in PATCHES:
-        for precision in PRECISIONS:
-            cfg = load_config(None, [f"data.patch_size=[{side}, {side}, {side}]", "train.device=cuda",
-                                     f"train.precision={precision}", f"train.local_steps={steps}"])
-            warm = load_config(None, [f"data.patch_size=[{side}, {side}, {side}]", "train.device=cuda",
-                                      f"train.precision={precision}", "train.local_steps=2"])
+        for precision, prefetch in [*((p, 2) for p in PRECISIONS), ("fp32", 0)]:
+            settings = [f"data.patch_size=[{side}, {side}, {side}]", "train.device=cuda",
+                        f"train.precision={precision}", f"train.prefetch_batches={prefetch}"]
+            cfg = load_config(None, [*settings, f"train.local_steps={steps}"])
+            warm = load_config(None, [*settings, "train.local_steps=2"])
             compute = compute_for(cfg.train)
             torch.manual_seed(0)
             model = build_model(cfg.model)
@@ -73,9 +74,9 @@ def training(steps: int) -> None:
             bare_s = bare_loop(model, fixed_batches(cfg, volumes, steps, seed=2), cfg, compute)
             bare_peak = torch.cuda.max_memory_allocated() / GIB
             voxels = steps * cfg.train.batch_size * side ** 3
-            print(f"  {side}^3 {precision}: fedseg {voxels / fedseg_s:14,.0f} (peak {fedseg_peak:5.2f} GiB)  "
-                  f"bare {voxels / bare_s:14,.0f} (peak {bare_peak:5.2f} GiB)  ratio {bare_s / fedseg_s:.2f} "
-                  f"(target >= 0.9)", flush=True)
+            print(f"  {side}^3 {precision} prefetch {prefetch}: fedseg {voxels / fedseg_s:14,.0f} "
+                  f"(peak {fedseg_peak:5.2f} GiB)  bare {voxels / bare_s:14,.0f} (peak {bare_peak:5.2f} GiB)  "
+                  f"ratio {bare_s / fedseg_s:.2f} (target >= 0.9)", flush=True)
 
 
 def prediction() -> None:

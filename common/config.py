@@ -112,6 +112,10 @@ class TrainConfig:
         "auto", "Where models run: auto (the first CUDA GPU when torch sees one, else the CPU), cpu, cuda or "
                 "cuda:N; a site's own site.yaml may set it for that site."
     )
+    prefetch_batches: int = option(
+        2, "On CUDA: batches sampled and augmented ahead in a background thread, so the GPU does not wait "
+           "(0: none); on a CPU, which would do both on the same cores, none."
+    )
     precision: Literal["fp32", "bf16", "fp16"] = option(
         "fp32", "Autocast of training and inference: bf16 (CUDA, or CPUs with native bf16, else fp32 with a "
                 "warning) or fp16 (CUDA only, with loss scaling); a site's site.yaml may set it for that site."
@@ -302,6 +306,8 @@ def check_consistency(cfg: FedsegConfig) -> None:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}.")
     if t.personalize_steps < 0 or t.adapt_norm_steps < 0:
         raise ConfigError("train.personalize_steps and train.adapt_norm_steps must be >= 0.")
+    if t.prefetch_batches < 0:
+        raise ConfigError(f"train.prefetch_batches must be >= 0, got {t.prefetch_batches}.")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
         raise ConfigError(f"train.device: {t.device!r} is not one of auto, cpu, cuda, cuda:N (e.g. cuda:1).")
     if cfg.simulation.gpus_per_site < 0:

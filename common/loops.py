@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,8 +20,8 @@ from torch import nn
 from .config import Augmentation, DataConfig, TrainConfig
 from .device import compute_for, on_device
 from .fedprox import ProximalGradient
+from .prefetch import Prefetcher
 from .preprocess import Volume, class_locations
-
 
 IMAGE, LABEL = "image", "label"
 HD_PERCENTILE = 95
@@ -215,6 +216,12 @@ def _batches(volumes: Sequence[Volume], sampler: PatchSampler, rng: np.random.Ge
         )
 
 
+def _pinned(batches: Iterator[tuple[torch.Tensor, ...]]) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Batches in page-locked memory, so copies to the GPU run asynchronously."""
+    for batch in batches:
+        yield tuple(t.pin_memory() for t in batch)
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
@@ -289,26 +296,28 @@ def train_local(
         batches = _batches(volumes, sampler, np.random.default_rng(seed))
         scaler = compute.grad_scaler()
         proximal = ProximalGradient(model, {k: compute.to(v) for k, v in global_params.items()}, mu)
-        seg_total, prox_total = 0.0, 0.0
-        for step in range(cfg.local_steps):
-            image, label = (compute.to(t) for t in next(batches))
-            optimizer.zero_grad(set_to_none=True)
-            with compute.autocast():
-                seg = criterion(model(image).float(), label)
-            scaler.scale(seg).backward()
-            scaler.unscale_(optimizer)  # fp16: the proximal gradient is added to the true, unscaled gradients
-            prox = proximal.apply()  # adds mu * (w - w^t) to the shared gradients
-            seg_value = seg.item()
-            if not (math.isfinite(seg_value) and math.isfinite(prox)):
-                raise FloatingPointError(f"training loss became non-finite at local step {step + 1}")
-            scaler.step(optimizer)
-            scaler.update()
-            if scheduler is not None:
-                scheduler.step()
-            if checkpoint is not None and every and (step + 1) % every == 0:
-                checkpoint(step + 1)
-            seg_total += seg_value
-            prox_total += prox
+        ahead = cfg.prefetch_batches if compute.device.type == "cuda" else 0
+        with Prefetcher(_pinned(batches), ahead) if ahead else nullcontext(batches) as batches:
+            seg_total, prox_total = 0.0, 0.0
+            for step in range(cfg.local_steps):
+                image, label = (compute.to(t) for t in next(batches))
+                optimizer.zero_grad(set_to_none=True)
+                with compute.autocast():
+                    seg = criterion(model(image).float(), label)
+                scaler.scale(seg).backward()
+                scaler.unscale_(optimizer)  # fp16: the proximal gradient is added to the true, unscaled gradients
+                prox = proximal.apply()  # adds mu * (w - w^t) to the shared gradients
+                seg_value = seg.item()
+                if not (math.isfinite(seg_value) and math.isfinite(prox)):
+                    raise FloatingPointError(f"training loss became non-finite at local step {step + 1}")
+                scaler.step(optimizer)
+                scaler.update()
+                if scheduler is not None:
+                    scheduler.step()
+                if checkpoint is not None and every and (step + 1) % every == 0:
+                    checkpoint(step + 1)
+                seg_total += seg_value
+                prox_total += prox
     return TrainResult(seg_total / cfg.local_steps, prox_total / cfg.local_steps, cfg.local_steps)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import numpy as np
@@ -18,6 +19,7 @@ from common.device import (
 )
 from common.loops import evaluate, train_local
 from common.model import build_model
+from common.prefetch import Prefetcher
 from tests.site_harness import TINY
 
 
@@ -87,3 +89,22 @@ def test_training_and_evaluation_on_cpu_are_the_same_for_every_device_spelling(p
     (loss_a, dice_a, weights_a), (loss_b, dice_b, weights_b) = results
     assert loss_a == loss_b and dice_a == dice_b
     assert all(torch.equal(a, b) for a, b in zip(weights_a, weights_b))
+
+
+def test_prefetcher_yields_the_source_in_order_and_passes_its_errors_on():
+    assert list(Prefetcher(iter(range(50)), depth=2)) == list(range(50))
+
+    def broken():
+        yield 1
+        raise RuntimeError("augmentation failed")
+
+    stream = Prefetcher(broken(), depth=2)
+    assert next(stream) == 1
+    with pytest.raises(RuntimeError, match="augmentation failed"):
+        next(stream)
+
+
+def test_prefetcher_stops_an_endless_source_when_closed():
+    with Prefetcher(itertools.count(), depth=3) as stream:
+        assert [next(stream) for _ in range(5)] == [0, 1, 2, 3, 4]
+    assert not stream._thread.is_alive()
