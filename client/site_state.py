@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 NORM_FILE = "norm.safetensors"
 SITE_FILE = "site.json"
@@ -75,8 +75,12 @@ class SiteState:
         return load_file(path)
 
     def save_local(self, tensors: dict[str, torch.Tensor], server_round: int, signature: str) -> None:
+        """Replace the local tensors atomically; a failed write (disk full: OSError) leaves the old file whole."""
         path = self.root / NORM_FILE
         tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        _atomic_replace(tmp, path)
+        try:
+            tmp.write_bytes(save({k: v.contiguous() for k, v in tensors.items()}))
+            _atomic_replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         self.update_info(model_signature=signature, last_round=server_round)

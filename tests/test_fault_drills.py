@@ -1,4 +1,5 @@
-"""Fault drills with real processes: a site killed mid-round, then the server killed mid-run and restarted.
+"""Fault drills with real processes: a site killed mid-round, the server killed and restarted; a dropped link,
+a site past the deadline and a full disk.
 
 One federation of two sites, quorum one, three rounds:
 - round 1 runs normally;
@@ -14,15 +15,26 @@ One federation of two sites, quorum one, three rounds:
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import resource
+import signal
+import time
 from collections import Counter
+from pathlib import Path
 
+import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from server.certs import init_pki
 from simulations.synthetic import generate_federation
 
-from deploy_harness import GATEWAY_HOST, Launched, allow, events, federation_yaml, make_site, snapshot_app, wait_for
+from common.processes import descendants
+from deploy_harness import (
+    GATEWAY_HOST, Launched, TcpProxy, allow, events, federation_yaml, make_site, snapshot_app, wait_for,
+)
 
 SITES = ["site-1", "site-2"]
 ROUNDS = 3
@@ -97,3 +109,147 @@ def test_site_and_server_crashes_lose_nothing(tmp_path):
     assert not list(state.glob("norm.*.safetensors")), "site-2 set its norm tensors aside instead of reusing them"
     assert hashlib.sha256(norm.read_bytes()).hexdigest() not in (saved_after_round_1, at_restart), \
         "site-2 did not train again after rejoining"
+
+
+# --- a dropped link, a site past the deadline, a full disk --------------------------------------------
+#
+# A second federation of two sites, quorum one, five rounds; site-2 reaches the
+# gateway through a TCP proxy the test controls:
+# - round 2: while site-2 trains, its link is cut for a few seconds, then restored;
+# - round 3: site-2's ClientApp is frozen (SIGSTOP) past federation.round_timeout_s:
+#   the round closes on time without it and its late reply is logged, never used;
+# - round 4 (or 5): site-2's disk fills up while it works (RLIMIT_FSIZE 0 on its
+#   ClientApp processes: every write to a file fails, as on a full disk; no root
+#   needed): it answers with the fixed reason and its norm tensors stay whole;
+# - the next round: the disk has room again and site-2 trains.
+# Every round and every (round, site) line is in the metrics log exactly once.
+
+DRILL_RUN = "drills"
+DRILL_ROUNDS = 6
+TIMEOUT_S = 12.0
+CUT_S = 4.0
+
+
+def _clientapps(state: Path) -> set[int]:
+    """The site's running ClientApp processes: the children of its warm parent."""
+    warm = json.loads((state / "daemon.json").read_text()).get("warm_pid")
+    return set(descendants(warm)) if warm else set()
+
+
+def _new_clientapp(state: Path, known: set[int], *logs: Launched) -> int:
+    return wait_for(lambda: next(iter(_clientapps(state) - known), None), 120,
+                    "a new ClientApp process at site-2", *logs)
+
+
+def _has_open(pid: int, name: str) -> bool:
+    try:
+        return any(os.readlink(fd).endswith(name) for fd in Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def drills(tmp_path_factory):
+    root = tmp_path_factory.mktemp("drills")
+    data = generate_federation(root / "data", n_sites=2, n_cases=4, shape=(32, 32, 24), strength=1.0, seed=0)
+    app, digest = snapshot_app(root / "app")
+    fed = federation_yaml(root, app, SITES, rounds=DRILL_ROUNDS, min_sites=1, run_name=DRILL_RUN,
+                          train={"local_steps": 10}, round_timeout_s=TIMEOUT_S)
+    init_pki(root / "certs", [], [GATEWAY_HOST])
+    gateway = yaml.safe_load(fed.read_text())["server"]["fleet_port"]
+    proxy = TcpProxy(GATEWAY_HOST, (GATEWAY_HOST, gateway))
+    site_yaml = {"site-1": make_site(root, "site-1", data["site-1"], fed, [digest]),
+                 "site-2": make_site(root, "site-2", data["site-2"], fed, [digest],
+                                     server_address=f"{GATEWAY_HOST}:{proxy.port}")}
+    for name, path in site_yaml.items():
+        allow(fed, name, path)
+    server = Launched(root / "server.out", "fedseg-server", "start", "--config", str(fed))
+    daemons = [Launched(root / f"{n}.out", "fedseg-client", "start", "--config", str(p)) for n, p in site_yaml.items()]
+    ctx = {"run": root / "runs" / DRILL_RUN, "state": root / "sites" / "site-2", "proxy": proxy, "server": server,
+           "all": [server, *daemons]}
+    try:
+        wait_for(lambda: _has(ctx["run"], event="round", round=1), 600, "round 1", *ctx["all"])
+        yield ctx
+    finally:
+        for proc in ctx["all"]:
+            proc.terminate()
+        proxy.close()
+
+
+def test_a_cut_link_mid_round_loses_nothing(drills):
+    before = _clientapps(drills["state"])
+    _new_clientapp(drills["state"], before, *drills["all"])  # site-2 has its round-2 training message
+    drills["proxy"].cut()
+    time.sleep(CUT_S)
+    drills["proxy"].restore()
+    summary = wait_for(lambda: [e for e in events(drills["run"]) if e["event"] == "round" and e["round"] == 2],
+                       300, "round 2 to complete", *drills["all"])
+    assert len(summary) == 1 and summary[0]["aggregated"]
+    assert _has(drills["run"], event="train", round=2, site="site-1")
+
+
+def test_a_site_past_the_deadline_is_left_out_on_time_and_its_late_reply_never_used(drills):
+    state, run = drills["state"], drills["run"]
+    wait_for(lambda: _has(run, event="round", round=2), 300, "round 2", *drills["all"])
+    frozen = _new_clientapp(state, _clientapps(state), *drills["all"])  # site-2's round-3 training
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        summary = wait_for(lambda: [e for e in events(run) if e["event"] == "round" and e["round"] == 3],
+                           TIMEOUT_S * 3 + 60, "round 3 to close without site-2", *drills["all"])
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    assert summary[0]["sites_ok"] == 1 and summary[0]["aggregated"]
+    assert not _has(run, event="train", round=3, site="site-2")
+    late = wait_for(lambda: [e for e in events(run) if e["event"] == "late-reply" and e["site"] == "site-2"
+                             and e["for_round"] == 3],
+                    TIMEOUT_S * 3 + 60, "site-2's late round-3 reply to be logged", *drills["all"])
+    assert late[0]["stage"] == "train" and late[0]["late_by_s"] >= TIMEOUT_S
+
+
+def _disk_full_failures(run: Path) -> list[dict]:
+    return [e for e in events(run) if e["event"] == "failure" and e["site"] == "site-2" and e["stage"] == "train"]
+
+
+def test_a_full_disk_is_answered_with_a_fixed_reason_and_keeps_the_norm_tensors(drills):
+    """Every site-2 ClientApp that reaches fedseg's code (it opened its site.log) gets a full disk,
+    until one fails a training round; the next process has its disk back."""
+    state, run = drills["state"], drills["run"]
+    norm = state / "norm.safetensors"
+    full, saved = set(), None
+    deadline = time.monotonic() + 300
+    while not _disk_full_failures(run):
+        assert time.monotonic() < deadline, "site-2 never failed a training round on its full disk"
+        for pid in _clientapps(state) - full:
+            if _has_open(pid, "site.log"):
+                saved = norm.read_bytes() if saved is None else saved
+                try:
+                    resource.prlimit(pid, resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+                except ProcessLookupError:
+                    pass
+                full.add(pid)
+        time.sleep(0.01)
+    failure = _disk_full_failures(run)[0]
+    drills["disk_full_round"] = failure["round"]
+    assert failure["reason"] == "site site-2: the site's disk is full: its state folder cannot be written; " \
+                                "free space at the site"
+    assert norm.read_bytes() == saved and load_file(norm), "the full disk tore the norm tensors"
+    assert not (state / "norm.tmp").exists()
+    wait_for(lambda: _has(run, event="train", round=failure["round"] + 1, site="site-2"), 300,
+             "site-2 to train again in the next round", *drills["all"])
+    assert norm.read_bytes() != saved
+
+
+def test_every_round_and_reply_is_logged_exactly_once(drills):
+    server = drills["server"]
+    wait_for(lambda: server.proc.poll() is not None, 300, "the drill run to finish", *drills["all"])
+    assert server.proc.returncode == 0, server.output()[-3000:]
+    log = events(drills["run"])
+    assert Counter(e["round"] for e in log if e["event"] == "round") == {r: 1 for r in range(1, DRILL_ROUNDS + 1)}
+    for stage in ("train", "evaluate", "timeline"):
+        lines = Counter((e["round"], e["site"], e.get("stage")) for e in log if e["event"] == stage)
+        assert max(lines.values()) == 1, (stage, lines)
+    trained = {(e["round"], e["site"]) for e in log if e["event"] == "train"}
+    assert {(r, "site-1") for r in range(1, DRILL_ROUNDS + 1)} <= trained
+    full = drills["disk_full_round"]
+    assert {(1, "site-2"), (full + 1, "site-2")} <= trained and not {(3, "site-2"), (full, "site-2")} & trained
+    assert log[-1]["event"] == "run-end" and log[-1]["status"] == "completed"
