@@ -206,8 +206,9 @@ def test_a_site_past_the_deadline_is_left_out_on_time_and_its_late_reply_never_u
     assert late[0]["stage"] == "train" and late[0]["late_by_s"] >= TIMEOUT_S
 
 
-def _disk_full_failures(run: Path) -> list[dict]:
-    return [e for e in events(run) if e["event"] == "failure" and e["site"] == "site-2" and e["stage"] == "train"]
+def _train_failures(run: Path, since_round: int) -> list[dict]:
+    return [e for e in events(run) if e["event"] == "failure" and e["site"] == "site-2" and e["stage"] == "train"
+            and e["round"] >= since_round]
 
 
 def test_a_full_disk_is_answered_with_a_fixed_reason_and_keeps_the_norm_tensors(drills):
@@ -216,8 +217,9 @@ def test_a_full_disk_is_answered_with_a_fixed_reason_and_keeps_the_norm_tensors(
     state, run = drills["state"], drills["run"]
     norm = state / "norm.safetensors"
     full, saved = set(), None
+    since = 1 + max(e["round"] for e in events(run) if e["event"] == "round")
     deadline = time.monotonic() + 300
-    while not _disk_full_failures(run):
+    while not _train_failures(run, since):
         assert time.monotonic() < deadline, "site-2 never failed a training round on its full disk"
         for pid in _clientapps(state) - full:
             if _has_open(pid, "site.log"):
@@ -228,7 +230,7 @@ def test_a_full_disk_is_answered_with_a_fixed_reason_and_keeps_the_norm_tensors(
                     pass
                 full.add(pid)
         time.sleep(0.01)
-    failure = _disk_full_failures(run)[0]
+    failure = _train_failures(run, since)[0]
     drills["disk_full_round"] = failure["round"]
     assert failure["reason"] == "site site-2: the site's disk is full: its state folder cannot be written; " \
                                 "free space at the site"
