@@ -6,7 +6,12 @@ waits are plain ``time.sleep`` calls in ``flwr.supernode.start_client_internal``
 with no setting, and together they cost a deployed round seconds of idle time
 per message. This entry point caps every sleep of that module at
 ``site.poll_interval_s`` (handed over in ``POLL_ENV`` by the site daemon), then
-runs Flower's own ``flower-supernode`` with the arguments it was given. A Flower
+runs Flower's own ``flower-supernode`` with the arguments it was given. When
+Flower's main loop ends, for example after a link dropped in the middle of a TLS
+read (Flower gives up on any error that mentions SSL), the process exits
+at once: otherwise the Runtime API's non-daemon thread would keep a SuperNode
+that no longer pulls or sends heartbeats alive, and the daemon would never
+restart it. A Flower
 without that module-level ``time`` keeps its own intervals, and says so. The
 SuperNode also retries objects that are not there yet within half a second
 (common/flower_env.py, ``quicken_object_pulls``), and notes when it pulled each
@@ -19,6 +24,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -91,7 +97,17 @@ def main() -> None:
               "(pin flwr 1.42 or update client/supernode.py).", file=sys.stderr)
     note_pulls(loop, Path.cwd())
     sys.argv[0] = "flower-supernode"
-    flower_supernode()
+    try:
+        flower_supernode()
+    except BaseException as stop:  # noqa: B036 - whatever ends Flower's main loop must end this process
+        code = stop.code if isinstance(stop, SystemExit) and isinstance(stop.code, int) else 1
+        if not isinstance(stop, SystemExit):
+            traceback.print_exc()
+            print("fedseg: the SuperNode's main loop stopped; exiting so that the site daemon restarts it.",
+                  file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

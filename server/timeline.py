@@ -21,7 +21,7 @@ from flwr.serverapp import Grid
 
 from common import keys
 from common.metrics_log import MetricsLog
-from common.wire import reply_site
+from common.wire import named_site
 
 from .cross_eval import TrainingGrid
 
@@ -41,6 +41,7 @@ class Sent:
     created: float
     stage: str
     round: int | None
+    node: int
 
 
 def _round_of(msg: Message) -> int | None:
@@ -67,6 +68,8 @@ class TimelineGrid(TrainingGrid):
     def __init__(self, grid: Grid, metrics_log: MetricsLog, poll_s: float) -> None:
         super().__init__(grid, hidden=set())
         self._log, self._poll_s = metrics_log, poll_s
+        self._sites: dict[int, str] = {}
+        """Node id -> the site its replies name: errors the SuperLink writes for a vanished node name none."""
         self._sent: dict[str, Sent] = {}
         self._late: set[str] = set()
         """Messages whose deadline passed without a reply: a reply that still comes is logged and dropped."""
@@ -76,7 +79,8 @@ class TimelineGrid(TrainingGrid):
         messages = list(messages)
         ids = list(self._grid.push_messages(messages))
         for message_id, msg in zip(ids, messages):
-            self._sent[message_id] = Sent(msg.metadata.created_at, msg.metadata.message_type, _round_of(msg))
+            self._sent[message_id] = Sent(msg.metadata.created_at, msg.metadata.message_type, _round_of(msg),
+                                          msg.metadata.dst_node_id)
             self._current_round = _round_of(msg) if _round_of(msg) is not None else self._current_round
         return ids
 
@@ -86,18 +90,24 @@ class TimelineGrid(TrainingGrid):
         replies = []
         for reply in self._grid.pull_messages(wanted | self._late):
             sent = self._sent.pop(reply.metadata.reply_to_message_id, None)
+            site = self._site(reply, sent)
             if reply.metadata.reply_to_message_id in self._late:
                 self._late.discard(reply.metadata.reply_to_message_id)
-                self._log_late(sent, reply)
+                self._log_late(sent, site)
                 continue
             if sent is not None:
-                self._log.write("timeline", round=sent.round, site=reply_site(reply), stage=sent.stage,
+                self._log.write("timeline", round=sent.round, site=site, stage=sent.stage,
                                 created=sent.created, **timeline(sent, reply, time.time()))
             replies.append(reply)
         return replies
 
-    def _log_late(self, sent: Sent | None, reply: Message) -> None:
-        site = reply_site(reply)
+    def _site(self, reply: Message, sent: Sent | None) -> str:
+        node = sent.node if sent is not None else reply.metadata.src_node_id
+        if named := named_site(reply):
+            self._sites[node] = named
+        return self._sites.get(node, f"node-{node}")
+
+    def _log_late(self, sent: Sent | None, site: str) -> None:
         log.warning("a late %s reply of site %s (round %s) arrived after its deadline; not used",
                     sent.stage if sent else "?", site, sent.round if sent else "?")
         self._log.write("late-reply", round=self._current_round, site=site, stage=sent.stage if sent else None,

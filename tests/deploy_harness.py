@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -155,34 +156,35 @@ class TcpProxy:
 
     It listens on ``host`` (the gateway's address, so the server certificate
     still matches) and forwards every connection to ``upstream``. ``cut()``
-    drops every open connection and turns new ones away until ``restore()``.
+    resets every open connection and stops listening (new connections are
+    refused) until ``restore()`` listens on the same port again.
     """
 
     def __init__(self, host: str, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
-        self.listener = socket.create_server((host, 0))
-        self.port = self.listener.getsockname()[1]
-        self.linked = threading.Event()
-        self.linked.set()
+        self.host, self.upstream = host, upstream
+        self.port = 0
         self.cuts = 0
         self._open: list[socket.socket] = []
         self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.restore()
 
-    def _accept(self) -> None:
+    def restore(self) -> None:
+        self.listener = socket.create_server((self.host, self.port))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
-                down, _ = self.listener.accept()
-            except OSError:
+                down, _ = listener.accept()
+            except OSError:  # cut: the listener is closed
                 return
-            if not self.linked.is_set():
-                down.close()
-                continue
             try:
                 up = socket.create_connection(self.upstream, timeout=5)
             except OSError:
                 down.close()
                 continue
+            up.settimeout(None)
             with self._lock:
                 self._open += [down, up]
             for src, dst in ((down, up), (up, down)):
@@ -193,29 +195,22 @@ class TcpProxy:
         try:
             while data := src.recv(65536):
                 dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-        for sock in (src, dst):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def cut(self) -> None:
-        self.linked.clear()
+        """Refuse new connections and reset the open ones, as a dropped link does."""
         self.cuts += 1
+        self.listener.close()
         with self._lock:
             doomed, self._open = self._open, []
         for sock in doomed:
             try:
-                sock.shutdown(socket.SHUT_RDWR)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
             except OSError:
                 pass
-            sock.close()
-
-    def restore(self) -> None:
-        self.linked.set()
 
     def close(self) -> None:
         self.cut()
-        self.listener.close()
