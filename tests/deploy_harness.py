@@ -202,6 +202,10 @@ class TcpProxy:
     def cut(self) -> None:
         """Refuse new connections and reset the open ones, as a dropped link does."""
         self.cuts += 1
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept(); close() alone does not
+        except OSError:
+            pass
         self.listener.close()
         with self._lock:
             doomed, self._open = self._open, []
