@@ -113,21 +113,24 @@ def test_site_and_server_crashes_lose_nothing(tmp_path):
 
 # --- a dropped link, a site past the deadline, a full disk --------------------------------------------
 #
-# A second federation of two sites, quorum one, five rounds; site-2 reaches the
-# gateway through a TCP proxy the test controls:
-# - round 2: while site-2 trains, its link is cut for a few seconds, then restored;
-# - round 3: site-2's ClientApp is frozen (SIGSTOP) past federation.round_timeout_s:
-#   the round closes on time without it and its late reply is logged, never used;
-# - round 4: site-2's disk fills up while it works (RLIMIT_FSIZE 0 on its
+# A second federation of two sites, quorum one, four rounds, no cross-site
+# evaluation; site-2 reaches the gateway through a TCP proxy the test controls:
+# - round 1: while site-2 works on its training message, its link is cut for a few
+#   seconds (connections reset, new ones refused), then restored;
+# - round 2: site-2's ClientApp is frozen (SIGSTOP) past federation.round_timeout_s:
+#   the training step closes at its deadline without it; its reply, when it comes,
+#   is logged as late and never used;
+# - round 3: site-2's disk fills up while it works (RLIMIT_FSIZE 0 on its
 #   ClientApp processes: every write to a file fails, as on a full disk; no root
 #   needed): it answers with the fixed reason and its norm tensors stay whole;
-# - round 5: the disk has room again and site-2 trains.
+# - round 4: the disk has room again and site-2 trains.
 # Every round and every (round, site) line is in the metrics log exactly once.
 
 DRILL_RUN = "drills"
-DRILL_ROUNDS = 5
+DRILL_ROUNDS = 4
 TIMEOUT_S = 20.0
 CUT_S = 4.0
+SLOW_ROUND, FULL_ROUND = 2, 3
 
 
 def _clientapps(state: Path) -> set[int]:
@@ -148,13 +151,17 @@ def _has_open(pid: int, name: str) -> bool:
         return False
 
 
+def _lines(run: Path, event: str, **match) -> list[dict]:
+    return [e for e in events(run) if e["event"] == event and all(e.get(k) == v for k, v in match.items())]
+
+
 @pytest.fixture(scope="module")
 def drills(tmp_path_factory):
     root = tmp_path_factory.mktemp("drills")
     data = generate_federation(root / "data", n_sites=2, n_cases=4, shape=(32, 32, 24), strength=1.0, seed=0)
     app, digest = snapshot_app(root / "app")
     fed = federation_yaml(root, app, SITES, rounds=DRILL_ROUNDS, min_sites=1, run_name=DRILL_RUN,
-                          train={"local_steps": 10}, round_timeout_s=TIMEOUT_S)
+                          train={"local_steps": 10}, round_timeout_s=TIMEOUT_S, cross_eval=False)
     init_pki(root / "certs", [], [GATEWAY_HOST])
     gateway = yaml.safe_load(fed.read_text())["server"]["fleet_port"]
     proxy = TcpProxy(GATEWAY_HOST, (GATEWAY_HOST, gateway))
@@ -167,8 +174,8 @@ def drills(tmp_path_factory):
     daemons = [Launched(root / f"{n}.out", "fedseg-client", "start", "--config", str(p)) for n, p in site_yaml.items()]
     ctx = {"run": root / "runs" / DRILL_RUN, "state": root / "sites" / "site-2", "proxy": proxy, "server": server,
            "site-2": daemons[1], "all": [server, *daemons]}
-    try:
-        wait_for(lambda: _has(ctx["run"], event="round", round=1), 600, "round 1", *ctx["all"])
+    try:  # the plan is made (both fingerprints in): round 1 is next
+        wait_for(lambda: len(_lines(ctx["run"], "timeline", round=0)) == 2, 600, "the plan", *ctx["all"])
         yield ctx
     finally:
         for proc in ctx["all"]:
@@ -177,15 +184,14 @@ def drills(tmp_path_factory):
 
 
 def test_a_cut_link_mid_round_loses_nothing(drills):
-    before = _clientapps(drills["state"])
-    _new_clientapp(drills["state"], before, *drills["all"])  # site-2 has its round-2 training message
+    run = drills["run"]
+    _new_clientapp(drills["state"], _clientapps(drills["state"]), *drills["all"])  # a round-1 message
     drills["proxy"].cut()
     time.sleep(CUT_S)
     drills["proxy"].restore()
-    summary = wait_for(lambda: [e for e in events(drills["run"]) if e["event"] == "round" and e["round"] == 2],
-                       300, "round 2 to complete", *drills["all"])
+    summary = wait_for(lambda: _lines(run, "round", round=1), 300, "round 1 to complete", *drills["all"])
     assert len(summary) == 1 and summary[0]["aggregated"]
-    assert _has(drills["run"], event="train", round=2, site="site-1")
+    assert _lines(run, "train", round=1, site="site-1")
     supernode_log = (drills["state"] / "supernode.log").read_text()
     assert "Connection attempt failed" in supernode_log or "SuperNode exited" in drills["site-2"].output(), \
         "the cut went unnoticed"
@@ -193,42 +199,35 @@ def test_a_cut_link_mid_round_loses_nothing(drills):
 
 def test_a_site_past_the_deadline_is_left_out_on_time_and_its_late_reply_never_used(drills):
     state, run = drills["state"], drills["run"]
-    wait_for(lambda: _has(run, event="round", round=2), 300, "round 2", *drills["all"])
-    frozen = _new_clientapp(state, _clientapps(state), *drills["all"])  # site-2's round-3 training
+    wait_for(lambda: _lines(run, "round", round=SLOW_ROUND - 1), 300, "the round before", *drills["all"])
+    frozen = _new_clientapp(state, _clientapps(state), *drills["all"])  # site-2's next training message
     os.kill(frozen, signal.SIGSTOP)
     try:  # the training step closes at its deadline with site-1's reply alone
-        closed = wait_for(lambda: [e for e in events(run) if e["event"] == "train" and e["round"] == 3],
-                          TIMEOUT_S + 120, "round 3's training to close without site-2", *drills["all"])
+        closed = wait_for(lambda: _lines(run, "train", round=SLOW_ROUND), TIMEOUT_S + 120,
+                          "the training step to close without site-2", *drills["all"])
     finally:
         os.kill(frozen, signal.SIGCONT)
-    sent = [e for e in events(run) if e["event"] == "timeline" and e["round"] == 3 and e["stage"] == "train"]
+    (sent, *_) = _lines(run, "timeline", round=SLOW_ROUND, stage="train")
     assert [e["site"] for e in closed] == ["site-1"]
-    assert TIMEOUT_S <= closed[0]["time"] - sent[0]["created"] < TIMEOUT_S + 15, "the deadline was not kept"
-    summary = wait_for(lambda: [e for e in events(run) if e["event"] == "round" and e["round"] == 3],
-                       TIMEOUT_S + 120, "round 3 to close", *drills["all"])
+    assert TIMEOUT_S <= closed[0]["time"] - sent["created"] < TIMEOUT_S + 15, "the deadline was not kept"
+    summary = wait_for(lambda: _lines(run, "round", round=SLOW_ROUND), TIMEOUT_S + 120, "the slow round to close",
+                       *drills["all"])
     assert summary[0]["sites_ok"] == 1 and summary[0]["aggregated"]
-    assert not _has(run, event="train", round=3, site="site-2")
-    late = wait_for(lambda: [e for e in events(run) if e["event"] == "late-reply" and e["site"] == "site-2"
-                             and e["for_round"] == 3],
-                    TIMEOUT_S * 3 + 60, "site-2's late round-3 reply to be logged", *drills["all"])
-    assert late[0]["stage"] == "train" and late[0]["late_by_s"] >= TIMEOUT_S
-
-
-def _train_failures(run: Path, since_round: int) -> list[dict]:
-    return [e for e in events(run) if e["event"] == "failure" and e["site"] == "site-2" and e["stage"] == "train"
-            and e["round"] >= since_round]
+    late = wait_for(lambda: _lines(run, "late-reply", site="site-2", for_round=SLOW_ROUND, stage="train"),
+                    TIMEOUT_S * 3 + 60, "site-2's late reply to be logged", *drills["all"])
+    assert late[0]["late_by_s"] >= TIMEOUT_S
+    assert not _lines(run, "train", round=SLOW_ROUND, site="site-2")
 
 
 def test_a_full_disk_is_answered_with_a_fixed_reason_and_keeps_the_norm_tensors(drills):
     """Every site-2 ClientApp that reaches fedseg's code (it opened its site.log) gets a full disk,
-    until one fails a training round; the next process has its disk back."""
+    until one fails its training; the next process has its disk back."""
     state, run = drills["state"], drills["run"]
     norm = state / "norm.safetensors"
     full, saved = set(), None
-    since = 1 + max(e["round"] for e in events(run) if e["event"] == "round")
     deadline = time.monotonic() + 300
-    while not _train_failures(run, since):
-        assert time.monotonic() < deadline, "site-2 never failed a training round on its full disk"
+    while not (failures := _lines(run, "failure", site="site-2", stage="train", round=FULL_ROUND)):
+        assert time.monotonic() < deadline, "site-2 never failed its training on its full disk"
         for pid in _clientapps(state) - full:
             if _has_open(pid, "site.log"):
                 saved = norm.read_bytes() if saved is None else saved
@@ -238,13 +237,11 @@ def test_a_full_disk_is_answered_with_a_fixed_reason_and_keeps_the_norm_tensors(
                     pass
                 full.add(pid)
         time.sleep(0.01)
-    failure = _train_failures(run, since)[0]
-    assert failure["round"] == 4
-    assert failure["reason"] == "site site-2: the site's disk is full: its state folder cannot be written; " \
-                                "free space at the site"
+    assert failures[0]["reason"] == "site site-2: the site's disk is full: its state folder cannot be written; " \
+                                    "free space at the site"
     assert norm.read_bytes() == saved and load_file(norm), "the full disk tore the norm tensors"
     assert not (state / "norm.tmp").exists()
-    wait_for(lambda: _has(run, event="train", round=failure["round"] + 1, site="site-2"), 300,
+    wait_for(lambda: _lines(run, "train", round=FULL_ROUND + 1, site="site-2"), 300,
              "site-2 to train again in the next round", *drills["all"])
     assert norm.read_bytes() != saved
 
@@ -260,5 +257,5 @@ def test_every_round_and_reply_is_logged_exactly_once(drills):
         assert max(lines.values()) == 1, (stage, lines)
     trained = {(e["round"], e["site"]) for e in log if e["event"] == "train"}
     assert {(r, "site-1") for r in range(1, DRILL_ROUNDS + 1)} <= trained
-    assert {(1, "site-2"), (5, "site-2")} <= trained and not {(3, "site-2"), (4, "site-2")} & trained
+    assert (FULL_ROUND + 1, "site-2") in trained and not {(SLOW_ROUND, "site-2"), (FULL_ROUND, "site-2")} & trained
     assert log[-1]["event"] == "run-end" and log[-1]["status"] == "completed"
