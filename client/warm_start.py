@@ -73,11 +73,9 @@ def main() -> int:
     """Entry point of the ``flwr-clientapp`` launcher: a warm start if possible, else a cold one."""
     started = repr(time.time())
     name = os.environ.get(SOCKET_ENV)
-    if name:
-        try:
-            return _warm(name, started)
-        except OSError:
-            pass  # no warm parent: start cold
+    code = _warm(name, started) if name else None
+    if code is not None:
+        return code
     from .bundle_guard import main as guarded_clientapp
 
     os.environ[PROCESS_STARTED_ENV] = started
@@ -85,18 +83,28 @@ def main() -> int:
     return guarded_clientapp()
 
 
-def _warm(name: str, started: str) -> int:
+def _warm(name: str, started: str) -> int | None:
+    """The exit code of the task run by a child of the warm parent; None if no warm parent took it (start cold)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
-        conn.connect(_address(name))
-        if not _peer_is_us(conn):
-            raise ConnectionRefusedError("the warm parent's socket belongs to another user")
-        request = {"argv": sys.argv, "env": {**os.environ, PROCESS_STARTED_ENV: started}, "cwd": os.getcwd()}
-        socket.send_fds(conn, [json.dumps(request).encode()], [0, 1, 2])
-        child = _read_int(conn)
-        forward = lambda signum, frame: os.kill(child, signum)  # noqa: E731
+        try:
+            conn.connect(_address(name))
+            if not _peer_is_us(conn):  # someone else's socket: never hand it the task's token
+                return None
+            request = {"argv": sys.argv, "env": {**os.environ, PROCESS_STARTED_ENV: started}, "cwd": os.getcwd()}
+            socket.send_fds(conn, [json.dumps(request).encode()], [0, 1, 2])
+            child = _read_int(conn)
+        except OSError:
+            return None
+
+        def forward(signum: int, frame: object) -> None:
+            os.kill(child, signum)
+
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, forward)
-        return _read_int(conn)
+        try:
+            return _read_int(conn)
+        except OSError:  # the warm parent went away while its child ran: the task is not run twice
+            return 1
 
 
 def _read_int(conn: socket.socket) -> int:

@@ -128,7 +128,7 @@ def test_site_and_server_crashes_lose_nothing(tmp_path):
 
 DRILL_RUN = "drills"
 DRILL_ROUNDS = 4
-TIMEOUT_S = 20.0
+TIMEOUT_S = 30.0
 CUT_S = 4.0
 SLOW_ROUND, FULL_ROUND = 2, 3
 
