@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
+from common.files import atomic_save
+
 NORM_FILE = "norm.safetensors"
 SITE_FILE = "site.json"
 CACHE_DIR = "cache"
@@ -76,11 +78,6 @@ class SiteState:
 
     def save_local(self, tensors: dict[str, torch.Tensor], server_round: int, signature: str) -> None:
         """Replace the local tensors atomically; a failed write (disk full: OSError) leaves the old file whole."""
-        path = self.root / NORM_FILE
-        tmp = path.with_suffix(".tmp")
-        try:
-            tmp.write_bytes(save({k: v.contiguous() for k, v in tensors.items()}))
-            _atomic_replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        payload = save({k: v.contiguous() for k, v in tensors.items()})
+        atomic_save(self.root / NORM_FILE, lambda tmp: tmp.write_bytes(payload))
         self.update_info(model_signature=signature, last_round=server_round)
