@@ -54,7 +54,7 @@ def report(state: Path) -> list[str]:
         metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(h["metrics"].items()) if isinstance(v, (int, float)))
         rnd = "-" if h["round"] is None else h["round"]
         lines.append(f"  round {rnd:>3} {h['stage']:<8} sent {h['bytes_sent']:>9} B  {metrics}")
-    egress = read_jsonl(state / "egress.jsonl")
+    egress = list(read_jsonl(state / "egress.jsonl"))
     if egress:
         lines.append(f"egress log: {len(egress)} message(s) recorded in {state / 'egress.jsonl'}")
     refused = [d for d in read_jsonl(state / BUNDLE_LOG) if d["decision"] == "refused"]
