@@ -1,26 +1,33 @@
-"""Per-round overhead of a deployed round against the same work in the simulation, and ClientApp start time.
+"""Per-round overhead of a deployed round against the same work in the simulation, and where it goes.
 
-In Flower 1.42 every message a SuperNode receives starts a fresh ClientApp
-process, which imports torch, MONAI and Flower before any work. This script
-measures:
+In Flower 1.42 every message a SuperNode receives starts a new ClientApp
+process. This script measures:
 
-1. ClientApp start: the wall time of a fresh interpreter importing
-   ``client.client_app`` (what each train/evaluate message pays first), median
-   of several runs.
+1. A cold ClientApp start: the wall time of a fresh interpreter importing
+   ``client.client_app`` (what each message paid before warm starts), median
+   of several runs; and a warm one: launcher to Flower's ClientApp runner
+   through a warm parent (client/warm_start.py), plus the timeline's bundle
+   check to handler (install, app loading, the bundle's own imports).
 2. A deployed federation (real SuperLink, gateway and two SuperNodes with TLS
    and node auth on 127.0.0.1) and the simulation (``fedseg-sim``) running the
    same tiny model, data and rounds. It prints the median round duration of
    each (the first round is left out: it fills the preprocessing caches), the
-   difference and the ratio, and the share of a deployed round the sites spent
-   training (their own ``duration_s``).
+   difference and the ratio, the sites' own training time and the median
+   ``timeline`` of a train and an evaluate message in both, side by side.
 
-Usage: ``.venv/bin/python benchmarks/bench_round_overhead.py [--rounds 3] [--out DIR]``.
+``--flower-defaults`` runs the deployment as before fedseg tuned it: Flower's
+3 s polling at the SuperNode and the ServerApp, and a fresh interpreter per
+ClientApp (``site.warm_start: false``); only the SuperExec's task polling stays
+at fedseg's 0.1 s.
+
+Usage: ``.venv/bin/python benchmarks/bench_round_overhead.py [--rounds 3] [--out DIR] [--flower-defaults]``.
 Figures depend on the machine's load; rerun the baseline on the same machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -36,7 +43,10 @@ from deploy_harness import (  # noqa: E402
     GATEWAY_HOST, TINY, Launched, allow, events, federation_yaml, make_site, snapshot_app, wait_for, write_yaml,
 )
 
+from server.timeline import STAGES  # noqa: E402
+
 SITES = ["site-1", "site-2"]
+FLOWER_DEFAULTS = {"site": {"poll_interval_s": 3.0, "warm_start": False}, "federation": {"poll_interval_s": 3.0}}
 CASES, SHAPE = 4, (32, 32, 24)
 IMPORT_RUNS = 3
 
@@ -50,6 +60,27 @@ def clientapp_start_s() -> list[float]:
     return times
 
 
+def warm_start_s() -> list[float]:
+    """Launcher started -> Flower's ClientApp runner running (here: printing its --help), through a warm parent."""
+    from client.warm_start import SOCKET_ENV, new_socket_name
+
+    env = {**os.environ, SOCKET_ENV: new_socket_name()}
+    parent = subprocess.Popen([sys.executable, "-m", "client.warm_start"], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        parent.stdout.readline()  # "... ready"
+        times = []
+        for _ in range(IMPORT_RUNS):
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-c", "import sys; from client.warm_start import main; sys.exit(main())",
+                            "--help"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, check=True)
+            times.append(time.perf_counter() - started)
+        return times
+    finally:
+        parent.kill()
+        parent.wait()
+
+
 def round_stats(run: Path) -> tuple[list[float], list[float]]:
     """(round durations, per-site training durations), first round excluded."""
     log = events(run)
@@ -58,16 +89,40 @@ def round_stats(run: Path) -> tuple[list[float], list[float]]:
     return rounds, train
 
 
-def deployed(root: Path, rounds: int) -> Path:
+def median_timeline(run: Path, stage: str) -> dict[str, float | None]:
+    """Median seconds after creation at which a ``stage`` message passed each stage, rounds 2 on."""
+    lines = [e for e in events(run) if e["event"] == "timeline" and e["stage"] == stage and (e["round"] or 0) > 1]
+    values = {s: [e[s] for e in lines if e.get(s) is not None] for s in STAGES}
+    return {s: statistics.median(v) if v else None for s, v in values.items()}
+
+
+def bundle_to_handler(run: Path) -> list[float]:
+    """Bundle checked -> handler running (FAB install, loading the app, the bundle's own imports), rounds 2 on."""
+    return [e["imports_done"] - e["bundle_checked"] for e in events(run) if e["event"] == "timeline"
+            and (e["round"] or 0) > 1 and e.get("bundle_checked") is not None and e.get("imports_done") is not None]
+
+
+def print_timelines(dep: Path, sim: Path) -> None:
+    show = lambda v: "-" if v is None else f"{v:7.2f}"  # noqa: E731
+    for stage in ("train", "evaluate"):
+        d, s = median_timeline(dep, stage), median_timeline(sim, stage)
+        print(f"  timeline of a {stage} message (median s after the ServerApp created it):")
+        print(f"    {'stage':<20} {'deployed':>8} {'simulated':>9}")
+        for name in STAGES:
+            print(f"    {name:<20} {show(d[name]):>8} {show(s[name]):>9}")
+
+
+def deployed(root: Path, rounds: int, flower_defaults: bool) -> Path:
     from server.certs import init_pki
     from simulations.synthetic import generate_federation
 
     data = generate_federation(root / "data", n_sites=len(SITES), n_cases=CASES, shape=SHAPE, strength=1.0, seed=0)
     app, digest = snapshot_app(root / "app")
+    tuning = FLOWER_DEFAULTS if flower_defaults else {"site": {}, "federation": {}}
     fed = federation_yaml(root, app, SITES, rounds=rounds, min_sites=len(SITES), run_name="bench",
-                          cross_eval=False)
+                          cross_eval=False, **tuning["federation"])
     init_pki(root / "certs", [], [GATEWAY_HOST])
-    sites = {n: make_site(root, n, data[n], fed, [digest]) for n in SITES}
+    sites = {n: make_site(root, n, data[n], fed, [digest], **tuning["site"]) for n in SITES}
     for name, path in sites.items():
         allow(fed, name, path)
     server = Launched(root / "server.out", "fedseg-server", "start", "--config", str(fed))
@@ -94,20 +149,31 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--flower-defaults", action="store_true",
+                        help="Deploy with Flower's 3 s polling and a fresh interpreter per ClientApp (the baseline).")
     args = parser.parse_args()
     root = args.out or Path(tempfile.mkdtemp(prefix="fedseg-bench-"))
     root.mkdir(parents=True, exist_ok=True)
 
     starts = clientapp_start_s()
-    print(f"ClientApp start (fresh process importing client.client_app): median {statistics.median(starts):.2f} s "
-          f"(runs: {', '.join(f'{s:.2f}' for s in starts)})")
-    dep_rounds, dep_train = round_stats(deployed(root / "deployed", args.rounds))
-    sim_rounds, sim_train = round_stats(simulated(root / "simulated", args.rounds))
+    print(f"cold ClientApp start (fresh process importing client.client_app): median "
+          f"{statistics.median(starts):.2f} s (runs: {', '.join(f'{s:.2f}' for s in starts)})")
+    dep_run = deployed(root / "deployed", args.rounds, args.flower_defaults)
+    sim_run = simulated(root / "simulated", args.rounds)
+    dep_rounds, dep_train = round_stats(dep_run)
+    sim_rounds, sim_train = round_stats(sim_run)
     dep, sim = statistics.median(dep_rounds), statistics.median(sim_rounds)
     print(f"rounds 2..{args.rounds}, {len(SITES)} sites, tiny UNet, {CASES} cases of {SHAPE} per site")
     print(f"  deployed round:  median {dep:.1f} s; sites trained for median {statistics.median(dep_train):.1f} s")
     print(f"  simulated round: median {sim:.1f} s; sites trained for median {statistics.median(sim_train):.1f} s")
     print(f"  overhead of deployment: {dep - sim:+.1f} s per round, ratio {dep / sim:.2f}x")
+    installs = bundle_to_handler(dep_run)
+    if installs and not args.flower_defaults:
+        warm = statistics.median(warm_start_s())
+        print(f"  warm ClientApp start: launcher to Flower's runner {warm:.2f} s + bundle checked to handler "
+              f"{statistics.median(installs):.2f} s = {warm + statistics.median(installs):.2f} s "
+              "(without waiting for the message's objects, which the timeline shows)")
+    print_timelines(dep_run, sim_run)
     return 0
 
 

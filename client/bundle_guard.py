@@ -42,6 +42,8 @@ LAUNCHER = "flwr-clientapp"
 WRAPPED_MODULE = "flwr.supernode.runtime.run_clientapp"
 WRAPPED_STEP = "install_from_fab"
 OWN_PACKAGE = "client"
+CHECKED_AT_ENV = "FEDSEG_BUNDLE_CHECKED_AT"
+"""Timeline only (client/timeline.py): the Unix time this process accepted its bundle."""
 SHA256_HEX_LEN = 64
 
 
@@ -77,6 +79,7 @@ def check_bundle(content: bytes, approved: frozenset[str], log_path: str | None 
             "its operator must add the digest to site.approved_bundles after reviewing the release"
         )
     _record(log_path, decision="accepted", sha256=digest, bytes=len(content))
+    os.environ[CHECKED_AT_ENV] = repr(time.time())  # timeline only: read back by the approved bundle's ClientApp
     return digest
 
 
@@ -125,8 +128,12 @@ def main() -> int:
     return 0
 
 
-def write_launcher(bin_dir: Path) -> Path:
-    """Write the ``flwr-clientapp`` launcher that runs :func:`main` with this interpreter."""
+def write_launcher(bin_dir: Path, entry: str = __name__) -> Path:
+    """Write the ``flwr-clientapp`` launcher that runs :func:`main` with this interpreter.
+
+    ``entry`` names the module whose ``main`` the launcher runs: this one, or
+    client.warm_start, whose launcher runs this module's ``main`` in a forked warm process.
+    """
     bin_dir = Path(bin_dir)
     bin_dir.mkdir(parents=True, exist_ok=True)
     path = bin_dir / LAUNCHER
@@ -135,7 +142,7 @@ def write_launcher(bin_dir: Path) -> Path:
         "# Written by `fedseg-client start`: checks every app bundle against site.approved_bundles\n"
         "# before Flower installs or imports it (client/bundle_guard.py).\n"
         "import sys\n"
-        "from client.bundle_guard import main\n"
+        f"from {entry} import main\n"
         "sys.exit(main())\n"
     )
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import errno
 import logging
 import time
 import zlib
@@ -31,7 +32,7 @@ from common.params import ParameterSplit, ParameterSplitError, load_merged, mode
 from common.runs import run_dir, simulated_site_config
 from common.wire import error_reason, from_wire, to_wire
 
-from . import egress, site_history
+from . import egress, site_history, timeline
 from .cross_eval import class_metrics, cross_evaluate
 from .site_data import SiteData, annotator_metrics, fingerprint_reply
 from .site_state import SiteState
@@ -54,8 +55,14 @@ SANITIZED_REASONS: dict[type[BaseException], str] = {
 }
 
 
+DISK_FULL_ERRNOS = frozenset((errno.ENOSPC, errno.EFBIG, errno.EDQUOT))
+DISK_FULL_REASON = "the site's disk is full: its state folder cannot be written; free space at the site"
+
+
 def sanitized_reason(site: str, err: BaseException) -> str:
     """Short, fixed wording per failure kind: exception texts may hold paths or case names."""
+    if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
+        return error_reason(site, DISK_FULL_REASON)
     for kind, reason in SANITIZED_REASONS.items():
         if isinstance(err, kind):
             return error_reason(site, reason)
@@ -71,6 +78,8 @@ class Site:
     model: torch.nn.Module
     split: ParameterSplit
     signature: str
+    marks: dict[str, float] = dataclasses.field(default_factory=dict)
+    """This message's timeline at the site (client/timeline.py); sent with the reply's metrics."""
 
     @classmethod
     def resolve(cls, context: Context) -> Site:
@@ -105,9 +114,10 @@ class Site:
         return received
 
     def reply(self, msg: Message, metrics: dict[str, float], arrays: ArrayRecord | None = None) -> Message:
+        timeline.mark(self.marks, timeline.WORK_DONE)
         content = RecordDict(
             {
-                keys.METRICS: MetricRecord(metrics),
+                keys.METRICS: MetricRecord({**metrics, **self.marks}),
                 keys.IDENTITY: ConfigRecord({keys.SITE: self.cfg.site.name, keys.SIGNATURE: self.signature}),
             }
         )
@@ -156,9 +166,11 @@ def _train(site: Site, msg: Message) -> Message:
     config = msg.content[keys.CONFIG]
     server_round = int(config[keys.SERVER_ROUND])
     data = SiteData.open(site.cfg, site.state, msg)
+    volumes = data.volumes(data.train_ids)
+    timeline.mark(site.marks, timeline.DATA_READY)
     result = train_local(
         site.model,
-        data.volumes(data.train_ids),
+        volumes,
         site.cfg.data,
         site.cfg.train,
         global_params={k: received[k] for k in site.split.trainable_shared},
@@ -182,9 +194,9 @@ def _train(site: Site, msg: Message) -> Message:
 def _evaluate(site: Site, msg: Message) -> Message:
     site.load_global(msg)
     data = SiteData.open(site.cfg, site.state, msg)
-    result = evaluate_model(
-        site.model, data.volumes(data.val_ids), site.cfg.data, site.cfg.train, data.spec.num_classes
-    )
+    volumes = data.volumes(data.val_ids)
+    timeline.mark(site.marks, timeline.DATA_READY)
+    result = evaluate_model(site.model, volumes, site.cfg.data, site.cfg.train, data.spec.num_classes)
     metrics = {"dice": result.dice, "loss": result.loss, keys.NUM_EXAMPLES: result.num_cases}
     metrics |= class_metrics(keys.DICE_CLASS_PREFIX, result.dice_per_class)
     if result.hd95 is not None:
@@ -195,16 +207,21 @@ def _evaluate(site: Site, msg: Message) -> Message:
 
 def _handle(handler: Callable[[Site, Message], Message], msg: Message, context: Context) -> Message:
     """Every reply, error or not, leaves through the egress guard (client/egress.py)."""
-    site_name, site = "unknown", None
+    site_name, site, marks = "unknown", None, timeline.start(msg)
     _serving.set(None)
     try:
         site = Site.resolve(context)
+        site.marks = marks | timeline.pulled_at(site.state.root, msg)
         site_name = site.cfg.site.name
         reply = handler(site, msg)
     except Exception as err:  # every failure becomes a sanitized error reply
         log.exception("site %s failed to handle a %s message", site_name, msg.metadata.message_type)
         reply = Message(Error(code=SITE_ERROR_CODE, reason=sanitized_reason(site_name, err)), reply_to=msg)
-    reply = egress.guard(reply, msg, site)
+    try:
+        reply = egress.guard(reply, msg, site)
+    except OSError as err:  # the egress audit cannot be written (disk full): only a fixed reason may leave
+        log.exception("site %s could not record its reply in the egress audit", site_name)
+        return Message(Error(code=SITE_ERROR_CODE, reason=sanitized_reason(site_name, err)), reply_to=msg)
     if site is not None and not reply.has_error():  # the site's history counts only what really left
         site_history.record_reply(site.state.root, msg, dict(reply.content.metric_records.get(keys.METRICS, {})),
                                   reply.content.array_records.get(keys.ARRAYS))

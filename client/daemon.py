@@ -4,7 +4,10 @@ Checks site.yaml, the site's certificate and key, and every case of its data
 (the same check as `fedseg-client check`) first; each refusal names the file
 and the fix. Then it starts flower-supernode with the federation's CA
 certificate, the site's private key and its node config, behind the app-bundle
-guard (only bundles listed in site.approved_bundles run). If the SuperNode
+guard (only bundles listed in site.approved_bundles run). Each ClientApp
+process is forked from a warm parent that has torch, MONAI and Flower loaded
+(client/warm_start.py), and the SuperNode polls every site.poll_interval_s
+(client/supernode.py). If the SuperNode
 stops, for instance while the server is down, it is restarted with exponential
 back-off. Stop it with Ctrl-C or SIGTERM: everything it started is stopped.
 The site's local normalization tensors and data cache live in site.state_dir
@@ -19,6 +22,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +36,7 @@ FLWR_HOME = "flwr-home"
 GUARD_BIN = "guard-bin"
 RESOLVED_SITE = "site.resolved.yaml"
 SUPERNODE_LOG = "supernode.log"
+WARM_LOG = "warm-start.log"
 BUNDLE_LOG = "bundles.jsonl"
 DAEMON_FILE = "daemon.json"
 STABLE_RUN_S = 120.0
@@ -93,11 +98,11 @@ def check_material(site: SiteConfig) -> None:
 
 
 def supernode_command(site: SiteConfig, site_yaml: Path, runtime_port: int) -> list[str]:
-    from common.flower_env import flower_command
+    """Flower's flower-supernode, run through client/supernode.py for the site's poll interval."""
     from common.keys import NODE_SITE_CONFIG
 
     return [
-        flower_command("flower-supernode"),
+        sys.executable, "-m", "client.supernode",
         "--superlink", site.server_address,
         "--root-certificates", site.root_certificate,
         "--auth-supernode-private-key", site.private_key,
@@ -109,17 +114,27 @@ def supernode_command(site: SiteConfig, site_yaml: Path, runtime_port: int) -> l
 
 
 def prepare_state(site: SiteConfig) -> tuple[Path, dict[str, str]]:
-    """The resolved site.yaml the ClientApp reads, and the SuperNode's environment."""
+    """The resolved site.yaml the ClientApp reads, and the environment of the SuperNode and the warm parent.
+
+    The ``flwr-clientapp`` launcher first on the SuperNode's PATH starts each
+    ClientApp from the site's warm parent (client/warm_start.py), behind the
+    bundle guard either way.
+    """
     from common.flower_env import flower_env
 
     from .bundle_guard import guard_env, write_launcher
+    from .supernode import POLL_ENV
+    from .warm_start import SOCKET_ENV, new_socket_name
 
     state = Path(site.state_dir)
     state.mkdir(parents=True, exist_ok=True)
     site_yaml = state / RESOLVED_SITE
     site_yaml.write_text(yaml.safe_dump({"site": dataclasses.asdict(site)}, sort_keys=False))
-    bin_dir = write_launcher(state / GUARD_BIN).parent
+    bin_dir = write_launcher(state / GUARD_BIN, entry="client.warm_start").parent
     env = flower_env(state / FLWR_HOME, site.torch_threads)
+    env[POLL_ENV] = str(site.poll_interval_s)
+    if site.warm_start:
+        env[SOCKET_ENV] = new_socket_name()
     return site_yaml, guard_env(bin_dir, site.approved_bundles, state / BUNDLE_LOG, env)
 
 
@@ -147,17 +162,21 @@ class Daemon:
         self.say = say
         self.state = Path(site.state_dir)
         self.proc: subprocess.Popen | None = None
+        self.warm: subprocess.Popen | None = None
+        """The warm parent of the ClientApp processes (client/warm_start.py)."""
+
+    def _spawn(self, command: list[str], env: dict[str, str], log_name: str) -> subprocess.Popen:
+        with (self.state / log_name).open("ab") as log_file:
+            return subprocess.Popen(command, cwd=self.state, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
 
     def _start(self, site_yaml: Path, env: dict[str, str]) -> subprocess.Popen:
         from common.flower_env import free_port
 
+        if self.site.warm_start and (self.warm is None or self.warm.poll() is not None):  # meanwhile: cold starts
+            self.warm = self._spawn([sys.executable, "-m", "client.warm_start"], env, WARM_LOG)
         port = self.site.runtime_port or free_port()
-        log_file = (self.state / SUPERNODE_LOG).open("ab")
-        try:
-            return subprocess.Popen(supernode_command(self.site, site_yaml, port), cwd=self.state, env=env,
-                                    stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-        finally:
-            log_file.close()
+        return self._spawn(supernode_command(self.site, site_yaml, port), env, SUPERNODE_LOG)
 
     def _write_status(self, **fields: object) -> None:
         (self.state / DAEMON_FILE).write_text(json.dumps({"pid": os.getpid(), "time": time.time(), **fields}))
@@ -174,7 +193,8 @@ class Daemon:
                 starts += 1
                 self.proc = self._start(site_yaml, env)
                 started = time.monotonic()
-                self._write_status(state="running", supernode_pid=self.proc.pid, starts=starts,
+                self._write_status(state="running", supernode_pid=self.proc.pid,
+                                   warm_pid=self.warm.pid if self.warm else None, starts=starts,
                                    server=self.site.server_address)
                 self.say(f"site {self.site.name}: SuperNode started (pid {self.proc.pid}), joining "
                          f"{self.site.server_address}; log: {self.state / SUPERNODE_LOG}")
@@ -195,6 +215,7 @@ class Daemon:
             return 0
         finally:
             stop_tree(self.proc)
+            stop_tree(self.warm)
             self._write_status(state="stopped")
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

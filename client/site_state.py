@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from common.files import atomic_save
 
 NORM_FILE = "norm.safetensors"
 SITE_FILE = "site.json"
@@ -75,8 +77,7 @@ class SiteState:
         return load_file(path)
 
     def save_local(self, tensors: dict[str, torch.Tensor], server_round: int, signature: str) -> None:
-        path = self.root / NORM_FILE
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        _atomic_replace(tmp, path)
+        """Replace the local tensors atomically; a failed write (disk full: OSError) leaves the old file whole."""
+        payload = save({k: v.contiguous() for k, v in tensors.items()})
+        atomic_save(self.root / NORM_FILE, lambda tmp: tmp.write_bytes(payload))
         self.update_info(model_signature=signature, last_round=server_round)

@@ -12,6 +12,7 @@ import os
 import time
 from pathlib import Path
 
+from common import keys
 from common.cli import UserError, config_from_args
 from common.files import read_jsonl
 
@@ -51,10 +52,11 @@ def report(state: Path) -> list[str]:
     sent = sum(h["bytes_sent"] for h in history)
     lines.append(f"replies sent: {len(history)} over {len(rounds)} round(s), {sent / 1e6:.2f} MB of model arrays")
     for h in history[-RECENT:]:
-        metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(h["metrics"].items()) if isinstance(v, (int, float)))
+        metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(h["metrics"].items())
+                            if isinstance(v, (int, float)) and k not in keys.TIMELINE_METRICS)
         rnd = "-" if h["round"] is None else h["round"]
         lines.append(f"  round {rnd:>3} {h['stage']:<8} sent {h['bytes_sent']:>9} B  {metrics}")
-    egress = read_jsonl(state / "egress.jsonl")
+    egress = list(read_jsonl(state / "egress.jsonl"))
     if egress:
         lines.append(f"egress log: {len(egress)} message(s) recorded in {state / 'egress.jsonl'}")
     refused = [d for d in read_jsonl(state / BUNDLE_LOG) if d["decision"] == "refused"]

@@ -144,6 +144,7 @@ class FederationConfig:
         "skip", "Below quorum: skip the round keeping the previous global model, or stop the run."
     )
     round_timeout_s: float = option(1800.0, "Seconds to wait for site replies each round.")
+    poll_interval_s: float = option(0.2, "How often the ServerApp looks for site replies (Flower's own grid: 3 s).")
     wire_dtype: Literal["float32", "float16"] = option(
         "float32", "dtype of model arrays on the wire; aggregation is always float32."
     )
@@ -190,6 +191,12 @@ class SiteConfig:
     private_key: str = option("", "This site's node-authentication key (fedseg-client keygen); it never leaves the site.")
     approved_bundles: list[str] = option(
         [], "SHA-256 of the app bundles this site agrees to run (fedseg-client approve); others are refused."
+    )
+    poll_interval_s: float = option(
+        0.25, "How often the SuperNode asks the centre for work and forwards replies (Flower's own: 3 s)."
+    )
+    warm_start: bool = option(
+        True, "Fork each ClientApp from a warm process with torch/MONAI/Flower loaded; false: a fresh interpreter."
     )
     runtime_port: int = option(0, "Loopback port of the SuperNode's local Runtime API; 0 picks a free port.")
     retry_initial_s: float = option(5.0, "Wait before restarting a SuperNode that stopped; doubles per failure.")
@@ -316,6 +323,8 @@ def check_consistency(cfg: FedsegConfig) -> None:
         raise ConfigError(f"train.proximal_mu must be >= 0, got {t.proximal_mu}.")
     check_robustness(cfg)
     check_simulated_sites(cfg.simulation)
+    if not 0.01 <= f.poll_interval_s <= 60 or not 0.01 <= cfg.site.poll_interval_s <= 60:
+        raise ConfigError("federation.poll_interval_s and site.poll_interval_s must be between 0.01 and 60 seconds.")
     if t.local_steps < 1 or t.batch_size < 1 or f.rounds < 1 or f.min_sites < 1:
         raise ConfigError("train.local_steps, train.batch_size, federation.rounds and federation.min_sites must be >= 1.")
 

@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
+
 from common.cli import UserError, config_from_args
 from common.config import FedsegConfig
 from common.progress import describe
@@ -59,8 +61,6 @@ def prepare(cfg: FedsegConfig) -> FedsegConfig:
 
 
 def _wait_healthy(proc: subprocess.Popen, url: str, ca: Path, log: Path, what: str) -> None:
-    import httpx
-
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -164,12 +164,15 @@ def follow_run(centre: Centre, control, run_id: int, metrics: Path, since: float
                 ended_at = time.monotonic()
         if time.monotonic() >= next_status:
             next_status = time.monotonic() + STATUS_EVERY_S
-            now_online = control.online_sites()
+            try:
+                now_online, state = control.online_sites(), control.run_state(run_id)
+            except httpx.HTTPError as err:  # a busy SuperLink may drop an idle connection: ask again next time
+                centre.say(f"could not ask the SuperLink for the run's state ({type(err).__name__}); retrying")
+                now_online, state = online, None
             if now_online != online:
                 online = now_online
                 centre.say(f"sites connected: {len(online)}/{expected} ({', '.join(online) or 'none'})")
-            state = control.run_state(run_id)
-            if state.finished:
+            if state is not None and state.finished:
                 centre.say(f"run {run_id} {state.sub_status}{': ' + state.details if state.details else ''}")
                 return 0 if ended_at is not None and state.sub_status == "completed" else 1
         if ended_at is not None and time.monotonic() - ended_at > RUN_END_GRACE_S:

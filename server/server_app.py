@@ -15,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import keys
 from common.config import FedsegConfig, from_yaml_text
+from common.flower_env import quicken_object_pulls
 from common.metrics_log import MetricsLog
 from common.model import build_model
 from common.params import model_signature, select, split_parameters
@@ -27,6 +28,7 @@ from .resume import resume_point
 from .site_registry import read_nodes
 from .dp import with_privacy
 from .strategy import FedSegStrategy, QuorumNotReached
+from .timeline import TimelineGrid
 
 log = logging.getLogger("fedseg.server")
 
@@ -44,6 +46,7 @@ def initial_weights(cfg: FedsegConfig) -> tuple[dict[str, torch.Tensor], str]:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = from_yaml_text(str(context.run_config[keys.RUN_CONFIG_KEY]), "run config")
+    quicken_object_pulls()
     run = run_dir(cfg)
     run.mkdir(parents=True, exist_ok=True)
     weights, signature = initial_weights(cfg)
@@ -62,6 +65,7 @@ def main(grid: Grid, context: Context) -> None:
         round_offset=done,
     )
     strategy.node_sites.update(read_nodes(run))
+    grid = TimelineGrid(grid, metrics_log, cfg.federation.poll_interval_s)
     status = "completed"
     try:
         training = cross_eval.training_grid(grid, cfg)

@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import struct
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,23 +45,25 @@ def run_cli(command: str, *args: str, cwd: Path | None = None, timeout: float = 
 
 
 def federation_yaml(root: Path, app: Path, sites: list[str], rounds: int, min_sites: int, run_name: str,
-                    **federation: object) -> Path:
+                    train: dict | None = None, **federation: object) -> Path:
+    """The centre's federation.yaml: the TINY model, ``train`` settings over TINY's, ``federation`` options."""
     server = {"fleet_host": GATEWAY_HOST, "fleet_port": free_port(GATEWAY_HOST), "superlink_port": free_port(),
               "cert_dir": str(root / "certs"), "state_dir": str(root / "server-state"), "app_dir": str(app)}
     fed = {"rounds": rounds, "min_sites": min_sites, "sites": sites, "runs_dir": str(root / "runs"),
            "run_name": run_name, "round_timeout_s": 120.0, **federation}
-    return write_yaml(root / "federation.yaml", {**TINY, "federation": fed, "server": server})
+    return write_yaml(root / "federation.yaml", {**TINY, "train": {**TINY["train"], **(train or {})},
+                                                 "federation": fed, "server": server})
 
 
-def make_site(root: Path, name: str, data_dir: Path, server_yaml: Path, approved: list[str]) -> Path:
-    """site.yaml plus a fresh key pair, allow-listed at the centre unless the name starts with 'rogue'."""
+def make_site(root: Path, name: str, data_dir: Path, server_yaml: Path, approved: list[str], **options: object) -> Path:
+    """site.yaml (``options`` override site.* settings) plus a fresh key pair."""
     server = yaml.safe_load(server_yaml.read_text())["server"]
     state = root / "sites" / name
     site = {"name": name, "data_dir": str(data_dir), "state_dir": str(state),
             "server_address": f"{server['fleet_host']}:{server['fleet_port']}",
             "root_certificate": str(Path(server["cert_dir"]) / "ca.crt"),
             "private_key": str(state / "keys" / "site.key"), "approved_bundles": approved,
-            "retry_initial_s": 1.0, "retry_max_s": 4.0}
+            "retry_initial_s": 1.0, "retry_max_s": 4.0, **options}
     path = write_yaml(root / f"{name}.yaml", {"site": site})
     result = run_cli("fedseg-client", "keygen", "--config", str(path))
     assert result.returncode == 0, result.stderr
@@ -144,3 +149,72 @@ def snapshot_app(dest: Path) -> tuple[Path, str]:
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, dest / rel)
     return dest, bundle_sha256(dest)
+
+
+class TcpProxy:
+    """A TCP relay between a site and the gateway that a drill can cut (like a dropped link) and restore.
+
+    It listens on ``host`` (the gateway's address, so the server certificate
+    still matches) and forwards every connection to ``upstream``. ``cut()``
+    resets every open connection and stops listening (new connections are
+    refused) until ``restore()`` listens on the same port again.
+    """
+
+    def __init__(self, host: str, upstream: tuple[str, int]) -> None:
+        self.host, self.upstream = host, upstream
+        self.port = 0
+        self.cuts = 0
+        self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self.restore()
+
+    def restore(self) -> None:
+        self.listener = socket.create_server((self.host, self.port))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                down, _ = listener.accept()
+            except OSError:  # cut: the listener is closed
+                return
+            try:
+                up = socket.create_connection(self.upstream, timeout=5)
+            except OSError:
+                down.close()
+                continue
+            up.settimeout(None)
+            with self._lock:
+                self._open += [down, up]
+            for src, dst in ((down, up), (up, down)):
+                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def cut(self) -> None:
+        """Refuse new connections and reset the open ones, as a dropped link does."""
+        self.cuts += 1
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept(); close() alone does not
+        except OSError:
+            pass
+        self.listener.close()
+        with self._lock:
+            doomed, self._open = self._open, []
+        for sock in doomed:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.cut()

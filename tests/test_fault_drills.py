@@ -1,4 +1,5 @@
-"""Fault drills with real processes: a site killed mid-round, then the server killed mid-run and restarted.
+"""Fault drills with real processes: a site killed mid-round, the server killed and restarted; a dropped link,
+a site past the deadline and a full disk.
 
 One federation of two sites, quorum one, three rounds:
 - round 1 runs normally;
@@ -14,15 +15,26 @@ One federation of two sites, quorum one, three rounds:
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import resource
+import signal
+import time
 from collections import Counter
+from pathlib import Path
 
+import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from server.certs import init_pki
 from simulations.synthetic import generate_federation
 
-from deploy_harness import GATEWAY_HOST, Launched, allow, events, federation_yaml, make_site, snapshot_app, wait_for
+from common.processes import descendants
+from deploy_harness import (
+    GATEWAY_HOST, Launched, TcpProxy, allow, events, federation_yaml, make_site, snapshot_app, wait_for,
+)
 
 SITES = ["site-1", "site-2"]
 ROUNDS = 3
@@ -97,3 +109,153 @@ def test_site_and_server_crashes_lose_nothing(tmp_path):
     assert not list(state.glob("norm.*.safetensors")), "site-2 set its norm tensors aside instead of reusing them"
     assert hashlib.sha256(norm.read_bytes()).hexdigest() not in (saved_after_round_1, at_restart), \
         "site-2 did not train again after rejoining"
+
+
+# --- a dropped link, a site past the deadline, a full disk --------------------------------------------
+#
+# A second federation of two sites, quorum one, four rounds, no cross-site
+# evaluation; site-2 reaches the gateway through a TCP proxy the test controls:
+# - round 1: while site-2 works on its training message, its link is cut for a few
+#   seconds (connections reset, new ones refused), then restored;
+# - round 2: site-2's ClientApp is frozen (SIGSTOP) past federation.round_timeout_s:
+#   the training step closes at its deadline without it; its reply, when it comes,
+#   is logged as late and never used;
+# - round 3: site-2's disk fills up while it works (RLIMIT_FSIZE 0 on its
+#   ClientApp processes: every write to a file fails, as on a full disk; no root
+#   needed): it answers with the fixed reason and its norm tensors stay whole;
+# - round 4: the disk has room again and site-2 trains.
+# Every round and every (round, site) line is in the metrics log exactly once.
+
+DRILL_RUN = "drills"
+DRILL_ROUNDS = 4
+TIMEOUT_S = 30.0
+CUT_S = 4.0
+SLOW_ROUND, FULL_ROUND = 2, 3
+
+
+def _clientapps(state: Path) -> set[int]:
+    """The site's running ClientApp processes: the children of its warm parent."""
+    warm = json.loads((state / "daemon.json").read_text()).get("warm_pid")
+    return set(descendants(warm)) if warm else set()
+
+
+def _new_clientapp(state: Path, known: set[int], *logs: Launched) -> int:
+    return wait_for(lambda: next(iter(_clientapps(state) - known), None), 120,
+                    "a new ClientApp process at site-2", *logs)
+
+
+def _has_open(pid: int, name: str) -> bool:
+    try:
+        return any(os.readlink(fd).endswith(name) for fd in Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+
+
+def _lines(run: Path, event: str, **match) -> list[dict]:
+    return [e for e in events(run) if e["event"] == event and all(e.get(k) == v for k, v in match.items())]
+
+
+@pytest.fixture(scope="module")
+def drills(tmp_path_factory):
+    root = tmp_path_factory.mktemp("drills")
+    data = generate_federation(root / "data", n_sites=2, n_cases=4, shape=(32, 32, 24), strength=1.0, seed=0)
+    app, digest = snapshot_app(root / "app")
+    fed = federation_yaml(root, app, SITES, rounds=DRILL_ROUNDS, min_sites=1, run_name=DRILL_RUN,
+                          train={"local_steps": 10}, round_timeout_s=TIMEOUT_S, cross_eval=False)
+    init_pki(root / "certs", [], [GATEWAY_HOST])
+    gateway = yaml.safe_load(fed.read_text())["server"]["fleet_port"]
+    proxy = TcpProxy(GATEWAY_HOST, (GATEWAY_HOST, gateway))
+    site_yaml = {"site-1": make_site(root, "site-1", data["site-1"], fed, [digest]),
+                 "site-2": make_site(root, "site-2", data["site-2"], fed, [digest],
+                                     server_address=f"{GATEWAY_HOST}:{proxy.port}")}
+    for name, path in site_yaml.items():
+        allow(fed, name, path)
+    server = Launched(root / "server.out", "fedseg-server", "start", "--config", str(fed))
+    daemons = [Launched(root / f"{n}.out", "fedseg-client", "start", "--config", str(p)) for n, p in site_yaml.items()]
+    ctx = {"run": root / "runs" / DRILL_RUN, "state": root / "sites" / "site-2", "proxy": proxy, "server": server,
+           "site-2": daemons[1], "all": [server, *daemons]}
+    try:  # the plan is made (both fingerprints in): round 1 is next
+        wait_for(lambda: len(_lines(ctx["run"], "timeline", round=0)) == 2, 600, "the plan", *ctx["all"])
+        yield ctx
+    finally:
+        for proc in ctx["all"]:
+            proc.terminate()
+        proxy.close()
+
+
+def test_a_cut_link_mid_round_loses_nothing(drills):
+    run = drills["run"]
+    _new_clientapp(drills["state"], _clientapps(drills["state"]), *drills["all"])  # a round-1 message
+    drills["proxy"].cut()
+    time.sleep(CUT_S)
+    drills["proxy"].restore()
+    summary = wait_for(lambda: _lines(run, "round", round=1), 300, "round 1 to complete", *drills["all"])
+    assert len(summary) == 1 and summary[0]["aggregated"]
+    assert _lines(run, "train", round=1, site="site-1")
+    supernode_log = (drills["state"] / "supernode.log").read_text()
+    assert "Connection attempt failed" in supernode_log or "SuperNode exited" in drills["site-2"].output(), \
+        "the cut went unnoticed"
+
+
+def test_a_site_past_the_deadline_is_left_out_on_time_and_its_late_reply_never_used(drills):
+    state, run = drills["state"], drills["run"]
+    wait_for(lambda: _lines(run, "round", round=SLOW_ROUND - 1), 300, "the round before", *drills["all"])
+    frozen = _new_clientapp(state, _clientapps(state), *drills["all"])  # site-2's next training message
+    os.kill(frozen, signal.SIGSTOP)
+    try:  # the training step closes at its deadline with site-1's reply alone
+        closed = wait_for(lambda: _lines(run, "train", round=SLOW_ROUND), TIMEOUT_S + 120,
+                          "the training step to close without site-2", *drills["all"])
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    (sent, *_) = _lines(run, "timeline", round=SLOW_ROUND, stage="train")
+    assert [e["site"] for e in closed] == ["site-1"]
+    assert TIMEOUT_S <= closed[0]["time"] - sent["created"] < TIMEOUT_S + 15, "the deadline was not kept"
+    summary = wait_for(lambda: _lines(run, "round", round=SLOW_ROUND), TIMEOUT_S + 120, "the slow round to close",
+                       *drills["all"])
+    assert summary[0]["sites_ok"] == 1 and summary[0]["aggregated"]
+    late = wait_for(lambda: _lines(run, "late-reply", site="site-2", for_round=SLOW_ROUND, stage="train"),
+                    TIMEOUT_S * 3 + 60, "site-2's late reply to be logged", *drills["all"])
+    assert late[0]["late_by_s"] >= TIMEOUT_S
+    assert not _lines(run, "train", round=SLOW_ROUND, site="site-2")
+
+
+def test_a_full_disk_is_answered_with_a_fixed_reason_and_keeps_the_norm_tensors(drills):
+    """Every site-2 ClientApp that reaches fedseg's code (it opened its site.log) gets a full disk,
+    until one fails its training; the next process has its disk back."""
+    state, run = drills["state"], drills["run"]
+    norm = state / "norm.safetensors"
+    full, saved = set(), None
+    deadline = time.monotonic() + 300
+    while not (failures := _lines(run, "failure", site="site-2", stage="train", round=FULL_ROUND)):
+        assert time.monotonic() < deadline, "site-2 never failed its training on its full disk"
+        for pid in _clientapps(state) - full:
+            if _has_open(pid, "site.log"):
+                saved = norm.read_bytes() if saved is None else saved
+                try:
+                    resource.prlimit(pid, resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+                except ProcessLookupError:
+                    pass
+                full.add(pid)
+        time.sleep(0.01)
+    assert failures[0]["reason"] == "site site-2: the site's disk is full: its state folder cannot be written; " \
+                                    "free space at the site"
+    assert norm.read_bytes() == saved and load_file(norm), "the full disk tore the norm tensors"
+    assert not list(state.glob("*.tmp")), "the failed write left a temporary file"
+    wait_for(lambda: _lines(run, "train", round=FULL_ROUND + 1, site="site-2"), 300,
+             "site-2 to train again in the next round", *drills["all"])
+    assert norm.read_bytes() != saved
+
+
+def test_every_round_and_reply_is_logged_exactly_once(drills):
+    server = drills["server"]
+    wait_for(lambda: server.proc.poll() is not None, 300, "the drill run to finish", *drills["all"])
+    assert server.proc.returncode == 0, server.output()[-3000:]
+    log = events(drills["run"])
+    assert Counter(e["round"] for e in log if e["event"] == "round") == {r: 1 for r in range(1, DRILL_ROUNDS + 1)}
+    for stage in ("train", "evaluate", "timeline"):
+        lines = Counter((e["round"], e["site"], e.get("stage")) for e in log if e["event"] == stage)
+        assert max(lines.values()) == 1, (stage, lines)
+    trained = {(e["round"], e["site"]) for e in log if e["event"] == "train"}
+    assert {(r, "site-1") for r in range(1, DRILL_ROUNDS + 1)} <= trained
+    assert (FULL_ROUND + 1, "site-2") in trained and not {(SLOW_ROUND, "site-2"), (FULL_ROUND, "site-2")} & trained
+    assert log[-1]["event"] == "run-end" and log[-1]["status"] == "completed"

@@ -1,0 +1,130 @@
+"""Where a round's seconds go: the ServerApp's grid, polling briskly and writing one timeline per reply.
+
+Flower's deployed grid looks for replies every 3 s; fedseg's grid looks every
+``federation.poll_interval_s``. For every reply it writes a ``timeline`` event
+to the metrics log: the moments the message passed each stage, in seconds
+after the ServerApp created it. The site's stages arrive as numeric metrics of
+the reply (``common.keys.TIMELINE_METRICS``, Unix times on the site's clock);
+the rest are the server's own clock. A reply that arrives after its round's
+deadline is logged as a ``late-reply`` event and never handed to a later round.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from common import keys
+from common.metrics_log import MetricsLog
+from common.wire import named_site
+
+from .cross_eval import TrainingGrid
+
+log = logging.getLogger("fedseg.server")
+
+STAGES = ("pulled_by_supernode", "process_started", "bundle_checked", "imports_done", "data_ready", "work_done",
+          "reply_sent", "reply_pulled")
+"""The timeline event's stages, in the order a message passes them."""
+SITE_STAGES = dict(zip(STAGES[:6], keys.TIMELINE_METRICS))
+"""Stage -> the reply metric that carries it (the site's clock)."""
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What the grid remembers of a message it pushed, until its reply comes or forever if it is lost."""
+
+    created: float
+    stage: str
+    round: int | None
+    node: int
+
+
+def _round_of(msg: Message) -> int | None:
+    config = msg.content.config_records.get(keys.CONFIG) if msg.has_content() else None
+    value = config.get(keys.SERVER_ROUND) if config is not None else None
+    return int(value) if isinstance(value, int) else None
+
+
+def timeline(sent: Sent, reply: Message, pulled: float) -> dict[str, float | None]:
+    """Seconds after the message's creation at which it passed each stage (None: not reported)."""
+    metrics = reply.content.metric_records.get(keys.METRICS) if reply.has_content() else None
+    stamps = {stage: float(metrics[key]) if metrics is not None and key in metrics else None
+              for stage, key in SITE_STAGES.items()}
+    stamps |= {"reply_sent": reply.metadata.created_at, "reply_pulled": pulled}
+    return {stage: None if t is None else round(t - sent.created, 3) for stage, t in stamps.items()}
+
+
+class TimelineGrid(TrainingGrid):
+    """A Grid that polls every ``poll_s`` and logs a timeline per reply; everything else is the wrapped grid's.
+
+    (A TrainingGrid that hides no node: that class already delegates every call.)
+    """
+
+    def __init__(self, grid: Grid, metrics_log: MetricsLog, poll_s: float) -> None:
+        super().__init__(grid, hidden=set())
+        self._log, self._poll_s = metrics_log, poll_s
+        self._sites: dict[int, str] = {}
+        """Node id -> the site its replies name: errors the SuperLink writes for a vanished node name none."""
+        self._sent: dict[str, Sent] = {}
+        self._late: set[str] = set()
+        """Messages whose deadline passed without a reply: a reply that still comes is logged and dropped."""
+        self._current_round: int | None = None
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        ids = list(self._grid.push_messages(messages))
+        for message_id, msg in zip(ids, messages):
+            self._sent[message_id] = Sent(msg.metadata.created_at, msg.metadata.message_type, _round_of(msg),
+                                          msg.metadata.dst_node_id)
+            self._current_round = _round_of(msg) if _round_of(msg) is not None else self._current_round
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Replies to ``message_ids``; late replies to earlier messages are logged and held back."""
+        wanted = set(message_ids)
+        replies = []
+        for reply in self._grid.pull_messages(wanted | self._late):
+            sent = self._sent.pop(reply.metadata.reply_to_message_id, None)
+            site = self._site(reply, sent)
+            if reply.metadata.reply_to_message_id in self._late:
+                self._late.discard(reply.metadata.reply_to_message_id)
+                self._log_late(sent, site)
+                continue
+            if sent is not None:
+                self._log.write("timeline", round=sent.round, site=site, stage=sent.stage,
+                                created=sent.created, **timeline(sent, reply, time.time()))
+            replies.append(reply)
+        return replies
+
+    def _site(self, reply: Message, sent: Sent | None) -> str:
+        node = sent.node if sent is not None else reply.metadata.src_node_id
+        if named := named_site(reply):
+            self._sites[node] = named
+        return self._sites.get(node, f"node-{node}")
+
+    def _log_late(self, sent: Sent | None, site: str) -> None:
+        log.warning("a late %s reply of site %s (round %s) arrived after its deadline; not used",
+                    sent.stage if sent else "?", site, sent.round if sent else "?")
+        self._log.write("late-reply", round=self._current_round, site=site, stage=sent.stage if sent else None,
+                        for_round=sent.round if sent else None,
+                        late_by_s=round(time.time() - sent.created, 3) if sent else None)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Flower's send-and-receive, polling every ``poll_s``; unanswered messages are remembered as late."""
+        pending = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            for reply in self.pull_messages(pending):
+                replies.append(reply)
+                pending.discard(reply.metadata.reply_to_message_id)
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(self._poll_s)
+        self._late |= pending
+        return replies
