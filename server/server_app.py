@@ -65,7 +65,7 @@ def main(grid: Grid, context: Context) -> None:
     status = "completed"
     try:
         training = cross_eval.training_grid(grid, cfg)
-        plan = plan_federation(training, cfg, run, metrics_log)
+        plan = plan_federation(training, cfg, run, metrics_log, strategy.node_sites)
         if cfg.federation.rounds > done:
             with_privacy(strategy, cfg.privacy, metrics_log).start(
                 grid=training,

@@ -23,6 +23,7 @@ from common.wire import from_wire, named_site, to_wire
 from . import robust
 from .checkpoints import Checkpoints
 from .server_opt import server_optimizer
+from .site_registry import claim_problem, site_name
 from .validation import ReplyValidator
 
 log = logging.getLogger("fedseg.server")
@@ -164,13 +165,18 @@ class FedSegStrategy(FedProx):
         if node == SUPERLINK_NODE_ID:  # the SuperLink answered for a node that went away
             node = next((m.metadata.dst_node_id for m in self.outgoing
                          if m.metadata.message_id == msg.metadata.reply_to_message_id), node)
-        if named := named_site(msg):
-            self.node_sites[node] = named
-        return self.node_sites.get(node, f"node-{node}")
+        return site_name(self.node_sites, node, named_site(msg))
+
+    def _problem(self, msg: Message, is_train: bool) -> str | None:
+        """The validator's verdict, or a reply that names another site than the node it came from."""
+        problem = self.validator.problem(msg, is_train)
+        if problem is None and not msg.has_error():
+            return claim_problem(self.node_sites, msg.metadata.src_node_id, named_site(msg))
+        return problem
 
     def _screen(self, server_round: int, replies: Iterable[Message], is_train: bool) -> list[Message]:
         """Keep sound replies (server/validation.py); log every failure with the site and reason."""
-        checked = [(msg, self.validator.problem(msg, is_train)) for msg in replies]
+        checked = [(msg, self._problem(msg, is_train)) for msg in replies]
         if is_train and self.tally.reference is not None:
             sound = [msg for msg, problem in checked if problem is None]
             updates = [msg.content.array_records[keys.ARRAYS] for msg in sound]
