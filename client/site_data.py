@@ -117,6 +117,8 @@ def resolve_plan(cfg: FedsegConfig, state: SiteState, spec: DatasetSpec, train_i
         if not stored.is_file() or Plan.load(stored).version != plan.version:
             plan.save(stored)
             state.update_info(plan_version=plan.version)
+            if removed := state.prune_cache(plan.version):
+                log.info("new plan %s: removed the caches of plans %s", plan.version, removed)
         return plan
     if stored.is_file():
         return Plan.load(stored)
