@@ -180,6 +180,10 @@ class SiteConfig:
     approved_bundles: list[str] = option(
         [], "SHA-256 of the app bundles this site agrees to run (fedseg-client approve); others are refused."
     )
+    max_norm_travel: NormMode = option(
+        "stats", "Most of the normalization layers this site lets travel, whatever the centre's train.norm_mode: "
+        "local (none), stats (affine weights, never running statistics) or shared (everything)."
+    )
     runtime_port: int = option(0, "Loopback port of the SuperNode's local Runtime API; 0 picks a free port.")
     retry_initial_s: float = option(5.0, "Wait before restarting a SuperNode that stopped; doubles per failure.")
     retry_max_s: float = option(300.0, "Longest wait between SuperNode restarts while the server is unreachable.")

@@ -143,6 +143,15 @@ def _unchunk(record: dict, name: str) -> list[float]:
     return out
 
 
+def record_names(channels: int, classes: int) -> frozenset[str]:
+    """Every key of a site's fingerprint record (``site_fingerprint``): the egress guard lets exactly these out."""
+    chunks = -(-classes // keys.EGRESS_MAX_LIST)
+    per_channel = [_name(kind, c) for c in range(channels) for kind in ("intensity", "fg_voxels", "fg_sum", "fg_sumsq")]
+    return frozenset([_name("format"), _name("cases"), _name("channels"), _name("ct"),
+                      *(_name(kind, axis) for axis in AXES for kind in ("spacing", "extent")),
+                      *(_name("class_fraction", i) for i in range(chunks)), *per_channel])
+
+
 def site_fingerprint(spec: DatasetSpec, case_ids: Iterable[str], seed: int = 0) -> dict[str, int | float | list]:
     """The MetricRecord-ready fingerprint of the named cases: statistics only."""
     rng = np.random.default_rng(seed)

@@ -203,3 +203,87 @@ def test_finding_6_best_model_tiny_updates_and_float32_overflow(tmp_path):
     assert np.isfinite(arrays["w"].numpy()).all()
     assert "f64" in failures(tmp_path / "f64")
     assert torch.isfinite(torch.as_tensor(arrays["w"].numpy())).all()
+
+
+# --- findings 9 and 10: the egress guard, per reply type, with the site's own bound -----------------------------
+
+TINY = ["model.channels=[8, 16, 32]", "model.strides=[2, 2]", "data.patch_size=[16, 16, 16]",
+        "train.local_steps=1", "train.batch_size=1", "train.hd95=false", "federation.min_sites=1",
+        "simulation.cpus_per_site=1"]
+
+
+def one_site(tmp_path, data_dir, *overrides: str, site_settings: dict | None = None):
+    """A one-site federation of the real ClientApp; ``site_settings`` go into the site's own site.yaml."""
+    import yaml
+
+    from common.runs import run_dir, simulated_site_config
+    from tests.local_grid import federation
+
+    cfg = federation(load_config(None, [*TINY, f"federation.runs_dir={tmp_path}", "federation.run_name=e",
+                                        *overrides]), {"site-1": data_dir})
+    path = simulated_site_config(run_dir(cfg), 0)
+    body = yaml.safe_load(path.read_text())
+    body["site"].update(site_settings or {})
+    path.write_text(yaml.safe_dump(body))
+    return cfg
+
+
+def test_finding_9_each_reply_type_holds_exactly_its_keys_and_failures_end_in_a_fixed_reason(
+        tmp_path, tiny_federation):
+    from flwr.app import Error
+
+    from client import client_app, egress
+    from server.server_app import initial_weights
+    from tests.flower_messages import incoming
+    from tests.local_grid import LocalGrid
+
+    cfg = one_site(tmp_path, tiny_federation["site-1"])
+    site = client_app.Site.resolve(LocalGrid(cfg, client_app.app).context(1))
+    weights, _ = initial_weights(cfg)
+    arrays = ArrayRecord({k: Array(v.numpy()) for k, v in weights.items()})
+    identity = ConfigRecord({keys.SITE: "site-1", keys.SIGNATURE: site.signature})
+
+    def sent(message_type: str, content) -> Message:
+        request = incoming(RecordDict(), message_type, node_id=1)
+        return egress.guard(Message(content, reply_to=request), request, site)
+
+    blocked = f"site site-1: {egress.BLOCKED_REASON}"
+    train_with_fp = RecordDict({keys.ARRAYS: arrays, keys.IDENTITY: identity,
+                                keys.METRICS: MetricRecord({**TRAIN_METRICS, "fp_extent_x": [41.0, 42.0]})})
+    assert sent(MessageType.TRAIN, train_with_fp).error.reason == blocked
+    eval_with_arrays = RecordDict({keys.ARRAYS: arrays, keys.IDENTITY: identity,
+                                   keys.METRICS: MetricRecord(EVAL_METRICS)})
+    assert sent(MessageType.EVALUATE, eval_with_arrays).error.reason == blocked
+    named = Error(code=1001, reason="site site-1: patient Jane Doe of ward B has no lesion")
+    assert sent(MessageType.EVALUATE, named).error.reason == blocked
+    honest = RecordDict({keys.IDENTITY: identity, keys.METRICS: MetricRecord(EVAL_METRICS)})
+    assert sent(MessageType.EVALUATE, honest).has_content()
+
+    audit = site.state.root / egress.EGRESS_FILE
+    audit.unlink()
+    audit.mkdir()  # the audit write now fails (as on a full or read-only disk)
+    reply = sent(MessageType.EVALUATE, honest)
+    assert reply.error.reason == blocked and str(site.state.root) not in reply.error.reason
+
+
+def test_finding_10_the_site_bounds_what_travels_whatever_the_centre_asks(tmp_path, tiny_federation):
+    from client import client_app, egress
+    from server.server_app import initial_weights
+    from tests.local_grid import LocalGrid
+
+    def one_round(name: str, site_settings: dict) -> tuple[Message, list[dict]]:
+        cfg = one_site(tmp_path / name, tiny_federation["site-1"], "model.norm=batch", "train.norm_mode=shared",
+                       site_settings=site_settings)
+        weights, signature = initial_weights(cfg)
+        run = tmp_path / name
+        strategy = FedSegStrategy(cfg, signature, {k: tuple(v.shape) for k, v in weights.items()},
+                                  MetricsLog(run), Checkpoints(run / "ckpt"))
+        grid = LocalGrid(cfg, client_app.app)
+        (received,) = grid.send_and_receive(strategy.configure_train(1, ArrayRecord(weights), ConfigRecord(), grid))
+        return received, egress.EgressLog(tmp_path / name / "e" / "sites" / "site-1").entries()
+
+    received, audit = one_round("default", {})
+    assert received.has_error() and received.error.reason == f"site site-1: {egress.BLOCKED_REASON}"
+    assert any("running_mean" in p and "max_norm_travel" in p for p in audit[0]["blocked"])
+    allowed, _ = one_round("opted-in", {"max_norm_travel": "shared"})
+    assert allowed.has_content() and any(k.endswith("running_mean") for k in allowed.content[keys.ARRAYS])
