@@ -32,7 +32,7 @@ from common.wire import from_wire, to_wire
 from . import egress, site_history
 from .cross_eval import class_metrics, cross_evaluate
 from .reasons import SignatureMismatch, sanitized_reason
-from .site_data import SiteData, annotator_metrics, fingerprint_reply
+from .site_data import SiteData, annotator_metrics, fingerprint_reply, require_cohort
 from .site_state import SiteState
 
 log = logging.getLogger("fedseg.client")
@@ -134,7 +134,7 @@ def _train(site: Site, msg: Message) -> Message:
     data = SiteData.open(site.cfg, site.state, msg)
     result = train_local(
         site.model,
-        data.volumes(data.train_ids),
+        data.volumes(require_cohort(site.cfg, data.train_ids, "training")),
         site.cfg.data,
         site.cfg.train,
         global_params={k: received[k] for k in site.split.trainable_shared},
@@ -159,7 +159,7 @@ def _evaluate(site: Site, msg: Message) -> Message:
     site.load_global(msg)
     data = SiteData.open(site.cfg, site.state, msg)
     result = evaluate_model(
-        site.model, data.volumes(data.val_ids), site.cfg.data, site.cfg.train, data.spec.num_classes
+        site.model, data.volumes(require_cohort(site.cfg, data.val_ids, "validation")), site.cfg.data, site.cfg.train, data.spec.num_classes
     )
     metrics = {"dice": result.dice, "loss": result.loss, keys.NUM_EXAMPLES: result.num_cases}
     metrics |= class_metrics(keys.DICE_CLASS_PREFIX, result.dice_per_class)

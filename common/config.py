@@ -180,6 +180,10 @@ class SiteConfig:
     approved_bundles: list[str] = option(
         [], "SHA-256 of the app bundles this site agrees to run (fedseg-client approve); others are refused."
     )
+    min_cohort: int = option(
+        5, "Fewest cases any value this site sends may be computed from (fingerprint, training, Dice); "
+        "fewer and the site refuses, saying so. Set by the site, never by the centre."
+    )
     max_norm_travel: NormMode = option(
         "stats", "Most of the normalization layers this site lets travel, whatever the centre's train.norm_mode: "
         "local (none), stats (affine weights, never running statistics) or shared (everything)."
@@ -297,6 +301,8 @@ def check_consistency(cfg: FedsegConfig) -> None:
     check_simulated_sites(cfg.simulation)
     if t.local_steps < 1 or t.batch_size < 1 or f.rounds < 1 or f.min_sites < 1:
         raise ConfigError("train.local_steps, train.batch_size, federation.rounds and federation.min_sites must be >= 1.")
+    if cfg.site.min_cohort < 1:
+        raise ConfigError(f"site.min_cohort must be >= 1, got {cfg.site.min_cohort}.")
 
 
 def check_robustness(cfg: FedsegConfig) -> None:

@@ -9,8 +9,7 @@ leave the site, so each site sends **statistics over its cases** instead:
 - foreground intensities per channel: quantiles at fixed levels
   (``INTENSITY_LEVELS``, dense in the tails where CT clipping needs them) of
   up to ``SAMPLES_PER_CASE`` foreground voxels per case (nnU-Net samples the
-  same way), plus the exact count, sum and sum of squares of all foreground
-  voxels (so the federation's mean and std are exact);
+  same way), plus the count, mean and std of all foreground voxels;
 - the voxel fraction of every class; the number of cases and channels.
 
 Why quantile sketches and not histograms: percentiles cannot be merged from
@@ -25,6 +24,12 @@ federated quantile between the smallest and largest site quantile; with the
 levels packed around 0.5 % and 99.5 % the error is a fraction of the spread
 between sites. The record has the same keys and list lengths whatever the
 number of cases, and holds no file names.
+
+No value in it may describe one patient: the site computes it only from at
+least ``site.min_cohort`` cases (client/site_data.py refuses otherwise), and
+every value is rounded to the few significant digits planning needs
+(``COARSE_DIGITS``), so that interpolated percentiles of a small cohort
+cannot be solved back to the cases' exact values.
 """
 
 from __future__ import annotations
@@ -38,7 +43,12 @@ import numpy as np
 from . import keys
 from .dataset import Case, DatasetSpec
 
-FINGERPRINT_FORMAT = 1
+FINGERPRINT_FORMAT = 2
+"""2: foreground mean and std instead of exact sums, every value coarsened (``COARSE_DIGITS``)."""
+COARSE_DIGITS = {"spacing": 3, "extent": 2, "intensity": 4, "fg_voxels": 2, "fg_mean": 4, "fg_std": 3,
+                 "class_fraction": 3}
+"""Significant digits each kind of value leaves the site with: enough to plan, too few to tell one patient's
+value from the cohort's (a planned spacing needs 3 digits, a median extent 2)."""
 AXES = ("x", "y", "z")
 SPACING_LEVELS = (5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0)
 """Percentiles of spacing and extent over a site's cases (nnU-Net uses the 10th and 50th)."""
@@ -129,6 +139,11 @@ def case_stats(case: Case, num_classes: int, rng: np.random.Generator) -> CaseSt
     )
 
 
+def _coarse(values: Iterable[float], kind: str) -> list[float]:
+    """``values`` rounded to the significant digits ``COARSE_DIGITS`` allows this kind of value."""
+    return [float(f"{float(v):.{COARSE_DIGITS[kind]}g}") for v in values]
+
+
 def _chunks(name: str, values: Sequence[float]) -> dict[str, list[float]]:
     """Lists longer than the egress limit are split into numbered parts."""
     size = keys.EGRESS_MAX_LIST
@@ -146,7 +161,7 @@ def _unchunk(record: dict, name: str) -> list[float]:
 def record_names(channels: int, classes: int) -> frozenset[str]:
     """Every key of a site's fingerprint record (``site_fingerprint``): the egress guard lets exactly these out."""
     chunks = -(-classes // keys.EGRESS_MAX_LIST)
-    per_channel = [_name(kind, c) for c in range(channels) for kind in ("intensity", "fg_voxels", "fg_sum", "fg_sumsq")]
+    per_channel = [_name(kind, c) for c in range(channels) for kind in ("intensity", "fg_voxels", "fg_mean", "fg_std")]
     return frozenset([_name("format"), _name("cases"), _name("channels"), _name("ct"),
                       *(_name(kind, axis) for axis in AXES for kind in ("spacing", "extent")),
                       *(_name("class_fraction", i) for i in range(chunks)), *per_channel])
@@ -168,17 +183,18 @@ def site_fingerprint(spec: DatasetSpec, case_ids: Iterable[str], seed: int = 0) 
         _name("ct"): [int(v) for v in spec.channel_is_ct],
     }
     for a, axis in enumerate(AXES):
-        record[_name("spacing", axis)] = [float(v) for v in np.percentile(spacing[:, a], SPACING_LEVELS)]
-        record[_name("extent", axis)] = [float(v) for v in np.percentile(extent[:, a], SPACING_LEVELS)]
-    record |= _chunks(_name("class_fraction"), class_voxels / class_voxels.sum())
+        record[_name("spacing", axis)] = _coarse(np.percentile(spacing[:, a], SPACING_LEVELS), "spacing")
+        record[_name("extent", axis)] = _coarse(np.percentile(extent[:, a], SPACING_LEVELS), "extent")
+    record |= _chunks(_name("class_fraction"), _coarse(class_voxels / class_voxels.sum(), "class_fraction"))
     for c in range(spec.num_channels):
         pooled = np.concatenate([s.samples[c] for s in stats])
         n, total, squares = np.sum([s.moments[c] for s in stats], axis=0)
+        mean = total / n if n else 0.0
         quantiles = np.percentile(pooled, INTENSITY_LEVELS) if pooled.size else np.zeros(len(INTENSITY_LEVELS))
-        record[_name("intensity", c)] = [float(v) for v in quantiles]
-        record[_name("fg_voxels", c)] = float(n)
-        record[_name("fg_sum", c)] = float(total)
-        record[_name("fg_sumsq", c)] = float(squares)
+        record[_name("intensity", c)] = _coarse(quantiles, "intensity")
+        record[_name("fg_voxels", c)] = _coarse([n], "fg_voxels")[0]
+        record[_name("fg_mean", c)] = _coarse([mean], "fg_mean")[0]
+        record[_name("fg_std", c)] = _coarse([np.sqrt(max(squares / n - mean * mean, 0.0)) if n else 0.0], "fg_std")[0]
     return record
 
 
@@ -283,7 +299,8 @@ SPACING_RANGE_MM = (0.01, 100.0)
 EXTENT_RANGE_MM = (0.0, 5000.0)
 MAX_ABS_INTENSITY = 1e7
 MAX_CHANNELS = 64
-FRACTION_TOLERANCE = 1e-3
+FRACTION_TOLERANCE = 1e-2
+"""Coarsened class fractions sum to 1 only up to their rounding."""
 WEIGHT_CAP_RATIO = 3.0
 """No site weighs more than this times the median of the other sites' counts in the merge."""
 
@@ -340,6 +357,11 @@ def _quantiles(values: object, levels: Sequence[float], name: str, site: str,
     return tuple(out)
 
 
+def _moments(n: float, mean: float, std: float) -> list[float]:
+    """(n, sum, sum of squares) of ``n`` values with this mean and std, for merging."""
+    return [n, n * mean, n * (std * std + mean * mean)]
+
+
 def check_site_fingerprint(record: dict, site: str) -> SiteFingerprint:
     """Parse one site's record, refusing any value of the wrong type or out of range (FingerprintError)."""
     if _count(record, _name("format"), site, 10**6) != FINGERPRINT_FORMAT:
@@ -356,9 +378,10 @@ def check_site_fingerprint(record: dict, site: str) -> SiteFingerprint:
                               *EXTENT_RANGE_MM) for a in AXES)
     intensity = tuple(_quantiles(_get(record, _name("intensity", c), site), INTENSITY_LEVELS, _name("intensity", c),
                                  site, -MAX_ABS_INTENSITY, MAX_ABS_INTENSITY) for c in range(channels))
-    moments = np.array([[_number(record, _name("fg_voxels", c), site, 0, MAX_CASES * 1e9),
-                         _number(record, _name("fg_sum", c), site, -1e300, 1e300),
-                         _number(record, _name("fg_sumsq", c), site, 0, 1e300)] for c in range(channels)])
+    moments = np.array([_moments(_number(record, _name("fg_voxels", c), site, 0, MAX_CASES * 1e9),
+                                 _number(record, _name("fg_mean", c), site, -MAX_ABS_INTENSITY, MAX_ABS_INTENSITY),
+                                 _number(record, _name("fg_std", c), site, 0, MAX_ABS_INTENSITY))
+                        for c in range(channels)])
     fractions = _unchunk(record, _name("class_fraction"))
     if (len(fractions) < 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1
                                   for v in fractions) or abs(sum(fractions) - 1) > FRACTION_TOLERANCE):
