@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.dataset import NIFTI_ENDINGS
+from common.dataset import NIFTI_ENDINGS, DatasetError, channel_groups
+from common.nifti_out import save_nifti
 from common.plan import PLAN_FILE, Plan
 from common.preprocess import Geometry, prepare_image
 
@@ -153,22 +154,24 @@ def to_original(label: np.ndarray, geometry: Geometry) -> np.ndarray:
     return np.ascontiguousarray(nib.orientations.apply_orientation(ras, ras_to_file))
 
 
-def predict_file(path: Path, out_path: Path, model: nn.Module, plan: Plan, num_classes: int,
+def predict_file(path: Path | tuple[Path, ...], out_path: Path, model: nn.Module, plan: Plan, num_classes: int,
                  overlap: float, batch_size: int, progress: bool = False, bf16: bool = False) -> np.ndarray:
-    """Segment one scan and write its label map on the input's grid; ``batch_size`` windows per forward pass."""
-    image, geometry = prepare_image((path,), plan)
+    """Segment one scan (or one case's channel files) and write its label map on the input's grid;
+    ``batch_size`` windows per forward pass."""
+    paths = path if isinstance(path, tuple) else (path,)
+    image, geometry = prepare_image(paths, plan)
     inferer = SlabInferer(model, plan.patch_size, overlap, num_classes, batch_size, bf16=bf16, progress=progress)
     label = to_original(inferer(image.as_tensor()), geometry)
     del image
     if label.shape != geometry.shape:
         raise RuntimeError(f"{path}: prediction shape {label.shape} differs from the input's {geometry.shape}")
-    header = nib.load(str(path)).header.copy()
+    header = nib.load(str(paths[0])).header.copy()
     header.set_data_dtype(np.uint8)
     header.set_slope_inter(1, 0)
     out = nib.Nifti1Image(label, geometry.affine, header)
     out.set_qform(geometry.affine, code=1)
     out.set_sform(geometry.affine, code=1)
-    nib.save(out, str(out_path))
+    save_nifti(out, out_path)
     return label
 
 
@@ -241,22 +244,25 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(cfg.site.torch_threads)
     state_root = Path(cfg.site.state_dir) if cfg.site.state_dir else None
     model, plan, run_cfg = load_model(args, cfg, state_root)
-    inputs = scans(args.input)
+    try:
+        cases = channel_groups(scans(args.input), run_cfg.model.in_channels)
+    except DatasetError as err:
+        raise UserError(str(err)) from err
     args.output.mkdir(parents=True, exist_ok=True)
     if args.adapt_norm:
         train = run_cfg.train
         if train.adapt_norm_steps < 1:
             raise UserError("--adapt-norm needs train.adapt_norm_steps >= 1 in the run's config.")
-        images = [prepare_image((p,), plan)[0].numpy() for p in inputs]
+        images = [prepare_image(paths, plan)[0].numpy() for paths in cases.values()]
         data = dataclasses.replace(plan.data_config(run_cfg.data))
         if adapt_norm(model, images, data, train.adapt_norm_steps, train.batch_size, train.seed):
             print(f"re-estimated the BatchNorm statistics on {len(images)} scan(s)")
         else:
             print("the model has no BatchNorm layer: nothing to adapt, it is used as it arrives")
     overlap = run_cfg.train.sw_overlap if args.overlap is None else args.overlap
-    for i, scan in enumerate(inputs, 1):
-        out = args.output / output_name(scan)
-        print(f"[{i}/{len(inputs)}] {scan.name} -> {out}")
-        predict_file(scan, out, model, plan, run_cfg.model.out_channels, overlap, run_cfg.train.sw_batch_size,
+    for i, paths in enumerate(cases.values(), 1):
+        out = args.output / output_name(paths[0])
+        print(f"[{i}/{len(cases)}] {paths[0].name} -> {out}")
+        predict_file(paths, out, model, plan, run_cfg.model.out_channels, overlap, run_cfg.train.sw_batch_size,
                      progress=True, bf16=run_cfg.train.bf16)
     return 0

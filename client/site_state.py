@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.private import private_dir
+
 NORM_FILE = "norm.safetensors"
 SITE_FILE = "site.json"
 CACHE_DIR = "cache"
@@ -38,8 +40,7 @@ class SiteState:
     """Reads and writes ``<state_dir>/norm.safetensors`` and ``site.json``."""
 
     def __init__(self, state_dir: Path) -> None:
-        self.root = Path(state_dir)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = private_dir(state_dir)  # it holds preprocessed scans: owner-only
 
     @property
     def cache_dir(self) -> Path:

@@ -78,6 +78,7 @@ class Centre:
 
     def __init__(self, cfg: FedsegConfig, say: Callable[[str], None] = print) -> None:
         from common.flower_env import flower_env
+        from common.runs import SERVER_CONFIG_ENV, SERVER_CONFIG_FILE, run_dir
 
         from .certs import allow_list, check_server_material
 
@@ -87,6 +88,7 @@ class Centre:
         self.keys = allow_list(Path(cfg.server.cert_dir), cfg.federation.sites)
         self.state = Path(cfg.server.state_dir)
         self.env = flower_env(self.state / "flwr-home")
+        self.env[SERVER_CONFIG_ENV] = str(run_dir(cfg) / SERVER_CONFIG_FILE)  # inherited by the ServerApp
         self.procs: list[subprocess.Popen] = []
 
     def _spawn(self, command: list[str], log_name: str) -> subprocess.Popen:
@@ -100,8 +102,10 @@ class Centre:
 
     def start_superlink(self) -> subprocess.Popen:
         from common.flower_env import flower_command
+        from common.private import private_dir, private_file
 
         s, m = self.cfg.server, self.material
+        private_file(private_dir(self.state) / DATABASE)  # node keys and messages: owner-only
         proc = self._spawn([
             flower_command("flower-superlink"),
             "--ssl-certfile", str(m.cert), "--ssl-keyfile", str(m.key), "--ssl-ca-certfile", str(m.ca_cert),
@@ -184,7 +188,7 @@ def start_federation(cfg: FedsegConfig, say: Callable[[str], None] = print) -> i
     from common import keys
     from common.bundle import APP_DIR, bundle_bytes
     from common.metrics_log import METRICS_FILE
-    from common.runs import run_dir
+    from common.runs import SERVER_CONFIG_FILE, run_dir, site_view
 
     from .control import ControlAPI
     from .resume import last_complete_round
@@ -194,8 +198,9 @@ def start_federation(cfg: FedsegConfig, say: Callable[[str], None] = print) -> i
     centre = Centre(cfg, say)
     run = run_dir(cfg)
     run.mkdir(parents=True, exist_ok=True)
-    run_config = {keys.RUN_CONFIG_KEY: cfg.to_yaml()}
+    run_config = {keys.RUN_CONFIG_KEY: site_view(cfg).to_yaml()}  # what every site receives
     (run / "run-config.toml").write_text(tomli_w.dumps(run_config))
+    (run / SERVER_CONFIG_FILE).write_text(cfg.to_yaml())  # the ServerApp's, read at the centre only
     app = Path(cfg.server.app_dir) if cfg.server.app_dir else APP_DIR
     fab = bundle_bytes(app)
     done = last_complete_round(run / METRICS_FILE)
