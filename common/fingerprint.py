@@ -35,6 +35,7 @@ cannot be solved back to the cases' exact values.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from itertools import pairwise
 from dataclasses import dataclass, field
 
 import nibabel as nib
@@ -352,7 +353,7 @@ def _quantiles(values: object, levels: Sequence[float], name: str, site: str,
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= float(v) <= high:
             raise FingerprintError(f"fingerprint of site {site}: '{name}' holds {v!r}, outside [{low:g}, {high:g}].")
         out.append(float(v))
-    if any(b < a for a, b in zip(out, out[1:])):
+    if any(b < a for a, b in pairwise(out)):
         raise FingerprintError(f"fingerprint of site {site}: the quantiles '{name}' decrease.")
     return tuple(out)
 

@@ -73,6 +73,13 @@ def _wait_healthy(proc: subprocess.Popen, url: str, ca: Path, log: Path, what: s
     raise UserError(f"{what} did not come up within {STARTUP_TIMEOUT_S:.0f} s; see {log}")
 
 
+def model_bytes(cfg: FedsegConfig) -> int:
+    """Bytes of the model's travelling tensors in float32: the most any one site's update can weigh."""
+    from .server_app import initial_weights
+
+    return sum(t.numel() * 4 for t in initial_weights(cfg)[0].values())
+
+
 class Centre:
     """The processes of the coordinating centre, started in order and stopped together."""
 
@@ -120,10 +127,13 @@ class Centre:
         return proc
 
     def start_gateway(self) -> subprocess.Popen:
+        from .fleet_gateway import max_body
+
         s, m = self.cfg.server, self.material
         proc = self._spawn([
             sys.executable, "-m", "server.fleet_gateway", "--listen", f"{s.fleet_host}:{s.fleet_port}",
             "--upstream", str(s.superlink_port), "--cert", str(m.cert), "--key", str(m.key), "--ca", str(m.ca_cert),
+            "--max-body", str(max_body(model_bytes(self.cfg))),
         ], GATEWAY_LOG)
         probe_host = "127.0.0.1" if s.fleet_host in ("0.0.0.0", "::") else s.fleet_host
         _wait_healthy(proc, f"https://{probe_host}:{s.fleet_port}/", m.ca_cert, self.state / GATEWAY_LOG,

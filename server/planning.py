@@ -12,6 +12,7 @@ the plan it started with, so its checkpoints and the sites' caches stay valid.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from pathlib import Path
@@ -21,7 +22,11 @@ from flwr.serverapp import Grid
 
 from common import keys
 from common.config import FedsegConfig
-from common.fingerprint import FingerprintError, check_site_fingerprint, merge_fingerprints
+from common.fingerprint import (
+    FingerprintError,
+    check_site_fingerprint,
+    merge_fingerprints,
+)
 from common.metrics_log import MetricsLog
 from common.plan import PLAN_FILE, Plan, make_plan
 from common.wire import named_site
@@ -132,5 +137,10 @@ def plan_federation(grid: Grid, cfg: FedsegConfig, run: Path, metrics_log: Metri
 
 
 def plan_config(plan: Plan) -> ConfigRecord:
-    """The ConfigRecord entry that carries the plan to the sites."""
-    return ConfigRecord({keys.PLAN: plan.to_json()})
+    """The ConfigRecord entry that carries the plan to the sites: its decisions only.
+
+    The provenance (which sites, how many cases, their class fractions) stays
+    in the centre's ``plan.json``: with two sites, each would learn the
+    other's aggregates from it exactly.
+    """
+    return ConfigRecord({keys.PLAN: dataclasses.replace(plan, provenance={}).to_json()})

@@ -82,8 +82,9 @@ class FedSegStrategy(FedProx):
     ``trimmed_mean`` and ``median`` aggregators replace the weighted mean by the
     unweighted coordinate-wise trimmed mean or median over :math:`S_t`
     (server/robust.py). With differential privacy on, every :math:`w_k - w^t`
-    is clipped to norm :math:`C`, the mean is unweighted and Gaussian noise of
-    std :math:`zC/|S_t|` is added (server/dp.py). When fewer
+    is clipped to norm :math:`C`, the clipped updates are summed over :math:`S_t`
+    and divided by the federation's fixed size :math:`n`, and Gaussian noise of
+    std :math:`zC/n` is added (server/dp.py). When fewer
     than ``federation.min_sites`` sites remain, the round is not aggregated:
     it is skipped (the previous global model is kept) or the run stops, as
     configured. With ``federation.server_optimizer`` the server moves by Flower's

@@ -12,7 +12,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 
 from common import keys
 from common.config import load_config
@@ -287,3 +295,307 @@ def test_finding_10_the_site_bounds_what_travels_whatever_the_centre_asks(tmp_pa
     assert any("running_mean" in p and "max_norm_travel" in p for p in audit[0]["blocked"])
     allowed, _ = one_round("opted-in", {"max_norm_travel": "shared"})
     assert allowed.has_content() and any(k.endswith("running_mean") for k in allowed.content[keys.ARRAYS])
+
+
+# --- finding 4: nothing computed from fewer than site.min_cohort cases, and nothing exact ------------------------
+
+
+def test_finding_4_minimum_cohort_and_coarse_aggregates(tmp_path, tiny_federation):
+    from client import client_app
+    from client.reasons import SANITIZED_REASONS, TooFewCases
+    from common.dataset import read_dataset
+    from common.fingerprint import site_fingerprint
+    from server.server_app import initial_weights
+    from tests.flower_messages import incoming
+    from tests.local_grid import LocalGrid
+    from tests.nifti_cases import nnunet_dataset
+
+    cfg = one_site(tmp_path, tiny_federation["site-1"], site_settings={"min_cohort": 5})  # 3 train, 1 val case
+    grid = LocalGrid(cfg, client_app.app)
+    weights, signature = initial_weights(cfg)
+    config = ConfigRecord({keys.SERVER_ROUND: 1, keys.SIGNATURE: signature, keys.WIRE_DTYPE: "float32",
+                           keys.PROXIMAL_MU: 0.0})
+    content = RecordDict({keys.CONFIG: config, keys.ARRAYS: ArrayRecord(weights)})
+    refused = f"site site-1: {SANITIZED_REASONS[TooFewCases]}"
+    for message_type, body in (("query.fingerprint", RecordDict({keys.CONFIG: config})),
+                               (MessageType.EVALUATE, content), (MessageType.TRAIN, content)):
+        (answer,) = grid.send_and_receive([incoming(body, message_type, node_id=1)])
+        assert answer.has_error() and answer.error.reason == refused, message_type
+
+    spec = read_dataset(nnunet_dataset(tmp_path / "Dataset009_Six", n_cases=6))
+    record = site_fingerprint(spec, [c.case_id for c in spec.cases])
+    lesion_voxels = 6 * 3 ** 3  # every case holds one 3 x 3 x 3 lesion
+    assert record["fp_fg_voxels_0"] == 160.0 != lesion_voxels
+    assert not any(name.startswith(("fp_fg_sum", "fp_fg_sumsq")) for name in record)
+
+
+# --- finding 12: local files ---------------------------------------------------------------------------------
+
+
+def _predict_run(tmp_path, in_channels: int = 1):
+    """A run folder as the centre hands it out, and a site.yaml, for ``fedseg-client predict``."""
+    import yaml
+    from safetensors.torch import save_file
+
+    from common.plan import ChannelNorm, Plan
+    from server.server_app import initial_weights
+
+    cfg = load_config(None, ["model.channels=[8, 16, 32]", "model.strides=[2, 2]",
+                             f"model.in_channels={in_channels}"])
+    run = tmp_path / f"run-{in_channels}"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    Plan((1.0, 1.2, 2.0), (16, 16, 16), (ChannelNorm("zscore"),) * in_channels, (24, 20, 16)).save(run / "plan.json")
+    save_file(initial_weights(cfg)[0], str(run / "checkpoints" / "best.safetensors"))
+    site = tmp_path / "site.yaml"
+    site.write_text(yaml.safe_dump({"site": {"name": "h", "state_dir": str(tmp_path / "state")}}))
+    return run, site
+
+
+def test_finding_12_local_files_are_private_and_carry_no_identifiers(tmp_path, tiny_federation, centre):
+    import json
+    import os
+    import stat
+
+    import nibabel as nib
+
+    from client import client_app
+    from client.cli import main
+    from common.dataset import DatasetError, read_dataset
+    from tests.local_grid import LocalGrid
+    from tests.nifti_cases import RAS, nnunet_dataset, phantom
+
+    # Permissions: the state directory (cache of preprocessed scans) is owner-only whatever the umask.
+    old = os.umask(0o022)
+    try:
+        cfg = one_site(tmp_path / "perm", tiny_federation["site-2"])
+        grid = LocalGrid(cfg, client_app.app)
+        from tests.flower_messages import incoming
+        (answer,) = grid.send_and_receive([incoming(RecordDict({keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 0})}),
+                                                    "query.fingerprint", node_id=1)])
+        assert answer.has_content()
+        state = tmp_path / "perm" / "e" / "sites" / "site-1"
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    finally:
+        os.umask(old)
+    server_state = centre["root"] / "server-state"
+    assert stat.S_IMODE((server_state / "superlink.db").stat().st_mode) == 0o600
+    assert stat.S_IMODE(server_state.stat().st_mode) == 0o700
+
+    # PHI in the header of an input never reaches the prediction.
+    run, site = _predict_run(tmp_path)
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    image = nib.Nifti1Image(phantom()[0], RAS)
+    image.header["descrip"] = b"DOE^JANE 1970-01-01 MRN123456"
+    image.header["db_name"] = b"PATIENT_DOE"
+    image.header["aux_file"] = b"MRN123456"
+    image.header["intent_name"] = b"DOE"
+    image.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"DOE^JANE"))
+    nib.save(image, str(scans / "head_0000.nii.gz"))
+    assert main(["predict", "--config", str(site), "--run", str(run), "--input", str(scans),
+                 "--output", str(out)]) == 0
+    seg = out / "head_seg.nii.gz"
+    assert b"DOE" not in nib.load(str(seg)).header.binaryblock and not nib.load(str(seg)).header.extensions
+    assert stat.S_IMODE(seg.stat().st_mode) == 0o600
+
+    # Two inputs that map to one output name are refused; a two-channel case is one case.
+    nib.save(nib.Nifti1Image(phantom(seed=1)[0], RAS), str(scans / "head_0001.nii.gz"))
+    before = seg.read_bytes()
+    assert main(["predict", "--config", str(site), "--run", str(run), "--input", str(scans),
+                 "--output", str(out)]) == 2
+    assert seg.read_bytes() == before
+    run2, _ = _predict_run(tmp_path, in_channels=2)
+    assert main(["predict", "--config", str(site), "--run", str(run2), "--input", str(scans),
+                 "--output", str(tmp_path / "out2")]) == 0
+    assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["head_seg.nii.gz"]
+
+    # A case id of '..' (an MSD entry named '...nii.gz') is refused before any cache folder is touched.
+    msd = tmp_path / "msd"
+    nnunet = nnunet_dataset(tmp_path / "nn", n_cases=1)
+    (msd / "imagesTr").mkdir(parents=True)
+    (nnunet / "imagesTr" / "case_000_0000.nii.gz").rename(msd / "imagesTr" / "...nii.gz")
+    (msd / "labelsTr").mkdir()
+    (nnunet / "labelsTr" / "case_000.nii.gz").rename(msd / "labelsTr" / "x.nii.gz")
+    (msd / "dataset.json").write_text(json.dumps({
+        "modality": {"0": "CT"}, "labels": {"0": "background", "1": "lesion"},
+        "training": [{"image": "./imagesTr/...nii.gz", "label": "./labelsTr/x.nii.gz"}]}))
+    with pytest.raises(DatasetError, match="not a safe folder name"):
+        read_dataset(msd)
+
+
+# --- wire attacks: one deployed centre on 127.0.0.1, shared by findings 7, 11 and 12 ----------------------------
+
+WIRE_SITES = ["site-1"]
+
+
+@pytest.fixture(scope="module")
+def centre(tmp_path_factory):
+    """``fedseg-server start`` with TLS, node auth and an allow-listed site that never connects, so the
+    centre stays up (waiting for it) while the tests attack its gateway."""
+    import yaml
+
+    from server.certs import init_pki
+    from tests.deploy_harness import (
+        GATEWAY_HOST,
+        Launched,
+        allow,
+        federation_yaml,
+        make_site,
+        snapshot_app,
+        wait_for,
+    )
+
+    root = tmp_path_factory.mktemp("centre")
+    app, _ = snapshot_app(root / "app")
+    fed = federation_yaml(root, app, WIRE_SITES, rounds=1, min_sites=1, run_name="wire", round_timeout_s=600.0,
+                          cross_eval=False)
+    init_pki(root / "certs", [], [GATEWAY_HOST])
+    for name in WIRE_SITES:
+        allow(fed, name, make_site(root, name, root / "no-data", fed, ["0" * 64]))
+    server = Launched(root / "server.out", "fedseg-server", "start", "--config", str(fed))
+    try:
+        wait_for(lambda: "sites connect to" in server.output(), 180, "the centre to come up", server)
+        cfg = yaml.safe_load(fed.read_text())
+        yield {"root": root, "cfg": cfg, "server": server, "run": root / "runs" / "wire",
+               "address": (GATEWAY_HOST, cfg["server"]["fleet_port"]), "ca": str(root / "certs" / "ca.crt")}
+    finally:
+        server.terminate()
+
+
+def _tls(centre, timeout: float = 20.0):
+    """A raw TLS connection to the gateway, as any network peer can open."""
+    import socket
+    import ssl
+
+    context = ssl.create_default_context(cafile=centre["ca"])
+    raw = socket.create_connection(centre["address"], timeout=timeout)
+    return context.wrap_socket(raw, server_hostname=centre["address"][0])
+
+
+def _closed_within(sock, seconds: float) -> bool:
+    """Whether the gateway answers or closes ``sock`` within ``seconds`` (reads until EOF or timeout)."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + seconds
+    sock.settimeout(1.0)
+    while time.monotonic() < deadline:
+        try:
+            if not sock.recv(4096):
+                return True
+        except TimeoutError:
+            continue
+        except OSError:
+            return True
+    return False
+
+
+def test_finding_7_the_gateway_holds_against_a_flooding_peer(centre):
+    import concurrent.futures
+
+    import httpx
+
+    from server.fleet_gateway import HEADER_TIMEOUT_S, MAX_CONNECTIONS
+
+    url = f"https://{centre['address'][0]}:{centre['address'][1]}"
+    with httpx.Client(verify=centre["ca"], timeout=10) as peer:
+        # Exactly the endpoints a registered SuperNode uses: self-registration is not one of them.
+        assert peer.post(url + "/v1/fleet/register-node", content=b"").status_code == 403
+        assert peer.post(url + "/v1/fleet/get-run", content=b"",
+                         headers={"content-type": "application/protobuf"}).status_code == 401
+        # A forged log line in the path stays on one line of gateway.log.
+        assert peer.post(url + "/v1/control/x%0A2026-01-01 INFO forged: admin login", content=b"").status_code == 403
+
+    def oversized() -> bytes:
+        with _tls(centre) as sock:  # announces 10 GB, sends nothing: refused before a byte of body is read
+            sock.sendall(b"POST /v1/fleet/push-object HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000000\r\n\r\n")
+            sock.settimeout(5)
+            return sock.recv(64)
+
+    def slow_head() -> bool:
+        with _tls(centre) as sock:  # slowloris: a head that never ends
+            sock.sendall(b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\n")
+            return _closed_within(sock, HEADER_TIMEOUT_S + 5)
+
+    def stalled_body() -> bytes:
+        with _tls(centre) as sock:
+            sock.sendall(b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
+            sock.settimeout(20)
+            return sock.recv(64)
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        answers = [pool.submit(oversized), pool.submit(slow_head), pool.submit(stalled_body)]
+        too_large, head_cut, body_cut = (f.result(timeout=60) for f in answers)
+    assert too_large.startswith(b"HTTP/1.1 413")
+    assert head_cut
+    assert body_cut.startswith(b"HTTP/1.1 408")
+
+    idle = [_tls(centre) for _ in range(MAX_CONNECTIONS)]  # bounded: exactly the limit
+    try:
+        with httpx.Client(verify=centre["ca"], timeout=10) as peer:
+            assert peer.post(url + "/v1/fleet/get-run", content=b"").status_code == 503
+    finally:
+        for sock in idle:
+            sock.close()
+    log = (centre["root"] / "server-state" / "gateway.log").read_text()
+    assert "forged" in log and not any(line.startswith("2026-01-01 INFO forged") for line in log.splitlines())
+
+
+def test_finding_11_sites_get_only_what_they_need(centre):
+    import tomllib
+
+    from common.config import from_yaml_text
+    from common.plan import Plan
+    from server.planning import plan_config
+
+    shipped = tomllib.loads((centre["run"] / "run-config.toml").read_text())[keys.RUN_CONFIG_KEY]
+    for secret in (str(centre["root"]), *WIRE_SITES):  # no centre path, no site's name
+        assert secret not in shipped, secret
+    assert from_yaml_text(shipped, "run config").model.channels == centre["cfg"]["model"]["channels"]
+
+    plan = Plan((1.0, 1.0, 1.0), (16, 16, 16), (), (32, 32, 32),
+                provenance={"sites": WIRE_SITES, "num_cases": 9, "class_fraction": [0.97, 0.03]})
+    sent = Plan.from_json(str(plan_config(plan)[keys.PLAN]))
+    assert sent == plan and sent.provenance == {}
+
+
+# --- finding 8: DP with a fixed denominator, an honest budget on resume, checked by an independent accountant ---
+
+
+def test_finding_8_dp_sensitivity_resume_and_epsilon(tmp_path):
+    import dataclasses
+
+    from dp_accounting import GaussianDpEvent, SelfComposedDpEvent
+    from dp_accounting.pld import PLDAccountant
+
+    from server.dp import PrivacyResumeRefused, gaussian_epsilon, with_privacy
+    from tests.local_grid import LocalGrid
+
+    def wrapper(run, z: float, offset: int = 0):
+        cfg = load_config(None, ["federation.run_name=dp", "federation.min_sites=1", f"privacy.noise_multiplier={z:.12f}",
+                                 "privacy.clipping_norm=1.0"])
+        cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, sites=["a", "b", "c"]))
+        log = MetricsLog(run)
+        inner = FedSegStrategy(cfg, SIGNATURE, SHAPES, log, Checkpoints(run / "ckpt"), round_offset=offset)
+        return with_privacy(inner, cfg.privacy, log), LocalGrid(cfg, app=None), log
+
+    # Two of three listed sites reply: the released mean still divides by three (a missing site is a zero update).
+    dp, grid, log = wrapper(tmp_path / "run", 1e-9)
+    start = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
+    dp.configure_train(1, start, ConfigRecord(), grid)
+    arrays, _ = dp.aggregate_train(1, [train_reply(1, "a", 0.01), train_reply(2, "b", 0.01)])
+    assert np.allclose(arrays["b"].numpy(), 2 * 0.01 / 3, atol=1e-6)
+    (privacy,) = [e for e in read_events(tmp_path / "run" / "metrics.jsonl") if e["event"] == "privacy"]
+    assert privacy["denominator"] == 3 and privacy["noise_std"] == pytest.approx(1e-9 / 3)
+    log.close()
+
+    # Resuming after that round with another noise multiplier would count its release at the wrong noise.
+    with pytest.raises(PrivacyResumeRefused, match="noise_multiplier"):
+        wrapper(tmp_path / "run", 0.5, offset=1)
+
+    # The accountant agrees with Google's dp-accounting PLD accountant.
+    for z, rounds in ((1.0, 4), (0.8, 10)):
+        pld = PLDAccountant()
+        pld.compose(SelfComposedDpEvent(GaussianDpEvent(z), rounds))
+        assert gaussian_epsilon(z, rounds, 1e-5) == pytest.approx(pld.get_epsilon(1e-5), rel=0.01)
