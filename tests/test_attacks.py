@@ -599,3 +599,42 @@ def test_finding_8_dp_sensitivity_resume_and_epsilon(tmp_path):
         pld = PLDAccountant()
         pld.compose(SelfComposedDpEvent(GaussianDpEvent(z), rounds))
         assert gaussian_epsilon(z, rounds, 1e-5) == pytest.approx(pld.get_epsilon(1e-5), rel=0.01)
+
+
+# --- finding 1: every task type Flower can start at a site passes the bundle guard ------------------------------
+
+
+def test_finding_1_every_task_command_flower_can_start_is_guarded(tmp_path, monkeypatch):
+    """Flower's own SuperExec launcher starts an AgentApp task the way it would for a bundle with an
+    ``agentapp`` component: it finds the site's guard, not Flower's flwr-agentapp, and the refusal is recorded."""
+    import json
+    import os
+    import subprocess
+
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
+    from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
+    from flwr.supercore.superexec.executor.types import ExecutionSpec
+
+    from client.bundle_guard import guard_env, write_launcher
+
+    bin_dir = write_launcher(tmp_path / "guard-bin").parent
+    assert {p.name for p in bin_dir.iterdir()} == set(TASK_TYPE_TO_COMMAND.values())
+    decisions = tmp_path / "bundles.jsonl"
+    for name, value in guard_env(bin_dir, ["0" * 64], decisions, dict(os.environ)).items():
+        monkeypatch.setenv(name, value)
+    spawned, popen = [], subprocess.Popen
+
+    def started(*args, **kwargs):  # Flower's launch, then wait for the process it started
+        spawned.append(popen(*args, **kwargs))
+        spawned[-1].wait(60)
+        return spawned[-1]
+
+    monkeypatch.setattr(subprocess, "Popen", started)
+    for task in (TaskType.AGENT_APP, TaskType.CONNECTOR, TaskType.MODEL):
+        spec = ExecutionSpec(task_type=task, runtime_api_address="127.0.0.1:9", token="t", insecure=True,
+                             root_certificates_path=None, runtime_dependency_install=False, parent_pid=None,
+                             suppress_output=False, task_id=1)
+        assert SubprocessExecutor().launch(spec).status == "accepted"
+    refused = [json.loads(line) for line in decisions.read_text().splitlines()]
+    assert [r["task"] for r in refused] == ["flwr-agentapp", "flwr-connector", "flwr-model"]
+    assert {r["decision"] for r in refused} == {"refused"} and all(p.returncode == 1 for p in spawned)
