@@ -196,7 +196,7 @@ def start_federation(cfg: FedsegConfig, say: Callable[[str], None] = print) -> i
     import tomli_w
 
     from common import keys
-    from common.bundle import APP_DIR, bundle_bytes
+    from common.bundle import app_dir, bundle_bytes
     from common.metrics_log import METRICS_FILE
     from common.runs import SERVER_CONFIG_FILE, run_dir, site_view
 
@@ -211,7 +211,7 @@ def start_federation(cfg: FedsegConfig, say: Callable[[str], None] = print) -> i
     run_config = {keys.RUN_CONFIG_KEY: site_view(cfg).to_yaml()}  # what every site receives
     (run / "run-config.toml").write_text(tomli_w.dumps(run_config))
     (run / SERVER_CONFIG_FILE).write_text(cfg.to_yaml())  # the ServerApp's, read at the centre only
-    app = Path(cfg.server.app_dir) if cfg.server.app_dir else APP_DIR
+    app = app_dir(cfg.server.app_dir)
     fab = bundle_bytes(app)
     done = last_complete_round(run / METRICS_FILE)
     say(f"fedseg-server: run {cfg.federation.run_name} -> {run}"
