@@ -158,9 +158,8 @@ def _train(site: Site, msg: Message) -> Message:
 def _evaluate(site: Site, msg: Message) -> Message:
     site.load_global(msg)
     data = SiteData.open(site.cfg, site.state, msg)
-    result = evaluate_model(
-        site.model, data.volumes(require_cohort(site.cfg, data.val_ids, "validation")), site.cfg.data, site.cfg.train, data.spec.num_classes
-    )
+    val = data.volumes(require_cohort(site.cfg, data.val_ids, "validation"))
+    result = evaluate_model(site.model, val, site.cfg.data, site.cfg.train, data.spec.num_classes)
     metrics = {"dice": result.dice, "loss": result.loss, keys.NUM_EXAMPLES: result.num_cases}
     metrics |= class_metrics(keys.DICE_CLASS_PREFIX, result.dice_per_class)
     if result.hd95 is not None:

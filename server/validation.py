@@ -43,7 +43,7 @@ ZERO_UPDATE_RATIO = 1e-7
 MIN_SITES_FOR_BOUND = 3
 """The relative norm bound needs a majority of others to tell an honest size from a hostile one."""
 WIRE_FLOAT_DTYPES = ("float32", "float16")
-DICE_METRICS = re.compile(rf"dice|dice_adapted|{keys.DICE_CLASS_PREFIX}\d+|dice_fusion|dice_annotator_\d+")
+DICE_METRICS = re.compile(rf"dice|dice_adapted|dice_personal|{keys.DICE_CLASS_PREFIX}\d+|dice_fusion|dice_annotator_\d+")
 """Metrics that are Dice values, hence in [0, 1]."""
 
 
