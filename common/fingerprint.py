@@ -35,8 +35,8 @@ cannot be solved back to the cases' exact values.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from itertools import pairwise
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import nibabel as nib
 import numpy as np

@@ -475,7 +475,6 @@ def _tls(centre, timeout: float = 20.0):
 
 def _closed_within(sock, seconds: float) -> bool:
     """Whether the gateway answers or closes ``sock`` within ``seconds`` (reads until EOF or timeout)."""
-    import socket
     import time
 
     deadline = time.monotonic() + seconds
@@ -683,8 +682,17 @@ def test_finding_13_a_non_editable_install_runs_a_deployed_federation(tmp_path, 
 
     from common.bundle import bundle_sha256
     from server.certs import init_pki
-    from tests.deploy_harness import (GATEWAY_HOST, Launched, allow, events, federation_yaml, make_site, run_cli,
-                                      wait_for, write_yaml)
+    from tests.deploy_harness import (
+        GATEWAY_HOST,
+        Launched,
+        allow,
+        events,
+        federation_yaml,
+        make_site,
+        run_cli,
+        wait_for,
+        write_yaml,
+    )
 
     bin_dir, release = _fresh_install(tmp_path)
     fed = federation_yaml(tmp_path, release, ["site-1"], rounds=1, min_sites=1, run_name="installed",
