@@ -495,8 +495,6 @@ def test_finding_7_the_gateway_holds_against_a_flooding_peer(centre):
 
     import httpx
 
-    from server.fleet_gateway import HEADER_TIMEOUT_S, MAX_CONNECTIONS
-
     url = f"https://{centre['address'][0]}:{centre['address'][1]}"
     with httpx.Client(verify=centre["ca"], timeout=10) as peer:
         # Exactly the endpoints a registered SuperNode uses: self-registration is not one of them.
@@ -505,6 +503,8 @@ def test_finding_7_the_gateway_holds_against_a_flooding_peer(centre):
                          headers={"content-type": "application/protobuf"}).status_code == 401
         # A forged log line in the path stays on one line of gateway.log.
         assert peer.post(url + "/v1/control/x%0A2026-01-01 INFO forged: admin login", content=b"").status_code == 403
+
+    from server.fleet_gateway import HEADER_TIMEOUT_S, MAX_CONNECTIONS
 
     def oversized() -> bytes:
         with _tls(centre) as sock:  # announces 10 GB, sends nothing: refused before a byte of body is read
