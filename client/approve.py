@@ -17,9 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.bundle import APP_DIR, bundle_sha256
+    from common.bundle import app_dir, bundle_sha256
 
-    app = args.app or APP_DIR
+    app = app_dir(args.app or "")
     if not (app / "pyproject.toml").is_file():
         from common.cli import UserError
 

@@ -15,8 +15,16 @@ site's daemon puts this guard in front of Flower's ClientApp process:
   Flower then replies to the server with an error, so the refusal shows up
   in the run's metrics log as a failure of that site.
 
+- Flower starts a different executable for every other task type a run can
+  declare (``flwr-agentapp`` for a bundle with an ``agentapp`` component,
+  and so on: ``TASK_TYPE_TO_COMMAND``). Each of them would install and
+  import the bundle with no check, so the same folder holds a launcher of
+  that name for every one of them, which refuses the task and records the
+  refusal: a fedseg site runs ClientApp tasks only.
+
 It fails closed: no list, or a Flower whose ClientApp runner no longer has the
-step it wraps, means every bundle is refused. This module imports nothing
+step it wraps, means every bundle is refused; a Flower without the task
+table, or whose ClientApp command is renamed, stops the daemon from starting. This module imports nothing
 from fedseg (the bundle brings its own copy), so no unapproved code can
 shadow it. Residual risks are spelled out in README, "Deploy across hospitals".
 """
@@ -128,25 +136,48 @@ def main() -> int:
     return 0
 
 
-def write_launcher(bin_dir: Path, entry: str = __name__) -> Path:
-    """Write the ``flwr-clientapp`` launcher that runs :func:`main` with this interpreter.
+def task_commands() -> frozenset[str]:
+    """Every executable Flower's SuperExec may start for a task (flwr.supercore.constant.TASK_TYPE_TO_COMMAND)."""
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND
 
-    ``entry`` names the module whose ``main`` the launcher runs: this one, or
+    commands = frozenset(TASK_TYPE_TO_COMMAND.values())
+    if LAUNCHER not in commands:
+        raise RuntimeError(f"this Flower starts ClientApps by another name than {LAUNCHER}; the bundle guard "
+                           "cannot stand in front of it. Pin flwr 1.42 or update client/bundle_guard.py.")
+    return commands
+
+
+def refuse_task(command: str) -> int:
+    """Entry point of every launcher but the ClientApp's: record the refusal and start nothing."""
+    _record(os.environ.get(DECISIONS_ENV), decision="refused", task=command,
+            reason="a fedseg site runs ClientApp tasks only")
+    print(f"fedseg bundle guard: refused a {command} task; this site runs ClientApp tasks only.", file=sys.stderr)
+    return 1
+
+
+def _write_script(path: Path, body: str) -> Path:
+    path.write_text(
+        f"#!{sys.executable}\n"
+        "# Written by `fedseg-client start` (client/bundle_guard.py): every task Flower starts here\n"
+        "# passes this guard before any bundle code is installed or imported.\n"
+        f"import sys\n{body}"
+    )
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP)
+    return path
+
+
+def write_launcher(bin_dir: Path, entry: str = __name__) -> Path:
+    """Write the guarded ``flwr-clientapp`` launcher and a refusing one for every other task command.
+
+    ``entry`` names the module whose ``main`` the ClientApp launcher runs: this one, or
     client.warm_start, whose launcher runs this module's ``main`` in a forked warm process.
     """
     bin_dir = Path(bin_dir)
     bin_dir.mkdir(parents=True, exist_ok=True)
-    path = bin_dir / LAUNCHER
-    path.write_text(
-        f"#!{sys.executable}\n"
-        "# Written by `fedseg-client start`: checks every app bundle against site.approved_bundles\n"
-        "# before Flower installs or imports it (client/bundle_guard.py).\n"
-        "import sys\n"
-        f"from {entry} import main\n"
-        "sys.exit(main())\n"
-    )
-    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP)
-    return path
+    for command in sorted(task_commands() - {LAUNCHER}):
+        _write_script(bin_dir / command,
+                      f"from client.bundle_guard import refuse_task\nsys.exit(refuse_task({command!r}))\n")
+    return _write_script(bin_dir / LAUNCHER, f"from {entry} import main\nsys.exit(main())\n")
 
 
 def guard_env(bin_dir: Path, approved: Iterable[str], decisions: Path, env: dict[str, str]) -> dict[str, str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-import errno
 import logging
 import time
 import zlib
@@ -22,51 +21,23 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from common import keys
-from common.config import ConfigError, FedsegConfig, from_yaml_text, load_config
-from common.dataset import DatasetError
+from common.config import FedsegConfig, from_yaml_text, load_config
 from common.device import with_site_compute
 from common.loops import evaluate as evaluate_model
 from common.loops import RunSteps, train_local
 from common.model import build_model
-from common.params import ParameterSplit, ParameterSplitError, load_merged, model_signature, select, split_parameters
+from common.params import ParameterSplit, load_merged, model_signature, select, split_parameters
 from common.runs import run_dir, simulated_site_config
-from common.wire import error_reason, from_wire, to_wire
+from common.wire import from_wire, to_wire
 
 from . import egress, site_history, timeline
 from .cross_eval import class_metrics, cross_evaluate
-from .site_data import SiteData, annotator_metrics, fingerprint_reply
+from .reasons import SignatureMismatch, sanitized_reason
+from .site_data import SiteData, annotator_metrics, fingerprint_reply, require_cohort
 from .site_state import SiteState
 
 log = logging.getLogger("fedseg.client")
 SITE_ERROR_CODE = 1001
-
-
-class SignatureMismatch(ValueError):
-    """Server and site disagree on the model (different config or version)."""
-
-
-SANITIZED_REASONS: dict[type[BaseException], str] = {
-    SignatureMismatch: "model signature mismatch: the site and the server run different model configurations",
-    DatasetError: "the site's dataset could not be read; run `fedseg-client check` at the site",
-    ConfigError: "the site's configuration is invalid; see the site log",
-    ParameterSplitError: "the norm mode does not fit the model; see the site log",
-    FloatingPointError: "local training diverged (non-finite loss)",
-    MemoryError: "the site ran out of memory",
-}
-
-
-DISK_FULL_ERRNOS = frozenset((errno.ENOSPC, errno.EFBIG, errno.EDQUOT))
-DISK_FULL_REASON = "the site's disk is full: its state folder cannot be written; free space at the site"
-
-
-def sanitized_reason(site: str, err: BaseException) -> str:
-    """Short, fixed wording per failure kind: exception texts may hold paths or case names."""
-    if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
-        return error_reason(site, DISK_FULL_REASON)
-    for kind, reason in SANITIZED_REASONS.items():
-        if isinstance(err, kind):
-            return error_reason(site, reason)
-    return error_reason(site, f"internal error ({type(err).__name__}); see the site log")
 
 
 @dataclasses.dataclass
@@ -166,7 +137,7 @@ def _train(site: Site, msg: Message) -> Message:
     config = msg.content[keys.CONFIG]
     server_round = int(config[keys.SERVER_ROUND])
     data = SiteData.open(site.cfg, site.state, msg)
-    volumes = data.volumes(data.train_ids)
+    volumes = data.volumes(require_cohort(site.cfg, data.train_ids, "training"))
     timeline.mark(site.marks, timeline.DATA_READY)
     result = train_local(
         site.model,
@@ -194,7 +165,7 @@ def _train(site: Site, msg: Message) -> Message:
 def _evaluate(site: Site, msg: Message) -> Message:
     site.load_global(msg)
     data = SiteData.open(site.cfg, site.state, msg)
-    volumes = data.volumes(data.val_ids)
+    volumes = data.volumes(require_cohort(site.cfg, data.val_ids, "validation"))
     timeline.mark(site.marks, timeline.DATA_READY)
     result = evaluate_model(site.model, volumes, site.cfg.data, site.cfg.train, data.spec.num_classes)
     metrics = {"dice": result.dice, "loss": result.loss, keys.NUM_EXAMPLES: result.num_cases}

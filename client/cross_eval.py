@@ -22,7 +22,7 @@ from common.loops import evaluate
 from common.norm_adapt import adapt_norm
 from common.personalize import personalize
 
-from .site_data import SiteData
+from .site_data import SiteData, require_cohort
 
 if TYPE_CHECKING:
     from .client_app import Site
@@ -47,8 +47,9 @@ def cross_evaluate(site: Site, msg: Message) -> Message:
         raise ValueError(f"unknown cross-evaluation task {task!r}; expected '{IDENTIFY}' or '{EVALUATE}'")
     site.load_global(msg)
     data = SiteData.open(site.cfg, site.state, msg)
-    scored = data.volumes(data.val_ids if trained else data.labelled_ids)
-    test = data.volumes(data.test_ids) if trained else []
+    scored = data.volumes(require_cohort(site.cfg, data.val_ids if trained else data.labelled_ids, "validation"))
+    enough_tests = len(data.test_ids) >= site.cfg.site.min_cohort  # fewer: no test Dice leaves the site
+    test = data.volumes(data.test_ids) if trained and enough_tests else []
     num_classes = data.spec.num_classes
     train = site.cfg.train
     own = evaluate(site.model, scored, site.cfg.data, train, num_classes)

@@ -1,16 +1,17 @@
 """The egress guard: the one gate every reply of a site passes, and the audit log behind it.
 
-"Patient data never leaves the hospital" is enforced here, not assumed. A
-reply may carry only:
+"Patient data never leaves the hospital" is enforced here, not assumed. Each
+kind of reply may carry exactly its own records and keys (``RULES``):
 
-- the travelling model tensors (exactly the keys, shapes and wire dtypes of
-  the model signature; never a site-local norm tensor),
-- numeric metrics whose names are declared in ``common.keys`` (training and
-  evaluation metrics, one Dice per foreground class, ``fp_*`` fingerprint
-  aggregates; short numeric lists only for fingerprints),
-- the identity ConfigRecord (this site's name and model signature),
-- or an error whose reason is short, fixed wording without paths, file names
-  or digits.
+- a training reply: the travelling model tensors (exactly the keys, shapes
+  and wire dtypes of the model signature, minus whatever the site's
+  ``site.max_norm_travel`` keeps home, whatever the centre asked for), the
+  training metrics, and the identity record;
+- an evaluation or cross-evaluation reply: its declared scalar metrics and
+  the identity record, no arrays;
+- a fingerprint reply: the case count, exactly the fingerprint's ``fp_*``
+  aggregates (short numeric lists only there), and the identity record;
+- or an error whose reason is one of the fixed wordings of client/reasons.py.
 
 Anything else (an extra array, an image patch, a string, a file name, an
 oversize payload) is blocked: the details are logged at the site, the server
@@ -18,6 +19,9 @@ gets a sanitized error instead, and both the blocked attempt and what was
 sent in its place are recorded in ``<state_dir>/egress.jsonl``. Every
 outgoing message is recorded there (round, keys, bytes, SHA-256 of the
 content as in ``common.digest``), which is what ``fedseg-client audit`` reads.
+The check and the audit write run under one ``try``: if either fails (a full
+disk, an unreadable state directory), the server gets the fixed blocked
+reason, never an exception text.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,23 +37,31 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+)
 from torch import nn
 
 from common import keys
 from common.config import FedsegConfig
 from common.digest import content_bytes, content_sha256
+from common.fingerprint import record_names
 from common.metrics_log import read_events
-from common.params import ParameterSplit
+from common.params import ParameterSplit, kept_at_site
 from common.wire import error_reason
 
+from .reasons import BLOCKED_REASON, is_fixed
 from .site_state import SiteState
 
 log = logging.getLogger("fedseg.client")
 
 EGRESS_FILE = "egress.jsonl"
 EGRESS_BLOCKED_CODE = 1002
-BLOCKED_REASON = "a reply was blocked by the site's egress guard; see the site's egress audit"
 MAX_REASON_CHARS = 240
 NUMPY_STYPE = "numpy.ndarray"
 NPY_HEADER_MAX = 4096
@@ -59,8 +70,34 @@ METADATA_ALLOWANCE = 64 * 1024
 """Bytes allowed beyond the model arrays for metric and identity records."""
 MAX_METRICS = 128
 """Most metric entries one reply may carry (fingerprints included)."""
-SAFE_REASON = re.compile(r"[A-Za-z ,;:()'`\-]+")
-"""Sanitized error wording: letters and punctuation only, so no path, file name, case id or number."""
+FINGERPRINT_QUERY = f"{MessageType.QUERY}.{keys.FINGERPRINT_ACTION}"
+CROSS_EVAL_QUERY = f"{MessageType.QUERY}.{keys.CROSS_EVAL_ACTION}"
+
+
+@dataclass(frozen=True)
+class ReplyRule:
+    """What one kind of reply may hold: exactly these records, these metric names, at least ``required``."""
+
+    records: frozenset[str]
+    metrics: frozenset[str]
+    required: frozenset[str]
+
+
+def reply_rules(dice_classes: frozenset[str], test_classes: frozenset[str]) -> dict[str, ReplyRule]:
+    """The rule of each message type a site answers (with its per-class Dice names); any other type may only
+    get an error."""
+    identity = {keys.METRICS, keys.IDENTITY}
+    return {
+        MessageType.TRAIN: ReplyRule(frozenset({*identity, keys.ARRAYS}), frozenset(keys.TRAIN_METRICS),
+                                     frozenset(keys.TRAIN_METRICS)),
+        MessageType.EVALUATE: ReplyRule(frozenset(identity), frozenset(keys.EVAL_METRICS) | dice_classes,
+                                        frozenset(keys.EVAL_REQUIRED)),
+        FINGERPRINT_QUERY: ReplyRule(frozenset({*identity, keys.FINGERPRINT}), frozenset({keys.NUM_EXAMPLES}),
+                                     frozenset({keys.NUM_EXAMPLES})),
+        CROSS_EVAL_QUERY: ReplyRule(frozenset(identity),
+                                    frozenset(keys.CROSS_EVAL_METRICS) | dice_classes | test_classes,
+                                    frozenset({keys.NUM_EXAMPLES})),
+    }
 
 
 class SiteLike(Protocol):
@@ -80,26 +117,33 @@ class EgressPolicy:
     site: str
     signature: str
     arrays: dict[str, tuple[tuple[int, ...], frozenset[str]]]
-    """Travelling key -> (shape, dtypes allowed on the wire)."""
-    metric_names: frozenset[str]
+    """Travelling key -> (shape, dtypes allowed on the wire), minus what ``site.max_norm_travel`` keeps home."""
+    rules: dict[str, ReplyRule]
+    fingerprint: frozenset[str]
+    """The exact keys of a fingerprint record."""
     max_bytes: int
 
     @classmethod
     def for_site(cls, site: SiteLike, wire_dtype: str) -> EgressPolicy:
         state = site.model.state_dict()
+        home = kept_at_site(site.model, site.cfg.site.max_norm_travel)
         arrays, total = {}, 0
         for key in site.split.travelling:
+            if key in home:
+                continue
             tensor = state[key]
             dtypes = {wire_dtype} if tensor.is_floating_point() else {str(tensor.dtype).removeprefix("torch.")}
             arrays[key] = (tuple(tensor.shape), frozenset(dtypes))
             total += tensor.numel() * tensor.element_size() + NPY_HEADER_MAX + len(key)
-        per_class = {f"{prefix}{i}" for prefix in (keys.DICE_CLASS_PREFIX, keys.TEST_DICE_CLASS_PREFIX)
-                     for i in range(1, site.cfg.model.out_channels)}
+        classes = range(1, site.cfg.model.out_channels)
+        dice_classes = frozenset(f"{keys.DICE_CLASS_PREFIX}{i}" for i in classes)
+        test_classes = frozenset(f"{keys.TEST_DICE_CLASS_PREFIX}{i}" for i in classes)
         return cls(
             site=site.cfg.site.name,
             signature=site.signature,
             arrays=arrays,
-            metric_names=frozenset(keys.EGRESS_METRICS | per_class),
+            rules=reply_rules(dice_classes, test_classes),
+            fingerprint=record_names(site.cfg.model.in_channels, site.cfg.model.out_channels),
             max_bytes=total + METADATA_ALLOWANCE,
         )
 
@@ -111,7 +155,7 @@ def _array_problems(record: ArrayRecord, policy: EgressPolicy) -> Iterator[str]:
     extra = sorted(set(record) - set(policy.arrays))
     missing = sorted(set(policy.arrays) - set(record))
     if extra:
-        yield f"arrays not in the model signature: {extra[:5]}"
+        yield f"arrays not in the model signature, or kept home by site.max_norm_travel: {extra[:5]}"
     if missing:
         yield f"travelling arrays missing: {missing[:5]}"
     for key, array in record.items():
@@ -127,12 +171,16 @@ def _array_problems(record: ArrayRecord, policy: EgressPolicy) -> Iterator[str]:
             yield f"array '{key}' carries {len(array.data)} bytes, more than its shape needs"
 
 
-def _metric_problems(record: MetricRecord, policy: EgressPolicy) -> Iterator[str]:
+def _metric_problems(record: MetricRecord, allowed: frozenset[str], required: frozenset[str],
+                     lists: bool) -> Iterator[str]:
+    """Names outside ``allowed``, missing ``required`` ones, and lists (only fingerprints may hold short ones)."""
+    missing = sorted(required - set(record))
+    if missing:
+        yield f"metrics {missing} missing"
     for name, value in record.items():
-        fingerprint = name.startswith(keys.FINGERPRINT_PREFIX)
-        if name not in policy.metric_names and not fingerprint:
-            yield f"metric '{name}' is not declared in common.keys"
-        if isinstance(value, list) and (not fingerprint or len(value) > keys.EGRESS_MAX_LIST):
+        if name not in allowed:
+            yield f"metric '{name}' is not declared for this kind of reply in common.keys"
+        if isinstance(value, list) and (not lists or len(value) > keys.EGRESS_MAX_LIST):
             yield f"metric '{name}' is a list of {len(value)} values; only fingerprint lists up to " \
                   f"{keys.EGRESS_MAX_LIST} may leave"
 
@@ -147,34 +195,44 @@ def _identity_problems(record: ConfigRecord, policy: EgressPolicy) -> Iterator[s
 
 
 def reason_problems(reason: str, site: str) -> list[str]:
-    """Problems with an error reason: it must be fixed wording, short, with no path or number."""
-    text = reason.removeprefix(error_reason(site, ""))
+    """Problems with an error reason: it must be one of the fixed wordings (client/reasons.py), short."""
+    prefix = error_reason(site, "")
     if len(reason) > MAX_REASON_CHARS:
         return [f"error reason of {len(reason)} characters (limit {MAX_REASON_CHARS})"]
-    if not SAFE_REASON.fullmatch(text):
-        return ["error reason holds characters outside sanitized wording (path, file name or number?)"]
+    if not reason.startswith(prefix) or not is_fixed(reason.removeprefix(prefix)):
+        return ["error reason is not one of the site's fixed wordings (it could carry a path, name or number)"]
     return []
 
 
-def problems(reply: Message, policy: EgressPolicy | None) -> list[str]:
-    """Everything in ``reply`` that may not leave the site; empty when the reply may be sent."""
+def problems(reply: Message, policy: EgressPolicy | None, message_type: str = MessageType.TRAIN) -> list[str]:
+    """Everything in ``reply`` to a ``message_type`` request that may not leave the site; empty when it may."""
     if reply.has_error():
         return reason_problems(reply.error.reason or "", policy.site if policy else "unknown")
     if policy is None:
         return ["a reply with content from a site whose configuration could not be resolved"]
-    found: list[str] = []
+    rule = policy.rules.get(message_type)
+    if rule is None:
+        return [f"no content may answer a '{message_type}' message"]
     content = reply.content
+    found: list[str] = [f"record '{name}' ({type(record).__name__}) is not allowed in a '{message_type}' reply"
+                        for name, record in content.items() if name not in rule.records]
+    found += [f"record '{name}' missing" for name in sorted(rule.records - set(content))]
     metric_count = 0
     for name, record in content.items():
-        if isinstance(record, ArrayRecord) and name == keys.ARRAYS:
+        if name not in rule.records:
+            continue
+        if name == keys.ARRAYS and isinstance(record, ArrayRecord):
             found += _array_problems(record, policy)
-        elif isinstance(record, MetricRecord) and name in (keys.METRICS, keys.FINGERPRINT):
-            found += _metric_problems(record, policy)
+        elif name == keys.METRICS and isinstance(record, MetricRecord):
+            found += _metric_problems(record, rule.metrics, rule.required, lists=False)
             metric_count += len(record)
-        elif isinstance(record, ConfigRecord) and name == keys.IDENTITY:
+        elif name == keys.FINGERPRINT and isinstance(record, MetricRecord):
+            found += _metric_problems(record, policy.fingerprint, policy.fingerprint, lists=True)
+            metric_count += len(record)
+        elif name == keys.IDENTITY and isinstance(record, ConfigRecord):
             found += _identity_problems(record, policy)
         else:
-            found.append(f"record '{name}' ({type(record).__name__}) is not allowed to leave the site")
+            found.append(f"record '{name}' is a {type(record).__name__}, not the expected kind")
     if metric_count > MAX_METRICS:
         found.append(f"{metric_count} metrics, more than the {MAX_METRICS} allowed")
     size = content_bytes(content)
@@ -238,26 +296,29 @@ def _wire_dtype(request: Message, cfg: FedsegConfig) -> str:
 
 
 def guard(reply: Message, request: Message, site: SiteLike | None) -> Message:
-    """Let ``reply`` out if it holds only what may leave the site; otherwise a sanitized error.
+    """Let ``reply`` out if it holds only what may leave the site; otherwise the fixed blocked reason.
 
     ``site`` is None when the site could not even be resolved (its config is
     broken): then only a sanitized error may leave, and there is no state
-    directory to record it in.
+    directory to record it in. Whatever fails in here (the check, the audit
+    write) ends in the fixed blocked reason: Flower would otherwise send the
+    exception's text, with the site's paths, to the server.
     """
     name = site.cfg.site.name if site is not None else "unknown"
+    blocked = Message(Error(code=EGRESS_BLOCKED_CODE, reason=error_reason(name, BLOCKED_REASON)), reply_to=request)
     try:
         policy = EgressPolicy.for_site(site, _wire_dtype(request, site.cfg)) if site is not None else None
-        found = problems(reply, policy)
-    except Exception as err:  # a guard that cannot decide must block
-        log.exception("egress guard of site %s failed while checking a reply", name)
-        found = [f"the egress guard could not check the reply ({type(err).__name__})"]
-    audit = EgressLog(site.state.root) if site is not None else None
-    if found:
-        log.error("egress guard of site %s blocked a %s reply: %s", name, request.metadata.message_type,
-                  "; ".join(found))
+        found = problems(reply, policy, request.metadata.message_type)
+        audit = EgressLog(site.state.root) if site is not None else None
+        if found:
+            log.error("egress guard of site %s blocked a %s reply: %s", name, request.metadata.message_type,
+                      "; ".join(found))
+            if audit is not None:
+                audit.record(request, reply, "blocked", found)
+            reply = blocked
         if audit is not None:
-            audit.record(request, reply, "blocked", found)
-        reply = Message(Error(code=EGRESS_BLOCKED_CODE, reason=error_reason(name, BLOCKED_REASON)), reply_to=request)
-    if audit is not None:
-        audit.record(request, reply, "sent")
-    return reply
+            audit.record(request, reply, "sent")
+        return reply
+    except Exception:  # a guard that cannot decide, or cannot record, must block
+        log.exception("egress guard of site %s failed while checking or recording a reply", name)
+        return blocked

@@ -41,8 +41,9 @@ from monai.transforms import KeepLargestConnectedComponent
 from torch import nn
 
 from common.config import FedsegConfig
-from common.dataset import NIFTI_ENDINGS
+from common.dataset import NIFTI_ENDINGS, DatasetError, channel_groups
 from common.device import CPU_FP32, Compute, compute_for, with_site_compute
+from common.nifti_out import save_nifti
 from common.plan import PLAN_FILE, Plan
 from common.preprocess import Geometry, prepare_image
 
@@ -264,7 +265,7 @@ def write_nifti(array: np.ndarray, geometry: Geometry, source: nib.Nifti1Header,
     out = nib.Nifti1Image(array, geometry.affine, output_header(source, dtype or array.dtype))
     out.set_qform(geometry.affine, code=1)
     out.set_sform(geometry.affine, code=1)
-    nib.save(out, str(path))
+    save_nifti(out, path)
 
 
 def keep_largest_components(label: np.ndarray, num_classes: int) -> np.ndarray:
@@ -279,10 +280,12 @@ def probability_path(out_path: Path) -> Path:
     return out_path.with_name(out_path.name.replace(SUFFIX, PROB_SUFFIX, 1))
 
 
-def predict_file(path: Path, out_path: Path, model: nn.Module, plan: Plan, num_classes: int,
+def predict_file(path: Path | tuple[Path, ...], out_path: Path, model: nn.Module, plan: Plan, num_classes: int,
                  options: InferenceOptions = InferenceOptions(), progress: bool = False) -> np.ndarray:
-    """Segment one scan and write its label map (and probabilities) on the input's grid."""
-    image, geometry = prepare_image((path,), plan, file_layout=True)
+    """Segment one scan (or one case's channel files) and write its label map (and probabilities) on the
+    input's grid."""
+    paths = path if isinstance(path, tuple) else (path,)
+    image, geometry = prepare_image(paths, plan, file_layout=True)
     inferer = SlabInferer(model, plan.patch_size, num_classes, options, progress=progress)
     segmentation = inferer.segment(image.as_tensor())  # a plain tensor: MetaTensor's bookkeeping costs per op
     del image
@@ -291,7 +294,7 @@ def predict_file(path: Path, out_path: Path, model: nn.Module, plan: Plan, num_c
         raise RuntimeError(f"{path}: prediction shape {label.shape} differs from the input's {geometry.shape}")
     if options.largest_component:
         label = keep_largest_components(label, num_classes)
-    source = nib.load(str(path)).header
+    source = nib.load(str(paths[0])).header
     write_nifti(label, geometry, source, out_path)
     if segmentation.probabilities is not None:
         probabilities = probabilities_to_original(segmentation.probabilities, geometry)
@@ -408,21 +411,24 @@ def run(args: argparse.Namespace) -> int:
         model, plan, model_cfg = load_run_model(args.run, args.weights, state_root,
                                                    missing_local="quiet" if args.adapt_norm else "warn")
     options = inference_options(args, model_cfg, cfg)
-    inputs = scans(args.input)
+    try:
+        cases = channel_groups(scans(args.input), model_cfg.model.in_channels)
+    except DatasetError as err:
+        raise UserError(str(err)) from err
     args.output.mkdir(parents=True, exist_ok=True)
     if args.adapt_norm:
         train = model_cfg.train
         if train.adapt_norm_steps < 1:
             raise UserError("--adapt-norm needs train.adapt_norm_steps >= 1 in the model's config.")
-        images = [prepare_image((p,), plan)[0].numpy() for p in inputs]
+        images = [prepare_image(paths, plan)[0].numpy() for paths in cases.values()]
         data = plan.data_config(model_cfg.data)
         if adapt_norm(model, images, data, train.adapt_norm_steps, train.batch_size, train.seed,
                       options.compute.device):
             print(f"re-estimated the BatchNorm statistics on {len(images)} scan(s)")
         else:
             print("the model has no BatchNorm layer: nothing to adapt, it is used as it arrives")
-    for i, scan in enumerate(inputs, 1):
-        out = args.output / output_name(scan)
-        print(f"[{i}/{len(inputs)}] {scan.name} -> {out}")
-        predict_file(scan, out, model, plan, model_cfg.model.out_channels, options, progress=True)
+    for i, paths in enumerate(cases.values(), 1):
+        out = args.output / output_name(paths[0])
+        print(f"[{i}/{len(cases)}] {paths[0].name} -> {out}")
+        predict_file(paths, out, model, plan, model_cfg.model.out_channels, options, progress=True)
     return 0

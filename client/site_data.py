@@ -23,6 +23,7 @@ from common.plan import PLAN_FILE, Plan, make_plan
 from common.preprocess import PreprocessedCases, Volume
 
 from .check import preflight
+from .reasons import TooFewCases
 from .site_state import SiteState
 
 log = logging.getLogger("fedseg.client")
@@ -68,6 +69,18 @@ class SiteData:
         return [self.cases.load(self.spec.case(i)) for i in ids]
 
 
+def require_cohort(cfg: FedsegConfig, ids: list[str], what: str) -> list[str]:
+    """``ids``, if there are at least ``site.min_cohort`` of them; else refuse (TooFewCases).
+
+    A value computed from fewer cases (a Dice over one validation case, the
+    foreground statistics of one patient) describes those patients, not a
+    cohort; the site sends nothing computed from them, and says why.
+    """
+    if len(ids) < cfg.site.min_cohort:
+        raise TooFewCases(f"{len(ids)} {what} case(s), fewer than site.min_cohort = {cfg.site.min_cohort}")
+    return ids
+
+
 def open_split(cfg: FedsegConfig, state: SiteState) -> tuple[DatasetSpec, list[str], list[str]]:
     """Read and preflight-check the dataset (refusing a broken one), then fix the split."""
     spec = read_dataset(cfg.site.data_dir)
@@ -103,7 +116,7 @@ def fingerprint(cfg: FedsegConfig, state: SiteState) -> dict:
         cached = json.loads(path.read_text())
         if cached.get("key") == key:
             return cached["record"]
-    record = site_fingerprint(spec, train_ids, seed=cfg.data.split_seed)
+    record = site_fingerprint(spec, require_cohort(cfg, train_ids, "training"), seed=cfg.data.split_seed)
     path.write_text(json.dumps({"key": key, "record": record}))
     return record
 
@@ -117,6 +130,8 @@ def resolve_plan(cfg: FedsegConfig, state: SiteState, spec: DatasetSpec, train_i
         if not stored.is_file() or Plan.load(stored).version != plan.version:
             plan.save(stored)
             state.update_info(plan_version=plan.version)
+            if removed := state.prune_cache(plan.version):
+                log.info("new plan %s: removed the caches of plans %s", plan.version, removed)
         return plan
     if stored.is_file():
         return Plan.load(stored)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,13 @@ from safetensors.torch import load_file, save
 
 from common.files import atomic_save
 
+from common.private import private_dir
+
 NORM_FILE = "norm.safetensors"
 SITE_FILE = "site.json"
 CACHE_DIR = "cache"
+PLAN_CACHE = re.compile(r"plan-[0-9a-f]{12}")
+"""Cache folders are named after the plan version (common/preprocess.py); nothing else there is removed."""
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +42,25 @@ class SiteState:
     """Reads and writes ``<state_dir>/norm.safetensors`` and ``site.json``."""
 
     def __init__(self, state_dir: Path) -> None:
-        self.root = Path(state_dir)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = private_dir(state_dir)  # it holds preprocessed scans: owner-only
 
     @property
     def cache_dir(self) -> Path:
         return self.root / CACHE_DIR
+
+    def prune_cache(self, keep_version: str) -> list[str]:
+        """Remove the cache folders of every other plan version; returns their names.
+
+        A new plan makes them dead weight, and each holds preprocessed scans.
+        """
+        if not self.cache_dir.is_dir():
+            return []
+        removed = []
+        for folder in self.cache_dir.iterdir():
+            if folder.is_dir() and PLAN_CACHE.fullmatch(folder.name) and folder.name != f"plan-{keep_version}":
+                shutil.rmtree(folder)
+                removed.append(folder.name)
+        return removed
 
     def info(self) -> dict[str, Any]:
         path = self.root / SITE_FILE

@@ -12,14 +12,43 @@ and ``fedseg-server start`` submits exactly these bytes.
 from __future__ import annotations
 
 import hashlib
+import json
+from importlib import metadata
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 APP_DIR = Path(__file__).resolve().parent.parent
-"""The Flower App (pyproject.toml with [tool.flwr.app]) is the repository root."""
+"""The Flower App (pyproject.toml with [tool.flwr.app]) is the repository root (source checkout, editable)."""
+DISTRIBUTION = "fedseg"
 APP_PACKAGES = ("common", "server", "client")
 """What the ServerApp and the ClientApp import; simulations/ never runs in a deployment."""
 PYPROJECT = "pyproject.toml"
 CACHE_DIRS = "__pycache__"
+
+
+def app_dir(configured: str | Path = "") -> Path:
+    """The release folder to bundle: ``configured`` (``server.app_dir``), else this installation's sources.
+
+    A source checkout or an editable install bundles the repository root. A
+    plain ``pip install .`` (the containers) leaves only the packages in
+    site-packages, without pyproject.toml; pip records the folder it
+    installed from (PEP 610, ``direct_url.json``), and that folder is used.
+    """
+    if configured:
+        return Path(configured)
+    if (APP_DIR / PYPROJECT).is_file():
+        return APP_DIR
+    try:
+        origin = json.loads(metadata.distribution(DISTRIBUTION).read_text("direct_url.json") or "{}").get("url", "")
+    except metadata.PackageNotFoundError:
+        origin = ""
+    source = Path(unquote(urlparse(origin).path)) if origin.startswith("file://") else None
+    if source is None or not (source / PYPROJECT).is_file():
+        from .cli import UserError
+
+        raise UserError(f"{APP_DIR} holds no {PYPROJECT} and the folder fedseg was installed from is not known: "
+                        f"set server.app_dir (fedseg-client approve: --app) to the reviewed release.")
+    return source
 
 
 def app_files(source: Path = APP_DIR) -> dict[str, Path]:

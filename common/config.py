@@ -198,6 +198,14 @@ class SiteConfig:
     warm_start: bool = option(
         True, "Fork each ClientApp from a warm process with torch/MONAI/Flower loaded; false: a fresh interpreter."
     )
+    min_cohort: int = option(
+        5, "Fewest cases any value this site sends may be computed from (fingerprint, training, Dice); "
+        "fewer and the site refuses, saying so. Set by the site, never by the centre."
+    )
+    max_norm_travel: NormMode = option(
+        "stats", "Most of the normalization layers this site lets travel, whatever the centre's train.norm_mode: "
+        "local (none), stats (affine weights, never running statistics) or shared (everything)."
+    )
     runtime_port: int = option(0, "Loopback port of the SuperNode's local Runtime API; 0 picks a free port.")
     retry_initial_s: float = option(5.0, "Wait before restarting a SuperNode that stopped; doubles per failure.")
     retry_max_s: float = option(300.0, "Longest wait between SuperNode restarts while the server is unreachable.")
@@ -327,6 +335,8 @@ def check_consistency(cfg: FedsegConfig) -> None:
         raise ConfigError("federation.poll_interval_s and site.poll_interval_s must be between 0.01 and 60 seconds.")
     if t.local_steps < 1 or t.batch_size < 1 or f.rounds < 1 or f.min_sites < 1:
         raise ConfigError("train.local_steps, train.batch_size, federation.rounds and federation.min_sites must be >= 1.")
+    if cfg.site.min_cohort < 1:
+        raise ConfigError(f"site.min_cohort must be >= 1, got {cfg.site.min_cohort}.")
 
 
 def check_robustness(cfg: FedsegConfig) -> None:

@@ -24,6 +24,7 @@ case must then have one label file per annotator.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -38,6 +39,7 @@ TEST_LABELS_DIR = "labelsTs"
 IMAGE_WITHOUT_LABEL = "image without a label"
 LABEL_WITHOUT_IMAGE = "label without an image"
 CHANNEL_SUFFIX_DIGITS = 4
+SAFE_CASE_ID = re.compile(r"[A-Za-z0-9._-]+")
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 CT_MODALITY = "CT"
 """Channel name that selects CT normalization (nnU-Net's convention)."""
@@ -280,7 +282,43 @@ def read_dataset(root: Path | str) -> DatasetSpec:
     if len(set(ids)) != len(ids):
         raise DatasetError(f"{root}: case ids are not unique across training and test cases "
                            f"({len(ids) - len(set(ids))} duplicates).")
+    for case in (*spec.cases, *spec.test_cases):
+        check_case_id(case.case_id, case.images[0])
     return spec
+
+
+def check_case_id(case_id: str, source: Path) -> str:
+    """A case id is a folder name in the site's cache: refuse one that could leave it ('..', '/', empty)."""
+    if not SAFE_CASE_ID.fullmatch(case_id) or set(case_id) == {"."}:
+        raise DatasetError(f"{source}: its case id {case_id!r} is not a safe folder name (letters, digits, '.', "
+                           f"'_', '-', not only dots); rename the file.")
+    return case_id
+
+
+def channel_groups(paths: list[Path], channels: int) -> dict[str, tuple[Path, ...]]:
+    """Scans to segment, grouped into cases: case name -> one file per channel, in channel order.
+
+    nnU-Net names a case's channels ``{case}_{cccc}{ending}``; with several
+    channels, those files make one case. Two inputs that would give the same
+    case name (``x_0000`` and ``x_0001`` of a one-channel model, or ``x`` and
+    ``x_0000``) are refused: the second output would overwrite the first.
+    """
+    groups: dict[str, dict[int, Path]] = {}
+    for path in paths:
+        ending = _ending_of(path.name)
+        stem = path.name[: -len(ending)]
+        head, _, suffix = stem.rpartition("_")
+        numbered = bool(head) and len(suffix) == CHANNEL_SUFFIX_DIGITS and suffix.isdigit()
+        case, channel = (head, int(suffix)) if numbered else (stem, 0)
+        if channel in groups.setdefault(case, {}):
+            raise DatasetError(f"{path} and {groups[case][channel]} would both be written as case '{case}'; "
+                               f"rename one of them.")
+        groups[case][channel] = path
+    for case, files in groups.items():
+        if sorted(files) != list(range(channels)):
+            raise DatasetError(f"case '{case}' has channel file(s) {sorted(files)}, the model takes channels "
+                               f"0..{channels - 1} ({case}_0000 ...).")
+    return {case: tuple(files[c] for c in range(channels)) for case, files in groups.items()}
 
 
 def split_cases(case_ids: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:

@@ -9,8 +9,7 @@ leave the site, so each site sends **statistics over its cases** instead:
 - foreground intensities per channel: quantiles at fixed levels
   (``INTENSITY_LEVELS``, dense in the tails where CT clipping needs them) of
   up to ``SAMPLES_PER_CASE`` foreground voxels per case (nnU-Net samples the
-  same way), plus the exact count, sum and sum of squares of all foreground
-  voxels (so the federation's mean and std are exact);
+  same way), plus the count, mean and std of all foreground voxels;
 - the voxel fraction of every class; the number of cases and channels.
 
 Why quantile sketches and not histograms: percentiles cannot be merged from
@@ -18,18 +17,26 @@ per-site percentiles exactly, and a histogram fine enough to place the 0.5 %
 and 99.5 % points to a few HU would be a long list, which the site's egress
 guard refuses (``keys.EGRESS_MAX_LIST``). Each site's sketch is read as a
 piecewise-linear CDF; the federation's CDF is their mixture weighted by the
-sites' counts, inverted at the wanted level (``merged_quantile``). This is
-exact for one site at the sketched levels and always brackets the true
+sites' counts (bounded: a count is the site's own claim, so no site weighs
+more than ``WEIGHT_CAP_RATIO`` times the others' median), inverted at the
+wanted level (``merged_quantile``). This is exact for one site at the sketched levels and always brackets the true
 federated quantile between the smallest and largest site quantile; with the
 levels packed around 0.5 % and 99.5 % the error is a fraction of the spread
 between sites. The record has the same keys and list lengths whatever the
 number of cases, and holds no file names.
+
+No value in it may describe one patient: the site computes it only from at
+least ``site.min_cohort`` cases (client/site_data.py refuses otherwise), and
+every value is rounded to the few significant digits planning needs
+(``COARSE_DIGITS``), so that interpolated percentiles of a small cohort
+cannot be solved back to the cases' exact values.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import nibabel as nib
 import numpy as np
@@ -37,7 +44,12 @@ import numpy as np
 from . import keys
 from .dataset import Case, DatasetSpec
 
-FINGERPRINT_FORMAT = 1
+FINGERPRINT_FORMAT = 2
+"""2: foreground mean and std instead of exact sums, every value coarsened (``COARSE_DIGITS``)."""
+COARSE_DIGITS = {"spacing": 3, "extent": 2, "intensity": 4, "fg_voxels": 2, "fg_mean": 4, "fg_std": 3,
+                 "class_fraction": 3}
+"""Significant digits each kind of value leaves the site with: enough to plan, too few to tell one patient's
+value from the cohort's (a planned spacing needs 3 digits, a median extent 2)."""
 AXES = ("x", "y", "z")
 SPACING_LEVELS = (5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0)
 """Percentiles of spacing and extent over a site's cases (nnU-Net uses the 10th and 50th)."""
@@ -128,6 +140,11 @@ def case_stats(case: Case, num_classes: int, rng: np.random.Generator) -> CaseSt
     )
 
 
+def _coarse(values: Iterable[float], kind: str) -> list[float]:
+    """``values`` rounded to the significant digits ``COARSE_DIGITS`` allows this kind of value."""
+    return [float(f"{float(v):.{COARSE_DIGITS[kind]}g}") for v in values]
+
+
 def _chunks(name: str, values: Sequence[float]) -> dict[str, list[float]]:
     """Lists longer than the egress limit are split into numbered parts."""
     size = keys.EGRESS_MAX_LIST
@@ -140,6 +157,15 @@ def _unchunk(record: dict, name: str) -> list[float]:
         out.extend(record[f"{name}_{i}"])
         i += 1
     return out
+
+
+def record_names(channels: int, classes: int) -> frozenset[str]:
+    """Every key of a site's fingerprint record (``site_fingerprint``): the egress guard lets exactly these out."""
+    chunks = -(-classes // keys.EGRESS_MAX_LIST)
+    per_channel = [_name(kind, c) for c in range(channels) for kind in ("intensity", "fg_voxels", "fg_mean", "fg_std")]
+    return frozenset([_name("format"), _name("cases"), _name("channels"), _name("ct"),
+                      *(_name(kind, axis) for axis in AXES for kind in ("spacing", "extent")),
+                      *(_name("class_fraction", i) for i in range(chunks)), *per_channel])
 
 
 def site_fingerprint(spec: DatasetSpec, case_ids: Iterable[str], seed: int = 0) -> dict[str, int | float | list]:
@@ -158,17 +184,18 @@ def site_fingerprint(spec: DatasetSpec, case_ids: Iterable[str], seed: int = 0) 
         _name("ct"): [int(v) for v in spec.channel_is_ct],
     }
     for a, axis in enumerate(AXES):
-        record[_name("spacing", axis)] = [float(v) for v in np.percentile(spacing[:, a], SPACING_LEVELS)]
-        record[_name("extent", axis)] = [float(v) for v in np.percentile(extent[:, a], SPACING_LEVELS)]
-    record |= _chunks(_name("class_fraction"), class_voxels / class_voxels.sum())
+        record[_name("spacing", axis)] = _coarse(np.percentile(spacing[:, a], SPACING_LEVELS), "spacing")
+        record[_name("extent", axis)] = _coarse(np.percentile(extent[:, a], SPACING_LEVELS), "extent")
+    record |= _chunks(_name("class_fraction"), _coarse(class_voxels / class_voxels.sum(), "class_fraction"))
     for c in range(spec.num_channels):
         pooled = np.concatenate([s.samples[c] for s in stats])
         n, total, squares = np.sum([s.moments[c] for s in stats], axis=0)
+        mean = total / n if n else 0.0
         quantiles = np.percentile(pooled, INTENSITY_LEVELS) if pooled.size else np.zeros(len(INTENSITY_LEVELS))
-        record[_name("intensity", c)] = [float(v) for v in quantiles]
-        record[_name("fg_voxels", c)] = float(n)
-        record[_name("fg_sum", c)] = float(total)
-        record[_name("fg_sumsq", c)] = float(squares)
+        record[_name("intensity", c)] = _coarse(quantiles, "intensity")
+        record[_name("fg_voxels", c)] = _coarse([n], "fg_voxels")[0]
+        record[_name("fg_mean", c)] = _coarse([mean], "fg_mean")[0]
+        record[_name("fg_std", c)] = _coarse([np.sqrt(max(squares / n - mean * mean, 0.0)) if n else 0.0], "fg_std")[0]
     return record
 
 
@@ -239,12 +266,12 @@ class FederatedFingerprint:
     num_channels: int
     channel_is_ct: list[bool]
     spacing: list[list[Sketch]]
-    """Per RAS axis: one sketch per site (weight = cases)."""
+    """Per RAS axis: one sketch per site (weight = cases, bounded by ``bounded_weights``)."""
     extent: list[list[Sketch]]
     intensity: list[list[Sketch]]
-    """Per channel: one sketch per site (weight = foreground voxels)."""
+    """Per channel: one sketch per site (weight = foreground voxels, bounded)."""
     fg_moments: np.ndarray
-    """[channel, (n, sum, sum of squares)] over the federation."""
+    """[channel, (n, sum, sum of squares)] over the federation, each site scaled to its bounded weight."""
     class_fraction: list[float]
     sites: list[str] = field(default_factory=list)
 
@@ -265,50 +292,158 @@ class FederatedFingerprint:
         return float(mean), float(np.sqrt(max(squares / n - mean * mean, 0.0)))
 
 
+# --- checking a site's record --------------------------------------------------------
+
+MAX_CASES = 100_000
+"""More cases than any hospital's dataset: a larger count is a lie or a bug."""
+SPACING_RANGE_MM = (0.01, 100.0)
+EXTENT_RANGE_MM = (0.0, 5000.0)
+MAX_ABS_INTENSITY = 1e7
+MAX_CHANNELS = 64
+FRACTION_TOLERANCE = 1e-2
+"""Coarsened class fractions sum to 1 only up to their rounding."""
+WEIGHT_CAP_RATIO = 3.0
+"""No site weighs more than this times the median of the other sites' counts in the merge."""
+
+
+@dataclass(frozen=True)
+class SiteFingerprint:
+    """One site's fingerprint after every value was checked for type and range."""
+
+    cases: int
+    ct: tuple[bool, ...]
+    spacing: tuple[tuple[float, ...], ...]
+    """Per RAS axis: quantiles at SPACING_LEVELS."""
+    extent: tuple[tuple[float, ...], ...]
+    intensity: tuple[tuple[float, ...], ...]
+    """Per channel: quantiles at INTENSITY_LEVELS."""
+    moments: np.ndarray
+    """[channel, (n, sum, sum of squares)]."""
+    class_fraction: tuple[float, ...]
+
+
 def _get(record: dict, name: str, site: str):
     if name not in record:
         raise FingerprintError(f"fingerprint of site {site} lacks '{name}'.")
     return record[name]
 
 
+def _number(record: dict, name: str, site: str, low: float = -np.inf, high: float = np.inf) -> float:
+    value = _get(record, name, site)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= float(value) <= high:
+        raise FingerprintError(f"fingerprint of site {site}: '{name}' = {value!r} is not a number in "
+                               f"[{low:g}, {high:g}].")
+    return float(value)
+
+
+def _count(record: dict, name: str, site: str, high: int) -> int:
+    value = _number(record, name, site, 1, high)
+    if value != int(value):
+        raise FingerprintError(f"fingerprint of site {site}: '{name}' = {value!r} is not a whole number.")
+    return int(value)
+
+
+def _quantiles(values: object, levels: Sequence[float], name: str, site: str,
+               low: float, high: float) -> tuple[float, ...]:
+    """A list of quantiles: one finite number per level, within [low, high], never decreasing."""
+    if not isinstance(values, list) or len(values) != len(levels):
+        raise FingerprintError(f"fingerprint of site {site}: '{name}' must be a list of {len(levels)} numbers.")
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= float(v) <= high:
+            raise FingerprintError(f"fingerprint of site {site}: '{name}' holds {v!r}, outside [{low:g}, {high:g}].")
+        out.append(float(v))
+    if any(b < a for a, b in pairwise(out)):
+        raise FingerprintError(f"fingerprint of site {site}: the quantiles '{name}' decrease.")
+    return tuple(out)
+
+
+def _moments(n: float, mean: float, std: float) -> list[float]:
+    """(n, sum, sum of squares) of ``n`` values with this mean and std, for merging."""
+    return [n, n * mean, n * (std * std + mean * mean)]
+
+
+def check_site_fingerprint(record: dict, site: str) -> SiteFingerprint:
+    """Parse one site's record, refusing any value of the wrong type or out of range (FingerprintError)."""
+    if _count(record, _name("format"), site, 10**6) != FINGERPRINT_FORMAT:
+        raise FingerprintError(f"site {site} sends fingerprint format {record[_name('format')]}, "
+                               f"the server reads {FINGERPRINT_FORMAT}; update fedseg at that site.")
+    cases = _count(record, _name("cases"), site, MAX_CASES)
+    channels = _count(record, _name("channels"), site, MAX_CHANNELS)
+    ct = _get(record, _name("ct"), site)
+    if not isinstance(ct, list) or len(ct) != channels or any(v not in (0, 1) for v in ct):
+        raise FingerprintError(f"fingerprint of site {site}: '{_name('ct')}' must hold one 0/1 flag per channel.")
+    spacing = tuple(_quantiles(_get(record, _name("spacing", a), site), SPACING_LEVELS, _name("spacing", a), site,
+                               *SPACING_RANGE_MM) for a in AXES)
+    extent = tuple(_quantiles(_get(record, _name("extent", a), site), SPACING_LEVELS, _name("extent", a), site,
+                              *EXTENT_RANGE_MM) for a in AXES)
+    intensity = tuple(_quantiles(_get(record, _name("intensity", c), site), INTENSITY_LEVELS, _name("intensity", c),
+                                 site, -MAX_ABS_INTENSITY, MAX_ABS_INTENSITY) for c in range(channels))
+    moments = np.array([_moments(_number(record, _name("fg_voxels", c), site, 0, MAX_CASES * 1e9),
+                                 _number(record, _name("fg_mean", c), site, -MAX_ABS_INTENSITY, MAX_ABS_INTENSITY),
+                                 _number(record, _name("fg_std", c), site, 0, MAX_ABS_INTENSITY))
+                        for c in range(channels)])
+    fractions = _unchunk(record, _name("class_fraction"))
+    if (len(fractions) < 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1
+                                  for v in fractions) or abs(sum(fractions) - 1) > FRACTION_TOLERANCE):
+        raise FingerprintError(f"fingerprint of site {site}: the class fractions must be numbers in [0, 1] "
+                               f"that sum to 1.")
+    return SiteFingerprint(cases, tuple(bool(v) for v in ct), spacing, extent, intensity, moments,
+                           tuple(float(v) for v in fractions))
+
+
+def bounded_weights(counts: Sequence[float]) -> list[float]:
+    """Each site's count, capped at WEIGHT_CAP_RATIO times the median of the other sites' counts.
+
+    Counts are the sites' own claims: uncapped, one site claiming a billion
+    cases would decide the plan alone. Honest federations whose sites differ
+    by less than the ratio are merged exactly as the pooled data would be.
+    """
+    if len(counts) < 2:
+        return [float(c) for c in counts]
+    return [min(float(c), WEIGHT_CAP_RATIO * float(np.median(counts[:k] + counts[k + 1:])))
+            for k, c in enumerate(counts)]
+
+
 def merge_fingerprints(records: dict[str, dict]) -> FederatedFingerprint:
-    """Merge site fingerprints (site name -> record); sites must agree on format and channels."""
+    """Merge site fingerprints (site name -> record); sites must agree on format, channels and classes.
+
+    Every record is checked first (``check_site_fingerprint``); sites are
+    weighted by their case (or foreground voxel) counts, bounded by
+    ``bounded_weights``.
+    """
     if not records:
         raise FingerprintError("no site fingerprint to merge.")
-    first_site, first = next(iter(records.items()))
-    channels = int(_get(first, _name("channels"), first_site))
-    ct = [bool(v) for v in _get(first, _name("ct"), first_site)]
-    spacing = [[] for _ in AXES]
-    extent = [[] for _ in AXES]
-    intensity = [[] for _ in range(channels)]
-    moments = np.zeros((channels, 3))
-    class_fraction, cases = None, 0
-    for site, rec in records.items():
-        if int(_get(rec, _name("format"), site)) != FINGERPRINT_FORMAT:
-            raise FingerprintError(f"site {site} sends fingerprint format {rec[_name('format')]}, "
-                                   f"the server reads {FINGERPRINT_FORMAT}; update fedseg at that site.")
-        if int(_get(rec, _name("channels"), site)) != channels or [bool(v) for v in rec[_name("ct")]] != ct:
+    checked = {site: check_site_fingerprint(rec, site) for site, rec in records.items()}
+    first_site, first = next(iter(checked.items()))
+    for site, fp in checked.items():
+        if fp.ct != first.ct:
             raise FingerprintError(f"site {site} declares different channels (or CT flags) than site "
                                    f"{first_site}; every site's dataset.json must list the same channels.")
-        n = int(_get(rec, _name("cases"), site))
-        cases += n
-        for a, axis in enumerate(AXES):
-            spacing[a].append(Sketch(SPACING_LEVELS, tuple(_get(rec, _name("spacing", axis), site)), n))
-            extent[a].append(Sketch(SPACING_LEVELS, tuple(_get(rec, _name("extent", axis), site)), n))
-        for c in range(channels):
-            fg = float(_get(rec, _name("fg_voxels", c), site))
-            intensity[c].append(Sketch(INTENSITY_LEVELS, tuple(_get(rec, _name("intensity", c), site)), fg))
-            moments[c] += [fg, float(rec[_name("fg_sum", c)]), float(rec[_name("fg_sumsq", c)])]
-        fractions = np.asarray(_unchunk(rec, _name("class_fraction")), dtype=float)
-        class_fraction = fractions * n if class_fraction is None else class_fraction + fractions * n
+        if len(fp.class_fraction) != len(first.class_fraction):
+            raise FingerprintError(f"site {site} declares {len(fp.class_fraction)} classes, site {first_site} "
+                                   f"{len(first.class_fraction)}; every site must label the same classes.")
+    sites = list(checked.values())
+    channels = len(first.ct)
+    case_weights = bounded_weights([fp.cases for fp in sites])
+    spacing = [[Sketch(SPACING_LEVELS, fp.spacing[a], w) for fp, w in zip(sites, case_weights)] for a in range(3)]
+    extent = [[Sketch(SPACING_LEVELS, fp.extent[a], w) for fp, w in zip(sites, case_weights)] for a in range(3)]
+    intensity, moments = [], np.zeros((channels, 3))
+    for c in range(channels):
+        voxel_weights = bounded_weights([fp.moments[c, 0] for fp in sites])
+        intensity.append([Sketch(INTENSITY_LEVELS, fp.intensity[c], w) for fp, w in zip(sites, voxel_weights)])
+        for fp, w in zip(sites, voxel_weights):
+            if fp.moments[c, 0] > 0:
+                moments[c] += fp.moments[c] * (w / fp.moments[c, 0])
+    fractions = np.sum([np.asarray(fp.class_fraction) * w for fp, w in zip(sites, case_weights)], axis=0)
     return FederatedFingerprint(
-        num_cases=cases,
+        num_cases=sum(fp.cases for fp in sites),
         num_channels=channels,
-        channel_is_ct=ct,
+        channel_is_ct=list(first.ct),
         spacing=spacing,
         extent=extent,
         intensity=intensity,
         fg_moments=moments,
-        class_fraction=[float(v) for v in class_fraction / max(cases, 1)],
+        class_fraction=[float(v) for v in fractions / sum(case_weights)],
         sites=list(records),
     )

@@ -62,12 +62,17 @@ def _norm_keys(model: nn.Module) -> tuple[set[str], set[str]]:
     return params, buffers
 
 
+def kept_at_site(model: nn.Module, norm_mode: NormMode) -> set[str]:
+    """The normalization keys ``norm_mode`` keeps at the site (``num_batches_tracked`` never travels anyway)."""
+    norm_params, norm_buffers = _norm_keys(model)
+    stays_local = {"local": norm_params | norm_buffers, "stats": norm_buffers, "shared": set()}[norm_mode]
+    return {k for k in stays_local if not k.endswith(COUNTER_SUFFIX)}
+
+
 def split_parameters(model: nn.Module, norm_mode: NormMode) -> ParameterSplit:
     """Partition ``model``'s state_dict into travelling and site-local keys."""
     state = model.state_dict(keep_vars=True)
-    norm_params, norm_buffers = _norm_keys(model)
-    stays_local = {"local": norm_params | norm_buffers, "stats": norm_buffers, "shared": set()}[norm_mode]
-    stays_local = {k for k in stays_local if not k.endswith(COUNTER_SUFFIX)}
+    stays_local = kept_at_site(model, norm_mode)
     if norm_mode != "shared" and not stays_local:
         raise ParameterSplitError(
             f"norm_mode '{norm_mode}' keeps normalization tensors at the site, but this model has none "

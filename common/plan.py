@@ -41,6 +41,13 @@ SPACING_EPSILON = 1e-5
 SIGNIFICANT_DIGITS = 4
 """Plan spacings are rounded so that merged quantiles do not carry float noise into the version."""
 MEDIAN = 50.0
+PLAN_SPACING_RANGE_MM = (0.1, 50.0)
+"""Planned spacings outside this range are clamped (made) or refused (received): no clinical scan needs them,
+and a finer grid multiplies every site's voxels, memory and time (a hostile fingerprint's aim)."""
+MAX_AXIS_VOXELS = 1024
+"""Most voxels the median case may span along one axis at the planned spacing; a finer spacing is coarsened."""
+MAX_PATCH_AXIS = 512
+"""Longest patch side a received plan may ask for."""
 
 Scheme = Literal["ct", "zscore"]
 
@@ -107,10 +114,20 @@ class Plan:
             )
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise PlanError(f"{source} is not a fedseg plan ({err}); make one with a federated run.") from err
+        plan.check_bounds(source)
         if body.get("version") not in (None, plan.version):
             raise PlanError(f"{source}: its version {body['version']} does not match its content "
                             f"({plan.version}); the file was edited by hand or truncated.")
         return plan
+
+    def check_bounds(self, source: str) -> None:
+        """Refuse a plan that would make a site resample to an absurd grid or train on an absurd patch."""
+        low, high = PLAN_SPACING_RANGE_MM
+        if not all(math.isfinite(v) and low <= v <= high for v in self.target_spacing):
+            raise PlanError(f"{source}: target spacing {list(self.target_spacing)} mm is outside [{low}, {high}] mm; "
+                            f"this site will not resample to it.")
+        if not all(1 <= v <= MAX_PATCH_AXIS for v in self.patch_size):
+            raise PlanError(f"{source}: patch size {list(self.patch_size)} is outside [1, {MAX_PATCH_AXIS}] per axis.")
 
     def save(self, path: Path) -> None:
         tmp = Path(path).with_suffix(".json.tmp")
@@ -160,7 +177,15 @@ def target_spacing(fp: FederatedFingerprint) -> tuple[list[float], bool]:
         if coarse < other_spacing:
             coarse = max(other_spacing, coarse) + SPACING_EPSILON
         target[worst] = coarse
-    return [_round(v) for v in target], aniso_spacing and aniso_voxels
+    extent = [fp.extent_percentile(a, MEDIAN) for a in range(3)]
+    return [_round(clamp_spacing(v, extent[a])) for a, v in enumerate(target)], aniso_spacing and aniso_voxels
+
+
+def clamp_spacing(spacing: float, median_extent: float) -> float:
+    """``spacing`` within PLAN_SPACING_RANGE_MM, and coarse enough that the median case spans at most
+    MAX_AXIS_VOXELS voxels: a bound on what any fingerprint, honest or not, can make the sites compute."""
+    low, high = PLAN_SPACING_RANGE_MM
+    return min(high, max(low, spacing, median_extent / MAX_AXIS_VOXELS))
 
 
 def median_shape(fp: FederatedFingerprint, spacing: list[float]) -> list[int]:
@@ -173,7 +198,7 @@ def patch_size(shape: list[int], spacing: list[float], max_voxels: int, factor: 
     then shrink the axis that is largest relative to the median shape until it fits."""
     inverse = 1.0 / np.asarray(spacing, dtype=float)
     start = inverse / np.prod(inverse) ** (1 / 3) * max_voxels ** (1 / 3)
-    limit = [math.ceil(s / factor) * factor for s in shape]
+    limit = [min(math.ceil(s / factor) * factor, MAX_PATCH_AXIS // factor * factor) for s in shape]
     patch = [max(factor, min(limit[a], math.floor(start[a] / factor + SPACING_EPSILON) * factor)) for a in range(3)]
     while int(np.prod(patch)) > max_voxels:
         ratios = [patch[a] / shape[a] if patch[a] > factor else -1.0 for a in range(3)]

@@ -6,11 +6,20 @@ With ``privacy.noise_multiplier`` :math:`z > 0`, every round the server
    hostile reply is rejected before anything is computed from it,
 2. clips each sound update to L2 norm :math:`C` (``privacy.clipping_norm``):
    :math:`w_k \leftarrow w^t + (w_k - w^t)\min(1, C / \lVert w_k - w^t \rVert)`,
-3. takes the unweighted mean over the :math:`m` sound sites and adds
-   :math:`\mathcal{N}(0, (zC/m)^2)` to every coordinate.
+3. sums the clipped updates of the :math:`m` sound sites, divides by the
+   federation's fixed size :math:`n` (its listed training sites; a missing
+   or rejected site counts as a zero update) and adds
+   :math:`\mathcal{N}(0, (zC/n)^2)` to every coordinate.
 
-Steps 2 and 3 are Flower's ``DifferentialPrivacyServerSideFixedClipping``.
-It clips every ArrayRecord of a reply; fedseg's replies hold exactly one, the
+The denominator is fixed on purpose: dividing by :math:`m` would make the
+mean's sensitivity depend on how many sites replied, a number that depends on
+the data and is published, and under adding or removing one site the
+sensitivity of a mean over :math:`m` is not :math:`C/m`. Over :math:`n` it is
+exactly :math:`C/n`. The clipping and noise are Flower's
+``DifferentialPrivacyServerSideFixedClipping`` (fedseg clips and scales each
+update by :math:`m/n` first, so Flower's own clip is a no-op and its mean over
+:math:`m` becomes the sum over :math:`n`).
+Flower's wrapper clips every ArrayRecord of a reply; fedseg's replies hold exactly one, the
 travelling tensors, so site-local norm tensors are neither clipped nor noised
 (they never reach the server). The wrapper pairs reply and global arrays by
 position, so each reply's arrays are first put in the global model's key order.
@@ -32,7 +41,12 @@ the exact privacy profile of the Gaussian mechanism (Balle & Wang 2018):
 Flower's own accountant (``flwr.supercore.privacy_accounting``) needs the
 optional ``dp-accounting`` package and a strategy using FedAvg's
 ``aggregate_train`` unchanged, which fedseg's is not; the formula above is
-exact for this setting, so no extra dependency is needed.
+exact for this setting, so no extra dependency is needed at run time (the
+tests check it against dp-accounting's PLD accountant).
+
+A resumed run counts its earlier releases from the metrics log, and is
+refused if they were made with another noise multiplier, clipping norm or
+federation size, or without DP: the budget would otherwise be understated.
 """
 
 from __future__ import annotations
@@ -44,11 +58,12 @@ from collections.abc import Iterable
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
+from flwr.supercore.differential_privacy import compute_clip_model_update
 from scipy.special import log_ndtr, ndtr
 
 from common import keys
-from common.config import PrivacyConfig
-from common.metrics_log import MetricsLog
+from common.config import FedsegConfig, PrivacyConfig
+from common.metrics_log import MetricsLog, read_events
 
 from .strategy import FedSegStrategy
 
@@ -83,36 +98,79 @@ def gaussian_epsilon(noise_multiplier: float, releases: int, delta: float) -> fl
     return high
 
 
-def _in_order(record: ArrayRecord, order: list[str]) -> ArrayRecord:
-    """The same tensors as float32, in the global model's key order (Flower clips by position)."""
-    return ArrayRecord({k: Array(record[k].numpy().astype(np.float32)) for k in order})
+class PrivacyResumeRefused(RuntimeError):
+    """A resumed run's earlier releases were made under other privacy settings (or none)."""
+
+
+def federation_size(cfg: FedsegConfig) -> int:
+    """n: the listed sites that train (held-out sites never send updates)."""
+    return len(set(cfg.federation.sites) - set(cfg.federation.held_out_sites))
+
+
+def _clipped_and_scaled(record: ArrayRecord, reference: dict[str, np.ndarray], order: list[str],
+                        clipping_norm: float, scale: float) -> ArrayRecord:
+    """w^t + scale * clip_C(w_k - w^t), as float32 in the global model's key order (Flower pairs by position)."""
+    values = [record[k].numpy().astype(np.float32) for k in order]
+    base = [reference[k] for k in order]
+    compute_clip_model_update(values, base, clipping_norm)
+    return ArrayRecord({k: Array(np.ascontiguousarray(b + np.float32(scale) * (v - b)))
+                        for k, v, b in zip(order, values, base)})
+
+
+def earlier_releases(metrics_path, privacy: PrivacyConfig, size: int, done: int) -> int:
+    """Releases made before a resume, refusing any made under other settings or without DP."""
+    events = list(read_events(metrics_path)) if metrics_path.is_file() else []
+    released = [e for e in events if e["event"] == "privacy" and e["round"] <= done]
+    expected = {"noise_multiplier": privacy.noise_multiplier, "clipping_norm": privacy.clipping_norm,
+                "denominator": size}
+    for event in released:
+        if any(event.get(k) != v for k, v in expected.items()):
+            raise PrivacyResumeRefused(
+                f"round {event['round']} was released with noise_multiplier {event.get('noise_multiplier')}, "
+                f"clipping_norm {event.get('clipping_norm')}, sites {event.get('denominator')}; this run has "
+                f"{privacy.noise_multiplier}, {privacy.clipping_norm}, {size}. Resume with the same privacy "
+                f"settings and federation.sites, or start a new run.")
+    released_rounds = {e["round"] for e in released}
+    plain = [e["round"] for e in events
+             if e["event"] == "round" and e.get("aggregated") and e["round"] <= done and e["round"] not in released_rounds]
+    if plain:
+        raise PrivacyResumeRefused(f"rounds {plain} were released without DP; no privacy budget covers them. "
+                                   f"Start a new run.")
+    return len(released)
 
 
 class FedSegDifferentialPrivacy(DifferentialPrivacyServerSideFixedClipping):
     """Flower's server-side clipping wrapper around fedseg's strategy, with screening first and a budget log."""
 
     def __init__(self, strategy: FedSegStrategy, privacy: PrivacyConfig, metrics_log: MetricsLog) -> None:
+        self.size = federation_size(strategy.cfg)
+        if self.size < 1:
+            raise ValueError("privacy.noise_multiplier > 0 needs federation.sites: the noise is calibrated to the "
+                             "federation's fixed size.")
         super().__init__(
             strategy,
             noise_multiplier=privacy.noise_multiplier,
             clipping_norm=privacy.clipping_norm,
-            num_sampled_clients=max(1, strategy.cfg.federation.min_sites),
+            num_sampled_clients=self.size,
         )
         self.fedseg = strategy
         self.delta = privacy.delta
         self.metrics = metrics_log
-        self.releases = strategy.round_offset
-        """Released rounds so far; a resumed run assumes every earlier round was released with this z."""
+        self.releases = earlier_releases(metrics_log.path, privacy, self.size, strategy.round_offset)
+        """Released rounds so far, counted from the log (a resumed run's earlier ones included)."""
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         sound = self.fedseg.screen_train(server_round, replies)
+        if len(sound) > self.size:
+            raise ValueError(f"{len(sound)} sound replies from a federation of {self.size} listed sites")
         order = list(self.current_arrays.keys())
-        for msg in sound:
-            msg.content[keys.ARRAYS] = _in_order(msg.content.array_records[keys.ARRAYS], order)
-        # Noise is calibrated to the sites actually averaged: the mean's sensitivity is C / m.
-        self.num_sampled_clients = max(1, len(sound))
+        reference = self.fedseg.tally.reference
+        for msg in sound:  # clip, then weigh by m/n so that Flower's mean over m is the sum over n
+            msg.content[keys.ARRAYS] = _clipped_and_scaled(msg.content.array_records[keys.ARRAYS], reference, order,
+                                                           self.clipping_norm, len(sound) / self.size)
+        self.num_sampled_clients = self.size  # noise std z * C / n, fixed
         arrays, metrics = super().aggregate_train(server_round, sound)
         if arrays is not None:
             rnd = server_round + self.fedseg.round_offset
@@ -122,7 +180,8 @@ class FedSegDifferentialPrivacy(DifferentialPrivacyServerSideFixedClipping):
             self.metrics.write(
                 "privacy", round=rnd, epsilon=epsilon, delta=self.delta, releases=self.releases,
                 noise_multiplier=self.noise_multiplier, clipping_norm=self.clipping_norm, sites=len(sound),
-                noise_std=self.noise_multiplier * self.clipping_norm / len(sound), accountant=ACCOUNTANT,
+                denominator=self.size, noise_std=self.noise_multiplier * self.clipping_norm / self.size,
+                accountant=ACCOUNTANT,
             )
             log.info("round %d: DP release %d, epsilon %.4g at delta %g", rnd, self.releases, epsilon, self.delta)
         return arrays, metrics

@@ -73,11 +73,19 @@ def _wait_healthy(proc: subprocess.Popen, url: str, ca: Path, log: Path, what: s
     raise UserError(f"{what} did not come up within {STARTUP_TIMEOUT_S:.0f} s; see {log}")
 
 
+def model_bytes(cfg: FedsegConfig) -> int:
+    """Bytes of the model's travelling tensors in float32: the most any one site's update can weigh."""
+    from .server_app import initial_weights
+
+    return sum(t.numel() * 4 for t in initial_weights(cfg)[0].values())
+
+
 class Centre:
     """The processes of the coordinating centre, started in order and stopped together."""
 
     def __init__(self, cfg: FedsegConfig, say: Callable[[str], None] = print) -> None:
         from common.flower_env import flower_env
+        from common.runs import SERVER_CONFIG_ENV, SERVER_CONFIG_FILE, run_dir
 
         from .certs import allow_list, check_server_material
 
@@ -87,6 +95,7 @@ class Centre:
         self.keys = allow_list(Path(cfg.server.cert_dir), cfg.federation.sites)
         self.state = Path(cfg.server.state_dir)
         self.env = flower_env(self.state / "flwr-home")
+        self.env[SERVER_CONFIG_ENV] = str(run_dir(cfg) / SERVER_CONFIG_FILE)  # inherited by the ServerApp
         self.procs: list[subprocess.Popen] = []
 
     def _spawn(self, command: list[str], log_name: str) -> subprocess.Popen:
@@ -100,8 +109,10 @@ class Centre:
 
     def start_superlink(self) -> subprocess.Popen:
         from common.flower_env import flower_command
+        from common.private import private_dir, private_file
 
         s, m = self.cfg.server, self.material
+        private_file(private_dir(self.state) / DATABASE)  # node keys and messages: owner-only
         proc = self._spawn([
             flower_command("flower-superlink"),
             "--ssl-certfile", str(m.cert), "--ssl-keyfile", str(m.key), "--ssl-ca-certfile", str(m.ca_cert),
@@ -116,10 +127,13 @@ class Centre:
         return proc
 
     def start_gateway(self) -> subprocess.Popen:
+        from .fleet_gateway import max_body
+
         s, m = self.cfg.server, self.material
         proc = self._spawn([
             sys.executable, "-m", "server.fleet_gateway", "--listen", f"{s.fleet_host}:{s.fleet_port}",
             "--upstream", str(s.superlink_port), "--cert", str(m.cert), "--key", str(m.key), "--ca", str(m.ca_cert),
+            "--max-body", str(max_body(model_bytes(self.cfg))),
         ], GATEWAY_LOG)
         probe_host = "127.0.0.1" if s.fleet_host in ("0.0.0.0", "::") else s.fleet_host
         _wait_healthy(proc, f"https://{probe_host}:{s.fleet_port}/", m.ca_cert, self.state / GATEWAY_LOG,
@@ -185,9 +199,9 @@ def start_federation(cfg: FedsegConfig, say: Callable[[str], None] = print) -> i
     import tomli_w
 
     from common import keys
-    from common.bundle import APP_DIR, bundle_bytes
+    from common.bundle import app_dir, bundle_bytes
     from common.metrics_log import METRICS_FILE
-    from common.runs import run_dir
+    from common.runs import SERVER_CONFIG_FILE, run_dir, site_view
 
     from .control import ControlAPI
     from .resume import last_complete_round
@@ -197,9 +211,10 @@ def start_federation(cfg: FedsegConfig, say: Callable[[str], None] = print) -> i
     centre = Centre(cfg, say)
     run = run_dir(cfg)
     run.mkdir(parents=True, exist_ok=True)
-    run_config = {keys.RUN_CONFIG_KEY: cfg.to_yaml()}
+    run_config = {keys.RUN_CONFIG_KEY: site_view(cfg).to_yaml()}  # what every site receives
     (run / "run-config.toml").write_text(tomli_w.dumps(run_config))
-    app = Path(cfg.server.app_dir) if cfg.server.app_dir else APP_DIR
+    (run / SERVER_CONFIG_FILE).write_text(cfg.to_yaml())  # the ServerApp's, read at the centre only
+    app = app_dir(cfg.server.app_dir)
     fab = bundle_bytes(app)
     done = last_complete_round(run / METRICS_FILE)
     say(f"fedseg-server: run {cfg.federation.run_name} -> {run}"

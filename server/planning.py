@@ -12,7 +12,9 @@ the plan it started with, so its checkpoints and the sites' caches stay valid.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections import Counter
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -20,12 +22,17 @@ from flwr.serverapp import Grid
 
 from common import keys
 from common.config import FedsegConfig
-from common.fingerprint import FingerprintError, merge_fingerprints
+from common.fingerprint import (
+    FingerprintError,
+    check_site_fingerprint,
+    merge_fingerprints,
+)
 from common.metrics_log import MetricsLog
 from common.plan import PLAN_FILE, Plan, make_plan
-from common.wire import reply_site
+from common.wire import named_site
 
 from .nodes import wait_for_nodes
+from .site_registry import claim_problem, site_name
 
 log = logging.getLogger("fedseg.server")
 PLANNER = "fedseg federated nnU-Net rules (server/planning.py)"
@@ -36,8 +43,41 @@ class PlanningFailed(RuntimeError):
     """Too few sites sent a usable fingerprint to plan the federation."""
 
 
-def collect_fingerprints(grid: Grid, cfg: FedsegConfig, metrics_log: MetricsLog | None) -> dict[str, dict]:
-    """Site name -> fingerprint record, from every site that answered soundly."""
+def _failure(metrics_log: MetricsLog | None, site: str, reason: str) -> None:
+    log.warning("fingerprint of site %s unusable: %s", site, reason)
+    if metrics_log is not None:
+        metrics_log.write("failure", round=0, site=site, stage="fingerprint", reason=reason)
+
+
+def _reply_problem(reply: Message, cfg: FedsegConfig, nodes: dict[int, str], site: str) -> str | None:
+    """Why a fingerprint reply cannot be planned from, or None: checked alone, so one bad site is left out."""
+    if reply.has_error():
+        return reply.error.reason or f"error code {reply.error.code}"
+    if problem := claim_problem(nodes, reply.metadata.src_node_id, named_site(reply)):
+        return problem
+    if keys.FINGERPRINT not in reply.content.metric_records:
+        return "no fingerprint in the reply"
+    try:
+        fp = check_site_fingerprint(dict(reply.content.metric_records[keys.FINGERPRINT]), site)
+    except Exception as err:  # any malformed record leaves the site out, never ends the run
+        return str(err) if isinstance(err, FingerprintError) else f"malformed fingerprint ({type(err).__name__})"
+    if len(fp.ct) != cfg.model.in_channels or len(fp.class_fraction) != cfg.model.out_channels:
+        return (f"the site declares {len(fp.ct)} channel(s) and {len(fp.class_fraction)} class(es); the "
+                f"model takes {cfg.model.in_channels} and {cfg.model.out_channels}")
+    return None
+
+
+def collect_fingerprints(grid: Grid, cfg: FedsegConfig, metrics_log: MetricsLog | None,
+                         nodes: dict[int, str] | None = None) -> dict[str, dict]:
+    """Site name -> fingerprint record, from every site that answered soundly.
+
+    A site is named by its registered node (``nodes``), never by the name its
+    reply claims. Each record is checked on its own (types, ranges, channels
+    and classes against the model); a site whose CT flags differ from the
+    majority's is left out too, so a malformed or odd site is logged and
+    planned without instead of ending the run.
+    """
+    nodes = {} if nodes is None else nodes
     # Every listed site is waited for (up to a round's timeout): planning on the first
     # min_sites to connect would leave out, or fail on, sites that join a moment later.
     expected = max(cfg.federation.min_sites, len(cfg.federation.sites))
@@ -48,25 +88,36 @@ def collect_fingerprints(grid: Grid, cfg: FedsegConfig, metrics_log: MetricsLog 
     ]
     records = {}
     for reply in grid.send_and_receive(messages, timeout=cfg.federation.round_timeout_s):
-        site = reply_site(reply)
-        if reply.has_error() or keys.FINGERPRINT not in reply.content.metric_records:
-            reason = reply.error.reason if reply.has_error() else "no fingerprint in the reply"
-            log.warning("fingerprint of site %s unusable: %s", site, reason)
-            if metrics_log is not None:
-                metrics_log.write("failure", round=0, site=site, stage="fingerprint", reason=reason)
+        site = site_name(nodes, reply.metadata.src_node_id, named_site(reply))
+        if problem := _reply_problem(reply, cfg, nodes, site):
+            _failure(metrics_log, site, problem)
             continue
         records[site] = dict(reply.content.metric_records[keys.FINGERPRINT])
-    return records
+    return _majority_channels(records, metrics_log)
 
 
-def plan_federation(grid: Grid, cfg: FedsegConfig, run: Path, metrics_log: MetricsLog | None = None) -> Plan:
+def _majority_channels(records: dict[str, dict], metrics_log: MetricsLog | None) -> dict[str, dict]:
+    """The records whose CT flags are the most common ones (ties: the flags of the first site by name)."""
+    flags = {site: tuple(rec[f"{keys.FINGERPRINT_PREFIX}ct"]) for site, rec in sorted(records.items())}
+    if not flags:
+        return records
+    common = Counter(flags.values()).most_common(1)[0][0]
+    for site, ct in flags.items():
+        if ct != common:
+            _failure(metrics_log, site, f"the site's channel CT flags {list(ct)} differ from the other sites' "
+                                        f"{list(common)}")
+    return {site: rec for site, rec in records.items() if flags[site] == common}
+
+
+def plan_federation(grid: Grid, cfg: FedsegConfig, run: Path, metrics_log: MetricsLog | None = None,
+                    nodes: dict[int, str] | None = None) -> Plan:
     """The run's plan: reused from ``run/plan.json`` when resuming, else made from fingerprints."""
     path = Path(run) / PLAN_FILE
     if path.is_file():
         plan = Plan.load(path)
         log.info("reusing the run's plan %s from %s", plan.version, path)
         return plan
-    records = collect_fingerprints(grid, cfg, metrics_log)
+    records = collect_fingerprints(grid, cfg, metrics_log, nodes)
     if len(records) < cfg.federation.min_sites:
         raise PlanningFailed(f"only {len(records)} site(s) sent a usable fingerprint, the quorum is "
                              f"{cfg.federation.min_sites}; see the failures in the metrics log.")
@@ -86,5 +137,10 @@ def plan_federation(grid: Grid, cfg: FedsegConfig, run: Path, metrics_log: Metri
 
 
 def plan_config(plan: Plan) -> ConfigRecord:
-    """The ConfigRecord entry that carries the plan to the sites."""
-    return ConfigRecord({keys.PLAN: plan.to_json()})
+    """The ConfigRecord entry that carries the plan to the sites: its decisions only.
+
+    The provenance (which sites, how many cases, their class fractions) stays
+    in the centre's ``plan.json``: with two sites, each would learn the
+    other's aggregates from it exactly.
+    """
+    return ConfigRecord({keys.PLAN: dataclasses.replace(plan, provenance={}).to_json()})

@@ -8,18 +8,20 @@ the run config, so both apps and the run directory agree on every setting.
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common import keys
-from common.config import FedsegConfig, from_yaml_text
+from common.config import FedsegConfig, from_yaml_text, load_config
 from common.flower_env import quicken_object_pulls
 from common.metrics_log import MetricsLog
 from common.model import build_model
 from common.params import model_signature, select, split_parameters
-from common.runs import CHECKPOINT_DIR, CONFIG_FILE, run_dir
+from common.runs import CHECKPOINT_DIR, CONFIG_FILE, SERVER_CONFIG_ENV, run_dir, site_view
 
 from . import cross_eval
 from .checkpoints import Checkpoints
@@ -43,9 +45,23 @@ def initial_weights(cfg: FedsegConfig) -> tuple[dict[str, torch.Tensor], str]:
     return select(model, split.travelling), model_signature(model, split)
 
 
+def server_config(context: Context) -> FedsegConfig:
+    """The centre's full config: from its own file in a deployment (the run config that every site
+    receives holds only ``site_view``, and must match it), else from the run config (simulation)."""
+    submitted = str(context.run_config[keys.RUN_CONFIG_KEY])
+    path = os.environ.get(SERVER_CONFIG_ENV)
+    if not path:
+        return from_yaml_text(submitted, "run config")
+    cfg = load_config(Path(path))
+    if site_view(cfg).to_yaml() != from_yaml_text(submitted, "run config").to_yaml():
+        raise ValueError(f"{path} does not match the submitted run's configuration; start the run with "
+                         f"fedseg-server start, which writes both.")
+    return cfg
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = from_yaml_text(str(context.run_config[keys.RUN_CONFIG_KEY]), "run config")
+    cfg = server_config(context)
     quicken_object_pulls()
     run = run_dir(cfg)
     run.mkdir(parents=True, exist_ok=True)
@@ -69,7 +85,7 @@ def main(grid: Grid, context: Context) -> None:
     status = "completed"
     try:
         training = cross_eval.training_grid(grid, cfg)
-        plan = plan_federation(training, cfg, run, metrics_log)
+        plan = plan_federation(training, cfg, run, metrics_log, strategy.node_sites)
         if cfg.federation.rounds > done:
             with_privacy(strategy, cfg.privacy, metrics_log).start(
                 grid=training,

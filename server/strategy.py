@@ -23,6 +23,7 @@ from common.wire import from_wire, named_site, to_wire
 from . import robust
 from .checkpoints import Checkpoints
 from .server_opt import server_optimizer
+from .site_registry import claim_problem, site_name
 from .validation import ReplyValidator
 
 log = logging.getLogger("fedseg.server")
@@ -81,8 +82,9 @@ class FedSegStrategy(FedProx):
     ``trimmed_mean`` and ``median`` aggregators replace the weighted mean by the
     unweighted coordinate-wise trimmed mean or median over :math:`S_t`
     (server/robust.py). With differential privacy on, every :math:`w_k - w^t`
-    is clipped to norm :math:`C`, the mean is unweighted and Gaussian noise of
-    std :math:`zC/|S_t|` is added (server/dp.py). When fewer
+    is clipped to norm :math:`C`, the clipped updates are summed over :math:`S_t`
+    and divided by the federation's fixed size :math:`n`, and Gaussian noise of
+    std :math:`zC/n` is added (server/dp.py). When fewer
     than ``federation.min_sites`` sites remain, the round is not aggregated:
     it is skipped (the previous global model is kept) or the run stops, as
     configured. With ``federation.server_optimizer`` the server moves by Flower's
@@ -164,13 +166,18 @@ class FedSegStrategy(FedProx):
         if node == SUPERLINK_NODE_ID:  # the SuperLink answered for a node that went away
             node = next((m.metadata.dst_node_id for m in self.outgoing
                          if m.metadata.message_id == msg.metadata.reply_to_message_id), node)
-        if named := named_site(msg):
-            self.node_sites[node] = named
-        return self.node_sites.get(node, f"node-{node}")
+        return site_name(self.node_sites, node, named_site(msg))
+
+    def _problem(self, msg: Message, is_train: bool) -> str | None:
+        """The validator's verdict, or a reply that names another site than the node it came from."""
+        problem = self.validator.problem(msg, is_train)
+        if problem is None and not msg.has_error():
+            return claim_problem(self.node_sites, msg.metadata.src_node_id, named_site(msg))
+        return problem
 
     def _screen(self, server_round: int, replies: Iterable[Message], is_train: bool) -> list[Message]:
         """Keep sound replies (server/validation.py); log every failure with the site and reason."""
-        checked = [(msg, self.validator.problem(msg, is_train)) for msg in replies]
+        checked = [(msg, self._problem(msg, is_train)) for msg in replies]
         if is_train and self.tally.reference is not None:
             sound = [msg for msg, problem in checked if problem is None]
             updates = [msg.content.array_records[keys.ARRAYS] for msg in sound]

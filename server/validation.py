@@ -9,21 +9,42 @@ it depends on the learning rate, the local steps and the data. An update
 larger than ``norm_bound`` times the median size of the *other* sites'
 updates (a site scaling its update by 100, or one whose training blew up
 without producing NaN) is rejected; with two honest sites out of three or
-better, the median of the others is an honest size. An update of exactly zero
-(the global model sent back untrained) carries nothing but would dilute the
-mean, and Flower's DP clipping divides by it, so it is rejected too.
+better, the median of the others is an honest size. With fewer than three
+sites there is no majority to say which size is honest (a site sending a
+tiny update would otherwise get the honest one rejected), so the bound is
+checked only from three sound replies on; ``clip_updates`` or DP clipping
+bound two-site federations. An update that is zero to float32 precision
+(smaller than ``ZERO_UPDATE_RATIO`` times the global model's norm: the model
+sent back untrained, or 1e-30 added to it) carries nothing but would dilute
+the mean, and Flower's DP clipping divides by it, so it is rejected too.
+
+Every check reads a reply defensively: a value of the wrong type (a list
+where a number belongs), an Array whose declared shape differs from its data,
+or anything else that does not parse is a reason to leave the reply out,
+never an exception that ends the run. Dice values must lie in [0, 1], since
+the server picks its best model from them.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, Message, MetricRecord
 
 from common import keys
+
+ZERO_UPDATE_RATIO = 1e-7
+"""An update smaller than this times ||w_global|| is below float32 resolution: nothing was trained."""
+MIN_SITES_FOR_BOUND = 3
+"""The relative norm bound needs a majority of others to tell an honest size from a hostile one."""
+WIRE_FLOAT_DTYPES = ("float32", "float16")
+DICE_METRICS = re.compile(rf"dice|dice_adapted|dice_personal|{keys.DICE_CLASS_PREFIX}\d+|dice_fusion|dice_annotator_\d+")
+"""Metrics that are Dice values, hence in [0, 1]."""
 
 
 @dataclass(frozen=True)
@@ -36,7 +57,13 @@ class ReplyValidator:
     """Relative update-norm bound; 0 switches the check off."""
 
     def problem(self, msg: Message, is_train: bool) -> str | None:
-        """Why a reply cannot be used, or None when it is sound."""
+        """Why a reply cannot be used, or None when it is sound. Never raises."""
+        try:
+            return self._problem(msg, is_train)
+        except Exception as err:  # a reply that does not even parse is left out, never fatal
+            return f"malformed reply ({type(err).__name__})"
+
+    def _problem(self, msg: Message, is_train: bool) -> str | None:
         if msg.has_error():
             return msg.error.reason or f"error code {msg.error.code}"
         content = msg.content
@@ -44,14 +71,10 @@ class ReplyValidator:
         if identity is None or str(identity.get(keys.SIGNATURE)) != self.signature:
             return "model signature missing or different from the server's"
         metrics = content.metric_records.get(keys.METRICS)
-        if metrics is None or float(metrics.get(keys.NUM_EXAMPLES, 0)) <= 0:
-            return f"no positive '{keys.NUM_EXAMPLES}' in the reply metrics"
-        required = keys.TRAIN_METRICS if is_train else keys.EVAL_REQUIRED
-        missing = [k for k in required if k not in metrics]
-        if missing:
-            return f"reply metrics lack {missing}"
-        if not all(np.isfinite(float(v)) for v in metrics.values() if not isinstance(v, list)):
-            return "non-finite metric values"
+        if metrics is None:
+            return f"no '{keys.METRICS}' record in the reply"
+        if problem := metrics_problem(metrics, keys.TRAIN_METRICS if is_train else keys.EVAL_REQUIRED):
+            return problem
         if not is_train:
             return "model arrays in an evaluation reply" if content.array_records else None
         return self._arrays_problem(content.array_records)
@@ -65,25 +88,61 @@ class ReplyValidator:
         for key, array in arrays.items():
             if tuple(array.shape) != self.shapes[key]:
                 return f"array '{key}' has shape {tuple(array.shape)}, expected {self.shapes[key]}"
-            if not np.isfinite(array.numpy()).all():
-                return f"array '{key}' holds NaN or Inf"
+            if array.dtype not in WIRE_FLOAT_DTYPES:
+                return f"array '{key}' has dtype {array.dtype}, expected one of {WIRE_FLOAT_DTYPES}"
+            values = array.numpy()
+            if values.shape != self.shapes[key] or str(values.dtype) != array.dtype:
+                return f"array '{key}' declares {array.dtype}{list(array.shape)} but holds " \
+                       f"{values.dtype}{list(values.shape)}"
+            if not np.isfinite(values.astype(np.float32)).all():
+                return f"array '{key}' holds NaN or Inf (in float32)"
         return None
 
     def norm_problems(self, updates: Sequence[ArrayRecord], reference: dict[str, np.ndarray]) -> list[str | None]:
         """For each reply (already sound), why its update is out of line with the others, or None."""
         norms = [update_norm(u, reference) for u in updates]
-        bounded = self.norm_bound > 0 and len(norms) > 1
+        zero = ZERO_UPDATE_RATIO * model_norm(reference)
+        nonzero = [n for n in norms if n > zero]
+        bounded = self.norm_bound > 0 and len(nonzero) >= MIN_SITES_FOR_BOUND
         reasons: list[str | None] = []
         for k, norm in enumerate(norms):
-            others = float(np.median(norms[:k] + norms[k + 1:])) if bounded else math.inf
+            others = nonzero.copy()
+            if norm > zero:
+                others.remove(norm)
+            median = float(np.median(others)) if bounded else math.inf
             if norm == 0:
                 reasons.append("update is exactly zero: the site sent the global model back untrained")
-            elif norm > self.norm_bound * others:
+            elif norm <= zero:
+                reasons.append(f"update norm {norm:.3g} is zero to float32 precision: the site sent the global "
+                               f"model back untrained")
+            elif norm > self.norm_bound * median:
                 reasons.append(f"update norm {norm:.4g} exceeds {self.norm_bound:g} x the other sites' median "
-                               f"{others:.4g}")
+                               f"{median:.4g}")
             else:
                 reasons.append(None)
         return reasons
+
+
+def metrics_problem(metrics: MetricRecord, required: Sequence[str]) -> str | None:
+    """Why a reply's metrics cannot be used: every value a finite number, counts positive, Dice in [0, 1]."""
+    missing = [k for k in required if k not in metrics]
+    if missing:
+        return f"reply metrics lack {missing}"
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return f"metric '{name}' is a {type(value).__name__}, not a number"
+        if not math.isfinite(float(value)):
+            return f"metric '{name}' is not finite"
+        if DICE_METRICS.fullmatch(name) and not 0.0 <= float(value) <= 1.0:
+            return f"metric '{name}' is {float(value):.4g}, outside a Dice value's range [0, 1]"
+    if float(metrics[keys.NUM_EXAMPLES]) <= 0:
+        return f"no positive '{keys.NUM_EXAMPLES}' in the reply metrics"
+    return None
+
+
+def model_norm(reference: dict[str, np.ndarray]) -> float:
+    """||w_global||_2 over the travelling tensors (float64 sum)."""
+    return math.sqrt(sum(float(np.square(v.astype(np.float64)).sum()) for v in reference.values()))
 
 
 def update_norm(arrays: ArrayRecord, reference: dict[str, np.ndarray]) -> float:

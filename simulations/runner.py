@@ -83,7 +83,7 @@ def write_site_configs(cfg: FedsegConfig, datasets: dict[str, Path]) -> None:
         path = simulated_site_config(run, index)
         path.parent.mkdir(parents=True, exist_ok=True)
         site = {"name": name, "data_dir": str(data_dir), "state_dir": str(site_state_dir(run, name)),
-                "torch_threads": threads}
+                "torch_threads": threads, "min_cohort": 1}  # synthetic cases: no patient to protect
         path.write_text(yaml.safe_dump({"site": site}, sort_keys=False))
 
 

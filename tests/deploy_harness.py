@@ -63,7 +63,8 @@ def make_site(root: Path, name: str, data_dir: Path, server_yaml: Path, approved
             "server_address": f"{server['fleet_host']}:{server['fleet_port']}",
             "root_certificate": str(Path(server["cert_dir"]) / "ca.crt"),
             "private_key": str(state / "keys" / "site.key"), "approved_bundles": approved,
-            "retry_initial_s": 1.0, "retry_max_s": 4.0, **options}
+            "retry_initial_s": 1.0, "retry_max_s": 4.0, "min_cohort": 1,  # synthetic cases
+            **options}
     path = write_yaml(root / f"{name}.yaml", {"site": site})
     result = run_cli("fedseg-client", "keygen", "--config", str(path))
     assert result.returncode == 0, result.stderr

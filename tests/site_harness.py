@@ -31,7 +31,8 @@ def site_setup(tmp_path: Path, data_dir: Path, name: str = "site-1", *overrides:
     """A resolved run config plus a site.yaml pointing at ``data_dir``."""
     cfg = load_config(None, [*TINY, f"federation.runs_dir={tmp_path / 'runs'}", *overrides])
     site_yaml = tmp_path / f"{name}.yaml"
-    site = {"name": name, "data_dir": str(data_dir), "state_dir": str(tmp_path / f"{name}-state")}
+    site = {"name": name, "data_dir": str(data_dir), "state_dir": str(tmp_path / f"{name}-state"),
+            "min_cohort": 1}  # synthetic cases: no patient to protect
     site_yaml.write_text(yaml.safe_dump({"site": site}))
     return cfg, site_yaml
 

@@ -94,15 +94,15 @@ def test_updates_are_clipped_averaged_unweighted_and_noised(dp):
         _train_reply(3, "c", np.full(SIZE + 1, np.nan), "sig"),        # rejected before clipping
     ]
     arrays, _ = wrapper.aggregate_train(1, replies)
-    noise = arrays["w"].numpy() - (1.0 + 0.5) / 2 * direction
-    assert noise.std() == pytest.approx(1.0 * 1.0 / 2, rel=0.05)
+    noise = arrays["w"].numpy() - (1.0 + 0.5) / 3 * direction  # the rejected site counts as a zero update
+    assert noise.std() == pytest.approx(1.0 * 1.0 / 3, rel=0.05)
     assert abs(noise.mean()) < 0.02
     events = list(read_events(run / "metrics.jsonl"))
     assert [e["site"] for e in events if e["event"] == "failure"] == ["c"]
     (privacy,) = [e for e in events if e["event"] == "privacy"]
     assert privacy["round"] == 1 and privacy["sites"] == 2 and privacy["releases"] == 1
     assert privacy["epsilon"] == pytest.approx(gaussian_epsilon(1.0, 1, DELTA))
-    assert privacy["noise_std"] == pytest.approx(0.5)
+    assert privacy["noise_std"] == pytest.approx(1 / 3) and privacy["denominator"] == 3
     saved = load_file(run / "ckpt" / "round-0001.safetensors")["w"].numpy()
     assert np.array_equal(saved, arrays["w"].numpy())
 

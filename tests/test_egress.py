@@ -175,11 +175,11 @@ def _content(site, arrays: dict | None = None, **metrics) -> RecordDict:
     })
 
 
-def _check(site, content_or_error) -> list[str]:
+def _check(site, content_or_error, message_type: str = MessageType.TRAIN) -> list[str]:
     request = _request(site.cfg)
     reply = Message(content_or_error, reply_to=request)
     policy = egress.EgressPolicy.for_site(site, site.cfg.federation.wire_dtype)
-    return egress.problems(reply, policy)
+    return egress.problems(reply, policy, message_type)
 
 
 def test_sound_reply_passes(site):
@@ -208,9 +208,14 @@ def test_undeclared_metric_and_identity_changes_are_blocked(site):
     assert "identity record holds" in _check(site, content)[0]
 
 
-def test_fingerprint_aggregates_may_leave_but_not_long_lists(site):
-    assert _check(site, _content(site, fp_spacing_x=[1.0] * 7, fp_cases=4)) == []
-    assert "only fingerprint lists" in _check(site, _content(site, fp_voxels=[0.5] * 100))[0]
+def test_fingerprint_aggregates_may_leave_only_in_a_fingerprint_reply_and_not_as_long_lists(site):
+    from client.site_data import fingerprint_reply
+
+    content = fingerprint_reply(site, _request(site.cfg)).content
+    assert _check(site, content, egress.FINGERPRINT_QUERY) == []
+    content[keys.FINGERPRINT]["fp_spacing_x"] = [0.5] * 100
+    assert "only fingerprint lists" in _check(site, content, egress.FINGERPRINT_QUERY)[0]
+    assert "not declared" in _check(site, _content(site, fp_cases=4))[0]
 
 
 @pytest.mark.parametrize("reason", [
@@ -257,12 +262,12 @@ def test_real_fingerprint_and_identify_replies_pass(site):
     request = _request(site.cfg)
     fingerprint = fingerprint_reply(site, request)
     assert keys.FINGERPRINT in fingerprint.content
-    assert _check(site, fingerprint.content) == []
+    assert _check(site, fingerprint.content, egress.FINGERPRINT_QUERY) == []
     identify = RecordDict({keys.CONFIG: ConfigRecord({keys.CROSS_EVAL_TASK: "identify"})})
     from tests.flower_messages import incoming
 
     reply = cross_evaluate(site, incoming(identify, "query.cross_eval", node_id=1))
-    assert _check(site, reply.content) == []
+    assert _check(site, reply.content, egress.CROSS_EVAL_QUERY) == []
 
 
 

@@ -10,7 +10,8 @@ import pytest
 from common import keys
 from common.config import load_config
 from common.dataset import read_dataset
-from common.fingerprint import (AXES, INTENSITY_LEVELS, SPACING_LEVELS, merge_fingerprints, site_fingerprint)
+from common.fingerprint import (AXES, FINGERPRINT_FORMAT, INTENSITY_LEVELS, SPACING_LEVELS, merge_fingerprints,
+                                site_fingerprint)
 from common.plan import Plan, PlanError, make_plan
 from tests.nifti_cases import nnunet_dataset
 
@@ -21,10 +22,10 @@ def hand_made(spacings, extents, intensities=None, ct=True) -> dict:
     """A site's fingerprint record made by hand from per-case values (as a site would compute it)."""
     spacings, extents = np.asarray(spacings, float), np.asarray(extents, float)
     values = np.asarray(intensities if intensities is not None else [0.0, 1.0], float)
-    record = {f"{P}format": 1, f"{P}cases": len(spacings), f"{P}channels": 1, f"{P}ct": [int(ct)],
+    record = {f"{P}format": FINGERPRINT_FORMAT, f"{P}cases": len(spacings), f"{P}channels": 1, f"{P}ct": [int(ct)],
               f"{P}class_fraction_0": [0.99, 0.01], f"{P}intensity_0": list(np.percentile(values, INTENSITY_LEVELS)),
-              f"{P}fg_voxels_0": float(values.size), f"{P}fg_sum_0": float(values.sum()),
-              f"{P}fg_sumsq_0": float(np.square(values).sum())}
+              f"{P}fg_voxels_0": float(values.size), f"{P}fg_mean_0": float(values.mean()),
+              f"{P}fg_std_0": float(values.std())}
     for a, axis in enumerate(AXES):
         record[f"{P}spacing_{axis}"] = list(np.percentile(spacings[:, a], SPACING_LEVELS))
         record[f"{P}extent_{axis}"] = list(np.percentile(extents[:, a], SPACING_LEVELS))
