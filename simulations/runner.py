@@ -82,8 +82,10 @@ def write_site_configs(cfg: FedsegConfig, datasets: dict[str, Path]) -> None:
     for index, (name, data_dir) in enumerate(datasets.items()):
         path = simulated_site_config(run, index)
         path.parent.mkdir(parents=True, exist_ok=True)
+        # One user holds every simulated site's data on this machine: there is no patient to protect from the
+        # centre, and every norm_mode must be comparable (a hospital sets both in its own site.yaml).
         site = {"name": name, "data_dir": str(data_dir), "state_dir": str(site_state_dir(run, name)),
-                "torch_threads": threads, "min_cohort": 1}  # synthetic cases: no patient to protect
+                "torch_threads": threads, "min_cohort": 1, "max_norm_travel": "shared"}
         path.write_text(yaml.safe_dump({"site": site}, sort_keys=False))
 
 
