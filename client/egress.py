@@ -87,15 +87,16 @@ def reply_rules(dice_classes: frozenset[str], test_classes: frozenset[str]) -> d
     """The rule of each message type a site answers (with its per-class Dice names); any other type may only
     get an error."""
     identity = {keys.METRICS, keys.IDENTITY}
+    timeline = frozenset(keys.TIMELINE_METRICS)  # when the reply passed the site's stages: Unix times, nothing else
     return {
-        MessageType.TRAIN: ReplyRule(frozenset({*identity, keys.ARRAYS}), frozenset(keys.TRAIN_METRICS),
+        MessageType.TRAIN: ReplyRule(frozenset({*identity, keys.ARRAYS}), frozenset(keys.TRAIN_METRICS) | timeline,
                                      frozenset(keys.TRAIN_METRICS)),
-        MessageType.EVALUATE: ReplyRule(frozenset(identity), frozenset(keys.EVAL_METRICS) | dice_classes,
+        MessageType.EVALUATE: ReplyRule(frozenset(identity), frozenset(keys.EVAL_METRICS) | dice_classes | timeline,
                                         frozenset(keys.EVAL_REQUIRED)),
-        FINGERPRINT_QUERY: ReplyRule(frozenset({*identity, keys.FINGERPRINT}), frozenset({keys.NUM_EXAMPLES}),
+        FINGERPRINT_QUERY: ReplyRule(frozenset({*identity, keys.FINGERPRINT}), frozenset({keys.NUM_EXAMPLES}) | timeline,
                                      frozenset({keys.NUM_EXAMPLES})),
         CROSS_EVAL_QUERY: ReplyRule(frozenset(identity),
-                                    frozenset(keys.CROSS_EVAL_METRICS) | dice_classes | test_classes,
+                                    frozenset(keys.CROSS_EVAL_METRICS) | dice_classes | test_classes | timeline,
                                     frozenset({keys.NUM_EXAMPLES})),
     }
 
