@@ -132,7 +132,8 @@ def on_device(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
 
     Nested uses (an evaluation inside a training run's learning curve) leave the outer one's device alone.
     """
-    before = next(model.parameters()).device
+    first = next(model.parameters(), None)  # a model without weights has no device of its own
+    before = first.device if first is not None else device
     model.to(device)
     try:
         yield model

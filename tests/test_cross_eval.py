@@ -64,7 +64,7 @@ def test_only_numbers_left_the_sites(finished_run):
         assert cross and all(e["status"] == "sent" for e in cross)
         for entry in cross:
             assert set(entry["keys"]) == {"metrics", "identity"}
-            assert set(entry["keys"]["metrics"]) <= {*keys.CROSS_EVAL_METRICS, "dice_class_1", "test_dice_class_1"}
+            assert set(entry["keys"]["metrics"]) <= {*keys.CROSS_EVAL_METRICS, *keys.TIMELINE_METRICS, "dice_class_1", "test_dice_class_1"}
     report = write_report(finished_run).read_text()
     assert "site-4" in report and "no (held out)" in report
 
