@@ -55,7 +55,7 @@ from common.metrics_log import read_events
 from common.params import ParameterSplit, kept_at_site
 from common.wire import error_reason
 
-from .reasons import BLOCKED_REASON, is_fixed
+from .reasons import BLOCKED_REASON, DISK_FULL_ERRNOS, DISK_FULL_REASON, is_fixed
 from .site_state import SiteState
 
 log = logging.getLogger("fedseg.client")
@@ -320,6 +320,9 @@ def guard(reply: Message, request: Message, site: SiteLike | None) -> Message:
         if audit is not None:
             audit.record(request, reply, "sent")
         return reply
-    except Exception:  # a guard that cannot decide, or cannot record, must block
+    except Exception as err:  # a guard that cannot decide, or cannot record, must block
         log.exception("egress guard of site %s failed while checking or recording a reply", name)
+        if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:  # say why, in the fixed wording
+            return Message(Error(code=EGRESS_BLOCKED_CODE, reason=error_reason(name, DISK_FULL_REASON)),
+                           reply_to=request)
         return blocked

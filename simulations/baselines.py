@@ -46,8 +46,9 @@ class SiteSplit:
 
 
 def _site_cfg(cfg: FedsegConfig, name: str, data_dir: Path, work_dir: Path) -> FedsegConfig:
+    """The site as the baselines read it: in one process, so nothing leaves it and no cohort limit applies."""
     return dataclasses.replace(cfg, site=dataclasses.replace(cfg.site, name=name, data_dir=str(data_dir),
-                                                             state_dir=str(work_dir / name)))
+                                                             state_dir=str(work_dir / name), min_cohort=1))
 
 
 PLANNER = "fedseg compare baselines: federated nnU-Net rules over the training sites"

@@ -231,6 +231,7 @@ def one_site(tmp_path, data_dir, *overrides: str, site_settings: dict | None = N
                                         *overrides]), {"site-1": data_dir})
     path = simulated_site_config(run_dir(cfg), 0)
     body = yaml.safe_load(path.read_text())
+    body["site"].pop("max_norm_travel")  # the simulation lets everything travel; a hospital's default applies here
     body["site"].update(site_settings or {})
     path.write_text(yaml.safe_dump(body))
     return cfg
