@@ -135,8 +135,15 @@ def _cell(model: str, msg: Message) -> Cell | str:
     metrics = msg.content.metric_records.get(keys.METRICS)
     if metrics is None or "dice" not in metrics:
         return "reply lacks the Dice metric"
+    try:
+        return _parsed_cell(model, msg, metrics)
+    except (TypeError, ValueError, OverflowError) as err:  # a hostile or broken site: its cell is left out, the matrix stands
+        return f"malformed cross-eval metrics ({err})"
+
+
+def _parsed_cell(model: str, msg: Message, metrics) -> Cell:
     return Cell(model=model, site=reply_site(msg), trained=bool(metrics.get("trained", 0.0)),
-                dice=float(metrics["dice"]), dice_adapted=_optional(metrics, "dice_adapted"),
+                dice=_dice(metrics["dice"]), dice_adapted=_optional(metrics, "dice_adapted"),
                 num_examples=int(metrics.get(keys.NUM_EXAMPLES, 0)),
                 dice_personal=_optional(metrics, "dice_personal"),
                 dice_per_class=_per_class(metrics, keys.DICE_CLASS_PREFIX),
@@ -147,13 +154,22 @@ def _cell(model: str, msg: Message) -> Cell | str:
                 test_num_examples=int(metrics.get(keys.TEST_NUM_EXAMPLES, 0)))
 
 
+def _dice(value: object) -> float:
+    """A Dice value as a site may send it: one finite number in [0, 1], or ValueError/TypeError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"a Dice value must be a number, got {type(value).__name__}")
+    if not 0.0 <= float(value) <= 1.0:  # also refuses NaN
+        raise ValueError(f"a Dice value must lie in [0, 1], got {value!r}")
+    return float(value)
+
+
 def _optional(metrics, name: str) -> float | None:
-    return None if metrics.get(name) is None else float(metrics[name])
+    return None if metrics.get(name) is None else _dice(metrics[name])
 
 
 def _per_class(metrics, prefix: str) -> list[float]:
     """The ``<prefix><class>`` metrics of a reply as a list, class 1 first."""
-    found = {int(k.removeprefix(prefix)): float(v) for k, v in metrics.items()
+    found = {int(k.removeprefix(prefix)): _dice(v) for k, v in metrics.items()
              if k.startswith(prefix) and k.removeprefix(prefix).isdigit()}
     return [found[c] for c in sorted(found)]
 

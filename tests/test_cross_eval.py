@@ -94,3 +94,19 @@ def test_norm_adaptation_reestimates_only_batch_norm_statistics(tiny_federation)
     kept = {k: v.clone() for k, v in instance.state_dict().items()}
     assert not adapt_norm(instance, images, cfg.data, steps=3, batch_size=2, seed=0)
     assert all(torch.equal(kept[k], v) for k, v in instance.state_dict().items())
+
+
+def test_a_hostile_cross_eval_reply_is_left_out_not_fatal():
+    """Dice values outside [0, 1], NaN, lists or infinite counts make a failed cell, never an exception."""
+    from flwr.app import MetricRecord, RecordDict
+
+    from server.cross_eval import MESSAGE_TYPE, Cell, _cell
+    from tests.flower_messages import reply as site_reply
+
+    def reply(**metrics):
+        return site_reply(RecordDict({keys.METRICS: MetricRecord(metrics)}), 1, MESSAGE_TYPE)
+
+    for bad in ({"dice": 1e6}, {"dice": float("nan")}, {"dice": [0.5, 0.5]}, {"dice": 0.5, "dice_personal": -1.0},
+                {"dice": 0.5, keys.NUM_EXAMPLES: float("inf")}, {"dice": 0.5, "dice_class_1": 2.0}):
+        assert isinstance(_cell("last", reply(**bad)), str), bad
+    assert isinstance(_cell("last", reply(dice=0.5, dice_personal=0.6)), Cell)
