@@ -28,7 +28,7 @@ from common.loops import RunSteps, train_local
 from common.model import build_model
 from common.params import ParameterSplit, load_merged, model_signature, select, split_parameters
 from common.runs import run_dir, simulated_site_config
-from common.wire import from_wire, to_wire
+from common.wire import from_wire, pack, to_wire, unpack
 
 from . import egress, site_history, timeline
 from .cross_eval import class_metrics, cross_evaluate
@@ -181,6 +181,8 @@ def _handle(handler: Callable[[Site, Message], Message], msg: Message, context: 
     site_name, site, marks = "unknown", None, timeline.start(msg)
     _serving.set(None)
     try:
+        if msg.has_content():
+            msg.content = unpack(msg.content)
         site = Site.resolve(context)
         site.marks = marks | timeline.pulled_at(site.state.root, msg)
         site_name = site.cfg.site.name
@@ -192,6 +194,7 @@ def _handle(handler: Callable[[Site, Message], Message], msg: Message, context: 
     if site is not None and not reply.has_error():  # the site's history counts only what really left
         site_history.record_reply(site.state.root, msg, dict(reply.content.metric_records.get(keys.METRICS, {})),
                                   reply.content.array_records.get(keys.ARRAYS))
+        reply.content = pack(reply.content)  # after the guard: packing only regroups what it let out
     return reply
 
 

@@ -14,7 +14,7 @@ import re
 from common.config import ConfigError
 from common.dataset import DatasetError
 from common.params import ParameterSplitError
-from common.wire import error_reason
+from common.wire import WireError, error_reason
 
 
 class SignatureMismatch(ValueError):
@@ -32,6 +32,7 @@ SANITIZED_REASONS: dict[type[BaseException], str] = {
     ParameterSplitError: "the norm mode does not fit the model; see the site log",
     FloatingPointError: "local training diverged (non-finite loss)",
     MemoryError: "the site ran out of memory",
+    WireError: "the server's message does not unpack: the site and the server run different fedseg versions",
     TooFewCases: "fewer cases than the site's minimum cohort (site.min_cohort): nothing computed from them is sent",
 }
 DISK_FULL_ERRNOS = frozenset((errno.ENOSPC, errno.EFBIG, errno.EDQUOT))

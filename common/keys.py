@@ -8,6 +8,8 @@ METRICS = "metrics"
 """The MetricRecord of a site's reply."""
 IDENTITY = "identity"
 """The ConfigRecord naming the replying site and its model signature."""
+LAYOUT = "layout"
+"""The ConfigRecord that says how the packed ``ARRAYS`` unpack into named tensors (common/wire.py)."""
 
 NUM_EXAMPLES = "num-examples"
 PROXIMAL_MU = "proximal-mu"

@@ -1,15 +1,28 @@
-"""The wire format: one ArrayRecord of travelling tensors, optionally in half precision.
+"""The wire format: one ArrayRecord of travelling tensors, optionally in half precision, packed for travel.
 
 Arrays may travel as float16 to halve the bytes; they are always returned as
 float32, so aggregation and training never run in half precision. (bfloat16 is
 not offered: Flower's ArrayRecord stores numpy arrays, and numpy has no
 bfloat16.)
+
+In a deployment every Flower object of a message is one HTTPS request through
+the gateway and a row in the SuperLink's database, and an ArrayRecord of n
+tensors is 2n + 1 objects (each Array plus its chunk). A message therefore
+travels *packed* (:func:`pack`): one flat Array per dtype, plus a ``layout``
+ConfigRecord with each tensor's name, dtype and shape. The receiver unpacks
+it (:func:`unpack`) before anything else reads the message, so the rest of
+fedseg (validation, aggregation, the egress guard, training) only ever sees
+the named tensors. Unpacking trusts nothing: a layout whose sizes do not add
+up to the flat arrays is refused whole.
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from . import keys
 
@@ -27,6 +40,89 @@ def from_wire(record: ArrayRecord) -> dict[str, torch.Tensor]:
     """Unpack an ArrayRecord into float32 (floating) tensors."""
     state = record.to_torch_state_dict()
     return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+
+
+PACKED_PREFIX = "packed-"
+"""Key of a packed flat Array: the prefix plus its dtype."""
+PACKABLE_DTYPES = frozenset({"float16", "float32", "float64", "int64"})
+MAX_TENSORS = 4096
+"""More tensors than any 3D U-Net has: a layout longer than this is refused before it is read."""
+MAX_NDIM = 8
+
+
+class WireError(ValueError):
+    """A packed message whose layout does not describe its arrays."""
+
+
+def pack(content: RecordDict) -> RecordDict:
+    """The content with its ``ARRAYS`` record as one flat Array per dtype plus a ``LAYOUT`` record.
+
+    Content without arrays (or with a single one) is returned as it is.
+    """
+    record = content.array_records.get(keys.ARRAYS)
+    if record is None or len(record) < 2 or keys.LAYOUT in content:
+        return content
+    names = list(record.keys())
+    values = [record[name].numpy() for name in names]
+    dtypes = [str(v.dtype) for v in values]
+    flat = {dt: np.concatenate([v.ravel() for v, d in zip(values, dtypes) if d == dt]) for dt in dict.fromkeys(dtypes)}
+    layout = ConfigRecord({"names": names, "dtypes": dtypes, "ndims": [v.ndim for v in values],
+                           "shapes": [int(n) for v in values for n in v.shape]})
+    packed = RecordDict(dict(content.items()))
+    packed[keys.ARRAYS] = ArrayRecord({PACKED_PREFIX + dt: Array(a) for dt, a in flat.items()})
+    packed[keys.LAYOUT] = layout
+    return packed
+
+
+def unpack(content: RecordDict) -> RecordDict:
+    """The content with its packed arrays back as named tensors; unpacked content is returned as it is.
+
+    Raises WireError when the layout is malformed or its sizes disagree with the flat arrays.
+    """
+    if keys.LAYOUT not in content.config_records:
+        return content
+    names, dtypes, shapes = _layout(content.config_records[keys.LAYOUT])
+    record = content.array_records.get(keys.ARRAYS)
+    wanted = {PACKED_PREFIX + dt for dt in dtypes}
+    if record is None or set(record.keys()) != wanted:
+        raise WireError(f"packed arrays {sorted(record.keys()) if record else []} do not match the layout's "
+                        f"dtypes {sorted(wanted)}")
+    flat = {key: record[key] for key in wanted}
+    offsets = dict.fromkeys(wanted, 0)
+    spans: dict[str, tuple[int, int, tuple[int, ...], str]] = {}
+    for name, dtype, shape in zip(names, dtypes, shapes):
+        key, size = PACKED_PREFIX + dtype, math.prod(shape)
+        if flat[key].dtype != dtype or len(flat[key].shape) != 1:
+            raise WireError(f"packed array '{key}' is {flat[key].dtype}{list(flat[key].shape)}, not flat {dtype}")
+        start, offsets[key] = offsets[key], offsets[key] + size
+        if offsets[key] > flat[key].shape[0]:
+            raise WireError(f"the layout needs more {dtype} values than were sent")
+        spans[name] = (start, size, shape, key)
+    if any(offsets[k] != flat[k].shape[0] for k in wanted):
+        raise WireError("the packed arrays hold more values than the layout describes")
+    data = {k: flat[k].numpy() for k in wanted}
+    if any(data[k].shape != (offsets[k],) or str(data[k].dtype) != flat[k].dtype for k in wanted):
+        raise WireError("a packed array's data differs from its declared dtype or length")
+    unpacked = RecordDict({k: v for k, v in content.items() if k != keys.LAYOUT})
+    unpacked[keys.ARRAYS] = ArrayRecord({name: Array(data[key][start:start + size].reshape(shape))
+                                         for name, (start, size, shape, key) in spans.items()})
+    return unpacked
+
+
+def _layout(layout: ConfigRecord) -> tuple[list[str], list[str], list[tuple[int, ...]]]:
+    """Names, dtypes and shapes from a layout record, every field checked before it is used."""
+    names, dtypes, ndims, flat_shape = (layout.get(k) for k in ("names", "dtypes", "ndims", "shapes"))
+    if not all(isinstance(v, list) for v in (names, dtypes, ndims, flat_shape)):
+        raise WireError("the layout lacks names, dtypes, ndims or shapes lists")
+    if not len(names) == len(dtypes) == len(ndims) or len(names) > MAX_TENSORS or len(set(names)) != len(names):
+        raise WireError("the layout's lists disagree in length, repeat a name or are too long")
+    if not all(isinstance(n, str) for n in names) or not set(dtypes) <= PACKABLE_DTYPES:
+        raise WireError(f"the layout's names must be text and its dtypes among {sorted(PACKABLE_DTYPES)}")
+    if not all(isinstance(d, int) and 0 <= d <= MAX_NDIM for d in ndims) or sum(ndims) != len(flat_shape) \
+            or not all(isinstance(n, int) and n >= 0 for n in flat_shape):
+        raise WireError("the layout's shapes are malformed")
+    ends = np.cumsum([0, *ndims]).tolist()
+    return names, dtypes, [tuple(flat_shape[a:b]) for a, b in zip(ends, ends[1:])]
 
 
 ERROR_PREFIX = "site "

@@ -30,6 +30,7 @@ from .resume import resume_point
 from .site_registry import read_nodes
 from .dp import with_privacy
 from .strategy import FedSegStrategy, QuorumNotReached
+from .packed_grid import PackedGrid
 from .timeline import TimelineGrid
 
 log = logging.getLogger("fedseg.server")
@@ -63,6 +64,7 @@ def server_config(context: Context) -> FedsegConfig:
 def main(grid: Grid, context: Context) -> None:
     cfg = server_config(context)
     quicken_object_pulls()
+    grid = PackedGrid(grid)
     run = run_dir(cfg)
     run.mkdir(parents=True, exist_ok=True)
     weights, signature = initial_weights(cfg)

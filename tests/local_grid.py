@@ -2,11 +2,13 @@
 
 ``LocalGrid`` is a Flower Grid whose ``send_and_receive`` hands each message
 to ``client.client_app.app`` (the ClientApp a SuperNode runs) and returns its
-reply. Both directions go through Flower's wire representation: every object
-of the message is deflated to bytes and the message is re-inflated from
-those bytes, exactly what a SuperLink stores and forwards. A ``tamper`` hook
-may replace a site's reply after it left the site, which is how a hostile
-hospital (one running modified code) is simulated.
+reply, packed and unpacked on the way as the run's grid does
+(server/packed_grid.py). Both directions go through Flower's wire
+representation: every object of the message is deflated to bytes and the
+message is re-inflated from those bytes, exactly what a SuperLink stores and
+forwards. A ``tamper`` hook
+may replace a site's reply (unpacked) after it left the site, which is how a
+hostile hospital (one running modified code) is simulated.
 
 It lets the hostile-site and DP tests run several federated rounds of the
 real apps in seconds, without starting Ray.
@@ -28,6 +30,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from common import keys
 from common.config import FedsegConfig
+from server.packed_grid import packed, unpacked
 from simulations.runner import prepare_run, write_site_configs
 
 Tamper = Callable[[int, Message], Message]
@@ -81,8 +84,8 @@ class LocalGrid(Grid):
 
     def _deliver(self, msg: Message) -> Message:
         node = msg.metadata.dst_node_id
-        _stamp(msg)
-        reply = self.app(over_the_wire(msg), self.context(node))
+        _stamp(packed(msg))
+        reply = unpacked(self.app(over_the_wire(msg), self.context(node)))
         if self.tamper is not None:
             reply = self.tamper(node, reply)
         reply = over_the_wire(_stamp(reply))

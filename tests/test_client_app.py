@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from common import keys
 from common.model import build_model
 from common.params import split_parameters
+from common.wire import unpack
 from tests.site_harness import handle, run_fresh, site_setup
 
 
@@ -30,9 +31,12 @@ def test_reply_carries_only_travelling_arrays_and_numbers(tmp_path, tiny_federat
     cfg, site_yaml = site_setup(tmp_path, tiny_federation["site-2"], "site-2")
     reply = handle(cfg, site_yaml, MessageType.TRAIN)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    arrays = reply.content.array_records[keys.ARRAYS]
     model = build_model(cfg.model)
     split = split_parameters(model, cfg.train.norm_mode)
+    sent = reply.content  # as it leaves: packed, with the layout that names the travelling tensors
+    assert set(sent.config_records) == {keys.IDENTITY, keys.LAYOUT}
+    assert sorted(sent[keys.LAYOUT]["names"]) == sorted(split.travelling)
+    arrays = unpack(sent).array_records[keys.ARRAYS]
     assert set(arrays) == set(split.travelling)
     assert not set(arrays) & set(split.local)
     metrics = reply.content.metric_records[keys.METRICS]

@@ -1,0 +1,56 @@
+"""The run's grid, with every message packed for travel and every reply unpacked (common/wire.py).
+
+A message's model travels as one flat array per dtype instead of one Flower
+object per tensor: in a deployment each object is an HTTPS request through
+the gateway, so a model of n tensors costs 2n + 1 requests each way unpacked
+and about three packed. Everything above this grid (planning, the strategy,
+validation, cross-site evaluation) sees the named tensors only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from common.wire import WireError, pack, unpack
+
+from .cross_eval import TrainingGrid
+
+log = logging.getLogger("fedseg.server")
+
+
+def packed(msg: Message) -> Message:
+    """The message with its arrays packed for travel."""
+    if msg.has_content():
+        msg.content = pack(msg.content)
+    return msg
+
+
+def unpacked(reply: Message) -> Message:
+    """The reply with named tensors; a malformed one is left packed, so validation leaves it out."""
+    if reply.has_content():
+        try:
+            reply.content = unpack(reply.content)
+        except WireError as err:
+            log.warning("a reply of node %d does not unpack (%s); it will be left out", reply.metadata.src_node_id, err)
+    return reply
+
+
+class PackedGrid(TrainingGrid):
+    """A grid that packs what it sends and unpacks what it receives; it hides no node."""
+
+    def __init__(self, grid: Grid) -> None:
+        super().__init__(grid, hidden=set())
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages([packed(m) for m in messages])
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [unpacked(r) for r in self._grid.pull_messages(message_ids)]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = self._grid.send_and_receive([packed(m) for m in messages], timeout=timeout)
+        return [unpacked(r) for r in replies]
