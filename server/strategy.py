@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -77,8 +77,8 @@ class FedSegStrategy(FedProx):
                  self.cfg.federation.on_quorum_failure, self.cfg.federation.wire_dtype)
         super().summary()
 
-    def _send(self, configure, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-              grid: Grid) -> tuple[list[Message], ArrayRecord]:
+    def _send(self, configure: Callable[..., Iterable[Message]], server_round: int, arrays: ArrayRecord,
+              config: ConfigRecord, grid: Grid) -> tuple[list[Message], ArrayRecord]:
         """FedProx's messages, carrying the global model in the wire dtype and the model signature."""
         config[keys.SIGNATURE] = self.signature
         config[keys.WIRE_DTYPE] = self.cfg.federation.wire_dtype
