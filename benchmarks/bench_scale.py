@@ -171,9 +171,9 @@ def server_seconds(n_sites: int, aggregator: str, work: Path) -> float:
         strategy = FedSegStrategy(cfg, signature, {k: tuple(v.shape) for k, v in weights.items()}, MetricsLog(out),
                                   Checkpoints(out / "ckpt"))
         # What configure_train records: the global model the updates are measured from (norm bound).
-        strategy.tally.reference = {k: v.numpy() for k, v in weights.items()}
+        strategy.reference = {k: v.numpy() for k, v in weights.items()}
         strategy.aggregate_train(1, replies)
-        timings.append(strategy.tally.aggregation_s)
+        timings.append(strategy.recorder.tally.aggregation_s)
     return float(np.median(timings))
 
 

@@ -15,14 +15,17 @@ The denominator is fixed on purpose: dividing by :math:`m` would make the
 mean's sensitivity depend on how many sites replied, a number that depends on
 the data and is published, and under adding or removing one site the
 sensitivity of a mean over :math:`m` is not :math:`C/m`. Over :math:`n` it is
-exactly :math:`C/n`. The clipping and noise are Flower's
-``DifferentialPrivacyServerSideFixedClipping`` (fedseg clips and scales each
-update by :math:`m/n` first, so Flower's own clip is a no-op and its mean over
-:math:`m` becomes the sum over :math:`n`).
-Flower's wrapper clips every ArrayRecord of a reply; fedseg's replies hold exactly one, the
-travelling tensors, so site-local norm tensors are neither clipped nor noised
-(they never reach the server). The wrapper pairs reply and global arrays by
-position, so each reply's arrays are first put in the global model's key order.
+exactly :math:`C/n`. The clip is Flower's ``compute_clip_model_update`` and
+the noise that of Flower's ``DifferentialPrivacyServerSideFixedClipping``
+with its sample size fixed at :math:`n`. The wrapper composes with the
+strategy through its three public steps (server/strategy.py): it takes the
+screened replies from ``screen_train``, clips each update and scales it by
+:math:`m/n`, so that ``combine``'s unweighted mean over :math:`m` is the sum
+over :math:`n`, adds the noise, and hands the noised model to ``publish``.
+Only the travelling tensors are clipped and noised: a reply holds exactly
+those, site-local norm tensors never reach the server. Flower's clip pairs
+reply and global arrays by position, so each reply's arrays are first put in
+the global model's key order.
 
 The guarantee is site-level (adding or removing one site's whole update)
 (epsilon, delta)-DP of the sequence of released global models, against anyone
@@ -140,7 +143,7 @@ def earlier_releases(metrics_path, privacy: PrivacyConfig, size: int, done: int)
 
 
 class FedSegDifferentialPrivacy(DifferentialPrivacyServerSideFixedClipping):
-    """Flower's server-side clipping wrapper around fedseg's strategy, with screening first and a budget log."""
+    """Flower's server-side fixed-clipping DP around fedseg's strategy's steps, with a budget log."""
 
     def __init__(self, strategy: FedSegStrategy, privacy: PrivacyConfig, metrics_log: MetricsLog) -> None:
         self.size = federation_size(strategy.cfg)
@@ -162,19 +165,20 @@ class FedSegDifferentialPrivacy(DifferentialPrivacyServerSideFixedClipping):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Screen, clip and scale, take the unweighted mean, add noise of std z C / n, publish."""
         sound = self.fedseg.screen_train(server_round, replies)
         if len(sound) > self.size:
             raise ValueError(f"{len(sound)} sound replies from a federation of {self.size} listed sites")
         order = list(self.current_arrays.keys())
-        reference = self.fedseg.tally.reference
-        for msg in sound:  # clip, then weigh by m/n so that Flower's mean over m is the sum over n
-            msg.content[keys.ARRAYS] = _clipped_and_scaled(msg.content.array_records[keys.ARRAYS], reference, order,
-                                                           self.clipping_norm, len(sound) / self.size)
-        self.num_sampled_clients = self.size  # noise std z * C / n, fixed
-        arrays, metrics = super().aggregate_train(server_round, sound)
+        for msg in sound:  # clip, then weigh by m/n so that the mean over m is the sum over n
+            msg.content[keys.ARRAYS] = _clipped_and_scaled(msg.content.array_records[keys.ARRAYS],
+                                                           self.fedseg.reference, order, self.clipping_norm,
+                                                           len(sound) / self.size)
+        arrays, metrics = self.fedseg.combine(server_round, sound, equal_weights=True)
         if arrays is not None:
+            arrays = self._add_noise_to_aggregated_arrays(arrays)  # num_sampled_clients is n
             rnd = server_round + self.fedseg.round_offset
-            self.fedseg.publish(rnd, arrays)
+            self.fedseg.publish(server_round, arrays)
             self.releases += 1
             epsilon = gaussian_epsilon(self.noise_multiplier, self.releases, self.delta)
             self.metrics.write(

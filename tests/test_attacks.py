@@ -61,7 +61,7 @@ def strategy_for(tmp_path, *overrides: str, nodes: dict[int, str] | None = None)
     cfg = load_config(None, ["federation.run_name=attack", "federation.min_sites=1", *overrides])
     strategy = FedSegStrategy(cfg, SIGNATURE, SHAPES, MetricsLog(tmp_path), Checkpoints(tmp_path / "ckpt"))
     strategy.node_sites.update(nodes or {})
-    strategy.tally.reference = {k: v.copy() for k, v in GLOBAL.items()}
+    strategy.reference = {k: v.copy() for k, v in GLOBAL.items()}
     return strategy
 
 
@@ -194,7 +194,7 @@ def test_finding_6_best_model_tiny_updates_and_float32_overflow(tmp_path):
     strategy = strategy_for(tmp_path, "federation.min_sites=1")
     strategy.aggregate_train(1, [train_reply(1, "a", 0.1), train_reply(2, "b", 0.2)])
     strategy.aggregate_evaluate(1, [eval_reply(1, "a"), eval_reply(2, "b", {**EVAL_METRICS, "dice": 1e6})])
-    assert strategy.checkpoints.state.best_dice == 0.5
+    assert strategy.recorder.checkpoints.state.best_dice == 0.5
     assert "outside a Dice value's range" in failures(tmp_path)["b"]
 
     two = strategy_for(tmp_path / "two")

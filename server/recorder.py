@@ -1,0 +1,136 @@
+"""What a run leaves behind at the centre: the metrics log's lines, the checkpoints and the best model.
+
+The strategy decides what happens to each reply; the recorder writes it down.
+Each round keeps a tally (sites trained and failed, bytes sent both ways, time
+spent screening and aggregating, the sites' validation Dice) that ends in one
+``round`` line. An aggregated round's model is saved as ``round-NNNN`` and
+``last``, then offered as ``best`` by its case-weighted Dice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord
+
+from common import keys
+from common.digest import message_sha256
+from common.metrics_log import MetricsLog
+from common.wire import from_wire
+
+from .checkpoints import Checkpoints
+
+log = logging.getLogger("fedseg.server")
+
+
+@dataclass
+class RoundTally:
+    """What happened in one round, for its summary line."""
+
+    started: float = field(default_factory=time.perf_counter)
+    bytes_total: int = 0
+    bytes_down: int = 0
+    """Bytes of the global model sent to each site for training."""
+    trained: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    aggregated: bool = False
+    aggregation_s: float = 0.0
+    dice: list[float] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    """Each evaluating site's cases, the weights of ``dice_weighted``."""
+
+
+def _annotator_fields(metrics: MetricRecord) -> dict[str, object]:
+    """Dice against the fusion and against each annotator, for sites whose cases have several label files."""
+    per_annotator = [float(metrics[k]) for k in keys.ANNOTATOR_METRICS[1:] if k in metrics]
+    if not per_annotator:
+        return {}
+    return {"dice_fusion": float(metrics[keys.ANNOTATOR_METRICS[0]]), "dice_per_annotator": per_annotator}
+
+
+class RunRecorder:
+    """Writes a run's metrics log lines and checkpoints, and keeps the round's tally."""
+
+    def __init__(self, metrics_log: MetricsLog, checkpoints: Checkpoints) -> None:
+        self.metrics = metrics_log
+        self.checkpoints = checkpoints
+        self.tally = RoundTally()
+
+    def start_round(self) -> None:
+        self.tally = RoundTally()
+
+    def sent(self, wire: ArrayRecord, messages: int, training: bool) -> None:
+        """The global model went to ``messages`` sites, to train or to evaluate."""
+        if training:
+            self.tally.bytes_down = wire.count_bytes()
+        self.tally.bytes_total += wire.count_bytes() * messages
+
+    @contextmanager
+    def timed(self) -> Iterator[None]:
+        """Count the block's time as the round's screening and aggregation time."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.tally.aggregation_s += time.perf_counter() - started
+
+    def rejected(self, rnd: int, site: str, stage: str, reason: str) -> None:
+        log.warning("round %d: %s reply of site %s rejected: %s", rnd, stage, site, reason)
+        self.metrics.write("failure", round=rnd, site=site, stage=stage, reason=reason)
+        if site not in self.tally.failed:
+            self.tally.failed.append(site)
+
+    def trained(self, rnd: int, site: str, msg: Message) -> None:
+        """A sound training reply, logged with the digest of what arrived."""
+        metrics = msg.content.metric_records[keys.METRICS]
+        arrays = msg.content.array_records[keys.ARRAYS]
+        self.tally.trained.append(site)
+        self.tally.bytes_total += arrays.count_bytes()
+        self.metrics.write(
+            "train", round=rnd, site=site, num_examples=int(metrics[keys.NUM_EXAMPLES]),
+            loss=metrics["loss"], proximal_loss=metrics["proximal_loss"],
+            duration_s=metrics["duration_s"], bytes_up=arrays.count_bytes(),
+            bytes_down=self.tally.bytes_down, **{keys.CONTENT_SHA256: message_sha256(msg)},
+        )
+
+    def below_quorum(self, rnd: int, stage: str, sites_ok: int, action: str) -> None:
+        self.metrics.write("quorum-failure", round=rnd, stage=stage, sites_ok=sites_ok, action=action)
+        self.metrics.sync()
+
+    def saved(self, rnd: int, aggregate: ArrayRecord) -> None:
+        """``aggregate`` is the round's global model: keep it as ``round-NNNN`` and ``last``."""
+        self.checkpoints.save_round(rnd, from_wire(aggregate))
+        self.tally.aggregated = True
+
+    def evaluated(self, rnd: int, site: str, metrics: MetricRecord) -> None:
+        per_class = [float(v) for k, v in sorted(metrics.items()) if k.startswith(keys.DICE_CLASS_PREFIX)]
+        self.metrics.write(
+            "evaluate", round=rnd, site=site, num_examples=int(metrics[keys.NUM_EXAMPLES]),
+            dice=metrics["dice"], dice_per_class=per_class, hd95=metrics.get("hd95"), loss=metrics["loss"],
+            **_annotator_fields(metrics),
+        )
+        self.tally.dice.append(float(metrics["dice"]))
+        self.tally.weights.append(float(metrics[keys.NUM_EXAMPLES]))
+
+    def close_round(self, rnd: int) -> dict[str, float]:
+        """Write the round's summary, offer the model as best, and make the log durable."""
+        t = self.tally
+        dice_mean = float(np.mean(t.dice)) if t.dice else float("nan")
+        dice_weighted = float(np.average(t.dice, weights=t.weights)) if t.dice else float("nan")
+        self.metrics.write(
+            "round", round=rnd, sites_ok=len(t.trained), sites_failed=t.failed,
+            aggregated=t.aggregated, dice_mean=dice_mean, dice_weighted=dice_weighted,
+            duration_s=time.perf_counter() - t.started, bytes_total=t.bytes_total,
+            aggregation_s=t.aggregation_s,
+        )
+        if t.aggregated and t.dice:
+            self.checkpoints.offer_best(rnd, dice_weighted)
+        self.metrics.sync()
+        log.info("round %d: %d site(s) trained, %d failed, Dice mean %.4f weighted %.4f",
+                 rnd, len(t.trained), len(t.failed), dice_mean, dice_weighted)
+        return {"dice_mean": dice_mean, "dice_weighted": dice_weighted}

@@ -1,0 +1,61 @@
+"""Which replies of a round the server may use, and which site sent each.
+
+A reply is judged first on its own (server/validation.py: error, signature,
+metrics, keys, shapes, finite values), then on its name (server/site_registry.py:
+it must not claim another site's), and a training reply last on the size of
+its update among the round's other sound ones. A reply that the SuperLink
+wrote for a node that went away carries the SuperLink's id; its site is found
+from the message it answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import Message
+from flwr.common.constant import SUPERLINK_NODE_ID
+
+from common import keys
+from common.wire import named_site
+
+from .site_registry import claim_problem, site_name
+from .validation import ReplyValidator
+
+
+class ReplyScreen:
+    """The validator plus the node -> site names it judges claims against."""
+
+    def __init__(self, validator: ReplyValidator, node_sites: dict[int, str]) -> None:
+        self.validator = validator
+        self.node_sites = node_sites
+        self.outgoing: list[Message] = []
+        """The last configure step's messages: they name the node behind an error the SuperLink wrote."""
+
+    def site(self, msg: Message) -> str:
+        node = msg.metadata.src_node_id
+        if node == SUPERLINK_NODE_ID:
+            node = next((m.metadata.dst_node_id for m in self.outgoing
+                         if m.metadata.message_id == msg.metadata.reply_to_message_id), node)
+        return site_name(self.node_sites, node, named_site(msg))
+
+    def _problem(self, msg: Message, is_train: bool) -> str | None:
+        """The validator's verdict, or a reply that names another site than the node it came from."""
+        problem = self.validator.problem(msg, is_train)
+        if problem is None and not msg.has_error():
+            return claim_problem(self.node_sites, msg.metadata.src_node_id, named_site(msg))
+        return problem
+
+    def verdicts(self, replies: Iterable[Message], is_train: bool,
+                 reference: dict[str, np.ndarray] | None) -> list[tuple[Message, str, str | None]]:
+        """Each reply with its site and why it cannot be used (None: sound).
+
+        ``reference`` is the round's global model w^t; without it (evaluation) update sizes are not compared.
+        """
+        replies = list(replies)
+        problems = [self._problem(msg, is_train) for msg in replies]
+        if is_train and reference is not None:
+            sound = [msg.content.array_records[keys.ARRAYS] for msg, p in zip(replies, problems) if p is None]
+            too_large = iter(self.validator.norm_problems(sound, reference))
+            problems = [next(too_large) if p is None else p for p in problems]
+        return [(msg, self.site(msg), problem) for msg, problem in zip(replies, problems)]
