@@ -97,6 +97,24 @@ def test_finding_2_malformed_replies_are_left_out_and_logged(tmp_path):
     assert evaluated["dice_mean"] == 0.5
 
 
+def test_finding_2_a_packed_reply_whose_layout_lies_is_left_out(tmp_path):
+    """A site's reply arrives packed (common/wire.py); a layout that misstates the sizes never reaches aggregation."""
+    from common.wire import pack
+    from server.packed_grid import unpacked
+
+    lying = train_reply(2, "layout-lie")
+    lying.content = pack(lying.content)
+    lying.content[keys.LAYOUT]["shapes"] = [4, 3, 5]  # 12 + 5 values claimed, 16 + 4 sent
+    honest = train_reply(1, "honest", 0.1)
+    honest.content = pack(honest.content)
+    replies = [unpacked(over_the_wire(r)) for r in (honest, lying)]
+    assert keys.LAYOUT not in replies[0].content and keys.LAYOUT in replies[1].content
+    strategy = strategy_for(tmp_path)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert np.allclose(arrays["w"].numpy(), GLOBAL["w"] + 0.1)
+    assert set(failures(tmp_path)) == {"layout-lie"}
+
+
 def test_finding_2_planning_leaves_out_a_malformed_or_odd_site(tmp_path, tiny_federation):
     from client.client_app import app
     from server.planning import plan_federation
