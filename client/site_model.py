@@ -10,6 +10,13 @@ normalization tensors and writes::
     provenance.json     run, checkpoint, round, Dice, site, time, SHA-256 of the weights
     README.md           the same provenance, and a few lines of Python that load the model
 
+With ``--personalize`` the site first fine-tunes its norm layers (and, by
+``train.personalize``, the output layer) of that model on its own training
+cases, keeping the copy with the best Dice on its own validation cases
+(common/personalize.py): the folder then holds this site's personal model,
+and the provenance says how far personalization moved its validation Dice.
+The federation's global model is not touched.
+
 Because the folder leaves the site's state directory, every export is also
 recorded in ``<state_dir>/exports.jsonl`` (``fedseg-client audit`` lists them).
 """
@@ -115,6 +122,7 @@ def _readme(provenance: dict[str, Any], model_cfg: FedsegConfig) -> str:
 | Dice at this site | {'unknown' if dice is None else f'{dice:.4f}'} |
 | federation Dice | {provenance.get('federation_dice', 'unknown')} |
 | site norm tensors | from round {provenance['norm_round'] or 'unknown'} of this site's training |
+| personalized | {_personal_line(provenance.get('personalized'))} |
 | exported | {provenance['exported']} |
 | SHA-256 of {WEIGHTS_FILE} | {provenance['sha256']} |
 
@@ -137,7 +145,42 @@ Label values are in `{LABELS_FILE}`.
 """
 
 
-def export_site_model(cfg: FedsegConfig, run: Path, choice: str, out: Path) -> dict[str, Any]:
+def _personal_line(personal: dict[str, Any] | None) -> str:
+    if not personal:
+        return "no (the federated model with this site's norm tensors)"
+    return (f"yes: {personal['steps']} steps on this site's training cases, validation Dice "
+            f"{personal['dice_before']:.4f} -> {personal['dice_after']:.4f}")
+
+
+def personalized(cfg: FedsegConfig, run_cfg: FedsegConfig, model: nn.Module, plan: Plan) -> dict[str, Any]:
+    """Fine-tune ``model`` in place on this site's cases, in the run's plan (common/personalize.py); what it gained."""
+    import dataclasses
+
+    from common.device import with_site_compute
+    from common.personalize import personalize
+    from common.preprocess import PreprocessedCases
+
+    from .site_data import open_split, require_cohort
+    from .site_state import SiteState
+
+    train = with_site_compute(run_cfg.train, cfg.train)
+    if train.personalize_steps < 1:
+        raise UserError("train.personalize_steps is 0 in the run's config: nothing to personalize; "
+                        "export without --personalize.")
+    site_cfg = dataclasses.replace(run_cfg, site=cfg.site, train=train)
+    state = SiteState(Path(cfg.site.state_dir))
+    spec, train_ids, val_ids = open_split(site_cfg, state)
+    cases = PreprocessedCases(state.cache_dir, plan, spec.num_classes)
+    train_cases, val_cases = ([cases.load(spec.case(i)) for i in require_cohort(site_cfg, ids, what)]
+                              for ids, what in ((train_ids, "training"), (val_ids, "validation")))
+    result = personalize(model, train_cases, val_cases, plan.data_config(site_cfg.data), train,
+                         spec.num_classes, train.seed)
+    return {"steps": result.steps, "dice_before": result.dice_before, "dice_after": result.dice_after,
+            "scope": train.personalize}
+
+
+def export_site_model(cfg: FedsegConfig, run: Path, choice: str, out: Path, personalize: bool = False
+                      ) -> dict[str, Any]:
     """Write the site's model folder (see the module docstring); returns its provenance."""
     from safetensors.torch import save_model
 
@@ -150,6 +193,7 @@ def export_site_model(cfg: FedsegConfig, run: Path, choice: str, out: Path) -> d
         raise UserError(f"{out} exists and is not empty: choose a new folder for the exported model.")
     state = SiteState(Path(cfg.site.state_dir))
     model, plan, run_cfg = load_run_model(run, checkpoint_file(run, choice), state.root, missing_local="error")
+    personal = personalized(cfg, run_cfg, model, plan) if personalize else None
     out.mkdir(parents=True, exist_ok=True)
     save_model(model, str(out / WEIGHTS_FILE))
     plan.save(out / PLAN_FILE)
@@ -165,6 +209,7 @@ def export_site_model(cfg: FedsegConfig, run: Path, choice: str, out: Path) -> d
         **round_dice(run, server_round, cfg.site.name),
         "site": cfg.site.name,
         "norm_round": state.info().get("last_round"),
+        "personalized": personal,
         "exported": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "sha256": _sha256(out / WEIGHTS_FILE),
     }
