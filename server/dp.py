@@ -62,6 +62,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
 from flwr.supercore.differential_privacy import compute_clip_model_update
+from scipy.optimize import brentq
 from scipy.special import log_ndtr, ndtr
 
 from common import keys
@@ -73,7 +74,6 @@ from .strategy import FedSegStrategy
 log = logging.getLogger("fedseg.server")
 
 ACCOUNTANT = "gaussian-dp exact composition, no sampling amplification"
-BISECTION_STEPS = 200
 
 
 def gaussian_delta(epsilon: float, mu: float) -> float:
@@ -90,15 +90,10 @@ def gaussian_epsilon(noise_multiplier: float, releases: int, delta: float) -> fl
     mu = math.sqrt(releases) / noise_multiplier
     if gaussian_delta(0.0, mu) <= delta:
         return 0.0
-    low, high = 0.0, 1.0
-    while gaussian_delta(high, mu) > delta:
-        low, high = high, high * 2
-    for _ in range(BISECTION_STEPS):
-        mid = (low + high) / 2
-        low, high = (mid, high) if gaussian_delta(mid, mu) > delta else (low, mid)
-        if high - low <= 1e-9 * high:
-            break
-    return high
+    high = 1.0
+    while gaussian_delta(high, mu) > delta:  # delta(epsilon) falls monotonically: bracket the root
+        high *= 2
+    return float(brentq(lambda eps: gaussian_delta(eps, mu) - delta, 0.0, high, xtol=1e-12, rtol=1e-10))
 
 
 class PrivacyResumeRefused(RuntimeError):
