@@ -12,7 +12,11 @@ in a fresh process so that peak memory is its own:
   volume, model, window and overlap, then argmax, with MONAI's default of one
   window per forward pass (what the issue measured);
 - ``plain-batched``: the same with fedseg's windows per forward pass
-  (train.sw_batch_size), to show how much of the gain is batching alone.
+  (train.sw_batch_size), to show how much of the gain is batching alone;
+- ``monai-buffered``: MONAI's own memory-saving mode, sliding_window_inference
+  with ``buffer_steps=1, buffer_dim=-1`` (one slab of windows along the last
+  axis at a time, as SlabInferer walks) and fedseg's windows per pass: the
+  library alternative SlabInferer has to beat to be kept.
 
     .venv/bin/python benchmarks/bench_predict.py [--shape 512 512 400] [--threads 2] [--modes fedseg-infer fedseg]
         [--set train.device=cuda --set train.precision=bf16]
@@ -45,7 +49,7 @@ SPACING = (0.8, 0.8, 1.0)
 LPS = np.diag([-SPACING[0], -SPACING[1], SPACING[2], 1.0])
 AIR, BODY, ORGAN, LESION = -1000.0, 40.0, 60.0, 110.0
 GIB = 1024 ** 3
-MODES = ("plain", "plain-batched", "fedseg-infer", "fedseg")
+MODES = ("plain", "plain-batched", "monai-buffered", "fedseg-infer", "fedseg")
 MODEL = ["model.channels=[8, 16, 32]", "model.strides=[2, 2]", "model.num_res_units=1"]
 
 
@@ -104,8 +108,10 @@ def child(mode: str, work: Path, threads: int, overlap: float, overrides: list[s
         image = torch.from_numpy(np.load(work / "prepared.npy"))
         started = time.perf_counter()
         with torch.no_grad():
-            windows = batch if mode == "plain-batched" else 1
-            logits = sliding_window_inference(image[None], plan.patch_size, windows, model, overlap=overlap)
+            windows = 1 if mode == "plain" else batch
+            buffered = {"buffer_steps": 1, "buffer_dim": -1} if mode == "monai-buffered" else {}
+            logits = sliding_window_inference(image[None], plan.patch_size, windows, model, overlap=overlap,
+                                              **buffered)
             logits[0].argmax(0).to(torch.uint8)
     return {"mode": mode, "seconds": time.perf_counter() - started, "peak_gib": peak_gib()}
 
