@@ -150,7 +150,7 @@ def run_modes(shape: tuple[int, int, int], roi: int, overlap: float, threads: in
         del image, label
         from common.preprocess import prepare_image
 
-        prepared, _ = prepare_image((work / "ct_0000.nii.gz",), plan, file_layout=True)  # as predict_file has it
+        prepared = prepare_image((work / "ct_0000.nii.gz",), plan, file_layout=True)  # as predict_file has it
         np.save(work / "prepared.npy", prepared.numpy())
         del prepared
         cfg = load_config(None, [*MODEL, *overrides])

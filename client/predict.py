@@ -37,6 +37,7 @@ from typing import Literal
 import nibabel as nib
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.transforms import KeepLargestConnectedComponent
 from torch import nn
 
@@ -45,7 +46,8 @@ from common.dataset import NIFTI_ENDINGS, DatasetError, channel_groups
 from common.device import CPU_FP32, Compute, compute_for, with_site_compute
 from common.nifti_out import save_nifti
 from common.plan import PLAN_FILE, Plan
-from common.preprocess import Geometry, prepare_image
+from common.preprocess import prepare_image
+from common.reading import IMAGE_MODE, LABEL_MODE, to_file_grid, without_voxels
 
 log = logging.getLogger("fedseg.client")
 
@@ -206,44 +208,26 @@ def _progress(done: int, total: int, elapsed: float) -> None:
     sys.stderr.flush()
 
 
-def _ras_to_file(array: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """An array [X, Y, Z, ...] in RAS voxel order reoriented to the input file's axes (a view)."""
-    ras_to_file = nib.orientations.ornt_transform(
-        nib.orientations.axcodes2ornt("RAS"), nib.orientations.io_orientation(geometry.affine)
-    )
-    return nib.orientations.apply_orientation(array, ras_to_file)
-
-
-def to_original(label: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Map a plan-space label map back onto the input file's voxel grid (nearest neighbour, in uint8).
+def label_to_file_grid(label: np.ndarray, image: MetaTensor, spacing: tuple[float, ...]) -> np.ndarray:
+    """A plan-space label map back onto the input file's voxel grid (nearest neighbour, in uint8).
 
     The result may be a strided view (flipped axes); nibabel writes it as it is.
     """
-    box_shape = [stop - start for start, stop in geometry.box]
-    if list(label.shape) != box_shape:
-        label = torch.nn.functional.interpolate(torch.from_numpy(label)[None, None], size=box_shape,
-                                                mode="nearest-exact")[0, 0].numpy()
-    if list(box_shape) == list(geometry.ras_shape):
-        ras = label
-    else:
-        ras = np.zeros(geometry.ras_shape, dtype=np.uint8, order="F")
-        ras[tuple(slice(start, stop) for start, stop in geometry.box)] = label
-    return _ras_to_file(ras, geometry)
+    return to_file_grid(label[None], image, spacing, LABEL_MODE).numpy()[0]
 
 
-def probabilities_to_original(probabilities: np.ndarray, geometry: Geometry) -> np.ndarray:
+def probabilities_to_file_grid(probabilities: np.ndarray, image: MetaTensor,
+                               spacing: tuple[float, ...]) -> np.ndarray:
     """Plan-space probabilities [C, ...] -> [X, Y, Z, C] float32 on the input's grid (trilinear).
 
-    Outside the nonzero crop the image was empty: background there has probability 1.
+    Outside the nonzero crop the image was empty: background there has probability 1 (the
+    inverse pads with 0, so the crop's place is found by sending a volume of ones back).
     """
-    box_shape = [stop - start for start, stop in geometry.box]
-    resized = torch.from_numpy(probabilities).float()
-    if list(probabilities.shape[1:]) != box_shape:
-        resized = torch.nn.functional.interpolate(resized[None], size=box_shape, mode="trilinear")[0]
-    ras = np.zeros((*geometry.ras_shape, len(probabilities)), dtype=np.float32)
-    ras[..., 0] = 1.0
-    ras[tuple(slice(start, stop) for start, stop in geometry.box)] = np.moveaxis(resized.numpy(), 0, -1)
-    return np.ascontiguousarray(_ras_to_file(ras, geometry))
+    back = to_file_grid(torch.from_numpy(probabilities).float(), image, spacing, IMAGE_MODE).as_tensor()
+    ones = torch.ones((1, *probabilities.shape[1:]), dtype=torch.uint8)
+    outside = to_file_grid(ones, image, spacing, LABEL_MODE).as_tensor()[0] == 0
+    back[0][outside] = 1.0
+    return np.ascontiguousarray(np.moveaxis(back.numpy(), 0, -1))
 
 
 def output_header(source: nib.Nifti1Header, dtype: type) -> nib.Nifti1Header:
@@ -259,12 +243,12 @@ def output_header(source: nib.Nifti1Header, dtype: type) -> nib.Nifti1Header:
     return header
 
 
-def write_nifti(array: np.ndarray, geometry: Geometry, source: nib.Nifti1Header, path: Path,
+def write_nifti(array: np.ndarray, affine: np.ndarray, source: nib.Nifti1Header, path: Path,
                 dtype: type | None = None) -> None:
     """Write ``array`` on the input's grid (scanner qform and sform from its affine), stored as ``dtype``."""
-    out = nib.Nifti1Image(array, geometry.affine, output_header(source, dtype or array.dtype))
-    out.set_qform(geometry.affine, code=1)
-    out.set_sform(geometry.affine, code=1)
+    out = nib.Nifti1Image(array, affine, output_header(source, dtype or array.dtype))
+    out.set_qform(affine, code=1)
+    out.set_sform(affine, code=1)
     save_nifti(out, path)
 
 
@@ -285,21 +269,23 @@ def predict_file(path: Path | tuple[Path, ...], out_path: Path, model: nn.Module
     """Segment one scan (or one case's channel files) and write its label map (and probabilities) on the
     input's grid."""
     paths = path if isinstance(path, tuple) else (path,)
-    image, geometry = prepare_image(paths, plan, file_layout=True)
+    image = prepare_image(paths, plan, file_layout=True)
     inferer = SlabInferer(model, plan.patch_size, num_classes, options, progress=progress)
     segmentation = inferer.segment(image.as_tensor())  # a plain tensor: MetaTensor's bookkeeping costs per op
-    del image
-    label = to_original(segmentation.label, geometry)
-    if label.shape != geometry.shape:
-        raise RuntimeError(f"{path}: prediction shape {label.shape} differs from the input's {geometry.shape}")
+    image = without_voxels(image)
+    label = label_to_file_grid(segmentation.label, image, plan.target_spacing)
+    source = nib.load(str(paths[0])).header
+    shape = tuple(int(s) for s in source.get_data_shape()[:3])
+    if label.shape != shape:
+        raise RuntimeError(f"{path}: prediction shape {label.shape} differs from the input's {shape}")
     if options.largest_component:
         label = keep_largest_components(label, num_classes)
-    source = nib.load(str(paths[0])).header
-    write_nifti(label, geometry, source, out_path)
+    affine = np.asarray(image.meta["original_affine"], dtype=float)
+    write_nifti(label, affine, source, out_path)
     if segmentation.probabilities is not None:
-        probabilities = probabilities_to_original(segmentation.probabilities, geometry)
+        probabilities = probabilities_to_file_grid(segmentation.probabilities, image, plan.target_spacing)
         # NIfTI has no float16: uint8 with a 1/255 scale factor, which nibabel applies when reading
-        write_nifti(probabilities, geometry, source, probability_path(out_path), dtype=np.uint8)
+        write_nifti(probabilities, affine, source, probability_path(out_path), dtype=np.uint8)
     return label
 
 
@@ -420,7 +406,7 @@ def run(args: argparse.Namespace) -> int:
         train = model_cfg.train
         if train.adapt_norm_steps < 1:
             raise UserError("--adapt-norm needs train.adapt_norm_steps >= 1 in the model's config.")
-        images = [prepare_image(paths, plan)[0].numpy() for paths in cases.values()]
+        images = [prepare_image(paths, plan).numpy() for paths in cases.values()]
         data = plan.data_config(model_cfg.data)
         if adapt_norm(model, images, data, train.adapt_norm_steps, train.batch_size, train.seed,
                       options.compute.device):

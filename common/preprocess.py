@@ -1,12 +1,9 @@
 """Turn a case on disk into normalized arrays on the plan's grid, cached on disk per plan.
 
-The steps follow nnU-Net, built from MONAI transforms: load with nibabel,
-channel first, reorient to RAS, crop to the nonzero box, resample to the
-plan's spacing in voxel space (image trilinear, labels nearest), normalize each
-channel by the plan's scheme. Resampling uses ``Resize`` (torch interpolate)
-rather than ``Spacing`` (grid_sample), because the latter builds a coordinate
-grid three times the size of the output, which does not fit a 512x512x400 CT
-in a 2-core site's memory.
+The steps follow nnU-Net: common.reading's MONAI pipeline (load, channel
+first, RAS, crop to the nonzero box, resample to the plan's spacing, the
+interpolation chosen by key), then each channel normalized by the plan's
+scheme.
 
 The cache holds, per case, ``image.npy`` [C, X, Y, Z] float32, ``label.npy``
 [A, X, Y, Z] uint8 (one channel per annotator) and ``locations.npz`` (a sample
@@ -21,26 +18,23 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai import transforms as mt
 from monai.data import MetaTensor
+from monai.transforms.utils import map_classes_to_indices
 
 from .dataset import Case
 from .plan import ChannelNorm, Plan
+from .reading import IMAGE, case_dict, label_keys, plan_space
 
 log = logging.getLogger(__name__)
 
-IMAGE, LABEL = "image", "label"
 LOCATIONS_PER_CLASS = 10_000
 """Foreground voxel coordinates kept per class for oversampling (nnU-Net keeps 10,000)."""
 META_FILE = "meta.json"
-RAS = "RAS"
-RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
 class Volume(tuple):
@@ -66,37 +60,22 @@ class Volume(tuple):
         return self[1]
 
 
-@dataclass(frozen=True)
-class Geometry:
-    """Where the plan-space array sits in the original file, to map a prediction back."""
-
-    affine: np.ndarray
-    """The input file's affine (written unchanged to the output)."""
-    shape: tuple[int, int, int]
-    """The input file's spatial shape."""
-    ras_shape: tuple[int, int, int]
-    box: tuple[tuple[int, int], ...]
-    """The nonzero crop in RAS voxel coordinates (start, stop) per axis."""
-
-
 def class_locations(label: np.ndarray, num_classes: int, rng: np.random.Generator) -> dict[int, np.ndarray]:
-    """A sample of voxel coordinates per foreground class, over all annotators."""
-    out = {}
+    """A sample of voxel coordinates per foreground class, over all annotators (MONAI's map_classes_to_indices).
+
+    The label goes in one-hot ("class c by any annotator"), with an empty background
+    channel so that MONAI does not list every background voxel.
+    """
+    present = np.zeros((num_classes, *label.shape[1:]), dtype=bool)
     for c in range(1, num_classes):
-        coords = np.argwhere(np.any(label == c, axis=0))
+        present[c] = np.any(label == c, axis=0)
+    out = {}
+    for c, flat in enumerate(map_classes_to_indices(present)[1:], start=1):
+        coords = np.stack(np.unravel_index(np.asarray(flat), present.shape[1:]), axis=-1)
         if len(coords) > LOCATIONS_PER_CLASS:
             coords = coords[rng.choice(len(coords), LOCATIONS_PER_CLASS, replace=False)]
         out[c] = coords.astype(np.int32)
     return out
-
-
-def _resample(tensor: MetaTensor, spacing: tuple[float, ...], mode: str) -> MetaTensor:
-    """Resample to ``spacing`` in voxel space (nnU-Net's way), keeping the metadata's affine right."""
-    pixdim = np.asarray(tensor.pixdim, dtype=float)[:3]
-    size = [max(1, round(s * p / t)) for s, p, t in zip(tensor.shape[1:], pixdim, spacing)]
-    if list(size) == list(tensor.shape[1:]):
-        return tensor
-    return mt.Resize(spatial_size=size, mode=mode, anti_aliasing=False)(tensor)
 
 
 def _ct_normalize_(channel: torch.Tensor, norm: ChannelNorm) -> None:
@@ -120,91 +99,21 @@ def normalize(image: torch.Tensor, norms: tuple[ChannelNorm, ...]) -> torch.Tens
     return image
 
 
-def _load_3d_file(path: Path, file_layout: bool) -> MetaTensor:
-    """One 3D NIfTI file as MONAI's LoadImage gives it (float32, channel first, same metadata), faster.
+def prepare_image(paths: tuple[Path, ...], plan: Plan, file_layout: bool = False) -> MetaTensor:
+    """Image in plan space, normalized; its recorded steps map results back to the file (reading.to_file_grid).
 
-    nibabel hands the voxels over in the file's (Fortran) order. LoadImage reorders
-    them in numpy, which for a 512x512x400 CT takes several times longer than reading
-    the file; ``file_layout`` keeps that order (same values, transposed strides),
-    otherwise torch reorders in one pass.
+    ``file_layout`` (prediction): keep the file's memory order, see reading.load_image.
     """
-    img = nib.load(str(path))
-    voxels = torch.from_numpy(np.asanyarray(img.dataobj))
-    if file_layout:
-        data = voxels.to(torch.float32)[None]
-    else:
-        data = torch.empty((1, *voxels.shape), dtype=torch.float32)
-        data[0].copy_(voxels)
-    affine = torch.as_tensor(img.affine, dtype=torch.float64)
-    meta = {"original_affine": np.asarray(img.affine), "filename_or_obj": str(path), "space": RAS}
-    return MetaTensor(data, affine=affine, meta=meta)
-
-
-def load_image(paths: tuple[Path, ...], file_layout: bool = False) -> MetaTensor:
-    """Channel-first image in its stored orientation: one 3D file per channel, or one 4D file.
-
-    ``file_layout``: see _load_3d_file; only where no reduction over the whole volume
-    depends on the memory order (its float rounding would), i.e. not for training caches.
-    """
-    if len(paths) == 1 and len(nib.load(str(paths[0])).shape) == 3:
-        return _load_3d_file(paths[0], file_layout)
-    loader = mt.LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=np.float32)
-    files = [str(p) for p in paths]
-    return loader(files if len(files) > 1 else files[0])
-
-
-def _crop_box(image: torch.Tensor) -> tuple[tuple[int, int], ...]:
-    """The box holding every nonzero voxel: two passes over the mask, the first along its contiguous axis."""
-    mask = image[0] != 0 if image.shape[0] == 1 else torch.any(image != 0, dim=0)
-    fast = int(np.argmin(mask.stride()))
-    first, second = (a for a in range(3) if a != fast)
-    plane = mask.any(dim=fast)
-    hits = {fast: mask.any(dim=(first, second)), first: plane.any(dim=1), second: plane.any(dim=0)}
-    if not bool(hits[0].any()):
-        return tuple((0, s) for s in mask.shape)
-    box = []
-    for axis in range(3):
-        where = torch.nonzero(hits[axis]).flatten()
-        box.append((int(where[0]), int(where[-1]) + 1))
-    return tuple(box)
-
-
-def _crop(tensor: MetaTensor, box: tuple[tuple[int, int], ...]) -> MetaTensor:
-    return mt.SpatialCrop(roi_start=[b[0] for b in box], roi_end=[b[1] for b in box])(tensor)
-
-
-def prepare_image(paths: tuple[Path, ...], plan: Plan, file_layout: bool = False) -> tuple[MetaTensor, Geometry]:
-    """Image in plan space plus the geometry needed to map results back to the file's grid.
-
-    ``file_layout`` (prediction): keep the file's memory order, see load_image.
-    """
-    image = load_image(paths, file_layout)
-    affine = np.asarray(image.meta["original_affine"], dtype=float)
-    shape = tuple(int(s) for s in image.shape[1:])
-    image = mt.Orientation(axcodes=RAS, labels=RAS_LABELS)(image)
-    box = _crop_box(image)
-    image = _resample(_crop(image, box), plan.target_spacing, "trilinear")
-    image = normalize(image, plan.normalization)
-    return image, Geometry(affine, shape, _ras_shape(shape, affine), box)
-
-
-def _ras_shape(shape: tuple[int, ...], affine: np.ndarray) -> tuple[int, int, int]:
-    ornt = nib.orientations.io_orientation(affine)
-    out = [0, 0, 0]
-    for axis, (target, _) in enumerate(ornt):
-        out[int(target)] = shape[axis]
-    return tuple(out)
+    image = plan_space([IMAGE], plan.target_spacing, file_layout)({IMAGE: paths})[IMAGE]
+    return normalize(image, plan.normalization)
 
 
 def prepare_case(case: Case, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
     """(image [C, X, Y, Z] float32, labels [A, X, Y, Z] uint8) of a training case in plan space."""
-    image, geometry = prepare_image(case.images, plan)
-    labels = []
-    label_loader = mt.LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=np.uint8)
-    for path in case.labels:
-        label = mt.Orientation(axcodes=RAS, labels=RAS_LABELS)(label_loader(str(path)))
-        label = _resample(_crop(label, geometry.box), plan.target_spacing, "nearest-exact")
-        labels.append(np.rint(label.numpy()).astype(np.uint8))
+    keys = (IMAGE, *label_keys(case))
+    data = plan_space(keys, plan.target_spacing)(case_dict(case))
+    image = normalize(data[IMAGE], plan.normalization)
+    labels = [np.rint(data[key].numpy()).astype(np.uint8) for key in keys[1:]]
     return image.numpy().astype(np.float32, copy=False), np.concatenate(labels)
 
 

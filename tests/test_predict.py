@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 from scipy import ndimage
 
 from client.cli import main
-from client.predict import MIRROR_AXES, InferenceOptions, SlabInferer, keep_largest_components, to_original
+from client.predict import (MIRROR_AXES, InferenceOptions, SlabInferer, keep_largest_components,
+                            label_to_file_grid)
 from common.config import load_config
 from common.dataset import Case
 from common.model import build_model
@@ -56,11 +57,12 @@ def test_plan_space_maps_back_onto_the_input_grid(tmp_path, orientation):
     case, label = _case(tmp_path, affine)
     zooms = np.linalg.norm(affine[:3, :3], axis=0)
     ras_zooms = zooms[np.argsort(nib.orientations.io_orientation(affine)[:, 0])]
-    _, geometry = prepare_image(case.images, _plan(ras_zooms))
-    _, plan_labels = prepare_case(case, _plan(ras_zooms))  # native spacing: the round trip is exact
-    assert np.array_equal(to_original(plan_labels[0], geometry), label)
-    _, coarse = prepare_case(case, _plan([2.0, 2.0, 2.0]))  # resampled: same grid, nearly the same mask
-    back = to_original(coarse[0], geometry)
+    native, coarse_plan = _plan(ras_zooms), _plan([2.0, 2.0, 2.0])
+    image = prepare_image(case.images, native)
+    _, plan_labels = prepare_case(case, native)  # native spacing: the round trip is exact
+    assert np.array_equal(label_to_file_grid(plan_labels[0], image, native.target_spacing), label)
+    _, coarse = prepare_case(case, coarse_plan)  # resampled: same grid, nearly the same mask
+    back = label_to_file_grid(coarse[0], prepare_image(case.images, coarse_plan), coarse_plan.target_spacing)
     assert back.shape == label.shape
     assert 2 * (back & label).sum() / (back.sum() + label.sum()) > 0.5
 
@@ -166,10 +168,11 @@ def test_predict_options_on_real_nifti_and_no_header_text_copied(tmp_path):
 
 @pytest.mark.parametrize("scheme", ["ct", "zscore"])
 def test_fast_loading_matches_monai_loading_bit_for_bit(tmp_path, scheme):
-    """prepare_image reads 3D files with nibabel + torch; the result is exactly MONAI's LoadImage pipeline's."""
+    """prepare_image reads 3D files with nibabel + torch; the result is exactly MONAI's LoadImaged pipeline's."""
     from monai import transforms as mt
 
-    from common.preprocess import RAS_LABELS, _crop, _resample, prepare_image
+    from common.preprocess import prepare_image
+    from common.reading import RAS_LABELS, plan_size
 
     image = phantom(lesion=5)[0].astype(np.int16) - 50
     image[:3] = 0  # a zero border to crop
@@ -177,11 +180,14 @@ def test_fast_loading_matches_monai_loading_bit_for_bit(tmp_path, scheme):
     for name, affine in AFFINES.items():
         path = save(image, affine, tmp_path / f"{name}.nii.gz")
         plan = Plan((2.0, 2.0, 2.0), (16, 16, 16), (norm,), (24, 20, 16))
-        ours, geometry = prepare_image((path,), plan)
-        in_file_order, _ = prepare_image((path,), plan, file_layout=True)
-        loader = mt.LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=np.float32)
-        ref = mt.Orientation(axcodes="RAS", labels=RAS_LABELS)(loader(str(path)))
-        ref = _resample(_crop(ref, geometry.box), plan.target_spacing, "trilinear")
+        ours = prepare_image((path,), plan)
+        in_file_order = prepare_image((path,), plan, file_layout=True)
+        ref = mt.Compose([
+            mt.LoadImaged("image", reader="NibabelReader", ensure_channel_first=True, dtype=np.float32),
+            mt.Orientationd("image", axcodes="RAS", labels=RAS_LABELS),
+            mt.CropForegroundd("image", source_key="image", select_fn=lambda x: x != 0),
+        ])({"image": str(path)})["image"]
+        ref = mt.Resize(plan_size(ref, plan.target_spacing), mode="trilinear", anti_aliasing=False)(ref)
         if scheme == "ct":
             ref = mt.ScaleIntensityRange(-20.0, 120.0, (-20.0 - 50.0) / 30.0, (120.0 - 50.0) / 30.0, clip=True)(ref)
         else:
