@@ -38,11 +38,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 
-import nibabel as nib
 import numpy as np
 
 from . import keys
 from .dataset import Case, DatasetSpec
+from .reading import IMAGE, LABEL, nonzero_box, ras_axes, read_case
 
 FINGERPRINT_FORMAT = 2
 """2: foreground mean and std instead of exact sums, every value coarsened (``COARSE_DIGITS``)."""
@@ -83,46 +83,14 @@ class CaseStats:
     """[channel, (n, sum, sum of squares)] over every foreground voxel."""
 
 
-def load_case_arrays(case: Case) -> tuple[nib.Nifti1Image, np.ndarray, np.ndarray]:
-    """(reference image header, image [C, X, Y, Z] float32, reference label [X, Y, Z]) from disk."""
-    channels = []
-    first = None
-    for path in case.images:
-        img = nib.load(str(path))
-        first = first or img
-        data = np.asanyarray(img.dataobj).astype(np.float32, copy=False)
-        channels.extend([data] if data.ndim == 3 else np.moveaxis(data, -1, 0))
-    label = np.asanyarray(nib.load(str(case.label)).dataobj)
-    return first, np.stack(channels), label
-
-
-def ras_axes(affine: np.ndarray) -> np.ndarray:
-    """For each RAS axis, the voxel axis that runs along it (nibabel's io_orientation)."""
-    ornt = nib.orientations.io_orientation(affine)
-    order = np.empty(3, dtype=int)
-    order[ornt[:, 0].astype(int)] = np.arange(3)
-    return order
-
-
-def nonzero_box(image: np.ndarray) -> tuple[slice, ...]:
-    """nnU-Net's crop: the bounding box of voxels nonzero in any channel (whole volume if none)."""
-    mask = np.any(image != 0, axis=0)
-    if not mask.any():
-        return tuple(slice(0, s) for s in mask.shape)
-    box = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        hit = np.flatnonzero(mask.any(axis=other))
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(box)
-
-
 def case_stats(case: Case, num_classes: int, rng: np.random.Generator) -> CaseStats:
-    header, image, label = load_case_arrays(case)
-    zooms = np.asarray(header.header.get_zooms()[:3], dtype=float)
-    order = ras_axes(header.affine)
-    box = nonzero_box(image)
-    crop_shape = np.array([s.stop - s.start for s in box], dtype=float)
+    """The case read in its stored orientation (the intensity sample follows the file's voxel order),
+    spacing and extent then put in RAS order."""
+    data = read_case((IMAGE, LABEL), file_layout=True)({IMAGE: case.images, LABEL: case.label})
+    zooms = np.asarray(data[IMAGE].meta["pixdim"][1:4], dtype=float)
+    order = ras_axes(np.asarray(data[IMAGE].meta["original_affine"]))
+    crop_shape = np.array([stop - start for start, stop in nonzero_box(data[IMAGE])], dtype=float)
+    image, label = data[IMAGE].numpy(), data[LABEL].numpy()[0]
     foreground = label > 0
     samples, moments = [], []
     for channel in image:
