@@ -25,6 +25,7 @@ import nibabel as nib
 import numpy as np
 
 from common.dataset import DATASET_JSON, Case, DatasetError, DatasetSpec, read_dataset
+from common.reading import open_nifti, ras_axes
 
 log = logging.getLogger("fedseg.client")
 
@@ -111,11 +112,6 @@ class CheckReport:
         return "\n".join(out)
 
 
-def _read(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
-    img = nib.load(str(path))
-    return img, np.asanyarray(img.dataobj)
-
-
 def _oblique(affine: np.ndarray) -> bool:
     columns = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
     return bool(np.any((np.abs(columns) > OBLIQUE_TOLERANCE) & (np.abs(columns) < 1 - OBLIQUE_TOLERANCE)))
@@ -146,13 +142,13 @@ def check_case(case: Case, spec: DatasetSpec) -> tuple[list[Finding], CaseInfo |
     images = []
     for path in case.images:
         try:
-            images.append((path, *_read(path)))
+            images.append((path, *open_nifti(path)))
         except Exception as err:  # nibabel raises many kinds for broken files
             found.append(Finding(rel(path), f"unreadable or truncated ({type(err).__name__}: {err})", True))
     labels = []
     for path in case.labels:
         try:
-            labels.append((path, *_read(path)))
+            labels.append((path, *open_nifti(path)))
         except Exception as err:
             found.append(Finding(rel(path), f"unreadable or truncated ({type(err).__name__}: {err})", True))
     if found:
@@ -192,7 +188,7 @@ def check_case(case: Case, spec: DatasetSpec) -> tuple[list[Finding], CaseInfo |
             fractions = np.bincount(data.astype(np.int64).ravel(), minlength=spec.num_classes) / data.size
             if not np.any(data > 0):
                 found.append(Finding(rel(path), "empty label (no foreground voxels)", False))
-    order = np.argsort(nib.orientations.io_orientation(ref_img.affine)[:, 0])
+    order = ras_axes(ref_img.affine)
     zooms = np.asarray(ref_img.header.get_zooms()[:3], dtype=float)
     info = CaseInfo(zooms[order], tuple(int(v) for v in np.asarray(ref_shape)[order]), fractions)
     return found, info
