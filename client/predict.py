@@ -47,7 +47,7 @@ from common.device import CPU_FP32, Compute, compute_for, with_site_compute
 from common.nifti_out import save_nifti
 from common.plan import PLAN_FILE, Plan
 from common.preprocess import prepare_image
-from common.reading import IMAGE_MODE, LABEL_MODE, to_file_grid, without_voxels
+from common.reading import IMAGE, LABEL, to_file_grid, without_voxels
 
 log = logging.getLogger("fedseg.client")
 
@@ -208,24 +208,23 @@ def _progress(done: int, total: int, elapsed: float) -> None:
     sys.stderr.flush()
 
 
-def label_to_file_grid(label: np.ndarray, image: MetaTensor, spacing: tuple[float, ...]) -> np.ndarray:
+def label_to_file_grid(label: np.ndarray, image: MetaTensor) -> np.ndarray:
     """A plan-space label map back onto the input file's voxel grid (nearest neighbour, in uint8).
 
     The result may be a strided view (flipped axes); nibabel writes it as it is.
     """
-    return to_file_grid(label[None], image, spacing, LABEL_MODE).numpy()[0]
+    return to_file_grid(label[None], image, LABEL).numpy()[0]
 
 
-def probabilities_to_file_grid(probabilities: np.ndarray, image: MetaTensor,
-                               spacing: tuple[float, ...]) -> np.ndarray:
+def probabilities_to_file_grid(probabilities: np.ndarray, image: MetaTensor) -> np.ndarray:
     """Plan-space probabilities [C, ...] -> [X, Y, Z, C] float32 on the input's grid (trilinear).
 
     Outside the nonzero crop the image was empty: background there has probability 1 (the
     inverse pads with 0, so the crop's place is found by sending a volume of ones back).
     """
-    back = to_file_grid(torch.from_numpy(probabilities).float(), image, spacing, IMAGE_MODE).as_tensor()
+    back = to_file_grid(torch.from_numpy(probabilities).float(), image, IMAGE).as_tensor()
     ones = torch.ones((1, *probabilities.shape[1:]), dtype=torch.uint8)
-    outside = to_file_grid(ones, image, spacing, LABEL_MODE).as_tensor()[0] == 0
+    outside = to_file_grid(ones, image, LABEL).as_tensor()[0] == 0
     back[0][outside] = 1.0
     return np.ascontiguousarray(np.moveaxis(back.numpy(), 0, -1))
 
@@ -273,7 +272,7 @@ def predict_file(path: Path | tuple[Path, ...], out_path: Path, model: nn.Module
     inferer = SlabInferer(model, plan.patch_size, num_classes, options, progress=progress)
     segmentation = inferer.segment(image.as_tensor())  # a plain tensor: MetaTensor's bookkeeping costs per op
     image = without_voxels(image)
-    label = label_to_file_grid(segmentation.label, image, plan.target_spacing)
+    label = label_to_file_grid(segmentation.label, image)
     source = nib.load(str(paths[0])).header
     shape = tuple(int(s) for s in source.get_data_shape()[:3])
     if label.shape != shape:
@@ -283,7 +282,7 @@ def predict_file(path: Path | tuple[Path, ...], out_path: Path, model: nn.Module
     affine = np.asarray(image.meta["original_affine"], dtype=float)
     write_nifti(label, affine, source, out_path)
     if segmentation.probabilities is not None:
-        probabilities = probabilities_to_file_grid(segmentation.probabilities, image, plan.target_spacing)
+        probabilities = probabilities_to_file_grid(segmentation.probabilities, image)
         # NIfTI has no float16: uint8 with a 1/255 scale factor, which nibabel applies when reading
         write_nifti(probabilities, affine, source, probability_path(out_path), dtype=np.uint8)
     return label

@@ -63,15 +63,16 @@ class Volume(tuple):
 def class_locations(label: np.ndarray, num_classes: int, rng: np.random.Generator) -> dict[int, np.ndarray]:
     """A sample of voxel coordinates per foreground class, over all annotators (MONAI's map_classes_to_indices).
 
-    The label goes in one-hot ("class c by any annotator"), with an empty background
-    channel so that MONAI does not list every background voxel.
+    Each class goes in as a one-hot pair ("class c by any annotator" and an empty
+    background, so that MONAI does not list every background voxel): two masks in
+    memory whatever the number of classes.
     """
-    present = np.zeros((num_classes, *label.shape[1:]), dtype=bool)
-    for c in range(1, num_classes):
-        present[c] = np.any(label == c, axis=0)
     out = {}
-    for c, flat in enumerate(map_classes_to_indices(present)[1:], start=1):
-        coords = np.stack(np.unravel_index(np.asarray(flat), present.shape[1:]), axis=-1)
+    for c in range(1, num_classes):
+        onehot = np.zeros((2, *label.shape[1:]), dtype=bool)
+        np.any(label == c, axis=0, out=onehot[1])
+        flat = np.asarray(map_classes_to_indices(onehot)[1])
+        coords = np.stack(np.unravel_index(flat, onehot.shape[1:]), axis=-1)
         if len(coords) > LOCATIONS_PER_CLASS:
             coords = coords[rng.choice(len(coords), LOCATIONS_PER_CLASS, replace=False)]
         out[c] = coords.astype(np.int32)

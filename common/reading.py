@@ -34,15 +34,14 @@ import numpy as np
 import torch
 from monai import transforms as mt
 from monai.data import MetaTensor
-from monai.utils import TraceKeys
 from monai.transforms.utils import convert_applied_interp_mode, generate_spatial_bounding_box, reset_ops_id
+from monai.utils import TraceKeys
 
 from .dataset import Case
 
 IMAGE, LABEL = "image", "label"
 RAS = "RAS"
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
-IMAGE_MODE, LABEL_MODE = "trilinear", "nearest-exact"
 
 
 def label_keys(case: Case) -> tuple[str, ...]:
@@ -57,7 +56,7 @@ def case_dict(case: Case) -> dict[str, tuple[Path, ...] | Path]:
 
 def interpolation(key: Hashable) -> str:
     """The one place that picks how an array is resampled: an image trilinear, any label map nearest."""
-    return IMAGE_MODE if key == IMAGE else LABEL_MODE
+    return "trilinear" if key == IMAGE else "nearest-exact"
 
 
 def open_nifti(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
@@ -164,11 +163,15 @@ def plan_size(image: MetaTensor, spacing: Sequence[float]) -> list[int]:
 
 
 class ToSpacingd(mt.MapTransform, mt.InvertibleTransform):
-    """Resample every key to ``spacing`` in voxel space (Resize, mode by key); the inverse resizes back."""
+    """Resample every key to ``spacing`` in voxel space (Resize, mode by key); the inverse resizes back.
 
-    def __init__(self, keys: Sequence[str], spacing: Sequence[float]) -> None:
+    The inverse reads the sizes from the steps recorded on the array: ``spacing`` None makes a
+    transform that only inverts.
+    """
+
+    def __init__(self, keys: Sequence[str], spacing: Sequence[float] | None) -> None:
         super().__init__(keys)
-        self.spacing = tuple(float(s) for s in spacing)
+        self.spacing = spacing
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -197,14 +200,13 @@ def read_case(keys: Sequence[str], file_layout: bool = False) -> mt.Compose:
     return mt.Compose([LoadCased(keys, file_layout)])
 
 
+def _spatial_steps(keys: Sequence[str], spacing: Sequence[float] | None) -> list[mt.MapTransform]:
+    return [mt.Orientationd(keys, axcodes=RAS, labels=RAS_LABELS), CropNonzerod(keys), ToSpacingd(keys, spacing)]
+
+
 def plan_space(keys: Sequence[str], spacing: Sequence[float], file_layout: bool = False) -> mt.Compose:
     """Load, reorient to RAS, crop to the nonzero box and resample to ``spacing``; invertible."""
-    return mt.Compose([
-        LoadCased(keys, file_layout),
-        mt.Orientationd(keys, axcodes=RAS, labels=RAS_LABELS),
-        CropNonzerod(keys),
-        ToSpacingd(keys, spacing),
-    ])
+    return mt.Compose([LoadCased(keys, file_layout), *_spatial_steps(keys, spacing)])
 
 
 def without_voxels(image: MetaTensor) -> MetaTensor:
@@ -212,15 +214,14 @@ def without_voxels(image: MetaTensor) -> MetaTensor:
     return MetaTensor(torch.zeros(0), meta=dict(image.meta), applied_operations=list(image.applied_operations))
 
 
-def to_file_grid(result: torch.Tensor | np.ndarray, image: MetaTensor, spacing: Sequence[float],
-                 mode: str) -> MetaTensor:
+def to_file_grid(result: torch.Tensor | np.ndarray, image: MetaTensor, key: str) -> MetaTensor:
     """A plan-space result [C, X, Y, Z] back onto the grid of the file ``image`` was read from.
 
     MONAI's inverse of ``plan_space``, driven by the steps recorded on ``image``,
-    with the resampling done by ``mode`` instead of the image's own (a label map
-    goes back nearest, probabilities trilinear). Outside the crop the result is 0.
+    resampling as ``key`` is resampled (``LABEL``: nearest, ``IMAGE``: trilinear).
+    Outside the crop the result is 0.
     """
-    operations = convert_applied_interp_mode(image.applied_operations, mode=mode)
+    operations = convert_applied_interp_mode(image.applied_operations, mode=interpolation(key))
     restored = MetaTensor(torch.as_tensor(result), meta=dict(image.meta), applied_operations=operations)
     reset_ops_id(restored)  # inverted by fresh transforms, not the instances that read the image
-    return plan_space([IMAGE], spacing).inverse({IMAGE: restored})[IMAGE]
+    return mt.Compose(_spatial_steps([IMAGE], None)).inverse({IMAGE: restored})[IMAGE]

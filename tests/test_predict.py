@@ -60,9 +60,9 @@ def test_plan_space_maps_back_onto_the_input_grid(tmp_path, orientation):
     native, coarse_plan = _plan(ras_zooms), _plan([2.0, 2.0, 2.0])
     image = prepare_image(case.images, native)
     _, plan_labels = prepare_case(case, native)  # native spacing: the round trip is exact
-    assert np.array_equal(label_to_file_grid(plan_labels[0], image, native.target_spacing), label)
+    assert np.array_equal(label_to_file_grid(plan_labels[0], image), label)
     _, coarse = prepare_case(case, coarse_plan)  # resampled: same grid, nearly the same mask
-    back = label_to_file_grid(coarse[0], prepare_image(case.images, coarse_plan), coarse_plan.target_spacing)
+    back = label_to_file_grid(coarse[0], prepare_image(case.images, coarse_plan))
     assert back.shape == label.shape
     assert 2 * (back & label).sum() / (back.sum() + label.sum()) > 0.5
 
@@ -195,3 +195,29 @@ def test_fast_loading_matches_monai_loading_bit_for_bit(tmp_path, scheme):
         assert ours.is_contiguous() and torch.equal(ours.as_tensor(), ref.as_tensor())
         assert np.allclose(ours.affine, ref.affine)
         assert torch.allclose(in_file_order.as_tensor(), ours.as_tensor(), atol=1e-6)
+
+
+def test_nonzero_box_is_the_union_over_channels_and_the_whole_volume_when_empty():
+    from common.reading import nonzero_box
+
+    image = torch.zeros(2, 10, 12, 14)
+    assert nonzero_box(image) == ((0, 10), (0, 12), (0, 14))
+    image[0, 2, 3, 4] = -1.0
+    image[1, 7, 5, 9] = 2.0
+    assert nonzero_box(image) == ((2, 8), (3, 6), (4, 10))
+
+
+def test_probabilities_go_back_with_background_one_outside_the_crop(tmp_path):
+    from client.predict import probabilities_to_file_grid
+    from common.preprocess import prepare_image
+
+    image = phantom(lesion=5)[0]
+    image[:5] = 0  # cropped away along the file's first axis (R-L in LPS)
+    path = save(image, LPS, tmp_path / "p_0000.nii.gz")
+    plan = _plan([2.0, 2.0, 2.0])
+    prepared = prepare_image((path,), plan)
+    plan_probs = np.stack([np.full(prepared.shape[1:], 0.25), np.full(prepared.shape[1:], 0.75)]).astype(np.float16)
+    back = probabilities_to_file_grid(plan_probs, prepared)
+    assert back.shape == (*image.shape, 2)
+    assert np.allclose(back[:5, ..., 0], 1.0) and np.allclose(back[:5, ..., 1], 0.0)
+    assert np.allclose(back[5:, ..., 0], 0.25) and np.allclose(back[5:, ..., 1], 0.75)
