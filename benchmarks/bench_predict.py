@@ -85,6 +85,12 @@ def peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process: steadier than wall time on a machine shared with other jobs."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def child(mode: str, work: Path, threads: int, overlap: float, overrides: list[str]) -> dict:
     from client.predict import InferenceOptions, SlabInferer, predict_file
 
@@ -95,25 +101,26 @@ def child(mode: str, work: Path, threads: int, overlap: float, overrides: list[s
     batch = cfg.train.sw_batch_size
     options = InferenceOptions(overlap, batch, compute_for(cfg.train))
     plan = Plan.load(work / "plan.json")
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds()
     if mode == "fedseg":
         predict_file(work / "ct_0000.nii.gz", work / "ct_seg.nii.gz", model, plan, 2, options)
     elif mode == "fedseg-infer":
         image = torch.from_numpy(np.load(work / "prepared.npy"))
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), cpu_seconds()
         SlabInferer(model, plan.patch_size, 2, options)(image)
     else:
         from monai.inferers import sliding_window_inference
 
         image = torch.from_numpy(np.load(work / "prepared.npy"))
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), cpu_seconds()
         with torch.no_grad():
             windows = 1 if mode == "plain" else batch
             buffered = {"buffer_steps": 1, "buffer_dim": -1} if mode == "monai-buffered" else {}
             logits = sliding_window_inference(image[None], plan.patch_size, windows, model, overlap=overlap,
                                               **buffered)
             logits[0].argmax(0).to(torch.uint8)
-    return {"mode": mode, "seconds": time.perf_counter() - started, "peak_gib": peak_gib()}
+    return {"mode": mode, "seconds": time.perf_counter() - started, "cpu_seconds": cpu_seconds() - cpu,
+            "peak_gib": peak_gib()}
 
 
 def main() -> None:
@@ -122,7 +129,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--roi", type=int, default=64, help="Window side (the plan's patch size).")
     parser.add_argument("--overlap", type=float, default=0.25)
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="What to time.")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
+                        help="What to time; a mode named twice runs twice (alternate them on a busy machine).")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="Config override, e.g. --set train.device=cuda --set train.precision=bf16.")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -165,7 +173,8 @@ def run_modes(shape: tuple[int, int, int], roi: int, overlap: float, threads: in
                 capture_output=True, text=True, check=True)
             results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
             r = results[mode]
-            print(f"{mode:<14} {r['seconds']:7.1f} s   peak RSS {r['peak_gib']:.2f} GiB", flush=True)
+            print(f"{mode:<14} {r['seconds']:7.1f} s   CPU {r['cpu_seconds']:7.1f} s   peak RSS {r['peak_gib']:.2f} GiB",
+                  flush=True)
         if "fedseg" in results:
             seg = nib.load(str(work / "ct_seg.nii.gz"))
             print(f"output: shape {seg.shape}, dtype {seg.get_data_dtype()}, axcodes {nib.aff2axcodes(seg.affine)}")
