@@ -17,8 +17,9 @@ Windows are visited slab by slab along the last axis, and logits are kept
 only for the slab in progress (one window deep), so memory stays near the
 size of the input; a window whose input is constant (air clipped by the CT
 plan, zero padding) gives the same output wherever it lies and is computed
-once. ``--adapt-norm`` is for a hospital that never trained: it first adapts
-the normalization layers to its own unlabeled scans (common.norm_adapt).
+once. A hospital that never trained has no BatchNorm statistics of its own:
+prediction then first re-estimates them on its unlabeled scans
+(common.norm_adapt; ``--adapt-norm`` / ``--no-adapt-norm`` force it either way).
 Off by default: ``--tta`` (mirroring), ``--probabilities`` (a 4D softmax
 file) and ``--largest-component`` (per-class largest connected component).
 Written files carry the geometry only, never the input header's text fields.
@@ -331,8 +332,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, required=True, help="Folder for the label maps (<case>_seg.nii.gz).")
     parser.add_argument("--weights", type=Path, help="Global weights (default: RUN/checkpoints/best.safetensors).")
     parser.add_argument("--overlap", type=float, default=None, help="Sliding-window overlap (default: train.sw_overlap).")
-    parser.add_argument("--adapt-norm", action="store_true",
-                        help="First adapt the normalization layers to these unlabeled scans (a site that never trained).")
+    parser.add_argument("--adapt-norm", action=argparse.BooleanOptionalAction, default=None,
+                        help="First re-estimate the BatchNorm statistics on these unlabeled scans (AdaBN). Default: "
+                             "only for a site with no norm tensors of its own (it never trained in this run).")
     parser.add_argument("--tta", action="store_true",
                         help="Test-time mirroring: average the 8 flipped copies of every window (8x slower).")
     parser.add_argument("--probabilities", action="store_true",
@@ -342,8 +344,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_run_model(run: Path, weights: Path | None, state_root: Path | None,
-                   missing_local: Literal["warn", "quiet", "error"] = "warn") -> tuple[nn.Module, Plan, FedsegConfig]:
-    """The run's model with global weights plus this site's norm tensors, the plan and the run's config.
+                   missing_local: Literal["warn", "quiet", "error"] = "warn"
+                   ) -> tuple[nn.Module, Plan, FedsegConfig, bool]:
+    """The run's model with global weights plus this site's norm tensors, the plan, the run's config, and
+    whether the site had norm tensors of its own (False: it never trained in this run).
 
     ``missing_local`` says what to do when the site has no norm tensors for this model.
     """
@@ -375,7 +379,7 @@ def load_run_model(run: Path, weights: Path | None, state_root: Path | None,
             log.warning("this site has no normalization tensors of its own for this model: predicting with the "
                         "global initialisation of the norm layers; consider --adapt-norm")
     load_merged(model, split, load_file(str(weights)), local)
-    return model, plan, run_cfg
+    return model, plan, run_cfg, local is not None or run_cfg.train.norm_mode == "shared"
 
 
 def inference_options(args: argparse.Namespace, model_cfg: FedsegConfig, site_cfg: FedsegConfig) -> InferenceOptions:
@@ -393,7 +397,7 @@ def inference_options(args: argparse.Namespace, model_cfg: FedsegConfig, site_cf
 
 def run(args: argparse.Namespace) -> int:
     from common.cli import UserError, config_from_args
-    from common.norm_adapt import adapt_norm
+    from common.norm_adapt import adapt_norm, has_batch_norm
 
     from .site_model import load_site_model
 
@@ -404,16 +408,21 @@ def run(args: argparse.Namespace) -> int:
         if args.weights is not None:
             raise UserError("--weights goes with --run; an exported --model folder holds its own weights.")
         model, plan, model_cfg = load_site_model(args.model)
+        own = True
     else:
-        model, plan, model_cfg = load_run_model(args.run, args.weights, state_root,
-                                                   missing_local="quiet" if args.adapt_norm else "warn")
+        model, plan, model_cfg, own = load_run_model(args.run, args.weights, state_root,
+                                                        missing_local="quiet" if args.adapt_norm is not False else "warn")
+    adapt = args.adapt_norm if args.adapt_norm is not None else not own and has_batch_norm(model)
+    if adapt and args.adapt_norm is None:
+        print("this site has no BatchNorm statistics of its own for this model (it never trained in this run): "
+              "re-estimating them on these scans first (--no-adapt-norm to skip)")
     options = inference_options(args, model_cfg, cfg)
     try:
         cases = channel_groups(scans(args.input), model_cfg.model.in_channels)
     except DatasetError as err:
         raise UserError(str(err)) from err
     args.output.mkdir(parents=True, exist_ok=True)
-    if args.adapt_norm:
+    if adapt:
         train = model_cfg.train
         if train.adapt_norm_steps < 1:
             raise UserError("--adapt-norm needs train.adapt_norm_steps >= 1 in the model's config.")

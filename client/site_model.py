@@ -192,7 +192,7 @@ def export_site_model(cfg: FedsegConfig, run: Path, choice: str, out: Path, pers
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty: choose a new folder for the exported model.")
     state = SiteState(Path(cfg.site.state_dir))
-    model, plan, run_cfg = load_run_model(run, checkpoint_file(run, choice), state.root, missing_local="error")
+    model, plan, run_cfg, _ = load_run_model(run, checkpoint_file(run, choice), state.root, missing_local="error")
     personal = personalized(cfg, run_cfg, model, plan) if personalize else None
     out.mkdir(parents=True, exist_ok=True)
     save_model(model, str(out / WEIGHTS_FILE))

@@ -100,7 +100,7 @@ def site_pictures(site_cfg: FedsegConfig, run: Path, weights: Path | None = None
     from .site_state import SiteState
 
     state = SiteState(Path(site_cfg.site.state_dir))
-    model, plan, run_cfg = load_run_model(Path(run), weights or Path(run) / LAST_CHECKPOINT, state.root)
+    model, plan, run_cfg, _ = load_run_model(Path(run), weights or Path(run) / LAST_CHECKPOINT, state.root)
     cfg = dataclasses.replace(run_cfg, site=site_cfg.site)
     spec, _, val_ids = open_split(cfg, state)
     store = PreprocessedCases(state.cache_dir, plan, spec.num_classes)
