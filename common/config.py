@@ -50,7 +50,8 @@ class ModelConfig:
     strides: list[int] = option([2, 2, 2, 2], "Downsampling stride between levels (one fewer than channels).")
     num_res_units: int = option(2, "Residual units per UNet block.")
     norm: Literal["instance", "batch"] = option(
-        "instance", "Normalization layer; instance norm is built with affine=True so it has site-local weights."
+        "batch", "Normalization layer: batch (FedBN: statistics and weights stay at each site; a site that never "
+        "trained re-estimates the statistics, AdaBN) or instance (built with affine=True: its weights stay local)."
     )
     in_channels: int = option(1, "Image channels (modalities) per case.")
     out_channels: int = option(2, "Classes including background.")

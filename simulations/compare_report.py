@@ -215,7 +215,7 @@ def _plot_dice(table: dict[str, dict[str, Any]], path: Path) -> None:
         ys = [(table[n]["sites"].get(site) or (None,))[0] for n in names]
         ax.scatter(xs, ys, s=18, zorder=3, label=site)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax.set_ylabel("Dice (foreground, validation)")
+    ax.set_ylabel("Dice (foreground)")
     _finish(fig, ax, path, "Final Dice per method under strong scanner shift", loc="upper left")
 
 
@@ -239,7 +239,7 @@ def _plot_held_out(table: dict[str, dict[str, Any]], path: Path) -> None:
            yerr=[(h["dice_adapted"] or (0, 0))[1] for _, _, h in rows], capsize=3, label="norm adapted",
            color="#e39b5b")
     ax.set_xticks(list(xs), [f"{n}\n{s}" for n, s, _ in rows], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("Dice (held-out site, validation)")
+    ax.set_ylabel("Dice (held-out site, all labelled cases)")
     _finish(fig, ax, path, "Site that never trained: as-is vs norm adaptation")
 
 
