@@ -90,7 +90,8 @@ def test_norm_adaptation_reestimates_only_batch_norm_statistics(tiny_federation)
     assert any(k.endswith("running_mean") for k in changed)
     mean = torch.cat([v.flatten() for k, v in after.items() if k.endswith("running_mean")])
     assert mean.abs().max() > 0.5, "statistics should follow the site's intensities (mean ~5), not the init (0)"
-    instance = build_model(load_config(None, ["model.channels=[4, 8, 16]", "model.strides=[2, 2]"]).model)
+    instance = build_model(load_config(None, ["model.channels=[4, 8, 16]", "model.strides=[2, 2]",
+                                              "model.norm=instance"]).model)
     kept = {k: v.clone() for k, v in instance.state_dict().items()}
     assert not adapt_norm(instance, images, cfg.data, steps=3, batch_size=2, seed=0)
     assert all(torch.equal(kept[k], v) for k, v in instance.state_dict().items())

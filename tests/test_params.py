@@ -60,14 +60,14 @@ def test_fedprox_runs_over_shared_trainable_parameters_only():
 
 
 def test_monai_unet_instance_norm_has_local_weights():
-    model = build_model(ModelConfig(channels=[8, 16, 32], strides=[2, 2]))
+    model = build_model(ModelConfig(channels=[8, 16, 32], strides=[2, 2], norm="instance"))
     split = split_parameters(model, "local")
     assert split.local, "instance norm must be affine so FedBN keeps something local"
     assert all(k.endswith((".weight", ".bias")) for k in split.local)
 
 
 def test_stats_mode_with_instance_norm_is_refused():
-    model = build_model(ModelConfig(channels=[8, 16, 32], strides=[2, 2]))
+    model = build_model(ModelConfig(channels=[8, 16, 32], strides=[2, 2], norm="instance"))
     with pytest.raises(ParameterSplitError, match="norm_mode 'stats'"):
         split_parameters(model, "stats")
 

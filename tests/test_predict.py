@@ -86,7 +86,7 @@ def test_predict_command_writes_input_geometry(tmp_path, capsys):
     site = tmp_path / "site.yaml"
     site.write_text(yaml.safe_dump({"site": {"name": "h", "state_dir": str(tmp_path / "state")}}))
     out = tmp_path / "out"
-    for extra in ([], ["--adapt-norm"]):
+    for extra in ([], ["--no-adapt-norm"]):
         assert main(["predict", "--config", str(site), "--run", str(run), "--input", str(scans),
                      "--output", str(out), *extra]) == 0
         for name, affine in AFFINES.items():
@@ -95,7 +95,9 @@ def test_predict_command_writes_input_geometry(tmp_path, capsys):
             assert nib.aff2axcodes(seg.affine) == nib.aff2axcodes(affine)
             data = np.asanyarray(seg.dataobj)
             assert np.issubdtype(data.dtype, np.integer) and set(np.unique(data)) <= {0, 1}
-    assert "no BatchNorm layer: nothing to adapt" in capsys.readouterr().out  # instance norm: AdaBN has nothing to do
+    said = capsys.readouterr().out  # this site never trained: batch statistics are adapted unless told not to
+    assert said.count("re-estimating them on these scans first") == 1
+    assert said.count("re-estimated the BatchNorm statistics on 3 scan(s)") == 1
 
 
 def test_predict_refuses_a_missing_run(tmp_path, capsys):
