@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -52,10 +51,6 @@ DIAGNOSES = {
 }
 """Phrases in Flower's log that explain why a SuperNode stopped, and what they mean for the site."""
 LOG_TAIL_BYTES = 20_000
-
-
-class Shutdown(Exception):
-    """SIGTERM or SIGINT arrived: stop the SuperNode and leave."""
 
 
 def _absolute(path: str) -> str:
@@ -150,10 +145,6 @@ def diagnose(log_path: Path) -> str:
     return f" ({found[-1]})" if found else ""
 
 
-def _on_signal(signum: int, frame: object) -> None:
-    raise Shutdown(signal.Signals(signum).name)
-
-
 class Daemon:
     """Keeps one SuperNode running for this site until told to stop."""
 
@@ -183,42 +174,40 @@ class Daemon:
 
     def serve(self, max_starts: int | None = None) -> int:
         """Run, restart with back-off, return 0 on SIGTERM/SIGINT; ``max_starts`` bounds restarts (tests)."""
-        from common.processes import stop_tree
+        from common.processes import Shutdown, stop_on_signals, stop_tree
 
         site_yaml, env = prepare_state(self.site)
-        previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        delay, starts = self.site.retry_initial_s, 0
-        try:
-            while max_starts is None or starts < max_starts:
-                starts += 1
-                self.proc = self._start(site_yaml, env)
-                started = time.monotonic()
-                self._write_status(state="running", supernode_pid=self.proc.pid,
-                                   warm_pid=self.warm.pid if self.warm else None, starts=starts,
-                                   server=self.site.server_address)
-                self.say(f"site {self.site.name}: SuperNode started (pid {self.proc.pid}), joining "
-                         f"{self.site.server_address}; log: {self.state / SUPERNODE_LOG}")
-                while self.proc.poll() is None:
-                    time.sleep(POLL_S)
-                if time.monotonic() - started > STABLE_RUN_S:
-                    delay = self.site.retry_initial_s
+        with stop_on_signals():
+            delay, starts = self.site.retry_initial_s, 0
+            try:
+                while max_starts is None or starts < max_starts:
+                    starts += 1
+                    self.proc = self._start(site_yaml, env)
+                    started = time.monotonic()
+                    self._write_status(state="running", supernode_pid=self.proc.pid,
+                                       warm_pid=self.warm.pid if self.warm else None, starts=starts,
+                                       server=self.site.server_address)
+                    self.say(f"site {self.site.name}: SuperNode started (pid {self.proc.pid}), joining "
+                             f"{self.site.server_address}; log: {self.state / SUPERNODE_LOG}")
+                    while self.proc.poll() is None:
+                        time.sleep(POLL_S)
+                    if time.monotonic() - started > STABLE_RUN_S:
+                        delay = self.site.retry_initial_s
+                    stop_tree(self.proc)
+                    self._write_status(state="waiting", exit_code=self.proc.returncode, retry_in_s=delay)
+                    self.say(f"site {self.site.name}: SuperNode exited with code {self.proc.returncode}"
+                             f"{diagnose(self.state / SUPERNODE_LOG)}; restarting in {delay:.0f} s "
+                             f"(see {self.state / SUPERNODE_LOG})")
+                    time.sleep(delay)
+                    delay = min(delay * 2, self.site.retry_max_s)
+                return 1
+            except Shutdown as why:
+                self.say(f"site {self.site.name}: {why} received; stopping the SuperNode.")
+                return 0
+            finally:
                 stop_tree(self.proc)
-                self._write_status(state="waiting", exit_code=self.proc.returncode, retry_in_s=delay)
-                self.say(f"site {self.site.name}: SuperNode exited with code {self.proc.returncode}"
-                         f"{diagnose(self.state / SUPERNODE_LOG)}; restarting in {delay:.0f} s "
-                         f"(see {self.state / SUPERNODE_LOG})")
-                time.sleep(delay)
-                delay = min(delay * 2, self.site.retry_max_s)
-            return 1
-        except Shutdown as why:
-            self.say(f"site {self.site.name}: {why} received; stopping the SuperNode.")
-            return 0
-        finally:
-            stop_tree(self.proc)
-            stop_tree(self.warm)
-            self._write_status(state="stopped")
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+                stop_tree(self.warm)
+                self._write_status(state="stopped")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,4 +1,4 @@
-"""Stopping what we started: a process, its whole tree, and nothing else.
+"""The processes we start: waiting until one serves, stopping on a signal, and stopping its whole tree.
 
 Flower's SuperLink spawns the simulation or ServerApp process, which spawns
 Ray's workers; some of these start sessions of their own, so signalling one
@@ -11,10 +11,53 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import httpx
 
 TERM_GRACE_S = 20.0
 KILL_GRACE_S = 5.0
+HEALTH_POLL_S = 0.5
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Shutdown(Exception):
+    """SIGTERM or SIGINT arrived (inside ``stop_on_signals``): stop what was started and leave."""
+
+
+def _raise_shutdown(signum: int, frame: object) -> None:
+    raise Shutdown(signal.Signals(signum).name)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGINT raise ``Shutdown`` inside the block, so ``finally`` clauses stop what it started;
+    the previous handlers come back afterwards."""
+    previous = {s: signal.signal(s, _raise_shutdown) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, *, what: str, log: Path, timeout_s: float,
+                 error: type[Exception], verify: bool | str = True, require_success: bool = False) -> None:
+    """Return once ``url`` answers (with a 2xx status if ``require_success``); raise ``error``, naming ``log``,
+    if ``proc`` exits first or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise error(f"{what} exited with code {proc.returncode} while starting; see {log}")
+        try:
+            if httpx.get(url, verify=verify, timeout=1.0).is_success or not require_success:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(HEALTH_POLL_S)
+    raise error(f"{what} did not come up within {timeout_s:.0f} s; see {log}")
 
 
 def _children() -> dict[int, list[int]]:

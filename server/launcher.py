@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import signal
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import httpx
 
 from common.cli import UserError, config_from_args
 from common.config import FedsegConfig
+from common.processes import Shutdown, stop_on_signals, wait_healthy
 from common.progress import describe
 
 STARTUP_TIMEOUT_S = 90.0
@@ -35,14 +35,6 @@ STATUS_EVERY_S = 5.0
 RUN_END_GRACE_S = 30.0
 """How long the run may take to be marked finished after its run-end line."""
 SUPERLINK_LOG, GATEWAY_LOG, DATABASE = "superlink.log", "gateway.log", "superlink.db"
-
-
-class Shutdown(Exception):
-    """SIGTERM or SIGINT arrived."""
-
-
-def _on_signal(signum: int, frame: object) -> None:
-    raise Shutdown(signal.Signals(signum).name)
 
 
 def prepare(cfg: FedsegConfig) -> FedsegConfig:
@@ -58,19 +50,6 @@ def prepare(cfg: FedsegConfig) -> FedsegConfig:
     if server.fleet_port == server.superlink_port:
         raise UserError("server.fleet_port and server.superlink_port must differ.")
     return dataclasses.replace(cfg, federation=federation, server=server)
-
-
-def _wait_healthy(proc: subprocess.Popen, url: str, ca: Path, log: Path, what: str) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise UserError(f"{what} exited with code {proc.returncode} while starting; see {log}")
-        try:
-            httpx.get(url, verify=str(ca), timeout=1.0)
-            return
-        except httpx.HTTPError:
-            time.sleep(POLL_S)
-    raise UserError(f"{what} did not come up within {STARTUP_TIMEOUT_S:.0f} s; see {log}")
 
 
 def model_bytes(cfg: FedsegConfig) -> int:
@@ -122,8 +101,8 @@ class Centre:
             "--isolation", "subprocess",
             "--host", "127.0.0.1", "--port", str(s.superlink_port),
         ], SUPERLINK_LOG)
-        _wait_healthy(proc, f"https://127.0.0.1:{s.superlink_port}/health", m.ca_cert,
-                      self.state / SUPERLINK_LOG, "flower-superlink")
+        wait_healthy(proc, f"https://127.0.0.1:{s.superlink_port}/health", what="flower-superlink",
+                     log=self.state / SUPERLINK_LOG, timeout_s=STARTUP_TIMEOUT_S, error=UserError, verify=str(m.ca_cert))
         return proc
 
     def start_gateway(self) -> subprocess.Popen:
@@ -136,8 +115,8 @@ class Centre:
             "--max-body", str(max_body(model_bytes(self.cfg))),
         ], GATEWAY_LOG)
         probe_host = "127.0.0.1" if s.fleet_host in ("0.0.0.0", "::") else s.fleet_host
-        _wait_healthy(proc, f"https://{probe_host}:{s.fleet_port}/", m.ca_cert, self.state / GATEWAY_LOG,
-                      "the Fleet gateway")
+        wait_healthy(proc, f"https://{probe_host}:{s.fleet_port}/", what="the Fleet gateway",
+                     log=self.state / GATEWAY_LOG, timeout_s=STARTUP_TIMEOUT_S, error=UserError, verify=str(m.ca_cert))
         return proc
 
     def stop(self) -> None:
@@ -221,37 +200,35 @@ def start_federation(cfg: FedsegConfig, say: Callable[[str], None] = print) -> i
         + (f" (resuming after round {done})" if done else ""))
     say(f"app bundle sha256: {hashlib.sha256(fab).hexdigest()} from {app} "
         "(each site lists it in site.approved_bundles)")
-    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    control, run_id = None, None
-    try:
-        centre.start_superlink()
-        control = ControlAPI(cfg.server.superlink_port, centre.material.ca_cert)
-        reg = control.sync_allow_list(centre.keys)
-        say(f"allow-list: {', '.join(cfg.federation.sites)} (newly registered: {', '.join(reg.added) or 'none'}"
-            f"{f'; unregistered {len(reg.removed)} unlisted key(s)' if reg.removed else ''})")
-        write_nodes(run, control.node_names())
-        centre.start_gateway()
-        say(f"sites connect to {cfg.server.fleet_host}:{cfg.server.fleet_port} (TLS; Fleet API only)")
-        since = time.time()
-        run_id = control.start_run(fab, run_config)
-        say(f"submitted run {run_id}; waiting for sites")
-        code = follow_run(centre, control, run_id, run / METRICS_FILE, since)
-        run_id = None
-        return code
-    except Shutdown as why:
-        say(f"{why} received: stopping; start again with --run-name {cfg.federation.run_name} to resume.")
-        return 0
-    finally:
-        if control is not None and run_id is not None:
-            try:
-                control.stop_run(run_id)
-            except Exception:  # the SuperLink may already be gone; stopping it follows anyway
-                pass
-        if control is not None:
-            control.close()
-        centre.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with stop_on_signals():
+        control, run_id = None, None
+        try:
+            centre.start_superlink()
+            control = ControlAPI(cfg.server.superlink_port, centre.material.ca_cert)
+            reg = control.sync_allow_list(centre.keys)
+            say(f"allow-list: {', '.join(cfg.federation.sites)} (newly registered: {', '.join(reg.added) or 'none'}"
+                f"{f'; unregistered {len(reg.removed)} unlisted key(s)' if reg.removed else ''})")
+            write_nodes(run, control.node_names())
+            centre.start_gateway()
+            say(f"sites connect to {cfg.server.fleet_host}:{cfg.server.fleet_port} (TLS; Fleet API only)")
+            since = time.time()
+            run_id = control.start_run(fab, run_config)
+            say(f"submitted run {run_id}; waiting for sites")
+            code = follow_run(centre, control, run_id, run / METRICS_FILE, since)
+            run_id = None
+            return code
+        except Shutdown as why:
+            say(f"{why} received: stopping; start again with --run-name {cfg.federation.run_name} to resume.")
+            return 0
+        finally:
+            if control is not None and run_id is not None:
+                try:
+                    control.stop_run(run_id)
+                except Exception:  # the SuperLink may already be gone; stopping it follows anyway
+                    pass
+            if control is not None:
+                control.close()
+            centre.stop()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

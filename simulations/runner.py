@@ -23,15 +23,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import tomli_w
 import yaml
 
 from common import keys
+from common.bundle import APP_DIR
 from common.config import FedsegConfig, load_config
 from common.flower_env import flower_command, flower_env, free_port
 from common.metrics_log import METRICS_FILE, read_events
-from common.processes import stop_tree
+from common.processes import stop_tree, wait_healthy
 from common.progress import describe
 from common.runs import SIM_SITES_DIR, new_run_name, run_dir, simulated_site_config
 
@@ -39,8 +39,6 @@ from .sites import read_site_specs, site_datasets, site_names, with_data_channel
 
 log = logging.getLogger("fedseg.sim")
 
-APP_DIR = Path(__file__).resolve().parent.parent
-"""The Flower App (pyproject.toml with [tool.flwr.app]) is the repository root."""
 CONNECTION = "fedseg-sim"
 STARTUP_TIMEOUT_S = 60.0
 POLL_S = 0.5
@@ -122,23 +120,10 @@ class LocalSuperLink:
             command, cwd=scratch, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        self._wait_ready()
+        wait_healthy(self.proc, f"http://127.0.0.1:{self.port}/health", what="flower-superlink",
+                     log=self.run / "superlink.log", timeout_s=STARTUP_TIMEOUT_S, error=SimulationError,
+                     require_success=True)
         return self
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SimulationError(f"flower-superlink exited with code {self.proc.returncode}; "
-                                      f"see {self.run / 'superlink.log'}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1.0).is_success:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(POLL_S)
-        raise SimulationError(f"flower-superlink did not become ready in {STARTUP_TIMEOUT_S:.0f} s; "
-                              f"see {self.run / 'superlink.log'}")
 
     def __exit__(self, *exc: object) -> None:
         stop_tree(self.proc)
