@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import NormMode
+from .config import FedsegConfig, NormMode
+from .model import build_model
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._BatchNorm,
@@ -108,6 +109,19 @@ def model_signature(model: nn.Module, split: ParameterSplit) -> str:
     state = model.state_dict()
     spec = [[k, list(state[k].shape), str(state[k].dtype)] for k in split.travelling]
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
+
+
+def run_model(cfg: FedsegConfig) -> tuple[nn.Module, ParameterSplit, str]:
+    """The run's network, seeded with ``train.seed``, its split by ``train.norm_mode`` and its signature.
+
+    The centre and every site build it the same way, so the same seed gives
+    the same initial weights and the signatures agree exactly when the
+    configs do.
+    """
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model)
+    split = split_parameters(model, cfg.train.norm_mode)
+    return model, split, model_signature(model, split)
 
 
 def select(model: nn.Module, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:

@@ -19,8 +19,7 @@ from common import keys
 from common.config import FedsegConfig, from_yaml_text, load_config
 from common.flower_env import quicken_object_pulls
 from common.metrics_log import MetricsLog
-from common.model import build_model
-from common.params import model_signature, select, split_parameters
+from common.params import run_model, select
 from common.runs import CHECKPOINT_DIR, CONFIG_FILE, SERVER_CONFIG_ENV, run_dir, site_view
 
 from . import cross_eval
@@ -40,10 +39,8 @@ app = ServerApp()
 
 def initial_weights(cfg: FedsegConfig) -> tuple[dict[str, torch.Tensor], str]:
     """Seeded initial travelling tensors and the model signature every site must match."""
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model)
-    split = split_parameters(model, cfg.train.norm_mode)
-    return select(model, split.travelling), model_signature(model, split)
+    model, split, signature = run_model(cfg)
+    return select(model, split.travelling), signature
 
 
 def server_config(context: Context) -> FedsegConfig:

@@ -7,8 +7,7 @@ from flwr.app import MessageType
 from safetensors.torch import load_file
 
 from common import keys
-from common.model import build_model
-from common.params import split_parameters
+from common.params import run_model
 from common.wire import unpack
 from tests.site_harness import handle, run_fresh, site_setup
 
@@ -31,8 +30,7 @@ def test_reply_carries_only_travelling_arrays_and_numbers(tmp_path, tiny_federat
     cfg, site_yaml = site_setup(tmp_path, tiny_federation["site-2"], "site-2")
     reply = handle(cfg, site_yaml, MessageType.TRAIN)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    model = build_model(cfg.model)
-    split = split_parameters(model, cfg.train.norm_mode)
+    _, split, _ = run_model(cfg)
     sent = reply.content  # as it leaves: packed, with the layout that names the travelling tensors
     assert set(sent.config_records) == {keys.IDENTITY, keys.LAYOUT}
     assert sorted(sent[keys.LAYOUT]["names"]) == sorted(split.travelling)

@@ -16,8 +16,7 @@ from safetensors.torch import load_file
 
 from common.config import load_config
 from common.metrics_log import read_events
-from common.model import build_model
-from common.params import split_parameters
+from common.params import run_model
 from common.processes import descendants
 from simulations.runner import run_simulation
 from simulations.synthetic import generate_federation
@@ -79,7 +78,7 @@ def test_failing_site_is_logged_and_the_quorum_carries_on(finished_run):
 
 def test_checkpoints_hold_only_shared_tensors(finished_run):
     cfg, run, _, _ = finished_run
-    split = split_parameters(build_model(cfg.model), cfg.train.norm_mode)
+    _, split, _ = run_model(cfg)
     for name in ("round-0001", "round-0002", "last", "best"):
         tensors = load_file(run / "checkpoints" / f"{name}.safetensors")
         assert set(tensors) == set(split.travelling), name

@@ -17,7 +17,7 @@ from client.site_state import SiteState
 from common.config import load_config
 from common.metrics_log import METRICS_FILE
 from common.model import build_model
-from common.params import model_signature, select, split_parameters
+from common.params import run_model, select
 from tests.nifti_cases import LPS, RAS, nnunet_dataset, phantom, save
 from tests.test_predict import TINY, run_folder
 
@@ -35,10 +35,9 @@ def trained_site(tmp_path):
         {"event": "evaluate", "round": ROUND, "site": "h", "dice": 0.6125},
         {"event": "round", "round": ROUND, "dice_mean": 0.55},
     ]) + "\n")
-    model = build_model(cfg.model)
-    split = split_parameters(model, cfg.train.norm_mode)
+    model, split, signature = run_model(cfg)
     local = {k: v * 1.5 + 0.1 for k, v in select(model, split.local).items()}  # differs from the global init
-    SiteState(tmp_path / "state").save_local(local, ROUND, model_signature(model, split))
+    SiteState(tmp_path / "state").save_local(local, ROUND, signature)
     site = tmp_path / "site.yaml"
     site.write_text(yaml.safe_dump({"site": {"name": "h", "data_dir": str(nnunet_dataset(tmp_path / "data")),
                                              "state_dir": str(tmp_path / "state")}}))
