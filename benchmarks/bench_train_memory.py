@@ -48,8 +48,7 @@ def child(root: Path, state: Path, steps: int, threads: int) -> dict:
     from client.site_state import SiteState
     from common.config import load_config
     from common.loops import train_local
-    from common.model import build_model
-    from common.params import select, split_parameters
+    from common.params import run_model, select
 
     torch.set_num_threads(threads)
     cfg = load_config(None, [f"site.data_dir={root}", f"site.state_dir={state}", "site.name=bench",
@@ -61,10 +60,9 @@ def child(root: Path, state: Path, steps: int, threads: int) -> dict:
     start = time.perf_counter()
     volumes = data.volumes(data.train_ids)
     times["preprocess+cache"] = time.perf_counter() - start
-    model = build_model(cfg.model)
-    split = split_parameters(model, cfg.train.norm_mode)
+    model, split, _ = run_model(cfg)
     start = time.perf_counter()
-    train_local(model, volumes, cfg.data, cfg.train, select(model, split.trainable_shared), 0.01, seed=0)
+    train_local(model, volumes, data.cfg.data, cfg.train, select(model, split.trainable_shared), 0.01, seed=0)
     times["train"] = time.perf_counter() - start
     return {"times": times, "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
             "patch": list(data.plan.patch_size), "spacing": list(data.plan.target_spacing),

@@ -8,123 +8,29 @@ no traceback, no file paths, no case names.
 
 from __future__ import annotations
 
-import contextvars
-import dataclasses
 import logging
 import time
 import zlib
 from collections.abc import Callable
-from pathlib import Path
 
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from common import keys
-from common.config import FedsegConfig, from_yaml_text, load_config
-from common.device import with_site_compute
+from common.config import FedsegConfig
 from common.loops import evaluate as evaluate_model
 from common.loops import RunSteps, train_local
-from common.model import build_model
-from common.params import ParameterSplit, load_merged, model_signature, select, split_parameters
-from common.runs import run_dir, simulated_site_config
-from common.wire import from_wire, pack, to_wire, unpack
+from common.params import select
+from common.wire import pack, to_wire, unpack
 
 from . import egress, site_history, timeline
 from .cross_eval import class_metrics, cross_evaluate
-from .reasons import SignatureMismatch, sanitized_reason
+from .reasons import sanitized_reason
+from .site import Site, log_to_site_file
 from .site_data import SiteData, annotator_metrics, fingerprint_reply, require_cohort
-from .site_state import SiteState
 
 log = logging.getLogger("fedseg.client")
 SITE_ERROR_CODE = 1001
-
-
-@dataclasses.dataclass
-class Site:
-    """Everything one handler call needs about this site and this run."""
-
-    cfg: FedsegConfig
-    state: SiteState
-    model: torch.nn.Module
-    split: ParameterSplit
-    signature: str
-    marks: dict[str, float] = dataclasses.field(default_factory=dict)
-    """This message's timeline at the site (client/timeline.py); sent with the reply's metrics."""
-
-    @classmethod
-    def resolve(cls, context: Context) -> Site:
-        """Federation settings come from the run config, identity and paths from site.yaml.
-
-        A deployed SuperNode names its site.yaml in its node config; in the
-        simulation, the launcher wrote one site.yaml per partition into the run
-        directory.
-        """
-        cfg = from_yaml_text(str(context.run_config[keys.RUN_CONFIG_KEY]), "run config")
-        if keys.NODE_SITE_CONFIG in context.node_config:
-            site_yaml = Path(str(context.node_config[keys.NODE_SITE_CONFIG]))
-        else:
-            site_yaml = simulated_site_config(run_dir(cfg), int(context.node_config[keys.NODE_PARTITION_ID]))
-        local = load_config(site_yaml)
-        cfg = dataclasses.replace(cfg, site=local.site, train=with_site_compute(cfg.train, local.train))
-        state = SiteState(Path(cfg.site.state_dir))
-        _log_to_site_file(state.root)
-        torch.set_num_threads(cfg.site.torch_threads)
-        torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg.model)
-        split = split_parameters(model, cfg.train.norm_mode)
-        return cls(cfg, state, model, split, model_signature(model, split))
-
-    def load_global(self, msg: Message) -> dict[str, torch.Tensor]:
-        """Load the received shared tensors plus this site's local ones into the model."""
-        expected = str(msg.content[keys.CONFIG][keys.SIGNATURE])
-        if expected != self.signature:
-            raise SignatureMismatch(f"server signature {expected}, site signature {self.signature}")
-        received = from_wire(msg.content[keys.ARRAYS])
-        load_merged(self.model, self.split, received, self.state.load_local(self.signature))
-        return received
-
-    def reply(self, msg: Message, metrics: dict[str, float], arrays: ArrayRecord | None = None) -> Message:
-        timeline.mark(self.marks, timeline.WORK_DONE)
-        content = RecordDict(
-            {
-                keys.METRICS: MetricRecord({**metrics, **self.marks}),
-                keys.IDENTITY: ConfigRecord({keys.SITE: self.cfg.site.name, keys.SIGNATURE: self.signature}),
-            }
-        )
-        if arrays is not None:
-            content[keys.ARRAYS] = arrays
-        return Message(content=content, reply_to=msg)
-
-
-_serving: contextvars.ContextVar[Path | None] = contextvars.ContextVar("fedseg_serving_site", default=None)
-"""The state folder of the site whose message this process is handling now.
-
-One process can serve several sites (a Ray actor in the simulation); each
-site.log must get only its own site's records, never another site's tracebacks.
-"""
-_site_log_handlers: dict[Path, logging.Handler] = {}
-
-
-class _OnlyThisSite(logging.Filter):
-    def __init__(self, state_root: Path) -> None:
-        super().__init__()
-        self.state_root = state_root
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return _serving.get() == self.state_root
-
-
-def _log_to_site_file(state_root: Path) -> None:
-    """Full details of every failure stay at the site, in <state_dir>/site.log."""
-    _serving.set(state_root)
-    if state_root not in _site_log_handlers:
-        handler = logging.FileHandler(state_root / "site.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        handler.addFilter(_OnlyThisSite(state_root))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        _site_log_handlers[state_root] = handler
 
 
 def _round_seed(cfg: FedsegConfig, server_round: int) -> int:
@@ -142,7 +48,7 @@ def _train(site: Site, msg: Message) -> Message:
     result = train_local(
         site.model,
         volumes,
-        site.cfg.data,
+        data.cfg.data,
         site.cfg.train,
         global_params={k: received[k] for k in site.split.trainable_shared},
         mu=float(config[keys.PROXIMAL_MU]),
@@ -167,7 +73,7 @@ def _evaluate(site: Site, msg: Message) -> Message:
     data = SiteData.open(site.cfg, site.state, msg)
     volumes = data.volumes(require_cohort(site.cfg, data.val_ids, "validation"))
     timeline.mark(site.marks, timeline.DATA_READY)
-    result = evaluate_model(site.model, volumes, site.cfg.data, site.cfg.train, data.spec.num_classes)
+    result = evaluate_model(site.model, volumes, data.cfg.data, site.cfg.train, data.spec.num_classes)
     metrics = {"dice": result.dice, "loss": result.loss, keys.NUM_EXAMPLES: result.num_cases}
     metrics |= class_metrics(keys.DICE_CLASS_PREFIX, result.dice_per_class)
     if result.hd95 is not None:
@@ -179,7 +85,7 @@ def _evaluate(site: Site, msg: Message) -> Message:
 def _handle(handler: Callable[[Site, Message], Message], msg: Message, context: Context) -> Message:
     """Every reply, error or not, leaves through the egress guard (client/egress.py)."""
     site_name, site, marks = "unknown", None, timeline.start(msg)
-    _serving.set(None)
+    log_to_site_file(None)
     try:
         if msg.has_content():
             msg.content = unpack(msg.content)

@@ -12,7 +12,6 @@ and again after adapting its normalization layers to those scans' images
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 from flwr.app import Message
 
@@ -22,10 +21,8 @@ from common.loops import evaluate
 from common.norm_adapt import adapt_norm
 from common.personalize import personalize
 
+from .site import Site
 from .site_data import SiteData, require_cohort
-
-if TYPE_CHECKING:
-    from .client_app import Site
 
 log = logging.getLogger("fedseg.client")
 IDENTIFY, EVALUATE = "identify", "evaluate"
@@ -52,26 +49,26 @@ def cross_evaluate(site: Site, msg: Message) -> Message:
     test = data.volumes(data.test_ids) if trained and enough_tests else []
     num_classes = data.spec.num_classes
     train = site.cfg.train
-    own = evaluate(site.model, scored, site.cfg.data, train, num_classes)
+    own = evaluate(site.model, scored, data.cfg.data, train, num_classes)
     metrics = {"dice": own.dice, "trained": float(trained), keys.NUM_EXAMPLES: own.num_cases,
                **class_metrics(keys.DICE_CLASS_PREFIX, own.dice_per_class)}
     if test:
-        scores = evaluate(site.model, test, site.cfg.data, train, num_classes)
+        scores = evaluate(site.model, test, data.cfg.data, train, num_classes)
         metrics |= {keys.TEST_DICE: scores.dice, keys.TEST_NUM_EXAMPLES: scores.num_cases,
                     **class_metrics(keys.TEST_DICE_CLASS_PREFIX, scores.dice_per_class)}
     if trained and train.personalize_steps > 0:
-        result = personalize(site.model, data.volumes(data.train_ids), scored, site.cfg.data, train, num_classes,
+        result = personalize(site.model, data.volumes(data.train_ids), scored, data.cfg.data, train, num_classes,
                              train.seed)
         metrics["dice_personal"] = result.dice_after
         if test:
-            metrics[keys.TEST_DICE_PERSONAL] = evaluate(site.model, test, site.cfg.data, train, num_classes).dice
+            metrics[keys.TEST_DICE_PERSONAL] = evaluate(site.model, test, data.cfg.data, train, num_classes).dice
         log.info("cross-eval %s: personalized for %d steps, validation Dice %.4f -> %.4f",
                  config[keys.CROSS_EVAL_MODEL], result.steps, result.dice_before, result.dice_after)
     if not trained and train.adapt_norm_steps > 0:
         images = [image for image, _ in scored]
-        adapted = adapt_norm(site.model, images, site.cfg.data, train.adapt_norm_steps, train.batch_size, train.seed,
+        adapted = adapt_norm(site.model, images, data.cfg.data, train.adapt_norm_steps, train.batch_size, train.seed,
                              compute_for(train).device)
-        metrics["dice_adapted"] = evaluate(site.model, scored, site.cfg.data, train, num_classes).dice if adapted \
+        metrics["dice_adapted"] = evaluate(site.model, scored, data.cfg.data, train, num_classes).dice if adapted \
             else own.dice
         log.info("cross-eval %s: BatchNorm statistics %s, Dice %.4f -> %.4f", config[keys.CROSS_EVAL_MODEL],
                  "re-estimated" if adapted else "absent (nothing to adapt)", own.dice, metrics["dice_adapted"])

@@ -34,7 +34,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 from flwr.app import (
@@ -45,18 +44,17 @@ from flwr.app import (
     MessageType,
     MetricRecord,
 )
-from torch import nn
 
 from common import keys
 from common.config import FedsegConfig
 from common.digest import content_bytes, content_sha256
 from common.fingerprint import record_names
 from common.metrics_log import read_events
-from common.params import ParameterSplit, kept_at_site
+from common.params import kept_at_site
 from common.wire import error_reason
 
 from .reasons import BLOCKED_REASON, DISK_FULL_ERRNOS, DISK_FULL_REASON, is_fixed
-from .site_state import SiteState
+from .site import Site
 
 log = logging.getLogger("fedseg.client")
 
@@ -101,16 +99,6 @@ def reply_rules(dice_classes: frozenset[str], test_classes: frozenset[str]) -> d
     }
 
 
-class SiteLike(Protocol):
-    """The parts of the ClientApp's per-message Site the guard needs (client_app.Site)."""
-
-    cfg: FedsegConfig
-    model: nn.Module
-    split: ParameterSplit
-    signature: str
-    state: SiteState
-
-
 @dataclass(frozen=True)
 class EgressPolicy:
     """What one site may send in this run."""
@@ -125,7 +113,7 @@ class EgressPolicy:
     max_bytes: int
 
     @classmethod
-    def for_site(cls, site: SiteLike, wire_dtype: str) -> EgressPolicy:
+    def for_site(cls, site: Site, wire_dtype: str) -> EgressPolicy:
         state = site.model.state_dict()
         home = kept_at_site(site.model, site.cfg.site.max_norm_travel)
         arrays, total = {}, 0
@@ -296,7 +284,7 @@ def _wire_dtype(request: Message, cfg: FedsegConfig) -> str:
     return cfg.federation.wire_dtype
 
 
-def guard(reply: Message, request: Message, site: SiteLike | None) -> Message:
+def guard(reply: Message, request: Message, site: Site | None) -> Message:
     """Let ``reply`` out if it holds only what may leave the site; otherwise the fixed blocked reason.
 
     ``site`` is None when the site could not even be resolved (its config is

@@ -8,6 +8,7 @@ rules (a site working alone, or a test harness without a server).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from common.preprocess import PreprocessedCases, Volume
 
 from .check import preflight
 from .reasons import TooFewCases
+from .site import Site
 from .site_state import SiteState
 
 log = logging.getLogger("fedseg.client")
@@ -35,6 +37,8 @@ LOCAL_PLANNER = "fedseg site-local plan (no federated plan received)"
 class SiteData:
     """Training and validation volumes of one site, in the plan's space."""
 
+    cfg: FedsegConfig
+    """The site's config with the plan's spacing and patch size: what every loop that follows uses."""
     spec: DatasetSpec
     train_ids: list[str]
     val_ids: list[str]
@@ -47,13 +51,15 @@ class SiteData:
 
         The split is recorded in site.json the first time and reused
         afterwards, so validation cases never leak into training when cases
-        are added later. ``cfg.data`` is updated in place with the plan's
-        spacing and patch size, so every loop that follows uses the plan.
+        are added later. ``cfg`` itself is left as it is: the returned
+        ``cfg`` is a copy with the plan's spacing and patch size, validated
+        again like any config.
         """
         spec, train_ids, val_ids = open_split(cfg, state)
         plan = resolve_plan(cfg, state, spec, train_ids, msg)
-        cfg.data = plan.data_config(cfg.data)
-        return cls(spec, train_ids, val_ids, PreprocessedCases(state.cache_dir, plan, spec.num_classes), plan)
+        planned = dataclasses.replace(cfg, data=plan.data_config(cfg.data))
+        return cls(planned, spec, train_ids, val_ids, PreprocessedCases(state.cache_dir, plan, spec.num_classes),
+                   plan)
 
     @property
     def test_ids(self) -> list[str]:
@@ -141,8 +147,8 @@ def resolve_plan(cfg: FedsegConfig, state: SiteState, spec: DatasetSpec, train_i
     return plan
 
 
-def fingerprint_reply(site, msg: Message) -> Message:
-    """The reply to a fingerprint query: aggregates only, under keys.FINGERPRINT (client_app.Site)."""
+def fingerprint_reply(site: Site, msg: Message) -> Message:
+    """The reply to a fingerprint query: aggregates only, under keys.FINGERPRINT."""
     record = fingerprint(site.cfg, site.state)
     reply = site.reply(msg, {keys.NUM_EXAMPLES: int(record[f"{keys.FINGERPRINT_PREFIX}cases"])})
     reply.content[keys.FINGERPRINT] = MetricRecord(record)

@@ -1,0 +1,120 @@
+"""The site one ClientApp message is handled for: its config, private state, model and its own log file.
+
+Defined here, apart from the handlers (client/client_app.py, client/cross_eval.py,
+client/site_data.py) and the egress guard (client/egress.py) that all take it,
+so that each of them imports it from one place and none imports another.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+
+from common import keys
+from common.config import FedsegConfig, from_yaml_text, load_config
+from common.device import with_site_compute
+from common.params import ParameterSplit, load_merged, run_model
+from common.runs import run_dir, simulated_site_config
+from common.wire import from_wire
+
+from . import timeline
+from .reasons import SignatureMismatch
+from .site_state import SiteState
+
+log = logging.getLogger("fedseg.client")
+
+
+@dataclasses.dataclass
+class Site:
+    """Everything one handler call needs about this site and this run."""
+
+    cfg: FedsegConfig
+    state: SiteState
+    model: torch.nn.Module
+    split: ParameterSplit
+    signature: str
+    marks: dict[str, float] = dataclasses.field(default_factory=dict)
+    """This message's timeline at the site (client/timeline.py); sent with the reply's metrics."""
+
+    @classmethod
+    def resolve(cls, context: Context) -> Site:
+        """Federation settings come from the run config, identity and paths from site.yaml.
+
+        A deployed SuperNode names its site.yaml in its node config; in the
+        simulation, the launcher wrote one site.yaml per partition into the run
+        directory.
+        """
+        cfg = from_yaml_text(str(context.run_config[keys.RUN_CONFIG_KEY]), "run config")
+        if keys.NODE_SITE_CONFIG in context.node_config:
+            site_yaml = Path(str(context.node_config[keys.NODE_SITE_CONFIG]))
+        else:
+            site_yaml = simulated_site_config(run_dir(cfg), int(context.node_config[keys.NODE_PARTITION_ID]))
+        local = load_config(site_yaml)
+        cfg = dataclasses.replace(cfg, site=local.site, train=with_site_compute(cfg.train, local.train))
+        state = SiteState(Path(cfg.site.state_dir))
+        log_to_site_file(state.root)
+        torch.set_num_threads(cfg.site.torch_threads)
+        return cls(cfg, state, *run_model(cfg))
+
+    def load_global(self, msg: Message) -> dict[str, torch.Tensor]:
+        """Load the received shared tensors plus this site's local ones into the model."""
+        expected = str(msg.content[keys.CONFIG][keys.SIGNATURE])
+        if expected != self.signature:
+            raise SignatureMismatch(f"server signature {expected}, site signature {self.signature}")
+        received = from_wire(msg.content[keys.ARRAYS])
+        load_merged(self.model, self.split, received, self.state.load_local(self.signature))
+        return received
+
+    def reply(self, msg: Message, metrics: dict[str, float], arrays: ArrayRecord | None = None) -> Message:
+        timeline.mark(self.marks, timeline.WORK_DONE)
+        content = RecordDict(
+            {
+                keys.METRICS: MetricRecord({**metrics, **self.marks}),
+                keys.IDENTITY: ConfigRecord({keys.SITE: self.cfg.site.name, keys.SIGNATURE: self.signature}),
+            }
+        )
+        if arrays is not None:
+            content[keys.ARRAYS] = arrays
+        return Message(content=content, reply_to=msg)
+
+
+_serving: contextvars.ContextVar[Path | None] = contextvars.ContextVar("fedseg_serving_site", default=None)
+"""The state folder of the site whose message this process is handling now.
+
+One process can serve several sites (a Ray actor in the simulation); each
+site.log must get only its own site's records, never another site's tracebacks.
+"""
+_site_log_handlers: dict[Path, logging.Handler] = {}
+
+
+class _OnlyThisSite(logging.Filter):
+    def __init__(self, state_root: Path) -> None:
+        super().__init__()
+        self.state_root = state_root
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _serving.get() == self.state_root
+
+
+def log_to_site_file(state_root: Path | None) -> None:
+    """Full details of every failure stay at the site, in <state_dir>/site.log; None: no site's log (yet)."""
+    _serving.set(state_root)
+    if state_root is not None and state_root not in _site_log_handlers:
+        handler = logging.FileHandler(state_root / "site.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(_OnlyThisSite(state_root))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        _site_log_handlers[state_root] = handler
