@@ -17,13 +17,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.bundle import app_dir, bundle_sha256
+    from common.bundle import PYPROJECT, app_dir, bundle_sha256
 
     app = app_dir(args.app or "")
-    if not (app / "pyproject.toml").is_file():
+    if not (app / PYPROJECT).is_file():
         from common.cli import UserError
 
-        raise UserError(f"{app} holds no pyproject.toml; pass --app with the folder of a fedseg release.")
+        raise UserError(f"{app} holds no {PYPROJECT}; pass --app with the folder of a fedseg release.")
     digest = bundle_sha256(app)
     print(f"app bundle of {app}:\n  sha256 {digest}\nAdd it to site.yaml:\n  site:\n    approved_bundles:\n"
           f"      - {digest}")

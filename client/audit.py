@@ -81,7 +81,9 @@ def _print_text(site: str, path: Path, summary: dict, entries: list[dict], last:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .egress import EGRESS_FILE, EgressLog
+    from common.runs import EGRESS_FILE
+
+    from .egress import EgressLog
     from .site_model import exports
 
     cfg = config_from_args(args)

@@ -30,14 +30,8 @@ import yaml
 
 from common.cli import UserError, config_from_args
 from common.config import FedsegConfig, SiteConfig
+from common.runs import BUNDLE_LOG, DAEMON_FILE, FLWR_HOME, GUARD_BIN, RESOLVED_SITE, SUPERNODE_LOG, WARM_LOG
 
-FLWR_HOME = "flwr-home"
-GUARD_BIN = "guard-bin"
-RESOLVED_SITE = "site.resolved.yaml"
-SUPERNODE_LOG = "supernode.log"
-WARM_LOG = "warm-start.log"
-BUNDLE_LOG = "bundles.jsonl"
-DAEMON_FILE = "daemon.json"
 STABLE_RUN_S = 120.0
 """A SuperNode that ran this long counts as healthy: the next restart waits retry_initial_s again."""
 POLL_S = 0.5

@@ -51,6 +51,7 @@ from common.digest import content_bytes, content_sha256
 from common.fingerprint import record_names
 from common.metrics_log import read_events
 from common.params import kept_at_site
+from common.runs import EGRESS_FILE
 from common.wire import error_reason
 
 from .reasons import BLOCKED_REASON, DISK_FULL_ERRNOS, DISK_FULL_REASON, is_fixed
@@ -58,7 +59,6 @@ from .site import Site
 
 log = logging.getLogger("fedseg.client")
 
-EGRESS_FILE = "egress.jsonl"
 EGRESS_BLOCKED_CODE = 1002
 MAX_REASON_CHARS = 240
 NUMPY_STYPE = "numpy.ndarray"

@@ -13,20 +13,13 @@ import logging
 from pathlib import Path
 
 import torch
-from flwr.app import (
-    ArrayRecord,
-    ConfigRecord,
-    Context,
-    Message,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from common import keys
 from common.config import FedsegConfig, from_yaml_text, load_config
 from common.device import with_site_compute
 from common.params import ParameterSplit, load_merged, run_model
-from common.runs import run_dir, simulated_site_config
+from common.runs import SITE_LOG, run_dir, simulated_site_config
 from common.wire import from_wire
 
 from . import timeline
@@ -112,7 +105,7 @@ def log_to_site_file(state_root: Path | None) -> None:
     """Full details of every failure stay at the site, in <state_dir>/site.log; None: no site's log (yet)."""
     _serving.set(state_root)
     if state_root is not None and state_root not in _site_log_handlers:
-        handler = logging.FileHandler(state_root / "site.log")
+        handler = logging.FileHandler(state_root / SITE_LOG)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handler.addFilter(_OnlyThisSite(state_root))
         log.addHandler(handler)

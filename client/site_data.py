@@ -18,10 +18,11 @@ from flwr.app import Message, MetricRecord
 from common import keys
 from common.config import FedsegConfig
 from common.dataset import DatasetSpec, read_dataset, split_cases
-from common.loops import EvalResult
 from common.fingerprint import merge_fingerprints, site_fingerprint
-from common.plan import PLAN_FILE, Plan, make_plan
+from common.loops import EvalResult
+from common.plan import Plan, make_plan
 from common.preprocess import PreprocessedCases, Volume
+from common.runs import FINGERPRINT_FILE, PLAN_FILE
 
 from .check import preflight
 from .reasons import TooFewCases
@@ -29,7 +30,6 @@ from .site import Site
 from .site_state import SiteState
 
 log = logging.getLogger("fedseg.client")
-FINGERPRINT_FILE = "fingerprint.json"
 LOCAL_PLANNER = "fedseg site-local plan (no federated plan received)"
 
 

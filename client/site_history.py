@@ -18,8 +18,7 @@ from flwr.app import ArrayRecord, Message
 
 from common import keys
 from common.files import read_jsonl
-
-HISTORY_FILE = "history.jsonl"
+from common.runs import HISTORY_FILE
 
 
 def record_reply(state_root: Path, msg: Message, metrics: dict[str, Any], arrays: ArrayRecord | None) -> None:

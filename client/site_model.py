@@ -36,19 +36,12 @@ from torch import nn
 from common.cli import UserError
 from common.config import FedsegConfig, load_config
 from common.files import read_jsonl
-from common.metrics_log import METRICS_FILE, read_events
+from common.metrics_log import read_events
 from common.model import build_model, network_spec
-from common.plan import PLAN_FILE, Plan
-from common.runs import CHECKPOINT_DIR
+from common.plan import Plan
+from common.runs import (CHECKPOINT_DIR, CHECKPOINT_STATE, CONFIG_FILE, EXPORT_LOG, LABELS_FILE, METRICS_FILE,
+                         PLAN_FILE, PROVENANCE_FILE, README_FILE, WEIGHTS_FILE)
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.yaml"
-LABELS_FILE = "labels.json"
-PROVENANCE_FILE = "provenance.json"
-README_FILE = "README.md"
-EXPORT_LOG = "exports.jsonl"
-CHECKPOINT_STATE = "state.json"
-"""The centre's record of which round ``best`` and ``last`` hold (server/checkpoints.py writes it)."""
 EXPORTED_SECTIONS = ("model", "data", "train")
 ROUND_CHOICE = re.compile(r"round-(\d+)")
 

@@ -26,11 +26,10 @@ import numpy as np
 import torch
 
 from common.config import FedsegConfig
+from common.runs import CHECKPOINT_DIR, LAST_CHECKPOINT, REPORT_DIR
 
 log = logging.getLogger("fedseg.client")
 
-REPORT_DIR = "report"
-LAST_CHECKPOINT = Path("checkpoints") / "last.safetensors"
 CLASS_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c"]
 OVERLAY_ALPHA = 0.45
 
@@ -90,17 +89,17 @@ def site_pictures(site_cfg: FedsegConfig, run: Path, weights: Path | None = None
     ``site_cfg`` is the site's own config (site.yaml): its data, its state
     directory (norm tensors, split, cache), its threads.
     """
+    from common.device import compute_for, with_site_compute
     from common.loops import fuse
     from common.preprocess import PreprocessedCases
-
-    from common.device import compute_for, with_site_compute
 
     from .predict import InferenceOptions, SlabInferer, load_run_model
     from .site_data import open_split
     from .site_state import SiteState
 
     state = SiteState(Path(site_cfg.site.state_dir))
-    model, plan, run_cfg, _ = load_run_model(Path(run), weights or Path(run) / LAST_CHECKPOINT, state.root)
+    last = Path(run) / CHECKPOINT_DIR / LAST_CHECKPOINT
+    model, plan, run_cfg, _ = load_run_model(Path(run), weights or last, state.root)
     cfg = dataclasses.replace(run_cfg, site=site_cfg.site)
     spec, _, val_ids = open_split(cfg, state)
     store = PreprocessedCases(state.cache_dir, plan, spec.num_classes)

@@ -20,12 +20,9 @@ import torch
 from safetensors.torch import load_file, save
 
 from common.files import atomic_save
-
 from common.private import private_dir
+from common.runs import CACHE_DIR, NORM_FILE, SITE_FILE
 
-NORM_FILE = "norm.safetensors"
-SITE_FILE = "site.json"
-CACHE_DIR = "cache"
 PLAN_CACHE = re.compile(r"plan-[0-9a-f]{12}")
 """Cache folders are named after the plan version (common/preprocess.py); nothing else there is removed."""
 

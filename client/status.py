@@ -15,13 +15,12 @@ from pathlib import Path
 from common import keys
 from common.cli import UserError, config_from_args
 from common.files import read_jsonl
+from common.runs import BUNDLE_LOG, DAEMON_FILE, EGRESS_FILE, SITE_FILE
 
 RECENT = 5
 
 
 def _daemon_line(state: Path) -> str:
-    from .daemon import DAEMON_FILE
-
     path = state / DAEMON_FILE
     if not path.is_file():
         return "daemon: never started here"
@@ -37,11 +36,10 @@ def _daemon_line(state: Path) -> str:
 
 
 def report(state: Path) -> list[str]:
-    from .daemon import BUNDLE_LOG
     from .site_history import read
 
     lines = [_daemon_line(state)]
-    info = json.loads((state / "site.json").read_text()) if (state / "site.json").is_file() else {}
+    info = json.loads((state / SITE_FILE).read_text()) if (state / SITE_FILE).is_file() else {}
     if info:
         split = info.get("split", {})
         lines.append(f"last round trained: {info.get('last_round', '-')}, model signature "
@@ -56,9 +54,9 @@ def report(state: Path) -> list[str]:
                             if isinstance(v, (int, float)) and k not in keys.TIMELINE_METRICS)
         rnd = "-" if h["round"] is None else h["round"]
         lines.append(f"  round {rnd:>3} {h['stage']:<8} sent {h['bytes_sent']:>9} B  {metrics}")
-    egress = list(read_jsonl(state / "egress.jsonl"))
+    egress = list(read_jsonl(state / EGRESS_FILE))
     if egress:
-        lines.append(f"egress log: {len(egress)} message(s) recorded in {state / 'egress.jsonl'}")
+        lines.append(f"egress log: {len(egress)} message(s) recorded in {state / EGRESS_FILE}")
     refused = [d for d in read_jsonl(state / BUNDLE_LOG) if d["decision"] == "refused"]
     if refused:
         lines.append(f"app bundles refused: {len(refused)} (last sha256 {refused[-1]['sha256'][:16]}..., "

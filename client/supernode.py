@@ -29,10 +29,10 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
+from common.runs import PULLED_DIR
+
 POLL_ENV = "FEDSEG_SUPERNODE_POLL_S"
 PATCHED_MODULE = "flwr.supernode.start_client_internal"
-PULLED_DIR = "pulled"
-"""<state_dir>/pulled/<message id> holds the Unix time the SuperNode pulled that message (client/timeline.py)."""
 
 
 class CappedSleep:

@@ -22,9 +22,9 @@ from pathlib import Path
 from flwr.app import Message
 
 from common import keys
+from common.runs import PULLED_DIR
 
 from .bundle_guard import CHECKED_AT_ENV as BUNDLE_CHECKED_ENV
-from .supernode import PULLED_DIR
 from .warm_start import PROCESS_STARTED_ENV
 
 DELIVERED, STARTED, CHECKED, IMPORTED, DATA_READY, WORK_DONE = keys.TIMELINE_METRICS

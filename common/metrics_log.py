@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import read_jsonl
-
-METRICS_FILE = "metrics.jsonl"
+from .runs import METRICS_FILE
 
 
 def _jsonable(value: Any) -> Any:

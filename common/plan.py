@@ -30,9 +30,9 @@ import numpy as np
 
 from .config import DataConfig, ModelConfig
 from .fingerprint import FederatedFingerprint
+from .runs import PLAN_FILE
 
 PLAN_FORMAT = 1
-PLAN_FILE = "plan.json"
 ANISOTROPY_THRESHOLD = 3.0
 """nnU-Net: an axis whose spacing exceeds 3x the others' (and holds 3x fewer voxels) is anisotropic."""
 ANISOTROPIC_PERCENTILE = 10.0

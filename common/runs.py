@@ -1,4 +1,5 @@
-"""Where a run's files live (docs/architecture.md, "Run directory"), in one place."""
+"""Where fedseg's files live, in one place: the run directory (docs/architecture.md, "Run directory"), the
+centre's and the sites' state folders, exported models and comparisons."""
 
 from __future__ import annotations
 
@@ -7,13 +8,68 @@ from pathlib import Path
 
 from .config import FederationConfig, FedsegConfig
 
+# --- the run directory (<runs_dir>/<run_name>) ---------------------------------------------------
 CONFIG_FILE = "config.yaml"
-CHECKPOINT_DIR = "checkpoints"
-REPORT_DIR = "report"
-SIM_SITES_DIR = "sites"
+METRICS_FILE = "metrics.jsonl"
+PLAN_FILE = "plan.json"
+"""The federation's plan; a site keeps the last one it received under the same name in its state folder."""
+CROSS_EVAL_FILE = "cross-eval.json"
+NODES_FILE = "nodes.json"
+RUN_CONFIG_TOML = "run-config.toml"
+"""The run config Flower hands to every site (``flwr run`` / the Control API)."""
 SERVER_CONFIG_ENV = "FEDSEG_SERVER_CONFIG"
 """Deployment: path of the centre's full resolved config, for the ServerApp (sites get ``site_view`` only)."""
 SERVER_CONFIG_FILE = "server-config.yaml"
+SUPERLINK_LOG = "superlink.log"
+FLWR_RUN_LOG = "flwr-run.log"
+SIM_SITES_DIR = "sites"
+REPORT_DIR = "report"
+SUMMARY_FILE = "summary.json"
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_STATE = "state.json"
+"""Which round ``best`` and ``last`` hold (server/checkpoints.py writes it; exports read it)."""
+LAST_CHECKPOINT, BEST_CHECKPOINT = "last.safetensors", "best.safetensors"
+ROUND_CHECKPOINT = "round-{:04d}.safetensors"
+
+# --- a Flower home of our own (the centre's state folder, a site's, the simulation's run) ------------
+FLWR_HOME = "flwr-home"
+FLOWER_CONFIG = "config.toml"
+"""Flower's own settings file in a Flower home (the simulation's SuperLink connection)."""
+SCRATCH_DIR = "cwd"
+"""Flower's processes run from here: they would import code from the folder they were started in."""
+
+# --- the centre's state folder (server.state_dir) ---------------------------------------------------
+GATEWAY_LOG = "gateway.log"
+SUPERLINK_DATABASE = "superlink.db"
+
+# --- a site's private state folder (site.state_dir) -------------------------------------------------
+SITE_FILE = "site.json"
+NORM_FILE = "norm.safetensors"
+CACHE_DIR = "cache"
+SITE_LOG = "site.log"
+EGRESS_FILE = "egress.jsonl"
+HISTORY_FILE = "history.jsonl"
+FINGERPRINT_FILE = "fingerprint.json"
+EXPORT_LOG = "exports.jsonl"
+PULLED_DIR = "pulled"
+"""<state_dir>/pulled/<message id> holds the Unix time the SuperNode pulled that message (client/timeline.py)."""
+RESOLVED_SITE = "site.resolved.yaml"
+SUPERNODE_LOG = "supernode.log"
+WARM_LOG = "warm-start.log"
+BUNDLE_LOG = "bundles.jsonl"
+DAEMON_FILE = "daemon.json"
+GUARD_BIN = "guard-bin"
+
+# --- an exported model folder (fedseg-client export) -------------------------------------------------
+WEIGHTS_FILE = "model.safetensors"
+LABELS_FILE = "labels.json"
+PROVENANCE_FILE = "provenance.json"
+README_FILE = "README.md"
+
+# --- a comparison folder (fedseg-sim compare --out) --------------------------------------------------
+RESULTS_FILE = "results.jsonl"
+COMMAND_FILE = "command.txt"
+SETTINGS_FILE = "settings.yaml"
 
 
 def new_run_name(prefix: str = "run") -> str:

@@ -15,11 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from common.files import atomic_copy, atomic_save, atomic_write_text
-
-STATE_FILE = "state.json"
-LAST, BEST = "last.safetensors", "best.safetensors"
-ROUND_FILE = "round-{:04d}.safetensors"
-"""Name of one round's aggregate; server/resume.py looks rounds up by it."""
+from common.runs import BEST_CHECKPOINT, CHECKPOINT_STATE, LAST_CHECKPOINT, ROUND_CHECKPOINT
 
 
 @dataclass
@@ -35,11 +31,11 @@ class Checkpoints:
     def __init__(self, directory: Path) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / STATE_FILE
+        path = self.dir / CHECKPOINT_STATE
         self.state = CheckpointState(**json.loads(path.read_text())) if path.is_file() else CheckpointState()
 
     def _write_state(self) -> None:
-        atomic_write_text(self.dir / STATE_FILE, json.dumps(asdict(self.state)))
+        atomic_write_text(self.dir / CHECKPOINT_STATE, json.dumps(asdict(self.state)))
 
     def _save(self, tensors: dict[str, torch.Tensor], name: str) -> None:
         contiguous = {k: v.contiguous() for k, v in tensors.items()}
@@ -47,8 +43,8 @@ class Checkpoints:
 
     def save_round(self, server_round: int, tensors: dict[str, torch.Tensor]) -> None:
         """Keep this round's aggregate as ``round-NNNN`` and as ``last``."""
-        self._save(tensors, ROUND_FILE.format(server_round))
-        atomic_copy(self.dir / ROUND_FILE.format(server_round), self.dir / LAST)
+        self._save(tensors, ROUND_CHECKPOINT.format(server_round))
+        atomic_copy(self.dir / ROUND_CHECKPOINT.format(server_round), self.dir / LAST_CHECKPOINT)
         self.state.last_round = server_round
         self._write_state()
 
@@ -56,7 +52,7 @@ class Checkpoints:
         """Make the round's model ``best`` if its federation Dice beats the best so far."""
         if dice <= self.state.best_dice:
             return False
-        atomic_copy(self.dir / ROUND_FILE.format(server_round), self.dir / BEST)
+        atomic_copy(self.dir / ROUND_CHECKPOINT.format(server_round), self.dir / BEST_CHECKPOINT)
         self.state.best_round, self.state.best_dice = server_round, dice
         self._write_state()
         return True

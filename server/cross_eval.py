@@ -32,16 +32,14 @@ from common import keys
 from common.config import FedsegConfig
 from common.files import atomic_write_text
 from common.metrics_log import MetricsLog
-from common.plan import PLAN_FILE
-from common.runs import CHECKPOINT_DIR
+from common.runs import BEST_CHECKPOINT, CHECKPOINT_DIR, CROSS_EVAL_FILE, LAST_CHECKPOINT, PLAN_FILE
 from common.wire import reply_site, to_wire
 
-from .checkpoints import BEST, LAST, Checkpoints
+from .checkpoints import Checkpoints
 from .nodes import wait_for_nodes
 
 log = logging.getLogger("fedseg.server")
 
-CROSS_EVAL_FILE = "cross-eval.json"
 MESSAGE_TYPE = f"{MessageType.QUERY}.{keys.CROSS_EVAL_ACTION}"
 
 
@@ -219,16 +217,16 @@ def run_checkpoints(run: Path) -> dict[str, dict[str, torch.Tensor]]:
     state = ckpt.state
     if not state.last_round:
         return {}
-    if state.best_round == state.last_round or not (ckpt.dir / BEST).is_file():
-        return {f"last (round {state.last_round})": load_file(ckpt.dir / LAST)}
-    return {f"last (round {state.last_round})": load_file(ckpt.dir / LAST),
-            f"best (round {state.best_round})": load_file(ckpt.dir / BEST)}
+    if state.best_round == state.last_round or not (ckpt.dir / BEST_CHECKPOINT).is_file():
+        return {f"last (round {state.last_round})": load_file(ckpt.dir / LAST_CHECKPOINT)}
+    return {f"last (round {state.last_round})": load_file(ckpt.dir / LAST_CHECKPOINT),
+            f"best (round {state.best_round})": load_file(ckpt.dir / BEST_CHECKPOINT)}
 
 
 def resolve_checkpoint(run: Path, name: str) -> Path:
     """``best``, ``last``, ``round-0003`` or a file path, as a checkpoint file that exists."""
     ckpt_dir = run / CHECKPOINT_DIR
-    candidates = {"best": ckpt_dir / BEST, "last": ckpt_dir / LAST}
+    candidates = {"best": ckpt_dir / BEST_CHECKPOINT, "last": ckpt_dir / LAST_CHECKPOINT}
     path = candidates.get(name) or (ckpt_dir / f"{name}.safetensors" if name.startswith("round-") else Path(name))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{name}' not found as {path}; use best, last, round-NNNN "

@@ -28,19 +28,18 @@ from common.cli import UserError, config_from_args
 from common.config import FedsegConfig
 from common.processes import Shutdown, stop_on_signals, wait_healthy
 from common.progress import describe
+from common.runs import (FLWR_HOME, GATEWAY_LOG, RUN_CONFIG_TOML, SCRATCH_DIR, SUPERLINK_DATABASE, SUPERLINK_LOG,
+                         new_run_name, run_dir)
 
 STARTUP_TIMEOUT_S = 90.0
 POLL_S = 0.5
 STATUS_EVERY_S = 5.0
 RUN_END_GRACE_S = 30.0
 """How long the run may take to be marked finished after its run-end line."""
-SUPERLINK_LOG, GATEWAY_LOG, DATABASE = "superlink.log", "gateway.log", "superlink.db"
 
 
 def prepare(cfg: FedsegConfig) -> FedsegConfig:
     """Name the run and make the paths the ServerApp and the SuperLink use absolute."""
-    from common.runs import new_run_name
-
     federation = dataclasses.replace(
         cfg.federation, run_name=cfg.federation.run_name or new_run_name("run"),
         runs_dir=str(Path(cfg.federation.runs_dir).resolve()),
@@ -64,7 +63,7 @@ class Centre:
 
     def __init__(self, cfg: FedsegConfig, say: Callable[[str], None] = print) -> None:
         from common.flower_env import flower_env
-        from common.runs import SERVER_CONFIG_ENV, SERVER_CONFIG_FILE, run_dir
+        from common.runs import SERVER_CONFIG_ENV, SERVER_CONFIG_FILE
 
         from .certs import allow_list, check_server_material
 
@@ -73,12 +72,12 @@ class Centre:
         self.material = check_server_material(Path(cfg.server.cert_dir))
         self.keys = allow_list(Path(cfg.server.cert_dir), cfg.federation.sites)
         self.state = Path(cfg.server.state_dir)
-        self.env = flower_env(self.state / "flwr-home")
+        self.env = flower_env(self.state / FLWR_HOME)
         self.env[SERVER_CONFIG_ENV] = str(run_dir(cfg) / SERVER_CONFIG_FILE)  # inherited by the ServerApp
         self.procs: list[subprocess.Popen] = []
 
     def _spawn(self, command: list[str], log_name: str) -> subprocess.Popen:
-        scratch = self.state / "cwd"
+        scratch = self.state / SCRATCH_DIR
         scratch.mkdir(parents=True, exist_ok=True)
         with (self.state / log_name).open("ab") as log_file:
             proc = subprocess.Popen(command, cwd=scratch, env=self.env, stdout=log_file,
@@ -91,18 +90,19 @@ class Centre:
         from common.private import private_dir, private_file
 
         s, m = self.cfg.server, self.material
-        private_file(private_dir(self.state) / DATABASE)  # node keys and messages: owner-only
+        private_file(private_dir(self.state) / SUPERLINK_DATABASE)  # node keys and messages: owner-only
         proc = self._spawn([
             flower_command("flower-superlink"),
             "--ssl-certfile", str(m.cert), "--ssl-keyfile", str(m.key), "--ssl-ca-certfile", str(m.ca_cert),
             "--enable-supernode-auth",
-            "--database", str(self.state / DATABASE),
+            "--database", str(self.state / SUPERLINK_DATABASE),
             "--disable-runtime-dependency-installation",
             "--isolation", "subprocess",
             "--host", "127.0.0.1", "--port", str(s.superlink_port),
         ], SUPERLINK_LOG)
         wait_healthy(proc, f"https://127.0.0.1:{s.superlink_port}/health", what="flower-superlink",
-                     log=self.state / SUPERLINK_LOG, timeout_s=STARTUP_TIMEOUT_S, error=UserError, verify=str(m.ca_cert))
+                     log=self.state / SUPERLINK_LOG, timeout_s=STARTUP_TIMEOUT_S, error=UserError,
+                     verify=str(m.ca_cert))
         return proc
 
     def start_gateway(self) -> subprocess.Popen:
@@ -116,7 +116,8 @@ class Centre:
         ], GATEWAY_LOG)
         probe_host = "127.0.0.1" if s.fleet_host in ("0.0.0.0", "::") else s.fleet_host
         wait_healthy(proc, f"https://{probe_host}:{s.fleet_port}/", what="the Fleet gateway",
-                     log=self.state / GATEWAY_LOG, timeout_s=STARTUP_TIMEOUT_S, error=UserError, verify=str(m.ca_cert))
+                     log=self.state / GATEWAY_LOG, timeout_s=STARTUP_TIMEOUT_S, error=UserError,
+                     verify=str(m.ca_cert))
         return proc
 
     def stop(self) -> None:
@@ -179,8 +180,7 @@ def start_federation(cfg: FedsegConfig, say: Callable[[str], None] = print) -> i
 
     from common import keys
     from common.bundle import app_dir, bundle_bytes
-    from common.metrics_log import METRICS_FILE
-    from common.runs import SERVER_CONFIG_FILE, run_dir, site_view
+    from common.runs import METRICS_FILE, SERVER_CONFIG_FILE, site_view
 
     from .control import ControlAPI
     from .resume import last_complete_round
@@ -191,7 +191,7 @@ def start_federation(cfg: FedsegConfig, say: Callable[[str], None] = print) -> i
     run = run_dir(cfg)
     run.mkdir(parents=True, exist_ok=True)
     run_config = {keys.RUN_CONFIG_KEY: site_view(cfg).to_yaml()}  # what every site receives
-    (run / "run-config.toml").write_text(tomli_w.dumps(run_config))
+    (run / RUN_CONFIG_TOML).write_text(tomli_w.dumps(run_config))
     (run / SERVER_CONFIG_FILE).write_text(cfg.to_yaml())  # the ServerApp's, read at the centre only
     app = app_dir(cfg.server.app_dir)
     fab = bundle_bytes(app)

@@ -28,7 +28,8 @@ from common.fingerprint import (
     merge_fingerprints,
 )
 from common.metrics_log import MetricsLog
-from common.plan import PLAN_FILE, Plan, make_plan
+from common.plan import Plan, make_plan
+from common.runs import PLAN_FILE
 from common.wire import named_site
 
 from .nodes import wait_for_nodes

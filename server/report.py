@@ -21,8 +21,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from common.metrics_log import METRICS_FILE, read_events  # noqa: E402
-from common.runs import REPORT_DIR  # noqa: E402
+from common.metrics_log import read_events  # noqa: E402
+from common.runs import METRICS_FILE, REPORT_DIR, SUMMARY_FILE  # noqa: E402
 
 PLOT_DPI = 110
 MB = 1e6
@@ -216,7 +216,7 @@ def write_report(run: Path) -> Path:
     for key, plot in (("dice", plot_dice), ("loss", plot_loss), ("seconds", plot_seconds), ("bytes", plot_bytes)):
         plot(k, out / PLOTS[key])
     summary = summarize(events)
-    (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
+    (out / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2))
     path = out / "summary.md"
     path.write_text(markdown(summary))
     return path

@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.metrics_log import METRICS_FILE
+    from common.runs import METRICS_FILE
 
     from .report import write_report
 

@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import load_file
 
 from common.files import atomic_write_text, read_jsonl
-from common.metrics_log import METRICS_FILE
+from common.runs import METRICS_FILE, ROUND_CHECKPOINT
 
-from .checkpoints import ROUND_FILE, Checkpoints
+from .checkpoints import Checkpoints
 
 log = logging.getLogger("fedseg.server")
 
@@ -49,9 +49,9 @@ def resume_point(run: Path, checkpoints: Checkpoints) -> tuple[int, dict[str, to
     metrics = Path(run) / METRICS_FILE
     done = last_complete_round(metrics)
     dropped = truncate_log(metrics, done)
-    saved = [r for r in range(done, 0, -1) if (checkpoints.dir / ROUND_FILE.format(r)).is_file()]
+    saved = [r for r in range(done, 0, -1) if (checkpoints.dir / ROUND_CHECKPOINT.format(r)).is_file()]
     if dropped:
         log.warning("resuming after round %d: dropped %d log line(s) of the unfinished round", done, dropped)
     if not saved:
         return done, None
-    return done, load_file(checkpoints.dir / ROUND_FILE.format(saved[0]))
+    return done, load_file(checkpoints.dir / ROUND_CHECKPOINT.format(saved[0]))

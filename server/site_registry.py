@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-NODES_FILE = "nodes.json"
+from common.runs import NODES_FILE
 
 
 def write_nodes(run: Path, names: dict[int, str]) -> None:

@@ -24,11 +24,12 @@ from client.site_state import SiteState
 from common.config import FedsegConfig
 from common.device import compute_for
 from common.fingerprint import merge_fingerprints
-from common.plan import PLAN_FILE, make_plan
-from common.preprocess import Volume
 from common.loops import EvalResult, evaluate, train_local
 from common.model import build_model
 from common.norm_adapt import adapt_norm
+from common.plan import make_plan
+from common.preprocess import Volume
+from common.runs import PLAN_FILE
 
 
 @dataclass(frozen=True)

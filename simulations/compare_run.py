@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 from common.config import DataConfig, FedsegConfig, apply_overrides, from_dict
 from common.dataset import DatasetSpec
-from common.metrics_log import METRICS_FILE, read_events
-from server.cross_eval import CROSS_EVAL_FILE
+from common.metrics_log import read_events
+from common.runs import COMMAND_FILE, CROSS_EVAL_FILE, METRICS_FILE, RESULTS_FILE, SETTINGS_FILE
 
 from . import baselines
 from .runner import SimulationError, prepare_run, run_simulation
@@ -24,7 +24,6 @@ from .sites import read_site_specs, site_datasets, with_data_channels
 
 log = logging.getLogger("fedseg.compare")
 
-RESULTS_FILE = "results.jsonl"
 LAST_MODEL_PREFIX = "last"
 """Every method is scored on its final model: choosing a 'best' round on the
 validation cases that are then reported would flatter the federated methods."""
@@ -148,8 +147,8 @@ class Comparison:
 
     def run(self, show: Callable[[str], None] = print) -> list[dict[str, Any]]:
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "command.txt").write_text(self.command + "\n")
-        (self.out / "settings.yaml").write_text(self.base.to_yaml())
+        (self.out / COMMAND_FILE).write_text(self.command + "\n")
+        (self.out / SETTINGS_FILE).write_text(self.base.to_yaml())
         done = {(r["method"], r["seed"]) for r in read_results(self.results_path)}
         for seed in self.seeds:
             cfg = with_overrides(self.base, [f"train.seed={seed}"])

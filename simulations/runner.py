@@ -30,10 +30,11 @@ from common import keys
 from common.bundle import APP_DIR
 from common.config import FedsegConfig, load_config
 from common.flower_env import flower_command, flower_env, free_port
-from common.metrics_log import METRICS_FILE, read_events
+from common.metrics_log import read_events
 from common.processes import stop_tree, wait_healthy
 from common.progress import describe
-from common.runs import SIM_SITES_DIR, new_run_name, run_dir, simulated_site_config
+from common.runs import (FLOWER_CONFIG, FLWR_HOME, FLWR_RUN_LOG, METRICS_FILE, RUN_CONFIG_TOML, SCRATCH_DIR,
+                         SIM_SITES_DIR, SUPERLINK_LOG, new_run_name, run_dir, simulated_site_config)
 
 from .sites import read_site_specs, site_datasets, site_names, with_data_channels
 
@@ -92,7 +93,7 @@ class LocalSuperLink:
 
     def __init__(self, run: Path, threads: int, ray_address: str = "") -> None:
         self.run = run
-        self.home = run / "flwr-home"
+        self.home = run / FLWR_HOME
         self.port = free_port()
         self.env = flower_env(self.home, threads)
         # Flower 1.42's federation config has no Ray address; ray.init() reads RAY_ADDRESS, and the
@@ -104,7 +105,7 @@ class LocalSuperLink:
 
     def __enter__(self) -> LocalSuperLink:
         self.home.mkdir(parents=True, exist_ok=True)
-        (self.home / "config.toml").write_text(tomli_w.dumps({
+        (self.home / FLOWER_CONFIG).write_text(tomli_w.dumps({
             "superlink": {"default": CONNECTION,
                           CONNECTION: {"address": f"127.0.0.1:{self.port}", "insecure": True}},
         }))
@@ -112,16 +113,16 @@ class LocalSuperLink:
             flower_command("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
             "--host", "127.0.0.1", "--port", str(self.port),
             "--disable-runtime-dependency-installation",
-            "--log-file", str(self.run / "superlink.log"),
+            "--log-file", str(self.run / SUPERLINK_LOG),
         ]
-        scratch = self.home / "cwd"
+        scratch = self.home / SCRATCH_DIR
         scratch.mkdir(exist_ok=True)
         self.proc = subprocess.Popen(
             command, cwd=scratch, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
         wait_healthy(self.proc, f"http://127.0.0.1:{self.port}/health", what="flower-superlink",
-                     log=self.run / "superlink.log", timeout_s=STARTUP_TIMEOUT_S, error=SimulationError,
+                     log=self.run / SUPERLINK_LOG, timeout_s=STARTUP_TIMEOUT_S, error=SimulationError,
                      require_success=True)
         return self
 
@@ -163,11 +164,11 @@ def run_simulation(cfg: FedsegConfig, show: Callable[[str], None] = print) -> Pa
     held = f" (+{len(cfg.federation.held_out_sites)} held out)" if cfg.federation.held_out_sites else ""
     show(f"fedseg-sim: {len(cfg.federation.sites)} sites{held}, {cfg.federation.rounds} rounds -> {run}")
     write_site_configs(cfg, datasets)
-    run_config = run / "run-config.toml"
+    run_config = run / RUN_CONFIG_TOML
     run_config.write_text(tomli_w.dumps({keys.RUN_CONFIG_KEY: cfg.to_yaml()}))
     metrics = run / METRICS_FILE
     threads = sim.cpus_per_site
-    with LocalSuperLink(run, threads, sim.ray_address) as link, (run / "flwr-run.log").open("w") as flwr_log:
+    with LocalSuperLink(run, threads, sim.ray_address) as link, (run / FLWR_RUN_LOG).open("w") as flwr_log:
         submit = subprocess.Popen(
             [flower_command("flwr"), "run", str(APP_DIR), CONNECTION,
              "--run-config", str(run_config), "--federation-config", federation_config(cfg, len(datasets)),
@@ -187,8 +188,8 @@ def run_simulation(cfg: FedsegConfig, show: Callable[[str], None] = print) -> Pa
         finally:
             stop_tree(submit)
     if not _finished(metrics):
-        raise SimulationError(f"the run ended without finishing; see {run / 'flwr-run.log'} and "
-                              f"{run / 'superlink.log'}")
+        raise SimulationError(f"the run ended without finishing; see {run / FLWR_RUN_LOG} and "
+                              f"{run / SUPERLINK_LOG}")
     draw_site_pictures(run, len(datasets), show)
     return run
 

@@ -36,18 +36,15 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations
 
+from common.dataset import DATASET_JSON, IMAGES_DIR, LABELS_DIR, TEST_IMAGES_DIR, TEST_LABELS_DIR
+
 logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------
 # Layout (nnU-Net v2 raw format)
 # --------------------------------------------------------------------------
-IMAGES_DIR = "imagesTr"
-LABELS_DIR = "labelsTr"
-TEST_IMAGES_DIR = "imagesTs"
-TEST_LABELS_DIR = "labelsTs"
 TEST_STREAM = 1_000_000
 """Test case j is drawn from the seed (seed, TEST_STREAM + j): never the same patient as a training case."""
-DATASET_JSON = "dataset.json"
 COMPLETE_MARKER = ".complete"
 FILE_ENDING = ".nii.gz"
 CHANNEL_SUFFIX = "_0000"

@@ -9,10 +9,10 @@ import torch
 
 from common import keys
 from common.config import load_config
-from common.loops import evaluate
 from common.model import build_model
 from common.norm_adapt import adapt_norm
-from server.cross_eval import CROSS_EVAL_FILE, resolve_checkpoint
+from common.runs import CROSS_EVAL_FILE
+from server.cross_eval import resolve_checkpoint
 from server.report import write_report
 from simulations.runner import run_simulation
 

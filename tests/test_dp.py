@@ -19,10 +19,10 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
 from safetensors.torch import load_file
 
-from client.egress import EGRESS_FILE
 from common import keys
 from common.config import load_config
 from common.metrics_log import MetricsLog, read_events
+from common.runs import EGRESS_FILE
 from server.checkpoints import Checkpoints
 from server.dp import FedSegDifferentialPrivacy, gaussian_delta, gaussian_epsilon, with_privacy
 from server.strategy import FedSegStrategy

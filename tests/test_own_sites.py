@@ -17,12 +17,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from client.egress import EGRESS_FILE
 from common import keys
 from common.config import ConfigError, load_config
 from common.dataset import read_dataset
 from common.metrics_log import read_events
-from server.cross_eval import CROSS_EVAL_FILE
+from common.runs import CROSS_EVAL_FILE, EGRESS_FILE
 from simulations.cli import main as sim_main
 from simulations.compare_run import federated_result
 from simulations.sites import read_site_specs, with_data_channels

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.metrics_log import METRICS_FILE, MetricsLog, read_events
+from common.metrics_log import MetricsLog, read_events
+from common.runs import METRICS_FILE
 from server.cli import main as server_main
 from server.report import PLOTS
 

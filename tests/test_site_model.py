@@ -12,12 +12,12 @@ import torch
 import yaml
 
 from client.cli import main
-from client.site_model import EXPORT_LOG, README_FILE, load_site_model
+from client.site_model import load_site_model
 from client.site_state import SiteState
 from common.config import load_config
-from common.metrics_log import METRICS_FILE
 from common.model import build_model
 from common.params import run_model, select
+from common.runs import EXPORT_LOG, METRICS_FILE, README_FILE
 from tests.nifti_cases import LPS, RAS, nnunet_dataset, phantom, save
 from tests.test_predict import TINY, run_folder
 
