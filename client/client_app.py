@@ -98,8 +98,7 @@ def _handle(handler: Callable[[Site, Message], Message], msg: Message, context: 
         reply = Message(Error(code=SITE_ERROR_CODE, reason=sanitized_reason(site_name, err)), reply_to=msg)
     reply = egress.guard(reply, msg, site)  # never raises: a failure there leaves as a fixed reason
     if site is not None and not reply.has_error():  # the site's history counts only what really left
-        site_history.record_reply(site.state.root, msg, dict(reply.content.metric_records.get(keys.METRICS, {})),
-                                  reply.content.array_records.get(keys.ARRAYS))
+        site_history.record_reply(site.state.root, msg, reply)
         reply.content = pack(reply.content)  # after the guard: packing only regroups what it let out
     return reply
 

@@ -48,8 +48,8 @@ from flwr.app import (
 from common import keys
 from common.config import FedsegConfig
 from common.digest import content_bytes, content_sha256
+from common.files import read_jsonl
 from common.fingerprint import record_names
-from common.metrics_log import read_events
 from common.params import kept_at_site
 from common.runs import EGRESS_FILE
 from common.wire import error_reason
@@ -271,7 +271,7 @@ class EgressLog:
             os.fsync(f.fileno())
 
     def entries(self) -> list[dict]:
-        return list(read_events(self.path)) if self.path.is_file() else []
+        return list(read_jsonl(self.path))
 
 
 # --- the gate -----------------------------------------------------------------------

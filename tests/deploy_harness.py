@@ -7,7 +7,6 @@ with its whole process tree.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -20,8 +19,10 @@ from pathlib import Path
 
 import yaml
 
+from common.files import read_jsonl
 from common.flower_env import BIN_DIR, free_port
 from common.processes import descendants, stop_tree
+from common.runs import METRICS_FILE
 
 TINY = {
     "model": {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1},
@@ -125,19 +126,7 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str, *logs: 
 
 
 def events(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines(keepends=True) if line.endswith("\n")]
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-
+    return list(read_jsonl(run / METRICS_FILE))
 
 
 def snapshot_app(dest: Path) -> tuple[Path, str]:

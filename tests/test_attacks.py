@@ -24,6 +24,7 @@ from flwr.app import (
 
 from common import keys
 from common.config import load_config
+from common.files import read_jsonl
 from common.metrics_log import MetricsLog, read_events
 from server.checkpoints import Checkpoints
 from server.strategy import FedSegStrategy
@@ -625,7 +626,6 @@ def test_finding_8_dp_sensitivity_resume_and_epsilon(tmp_path):
 def test_finding_1_every_task_command_flower_can_start_is_guarded(tmp_path, monkeypatch):
     """Flower's own SuperExec launcher starts an AgentApp task the way it would for a bundle with an
     ``agentapp`` component: it finds the site's guard, not Flower's flwr-agentapp, and the refusal is recorded."""
-    import json
     import os
     import subprocess
 
@@ -653,7 +653,7 @@ def test_finding_1_every_task_command_flower_can_start_is_guarded(tmp_path, monk
                              root_certificates_path=None, runtime_dependency_install=False, parent_pid=None,
                              suppress_output=False, task_id=1)
         assert SubprocessExecutor().launch(spec).status == "accepted"
-    refused = [json.loads(line) for line in decisions.read_text().splitlines()]
+    refused = list(read_jsonl(decisions))
     assert [r["task"] for r in refused] == ["flwr-agentapp", "flwr-connector", "flwr-model"]
     assert {r["decision"] for r in refused} == {"refused"} and all(p.returncode == 1 for p in spawned)
 

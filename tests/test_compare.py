@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 from PIL import Image
 
+from common.files import read_jsonl
 from simulations.cli import main as sim_main
 from simulations.compare_report import PLOTS
 
@@ -19,7 +18,7 @@ def test_quick_compare_writes_table_plots_and_resumes(tmp_path):
             "--set", f"simulation.data_dir={tmp_path / 'data'}", "--set", f"federation.runs_dir={tmp_path / 'runs'}",
             "--set", "train.personalize_steps=2"]
     assert sim_main(args) == 0
-    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    rows = list(read_jsonl(out / "results.jsonl"))
     assert [r["method"] for r in rows] == METHODS
     for row in rows:
         assert row["status"] == "ok", row

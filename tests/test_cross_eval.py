@@ -9,6 +9,7 @@ import torch
 
 from common import keys
 from common.config import load_config
+from common.files import read_jsonl
 from common.model import build_model
 from common.norm_adapt import adapt_norm
 from common.runs import CROSS_EVAL_FILE
@@ -42,7 +43,7 @@ def test_matrix_has_every_site_and_the_held_out_one_adapted(finished_run):
     assert held_out[0]["dice_adapted"] is not None and 0.0 <= held_out[0]["dice_adapted"] <= 1.0
     assert all(c["dice_adapted"] is None for c in last if c["trained"])
     # the held-out site never trained: no train event, no local norm tensors in its state
-    events = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
+    events = list(read_jsonl(finished_run / "metrics.jsonl"))
     assert not any(e["event"] == "train" and e["site"] == "site-4" for e in events)
     assert not (finished_run / "sites" / "site-4" / "norm.safetensors").exists()
     # the trained sites' evaluation of the last round equals their cross-eval cell (same model, same norm)
@@ -59,7 +60,7 @@ def test_only_numbers_left_the_sites(finished_run):
     for site in ("site-1", "site-4"):
         egress = finished_run / "sites" / site / "egress.jsonl"
         assert egress.is_file(), f"every site keeps an egress audit log: {egress} is missing"
-        sent = [json.loads(line) for line in egress.read_text().splitlines()]
+        sent = list(read_jsonl(egress))
         cross = [e for e in sent if e["message_type"] == "query.cross_eval"]
         assert cross and all(e["status"] == "sent" for e in cross)
         for entry in cross:

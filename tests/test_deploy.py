@@ -9,13 +9,13 @@ for the centre's public interface; the SuperLink is bound to 127.0.0.1.
 
 from __future__ import annotations
 
-import json
 import socket
 
 import httpx
 import pytest
 import yaml
 
+from common.files import read_jsonl
 from server.certs import init_pki
 from simulations.synthetic import generate_federation
 
@@ -138,7 +138,7 @@ def test_two_rounds_with_both_sites_in_every_round_and_the_unapproved_bundle_ref
         refused = [e for e in log if e["event"] == "failure" and e["round"] == rnd and e["site"] == UNAPPROVED]
         assert refused and all("has not approved app bundle" in e["reason"] for e in refused)
     state = ctx["root"] / "sites" / UNAPPROVED
-    decisions = [json.loads(line) for line in (state / "bundles.jsonl").read_text().splitlines()]
+    decisions = list(read_jsonl(state / "bundles.jsonl"))
     assert decisions and {d["decision"] for d in decisions} == {"refused"}
     assert not list((state / "flwr-home").rglob("client_app.py")), "the refused bundle was unpacked"
     for name in GOOD:

@@ -9,7 +9,6 @@ matches, hash for hash, what the server logged as received.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from safetensors.torch import load_file
 
 from common import keys
 from common.config import load_config
+from common.files import read_jsonl
 from common.metrics_log import MetricsLog, read_events
 from common.runs import EGRESS_FILE
 from server.checkpoints import Checkpoints
@@ -169,7 +169,7 @@ def test_dp_runs_end_to_end_in_the_simulation(tmp_path, tiny_federation):
     received = {(e["site"], e["round"]): e[keys.CONTENT_SHA256] for e in events if e["event"] == "train"}
     assert len(received) == 4
     for site in ("site-1", "site-2"):
-        lines = [json.loads(x) for x in (run / "sites" / site / EGRESS_FILE).read_text().splitlines()]
+        lines = list(read_jsonl(run / "sites" / site / EGRESS_FILE))
         sent = {(site, e["round"]): e[keys.CONTENT_SHA256] for e in lines
                 if e["message_type"] == MessageType.TRAIN and e["status"] == "sent"}
         assert sent == {k: v for k, v in received.items() if k[0] == site}

@@ -23,6 +23,7 @@ from client import client_app, egress
 from client.cli import main as client_main
 from common import keys
 from common.config import load_config
+from common.files import read_jsonl
 from common.metrics_log import MetricsLog, read_events
 from server.checkpoints import Checkpoints
 from server.server_app import initial_weights
@@ -117,7 +118,7 @@ def test_altered_client_app_is_blocked_and_audited(one_site, alter, leaked, caps
     assert [(f["site"], f["stage"]) for f in failures] == [("site-1", "train")]
 
     state = run / "sites" / "site-1"
-    blocked, sent = [json.loads(line) for line in (state / egress.EGRESS_FILE).read_text().splitlines()]
+    blocked, sent = list(read_jsonl(state / egress.EGRESS_FILE))
     assert blocked["status"] == "blocked" and blocked["round"] == 1
     assert any(leaked in p for p in blocked["blocked"]), blocked["blocked"]
     assert sent["status"] == "sent" and sent["kind"] == "error" and sent["keys"] == {}

@@ -20,6 +20,7 @@ from PIL import Image
 from common import keys
 from common.config import ConfigError, load_config
 from common.dataset import read_dataset
+from common.files import read_jsonl
 from common.metrics_log import read_events
 from common.runs import CROSS_EVAL_FILE, EGRESS_FILE
 from simulations.cli import main as sim_main
@@ -147,7 +148,7 @@ def test_compare_quick_on_own_sites(own_sites, tmp_path):
     out = tmp_path / "cmp"
     assert sim_main(["compare", "--quick", "--config", str(config), "--methods", "local", "pooled",
                      "--out", str(out)]) == 0
-    rows = {r["method"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    rows = {r["method"]: r for r in read_jsonl(out / "results.jsonl")}
     for row in rows.values():
         assert row["status"] == "ok" and set(row["per_site"]) == {"north", "south"}
         assert set(row["test_per_site"]) == {"north", "south"} and all(len(v) == 1 for v in

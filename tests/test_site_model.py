@@ -15,6 +15,7 @@ from client.cli import main
 from client.site_model import load_site_model
 from client.site_state import SiteState
 from common.config import load_config
+from common.files import read_jsonl
 from common.model import build_model
 from common.params import run_model, select
 from common.runs import EXPORT_LOG, METRICS_FILE, README_FILE
@@ -119,8 +120,7 @@ def test_audit_lists_every_export(tmp_path, trained_site, capsys):
     for i, weights in enumerate(("best", f"round-{ROUND}")):
         assert main(["export", "--config", str(site), "--run", str(run), "--weights", weights,
                      "--out", str(tmp_path / f"export-{i}")]) == 0
-    lines = (tmp_path / "state" / EXPORT_LOG).read_text().splitlines()
-    assert [json.loads(line)["weights"] for line in lines] == ["best", "round-2"]
+    assert [e["weights"] for e in read_jsonl(tmp_path / "state" / EXPORT_LOG)] == ["best", "round-2"]
     capsys.readouterr()
     assert main(["audit", "--config", str(site)]) == 0
     text = capsys.readouterr().out

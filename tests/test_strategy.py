@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -11,6 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, MessageType, MetricRecord
 
 from common import keys
 from common.config import load_config
+from common.files import read_jsonl
 from common.metrics_log import MetricsLog, read_events
 from server.checkpoints import Checkpoints
 from server.strategy import FedSegStrategy, QuorumNotReached
@@ -63,7 +62,7 @@ def test_below_quorum_skips_the_round_and_keeps_the_model(tmp_path):
     strategy = make_strategy(tmp_path, "federation.min_sites=2")
     arrays, metrics = strategy.aggregate_train(1, [train_reply(11, "a", 1.0, 1)])
     assert arrays is None and metrics is None
-    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    events = list(read_jsonl(tmp_path / "metrics.jsonl"))
     assert any(e["event"] == "quorum-failure" and e["sites_ok"] == 1 for e in events)
     assert not (tmp_path / "ckpt" / "round-0001.safetensors").exists()
 
