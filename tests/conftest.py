@@ -21,3 +21,33 @@ def tiny_federation(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("sites")
     return generate_federation(root, n_sites=3, n_cases=4, shape=(32, 32, 24), strength=1.0, seed=0)
+
+
+@pytest.fixture(scope="session")
+def quorum_run(tmp_path_factory):
+    """One real Flower simulation (SuperLink, simulation engine, Ray) shared by test_simulation and test_dp.
+
+    Three tiny sites, the third with a label file that is not NIfTI, so two sites
+    carry every round on the quorum; central DP is on (privacy.noise_multiplier
+    0.5, clipping 2.0). Returns (config, run directory, shown lines).
+    """
+    from common.config import load_config
+    from simulations.runner import run_simulation
+    from simulations.synthetic import generate_federation
+    from tests.tiny import tiny
+
+    root = tmp_path_factory.mktemp("sim")
+    data = root / "data"
+    sites = generate_federation(data, n_sites=3, n_cases=4, shape=(32, 32, 24), seed=1)
+    victim = sorted((sites["site-3"] / "labelsTr").glob("*.nii.gz"))[0]
+    victim.write_bytes(b"not a nifti file")
+    cfg = load_config(None, tiny(
+        "federation.run_name=sim-test", f"federation.runs_dir={root / 'runs'}", "federation.rounds=2",
+        "federation.min_sites=2", "federation.cross_eval=false", "simulation.num_sites=3",
+        "simulation.cases_per_site=4", "simulation.volume_shape=[32, 32, 24]", "simulation.seed=1",
+        f"simulation.data_dir={data}", "simulation.cpus_per_site=1", "simulation.ray_num_cpus=2", "train.hd95=true",
+        "privacy.noise_multiplier=0.5", "privacy.clipping_norm=2.0",
+    ))
+    lines: list[str] = []
+    run = run_simulation(cfg, show=lines.append)
+    return cfg, run, lines

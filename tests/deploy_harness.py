@@ -23,13 +23,8 @@ from common.files import read_jsonl
 from common.flower_env import BIN_DIR, free_port
 from common.processes import descendants, stop_tree
 from common.runs import METRICS_FILE
+from tests.tiny import TINY
 
-TINY = {
-    "model": {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1},
-    "data": {"patch_size": [16, 16, 16]},
-    "train": {"local_steps": 2, "batch_size": 1, "hd95": False},
-}
-"""A model and training small enough for a 2-core CI machine."""
 GATEWAY_HOST = "127.0.0.2"
 """Sites use a different loopback address than the SuperLink, standing in for the centre's public interface."""
 

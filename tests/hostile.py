@@ -35,14 +35,12 @@ from server.strategy import FedSegStrategy
 from server.validation import update_norm
 from simulations.synthetic import generate_federation
 from tests.local_grid import LocalGrid, federation, over_the_wire
+from tests.tiny import tiny
 
 N_SITES = 5
 WARMUP_ROUNDS = 6
-SETTINGS = [
-    "model.channels=[8, 16, 32]", "model.strides=[2, 2]", "data.patch_size=[16, 16, 16]",
-    "train.local_steps=15", "train.batch_size=2", "train.hd95=false", "train.lr=0.003",
-    f"federation.rounds={WARMUP_ROUNDS}", "federation.min_sites=3", "simulation.cpus_per_site=1",
-]
+SETTINGS = tiny("train.local_steps=15", "train.batch_size=2", "train.lr=0.003", f"federation.rounds={WARMUP_ROUNDS}",
+                "federation.min_sites=3", "simulation.cpus_per_site=1")
 
 
 @dataclass

@@ -13,23 +13,20 @@ import sys
 from pathlib import Path
 
 import yaml
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from common import keys
 from common.config import FedsegConfig, load_config
 from common.wire import to_wire
 from tests.flower_messages import incoming
+from tests.tiny import tiny
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = [
-    "model.channels=[8, 16, 32]", "model.strides=[2, 2]", "data.patch_size=[16, 16, 16]",
-    "train.local_steps=2", "train.batch_size=1", "train.hd95=false", "federation.run_name=harness",
-]
 
 
 def site_setup(tmp_path: Path, data_dir: Path, name: str = "site-1", *overrides: str) -> tuple[FedsegConfig, Path]:
     """A resolved run config plus a site.yaml pointing at ``data_dir``."""
-    cfg = load_config(None, [*TINY, f"federation.runs_dir={tmp_path / 'runs'}", *overrides])
+    cfg = load_config(None, tiny("federation.run_name=harness", f"federation.runs_dir={tmp_path / 'runs'}", *overrides))
     site_yaml = tmp_path / f"{name}.yaml"
     site = {"name": name, "data_dir": str(data_dir), "state_dir": str(tmp_path / f"{name}-state"),
             "min_cohort": 1}  # synthetic cases: no patient to protect

@@ -30,6 +30,7 @@ from server.checkpoints import Checkpoints
 from server.strategy import FedSegStrategy
 from tests.flower_messages import reply as make_reply
 from tests.local_grid import over_the_wire
+from tests.tiny import tiny
 
 SIGNATURE = "sig"
 SHAPES = {"w": (4, 4), "b": (4,)}
@@ -234,9 +235,7 @@ def test_finding_6_best_model_tiny_updates_and_float32_overflow(tmp_path):
 
 # --- findings 9 and 10: the egress guard, per reply type, with the site's own bound -----------------------------
 
-TINY = ["model.channels=[8, 16, 32]", "model.strides=[2, 2]", "data.patch_size=[16, 16, 16]",
-        "train.local_steps=1", "train.batch_size=1", "train.hd95=false", "federation.min_sites=1",
-        "simulation.cpus_per_site=1"]
+ONE_SITE = tiny("train.local_steps=1", "federation.min_sites=1", "simulation.cpus_per_site=1")
 
 
 def one_site(tmp_path, data_dir, *overrides: str, site_settings: dict | None = None):
@@ -246,7 +245,7 @@ def one_site(tmp_path, data_dir, *overrides: str, site_settings: dict | None = N
     from common.runs import run_dir, simulated_site_config
     from tests.local_grid import federation
 
-    cfg = federation(load_config(None, [*TINY, f"federation.runs_dir={tmp_path}", "federation.run_name=e",
+    cfg = federation(load_config(None, [*ONE_SITE, f"federation.runs_dir={tmp_path}", "federation.run_name=e",
                                         *overrides]), {"site-1": data_dir})
     path = simulated_site_config(run_dir(cfg), 0)
     body = yaml.safe_load(path.read_text())

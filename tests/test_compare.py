@@ -10,13 +10,15 @@ from simulations.cli import main as sim_main
 from simulations.compare_report import PLOTS
 
 METHODS = ["local", "pooled", "fedseg"]
+SMALLER = ["--set", "data.patch_size=[16, 16, 16]", "--set", "train.batch_size=1", "--set", "simulation.cpus_per_site=1"]
+"""On top of --quick: the tiny patch and batch of tests/tiny.py, and the simulated sites side by side."""
 
 
 def test_quick_compare_writes_table_plots_and_resumes(tmp_path):
     out = tmp_path / "cmp"
     args = ["compare", "--quick", "--methods", *METHODS, "--out", str(out),
             "--set", f"simulation.data_dir={tmp_path / 'data'}", "--set", f"federation.runs_dir={tmp_path / 'runs'}",
-            "--set", "train.personalize_steps=2"]
+            "--set", "train.personalize_steps=2", *SMALLER]
     assert sim_main(args) == 0
     rows = list(read_jsonl(out / "results.jsonl"))
     assert [r["method"] for r in rows] == METHODS

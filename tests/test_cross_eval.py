@@ -16,20 +16,20 @@ from common.runs import CROSS_EVAL_FILE
 from server.cross_eval import resolve_checkpoint
 from server.report import write_report
 from simulations.runner import run_simulation
+from tests.tiny import tiny
 
-TINY = [
-    "model.channels=[4, 8, 16]", "model.strides=[2, 2]", "model.num_res_units=1",
-    "train.local_steps=2", "train.hd95=false", "train.adapt_norm_steps=2", "federation.rounds=2",
+HELD_OUT_RUN = tiny(
+    "model.channels=[4, 8, 16]", "train.adapt_norm_steps=2", "federation.rounds=2",
     "simulation.num_sites=3", "simulation.held_out_sites=1", "simulation.cases_per_site=4",
-    "simulation.volume_shape=[32, 32, 24]", "simulation.ray_num_cpus=2", "simulation.cpus_per_site=2",
-]
+    "simulation.volume_shape=[32, 32, 24]", "simulation.ray_num_cpus=2", "simulation.cpus_per_site=1",
+)
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("xeval")
-    cfg = load_config(None, [*TINY, f"federation.runs_dir={root / 'runs'}", f"simulation.data_dir={root / 'data'}",
-                             "federation.run_name=xeval"])
+    cfg = load_config(None, [*HELD_OUT_RUN, f"federation.runs_dir={root / 'runs'}",
+                             f"simulation.data_dir={root / 'data'}", "federation.run_name=xeval"])
     return run_simulation(cfg, show=lambda line: None)
 
 

@@ -20,7 +20,7 @@ from common.device import (
 from common.loops import evaluate, train_local
 from common.model import build_model
 from common.prefetch import Prefetcher
-from tests.site_harness import TINY
+from tests.tiny import tiny
 
 
 def test_auto_is_the_cpu_here_and_fp32_is_the_default():
@@ -77,7 +77,7 @@ def test_training_and_evaluation_on_cpu_are_the_same_for_every_device_spelling(p
     """auto and cpu are the same device here: identical weights and metrics, model left on the CPU."""
     results = []
     for device in ("auto", "cpu"):
-        cfg = load_config(None, [*TINY, f"train.device={device}", f"train.precision={precision}"])
+        cfg = load_config(None, tiny(f"train.device={device}", f"train.precision={precision}"))
         torch.manual_seed(0)
         model = build_model(cfg.model)
         anchors = {k: v.detach().clone() for k, v in model.named_parameters()}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -146,19 +145,9 @@ def test_budget_accumulates_over_released_rounds(dp):
 # --- end to end in the simulation -----------------------------------------------------------
 
 
-def test_dp_runs_end_to_end_in_the_simulation(tmp_path, tiny_federation):
-    from simulations.runner import run_simulation
-
-    data_dir = Path(tiny_federation["site-1"]).parent
-    cfg = load_config(None, [
-        "model.channels=[8, 16, 32]", "model.strides=[2, 2]", "data.patch_size=[16, 16, 16]",
-        "train.local_steps=2", "train.batch_size=1", "train.hd95=false", "federation.rounds=2",
-        "federation.min_sites=2", f"federation.runs_dir={tmp_path}", "federation.run_name=dp-sim",
-        "simulation.num_sites=2", "simulation.cases_per_site=4", "simulation.volume_shape=[32, 32, 24]",
-        f"simulation.data_dir={data_dir}", "simulation.cpus_per_site=1",
-        "privacy.noise_multiplier=0.5", "privacy.clipping_norm=2.0",
-    ])
-    run = run_simulation(cfg, show=lambda line: None)
+def test_dp_runs_end_to_end_in_the_simulation(quorum_run):
+    """The shared simulation of tests/conftest.py (DP on, two sound sites, a third whose data is broken)."""
+    _, run, _ = quorum_run
     events = list(read_events(run / "metrics.jsonl"))
     privacy = [e for e in events if e["event"] == "privacy"]
     assert [e["round"] for e in privacy] == [1, 2]

@@ -29,19 +29,16 @@ from server.checkpoints import Checkpoints
 from server.server_app import initial_weights
 from server.strategy import FedSegStrategy
 from tests.local_grid import LocalGrid, federation
+from tests.tiny import tiny
 
-TINY = [
-    "model.channels=[8, 16, 32]", "model.strides=[2, 2]", "data.patch_size=[16, 16, 16]",
-    "train.local_steps=1", "train.batch_size=1", "train.hd95=false", "federation.min_sites=1",
-    "simulation.cpus_per_site=1",
-]
+ONE_SITE = tiny("train.local_steps=1", "federation.min_sites=1", "simulation.cpus_per_site=1")
 PATCH = 8
 """Edge of the image patch an altered site tries to send (voxels)."""
 
 
 @pytest.fixture()
 def one_site(tmp_path, tiny_federation):
-    cfg = load_config(None, [*TINY, f"federation.runs_dir={tmp_path}", "federation.run_name=egress"])
+    cfg = load_config(None, [*ONE_SITE, f"federation.runs_dir={tmp_path}", "federation.run_name=egress"])
     return federation(cfg, {"site-1": tiny_federation["site-1"]})
 
 

@@ -12,9 +12,9 @@ from common.loops import POLY_EXPONENT, RunSteps, augmentation, lr_scheduler, ma
 from common.model import build_model
 from common.personalize import output_layer, personal_parameters, personalize
 from common.preprocess import Volume
+from tests.tiny import tiny
 
-TINY = ["model.channels=[4, 8, 16]", "model.strides=[2, 2]", "model.num_res_units=1", "data.patch_size=[16, 16, 16]",
-        "data.spacing=[1.0, 1.0, 1.0]", "train.batch_size=1", "train.hd95=false"]
+TINY = tiny("model.channels=[4, 8, 16]", "data.spacing=[1.0, 1.0, 1.0]")
 
 
 def test_poly_schedule_decays_over_the_whole_run():

@@ -22,9 +22,10 @@ from common.plan import ChannelNorm, Plan
 from common.preprocess import prepare_case
 from server.server_app import initial_weights
 from tests.nifti_cases import LPS, RAS, oblique, phantom, save
+from tests.tiny import tiny
 
 AFFINES = {"RAS": RAS, "LPS": LPS, "oblique": oblique()}
-TINY = ["model.channels=[8, 16, 32]", "model.strides=[2, 2]", "train.adapt_norm_steps=2", "train.batch_size=1"]
+TINY = tiny("train.adapt_norm_steps=2")
 
 
 def _plan(spacing) -> Plan:

@@ -23,7 +23,7 @@ from common.flower_env import flower_command, free_port
 from common.metrics_log import read_events
 from common.processes import descendants, stop_tree
 from simulations.runner import federation_config, run_simulation
-from tests.site_harness import TINY
+from tests.tiny import tiny
 
 HEAD_START_S = 60.0
 
@@ -69,8 +69,7 @@ def test_federation_config_asks_for_a_gpu_share_and_leaves_cpus_to_a_joined_clus
 def test_simulation_runs_on_an_existing_ray_cluster(tmp_path, ray_head):
     address, head_logs = ray_head
     cfg = load_config(None, [
-        *[o for o in TINY if not o.startswith("federation.run_name")],
-        "federation.run_name=ray-join", f"federation.runs_dir={tmp_path / 'runs'}", "federation.rounds=1",
+        *tiny(), "federation.run_name=ray-join", f"federation.runs_dir={tmp_path / 'runs'}", "federation.rounds=1",
         "federation.cross_eval=false", "federation.min_sites=1", "simulation.num_sites=1",
         "simulation.cases_per_site=3", "simulation.volume_shape=[24, 24, 16]",
         f"simulation.data_dir={tmp_path / 'data'}", "simulation.cpus_per_site=1", f"simulation.ray_address={address}",

@@ -1,4 +1,5 @@
-"""A real Flower simulation (SuperLink, simulation engine, Ray) of three tiny sites.
+"""A real Flower simulation (SuperLink, simulation engine, Ray) of three tiny sites (``quorum_run``, shared
+with test_dp.py, which checks its privacy accounting).
 
 One site's data is broken: the run must log its failures, keep going on the
 quorum of the other two, and leave a metrics log, checkpoints and config
@@ -7,20 +8,15 @@ that follow docs/architecture.md.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 from safetensors.torch import load_file
 
-from common.config import load_config
 from common.metrics_log import read_events
 from common.params import run_model
 from common.processes import descendants
-from simulations.runner import run_simulation
-from simulations.synthetic import generate_federation
-from tests.site_harness import TINY
 
 ROUNDS = 2
 TRAIN_FIELDS = {"round", "site", "num_examples", "loss", "proximal_loss", "duration_s", "bytes_up", "bytes_down"}
@@ -29,21 +25,9 @@ ROUND_FIELDS = {"round", "sites_ok", "sites_failed", "dice_mean", "dice_weighted
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sim")
-    data = root / "data"
-    sites = generate_federation(data, n_sites=3, n_cases=4, shape=(32, 32, 24), seed=1)
-    victim = sorted((sites["site-3"] / "labelsTr").glob("*.nii.gz"))[0]
-    victim.write_bytes(b"not a nifti file")
-    cfg = load_config(None, [
-        *[o for o in TINY if not o.startswith("federation.run_name")],
-        "federation.run_name=sim-test", f"federation.runs_dir={root / 'runs'}", f"federation.rounds={ROUNDS}",
-        "federation.min_sites=2", "simulation.num_sites=3", "simulation.cases_per_site=4",
-        "simulation.volume_shape=[32, 32, 24]", "simulation.seed=1", f"simulation.data_dir={data}",
-        "simulation.cpus_per_site=1", "simulation.ray_num_cpus=2", "train.hd95=true",
-    ])
-    lines: list[str] = []
-    run = run_simulation(cfg, show=lines.append)
+def finished_run(quorum_run):
+    """The shared run of tests/conftest.py: three sites, site-3's data broken, two rounds."""
+    cfg, run, lines = quorum_run
     return cfg, run, list(read_events(run / "metrics.jsonl")), lines
 
 
