@@ -39,8 +39,9 @@ from tests.tiny import tiny
 
 N_SITES = 5
 WARMUP_ROUNDS = 6
-SETTINGS = tiny("train.local_steps=15", "train.batch_size=2", "train.lr=0.003", f"federation.rounds={WARMUP_ROUNDS}",
-                "federation.min_sites=3", "simulation.cpus_per_site=1")
+SETTINGS = tiny("model.num_res_units=2", "train.local_steps=15", "train.batch_size=2", "train.lr=0.003",
+                f"federation.rounds={WARMUP_ROUNDS}", "federation.min_sites=3", "simulation.cpus_per_site=1")
+"""Two residual units per block: the model the robustness targets (test_robust.py) were measured with."""
 
 
 @dataclass

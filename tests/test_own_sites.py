@@ -28,13 +28,14 @@ from simulations.compare_run import federated_result
 from simulations.sites import read_site_specs, with_data_channels
 from simulations.synthetic import default_signatures, generate_site
 from tests.nifti_cases import nnunet_dataset
+from tests.tiny import TINY
 
 SHAPE = (32, 32, 24)
 TRAIN_CASES, TEST_CASES = 4, 2
 SETTINGS = {
-    "model": {"channels": [4, 8, 16], "strides": [2, 2]},
-    "data": {"patch_size": [16, 16, 16], "val_fraction": 0.25},
-    "train": {"local_steps": 2, "batch_size": 1, "hd95": False, "adapt_norm_steps": 2},
+    "model": {**TINY["model"], "channels": [4, 8, 16]},
+    "data": {**TINY["data"], "val_fraction": 0.25},
+    "train": {**TINY["train"], "adapt_norm_steps": 2},
     "federation": {"rounds": 2, "run_name": "own"},
     "simulation": {"cpus_per_site": 1, "ray_num_cpus": 2},
 }
