@@ -16,7 +16,8 @@ def test_norm_tensors_survive_a_fresh_client_process(tmp_path, tiny_federation):
     cfg, site_yaml = site_setup(tmp_path, tiny_federation["site-1"])
     assert run_fresh(cfg, site_yaml, "train", 1)["error"] is None
     saved = load_file(tmp_path / "site-1-state" / "norm.safetensors")
-    assert saved and all(k.endswith((".weight", ".bias")) for k in saved)
+    norm_keys = (".weight", ".bias", ".running_mean", ".running_var", ".num_batches_tracked")  # FedBN: all stay
+    assert saved and all(k.endswith(norm_keys) for k in saved) and any(k.endswith(".running_mean") for k in saved)
     assert any(not torch.equal(v, torch.ones_like(v)) and not torch.equal(v, torch.zeros_like(v))
                for v in saved.values()), "training should have moved the site's norm weights"
     restored = tmp_path / "restored.safetensors"
