@@ -4,7 +4,10 @@ Checks site.yaml, the site's certificate and key, and every case of its data
 (the same check as `fedseg-client check`) first; each refusal names the file
 and the fix. Then it starts flower-supernode with the federation's CA
 certificate, the site's private key and its node config, behind the app-bundle
-guard (only bundles listed in site.approved_bundles run). Each ClientApp
+guard (only bundles listed in site.approved_bundles run). Before each start it
+opens one TLS connection to the server itself: a server certificate that the
+site's CA did not issue is said in plain words and retried with back-off,
+without starting a SuperNode that would retry it silently. Each ClientApp
 process is forked from a warm parent that has torch, MONAI and Flower loaded
 (client/warm_start.py), and the SuperNode polls every site.poll_interval_s
 (client/supernode.py). If the SuperNode
@@ -20,6 +23,8 @@ import argparse
 import dataclasses
 import json
 import os
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -35,6 +40,7 @@ from common.runs import BUNDLE_LOG, DAEMON_FILE, FLWR_HOME, GUARD_BIN, RESOLVED_
 STABLE_RUN_S = 120.0
 """A SuperNode that ran this long counts as healthy: the next restart waits retry_initial_s again."""
 POLL_S = 0.5
+TLS_CHECK_TIMEOUT_S = 10.0
 
 
 DIAGNOSES = {
@@ -127,6 +133,26 @@ def prepare_state(site: SiteConfig) -> tuple[Path, dict[str, str]]:
     return site_yaml, guard_env(bin_dir, site.approved_bundles, state / BUNDLE_LOG, env)
 
 
+def tls_problem(site: SiteConfig) -> str | None:
+    """Why the server's certificate is not trusted by this site's CA, or None (trusted, or not reachable now).
+
+    An unreachable server is the SuperNode's to retry; only a certificate the
+    site cannot verify is a reason not to start one.
+    """
+    host, port = site.server_address.rsplit(":", 1)
+    host = host.strip("[]")
+    context = ssl.create_default_context(cafile=site.root_certificate)
+    try:
+        with socket.create_connection((host, int(port)), timeout=TLS_CHECK_TIMEOUT_S) as sock:
+            with context.wrap_socket(sock, server_hostname=host):
+                return None
+    except ssl.SSLCertVerificationError as err:
+        return (f"{DIAGNOSES['CERTIFICATE_VERIFY_FAILED']} ({site.root_certificate}; {err.verify_message}, "
+                "CERTIFICATE_VERIFY_FAILED): get the federation's ca.crt from the centre")
+    except OSError:
+        return None
+
+
 def diagnose(log_path: Path) -> str:
     """A one-line reason for the SuperNode's exit, from the end of its log."""
     try:
@@ -176,6 +202,13 @@ class Daemon:
             try:
                 while max_starts is None or starts < max_starts:
                     starts += 1
+                    if problem := tls_problem(self.site):
+                        self._write_status(state="waiting", problem=problem, retry_in_s=delay)
+                        self.say(f"site {self.site.name}: not joining {self.site.server_address}: {problem}; "
+                                 f"checking again in {delay:.0f} s")
+                        time.sleep(delay)
+                        delay = min(delay * 2, self.site.retry_max_s)
+                        continue
                     self.proc = self._start(site_yaml, env)
                     started = time.monotonic()
                     self._write_status(state="running", supernode_pid=self.proc.pid,

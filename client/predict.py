@@ -28,12 +28,10 @@ Written files carry the geometry only, never the input header's text fields.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import nibabel as nib
 import numpy as np
@@ -46,14 +44,11 @@ from common.config import FedsegConfig
 from common.dataset import NIFTI_ENDINGS, DatasetError, channel_groups
 from common.device import CPU_FP32, Compute, compute_for, with_site_compute
 from common.nifti_out import save_nifti
-from common.plan import PLAN_FILE, Plan
+from common.plan import Plan
 from common.preprocess import prepare_image
 from common.reading import IMAGE, LABEL, to_file_grid, without_voxels
 
-log = logging.getLogger("fedseg.client")
 
-CHECKPOINT = Path("checkpoints") / "best.safetensors"
-RUN_CONFIG = "config.yaml"
 SUFFIX = "_seg"
 PROB_SUFFIX = "_prob"
 PROGRESS_WIDTH = 30
@@ -343,45 +338,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Keep only the largest connected component of each foreground class.")
 
 
-def load_run_model(run: Path, weights: Path | None, state_root: Path | None,
-                   missing_local: Literal["warn", "quiet", "error"] = "warn"
-                   ) -> tuple[nn.Module, Plan, FedsegConfig, bool]:
-    """The run's model with global weights plus this site's norm tensors, the plan, the run's config, and
-    whether the site had norm tensors of its own (False: it never trained in this run).
-
-    ``missing_local`` says what to do when the site has no norm tensors for this model.
-    """
-    from safetensors.torch import load_file
-
-    from common.cli import UserError
-    from common.config import load_config
-    from common.model import build_model
-    from common.params import load_merged, model_signature, split_parameters
-
-    from .site_state import SiteState
-
-    if not (run / RUN_CONFIG).is_file():
-        raise UserError(f"{run / RUN_CONFIG} not found: --run must be a run folder from the centre.")
-    run_cfg = load_config(run / RUN_CONFIG)
-    plan_path = run / PLAN_FILE if (run / PLAN_FILE).is_file() or state_root is None else state_root / PLAN_FILE
-    plan = Plan.load(plan_path)
-    weights = weights or run / CHECKPOINT
-    if not weights.is_file():
-        raise UserError(f"{weights} not found: pass --weights with a global checkpoint (.safetensors).")
-    model = build_model(run_cfg.model)
-    split = split_parameters(model, run_cfg.train.norm_mode)
-    local = SiteState(state_root).load_local(model_signature(model, split)) if state_root else None
-    if local is None and run_cfg.train.norm_mode != "shared":
-        if missing_local == "error":
-            raise UserError(f"this site ({state_root}) has no normalization tensors of its own for the model of "
-                            f"{run}: it never trained in this run; export needs a site that trained.")
-        if missing_local == "warn":
-            log.warning("this site has no normalization tensors of its own for this model: predicting with the "
-                        "global initialisation of the norm layers; consider --adapt-norm")
-    load_merged(model, split, load_file(str(weights)), local)
-    return model, plan, run_cfg, local is not None or run_cfg.train.norm_mode == "shared"
-
-
 def inference_options(args: argparse.Namespace, model_cfg: FedsegConfig, site_cfg: FedsegConfig) -> InferenceOptions:
     """The model's sliding-window settings, the site's device and precision, and the command's flags."""
     train = with_site_compute(model_cfg.train, site_cfg.train)
@@ -399,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
     from common.cli import UserError, config_from_args
     from common.norm_adapt import adapt_norm, has_batch_norm
 
-    from .site_model import load_site_model
+    from .site_model import load_run_model, load_site_model
 
     cfg = config_from_args(args)
     torch.set_num_threads(cfg.site.torch_threads)

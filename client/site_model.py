@@ -24,11 +24,12 @@ recorded in ``<state_dir>/exports.jsonl`` (``fedseg-client audit`` lists them).
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from torch import nn
@@ -39,9 +40,10 @@ from common.files import read_jsonl
 from common.metrics_log import read_events
 from common.model import build_model, network_spec
 from common.plan import Plan
-from common.runs import (CHECKPOINT_DIR, CHECKPOINT_STATE, CONFIG_FILE, EXPORT_LOG, LABELS_FILE, METRICS_FILE,
+from common.runs import (BEST_CHECKPOINT, CHECKPOINT_DIR, CHECKPOINT_STATE, CONFIG_FILE, EXPORT_LOG, LABELS_FILE, METRICS_FILE,
                          PLAN_FILE, PROVENANCE_FILE, README_FILE, WEIGHTS_FILE)
 
+log = logging.getLogger("fedseg.client")
 EXPORTED_SECTIONS = ("model", "data", "train")
 ROUND_CHOICE = re.compile(r"round-(\d+)")
 
@@ -177,7 +179,6 @@ def export_site_model(cfg: FedsegConfig, run: Path, choice: str, out: Path, pers
     """Write the site's model folder (see the module docstring); returns its provenance."""
     from safetensors.torch import save_model
 
-    from .predict import load_run_model
     from .site_state import SiteState
 
     if not cfg.site.state_dir:
@@ -210,6 +211,42 @@ def export_site_model(cfg: FedsegConfig, run: Path, choice: str, out: Path, pers
     (out / README_FILE).write_text(_readme(provenance, run_cfg))
     record_export(state.root, {**provenance, "folder": str(out.resolve()), "time": time.time()})
     return provenance
+
+
+def load_run_model(run: Path, weights: Path | None, state_root: Path | None,
+                   missing_local: Literal["warn", "quiet", "error"] = "warn"
+                   ) -> tuple[nn.Module, Plan, FedsegConfig, bool]:
+    """The run's model with global weights plus this site's norm tensors, the plan, the run's config, and
+    whether the site had norm tensors of its own (False: it never trained in this run).
+
+    ``missing_local`` says what to do when the site has no norm tensors for this model.
+    """
+    from safetensors.torch import load_file
+
+    from common.params import load_merged, model_signature, split_parameters
+
+    from .site_state import SiteState
+
+    if not (run / CONFIG_FILE).is_file():
+        raise UserError(f"{run / CONFIG_FILE} not found: --run must be a run folder from the centre.")
+    run_cfg = load_config(run / CONFIG_FILE)
+    plan_path = run / PLAN_FILE if (run / PLAN_FILE).is_file() or state_root is None else state_root / PLAN_FILE
+    plan = Plan.load(plan_path)
+    weights = weights or run / CHECKPOINT_DIR / BEST_CHECKPOINT
+    if not weights.is_file():
+        raise UserError(f"{weights} not found: pass --weights with a global checkpoint (.safetensors).")
+    model = build_model(run_cfg.model)
+    split = split_parameters(model, run_cfg.train.norm_mode)
+    local = SiteState(state_root).load_local(model_signature(model, split)) if state_root else None
+    if local is None and run_cfg.train.norm_mode != "shared":
+        if missing_local == "error":
+            raise UserError(f"this site ({state_root}) has no normalization tensors of its own for the model of "
+                            f"{run}: it never trained in this run; export needs a site that trained.")
+        if missing_local == "warn":
+            log.warning("this site has no normalization tensors of its own for this model: predicting with the "
+                        "global initialisation of the norm layers; consider --adapt-norm")
+    load_merged(model, split, load_file(str(weights)), local)
+    return model, plan, run_cfg, local is not None or run_cfg.train.norm_mode == "shared"
 
 
 def load_site_model(folder: Path) -> tuple[nn.Module, Plan, FedsegConfig]:

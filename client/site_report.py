@@ -93,7 +93,8 @@ def site_pictures(site_cfg: FedsegConfig, run: Path, weights: Path | None = None
     from common.loops import fuse
     from common.preprocess import PreprocessedCases
 
-    from .predict import InferenceOptions, SlabInferer, load_run_model
+    from .predict import InferenceOptions, SlabInferer
+    from .site_model import load_run_model
     from .site_data import open_split
     from .site_state import SiteState
 

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from common.files import read_jsonl
+from common.flower_env import free_port
 from server.certs import init_pki
 from simulations.synthetic import generate_federation
 
@@ -52,6 +53,14 @@ def federation(tmp_path_factory):
         for proc in [*ctx["extra"], *daemons.values()]:
             proc.terminate()
         server.terminate()
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
 
 
 def _gateway(ctx) -> str:
@@ -115,12 +124,22 @@ def test_a_supernode_whose_key_is_not_registered_is_refused(federation):
 
 
 def test_a_server_certificate_from_another_ca_is_refused(federation):
+    """The centre's real gateway, on its own so the test does not race the federation's end."""
     ctx = federation
     init_pki(ctx["root"] / "other-ca", [], [GATEWAY_HOST])
-    foreign = _extra_site(ctx, "foreign-ca", root_certificate=str(ctx["root"] / "other-ca" / "ca.crt"))
-    log = ctx["root"] / "sites" / "foreign-ca" / "supernode.log"
-    wait_for(lambda: log.is_file() and "CERTIFICATE_VERIFY_FAILED" in log.read_text(), 240,
-             "the TLS verification failure", foreign)
+    certs, port = ctx["root"] / "certs", free_port(GATEWAY_HOST)
+    gateway = Launched(ctx["root"] / "lone-gateway.out", "python", "-m", "server.fleet_gateway",
+                       "--listen", f"{GATEWAY_HOST}:{port}", "--upstream", str(free_port()), "--max-body", "1024",
+                       "--cert", str(certs / "server.crt"), "--key", str(certs / "server.key"),
+                       "--ca", str(certs / "ca.crt"))
+    ctx["extra"].append(gateway)
+    wait_for(lambda: _listening(GATEWAY_HOST, port), 60, "the gateway to listen", gateway)
+    foreign = _extra_site(ctx, "foreign-ca", root_certificate=str(ctx["root"] / "other-ca" / "ca.crt"),
+                          server_address=f"{GATEWAY_HOST}:{port}")
+    said = wait_for(lambda: "CERTIFICATE_VERIFY_FAILED" in foreign.output() and foreign.output(), 120,
+                    "the TLS verification failure", foreign)
+    assert "not issued by the CA in site.root_certificate" in said and "other-ca" in said
+    assert not (ctx["root"] / "sites" / "foreign-ca" / "supernode.log").exists(), "no SuperNode for an untrusted server"
 
 
 def test_two_rounds_with_both_sites_in_every_round_and_the_unapproved_bundle_refused(federation):
