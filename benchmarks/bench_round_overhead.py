@@ -11,9 +11,10 @@ process. This script measures:
 2. A deployed federation (real SuperLink, gateway and two SuperNodes with TLS
    and node auth on 127.0.0.1) and the simulation (``fedseg-sim``) running the
    same tiny model, data and rounds. It prints the median round duration of
-   each (the first round is left out: it fills the preprocessing caches), the
-   difference and the ratio, the sites' own training time and the median
-   ``timeline`` of a train and an evaluate message in both, side by side.
+   each (neither the first round, which fills the preprocessing caches, nor
+   the last, which adds an evaluation step of its own), the difference and
+   the ratio, the sites' own training time and the median ``timeline`` of a
+   train and an evaluate message in both, side by side.
 
 ``--flower-defaults`` runs the deployment as before fedseg tuned it: Flower's
 3 s polling at the SuperNode and the ServerApp, and a fresh interpreter per
@@ -82,10 +83,13 @@ def warm_start_s() -> list[float]:
 
 
 def round_stats(run: Path) -> tuple[list[float], list[float]]:
-    """(round durations, per-site training durations), first round excluded."""
+    """(round durations, per-site training durations) of the steady rounds: neither the first (it fills the
+    preprocessing caches) nor the last (it adds an evaluation step of its own; every other round's evaluation
+    rides with the next round's training)."""
     log = events(run)
-    rounds = [e["duration_s"] for e in log if e["event"] == "round" and e["round"] > 1]
-    train = [e["duration_s"] for e in log if e["event"] == "train" and e["round"] > 1]
+    last = max(e["round"] for e in log if e["event"] == "round")
+    rounds = [e["duration_s"] for e in log if e["event"] == "round" and 1 < e["round"] < last]
+    train = [e["duration_s"] for e in log if e["event"] == "train" and 1 < e["round"] < last]
     return rounds, train
 
 
@@ -147,11 +151,13 @@ def simulated(root: Path, rounds: int) -> Path:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5, help="Rounds (at least 3; 2..rounds-1 are timed).")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--flower-defaults", action="store_true",
                         help="Deploy with Flower's 3 s polling and a fresh interpreter per ClientApp (the baseline).")
     args = parser.parse_args()
+    if args.rounds < 3:
+        parser.error("--rounds must be at least 3: the first and the last round are not timed")
     root = args.out or Path(tempfile.mkdtemp(prefix="fedseg-bench-"))
     root.mkdir(parents=True, exist_ok=True)
 
@@ -163,7 +169,7 @@ def main() -> int:
     dep_rounds, dep_train = round_stats(dep_run)
     sim_rounds, sim_train = round_stats(sim_run)
     dep, sim = statistics.median(dep_rounds), statistics.median(sim_rounds)
-    print(f"rounds 2..{args.rounds}, {len(SITES)} sites, tiny UNet, {CASES} cases of {SHAPE} per site")
+    print(f"rounds 2..{args.rounds - 1}, {len(SITES)} sites, tiny UNet, {CASES} cases of {SHAPE} per site")
     print(f"  deployed round:  median {dep:.1f} s; sites trained for median {statistics.median(dep_train):.1f} s")
     print(f"  simulated round: median {sim:.1f} s; sites trained for median {statistics.median(sim_train):.1f} s")
     print(f"  overhead of deployment: {dep - sim:+.1f} s per round, ratio {dep / sim:.2f}x")

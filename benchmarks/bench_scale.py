@@ -173,7 +173,7 @@ def server_seconds(n_sites: int, aggregator: str, work: Path) -> float:
         # What configure_train records: the global model the updates are measured from (norm bound).
         strategy.reference = {k: v.numpy() for k, v in weights.items()}
         strategy.aggregate_train(1, replies)
-        timings.append(strategy.recorder.tally.aggregation_s)
+        timings.append(strategy.recorder.tally(1).aggregation_s)
     return float(np.median(timings))
 
 

@@ -13,7 +13,7 @@ import time
 import zlib
 from collections.abc import Callable
 
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Error, Message, MetricRecord
 from flwr.clientapp import ClientApp
 
 from common import keys
@@ -21,6 +21,7 @@ from common.config import FedsegConfig
 from common.loops import evaluate as evaluate_model
 from common.loops import RunSteps, train_local
 from common.params import select
+from common.preprocess import Volume
 from common.wire import pack, to_wire, unpack
 
 from . import egress, site_history, timeline
@@ -38,6 +39,7 @@ def _round_seed(cfg: FedsegConfig, server_round: int) -> int:
 
 
 def _train(site: Site, msg: Message) -> Message:
+    """Train on the received global model; first score it, when the server asks, for the previous round."""
     started = time.perf_counter()
     received = site.load_global(msg)
     config = msg.content[keys.CONFIG]
@@ -45,6 +47,9 @@ def _train(site: Site, msg: Message) -> Message:
     data = SiteData.open(site.cfg, site.state, msg)
     volumes = data.volumes(require_cohort(site.cfg, data.train_ids, "training"))
     timeline.mark(site.marks, timeline.DATA_READY)
+    evaluation = None
+    if config.get(keys.EVALUATE_RECEIVED) is True:
+        evaluation = _evaluation(site, data, data.volumes(require_cohort(site.cfg, data.val_ids, "validation")))
     result = train_local(
         site.model,
         volumes,
@@ -65,7 +70,20 @@ def _train(site: Site, msg: Message) -> Message:
         keys.NUM_EXAMPLES: len(data.train_ids),
     }
     log.info("round %d: trained %d steps, loss %.4f", server_round, result.steps, result.loss)
-    return site.reply(msg, metrics, arrays)
+    reply = site.reply(msg, metrics, arrays)
+    if evaluation is not None:
+        reply.content[keys.EVALUATION] = MetricRecord(evaluation)
+    return reply
+
+
+def _evaluation(site: Site, data: SiteData, volumes: list[Volume]) -> dict[str, float]:
+    """Validation metrics of the model as loaded: the global model with this site's own norm tensors."""
+    result = evaluate_model(site.model, volumes, data.cfg.data, site.cfg.train, data.spec.num_classes)
+    metrics = {"dice": result.dice, "loss": result.loss, keys.NUM_EXAMPLES: result.num_cases}
+    metrics |= class_metrics(keys.DICE_CLASS_PREFIX, result.dice_per_class)
+    if result.hd95 is not None:
+        metrics["hd95"] = result.hd95
+    return metrics | annotator_metrics(result)
 
 
 def _evaluate(site: Site, msg: Message) -> Message:
@@ -73,13 +91,7 @@ def _evaluate(site: Site, msg: Message) -> Message:
     data = SiteData.open(site.cfg, site.state, msg)
     volumes = data.volumes(require_cohort(site.cfg, data.val_ids, "validation"))
     timeline.mark(site.marks, timeline.DATA_READY)
-    result = evaluate_model(site.model, volumes, data.cfg.data, site.cfg.train, data.spec.num_classes)
-    metrics = {"dice": result.dice, "loss": result.loss, keys.NUM_EXAMPLES: result.num_cases}
-    metrics |= class_metrics(keys.DICE_CLASS_PREFIX, result.dice_per_class)
-    if result.hd95 is not None:
-        metrics["hd95"] = result.hd95
-    metrics |= annotator_metrics(result)
-    return site.reply(msg, metrics)
+    return site.reply(msg, _evaluation(site, data, volumes))
 
 
 def _handle(handler: Callable[[Site, Message], Message], msg: Message, context: Context) -> Message:

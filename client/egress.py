@@ -6,7 +6,8 @@ kind of reply may carry exactly its own records and keys (``RULES``):
 - a training reply: the travelling model tensors (exactly the keys, shapes
   and wire dtypes of the model signature, minus whatever the site's
   ``site.max_norm_travel`` keeps home, whatever the centre asked for), the
-  training metrics, and the identity record;
+  training metrics, the identity record, and optionally the evaluation of
+  the received model (an evaluation reply's metrics, see below);
 - an evaluation or cross-evaluation reply: its declared scalar metrics and
   the identity record, no arrays;
 - a fingerprint reply: the case count, exactly the fingerprint's ``fp_*``
@@ -74,11 +75,13 @@ CROSS_EVAL_QUERY = f"{MessageType.QUERY}.{keys.CROSS_EVAL_ACTION}"
 
 @dataclass(frozen=True)
 class ReplyRule:
-    """What one kind of reply may hold: exactly these records, these metric names, at least ``required``."""
+    """What one kind of reply may hold: exactly these records (plus the ``optional`` ones), these metric
+    names, at least ``required``."""
 
     records: frozenset[str]
     metrics: frozenset[str]
     required: frozenset[str]
+    optional: frozenset[str] = frozenset()
 
 
 def reply_rules(dice_classes: frozenset[str], test_classes: frozenset[str]) -> dict[str, ReplyRule]:
@@ -88,7 +91,7 @@ def reply_rules(dice_classes: frozenset[str], test_classes: frozenset[str]) -> d
     timeline = frozenset(keys.TIMELINE_METRICS)  # when the reply passed the site's stages: Unix times, nothing else
     return {
         MessageType.TRAIN: ReplyRule(frozenset({*identity, keys.ARRAYS}), frozenset(keys.TRAIN_METRICS) | timeline,
-                                     frozenset(keys.TRAIN_METRICS)),
+                                     frozenset(keys.TRAIN_METRICS), optional=frozenset({keys.EVALUATION})),
         MessageType.EVALUATE: ReplyRule(frozenset(identity), frozenset(keys.EVAL_METRICS) | dice_classes | timeline,
                                         frozenset(keys.EVAL_REQUIRED)),
         FINGERPRINT_QUERY: ReplyRule(frozenset({*identity, keys.FINGERPRINT}), frozenset({keys.NUM_EXAMPLES}) | timeline,
@@ -203,17 +206,22 @@ def problems(reply: Message, policy: EgressPolicy | None, message_type: str = Me
     if rule is None:
         return [f"no content may answer a '{message_type}' message"]
     content = reply.content
+    allowed = rule.records | rule.optional
     found: list[str] = [f"record '{name}' ({type(record).__name__}) is not allowed in a '{message_type}' reply"
-                        for name, record in content.items() if name not in rule.records]
+                        for name, record in content.items() if name not in allowed]
     found += [f"record '{name}' missing" for name in sorted(rule.records - set(content))]
     metric_count = 0
     for name, record in content.items():
-        if name not in rule.records:
+        if name not in allowed:
             continue
         if name == keys.ARRAYS and isinstance(record, ArrayRecord):
             found += _array_problems(record, policy)
         elif name == keys.METRICS and isinstance(record, MetricRecord):
             found += _metric_problems(record, rule.metrics, rule.required, lists=False)
+            metric_count += len(record)
+        elif name == keys.EVALUATION and isinstance(record, MetricRecord):  # as an evaluation reply's metrics
+            evaluation = policy.rules[MessageType.EVALUATE]
+            found += _metric_problems(record, evaluation.metrics, evaluation.required, lists=False)
             metric_count += len(record)
         elif name == keys.FINGERPRINT and isinstance(record, MetricRecord):
             found += _metric_problems(record, policy.fingerprint, policy.fingerprint, lists=True)

@@ -10,6 +10,9 @@ IDENTITY = "identity"
 """The ConfigRecord naming the replying site and its model signature."""
 LAYOUT = "layout"
 """The ConfigRecord that says how the packed ``ARRAYS`` unpack into named tensors (common/wire.py)."""
+EVALUATION = "evaluation"
+"""MetricRecord of a training reply: the site's evaluation of the global model it received, i.e. of the
+previous round's model. It rides with the training so that a round costs one message per site."""
 
 NUM_EXAMPLES = "num-examples"
 PROXIMAL_MU = "proximal-mu"
@@ -17,6 +20,8 @@ SERVER_ROUND = "server-round"
 SIGNATURE = "model-signature"
 SITE = "site"
 WIRE_DTYPE = "wire-dtype"
+EVALUATE_RECEIVED = "evaluate-received"
+"""ConfigRecord entry of a training message: evaluate the received model before training (``EVALUATION``)."""
 
 RUN_CONFIG_KEY = "fedseg-config"
 """Run-config entry that carries the resolved federation YAML to both apps."""

@@ -5,6 +5,11 @@ Each round keeps a tally (sites trained and failed, bytes sent both ways, time
 spent screening and aggregating, the sites' validation Dice) that ends in one
 ``round`` line. An aggregated round's model is saved as ``round-NNNN`` and
 ``last``, then offered as ``best`` by its case-weighted Dice.
+
+A round's model is evaluated with the next round's training (the sites score
+what they receive before they train on it), so round r's tally stays open
+until round r + 1's replies close it; only the last round has an evaluation
+step of its own.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ class RoundTally:
     """What happened in one round, for its summary line."""
 
     started: float = field(default_factory=time.perf_counter)
+    ended: float | None = None
+    """When the next round started: a round's duration is its own training and aggregation."""
     bytes_total: int = 0
     bytes_down: int = 0
     """Bytes of the global model sent to each site for training."""
@@ -54,48 +61,55 @@ def _annotator_fields(metrics: MetricRecord) -> dict[str, object]:
 
 
 class RunRecorder:
-    """Writes a run's metrics log lines and checkpoints, and keeps the round's tally."""
+    """Writes a run's metrics log lines and checkpoints, and keeps each open round's tally."""
 
     def __init__(self, metrics_log: MetricsLog, checkpoints: Checkpoints) -> None:
         self.metrics = metrics_log
         self.checkpoints = checkpoints
-        self.tally = RoundTally()
+        self.tallies: dict[int, RoundTally] = {}
 
-    def start_round(self) -> None:
-        self.tally = RoundTally()
+    def tally(self, rnd: int) -> RoundTally:
+        return self.tallies.setdefault(rnd, RoundTally())
 
-    def sent(self, wire: ArrayRecord, messages: int, training: bool) -> None:
+    def start_round(self, rnd: int) -> None:
+        for open_round in self.tallies.values():
+            open_round.ended = open_round.ended or time.perf_counter()
+        self.tallies[rnd] = RoundTally()
+
+    def sent(self, rnd: int, wire: ArrayRecord, messages: int, training: bool) -> None:
         """The global model went to ``messages`` sites, to train or to evaluate."""
+        t = self.tally(rnd)
         if training:
-            self.tally.bytes_down = wire.count_bytes()
-        self.tally.bytes_total += wire.count_bytes() * messages
+            t.bytes_down = wire.count_bytes()
+        t.bytes_total += wire.count_bytes() * messages
 
     @contextmanager
-    def timed(self) -> Iterator[None]:
+    def timed(self, rnd: int) -> Iterator[None]:
         """Count the block's time as the round's screening and aggregation time."""
         started = time.perf_counter()
         try:
             yield
         finally:
-            self.tally.aggregation_s += time.perf_counter() - started
+            self.tally(rnd).aggregation_s += time.perf_counter() - started
 
     def rejected(self, rnd: int, site: str, stage: str, reason: str) -> None:
         log.warning("round %d: %s reply of site %s rejected: %s", rnd, stage, site, reason)
         self.metrics.write("failure", round=rnd, site=site, stage=stage, reason=reason)
-        if site not in self.tally.failed:
-            self.tally.failed.append(site)
+        if site not in self.tally(rnd).failed:
+            self.tally(rnd).failed.append(site)
 
     def trained(self, rnd: int, site: str, msg: Message) -> None:
         """A sound training reply, logged with the digest of what arrived."""
         metrics = msg.content.metric_records[keys.METRICS]
         arrays = msg.content.array_records[keys.ARRAYS]
-        self.tally.trained.append(site)
-        self.tally.bytes_total += arrays.count_bytes()
+        t = self.tally(rnd)
+        t.trained.append(site)
+        t.bytes_total += arrays.count_bytes()
         self.metrics.write(
             "train", round=rnd, site=site, num_examples=int(metrics[keys.NUM_EXAMPLES]),
             loss=metrics["loss"], proximal_loss=metrics["proximal_loss"],
             duration_s=metrics["duration_s"], bytes_up=arrays.count_bytes(),
-            bytes_down=self.tally.bytes_down, **{keys.CONTENT_SHA256: message_sha256(msg)},
+            bytes_down=t.bytes_down, **{keys.CONTENT_SHA256: message_sha256(msg)},
         )
 
     def below_quorum(self, rnd: int, stage: str, sites_ok: int, action: str) -> None:
@@ -105,7 +119,7 @@ class RunRecorder:
     def saved(self, rnd: int, aggregate: ArrayRecord) -> None:
         """``aggregate`` is the round's global model: keep it as ``round-NNNN`` and ``last``."""
         self.checkpoints.save_round(rnd, from_wire(aggregate))
-        self.tally.aggregated = True
+        self.tally(rnd).aggregated = True
 
     def evaluated(self, rnd: int, site: str, metrics: MetricRecord) -> None:
         per_class = [float(v) for k, v in sorted(metrics.items()) if k.startswith(keys.DICE_CLASS_PREFIX)]
@@ -114,18 +128,18 @@ class RunRecorder:
             dice=metrics["dice"], dice_per_class=per_class, hd95=metrics.get("hd95"), loss=metrics["loss"],
             **_annotator_fields(metrics),
         )
-        self.tally.dice.append(float(metrics["dice"]))
-        self.tally.weights.append(float(metrics[keys.NUM_EXAMPLES]))
+        self.tally(rnd).dice.append(float(metrics["dice"]))
+        self.tally(rnd).weights.append(float(metrics[keys.NUM_EXAMPLES]))
 
     def close_round(self, rnd: int) -> dict[str, float]:
         """Write the round's summary, offer the model as best, and make the log durable."""
-        t = self.tally
+        t = self.tallies.pop(rnd, RoundTally())
         dice_mean = float(np.mean(t.dice)) if t.dice else float("nan")
         dice_weighted = float(np.average(t.dice, weights=t.weights)) if t.dice else float("nan")
         self.metrics.write(
             "round", round=rnd, sites_ok=len(t.trained), sites_failed=t.failed,
             aggregated=t.aggregated, dice_mean=dice_mean, dice_weighted=dice_weighted,
-            duration_s=time.perf_counter() - t.started, bytes_total=t.bytes_total,
+            duration_s=(t.ended or time.perf_counter()) - t.started, bytes_total=t.bytes_total,
             aggregation_s=t.aggregation_s,
         )
         if t.aggregated and t.dice:

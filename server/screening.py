@@ -46,6 +46,19 @@ class ReplyScreen:
             return claim_problem(self.node_sites, msg.metadata.src_node_id, named_site(msg))
         return problem
 
+    def received(self, replies: Iterable[Message]) -> list[tuple[Message, str, str | None]]:
+        """Each training reply that is not an error, with its site and why the evaluation it carries of the
+        received model cannot be used (None: sound). An error reply is the training step's failure alone."""
+        found = []
+        for msg in replies:
+            if msg.has_error():
+                continue
+            problem = self.validator.received_problem(msg)
+            if problem is None:
+                problem = claim_problem(self.node_sites, msg.metadata.src_node_id, named_site(msg))
+            found.append((msg, self.site(msg), problem))
+        return found
+
     def verdicts(self, replies: Iterable[Message], is_train: bool,
                  reference: dict[str, np.ndarray] | None) -> list[tuple[Message, str, str | None]]:
         """Each reply with its site and why it cannot be used (None: sound).

@@ -49,6 +49,13 @@ class FedSegStrategy(FedProx):
     by FedAvg's ``train_metrics_aggr_fn``; the log lines, checkpoints and best model are the run
     recorder's (server/recorder.py).
 
+    Evaluation rides with training: from its second round on, this run's training message asks
+    each site to score the model it carries, :math:`w^t` with the site's own norm tensors, before
+    training on it (``keys.EVALUATE_RECEIVED``). That is exactly what a separate evaluation of
+    round t would have scored, so round t's Dice and best-model choice are unchanged; they are
+    recorded when round t + 1's replies arrive, and only the last round sends an evaluation
+    message of its own. A round therefore costs one message per site instead of two.
+
     ``aggregate_train`` is three public steps: ``screen_train`` (the sound replies), ``combine``
     (quorum and aggregate) and ``publish`` (the round's model on disk). A wrapper composes by
     calling them itself: central DP (server/dp.py) clips the sound updates, asks ``combine``
@@ -86,18 +93,26 @@ class FedSegStrategy(FedProx):
         self.screen.outgoing = list(configure(server_round + self.round_offset, wire, config, grid))
         return self.screen.outgoing, wire
 
+    def _last(self, server_round: int) -> bool:
+        return server_round + self.round_offset >= self.cfg.federation.rounds
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self.recorder.start_round()
+        rnd = server_round + self.round_offset
+        self.recorder.start_round(rnd)
+        config[keys.EVALUATE_RECEIVED] = server_round > 1  # the previous round of this run is still open
         messages, wire = self._send(super().configure_train, server_round, arrays, config, grid)
         self.reference = {k: v.numpy().astype(np.float32) for k, v in wire.items()}
-        self.recorder.sent(wire, len(messages), training=True)
+        self.recorder.sent(rnd, wire, len(messages), training=True)
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        """The last round's evaluation; every earlier one travels with the next round's training."""
+        if not self._last(server_round):
+            return []
         messages, wire = self._send(super().configure_evaluate, server_round, arrays, config, grid)
-        self.recorder.sent(wire, len(messages), training=False)
+        self.recorder.sent(server_round + self.round_offset, wire, len(messages), training=False)
         return messages
 
     def _sound(self, rnd: int, replies: Iterable[Message], is_train: bool) -> list[tuple[Message, str]]:
@@ -110,10 +125,24 @@ class FedSegStrategy(FedProx):
                 self.recorder.rejected(rnd, site, "train" if is_train else "evaluate", problem)
         return sound
 
+    def _close_previous(self, rnd: int, replies: list[Message]) -> None:
+        """Record the evaluations of round ``rnd``'s model that came with the next round's training, and
+        close round ``rnd``."""
+        for msg, site, problem in self.screen.received(replies):
+            if problem is None:
+                self.recorder.evaluated(rnd, site, msg.content.metric_records[keys.EVALUATION])
+            else:
+                self.recorder.rejected(rnd, site, "evaluate", problem)
+        self.recorder.close_round(rnd)
+
     def screen_train(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
-        """Step 1: the round's sound training replies, each logged with the digest of what arrived."""
+        """Step 1: the round's sound training replies, each logged with the digest of what arrived
+        (after the previous round is closed with the evaluations they carry)."""
         rnd = server_round + self.round_offset
-        with self.recorder.timed():
+        replies = list(replies)
+        if server_round > 1:
+            self._close_previous(rnd - 1, replies)
+        with self.recorder.timed(rnd):
             sound = self._sound(rnd, replies, is_train=True)
             for msg, site in sound:
                 self.recorder.trained(rnd, site, msg)
@@ -126,7 +155,7 @@ class FedSegStrategy(FedProx):
         if len(sound) < self.min_train_nodes:
             self._below_quorum(rnd, len(sound))
             return None, None
-        with self.recorder.timed():
+        with self.recorder.timed(rnd):
             aggregate = self.aggregator(rnd, sound, self.reference, equal_weights)
         metrics = [RecordDict({keys.METRICS: msg.content.metric_records[keys.METRICS]}) for msg in sound]
         return aggregate, self.train_metrics_aggr_fn(metrics, self.weighted_by_key)
@@ -151,6 +180,8 @@ class FedSegStrategy(FedProx):
         return aggregate, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        if not self._last(server_round):
+            return None
         rnd = server_round + self.round_offset
         sound = self._sound(rnd, replies, is_train=False)
         for msg, site in sound:

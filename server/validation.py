@@ -63,13 +63,30 @@ class ReplyValidator:
         except Exception as err:  # a reply that does not even parse is left out, never fatal
             return f"malformed reply ({type(err).__name__})"
 
-    def _problem(self, msg: Message, is_train: bool) -> str | None:
+    def received_problem(self, msg: Message) -> str | None:
+        """Why a training reply's evaluation of the model it received (``keys.EVALUATION``) cannot be used."""
+        try:
+            if problem := self._identity_problem(msg):
+                return problem
+            evaluation = msg.content.metric_records.get(keys.EVALUATION)
+            if evaluation is None:
+                return f"no '{keys.EVALUATION}' record in the training reply: the received model was not evaluated"
+            return metrics_problem(evaluation, keys.EVAL_REQUIRED)
+        except Exception as err:  # as in problem(): never fatal
+            return f"malformed reply ({type(err).__name__})"
+
+    def _identity_problem(self, msg: Message) -> str | None:
         if msg.has_error():
             return msg.error.reason or f"error code {msg.error.code}"
-        content = msg.content
-        identity = content.config_records.get(keys.IDENTITY)
+        identity = msg.content.config_records.get(keys.IDENTITY)
         if identity is None or str(identity.get(keys.SIGNATURE)) != self.signature:
             return "model signature missing or different from the server's"
+        return None
+
+    def _problem(self, msg: Message, is_train: bool) -> str | None:
+        if problem := self._identity_problem(msg):
+            return problem
+        content = msg.content
         metrics = content.metric_records.get(keys.METRICS)
         if metrics is None:
             return f"no '{keys.METRICS}' record in the reply"

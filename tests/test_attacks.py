@@ -59,8 +59,10 @@ def eval_reply(node: int, site: str, metrics: dict | None = None) -> Message:
 
 
 def strategy_for(tmp_path, *overrides: str, nodes: dict[int, str] | None = None) -> FedSegStrategy:
-    """The real strategy, configured for round 1 from GLOBAL, with the registered node -> site names."""
-    cfg = load_config(None, ["federation.run_name=attack", "federation.min_sites=1", *overrides])
+    """The real strategy, configured for round 1 (of one: it evaluates in its own step) from GLOBAL, with the
+    registered node -> site names."""
+    cfg = load_config(None, ["federation.run_name=attack", "federation.min_sites=1", "federation.rounds=1",
+                             *overrides])
     strategy = FedSegStrategy(cfg, SIGNATURE, SHAPES, MetricsLog(tmp_path), Checkpoints(tmp_path / "ckpt"))
     strategy.node_sites.update(nodes or {})
     strategy.reference = {k: v.copy() for k, v in GLOBAL.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from flwr.app import MessageType
 from safetensors.torch import load_file
@@ -9,7 +10,7 @@ from safetensors.torch import load_file
 from common import keys
 from common.params import run_model
 from common.wire import unpack
-from tests.site_harness import handle, run_fresh, site_setup
+from tests.site_harness import context, handle, run_fresh, server_message, site_setup
 
 
 def test_norm_tensors_survive_a_fresh_client_process(tmp_path, tiny_federation):
@@ -43,6 +44,23 @@ def test_reply_carries_only_travelling_arrays_and_numbers(tmp_path, tiny_federat
     assert metrics[keys.NUM_EXAMPLES] == 3
     evaluation = handle(cfg, site_yaml, MessageType.EVALUATE)
     assert 0.0 <= evaluation.content.metric_records[keys.METRICS]["dice"] <= 1.0
+
+
+def test_a_training_message_scores_the_received_model_first_as_an_evaluation_message_would(tmp_path,
+                                                                                           tiny_federation):
+    from client import client_app
+
+    cfg, site_yaml = site_setup(tmp_path, tiny_federation["site-1"])
+    assert not handle(cfg, site_yaml, MessageType.TRAIN).has_error()  # now the site has norm tensors of its own
+    separate = handle(cfg, site_yaml, MessageType.EVALUATE, 2).content[keys.METRICS]
+    asked = server_message(cfg, MessageType.TRAIN, 2)
+    asked.content[keys.CONFIG][keys.EVALUATE_RECEIVED] = True
+    reply = client_app.train(asked, context(cfg, site_yaml))
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    riding = reply.content.metric_records[keys.EVALUATION]
+    for name in ("dice", "loss", keys.NUM_EXAMPLES, f"{keys.DICE_CLASS_PREFIX}1"):
+        assert riding[name] == pytest.approx(separate[name], abs=1e-6), name
+    assert keys.EVALUATION not in handle(cfg, site_yaml, MessageType.TRAIN, 3).content  # not asked: not sent
 
 
 def test_failure_reason_holds_no_paths_or_case_names(tmp_path, tiny_federation):

@@ -206,6 +206,18 @@ def test_undeclared_metric_and_identity_changes_are_blocked(site):
     assert "identity record holds" in _check(site, content)[0]
 
 
+def test_a_training_reply_may_carry_only_an_evaluation_replys_metrics_of_the_received_model(site):
+    content = _content(site)
+    content[keys.EVALUATION] = MetricRecord({keys.NUM_EXAMPLES: 2, "dice": 0.7, "loss": 0.4,
+                                             f"{keys.DICE_CLASS_PREFIX}1": 0.7})
+    assert _check(site, content) == []
+    content[keys.EVALUATION]["case_0042_dice"] = 0.9
+    assert "not declared" in _check(site, content)[0]
+    content[keys.EVALUATION] = MetricRecord({"loss": 0.4})
+    assert "missing" in _check(site, content)[0]
+    assert _check(site, content, MessageType.EVALUATE)[0].startswith("record 'arrays'")  # only training replies
+
+
 def test_fingerprint_aggregates_may_leave_only_in_a_fingerprint_reply_and_not_as_long_lists(site):
     from client.site_data import fingerprint_reply
 

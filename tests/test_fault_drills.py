@@ -1,17 +1,20 @@
 """Fault drills with real processes: a site killed mid-round, the server killed and restarted; a dropped link,
 a site past the deadline and a full disk.
 
-One federation of two sites, quorum one, three rounds:
+One federation of two sites, quorum one, three rounds (a round's evaluation
+rides with the next round's training, so round r's summary line is written
+once round r + 1 has trained; the last round evaluates on its own):
 - round 1 runs normally;
 - in round 2, site-2's daemon and everything under it is SIGKILLed while it
   trains: the round completes on site-1 alone once the SuperLink declares
   site-2 unavailable (two missed heartbeats), and the failure is logged;
-  site-2 is restarted and its local norm tensors are still the ones on disk;
-- while round 3 waits for site-1 (frozen with SIGSTOP, so the test does not
-  race a fast round), the whole server is SIGKILLed; started again with
-  the same run name it resumes at round 3 from the round-2 checkpoint (site-1
-  thawed once that round has reached site-2, so site-2 surely trains in it),
-  and the metrics log ends with every round and every reply exactly once.
+- round 3 trains on site-1 alone, which closes round 2; site-1 is then frozen
+  (SIGSTOP) so that round 3's evaluation waits for it, and site-2 is
+  restarted with its local norm tensors still the ones on disk;
+- the whole server is SIGKILLed in round 3; started again with the same run
+  name it resumes at round 3 from the round-2 checkpoint (site-1 thawed once
+  that round has reached site-2, so site-2 surely trains in it), and the
+  metrics log ends with every round and every reply exactly once.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from server.certs import init_pki
 from simulations.synthetic import generate_federation
 
 from common.processes import descendants
+from common.runs import CHECKPOINT_DIR, ROUND_CHECKPOINT
 from deploy_harness import (
     GATEWAY_HOST, Launched, TcpProxy, allow, events, federation_yaml, make_site, snapshot_app, wait_for,
 )
@@ -71,7 +75,7 @@ def test_site_and_server_crashes_lose_nothing(tmp_path):
                for n, p in site_yaml.items()}
     everything = [server, *daemons.values()]
     try:
-        wait_for(lambda: _has(run, event="round", round=1), 600, "round 1", *everything)
+        wait_for(lambda: _has(run, event="train", round=1, site="site-2"), 600, "round 1", *everything)
         saved_after_round_1 = hashlib.sha256(norm.read_bytes()).hexdigest()
 
         # --- a site dies in the middle of training ------------------------------------------------
@@ -80,9 +84,9 @@ def test_site_and_server_crashes_lose_nothing(tmp_path):
                  "site-2 to receive its round-2 training message", *everything)
         daemons["site-2"].kill_tree()  # its ClientApp is still importing or training: it cannot have replied
         summary = wait_for(lambda: [e for e in events(run) if e["event"] == "round" and e["round"] == 2], 300,
-                           "round 2 to complete on quorum", server)
-        # Round 3 starts at once on site-1 alone and takes about two seconds: site-1 is frozen (SIGSTOP) so the
-        # server is still in round 3 when it is killed below, however fast rounds have become.
+                           "round 2 to complete on quorum and round 3 to train", server)
+        # Round 3's evaluation goes to site-1 at once and takes about two seconds: site-1 is frozen (SIGSTOP) so
+        # the server is still in round 3 when it is killed below, however fast rounds have become.
         _signal_tree(daemons["site-1"], signal.SIGSTOP)
         assert summary[0]["sites_failed"] == ["site-2"] and summary[0]["aggregated"]
         assert _has(run, event="failure", round=2, site="site-2")
@@ -135,24 +139,27 @@ def test_site_and_server_crashes_lose_nothing(tmp_path):
 
 # --- a dropped link, a site past the deadline, a full disk --------------------------------------------
 #
-# A second federation of two sites, quorum one, four rounds, no cross-site
+# A second federation of two sites, quorum one, five rounds, no cross-site
 # evaluation; site-2 reaches the gateway through a TCP proxy the test controls:
 # - round 1: while site-2 works on its training message, its link is cut for a few
 #   seconds (connections reset, new ones refused), then restored;
 # - round 2: site-2's ClientApp is frozen (SIGSTOP) past federation.round_timeout_s:
 #   the training step closes at its deadline without it; its reply, when it comes,
 #   is logged as late and never used;
-# - round 3: site-2's disk fills up while it works (RLIMIT_FSIZE 0 on its
-#   ClientApp processes: every write to a file fails, as on a full disk; no root
-#   needed): it answers with the fixed reason and its norm tensors stay whole;
-# - round 4: the disk has room again and site-2 trains.
+# - a later round (3, or 4 when round 3 reached site-2 before the drill was ready):
+#   site-2's disk fills up while it works (RLIMIT_FSIZE 0 on its ClientApp
+#   processes: every write to a file fails, as on a full disk; no root needed):
+#   it answers with the fixed reason and its norm tensors stay whole;
+# - the round after: the disk has room again and site-2 trains.
 # Every round and every (round, site) line is in the metrics log exactly once.
+# The drills wait on a round's checkpoint (its aggregate), not its summary line:
+# that one is written only when the next round has trained.
 
 DRILL_RUN = "drills"
-DRILL_ROUNDS = 4
+DRILL_ROUNDS = 5
 TIMEOUT_S = 30.0
 CUT_S = 4.0
-SLOW_ROUND, FULL_ROUND = 2, 3
+SLOW_ROUND = 2
 
 
 def _clientapps(state: Path) -> set[int]:
@@ -175,6 +182,10 @@ def _has_open(pid: int, name: str) -> bool:
 
 def _lines(run: Path, event: str, **match) -> list[dict]:
     return [e for e in events(run) if e["event"] == event and all(e.get(k) == v for k, v in match.items())]
+
+
+def _aggregated(run: Path, rnd: int) -> bool:
+    return (run / CHECKPOINT_DIR / ROUND_CHECKPOINT.format(rnd)).is_file()
 
 
 @pytest.fixture(scope="module")
@@ -214,8 +225,7 @@ def test_a_cut_link_mid_round_loses_nothing(drills):
     drills["proxy"].cut()
     time.sleep(CUT_S)
     drills["proxy"].restore()
-    summary = wait_for(lambda: _lines(run, "round", round=1), 300, "round 1 to complete", *drills["all"])
-    assert len(summary) == 1 and summary[0]["aggregated"]
+    wait_for(lambda: _aggregated(run, 1), 300, "round 1 to complete", *drills["all"])
     assert _lines(run, "train", round=1, site="site-1")
     supernode_log = (drills["state"] / "supernode.log").read_text()
     assert "Connection attempt failed" in supernode_log or "SuperNode exited" in drills["site-2"].output(), \
@@ -224,7 +234,7 @@ def test_a_cut_link_mid_round_loses_nothing(drills):
 
 def test_a_site_past_the_deadline_is_left_out_on_time_and_its_late_reply_never_used(drills):
     state, run = drills["state"], drills["run"]
-    wait_for(lambda: _lines(run, "round", round=SLOW_ROUND - 1), 300, "the round before", *drills["all"])
+    wait_for(lambda: _aggregated(run, SLOW_ROUND - 1), 300, "the round before", *drills["all"])
     frozen = _new_clientapp(state, _clientapps(state), *drills["all"])  # site-2's next training message
     os.kill(frozen, signal.SIGSTOP)
     try:  # the training step closes at its deadline with site-1's reply alone
@@ -235,9 +245,7 @@ def test_a_site_past_the_deadline_is_left_out_on_time_and_its_late_reply_never_u
     (sent, *_) = _lines(run, "timeline", round=SLOW_ROUND, stage="train")
     assert [e["site"] for e in closed] == ["site-1"]
     assert TIMEOUT_S <= closed[0]["time"] - sent["created"] < TIMEOUT_S + 15, "the deadline was not kept"
-    summary = wait_for(lambda: _lines(run, "round", round=SLOW_ROUND), TIMEOUT_S + 120, "the slow round to close",
-                       *drills["all"])
-    assert summary[0]["sites_ok"] == 1 and summary[0]["aggregated"]
+    wait_for(lambda: _aggregated(run, SLOW_ROUND), TIMEOUT_S + 120, "the slow round to close", *drills["all"])
     late = wait_for(lambda: _lines(run, "late-reply", site="site-2", for_round=SLOW_ROUND, stage="train"),
                     TIMEOUT_S * 3 + 60, "site-2's late reply to be logged", *drills["all"])
     assert late[0]["late_by_s"] >= TIMEOUT_S
@@ -251,7 +259,8 @@ def test_a_full_disk_is_answered_with_a_fixed_reason_and_keeps_the_norm_tensors(
     norm = state / "norm.safetensors"
     full, saved = set(), None
     deadline = time.monotonic() + 300
-    while not (failures := _lines(run, "failure", site="site-2", stage="train", round=FULL_ROUND)):
+    while not (failures := [e for e in _lines(run, "failure", site="site-2", stage="train")
+                            if e["round"] > SLOW_ROUND]):
         assert time.monotonic() < deadline, "site-2 never failed its training on its full disk"
         for pid in _clientapps(state) - full:
             if _has_open(pid, "site.log"):
@@ -266,7 +275,9 @@ def test_a_full_disk_is_answered_with_a_fixed_reason_and_keeps_the_norm_tensors(
                                     "free space at the site"
     assert norm.read_bytes() == saved and load_file(norm), "the full disk tore the norm tensors"
     assert not list(state.glob("*.tmp")), "the failed write left a temporary file"
-    wait_for(lambda: _lines(run, "train", round=FULL_ROUND + 1, site="site-2"), 300,
+    drills["full_round"] = full_round = failures[0]["round"]
+    assert full_round < DRILL_ROUNDS, "the disk filled up in the last round: no round is left to recover in"
+    wait_for(lambda: _lines(run, "train", round=full_round + 1, site="site-2"), 300,
              "site-2 to train again in the next round", *drills["all"])
     assert norm.read_bytes() != saved
 
@@ -282,5 +293,8 @@ def test_every_round_and_reply_is_logged_exactly_once(drills):
         assert max(lines.values()) == 1, (stage, lines)
     trained = {(e["round"], e["site"]) for e in log if e["event"] == "train"}
     assert {(r, "site-1") for r in range(1, DRILL_ROUNDS + 1)} <= trained
-    assert (FULL_ROUND + 1, "site-2") in trained and not {(SLOW_ROUND, "site-2"), (FULL_ROUND, "site-2")} & trained
+    full_round = drills["full_round"]
+    assert (full_round + 1, "site-2") in trained and not {(SLOW_ROUND, "site-2"), (full_round, "site-2")} & trained
+    slow = [e for e in log if e["event"] == "round" and e["round"] == SLOW_ROUND]
+    assert slow[0]["sites_ok"] == 1 and slow[0]["aggregated"]
     assert log[-1]["event"] == "run-end" and log[-1]["status"] == "completed"

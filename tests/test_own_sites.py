@@ -128,7 +128,8 @@ def test_pictures_stay_at_each_site_and_nothing_image_like_left(own_run):
         assert not tinted[:, : width // 3].any(), "the left panel is the bare scan"
         assert tinted[:, width // 3: 2 * width // 3].sum() > 20, "the ground truth is drawn in the middle panel"
         for line in read_events(own_run / "sites" / name / EGRESS_FILE):
-            assert line["status"] == "sent" and set(line["keys"]) <= {keys.ARRAYS, keys.METRICS, keys.IDENTITY, keys.FINGERPRINT}
+            assert line["status"] == "sent" and set(line["keys"]) <= {keys.ARRAYS, keys.METRICS, keys.IDENTITY,
+                                                                   keys.FINGERPRINT, keys.EVALUATION}
             assert not any(k.endswith(".png") or "image" in k for ks in line["keys"].values() for k in ks)
     assert {p.relative_to(own_run).parts[::2] for p in own_run.rglob("*.png")} == {("sites", "report")}
 

@@ -31,6 +31,8 @@ def train_reply(node: int, site: str, value: float, n: int, **changes) -> object
     identity = {keys.SITE: site, keys.SIGNATURE: changes.pop("signature", SIGNATURE)}
     content = RecordDict({keys.ARRAYS: ArrayRecord(arrays), keys.METRICS: MetricRecord(metrics),
                           keys.IDENTITY: ConfigRecord(identity)})
+    if "evaluation" in changes:
+        content[keys.EVALUATION] = MetricRecord(changes.pop("evaluation"))
     return reply(content, node, MessageType.TRAIN)
 
 
@@ -82,7 +84,7 @@ def test_float16_replies_are_averaged_in_float32(tmp_path):
 
 
 def test_evaluate_events_carry_dice_per_annotator_when_a_site_has_several(tmp_path):
-    strategy = make_strategy(tmp_path)
+    strategy = make_strategy(tmp_path, "federation.rounds=1")  # the last round evaluates in its own step
     common = {keys.NUM_EXAMPLES: 2, "dice": 0.8, "loss": 0.3, f"{keys.DICE_CLASS_PREFIX}1": 0.8}
     annotated = {**common, "dice_fusion": 0.8, "dice_annotator_1": 0.75, "dice_annotator_2": 0.7}
     for node, site, metrics in ((21, "many", annotated), (22, "single", common)):
@@ -91,3 +93,31 @@ def test_evaluate_events_carry_dice_per_annotator_when_a_site_has_several(tmp_pa
     events = {e["site"]: e for e in read_events(tmp_path / "metrics.jsonl") if e["event"] == "evaluate"}
     assert events["many"]["dice_fusion"] == 0.8 and events["many"]["dice_per_annotator"] == [0.75, 0.7]
     assert "dice_per_annotator" not in events["single"]
+
+
+def test_a_round_is_evaluated_and_closed_with_the_next_rounds_training(tmp_path):
+    """Round 1's Dice comes in round 2's training replies; a bad evaluation costs the evaluation only."""
+    strategy = make_strategy(tmp_path, "federation.rounds=3")
+    assert strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), grid=None) == []  # no message of its own
+    strategy.aggregate_train(1, [train_reply(11, "a", 1.0, 1), train_reply(12, "b", 2.0, 1)])
+    assert strategy.aggregate_evaluate(1, []) is None
+    assert not [e for e in read_events(tmp_path / "metrics.jsonl") if e["event"] == "round"]
+
+    def evaluation(dice: float) -> dict:
+        return {keys.NUM_EXAMPLES: 2, "dice": dice, "loss": 0.3}
+
+    strategy.aggregate_train(2, [
+        train_reply(11, "a", 1.0, 1, evaluation=evaluation(0.6)),
+        train_reply(12, "b", 2.0, 1, evaluation=evaluation(1.7)),  # not a Dice: its update still counts
+        reply(Error(1001, "site c: local training diverged"), 13, MessageType.TRAIN),
+    ])
+    events = list(read_events(tmp_path / "metrics.jsonl"))
+    round_1 = [e for e in events if e["event"] == "round" and e["round"] == 1]
+    assert len(round_1) == 1 and round_1[0]["dice_mean"] == pytest.approx(0.6) and round_1[0]["sites_ok"] == 2
+    assert round_1[0]["sites_failed"] == ["b"]
+    failures = {(e["round"], e["site"], e["stage"]) for e in events if e["event"] == "failure"}
+    assert failures == {(1, "b", "evaluate"), (2, "c", "train")}
+    assert {e["site"] for e in events if e["event"] == "train" and e["round"] == 2} == {"a", "b"}
+    assert [e["event"] for e in events].index("round") < max(i for i, e in enumerate(events) if e["event"] == "train")
+    assert strategy.recorder.checkpoints.state.best_round == 1
+    assert strategy.recorder.checkpoints.state.best_dice == pytest.approx(0.6)
