@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -83,14 +84,18 @@ def draw_overlay(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, n
 
 
 def site_pictures(site_cfg: FedsegConfig, run: Path, weights: Path | None = None, out: Path | None = None,
-                  cases: int = 1) -> list[Path]:
+                  cases: int = 1, show: Callable[[str], None] = print) -> list[Path]:
     """Draw the first ``cases`` validation cases of this site with the run's model; returns the PNG paths.
 
     ``site_cfg`` is the site's own config (site.yaml): its data, its state
-    directory (norm tensors, split, cache), its threads.
+    directory (norm tensors, split, cache), its threads. A site with no norm
+    tensors of its own (it never trained) and a BatchNorm model first
+    re-estimates the statistics on its own scans, as ``fedseg-client predict``
+    does there: the statistics the model arrives with describe no scanner.
     """
     from common.device import compute_for, with_site_compute
     from common.loops import fuse
+    from common.norm_adapt import adapt_norm, has_batch_norm
     from common.preprocess import PreprocessedCases
 
     from .predict import InferenceOptions, SlabInferer
@@ -100,12 +105,19 @@ def site_pictures(site_cfg: FedsegConfig, run: Path, weights: Path | None = None
 
     state = SiteState(Path(site_cfg.site.state_dir))
     last = Path(run) / CHECKPOINT_DIR / LAST_CHECKPOINT
-    model, plan, run_cfg, _ = load_run_model(Path(run), weights or last, state.root)
+    model, plan, run_cfg, own = load_run_model(Path(run), weights or last, state.root, missing_local="quiet")
     cfg = dataclasses.replace(run_cfg, site=site_cfg.site)
-    spec, _, val_ids = open_split(cfg, state)
+    spec, train_ids, val_ids = open_split(cfg, state)
     store = PreprocessedCases(state.cache_dir, plan, spec.num_classes)
     train = with_site_compute(run_cfg.train, site_cfg.train)
     options = InferenceOptions(train.sw_overlap, train.sw_batch_size, compute_for(train))
+    adapted = not own and has_batch_norm(model) and train.adapt_norm_steps > 0
+    if adapted:
+        images = [np.asarray(store.load(spec.case(i))[0]) for i in train_ids + val_ids]
+        adapt_norm(model, images, plan.data_config(run_cfg.data), train.adapt_norm_steps, train.batch_size,
+                   train.seed, options.compute.device)
+        show(f"site {site_cfg.site.name} never trained in this run: re-estimated the BatchNorm statistics on its "
+             f"{len(images)} scan(s) before drawing")
     inferer = SlabInferer(model, plan.patch_size, spec.num_classes, options)
     folder = out or state.root / REPORT_DIR
     written = []
@@ -114,7 +126,8 @@ def site_pictures(site_cfg: FedsegConfig, run: Path, weights: Path | None = None
         truth = fuse(np.asarray(labels), spec.num_classes)[0]
         prediction = inferer(torch.from_numpy(np.array(image, dtype=np.float32)))
         dice = case_dice(truth, prediction, spec.num_classes)
-        title = f"site {site_cfg.site.name}, validation case {case_id}: Dice {dice:.3f}"
+        title = f"site {site_cfg.site.name}, validation case {case_id}: Dice {dice:.3f}" + \
+            (" (BatchNorm statistics adapted here)" if adapted else "")
         written.append(draw_overlay(np.asarray(image), truth, prediction, spec.num_classes, title,
                                     folder / f"{site_cfg.site.name}-{case_id}.png"))
     return written

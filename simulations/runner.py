@@ -206,7 +206,7 @@ def draw_site_pictures(run: Path, n_sites: int, show: Callable[[str], None]) -> 
     for index in range(n_sites):
         site_cfg = load_config(simulated_site_config(run, index))
         try:
-            paths = site_pictures(site_cfg, run)
+            paths = site_pictures(site_cfg, run, show=lambda line: show(f"  {line}"))
         except Exception as err:  # a picture is a convenience; the run's results stand without it
             log.warning("no picture for site %s: %s", site_cfg.site.name, err)
             show(f"  picture   {site_cfg.site.name:<10} skipped: {str(err).splitlines()[0]}")

@@ -142,7 +142,13 @@ def test_site_side_report_command(own_run, tmp_path, capsys):
     assert client_main(["report", "--config", str(site_yaml), "--run", str(own_run), "--out", str(out),
                         "--cases", "1"]) == 0
     (picture,) = out.glob("north-*.png")
-    assert "stay at this site" in capsys.readouterr().out and picture.stat().st_size > 5000
+    said = capsys.readouterr().out
+    assert "stay at this site" in said and "re-estimated" not in said and picture.stat().st_size > 5000
+    held_out = own_run / "sites" / "site-3.yaml"  # east never trained: its BatchNorm statistics are adapted first
+    assert client_main(["report", "--config", str(held_out), "--run", str(own_run), "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "site east never trained in this run: re-estimated the BatchNorm statistics" in said
+    assert list(out.glob("east-*.png"))
 
 
 def test_compare_quick_on_own_sites(own_sites, tmp_path):
