@@ -129,8 +129,9 @@ class TrainConfig:
         30, "After training, each trained site fine-tunes its own copy for up to this many steps (0: off), keeping "
            "the best on its own validation cases; scored as dice_personal in the cross-site evaluation."
     )
-    personalize: Literal["norm", "norm+head"] = option(
-        "norm+head", "What the personalization step may change: the norm layers, or those and the output layer."
+    personalize: Literal["norm", "norm+head", "all"] = option(
+        "norm+head", "What the personalization step may change: the norm layers, those and the output layer, or "
+                     "every weight (fine-tuning the whole copy)."
     )
     seed: int = option(0, "Seed of model initialisation and patch sampling.")
 

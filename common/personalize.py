@@ -2,8 +2,9 @@
 
 The shared weights serve every site; a site whose scanner or annotation
 protocol differs can still gain from fitting a few tensors to its own cases.
-Only the normalization layers (and, with ``norm+head``, the output layer) are
-trained, on the site's training cases, for at most ``train.personalize_steps``
+Only the normalization layers (with ``norm+head`` also the output layer; with
+``all`` every weight, plain fine-tuning) are trained, on the site's training
+cases, for at most ``train.personalize_steps``
 steps; the site's validation Dice is checked every ``CHECKS`` equal part of
 that budget and the best copy is kept, the federated model included (early
 stopping, so personalization can never leave a site worse on its validation
@@ -49,7 +50,9 @@ def output_layer(model: nn.Module) -> nn.Module:
 
 
 def personal_parameters(model: nn.Module, scope: str) -> list[nn.Parameter]:
-    """The parameters a site may fine-tune: its norm layers, plus the output layer for ``norm+head``."""
+    """The parameters a site may fine-tune: its norm layers, plus the output layer for ``norm+head``, or all."""
+    if scope == "all":
+        return list(model.parameters())
     params = [p for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)]
     if scope == "norm+head":
         params += list(output_layer(model).parameters())

@@ -67,6 +67,8 @@ def methods_for(base: FedsegConfig, mu_sweep: list[float]) -> list[Method]:
         Method("fedyogi", "federated", "fedseg default + FedYogi at the server", ("federation.server_optimizer=yogi",)),
         Method("scanner-aug", "federated", "fedseg default + scanner augmentation", ("train.augmentation=scanner",)),
         Method("poly", "federated", "fedseg default + poly learning rate", ("train.lr_schedule=poly",)),
+        Method("finetune", "federated", "fedseg default, personalization fine-tuning every weight",
+               ("train.personalize=all",)),
     ]
     if t.local_steps % 2 == 0:
         methods.append(Method("more-rounds", "federated",

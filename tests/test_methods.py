@@ -58,6 +58,7 @@ def test_personalization_trains_only_norm_and_head_and_never_loses_validation_di
     chosen = {id(p) for p in personal_parameters(model, "norm+head")}
     assert {id(p) for p in output_layer(model).parameters()} <= chosen
     assert len(chosen) < len(list(model.parameters()))
+    assert len(personal_parameters(model, "all")) == len(list(model.parameters()))  # plain fine-tuning
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = np.random.default_rng(0)
     result = personalize(model, _site(rng, 3.0), _site(rng, 3.0), cfg.data, cfg.train, 2, seed=0)
