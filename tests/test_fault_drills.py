@@ -141,8 +141,9 @@ def test_site_and_server_crashes_lose_nothing(tmp_path):
 #
 # A second federation of two sites, quorum one, five rounds, no cross-site
 # evaluation; site-2 reaches the gateway through a TCP proxy the test controls:
-# - round 1: while site-2 works on its training message, its link is cut for a few
-#   seconds (connections reset, new ones refused), then restored;
+# - round 1: while site-2 works on its training message, its link is cut
+#   (connections reset, new ones refused) for a few seconds and until site-2 has
+#   met the cut, then restored;
 # - round 2: site-2's ClientApp is frozen (SIGSTOP) past federation.round_timeout_s:
 #   the training step closes at its deadline without it; its reply, when it comes,
 #   is logged as late and never used;
@@ -220,16 +221,20 @@ def drills(tmp_path_factory):
 
 
 def test_a_cut_link_mid_round_loses_nothing(drills):
-    run = drills["run"]
+    run, supernode_log = drills["run"], drills["state"] / "supernode.log"
+
+    def cut_noticed() -> bool:
+        return "Connection attempt failed" in supernode_log.read_text() or "SuperNode exited" in drills["site-2"].output()
+
     _new_clientapp(drills["state"], _clientapps(drills["state"]), *drills["all"])  # a round-1 message
     drills["proxy"].cut()
     time.sleep(CUT_S)
+    # The link stays down until site-2 has tried to use it (its reply, a heartbeat): a site still training when
+    # the link comes back would not notice the cut at all.
+    wait_for(cut_noticed, 120, "site-2 to meet the cut link", *drills["all"])
     drills["proxy"].restore()
     wait_for(lambda: _aggregated(run, 1), 300, "round 1 to complete", *drills["all"])
     assert _lines(run, "train", round=1, site="site-1")
-    supernode_log = (drills["state"] / "supernode.log").read_text()
-    assert "Connection attempt failed" in supernode_log or "SuperNode exited" in drills["site-2"].output(), \
-        "the cut went unnoticed"
 
 
 def test_a_site_past_the_deadline_is_left_out_on_time_and_its_late_reply_never_used(drills):
