@@ -112,8 +112,8 @@ def site_pictures(site_cfg: FedsegConfig, run: Path, weights: Path | None = None
     train = with_site_compute(run_cfg.train, site_cfg.train)
     options = InferenceOptions(train.sw_overlap, train.sw_batch_size, compute_for(train))
     adapted = not own and has_batch_norm(model) and train.adapt_norm_steps > 0
-    if adapted:
-        images = [np.asarray(store.load(spec.case(i))[0]) for i in train_ids + val_ids]
+    if adapted:  # each AdaBN batch comes from one scan: more scans than batches would only be preprocessed
+        images = [store.load(spec.case(i)).image for i in (val_ids + train_ids)[:train.adapt_norm_steps]]
         adapt_norm(model, images, plan.data_config(run_cfg.data), train.adapt_norm_steps, train.batch_size,
                    train.seed, options.compute.device)
         show(f"site {site_cfg.site.name} never trained in this run: re-estimated the BatchNorm statistics on its "

@@ -1,9 +1,10 @@
 """Where a restarted server picks up a run, so that no round is lost or logged twice.
 
 A round is complete once its summary line (``"event": "round"``) is in the
-metrics log; its checkpoint is written earlier, during aggregation. A server
-killed in between has a checkpoint for round k but no summary, so it must redo
-round k, not skip it. The resume point is therefore the last round with a
+metrics log; its checkpoint is written earlier, during aggregation, and the
+summary only when the next round's training replies bring its evaluation. A
+server killed in between has a checkpoint for round k but no summary, so it
+must redo round k, not skip it. The resume point is therefore the last round with a
 summary line, and the weights are the newest per-round checkpoint not after it
 (a round skipped for lack of quorum has a summary but no checkpoint: the model
 it kept is the previous one). Lines of any later, unfinished round are dropped
