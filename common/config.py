@@ -167,10 +167,12 @@ class FederationConfig:
         False, "Scale every update ||w_k - w_global|| longer than the sites' median down to it before "
                "aggregating, so no site pulls harder than a typical one (not with differential privacy)."
     )
-    server_optimizer: Literal["none", "adam", "yogi"] = option(
-        "none", "Server-side adaptive optimisation of the aggregate (Flower's FedAdam / FedYogi, Reddi et al. "
-                "2021); none: the aggregate is the new global model."
+    server_optimizer: Literal["none", "momentum", "adam", "yogi"] = option(
+        "none", "Server-side step on the round's update: momentum (Flower's FedAvgM, Hsu et al. 2019, server "
+                "learning rate 1), adam / yogi (Flower's FedAdam / FedYogi, Reddi et al. 2021); none: the "
+                "aggregate is the new global model."
     )
+    server_momentum: float = option(0.5, "momentum: beta of the server's momentum on the rounds' updates.")
     server_lr: float = option(0.01, "FedAdam/FedYogi: server learning rate eta.")
     server_tau: float = option(1e-3, "FedAdam/FedYogi: adaptivity tau (larger: closer to plain averaging).")
     trim_fraction: float = option(0.2, "trimmed_mean: share of sites dropped at each end of every coordinate.")
@@ -350,12 +352,11 @@ def check_robustness(cfg: FedsegConfig) -> None:
         raise ConfigError(f"federation.norm_bound must be 0 (off) or >= 1, got {f.norm_bound}.")
     if p.noise_multiplier < 0 or p.clipping_norm <= 0 or not 0 < p.delta < 1:
         raise ConfigError("privacy.noise_multiplier must be >= 0, privacy.clipping_norm > 0 and privacy.delta in (0, 1).")
+    if not 0 <= f.server_momentum < 1:
+        raise ConfigError(f"federation.server_momentum must be in [0, 1), got {f.server_momentum}.")
     if f.server_lr <= 0 or f.server_tau <= 0:
         raise ConfigError(f"federation.server_lr and federation.server_tau must be > 0, got {f.server_lr} and "
                           f"{f.server_tau}.")
-    if p.noise_multiplier > 0 and f.server_optimizer != "none":
-        raise ConfigError("privacy.noise_multiplier > 0 needs federation.server_optimizer: none (the DP wrapper "
-                          "publishes the noised mean itself).")
     if p.noise_multiplier > 0 and f.clip_updates:
         raise ConfigError("privacy.noise_multiplier > 0 clips every update at privacy.clipping_norm already; set "
                           "federation.clip_updates: false (a median-relative clip would break the DP accounting).")

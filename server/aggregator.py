@@ -22,16 +22,22 @@ class Aggregator:
         self.server_optimizer = server_optimizer(cfg)
 
     def __call__(self, server_round: int, sound: Sequence[Message], reference: dict[str, np.ndarray] | None,
-                 equal_weights: bool = False) -> ArrayRecord:
+                 equal_weights: bool = False, server_step: bool = True) -> ArrayRecord:
         """w^{t+1} from the sound replies and the round's global model w^t (``reference``).
 
         Each site weighs its training cases, or 1 with ``equal_weights`` (the robust aggregators
-        give every site one vote whatever is asked).
+        give every site one vote whatever is asked). Without ``server_step`` the combination is
+        returned as it is, for a caller that alters it before the server optimizer's ``step``.
         """
         weights = [1.0 if equal_weights else float(msg.content.metric_records[keys.METRICS][keys.NUM_EXAMPLES])
                    for msg in sound]
         aggregate = robust.aggregate([msg.content.array_records[keys.ARRAYS] for msg in sound], weights, self.cfg,
                                      reference)
-        if self.server_optimizer is not None and reference is not None:
-            aggregate = self.server_optimizer.step(server_round, reference, aggregate)
-        return aggregate
+        return self.step(server_round, reference, aggregate) if server_step else aggregate
+
+    def step(self, server_round: int, reference: dict[str, np.ndarray] | None, aggregate: ArrayRecord
+             ) -> ArrayRecord:
+        """The server optimizer's move from w^t by ``aggregate``; ``aggregate`` itself without one."""
+        if self.server_optimizer is None or reference is None:
+            return aggregate
+        return self.server_optimizer.step(server_round, reference, aggregate)

@@ -21,7 +21,9 @@ with its sample size fixed at :math:`n`. The wrapper composes with the
 strategy through its three public steps (server/strategy.py): it takes the
 screened replies from ``screen_train``, clips each update and scales it by
 :math:`m/n`, so that ``combine``'s unweighted mean over :math:`m` is the sum
-over :math:`n`, adds the noise, and hands the noised model to ``publish``.
+over :math:`n`, adds the noise, lets ``federation.server_optimizer`` step on
+the noised model (a function of released values only, so post-processing that
+spends no budget) and hands the result to ``publish``.
 Only the travelling tensors are clipped and noised: a reply holds exactly
 those, site-local norm tensors never reach the server. Flower's clip pairs
 reply and global arrays by position, so each reply's arrays are first put in
@@ -160,7 +162,8 @@ class FedSegDifferentialPrivacy(DifferentialPrivacyServerSideFixedClipping):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Screen, clip and scale, take the unweighted mean, add noise of std z C / n, publish."""
+        """Screen, clip and scale, take the unweighted mean, add noise of std z C / n, let the server
+        optimizer step on it, publish."""
         sound = self.fedseg.screen_train(server_round, replies)
         if len(sound) > self.size:
             raise ValueError(f"{len(sound)} sound replies from a federation of {self.size} listed sites")
@@ -169,10 +172,11 @@ class FedSegDifferentialPrivacy(DifferentialPrivacyServerSideFixedClipping):
             msg.content[keys.ARRAYS] = _clipped_and_scaled(msg.content.array_records[keys.ARRAYS],
                                                            self.fedseg.reference, order, self.clipping_norm,
                                                            len(sound) / self.size)
-        arrays, metrics = self.fedseg.combine(server_round, sound, equal_weights=True)
+        arrays, metrics = self.fedseg.combine(server_round, sound, equal_weights=True, server_step=False)
         if arrays is not None:
             arrays = self._add_noise_to_aggregated_arrays(arrays)  # num_sampled_clients is n
             rnd = server_round + self.fedseg.round_offset
+            arrays = self.fedseg.aggregator.step(rnd, self.fedseg.reference, arrays)  # post-processing: no cost
             self.fedseg.publish(server_round, arrays)
             self.releases += 1
             epsilon = gaussian_epsilon(self.noise_multiplier, self.releases, self.delta)

@@ -1,8 +1,18 @@
-r"""Server-side adaptive optimisation (FedOpt, Reddi et al. 2021) with Flower's own FedAdam and FedYogi.
+r"""Server-side optimisation of the round's update with Flower's own FedAvgM, FedAdam and FedYogi.
 
 The round's aggregate :math:`\bar w` (weighted mean, or a robust one) defines
-the pseudo-gradient :math:`\Delta_t = \bar w - w^t`, and the server moves by
-Adam's or Yogi's step on it instead of by :math:`\Delta_t` itself:
+the pseudo-gradient :math:`\Delta_t = \bar w - w^t`, and the server moves by an
+optimiser's step on it instead of by :math:`\Delta_t` itself. ``momentum`` is
+FedAvgM (Hsu et al. 2019) with server learning rate 1, so that with
+:math:`\beta = 0` it is plain averaging:
+
+.. math::
+    v_t = \beta v_{t-1} + \Delta_t, \qquad w^{t+1} = w^t + v_t
+
+It keeps the direction the rounds agree on and damps the one a single round's
+sites pulled towards, and it lets the shared weights travel further per round
+than one round's averaged update, which is shorter than any site's own when the
+sites disagree. ``adam`` and ``yogi`` are FedOpt (Reddi et al. 2021):
 
 .. math::
     m_t = \beta_1 m_{t-1} + (1 - \beta_1) \Delta_t, \qquad
@@ -11,8 +21,8 @@ Adam's or Yogi's step on it instead of by :math:`\Delta_t` itself:
 with :math:`v_t` Adam's or Yogi's second moment. Flower's strategies compute
 :math:`\bar w` themselves from the replies; fedseg has already screened and
 aggregated them, so the aggregate is handed to Flower's step unchanged (the
-``_GivenAggregate`` base takes FedAvg's place below FedAdam/FedYogi). The
-moments live in server memory; after a server restart they start from zero.
+``_GivenAggregate`` base takes FedAvg's place below FedAvgM/FedAdam/FedYogi).
+The moments live in server memory; after a server restart they start from zero.
 """
 
 from __future__ import annotations
@@ -20,8 +30,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedYogi
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi
 
 from common.config import FederationConfig
 from common.wire import from_wire, to_wire
@@ -48,16 +58,25 @@ class _Yogi(FedYogi, _GivenAggregate):
     pass
 
 
+class _Momentum(FedAvgM, _GivenAggregate):
+    pass
+
+
 class ServerOptimizer:
-    """Moves the global model by Flower's FedAdam or FedYogi step on each round's aggregate."""
+    """Moves the global model by Flower's FedAvgM, FedAdam or FedYogi step on each round's aggregate."""
 
     def __init__(self, cfg: FederationConfig) -> None:
-        kind = {"adam": _Adam, "yogi": _Yogi}[cfg.server_optimizer]
-        self.flower = kind(eta=cfg.server_lr, beta_1=BETA_1, beta_2=BETA_2, tau=cfg.server_tau)
+        if cfg.server_optimizer == "momentum":
+            self.flower: _GivenAggregate = _Momentum(server_learning_rate=1.0, server_momentum=cfg.server_momentum)
+        else:
+            kind = {"adam": _Adam, "yogi": _Yogi}[cfg.server_optimizer]
+            self.flower = kind(eta=cfg.server_lr, beta_1=BETA_1, beta_2=BETA_2, tau=cfg.server_tau)
 
     def step(self, server_round: int, reference: dict[str, np.ndarray], aggregate: ArrayRecord) -> ArrayRecord:
         """The new global model from the round's starting point ``reference`` and its ``aggregate``."""
-        self.flower.current_arrays = {k: np.asarray(v, dtype=np.float32) for k, v in reference.items()}
+        start = {k: np.asarray(reference[k], dtype=np.float32) for k in aggregate}  # FedAvgM pairs by position
+        self.flower.current_arrays = (ArrayRecord({k: Array(v) for k, v in start.items()})
+                                      if isinstance(self.flower, FedAvgM) else start)
         self.flower.given = aggregate
         moved, _ = self.flower.aggregate_train(server_round, [])
         return to_wire(from_wire(moved))  # Flower's step may promote to float64; the model is float32

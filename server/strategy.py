@@ -59,7 +59,8 @@ class FedSegStrategy(FedProx):
     ``aggregate_train`` is three public steps: ``screen_train`` (the sound replies), ``combine``
     (quorum and aggregate) and ``publish`` (the round's model on disk). A wrapper composes by
     calling them itself: central DP (server/dp.py) clips the sound updates, asks ``combine``
-    for the unweighted mean and publishes it noised.
+    for the unweighted mean, noises it, lets the server optimizer step on the noised mean (which
+    is post-processing, so it costs no privacy) and publishes the result.
     """
 
     def __init__(self, cfg: FedsegConfig, signature: str, shapes: dict[str, tuple[int, ...]],
@@ -148,15 +149,16 @@ class FedSegStrategy(FedProx):
                 self.recorder.trained(rnd, site, msg)
         return [msg for msg, _ in sound]
 
-    def combine(self, server_round: int, sound: list[Message], equal_weights: bool = False
-                ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Step 2: the aggregate of the sound replies, or (None, None) below the quorum."""
+    def combine(self, server_round: int, sound: list[Message], equal_weights: bool = False,
+                server_step: bool = True) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Step 2: the aggregate of the sound replies (moved by the server optimizer unless
+        ``server_step`` is off), or (None, None) below the quorum."""
         rnd = server_round + self.round_offset
         if len(sound) < self.min_train_nodes:
             self._below_quorum(rnd, len(sound))
             return None, None
         with self.recorder.timed(rnd):
-            aggregate = self.aggregator(rnd, sound, self.reference, equal_weights)
+            aggregate = self.aggregator(rnd, sound, self.reference, equal_weights, server_step)
         metrics = [RecordDict({keys.METRICS: msg.content.metric_records[keys.METRICS]}) for msg in sound]
         return aggregate, self.train_metrics_aggr_fn(metrics, self.weighted_by_key)
 

@@ -63,6 +63,8 @@ def methods_for(base: FedsegConfig, mu_sweep: list[float]) -> list[Method]:
         Method("silobn", "federated", "SiloBN (BatchNorm statistics local, weights shared, mu=0)",
                ("model.norm=batch", "train.norm_mode=stats", "train.proximal_mu=0", "train.personalize_steps=0")),
         Method("fedseg", "federated", "fedseg default"),
+        Method("fedavgm", "federated", f"fedseg default + server momentum {f.server_momentum:g} (FedAvgM)",
+               ("federation.server_optimizer=momentum",)),
         Method("fedadam", "federated", "fedseg default + FedAdam at the server", ("federation.server_optimizer=adam",)),
         Method("fedyogi", "federated", "fedseg default + FedYogi at the server", ("federation.server_optimizer=yogi",)),
         Method("scanner-aug", "federated", "fedseg default + scanner augmentation", ("train.augmentation=scanner",)),

@@ -69,10 +69,9 @@ def _train_reply(node: int, site: str, update: np.ndarray, signature: str, n: in
     return reply(content, node, MessageType.TRAIN)
 
 
-@pytest.fixture()
-def dp(tmp_path):
+def _dp_strategy(tmp_path, *overrides: str):
     cfg = load_config(None, ["federation.run_name=dp", f"federation.runs_dir={tmp_path}", "federation.min_sites=2",
-                             "privacy.noise_multiplier=1.0", "privacy.clipping_norm=1.0"])
+                             "privacy.noise_multiplier=1.0", "privacy.clipping_norm=1.0", *overrides])
     cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, sites=["a", "b", "c"]))
     log = MetricsLog(tmp_path)
     inner = FedSegStrategy(cfg, "sig", {"w": (SIZE,)}, log, Checkpoints(tmp_path / "ckpt"))
@@ -80,6 +79,11 @@ def dp(tmp_path):
     assert isinstance(wrapper, FedSegDifferentialPrivacy)
     grid = LocalGrid(cfg, app=None)
     return wrapper, grid, tmp_path
+
+
+@pytest.fixture()
+def dp(tmp_path):
+    return _dp_strategy(tmp_path)
 
 
 def test_updates_are_clipped_averaged_unweighted_and_noised(dp):
@@ -104,6 +108,28 @@ def test_updates_are_clipped_averaged_unweighted_and_noised(dp):
     assert privacy["noise_std"] == pytest.approx(1 / 3) and privacy["denominator"] == 3
     saved = load_file(run / "ckpt" / "round-0001.safetensors")["w"].numpy()
     assert np.array_equal(saved, arrays["w"].numpy())
+
+
+def test_server_momentum_steps_on_the_noised_mean_only(tmp_path):
+    """The momentum must be built from released (noised) models, or it would carry un-noised updates
+    into later releases."""
+    wrapper, grid, run = _dp_strategy(tmp_path, "federation.server_optimizer=momentum",
+                                      "federation.server_momentum=0.5")
+    direction = np.ones(SIZE, np.float32) / math.sqrt(SIZE)
+    released = [np.zeros(SIZE, np.float32)]
+    for rnd in (1, 2):
+        start = released[-1]
+        wrapper.configure_train(rnd, ArrayRecord({"w": Array(start)}), ConfigRecord(), grid)
+        replies = [_train_reply(1, "a", start + direction, "sig"), _train_reply(2, "b", start + direction, "sig")]
+        arrays, _ = wrapper.aggregate_train(rnd, replies)
+        released.append(arrays["w"].numpy())
+    first_move = released[1] - released[0]
+    noise_1 = first_move - 2 / 3 * direction
+    assert noise_1.std() == pytest.approx(1 / 3, rel=0.05), "round 1 moves by the noised mean itself"
+    noise_2 = released[2] - released[1] - 0.5 * first_move - 2 / 3 * direction
+    assert noise_2.std() == pytest.approx(1 / 3, rel=0.05), \
+        "round 2 adds half of round 1's noised move to its own noised mean, and no other noise"
+    assert len([e for e in read_events(run / "metrics.jsonl") if e["event"] == "privacy"]) == 2
 
 
 def test_an_untrained_reply_is_rejected_before_clipping(dp):

@@ -1,4 +1,4 @@
-"""Server-side FedAdam / FedYogi: the global model moves by the optimiser's step on the round's aggregate."""
+"""Server-side FedAvgM / FedAdam / FedYogi: the global model moves by the optimiser's step on the round's aggregate."""
 
 from __future__ import annotations
 
@@ -30,12 +30,29 @@ def test_fedadam_moves_by_adams_step_on_the_pseudo_gradient():
     assert not np.allclose(second, moved), "the moments carry over to the next round"
 
 
-def test_yogi_and_none_and_dp_are_checked():
+def test_momentum_carries_the_previous_rounds_update_into_the_next():
+    cfg = load_config(None, ["federation.server_optimizer=momentum", "federation.server_momentum=0.5"]).federation
+    opt = server_optimizer(cfg)
+    start = {"w": np.array([0.0, 1.0], np.float32)}
+    first = opt.step(1, start, _record([0.5, 0.0])).to_numpy_ndarrays()[0]
+    np.testing.assert_allclose(first, [0.5, 0.0], err_msg="the first round moves by its own update, as FedAvg")
+    second = opt.step(2, {"w": first}, _record([0.5, 0.0])).to_numpy_ndarrays()[0]
+    np.testing.assert_allclose(second, [0.75, -0.5], rtol=1e-6,
+                               err_msg="a round whose sites agree with the model still moves by half the last update")
+    assert second.dtype == np.float32
+    plain = server_optimizer(load_config(None, ["federation.server_optimizer=momentum",
+                                                "federation.server_momentum=0"]).federation)
+    np.testing.assert_allclose(plain.step(1, start, _record([0.5, 0.0])).to_numpy_ndarrays()[0], [0.5, 0.0])
+    np.testing.assert_allclose(plain.step(2, {"w": np.array([0.5, 0.0], np.float32)}, _record([0.5, 0.0]))
+                               .to_numpy_ndarrays()[0], [0.5, 0.0], err_msg="beta 0 is plain averaging")
+    with pytest.raises(ConfigError, match="server_momentum"):
+        load_config(None, ["federation.server_momentum=1"])
+
+
+def test_yogi_and_none_and_bad_values_are_checked():
     assert server_optimizer(load_config(None, []).federation) is None
     yogi = server_optimizer(load_config(None, ["federation.server_optimizer=yogi"]).federation)
     moved = yogi.step(1, {"w": np.zeros(2, np.float32)}, _record([1.0, -1.0])).to_numpy_ndarrays()[0]
     assert moved[0] > 0 > moved[1]
-    with pytest.raises(ConfigError, match="server_optimizer"):
-        load_config(None, ["federation.server_optimizer=adam", "privacy.noise_multiplier=1.0"])
     with pytest.raises(ConfigError, match="server_lr"):
         load_config(None, ["federation.server_lr=0"])
