@@ -168,7 +168,7 @@ class FederationConfig:
                "aggregating, so no site pulls harder than a typical one (not with differential privacy)."
     )
     server_optimizer: Literal["none", "momentum", "adam", "yogi"] = option(
-        "none", "Server-side step on the round's update: momentum (Flower's FedAvgM, Hsu et al. 2019, server "
+        "momentum", "Server-side step on the round's update: momentum (Flower's FedAvgM, Hsu et al. 2019, server "
                 "learning rate 1), adam / yogi (Flower's FedAdam / FedYogi, Reddi et al. 2021); none: the "
                 "aggregate is the new global model."
     )

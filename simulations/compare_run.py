@@ -57,14 +57,15 @@ def methods_for(base: FedsegConfig, mu_sweep: list[float]) -> list[Method]:
         Method("fedprox", "federated", f"FedProx mu={mu:g} (everything shared)",
                ("train.norm_mode=shared", "federation.server_optimizer=none", "train.personalize_steps=0")),
         Method("fedbn", "federated", "FedBN (BatchNorm statistics and weights local, mu=0)",
-               ("model.norm=batch", "train.norm_mode=local", "train.proximal_mu=0", "train.personalize_steps=0")),
+               ("model.norm=batch", "train.norm_mode=local", "train.proximal_mu=0", "train.personalize_steps=0",
+                "federation.server_optimizer=none")),
         Method("fedin", "federated", "Instance norm, weights local (mu=0)",
-               ("model.norm=instance", "train.norm_mode=local", "train.proximal_mu=0", "train.personalize_steps=0")),
+               ("model.norm=instance", "train.norm_mode=local", "train.proximal_mu=0", "train.personalize_steps=0",
+                "federation.server_optimizer=none")),
         Method("silobn", "federated", "SiloBN (BatchNorm statistics local, weights shared, mu=0)",
-               ("model.norm=batch", "train.norm_mode=stats", "train.proximal_mu=0", "train.personalize_steps=0")),
+               ("model.norm=batch", "train.norm_mode=stats", "train.proximal_mu=0", "train.personalize_steps=0",
+                "federation.server_optimizer=none")),
         Method("fedseg", "federated", "fedseg default"),
-        Method("fedavgm", "federated", f"fedseg default + server momentum {f.server_momentum:g} (FedAvgM)",
-               ("federation.server_optimizer=momentum",)),
         Method("fedadam", "federated", "fedseg default + FedAdam at the server", ("federation.server_optimizer=adam",)),
         Method("fedyogi", "federated", "fedseg default + FedYogi at the server", ("federation.server_optimizer=yogi",)),
         Method("scanner-aug", "federated", "fedseg default + scanner augmentation", ("train.augmentation=scanner",)),
@@ -72,6 +73,12 @@ def methods_for(base: FedsegConfig, mu_sweep: list[float]) -> list[Method]:
         Method("finetune", "federated", "fedseg default, personalization fine-tuning every weight",
                ("train.personalize=all",)),
     ]
+    if f.server_optimizer == "momentum":
+        methods.append(Method("no-momentum", "federated", "fedseg default without server momentum (plain averaging)",
+                              ("federation.server_optimizer=none",)))
+    else:
+        methods.append(Method("fedavgm", "federated", f"fedseg default + server momentum {f.server_momentum:g} "
+                              "(FedAvgM)", ("federation.server_optimizer=momentum",)))
     if t.local_steps % 2 == 0:
         methods.append(Method("more-rounds", "federated",
                               f"fedseg default, {2 * f.rounds} rounds x {t.local_steps // 2} steps (same patches)",

@@ -50,7 +50,7 @@ def test_momentum_carries_the_previous_rounds_update_into_the_next():
 
 
 def test_yogi_and_none_and_bad_values_are_checked():
-    assert server_optimizer(load_config(None, []).federation) is None
+    assert server_optimizer(load_config(None, ["federation.server_optimizer=none"]).federation) is None
     yogi = server_optimizer(load_config(None, ["federation.server_optimizer=yogi"]).federation)
     moved = yogi.step(1, {"w": np.zeros(2, np.float32)}, _record([1.0, -1.0])).to_numpy_ndarrays()[0]
     assert moved[0] > 0 > moved[1]
