@@ -14,6 +14,7 @@ from common.metrics_log import MetricsLog, read_events
 from server.checkpoints import Checkpoints
 from server.strategy import FedSegStrategy, QuorumNotReached
 from tests.flower_messages import reply
+from tests.local_grid import LocalGrid
 
 SIGNATURE = "abc123"
 SHAPES = {"w": (2, 2), "b": (2,)}
@@ -121,3 +122,17 @@ def test_a_round_is_evaluated_and_closed_with_the_next_rounds_training(tmp_path)
     assert [e["event"] for e in events].index("round") < max(i for i, e in enumerate(events) if e["event"] == "train")
     assert strategy.recorder.checkpoints.state.best_round == 1
     assert strategy.recorder.checkpoints.state.best_dice == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("optimizer, expected", [("momentum", 2.5), ("none", 2.0)])
+def test_the_default_server_momentum_adds_half_the_previous_move(tmp_path, optimizer, expected):
+    """Round 1 moves by its mean update (0 -> 1); round 2's sites move 1 -> 2 and the model goes on by
+    half of round 1's move as well, unless the server averages plainly."""
+    strategy = make_strategy(tmp_path, f"federation.server_optimizer={optimizer}", "federation.sites=[a, b]")
+    grid = LocalGrid(strategy.cfg, app=None)
+    model = ArrayRecord({"w": torch.zeros(2, 2), "b": torch.zeros(2)})
+    for rnd, value in ((1, 1.0), (2, 2.0)):
+        strategy.configure_train(rnd, model, ConfigRecord(), grid)
+        model, _ = strategy.aggregate_train(rnd, [train_reply(11, "a", value, 1), train_reply(12, "b", value, 3)])
+    assert np.allclose(model["w"].numpy(), expected) and np.allclose(model["b"].numpy(), expected)
+    assert model["w"].numpy().dtype == np.float32
