@@ -37,6 +37,11 @@ class Method:
     overrides: tuple[str, ...] = ()
 
 
+FEDAVG = ("train.norm_mode=shared", "train.proximal_mu=0", "federation.server_optimizer=none",
+          "train.personalize_steps=0")
+"""FedAvg as published: every tensor shared, no proximal term, plain averaging, no personalization."""
+
+
 def methods_for(base: FedsegConfig, mu_sweep: list[float]) -> list[Method]:
     """Every method the comparison knows; fedseg's default is the configured settings, unchanged.
 
@@ -51,9 +56,7 @@ def methods_for(base: FedsegConfig, mu_sweep: list[float]) -> list[Method]:
         Method("pooled", "pooled", "Pooled (all data in one place)"),
         Method("pooled-other-norm", "pooled", "Pooled, " + ("instance" if base.model.norm == "batch" else "batch")
                + " norm", ("model.norm=" + ("instance" if base.model.norm == "batch" else "batch"),)),
-        Method("fedavg", "federated", "FedAvg (everything shared)",
-               ("train.norm_mode=shared", "train.proximal_mu=0", "federation.server_optimizer=none",
-                "train.personalize_steps=0")),
+        Method("fedavg", "federated", "FedAvg (everything shared)", FEDAVG),
         Method("fedprox", "federated", f"FedProx mu={mu:g} (everything shared)",
                ("train.norm_mode=shared", "federation.server_optimizer=none", "train.personalize_steps=0")),
         Method("fedbn", "federated", "FedBN (BatchNorm statistics and weights local, mu=0)",
@@ -83,6 +86,13 @@ def methods_for(base: FedsegConfig, mu_sweep: list[float]) -> list[Method]:
         methods.append(Method("more-rounds", "federated",
                               f"fedseg default, {2 * f.rounds} rounds x {t.local_steps // 2} steps (same patches)",
                               (f"federation.rounds={2 * f.rounds}", f"train.local_steps={t.local_steps // 2}")))
+    if f.rounds % 2 == 0:
+        methods.append(Method("fewer-rounds", "federated",
+                              f"fedseg default, {f.rounds // 2} rounds x {2 * t.local_steps} steps (same patches)",
+                              (f"federation.rounds={f.rounds // 2}", f"train.local_steps={2 * t.local_steps}")))
+        methods.append(Method("fedavg-fewer-rounds", "federated",
+                              f"FedAvg, {f.rounds // 2} rounds x {2 * t.local_steps} steps (same patches)",
+                              (*FEDAVG, f"federation.rounds={f.rounds // 2}", f"train.local_steps={2 * t.local_steps}")))
     methods += [Method(f"fedseg-mu{m:g}", "federated", f"fedseg default, mu={m:g}", (f"train.proximal_mu={m}",))
                 for m in mu_sweep if m != mu]
     return methods

@@ -49,3 +49,23 @@ def test_quick_compare_writes_table_plots_and_resumes(tmp_path):
 def test_unknown_method_is_refused(tmp_path, capsys):
     assert sim_main(["compare", "--quick", "--methods", "fedsgd", "--out", str(tmp_path)]) == 2
     assert "unknown method" in capsys.readouterr().err
+
+
+def test_split_methods_keep_the_patches_and_published_methods_average_plainly():
+    from common.config import apply_overrides, from_dict
+    from simulations.compare import BENCHMARK, BUDGETS
+    from simulations.compare_run import methods_for
+
+    for budget in BUDGETS.values():
+        base = from_dict(apply_overrides({}, [*BENCHMARK, *budget]), "benchmark")
+        patches = base.federation.rounds * base.train.local_steps
+        methods = {m.name: from_dict(apply_overrides({}, [*BENCHMARK, *budget, *m.overrides]), m.name)
+                   for m in methods_for(base, [])}
+        assert methods["fedseg"].federation.server_optimizer == "momentum"
+        for name in ("fewer-rounds", "fedavg-fewer-rounds"):
+            cfg = methods[name]
+            assert cfg.federation.rounds * cfg.train.local_steps == patches
+            assert cfg.federation.rounds == base.federation.rounds // 2
+        for name in ("fedavg", "fedavg-fewer-rounds", "fedbn", "fedin", "silobn", "no-momentum"):
+            assert methods[name].federation.server_optimizer == "none", name
+        assert methods["fedavg-fewer-rounds"].train.norm_mode == "shared"
