@@ -30,6 +30,8 @@ CHECKPOINT_STATE = "state.json"
 """Which round ``best`` and ``last`` hold (server/checkpoints.py writes it; exports read it)."""
 LAST_CHECKPOINT, BEST_CHECKPOINT = "last.safetensors", "best.safetensors"
 ROUND_CHECKPOINT = "round-{:04d}.safetensors"
+SERVER_OPTIMIZER_CHECKPOINT = "server-optimizer-{:04d}.safetensors"
+"""The server optimizer's moments after a round's step (server/server_opt.py), read back on resume."""
 
 # --- a Flower home of our own (the centre's state folder, a site's, the simulation's run) ------------
 FLWR_HOME = "flwr-home"

@@ -11,11 +11,13 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from common.files import atomic_copy, atomic_save, atomic_write_text
-from common.runs import BEST_CHECKPOINT, CHECKPOINT_STATE, LAST_CHECKPOINT, ROUND_CHECKPOINT
+from common.runs import (BEST_CHECKPOINT, CHECKPOINT_STATE, LAST_CHECKPOINT, ROUND_CHECKPOINT,
+                         SERVER_OPTIMIZER_CHECKPOINT)
 
 
 @dataclass
@@ -47,6 +49,17 @@ class Checkpoints:
         atomic_copy(self.dir / ROUND_CHECKPOINT.format(server_round), self.dir / LAST_CHECKPOINT)
         self.state.last_round = server_round
         self._write_state()
+
+    def save_optimizer(self, server_round: int, moments: dict[str, np.ndarray]) -> None:
+        """Keep the server optimizer's moments after this round's step (written before the round's model,
+        so every round checkpoint a resume may pick has its moments beside it)."""
+        self._save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in moments.items()},
+                   SERVER_OPTIMIZER_CHECKPOINT.format(server_round))
+
+    def optimizer(self, server_round: int) -> dict[str, np.ndarray] | None:
+        """The moments saved after ``server_round``'s step, or None if there are none."""
+        path = self.dir / SERVER_OPTIMIZER_CHECKPOINT.format(server_round)
+        return {k: v.numpy() for k, v in load_file(path).items()} if path.is_file() else None
 
     def offer_best(self, server_round: int, dice: float) -> bool:
         """Make the round's model ``best`` if its federation Dice beats the best so far."""

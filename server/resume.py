@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,8 +46,18 @@ def truncate_log(path: Path, last_round: int) -> int:
     return dropped
 
 
-def resume_point(run: Path, checkpoints: Checkpoints) -> tuple[int, dict[str, torch.Tensor] | None]:
-    """(rounds already done, global weights to continue from or None for a fresh start)."""
+@dataclass(frozen=True)
+class ResumePoint:
+    done: int
+    """Rounds already complete (each has its summary line)."""
+    model_round: int
+    """The round whose checkpoint the run continues from; 0: the initial model."""
+    weights: dict[str, torch.Tensor] | None
+    """That checkpoint, or None for a fresh start."""
+
+
+def resume_point(run: Path, checkpoints: Checkpoints) -> ResumePoint:
+    """Where the run continues: rounds done, and the global weights (with their round) to continue from."""
     metrics = Path(run) / METRICS_FILE
     done = last_complete_round(metrics)
     dropped = truncate_log(metrics, done)
@@ -54,5 +65,5 @@ def resume_point(run: Path, checkpoints: Checkpoints) -> tuple[int, dict[str, to
     if dropped:
         log.warning("resuming after round %d: dropped %d log line(s) of the unfinished round", done, dropped)
     if not saved:
-        return done, None
-    return done, load_file(checkpoints.dir / ROUND_CHECKPOINT.format(saved[0]))
+        return ResumePoint(done, 0, None)
+    return ResumePoint(done, saved[0], load_file(checkpoints.dir / ROUND_CHECKPOINT.format(saved[0])))

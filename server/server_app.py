@@ -70,7 +70,8 @@ def main(grid: Grid, context: Context) -> None:
         return
     (run / CONFIG_FILE).write_text(cfg.to_yaml())
     checkpoints = Checkpoints(run / CHECKPOINT_DIR)
-    done, resumed = resume_point(run, checkpoints)
+    resume = resume_point(run, checkpoints)
+    done = resume.done
     metrics_log = MetricsLog(run)
     metrics_log.write("run-start", run=cfg.federation.run_name, config_sha256=cfg.sha256(),
                       sites=cfg.federation.sites, signature=signature, resumed_from_round=done)
@@ -79,6 +80,7 @@ def main(grid: Grid, context: Context) -> None:
         cfg, signature, {k: tuple(v.shape) for k, v in weights.items()}, metrics_log, checkpoints,
         round_offset=done,
     )
+    strategy.resume_optimizer(resume.model_round)
     strategy.node_sites.update(read_nodes(run))
     grid = TimelineGrid(grid, metrics_log, cfg.federation.poll_interval_s)
     status = "completed"
@@ -88,7 +90,7 @@ def main(grid: Grid, context: Context) -> None:
         if cfg.federation.rounds > done:
             with_privacy(strategy, cfg.privacy, metrics_log).start(
                 grid=training,
-                initial_arrays=ArrayRecord(resumed if resumed is not None else weights),
+                initial_arrays=ArrayRecord(resume.weights if resume.weights is not None else weights),
                 num_rounds=cfg.federation.rounds - done,
                 timeout=cfg.federation.round_timeout_s,
                 train_config=plan_config(plan),

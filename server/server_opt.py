@@ -22,7 +22,8 @@ with :math:`v_t` Adam's or Yogi's second moment. Flower's strategies compute
 :math:`\bar w` themselves from the replies; fedseg has already screened and
 aggregated them, so the aggregate is handed to Flower's step unchanged (the
 ``_GivenAggregate`` base takes FedAvg's place below FedAvgM/FedAdam/FedYogi).
-The moments live in server memory; after a server restart they start from zero.
+The moments are saved with every round's checkpoint (``state``), so a server
+restarted mid-run continues with the moments of the round it resumes from.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ class ServerOptimizer:
     """Moves the global model by Flower's FedAvgM, FedAdam or FedYogi step on each round's aggregate."""
 
     def __init__(self, cfg: FederationConfig) -> None:
+        self.keys: list[str] = []
+        """The aggregate's tensor names in the order FedAvgM's momentum vector holds them."""
         if cfg.server_optimizer == "momentum":
             self.flower: _GivenAggregate = _Momentum(server_learning_rate=1.0, server_momentum=cfg.server_momentum)
         else:
@@ -78,8 +81,31 @@ class ServerOptimizer:
         self.flower.current_arrays = (ArrayRecord({k: Array(v) for k, v in start.items()})
                                       if isinstance(self.flower, FedAvgM) else start)
         self.flower.given = aggregate
+        self.keys = list(aggregate.keys())  # before the step: Flower's FedAvgM empties the record it is given
         moved, _ = self.flower.aggregate_train(server_round, [])
         return to_wire(from_wire(moved))  # Flower's step may promote to float64; the model is float32
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The moments after the last step, named ``<moment>/<tensor>``; empty before the first step."""
+        if isinstance(self.flower, FedAvgM):
+            vector = self.flower.momentum_vector
+            moments = {"momentum": dict(zip(self.keys, vector, strict=True)) if vector is not None else {}}
+        else:
+            moments = {"m": self.flower.m_t or {}, "v": self.flower.v_t or {}}
+        return {f"{name}/{k}": np.asarray(v, dtype=np.float32) for name, arrays in moments.items()
+                for k, v in arrays.items()}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        """Continue from ``state`` (as returned by ``state``)."""
+        moments: dict[str, dict[str, np.ndarray]] = {}
+        for name, value in state.items():
+            moment, key = name.split("/", 1)
+            moments.setdefault(moment, {})[key] = np.asarray(value, dtype=np.float32)
+        if isinstance(self.flower, FedAvgM):
+            self.keys = list(moments.get("momentum", {}))
+            self.flower.momentum_vector = [moments["momentum"][k] for k in self.keys] if self.keys else None
+        else:
+            self.flower.m_t, self.flower.v_t = moments.get("m"), moments.get("v")
 
 
 def server_optimizer(cfg: FederationConfig) -> ServerOptimizer | None:

@@ -163,8 +163,24 @@ class FedSegStrategy(FedProx):
         return aggregate, self.train_metrics_aggr_fn(metrics, self.weighted_by_key)
 
     def publish(self, server_round: int, aggregate: ArrayRecord) -> None:
-        """Step 3: make ``aggregate`` the round's global model on disk."""
-        self.recorder.saved(server_round + self.round_offset, aggregate)
+        """Step 3: make ``aggregate`` the round's global model on disk, with the server optimizer's
+        moments that a resume from this round continues with."""
+        rnd = server_round + self.round_offset
+        if self.aggregator.server_optimizer is not None:
+            self.recorder.checkpoints.save_optimizer(rnd, self.aggregator.server_optimizer.state())
+        self.recorder.saved(rnd, aggregate)
+
+    def resume_optimizer(self, from_round: int) -> None:
+        """Continue the server optimizer with the moments saved after ``from_round``'s step (the round
+        whose model the run resumes from); without them it starts from zero, which is logged."""
+        optimizer = self.aggregator.server_optimizer
+        if optimizer is None or from_round == 0:
+            return
+        moments = self.recorder.checkpoints.optimizer(from_round)
+        if moments is None:
+            log.warning("no server optimizer moments saved for round %d: they start again from zero", from_round)
+            return
+        optimizer.load_state(moments)
 
     def _below_quorum(self, rnd: int, sites_ok: int) -> None:
         action = self.cfg.federation.on_quorum_failure

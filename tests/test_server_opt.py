@@ -56,3 +56,19 @@ def test_yogi_and_none_and_bad_values_are_checked():
     assert moved[0] > 0 > moved[1]
     with pytest.raises(ConfigError, match="server_lr"):
         load_config(None, ["federation.server_lr=0"])
+
+
+@pytest.mark.parametrize("kind", ["momentum", "adam", "yogi"])
+def test_saved_moments_continue_the_same_trajectory(kind):
+    cfg = load_config(None, [f"federation.server_optimizer={kind}", "federation.server_lr=0.1"]).federation
+    straight, restarted = server_optimizer(cfg), server_optimizer(cfg)
+    start = {"w": np.array([0.0, 1.0], np.float32)}
+    first = straight.step(1, start, _record([0.5, 0.0])).to_numpy_ndarrays()[0]
+    moments = straight.state()
+    assert moments and all(name.split("/", 1)[1] == "w" for name in moments)
+    second = straight.step(2, {"w": first}, _record([1.0, -0.5])).to_numpy_ndarrays()[0]
+    restarted.load_state(moments)
+    np.testing.assert_array_equal(restarted.step(2, {"w": first}, _record([1.0, -0.5])).to_numpy_ndarrays()[0],
+                                  second)
+    fresh = server_optimizer(cfg).step(2, {"w": first}, _record([1.0, -0.5])).to_numpy_ndarrays()[0]
+    assert not np.allclose(fresh, second), "without the moments the step differs"

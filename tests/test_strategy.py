@@ -136,3 +136,32 @@ def test_the_default_server_momentum_adds_half_the_previous_move(tmp_path, optim
         model, _ = strategy.aggregate_train(rnd, [train_reply(11, "a", value, 1), train_reply(12, "b", value, 3)])
     assert np.allclose(model["w"].numpy(), expected) and np.allclose(model["b"].numpy(), expected)
     assert model["w"].numpy().dtype == np.float32
+
+
+def test_a_resumed_run_continues_with_the_saved_momentum(tmp_path):
+    """A server restarted after round 2 takes round 3 exactly as an uninterrupted one would."""
+    overrides = ("federation.server_optimizer=momentum", "federation.sites=[a, b]")
+
+    def rounds(strategy: FedSegStrategy, model: ArrayRecord, values: list[float]) -> ArrayRecord:
+        grid = LocalGrid(strategy.cfg, app=None)
+        for server_round, value in enumerate(values, start=1):
+            strategy.configure_train(server_round, model, ConfigRecord(), grid)
+            model, _ = strategy.aggregate_train(server_round, [train_reply(11, "a", value, 1),
+                                                               train_reply(12, "b", value + 1, 1)])
+        return model
+
+    start = ArrayRecord({"w": torch.zeros(2, 2), "b": torch.zeros(2)})
+    straight = rounds(make_strategy(tmp_path / "straight", *overrides), start, [1.0, 2.0, 4.0])
+    first = make_strategy(tmp_path / "crash", *overrides)
+    after_two = rounds(first, start, [1.0, 2.0])
+    assert (tmp_path / "crash" / "ckpt" / "server-optimizer-0002.safetensors").is_file()
+
+    def restarted(resume: bool) -> np.ndarray:
+        strategy = FedSegStrategy(first.cfg, SIGNATURE, SHAPES, MetricsLog(tmp_path / "crash"),
+                                  Checkpoints(tmp_path / "crash" / "ckpt"), round_offset=2)
+        if resume:
+            strategy.resume_optimizer(2)
+        return rounds(strategy, after_two, [4.0])["w"].numpy()
+
+    assert np.allclose(restarted(resume=True), straight["w"].numpy())
+    assert not np.allclose(restarted(resume=False), straight["w"].numpy()), "the saved moments matter"
