@@ -81,6 +81,9 @@ class ServerOptimizer:
         self.flower.current_arrays = (ArrayRecord({k: Array(v) for k, v in start.items()})
                                       if isinstance(self.flower, FedAvgM) else start)
         self.flower.given = aggregate
+        if isinstance(self.flower, FedAvgM) and self.flower.momentum_vector is not None:
+            by_key = dict(zip(self.keys, self.flower.momentum_vector, strict=True))  # loaded moments may be in
+            self.flower.momentum_vector = [by_key[k] for k in aggregate.keys()]     # another order
         self.keys = list(aggregate.keys())  # before the step: Flower's FedAvgM empties the record it is given
         moved, _ = self.flower.aggregate_train(server_round, [])
         return to_wire(from_wire(moved))  # Flower's step may promote to float64; the model is float32
