@@ -1,7 +1,7 @@
 """Fault drills with real processes: a site killed mid-round, the server killed and restarted; a dropped link,
 a site past the deadline and a full disk.
 
-One federation of two sites, quorum one, three rounds (a round's evaluation
+One federation of two sites, quorum one, four rounds (a round's evaluation
 rides with the next round's training, so round r's summary line is written
 once round r + 1 has trained; the last round evaluates on its own):
 - round 1 runs normally;
@@ -12,9 +12,12 @@ once round r + 1 has trained; the last round evaluates on its own):
   (SIGSTOP) so that round 3's evaluation waits for it, and site-2 is
   restarted with its local norm tensors still the ones on disk;
 - the whole server is SIGKILLed in round 3; started again with the same run
-  name it resumes at round 3 from the round-2 checkpoint (site-1 thawed once
-  that round has reached site-2, so site-2 surely trains in it), and the
-  metrics log ends with every round and every reply exactly once.
+  name it resumes at round 3 from the round-2 checkpoint, and the metrics log
+  ends with every round and every reply exactly once. site-1 is thawed once
+  a resumed round has reached site-2, so site-2 surely trains again: round 3
+  when site-2 has reconnected before the resumed run starts it, else round 4
+  (the restarted SuperLink may still count the frozen site-1 as connected
+  and give round 3 to it alone, which then fails on missed heartbeats).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from deploy_harness import (
 )
 
 SITES = ["site-1", "site-2"]
-ROUNDS = 3
+ROUNDS = 4
 RUN = "drill"
 DRILL_POLL_S = 3.0
 
@@ -107,11 +110,11 @@ def test_site_and_server_crashes_lose_nothing(tmp_path):
         assert not _has(run, event="round", round=3)
         server = Launched(tmp_path / "server-2.out", "fedseg-server", "start", "--config", str(fed))
         everything = [server, *daemons.values()]
-        # site-1 stays frozen until the resumed round 3 has reached site-2, so that round is site-2's whatever
-        # the order in which the sites reconnect: it proves site-2 trains on with its restored norm tensors.
+        # site-1 stays frozen until a resumed round has reached site-2, so that site-2 trains whatever the
+        # order in which the sites reconnect: it proves site-2 trains on with its restored norm tensors.
         site_2_log = tmp_path / "sites" / "site-2" / "supernode.log"
         wait_for(lambda: site_2_log.read_text().count("Receiving: train message") >= 3, 600,
-                 "the resumed round 3 to reach site-2", *everything)
+                 "a resumed round to reach site-2", *everything)
         _signal_tree(daemons["site-1"], signal.SIGCONT)
         wait_for(lambda: server.proc.poll() is not None, 900, "the resumed run to finish", *everything)
         assert server.proc.returncode == 0, server.output()[-3000:]
@@ -121,12 +124,12 @@ def test_site_and_server_crashes_lose_nothing(tmp_path):
             proc.terminate()
 
     log = events(run)
-    assert Counter(e["round"] for e in log if e["event"] == "round") == {1: 1, 2: 1, 3: 1}
+    assert Counter(e["round"] for e in log if e["event"] == "round") == dict.fromkeys(range(1, ROUNDS + 1), 1)
     trained = Counter((e["round"], e["site"]) for e in log if e["event"] == "train")
     assert max(trained.values()) == 1, trained  # no reply counted twice
     assert {k for k in trained if k[0] < 3} == {(1, "site-1"), (1, "site-2"), (2, "site-1")}
-    # site-2 trains in the resumed round 3; site-1 too when the resumed SuperLink still counted it available
-    assert (3, "site-2") in trained and {k for k in trained if k[0] == 3} <= {(3, "site-1"), (3, "site-2")}
+    # site-2 trains in a resumed round; site-1 too once thawed
+    assert {k for k in trained if k[0] >= 3 and k[1] == "site-2"}, trained
     starts = [e for e in log if e["event"] == "run-start"]
     assert [s["resumed_from_round"] for s in starts] == [0, 2]
     assert log[-1]["event"] == "run-end" and log[-1]["status"] == "completed"
