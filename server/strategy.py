@@ -9,6 +9,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedProx
+from safetensors import SafetensorError
 
 from common import keys
 from common.config import FedsegConfig
@@ -73,6 +74,7 @@ class FedSegStrategy(FedProx):
         self.signature = signature
         self.round_offset = round_offset
         self.node_sites: dict[int, str] = {}
+        self.shapes = shapes
         self.screen = ReplyScreen(ReplyValidator(signature, shapes, cfg.federation.norm_bound), self.node_sites)
         self.recorder = RunRecorder(metrics_log, checkpoints)
         self.aggregator = Aggregator(cfg.federation)
@@ -176,11 +178,26 @@ class FedSegStrategy(FedProx):
         optimizer = self.aggregator.server_optimizer
         if optimizer is None or from_round == 0:
             return
-        moments = self.recorder.checkpoints.optimizer(from_round)
-        if moments is None:
-            log.warning("no server optimizer moments saved for round %d: they start again from zero", from_round)
+        try:
+            moments = self.recorder.checkpoints.optimizer(from_round)
+        except (OSError, SafetensorError) as err:
+            moments, problem = None, f"unreadable ({err})"
+        else:
+            problem = "none saved" if moments is None else self._moments_problem(moments)
+        if problem is not None:
+            log.warning("server optimizer moments of round %d: %s; they start again from zero", from_round, problem)
             return
         optimizer.load_state(moments)
+
+    def _moments_problem(self, moments: dict[str, np.ndarray]) -> str | None:
+        """Why saved moments cannot continue this run's model (another model, or a damaged file), or None."""
+        for name, value in moments.items():
+            key = name.split("/", 1)[-1]
+            if key not in self.shapes or tuple(value.shape) != tuple(self.shapes[key]):
+                return f"'{name}' does not fit the model"
+        if {name.split("/", 1)[-1] for name in moments} != set(self.shapes):
+            return "they do not cover every shared tensor"
+        return None
 
     def _below_quorum(self, rnd: int, sites_ok: int) -> None:
         action = self.cfg.federation.on_quorum_failure

@@ -164,4 +164,13 @@ def test_a_resumed_run_continues_with_the_saved_momentum(tmp_path):
         return rounds(strategy, after_two, [4.0])["w"].numpy()
 
     assert np.allclose(restarted(resume=True), straight["w"].numpy())
-    assert not np.allclose(restarted(resume=False), straight["w"].numpy()), "the saved moments matter"
+    from_zero = restarted(resume=False)
+    assert not np.allclose(from_zero, straight["w"].numpy()), "the saved moments matter"
+
+    # damaged or foreign moments cost the momentum, never the run
+    saved = tmp_path / "crash" / "ckpt" / "server-optimizer-0002.safetensors"
+    good = saved.read_bytes()
+    Checkpoints(tmp_path / "crash" / "ckpt").save_optimizer(2, {"momentum/w": np.zeros((3, 3), np.float32)})
+    assert np.allclose(restarted(resume=True), from_zero)
+    saved.write_bytes(good[: len(good) // 2])
+    assert np.allclose(restarted(resume=True), from_zero)
