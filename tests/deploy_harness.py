@@ -109,13 +109,14 @@ class Launched:
         self.proc.wait(10)
 
 
-def wait_for(condition: Callable[[], object], timeout: float, what: str, *logs: Launched) -> object:
+def wait_for(condition: Callable[[], object], timeout: float, what: str, *logs: Launched,
+             poll_s: float = 0.5) -> object:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
-        time.sleep(0.5)
+        time.sleep(poll_s)
     tails = "\n".join(f"--- {log.log}\n{log.output()[-3000:]}" for log in logs)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
 

@@ -142,28 +142,29 @@ def test_site_and_server_crashes_lose_nothing(tmp_path):
 
 # --- a dropped link, a site past the deadline, a full disk --------------------------------------------
 #
-# A second federation of two sites, quorum one, five rounds, no cross-site
+# A second federation of two sites, quorum one, six rounds, no cross-site
 # evaluation; site-2 reaches the gateway through a TCP proxy the test controls:
-# - round 1: while site-2 works on its training message, its link is cut
+# - round 1 (or the next, if site-2 was done with round 1 before the drill saw
+#   it): while site-2 works on its training message, its link is cut
 #   (connections reset, new ones refused) for a few seconds and until site-2 has
 #   met the cut, then restored;
-# - round 2: site-2's ClientApp is frozen (SIGSTOP) past federation.round_timeout_s:
-#   the training step closes at its deadline without it; its reply, when it comes,
-#   is logged as late and never used;
-# - a later round (3, or 4 when round 3 reached site-2 before the drill was ready):
-#   site-2's disk fills up while it works (RLIMIT_FSIZE 0 on its ClientApp
-#   processes: every write to a file fails, as on a full disk; no root needed):
-#   it answers with the fixed reason and its norm tensors stay whole;
+# - the next round to reach site-2 (usually 2): its ClientApp is frozen
+#   (SIGSTOP) within milliseconds of starting, past federation.round_timeout_s:
+#   the training step closes at its deadline without it; its reply, when it
+#   comes, is logged as late and never used. Rounds take about a second, so
+#   the drills pick the round by the process they catch, not the other way round;
+# - a later round: site-2's disk fills up while it works (RLIMIT_FSIZE 0 on its
+#   ClientApp processes: every write to a file fails, as on a full disk; no
+#   root needed): it answers with the fixed reason and its norm tensors stay whole;
 # - the round after: the disk has room again and site-2 trains.
 # Every round and every (round, site) line is in the metrics log exactly once.
 # The drills wait on a round's checkpoint (its aggregate), not its summary line:
 # that one is written only when the next round has trained.
 
 DRILL_RUN = "drills"
-DRILL_ROUNDS = 5
+DRILL_ROUNDS = 6
 TIMEOUT_S = 30.0
 CUT_S = 4.0
-SLOW_ROUND = 2
 
 
 def _clientapps(state: Path) -> set[int]:
@@ -172,9 +173,29 @@ def _clientapps(state: Path) -> set[int]:
     return set(descendants(warm)) if warm else set()
 
 
-def _new_clientapp(state: Path, known: set[int], *logs: Launched) -> int:
-    return wait_for(lambda: next(iter(_clientapps(state) - known), None), 120,
-                    "a new ClientApp process at site-2", *logs)
+def _started_at(pid: int) -> float:
+    """The process's start as a Unix time (to the kernel's clock tick), from /proc."""
+    ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _clientapp_since(state: Path, since: float, *logs: Launched) -> int:
+    """A site-2 ClientApp started after ``since``, whether it is already running or yet to come.
+
+    Judged by start time, not by being new to the test: the server's next message may reach
+    site-2 before the test sees the moment it waits for, and its ClientApp then already runs.
+    """
+    def started() -> int | None:
+        for pid in _clientapps(state):
+            try:
+                if _started_at(pid) >= since:
+                    return pid
+            except (OSError, ValueError, IndexError):
+                pass  # it has just exited
+        return None
+
+    return wait_for(started, 120, "a ClientApp process at site-2", *logs, poll_s=0.05)
 
 
 def _has_open(pid: int, name: str) -> bool:
@@ -190,6 +211,13 @@ def _lines(run: Path, event: str, **match) -> list[dict]:
 
 def _aggregated(run: Path, rnd: int) -> bool:
     return (run / CHECKPOINT_DIR / ROUND_CHECKPOINT.format(rnd)).is_file()
+
+
+def _open_round(run: Path) -> int:
+    """The round in progress: the one after the last aggregated (its checkpoint is written before the next
+    round's messages go out)."""
+    done = [r for r in range(1, DRILL_ROUNDS + 1) if _aggregated(run, r)]
+    return max(done, default=0) + 1
 
 
 @pytest.fixture(scope="module")
@@ -229,35 +257,40 @@ def test_a_cut_link_mid_round_loses_nothing(drills):
     def cut_noticed() -> bool:
         return "Connection attempt failed" in supernode_log.read_text() or "SuperNode exited" in drills["site-2"].output()
 
-    _new_clientapp(drills["state"], _clientapps(drills["state"]), *drills["all"])  # a round-1 message
+    (plan,) = _lines(run, "timeline", round=0, site="site-2")
+    _clientapp_since(drills["state"], plan["created"] + plan["reply_pulled"], *drills["all"])  # round 1's, or later
+    cut_round = _open_round(run)
     drills["proxy"].cut()
     time.sleep(CUT_S)
     # The link stays down until site-2 has tried to use it (its reply, a heartbeat): a site still training when
     # the link comes back would not notice the cut at all.
     wait_for(cut_noticed, 120, "site-2 to meet the cut link", *drills["all"])
     drills["proxy"].restore()
-    wait_for(lambda: _aggregated(run, 1), 300, "round 1 to complete", *drills["all"])
-    assert _lines(run, "train", round=1, site="site-1")
+    wait_for(lambda: _aggregated(run, cut_round), 300, "the cut round to complete", *drills["all"])
+    assert _lines(run, "train", round=cut_round, site="site-1")
 
 
 def test_a_site_past_the_deadline_is_left_out_on_time_and_its_late_reply_never_used(drills):
     state, run = drills["state"], drills["run"]
-    wait_for(lambda: _aggregated(run, SLOW_ROUND - 1), 300, "the round before", *drills["all"])
-    frozen = _new_clientapp(state, _clientapps(state), *drills["all"])  # site-2's next training message
+    # The first site-2 ClientApp to start from now on, caught within milliseconds: a round now takes about a
+    # second, so waiting for a given round's message could see it only once it is done.
+    frozen = _clientapp_since(state, time.time(), *drills["all"])
     os.kill(frozen, signal.SIGSTOP)
+    drills["slow_round"] = slow_round = _open_round(run)
+    assert slow_round < DRILL_ROUNDS - 1, "no round is left for the full-disk drill and its recovery"
     try:  # the training step closes at its deadline with site-1's reply alone
-        closed = wait_for(lambda: _lines(run, "train", round=SLOW_ROUND), TIMEOUT_S + 120,
+        closed = wait_for(lambda: _lines(run, "train", round=slow_round), TIMEOUT_S + 120,
                           "the training step to close without site-2", *drills["all"])
     finally:
         os.kill(frozen, signal.SIGCONT)
-    (sent, *_) = _lines(run, "timeline", round=SLOW_ROUND, stage="train")
+    (sent, *_) = _lines(run, "timeline", round=slow_round, stage="train")
     assert [e["site"] for e in closed] == ["site-1"]
     assert TIMEOUT_S <= closed[0]["time"] - sent["created"] < TIMEOUT_S + 15, "the deadline was not kept"
-    wait_for(lambda: _aggregated(run, SLOW_ROUND), TIMEOUT_S + 120, "the slow round to close", *drills["all"])
-    late = wait_for(lambda: _lines(run, "late-reply", site="site-2", for_round=SLOW_ROUND, stage="train"),
+    wait_for(lambda: _aggregated(run, slow_round), TIMEOUT_S + 120, "the slow round to close", *drills["all"])
+    late = wait_for(lambda: _lines(run, "late-reply", site="site-2", for_round=slow_round, stage="train"),
                     TIMEOUT_S * 3 + 60, "site-2's late reply to be logged", *drills["all"])
     assert late[0]["late_by_s"] >= TIMEOUT_S
-    assert not _lines(run, "train", round=SLOW_ROUND, site="site-2")
+    assert not _lines(run, "train", round=slow_round, site="site-2")
 
 
 def test_a_full_disk_is_answered_with_a_fixed_reason_and_keeps_the_norm_tensors(drills):
@@ -268,7 +301,7 @@ def test_a_full_disk_is_answered_with_a_fixed_reason_and_keeps_the_norm_tensors(
     full, saved = set(), None
     deadline = time.monotonic() + 300
     while not (failures := [e for e in _lines(run, "failure", site="site-2", stage="train")
-                            if e["round"] > SLOW_ROUND]):
+                            if e["round"] > drills["slow_round"]]):
         assert time.monotonic() < deadline, "site-2 never failed its training on its full disk"
         for pid in _clientapps(state) - full:
             if _has_open(pid, "site.log"):
@@ -301,8 +334,8 @@ def test_every_round_and_reply_is_logged_exactly_once(drills):
         assert max(lines.values()) == 1, (stage, lines)
     trained = {(e["round"], e["site"]) for e in log if e["event"] == "train"}
     assert {(r, "site-1") for r in range(1, DRILL_ROUNDS + 1)} <= trained
-    full_round = drills["full_round"]
-    assert (full_round + 1, "site-2") in trained and not {(SLOW_ROUND, "site-2"), (full_round, "site-2")} & trained
-    slow = [e for e in log if e["event"] == "round" and e["round"] == SLOW_ROUND]
+    slow_round, full_round = drills["slow_round"], drills["full_round"]
+    assert (full_round + 1, "site-2") in trained and not {(slow_round, "site-2"), (full_round, "site-2")} & trained
+    slow = [e for e in log if e["event"] == "round" and e["round"] == slow_round]
     assert slow[0]["sites_ok"] == 1 and slow[0]["aggregated"]
     assert log[-1]["event"] == "run-end" and log[-1]["status"] == "completed"
