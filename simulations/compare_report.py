@@ -16,6 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from common.config import FedsegConfig  # noqa: E402
 
+from .sites import site_names  # noqa: E402
+
 TARGET_VS_POOLED = -0.01
 TARGET_VS_FEDAVG = 0.03
 PLOT_DPI = 110
@@ -167,15 +169,21 @@ def markdown(table: dict[str, dict[str, Any]], seeds: list[int], command: str, b
         cells.append(f"{row['runs']}" + (f" ({row['failed']} failed)" if row["failed"] else ""))
         lines.append("| " + " | ".join(cells) + " |")
     t, f, s = base.train, base.federation, base.simulation
+    training, held_out = site_names(base)
+    if s.sites:
+        data, same_data = (f"{len(training)} training sites, {len(held_out)} held out, your own datasets from "
+                           "simulation.sites"), "the sites' own datasets"
+    else:
+        data, same_data = (f"{len(training)} synthetic training sites, {len(held_out)} held out, "
+                           f"{s.cases_per_site} cases each, shift strength {s.shift_strength}"), f"synthetic seed {s.seed}"
     return "\n".join([
         "# Strategy comparison under scanner shift", "",
         f"Command: `{command}`", "",
         f"Seeds: {seeds} (model initialisation and patch sampling; the data are the same for every seed: "
-        f"synthetic seed {s.seed}).", "",
+        f"{same_data}).", "",
         f"Budget per method and seed: {f.rounds} rounds x {t.local_steps} local steps of batch {t.batch_size} per site "
-        f"({s.num_sites} training sites, {s.held_out_sites} held out, {s.cases_per_site} cases each, "
-        f"shift strength {s.shift_strength}); local-only trains {f.rounds * t.local_steps} steps per site, pooled "
-        f"{f.rounds * t.local_steps * s.num_sites} steps, so every method sees the same number of patches. Every "
+        f"({data}); local-only trains {f.rounds * t.local_steps} steps per site, pooled "
+        f"{f.rounds * t.local_steps * len(training)} steps, so every method sees the same number of patches. Every "
         f"model is scored on its final round. Personalization (rows '+ personalization') then fine-tunes each "
         f"site's norm layers{' and output layer' if t.personalize == 'norm+head' else ''} for at most "
         f"{t.personalize_steps} steps on its own training cases, keeping the copy with the best Dice on its own "

@@ -162,6 +162,9 @@ def test_compare_quick_on_own_sites(own_sites, tmp_path):
         assert set(row["test_per_site"]) == {"north", "south"} and all(len(v) == 1 for v in
                                                                         row["test_per_class"].values())
     assert set(rows["pooled"]["held_out"]) == {"east"}
+    report = (out / "results.md").read_text()
+    assert "(2 training sites, 1 held out, your own datasets from simulation.sites)" in report
+    assert "synthetic" not in report and "shift strength" not in report
 
 
 def _channel_specs(tmp_path, **channels):
