@@ -187,7 +187,8 @@ class PatchSampler:
         """(image [C, *size] float32, label [1, *size] uint8) from one volume."""
         center = self._center(volume) if self._force_foreground() else None
         start = self._start(volume.image.shape[1:], center)
-        image = extract(volume.image, start, self.size).astype(np.float32, copy=False)
+        # A writable copy: volumes are memory-mapped read-only, which torch warns about in the augmentation.
+        image = np.array(extract(volume.image, start, self.size), dtype=np.float32)
         labels = extract(volume.label, start, self.size)
         if self.fuse:
             label = fuse(labels, self.num_classes)
@@ -361,7 +362,8 @@ def evaluate(
             dice_metric(pred, truth)
             if labels.shape[0] > 1:
                 per_annotator.append([
-                    _mean_foreground_dice(pred, one_hot(torch.as_tensor(a[None, None]).long(), num_classes))
+                    _mean_foreground_dice(pred, one_hot(torch.from_numpy(np.array(a[None, None], dtype=np.int64)),
+                                                        num_classes))
                     for a in labels
                 ])
             if cfg.hd95:
