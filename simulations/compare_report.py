@@ -47,7 +47,7 @@ def summarize(results: list[dict[str, Any]], methods) -> dict[str, dict[str, Any
     for method in methods:
         rows = [r for r in results if r["method"] == method.name and r["status"] == "ok"]
         failed = sum(1 for r in results if r["method"] == method.name and r["status"] != "ok")
-        test = bool(rows) and all(r.get("test_per_site") for r in rows)
+        test = bool(rows) and all(_tested(r) for r in rows)
         table[method.name] = _row(method.label, rows, "test_per_site" if test else "per_site", failed)
         table[method.name]["per_class"] = _per_class(rows) if test else []
         key = "test_personal" if test else "personal"
@@ -58,9 +58,21 @@ def summarize(results: list[dict[str, Any]], methods) -> dict[str, dict[str, Any
     return table
 
 
+def _tested(result: dict[str, Any]) -> bool:
+    """Whether every trained site of a run has test scores: a table never mixes test and validation Dice."""
+    return bool(result.get("test_per_site")) and set(result["test_per_site"]) == set(result["per_site"])
+
+
 def scored_on(results: list[dict[str, Any]]) -> str:
+    """The cases the table scores on, in words; why not the test cases when only some sites have them."""
     ok = [r for r in results if r["status"] == "ok"]
-    return "test" if ok and all(r.get("test_per_site") for r in ok) else "validation"
+    if ok and all(_tested(r) for r in ok):
+        return "labelled test cases (imagesTs/labelsTs)"
+    untested = sorted({s for r in ok if r.get("test_per_site") for s in set(r["per_site"]) - set(r["test_per_site"])})
+    if untested:
+        return (f"validation cases ({', '.join(untested)} without labelled test cases, so no site is scored on "
+                "its test cases; give every site imagesTs/labelsTs to score on test cases)")
+    return "validation cases"
 
 
 def _per_class(rows: list[dict[str, Any]]) -> list[tuple[float, float, int] | None]:
@@ -188,7 +200,7 @@ def markdown(table: dict[str, dict[str, Any]], seeds: list[int], command: str, b
         f"site's norm layers{' and output layer' if t.personalize == 'norm+head' else ''} for at most "
         f"{t.personalize_steps} steps on its own training cases, keeping the copy with the best Dice on its own "
         f"validation cases" + (" (those rows are therefore chosen on the cases they are scored on)."
-                                if cases == "validation cases" else ", never on the test cases it is scored on."), "",
+                                if cases.startswith("validation") else ", never on the test cases it is scored on."), "",
         f"Dice: mean ± standard deviation over seeds of the foreground Dice on each site's {cases} "
         "(federated methods: the final global model with the site's own norm tensors). Held-out sites never train "
         "and are scored on all their labelled cases: as-is = the final global model as it arrives, adapted = after "
@@ -257,6 +269,5 @@ def write_report(out: Path, results: list[dict[str, Any]], methods, seeds: list[
     for plot, name in zip((_plot_dice, _plot_curves, _plot_held_out), PLOTS):
         plot(table, out / name)
     path = out / "results.md"
-    cases = "labelled test cases (imagesTs/labelsTs)" if scored_on(results) == "test" else "validation cases"
-    path.write_text(markdown(table, seeds, command, base, cases))
+    path.write_text(markdown(table, seeds, command, base, scored_on(results)))
     return path

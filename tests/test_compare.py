@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from common.files import read_jsonl
 from simulations.cli import main as sim_main
-from simulations.compare_report import PLOTS
+from simulations.compare_report import PLOTS, scored_on, summarize
+from simulations.compare_run import Method
 
 METHODS = ["local", "pooled", "fedseg"]
 SMALLER = ["--set", "data.patch_size=[16, 16, 16]", "--set", "train.batch_size=1", "--set", "simulation.cpus_per_site=1"]
@@ -69,3 +71,20 @@ def test_split_methods_keep_the_patches_and_published_methods_average_plainly():
         for name in ("fedavg", "fedavg-fewer-rounds", "fedbn", "fedin", "silobn", "no-momentum"):
             assert methods[name].federation.server_optimizer == "none", name
         assert methods["fedavg-fewer-rounds"].train.norm_mode == "shared"
+
+
+def _result(test_sites: list[str]) -> dict:
+    return {"status": "ok", "method": "local", "per_site": {"a": 0.5, "b": 0.6}, "held_out": {}, "curve": [0.5],
+            "seconds": 1.0, "test_per_site": dict.fromkeys(test_sites, 0.7),
+            "test_per_class": {s: [0.7] for s in test_sites}}
+
+
+def test_a_table_never_mixes_test_and_validation_dice():
+    """A site without test cases is not dropped from the table: every site is scored on validation cases."""
+    methods = [Method("local", "local", "Local only")]
+    mixed, full = [_result(["a"])], [_result(["a", "b"])]
+    row = summarize(mixed, methods)["local"]
+    assert set(row["sites"]) == {"a", "b"} and row["mean"][0] == pytest.approx(0.55)
+    assert scored_on(mixed).startswith("validation cases (b without labelled test cases")
+    assert summarize(full, methods)["local"]["mean"][0] == pytest.approx(0.7)
+    assert scored_on(full) == "labelled test cases (imagesTs/labelsTs)"
