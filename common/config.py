@@ -172,6 +172,13 @@ class FederationConfig:
                 "learning rate 1), adam / yogi (Flower's FedAdam / FedYogi, Reddi et al. 2021); none: the "
                 "aggregate is the new global model."
     )
+    schedule: Literal["parallel", "cyclic"] = option(
+        "parallel", "parallel: every training site trains each round and the updates are averaged; cyclic: cyclical "
+                    "weight transfer (Chang et al. 2018), each round one training site in turn continues from the "
+                    "previous one's weights (the same patches take as many times the rounds as there are sites; "
+                    "needs server_optimizer none, aggregator mean, no DP; with model.norm batch a site's running "
+                    "statistics go stale between its turns, so use instance norm)."
+    )
     server_momentum: float = option(0.5, "momentum: beta of the server's momentum on the rounds' updates.")
     server_lr: float = option(0.01, "FedAdam/FedYogi: server learning rate eta.")
     server_tau: float = option(1e-3, "FedAdam/FedYogi: adaptivity tau (larger: closer to plain averaging).")
@@ -360,6 +367,11 @@ def check_robustness(cfg: FedsegConfig) -> None:
     if p.noise_multiplier > 0 and f.clip_updates:
         raise ConfigError("privacy.noise_multiplier > 0 clips every update at privacy.clipping_norm already; set "
                           "federation.clip_updates: false (a median-relative clip would break the DP accounting).")
+    if f.schedule == "cyclic" and (f.server_optimizer != "none" or f.aggregator != "mean" or p.noise_multiplier > 0
+                                   or f.clip_updates):
+        raise ConfigError("federation.schedule: cyclic trains one site per round, whose weights become the model: "
+                          "set federation.server_optimizer: none, federation.aggregator: mean, "
+                          "federation.clip_updates: false and privacy.noise_multiplier: 0.")
     if p.noise_multiplier > 0 and f.aggregator != "mean":
         raise ConfigError(
             f"privacy.noise_multiplier > 0 needs federation.aggregator: mean (got '{f.aggregator}'): the noise is "

@@ -41,6 +41,11 @@ class FedSegStrategy(FedProx):
     .. math::
         w^{t+1} = \sum_{k \in S_t} \frac{n_k}{n} w_k, \qquad n = \sum_{k \in S_t} n_k
 
+    With ``federation.schedule: cyclic`` (cyclical weight transfer) round t trains only the site
+    whose turn it is, :math:`k_t = t \bmod K` over the K connected training sites in node-id
+    order, so :math:`w^{t+1} = w_{k_t}`: the model makes every site's steps one after another,
+    as pooled training does, at the price of K times the rounds for the same patches.
+
     The delta over FedProx: FedAvg's aggregation would average in the wire dtype (float16
     may travel) and raise on one inconsistent reply, so the aggregate hooks screen instead (a
     bad reply is logged and left out) and combine in float32 (server/aggregator.py): the mean
@@ -105,9 +110,18 @@ class FedSegStrategy(FedProx):
         self.recorder.start_round(rnd)
         config[keys.EVALUATE_RECEIVED] = server_round > 1  # the previous round of this run is still open
         messages, wire = self._send(super().configure_train, server_round, arrays, config, grid)
+        if self.cfg.federation.schedule == "cyclic" and messages:
+            messages = self.screen.outgoing = [self._in_turn(rnd, messages)]
         self.reference = {k: v.numpy().astype(np.float32) for k, v in wire.items()}
         self.recorder.sent(rnd, wire, len(messages), training=True)
         return messages
+
+    @staticmethod
+    def _in_turn(rnd: int, messages: list[Message]) -> Message:
+        """Cyclic schedule: the message of the site whose turn round ``rnd`` is, the connected training
+        sites taken in a fixed order (by node id) so that each gets every K-th round."""
+        ordered = sorted(messages, key=lambda m: m.metadata.dst_node_id)
+        return ordered[(rnd - 1) % len(ordered)]
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -156,7 +170,7 @@ class FedSegStrategy(FedProx):
         """Step 2: the aggregate of the sound replies (moved by the server optimizer unless
         ``server_step`` is off), or (None, None) below the quorum."""
         rnd = server_round + self.round_offset
-        if len(sound) < self.min_train_nodes:
+        if len(sound) < self._quorum():
             self._below_quorum(rnd, len(sound))
             return None, None
         with self.recorder.timed(rnd):
@@ -199,10 +213,14 @@ class FedSegStrategy(FedProx):
             return "they do not cover every shared tensor"
         return None
 
+    def _quorum(self) -> int:
+        """Sound training replies a round needs: federation.min_sites, or the one site in turn (cyclic)."""
+        return 1 if self.cfg.federation.schedule == "cyclic" else self.min_train_nodes
+
     def _below_quorum(self, rnd: int, sites_ok: int) -> None:
         action = self.cfg.federation.on_quorum_failure
         self.recorder.below_quorum(rnd, "train", sites_ok, action)
-        msg = f"round {rnd}: only {sites_ok} site(s) completed train, quorum is {self.min_train_nodes}"
+        msg = f"round {rnd}: only {sites_ok} site(s) completed train, quorum is {self._quorum()}"
         if action == "stop":
             raise QuorumNotReached(msg + "; stopping as configured (federation.on_quorum_failure: stop).")
         log.warning("%s; keeping the previous global model", msg)

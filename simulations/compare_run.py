@@ -20,7 +20,7 @@ from common.runs import COMMAND_FILE, CROSS_EVAL_FILE, METRICS_FILE, RESULTS_FIL
 
 from . import baselines
 from .runner import SimulationError, prepare_run, run_simulation
-from .sites import read_site_specs, site_datasets, with_data_channels
+from .sites import read_site_specs, site_datasets, site_names, with_data_channels
 
 log = logging.getLogger("fedseg.compare")
 
@@ -76,6 +76,12 @@ def methods_for(base: FedsegConfig, mu_sweep: list[float]) -> list[Method]:
         Method("finetune", "federated", "fedseg default, personalization fine-tuning every weight",
                ("train.personalize=all",)),
     ]
+    sites = len(site_names(base)[0])
+    methods.append(Method(
+        "cyclic", "federated", f"Cyclic weight transfer, instance norm (weights local): one site a round in turn, "
+        f"{sites * f.rounds} rounds x {t.local_steps} steps (same patches)",
+        ("federation.schedule=cyclic", "federation.server_optimizer=none", "model.norm=instance",
+         f"federation.rounds={sites * f.rounds}")))
     if f.server_optimizer == "momentum":
         methods.append(Method("no-momentum", "federated", "fedseg default without server momentum (plain averaging)",
                               ("federation.server_optimizer=none",)))
