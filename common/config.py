@@ -177,7 +177,8 @@ class FederationConfig:
                     "weight transfer (Chang et al. 2018), each round one training site in turn continues from the "
                     "previous one's weights (the same patches take as many times the rounds as there are sites; "
                     "needs server_optimizer none, aggregator mean, no DP; with model.norm batch a site's running "
-                    "statistics go stale between its turns, so use instance norm)."
+                    "statistics go stale between its turns, so use instance norm; the best model is the last "
+                    "round's, the only one every site scores)."
     )
     server_momentum: float = option(0.5, "momentum: beta of the server's momentum on the rounds' updates.")
     server_lr: float = option(0.01, "FedAdam/FedYogi: server learning rate eta.")

@@ -131,8 +131,9 @@ class RunRecorder:
         self.tally(rnd).dice.append(float(metrics["dice"]))
         self.tally(rnd).weights.append(float(metrics[keys.NUM_EXAMPLES]))
 
-    def close_round(self, rnd: int) -> dict[str, float]:
-        """Write the round's summary, offer the model as best, and make the log durable."""
+    def close_round(self, rnd: int, offer_best: bool = True) -> dict[str, float]:
+        """Write the round's summary, offer the model as best (unless ``offer_best`` is off), and make the
+        log durable."""
         t = self.tallies.pop(rnd, RoundTally())
         dice_mean = float(np.mean(t.dice)) if t.dice else float("nan")
         dice_weighted = float(np.average(t.dice, weights=t.weights)) if t.dice else float("nan")
@@ -142,7 +143,7 @@ class RunRecorder:
             duration_s=(t.ended or time.perf_counter()) - t.started, bytes_total=t.bytes_total,
             aggregation_s=t.aggregation_s,
         )
-        if t.aggregated and t.dice:
+        if offer_best and t.aggregated and t.dice:
             self.checkpoints.offer_best(rnd, dice_weighted)
         self.metrics.sync()
         log.info("round %d: %d site(s) trained, %d failed, Dice mean %.4f weighted %.4f",

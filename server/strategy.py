@@ -150,7 +150,9 @@ class FedSegStrategy(FedProx):
                 self.recorder.evaluated(rnd, site, msg.content.metric_records[keys.EVALUATION])
             else:
                 self.recorder.rejected(rnd, site, "evaluate", problem)
-        self.recorder.close_round(rnd)
+        # Cyclic: the evaluation came from the one site in turn, and Dice of different sites is no ranking;
+        # the last round, which every site evaluates, is the best-model candidate.
+        self.recorder.close_round(rnd, offer_best=self.cfg.federation.schedule != "cyclic")
 
     def screen_train(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """Step 1: the round's sound training replies, each logged with the digest of what arrived

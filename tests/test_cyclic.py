@@ -3,7 +3,8 @@
 One real simulation (Flower's engine on Ray): two training sites and one held
 out, quorum two, four rounds. Each round must train exactly one site, the two
 alternating, without a quorum failure; the held-out site never trains; the
-last round's evaluation reaches both training sites.
+last round's evaluation reaches both training sites, and only that round,
+scored by every site, may become the best model.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def test_each_round_trains_the_next_site_in_turn(tmp_path):
     assert not [e for e in log if e["event"] == "quorum-failure"]
     assert {e["site"] for e in log if e["event"] == "evaluate" and e["round"] == ROUNDS} == {"site-1", "site-2"}
     assert log[-1]["event"] == "run-end" and log[-1]["status"] == "completed"
+    assert log[-1]["best_round"] == ROUNDS, "one site's Dice ranked against another's"
 
 
 @pytest.mark.parametrize("setting", ["federation.server_optimizer=momentum", "federation.aggregator=median",
