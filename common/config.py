@@ -26,6 +26,9 @@ Augmentation = Literal["none", "standard", "scanner"]
 SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 """A simulated site's name: it also names a folder."""
 
+RUN_ID = re.compile(r"[0-9a-f]{12}")
+"""A run's identity: it names the run's folder at each site, so nothing else may appear in it."""
+
 NormMode = Literal["local", "stats", "shared"]
 """Which normalization tensors stay at the site (docs/architecture.md, "Shared and site-local tensors")."""
 
@@ -160,6 +163,10 @@ class FederationConfig:
     )
     runs_dir: str = option("runs", "Folder that holds one run directory per run.")
     run_name: str = option("", "Run directory name; empty means a timestamped name.")
+    run_id: str = option(
+        "", "The run's identity (12 hex digits), drawn when the run is created and kept when it resumes; each site "
+            "keeps the run's model under it. Set by fedseg-server start and fedseg-sim, not by hand."
+    )
     aggregator: Literal["mean", "trimmed_mean", "median"] = option(
         "mean", "How shared tensors are combined: weighted mean, or a robust coordinate-wise trimmed mean or median."
     )
@@ -347,6 +354,11 @@ def check_consistency(cfg: FedsegConfig) -> None:
         raise ConfigError("federation.poll_interval_s and site.poll_interval_s must be between 0.01 and 60 seconds.")
     if t.local_steps < 1 or t.batch_size < 1 or f.rounds < 1 or f.min_sites < 1:
         raise ConfigError("train.local_steps, train.batch_size, federation.rounds and federation.min_sites must be >= 1.")
+    if f.run_name and not SITE_NAME.fullmatch(f.run_name):
+        raise ConfigError(f"federation.run_name {f.run_name!r} must be letters, digits, '.', '_' or '-' (it names "
+                          "the run's folder at the centre and at every site).")
+    if f.run_id and not RUN_ID.fullmatch(f.run_id):
+        raise ConfigError(f"federation.run_id {f.run_id!r} must be 12 hex digits; leave it unset, fedseg draws it.")
     if cfg.site.min_cohort < 1:
         raise ConfigError(f"site.min_cohort must be >= 1, got {cfg.site.min_cohort}.")
 

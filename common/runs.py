@@ -3,10 +3,11 @@ centre's and the sites' state folders, exported models and comparisons."""
 
 from __future__ import annotations
 
+import secrets
 import time
 from pathlib import Path
 
-from .config import FederationConfig, FedsegConfig
+from .config import FederationConfig, FedsegConfig, read_yaml
 
 # --- the run directory (<runs_dir>/<run_name>) ---------------------------------------------------
 CONFIG_FILE = "config.yaml"
@@ -90,12 +91,29 @@ def simulated_site_config(run: Path, partition_id: int) -> Path:
     return Path(run) / SIM_SITES_DIR / f"site-{partition_id + 1}.yaml"
 
 
+def new_run_id() -> str:
+    """A run's identity: drawn once when the run is created, kept in its config.yaml when it resumes."""
+    return secrets.token_hex(6)
+
+
+def existing_run_id(run: Path) -> str:
+    """The identity of the run in folder ``run``, or "" when no run was started there yet."""
+    path = Path(run) / CONFIG_FILE
+    if not path.is_file():
+        return ""
+    return str((read_yaml(path).get("federation") or {}).get("run_id") or "")
+
+
 def site_view(cfg: FedsegConfig) -> FedsegConfig:
-    """The part of the centre's config that sites need: model, data and training settings, the wire dtype.
+    """The part of the centre's config that sites need: model, data and training settings, and the run's facts.
 
     Flower hands the run config to every site, so in a deployment it holds
     only this: no centre path (runs, certificates, state), no other site's
-    name, no server or privacy setting. Everything else keeps its default.
+    name, no server or privacy setting. What a site computes from the run
+    (the learning-rate schedule over all rounds, the folder that keeps the
+    run's model) comes from here: the round count, the run's name and identity.
     """
+    f = cfg.federation
     return FedsegConfig(model=cfg.model, data=cfg.data, train=cfg.train,
-                        federation=FederationConfig(wire_dtype=cfg.federation.wire_dtype))
+                        federation=FederationConfig(wire_dtype=f.wire_dtype, rounds=f.rounds, run_name=f.run_name,
+                                                    run_id=f.run_id))

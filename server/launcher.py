@@ -29,7 +29,7 @@ from common.config import FedsegConfig
 from common.processes import Shutdown, stop_on_signals, wait_healthy
 from common.progress import describe
 from common.runs import (FLWR_HOME, GATEWAY_LOG, RUN_CONFIG_TOML, SCRATCH_DIR, SUPERLINK_DATABASE, SUPERLINK_LOG,
-                         new_run_name, run_dir)
+                         existing_run_id, new_run_id, new_run_name, run_dir)
 
 STARTUP_TIMEOUT_S = 90.0
 POLL_S = 0.5
@@ -40,9 +40,11 @@ RUN_END_GRACE_S = 30.0
 
 def prepare(cfg: FedsegConfig) -> FedsegConfig:
     """Name the run and make the paths the ServerApp and the SuperLink use absolute."""
+    run_name = cfg.federation.run_name or new_run_name("run")
+    runs_dir = Path(cfg.federation.runs_dir).resolve()
     federation = dataclasses.replace(
-        cfg.federation, run_name=cfg.federation.run_name or new_run_name("run"),
-        runs_dir=str(Path(cfg.federation.runs_dir).resolve()),
+        cfg.federation, run_name=run_name, runs_dir=str(runs_dir),
+        run_id=cfg.federation.run_id or existing_run_id(runs_dir / run_name) or new_run_id(),
     )
     server = dataclasses.replace(cfg.server, cert_dir=str(Path(cfg.server.cert_dir).resolve()),
                                  state_dir=str(Path(cfg.server.state_dir).resolve()))

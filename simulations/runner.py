@@ -34,7 +34,7 @@ from common.metrics_log import read_events
 from common.processes import stop_tree, wait_healthy
 from common.progress import describe
 from common.runs import (FLOWER_CONFIG, FLWR_HOME, FLWR_RUN_LOG, METRICS_FILE, RUN_CONFIG_TOML, SCRATCH_DIR,
-                         SIM_SITES_DIR, SUPERLINK_LOG, new_run_name, run_dir, simulated_site_config)
+                         SIM_SITES_DIR, SUPERLINK_LOG, existing_run_id, new_run_id, new_run_name, run_dir, simulated_site_config)
 
 from .sites import read_site_specs, site_datasets, site_names, with_data_channels
 
@@ -61,6 +61,7 @@ def prepare_run(cfg: FedsegConfig) -> FedsegConfig:
         cfg.federation,
         run_name=run_name,
         runs_dir=str(Path(cfg.federation.runs_dir).resolve()),
+        run_id=cfg.federation.run_id or existing_run_id(Path(cfg.federation.runs_dir) / run_name) or new_run_id(),
         sites=names,
         held_out_sites=held_out,
         min_sites=min(cfg.federation.min_sites, len(names)),
