@@ -48,8 +48,9 @@ def _train(site: Site, msg: Message) -> Message:
     volumes = data.volumes(require_cohort(site.cfg, data.train_ids, "training"))
     timeline.mark(site.marks, timeline.DATA_READY)
     evaluation = None
-    if config.get(keys.EVALUATE_RECEIVED) is True:
-        evaluation = _evaluation(site, data, data.volumes(require_cohort(site.cfg, data.val_ids, "validation")))
+    scoring = config.get(keys.EVALUATE_RECEIVED) is True
+    if scoring and can_score(site, data.val_ids):
+        evaluation = _evaluation(site, data, data.volumes(data.val_ids))
     result = train_local(
         site.model,
         volumes,
@@ -69,11 +70,29 @@ def _train(site: Site, msg: Message) -> Message:
         "duration_s": time.perf_counter() - started,
         keys.NUM_EXAMPLES: len(data.train_ids),
     }
+    if scoring and evaluation is None:
+        metrics[keys.NO_SCORE] = 1
     log.info("round %d: trained %d steps, loss %.4f", server_round, result.steps, result.loss)
     reply = site.reply(msg, metrics, arrays)
     if evaluation is not None:
         reply.content[keys.EVALUATION] = MetricRecord(evaluation)
     return reply
+
+
+def can_score(site: Site, val_ids: list[str]) -> bool:
+    """Whether this site's validation cases reach its cohort floor; below it, it trains and sends no score.
+
+    The floor guards what is computed from the cases (a Dice over two patients
+    describes those two), so it refuses the score, never the training: a
+    hospital of 10 cases trains in every round. The site says so once per run.
+    """
+    if len(val_ids) >= site.cfg.site.min_cohort:
+        return True
+    if site.state.info().get("no_score_run") != site.cfg.federation.run_id:
+        site.state.update_info(no_score_run=site.cfg.federation.run_id)
+        log.warning("site %s: %d validation case(s), fewer than site.min_cohort = %d: it trains in every round "
+                    "but sends no validation score", site.cfg.site.name, len(val_ids), site.cfg.site.min_cohort)
+    return False
 
 
 def _evaluation(site: Site, data: SiteData, volumes: list[Volume]) -> dict[str, float]:

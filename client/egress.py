@@ -90,7 +90,8 @@ def reply_rules(dice_classes: frozenset[str], test_classes: frozenset[str]) -> d
     identity = {keys.METRICS, keys.IDENTITY}
     timeline = frozenset(keys.TIMELINE_METRICS)  # when the reply passed the site's stages: Unix times, nothing else
     return {
-        MessageType.TRAIN: ReplyRule(frozenset({*identity, keys.ARRAYS}), frozenset(keys.TRAIN_METRICS) | timeline,
+        MessageType.TRAIN: ReplyRule(frozenset({*identity, keys.ARRAYS}),
+                                     frozenset({*keys.TRAIN_METRICS, keys.NO_SCORE}) | timeline,
                                      frozenset(keys.TRAIN_METRICS), optional=frozenset({keys.EVALUATION})),
         MessageType.EVALUATE: ReplyRule(frozenset(identity), frozenset(keys.EVAL_METRICS) | dice_classes | timeline,
                                         frozenset(keys.EVAL_REQUIRED)),

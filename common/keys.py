@@ -31,6 +31,9 @@ NODE_PARTITION_ID = "partition-id"
 """Node-config entry set by Flower's simulation engine."""
 
 TRAIN_METRICS = ("loss", "proximal_loss", "duration_s", NUM_EXAMPLES)
+NO_SCORE = "no_score"
+"""Training metric, 1: the site was asked to score the model it received but has fewer validation cases than
+its cohort floor (site.min_cohort), so it trained and sends no evaluation."""
 EVAL_REQUIRED = ("dice", "loss", NUM_EXAMPLES)
 DICE_CLASS_PREFIX = "dice_class_"
 
@@ -69,7 +72,7 @@ FINGERPRINT_PREFIX = "fp_"
 TIMELINE_METRICS = ("t_delivered", "t_process_started", "t_bundle_checked", "t_imports_done", "t_data_ready",
                     "t_work_done")
 """Unix times (site clock) at which a message passed the site's stages; the server's timeline (server/timeline.py)."""
-EGRESS_METRICS = frozenset((*TRAIN_METRICS, *EVAL_METRICS, *CROSS_EVAL_METRICS, *TIMELINE_METRICS))
+EGRESS_METRICS = frozenset((*TRAIN_METRICS, NO_SCORE, *EVAL_METRICS, *CROSS_EVAL_METRICS, *TIMELINE_METRICS))
 """The declared metric names a site may send (plus the per-class Dice and fingerprint prefixes)."""
 EGRESS_MAX_LIST = 16
 """Longest numeric list one metric may hold: enough for percentiles, too short for an image patch."""

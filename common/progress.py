@@ -20,6 +20,8 @@ def describe(event: dict[str, Any], expected: int | None = None) -> str | None:
         return f"{where} evaluated Dice {event['dice']:.4f}"
     if kind == "failure":
         return f"{where} FAILED ({event.get('stage', '?')}): {event.get('reason')}"
+    if kind == "no-score":
+        return f"{where} trains, reports no validation score: {event.get('reason')}"
     if kind == "round":
         dice = event["dice_weighted"]
         replied = f"{event['sites_ok']}/{expected}" if expected else f"{event['sites_ok']}"

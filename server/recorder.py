@@ -67,6 +67,8 @@ class RunRecorder:
         self.metrics = metrics_log
         self.checkpoints = checkpoints
         self.tallies: dict[int, RoundTally] = {}
+        self.unscored: set[str] = set()
+        """Sites that said they send no validation score (keys.NO_SCORE), each logged once."""
 
     def tally(self, rnd: int) -> RoundTally:
         return self.tallies.setdefault(rnd, RoundTally())
@@ -97,6 +99,16 @@ class RunRecorder:
         self.metrics.write("failure", round=rnd, site=site, stage=stage, reason=reason)
         if site not in self.tally(rnd).failed:
             self.tally(rnd).failed.append(site)
+
+    def no_score(self, rnd: int, site: str) -> None:
+        """A site trained but has too few validation cases to send a score: said once per run, not a failure."""
+        if site in self.unscored:
+            return
+        self.unscored.add(site)
+        log.warning("round %d: site %s trains but reports no validation score (fewer validation cases than its "
+                    "site.min_cohort); the best model is chosen on the other sites' Dice", rnd, site)
+        self.metrics.write("no-score", round=rnd, site=site,
+                           reason="fewer validation cases than the site's minimum cohort")
 
     def trained(self, rnd: int, site: str, msg: Message) -> None:
         """A sound training reply, logged with the digest of what arrived."""

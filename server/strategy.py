@@ -25,6 +25,14 @@ from .validation import ReplyValidator
 log = logging.getLogger("fedseg.server")
 
 
+def reports_no_score(msg: Message) -> bool:
+    """Whether a training reply says its site has too few validation cases to score (keys.NO_SCORE). Never raises."""
+    try:
+        return not msg.has_error() and msg.content.metric_records[keys.METRICS].get(keys.NO_SCORE) == 1
+    except Exception:  # a malformed reply is the validator's to report
+        return False
+
+
 class QuorumNotReached(RuntimeError):
     """Fewer sites than the quorum succeeded and the federation is set to stop."""
 
@@ -146,7 +154,9 @@ class FedSegStrategy(FedProx):
         """Record the evaluations of round ``rnd``'s model that came with the next round's training, and
         close round ``rnd``."""
         for msg, site, problem in self.screen.received(replies):
-            if problem is None:
+            if problem is not None and reports_no_score(msg):
+                self.recorder.no_score(rnd, site)
+            elif problem is None:
                 self.recorder.evaluated(rnd, site, msg.content.metric_records[keys.EVALUATION])
             else:
                 self.recorder.rejected(rnd, site, "evaluate", problem)
