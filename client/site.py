@@ -13,18 +13,18 @@ import logging
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from common import keys
 from common.config import FedsegConfig, from_yaml_text, load_config
 from common.device import with_site_compute
 from common.params import ParameterSplit, load_merged, run_model
-from common.runs import SITE_LOG, run_dir, simulated_site_config
+from common.runs import SITE_LOG, simulated_site_config, site_view
 from common.wire import from_wire
 
 from . import timeline
 from .reasons import SignatureMismatch
-from .site_state import SiteState
+from .site_state import RunState, SiteState
 
 log = logging.getLogger("fedseg.client")
 
@@ -45,15 +45,19 @@ class Site:
     def resolve(cls, context: Context) -> Site:
         """Federation settings come from the run config, identity and paths from site.yaml.
 
+        Whatever the run config holds, the site takes only ``site_view`` of it,
+        in the simulation as in a deployment: the same fields, the same defaults.
+
         A deployed SuperNode names its site.yaml in its node config; in the
         simulation, the launcher wrote one site.yaml per partition into the run
         directory.
         """
-        cfg = from_yaml_text(str(context.run_config[keys.RUN_CONFIG_KEY]), "run config")
+        cfg = site_view(from_yaml_text(str(context.run_config[keys.RUN_CONFIG_KEY]), "run config"))
         if keys.NODE_SITE_CONFIG in context.node_config:
             site_yaml = Path(str(context.node_config[keys.NODE_SITE_CONFIG]))
         else:
-            site_yaml = simulated_site_config(run_dir(cfg), int(context.node_config[keys.NODE_PARTITION_ID]))
+            site_yaml = simulated_site_config(Path(str(context.run_config[keys.SIM_SITES_KEY])),
+                                              int(context.node_config[keys.NODE_PARTITION_ID]))
         local = load_config(site_yaml)
         cfg = dataclasses.replace(cfg, site=local.site, train=with_site_compute(cfg.train, local.train))
         state = SiteState(Path(cfg.site.state_dir))
@@ -61,13 +65,34 @@ class Site:
         torch.set_num_threads(cfg.site.torch_threads)
         return cls(cfg, state, *run_model(cfg))
 
+    @property
+    def run(self) -> RunState:
+        """This site's state of the run the message belongs to (client/site_state.py)."""
+        return self.state.run(self.cfg)
+
     def load_global(self, msg: Message) -> dict[str, torch.Tensor]:
-        """Load the received shared tensors plus this site's local ones into the model."""
-        expected = str(msg.content[keys.CONFIG][keys.SIGNATURE])
+        """Load the received shared tensors plus this site's own tensors of the same round into the model.
+
+        A training message of round r carries global round r - 1's weights; an
+        evaluation or cross-evaluation message names the round of the weights it
+        carries. Each goes with the tensors this site held after that round, in
+        this run only: a site that has none (its first round in the run) starts
+        from the global initialisation, whatever other runs it trained in.
+        """
+        config = msg.content[keys.CONFIG]
+        expected = str(config[keys.SIGNATURE])
         if expected != self.signature:
             raise SignatureMismatch(f"server signature {expected}, site signature {self.signature}")
         received = from_wire(msg.content[keys.ARRAYS])
-        load_merged(self.model, self.split, received, self.state.load_local(self.signature))
+        server_round = config.get(keys.SERVER_ROUND)
+        model_round = None if server_round is None else int(server_round) - int(msg.metadata.message_type ==
+                                                                                 MessageType.TRAIN)
+        run = self.run
+        own = run.norm_for(model_round, self.signature)
+        if own is None and not run.trained:
+            log.info("run %s: this site has no norm tensors of its own in this run yet; its norm layers start from "
+                     "the global initialisation", run.name)
+        load_merged(self.model, self.split, received, None if own is None else own[1])
         return received
 
     def reply(self, msg: Message, metrics: dict[str, float], arrays: ArrayRecord | None = None) -> Message:

@@ -31,6 +31,8 @@ RUN_ID = re.compile(r"[0-9a-f]{12}")
 
 NormMode = Literal["local", "stats", "shared"]
 """Which normalization tensors stay at the site (docs/architecture.md, "Shared and site-local tensors")."""
+NORM_TRAVEL: tuple[str, ...] = typing.get_args(NormMode)
+"""The norm modes from the one that lets least travel to the one that lets most."""
 
 
 class ConfigError(ValueError):
@@ -237,6 +239,10 @@ class SimulatedSite:
     data_dir: str = option("", "nnU-Net raw or Medical Segmentation Decathlon dataset folder of this site.")
     held_out: bool = option(False, "The site never trains; it is only scored (as-is and norm-adapted) on all "
                                    "its labelled cases.")
+    site_yaml: str = option(
+        "", "This site's own site.yaml, whose site: settings (min_cohort, max_norm_travel, device...) apply as at "
+            "a deployed site; empty: a deployed site's defaults."
+    )
 
 
 @dataclass

@@ -24,6 +24,8 @@ EVALUATE_RECEIVED = "evaluate-received"
 """ConfigRecord entry of a training message: evaluate the received model before training (``EVALUATION``)."""
 
 RUN_CONFIG_KEY = "fedseg-config"
+SIM_SITES_KEY = "fedseg-sim-sites"
+"""Simulation only: the run config's folder of per-partition site.yaml files (a deployed site names its own)."""
 """Run-config entry that carries the resolved federation YAML to both apps."""
 NODE_SITE_CONFIG = "site-config"
 """Node-config entry: path of the site's site.yaml (deployment)."""

@@ -48,6 +48,20 @@ SUPERLINK_DATABASE = "superlink.db"
 # --- a site's private state folder (site.state_dir) -------------------------------------------------
 SITE_FILE = "site.json"
 NORM_FILE = "norm.safetensors"
+"""The one norm file a site kept before site state was scoped to runs; migrated once (client/site_state.py)."""
+SITE_RUNS_DIR = "runs"
+"""<state_dir>/runs/<run_name>-<run_id>/: everything this site keeps of one run (docs/architecture.md)."""
+SITE_RUN_FILE = "run.json"
+"""A site's facts about one run: model signature, rounds trained, scores it measured, where it started from."""
+SITE_NORM_DIR = "norm"
+NORM_ROUND_FILE = "round-{:04d}.safetensors"
+"""<run state>/norm/round-NNNN.safetensors: the site's own tensors after training round NNNN."""
+PERSONALIZED_FILE = "personalized.safetensors"
+"""<run state>/personalized.safetensors: the copy cross-site evaluation fine-tuned and scored at this site."""
+LEGACY_RUN = "legacy-norm"
+"""<state_dir>/runs/legacy-norm/: where the pre-run-scoped norm.safetensors is moved, tied to no run."""
+NO_RUN_ID = "no-id"
+"""Stands for the run id in the folder of a run configured without one (a run started by hand or by a test)."""
 CACHE_DIR = "cache"
 SITE_LOG = "site.log"
 EGRESS_FILE = "egress.jsonl"
@@ -86,9 +100,10 @@ def run_dir(cfg: FedsegConfig) -> Path:
     return Path(cfg.federation.runs_dir) / cfg.federation.run_name
 
 
-def simulated_site_config(run: Path, partition_id: int) -> Path:
-    """site.yaml of the simulated site that Flower's simulation engine calls partition ``partition_id``."""
-    return Path(run) / SIM_SITES_DIR / f"site-{partition_id + 1}.yaml"
+def simulated_site_config(sites: Path, partition_id: int) -> Path:
+    """site.yaml of the simulated site that Flower's simulation engine calls partition ``partition_id``, in the
+    simulation's folder of site configurations (``<run>/sites``, named by the run config's SIM_SITES_KEY)."""
+    return Path(sites) / f"site-{partition_id + 1}.yaml"
 
 
 def new_run_id() -> str:

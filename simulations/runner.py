@@ -28,13 +28,14 @@ import yaml
 
 from common import keys
 from common.bundle import APP_DIR
-from common.config import FedsegConfig, load_config
+from common.config import NORM_TRAVEL, FedsegConfig, SiteConfig, load_config
 from common.flower_env import flower_command, flower_env, free_port
 from common.metrics_log import read_events
 from common.processes import stop_tree, wait_healthy
 from common.progress import describe
 from common.runs import (FLOWER_CONFIG, FLWR_HOME, FLWR_RUN_LOG, METRICS_FILE, RUN_CONFIG_TOML, SCRATCH_DIR,
-                         SIM_SITES_DIR, SUPERLINK_LOG, existing_run_id, new_run_id, new_run_name, run_dir, simulated_site_config)
+                         SERVER_CONFIG_ENV, SERVER_CONFIG_FILE, SIM_SITES_DIR, SUPERLINK_LOG, existing_run_id,
+                         new_run_id, new_run_name, run_dir, simulated_site_config, site_view)
 
 from .sites import read_site_specs, site_datasets, site_names, with_data_channels
 
@@ -75,18 +76,47 @@ def site_state_dir(run: Path, name: str) -> Path:
     return Path(run) / SIM_SITES_DIR / name
 
 
-def write_site_configs(cfg: FedsegConfig, datasets: dict[str, Path]) -> None:
-    """One site.yaml per simulated site (partition i: the i-th site), exactly as a hospital would write it."""
+SYNTHETIC_RELAXED = {"min_cohort": 1}
+"""What synthetic sites relax from a deployed site's defaults: their few generated cases protect no patient."""
+
+
+def site_settings(cfg: FedsegConfig, name: str, data_dir: Path) -> tuple[dict, list[str]]:
+    """One simulated site's ``site:`` settings, and what they relax from a deployed site's defaults.
+
+    A deployed site's defaults apply unless the site names its own site.yaml
+    (``simulation.sites.<name>.site_yaml``); synthetic sites relax only what
+    their size forces, and a run whose norm_mode lets more travel than a
+    site's default allows relaxes that one setting. Each relaxation is said.
+    """
     run = run_dir(cfg)
-    threads = cfg.simulation.cpus_per_site
+    own = cfg.simulation.sites.get(name)
+    settings = {"torch_threads": cfg.simulation.cpus_per_site}
+    relaxed = []
+    if own is not None and own.site_yaml:
+        settings |= dataclasses.asdict(load_config(Path(own.site_yaml)).site)
+    elif own is None:
+        settings |= SYNTHETIC_RELAXED
+        relaxed += [f"site.{k}: {v}" for k, v in SYNTHETIC_RELAXED.items()]
+    travel = settings.get("max_norm_travel", SiteConfig().max_norm_travel)
+    if NORM_TRAVEL.index(cfg.train.norm_mode) > NORM_TRAVEL.index(travel):
+        settings["max_norm_travel"] = cfg.train.norm_mode
+        relaxed.append(f"site.max_norm_travel: {cfg.train.norm_mode}")
+    settings |= {"name": name, "data_dir": str(data_dir), "state_dir": str(site_state_dir(run, name))}
+    return settings, relaxed
+
+
+def write_site_configs(cfg: FedsegConfig, datasets: dict[str, Path]) -> list[str]:
+    """One site.yaml per simulated site (partition i: the i-th site), as a hospital would write it; returns
+    one line per site whose settings differ from a deployed site's defaults."""
+    notes = []
     for index, (name, data_dir) in enumerate(datasets.items()):
-        path = simulated_site_config(run, index)
+        path = simulated_site_config(run_dir(cfg) / SIM_SITES_DIR, index)
         path.parent.mkdir(parents=True, exist_ok=True)
-        # One user holds every simulated site's data on this machine: there is no patient to protect from the
-        # centre, and every norm_mode must be comparable (a hospital sets both in its own site.yaml).
-        site = {"name": name, "data_dir": str(data_dir), "state_dir": str(site_state_dir(run, name)),
-                "torch_threads": threads, "min_cohort": 1, "max_norm_travel": "shared"}
-        path.write_text(yaml.safe_dump({"site": site}, sort_keys=False))
+        settings, relaxed = site_settings(cfg, name, data_dir)
+        path.write_text(yaml.safe_dump({"site": settings}, sort_keys=False))
+        if relaxed:
+            notes.append(f"{name}: {', '.join(relaxed)}")
+    return notes
 
 
 class LocalSuperLink:
@@ -97,6 +127,7 @@ class LocalSuperLink:
         self.home = run / FLWR_HOME
         self.port = free_port()
         self.env = flower_env(self.home, threads)
+        self.env[SERVER_CONFIG_ENV] = str(run / SERVER_CONFIG_FILE)  # inherited by the ServerApp
         # Flower 1.42's federation config has no Ray address; ray.init() reads RAY_ADDRESS, and the
         # simulation process inherits the SuperLink's environment.
         self.env.pop(RAY_ADDRESS, None)
@@ -164,9 +195,12 @@ def run_simulation(cfg: FedsegConfig, show: Callable[[str], None] = print) -> Pa
     run.mkdir(parents=True, exist_ok=True)
     held = f" (+{len(cfg.federation.held_out_sites)} held out)" if cfg.federation.held_out_sites else ""
     show(f"fedseg-sim: {len(cfg.federation.sites)} sites{held}, {cfg.federation.rounds} rounds -> {run}")
-    write_site_configs(cfg, datasets)
-    run_config = run / RUN_CONFIG_TOML
-    run_config.write_text(tomli_w.dumps({keys.RUN_CONFIG_KEY: cfg.to_yaml()}))
+    if notes := write_site_configs(cfg, datasets):
+        show(f"fedseg-sim: unlike a deployed site's defaults: {'; '.join(notes)}")
+    run_config = run / RUN_CONFIG_TOML  # what a deployed site receives, plus where the simulated sites' yaml lie
+    run_config.write_text(tomli_w.dumps({keys.RUN_CONFIG_KEY: site_view(cfg).to_yaml(),
+                                         keys.SIM_SITES_KEY: str(run / SIM_SITES_DIR)}))
+    (run / SERVER_CONFIG_FILE).write_text(cfg.to_yaml())  # the ServerApp's, as at a deployed centre
     metrics = run / METRICS_FILE
     threads = sim.cpus_per_site
     with LocalSuperLink(run, threads, sim.ray_address) as link, (run / FLWR_RUN_LOG).open("w") as flwr_log:
@@ -205,7 +239,7 @@ def draw_site_pictures(run: Path, n_sites: int, show: Callable[[str], None]) -> 
     from client.site_report import site_pictures
 
     for index in range(n_sites):
-        site_cfg = load_config(simulated_site_config(run, index))
+        site_cfg = load_config(simulated_site_config(run / SIM_SITES_DIR, index))
         try:
             paths = site_pictures(site_cfg, run, show=lambda line: show(f"  {line}"))
         except Exception as err:  # a picture is a convenience; the run's results stand without it

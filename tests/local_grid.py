@@ -30,6 +30,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from common import keys
 from common.config import FedsegConfig
+from common.runs import SIM_SITES_DIR, run_dir, site_view
 from server.packed_grid import packed, unpacked
 from simulations.runner import prepare_run, write_site_configs
 
@@ -67,7 +68,8 @@ class LocalGrid(Grid):
 
     def context(self, node: int) -> Context:
         return Context(run_id=RUN_ID, node_id=node, node_config={keys.NODE_PARTITION_ID: node - 1},
-                       state=RecordDict(), run_config={keys.RUN_CONFIG_KEY: self.cfg.to_yaml()})
+                       state=RecordDict(), run_config={keys.RUN_CONFIG_KEY: site_view(self.cfg).to_yaml(),
+                                                       keys.SIM_SITES_KEY: str(run_dir(self.cfg) / SIM_SITES_DIR)})
 
     def set_run(self, run: Run) -> None:
         self._run = run

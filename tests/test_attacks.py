@@ -244,14 +244,14 @@ def one_site(tmp_path, data_dir, *overrides: str, site_settings: dict | None = N
     """A one-site federation of the real ClientApp; ``site_settings`` go into the site's own site.yaml."""
     import yaml
 
-    from common.runs import run_dir, simulated_site_config
+    from common.runs import SIM_SITES_DIR, run_dir, simulated_site_config
     from tests.local_grid import federation
 
     cfg = federation(load_config(None, [*ONE_SITE, f"federation.runs_dir={tmp_path}", "federation.run_name=e",
                                         *overrides]), {"site-1": data_dir})
-    path = simulated_site_config(run_dir(cfg), 0)
+    path = simulated_site_config(run_dir(cfg) / SIM_SITES_DIR, 0)
     body = yaml.safe_load(path.read_text())
-    body["site"].pop("max_norm_travel")  # the simulation lets everything travel; a hospital's default applies here
+    body["site"].pop("max_norm_travel", None)  # the simulation lets everything travel; a hospital's default applies here
     body["site"].update(site_settings or {})
     path.write_text(yaml.safe_dump(body))
     return cfg
