@@ -40,6 +40,7 @@ from common.files import read_jsonl
 from common.metrics_log import read_events
 from common.model import build_model, network_spec
 from common.plan import Plan
+from common.private import private_dir
 from common.runs import (BEST_CHECKPOINT, CHECKPOINT_DIR, CHECKPOINT_STATE, CONFIG_FILE, EXPORT_LOG, LABELS_FILE, METRICS_FILE,
                          PLAN_FILE, PROVENANCE_FILE, README_FILE, WEIGHTS_FILE)
 
@@ -188,7 +189,7 @@ def export_site_model(cfg: FedsegConfig, run: Path, choice: str, out: Path, pers
     state = SiteState(Path(cfg.site.state_dir))
     model, plan, run_cfg, _ = load_run_model(run, checkpoint_file(run, choice), state.root, missing_local="error")
     personal = personalized(cfg, run_cfg, model, plan) if personalize else None
-    out.mkdir(parents=True, exist_ok=True)
+    private_dir(out)  # the site's model, fitted to its patients: owner-only (0700), whatever the umask
     save_model(model, str(out / WEIGHTS_FILE))
     plan.save(out / PLAN_FILE)
     sections = {k: v for k, v in run_cfg.to_dict().items() if k in EXPORTED_SECTIONS}

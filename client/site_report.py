@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from common.config import FedsegConfig
+from common.private import private_file
 from common.runs import CHECKPOINT_DIR, LAST_CHECKPOINT, REPORT_DIR
 
 log = logging.getLogger("fedseg.client")
@@ -78,7 +79,7 @@ def draw_overlay(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, n
     fig.suptitle(f"{title} (axial slice {k})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(private_file(path), dpi=100)  # a slice of a scan, the case id in title and name: owner-only
     plt.close(fig)
     return path
 
