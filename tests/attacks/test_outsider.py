@@ -1,0 +1,235 @@
+"""Attacks by an outsider on the network: one deployed centre on 127.0.0.1 (TLS, node authentication, an
+allow-listed site that never connects), attacked at its gateway; and the installed release a deployment runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from common import keys
+
+
+# --- wire attacks: one deployed centre on 127.0.0.1, shared by findings 7, 11 and 12 ----------------------------
+
+WIRE_SITES = ["site-1"]
+
+
+@pytest.fixture(scope="module")
+def centre(tmp_path_factory):
+    """``fedseg-server start`` with TLS, node auth and an allow-listed site that never connects, so the
+    centre stays up (waiting for it) while the tests attack its gateway."""
+    import yaml
+
+    from server.certs import init_pki
+    from tests.deploy_harness import (
+        GATEWAY_HOST,
+        Launched,
+        allow,
+        federation_yaml,
+        make_site,
+        snapshot_app,
+        wait_for,
+    )
+
+    root = tmp_path_factory.mktemp("centre")
+    app, _ = snapshot_app(root / "app")
+    fed = federation_yaml(root, app, WIRE_SITES, rounds=1, min_sites=1, run_name="wire", round_timeout_s=600.0,
+                          cross_eval=False)
+    init_pki(root / "certs", [], [GATEWAY_HOST])
+    for name in WIRE_SITES:
+        allow(fed, name, make_site(root, name, root / "no-data", fed, ["0" * 64]))
+    server = Launched(root / "server.out", "fedseg-server", "start", "--config", str(fed))
+    try:
+        wait_for(lambda: "sites connect to" in server.output(), 180, "the centre to come up", server)
+        cfg = yaml.safe_load(fed.read_text())
+        yield {"root": root, "cfg": cfg, "server": server, "run": root / "runs" / "wire",
+               "address": (GATEWAY_HOST, cfg["server"]["fleet_port"]), "ca": str(root / "certs" / "ca.crt")}
+    finally:
+        server.terminate()
+
+
+def _tls(centre, timeout: float = 20.0):
+    """A raw TLS connection to the gateway, as any network peer can open."""
+    import socket
+    import ssl
+
+    context = ssl.create_default_context(cafile=centre["ca"])
+    raw = socket.create_connection(centre["address"], timeout=timeout)
+    return context.wrap_socket(raw, server_hostname=centre["address"][0])
+
+
+def _closed_within(sock, seconds: float) -> bool:
+    """Whether the gateway answers or closes ``sock`` within ``seconds`` (reads until EOF or timeout)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    sock.settimeout(1.0)
+    while time.monotonic() < deadline:
+        try:
+            if not sock.recv(4096):
+                return True
+        except TimeoutError:
+            continue
+        except OSError:
+            return True
+    return False
+
+
+def test_finding_7_the_gateway_holds_against_a_flooding_peer(centre):
+    import concurrent.futures
+
+    import httpx
+
+    url = f"https://{centre['address'][0]}:{centre['address'][1]}"
+    with httpx.Client(verify=centre["ca"], timeout=10) as peer:
+        # Exactly the endpoints a registered SuperNode uses: self-registration is not one of them.
+        assert peer.post(url + "/v1/fleet/register-node", content=b"").status_code == 403
+        assert peer.post(url + "/v1/fleet/get-run", content=b"",
+                         headers={"content-type": "application/protobuf"}).status_code == 401
+        # A forged log line in the path stays on one line of gateway.log.
+        assert peer.post(url + "/v1/control/x%0A2026-01-01 INFO forged: admin login", content=b"").status_code == 403
+
+    from server.fleet_gateway import HEADER_TIMEOUT_S, MAX_CONNECTIONS
+
+    def oversized() -> bytes:
+        with _tls(centre) as sock:  # announces 10 GB, sends nothing: refused before a byte of body is read
+            sock.sendall(b"POST /v1/fleet/push-object HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000000\r\n\r\n")
+            sock.settimeout(5)
+            return sock.recv(64)
+
+    def slow_head() -> bool:
+        with _tls(centre) as sock:  # slowloris: a head that never ends
+            sock.sendall(b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\n")
+            return _closed_within(sock, HEADER_TIMEOUT_S + 5)
+
+    def stalled_body() -> bytes:
+        with _tls(centre) as sock:
+            sock.sendall(b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
+            sock.settimeout(20)
+            return sock.recv(64)
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        answers = [pool.submit(oversized), pool.submit(slow_head), pool.submit(stalled_body)]
+        too_large, head_cut, body_cut = (f.result(timeout=60) for f in answers)
+    assert too_large.startswith(b"HTTP/1.1 413")
+    assert head_cut
+    assert body_cut.startswith(b"HTTP/1.1 408")
+
+    idle = [_tls(centre) for _ in range(MAX_CONNECTIONS)]  # bounded: exactly the limit
+    try:
+        with httpx.Client(verify=centre["ca"], timeout=10) as peer:
+            assert peer.post(url + "/v1/fleet/get-run", content=b"").status_code == 503
+    finally:
+        for sock in idle:
+            sock.close()
+    log = (centre["root"] / "server-state" / "gateway.log").read_text()
+    assert "forged" in log and not any(line.startswith("2026-01-01 INFO forged") for line in log.splitlines())
+
+
+def test_finding_12_the_centres_state_is_private(centre):
+    """The SuperLink's database (every site's update passes through it) is owner-only, as is its folder."""
+    import stat
+
+    server_state = centre["root"] / "server-state"
+    assert stat.S_IMODE((server_state / "superlink.db").stat().st_mode) == 0o600
+    assert stat.S_IMODE(server_state.stat().st_mode) == 0o700
+
+
+def test_finding_11_sites_get_only_what_they_need(centre):
+    import tomllib
+
+    from common.config import from_yaml_text
+    from common.plan import Plan
+    from server.planning import plan_config
+
+    shipped = tomllib.loads((centre["run"] / "run-config.toml").read_text())[keys.RUN_CONFIG_KEY]
+    for secret in (str(centre["root"]), *WIRE_SITES):  # no centre path, no site's name
+        assert secret not in shipped, secret
+    assert from_yaml_text(shipped, "run config").model.channels == centre["cfg"]["model"]["channels"]
+
+    plan = Plan((1.0, 1.0, 1.0), (16, 16, 16), (), (32, 32, 32),
+                provenance={"sites": WIRE_SITES, "num_cases": 9, "class_fraction": [0.97, 0.03]})
+    sent = Plan.from_json(str(plan_config(plan)[keys.PLAN]))
+    assert sent == plan and sent.provenance == {}
+
+
+
+# --- finding 13: the containers' install (pip install ., not editable) runs a deployed federation ----------------
+
+SHIPPED = ("pyproject.toml", "README.md", "common", "server", "client", "simulations")
+"""What deploy/Dockerfile.* copy into /opt/fedseg before ``pip install .``."""
+
+
+def _fresh_install(root) -> object:
+    """A new venv with fedseg installed from a copy of the release exactly as the Dockerfiles do; torch and
+    the other dependencies come from the shared venv (a .pth file), so nothing large is downloaded."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import sysconfig
+    from importlib import metadata
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    release = root / "opt-fedseg"
+    release.mkdir()
+    for name in SHIPPED:
+        if (repo / name).is_dir():
+            shutil.copytree(repo / name, release / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(repo / name, release / name)
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    site = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    (site / "shared.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps", "-q"]
+    subprocess.run([*pip, "."], cwd=release, env=env, check=True, timeout=600)
+    # Flower's executables, for the fresh interpreter (the package itself is the shared one's version).
+    subprocess.run([*pip, "--ignore-installed", f"flwr=={metadata.version('flwr')}"], env=env, check=True,
+                   timeout=600)
+    return venv / "bin", release
+
+
+def test_finding_13_a_non_editable_install_runs_a_deployed_federation(tmp_path, tiny_federation, monkeypatch):
+    import yaml
+
+    from common.bundle import bundle_sha256
+    from server.certs import init_pki
+    from tests.deploy_harness import (
+        GATEWAY_HOST,
+        Launched,
+        allow,
+        events,
+        federation_yaml,
+        make_site,
+        run_cli,
+        wait_for,
+        write_yaml,
+    )
+
+    bin_dir, release = _fresh_install(tmp_path)
+    fed = federation_yaml(tmp_path, release, ["site-1"], rounds=1, min_sites=1, run_name="installed",
+                          cross_eval=False)
+    body = yaml.safe_load(fed.read_text())
+    body["server"]["app_dir"] = ""  # as in deploy/federation.yaml: the installation's own release
+    write_yaml(fed, body)
+    init_pki(tmp_path / "certs", [], [GATEWAY_HOST])
+    site = make_site(tmp_path, "site-1", tiny_federation["site-1"], fed, [bundle_sha256(release)])
+    allow(fed, "site-1", site)
+
+    monkeypatch.delenv("PYTHONPATH", raising=False)  # from here on, only the installed copy runs
+    approve = run_cli(str(bin_dir / "fedseg-client"), "approve", "--config", str(site))
+    assert approve.returncode == 0 and bundle_sha256(release) in approve.stdout, approve.stderr
+    server = Launched(tmp_path / "server.out", str(bin_dir / "fedseg-server"), "start", "--config", str(fed))
+    daemon = Launched(tmp_path / "site.out", str(bin_dir / "fedseg-client"), "start", "--config", str(site))
+    try:
+        wait_for(lambda: server.proc.poll() is not None, 400, "the installed federation to finish", server, daemon)
+    finally:
+        daemon.terminate()
+        server.terminate()
+    assert server.proc.returncode == 0, server.output()[-3000:]
+    log = events(tmp_path / "runs" / "installed")
+    assert [e["site"] for e in log if e["event"] == "train"] == ["site-1"]
+    assert log[-1]["event"] == "run-end" and log[-1]["status"] == "completed"
