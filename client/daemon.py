@@ -121,8 +121,9 @@ def prepare_state(site: SiteConfig) -> tuple[Path, dict[str, str]]:
     from .supernode import POLL_ENV
     from .warm_start import SOCKET_ENV, new_socket_name
 
-    state = Path(site.state_dir)
-    state.mkdir(parents=True, exist_ok=True)
+    from common.private import private_dir
+
+    state = private_dir(site.state_dir)  # owner-only before the SuperNode or any ClientApp writes into it
     site_yaml = state / RESOLVED_SITE
     site_yaml.write_text(yaml.safe_dump({"site": dataclasses.asdict(site)}, sort_keys=False))
     bin_dir = write_launcher(state / GUARD_BIN, entry="client.warm_start").parent

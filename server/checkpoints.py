@@ -3,6 +3,8 @@
 Every file is written to a temporary name and renamed, so a crash while
 saving never leaves a truncated checkpoint behind; ``state.json`` says which
 round ``last`` and ``best`` hold, and is what a restarted server resumes from.
+Every checkpoint is owner-only (0600) whatever the umask: ``best`` and
+``last`` are copies of a round's weights and deserve the same protection.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.files import atomic_copy, atomic_save, atomic_write_text
+from common.files import atomic_save, atomic_write_text
+from common.private import private_file
 from common.runs import (BEST_CHECKPOINT, CHECKPOINT_STATE, LAST_CHECKPOINT, ROUND_CHECKPOINT,
                          SERVER_OPTIMIZER_CHECKPOINT)
 
@@ -41,12 +44,17 @@ class Checkpoints:
 
     def _save(self, tensors: dict[str, torch.Tensor], name: str) -> None:
         contiguous = {k: v.contiguous() for k, v in tensors.items()}
-        atomic_save(self.dir / name, lambda tmp: save_file(contiguous, str(tmp)))
+        atomic_save(self.dir / name, lambda tmp: save_file(contiguous, str(private_file(tmp))))
+
+    def _copy(self, source: str, name: str) -> None:
+        """``name`` becomes an owner-only copy of checkpoint ``source`` (a plain copy would follow the umask)."""
+        data = (self.dir / source).read_bytes()
+        atomic_save(self.dir / name, lambda tmp: private_file(tmp).write_bytes(data))
 
     def save_round(self, server_round: int, tensors: dict[str, torch.Tensor]) -> None:
         """Keep this round's aggregate as ``round-NNNN`` and as ``last``."""
         self._save(tensors, ROUND_CHECKPOINT.format(server_round))
-        atomic_copy(self.dir / ROUND_CHECKPOINT.format(server_round), self.dir / LAST_CHECKPOINT)
+        self._copy(ROUND_CHECKPOINT.format(server_round), LAST_CHECKPOINT)
         self.state.last_round = server_round
         self._write_state()
 
@@ -65,7 +73,7 @@ class Checkpoints:
         """Make the round's model ``best`` if its federation Dice beats the best so far."""
         if dice <= self.state.best_dice:
             return False
-        atomic_copy(self.dir / ROUND_CHECKPOINT.format(server_round), self.dir / BEST_CHECKPOINT)
+        self._copy(ROUND_CHECKPOINT.format(server_round), BEST_CHECKPOINT)
         self.state.best_round, self.state.best_dice = server_round, dice
         self._write_state()
         return True
