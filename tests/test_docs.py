@@ -23,6 +23,18 @@ def relative_links(text: str) -> list[str]:
     return [target for target in LINK.findall(prose) if not EXTERNAL.match(target)]
 
 
+HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.MULTILINE)
+
+
+def anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    slugs = set()
+    for title in HEADING.findall(FENCED.sub("", text)):
+        slug = re.sub(r"[^\w\- ]", "", title.replace("`", "").lower()).replace(" ", "-")
+        slugs.add(slug)
+    return slugs
+
+
 def test_configuration_page_is_generated_from_the_schema():
     page = config_docs.PAGE
     assert page.exists(), f"docs/configuration.md is missing: run {config_docs.COMMAND}"
@@ -48,10 +60,18 @@ def test_relative_links_point_to_existing_files():
     broken = []
     for page in PAGES:
         for target in relative_links(page.read_text()):
-            path = target.split("#", 1)[0].split("?", 1)[0]
-            if not (page.parent / path).exists():
+            path, _, fragment = target.split("?", 1)[0].partition("#")
+            linked = (page.parent / path) if path else page
+            if not linked.exists():
                 broken.append(f"{page.relative_to(ROOT)}: {target}")
-    assert not broken, "links to files that do not exist:\n" + "\n".join(broken)
+            elif fragment and linked.suffix == ".md" and fragment not in anchors(linked.read_text()):
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    assert not broken, "links to files or headings that do not exist:\n" + "\n".join(broken)
+
+
+def test_headings_become_github_anchors():
+    text = "# Does joining pay? The strategy comparison\n## What `fedseg-client check` reports\n```\n# not a heading\n```\n"
+    assert anchors(text) == {"does-joining-pay-the-strategy-comparison", "what-fedseg-client-check-reports"}
 
 
 def test_the_link_check_sees_links_and_skips_code():
