@@ -43,8 +43,8 @@ it with
 
 ## Setting options
 
-The centre's `federation.yaml`, a hospital's `site.yaml` and a simulation's
-YAML are all read through this one schema; each file sets a subset, and an
+Options are set in YAML files: the centre's `federation.yaml`, a hospital's
+`site.yaml` and a simulation's YAML, each with the sections it needs; an
 option left out keeps its default. Commented examples: `deploy/federation.yaml`,
 `deploy/site.yaml`, `simulations/demo.yaml`.
 
