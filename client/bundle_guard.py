@@ -15,6 +15,18 @@ site's daemon puts this guard in front of Flower's ClientApp process:
   Flower then replies to the server with an error, so the refusal shows up
   in the run's metrics log as a failure of that site.
 
+- Flower then imports the ClientApp from a folder whose name it builds from
+  the run's ``fab_id``/``fab_version``, which the centre chooses, not from
+  the bundle it checked: a version holding ``/../`` would load code from any
+  folder named ``*.<hash8>`` (for example one a local user planted under a
+  world-writable temporary folder). So the guard also stands in for Flower's
+  project-folder lookup (:class:`ApprovedApp`): the run must name exactly
+  the approved bundle's own identity (its pyproject's publisher, name and
+  version, each a strict pattern, and the bytes' SHA-256), the folder must
+  lie directly in ``$FLWR_HOME/apps`` (owner-only, no symbolic links), and
+  it holds exactly the approved bytes: anything else found there is
+  replaced from them before Flower imports a line of it.
+
 - Flower starts a different executable for every other task type a run can
   declare (``flwr-agentapp`` for a bundle with an ``agentapp`` component,
   and so on: ``TASK_TYPE_TO_COMMAND``). Each of them would install and
@@ -23,7 +35,7 @@ site's daemon puts this guard in front of Flower's ClientApp process:
   refusal: a fedseg site runs ClientApp tasks only.
 
 It fails closed: no list, or a Flower whose ClientApp runner no longer has the
-step it wraps, means every bundle is refused; a Flower without the task
+steps it wraps, means every bundle is refused; a Flower without the task
 table, or whose ClientApp command is renamed, stops the daemon from starting. This module imports nothing
 from fedseg (the bundle brings its own copy), so no unapproved code can
 shadow it. Residual risks are spelled out in README, "Deploy across hospitals".
@@ -32,11 +44,16 @@ shadow it. Residual risks are spelled out in README, "Deploy across hospitals".
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import re
+import shutil
 import stat
 import sys
+import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -49,6 +66,20 @@ LAUNCHER = "flwr-clientapp"
 """The executable name Flower's SuperExec starts for every ClientApp task."""
 WRAPPED_MODULE = "flwr.supernode.runtime.run_clientapp"
 WRAPPED_STEP = "install_from_fab"
+LOOKUP_STEP = "get_project_dir"
+"""Flower's project-folder lookup, bound by name in the ClientApp runner and in its ClientApp loader."""
+LOADER_MODULE = "flwr.clientapp.utils"
+APPS_DIR = "apps"
+"""flwr.common.constant.APP_DIR: where Flower installs bundles under $FLWR_HOME."""
+HASH_PREFIX_LEN = 8
+"""flwr.common.constant.FAB_HASH_TRUNCATION: the digest characters in an installed folder's name."""
+APP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
+"""A publisher or project name: no dot, slash, backslash or control character can reach a folder name."""
+APP_VERSION = re.compile(r"[0-9][0-9A-Za-z+_-]*(\.[0-9A-Za-z+_-]+){0,7}")
+"""A version (PEP 440 and semantic versions fit): dot-separated words, never an empty part, ``..`` or ``/``."""
+BUNDLE_META = ".info/"
+"""Flower's manifest inside a bundle, which its installer removes; everything else is installed."""
+CACHE_DIR = "__pycache__"
 OWN_PACKAGE = "client"
 CHECKED_AT_ENV = "FEDSEG_BUNDLE_CHECKED_AT"
 """Timeline only (client/timeline.py): the Unix time this process accepted its bundle."""
@@ -91,15 +122,156 @@ def check_bundle(content: bytes, approved: frozenset[str], log_path: str | None 
     return digest
 
 
-def guard_install(install: Callable[..., Any], approved: frozenset[str], log_path: str | None) -> Callable[..., Any]:
-    """Flower's FAB installer, preceded by the approval check."""
+def bundle_identity(content: bytes) -> tuple[str, str]:
+    """``(fab_id, version)`` from the bundle's own pyproject.toml, each checked against a strict pattern.
 
-    def guarded(fab_file: Any, *args: Any, **kwargs: Any) -> Any:
+    This is the identity Flower's installer names the folder after; checking
+    it here means no part of the folder name can step out of ``apps/``.
+    """
+    import tomllib
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(content)) as bundle:
+            config = tomllib.loads(bundle.read("pyproject.toml").decode("utf-8"))
+        publisher, name = config["tool"]["flwr"]["app"]["publisher"], config["project"]["name"]
+        version = config["project"]["version"]
+    except (KeyError, TypeError, ValueError, zipfile.BadZipFile) as err:
+        raise BundleNotApproved(f"the approved bundle has no readable publisher, name and version ({err})") from None
+    for what, value, pattern in (("publisher", publisher, APP_NAME), ("name", name, APP_NAME),
+                                 ("version", version, APP_VERSION)):
+        if not isinstance(value, str) or not pattern.fullmatch(value):
+            raise BundleNotApproved(f"the approved bundle's {what} {value!r:.80} is not of the form "
+                                    f"{pattern.pattern}; rebuild the release with a plain {what}")
+    return f"{publisher}/{name}", version
+
+
+def _bundle_files(content: bytes) -> dict[str, bytes]:
+    """Relative path -> bytes of every file Flower's installer puts into the app folder."""
+    with zipfile.ZipFile(io.BytesIO(content)) as bundle:
+        return {item.filename: bundle.read(item) for item in bundle.infolist()
+                if not item.is_dir() and not item.filename.startswith(BUNDLE_META)}
+
+
+def _holds_exactly(folder: Path, expected: dict[str, bytes]) -> bool:
+    """Whether ``folder`` is a real folder holding exactly ``expected`` (bytecode caches aside), no links."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    found = 0
+    for root, dirs, files in os.walk(folder):
+        here = Path(root)
+        if any((here / d).is_symlink() for d in dirs):
+            return False
+        dirs[:] = [d for d in dirs if d != CACHE_DIR]  # written by Python in this owner-only home; see ApprovedApp
+        for name in files:
+            path = here / name
+            rel = path.relative_to(folder).as_posix()
+            if path.is_symlink() or rel not in expected or path.read_bytes() != expected[rel]:
+                return False
+            found += 1
+    return found == len(expected)
+
+
+def _private_home(home: Path) -> Path:
+    """``$FLWR_HOME``, created owner-only; refused if it is a link or others may write into it."""
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for folder in (home, home / APPS_DIR):
+        folder.mkdir(mode=0o700, exist_ok=True)
+        info = folder.lstat()
+        if stat.S_ISLNK(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+            raise BundleNotApproved(f"{folder} is a link or writable by others, so code there could change after "
+                                    f"the check; the site daemon keeps FLWR_HOME in its private state folder "
+                                    f"(chmod 700 {folder})")
+    return home.resolve()
+
+
+class ApprovedApp:
+    """The one bundle a ClientApp process may run: approved bytes in, the folder they were installed to out.
+
+    Flower 1.42 installs the received bytes (``install_from_fab``) and then
+    loads the ClientApp from ``get_project_dir(run.fab_id, run.fab_version,
+    fab.hash_str)``, whose arguments come from the centre. :meth:`install`
+    and :meth:`project_dir` stand in for those two steps, so the folder
+    Flower imports from is the one made from the approved bytes, whatever
+    the run says. Bytecode caches (``__pycache__``) in that folder are
+    trusted because ``$FLWR_HOME`` must be owner-only (checked): whoever can
+    write there can also rewrite the guard's own launcher.
+    """
+
+    def __init__(self, approved: frozenset[str], log_path: str | None, install: Callable[..., Any],
+                 flower_project_dir: Callable[[str, str, str], Path], home: Callable[[], Path]) -> None:
+        self.approved = approved
+        self.log_path = log_path
+        self._install = install
+        self._flower_project_dir = flower_project_dir
+        self._home = home
+        self.installed: tuple[str, str, str, Path] | None = None
+        """``(fab_id, version, sha256, folder)`` of the bundle this process approved and installed."""
+
+    def install(self, fab_file: Any, *args: Any, **kwargs: Any) -> Path:
+        """Check the bytes, then make the app folder hold exactly them (Flower's installer unpacks them)."""
         content = fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes()
-        check_bundle(content, approved, log_path)
-        return install(fab_file, *args, **kwargs)
+        digest = check_bundle(content, self.approved, self.log_path)
+        fab_id, version = bundle_identity(content)
+        home = _private_home(self._home())
+        folder = Path(self._flower_project_dir(fab_id, version, digest))
+        if folder.parent.resolve() != home / APPS_DIR or folder.name != \
+                f"{fab_id.replace('/', '.')}.{version}.{digest[:HASH_PREFIX_LEN]}":
+            raise BundleNotApproved(f"Flower would install the approved bundle to {folder}, not directly in "
+                                    f"{home / APPS_DIR}; pin flwr 1.42 or update client/bundle_guard.py")
+        self._materialise(content, folder)
+        self.installed = (fab_id, version, digest, folder)
+        return folder
 
-    return guarded
+    def _materialise(self, content: bytes, folder: Path) -> None:
+        """Leave ``folder`` holding exactly the bundle's files: kept if it does, else replaced from the bytes."""
+        expected = _bundle_files(content)
+        if _holds_exactly(folder, expected):
+            return
+        staging = Path(tempfile.mkdtemp(prefix=".fedseg-install-", dir=folder.parent.parent))
+        try:
+            fresh = Path(self._install(content, install_dir=staging, skip_prompt=True))
+            if not _holds_exactly(fresh, expected):
+                raise BundleNotApproved(f"Flower's installer did not unpack the approved bundle as it is ({fresh})")
+            if folder.is_symlink() or folder.exists():
+                _record(self.log_path, decision="replaced", folder=str(folder),
+                        reason="the app folder did not hold exactly the approved bundle")
+                os.rename(folder, staging / "replaced")  # a link is moved, never followed
+            try:
+                os.rename(fresh, folder)
+            except OSError:  # another ClientApp process put its own fresh copy there meanwhile
+                if not _holds_exactly(folder, expected):
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def project_dir(self, fab_id: str, fab_version: str, fab_hash: str) -> Path:
+        """Flower's project-folder lookup, answered only for the bundle this process approved and installed."""
+        if self.installed is None:
+            raise BundleNotApproved("Flower asked where to load an app from before any approved bundle was "
+                                    "installed in this process; refusing to load anything")
+        approved_id, approved_version, digest, folder = self.installed
+        if (fab_id, fab_version, fab_hash) != (approved_id, approved_version, digest):
+            _record(self.log_path, decision="refused", sha256=digest,
+                    reason=f"the run names app {fab_id!r:.120} version {fab_version!r:.120}, "
+                           f"hash {fab_hash!r:.80}, not the approved bundle it sent")
+            raise BundleNotApproved(
+                f"the run names app {fab_id!r:.120} version {fab_version!r:.120} (hash {fab_hash!r:.80}), but the "
+                f"approved bundle it sent is {approved_id} {approved_version} (sha256:{digest[:16]}); "
+                "only the approved bundle's own folder is ever loaded: ask the centre to start the run from "
+                "that release unchanged")
+        return folder
+
+
+def guard_runner(runner: Any, loader: Any, approved: frozenset[str], log_path: str | None) -> ApprovedApp:
+    """Put an :class:`ApprovedApp` in place of Flower's install and folder lookup in ``runner`` and ``loader``."""
+    from flwr.supercore.utils import get_flwr_home
+
+    app = ApprovedApp(approved, log_path, getattr(runner, WRAPPED_STEP), getattr(runner, LOOKUP_STEP),
+                      get_flwr_home)
+    setattr(runner, WRAPPED_STEP, app.install)
+    setattr(runner, LOOKUP_STEP, app.project_dir)
+    setattr(loader, LOOKUP_STEP, app.project_dir)
+    return app
 
 
 def _forget_own_modules() -> None:
@@ -123,12 +295,14 @@ def main() -> int:
 
     approved = approved_from_env(os.environ)
     runner = importlib.import_module(WRAPPED_MODULE)
-    if not callable(getattr(runner, WRAPPED_STEP, None)):
-        print(f"fedseg bundle guard: this Flower has no {WRAPPED_MODULE}.{WRAPPED_STEP} to guard; refusing to run "
-              "any bundle. Pin flwr 1.42 or update client/bundle_guard.py.", file=sys.stderr)
+    loader = importlib.import_module(LOADER_MODULE)
+    steps = ((runner, WRAPPED_STEP), (runner, LOOKUP_STEP), (loader, LOOKUP_STEP))
+    missing = [f"{module.__name__}.{name}" for module, name in steps if not callable(getattr(module, name, None))]
+    if missing:
+        print(f"fedseg bundle guard: this Flower has no {', '.join(missing)} to guard; refusing to run any bundle. "
+              "Pin flwr 1.42 or update client/bundle_guard.py.", file=sys.stderr)
         return 1
-    setattr(runner, WRAPPED_STEP, guard_install(getattr(runner, WRAPPED_STEP), approved,
-                                                os.environ.get(DECISIONS_ENV)))
+    guard_runner(runner, loader, approved, os.environ.get(DECISIONS_ENV))
     _forget_own_modules()
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
