@@ -62,7 +62,7 @@ def _train(site: Site, msg: Message) -> Message:
         steps=RunSteps(done=(server_round - 1) * site.cfg.train.local_steps,
                        total=site.cfg.federation.rounds * site.cfg.train.local_steps),
     )
-    site.state.save_local(select(site.model, site.split.local), server_round, site.signature)
+    site.run.save_norm(server_round, select(site.model, site.split.local), site.signature)
     arrays = to_wire(select(site.model, site.split.travelling), str(config[keys.WIRE_DTYPE]))
     metrics = {
         "loss": result.loss,

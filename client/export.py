@@ -2,9 +2,12 @@
 
     fedseg-client export --config site.yaml --run RUN_DIR [--weights best|last|round-N] [--personalize] --out FOLDER
 
-The folder (client.site_model) holds the global weights merged with this
-site's normalization tensors, the plan, label names, model config and a README
-with the provenance; ``fedseg-client predict --model FOLDER`` uses it alone.
+The folder (client.site_model) holds round r's global weights merged with this
+site's normalization tensors of round r of that run, the plan, label names,
+model config and a README with the provenance (run, round, the Dice this site
+measured for exactly that model); ``fedseg-client predict --model FOLDER``
+uses it alone. RUN_DIR is what ``fedseg-server site-package`` wrote for this
+site.
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ from common.cli import config_from_args
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", type=Path, required=True,
                         help="Run folder from the centre: config.yaml, plan.json, checkpoints/.")
-    parser.add_argument("--weights", default="best", help="Global checkpoint: best (default), last or round-N.")
+    parser.add_argument("--weights", help="Round of the run: best, last or round-N (default: the centre's best "
+                                          "round, else its last; with --personalize, the personalized copy's).")
     parser.add_argument("--out", type=Path, required=True, help="New folder for the exported model.")
     parser.add_argument("--personalize", action="store_true",
-                        help="First fine-tune the norm layers (and output layer, train.personalize) on this site's "
-                             "training cases, keeping the copy with the best validation Dice.")
+                        help="Export the personalized copy this site's cross-site evaluation fine-tuned (norm layers, "
+                             "and the output layer by train.personalize) and scored on its validation cases.")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,8 +34,9 @@ def run(args: argparse.Namespace) -> int:
 
     provenance = export_site_model(config_from_args(args), args.run, args.weights, args.out, args.personalize)
     if personal := provenance.get("personalized"):
-        print(f"personalized for {personal['steps']} steps: validation Dice at this site "
-              f"{personal['dice_before']:.4f} -> {personal['dice_after']:.4f}")
+        print(f"personalized copy of round {personal['round']} ({personal['steps']} steps): validation Dice at this "
+              f"site {personal['dice_before']:.4f} -> {personal['dice_after']:.4f} on "
+              f"{len(personal['validation_cases'])} validation case(s): {', '.join(personal['validation_cases'])}")
     dice = provenance.get("site_dice")
     print(f"exported {provenance['weights']} (round {provenance['round'] or 'unknown'}, Dice at this site "
           f"{'unknown' if dice is None else f'{dice:.4f}'}) of run {provenance['run']} to {args.out}")

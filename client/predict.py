@@ -1,12 +1,16 @@
 """Segment scans at the site with the federation's global weights and the site's own norm tensors.
 
-    fedseg-client predict --config site.yaml --run RUN_DIR --input scan.nii.gz|folder --output out/
+    fedseg-client predict --config site.yaml --run RUN_DIR [--weights best|last|round-N] [--personalized]
+                          --input scan.nii.gz|folder --output out/
     fedseg-client predict --model MODEL_DIR --input scan.nii.gz|folder --output out/
 
-``RUN_DIR`` is what the coordinating centre hands to hospitals from a run:
-its ``config.yaml`` (the model), ``plan.json`` (preprocessing) and
-``checkpoints/best.safetensors`` (global weights; ``--weights`` picks
-another). The site's own normalization tensors come from its state directory.
+``RUN_DIR`` is what the coordinating centre hands to a hospital from a run
+(``fedseg-server site-package``): its ``config.yaml`` (the model),
+``plan.json`` (preprocessing) and ``checkpoints/`` (global weights). The round
+is the centre's best, else its last (``--weights`` picks another; the same
+rule in export and report), and the site's own normalization tensors are
+those of that round of that run, from its state directory;
+``--personalized`` uses the personalized copy cross-site evaluation scored.
 ``MODEL_DIR`` is a folder written by ``fedseg-client export`` and holds all of
 that itself. Each scan is preprocessed by the plan, segmented by sliding
 windows on ``train.device`` in ``train.precision``, and the integer label map
@@ -320,12 +324,17 @@ def output_name(scan: Path) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", type=Path,
-                        help="Run folder from the centre: config.yaml, plan.json, checkpoints/best.safetensors.")
+                        help="Run folder from the centre (fedseg-server site-package): config.yaml, plan.json, "
+                             "checkpoints/.")
     source.add_argument("--model", type=Path,
                         help="A model folder written by `fedseg-client export` (no run folder or site state needed).")
     parser.add_argument("--input", type=Path, required=True, help="A scan (.nii/.nii.gz) or a folder of scans.")
     parser.add_argument("--output", type=Path, required=True, help="Folder for the label maps (<case>_seg.nii.gz).")
-    parser.add_argument("--weights", type=Path, help="Global weights (default: RUN/checkpoints/best.safetensors).")
+    parser.add_argument("--weights", help="Round of the run: best, last or round-N (default: the centre's best "
+                                          "round, else its last; with --personalized, the personalized copy's).")
+    parser.add_argument("--personalized", action="store_true",
+                        help="With --run: the personalized copy this site's cross-site evaluation fine-tuned and "
+                             "scored (kept in the run's site state).")
     parser.add_argument("--overlap", type=float, default=None, help="Sliding-window overlap (default: train.sw_overlap).")
     parser.add_argument("--adapt-norm", action=argparse.BooleanOptionalAction, default=None,
                         help="First re-estimate the BatchNorm statistics on these unlabeled scans (AdaBN). Default: "
@@ -361,13 +370,16 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(cfg.site.torch_threads)
     state_root = Path(cfg.site.state_dir) if cfg.site.state_dir else None
     if args.model is not None:
-        if args.weights is not None:
-            raise UserError("--weights goes with --run; an exported --model folder holds its own weights.")
+        if args.weights is not None or args.personalized:
+            raise UserError("--weights and --personalized go with --run; an exported --model folder holds its own "
+                            "weights.")
         model, plan, model_cfg = load_site_model(args.model)
         own = True
     else:
-        model, plan, model_cfg, own = load_run_model(args.run, args.weights, state_root,
-                                                        missing_local="quiet" if args.adapt_norm is not False else "warn")
+        loaded = load_run_model(args.run, args.weights, state_root, personalized=args.personalized,
+                                missing_local="quiet" if args.adapt_norm is not False else "warn")
+        model, plan, model_cfg, own = loaded.model, loaded.plan, loaded.cfg, loaded.own
+        print(f"model: {loaded.describe()}")
     adapt = args.adapt_norm if args.adapt_norm is not None else not own and has_batch_norm(model)
     if adapt and args.adapt_norm is None:
         print("this site has no BatchNorm statistics of its own for this model (it never trained in this run): "

@@ -17,7 +17,7 @@ from flwr.app import Message, MetricRecord
 
 from common import keys
 from common.config import FedsegConfig
-from common.dataset import DatasetSpec, read_dataset, split_cases
+from common.dataset import DatasetSpec, read_dataset
 from common.fingerprint import merge_fingerprints, site_fingerprint
 from common.loops import EvalResult
 from common.plan import Plan, make_plan
@@ -103,13 +103,8 @@ def open_split(cfg: FedsegConfig, state: SiteState) -> tuple[DatasetSpec, list[s
     stamp, report = preflight(spec.root, state.info())
     if report is not None:
         state.update_info(checked_stamp=stamp)
-    ids = [c.case_id for c in spec.cases]
-    recorded = state.info().get("split")
-    if recorded and set(recorded["train"]) | set(recorded["val"]) == set(ids):
-        train_ids, val_ids = recorded["train"], recorded["val"]
-    else:
-        train_ids, val_ids = split_cases(ids, cfg.data.val_fraction, cfg.data.split_seed)
-        state.update_info(split={"train": train_ids, "val": val_ids})
+    train_ids, val_ids = state.split([c.case_id for c in spec.cases], cfg.data.val_fraction, cfg.data.split_seed,
+                                     run=state.run(cfg).name if cfg.federation.run_name else "")
     return spec, train_ids, val_ids
 
 

@@ -1,21 +1,23 @@
 """The model a site keeps: one folder that segments without fedseg's run folder or state.
 
-``fedseg-client export`` merges a global checkpoint with this site's own
-normalization tensors and writes::
+``fedseg-client export`` merges a global checkpoint of round r with this
+site's own normalization tensors of round r of the same run
+(client/site_state.py) and writes::
 
     model.safetensors   every tensor of the network (shared weights + this site's norm layers)
     config.yaml         the model, data and train sections of the run's config
     plan.json           the preprocessing plan (spacing, patch size, normalization)
     labels.json         label name -> value, from the site's dataset.json
-    provenance.json     run, checkpoint, round, Dice, site, time, SHA-256 of the weights
+    provenance.json     run and its id, checkpoint, round, the Dice this site measured for that model, site, time,
+                        SHA-256 of the weights
     README.md           the same provenance, and a few lines of Python that load the model
 
-With ``--personalize`` the site first fine-tunes its norm layers (and, by
-``train.personalize``, the output layer) of that model on its own training
-cases, keeping the copy with the best Dice on its own validation cases
-(common/personalize.py): the folder then holds this site's personal model,
-and the provenance says how far personalization moved its validation Dice.
-The federation's global model is not touched.
+Which round by default is one rule for every site command (``DEFAULT_RULE``).
+With ``--personalize`` the folder holds the personalized copy that this site's
+cross-site evaluation fine-tuned (norm layers and, by ``train.personalize``,
+the output layer, on its training cases) and scored on its validation cases:
+the very tensors that were scored, not a new fine-tuning, and the provenance
+names its round, its Dice and the validation cases that chose it.
 
 Because the folder leaves the site's state directory, every export is also
 recorded in ``<state_dir>/exports.jsonl`` (``fedseg-client audit`` lists them).
@@ -28,6 +30,7 @@ import logging
 import json
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,38 +44,54 @@ from common.metrics_log import read_events
 from common.model import build_model, network_spec
 from common.plan import Plan
 from common.private import private_dir
-from common.runs import (BEST_CHECKPOINT, CHECKPOINT_DIR, CHECKPOINT_STATE, CONFIG_FILE, EXPORT_LOG, LABELS_FILE, METRICS_FILE,
-                         PLAN_FILE, PROVENANCE_FILE, README_FILE, WEIGHTS_FILE)
+from common.runs import (BEST_CHECKPOINT, CHECKPOINT_DIR, CHECKPOINT_STATE, CONFIG_FILE, EXPORT_LOG, LABELS_FILE,
+                         METRICS_FILE, PLAN_FILE, PROVENANCE_FILE, README_FILE, ROUND_CHECKPOINT, WEIGHTS_FILE)
+
+from .reasons import SignatureMismatch
+from .site_state import RunState
 
 log = logging.getLogger("fedseg.client")
 EXPORTED_SECTIONS = ("model", "data", "train")
 ROUND_CHOICE = re.compile(r"round-(\d+)")
+DEFAULT_RULE = ("the centre's best round (checkpoints/state.json), or its last round when the run has no best; "
+                "--weights picks another")
+"""The one rule for the round a site command uses by default: export, predict, report and the personalized copy."""
 
 
-def checkpoint_file(run: Path, choice: str) -> Path:
-    """``best`` | ``last`` | ``round-N`` -> the global checkpoint in the run folder."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """A global checkpoint of a run as a site command names it: ``best``, ``last`` or ``round-N``."""
+
+    choice: str
+    round: int | None
+    """The round it holds; None when the run folder does not say (no checkpoints/state.json)."""
+    path: Path
+
+
+def _recorded_rounds(run: Path) -> dict[str, int]:
+    state = run / CHECKPOINT_DIR / CHECKPOINT_STATE
+    return json.loads(state.read_text()) if state.is_file() else {}
+
+
+def run_checkpoint(run: Path, choice: str | None = None) -> Checkpoint:
+    """``best`` | ``last`` | ``round-N`` -> the global checkpoint in the run folder; None: the default (DEFAULT_RULE)."""
+    rounds = _recorded_rounds(run)
+    if choice is None:
+        best = run / CHECKPOINT_DIR / BEST_CHECKPOINT
+        choice = "best" if best.is_file() and (rounds.get("best_round") or not rounds) else "last"
     match = ROUND_CHOICE.fullmatch(choice)
     if choice in ("best", "last"):
-        name = f"{choice}.safetensors"
+        name, server_round = f"{choice}.safetensors", int(rounds.get(f"{choice}_round", 0)) or None
     elif match:
-        name = f"round-{int(match.group(1)):04d}.safetensors"
+        server_round = int(match.group(1))
+        name = ROUND_CHECKPOINT.format(server_round)
     else:
         raise UserError(f"--weights {choice!r}: use best, last or round-N (e.g. round-3).")
     path = run / CHECKPOINT_DIR / name
     if not path.is_file():
-        raise UserError(f"{path} not found: the run folder has no '{choice}' checkpoint.")
-    return path
-
-
-def checkpoint_round(run: Path, choice: str) -> int | None:
-    """The round a checkpoint holds, if the run folder says."""
-    match = ROUND_CHOICE.fullmatch(choice)
-    if match:
-        return int(match.group(1))
-    state = run / CHECKPOINT_DIR / CHECKPOINT_STATE
-    if not state.is_file():
-        return None
-    return int(json.loads(state.read_text()).get(f"{choice}_round", 0)) or None
+        raise UserError(f"{path} not found: the run folder has no '{choice}' checkpoint; give this site the run "
+                        "with `fedseg-server site-package` at the centre, or pick another with --weights.")
+    return Checkpoint(choice, server_round, path)
 
 
 def round_dice(run: Path, server_round: int | None, site: str) -> dict[str, float]:
@@ -89,6 +108,26 @@ def round_dice(run: Path, server_round: int | None, site: str) -> dict[str, floa
         if event["event"] == "round" and event.get("dice_mean") is not None:
             found["federation_dice"] = float(event["dice_mean"])
     return found
+
+
+def site_dice(run: Path, loaded: RunModel, site: str) -> dict[str, Any]:
+    """The Dice this site measured for exactly the loaded model, and where that number comes from.
+
+    The site's own record (cross-site evaluation of that round, and of the
+    personalized copy) comes first; else its validation Dice in the run's
+    metrics log, which the site measured with the same pairing of that round.
+    """
+    logged = round_dice(run, loaded.checkpoint.round, site)
+    mine = loaded.state.score(loaded.checkpoint.round)
+    if loaded.personal is not None:
+        return {**logged, "site_dice": loaded.personal["dice_after"],
+                "dice_source": "this site's cross-site evaluation of its personalized copy"}
+    if mine.get("cross_eval_dice") is not None:
+        return {**logged, "site_dice": mine["cross_eval_dice"],
+                "dice_source": f"this site's cross-site evaluation of round {loaded.checkpoint.round}"}
+    if "site_dice" in logged:
+        return {**logged, "dice_source": f"this site's validation of round {loaded.checkpoint.round} (metrics log)"}
+    return logged
 
 
 def label_names(cfg: FedsegConfig, num_classes: int) -> dict[str, int]:
@@ -113,11 +152,11 @@ def _readme(provenance: dict[str, Any], model_cfg: FedsegConfig) -> str:
 
 | | |
 |---|---|
-| run | {provenance['run']} |
+| run | {provenance['run']} (id {provenance['run_id'] or 'none'}) |
 | checkpoint | {provenance['weights']} (round {provenance['round'] or 'unknown'}) |
-| Dice at this site | {'unknown' if dice is None else f'{dice:.4f}'} |
+| Dice at this site | {'unknown' if dice is None else f'{dice:.4f}'} ({provenance.get('dice_source', 'not measured')}) |
 | federation Dice | {provenance.get('federation_dice', 'unknown')} |
-| site norm tensors | from round {provenance['norm_round'] or 'unknown'} of this site's training |
+| site norm tensors | from round {provenance['norm_round'] or 'unknown'} of this site's training in this run |
 | personalized | {_personal_line(provenance.get('personalized'))} |
 | exported | {provenance['exported']} |
 | SHA-256 of {WEIGHTS_FILE} | {provenance['sha256']} |
@@ -144,83 +183,81 @@ Label values are in `{LABELS_FILE}`.
 def _personal_line(personal: dict[str, Any] | None) -> str:
     if not personal:
         return "no (the federated model with this site's norm tensors)"
-    return (f"yes: {personal['steps']} steps on this site's training cases, validation Dice "
-            f"{personal['dice_before']:.4f} -> {personal['dice_after']:.4f}")
+    return (f"yes: the copy cross-site evaluation fine-tuned ({personal['steps']} steps on this site's training "
+            f"cases) and scored, validation Dice {personal['dice_before']:.4f} -> {personal['dice_after']:.4f} "
+            f"on validation cases {', '.join(personal['validation_cases'])}")
 
 
-def personalized(cfg: FedsegConfig, run_cfg: FedsegConfig, model: nn.Module, plan: Plan) -> dict[str, Any]:
-    """Fine-tune ``model`` in place on this site's cases, in the run's plan (common/personalize.py); what it gained."""
-    import dataclasses
-
-    from common.device import with_site_compute
-    from common.personalize import personalize
-    from common.preprocess import PreprocessedCases
-
-    from .site_data import open_split, require_cohort
-    from .site_state import SiteState
-
-    train = with_site_compute(run_cfg.train, cfg.train)
-    if train.personalize_steps < 1:
-        raise UserError("train.personalize_steps is 0 in the run's config: nothing to personalize; "
-                        "export without --personalize.")
-    site_cfg = dataclasses.replace(run_cfg, site=cfg.site, train=train)
-    state = SiteState(Path(cfg.site.state_dir))
-    spec, train_ids, val_ids = open_split(site_cfg, state)
-    cases = PreprocessedCases(state.cache_dir, plan, spec.num_classes)
-    train_cases, val_cases = ([cases.load(spec.case(i)) for i in require_cohort(site_cfg, ids, what)]
-                              for ids, what in ((train_ids, "training"), (val_ids, "validation")))
-    result = personalize(model, train_cases, val_cases, plan.data_config(site_cfg.data), train,
-                         spec.num_classes, train.seed)
-    return {"steps": result.steps, "dice_before": result.dice_before, "dice_after": result.dice_after,
-            "scope": train.personalize}
-
-
-def export_site_model(cfg: FedsegConfig, run: Path, choice: str, out: Path, personalize: bool = False
+def export_site_model(cfg: FedsegConfig, run: Path, choice: str | None, out: Path, personalize: bool = False
                       ) -> dict[str, Any]:
     """Write the site's model folder (see the module docstring); returns its provenance."""
     from safetensors.torch import save_model
-
-    from .site_state import SiteState
 
     if not cfg.site.state_dir:
         raise UserError("site.state_dir is not set: pass the site's site.yaml with --config.")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty: choose a new folder for the exported model.")
-    state = SiteState(Path(cfg.site.state_dir))
-    model, plan, run_cfg, _ = load_run_model(run, checkpoint_file(run, choice), state.root, missing_local="error")
-    personal = personalized(cfg, run_cfg, model, plan) if personalize else None
+    loaded = load_run_model(run, choice, Path(cfg.site.state_dir), missing_local="error", personalized=personalize)
     private_dir(out)  # the site's model, fitted to its patients: owner-only (0700), whatever the umask
-    save_model(model, str(out / WEIGHTS_FILE))
-    plan.save(out / PLAN_FILE)
-    sections = {k: v for k, v in run_cfg.to_dict().items() if k in EXPORTED_SECTIONS}
+    save_model(loaded.model, str(out / WEIGHTS_FILE))
+    loaded.plan.save(out / PLAN_FILE)
+    sections = {k: v for k, v in loaded.cfg.to_dict().items() if k in EXPORTED_SECTIONS}
     (out / CONFIG_FILE).write_text(yaml.safe_dump(sections, sort_keys=False))
-    labels = label_names(cfg, run_cfg.model.out_channels)
+    labels = label_names(cfg, loaded.cfg.model.out_channels)
     (out / LABELS_FILE).write_text(json.dumps(labels, indent=2))
-    server_round = checkpoint_round(run, choice)
     provenance = {
-        "run": run_cfg.federation.run_name or run.name,
-        "weights": choice,
-        "round": server_round,
-        **round_dice(run, server_round, cfg.site.name),
+        "run": loaded.cfg.federation.run_name or run.name,
+        "run_id": loaded.cfg.federation.run_id,
+        "weights": loaded.checkpoint.choice,
+        "round": loaded.checkpoint.round,
+        **site_dice(run, loaded, cfg.site.name),
         "site": cfg.site.name,
-        "norm_round": state.info().get("last_round"),
-        "personalized": personal,
+        "norm_round": loaded.norm_round,
+        "personalized": loaded.personal,
         "exported": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "sha256": _sha256(out / WEIGHTS_FILE),
     }
     (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
-    (out / README_FILE).write_text(_readme(provenance, run_cfg))
-    record_export(state.root, {**provenance, "folder": str(out.resolve()), "time": time.time()})
+    (out / README_FILE).write_text(_readme(provenance, loaded.cfg))
+    record_export(loaded.state.folder.parent.parent, {**provenance, "folder": str(out.resolve()), "time": time.time()})
     return provenance
 
 
-def load_run_model(run: Path, weights: Path | None, state_root: Path | None,
-                   missing_local: Literal["warn", "quiet", "error"] = "warn"
-                   ) -> tuple[nn.Module, Plan, FedsegConfig, bool]:
-    """The run's model with global weights plus this site's norm tensors, the plan, the run's config, and
-    whether the site had norm tensors of its own (False: it never trained in this run).
+@dataclass
+class RunModel:
+    """A run's model as this site uses it: round r's shared weights with this site's tensors of round r."""
 
-    ``missing_local`` says what to do when the site has no norm tensors for this model.
+    model: nn.Module
+    plan: Plan
+    cfg: FedsegConfig
+    """The run's config (config.yaml of the run folder)."""
+    own: bool
+    """Whether the site had tensors of its own for it (False: it never trained in this run by that round)."""
+    checkpoint: Checkpoint
+    norm_round: int | None
+    """The round of this site's tensors in the model (None: none of its own)."""
+    state: RunState | None
+    """This site's state of the run (None without a site state folder)."""
+    personal: dict[str, Any] | None = None
+    """The personalized copy's facts (round, steps, Dice, validation cases), when that copy is loaded."""
+
+    def describe(self) -> str:
+        """One line naming the run, the round and whose norm tensors: every site command prints it."""
+        which = ("the personalized copy cross-site evaluation scored" if self.personal else
+                 f"this site's norm tensors of round {self.norm_round}" if self.norm_round is not None else
+                 "no norm tensors of this site" if self.cfg.train.norm_mode != "shared" else "shared norm layers")
+        return (f"run {self.cfg.federation.run_name or '?'} ({self.cfg.federation.run_id or 'no id'}), "
+                f"{self.checkpoint.choice} = round {self.checkpoint.round or 'unknown'}, with {which}")
+
+
+def load_run_model(run: Path, choice: str | None, state_root: Path | None,
+                   missing_local: Literal["warn", "quiet", "error"] = "warn", personalized: bool = False) -> RunModel:
+    """The run's model: round r's global weights plus this site's tensors of round r (client/site_state.py).
+
+    ``choice`` is best, last or round-N; None follows DEFAULT_RULE, or with
+    ``personalized`` the round of the personalized copy. ``missing_local`` says
+    what to do when the site has no tensors of its own for that round of this
+    run (it never trained in it): warn, stay quiet, or refuse.
     """
     from safetensors.torch import load_file
 
@@ -229,25 +266,58 @@ def load_run_model(run: Path, weights: Path | None, state_root: Path | None,
     from .site_state import SiteState
 
     if not (run / CONFIG_FILE).is_file():
-        raise UserError(f"{run / CONFIG_FILE} not found: --run must be a run folder from the centre.")
+        raise UserError(f"{run / CONFIG_FILE} not found: --run must be a run folder from the centre "
+                        "(`fedseg-server site-package` writes one for a site).")
     run_cfg = load_config(run / CONFIG_FILE)
     plan_path = run / PLAN_FILE if (run / PLAN_FILE).is_file() or state_root is None else state_root / PLAN_FILE
     plan = Plan.load(plan_path)
-    weights = weights or run / CHECKPOINT_DIR / BEST_CHECKPOINT
-    if not weights.is_file():
-        raise UserError(f"{weights} not found: pass --weights with a global checkpoint (.safetensors).")
     model = build_model(run_cfg.model)
     split = split_parameters(model, run_cfg.train.norm_mode)
-    local = SiteState(state_root).load_local(model_signature(model, split)) if state_root else None
-    if local is None and run_cfg.train.norm_mode != "shared":
+    signature = model_signature(model, split)
+    state = SiteState(state_root).run_named(run_cfg.federation.run_name or run.name, run_cfg.federation.run_id) \
+        if state_root else None
+    try:
+        if personalized:
+            return _personalized_model(run, choice, state, run_cfg, model, plan, signature)
+        checkpoint = run_checkpoint(run, choice)
+        if checkpoint.round is None and state is not None and state.trained and run_cfg.train.norm_mode != "shared":
+            raise UserError(f"{run / CHECKPOINT_DIR / CHECKPOINT_STATE} not found: which round '{checkpoint.choice}' "
+                            "holds is unknown, so this site's tensors of that round cannot be chosen; pass "
+                            "--weights round-N.")
+        own = state.norm_for(checkpoint.round, signature) if state is not None else None
+    except SignatureMismatch as err:
+        raise UserError(str(err)) from err
+    if own is None and run_cfg.train.norm_mode != "shared":
+        where = f"in {state.folder}" if state is not None else "(no site.state_dir)"
         if missing_local == "error":
-            raise UserError(f"this site ({state_root}) has no normalization tensors of its own for the model of "
-                            f"{run}: it never trained in this run; export needs a site that trained.")
+            raise UserError(f"this site has no normalization tensors of its own for round {checkpoint.round} of run "
+                            f"{run_cfg.federation.run_name or run} {where}: it never trained in this run by that "
+                            "round; export needs a site that trained.")
         if missing_local == "warn":
-            log.warning("this site has no normalization tensors of its own for this model: predicting with the "
+            log.warning("this site has no normalization tensors of its own for this run: predicting with the "
                         "global initialisation of the norm layers; consider --adapt-norm")
-    load_merged(model, split, load_file(str(weights)), local)
-    return model, plan, run_cfg, local is not None or run_cfg.train.norm_mode == "shared"
+    load_merged(model, split, load_file(str(checkpoint.path)), None if own is None else own[1])
+    return RunModel(model, plan, run_cfg, own is not None or run_cfg.train.norm_mode == "shared", checkpoint,
+                    None if own is None else own[0], state)
+
+
+def _personalized_model(run: Path, choice: str | None, state: RunState | None, run_cfg: FedsegConfig,
+                        model: nn.Module, plan: Plan, signature: str) -> RunModel:
+    """The personalized copy this site's cross-site evaluation fine-tuned and scored, exactly as scored."""
+    copy = state.personalized(signature) if state is not None else None
+    if copy is None:
+        raise UserError(f"this site keeps no personalized copy of run {run_cfg.federation.run_name or run}"
+                        f"{f' (looked in {state.folder})' if state else ''}: cross-site evaluation saves one when "
+                        "train.personalize_steps > 0 and the site trained in the run; use the federated model "
+                        "(without --personalize/--personalized).")
+    tensors, facts = copy
+    checkpoint = run_checkpoint(run, choice or f"round-{facts['round']}")
+    if checkpoint.round != facts["round"]:
+        raise UserError(f"the personalized copy of this run at this site was fine-tuned from round {facts['round']}, "
+                        f"not from '{checkpoint.choice}' (round {checkpoint.round}); leave --weights out or pass "
+                        f"--weights round-{facts['round']}.")
+    model.load_state_dict(tensors, strict=True)
+    return RunModel(model, plan, run_cfg, True, checkpoint, facts["round"], state, facts)
 
 
 def load_site_model(folder: Path) -> tuple[nn.Module, Plan, FedsegConfig]:

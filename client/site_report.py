@@ -1,12 +1,14 @@
 """Pictures of the model's segmentations, drawn at the site from the site's own scans, and kept there.
 
-    fedseg-client report --config site.yaml --run RUN_DIR [--weights FILE] [--out DIR] [--cases N]
+    fedseg-client report --config site.yaml --run RUN_DIR [--weights best|last|round-N] [--out DIR] [--cases N]
 
 For each of the first N validation cases: an axial slice through the most
 ground-truth foreground, drawn three times (the scan, the ground truth
 overlaid, the prediction overlaid) with the case's Dice, as a PNG in
-``<state_dir>/report/`` (or ``--out``). The model is the run's last global
-checkpoint plus this site's own normalization tensors, as in ``predict``.
+``<state_dir>/report/`` (or ``--out``). The model is the run's round that
+``predict`` and ``export`` use by default (the centre's best, else its last;
+``--weights`` picks another) with this site's own normalization tensors of that
+round; each picture's title names the round.
 
 A picture of a scan is patient data: this command only writes local files.
 Nothing here builds a Flower message, and the egress guard (client/egress.py)
@@ -28,7 +30,7 @@ import torch
 
 from common.config import FedsegConfig
 from common.private import private_file
-from common.runs import CHECKPOINT_DIR, LAST_CHECKPOINT, REPORT_DIR
+from common.runs import REPORT_DIR
 
 log = logging.getLogger("fedseg.client")
 
@@ -84,7 +86,7 @@ def draw_overlay(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, n
     return path
 
 
-def site_pictures(site_cfg: FedsegConfig, run: Path, weights: Path | None = None, out: Path | None = None,
+def site_pictures(site_cfg: FedsegConfig, run: Path, weights: str | None = None, out: Path | None = None,
                   cases: int = 1, show: Callable[[str], None] = print) -> list[Path]:
     """Draw the first ``cases`` validation cases of this site with the run's model; returns the PNG paths.
 
@@ -105,8 +107,9 @@ def site_pictures(site_cfg: FedsegConfig, run: Path, weights: Path | None = None
     from .site_state import SiteState
 
     state = SiteState(Path(site_cfg.site.state_dir))
-    last = Path(run) / CHECKPOINT_DIR / LAST_CHECKPOINT
-    model, plan, run_cfg, own = load_run_model(Path(run), weights or last, state.root, missing_local="quiet")
+    loaded = load_run_model(Path(run), weights, state.root, missing_local="quiet")
+    model, plan, run_cfg, own = loaded.model, loaded.plan, loaded.cfg, loaded.own
+    show(f"site {site_cfg.site.name}: drawing with {loaded.describe()}")
     cfg = dataclasses.replace(run_cfg, site=site_cfg.site)
     spec, train_ids, val_ids = open_split(cfg, state)
     store = PreprocessedCases(state.cache_dir, plan, spec.num_classes)
@@ -127,7 +130,8 @@ def site_pictures(site_cfg: FedsegConfig, run: Path, weights: Path | None = None
         truth = fuse(np.asarray(labels), spec.num_classes)[0]
         prediction = inferer(torch.from_numpy(np.array(image, dtype=np.float32)))
         dice = case_dice(truth, prediction, spec.num_classes)
-        title = f"site {site_cfg.site.name}, validation case {case_id}: Dice {dice:.3f}" + \
+        title = f"site {site_cfg.site.name}, round {loaded.checkpoint.round or '?'}, validation case {case_id}: " \
+            f"Dice {dice:.3f}" + \
             (" (BatchNorm statistics adapted here)" if adapted else "")
         written.append(draw_overlay(np.asarray(image), truth, prediction, spec.num_classes, title,
                                     folder / f"{site_cfg.site.name}-{case_id}.png"))
@@ -137,7 +141,8 @@ def site_pictures(site_cfg: FedsegConfig, run: Path, weights: Path | None = None
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", type=Path, required=True,
                         help="Run folder from the centre (config.yaml, plan.json, checkpoints/).")
-    parser.add_argument("--weights", type=Path, help="Global weights (default: RUN/checkpoints/last.safetensors).")
+    parser.add_argument("--weights", help="Round of the run: best, last or round-N (default: the centre's best "
+                                          "round, else its last, as in predict and export).")
     parser.add_argument("--out", type=Path, help="Folder for the pictures (default: <state_dir>/report).")
     parser.add_argument("--cases", type=int, default=1, help="Validation cases to draw (default 1).")
 

@@ -23,13 +23,12 @@ case must then have one label file per annotator.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
-
-import numpy as np
 
 DATASET_JSON = "dataset.json"
 IMAGES_DIR = "imagesTr"
@@ -321,13 +320,29 @@ def channel_groups(paths: list[Path], channels: int) -> dict[str, tuple[Path, ..
     return {case: tuple(files[c] for c in range(channels)) for case, files in groups.items()}
 
 
+def case_draw(case_id: str, seed: int) -> float:
+    """A number in [0, 1) that depends on the case id and the seed alone (SHA-256, the same on any machine)."""
+    digest = hashlib.sha256(f"{seed}:{case_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def split_cases(case_ids: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Deterministic train/validation split: same ids and seed, same split, on any machine."""
+    """Deterministic train/validation split in which each case's side depends on that case alone.
+
+    A case is for validation when its draw (``case_draw``) is below
+    ``val_fraction``, so adding cases to a site never moves an existing one,
+    and the validation share is ``val_fraction`` on average. Only a cohort
+    whose draws put every case on one side borrows one case (the lowest draw
+    for validation, the highest for training); that choice can change when
+    cases are added, and the site says so (client/site_state.py).
+    """
     ordered = sorted(case_ids)
     if len(ordered) < 2:
         raise DatasetError(f"a site needs at least 2 cases to hold one out for validation, found {len(ordered)}.")
-    perm = np.random.default_rng(seed).permutation(len(ordered))
-    n_val = min(max(1, round(val_fraction * len(ordered))), len(ordered) - 1)
-    val = sorted(ordered[i] for i in perm[:n_val])
-    train = sorted(ordered[i] for i in perm[n_val:])
-    return train, val
+    by_draw = sorted(ordered, key=lambda c: case_draw(c, seed))
+    val = {c for c in ordered if case_draw(c, seed) < val_fraction}
+    if not val:
+        val = {by_draw[0]}
+    if len(val) == len(ordered):
+        val.discard(by_draw[-1])
+    return [c for c in ordered if c not in val], [c for c in ordered if c in val]

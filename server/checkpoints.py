@@ -10,6 +10,7 @@ Every checkpoint is owner-only (0600) whatever the umask: ``best`` and
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from common.files import atomic_save, atomic_write_text
 from common.private import private_file
 from common.runs import (BEST_CHECKPOINT, CHECKPOINT_STATE, LAST_CHECKPOINT, ROUND_CHECKPOINT,
                          SERVER_OPTIMIZER_CHECKPOINT)
+
+ROUND_NAME = re.compile(r"round-(\d+)")
 
 
 @dataclass
@@ -68,6 +71,13 @@ class Checkpoints:
         """The moments saved after ``server_round``'s step, or None if there are none."""
         path = self.dir / SERVER_OPTIMIZER_CHECKPOINT.format(server_round)
         return {k: v.numpy() for k, v in load_file(path).items()} if path.is_file() else None
+
+    def round_of(self, name: str) -> int | None:
+        """The round a checkpoint name holds: ``best``, ``last``, ``round-NNNN``; None for anything else."""
+        if name in ("best", "last"):
+            return getattr(self.state, f"{name}_round") or None
+        match = ROUND_NAME.fullmatch(name)
+        return int(match.group(1)) if match else None
 
     def offer_best(self, server_round: int, dice: float) -> bool:
         """Make the round's model ``best`` if its federation Dice beats the best so far."""

@@ -173,13 +173,20 @@ def _per_class(metrics, prefix: str) -> list[float]:
 
 
 def cross_evaluate(grid: Grid, cfg: FedsegConfig, signature: str, models: dict[str, dict[str, torch.Tensor]],
-                   metrics_log: MetricsLog, run: Path) -> list[Cell]:
-    """Send every checkpoint to every connected site; log and save the matrix."""
+                   metrics_log: MetricsLog, run: Path, rounds: dict[str, int | None] | None = None) -> list[Cell]:
+    """Send every checkpoint to every connected site; log and save the matrix.
+
+    ``rounds`` names each model's round: a site scores round r's shared weights
+    with its own norm tensors of round r (client/site.py), never with whatever
+    it wrote last.
+    """
     nodes = list(grid.get_node_ids())
     cells = []
     for model, tensors in models.items():
         arrays = to_wire(tensors, cfg.federation.wire_dtype)
         config = {keys.SIGNATURE: signature, keys.WIRE_DTYPE: cfg.federation.wire_dtype, keys.CROSS_EVAL_MODEL: model}
+        if (rounds or {}).get(model):
+            config[keys.SERVER_ROUND] = int(rounds[model])
         if (run / PLAN_FILE).is_file():  # the run's preprocessing plan, also for a site that never trained
             config[keys.PLAN] = (run / PLAN_FILE).read_text()
         replies = grid.send_and_receive([_query(n, "evaluate", config, arrays) for n in nodes],
@@ -211,16 +218,22 @@ def _save(path: Path, cfg: FedsegConfig, cells: list[Cell]) -> None:
     atomic_write_text(path, json.dumps(record, indent=2))
 
 
-def run_checkpoints(run: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """The run's last and best global models, labelled with their rounds (once if they coincide)."""
+def run_checkpoints(run: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, int | None]]:
+    """The run's last and best global models, labelled with their rounds (once if they coincide), and the rounds.
+
+    Best is sent last: a site keeps the personalized copy of the last model it
+    scores (client/site_state.py), and best is the site commands' default.
+    """
     ckpt = Checkpoints(run / CHECKPOINT_DIR)
     state = ckpt.state
     if not state.last_round:
-        return {}
+        return {}, {}
+    last = f"last (round {state.last_round})"
     if state.best_round == state.last_round or not (ckpt.dir / BEST_CHECKPOINT).is_file():
-        return {f"last (round {state.last_round})": load_file(ckpt.dir / LAST_CHECKPOINT)}
-    return {f"last (round {state.last_round})": load_file(ckpt.dir / LAST_CHECKPOINT),
-            f"best (round {state.best_round})": load_file(ckpt.dir / BEST_CHECKPOINT)}
+        return {last: load_file(ckpt.dir / LAST_CHECKPOINT)}, {last: state.last_round}
+    best = f"best (round {state.best_round})"
+    return ({last: load_file(ckpt.dir / LAST_CHECKPOINT), best: load_file(ckpt.dir / BEST_CHECKPOINT)},
+            {last: state.last_round, best: state.best_round})
 
 
 def resolve_checkpoint(run: Path, name: str) -> Path:
@@ -236,11 +249,11 @@ def resolve_checkpoint(run: Path, name: str) -> Path:
 
 def after_training(grid: Grid, cfg: FedsegConfig, signature: str, metrics_log: MetricsLog, run: Path) -> None:
     """The cross-site evaluation closing a run; a failure here is logged, never fatal to the run."""
-    models = run_checkpoints(run)
+    models, rounds = run_checkpoints(run)
     if not cfg.federation.cross_eval or not models:
         return
     try:
-        cross_evaluate(grid, cfg, signature, models, metrics_log, run)
+        cross_evaluate(grid, cfg, signature, models, metrics_log, run, rounds)
     except Exception:  # the trained model is safe on disk; the evaluation can be rerun on demand
         log.exception("cross-site evaluation failed; rerun it with federation.evaluate_checkpoint")
 
@@ -256,7 +269,8 @@ def on_demand(grid: Grid, cfg: FedsegConfig, signature: str, run: Path) -> None:
     try:
         wait_for_nodes(grid, len(cfg.federation.sites) + len(cfg.federation.held_out_sites),
                         cfg.federation.round_timeout_s)
-        cross_evaluate(grid, cfg, signature, {name: load_file(path)}, metrics_log, run)
+        cross_evaluate(grid, cfg, signature, {name: load_file(path)}, metrics_log, run,
+                       {name: Checkpoints(run / CHECKPOINT_DIR).round_of(name)})
     except Exception as err:
         status = f"failed: {type(err).__name__}"
         raise

@@ -22,11 +22,14 @@ from tests.flower_messages import incoming
 from tests.tiny import tiny
 
 REPO = Path(__file__).resolve().parent.parent
+HARNESS_RUN_ID = "0123456789ab"
+"""The harness's run identity: a site keeps the run's model under ``runs/harness-<id>`` (client/site_state.py)."""
 
 
 def site_setup(tmp_path: Path, data_dir: Path, name: str = "site-1", *overrides: str) -> tuple[FedsegConfig, Path]:
     """A resolved run config plus a site.yaml pointing at ``data_dir``."""
-    cfg = load_config(None, tiny("federation.run_name=harness", f"federation.runs_dir={tmp_path / 'runs'}", *overrides))
+    cfg = load_config(None, tiny("federation.run_name=harness", f"federation.run_id={HARNESS_RUN_ID}",
+                                 f"federation.runs_dir={tmp_path / 'runs'}", *overrides))
     site_yaml = tmp_path / f"{name}.yaml"
     site = {"name": name, "data_dir": str(data_dir), "state_dir": str(tmp_path / f"{name}-state"),
             "min_cohort": 1}  # synthetic cases: no patient to protect

@@ -7,6 +7,7 @@ import torch
 from flwr.app import MessageType
 from safetensors.torch import load_file
 
+from client.site_state import SiteState
 from common import keys
 from common.params import run_model
 from common.wire import unpack
@@ -16,7 +17,7 @@ from tests.site_harness import context, handle, run_fresh, server_message, site_
 def test_norm_tensors_survive_a_fresh_client_process(tmp_path, tiny_federation):
     cfg, site_yaml = site_setup(tmp_path, tiny_federation["site-1"])
     assert run_fresh(cfg, site_yaml, "train", 1)["error"] is None
-    saved = load_file(tmp_path / "site-1-state" / "norm.safetensors")
+    saved = load_file(SiteState(tmp_path / "site-1-state").run(cfg).norm_path(1))
     norm_keys = (".weight", ".bias", ".running_mean", ".running_var", ".num_batches_tracked")  # FedBN: all stay
     assert saved and all(k.endswith(norm_keys) for k in saved) and any(k.endswith(".running_mean") for k in saved)
     assert any(not torch.equal(v, torch.ones_like(v)) and not torch.equal(v, torch.zeros_like(v))

@@ -78,5 +78,6 @@ def test_split_is_deterministic_and_recorded(tmp_path):
     state = SiteState(tmp_path / "s")
     _, train, val = open_split(cfg, state)
     assert (train, val) == split_cases([f"case_{i:03d}" for i in range(4)], 0.25, 0)
-    assert state.info()["split"] == {"train": train, "val": val}
-    assert len(val) == 1 and not set(train) & set(val)
+    recorded = state.info()["split"]
+    assert (recorded["train"], recorded["val"], recorded["seed"]) == (train, val, 0)
+    assert val and train and not set(train) & set(val) and sorted(train + val) == [f"case_{i:03d}" for i in range(4)]

@@ -38,7 +38,7 @@ def trained_site(tmp_path):
     ]) + "\n")
     model, split, signature = run_model(cfg)
     local = {k: v * 1.5 + 0.1 for k, v in select(model, split.local).items()}  # differs from the global init
-    SiteState(tmp_path / "state").save_local(local, ROUND, signature)
+    SiteState(tmp_path / "state").run_named("run", "").save_norm(ROUND, local, signature)  # the folder names the run
     site = tmp_path / "site.yaml"
     site.write_text(yaml.safe_dump({"site": {"name": "h", "data_dir": str(nnunet_dataset(tmp_path / "data")),
                                              "state_dir": str(tmp_path / "state")}}))
@@ -73,29 +73,12 @@ def test_exported_model_reproduces_predict_voxel_for_voxel(tmp_path, trained_sit
     assert all(np.array_equal(from_run[k], from_model[k]) for k in from_run)
 
 
-def test_a_personalized_export_fits_the_site_and_leaves_the_global_model_alone(tmp_path, trained_site, capsys):
-    run, site, scans = trained_site
-    settings = yaml.safe_load(site.read_text())
-    settings["site"]["min_cohort"] = 1
-    site.write_text(yaml.safe_dump(settings))
-    global_before = (run / "checkpoints" / "best.safetensors").read_bytes()
-    plain, personal = tmp_path / "plain", tmp_path / "personal"
-    assert main(["export", "--config", str(site), "--run", str(run), "--out", str(plain)]) == 0
-    assert main(["export", "--config", str(site), "--run", str(run), "--personalize", "--out", str(personal)]) == 0
-    assert "personalized for" in capsys.readouterr().out
-    record = json.loads((personal / "provenance.json").read_text())["personalized"]
-    assert record["dice_after"] >= record["dice_before"] and record["scope"] == "norm+head"
-    assert json.loads((plain / "provenance.json").read_text())["personalized"] is None
-    assert "validation Dice" in (personal / README_FILE).read_text()
-    (base, _, _), (mine, _, _) = load_site_model(plain), load_site_model(personal)
-    changed = {k for k, v in base.state_dict().items() if not torch.equal(v, mine.state_dict()[k])}
-    if record["steps"] > 0:  # only norm layers and the output layer may move
-        out_layer = [n for n, m in mine.named_modules() if isinstance(m, torch.nn.modules.conv._ConvNd)][-1]
-        assert changed and all(".adn.N." in k or k.startswith(out_layer) for k in changed), changed
-    else:
-        assert not changed
-    assert (run / "checkpoints" / "best.safetensors").read_bytes() == global_before
-    assert main(["predict", "--model", str(personal), "--input", str(scans), "--output", str(tmp_path / "o")]) == 0
+def test_a_personalized_export_needs_the_copy_cross_site_evaluation_scored(tmp_path, trained_site, capsys):
+    """No new fine-tuning at export: without the scored copy (tests/test_site_state.py keeps one) it refuses."""
+    run, site, _ = trained_site
+    assert main(["export", "--config", str(site), "--run", str(run), "--personalize", "--out", str(tmp_path / "p")]) == 2
+    assert "no personalized copy" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
 
 
 def test_readme_snippet_loads_the_same_network_with_torch_and_monai(tmp_path, trained_site, monkeypatch):
