@@ -11,15 +11,21 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 
 def atomic_save(path: Path, write: Callable[[Path], None]) -> None:
-    """Let ``write`` fill a temporary file beside ``path``, make it durable, then rename it over ``path``."""
+    """Let ``write`` fill a temporary file beside ``path``, make it durable, then rename it over ``path``.
+
+    The temporary name is unique to this write, so two writers of one file (a
+    site answering two runs at once both keep its plan and site.json) never
+    write into, or rename away, each other's temporary file: the last rename wins.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
         write(tmp)
         with tmp.open("rb") as f:

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .config import DataConfig, ModelConfig
+from .files import atomic_write_text
 from .fingerprint import FederatedFingerprint
 from .runs import PLAN_FILE
 
@@ -130,9 +131,7 @@ class Plan:
             raise PlanError(f"{source}: patch size {list(self.patch_size)} is outside [1, {MAX_PATCH_AXIS}] per axis.")
 
     def save(self, path: Path) -> None:
-        tmp = Path(path).with_suffix(".json.tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
+        atomic_write_text(Path(path), self.to_json())
 
     @classmethod
     def load(cls, path: Path) -> Plan:

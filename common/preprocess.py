@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -135,15 +136,23 @@ class PreprocessedCases:
 
     def _build(self, case: Case, folder: Path) -> None:
         image, labels = prepare_case(case, self.plan)
-        if folder.exists():
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-        _atomic_npy(folder / "image.npy", image)
-        _atomic_npy(folder / "label.npy", labels)
+        # Built in a folder of this writer's own and renamed into place whole: a site answering two runs at
+        # once may build one case twice, and a reader never sees a half-built folder.
+        building = folder.with_name(f".{folder.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+        shutil.rmtree(building, ignore_errors=True)
+        building.mkdir(parents=True)
+        _atomic_npy(building / "image.npy", image)
+        _atomic_npy(building / "label.npy", labels)
         rng = np.random.default_rng(len(case.case_id))
         locations = class_locations(labels, self.num_classes, rng)
-        np.savez(folder / "locations.npz", **{str(c): v for c, v in locations.items()})
-        (folder / META_FILE).write_text(json.dumps({"plan": self.plan.version, "shape": list(image.shape)}))
+        np.savez(building / "locations.npz", **{str(c): v for c, v in locations.items()})
+        (building / META_FILE).write_text(json.dumps({"plan": self.plan.version, "shape": list(image.shape)}))
+        if folder.exists() and not (folder / META_FILE).is_file():  # half-built by an older fedseg that crashed
+            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            os.rename(building, folder)
+        except OSError:  # another writer put the same case in place first: the same arrays
+            shutil.rmtree(building, ignore_errors=True)
 
     def load(self, case: Case) -> Volume:
         """The case in plan space (memory-mapped), preprocessing it first if not cached."""

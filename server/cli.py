@@ -11,6 +11,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "start": ("server.launcher", "Run the centre: SuperLink, Fleet gateway and the training run."),
     "certs": ("server.certs_cmd", "Create the federation CA and server certificate; allow-list site keys."),
     "report": ("server.report_cmd", "Plots and a one-page summary of a run (also while it runs)."),
+    "site-package": ("server.site_package", "Package a run for one site: what its export, predict and report read."),
 }
 
 main = make_main("fedseg-server", "The coordinating centre of a fedseg federation.", COMMANDS)
