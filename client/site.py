@@ -16,7 +16,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from common import keys
-from common.config import FedsegConfig, from_yaml_text, load_config
+from common.config import FedsegConfig, from_yaml_text, load_config, with_channels
+from common.dataset import read_dataset
+from common.plan import Plan
 from common.device import with_site_compute
 from common.params import ParameterSplit, load_merged, run_model
 from common.runs import SITE_LOG, simulated_site_config, site_view
@@ -42,7 +44,7 @@ class Site:
     """This message's timeline at the site (client/timeline.py); sent with the reply's metrics."""
 
     @classmethod
-    def resolve(cls, context: Context) -> Site:
+    def resolve(cls, context: Context, msg: Message | None = None) -> Site:
         """Federation settings come from the run config, identity and paths from site.yaml.
 
         Whatever the run config holds, the site takes only ``site_view`` of it,
@@ -50,7 +52,8 @@ class Site:
 
         A deployed SuperNode names its site.yaml in its node config; in the
         simulation, the launcher wrote one site.yaml per partition into the run
-        directory.
+        directory. The model's channels and classes, when the centre leaves
+        them to the data, come from the plan ``msg`` carries (``with_model_channels``).
         """
         cfg = site_view(from_yaml_text(str(context.run_config[keys.RUN_CONFIG_KEY]), "run config"))
         if keys.NODE_SITE_CONFIG in context.node_config:
@@ -60,6 +63,7 @@ class Site:
                                               int(context.node_config[keys.NODE_PARTITION_ID]))
         local = load_config(site_yaml)
         cfg = dataclasses.replace(cfg, site=local.site, train=with_site_compute(cfg.train, local.train))
+        cfg = with_model_channels(cfg, msg)
         state = SiteState(Path(cfg.site.state_dir))
         log_to_site_file(state.root)
         torch.set_num_threads(cfg.site.torch_threads)
@@ -106,6 +110,32 @@ class Site:
         if arrays is not None:
             content[keys.ARRAYS] = arrays
         return Message(content=content, reply_to=msg)
+
+
+def with_model_channels(cfg: FedsegConfig, msg: Message | None) -> FedsegConfig:
+    """``cfg`` with the model's channels and classes, when the centre left them to the sites' data (0).
+
+    The federation's plan (sent with every message after planning) holds the
+    agreed labels and one normalization per channel; before it, as when the
+    centre asks for the fingerprint, the site's own dataset.json decides.
+    """
+    if cfg.model.in_channels and cfg.model.out_channels:
+        return cfg
+    plan = received_plan(msg)
+    if plan is not None and plan.label_codes:
+        return dataclasses.replace(cfg, model=with_channels(cfg.model, len(plan.normalization), len(plan.label_codes),
+                                                            "the federation's plan"))
+    spec = read_dataset(cfg.site.data_dir)
+    return dataclasses.replace(cfg, model=with_channels(cfg.model, spec.num_channels, spec.num_classes,
+                                                        f"this site's dataset.json ({spec.labels})"))
+
+
+def received_plan(msg: Message | None) -> Plan | None:
+    """The plan a message from the centre carries, or None (a fingerprint query, a site working alone)."""
+    config = msg.content.config_records.get(keys.CONFIG) if msg is not None and msg.has_content() else None
+    if config is None or keys.PLAN not in config:
+        return None
+    return Plan.from_json(str(config[keys.PLAN]), "the plan sent by the server")
 
 
 _serving: contextvars.ContextVar[Path | None] = contextvars.ContextVar("fedseg_serving_site", default=None)

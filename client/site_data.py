@@ -13,12 +13,14 @@ import json
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 from flwr.app import Message, MetricRecord
 
 from common import keys
 from common.config import FedsegConfig
 from common.dataset import DatasetSpec, read_dataset
-from common.fingerprint import merge_fingerprints, site_fingerprint
+from common.fingerprint import FINGERPRINT_FORMAT, merge_fingerprints, site_fingerprint
+from common.labels import ChannelMismatch, LabelMismatch, describe_coding, remap_table
 from common.loops import EvalResult
 from common.plan import Plan, make_plan
 from common.preprocess import PreprocessedCases, Volume
@@ -26,7 +28,7 @@ from common.runs import FINGERPRINT_FILE, PLAN_FILE
 
 from .check import preflight
 from .reasons import TooFewCases
-from .site import Site
+from .site import Site, received_plan
 from .site_state import SiteState
 
 log = logging.getLogger("fedseg.client")
@@ -58,8 +60,8 @@ class SiteData:
         spec, train_ids, val_ids = open_split(cfg, state)
         plan = resolve_plan(cfg, state, spec, train_ids, msg)
         planned = dataclasses.replace(cfg, data=plan.data_config(cfg.data))
-        return cls(planned, spec, train_ids, val_ids, PreprocessedCases(state.cache_dir, plan, spec.num_classes),
-                   plan)
+        cases = PreprocessedCases(state.cache_dir, plan, spec.num_classes, federation_coding(spec, plan))
+        return cls(planned, spec, train_ids, val_ids, cases, plan)
 
     @property
     def test_ids(self) -> list[str]:
@@ -73,6 +75,27 @@ class SiteData:
 
     def volumes(self, ids: list[str]) -> list[Volume]:
         return [self.cases.load(self.spec.case(i)) for i in ids]
+
+
+def federation_coding(spec: DatasetSpec, plan: Plan) -> np.ndarray | None:
+    """How this site's label values become the federation's (None: they are the same); refuses other names.
+
+    The federation agreed on its labels by name at planning (common/labels.py).
+    A site whose names match but whose values differ is remapped only when the
+    centre allows it in the plan; otherwise it is refused, with both maps in
+    this site's own names in site.log.
+    """
+    if not plan.label_codes:
+        return None
+    table = remap_table(spec.labels, plan.label_codes)
+    if table is not None and not plan.remap_labels:
+        raise LabelMismatch(f"this site's dataset.json codes the federation's labels with other values: the "
+                            f"federation's map is {{{describe_coding(spec.labels, plan.label_codes)}}}, this "
+                            f"site's {spec.labels}; recode labelsTr, or ask the centre for data.remap_labels: true")
+    if table is not None:
+        log.info("labels remapped by name to the federation's values: %s", describe_coding(spec.labels,
+                                                                                       plan.label_codes))
+    return table
 
 
 def require_cohort(cfg: FedsegConfig, ids: list[str], what: str) -> list[str]:
@@ -91,12 +114,12 @@ def open_split(cfg: FedsegConfig, state: SiteState) -> tuple[DatasetSpec, list[s
     """Read and preflight-check the dataset (refusing a broken one), then fix the split."""
     spec = read_dataset(cfg.site.data_dir)
     if spec.num_classes != cfg.model.out_channels:
-        raise ValueError(
-            f"dataset.json of site '{cfg.site.name}' declares {spec.num_classes} classes but "
-            f"model.out_channels is {cfg.model.out_channels}; the federation must agree on the labels."
+        raise LabelMismatch(
+            f"dataset.json of site '{cfg.site.name}' declares {spec.num_classes} classes ({spec.labels}) but "
+            f"the federation's model has {cfg.model.out_channels}; the federation must agree on the labels."
         )
     if spec.num_channels != cfg.model.in_channels:
-        raise ValueError(
+        raise ChannelMismatch(
             f"dataset.json of site '{cfg.site.name}' declares {spec.num_channels} channels but "
             f"model.in_channels is {cfg.model.in_channels}; the federation must agree on the modalities."
         )
@@ -111,7 +134,7 @@ def open_split(cfg: FedsegConfig, state: SiteState) -> tuple[DatasetSpec, list[s
 def fingerprint(cfg: FedsegConfig, state: SiteState) -> dict:
     """This site's fingerprint over its training cases, cached until the data or split change."""
     spec, train_ids, _ = open_split(cfg, state)
-    key = f"{state.info().get('checked_stamp')}:{','.join(train_ids)}"
+    key = f"{FINGERPRINT_FORMAT}:{state.info().get('checked_stamp')}:{','.join(train_ids)}"
     path = state.root / FINGERPRINT_FILE
     if path.is_file():
         cached = json.loads(path.read_text())
@@ -125,9 +148,7 @@ def fingerprint(cfg: FedsegConfig, state: SiteState) -> dict:
 def resolve_plan(cfg: FedsegConfig, state: SiteState, spec: DatasetSpec, train_ids: list[str],
                  msg: Message | None) -> Plan:
     stored = state.root / PLAN_FILE
-    config = msg.content.config_records.get(keys.CONFIG) if msg is not None and msg.has_content() else None
-    if config is not None and keys.PLAN in config:
-        plan = Plan.from_json(str(config[keys.PLAN]), "the plan sent by the server")
+    if (plan := received_plan(msg)) is not None:
         if not stored.is_file() or Plan.load(stored).version != plan.version:
             plan.save(stored)
             state.update_info(plan_version=plan.version)

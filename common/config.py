@@ -58,9 +58,21 @@ class ModelConfig:
         "batch", "Normalization layer: batch (FedBN: statistics and weights stay at each site; a site that never "
         "trained re-estimates the statistics, AdaBN) or instance (built with affine=True: its weights stay local)."
     )
-    in_channels: int = option(1, "Image channels (modalities) per case.")
-    out_channels: int = option(2, "Classes including background.")
+    in_channels: int = option(
+        0, "Image channels (modalities) per case; 0: the sites' dataset.json decide, agreed at planning.")
+    out_channels: int = option(
+        0, "Classes including background; 0: the labels the sites' dataset.json agree on at planning.")
     dropout: float = option(0.0, "Dropout probability inside the network.")
+
+
+def with_channels(model: ModelConfig, channels: int, classes: int, source: str) -> ModelConfig:
+    """``model`` with the data's channel and class counts; a count set by hand must equal the data's."""
+    for key, found in (("in_channels", channels), ("out_channels", classes)):
+        configured = getattr(model, key)
+        if configured not in (0, found):
+            raise ConfigError(f"model.{key} is {configured} but {source} declare {found}; remove model.{key} "
+                              f"to take it from the data, or set it to {found}.")
+    return dataclasses.replace(model, in_channels=channels, out_channels=classes)
 
 
 @dataclass
@@ -85,6 +97,10 @@ class DataConfig:
     foreground_fraction: float = option(0.33, "Share of patches centred on foreground (nnU-Net samples >= 1/3).")
     val_fraction: float = option(0.25, "Share of a site's cases held out for validation.")
     split_seed: int = option(0, "Seed of the deterministic train/validation split.")
+    remap_labels: bool = option(
+        False, "Centre: a site whose dataset.json gives the federation's label names other values is remapped by "
+               "name at the site (the model, and so its predictions, use the federation's values); false: it is refused."
+    )
     clip_percentiles: list[float] = option(
         [0.5, 99.5], "CT: percentiles of the federation's foreground intensities clipped to before z-scoring."
     )

@@ -42,10 +42,12 @@ import numpy as np
 
 from . import keys
 from .dataset import Case, DatasetSpec
+from .labels import CODE_BITS, channel_codes, label_codes
 from .reading import IMAGE, LABEL, nonzero_box, ras_axes, read_case
 
-FINGERPRINT_FORMAT = 2
-"""2: foreground mean and std instead of exact sums, every value coarsened (``COARSE_DIGITS``)."""
+FINGERPRINT_FORMAT = 3
+"""3: the codes of the label and channel names (common/labels.py); 2: foreground mean and std instead of exact
+sums, every value coarsened (``COARSE_DIGITS``)."""
 COARSE_DIGITS = {"spacing": 3, "extent": 2, "intensity": 4, "fg_voxels": 2, "fg_mean": 4, "fg_std": 3,
                  "class_fraction": 3}
 """Significant digits each kind of value leaves the site with: enough to plan, too few to tell one patient's
@@ -130,10 +132,12 @@ def _unchunk(record: dict, name: str) -> list[float]:
 def record_names(channels: int, classes: int) -> frozenset[str]:
     """Every key of a site's fingerprint record (``site_fingerprint``): the egress guard lets exactly these out."""
     chunks = -(-classes // keys.EGRESS_MAX_LIST)
+    channel_chunks = -(-channels // keys.EGRESS_MAX_LIST)
     per_channel = [_name(kind, c) for c in range(channels) for kind in ("intensity", "fg_voxels", "fg_mean", "fg_std")]
     return frozenset([_name("format"), _name("cases"), _name("channels"), _name("ct"),
                       *(_name(kind, axis) for axis in AXES for kind in ("spacing", "extent")),
-                      *(_name("class_fraction", i) for i in range(chunks)), *per_channel])
+                      *(_name(kind, i) for i in range(chunks) for kind in ("class_fraction", "label_codes")),
+                      *(_name("channel_codes", i) for i in range(channel_chunks)), *per_channel])
 
 
 def site_fingerprint(spec: DatasetSpec, case_ids: Iterable[str], seed: int = 0) -> dict[str, int | float | list]:
@@ -155,6 +159,8 @@ def site_fingerprint(spec: DatasetSpec, case_ids: Iterable[str], seed: int = 0) 
         record[_name("spacing", axis)] = _coarse(np.percentile(spacing[:, a], SPACING_LEVELS), "spacing")
         record[_name("extent", axis)] = _coarse(np.percentile(extent[:, a], SPACING_LEVELS), "extent")
     record |= _chunks(_name("class_fraction"), _coarse(class_voxels / class_voxels.sum(), "class_fraction"))
+    record |= _chunks(_name("label_codes"), label_codes(spec.labels))
+    record |= _chunks(_name("channel_codes"), channel_codes(spec.channel_names))
     for c in range(spec.num_channels):
         pooled = np.concatenate([s.samples[c] for s in stats])
         n, total, squares = np.sum([s.moments[c] for s in stats], axis=0)
@@ -288,6 +294,18 @@ class SiteFingerprint:
     moments: np.ndarray
     """[channel, (n, sum, sum of squares)]."""
     class_fraction: tuple[float, ...]
+    label_codes: tuple[int, ...]
+    """The code of the name of each label value (common/labels.py)."""
+    channel_codes: tuple[int, ...]
+
+
+def _codes(record: dict, name: str, site: str, length: int) -> tuple[int, ...]:
+    """A list of ``length`` name codes: whole numbers in [0, 2**CODE_BITS)."""
+    values = _unchunk(record, name)
+    if len(values) != length or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v)
+                                    or not 0 <= v < 1 << CODE_BITS for v in values):
+        raise FingerprintError(f"fingerprint of site {site}: '{name}' must hold {length} name codes.")
+    return tuple(int(v) for v in values)
 
 
 def _get(record: dict, name: str, site: str):
@@ -357,7 +375,9 @@ def check_site_fingerprint(record: dict, site: str) -> SiteFingerprint:
         raise FingerprintError(f"fingerprint of site {site}: the class fractions must be numbers in [0, 1] "
                                f"that sum to 1.")
     return SiteFingerprint(cases, tuple(bool(v) for v in ct), spacing, extent, intensity, moments,
-                           tuple(float(v) for v in fractions))
+                           tuple(float(v) for v in fractions),
+                           _codes(record, _name("label_codes"), site, len(fractions)),
+                           _codes(record, _name("channel_codes"), site, channels))
 
 
 def bounded_weights(counts: Sequence[float]) -> list[float]:

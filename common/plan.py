@@ -80,6 +80,10 @@ class Plan:
     normalization: tuple[ChannelNorm, ...]
     median_shape: tuple[int, int, int]
     """Median foreground-cropped shape at the target spacing (informative)."""
+    label_codes: tuple[int, ...] = ()
+    """The federation's labels: the code of each value's name (common/labels.py); empty: a site-local plan."""
+    remap_labels: bool = False
+    """Whether a site whose label names match but whose values differ remaps them (data.remap_labels)."""
     provenance: dict[str, Any] = field(default_factory=dict, compare=False)
     """Who made the plan from what: planner, sites, case count, time, config overrides."""
 
@@ -88,6 +92,8 @@ class Plan:
             "target_spacing": list(self.target_spacing),
             "patch_size": list(self.patch_size),
             "normalization": [dataclasses.asdict(n) for n in self.normalization],
+            "label_codes": list(self.label_codes),
+            "remap_labels": self.remap_labels,
         }
 
     @property
@@ -111,6 +117,8 @@ class Plan:
                 patch_size=tuple(int(v) for v in body["patch_size"]),
                 normalization=tuple(ChannelNorm(**n) for n in body["normalization"]),
                 median_shape=tuple(int(v) for v in body["median_shape"]),
+                label_codes=tuple(int(v) for v in body.get("label_codes", [])),
+                remap_labels=bool(body.get("remap_labels", False)),
                 provenance=dict(body.get("provenance", {})),
             )
         except (json.JSONDecodeError, KeyError, TypeError) as err:

@@ -129,13 +129,17 @@ def _atomic_npy(path: Path, array: np.ndarray) -> None:
 class PreprocessedCases:
     """Preprocessed arrays of a site's cases, computed once per plan version and kept on disk."""
 
-    def __init__(self, cache_root: Path, plan: Plan, num_classes: int) -> None:
+    def __init__(self, cache_root: Path, plan: Plan, num_classes: int, remap: np.ndarray | None = None) -> None:
         self.plan = plan
         self.num_classes = num_classes
+        self.remap = remap
+        """Site label value -> the federation's (common/labels.py), or None when they are the same."""
         self.cache_dir = Path(cache_root) / f"plan-{plan.version}"
 
     def _build(self, case: Case, folder: Path) -> None:
         image, labels = prepare_case(case, self.plan)
+        if self.remap is not None:  # the plan's version covers the coding, so a remapped cache is its own
+            labels = self.remap[np.rint(labels).astype(np.int64).clip(0, len(self.remap) - 1)].astype(labels.dtype)
         # Built in a folder of this writer's own and renamed into place whole: a site answering two runs at
         # once may build one case twice, and a reader never sees a half-built folder.
         building = folder.with_name(f".{folder.name}.{os.getpid()}-{threading.get_ident()}.tmp")

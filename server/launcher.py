@@ -34,6 +34,8 @@ from common.runs import (FLWR_HOME, GATEWAY_LOG, RUN_CONFIG_TOML, SCRATCH_DIR, S
 STARTUP_TIMEOUT_S = 90.0
 POLL_S = 0.5
 STATUS_EVERY_S = 5.0
+SIZING_CHANNELS = 32
+"""Channels and classes assumed when sizing the gateway's request limit before planning has fixed them."""
 RUN_END_GRACE_S = 30.0
 """How long the run may take to be marked finished after its run-end line."""
 
@@ -57,7 +59,10 @@ def model_bytes(cfg: FedsegConfig) -> int:
     """Bytes of the model's travelling tensors in float32: the most any one site's update can weigh."""
     from .server_app import initial_weights
 
-    return sum(t.numel() * 4 for t in initial_weights(cfg)[0].values())
+    model = cfg.model  # counts the sites' data decides are taken generously: the bound only stops abuse
+    sized = dataclasses.replace(model, in_channels=model.in_channels or SIZING_CHANNELS,
+                                out_channels=model.out_channels or SIZING_CHANNELS)
+    return sum(t.numel() * 4 for t in initial_weights(dataclasses.replace(cfg, model=sized))[0].values())
 
 
 class Centre:

@@ -27,6 +27,7 @@ from common.fingerprint import (
     check_site_fingerprint,
     merge_fingerprints,
 )
+from common.labels import agreed_coding, coding_problem
 from common.metrics_log import MetricsLog
 from common.plan import Plan, make_plan
 from common.runs import PLAN_FILE
@@ -62,9 +63,10 @@ def _reply_problem(reply: Message, cfg: FedsegConfig, nodes: dict[int, str], sit
         fp = check_site_fingerprint(dict(reply.content.metric_records[keys.FINGERPRINT]), site)
     except Exception as err:  # any malformed record leaves the site out, never ends the run
         return str(err) if isinstance(err, FingerprintError) else f"malformed fingerprint ({type(err).__name__})"
-    if len(fp.ct) != cfg.model.in_channels or len(fp.class_fraction) != cfg.model.out_channels:
-        return (f"the site declares {len(fp.ct)} channel(s) and {len(fp.class_fraction)} class(es); the "
-                f"model takes {cfg.model.in_channels} and {cfg.model.out_channels}")
+    for key, found in (("in_channels", len(fp.ct)), ("out_channels", len(fp.class_fraction))):
+        if getattr(cfg.model, key) not in (0, found):
+            return (f"the site declares {found} {'channel' if key == 'in_channels' else 'class'}(es); the centre's "
+                    f"model.{key} is {getattr(cfg.model, key)} (remove it to follow the sites' dataset.json)")
     return None
 
 
@@ -94,7 +96,35 @@ def collect_fingerprints(grid: Grid, cfg: FedsegConfig, metrics_log: MetricsLog 
             _failure(metrics_log, site, problem)
             continue
         records[site] = dict(reply.content.metric_records[keys.FINGERPRINT])
-    return _majority_channels(records, metrics_log)
+    return _agreed_labels(_majority_channels(records, metrics_log), cfg, metrics_log)
+
+
+def _agreed_labels(records: dict[str, dict], cfg: FedsegConfig, metrics_log: MetricsLog | None) -> dict[str, dict]:
+    """The records of the sites whose labels mean what the federation's mean (common/labels.py).
+
+    The federation's coding is the most common one; a site that names its
+    labels otherwise is left out by name, with what differs, and so is one that
+    codes the same names with other values unless ``data.remap_labels``
+    lets it remap them. Channel names that differ are only noted: sites name
+    the same MRI sequence in many ways, and the CT flags already agree.
+    """
+    codings = {site: _label_codes(rec, site) for site, rec in records.items()}
+    if not codings:
+        return records
+    agreed = agreed_coding(codings)
+    for site, coding in codings.items():
+        if problem := coding_problem(site, coding, agreed, cfg.data.remap_labels):
+            _failure(metrics_log, site, problem)
+    channel_names = {site: check_site_fingerprint(rec, site).channel_codes for site, rec in records.items()}
+    if len(set(channel_names.values())) > 1:
+        log.warning("the sites name their image channels differently (%s); planning goes on by channel order",
+                    ", ".join(sorted(channel_names)))
+    return {site: rec for site, rec in records.items()
+            if coding_problem(site, codings[site], agreed, cfg.data.remap_labels) is None}
+
+
+def _label_codes(record: dict, site: str) -> tuple[int, ...]:
+    return check_site_fingerprint(record, site).label_codes
 
 
 def _majority_channels(records: dict[str, dict], metrics_log: MetricsLog | None) -> dict[str, dict]:
@@ -122,10 +152,12 @@ def plan_federation(grid: Grid, cfg: FedsegConfig, run: Path, metrics_log: Metri
     if len(records) < cfg.federation.min_sites:
         raise PlanningFailed(f"only {len(records)} site(s) sent a usable fingerprint, the quorum is "
                              f"{cfg.federation.min_sites}; see the failures in the metrics log.")
+    agreed = agreed_coding({site: _label_codes(rec, site) for site, rec in records.items()})
     try:
         plan = make_plan(merge_fingerprints(dict(sorted(records.items()))), cfg.data, cfg.model, PLANNER)
     except FingerprintError as err:
         raise PlanningFailed(str(err)) from err
+    plan = dataclasses.replace(plan, label_codes=agreed, remap_labels=cfg.data.remap_labels)
     plan.save(path)
     if metrics_log is not None:
         metrics_log.write("plan", version=plan.version, target_spacing=list(plan.target_spacing),

@@ -7,6 +7,7 @@ the run config, so both apps and the run directory agree on every setting.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -16,11 +17,13 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common import keys
-from common.config import FedsegConfig, from_yaml_text, load_config
+from common.config import FedsegConfig, from_yaml_text, load_config, with_channels
 from common.flower_env import quicken_object_pulls
-from common.metrics_log import MetricsLog
+from common.metrics_log import MetricsLog, read_events
 from common.params import run_model, select
-from common.runs import CHECKPOINT_DIR, CONFIG_FILE, SERVER_CONFIG_ENV, run_dir, site_view
+from common.plan import Plan
+from common.runs import (CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, PLAN_FILE, SERVER_CONFIG_ENV, run_dir,
+                         site_view)
 
 from . import cross_eval
 from .checkpoints import Checkpoints
@@ -64,29 +67,32 @@ def main(grid: Grid, context: Context) -> None:
     grid = PackedGrid(grid)
     run = run_dir(cfg)
     run.mkdir(parents=True, exist_ok=True)
-    weights, signature = initial_weights(cfg)
     if cfg.federation.evaluate_checkpoint:
-        cross_eval.on_demand(grid, cfg, signature, run)
+        cfg = with_planned_model(cfg, Plan.load(run / PLAN_FILE))
+        cross_eval.on_demand(grid, cfg, initial_weights(cfg)[1], run)
         return
-    (run / CONFIG_FILE).write_text(cfg.to_yaml())
     checkpoints = Checkpoints(run / CHECKPOINT_DIR)
     resume = resume_point(run, checkpoints)
     done = resume.done
     metrics_log = MetricsLog(run)
-    metrics_log.write("run-start", run=cfg.federation.run_name, config_sha256=cfg.sha256(),
-                      sites=cfg.federation.sites, signature=signature, resumed_from_round=done)
+    metrics_log.write("run-start", run=cfg.federation.run_name, run_id=cfg.federation.run_id,
+                      config_sha256=cfg.sha256(), sites=cfg.federation.sites, resumed_from_round=done)
     metrics_log.sync()
-    strategy = FedSegStrategy(
-        cfg, signature, {k: tuple(v.shape) for k, v in weights.items()}, metrics_log, checkpoints,
-        round_offset=done,
-    )
-    strategy.resume_optimizer(resume.model_round)
-    strategy.node_sites.update(read_nodes(run))
+    node_sites = read_nodes(run)
     grid = TimelineGrid(grid, metrics_log, cfg.federation.poll_interval_s)
     status = "completed"
     try:
         training = cross_eval.training_grid(grid, cfg)
-        plan = plan_federation(training, cfg, run, metrics_log, strategy.node_sites)
+        plan = plan_federation(training, cfg, run, metrics_log, node_sites)
+        cfg = with_planned_model(cfg, plan)
+        (run / CONFIG_FILE).write_text(cfg.to_yaml())  # what export and predict at a site build the model from
+        weights, signature = initial_weights(cfg)
+        strategy = FedSegStrategy(
+            cfg, signature, {k: tuple(v.shape) for k, v in weights.items()}, metrics_log, checkpoints,
+            round_offset=done,
+        )
+        strategy.resume_optimizer(resume.model_round)
+        strategy.node_sites.update(node_sites)
         if cfg.federation.rounds > done:
             with_privacy(strategy, cfg.privacy, metrics_log).start(
                 grid=training,
@@ -96,9 +102,14 @@ def main(grid: Grid, context: Context) -> None:
                 train_config=plan_config(plan),
                 evaluate_config=plan_config(plan),
             )
+        if checkpoints.state.last_round == 0:
+            raise NothingTrained(first_failure(run))
         cross_eval.after_training(grid, cfg, signature, metrics_log, run)
     except QuorumNotReached as err:
         status = f"stopped: {err}"
+        raise
+    except NothingTrained as err:
+        status = f"failed: {err}"
         raise
     except Exception as err:
         status = f"failed: {type(err).__name__}"
@@ -108,3 +119,24 @@ def main(grid: Grid, context: Context) -> None:
         metrics_log.write("run-end", status=status, rounds_completed=state.last_round,
                           best_round=state.best_round, best_dice=state.best_dice)
         metrics_log.close()
+
+
+class NothingTrained(RuntimeError):
+    """No round of the run was aggregated: every site failed or was refused; the message gives the first reason."""
+
+
+def first_failure(run: Path) -> str:
+    """'no site trained' and the first failure the run's metrics log holds, for the console."""
+    failures = [e for e in read_events(run / METRICS_FILE) if e.get("event") == "failure"]
+    if not failures:
+        return "no site trained"
+    first = failures[0]
+    return f"no site trained; first failure: site {first.get('site')} ({first.get('stage')}): {first.get('reason')}"
+
+
+def with_planned_model(cfg: FedsegConfig, plan: Plan) -> FedsegConfig:
+    """The run's config with the model's channels and classes the federation agreed on at planning."""
+    if not plan.label_codes:  # a plan written before labels were agreed: the config must name them
+        return cfg
+    return dataclasses.replace(cfg, model=with_channels(cfg.model, len(plan.normalization), len(plan.label_codes),
+                                                        "the sites' dataset.json"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from common.config import ConfigError, FedsegConfig, ModelConfig
+from common.config import ConfigError, FedsegConfig, with_channels
 from common.dataset import DatasetError, DatasetSpec, read_dataset
 
 from .synthetic import generate_federation
@@ -51,8 +51,8 @@ def with_data_channels(cfg: FedsegConfig, specs: dict[str, DatasetSpec]) -> Feds
     """The config with model.in_channels/out_channels taken from the sites' dataset.json.
 
     Every site must declare the same number of channels and classes; the
-    first site that disagrees with the first one is named. A value set in
-    the config other than the schema default must equal the data's.
+    first site that disagrees with the first one is named. A count set in
+    the config must equal the data's.
     """
     (first, ref), *others = specs.items()
     for name, spec in others:
@@ -65,14 +65,5 @@ def with_data_channels(cfg: FedsegConfig, specs: dict[str, DatasetSpec]) -> Feds
                     f"site '{name}' declares {mine} {what} in {spec.root / 'dataset.json'} but site '{first}' "
                     f"declares {theirs} ({detail}); every site's dataset.json must agree."
                 )
-    default = ModelConfig()
-    for key, found in (("in_channels", ref.num_channels), ("out_channels", ref.num_classes)):
-        configured = getattr(cfg.model, key)
-        if configured not in (found, getattr(default, key)):
-            raise ConfigError(
-                f"model.{key} is {configured} but the sites' dataset.json declare {found} (site '{first}': "
-                f"{ref.channel_names if key == 'in_channels' else ref.labels}); remove model.{key} from the "
-                f"config to take it from the data, or set it to {found}."
-            )
-    model = dataclasses.replace(cfg.model, in_channels=ref.num_channels, out_channels=ref.num_classes)
-    return dataclasses.replace(cfg, model=model)
+    source = f"the sites' dataset.json (site '{first}': {ref.channel_names}, {ref.labels})"
+    return dataclasses.replace(cfg, model=with_channels(cfg.model, ref.num_channels, ref.num_classes, source))

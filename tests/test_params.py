@@ -60,20 +60,20 @@ def test_fedprox_runs_over_shared_trainable_parameters_only():
 
 
 def test_monai_unet_instance_norm_has_local_weights():
-    model = build_model(ModelConfig(channels=[8, 16, 32], strides=[2, 2], norm="instance"))
+    model = build_model(ModelConfig(channels=[8, 16, 32], strides=[2, 2], in_channels=1, out_channels=2, norm="instance"))
     split = split_parameters(model, "local")
     assert split.local, "instance norm must be affine so FedBN keeps something local"
     assert all(k.endswith((".weight", ".bias")) for k in split.local)
 
 
 def test_stats_mode_with_instance_norm_is_refused():
-    model = build_model(ModelConfig(channels=[8, 16, 32], strides=[2, 2], norm="instance"))
+    model = build_model(ModelConfig(channels=[8, 16, 32], strides=[2, 2], in_channels=1, out_channels=2, norm="instance"))
     with pytest.raises(ParameterSplitError, match="norm_mode 'stats'"):
         split_parameters(model, "stats")
 
 
 def test_dynunet_shared_storage_travels_once():
-    model = build_model(ModelConfig(arch="dynunet", channels=[8, 16, 32], strides=[2, 2]))
+    model = build_model(ModelConfig(arch="dynunet", channels=[8, 16, 32], strides=[2, 2], in_channels=1, out_channels=2))
     state = model.state_dict()
     split = split_parameters(model, "local")
     assert split.aliases, "DynUNet registers some modules twice"
@@ -84,7 +84,7 @@ def test_dynunet_shared_storage_travels_once():
 
 
 def test_load_merged_restores_shared_and_local_exactly():
-    cfg = ModelConfig(arch="dynunet", channels=[8, 16, 32], strides=[2, 2])
+    cfg = ModelConfig(arch="dynunet", channels=[8, 16, 32], strides=[2, 2], in_channels=1, out_channels=2)
     source, target = build_model(cfg), build_model(cfg)
     with torch.no_grad():
         for p in source.parameters():
@@ -105,8 +105,8 @@ def test_load_merged_rejects_foreign_arrays():
 
 
 def test_signature_changes_with_the_architecture():
-    small = build_model(ModelConfig(channels=[8, 16, 32], strides=[2, 2]))
-    wider = build_model(ModelConfig(channels=[8, 16, 64], strides=[2, 2]))
+    small = build_model(ModelConfig(channels=[8, 16, 32], strides=[2, 2], in_channels=1, out_channels=2))
+    wider = build_model(ModelConfig(channels=[8, 16, 64], strides=[2, 2], in_channels=1, out_channels=2))
     assert model_signature(small, split_parameters(small, "local")) != model_signature(
         wider, split_parameters(wider, "local"))
     assert model_signature(small, split_parameters(small, "local")) != model_signature(

@@ -12,6 +12,7 @@ from common.config import load_config
 from common.dataset import read_dataset
 from common.fingerprint import (AXES, FINGERPRINT_FORMAT, INTENSITY_LEVELS, SPACING_LEVELS, merge_fingerprints,
                                 site_fingerprint)
+from common.labels import channel_codes, label_codes
 from common.plan import Plan, PlanError, make_plan
 from tests.nifti_cases import nnunet_dataset
 
@@ -25,7 +26,9 @@ def hand_made(spacings, extents, intensities=None, ct=True) -> dict:
     record = {f"{P}format": FINGERPRINT_FORMAT, f"{P}cases": len(spacings), f"{P}channels": 1, f"{P}ct": [int(ct)],
               f"{P}class_fraction_0": [0.99, 0.01], f"{P}intensity_0": list(np.percentile(values, INTENSITY_LEVELS)),
               f"{P}fg_voxels_0": float(values.size), f"{P}fg_mean_0": float(values.mean()),
-              f"{P}fg_std_0": float(values.std())}
+              f"{P}fg_std_0": float(values.std()),
+              f"{P}label_codes_0": label_codes({"background": 0, "lesion": 1}),
+              f"{P}channel_codes_0": channel_codes({"0": "CT" if ct else "MRI"})}
     for a, axis in enumerate(AXES):
         record[f"{P}spacing_{axis}"] = list(np.percentile(spacings[:, a], SPACING_LEVELS))
         record[f"{P}extent_{axis}"] = list(np.percentile(extents[:, a], SPACING_LEVELS))

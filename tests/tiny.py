@@ -2,6 +2,9 @@
 
 A test adds only what it is about, as overrides after ``tiny()`` (later ones
 win); the deployment harness writes the same ``TINY`` into federation.yaml.
+The model's channels and classes are the synthetic sites' (one image channel,
+background and foreground), so a test can build a model without data; a test
+of other data sets them to 0, which leaves them to the sites' dataset.json.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import json
 
 TINY = {
-    "model": {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1},
+    "model": {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1, "in_channels": 1, "out_channels": 2},
     "data": {"patch_size": [16, 16, 16]},
     "train": {"local_steps": 2, "batch_size": 1, "hd95": False},
 }
