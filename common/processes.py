@@ -7,13 +7,16 @@ process group is not enough. The tree is read from /proc before signalling.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
 
 import httpx
 
@@ -119,3 +122,41 @@ def stop_tree(proc: subprocess.Popen | None) -> None:
             proc.poll()
             time.sleep(0.2)
     proc.poll()
+
+
+class Busy(RuntimeError):
+    """Another process holds what this one needs (a state folder's lock, a port); the message names it."""
+
+
+def hold_lock(path: Path, holder: str) -> TextIO:
+    """Take an exclusive lock on ``path`` for as long as the returned file stays open, or raise Busy.
+
+    The file holds the holder's pid and description, so the refusal can name
+    the process that has it. The kernel drops the lock when that process ends,
+    however it ends: no stale lock survives a crash.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = path.open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise Busy(f"{owner} holds {path.parent}") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} ({holder})")
+    handle.flush()
+    return handle
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether a listening socket could be bound to ``host:port`` now."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True

@@ -44,6 +44,8 @@ SCRATCH_DIR = "cwd"
 # --- the centre's state folder (server.state_dir) ---------------------------------------------------
 GATEWAY_LOG = "gateway.log"
 SUPERLINK_DATABASE = "superlink.db"
+SERVER_LOCK = "server.lock"
+"""Held by the running fedseg-server (its pid inside): a second one on the same state folder is refused."""
 
 # --- a site's private state folder (site.state_dir) -------------------------------------------------
 SITE_FILE = "site.json"
@@ -113,10 +115,10 @@ def new_run_id() -> str:
 
 def existing_run_id(run: Path) -> str:
     """The identity of the run in folder ``run``, or "" when no run was started there yet."""
-    path = Path(run) / CONFIG_FILE
-    if not path.is_file():
-        return ""
-    return str((read_yaml(path).get("federation") or {}).get("run_id") or "")
+    for name in (SERVER_CONFIG_FILE, CONFIG_FILE):  # the launcher's copy is written first
+        if (Path(run) / name).is_file():
+            return str((read_yaml(Path(run) / name).get("federation") or {}).get("run_id") or "")
+    return ""
 
 
 def site_view(cfg: FedsegConfig) -> FedsegConfig:

@@ -21,15 +21,16 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
 
 import httpx
 
 from common.cli import UserError, config_from_args
 from common.config import FedsegConfig
-from common.processes import Shutdown, stop_on_signals, wait_healthy
+from common.processes import Busy, Shutdown, hold_lock, port_free, stop_on_signals, wait_healthy
 from common.progress import describe
-from common.runs import (FLWR_HOME, GATEWAY_LOG, RUN_CONFIG_TOML, SCRATCH_DIR, SUPERLINK_DATABASE, SUPERLINK_LOG,
-                         existing_run_id, new_run_id, new_run_name, run_dir)
+from common.runs import (FLWR_HOME, GATEWAY_LOG, RUN_CONFIG_TOML, SCRATCH_DIR, SERVER_LOCK, SUPERLINK_DATABASE,
+                         SUPERLINK_LOG, existing_run_id, new_run_id, new_run_name, run_dir)
 
 STARTUP_TIMEOUT_S = 90.0
 POLL_S = 0.5
@@ -63,6 +64,28 @@ def model_bytes(cfg: FedsegConfig) -> int:
     sized = dataclasses.replace(model, in_channels=model.in_channels or SIZING_CHANNELS,
                                 out_channels=model.out_channels or SIZING_CHANNELS)
     return sum(t.numel() * 4 for t in initial_weights(dataclasses.replace(cfg, model=sized))[0].values())
+
+
+def claim_centre(cfg: FedsegConfig) -> TextIO:
+    """Refuse, before anything is submitted, when another server holds this centre's state folder or ports.
+
+    A second ``fedseg-server start`` would otherwise submit its run into the
+    live SuperLink and fail later on a port in use, deep in a shared log.
+    The lock is held until the returned file is closed (or the process ends).
+    """
+    s = cfg.server
+    try:
+        lock = hold_lock(Path(s.state_dir) / SERVER_LOCK, f"fedseg-server run {cfg.federation.run_name}")
+    except Busy as err:
+        raise UserError(f"another fedseg-server is running: {err}; stop it first (Ctrl-C in its terminal, or "
+                        "kill that pid), or give this one another server.state_dir and ports.") from err
+    for host, port, what in ((s.fleet_host, s.fleet_port, "server.fleet_port"),
+                             ("127.0.0.1", s.superlink_port, "server.superlink_port")):
+        if not port_free(host, port):
+            lock.close()
+            raise UserError(f"port {port} ({what}) on {host} is in use by another process; stop it (`ss -ltnp "
+                            f"'sport = :{port}'` names it) or set {what} to a free port.")
+    return lock
 
 
 class Centre:
@@ -181,7 +204,7 @@ def follow_run(centre: Centre, control, run_id: int, metrics: Path, since: float
         time.sleep(POLL_S)
 
 
-def start_federation(cfg: FedsegConfig, say: Callable[[str], None] = print) -> int:
+def start_federation(cfg: FedsegConfig, say: Callable[[str], None] = print, allow_config_change: bool = False) -> int:
     """Everything ``fedseg-server start`` does; returns the exit code."""
     import tomli_w
 
@@ -190,12 +213,17 @@ def start_federation(cfg: FedsegConfig, say: Callable[[str], None] = print) -> i
     from common.runs import METRICS_FILE, SERVER_CONFIG_FILE, site_view
 
     from .control import ControlAPI
-    from .resume import last_complete_round
+    from .resume import ConfigChanged, last_complete_round, restarted_config
     from .site_registry import write_nodes
 
     cfg = prepare(cfg)
-    centre = Centre(cfg, say)
     run = run_dir(cfg)
+    try:
+        cfg = restarted_config(cfg, run, allow_config_change)
+    except ConfigChanged as err:
+        raise UserError(str(err)) from err
+    lock = claim_centre(cfg)
+    centre = Centre(cfg, say)
     run.mkdir(parents=True, exist_ok=True)
     run_config = {keys.RUN_CONFIG_KEY: site_view(cfg).to_yaml()}  # what every site receives
     (run / RUN_CONFIG_TOML).write_text(tomli_w.dumps(run_config))
@@ -236,14 +264,18 @@ def start_federation(cfg: FedsegConfig, say: Callable[[str], None] = print) -> i
             if control is not None:
                 control.close()
             centre.stop()
+            lock.close()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-name", help="Shortcut for --set federation.run_name=NAME (same name: resume).")
     parser.add_argument("--rounds", type=int, help="Shortcut for --set federation.rounds=N.")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="Resume a run with a configuration that differs from the one it started with (the "
+                             "change is written to its metrics log); without it such a restart is refused.")
 
 
 def run(args: argparse.Namespace) -> int:
     shortcuts = {"federation.run_name": args.run_name, "federation.rounds": args.rounds}
     cfg = config_from_args(args, [f"{k}={v}" for k, v in shortcuts.items() if v is not None])
-    return start_federation(cfg)
+    return start_federation(cfg, allow_config_change=args.allow_config_change)

@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from common.config import FedsegConfig, load_config
 from common.files import atomic_write_text, read_jsonl
-from common.runs import METRICS_FILE, ROUND_CHECKPOINT
+from common.metrics_log import MetricsLog
+from common.runs import METRICS_FILE, ROUND_CHECKPOINT, SERVER_CONFIG_FILE
 
 from .checkpoints import Checkpoints
 
@@ -67,3 +69,58 @@ def resume_point(run: Path, checkpoints: Checkpoints) -> ResumePoint:
     if not saved:
         return ResumePoint(done, 0, None)
     return ResumePoint(done, saved[0], load_file(checkpoints.dir / ROUND_CHECKPOINT.format(saved[0])))
+
+
+OPERATIONAL = ("server.", "federation.round_timeout_s", "federation.poll_interval_s", "federation.evaluate_checkpoint",
+               "simulation.ray_address", "simulation.ray_num_cpus")
+"""Keys a restart may change freely: where and how the centre runs, not what the run trains."""
+
+
+class ConfigChanged(ValueError):
+    """A restarted run's configuration file differs from the run's own; the message lists the keys."""
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "sites":
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(before: FedsegConfig, after: FedsegConfig) -> dict[str, list[object]]:
+    """Dotted key -> [the run's value, the new value], for every training setting that differs."""
+    old, new = _flat(before.to_dict()), _flat(after.to_dict())
+    return {k: [old[k], new[k]] for k in old if old[k] != new[k] and not k.startswith(OPERATIONAL)}
+
+
+def restarted_config(cfg: FedsegConfig, run: Path, allow_change: bool) -> FedsegConfig:
+    """The configuration a (re)started run uses: its own, kept in its folder, when it was started before.
+
+    A restart with ``--run-name`` re-reads a configuration file that may have
+    been edited since; taking it silently would change the run half-way (its
+    round count, its steps) while its log and report still describe the old
+    one. So the run's own configuration wins, a file that differs is refused
+    with the keys that differ, and with ``allow_change`` the new one is taken
+    and the change written to the metrics log. Operational keys (``OPERATIONAL``)
+    follow the new file.
+    """
+    path = Path(run) / SERVER_CONFIG_FILE
+    if not path.is_file():
+        return cfg
+    own = load_config(path)
+    changes = config_changes(own, cfg)
+    if not changes:
+        return cfg
+    listed = "; ".join(f"{k}: {a!r} in the run, {b!r} now" for k, (a, b) in changes.items())
+    if not allow_change:
+        raise ConfigChanged(f"run {cfg.federation.run_name} was started with another configuration ({path}): "
+                            f"{listed}. Start it again with the run's own settings, or pass --allow-config-change "
+                            "to change them (the change is written to the run's metrics log).")
+    log.warning("run %s: configuration changed on restart: %s", cfg.federation.run_name, listed)
+    metrics_log = MetricsLog(run)
+    metrics_log.write("config-change", changes=changes)
+    metrics_log.close()
+    return cfg

@@ -37,6 +37,8 @@ from common.runs import (FLOWER_CONFIG, FLWR_HOME, FLWR_RUN_LOG, METRICS_FILE, R
                          SERVER_CONFIG_ENV, SERVER_CONFIG_FILE, SIM_SITES_DIR, SUPERLINK_LOG, existing_run_id,
                          new_run_id, new_run_name, run_dir, simulated_site_config, site_view)
 
+from server.resume import ConfigChanged, restarted_config
+
 from .sites import read_site_specs, site_datasets, site_names, with_data_channels
 
 log = logging.getLogger("fedseg.sim")
@@ -185,11 +187,21 @@ def federation_config(cfg: FedsegConfig, num_sites: int) -> str:
     return settings if sim.ray_address else f"{settings} init-args-num-cpus={sim.ray_num_cpus}"
 
 
-def run_simulation(cfg: FedsegConfig, show: Callable[[str], None] = print) -> Path:
-    """Run the simulation described by ``cfg``; returns the run directory."""
+def run_simulation(cfg: FedsegConfig, show: Callable[[str], None] = print, allow_config_change: bool = False) -> Path:
+    """Run the simulation described by ``cfg``; returns the run directory.
+
+    A run that was started before resumes with its own configuration
+    (server/resume.py); a run in which no site trained raises SimulationError
+    with the first reason.
+    """
     cfg = prepare_run(cfg)
     sim = cfg.simulation
     run = run_dir(cfg)
+    try:
+        cfg = restarted_config(cfg, run, allow_config_change)
+    except ConfigChanged as err:
+        raise SimulationError(str(err)) from err
+    refuse_missing_gpu(cfg)
     datasets = site_datasets(cfg)
     cfg = with_data_channels(cfg, read_site_specs(datasets))
     run.mkdir(parents=True, exist_ok=True)
@@ -225,8 +237,26 @@ def run_simulation(cfg: FedsegConfig, show: Callable[[str], None] = print) -> Pa
     if not _finished(metrics):
         raise SimulationError(f"the run ended without finishing; see {run / FLWR_RUN_LOG} and "
                               f"{run / SUPERLINK_LOG}")
+    status = [e for e in read_events(metrics) if e["event"] == "run-end"][-1]["status"]
+    if status.startswith("failed"):
+        raise SimulationError(f"the run {status}; the metrics log {metrics} has every failure")
     draw_site_pictures(run, len(datasets), show)
     return run
+
+
+def refuse_missing_gpu(cfg: FedsegConfig) -> None:
+    """A device that cannot work on this machine is refused before anything starts, not in every site's log.
+
+    Every simulated site runs here, so a CUDA device this machine lacks would
+    fail every site in every round.
+    """
+    if not cfg.simulation.ray_address and (cfg.train.device.startswith("cuda") or cfg.simulation.gpus_per_site > 0):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SimulationError(f"train.device is {cfg.train.device} (simulation.gpus_per_site "
+                                  f"{cfg.simulation.gpus_per_site}) but torch sees no CUDA GPU on this machine; set "
+                                  "train.device=auto (the GPU when there is one) or cpu, and gpus_per_site 0.")
 
 
 def draw_site_pictures(run: Path, n_sites: int, show: Callable[[str], None]) -> None:
