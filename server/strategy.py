@@ -20,7 +20,7 @@ from .aggregator import Aggregator
 from .checkpoints import Checkpoints
 from .recorder import RunRecorder
 from .screening import ReplyScreen
-from .validation import ReplyValidator
+from .validation import ReplyValidator, model_norm, update_norm
 
 log = logging.getLogger("fedseg.server")
 
@@ -52,7 +52,14 @@ class FedSegStrategy(FedProx):
     With ``federation.schedule: cyclic`` (cyclical weight transfer) round t trains only the site
     whose turn it is, :math:`k_t = t \bmod K` over the K connected training sites in node-id
     order, so :math:`w^{t+1} = w_{k_t}`: the model makes every site's steps one after another,
-    as pooled training does, at the price of K times the rounds for the same patches.
+    as pooled training does, at the price of K times the rounds for the same patches. With one
+    reply a round there is no median of other sites to bound an update by, so cyclic bounds it
+    by the model: :math:`\lVert w_{k_t} - w^t \rVert \le c \cdot \max(\lVert w^t \rVert, \lVert w^0 \rVert)`
+    (:math:`w^0` the run's first model, so a site that shrinks the model cannot shrink the bound).
+    And since the next site is the first to train on :math:`w_{k_t}`, a round whose site replied
+    but could not be used (it could not train on the model it got) goes back to the last model
+    a site did train on, and the turn moves on: one update no site can train on cannot stall
+    the cycle.
 
     The delta over FedProx: FedAvg's aggregation would average in the wire dtype (float16
     may travel) and raise on one inconsistent reply, so the aggregate hooks screen instead (a
@@ -93,6 +100,12 @@ class FedSegStrategy(FedProx):
         self.aggregator = Aggregator(cfg.federation)
         self.reference: dict[str, np.ndarray] | None = None
         """w^t, the global tensors as sent for training this round: the origin of every site's update."""
+        self.sent: ArrayRecord | None = None
+        """w^t as this round's configure_train received it (full precision)."""
+        self.first_norm: float | None = None
+        """Cyclic: ||w^0||, the run's first model, a floor under the model norm that bounds an update."""
+        self.trained_on: ArrayRecord | None = None
+        """Cyclic: the last global model a site trained on soundly, which a stalled round goes back to."""
 
     def summary(self) -> None:
         log.info("fedseg: norm_mode=%s quorum=%d on_quorum_failure=%s wire=%s",
@@ -121,6 +134,9 @@ class FedSegStrategy(FedProx):
         if self.cfg.federation.schedule == "cyclic" and messages:
             messages = self.screen.outgoing = [self._in_turn(rnd, messages)]
         self.reference = {k: v.numpy().astype(np.float32) for k, v in wire.items()}
+        self.sent = arrays
+        if self.first_norm is None:
+            self.first_norm = model_norm(self.reference)
         self.recorder.sent(rnd, wire, len(messages), training=True)
         return messages
 
@@ -173,9 +189,41 @@ class FedSegStrategy(FedProx):
             self._close_previous(rnd - 1, replies)
         with self.recorder.timed(rnd):
             sound = self._sound(rnd, replies, is_train=True)
+            if self.cfg.federation.schedule == "cyclic":
+                sound = [(msg, site) for msg, site in sound if self._cyclic_step_fits(rnd, msg, site)]
+                if sound:
+                    self.trained_on = self.sent
             for msg, site in sound:
                 self.recorder.trained(rnd, site, msg)
         return [msg for msg, _ in sound]
+
+    def _cyclic_step_fits(self, rnd: int, msg: Message, site: str) -> bool:
+        """Cyclic: whether the update in turn is within ``norm_bound`` times the model's norm (or w^0's, if
+        larger); one that is not is logged as the site's failure. Its weights would become the model."""
+        if self.cfg.federation.norm_bound <= 0 or self.reference is None:
+            return True
+        scale = max(model_norm(self.reference), self.first_norm or 0.0)
+        norm = update_norm(msg.content.array_records[keys.ARRAYS], self.reference)
+        if norm <= self.cfg.federation.norm_bound * scale:
+            return True
+        self.recorder.rejected(rnd, site, "train", f"update norm {norm:.4g} exceeds {self.cfg.federation.norm_bound:g}"
+                                                   f" x the model's norm {scale:.4g} (cyclic schedule)")
+        return False
+
+    def _stalled_cycle(self, rnd: int, replies: list[Message]) -> ArrayRecord | None:
+        """Cyclic: the model to go back to when the site in turn replied but its reply could not be used.
+
+        The model it got, w_k of the site before it, was never trained on: it is the suspect, and keeping it
+        would fail every later site the same way. The last model a site did train on takes its place, and
+        the next round's site takes its turn. None (keep the model) when no site replied, or the model sent
+        is already that one.
+        """
+        if self.cfg.federation.schedule != "cyclic" or not replies or self.trained_on is None \
+                or self.trained_on is self.sent:
+            return None
+        log.warning("round %d: the site in turn could not train on the model it got; going back to the last "
+                    "model a site trained on, and on to the next site", rnd)
+        return self.trained_on
 
     def combine(self, server_round: int, sound: list[Message], equal_weights: bool = False,
                 server_step: bool = True) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -239,7 +287,10 @@ class FedSegStrategy(FedProx):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
         aggregate, metrics = self.combine(server_round, self.screen_train(server_round, replies))
+        if aggregate is None:
+            aggregate = self._stalled_cycle(server_round + self.round_offset, replies)
         if aggregate is not None:
             self.publish(server_round, aggregate)
         return aggregate, metrics

@@ -47,3 +47,82 @@ def test_each_round_trains_the_next_site_in_turn(tmp_path):
 def test_cyclic_refuses_what_needs_several_updates_a_round(setting):
     with pytest.raises(ConfigError, match="schedule: cyclic trains one site per round"):
         load_config(None, ["federation.schedule=cyclic", "federation.server_optimizer=none", setting])
+
+
+# --- one huge update cannot stall the cycle (issue 21, L5) -------------------------------------------------------
+
+HUGE = 1e12
+"""A finite update factor (float32 holds it) that no site can train on afterwards."""
+
+
+def _cyclic_run(tmp_path, tamper, *overrides: str, rounds: int = 4) -> list[dict]:
+    """A cyclic run of the real strategy and the real ClientApp over Flower's wire (tests/local_grid.py);
+    ``tamper(round, node, reply)`` may replace a site's training reply after it left the site."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from client import client_app
+    from common.metrics_log import MetricsLog
+    from server.checkpoints import Checkpoints
+    from server.server_app import initial_weights
+    from server.strategy import FedSegStrategy
+    from simulations.synthetic import generate_federation
+    from tests.local_grid import LocalGrid, federation
+
+    datasets = generate_federation(tmp_path / "data", n_sites=2, n_cases=4, shape=(32, 32, 24), strength=1.0,
+                                   seed=0)
+    cfg = federation(load_config(None, [*tiny("model.norm=instance", "federation.schedule=cyclic",
+                                              "federation.server_optimizer=none", f"federation.rounds={rounds}",
+                                              "federation.min_sites=1", "simulation.cpus_per_site=1", *overrides),
+                                        f"federation.runs_dir={tmp_path / 'runs'}", "federation.run_name=cycle"]),
+                     datasets)
+    weights, signature = initial_weights(cfg)
+    run = tmp_path / "runs" / "cycle"
+    strategy = FedSegStrategy(cfg, signature, {k: tuple(v.shape) for k, v in weights.items()}, MetricsLog(run),
+                              Checkpoints(run / "checkpoints"))
+    state = {"round": 0, "start": None}
+
+    def hostile(node, reply):
+        if reply.metadata.message_type == "train" and reply.has_content():
+            return tamper(state["round"], reply, state["start"])
+        return reply
+
+    grid = LocalGrid(cfg, client_app.app, tamper=hostile)
+    configure = strategy.configure_train
+
+    def counting(server_round, arrays, config, grid):
+        state["round"], state["start"] = server_round, arrays
+        return configure(server_round, arrays, config, grid)
+
+    strategy.configure_train = counting
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(weights), num_rounds=rounds,
+                   train_config=ConfigRecord(), evaluate_config=ConfigRecord())
+    return list(read_events(run / METRICS_FILE))
+
+
+def test_one_huge_update_does_not_stall_the_cycle(tmp_path):
+    """Round 1's site sends a finite update 10^12 times its own: before, it became the model, no site could train
+    on it, every later round was skipped and the model kept, for good."""
+    from tests.hostile import scaled_update
+
+    log = _cyclic_run(tmp_path, lambda rnd, reply, start: scaled_update(reply, start, HUGE) if rnd == 1 else reply)
+    failed = [(e["round"], e["reason"]) for e in log if e["event"] == "failure"]
+    assert [r for r, _ in failed] == [1] and "update norm" in failed[0][1], failed
+    rounds = {e["round"]: e for e in log if e["event"] == "round"}
+    assert [rounds[r]["sites_ok"] for r in (2, 3, 4)] == [1, 1, 1], "the cycle stalled after the huge update"
+
+
+def test_a_round_whose_site_cannot_train_goes_back_to_the_last_model_a_site_trained_on(tmp_path):
+    """With the norm bound off the huge update becomes the model; the next site cannot train on it, so that round
+    goes back to the model round 1's site trained on, and the cycle goes on from there."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.hostile import scaled_update
+
+    log = _cyclic_run(tmp_path, lambda rnd, reply, start: scaled_update(reply, start, HUGE) if rnd == 1 else reply,
+                      "federation.norm_bound=0")
+    assert {e["round"] for e in log if e["event"] == "failure"} == {2}, "only the site given the huge model fails"
+    rounds = {e["round"]: e for e in log if e["event"] == "round"}
+    assert [rounds[r]["sites_ok"] for r in (3, 4)] == [1, 1], "the cycle stalled after the huge update"
+    last = load_file(str(tmp_path / "runs" / "cycle" / "checkpoints" / "last.safetensors"))
+    assert all(torch.isfinite(v).all() and v.abs().max() < 1e3 for v in last.values())
