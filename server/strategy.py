@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedProx
 from safetensors import SafetensorError
@@ -215,10 +216,11 @@ class FedSegStrategy(FedProx):
 
         The model it got, w_k of the site before it, was never trained on: it is the suspect, and keeping it
         would fail every later site the same way. The last model a site did train on takes its place, and
-        the next round's site takes its turn. None (keep the model) when no site replied, or the model sent
-        is already that one.
+        the next round's site takes its turn. None (keep the model) when the site did not reply itself (no
+        reply, or the SuperLink's word that its node went away), or the model sent is already that one.
         """
-        if self.cfg.federation.schedule != "cyclic" or not replies or self.trained_on is None \
+        from_site = [m for m in replies if m.metadata.src_node_id != SUPERLINK_NODE_ID]  # not "the node went away"
+        if self.cfg.federation.schedule != "cyclic" or not from_site or self.trained_on is None \
                 or self.trained_on is self.sent:
             return None
         log.warning("round %d: the site in turn could not train on the model it got; going back to the last "
