@@ -3,17 +3,24 @@
 Either way every site is a dataset folder on this machine, read by the very
 same ClientApp code a hospital runs. The model's input and output channels
 come from the sites' dataset.json and must agree across sites.
+
+Real sites' data on a Ray cluster (``simulation.ray_address``) is said at
+start in a warning: Ray has no authentication, so whoever reaches the
+cluster's ports runs code on its machines and reads every site's data.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 from common.config import ConfigError, FedsegConfig, with_channels
 from common.dataset import DatasetError, DatasetSpec, read_dataset
 
 from .synthetic import generate_federation
+
+log = logging.getLogger("fedseg.sim")
 
 
 def site_names(cfg: FedsegConfig) -> tuple[list[str], list[str]]:
@@ -30,10 +37,30 @@ def site_datasets(cfg: FedsegConfig) -> dict[str, Path]:
     sim = cfg.simulation
     training, held_out = site_names(cfg)
     if sim.sites:
+        if warning := cluster_warning(cfg):
+            log.warning(warning)
         return {name: Path(sim.sites[name].data_dir).resolve() for name in [*training, *held_out]}
     return generate_federation(Path(sim.data_dir), n_sites=sim.num_sites + sim.held_out_sites,
                                n_cases=sim.cases_per_site, shape=tuple(sim.volume_shape),
                                strength=sim.shift_strength, seed=sim.seed, n_test=sim.test_cases_per_site)
+
+
+def cluster_warning(cfg: FedsegConfig) -> str | None:
+    """What to say before real sites' data goes to a Ray cluster, or None (local Ray, or synthetic data).
+
+    Ray's cluster ports (GCS, object store, workers) accept any client that
+    reaches them and run what it submits; nothing in Ray or Flower changes
+    that. The simulation cannot check the network, so it says it once, at
+    the start of every run that joins a cluster with the user's own data.
+    """
+    sim = cfg.simulation
+    if not (sim.ray_address and sim.sites):
+        return None
+    return (f"simulation.ray_address {sim.ray_address}: your own sites' data goes to a Ray cluster. Ray has no "
+            "authentication: anyone who can reach the cluster's ports (the head's GCS port, the dashboard, the "
+            "object store and worker ports on every node) can run code there and read every site's scans. Keep "
+            "those ports reachable from the cluster's own machines only (a private network or a firewall); "
+            "see deploy/README.md, 'Ray clusters'.")
 
 
 def read_site_specs(datasets: dict[str, Path]) -> dict[str, DatasetSpec]:

@@ -81,3 +81,31 @@ def test_simulation_runs_on_an_existing_ray_cluster(tmp_path, ray_head):
     assert list(head_logs.glob("python-core-driver-*.log")), "the simulation's driver never connected to the head"
     assert any("ClientAppActor" in p.read_text(errors="replace") for p in head_logs.glob("worker-*")), \
         "the site did not run as an actor on the head"
+
+
+def test_own_sites_on_a_ray_cluster_are_warned_about_once_at_start(tmp_path, capsys, caplog):
+    """``fedseg-sim run`` with simulation.ray_address and real sites: the warning comes before anything starts.
+
+    The two sites disagree on their channels, so the run is refused right after reading them, before a
+    SuperLink or Ray is started; the warning has been said by then. Synthetic sites get none.
+    """
+    import yaml
+
+    from simulations.cli import main as sim_main
+    from tests.nifti_cases import nnunet_dataset
+
+    sites = {n: {"data_dir": str(nnunet_dataset(tmp_path / n, n_cases=2, channels=c))}
+             for n, c in {"a": ("CT",), "b": ("CT", "PET")}.items()}
+    config = tmp_path / "sites.yaml"
+    config.write_text(yaml.safe_dump({"simulation": {"sites": sites, "ray_address": "10.0.0.5:6379"},
+                                      "federation": {"runs_dir": str(tmp_path)}}))
+    assert sim_main(["run", "--config", str(config)]) == 2
+    assert "declares 2 channels" in capsys.readouterr().err
+    said = [r for r in caplog.records if "Ray has no authentication" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "WARNING" and "10.0.0.5:6379" in said[0].getMessage()
+
+    from simulations.sites import cluster_warning
+
+    assert cluster_warning(load_config(None, ["simulation.ray_address=10.0.0.5:6379"])) is None  # synthetic data
+    assert cluster_warning(load_config(config, [])) is not None
+    assert cluster_warning(load_config(config, ['simulation.ray_address=""'])) is None  # local Ray
