@@ -75,9 +75,11 @@ def _checked_load(path: Path, signature: str) -> tuple[dict[str, torch.Tensor], 
 class RunState:
     """What this site keeps of one run: ``<state_dir>/runs/<run_name>-<run_id>/``."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, site: SiteState | None = None) -> None:
         self.folder = folder
         self.name = folder.name
+        self.site = site
+        """The state folder it belongs to, whose site.json names the last round trained in any run (status)."""
 
     # --- facts ---------------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -123,6 +125,8 @@ class RunState:
         path = self.norm_path(server_round)
         _save_tensors(path, tensors, {SIGNATURE_META: signature, ROUND_META: str(server_round)})
         self._update(**{SIGNATURE_META: signature, "last_round": server_round})
+        if self.site is not None:  # what `fedseg-client status` shows; no run reads it back
+            self.site.update_info(**{SIGNATURE_META: signature, "last_round": server_round, "last_run": self.name})
         return path
 
     def norm_for(self, model_round: int | None, signature: str) -> tuple[int, dict[str, torch.Tensor]] | None:
@@ -222,7 +226,7 @@ class SiteState:
             raise ValueError("the run has no federation.run_name: a site keeps a run's model under its name and "
                              "identity; start runs with fedseg-server start or fedseg-sim, which set both.")
         self.migrate_legacy()
-        return RunState(self.root / SITE_RUNS_DIR / f"{run_name}-{run_id or NO_RUN_ID}")
+        return RunState(self.root / SITE_RUNS_DIR / f"{run_name}-{run_id or NO_RUN_ID}", self)
 
     def migrate_legacy(self) -> Path | None:
         """Move the one ``norm.safetensors`` of older fedseg versions into a run folder of its own, once.

@@ -22,7 +22,7 @@ import yaml
 from common.files import read_jsonl
 from common.flower_env import BIN_DIR, free_port
 from common.processes import descendants, stop_tree
-from common.runs import METRICS_FILE
+from common.runs import METRICS_FILE, existing_run_id
 from tests.tiny import TINY
 
 GATEWAY_HOST = "127.0.0.2"
@@ -123,6 +123,14 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str, *logs: 
 
 def events(run: Path) -> list[dict]:
     return list(read_jsonl(run / METRICS_FILE))
+
+
+def site_norm_files(state_dir: Path, run: Path) -> list[Path]:
+    """A site's norm tensors of the run in folder ``run``, one file per round it trained, oldest first."""
+    from client.site_state import SiteState
+
+    kept = SiteState(state_dir).run_named(run.name, existing_run_id(run))
+    return [kept.norm_path(r) for r in kept.rounds()]
 
 
 def snapshot_app(dest: Path) -> tuple[Path, str]:

@@ -45,7 +45,8 @@ def test_matrix_has_every_site_and_the_held_out_one_adapted(finished_run):
     # the held-out site never trained: no train event, no local norm tensors in its state
     events = list(read_jsonl(finished_run / "metrics.jsonl"))
     assert not any(e["event"] == "train" and e["site"] == "site-4" for e in events)
-    assert not (finished_run / "sites" / "site-4" / "norm.safetensors").exists()
+    assert not list((finished_run / "sites" / "site-4").glob("runs/*/norm/*")), "the held-out site kept norm tensors"
+    assert list((finished_run / "sites" / "site-1").glob("runs/xeval-*/norm/round-0002.safetensors"))
     # the trained sites' evaluation of the last round equals their cross-eval cell (same model, same norm)
     final_round = max(e["round"] for e in events if e["event"] == "round")
     for c in last:

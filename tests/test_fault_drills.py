@@ -42,7 +42,8 @@ from simulations.synthetic import generate_federation
 from common.processes import descendants
 from common.runs import CHECKPOINT_DIR, ROUND_CHECKPOINT
 from deploy_harness import (
-    GATEWAY_HOST, Launched, TcpProxy, allow, events, federation_yaml, make_site, snapshot_app, wait_for,
+    GATEWAY_HOST, Launched, TcpProxy, allow, events, federation_yaml, make_site, site_norm_files, snapshot_app,
+    wait_for,
 )
 
 SITES = ["site-1", "site-2"]
@@ -72,14 +73,18 @@ def test_site_and_server_crashes_lose_nothing(tmp_path):
     for name, path in site_yaml.items():
         allow(fed, name, path)
     run = tmp_path / "runs" / RUN
-    norm = tmp_path / "sites" / "site-2" / "norm.safetensors"
+
+    def norm() -> Path:
+        """site-2's latest norm tensors of this run (one file per round it trained: client/site_state.py)."""
+        return site_norm_files(tmp_path / "sites" / "site-2", run)[-1]
+
     server = Launched(tmp_path / "server-1.out", "fedseg-server", "start", "--config", str(fed))
     daemons = {n: Launched(tmp_path / f"{n}-1.out", "fedseg-client", "start", "--config", str(p))
                for n, p in site_yaml.items()}
     everything = [server, *daemons.values()]
     try:
         wait_for(lambda: _has(run, event="train", round=1, site="site-2"), 600, "round 1", *everything)
-        saved_after_round_1 = hashlib.sha256(norm.read_bytes()).hexdigest()
+        saved_after_round_1 = hashlib.sha256(norm().read_bytes()).hexdigest()
 
         # --- a site dies in the middle of training ------------------------------------------------
         supernode_log = tmp_path / "sites" / "site-2" / "supernode.log"
@@ -94,15 +99,15 @@ def test_site_and_server_crashes_lose_nothing(tmp_path):
         assert summary[0]["sites_failed"] == ["site-2"] and summary[0]["aggregated"]
         assert _has(run, event="failure", round=2, site="site-2")
         assert _has(run, event="train", round=2, site="site-1")
-        tensors = load_file(norm)  # whole and loadable: written atomically, never torn by the kill
-        at_restart = hashlib.sha256(norm.read_bytes()).hexdigest()
+        tensors = load_file(norm())  # whole and loadable: written atomically, never torn by the kill
+        at_restart = hashlib.sha256(norm().read_bytes()).hexdigest()
         weights = [v for k, v in tensors.items() if k.endswith("weight")]
         assert weights and not all(torch.equal(w, torch.ones_like(w)) for w in weights), \
             "site-2's norm tensors are back at the initialisation"
         daemons["site-2"] = Launched(tmp_path / "site-2-2.out", "fedseg-client", "start", "--config",
                                      str(site_yaml["site-2"]))
         wait_for(lambda: "SuperNode started" in daemons["site-2"].output(), 120, "site-2 to restart", daemons["site-2"])
-        assert hashlib.sha256(norm.read_bytes()).hexdigest() == at_restart, "restarting rewrote the norm tensors"
+        assert hashlib.sha256(norm().read_bytes()).hexdigest() == at_restart, "restarting rewrote the norm tensors"
         everything = [server, *daemons.values()]
 
         # --- the server dies after round 2, in round 3 ------------------------------------------------
@@ -134,9 +139,8 @@ def test_site_and_server_crashes_lose_nothing(tmp_path):
     assert [s["resumed_from_round"] for s in starts] == [0, 2]
     assert log[-1]["event"] == "run-end" and log[-1]["status"] == "completed"
     assert log[-1]["rounds_completed"] == ROUNDS
-    state = tmp_path / "sites" / "site-2"
-    assert not list(state.glob("norm.*.safetensors")), "site-2 set its norm tensors aside instead of reusing them"
-    assert hashlib.sha256(norm.read_bytes()).hexdigest() not in (saved_after_round_1, at_restart), \
+    assert not list((tmp_path / "sites" / "site-2").rglob("*.tmp")), "a killed write left a temporary file"
+    assert hashlib.sha256(norm().read_bytes()).hexdigest() not in (saved_after_round_1, at_restart), \
         "site-2 did not train again after rejoining"
 
 
@@ -297,7 +301,6 @@ def test_a_full_disk_is_answered_with_a_fixed_reason_and_keeps_the_norm_tensors(
     """Every site-2 ClientApp that reaches fedseg's code (it opened its site.log) gets a full disk,
     until one fails its training; the next process has its disk back."""
     state, run = drills["state"], drills["run"]
-    norm = state / "norm.safetensors"
     full, saved = set(), None
     deadline = time.monotonic() + 300
     while not (failures := [e for e in _lines(run, "failure", site="site-2", stage="train")
@@ -305,7 +308,7 @@ def test_a_full_disk_is_answered_with_a_fixed_reason_and_keeps_the_norm_tensors(
         assert time.monotonic() < deadline, "site-2 never failed its training on its full disk"
         for pid in _clientapps(state) - full:
             if _has_open(pid, "site.log"):
-                saved = norm.read_bytes() if saved is None else saved
+                saved = {p: p.read_bytes() for p in site_norm_files(state, run)} if saved is None else saved
                 try:
                     resource.prlimit(pid, resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
                 except ProcessLookupError:
@@ -314,13 +317,14 @@ def test_a_full_disk_is_answered_with_a_fixed_reason_and_keeps_the_norm_tensors(
         time.sleep(0.01)
     assert failures[0]["reason"] == "site site-2: the site's disk is full: its state folder cannot be written; " \
                                     "free space at the site"
-    assert norm.read_bytes() == saved and load_file(norm), "the full disk tore the norm tensors"
-    assert not list(state.glob("*.tmp")), "the failed write left a temporary file"
+    kept = site_norm_files(state, run)
+    assert {p: p.read_bytes() for p in kept} == saved and load_file(kept[-1]), "the full disk tore the norm tensors"
+    assert not list(state.rglob("*.tmp")), "the failed write left a temporary file"
     drills["full_round"] = full_round = failures[0]["round"]
     assert full_round < DRILL_ROUNDS, "the disk filled up in the last round: no round is left to recover in"
     wait_for(lambda: _lines(run, "train", round=full_round + 1, site="site-2"), 300,
              "site-2 to train again in the next round", *drills["all"])
-    assert norm.read_bytes() != saved
+    assert site_norm_files(state, run)[-1] not in saved, "site-2 kept no norm tensors of the round after"
 
 
 def test_every_round_and_reply_is_logged_exactly_once(drills):

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from common.metrics_log import read_events
 from common.params import run_model
 from common.processes import descendants
+from tests.deploy_harness import site_norm_files
 
 ROUNDS = 2
 TRAIN_FIELDS = {"round", "site", "num_examples", "loss", "proximal_loss", "duration_s", "bytes_up", "bytes_down"}
@@ -74,8 +75,9 @@ def test_config_snapshot_and_site_state(finished_run):
     snapshot = yaml.safe_load((run / "config.yaml").read_text())
     assert snapshot["federation"]["rounds"] == ROUNDS
     assert snapshot["model"]["channels"] == cfg.model.channels
-    for site in ("site-1", "site-2"):
-        assert (run / "sites" / site / "norm.safetensors").is_file()
+    for site in ("site-1", "site-2"):  # each site keeps its norm tensors of every round, under this run's identity
+        assert [p.name for p in site_norm_files(run / "sites" / site, run)] == \
+            [f"round-{r:04d}.safetensors" for r in range(1, ROUNDS + 1)]
 
 
 def test_nothing_keeps_running(finished_run):

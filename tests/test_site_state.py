@@ -250,7 +250,8 @@ def test_adding_a_case_moves_no_existing_case(tmp_path, caplog):
         grown_train, grown_val = split_cases([*ids, "case_new"], 0.25, seed)
         assert set(train) <= set(grown_train) and set(val) <= set(grown_val)
     root = nnunet_dataset(tmp_path / "data", n_cases=12)
-    cfg = load_config(None, [f"site.data_dir={root}", f"site.state_dir={tmp_path / 's'}", "site.min_cohort=1"])
+    cfg = load_config(None, [f"site.data_dir={root}", f"site.state_dir={tmp_path / 's'}", "site.min_cohort=1",
+                             "model.in_channels=1", "model.out_channels=2"])
     state = SiteState(tmp_path / "s")
     _, train, val = open_split(cfg, state)
     nnunet_dataset(tmp_path / "data", n_cases=13)  # the site adds a 13th case
