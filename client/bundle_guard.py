@@ -152,16 +152,18 @@ def _bundle_files(content: bytes) -> dict[str, bytes]:
                 if not item.is_dir() and not item.filename.startswith(BUNDLE_META)}
 
 
-def _holds_exactly(folder: Path, expected: dict[str, bytes]) -> bool:
-    """Whether ``folder`` is a real folder holding exactly ``expected`` (bytecode caches aside), no links."""
+def _holds_exactly(folder: Path, expected: dict[str, bytes], trust_caches: bool = True) -> bool:
+    """Whether ``folder`` is a real folder holding exactly ``expected``, no links; bytecode caches are set
+    aside if ``trust_caches`` (Python wrote them in this owner-only home; see ApprovedApp), else any is a
+    difference."""
     if folder.is_symlink() or not folder.is_dir():
         return False
     found = 0
     for root, dirs, files in os.walk(folder):
         here = Path(root)
-        if any((here / d).is_symlink() for d in dirs):
+        if any((here / d).is_symlink() for d in dirs) or (not trust_caches and CACHE_DIR in dirs):
             return False
-        dirs[:] = [d for d in dirs if d != CACHE_DIR]  # written by Python in this owner-only home; see ApprovedApp
+        dirs[:] = [d for d in dirs if d != CACHE_DIR]
         for name in files:
             path = here / name
             rel = path.relative_to(folder).as_posix()
@@ -171,17 +173,26 @@ def _holds_exactly(folder: Path, expected: dict[str, bytes]) -> bool:
     return found == len(expected)
 
 
-def _private_home(home: Path) -> Path:
-    """``$FLWR_HOME``, created owner-only; refused if it is a link or others may write into it."""
+def _private_home(home: Path) -> tuple[Path, bool]:
+    """``$FLWR_HOME`` (resolved), created owner-only, and whether others could write into it until now.
+
+    A link or a folder of another user is refused. One of ours that group or
+    others may write (a umask of 002 makes it so) loses those bits; the caller
+    then trusts nothing already in it.
+    """
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    was_open = False
     for folder in (home, home / APPS_DIR):
         folder.mkdir(mode=0o700, exist_ok=True)
         info = folder.lstat()
-        if stat.S_ISLNK(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
-            raise BundleNotApproved(f"{folder} is a link or writable by others, so code there could change after "
-                                    f"the check; the site daemon keeps FLWR_HOME in its private state folder "
-                                    f"(chmod 700 {folder})")
-    return home.resolve()
+        if stat.S_ISLNK(info.st_mode) or info.st_uid != os.getuid():
+            raise BundleNotApproved(f"{folder} is a link or another user's folder, so code there could change "
+                                    "after the check; point FLWR_HOME at a folder of the site's own (the site "
+                                    "daemon keeps it in its private state folder)")
+        if info.st_mode & 0o022:
+            os.chmod(folder, stat.S_IMODE(info.st_mode) & ~0o022)
+            was_open = True
+    return home.resolve(), was_open
 
 
 class ApprovedApp:
@@ -193,8 +204,9 @@ class ApprovedApp:
     and :meth:`project_dir` stand in for those two steps, so the folder
     Flower imports from is the one made from the approved bytes, whatever
     the run says. Bytecode caches (``__pycache__``) in that folder are
-    trusted because ``$FLWR_HOME`` must be owner-only (checked): whoever can
-    write there can also rewrite the guard's own launcher.
+    trusted while ``$FLWR_HOME`` is owner-only (checked, and made so): whoever
+    can write there can also rewrite the guard's own launcher. Found writable
+    by others, the folder is installed afresh, without caches.
     """
 
     def __init__(self, approved: frozenset[str], log_path: str | None, install: Callable[..., Any],
@@ -212,20 +224,20 @@ class ApprovedApp:
         content = fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes()
         digest = check_bundle(content, self.approved, self.log_path)
         fab_id, version = bundle_identity(content)
-        home = _private_home(self._home())
+        home, was_open = _private_home(self._home())
         folder = Path(self._flower_project_dir(fab_id, version, digest))
         if folder.parent.resolve() != home / APPS_DIR or folder.name != \
                 f"{fab_id.replace('/', '.')}.{version}.{digest[:HASH_PREFIX_LEN]}":
             raise BundleNotApproved(f"Flower would install the approved bundle to {folder}, not directly in "
                                     f"{home / APPS_DIR}; pin flwr 1.42 or update client/bundle_guard.py")
-        self._materialise(content, folder)
+        self._materialise(content, folder, trust_caches=not was_open)
         self.installed = (fab_id, version, digest, folder)
         return folder
 
-    def _materialise(self, content: bytes, folder: Path) -> None:
+    def _materialise(self, content: bytes, folder: Path, trust_caches: bool = True) -> None:
         """Leave ``folder`` holding exactly the bundle's files: kept if it does, else replaced from the bytes."""
         expected = _bundle_files(content)
-        if _holds_exactly(folder, expected):
+        if _holds_exactly(folder, expected, trust_caches):
             return
         staging = Path(tempfile.mkdtemp(prefix=".fedseg-install-", dir=folder.parent.parent))
         try:

@@ -280,8 +280,13 @@ def test_a_link_in_place_of_the_app_folder_is_replaced_not_followed(probe):
     assert (probe["planted"] / "evilapp" / "app.py").is_file(), "the link's target is left alone"
 
 
-def test_a_flower_home_others_can_write_is_refused(probe):
-    probe["home"].mkdir(mode=0o700)
-    probe["home"].chmod(0o777)
-    outcome = _run_task(probe)
-    assert outcome["ran"] is None and "writable by others" in outcome["error"]
+def test_a_flower_home_others_could_write_is_closed_and_nothing_in_it_trusted(probe):
+    assert _run_task(probe)["ran"] == "approved"
+    folder = probe["home"] / "apps" / f"probe.app.1.0.0.{probe['digest'][:8]}"
+    planted = folder / "probeapp" / "__pycache__" / "app.cpython-311.pyc"  # as a local user could have left it
+    planted.parent.mkdir(exist_ok=True)
+    planted.write_bytes(b"not the approved code")
+    probe["home"].chmod(0o777)  # a umask of 002 (or a careless chmod) left it open
+    assert _run_task(probe)["ran"] == "approved"
+    assert stat.S_IMODE(probe["home"].stat().st_mode) & 0o022 == 0
+    assert not planted.exists(), "a cache found in a folder others could write was kept"
