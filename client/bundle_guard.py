@@ -247,7 +247,10 @@ class ApprovedApp:
             if folder.is_symlink() or folder.exists():
                 _record(self.log_path, decision="replaced", folder=str(folder),
                         reason="the app folder did not hold exactly the approved bundle")
-                os.rename(folder, staging / "replaced")  # a link is moved, never followed
+                try:
+                    os.rename(folder, staging / "replaced")  # a link is moved, never followed
+                except FileNotFoundError:  # another ClientApp process moved it away first
+                    pass
             try:
                 os.rename(fresh, folder)
             except OSError:  # another ClientApp process put its own fresh copy there meanwhile
