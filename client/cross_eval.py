@@ -53,6 +53,9 @@ def cross_evaluate(site: Site, msg: Message) -> Message:
         raise ValueError(f"unknown cross-evaluation task {task!r}; expected '{IDENTIFY}' or '{EVALUATE}'")
     site.load_global(msg)
     model_round = int(config[keys.SERVER_ROUND]) if keys.SERVER_ROUND in config else None
+    if model_round is None:  # a checkpoint file the centre could not place in the run: nothing to pair it with
+        log.warning("cross-eval %s names no round: scored with this site's latest tensors of run %s, and neither "
+                    "the Dice nor a personalized copy is kept", config[keys.CROSS_EVAL_MODEL], site.run.name)
     data = SiteData.open(site.cfg, site.state, msg)
     scored_ids = require_cohort(site.cfg, data.val_ids if trained else data.labelled_ids, "validation")
     scored = data.volumes(scored_ids)

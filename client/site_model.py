@@ -219,7 +219,7 @@ def export_site_model(cfg: FedsegConfig, run: Path, choice: str | None, out: Pat
     }
     (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
     (out / README_FILE).write_text(_readme(provenance, loaded.cfg))
-    record_export(loaded.state.folder.parent.parent, {**provenance, "folder": str(out.resolve()), "time": time.time()})
+    record_export(loaded.state.site.root, {**provenance, "folder": str(out.resolve()), "time": time.time()})
     return provenance
 
 
