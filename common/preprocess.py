@@ -144,19 +144,22 @@ class PreprocessedCases:
         # once may build one case twice, and a reader never sees a half-built folder.
         building = folder.with_name(f".{folder.name}.{os.getpid()}-{threading.get_ident()}.tmp")
         shutil.rmtree(building, ignore_errors=True)
-        building.mkdir(parents=True)
-        _atomic_npy(building / "image.npy", image)
-        _atomic_npy(building / "label.npy", labels)
-        rng = np.random.default_rng(len(case.case_id))
-        locations = class_locations(labels, self.num_classes, rng)
-        np.savez(building / "locations.npz", **{str(c): v for c, v in locations.items()})
-        (building / META_FILE).write_text(json.dumps({"plan": self.plan.version, "shape": list(image.shape)}))
-        if folder.exists() and not (folder / META_FILE).is_file():  # half-built by an older fedseg that crashed
-            shutil.rmtree(folder, ignore_errors=True)
         try:
-            os.rename(building, folder)
-        except OSError:  # another writer put the same case in place first: the same arrays
-            shutil.rmtree(building, ignore_errors=True)
+            building.mkdir(parents=True)
+            _atomic_npy(building / "image.npy", image)
+            _atomic_npy(building / "label.npy", labels)
+            rng = np.random.default_rng(len(case.case_id))
+            locations = class_locations(labels, self.num_classes, rng)
+            np.savez(building / "locations.npz", **{str(c): v for c, v in locations.items()})
+            (building / META_FILE).write_text(json.dumps({"plan": self.plan.version, "shape": list(image.shape)}))
+            if folder.exists() and not (folder / META_FILE).is_file():  # half-built by an older fedseg that crashed
+                shutil.rmtree(folder, ignore_errors=True)
+            try:
+                os.rename(building, folder)
+            except OSError:  # another writer put the same case in place first: the same arrays
+                pass
+        finally:
+            shutil.rmtree(building, ignore_errors=True)  # a failed write (a full disk) leaves nothing behind
 
     def load(self, case: Case) -> Volume:
         """The case in plan space (memory-mapped), preprocessing it first if not cached."""
