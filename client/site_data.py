@@ -51,9 +51,10 @@ class SiteData:
     def open(cls, cfg: FedsegConfig, state: SiteState, msg: Message | None = None) -> SiteData:
         """Index, check, split and plan the site's dataset.
 
-        The split is recorded in site.json the first time and reused
-        afterwards, so validation cases never leak into training when cases
-        are added later. ``cfg`` itself is left as it is: the returned
+        Each case's side of the split depends on its id and the split seed
+        alone (common.dataset.split_cases), so validation cases never leak
+        into training when cases are added later; the split is recorded in
+        site.json, and a change to it is named. ``cfg`` itself is left as it is: the returned
         ``cfg`` is a copy with the plan's spacing and patch size, validated
         again like any config.
         """
