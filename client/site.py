@@ -94,10 +94,27 @@ class Site:
         run = self.run
         own = run.norm_for(model_round, self.signature)
         if own is None and not run.trained:
-            log.info("run %s: this site has no norm tensors of its own in this run yet; its norm layers start from "
-                     "the global initialisation", run.name)
+            own = self.starting_tensors(run)
         load_merged(self.model, self.split, received, None if own is None else own[1])
         return received
+
+    def starting_tensors(self, run: RunState) -> tuple[int, dict[str, torch.Tensor]] | None:
+        """What a run this site has not trained in yet starts from: the global initialisation (None), or the last
+        tensors of the run ``site.norm_from_run`` names, for the same model; either way the site says which."""
+        source = self.cfg.site.norm_from_run
+        if not source:
+            log.info("run %s: this site has no norm tensors of its own in this run yet; its norm layers start from "
+                     "the global initialisation", run.name)
+            return None
+        start = self.state.run_folder(source).norm_for(None, self.signature)
+        if start is None:
+            raise ValueError(f"site.norm_from_run {source!r}: {self.state.run_folder(source).folder} holds no norm "
+                             "tensors; name a run this site trained in, or leave the option empty.")
+        log.info("run %s: this site's norm layers start from run %s, round %d (site.norm_from_run)", run.name, source,
+                 start[0])
+        if "started_from" not in run.info():
+            run.record(started_from={"run": source, "round": start[0]})
+        return start
 
     def reply(self, msg: Message, metrics: dict[str, float], arrays: ArrayRecord | None = None) -> Message:
         timeline.mark(self.marks, timeline.WORK_DONE)

@@ -86,7 +86,7 @@ class RunState:
         path = self.folder / SITE_RUN_FILE
         return json.loads(path.read_text()) if path.is_file() else {}
 
-    def _update(self, **fields: Any) -> None:
+    def record(self, **fields: Any) -> None:
         """Merge ``fields`` into run.json (one run is handled by one message at a time at a site)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.folder / SITE_RUN_FILE, json.dumps({**self.info(), **fields, "updated": time.time()},
@@ -124,7 +124,7 @@ class RunState:
                                     f"{signature}: one run has one model; start a new run for another model.")
         path = self.norm_path(server_round)
         _save_tensors(path, tensors, {SIGNATURE_META: signature, ROUND_META: str(server_round)})
-        self._update(**{SIGNATURE_META: signature, "last_round": server_round})
+        self.record(**{SIGNATURE_META: signature, "last_round": server_round})
         if self.site is not None:  # what `fedseg-client status` shows; no run reads it back
             self.site.update_info(**{SIGNATURE_META: signature, "last_round": server_round, "last_run": self.name})
         return path
@@ -153,10 +153,10 @@ class RunState:
         cross-evaluated round is kept (the server sends the best round last).
         """
         path = self.folder / PERSONALIZED_FILE
-        record = {**facts, "round": server_round}
+        kept = {**facts, "round": server_round}
         _save_tensors(path, tensors, {SIGNATURE_META: signature, ROUND_META: str(server_round),
-                                      "facts": json.dumps(record)})
-        self._update(personalized=record)
+                                      "facts": json.dumps(kept)})
+        self.record(personalized=kept)
         return path
 
     def personalized(self, signature: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
@@ -172,7 +172,7 @@ class RunState:
         """Keep the Dice this site measured for round ``server_round``'s model (as paired here)."""
         kept = self.info().get("scores", {})
         kept[str(server_round)] = {**kept.get(str(server_round), {}), **scores}
-        self._update(scores=kept)
+        self.record(scores=kept)
 
     def score(self, server_round: int | None) -> dict[str, Any]:
         """What this site measured for ``server_round``'s model; {} if it measured nothing."""
@@ -225,8 +225,12 @@ class SiteState:
         if not run_name:
             raise ValueError("the run has no federation.run_name: a site keeps a run's model under its name and "
                              "identity; start runs with fedseg-server start or fedseg-sim, which set both.")
+        return self.run_folder(f"{run_name}-{run_id or NO_RUN_ID}")
+
+    def run_folder(self, name: str) -> RunState:
+        """The run kept in ``<state_dir>/runs/<name>``; ``name`` is a validated folder name (common/config.py)."""
         self.migrate_legacy()
-        return RunState(self.root / SITE_RUNS_DIR / f"{run_name}-{run_id or NO_RUN_ID}", self)
+        return RunState(self.root / SITE_RUNS_DIR / name, self)
 
     def migrate_legacy(self) -> Path | None:
         """Move the one ``norm.safetensors`` of older fedseg versions into a run folder of its own, once.
@@ -240,15 +244,16 @@ class SiteState:
             return None
         info = self.info()
         signature, last_round = str(info.get(SIGNATURE_META) or "unknown"), int(info.get("last_round") or 0)
-        legacy = RunState(self.root / SITE_RUNS_DIR / LEGACY_RUN)
+        legacy = RunState(self.root / SITE_RUNS_DIR / LEGACY_RUN, self)
         path = legacy.norm_path(last_round)
         _save_tensors(path, load_file(old), {SIGNATURE_META: signature, ROUND_META: str(last_round)})
-        legacy._update(**{SIGNATURE_META: signature, "last_round": last_round,
+        legacy.record(**{SIGNATURE_META: signature, "last_round": last_round,
                           "migrated_from": str(old), "migrated": time.time()})
         old.unlink()
         log.warning("moved this site's norm tensors from %s (written before site state was kept per run; the run "
                     "that wrote them is unknown) to %s. No run uses them: a new run starts from the global "
-                    "initialisation of its norm layers.", old, path)
+                    "initialisation of its norm layers, unless site.norm_from_run: %s says to start from them.",
+                    old, path, LEGACY_RUN)
         return path
 
     # --- the split ----------------------------------------------------------------------------------------

@@ -243,6 +243,10 @@ class SiteConfig:
         "stats", "Most of the normalization layers this site lets travel, whatever the centre's train.norm_mode: "
         "local (none), stats (affine weights, never running statistics) or shared (everything)."
     )
+    norm_from_run: str = option(
+        "", "A run whose last norm tensors at this site every new run here starts from: its folder under "
+            "<state_dir>/runs (<run_name>-<run_id>, or legacy-norm); empty: the global initialisation."
+    )
     runtime_port: int = option(0, "Loopback port of the SuperNode's local Runtime API; 0 picks a free port.")
     retry_initial_s: float = option(5.0, "Wait before restarting a SuperNode that stopped; doubles per failure.")
     retry_max_s: float = option(300.0, "Longest wait between SuperNode restarts while the server is unreachable.")
@@ -383,6 +387,9 @@ def check_consistency(cfg: FedsegConfig) -> None:
         raise ConfigError(f"federation.run_id {f.run_id!r} must be 12 hex digits; leave it unset, fedseg draws it.")
     if cfg.site.min_cohort < 1:
         raise ConfigError(f"site.min_cohort must be >= 1, got {cfg.site.min_cohort}.")
+    if cfg.site.norm_from_run and not SITE_NAME.fullmatch(cfg.site.norm_from_run):
+        raise ConfigError(f"site.norm_from_run {cfg.site.norm_from_run!r} must be one folder name under "
+                          "<state_dir>/runs (<run_name>-<run_id>), letters, digits, '.', '_' or '-'.")
 
 
 def check_robustness(cfg: FedsegConfig) -> None:

@@ -27,7 +27,7 @@ from client.site_data import SiteData, open_split
 from client.site_model import load_run_model, load_site_model
 from client.site_state import SiteState
 from common import keys
-from common.config import load_config
+from common.config import ConfigError, load_config
 from common.dataset import split_cases
 from common.loops import evaluate
 from common.params import load_merged, run_model, select
@@ -134,6 +134,24 @@ def test_a_later_run_starts_from_the_global_initialisation_and_leaves_the_earlie
     assert all(torch.equal(runs["b_start"][k], initial[k]) for k in initial), "run B did not start from the init"
     assert any(not torch.equal(runs["b_start"][k], a_last[k]) for k in a_last)
     assert not (SiteState(runs["root"] / "state").root / "norm.safetensors").exists()
+
+
+def test_a_site_may_start_a_new_run_from_another_runs_tensors_and_says_which(runs, tmp_path):
+    a = runs["a"]
+    settings = yaml.safe_load(runs["site"].read_text())
+    settings["site"]["norm_from_run"] = "alpha-aaaaaaaaaaaa"
+    continuing = tmp_path / "continuing.yaml"
+    continuing.write_text(yaml.safe_dump(settings))
+    cfg = load_config(None, tiny("federation.run_name=delta", "federation.run_id=eeeeeeeeeeee", *RUN_SETTINGS))
+    site = Site.resolve(context(cfg, continuing))
+    site.load_global(a.message(MessageType.TRAIN, 1, a.weights(0)))
+    started, a_last = select(site.model, site.split.local), load_file(a.state.norm_path(3))
+    assert all(torch.equal(started[k], a_last[k]) for k in a_last)
+    assert site.run.info()["started_from"] == {"run": "alpha-aaaaaaaaaaaa", "round": 3} and not site.run.trained
+    settings["site"]["norm_from_run"] = "../elsewhere"
+    continuing.write_text(yaml.safe_dump(settings))
+    with pytest.raises(ConfigError, match="norm_from_run"):
+        load_config(continuing)
 
 
 def test_export_of_the_first_run_after_the_second_is_the_model_it_scored(runs, tmp_path):
