@@ -89,7 +89,7 @@ def test_finding_7_the_gateway_holds_against_a_flooding_peer(centre):
         # A forged log line in the path stays on one line of gateway.log.
         assert peer.post(url + "/v1/control/x%0A2026-01-01 INFO forged: admin login", content=b"").status_code == 403
 
-    from server.fleet_gateway import HEADER_TIMEOUT_S, MAX_CONNECTIONS
+    from server.fleet_gateway import HEADER_TIMEOUT_S, MAX_PER_PEER
 
     def oversized() -> bytes:
         with _tls(centre) as sock:  # announces 10 GB, sends nothing: refused before a byte of body is read
@@ -115,10 +115,13 @@ def test_finding_7_the_gateway_holds_against_a_flooding_peer(centre):
     assert head_cut
     assert body_cut.startswith(b"HTTP/1.1 408")
 
-    idle = [_tls(centre) for _ in range(MAX_CONNECTIONS)]  # bounded: exactly the limit
+    import time
+
+    time.sleep(2.0)  # the gateway has let go of the connections above too
+    idle = [_tls(centre) for _ in range(MAX_PER_PEER)]  # one address holds at most its share of the gateway
     try:
-        with httpx.Client(verify=centre["ca"], timeout=10) as peer:
-            assert peer.post(url + "/v1/fleet/get-run", content=b"").status_code == 503
+        with pytest.raises(OSError):  # the next one from that address is closed before TLS (a site at another
+            _tls(centre).close()      # address still gets through: tests/test_gateway_limits.py)
     finally:
         for sock in idle:
             sock.close()
