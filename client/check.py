@@ -107,7 +107,7 @@ class CheckReport:
                 out.append(f"  {label:<28}{fractions[:, c].min():>21.4%} {fractions[:, c].max():>21.4%}"
                            f"  (mean {fractions[:, c].mean():.4%})")
         n_warn = len(self.findings) - len(self.problems)
-        verdict = "OK: training can start" if self.ok else "training would FAIL"
+        verdict = "OK: the data can be read" if self.ok else "training would FAIL"
         out.append(f"result: {len(self.problems)} problem(s), {n_warn} warning(s): {verdict}")
         return "\n".join(out)
 
@@ -262,4 +262,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("no dataset to check: set site.data_dir in site.yaml or pass --data-dir.")
     report = check_dataset(root)
     print(report.table())
-    return EXIT_OK if report.ok else EXIT_BROKEN
+    if report.spec is None or not report.ok:
+        return EXIT_BROKEN
+    from .participation import participation
+
+    verdict = participation(cfg, report.spec)
+    print("in a run, with this site.yaml:\n" + "\n".join(f"  {line}" for line in verdict.lines))
+    print("OK: this site can train" if verdict.trains else "this site would be REFUSED in a run (see above)")
+    return EXIT_OK if verdict.trains else EXIT_BROKEN

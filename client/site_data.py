@@ -114,12 +114,12 @@ def require_cohort(cfg: FedsegConfig, ids: list[str], what: str) -> list[str]:
 def open_split(cfg: FedsegConfig, state: SiteState) -> tuple[DatasetSpec, list[str], list[str]]:
     """Read and preflight-check the dataset (refusing a broken one), then fix the split."""
     spec = read_dataset(cfg.site.data_dir)
-    if spec.num_classes != cfg.model.out_channels:
+    if cfg.model.out_channels and spec.num_classes != cfg.model.out_channels:
         raise LabelMismatch(
             f"dataset.json of site '{cfg.site.name}' declares {spec.num_classes} classes ({spec.labels}) but "
             f"the federation's model has {cfg.model.out_channels}; the federation must agree on the labels."
         )
-    if spec.num_channels != cfg.model.in_channels:
+    if cfg.model.in_channels and spec.num_channels != cfg.model.in_channels:
         raise ChannelMismatch(
             f"dataset.json of site '{cfg.site.name}' declares {spec.num_channels} channels but "
             f"model.in_channels is {cfg.model.in_channels}; the federation must agree on the modalities."

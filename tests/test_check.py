@@ -21,9 +21,23 @@ def _site_yaml(tmp_path, root):
 
 def test_clean_dataset_passes_with_summary(tmp_path, capsys):
     root = nnunet_dataset(tmp_path / "Dataset001_X", n_cases=3)
-    assert main(["check", "--config", str(_site_yaml(tmp_path, root))]) == 0
+    site_yaml = _site_yaml(tmp_path, root)
+    site_yaml.write_text(site_yaml.read_text().replace("site:", "site:\n  min_cohort: 1", 1))
+    assert main(["check", "--config", str(site_yaml)]) == 0
     out = capsys.readouterr().out
-    assert "3 case(s)" in out and "spacing (mm" in out and "label 1 'lesion' voxels" in out and "OK" in out
+    assert "3 case(s)" in out and "spacing (mm" in out and "label 1 'lesion' voxels" in out
+    assert out.strip().splitlines()[-1] == "OK: this site can train"
+    assert "labels:     0: background, 1: lesion" in out
+
+
+def test_check_says_ok_only_when_a_deployed_site_would_be_accepted(tmp_path, capsys):
+    """With a deployed site's default floor (site.min_cohort 5), 3 cases cannot train: check says so, exit 1."""
+    root = nnunet_dataset(tmp_path / "Dataset001_X", n_cases=3)
+    assert main(["check", "--config", str(_site_yaml(tmp_path, root))]) == 1
+    out = capsys.readouterr().out
+    assert "OK: the data can be read" in out  # the files are fine
+    assert "-> REFUSED: fewer than site.min_cohort = 5" in out and "sends no validation score" in out
+    assert out.strip().splitlines()[-1] == "this site would be REFUSED in a run (see above)"
 
 
 @pytest.mark.parametrize("defect, file, words", [
@@ -100,7 +114,7 @@ def test_the_daemon_refuses_to_join_with_a_broken_case(tmp_path):
     root = nnunet_dataset(tmp_path / "Dataset004_X", n_cases=2)
     lines: list[str] = []
     check_data(SiteConfig(name="s", data_dir=str(root)), say=lines.append)
-    assert "OK: training can start" in lines[-1]
+    assert "OK: the data can be read" in lines[-1]
     target = root / "labelsTr/case_001.nii.gz"
     target.write_bytes(target.read_bytes()[:100])
     with pytest.raises(UserError, match="(?s)will not join.*labelsTr/case_001.nii.gz: unreadable"):

@@ -9,7 +9,7 @@ import pytest
 
 from common import keys
 from common.config import load_config
-from common.dataset import read_dataset
+from common.dataset import read_dataset, split_cases
 from common.fingerprint import (AXES, FINGERPRINT_FORMAT, INTENSITY_LEVELS, SPACING_LEVELS, merge_fingerprints,
                                 site_fingerprint)
 from common.labels import channel_codes, label_codes
@@ -151,7 +151,9 @@ def test_plan_made_through_the_real_client_app(tmp_path, tiny_federation):
     grid = LocalGrid(cfg, app)
     plan = plan_federation(grid, cfg, run)
     assert (run / "plan.json").is_file() and plan.provenance["sites"] == ["site-1", "site-2", "site-3"]
-    assert plan.provenance["num_cases"] == 9  # three training cases per site
+    training = sum(len(split_cases([c.case_id for c in read_dataset(d).cases], cfg.data.val_fraction,
+                                   cfg.data.split_seed)[0]) for d in tiny_federation.values())
+    assert plan.provenance["num_cases"] == training  # every site's training cases, nothing else
     for reply in grid.received:
         assert not reply.has_error(), reply.error.reason
         assert set(reply.content.array_records) == set()
