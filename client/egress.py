@@ -91,7 +91,7 @@ def reply_rules(dice_classes: frozenset[str], test_classes: frozenset[str]) -> d
     timeline = frozenset(keys.TIMELINE_METRICS)  # when the reply passed the site's stages: Unix times, nothing else
     return {
         MessageType.TRAIN: ReplyRule(frozenset({*identity, keys.ARRAYS}),
-                                     frozenset({*keys.TRAIN_METRICS, keys.NO_SCORE}) | timeline,
+                                     frozenset({*keys.TRAIN_METRICS, keys.LEARNING_RATE, keys.NO_SCORE}) | timeline,
                                      frozenset(keys.TRAIN_METRICS), optional=frozenset({keys.EVALUATION})),
         MessageType.EVALUATE: ReplyRule(frozenset(identity), frozenset(keys.EVAL_METRICS) | dice_classes | timeline,
                                         frozenset(keys.EVAL_REQUIRED)),
@@ -249,7 +249,7 @@ def _server_round(request: Message) -> int | None:
         if isinstance(value, int):
             return value
     group = request.metadata.group_id
-    return int(group) if group.isdigit() else None
+    return int(group) if group.isascii() and group.isdigit() else None  # '²'.isdigit(), but int('²') fails
 
 
 def describe(reply: Message) -> dict:

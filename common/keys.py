@@ -33,6 +33,8 @@ NODE_PARTITION_ID = "partition-id"
 """Node-config entry set by Flower's simulation engine."""
 
 TRAIN_METRICS = ("loss", "proximal_loss", "duration_s", NUM_EXAMPLES)
+LEARNING_RATE = "lr"
+"""Training metric: the learning rate of the round's first local step, so the centre can see the schedule."""
 NO_SCORE = "no_score"
 """Training metric, 1: the site was asked to score the model it received but has fewer validation cases than
 its cohort floor (site.min_cohort), so it trained and sends no evaluation."""
@@ -74,7 +76,7 @@ FINGERPRINT_PREFIX = "fp_"
 TIMELINE_METRICS = ("t_delivered", "t_process_started", "t_bundle_checked", "t_imports_done", "t_data_ready",
                     "t_work_done")
 """Unix times (site clock) at which a message passed the site's stages; the server's timeline (server/timeline.py)."""
-EGRESS_METRICS = frozenset((*TRAIN_METRICS, NO_SCORE, *EVAL_METRICS, *CROSS_EVAL_METRICS, *TIMELINE_METRICS))
+EGRESS_METRICS = frozenset((*TRAIN_METRICS, LEARNING_RATE, NO_SCORE, *EVAL_METRICS, *CROSS_EVAL_METRICS, *TIMELINE_METRICS))
 """The declared metric names a site may send (plus the per-class Dice and fingerprint prefixes)."""
 EGRESS_MAX_LIST = 16
 """Longest numeric list one metric may hold: enough for percentiles, too short for an image patch."""

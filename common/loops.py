@@ -55,6 +55,8 @@ class TrainResult:
     proximal_loss: float
     """Mean FedProx penalty over the local steps."""
     steps: int
+    lr: float = 0.0
+    """The learning rate of this call's first step (it falls over the run with train.lr_schedule: poly)."""
 
 
 @dataclass(frozen=True)
@@ -298,6 +300,7 @@ def train_local(
         scaler = compute.grad_scaler()
         proximal = ProximalGradient(model, {k: compute.to(v) for k, v in global_params.items()}, mu)
         ahead = cfg.prefetch_batches if compute.device.type == "cuda" else 0
+        first_lr = float(optimizer.param_groups[0]["lr"])
         with Prefetcher(_pinned(batches), ahead) if ahead else nullcontext(batches) as batches:
             seg_total, prox_total = 0.0, 0.0
             for step in range(cfg.local_steps):
@@ -319,7 +322,7 @@ def train_local(
                     checkpoint(step + 1)
                 seg_total += seg_value
                 prox_total += prox
-    return TrainResult(seg_total / cfg.local_steps, prox_total / cfg.local_steps, cfg.local_steps)
+    return TrainResult(seg_total / cfg.local_steps, prox_total / cfg.local_steps, cfg.local_steps, first_lr)
 
 
 def _mean_foreground_dice(pred: torch.Tensor, truth: torch.Tensor) -> float:

@@ -136,7 +136,7 @@ def test_honest_reply_leaves_and_matches_what_the_server_received(one_site, caps
     assert line["status"] == "sent" and line["round"] == 1 and line["message_type"] == MessageType.TRAIN
     assert line[keys.CONTENT_SHA256] == train[keys.CONTENT_SHA256] == received.content.object_id
     assert line["keys"][keys.IDENTITY] == [keys.SIGNATURE, keys.SITE]
-    assert set(line["keys"][keys.METRICS]) - set(keys.TIMELINE_METRICS) == set(keys.TRAIN_METRICS)
+    assert set(line["keys"][keys.METRICS]) - set(keys.TIMELINE_METRICS) == {*keys.TRAIN_METRICS, keys.LEARNING_RATE}
     site = client_app.Site.resolve(LocalGrid(one_site, client_app.app).context(1))
     assert line["keys"][keys.ARRAYS] == sorted(site.split.travelling)
     assert not set(line["keys"][keys.ARRAYS]) & set(site.split.local)
