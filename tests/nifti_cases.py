@@ -71,3 +71,27 @@ def msd_dataset(root: Path, n_cases: int = 3, modalities: tuple[str, ...] = ("T1
         meta["training"].append({"image": f"./imagesTr/case_{i}.nii.gz", "label": f"./labelsTr/case_{i}.nii.gz"})
     (root / "dataset.json").write_text(json.dumps(meta))
     return root
+
+
+def split_into_two_classes(dataset: Path, names: tuple[str, str] = ("core", "rim")) -> Path:
+    """Turn a dataset's one foreground class into two: the half of each lesion nearer the R edge and the rest.
+
+    The files stay real NIfTI written by nibabel; ``names`` says which name value 1 and value 2 get in
+    dataset.json, so swapping them gives a site that codes the same labels with the other values.
+    """
+    meta = json.loads((dataset / "dataset.json").read_text())
+    first, second = names
+    swap = names == ("rim", "core")
+    for path in sorted((dataset / "labelsTr").glob("*.nii.gz")):
+        img = nib.load(str(path))
+        label = np.asarray(img.dataobj).astype(np.uint8)
+        xs = np.nonzero(label)[0]
+        core = (label > 0) & (np.arange(label.shape[0])[:, None, None] < (xs.mean() if xs.size else 0))
+        out = np.where(label > 0, 2, 0).astype(np.uint8)
+        out[core] = 1
+        if swap:
+            out = np.choose(out, [0, 2, 1]).astype(np.uint8)
+        nib.save(nib.Nifti1Image(out, img.affine), str(path))
+    meta["labels"] = {"background": 0, first: 1, second: 2}
+    (dataset / "dataset.json").write_text(json.dumps(meta))
+    return dataset
