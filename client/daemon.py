@@ -37,19 +37,14 @@ from common.cli import UserError, config_from_args
 from common.config import FedsegConfig, SiteConfig
 from common.runs import BUNDLE_LOG, DAEMON_FILE, FLWR_HOME, GUARD_BIN, RESOLVED_SITE, SUPERNODE_LOG, WARM_LOG
 
+from .watch import PROBLEMS, SiteWatch
+
 STABLE_RUN_S = 120.0
 """A SuperNode that ran this long counts as healthy: the next restart waits retry_initial_s again."""
 POLL_S = 0.5
 TLS_CHECK_TIMEOUT_S = 10.0
 
 
-DIAGNOSES = {
-    "Failed to activate SuperNode": "the centre did not accept this site's key; ask it to allow-list "
-                                    "the .pub file (fedseg-server certs add-site) and check that it is running",
-    "CERTIFICATE_VERIFY_FAILED": "the server's TLS certificate was not issued by the CA in site.root_certificate",
-    "Connection refused": "nothing listens at site.server_address (server down or wrong address)",
-}
-"""Phrases in Flower's log that explain why a SuperNode stopped, and what they mean for the site."""
 LOG_TAIL_BYTES = 20_000
 
 
@@ -148,7 +143,7 @@ def tls_problem(site: SiteConfig) -> str | None:
             with context.wrap_socket(sock, server_hostname=host):
                 return None
     except ssl.SSLCertVerificationError as err:
-        return (f"{DIAGNOSES['CERTIFICATE_VERIFY_FAILED']} ({site.root_certificate}; {err.verify_message}, "
+        return (f"{PROBLEMS['CERTIFICATE_VERIFY_FAILED']} ({site.root_certificate}; {err.verify_message}, "
                 "CERTIFICATE_VERIFY_FAILED): get the federation's ca.crt from the centre")
     except OSError:
         return None
@@ -162,7 +157,7 @@ def diagnose(log_path: Path) -> str:
             tail = f.read().decode(errors="replace")
     except OSError:
         return ""
-    found = [why for phrase, why in DIAGNOSES.items() if phrase in tail]
+    found = [why for phrase, why in PROBLEMS.items() if phrase in tail]
     return f" ({found[-1]})" if found else ""
 
 
@@ -212,12 +207,17 @@ class Daemon:
                         continue
                     self.proc = self._start(site_yaml, env)
                     started = time.monotonic()
-                    self._write_status(state="running", supernode_pid=self.proc.pid,
-                                       warm_pid=self.warm.pid if self.warm else None, starts=starts,
-                                       server=self.site.server_address)
+                    running = {"state": "running", "supernode_pid": self.proc.pid, "starts": starts,
+                               "warm_pid": self.warm.pid if self.warm else None, "server": self.site.server_address}
+                    self._write_status(**running)
                     self.say(f"site {self.site.name}: SuperNode started (pid {self.proc.pid}), joining "
                              f"{self.site.server_address}; log: {self.state / SUPERNODE_LOG}")
+                    watch = SiteWatch(self.state, self.site.server_address)
                     while self.proc.poll() is None:
+                        if said := watch.poll():
+                            for line in said:
+                                self.say(f"site {self.site.name}: {line}")
+                            self._write_status(**running, watch=watch.as_dict())
                         time.sleep(POLL_S)
                     if time.monotonic() - started > STABLE_RUN_S:
                         delay = self.site.retry_initial_s

@@ -32,7 +32,21 @@ def _daemon_line(state: Path) -> str:
         except (ProcessLookupError, PermissionError):
             alive = False
     since = time.strftime("%Y-%m-%d %H:%M", time.localtime(info["time"]))
-    return f"daemon: {info['state'] if alive else 'not running'} (pid {info['pid']}, since {since})"
+    line = f"daemon: {info['state'] if alive else 'not running'} (pid {info['pid']}, since {since})"
+    return line + "".join(f"\n{extra}" for extra in _connection_lines(info.get("watch"), alive))
+
+
+def _connection_lines(watch: dict | None, alive: bool) -> list[str]:
+    """Connected or not and since when, and the last refusal, as the daemon last saw them (client/watch.py)."""
+    if not watch or not alive:
+        return []
+    at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(watch["since"]))
+    lines = [f"connection: connected since {at}" if watch["connected"]
+             else f"connection: NOT connected since {at}: {watch['problem'] or 'no answer from the centre yet'}"]
+    if watch.get("last_refusal"):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(watch["last_refusal_time"]))
+        lines.append(f"last refusal: {watch['last_refusal']} ({when})")
+    return lines
 
 
 def report(state: Path) -> list[str]:

@@ -154,6 +154,8 @@ class FedSegStrategy(FedProx):
         if not self._last(server_round):
             return []
         messages, wire = self._send(super().configure_evaluate, server_round, arrays, config, grid)
+        # a site that said it has too few validation cases to score is not asked for a score
+        messages = [m for m in messages if self.node_sites.get(m.metadata.dst_node_id) not in self.recorder.unscored]
         self.recorder.sent(server_round + self.round_offset, wire, len(messages), training=False)
         return messages
 
@@ -266,11 +268,16 @@ class FedSegStrategy(FedProx):
         optimizer.load_state(moments)
 
     def _moments_problem(self, moments: dict[str, np.ndarray]) -> str | None:
-        """Why saved moments cannot continue this run's model (another model, or a damaged file), or None."""
+        """Why saved moments cannot continue this run's model (another model, a damaged file, values that are not
+        finite), or None."""
         for name, value in moments.items():
             key = name.split("/", 1)[-1]
             if key not in self.shapes or tuple(value.shape) != tuple(self.shapes[key]):
                 return f"'{name}' does not fit the model"
+            if not np.isfinite(value).all():  # a damaged file: one NaN moment makes every later model NaN
+                return f"'{name}' holds NaN or Inf"
+            if name.startswith("v/") and (value < 0).any():  # Adam/Yogi divide by sqrt(v)
+                return f"'{name}' holds a negative second moment"
         if {name.split("/", 1)[-1] for name in moments} != set(self.shapes):
             return "they do not cover every shared tensor"
         return None
