@@ -2,6 +2,7 @@
 #   make demo   set up .venv and run the local multi-site simulation on built-in synthetic data
 #   make test   set up .venv and run the test suite
 # torch is installed as torch==2.13.0 first: any other spec pulls a multi-GB CUDA build.
+# Every other package is installed at the version in constraints.txt, the versions CI tested.
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -12,11 +13,11 @@ PYTHON ?= python3
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
 demo: $(STAMP)
