@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import FedsegConfig
-from common.dataset import DatasetError, DatasetSpec, split_cases
+from common.dataset import DatasetSpec, split_cases
 from common.labels import LabelMismatch, describe_coding, remap_table
 from common.plan import Plan, PlanError
 from common.runs import PLAN_FILE
@@ -31,10 +31,7 @@ def participation(cfg: FedsegConfig, spec: DatasetSpec) -> Participation:
     """The verdict per part of a run, with the site's floor (``site.min_cohort``) and the default split."""
     floor = cfg.site.min_cohort
     ids = [c.case_id for c in spec.cases]
-    try:
-        train, val = split_cases(ids, cfg.data.val_fraction, cfg.data.split_seed)
-    except DatasetError:
-        train, val = ids, []
+    train, val = split_cases(ids, cfg.data.val_fraction, cfg.data.split_seed)
     trains = len(train) >= floor
     lines = [
         f"training:   {len(train)} case(s) "

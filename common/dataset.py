@@ -337,8 +337,8 @@ def split_cases(case_ids: list[str], val_fraction: float, seed: int) -> tuple[li
     cases are added, and the site says so (client/site_state.py).
     """
     ordered = sorted(case_ids)
-    if len(ordered) < 2:
-        raise DatasetError(f"a site needs at least 2 cases to hold one out for validation, found {len(ordered)}.")
+    if len(ordered) < 2:  # nothing to hold out: a one-case site trains (or, held out, is scored) on it alone
+        return ordered, []
     by_draw = sorted(ordered, key=lambda c: case_draw(c, seed))
     val = {c for c in ordered if case_draw(c, seed) < val_fraction}
     if not val:
