@@ -13,12 +13,19 @@ import re
 
 from common.config import ConfigError
 from common.dataset import DatasetError
+from common.labels import ChannelMismatch, LabelMismatch
 from common.params import ParameterSplitError
 from common.wire import WireError, error_reason
+
+from .inbound import MalformedMessage
 
 
 class SignatureMismatch(ValueError):
     """Server and site disagree on the model (different config or version)."""
+
+
+class UnderSiteFloor(ValueError):
+    """The centre asks for training under a floor this site set (site.min_local_steps, site.min_batch_size)."""
 
 
 class TooFewCases(ValueError):
@@ -33,6 +40,11 @@ SANITIZED_REASONS: dict[type[BaseException], str] = {
     FloatingPointError: "local training diverged (non-finite loss)",
     MemoryError: "the site ran out of memory",
     WireError: "the server's message does not unpack: the site and the server run different fedseg versions",
+    MalformedMessage: "the server's message is malformed (unexpected records, values or text); the site refused it",
+    ChannelMismatch: "the site's image channels differ from the federation's; run `fedseg-client check` at the site",
+    LabelMismatch: "the site's label map differs from the federation's; run `fedseg-client check` at the site",
+    UnderSiteFloor: "the centre's train.local_steps or train.batch_size is under this site's floor "
+                    "(site.min_local_steps, site.min_batch_size): the site does not train",
     TooFewCases: "fewer cases than the site's minimum cohort (site.min_cohort): nothing computed from them is sent",
 }
 DISK_FULL_ERRNOS = frozenset((errno.ENOSPC, errno.EFBIG, errno.EDQUOT))

@@ -239,6 +239,14 @@ class SiteConfig:
         5, "Fewest cases any value this site sends may be computed from (fingerprint, training, Dice); "
         "fewer and the site refuses, saying so. Set by the site, never by the centre."
     )
+    min_local_steps: int = option(
+        1, "Fewest local steps (train.local_steps) an update this site sends may be computed from; a centre asking "
+           "for fewer is refused. Set by the site, never by the centre."
+    )
+    min_batch_size: int = option(
+        1, "Fewest patches per step (train.batch_size) this site trains with; a centre asking for fewer is refused, "
+           "so an update is never the gradient of one patch. Set by the site, never by the centre."
+    )
     max_norm_travel: NormMode = option(
         "stats", "Most of the normalization layers this site lets travel, whatever the centre's train.norm_mode: "
         "local (none), stats (affine weights, never running statistics) or shared (everything)."
@@ -385,8 +393,8 @@ def check_consistency(cfg: FedsegConfig) -> None:
                           "the run's folder at the centre and at every site).")
     if f.run_id and not RUN_ID.fullmatch(f.run_id):
         raise ConfigError(f"federation.run_id {f.run_id!r} must be 12 hex digits; leave it unset, fedseg draws it.")
-    if cfg.site.min_cohort < 1:
-        raise ConfigError(f"site.min_cohort must be >= 1, got {cfg.site.min_cohort}.")
+    if min(cfg.site.min_cohort, cfg.site.min_local_steps, cfg.site.min_batch_size) < 1:
+        raise ConfigError("site.min_cohort, site.min_local_steps and site.min_batch_size must be >= 1.")
     if cfg.site.norm_from_run and not SITE_NAME.fullmatch(cfg.site.norm_from_run):
         raise ConfigError(f"site.norm_from_run {cfg.site.norm_from_run!r} must be one folder name under "
                           "<state_dir>/runs (<run_name>-<run_id>), letters, digits, '.', '_' or '-'.")
