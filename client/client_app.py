@@ -8,6 +8,7 @@ no traceback, no file paths, no case names.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import zlib
@@ -22,9 +23,9 @@ from common.loops import evaluate as evaluate_model
 from common.loops import RunSteps, train_local
 from common.params import select
 from common.preprocess import Volume
-from common.wire import pack, to_wire, unpack
+from common.wire import pack, to_wire
 
-from . import egress, site_history, timeline
+from . import egress, inbound, site_history, timeline
 from .cross_eval import class_metrics, cross_evaluate
 from .reasons import sanitized_reason
 from .site import Site, log_to_site_file
@@ -114,22 +115,29 @@ def _evaluate(site: Site, msg: Message) -> Message:
 
 
 def _handle(handler: Callable[[Site, Message], Message], msg: Message, context: Context) -> Message:
-    """Every reply, error or not, leaves through the egress guard (client/egress.py)."""
+    """Every message enters through the site's receiving boundary (client/inbound.py) and every reply, error or
+    not, leaves through the egress guard (client/egress.py)."""
     site_name, site, marks = "unknown", None, timeline.start(msg)
     log_to_site_file(None)
     try:
-        if msg.has_content():
-            msg.content = unpack(msg.content)
-        site = Site.resolve(context)
+        inbound.received(msg)  # unpacked and checked before anything else reads it
+        site = Site.resolve(context, msg)
         site.marks = marks | timeline.pulled_at(site.state.root, msg)
         site_name = site.cfg.site.name
         reply = handler(site, msg)
     except Exception as err:  # every failure becomes a sanitized error reply
+        if site is None:  # refused before the site was resolved: it still names itself, logs and audits the refusal
+            with contextlib.suppress(Exception):
+                site = Site.resolve(context)
+                site_name = site.cfg.site.name
         log.exception("site %s failed to handle a %s message", site_name, msg.metadata.message_type)
         reply = Message(Error(code=SITE_ERROR_CODE, reason=sanitized_reason(site_name, err)), reply_to=msg)
     reply = egress.guard(reply, msg, site)  # never raises: a failure there leaves as a fixed reason
     if site is not None and not reply.has_error():  # the site's history counts only what really left
-        site_history.record_reply(site.state.root, msg, reply)
+        try:
+            site_history.record_reply(site.state.root, msg, reply)
+        except Exception:  # the reply left (egress.jsonl says so); only the site's own bookkeeping is short
+            log.exception("site %s: a reply left, but the site's history could not record it", site_name)
         reply.content = pack(reply.content)  # after the guard: packing only regroups what it let out
     return reply
 

@@ -15,8 +15,9 @@ restart it. A Flower
 without that module-level ``time`` keeps its own intervals, and says so. The
 SuperNode also retries objects that are not there yet within half a second
 (common/flower_env.py, ``quicken_object_pulls``), and notes when it pulled each
-message for the round's timeline (client/timeline.py). It runs in the site's
-state folder.
+message for the round's timeline (client/timeline.py), in a file named after
+the message id only when that id is a Flower message id (the id comes from the
+centre, and must never become a path). It runs in the site's state folder.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-from common.runs import PULLED_DIR
+from client.timeline import pull_note
 
 POLL_ENV = "FEDSEG_SUPERNODE_POLL_S"
 PATCHED_MODULE = "flwr.supernode.start_client_internal"
@@ -56,11 +57,20 @@ def cap_sleeps(module: ModuleType, cap_s: float) -> bool:
     return True
 
 
-def record_pull(state_dir: Path, message_id: str) -> None:
-    """Note when the SuperNode pulled ``message_id``; the ClientApp reads and removes the note."""
-    folder = Path(state_dir) / PULLED_DIR
-    folder.mkdir(exist_ok=True)
-    (folder / message_id).write_text(repr(time.time()))
+def record_pull(state_dir: Path, message_id: object) -> None:
+    """Note when the SuperNode pulled ``message_id``; the ClientApp reads and removes the note.
+
+    An id that is not a Flower message id is noted nowhere (client/timeline.py ``pull_note``), and a note that
+    cannot be written is skipped: it only times the round, and must never stop the SuperNode.
+    """
+    path = pull_note(state_dir, message_id)
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(repr(time.time()))
+    except OSError:
+        return
 
 
 def note_pulls(module: ModuleType, state_dir: Path) -> bool:

@@ -10,11 +10,19 @@ done. Only these numbers leave the site, as metrics named in
 event (server/timeline.py). In the simulation there is no launcher and no
 guard, so those two stages are absent, and the pull time is the in-memory
 SuperLink's own ``delivered_at``.
+
+The message id comes from the SuperLink, so from the centre: it names a note
+only when it is what Flower makes it (the message's object id, 64 lowercase hex
+digits). Anything else (``../egress.jsonl``, ``yaml.py``, an absolute path)
+names no file at all, so a compromised or impersonated centre cannot make the
+SuperNode or the ClientApp write or delete a file of its choosing.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import time
 from datetime import datetime
 from pathlib import Path
@@ -28,31 +36,43 @@ from .bundle_guard import CHECKED_AT_ENV as BUNDLE_CHECKED_ENV
 from .warm_start import PROCESS_STARTED_ENV
 
 DELIVERED, STARTED, CHECKED, IMPORTED, DATA_READY, WORK_DONE = keys.TIMELINE_METRICS
+MESSAGE_ID = re.compile(r"[0-9a-f]{64}")
+"""A Flower message id: the sha256 object id of the message. The only ids that may name a file."""
+
+
+def pull_note(state_dir: Path, message_id: object) -> Path | None:
+    """The file that notes when ``message_id`` was pulled, or None when the id is not a Flower message id."""
+    if not isinstance(message_id, str) or MESSAGE_ID.fullmatch(message_id) is None:
+        return None
+    return Path(state_dir) / PULLED_DIR / message_id
 
 
 def _env_time(name: str) -> float | None:
     try:
-        return float(os.environ[name])
+        value = float(os.environ[name])
     except (KeyError, ValueError):
         return None
+    return value if math.isfinite(value) else None
 
 
 def pulled_at(state_dir: Path, msg: Message) -> dict[str, float]:
-    """The SuperNode's pull time of ``msg``, if it noted one."""
-    path = Path(state_dir) / PULLED_DIR / msg.metadata.message_id
+    """The SuperNode's pull time of ``msg``, if it noted one (never for an id that is not Flower's)."""
+    path = pull_note(state_dir, msg.metadata.message_id)
+    if path is None:
+        return {}
     try:
         stamp = float(path.read_text())
         path.unlink()
     except (OSError, ValueError):
         return {}
-    return {DELIVERED: stamp}
+    return {DELIVERED: stamp} if math.isfinite(stamp) else {}
 
 
 def _delivered(msg: Message) -> float | None:
     """When the SuperNode pulled the message (the SuperLink stamps it as ISO 8601)."""
     try:
         return datetime.fromisoformat(msg.metadata.delivered_at).timestamp() if msg.metadata.delivered_at else None
-    except (ValueError, KeyError, AttributeError):
+    except (ValueError, KeyError, AttributeError, TypeError, OverflowError):
         return None
 
 

@@ -1,8 +1,24 @@
-"""One terminal line per metrics-log event, for every command that follows a run."""
+"""One terminal line per metrics-log event, for every command that follows a run.
+
+Site names and failure reasons come from the other side of the wire (a site's
+error text, a name it claims); every text field is put on one printable line
+(control characters escaped) so that no site can split, forge or recolour a
+line of the centre's console.
+"""
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+"""C0 and C1 control characters and Unicode line separators: a newline forges a line, an escape sequence
+rewrites the terminal."""
+
+
+def one_line(value: object) -> str:
+    """``value`` as text on one printable line: every control character escaped (``\\n``, ``\\x1b``)."""
+    return CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(value))
 
 
 def describe(event: dict[str, Any], expected: int | None = None) -> str | None:
@@ -12,25 +28,28 @@ def describe(event: dict[str, Any], expected: int | None = None) -> str | None:
     round line then reads "2/3 site(s) replied".
     """
     kind = event["event"]
-    where = f"  round {event.get('round') or '-':>3}  {event.get('site') or '':<10}"
+    where = f"  round {one_line(event.get('round') or '-'):>3}  {one_line(event.get('site') or ''):<10}"
     if kind == "train":
         return (f"{where} trained   loss {event['loss']:.4f}  prox {event['proximal_loss']:.5f}  "
                 f"{event['duration_s']:.1f} s")
     if kind == "evaluate":
         return f"{where} evaluated Dice {event['dice']:.4f}"
     if kind == "failure":
-        return f"{where} FAILED ({event.get('stage', '?')}): {event.get('reason')}"
+        return f"{where} FAILED ({one_line(event.get('stage', '?'))}): {one_line(event.get('reason'))}"
     if kind == "no-score":
         return f"{where} trains, reports no validation score: {event.get('reason')}"
     if kind == "round":
         dice = event["dice_weighted"]
         replied = f"{event['sites_ok']}/{expected}" if expected else f"{event['sites_ok']}"
-        return (f"round {event['round']}: {replied} site(s) replied, failed {event['sites_failed'] or 'none'}, "
+        return (f"round {event['round']}: {replied} site(s) replied, failed {one_line(event['sites_failed'] or 'none')}, "
                 f"Dice (weighted) {'n/a' if dice is None else f'{dice:.4f}'}, {event['duration_s']:.1f} s")
     if kind == "run-start" and event.get("resumed_from_round"):
         return f"resuming after round {event['resumed_from_round']} (from its checkpoint)"
     if kind == "run-end":
         best = event.get("best_dice")
-        return (f"run finished: {event['status']}; best round {event['best_round']}"
+        if not event.get("best_round"):
+            return (f"run finished: {one_line(event['status'])}; no site reported a validation score, so the last "
+                    f"round ({event.get('rounds_completed', 0)}) is the run's model")
+        return (f"run finished: {one_line(event['status'])}; best round {event['best_round']}"
                 f" (Dice {'n/a' if best is None else f'{best:.4f}'})")
     return None

@@ -48,6 +48,8 @@ PACKABLE_DTYPES = frozenset({"float16", "float32", "float64", "int64"})
 MAX_TENSORS = 4096
 """More tensors than any 3D U-Net has: a layout longer than this is refused before it is read."""
 MAX_NDIM = 8
+MAX_DIM = 1 << 31
+"""Longest axis a layout may declare: an empty tensor declared (0, 2**70) has no values to check against."""
 
 
 class WireError(ValueError):
@@ -77,10 +79,20 @@ def pack(content: RecordDict) -> RecordDict:
 def unpack(content: RecordDict) -> RecordDict:
     """The content with its packed arrays back as named tensors; unpacked content is returned as it is.
 
-    Raises WireError when the layout is malformed or its sizes disagree with the flat arrays.
+    Raises WireError, and nothing else, when the layout is malformed, its sizes disagree with the flat arrays,
+    or a flat array does not decode (an unknown stype, bytes that are not an .npy file).
     """
     if keys.LAYOUT not in content.config_records:
         return content
+    try:
+        return _unpacked(content)
+    except WireError:
+        raise
+    except Exception as err:  # whatever the other side sent, the receiver sees one kind of error
+        raise WireError(f"the packed arrays do not decode ({type(err).__name__})") from err
+
+
+def _unpacked(content: RecordDict) -> RecordDict:
     names, dtypes, shapes = _layout(content.config_records[keys.LAYOUT])
     record = content.array_records.get(keys.ARRAYS)
     wanted = {PACKED_PREFIX + dt for dt in dtypes}
@@ -119,7 +131,7 @@ def _layout(layout: ConfigRecord) -> tuple[list[str], list[str], list[tuple[int,
     if not all(isinstance(n, str) for n in names) or not set(dtypes) <= PACKABLE_DTYPES:
         raise WireError(f"the layout's names must be text and its dtypes among {sorted(PACKABLE_DTYPES)}")
     if not all(isinstance(d, int) and 0 <= d <= MAX_NDIM for d in ndims) or sum(ndims) != len(flat_shape) \
-            or not all(isinstance(n, int) and n >= 0 for n in flat_shape):
+            or not all(isinstance(n, int) and 0 <= n <= MAX_DIM for n in flat_shape):
         raise WireError("the layout's shapes are malformed")
     ends = np.cumsum([0, *ndims]).tolist()
     return names, dtypes, [tuple(flat_shape[a:b]) for a, b in zip(ends, ends[1:])]

@@ -6,6 +6,7 @@ from explicit Metadata, exactly as Flower's own message factory does.
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 
@@ -17,9 +18,9 @@ TTL_S = 600.0
 
 
 def incoming(content: RecordDict, message_type: str, node_id: int, server_round: int = 1) -> Message:
-    """A message from the server to site ``node_id``."""
+    """A message from the server to site ``node_id``, with an id of Flower's form (64 hex digits)."""
     metadata = Metadata(
-        run_id=1, message_id=uuid.uuid4().hex, src_node_id=SERVER_NODE, dst_node_id=node_id,
+        run_id=1, message_id=hashlib.sha256(uuid.uuid4().bytes).hexdigest(), src_node_id=SERVER_NODE, dst_node_id=node_id,
         reply_to_message_id="", group_id=str(server_round), created_at=time.time(), ttl=TTL_S,
         message_type=message_type,
     )

@@ -4,6 +4,7 @@ what leaves the site is bounded by the site, whatever the centre asks.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
@@ -166,3 +167,162 @@ def test_finding_1_every_task_command_flower_can_start_is_guarded(tmp_path, monk
     assert {r["decision"] for r in refused} == {"refused"} and all(p.returncode == 1 for p in spawned)
 
 
+
+
+# --- issue 21: everything a site receives passes its receiving boundary (client/inbound.py) ---------------------
+
+
+def _site(tmp_path, tiny_federation, *overrides: str):
+    """A one-site federation of the real ClientApp, its grid, its state folder and its model signature."""
+    from client import client_app
+    from client.site import Site
+    from tests.local_grid import LocalGrid
+
+    cfg = one_site(tmp_path, tiny_federation["site-1"], *overrides)
+    grid = LocalGrid(cfg, client_app.app)
+    site = Site.resolve(grid.context(1))
+    return cfg, grid, site.state.root, site.signature
+
+
+def _files(root) -> dict[str, bytes]:
+    """Every file under ``root`` with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _with_id(msg: Message, message_id: str) -> Message:
+    msg.metadata.__dict__["_message_id"] = message_id
+    return msg
+
+
+FINGERPRINT_QUERY = "query.fingerprint"
+
+
+def _fingerprint_query() -> RecordDict:
+    return RecordDict({keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 0})})
+
+
+def test_h1_a_message_id_from_the_centre_never_names_a_file(tmp_path, tiny_federation):
+    """H1: the SuperNode notes each pull in a file named after the message id, and the ClientApp reads and
+    deletes that file; an id such as ``../egress.jsonl`` or an absolute path names no file at all."""
+    import types
+
+    from client import client_app
+    from client.supernode import note_pulls
+    from client.timeline import pull_note
+    from tests.flower_messages import incoming
+
+    cfg, grid, state, _ = _site(tmp_path / "site", tiny_federation)
+    (answer,) = grid.send_and_receive([incoming(_fingerprint_query(), FINGERPRINT_QUERY, 1)])
+    assert answer.has_content()
+    outside = tmp_path / "outside.txt"
+    outside.write_text("1.0")
+    (state / "victim").write_text("1.0")  # a float, so the ClientApp would read it as a pull time and delete it
+    before = _files(tmp_path)
+
+    # The SuperNode's patched pull (client/supernode.py) around a stand-in for Flower's own function.
+    loop = types.ModuleType("flwr_pull_stand_in")
+    loop._pull_and_store_message = lambda *args, receive, **kwargs: receive()
+    assert note_pulls(loop, state)
+    hostile = ["../egress.jsonl", "../yaml.py", "../site.json", f"../../../{outside.name}", str(outside),
+               "A" * 64, "0" * 63 + "/"]
+    for message_id in hostile:
+        request = _with_id(incoming(_fingerprint_query(), FINGERPRINT_QUERY, 1), message_id)
+        loop._pull_and_store_message(receive=lambda request=request: (request, None))
+    assert _files(tmp_path) == before
+    honest = incoming(_fingerprint_query(), FINGERPRINT_QUERY, 1)
+    loop._pull_and_store_message(receive=lambda: (honest, None))
+    assert pull_note(state, honest.metadata.message_id).is_file()
+
+    # The ClientApp reads the note of the message it handles, and deletes it: never a file the id points at.
+    victim = _with_id(incoming(_fingerprint_query(), FINGERPRINT_QUERY, 1), "../victim")
+    assert client_app.app(victim, grid.context(1)).has_content()
+    assert (state / "victim").read_text() == "1.0" and outside.read_text() == "1.0"
+    assert not (state / "yaml.py").exists()
+
+
+def test_l1_a_history_that_cannot_be_written_never_sends_the_sites_paths(tmp_path, tiny_federation):
+    """L1: the reply the egress guard let out leaves as it is when the site's own history cannot record it (here
+    a folder where the file belongs), instead of an exception whose text, with the site's paths, Flower sends."""
+    from client import client_app
+    from client.egress import EgressLog
+    from common.runs import HISTORY_FILE
+    from tests.flower_messages import incoming
+
+    _, grid, state, _ = _site(tmp_path, tiny_federation)
+    (state / HISTORY_FILE).unlink(missing_ok=True)
+    (state / HISTORY_FILE).mkdir()
+    reply = client_app.app(incoming(_fingerprint_query(), FINGERPRINT_QUERY, 1), grid.context(1))
+    assert reply.has_content() and keys.FINGERPRINT in reply.content.metric_records
+    assert EgressLog(state).entries()[-1]["status"] == "sent"
+
+
+def test_l2_and_site_boundary_hostile_configuration_is_refused_with_one_fixed_reason(tmp_path, tiny_federation):
+    """L2: a cross-eval model name with a newline never reaches site.log; and every value of the wrong type or
+    shape is refused before a handler reads it, with the one fixed reason, nothing written at the site."""
+    import math
+
+    from client import client_app
+    from client.inbound import MalformedMessage
+    from client.reasons import SANITIZED_REASONS
+    from common.runs import SITE_LOG
+    from tests.flower_messages import incoming
+
+    _, grid, state, signature = _site(tmp_path, tiny_federation)
+    refused = f"site site-1: {SANITIZED_REASONS[MalformedMessage]}"
+    arrays = ArrayRecord({"w": Array(np.zeros((2, 2), np.float32))})
+    lying = ArrayRecord({"w": Array(dtype="float32", shape=(3, 3), stype="numpy.ndarray",
+                                    data=Array(np.zeros((2, 2), np.float32)).data)})
+    base = {keys.SIGNATURE: signature, keys.WIRE_DTYPE: "float32", keys.SERVER_ROUND: 1}
+    hostile = [
+        ("query.cross_eval", {**base, keys.CROSS_EVAL_TASK: "evaluate",
+                              keys.CROSS_EVAL_MODEL: "last\n2026-01-01 INFO site-1: forged"}, arrays),
+        ("query.cross_eval", {**base, keys.CROSS_EVAL_TASK: "evaluate", keys.CROSS_EVAL_MODEL: "\x1b[2Jlast"}, arrays),
+        (MessageType.TRAIN, {**base, keys.SERVER_ROUND: [1, 2], keys.PROXIMAL_MU: 0.0}, arrays),
+        (MessageType.TRAIN, {**base, keys.PROXIMAL_MU: math.nan}, arrays),
+        (MessageType.TRAIN, {**base, keys.PROXIMAL_MU: 0.0, keys.SERVER_ROUND: True}, arrays),
+        (MessageType.EVALUATE, {**base, keys.SIGNATURE: b"bytes"}, arrays),
+        (MessageType.EVALUATE, base, lying),
+    ]
+    before = _files(state)
+    for message_type, config, records in hostile:
+        content = RecordDict({keys.CONFIG: ConfigRecord(config), keys.ARRAYS: records})
+        (reply,) = grid.send_and_receive([incoming(content, message_type, 1)])
+        assert reply.has_error() and reply.error.reason == refused, (message_type, config)
+    unicode_round = incoming(_fingerprint_query(), FINGERPRINT_QUERY, 1)
+    unicode_round.metadata.__dict__["_group_id"] = "\u00b2"
+    (reply,) = grid.send_and_receive([unicode_round])
+    assert reply.has_error() and reply.error.reason == refused
+    log = (state / SITE_LOG).read_text() if (state / SITE_LOG).is_file() else ""
+    assert not any(line.startswith("2026-01-01") for line in log.splitlines()) and "\x1b" not in log
+    changed = {k for k, v in _files(state).items() if before.get(k) != v}
+    assert changed <= {"egress.jsonl", SITE_LOG}, changed
+
+
+def test_l3_messages_of_other_models_never_touch_a_runs_trained_tensors(tmp_path, tiny_federation):
+    """L3: after a round of training, messages carrying other model signatures (alternating, as a confused or
+    hostile centre could send) are refused, and the run's own norm tensors stay exactly as they were trained."""
+    from client import client_app
+    from client.reasons import SANITIZED_REASONS, SignatureMismatch
+    from server.server_app import initial_weights
+    from tests.flower_messages import incoming
+
+    cfg, grid, state, signature = _site(tmp_path, tiny_federation, "model.norm=batch", "train.norm_mode=local")
+    weights, _ = initial_weights(cfg)
+    arrays = ArrayRecord({k: Array(v.numpy()) for k, v in weights.items()})
+
+    def config(sig: str, rnd: int) -> ConfigRecord:
+        return ConfigRecord({keys.SERVER_ROUND: rnd, keys.SIGNATURE: sig, keys.WIRE_DTYPE: "float32",
+                             keys.PROXIMAL_MU: 0.0})
+
+    (trained,) = grid.send_and_receive([incoming(RecordDict({keys.CONFIG: config(signature, 1), keys.ARRAYS: arrays}),
+                                                 MessageType.TRAIN, 1)])
+    assert trained.has_content(), trained.error.reason if trained.has_error() else None
+    tensors = {k: v for k, v in _files(state).items() if k.endswith(".safetensors")}
+    assert tensors, "batch norm with norm_mode local keeps tensors at the site"
+    mismatch = f"site site-1: {SANITIZED_REASONS[SignatureMismatch]}"
+    for sig in ("0" * 16, "f" * 16, "0" * 16, "f" * 16):
+        for message_type, rnd in ((MessageType.TRAIN, 2), (MessageType.EVALUATE, 1)):
+            body = RecordDict({keys.CONFIG: config(sig, rnd), keys.ARRAYS: arrays})
+            (reply,) = grid.send_and_receive([incoming(body, message_type, 1)])
+            assert reply.has_error() and reply.error.reason == mismatch
+    assert {k: v for k, v in _files(state).items() if k.endswith(".safetensors")} == tensors
