@@ -11,7 +11,11 @@ their normalization layers to those scans, so the report can put both numbers
 side by side.
 
 The matrix is written to ``<run>/cross-eval.json`` and, one event per cell,
-into the metrics log.
+into the metrics log. Every cell, every failure and the choice of which nodes
+are held out name the site registered for the node (server/site_registry.py),
+never a name a reply claims: a site cannot file scores under another
+hospital's name, and a held-out hospital cannot join training by claiming a
+training site's name.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from safetensors.torch import load_file
 
@@ -32,11 +37,12 @@ from common import keys
 from common.config import FedsegConfig
 from common.files import atomic_write_text
 from common.metrics_log import MetricsLog
-from common.runs import BEST_CHECKPOINT, CHECKPOINT_DIR, CROSS_EVAL_FILE, LAST_CHECKPOINT, PLAN_FILE
-from common.wire import reply_site, to_wire
+from common.runs import BEST_CHECKPOINT, CHECKPOINT_DIR, CROSS_EVAL_FILE, LAST_CHECKPOINT, PLAN_FILE, run_dir
+from common.wire import named_site, to_wire
 
 from .checkpoints import Checkpoints
 from .nodes import wait_for_nodes
+from .site_registry import claim_problem, read_nodes, site_name
 
 log = logging.getLogger("fedseg.server")
 
@@ -106,41 +112,47 @@ def _query(node: int, task: str, config: dict, arrays: ArrayRecord | None = None
     return Message(content=content, dst_node_id=node, message_type=MESSAGE_TYPE)
 
 
-def training_grid(grid: Grid, cfg: FedsegConfig) -> Grid:
+def training_grid(grid: Grid, cfg: FedsegConfig, nodes: dict[int, str] | None = None) -> Grid:
     """Hide the held-out sites' nodes from training; the grid itself when there are none.
 
-    Node ids say nothing about sites, so every connected node is asked who it is
-    (its reply carries only its configured name).
+    ``nodes`` are the registered node -> site names (by default those of the run folder): a node registered
+    as a held-out site is hidden whatever its reply says. A node nobody registered (the simulation) is asked
+    who it is, and is bound to that name from then on (server/site_registry.py ``site_name``).
     """
     held_out = set(cfg.federation.held_out_sites)
     if not held_out:
         return grid
+    nodes = read_nodes(run_dir(cfg)) if nodes is None else nodes
     expected = len(cfg.federation.sites) + len(held_out)
-    nodes = wait_for_nodes(grid, expected, cfg.federation.round_timeout_s)
-    replies = grid.send_and_receive([_query(n, "identify", {}) for n in nodes],
+    ids = wait_for_nodes(grid, expected, cfg.federation.round_timeout_s)
+    replies = grid.send_and_receive([_query(n, "identify", {}) for n in ids],
                                     timeout=cfg.federation.round_timeout_s)
-    hidden = {m.metadata.src_node_id for m in replies if not m.has_error() and reply_site(m) in held_out}
-    found = {reply_site(m) for m in replies if not m.has_error()}
-    if missing := held_out - found:
+    for m in replies:
+        if not m.has_error() and claim_problem(nodes, m.metadata.src_node_id, named_site(m)) is None:
+            site_name(nodes, m.metadata.src_node_id, named_site(m))
+    hidden = {n for n in ids if nodes.get(n) in held_out}
+    if missing := held_out - {nodes.get(n) for n in ids}:
         log.warning("held-out site(s) %s did not answer; they will not be cross-evaluated", sorted(missing))
     return TrainingGrid(grid, hidden)
 
 
-def _cell(model: str, msg: Message) -> Cell | str:
-    """The reply as a cell, or the reason it cannot be used."""
+def _cell(model: str, msg: Message, site: str, nodes: dict[int, str]) -> Cell | str:
+    """The reply as site ``site``'s cell, or the reason it cannot be used."""
     if msg.has_error():
         return msg.error.reason or f"error code {msg.error.code}"
+    if problem := claim_problem(nodes, msg.metadata.src_node_id, named_site(msg)):
+        return problem
     metrics = msg.content.metric_records.get(keys.METRICS)
     if metrics is None or "dice" not in metrics:
         return "reply lacks the Dice metric"
     try:
-        return _parsed_cell(model, msg, metrics)
-    except (TypeError, ValueError, OverflowError) as err:  # a hostile or broken site: its cell is left out, the matrix stands
-        return f"malformed cross-eval metrics ({err})"
+        return _parsed_cell(model, site, metrics)
+    except Exception as err:  # noqa: BLE001 - a hostile or broken site: its cell is left out, the matrix stands
+        return f"malformed cross-eval metrics ({type(err).__name__})"
 
 
-def _parsed_cell(model: str, msg: Message, metrics) -> Cell:
-    return Cell(model=model, site=reply_site(msg), trained=bool(metrics.get("trained", 0.0)),
+def _parsed_cell(model: str, site: str, metrics) -> Cell:
+    return Cell(model=model, site=site, trained=bool(metrics.get("trained", 0.0)),
                 dice=_dice(metrics["dice"]), dice_adapted=_optional(metrics, "dice_adapted"),
                 num_examples=int(metrics.get(keys.NUM_EXAMPLES, 0)),
                 dice_personal=_optional(metrics, "dice_personal"),
@@ -173,13 +185,17 @@ def _per_class(metrics, prefix: str) -> list[float]:
 
 
 def cross_evaluate(grid: Grid, cfg: FedsegConfig, signature: str, models: dict[str, dict[str, torch.Tensor]],
-                   metrics_log: MetricsLog, run: Path, rounds: dict[str, int | None] | None = None) -> list[Cell]:
+                   metrics_log: MetricsLog, run: Path, rounds: dict[str, int | None] | None = None,
+                   sites: dict[int, str] | None = None) -> list[Cell]:
     """Send every checkpoint to every connected site; log and save the matrix.
+
+    ``sites``: the registered node -> site names (by default those of the run folder), which name every cell.
 
     ``rounds`` names each model's round: a site scores round r's shared weights
     with its own norm tensors of round r (client/site.py), never with whatever
     it wrote last.
     """
+    sites = read_nodes(run) if sites is None else sites
     nodes = list(grid.get_node_ids())
     cells = []
     for model, tensors in models.items():
@@ -189,23 +205,29 @@ def cross_evaluate(grid: Grid, cfg: FedsegConfig, signature: str, models: dict[s
             config[keys.SERVER_ROUND] = int(rounds[model])
         if (run / PLAN_FILE).is_file():  # the run's preprocessing plan, also for a site that never trained
             config[keys.PLAN] = (run / PLAN_FILE).read_text()
-        replies = grid.send_and_receive([_query(n, "evaluate", config, arrays) for n in nodes],
-                                        timeout=cfg.federation.round_timeout_s)
-        cells += _cells(model, replies, metrics_log)
+        queries = [_query(n, "evaluate", config, arrays) for n in nodes]
+        replies = grid.send_and_receive(queries, timeout=cfg.federation.round_timeout_s)
+        cells += _cells(model, replies, metrics_log, sites, queries)
     metrics_log.sync()
     cells.sort(key=lambda c: (list(models).index(c.model), c.site))
     _save(run / CROSS_EVAL_FILE, cfg, cells)
     return cells
 
 
-def _cells(model: str, replies: Iterable[Message], metrics_log: MetricsLog) -> list[Cell]:
-    """One model's cells; each failed reply is logged as a failure instead."""
+def _cells(model: str, replies: Iterable[Message], metrics_log: MetricsLog, sites: dict[int, str],
+           queries: list[Message]) -> list[Cell]:
+    """One model's cells, each named by its node's site; each failed reply is logged as a failure instead."""
     cells = []
     for msg in replies:
-        cell = _cell(model, msg)
+        node = msg.metadata.src_node_id
+        if node == SUPERLINK_NODE_ID:  # the SuperLink's error for a node that went away: the query names it
+            node = next((q.metadata.dst_node_id for q in queries
+                         if q.metadata.message_id == msg.metadata.reply_to_message_id), node)
+        site = site_name(sites, node, named_site(msg))
+        cell = _cell(model, msg, site, sites)
         if isinstance(cell, str):
-            log.warning("cross-eval of %s at site %s failed: %s", model, reply_site(msg), cell)
-            metrics_log.write("failure", round=None, site=reply_site(msg), stage="cross-eval", reason=cell)
+            log.warning("cross-eval of %s at site %s failed: %s", model, site, cell)
+            metrics_log.write("failure", round=None, site=site, stage="cross-eval", reason=cell)
             continue
         cells.append(cell)
         metrics_log.write("cross-eval", **asdict(cell))

@@ -15,9 +15,10 @@ from collections.abc import Iterable
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from common.wire import WireError, pack, unpack
+from common.wire import pack, unpack
 
 from .cross_eval import TrainingGrid
+from .inbound import UNPACKABLE, error_reply
 
 log = logging.getLogger("fedseg.server")
 
@@ -30,12 +31,19 @@ def packed(msg: Message) -> Message:
 
 
 def unpacked(reply: Message) -> Message:
-    """The reply with named tensors; a malformed one is left packed, so validation leaves it out."""
+    """The reply with named tensors, or an error reply with a fixed reason when it does not unpack; never raises.
+
+    Whatever a packed reply holds (a layout that lies, an array of an unknown stype, bytes that are not an .npy
+    file, an empty tensor declared with a shape too large to exist) ends here as a failed reply of its node,
+    which every stage above leaves out like any other failure (server/inbound.py names its site).
+    """
     if reply.has_content():
         try:
             reply.content = unpack(reply.content)
-        except WireError as err:
-            log.warning("a reply of node %d does not unpack (%s); it will be left out", reply.metadata.src_node_id, err)
+        except Exception as err:  # noqa: BLE001 - one site's bytes must never end the run
+            log.warning("a reply of node %s does not unpack (%s); it will be left out",
+                        reply.metadata.src_node_id, type(err).__name__)
+            return error_reply(reply, UNPACKABLE)
     return reply
 
 

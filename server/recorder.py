@@ -4,7 +4,12 @@ The strategy decides what happens to each reply; the recorder writes it down.
 Each round keeps a tally (sites trained and failed, bytes sent both ways, time
 spent screening and aggregating, the sites' validation Dice) that ends in one
 ``round`` line. An aggregated round's model is saved as ``round-NNNN`` and
-``last``, then offered as ``best`` by its case-weighted Dice.
+``last``, then offered as ``best`` by its case-weighted Dice. The weights are
+the sites' own case counts, so each is capped (common/fingerprint.py
+``bounded_weights``: at most ``WEIGHT_CAP_RATIO`` times the median of the other
+sites' counts) besides the receiving boundary's bound by what the site declared
+at planning (server/inbound.py): one site claiming many cases cannot pick the
+best model alone.
 
 A round's model is evaluated with the next round's training (the sites score
 what they receive before they train on it), so round r's tally stays open
@@ -25,6 +30,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 
 from common import keys
 from common.digest import message_sha256
+from common.fingerprint import bounded_weights
 from common.metrics_log import MetricsLog
 from common.wire import from_wire
 
@@ -49,7 +55,7 @@ class RoundTally:
     aggregation_s: float = 0.0
     dice: list[float] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
-    """Each evaluating site's cases, the weights of ``dice_weighted``."""
+    """Each evaluating site's cases; ``dice_weighted`` weighs by them, capped (``bounded_weights``)."""
 
 
 def _annotator_fields(metrics: MetricRecord) -> dict[str, object]:
@@ -148,7 +154,7 @@ class RunRecorder:
         log durable."""
         t = self.tallies.pop(rnd, RoundTally())
         dice_mean = float(np.mean(t.dice)) if t.dice else float("nan")
-        dice_weighted = float(np.average(t.dice, weights=t.weights)) if t.dice else float("nan")
+        dice_weighted = float(np.average(t.dice, weights=bounded_weights(t.weights))) if t.dice else float("nan")
         self.metrics.write(
             "round", round=rnd, sites_ok=len(t.trained), sites_failed=t.failed,
             aggregated=t.aggregated, dice_mean=dice_mean, dice_weighted=dice_weighted,

@@ -7,6 +7,11 @@ after the ServerApp created it. The site's stages arrive as numeric metrics of
 the reply (``common.keys.TIMELINE_METRICS``, Unix times on the site's clock);
 the rest are the server's own clock. A reply that arrives after its round's
 deadline is logged as a ``late-reply`` event and never handed to a later round.
+
+This grid is also where the centre receives: every reply passes the receiving
+boundary (server/inbound.py) before its timeline is written or anything above
+reads it, and every event names the site registered for the node the message
+went to, never a name the reply claims.
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ from flwr.serverapp import Grid
 
 from common import keys
 from common.metrics_log import MetricsLog
-from common.wire import named_site
 
 from .cross_eval import TrainingGrid
+from .inbound import Inbox, finite_number
+from .site_registry import read_nodes
 
 log = logging.getLogger("fedseg.server")
 
@@ -53,7 +59,7 @@ def _round_of(msg: Message) -> int | None:
 def timeline(sent: Sent, reply: Message, pulled: float) -> dict[str, float | None]:
     """Seconds after the message's creation at which it passed each stage (None: not reported)."""
     metrics = reply.content.metric_records.get(keys.METRICS) if reply.has_content() else None
-    stamps = {stage: float(metrics[key]) if metrics is not None and key in metrics else None
+    stamps = {stage: float(metrics[key]) if metrics is not None and finite_number(metrics.get(key)) else None
               for stage, key in SITE_STAGES.items()}
     stamps |= {"reply_sent": reply.metadata.created_at, "reply_pulled": pulled}
     return {stage: None if t is None else round(t - sent.created, 3) for stage, t in stamps.items()}
@@ -65,11 +71,13 @@ class TimelineGrid(TrainingGrid):
     (A TrainingGrid that hides no node: that class already delegates every call.)
     """
 
-    def __init__(self, grid: Grid, metrics_log: MetricsLog, poll_s: float) -> None:
+    def __init__(self, grid: Grid, metrics_log: MetricsLog, poll_s: float, inbox: Inbox | None = None) -> None:
+        """``inbox``: the receiving boundary, sharing the strategy's node -> site names; by default one over the
+        sites registered in the metrics log's run folder."""
         super().__init__(grid, hidden=set())
         self._log, self._poll_s = metrics_log, poll_s
-        self._sites: dict[int, str] = {}
-        """Node id -> the site its replies name: errors the SuperLink writes for a vanished node name none."""
+        run = metrics_log.path.parent
+        self.inbox = inbox if inbox is not None else Inbox(read_nodes(run), run)
         self._sent: dict[str, Sent] = {}
         self._late: set[str] = set()
         """Messages whose deadline passed without a reply: a reply that still comes is logged and dropped."""
@@ -90,7 +98,9 @@ class TimelineGrid(TrainingGrid):
         replies = []
         for reply in self._grid.pull_messages(wanted | self._late):
             sent = self._sent.pop(reply.metadata.reply_to_message_id, None)
-            site = self._site(reply, sent)
+            node = sent.node if sent is not None else reply.metadata.src_node_id
+            reply = self.inbox.receive(reply, node)
+            site = self.inbox.site(node)
             if reply.metadata.reply_to_message_id in self._late:
                 self._late.discard(reply.metadata.reply_to_message_id)
                 self._log_late(sent, site)
@@ -100,12 +110,6 @@ class TimelineGrid(TrainingGrid):
                                 created=sent.created, **timeline(sent, reply, time.time()))
             replies.append(reply)
         return replies
-
-    def _site(self, reply: Message, sent: Sent | None) -> str:
-        node = sent.node if sent is not None else reply.metadata.src_node_id
-        if named := named_site(reply):
-            self._sites[node] = named
-        return self._sites.get(node, f"node-{node}")
 
     def _log_late(self, sent: Sent | None, site: str) -> None:
         log.warning("a late %s reply of site %s (round %s) arrived after its deadline; not used",

@@ -45,7 +45,7 @@ def over_the_wire(msg: Message) -> Message:
     return inflate_object_from_contents(msg.object_id, contents)
 
 
-def _stamp(msg: Message) -> Message:
+def stamp(msg: Message) -> Message:
     """Give a message its id as a SuperLink does: its object id (Flower sets it the same way)."""
     msg.metadata.__dict__["_message_id"] = msg.object_id
     return msg
@@ -86,11 +86,11 @@ class LocalGrid(Grid):
 
     def _deliver(self, msg: Message) -> Message:
         node = msg.metadata.dst_node_id
-        _stamp(packed(msg))
+        stamp(packed(msg))
         reply = unpacked(self.app(over_the_wire(msg), self.context(node)))
         if self.tamper is not None:
             reply = self.tamper(node, reply)
-        reply = over_the_wire(_stamp(reply))
+        reply = over_the_wire(stamp(reply))
         self.received.append(reply)
         return reply
 

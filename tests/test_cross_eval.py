@@ -111,5 +111,5 @@ def test_a_hostile_cross_eval_reply_is_left_out_not_fatal():
 
     for bad in ({"dice": 1e6}, {"dice": float("nan")}, {"dice": [0.5, 0.5]}, {"dice": 0.5, "dice_personal": -1.0},
                 {"dice": 0.5, keys.NUM_EXAMPLES: float("inf")}, {"dice": 0.5, "dice_class_1": 2.0}):
-        assert isinstance(_cell("last", reply(**bad)), str), bad
-    assert isinstance(_cell("last", reply(dice=0.5, dice_personal=0.6)), Cell)
+        assert isinstance(_cell("last", reply(**bad), "site-1", {}), str), bad
+    assert isinstance(_cell("last", reply(dice=0.5, dice_personal=0.6), "site-1", {}), Cell)

@@ -7,24 +7,36 @@ Replies are real Flower Messages that went through Flower's wire representation
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
 import numpy as np
 from flwr.app import (
     Array,
     ArrayRecord,
     ConfigRecord,
+    Error,
     Message,
     MessageType,
     MetricRecord,
     RecordDict,
 )
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
 
 from common import keys
 from common.config import load_config
 from common.metrics_log import MetricsLog, read_events
+from common.wire import from_wire, pack, unpack
 from server.checkpoints import Checkpoints
+from server.inbound import Inbox
+from server.packed_grid import PackedGrid
 from server.strategy import FedSegStrategy
+from server.timeline import TimelineGrid
 from tests.flower_messages import reply as make_reply
-from tests.local_grid import over_the_wire
+from tests.local_grid import RUN_ID, over_the_wire, stamp
 from tests.tiny import tiny
 
 SIGNATURE = "sig"
@@ -110,3 +122,132 @@ def predict_run(tmp_path, in_channels: int = 1):
     site.write_text(yaml.safe_dump({"site": {"name": "h", "state_dir": str(tmp_path / "state")}}))
     return run, site
 
+
+
+# --- the centre's receiving stack, as the ServerApp builds it, over a scripted SuperLink -----------------------
+
+Answer = Callable[[int, Message], "RecordDict | Error | None"]
+"""What site ``node`` answers to a message: its reply's content, an error, or None (no reply, ever)."""
+
+
+class ScriptedGrid(Grid):
+    """The SuperLink's side of the run's grid: each message is answered by ``answer``, and the reply travels as
+    a SuperNode's does (packed, then through Flower's wire format). Everything above it is the real stack:
+    ``stack`` wraps it in server/packed_grid.py and server/timeline.py as server/server_app.py does.
+
+    ``late``: node -> how many pulls its replies wait before they can be pulled (a slow site).
+    """
+
+    def __init__(self, nodes: Iterable[int], answer: Answer, late: dict[int, int] | None = None) -> None:
+        self.nodes, self.answer, self.late = list(nodes), answer, late or {}
+        self._waiting: dict[str, tuple[int, Message]] = {}
+        self._run = Run.create_empty(run_id=RUN_ID)
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, 0, 0
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.nodes)
+
+    def _reply(self, msg: Message) -> Message | None:
+        node = msg.metadata.dst_node_id
+        request = stamp(over_the_wire(stamp(msg)))  # the SuperLink gives the delivered message its id
+        request.content = unpack(request.content)  # what a site's ClientApp does first
+        answered = self.answer(node, request)
+        if answered is None:
+            return None
+        if isinstance(answered, RecordDict):
+            try:
+                answered = pack(answered)  # as the real ClientApp sends it
+            except Exception:  # noqa: BLE001 - a hostile site's arrays may not even pack: they travel as they are
+                pass
+        try:
+            return stamp(over_the_wire(stamp(Message(answered, reply_to=request))))
+        except Exception:  # noqa: BLE001 - what Flower cannot serialize never leaves the site: no reply
+            return None
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            reply = self._reply(msg)
+            ids.append(msg.metadata.message_id)
+            if reply is not None:
+                self._waiting[msg.metadata.message_id] = (self.late.get(msg.metadata.dst_node_id, 0), reply)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        ready = []
+        for message_id in message_ids:
+            if message_id not in self._waiting:
+                continue
+            wait, reply = self._waiting[message_id]
+            if wait > 0:
+                self._waiting[message_id] = (wait - 1, reply)
+                continue
+            ready.append(self._waiting.pop(message_id)[1])
+        return ready
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        ids = set(self.push_messages(messages))
+        return self.pull_messages(ids)
+
+
+def stack(grid: Grid, run: Path, nodes: dict[int, str]) -> TimelineGrid:
+    """The ServerApp's receiving stack over ``grid``: packing (server/packed_grid.py), then the timeline grid with
+    the receiving boundary (server/timeline.py, server/inbound.py) over the registered node -> site names."""
+    return TimelineGrid(PackedGrid(grid), MetricsLog(run), 0.0, Inbox(nodes, run))
+
+
+def honest_answer(nodes: dict[int, str], dice: Callable[[int, int], float] | None = None) -> Answer:
+    """Each node answers as an honest site of the tiny model (SHAPES): it trains by 0.1 and scores the model it
+    received with ``dice(node, round)`` (0.5 by default) on 2 cases, as the real ClientApp's records do."""
+
+    def answer(node: int, msg: Message) -> RecordDict:
+        config = msg.content.config_records[keys.CONFIG]
+        rnd = int(config.get(keys.SERVER_ROUND, 0))
+        score = dice(node, rnd) if dice is not None else 0.5
+        if msg.metadata.message_type == MessageType.EVALUATE:
+            return content(nodes[node], {**EVAL_METRICS, "dice": score})
+        received = from_wire(msg.content.array_records[keys.ARRAYS])
+        arrays = ArrayRecord({k: Array(v.numpy() + np.float32(0.1)) for k, v in received.items()})
+        body = content(nodes[node], {**TRAIN_METRICS, "t_delivered": time.time()}, arrays)
+        if config.get(keys.EVALUATE_RECEIVED):
+            body[keys.EVALUATION] = MetricRecord({**EVAL_METRICS, "dice": dice(node, rnd - 1) if dice else 0.5})
+        return body
+
+    return answer
+
+
+def tiny_strategy(tmp_path, nodes: dict[int, str], rounds: int, *overrides: str,
+                  round_offset: int = 0) -> FedSegStrategy:
+    """The real strategy for the tiny model (SHAPES), ``rounds`` rounds in all, with the registered names."""
+    cfg = load_config(None, ["federation.run_name=attack", "federation.min_sites=1", f"federation.rounds={rounds}",
+                             *overrides])
+    strategy = FedSegStrategy(cfg, SIGNATURE, SHAPES, MetricsLog(tmp_path), Checkpoints(tmp_path / "ckpt"),
+                              round_offset=round_offset)
+    strategy.node_sites.update(nodes)
+    return strategy
+
+
+def run_rounds(tmp_path, nodes: dict[int, str], answer: Answer, rounds: int, *overrides: str,
+               late: dict[int, int] | None = None, strategy: FedSegStrategy | None = None) -> FedSegStrategy:
+    """``rounds`` rounds of the real strategy over the real receiving stack; the sites answer with ``answer``."""
+    strategy = strategy or tiny_strategy(tmp_path, nodes, rounds, *overrides)
+    grid = stack(ScriptedGrid(nodes, answer, late), tmp_path, strategy.node_sites)
+    strategy.start(grid=grid, initial_arrays=ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}),
+                   num_rounds=rounds - strategy.round_offset, timeout=0.0, train_config=ConfigRecord(),
+                   evaluate_config=ConfigRecord())
+    return strategy
+
+
+def events(tmp_path, kind: str | None = None) -> list[dict]:
+    """The run's metrics-log events (of one kind)."""
+    return [e for e in read_events(tmp_path / "metrics.jsonl") if kind is None or e["event"] == kind]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from common import keys
 from common.config import load_config
@@ -61,21 +61,30 @@ def test_finding_2_malformed_replies_are_left_out_and_logged(tmp_path):
 
 
 def test_finding_2_a_packed_reply_whose_layout_lies_is_left_out(tmp_path):
-    """A site's reply arrives packed (common/wire.py); a layout that misstates the sizes never reaches aggregation."""
-    from common.wire import pack
-    from server.packed_grid import unpacked
+    """A site's reply arrives packed (common/wire.py); a layout that misstates the sizes never reaches aggregation.
+    Through the ServerApp's receiving stack, the lie is a failure of the node's registered site."""
+    from server.inbound import UNPACKABLE
+    from tests.attacks.builders import events, honest_answer, run_rounds
 
-    lying = train_reply(2, "layout-lie")
-    lying.content = pack(lying.content)
-    lying.content[keys.LAYOUT]["shapes"] = [4, 3, 5]  # 12 + 5 values claimed, 16 + 4 sent
-    honest = train_reply(1, "honest", 0.1)
-    honest.content = pack(honest.content)
-    replies = [unpacked(over_the_wire(r)) for r in (honest, lying)]
-    assert keys.LAYOUT not in replies[0].content and keys.LAYOUT in replies[1].content
-    strategy = strategy_for(tmp_path)
-    arrays, _ = strategy.aggregate_train(1, replies)
-    assert np.allclose(arrays["w"].numpy(), GLOBAL["w"] + 0.1)
-    assert set(failures(tmp_path)) == {"layout-lie"}
+    sites = {1: "honest", 2: "layout-lie"}
+    honest = honest_answer(sites)
+
+    def answer(node: int, msg: Message) -> RecordDict:
+        from common.wire import pack
+
+        body = pack(honest(node, msg))
+        if node == 2 and keys.LAYOUT in body:
+            body[keys.LAYOUT]["shapes"] = [4, 3, 5]  # 12 + 5 values claimed, 16 + 4 sent
+        return body
+
+    from safetensors.numpy import load_file
+
+    from common.runs import LAST_CHECKPOINT
+
+    strategy = run_rounds(tmp_path, sites, answer, 1)
+    last = load_file(strategy.recorder.checkpoints.dir / LAST_CHECKPOINT)
+    assert np.allclose(last["w"], GLOBAL["w"] + 0.1)
+    assert {e["site"]: e["reason"] for e in events(tmp_path, "failure")} == {"layout-lie": f"site layout-lie: {UNPACKABLE}"}
 
 
 def test_finding_2_planning_leaves_out_a_malformed_or_odd_site(tmp_path, tiny_federation):
@@ -220,3 +229,231 @@ def test_finding_8_dp_sensitivity_resume_and_epsilon(tmp_path):
         pld.compose(SelfComposedDpEvent(GaussianDpEvent(z), rounds))
         assert gaussian_epsilon(z, rounds, 1e-5) == pytest.approx(pld.get_epsilon(1e-5), rel=0.01)
 
+
+
+# --- issue 21: every reply passes the centre's receiving boundary (server/inbound.py), through the real stack ----
+
+SITES = {1: "hospital-a", 2: "hospital-b", 3: "hospital-c", 4: "hospital-d", 5: "hospital-e"}
+
+
+def _packed_honest(node: int, msg: Message) -> RecordDict:
+    """What an honest site of the tiny model sends, packed for travel."""
+    from common.wire import pack
+    from tests.attacks.builders import honest_answer
+
+    return pack(honest_answer(SITES)(node, msg))
+
+
+def _with_flat(body: RecordDict, **array: object) -> RecordDict:
+    """``body`` (packed) with its flat float32 Array rebuilt from ``array`` (dtype, shape, stype, data)."""
+    from common.wire import PACKED_PREFIX
+
+    flat = body[keys.ARRAYS][PACKED_PREFIX + "float32"]
+    fields = {"dtype": flat.dtype, "shape": tuple(flat.shape), "stype": flat.stype, "data": flat.data} | array
+    body[keys.ARRAYS] = ArrayRecord({PACKED_PREFIX + "float32": Array(**fields)})
+    return body
+
+
+def _hostile_packing(node: int, msg: Message) -> RecordDict:
+    """Nodes 2-5 send replies that do not deserialize; node 1 is honest."""
+    body = _packed_honest(node, msg)
+    if keys.LAYOUT not in body and node != 5:  # an evaluation carries no arrays
+        return body
+    if node == 2:  # an array of a serialization numpy does not know
+        return _with_flat(body, stype="torch.Tensor")
+    if node == 3:  # bytes that are not an .npy file
+        return _with_flat(body, data=b"\x93NUMPY this is not one")
+    if node == 4:  # an empty tensor declared with a shape too large to exist: its size, 0, adds up
+        layout = body[keys.LAYOUT]
+        layout["names"] = [*layout["names"], "huge"]
+        layout["dtypes"] = [*layout["dtypes"], "float32"]
+        layout["ndims"] = [*layout["ndims"], 2]
+        layout["shapes"] = [*layout["shapes"], 0, 2**62]
+        return body
+    if node == 5:  # a timing metric as a list
+        body[keys.METRICS]["t_delivered"] = [1.0, 2.0]
+    return body
+
+
+def test_h2_replies_that_do_not_deserialize_never_end_the_run(tmp_path):
+    """H2: a non-numpy stype, bytes that are not .npy, an empty tensor of a huge shape, a timing metric as a list:
+    each is left out with a fixed reason under its registered name, and the run goes on with the honest site."""
+    from server.inbound import MALFORMED, UNPACKABLE
+    from tests.attacks.builders import events, run_rounds
+
+    strategy = run_rounds(tmp_path, SITES, _hostile_packing, 2)
+    assert [e["site"] for e in events(tmp_path, "train")] == ["hospital-a"] * 2
+    assert strategy.recorder.checkpoints.state.last_round == 2
+    reasons = {(e["round"], e["site"]): e["reason"] for e in events(tmp_path, "failure")}
+    for rnd in (1, 2):
+        assert reasons[rnd, "hospital-b"] == f"site hospital-b: {UNPACKABLE}"
+        assert reasons[rnd, "hospital-c"] == f"site hospital-c: {UNPACKABLE}"
+        assert reasons[rnd, "hospital-d"] == f"site hospital-d: {UNPACKABLE}"
+        assert reasons[rnd, "hospital-e"] == f"site hospital-e: {MALFORMED}"
+    assert {e["site"] for e in events(tmp_path, "timeline")} == set(SITES.values())
+
+
+def test_h2_planning_goes_on_without_a_site_whose_reply_does_not_deserialize(tmp_path, tiny_federation):
+    """H2 at planning: a fingerprint reply with an array of an unknown serialization ended the run before it began."""
+    from client.client_app import app
+    from common.wire import pack
+    from server.inbound import UNPACKABLE
+    from server.planning import plan_federation
+    from tests.attacks.builders import ScriptedGrid, stack
+    from tests.local_grid import LocalGrid, federation
+
+    cfg = federation(load_config(None, ["model.channels=[8, 16, 32]", "model.strides=[2, 2]",
+                                        f"federation.runs_dir={tmp_path / 'runs'}", "federation.run_name=p",
+                                        "federation.min_sites=1"]), tiny_federation)
+    sites = LocalGrid(cfg, app)
+    names = {1: "site-1", 2: "site-2", 3: "site-3"}
+
+    def answer(node: int, msg: Message) -> RecordDict:
+        body = app(msg, sites.context(node)).content
+        if node == 3:
+            body = pack(RecordDict({**dict(body.items()), keys.ARRAYS: ArrayRecord(
+                {"a": Array(np.zeros(2, np.float32)), "b": Array(np.zeros(3, np.float32))})}))
+            body = _with_flat(body, stype="torch.Tensor")
+        return body
+
+    run = tmp_path / "runs" / "p"
+    grid = stack(ScriptedGrid(names, answer), run, dict(names))
+    plan = plan_federation(grid, cfg, run, grid._log, grid.inbox.node_sites)
+    assert plan.provenance["sites"] == ["site-1", "site-2"]
+    assert failures(run)["site-3"] == f"site site-3: {UNPACKABLE}"
+
+
+def _dice_by_round(node: int, rnd: int) -> float:
+    return 0.4 + 0.1 * rnd
+
+
+def test_m1_a_site_claiming_many_cases_cannot_pick_the_best_round(tmp_path):
+    """M1: site d says it scored round 1 on 10^12 cases at Dice 1.0, every later round at 0.0; the three honest
+    sites improve every round. Its count is refused at the boundary, so the best model is the last round's."""
+    from server.inbound import TOO_MANY_CASES
+    from tests.attacks.builders import events, honest_answer, run_rounds
+
+    sites = {n: SITES[n] for n in (1, 2, 3, 4)}
+    honest = honest_answer(sites, _dice_by_round)
+
+    def answer(node: int, msg: Message) -> RecordDict:
+        body = honest(node, msg)
+        if node == 4:
+            for record in (keys.EVALUATION, keys.METRICS):
+                if record in body and "dice" in body[record]:
+                    claim = record == keys.EVALUATION and msg.content[keys.CONFIG][keys.SERVER_ROUND] == 2
+                    body[record]["dice"] = 1.0 if claim else 0.0
+                    body[record][keys.NUM_EXAMPLES] = 10**12 if claim else 2
+        return body
+
+    strategy = run_rounds(tmp_path, sites, answer, 4)
+    state = strategy.recorder.checkpoints.state
+    assert state.best_round == 4, state
+    assert events(tmp_path, "failure")[0]["reason"] == f"site hospital-d: {TOO_MANY_CASES}"
+
+
+def test_m1_case_counts_are_held_to_what_the_site_declared_at_planning(tmp_path):
+    """A site that declared 3 training cases cannot weigh its update or its Dice by more, also after a restart
+    (the declarations live in the run folder); an evaluation's count is capped in the round's weighted Dice."""
+    from common.fingerprint import bounded_weights
+    from server.inbound import DECLARED_FILE, TOO_MANY_CASES, Inbox
+    from tests.attacks.builders import events, honest_answer, run_rounds, stack, ScriptedGrid
+
+    sites = {1: "hospital-a", 2: "hospital-b", 3: "hospital-c"}
+    honest = honest_answer(sites)
+
+    def answer(node: int, msg: Message) -> RecordDict:
+        if msg.metadata.message_type == "query.fingerprint":
+            return RecordDict({keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 3}),
+                               keys.FINGERPRINT: MetricRecord({"fp_cases": 3}),
+                               keys.IDENTITY: ConfigRecord({keys.SITE: sites[node], keys.SIGNATURE: SIGNATURE})})
+        body = honest(node, msg)
+        if node == 3:
+            body[keys.METRICS][keys.NUM_EXAMPLES] = 50 if msg.metadata.message_type == MessageType.TRAIN else 9000
+        if node == 2 and msg.metadata.message_type == MessageType.EVALUATE:
+            body[keys.METRICS][keys.NUM_EXAMPLES] = 4  # within 3 declared training cases' validation share
+        return body
+
+    declare = stack(ScriptedGrid(sites, answer), tmp_path, dict(sites))
+    query = RecordDict({keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 0})})
+    declare.send_and_receive([declare.create_message(query, "query.fingerprint", n, "0") for n in sites])
+    assert Inbox({}, tmp_path).declared == {name: 3 for name in sites.values()}, (tmp_path / DECLARED_FILE)
+    run_rounds(tmp_path, sites, answer, 2)  # a new stack: the declarations come from the run folder
+    refused = [e for e in events(tmp_path, "failure") if e["site"] == "hospital-c"]
+    assert [e["reason"] for e in refused] == [f"site hospital-c: {TOO_MANY_CASES}"] * 3
+    (last,) = [e for e in events(tmp_path, "round") if e["round"] == 2]
+    assert last["dice_weighted"] == pytest.approx(0.5)
+    assert bounded_weights([2.0, 2.0, 90_000.0]) == [2.0, 2.0, 6.0]
+
+
+def test_m2_a_site_is_named_by_its_node_in_every_event(tmp_path):
+    """M2: hospital-b claims to be hospital-a in every reply, and is slow (its replies arrive after the round):
+    its timeline, late-reply and failure events name hospital-b, and hospital-a's record is only hospital-a's."""
+    from tests.attacks.builders import events, honest_answer, run_rounds
+
+    sites = {1: "hospital-a", 2: "hospital-b"}
+    honest = honest_answer(sites)
+
+    def answer(node: int, msg: Message) -> RecordDict:
+        body = honest(node, msg)
+        body[keys.IDENTITY][keys.SITE] = "hospital-a"
+        return body
+
+    run_rounds(tmp_path, sites, answer, 3, late={2: 1})
+    named = [(e["event"], e["site"]) for e in events(tmp_path) if e.get("site") and e["event"] != "failure"]
+    assert ("late-reply", "hospital-b") in named
+    assert {site for event, site in named if event in ("late-reply", "timeline")} == {"hospital-a", "hospital-b"}
+    assert [site for event, site in named if event == "timeline"].count("hospital-a") == 3 + 1
+    assert {site for event, site in named if event in ("train", "evaluate")} == {"hospital-a"}
+
+
+def test_m2_cross_site_cells_and_held_out_sites_follow_the_registry(tmp_path):
+    """M2: a site cannot file a cross-site score under another hospital's name, and a held-out hospital that
+    claims a training site's name is still kept out of training."""
+    import torch
+
+    from common.runs import run_dir
+    from server.cross_eval import cross_evaluate, training_grid
+    from server.site_registry import write_nodes
+    from tests.attacks.builders import ScriptedGrid, stack
+
+    sites = {1: "hospital-a", 2: "hospital-b", 3: "hospital-h"}
+    cfg = load_config(None, ["federation.run_name=m2", f"federation.runs_dir={tmp_path}",
+                             "federation.sites=[hospital-a, hospital-b]", "federation.held_out_sites=[hospital-h]"])
+    run = run_dir(cfg)
+    run.mkdir(parents=True)
+    write_nodes(run, sites)
+
+    def answer(node: int, msg: Message) -> RecordDict:
+        claimed = "hospital-a" if node in (2, 3) else sites[node]
+        return RecordDict({keys.METRICS: MetricRecord({"dice": 0.9 if node == 2 else 0.6, "trained": 1.0,
+                                                       keys.NUM_EXAMPLES: 2}),
+                           keys.IDENTITY: ConfigRecord({keys.SITE: claimed, keys.SIGNATURE: SIGNATURE})})
+
+    grid = stack(ScriptedGrid(sites, answer), run, dict(sites))
+    assert list(training_grid(grid, cfg).get_node_ids()) == [1, 2]
+    cells = cross_evaluate(grid, cfg, SIGNATURE, {"last": {"w": torch.ones(4, 4)}}, grid._log, run)
+    assert [(c.site, c.dice) for c in cells] == [("hospital-a", 0.6)]
+    assert "claims to be site 'hospital-a'" in failures(run)["hospital-b"]
+
+
+def test_l2_a_sites_text_stays_on_one_line_of_the_centres_console(tmp_path):
+    """L2: an error reason with a newline and terminal escape sequences is one escaped line in the metrics log
+    and on the console."""
+    from common.progress import describe
+    from flwr.app import Error
+    from tests.attacks.builders import events, honest_answer, run_rounds
+
+    sites = {1: "hospital-a", 2: "hospital-b"}
+    honest = honest_answer(sites)
+    forged = "site hospital-b: disk\n2026-01-01 INFO round 9: 3/3 site(s) replied\x1b[2J\x1b]0;owned\x07"
+
+    def answer(node: int, msg: Message) -> RecordDict | Error:
+        return Error(code=1001, reason=forged) if node == 2 else honest(node, msg)
+
+    run_rounds(tmp_path, sites, answer, 1)
+    failure = events(tmp_path, "failure")[0]
+    line = describe(failure)
+    assert failure["site"] == "hospital-b" and "\\n2026-01-01" in failure["reason"]
+    assert len(line.splitlines()) == 1 and "\x1b" not in line and "\x07" not in line
+    assert len(describe({**failure, "site": "b\nforged", "reason": forged}).splitlines()) == 1

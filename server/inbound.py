@@ -1,0 +1,244 @@
+"""The centre's receiving boundary: every reply is parsed and checked here before anything else reads it.
+
+A registered site may run modified code and send anything: records of the
+wrong kind, a list where a number belongs, NaN, control characters, another
+hospital's name, an array whose bytes are not what its header says, a case
+count of 10^12. The run's grid (server/timeline.py ``TimelineGrid``, above
+server/packed_grid.py, which unpacks) hands every reply to :meth:`Inbox.receive`
+before planning, the strategy, cross-site evaluation or the timeline see it.
+A reply that fails is replaced by an error reply with one fixed reason, named
+by the site registered for its node, so every later stage leaves it out the
+way it leaves out any failed site; the run goes on with the others.
+``receive`` never raises.
+
+What passes is guaranteed to hold:
+
+- only the records a site sends (``metrics``, ``evaluation``,
+  ``fingerprint``, ``identity``, ``arrays``), each of its kind;
+- metrics that are finite numbers (lists only in the fingerprint), names and
+  identity text on one printable line of bounded length;
+- arrays whose data decode to the dtype and shape they declare;
+- an identity naming the site registered for the node (server/site_registry.py);
+- case counts within what the site declared at planning (its fingerprint's
+  ``fp_cases`` training cases; evaluation counts within the validation share
+  of that many cases), or within ``MAX_CASES`` for a site that declared none.
+  The declarations are kept in ``<run>/declared-cases.json``, so a resumed run
+  that reuses its plan still holds every site to them.
+
+An error reply's text is the site's own; it is kept, put on one printable
+line, cut to ``MAX_REASON`` characters and prefixed with the registered name.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import numbers
+from collections.abc import Iterator
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord
+from flwr.app.message.message import make_message
+
+from common import keys
+from common.files import atomic_write_text
+from common.fingerprint import MAX_CASES
+from common.progress import CONTROL, one_line
+from common.wire import MAX_TENSORS, error_reason, site_of_error
+
+from .site_registry import claim_problem, site_name
+
+log = logging.getLogger("fedseg.server")
+
+BOUNDARY_ERROR_CODE = 1100
+"""Code of the error reply that stands for a reply the boundary left out."""
+DECLARED_FILE = "declared-cases.json"
+MAX_TEXT = 200
+MAX_REASON = 300
+MAX_FINGERPRINT_LIST = 64
+METRIC_RECORDS = frozenset({keys.METRICS, keys.EVALUATION, keys.FINGERPRINT})
+RECORDS = METRIC_RECORDS | {keys.IDENTITY, keys.ARRAYS}
+
+MALFORMED = "the reply is malformed: unexpected records, values that are not finite numbers, or text that is " \
+            "not one printable line"
+UNREADABLE_ARRAY = "an array of the reply does not decode to the dtype and shape it declares"
+TOO_MANY_CASES = "the reply counts more cases than the site declared at planning"
+UNCHECKABLE = "the reply could not be checked"
+UNPACKABLE = "the reply's packed arrays do not unpack as their layout says"
+FIXED_REASONS = frozenset({MALFORMED, UNREADABLE_ARRAY, TOO_MANY_CASES, UNCHECKABLE, UNPACKABLE})
+"""What the boundary says of a reply it leaves out (besides a claim of another site's name)."""
+
+
+class Refused(ValueError):
+    """A reply the boundary leaves out, with its fixed reason."""
+
+
+def short_line(text: str, limit: int = MAX_REASON) -> str:
+    """``text`` on one printable line (common/progress.py ``one_line``), cut to ``limit`` characters."""
+    escaped = one_line(text)
+    return escaped if len(escaped) <= limit else escaped[:limit - 3] + "..."
+
+
+def error_reply(reply: Message, reason: str, code: int = BOUNDARY_ERROR_CODE) -> Message:
+    """An error reply in place of ``reply``: same sender and request, only the reason."""
+    return make_message(copy.copy(reply.metadata), error=Error(code=code, reason=reason))
+
+
+def _printable(text: object, limit: int = MAX_TEXT) -> bool:
+    return isinstance(text, str) and len(text) <= limit and CONTROL.search(text) is None
+
+
+def finite_number(value: object) -> bool:
+    """Whether ``value`` is one finite real number (not a bool, not a list, not an int beyond a float's range)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+class Inbox:
+    """What the centre has learnt of each node: its site's name and the cases it declared at planning."""
+
+    def __init__(self, node_sites: dict[int, str], run: Path | None = None, eval_ratio: float = 1.0) -> None:
+        """``node_sites``: the registered node -> site names, shared with the strategy (server/site_registry.py);
+        ``run``: where the declarations are kept; ``eval_ratio``: validation cases per declared training case
+        an honest site may hold (``val_fraction / (1 - val_fraction)``, at least 1)."""
+        self.node_sites = node_sites
+        self.eval_ratio = max(1.0, eval_ratio)
+        self._path = Path(run) / DECLARED_FILE if run is not None else None
+        self.declared: dict[str, int] = self._load()
+        """Site -> training cases its fingerprint declared."""
+
+    def _load(self) -> dict[str, int]:
+        try:
+            loaded = json.loads(self._path.read_text()) if self._path is not None and self._path.is_file() else {}
+        except (OSError, ValueError):
+            log.warning("%s cannot be read; case counts are bounded by %d until the sites declare again",
+                        self._path, MAX_CASES)
+            return {}
+        return {str(k): int(v) for k, v in loaded.items() if isinstance(v, int) and 0 < v <= MAX_CASES}
+
+    def site(self, node: int, claimed: str | None = None) -> str:
+        """The site registered for ``node`` (a node nobody registered is bound to its first sound claim)."""
+        return site_name(self.node_sites, node, claimed if _printable(claimed) else None)
+
+    def receive(self, reply: Message, node: int | None = None) -> Message:
+        """``reply`` if it is sound, else an error reply with a fixed reason; never raises.
+
+        ``node`` is the node the request went to (a reply the SuperLink wrote for a vanished node comes from
+        the SuperLink's id); by default the reply's sender.
+        """
+        node = reply.metadata.src_node_id if node is None else node
+        try:
+            if reply.has_error():
+                return self._error(reply, node)
+            self._check(reply, node)
+            return reply
+        except Refused as refused:
+            reason = str(refused)
+        except Exception as err:  # noqa: BLE001 - the boundary must never end the run
+            log.warning("checking a reply of node %d failed (%s)", node, type(err).__name__)
+            reason = UNCHECKABLE
+        name = self.site(node)
+        log.warning("a %s reply of site %s is left out: %s", short_line(str(reply.metadata.message_type), 40),
+                    name, reason)
+        return error_reply(reply, error_reason(name, reason) if node in self.node_sites else reason)
+
+    def _error(self, reply: Message, node: int) -> Message:
+        """The site's error text on one line, prefixed with the registered name instead of the claimed one."""
+        reason = reply.error.reason if isinstance(reply.error.reason, str) else ""
+        claimed = site_of_error(reason)
+        text = reason.split(": ", 1)[1] if claimed is not None else reason
+        name = self.site(node, claimed)
+        text = short_line(text or f"error code {reply.error.code}")
+        code = reply.error.code if isinstance(reply.error.code, int) else BOUNDARY_ERROR_CODE
+        return error_reply(reply, error_reason(name, text) if node in self.node_sites else text, code)
+
+    def _check(self, reply: Message, node: int) -> None:
+        content = reply.content
+        if not set(content.keys()) <= RECORDS:
+            raise Refused(MALFORMED)
+        records = {name: content[name] for name in content.keys()}
+        for name in METRIC_RECORDS & set(records):
+            if not isinstance(records[name], MetricRecord):
+                raise Refused(MALFORMED)
+            self._check_metrics(records[name], lists=name == keys.FINGERPRINT)
+        identity = records.get(keys.IDENTITY)
+        claimed = None
+        if identity is not None:
+            if not isinstance(identity, ConfigRecord) or not all(_printable(k) and _printable(v)
+                                                                 for k, v in identity.items()):
+                raise Refused(MALFORMED)
+            claimed = identity.get(keys.SITE)
+        if keys.ARRAYS in records:
+            self._check_arrays(records[keys.ARRAYS])
+        if problem := claim_problem(self.node_sites, node, claimed):
+            raise Refused(problem)
+        self._check_counts(reply, self.site(node, claimed))
+
+    @staticmethod
+    def _check_metrics(record: MetricRecord, lists: bool) -> None:
+        for name, value in record.items():
+            if not _printable(name, 100):
+                raise Refused(MALFORMED)
+            values = value if isinstance(value, list) and lists and len(value) <= MAX_FINGERPRINT_LIST else [value]
+            if not all(finite_number(v) for v in values):
+                raise Refused(MALFORMED)
+
+    @staticmethod
+    def _check_arrays(arrays: object) -> None:
+        if not isinstance(arrays, ArrayRecord) or len(arrays) > MAX_TENSORS:
+            raise Refused(MALFORMED)
+        for name, array in arrays.items():
+            if not _printable(name):
+                raise Refused(MALFORMED)
+            try:
+                data = array.numpy()
+            except Exception as err:  # noqa: BLE001 - bytes that are not an .npy file, an unknown stype
+                raise Refused(UNREADABLE_ARRAY) from err
+            if tuple(data.shape) != tuple(array.shape) or str(data.dtype) != array.dtype:
+                raise Refused(UNREADABLE_ARRAY)
+
+    def _check_counts(self, reply: Message, site: str) -> None:
+        """Case counts against the site's declaration; a fingerprint's count becomes its declaration."""
+        content, is_train = reply.content, reply.metadata.message_type == MessageType.TRAIN
+        declared = self.declared.get(site)
+        fingerprint = content.metric_records.get(keys.FINGERPRINT)
+        for count, kind in self._counts(content, is_train):
+            if not float(count).is_integer() or count < 0 or count > MAX_CASES:
+                raise Refused(TOO_MANY_CASES if count > MAX_CASES else MALFORMED)
+            bound = None if declared is None or fingerprint is not None or kind == "test" else (
+                declared if kind == "train" else math.ceil(declared * self.eval_ratio) + 1)
+            if bound is not None and count > bound:
+                raise Refused(TOO_MANY_CASES)
+        if fingerprint is not None:
+            cases = fingerprint.get(f"{keys.FINGERPRINT_PREFIX}cases")
+            if finite_number(cases) and float(cases).is_integer() and 0 < cases <= MAX_CASES:
+                self._declare(site, int(cases))
+
+    @staticmethod
+    def _counts(content, is_train: bool) -> Iterator[tuple[float, str]]:
+        """(count, 'train' | 'evaluate' | 'test') for every case count in the reply."""
+        metrics = content.metric_records.get(keys.METRICS)
+        if metrics is not None:
+            if keys.NUM_EXAMPLES in metrics:
+                yield metrics[keys.NUM_EXAMPLES], "train" if is_train else "evaluate"
+            if keys.TEST_NUM_EXAMPLES in metrics:
+                yield metrics[keys.TEST_NUM_EXAMPLES], "test"
+        evaluation = content.metric_records.get(keys.EVALUATION)
+        if evaluation is not None and keys.NUM_EXAMPLES in evaluation:
+            yield evaluation[keys.NUM_EXAMPLES], "evaluate"
+
+    def _declare(self, site: str, cases: int) -> None:
+        if self.declared.get(site) == cases:
+            return
+        self.declared[site] = cases
+        if self._path is not None:
+            try:
+                atomic_write_text(self._path, json.dumps(self.declared, indent=1, sort_keys=True))
+            except OSError:
+                log.exception("the sites' declared case counts cannot be written to %s", self._path)
