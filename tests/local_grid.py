@@ -51,25 +51,15 @@ def stamp(msg: Message) -> Message:
     return msg
 
 
-class LocalGrid(Grid):
-    """Delivers messages to the ClientApp of node 1..N in this process."""
+class InProcessGrid(Grid):
+    """What a ServerApp's grid provides besides delivery, for grids that deliver in this process: the run, new
+    messages, the node ids. Subclasses deliver (``push_messages``, ``pull_messages``, ``send_and_receive``)."""
 
-    def __init__(self, cfg: FedsegConfig, app: ClientApp, tamper: Tamper | None = None) -> None:
-        self.cfg = cfg
-        self.app = app
-        self.tamper = tamper
-        self.nodes = list(range(1, len(cfg.federation.sites) + 1))
-        self.received: list[Message] = []
-        """Every reply as the server got it."""
-        self._pending: dict[str, Message] = {}
+    def __init__(self, nodes: Iterable[int]) -> None:
+        self.nodes = list(nodes)
         self._run = Run.create_empty(run_id=RUN_ID)
         # What a ServerApp process has set before the strategy builds its first Message.
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, SERVER_NODE, SERVER_NODE
-
-    def context(self, node: int) -> Context:
-        return Context(run_id=RUN_ID, node_id=node, node_config={keys.NODE_PARTITION_ID: node - 1},
-                       state=RecordDict(), run_config={keys.RUN_CONFIG_KEY: site_view(self.cfg).to_yaml(),
-                                                       keys.SIM_SITES_KEY: str(run_dir(self.cfg) / SIM_SITES_DIR)})
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -83,6 +73,24 @@ class LocalGrid(Grid):
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.nodes)
+
+
+class LocalGrid(InProcessGrid):
+    """Delivers messages to the ClientApp of node 1..N in this process."""
+
+    def __init__(self, cfg: FedsegConfig, app: ClientApp, tamper: Tamper | None = None) -> None:
+        super().__init__(range(1, len(cfg.federation.sites) + 1))
+        self.cfg = cfg
+        self.app = app
+        self.tamper = tamper
+        self.received: list[Message] = []
+        """Every reply as the server got it."""
+        self._pending: dict[str, Message] = {}
+
+    def context(self, node: int) -> Context:
+        return Context(run_id=RUN_ID, node_id=node, node_config={keys.NODE_PARTITION_ID: node - 1},
+                       state=RecordDict(), run_config={keys.RUN_CONFIG_KEY: site_view(self.cfg).to_yaml(),
+                                                       keys.SIM_SITES_KEY: str(run_dir(self.cfg) / SIM_SITES_DIR)})
 
     def _deliver(self, msg: Message) -> Message:
         node = msg.metadata.dst_node_id

@@ -23,8 +23,6 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
 
 from common import keys
 from common.config import load_config
@@ -36,7 +34,7 @@ from server.packed_grid import PackedGrid
 from server.strategy import FedSegStrategy
 from server.timeline import TimelineGrid
 from tests.flower_messages import reply as make_reply
-from tests.local_grid import RUN_ID, over_the_wire, stamp
+from tests.local_grid import InProcessGrid, over_the_wire, stamp
 from tests.tiny import tiny
 
 SIGNATURE = "sig"
@@ -130,7 +128,7 @@ Answer = Callable[[int, Message], "RecordDict | Error | None"]
 """What site ``node`` answers to a message: its reply's content, an error, or None (no reply, ever)."""
 
 
-class ScriptedGrid(Grid):
+class ScriptedGrid(InProcessGrid):
     """The SuperLink's side of the run's grid: each message is answered by ``answer``, and the reply travels as
     a SuperNode's does (packed, then through Flower's wire format). Everything above it is the real stack:
     ``stack`` wraps it in server/packed_grid.py and server/timeline.py as server/server_app.py does.
@@ -139,23 +137,9 @@ class ScriptedGrid(Grid):
     """
 
     def __init__(self, nodes: Iterable[int], answer: Answer, late: dict[int, int] | None = None) -> None:
-        self.nodes, self.answer, self.late = list(nodes), answer, late or {}
+        super().__init__(nodes)
+        self.answer, self.late = answer, late or {}
         self._waiting: dict[str, tuple[int, Message]] = {}
-        self._run = Run.create_empty(run_id=RUN_ID)
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, 0, 0
-
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.nodes)
 
     def _reply(self, msg: Message) -> Message | None:
         node = msg.metadata.dst_node_id
