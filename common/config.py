@@ -65,13 +65,13 @@ class ModelConfig:
     dropout: float = option(0.0, "Dropout probability inside the network.")
 
 
-def with_channels(model: ModelConfig, channels: int, classes: int, source: str) -> ModelConfig:
+def with_channels(model: ModelConfig, channels: int, classes: int, source: str, detail: str = "") -> ModelConfig:
     """``model`` with the data's channel and class counts; a count set by hand must equal the data's."""
     for key, found in (("in_channels", channels), ("out_channels", classes)):
         configured = getattr(model, key)
         if configured not in (0, found):
-            raise ConfigError(f"model.{key} is {configured} but {source} declare {found}; remove model.{key} "
-                              f"to take it from the data, or set it to {found}.")
+            raise ConfigError(f"model.{key} is {configured} but {source} declare {found}{detail}; remove "
+                              f"model.{key} to take it from the data, or set it to {found}.")
     return dataclasses.replace(model, in_channels=channels, out_channels=classes)
 
 

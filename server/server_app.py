@@ -27,7 +27,7 @@ from common.runs import (CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, PLAN_FILE, S
 
 from . import cross_eval
 from .checkpoints import Checkpoints
-from .planning import plan_config, plan_federation
+from .planning import PlanningFailed, plan_config, plan_federation
 from .resume import resume_point
 from .site_registry import read_nodes
 from .dp import with_privacy
@@ -103,12 +103,12 @@ def main(grid: Grid, context: Context) -> None:
                 evaluate_config=plan_config(plan),
             )
         if checkpoints.state.last_round == 0:
-            raise NothingTrained(first_failure(run))
+            raise NothingTrained(f"no site trained; {first_failure(run)}")
         cross_eval.after_training(grid, cfg, signature, metrics_log, run)
     except QuorumNotReached as err:
         status = f"stopped: {err}"
         raise
-    except NothingTrained as err:
+    except (NothingTrained, PlanningFailed) as err:
         status = f"failed: {err}"
         raise
     except Exception as err:
@@ -126,12 +126,12 @@ class NothingTrained(RuntimeError):
 
 
 def first_failure(run: Path) -> str:
-    """'no site trained' and the first failure the run's metrics log holds, for the console."""
+    """The first failure the run's metrics log holds, for the console."""
     failures = [e for e in read_events(run / METRICS_FILE) if e.get("event") == "failure"]
     if not failures:
-        return "no site trained"
+        return "no failure was logged"
     first = failures[0]
-    return f"no site trained; first failure: site {first.get('site')} ({first.get('stage')}): {first.get('reason')}"
+    return f"first failure: site {first.get('site')} ({first.get('stage')}): {first.get('reason')}"
 
 
 def with_planned_model(cfg: FedsegConfig, plan: Plan) -> FedsegConfig:

@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from common.config import FedsegConfig  # noqa: E402
 
+from .runner import relaxed_settings  # noqa: E402
 from .sites import site_names  # noqa: E402
 
 TARGET_VS_POOLED = -0.01
@@ -164,6 +165,13 @@ def _class_table(table: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _relaxations(base: FedsegConfig, names: list[str]) -> str:
+    """What the simulated sites relax from a deployed site's defaults (simulations/runner.py), in one line."""
+    notes = [f"{name}: {', '.join(relaxed)}" for name in names if (relaxed := relaxed_settings(base, name)[1])]
+    return ("Simulated sites run a deployed site's defaults" + (f", except {'; '.join(notes)}" if notes else "")
+            + " (methods that let norm layers travel relax site.max_norm_travel to their norm mode).")
+
+
 def markdown(table: dict[str, dict[str, Any]], seeds: list[int], command: str, base: FedsegConfig,
              cases: str = "validation cases") -> str:
     sites = sorted({s for row in table.values() for s in row["sites"]})
@@ -206,6 +214,7 @@ def markdown(table: dict[str, dict[str, Any]], seeds: list[int], command: str, b
         "and are scored on all their labelled cases: as-is = the final global model as it arrives, adapted = after "
         "AdaBN on their unlabeled scans (equal to as-is for a model without BatchNorm).", "",
         *lines, "",
+        _relaxations(base, [*training, *held_out]), "",
         *_class_table(table), "",
         "## Targets for fedseg's default", "", *target_check(table), "",
         f"Machine: {machine()}.", "",

@@ -38,6 +38,7 @@ from common.runs import (FLOWER_CONFIG, FLWR_HOME, FLWR_RUN_LOG, METRICS_FILE, R
                          new_run_id, new_run_name, run_dir, simulated_site_config, site_view)
 
 from server.resume import ConfigChanged, restarted_config
+from server.server_app import first_failure
 
 from .sites import read_site_specs, site_datasets, site_names, with_data_channels
 
@@ -82,17 +83,16 @@ SYNTHETIC_RELAXED = {"min_cohort": 1}
 """What synthetic sites relax from a deployed site's defaults: their few generated cases protect no patient."""
 
 
-def site_settings(cfg: FedsegConfig, name: str, data_dir: Path) -> tuple[dict, list[str]]:
-    """One simulated site's ``site:`` settings, and what they relax from a deployed site's defaults.
+def relaxed_settings(cfg: FedsegConfig, name: str) -> tuple[dict, list[str]]:
+    """One simulated site's ``site:`` settings (no paths yet), and what they relax from a deployed site's defaults.
 
     A deployed site's defaults apply unless the site names its own site.yaml
     (``simulation.sites.<name>.site_yaml``); synthetic sites relax only what
     their size forces, and a run whose norm_mode lets more travel than a
     site's default allows relaxes that one setting. Each relaxation is said.
     """
-    run = run_dir(cfg)
     own = cfg.simulation.sites.get(name)
-    settings = {"torch_threads": cfg.simulation.cpus_per_site}
+    settings: dict = {"torch_threads": cfg.simulation.cpus_per_site}
     relaxed = []
     if own is not None and own.site_yaml:
         settings |= dataclasses.asdict(load_config(Path(own.site_yaml)).site)
@@ -103,7 +103,6 @@ def site_settings(cfg: FedsegConfig, name: str, data_dir: Path) -> tuple[dict, l
     if NORM_TRAVEL.index(cfg.train.norm_mode) > NORM_TRAVEL.index(travel):
         settings["max_norm_travel"] = cfg.train.norm_mode
         relaxed.append(f"site.max_norm_travel: {cfg.train.norm_mode}")
-    settings |= {"name": name, "data_dir": str(data_dir), "state_dir": str(site_state_dir(run, name))}
     return settings, relaxed
 
 
@@ -114,7 +113,8 @@ def write_site_configs(cfg: FedsegConfig, datasets: dict[str, Path]) -> list[str
     for index, (name, data_dir) in enumerate(datasets.items()):
         path = simulated_site_config(run_dir(cfg) / SIM_SITES_DIR, index)
         path.parent.mkdir(parents=True, exist_ok=True)
-        settings, relaxed = site_settings(cfg, name, data_dir)
+        settings, relaxed = relaxed_settings(cfg, name)
+        settings |= {"name": name, "data_dir": str(data_dir), "state_dir": str(site_state_dir(run_dir(cfg), name))}
         path.write_text(yaml.safe_dump({"site": settings}, sort_keys=False))
         if relaxed:
             notes.append(f"{name}: {', '.join(relaxed)}")
@@ -239,7 +239,7 @@ def run_simulation(cfg: FedsegConfig, show: Callable[[str], None] = print, allow
                               f"{run / SUPERLINK_LOG}")
     status = [e for e in read_events(metrics) if e["event"] == "run-end"][-1]["status"]
     if status.startswith("failed"):
-        raise SimulationError(f"the run {status}; the metrics log {metrics} has every failure")
+        raise SimulationError(f"the run {status}; {first_failure(run)}; the metrics log {metrics} has every failure")
     draw_site_pictures(run, len(datasets), show)
     return run
 

@@ -92,5 +92,6 @@ def with_data_channels(cfg: FedsegConfig, specs: dict[str, DatasetSpec]) -> Feds
                     f"site '{name}' declares {mine} {what} in {spec.root / 'dataset.json'} but site '{first}' "
                     f"declares {theirs} ({detail}); every site's dataset.json must agree."
                 )
-    source = f"the sites' dataset.json (site '{first}': {ref.channel_names}, {ref.labels})"
-    return dataclasses.replace(cfg, model=with_channels(cfg.model, ref.num_channels, ref.num_classes, source))
+    detail = f" (site '{first}': {ref.channel_names}, {ref.labels})"
+    return dataclasses.replace(cfg, model=with_channels(cfg.model, ref.num_channels, ref.num_classes,
+                                                        "the sites' dataset.json", detail))

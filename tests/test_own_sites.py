@@ -67,10 +67,12 @@ def own_sites(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
         if name == "south":
             _as_decathlon(folder)
         folders[name] = folder
+    small = root / "small-site.yaml"  # each site's own settings: these generated cohorts are below the default floor
+    small.write_text(yaml.safe_dump({"site": {"min_cohort": 1}}))
     config = {**SETTINGS, "simulation": {**SETTINGS["simulation"], "sites": {
-        "north": {"data_dir": str(folders["north"])},
-        "south": {"data_dir": str(folders["south"])},
-        "east": {"data_dir": str(folders["east"]), "held_out": True},
+        "north": {"data_dir": str(folders["north"]), "site_yaml": str(small)},
+        "south": {"data_dir": str(folders["south"]), "site_yaml": str(small)},
+        "east": {"data_dir": str(folders["east"]), "held_out": True, "site_yaml": str(small)},
     }}, "federation": {**SETTINGS["federation"], "runs_dir": str(root / "runs")}}
     path = root / "sites.yaml"
     path.write_text(yaml.safe_dump(config))
