@@ -27,7 +27,7 @@ from common.wire import pack, to_wire
 
 from . import egress, inbound, site_history, timeline
 from .cross_eval import class_metrics, cross_evaluate
-from .reasons import sanitized_reason
+from .reasons import UnderSiteFloor, sanitized_reason
 from .site import Site, log_to_site_file
 from .site_data import SiteData, annotator_metrics, fingerprint_reply, require_cohort
 
@@ -42,6 +42,7 @@ def _round_seed(cfg: FedsegConfig, server_round: int) -> int:
 def _train(site: Site, msg: Message) -> Message:
     """Train on the received global model; first score it, when the server asks, for the previous round."""
     started = time.perf_counter()
+    refuse_under_floors(site.cfg)
     received = site.load_global(msg)
     config = msg.content[keys.CONFIG]
     server_round = int(config[keys.SERVER_ROUND])
@@ -70,6 +71,7 @@ def _train(site: Site, msg: Message) -> Message:
         "proximal_loss": result.proximal_loss,
         "duration_s": time.perf_counter() - started,
         keys.NUM_EXAMPLES: len(data.train_ids),
+        keys.LEARNING_RATE: result.lr,
     }
     if scoring and evaluation is None:
         metrics[keys.NO_SCORE] = 1
@@ -78,6 +80,14 @@ def _train(site: Site, msg: Message) -> Message:
     if evaluation is not None:
         reply.content[keys.EVALUATION] = MetricRecord(evaluation)
     return reply
+
+
+def refuse_under_floors(cfg: FedsegConfig) -> None:
+    """The site's own floors under what an update is computed from; the centre cannot lower them."""
+    t, floors = cfg.train, cfg.site
+    if t.local_steps < floors.min_local_steps or t.batch_size < floors.min_batch_size:
+        raise UnderSiteFloor(f"train.local_steps {t.local_steps} / batch_size {t.batch_size} under this site's "
+                             f"site.min_local_steps {floors.min_local_steps} / min_batch_size {floors.min_batch_size}")
 
 
 def can_score(site: Site, val_ids: list[str]) -> bool:

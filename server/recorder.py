@@ -126,7 +126,7 @@ class RunRecorder:
         self.metrics.write(
             "train", round=rnd, site=site, num_examples=int(metrics[keys.NUM_EXAMPLES]),
             loss=metrics["loss"], proximal_loss=metrics["proximal_loss"],
-            duration_s=metrics["duration_s"], bytes_up=arrays.count_bytes(),
+            duration_s=metrics["duration_s"], lr=metrics.get(keys.LEARNING_RATE), bytes_up=arrays.count_bytes(),
             bytes_down=t.bytes_down, **{keys.CONTENT_SHA256: message_sha256(msg)},
         )
 
