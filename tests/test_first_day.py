@@ -75,6 +75,7 @@ def test_a_hospitals_first_day(tmp_path):
     server = Launched(root / "server-1.out", "fedseg-server", "start", "--config", str(fed))
     daemons = {n: Launched(root / f"{n}.out", "fedseg-client", "start", "--config", str(p)) for n, p in sites.items()}
     everything = [server, *daemons.values()]
+    started = list(everything)  # every process this test starts, stopped at its end whatever happens
     try:
         wait_for(lambda: any(e["event"] == "round" and e["round"] == 1 for e in events(run)), 600,
                  "round 1 to complete", *everything)
@@ -82,20 +83,23 @@ def test_a_hospitals_first_day(tmp_path):
         daemons["site-2"].terminate()  # and a site restarted while the centre is down
         daemons["site-2"] = Launched(root / "site-2-again.out", "fedseg-client", "start", "--config",
                                      str(sites["site-2"]))
+        started.append(daemons["site-2"])
         edited = root / "federation-edited.yaml"
         body = yaml.safe_load(fed.read_text())
         body["federation"]["rounds"] = ROUNDS + 2
         write_yaml(edited, body)
         refused = Launched(root / "server-edited.out", "fedseg-server", "start", "--config", str(edited))
+        started.append(refused)
         wait_for(lambda: refused.proc.poll() is not None, 120, "the edited configuration to be refused", refused)
         assert refused.proc.returncode == 2  # a user error: nothing was started
         assert f"federation.rounds: {ROUNDS} in the run, {ROUNDS + 2} now" in refused.output(), refused.output()
         server = Launched(root / "server-2.out", "fedseg-server", "start", "--config", str(fed))
+        started.append(server)
         everything = [server, *daemons.values()]
         wait_for(lambda: server.proc.poll() is not None, 900, "the resumed run to finish", *everything)
         assert server.proc.returncode == 0, server.output()[-3000:]
     finally:
-        for proc in everything:
+        for proc in started:
             proc.terminate()
 
     log = events(run)
