@@ -29,6 +29,9 @@ from .reasons import SignatureMismatch
 from .site_state import RunState, SiteState
 
 log = logging.getLogger("fedseg.client")
+LOGGER_ROOT = "fedseg"
+"""Every module logs to ``fedseg.<package>`` (fedseg.client, fedseg.common, fedseg.server, fedseg.sim), so one
+handler on ``fedseg`` gets all of a site's records."""
 
 
 @dataclasses.dataclass
@@ -180,6 +183,7 @@ def log_to_site_file(state_root: Path | None) -> None:
         handler = logging.FileHandler(state_root / SITE_LOG)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handler.addFilter(_OnlyThisSite(state_root))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
+        ours = logging.getLogger(LOGGER_ROOT)  # every fedseg.* logger, common/ code run for this site included
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
         _site_log_handlers[state_root] = handler

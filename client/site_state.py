@@ -47,7 +47,7 @@ NORM_ROUND = re.compile(r"round-(\d{4,})\.safetensors")
 SIGNATURE_META, ROUND_META = "model_signature", "round"
 """Metadata every tensor file of a run carries: the model it fits and the round it comes from."""
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("fedseg.client")
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

@@ -25,7 +25,7 @@ from torch import nn
 
 from .config import ConfigError, TrainConfig
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("fedseg.common")
 
 Precision = Literal["fp32", "bf16", "fp16"]
 CPU = torch.device("cpu")

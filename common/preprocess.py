@@ -31,7 +31,7 @@ from .dataset import Case
 from .plan import ChannelNorm, Plan
 from .reading import IMAGE, case_dict, label_keys, plan_space
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("fedseg.common")
 
 LOCATIONS_PER_CLASS = 10_000
 """Foreground voxel coordinates kept per class for oversampling (nnU-Net keeps 10,000)."""

@@ -38,7 +38,7 @@ from nibabel import orientations
 
 from common.dataset import DATASET_JSON, IMAGES_DIR, LABELS_DIR, TEST_IMAGES_DIR, TEST_LABELS_DIR
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("fedseg.sim")
 
 # --------------------------------------------------------------------------
 # Layout (nnU-Net v2 raw format)

@@ -96,3 +96,5 @@ def test_each_site_log_gets_only_its_own_sites_records(tmp_path, tiny_federation
     assert not handle(cfg_ok, yaml_ok, MessageType.EVALUATE).has_error()
     assert "Traceback" in (tmp_path / "site-3-state" / "site.log").read_text()
     assert "Traceback" not in (tmp_path / "site-1-state" / "site.log").read_text()
+    # every fedseg logger reaches the site's log, common/ code run for the site included (one naming rule)
+    assert "INFO fedseg.common: preprocessing case" in (tmp_path / "site-1-state" / "site.log").read_text()
