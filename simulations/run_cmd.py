@@ -8,6 +8,7 @@ writes runs/<run>/metrics.jsonl, checkpoints/ and config.yaml.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from common.cli import UserError, config_from_args
 
@@ -22,13 +23,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .runner import SimulationError, run_simulation
+    from .runner import RunFailed, SimulationError, run_simulation
 
     shortcuts = {"simulation.num_sites": args.sites, "federation.rounds": args.rounds,
                  "federation.run_name": args.run_name}
     cfg = config_from_args(args, [f"{k}={v}" for k, v in shortcuts.items() if v is not None])
     try:
         run_dir = run_simulation(cfg, allow_config_change=args.allow_config_change)
+    except RunFailed as err:  # it ran, and failed: exit 1, as fedseg-server does
+        print(f"fedseg-sim run: {err}", file=sys.stderr)
+        return 1
     except SimulationError as err:
         raise UserError(str(err)) from err
     print(f"metrics log: {run_dir / 'metrics.jsonl'}\ncheckpoints: {run_dir / 'checkpoints'}\n"

@@ -56,6 +56,10 @@ class SimulationError(RuntimeError):
     """The simulation could not run to completion; the message names the log to read."""
 
 
+class RunFailed(SimulationError):
+    """The run ended, but failed (no site trained, planning failed): the message gives the first reason."""
+
+
 def prepare_run(cfg: FedsegConfig) -> FedsegConfig:
     """Name the run, make every path absolute and list the simulated sites."""
     sim = cfg.simulation
@@ -239,7 +243,7 @@ def run_simulation(cfg: FedsegConfig, show: Callable[[str], None] = print, allow
                               f"{run / SUPERLINK_LOG}")
     status = [e for e in read_events(metrics) if e["event"] == "run-end"][-1]["status"]
     if status.startswith("failed"):
-        raise SimulationError(f"the run {status}; {first_failure(run)}; the metrics log {metrics} has every failure")
+        raise RunFailed(f"the run {status}; {first_failure(run)}; the metrics log {metrics} has every failure")
     draw_site_pictures(run, len(datasets), show)
     return run
 

@@ -13,7 +13,7 @@ from common.flower_env import free_port
 from common.runs import METRICS_FILE, SERVER_CONFIG_FILE
 from server.launcher import claim_centre, prepare
 from server.resume import ConfigChanged, restarted_config
-from tests.tiny import tiny
+from tests.tiny import TINY, tiny
 
 
 def centre_config(tmp_path, *overrides: str):
@@ -63,3 +63,34 @@ def test_a_port_in_use_is_refused_before_anything_starts(tmp_path):
         with pytest.raises(UserError, match=f"port {port} \\(server.fleet_port\\)"):
             claim_centre(cfg)
     assert not (tmp_path / "runs").exists(), "nothing was submitted or written for the refused start"
+
+
+def test_a_simulation_asking_for_cuda_on_a_machine_without_it_is_refused_before_it_starts(tmp_path, capsys):
+    import torch
+
+    from simulations.cli import main as sim_main
+
+    if torch.cuda.is_available():  # the CI machine has none; on a GPU machine the setting is valid
+        return
+    code = sim_main(["run", "--set", "train.device=cuda", "--set", f"federation.runs_dir={tmp_path / 'runs'}",
+                     "--set", f"simulation.data_dir={tmp_path / 'data'}"])
+    assert code == 2 and "torch sees no CUDA GPU on this machine" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
+
+
+def test_a_simulation_in_which_no_site_trained_fails_with_its_first_reason(tmp_path, capsys):
+    """Own sites of 4 cases at a deployed site's default floor (5) cannot train: exit 1, the reason shown."""
+    import yaml
+
+    from simulations.cli import main as sim_main
+    from simulations.synthetic import generate_federation
+
+    data = generate_federation(tmp_path / "data", n_sites=2, n_cases=4, shape=(32, 32, 24), seed=0)
+    config = tmp_path / "own.yaml"
+    config.write_text(yaml.safe_dump({**{k: v for k, v in TINY.items()}, "federation": {
+        "rounds": 1, "runs_dir": str(tmp_path / "runs"), "run_name": "small", "round_timeout_s": 60},
+        "simulation": {"cpus_per_site": 1, "sites": {n: {"data_dir": str(p)} for n, p in data.items()}}}))
+    assert sim_main(["run", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "the run failed" in err and "first failure: site site-" in err and "(fingerprint)" in err
+    assert "fewer cases than the site's minimum cohort" in err
