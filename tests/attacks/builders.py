@@ -110,7 +110,7 @@ def predict_run(tmp_path, in_channels: int = 1):
     from server.server_app import initial_weights
 
     cfg = load_config(None, ["model.channels=[8, 16, 32]", "model.strides=[2, 2]",
-                             f"model.in_channels={in_channels}"])
+                             f"model.in_channels={in_channels}", "model.out_channels=2"])
     run = tmp_path / f"run-{in_channels}"
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text(cfg.to_yaml())
