@@ -269,13 +269,16 @@ def resolve_checkpoint(run: Path, name: str) -> Path:
     return path
 
 
-def after_training(grid: Grid, cfg: FedsegConfig, signature: str, metrics_log: MetricsLog, run: Path) -> None:
-    """The cross-site evaluation closing a run; a failure here is logged, never fatal to the run."""
+def after_training(grid: Grid, cfg: FedsegConfig, signature: str, metrics_log: MetricsLog, run: Path,
+                   sites: dict[int, str] | None = None) -> None:
+    """The cross-site evaluation closing a run; a failure here is logged, never fatal to the run.
+
+    ``sites``: the run's node -> site names, shared with its receiving boundary and strategy."""
     models, rounds = run_checkpoints(run)
     if not cfg.federation.cross_eval or not models:
         return
     try:
-        cross_evaluate(grid, cfg, signature, models, metrics_log, run, rounds)
+        cross_evaluate(grid, cfg, signature, models, metrics_log, run, rounds, sites)
     except Exception:  # the trained model is safe on disk; the evaluation can be rerun on demand
         log.exception("cross-site evaluation failed; rerun it with federation.evaluate_checkpoint")
 

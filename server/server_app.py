@@ -27,6 +27,7 @@ from common.runs import (CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, PLAN_FILE, S
 
 from . import cross_eval
 from .checkpoints import Checkpoints
+from .inbound import Inbox
 from .planning import PlanningFailed, plan_config, plan_federation
 from .resume import resume_point
 from .site_registry import read_nodes
@@ -78,11 +79,13 @@ def main(grid: Grid, context: Context) -> None:
     metrics_log.write("run-start", run=cfg.federation.run_name, run_id=cfg.federation.run_id,
                       config_sha256=cfg.sha256(), sites=cfg.federation.sites, resumed_from_round=done)
     metrics_log.sync()
-    node_sites = read_nodes(run)
-    grid = TimelineGrid(grid, metrics_log, cfg.federation.poll_interval_s)
+    node_sites = read_nodes(run)  # one map of node -> site for the boundary, planning and the strategy
+    val = cfg.data.val_fraction
+    inbox = Inbox(node_sites, run, eval_ratio=val / (1 - val))
+    grid = TimelineGrid(grid, metrics_log, cfg.federation.poll_interval_s, inbox)
     status = "completed"
     try:
-        training = cross_eval.training_grid(grid, cfg)
+        training = cross_eval.training_grid(grid, cfg, node_sites)
         plan = plan_federation(training, cfg, run, metrics_log, node_sites)
         cfg = with_planned_model(cfg, plan)
         (run / CONFIG_FILE).write_text(cfg.to_yaml())  # what export and predict at a site build the model from
@@ -92,7 +95,7 @@ def main(grid: Grid, context: Context) -> None:
             round_offset=done,
         )
         strategy.resume_optimizer(resume.model_round)
-        strategy.node_sites.update(node_sites)
+        strategy.node_sites = strategy.screen.node_sites = node_sites  # the boundary's map, shared
         if cfg.federation.rounds > done:
             with_privacy(strategy, cfg.privacy, metrics_log).start(
                 grid=training,
@@ -104,7 +107,7 @@ def main(grid: Grid, context: Context) -> None:
             )
         if checkpoints.state.last_round == 0:
             raise NothingTrained(f"no site trained; {first_failure(run)}")
-        cross_eval.after_training(grid, cfg, signature, metrics_log, run)
+        cross_eval.after_training(grid, cfg, signature, metrics_log, run, node_sites)
     except QuorumNotReached as err:
         status = f"stopped: {err}"
         raise

@@ -79,8 +79,9 @@ def test_checkpoint_names_resolve_with_a_clear_error(finished_run):
 
 
 def test_norm_adaptation_reestimates_only_batch_norm_statistics(tiny_federation):
-    cfg = load_config(None, ["model.channels=[4, 8, 16]", "model.strides=[2, 2]", "model.num_res_units=1",
-                             "model.norm=batch", "data.patch_size=[16, 16, 16]", "data.spacing=[1.5, 1.5, 1.5]"])
+    cfg = load_config(None, ["model.channels=[4, 8, 16]", "model.in_channels=1", "model.out_channels=2",
+                             "model.strides=[2, 2]", "model.num_res_units=1", "model.norm=batch",
+                             "data.patch_size=[16, 16, 16]", "data.spacing=[1.5, 1.5, 1.5]"])
     torch.manual_seed(0)
     model = build_model(cfg.model)
     images = [torch.randn(1, 20, 20, 20).numpy() * 3 + 5 for _ in range(2)]
@@ -92,7 +93,8 @@ def test_norm_adaptation_reestimates_only_batch_norm_statistics(tiny_federation)
     assert any(k.endswith("running_mean") for k in changed)
     mean = torch.cat([v.flatten() for k, v in after.items() if k.endswith("running_mean")])
     assert mean.abs().max() > 0.5, "statistics should follow the site's intensities (mean ~5), not the init (0)"
-    instance = build_model(load_config(None, ["model.channels=[4, 8, 16]", "model.strides=[2, 2]",
+    instance = build_model(load_config(None, ["model.channels=[4, 8, 16]", "model.in_channels=1",
+                                              "model.out_channels=2", "model.strides=[2, 2]",
                                               "model.norm=instance"]).model)
     kept = {k: v.clone() for k, v in instance.state_dict().items()}
     assert not adapt_norm(instance, images, cfg.data, steps=3, batch_size=2, seed=0)
