@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections import Counter
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from common import keys
@@ -41,9 +39,6 @@ from .site_registry import claim_problem, site_name
 log = logging.getLogger("fedseg.server")
 PLANNER = "fedseg federated nnU-Net rules (server/planning.py)"
 QUERY_TYPE = f"{MessageType.QUERY}.{keys.FINGERPRINT_ACTION}"
-UNDELIVERED = frozenset({ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE})
-"""Errors the SuperLink makes for a message that never reached the site, or whose reply was lost: worth asking again."""
-RETRY_PAUSE_S = 1.0
 
 
 class PlanningFailed(RuntimeError):
@@ -90,45 +85,23 @@ def collect_fingerprints(grid: Grid, cfg: FedsegConfig, metrics_log: MetricsLog 
     # Every listed site is waited for (up to a round's timeout): planning on the first
     # min_sites to connect would leave out, or fail on, sites that join a moment later.
     expected = max(cfg.federation.min_sites, len(cfg.federation.sites))
-    deadline = time.monotonic() + cfg.federation.round_timeout_s
-    pending = set(wait_for_nodes(grid, expected, cfg.federation.round_timeout_s))
-    records: dict[str, dict] = {}
-    while pending and (remaining := deadline - time.monotonic()) > 0:
-        pending = _ask(grid, sorted(pending), remaining, cfg, nodes, metrics_log, records)
-        if pending:  # a site that left comes back as the same node: wait for it, within the deadline
-            time.sleep(RETRY_PAUSE_S)
-    for node in sorted(pending):
-        _failure(metrics_log, site_name(nodes, node, None), "the site was unreachable until planning's deadline "
-                                                            "(federation.round_timeout_s)")
-    return _agreed_labels(_majority_channels(records, metrics_log), cfg, metrics_log)
-
-
-def _ask(grid: Grid, node_ids: list[int], timeout: float, cfg: FedsegConfig, nodes: dict[int, str],
-         metrics_log: MetricsLog | None, records: dict[str, dict]) -> set[int]:
-    """Send the fingerprint query to ``node_ids``; keep sound records, log refusals, return the nodes to ask again.
-
-    A reply is matched to the node it was sent to, so an error the SuperLink
-    makes for a node that went away (its own node id, not the site's) still
-    names the site; such a site is asked again, the others are not.
-    """
+    node_ids = wait_for_nodes(grid, expected, cfg.federation.round_timeout_s)
     messages = [Message(RecordDict({keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 0})}), node, QUERY_TYPE)
                 for node in node_ids]
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    replies = list(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout_s))
+    # A reply is matched to the node it was sent to: an error the SuperLink makes for a node that went away
+    # carries the SuperLink's own node id, not the site's.
     sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
-    answered = [sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies]
-    again = set(node_ids) - set(answered)
-    for reply, node in zip(replies, answered):
-        from_site = reply.metadata.src_node_id == node  # not an error the SuperLink made in its stead
+    records: dict[str, dict] = {}
+    for reply in replies:
+        node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        from_site = reply.metadata.src_node_id == node  # not an answer the SuperLink made in its stead
         site = site_name(nodes, node, named_site(reply) if from_site else None)
-        if reply.has_error() and reply.error.code in UNDELIVERED:
-            log.warning("fingerprint query to site %s was not delivered (%s); asking again", site,
-                        reply.error.reason)
-            again.add(node)
-        elif problem := _reply_problem(reply, cfg, nodes, node):
+        if problem := _reply_problem(reply, cfg, nodes, node):
             _failure(metrics_log, site, problem)
-        else:
-            records[site] = dict(reply.content.metric_records[keys.FINGERPRINT])
-    return again
+            continue
+        records[site] = dict(reply.content.metric_records[keys.FINGERPRINT])
+    return _agreed_labels(_majority_channels(records, metrics_log), cfg, metrics_log)
 
 
 def _agreed_labels(records: dict[str, dict], cfg: FedsegConfig, metrics_log: MetricsLog | None) -> dict[str, dict]:

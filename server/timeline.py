@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from flwr.app import Message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from common import keys
@@ -32,6 +33,9 @@ from .inbound import Inbox, finite_number
 from .site_registry import read_nodes
 
 log = logging.getLogger("fedseg.server")
+
+UNDELIVERED = frozenset({ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE})
+"""The SuperLink's answers for a message that never reached its site, or whose reply was lost: worth sending again."""
 
 STAGES = ("pulled_by_supernode", "process_started", "bundle_checked", "imports_done", "data_ready", "work_done",
           "reply_sent", "reply_pulled")
@@ -119,16 +123,41 @@ class TimelineGrid(TrainingGrid):
                         late_by_s=round(time.time() - sent.created, 3) if sent else None)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Flower's send-and-receive, polling every ``poll_s``; unanswered messages are remembered as late."""
-        pending = set(self.push_messages(messages))
+        """Flower's send-and-receive, polling every ``poll_s``; unanswered messages are remembered as late.
+
+        A message that never reached its site (the SuperLink answers for a node
+        that stopped reporting, as a restarted site daemon's old node does) is
+        sent again once that site is connected, within the same deadline; only
+        if it never comes back is the SuperLink's answer the site's reply.
+        """
+        messages = list(messages)
+        originals = dict(zip(self.push_messages(messages), messages))
+        pending = set(originals)
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
-        while pending:
+        undelivered: dict[int, tuple[Message, Message]] = {}
+        """Node -> (the message it never got, the SuperLink's answer), waiting for the node to come back."""
+        while pending or undelivered:
             for reply in self.pull_messages(pending):
-                replies.append(reply)
-                pending.discard(reply.metadata.reply_to_message_id)
-            if not pending or (deadline is not None and time.monotonic() >= deadline):
-                break
+                message_id = reply.metadata.reply_to_message_id
+                pending.discard(message_id)
+                original = originals.get(message_id)
+                if original is not None and reply.has_error() and reply.error.code in UNDELIVERED:
+                    undelivered[original.metadata.dst_node_id] = (original, reply)
+                else:
+                    replies.append(reply)
+            online = set(self.get_node_ids()) if undelivered else set()
+            for node in [n for n in undelivered if n in online]:
+                original, _ = undelivered.pop(node)
+                log.warning("a %s message did not reach site %s; sending it again", original.metadata.message_type,
+                            self.inbox.site(node))
+                again = Message(original.content, node, original.metadata.message_type,
+                                group_id=original.metadata.group_id)
+                (message_id,) = self.push_messages([again])
+                originals[message_id] = again
+                pending.add(message_id)
+            if (deadline is None and not pending) or (deadline is not None and time.monotonic() >= deadline):
+                break  # without a deadline, a node that left is not waited for
             time.sleep(self._poll_s)
         self._late |= pending
-        return replies
+        return replies + [answer for _, answer in undelivered.values()]
