@@ -174,7 +174,7 @@ def _fresh_install(root) -> object:
     from importlib import metadata
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     release = root / "opt-fedseg"
     release.mkdir()
     for name in SHIPPED:
