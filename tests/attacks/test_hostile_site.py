@@ -457,3 +457,19 @@ def test_l2_a_sites_text_stays_on_one_line_of_the_centres_console(tmp_path):
     assert failure["site"] == "hospital-b" and "\\n2026-01-01" in failure["reason"]
     assert len(line.splitlines()) == 1 and "\x1b" not in line and "\x07" not in line
     assert len(describe({**failure, "site": "b\nforged", "reason": forged}).splitlines()) == 1
+
+
+def test_a_site_claiming_a_million_training_cases_weighs_no_more_than_three_times_the_others():
+    """Item 3: a site's weight in the mean is capped (common/fingerprint.py bounded_weights), whatever it claims."""
+    from common.config import FederationConfig
+    from server.aggregator import Aggregator
+    from tests.attacks.builders import GLOBAL, TRAIN_METRICS, train_reply
+
+    def moved(step: float, cases: int):
+        return train_reply(cases, f"s{cases}", step, {**TRAIN_METRICS, keys.NUM_EXAMPLES: cases})
+
+    plain = Aggregator(FederationConfig(server_optimizer="none"))
+    mean = plain(1, [moved(0.0, 10), moved(0.0, 11), moved(1.0, 10**6)], GLOBAL)
+    assert float(mean["b"].numpy()[0]) == pytest.approx(3 * 10.5 / (21 + 3 * 10.5))  # capped at 3 x the median
+    honest = plain(1, [moved(0.0, 10), moved(1.0, 20)], GLOBAL)
+    assert float(honest["b"].numpy()[0]) == pytest.approx(20 / 30)  # within the cap: FedAvg's weighted mean
