@@ -28,6 +28,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from client import client_app
 from common import keys
 from common.config import FedsegConfig, apply_overrides, from_dict, load_config
+from common.dataset import read_dataset, split_cases
 from common.metrics_log import MetricsLog
 from server.checkpoints import Checkpoints
 from server.server_app import initial_weights
@@ -39,8 +40,13 @@ from tests.tiny import tiny
 
 N_SITES = 5
 WARMUP_ROUNDS = 6
+SPLIT_SEED = 6
+"""The seed whose per-case split gives each of these 4-case sites 3 training and 1 validation case, the split
+the robustness targets were measured with (the split now draws each case alone, so seed 0 gives site-3 two of
+each)."""
 SETTINGS = tiny("model.num_res_units=2", "train.local_steps=15", "train.batch_size=2", "train.lr=0.003",
-                f"federation.rounds={WARMUP_ROUNDS}", "federation.min_sites=3", "simulation.cpus_per_site=1")
+                f"federation.rounds={WARMUP_ROUNDS}", "federation.min_sites=3", "simulation.cpus_per_site=1",
+                f"data.split_seed={SPLIT_SEED}")
 """Two residual units per block: the model the robustness targets (test_robust.py) were measured with."""
 
 
@@ -149,6 +155,9 @@ def trained_round(root: Path) -> TrainedRound:
     replay = FedSegStrategy(cfg, signature, shapes, MetricsLog(run / "honest"), Checkpoints(run / "honest"))
     honest = grid.send_and_receive(replay.configure_train(server_round, result.arrays, ConfigRecord(), grid))
     assert all(r.has_content() for r in honest), [r.error.reason for r in honest if r.has_error()]
+    splits = [len(split_cases([c.case_id for c in read_dataset(d).cases], cfg.data.val_fraction, SPLIT_SEED)[1])
+              for d in datasets.values()]
+    assert splits == [1] * N_SITES, f"the measured setting has one validation case per site, not {splits}"
     honest = sorted(honest, key=site_name)  # the last one (site-5) plays the hostile site in every test
     built = TrainedRound(cfg, grid, signature, shapes, server_round, result.arrays, honest, run)
     _BUILT[root] = built
