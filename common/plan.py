@@ -30,7 +30,8 @@ import numpy as np
 
 from .config import DataConfig, ModelConfig
 from .files import atomic_write_text
-from .fingerprint import FederatedFingerprint
+from .fingerprint import MAX_CHANNELS, FederatedFingerprint
+from .labels import CODE_BITS
 from .runs import PLAN_FILE
 
 PLAN_FORMAT = 1
@@ -42,6 +43,9 @@ SPACING_EPSILON = 1e-5
 SIGNIFICANT_DIGITS = 4
 """Plan spacings are rounded so that merged quantiles do not carry float noise into the version."""
 MEDIAN = 50.0
+MAX_CLASSES = 1024
+"""Most labels a plan may declare: it sizes every site's model, so a plan from a hostile centre cannot make a site
+build a network it cannot hold."""
 PLAN_SPACING_RANGE_MM = (0.1, 50.0)
 """Planned spacings outside this range are clamped (made) or refused (received): no clinical scan needs them,
 and a finer grid multiplies every site's voxels, memory and time (a hostile fingerprint's aim)."""
@@ -137,6 +141,11 @@ class Plan:
                             f"this site will not resample to it.")
         if not all(1 <= v <= MAX_PATCH_AXIS for v in self.patch_size):
             raise PlanError(f"{source}: patch size {list(self.patch_size)} is outside [1, {MAX_PATCH_AXIS}] per axis.")
+        if not 1 <= len(self.normalization) <= MAX_CHANNELS or len(self.label_codes) > MAX_CLASSES:
+            raise PlanError(f"{source}: {len(self.normalization)} channel(s) and {len(self.label_codes)} label(s); a "
+                            f"plan holds 1 to {MAX_CHANNELS} channels and at most {MAX_CLASSES} labels.")
+        if not all(0 <= c < 1 << CODE_BITS for c in self.label_codes):
+            raise PlanError(f"{source}: a label code is outside [0, 2**{CODE_BITS}).")
 
     def save(self, path: Path) -> None:
         atomic_write_text(Path(path), self.to_json())

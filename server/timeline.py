@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from flwr.app import Message
-from flwr.common.constant import ErrorCode
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 
 from common import keys
@@ -36,6 +36,15 @@ log = logging.getLogger("fedseg.server")
 
 UNDELIVERED = frozenset({ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE})
 """The SuperLink's answers for a message that never reached its site, or whose reply was lost: worth sending again."""
+MAX_RESENDS = 3
+"""Times one message is sent again to a site in one step; a node that keeps going away fails by its name."""
+
+
+def _undelivered(reply: Message) -> bool:
+    """Whether the SuperLink itself answered that the message never reached its node (a site cannot say so:
+    an error a site sends with such a code is that site's failure, not a reason to send the model again)."""
+    return (reply.has_error() and reply.metadata.src_node_id == SUPERLINK_NODE_ID
+            and reply.error.code in UNDELIVERED)
 
 STAGES = ("pulled_by_supernode", "process_started", "bundle_checked", "imports_done", "data_ready", "work_done",
           "reply_sent", "reply_pulled")
@@ -137,13 +146,15 @@ class TimelineGrid(TrainingGrid):
         replies: list[Message] = []
         undelivered: dict[int, tuple[Message, Message]] = {}
         """Node -> (the message it never got, the SuperLink's answer), waiting for the node to come back."""
+        resent: list[int] = []
         while pending or undelivered:
             for reply in self.pull_messages(pending):
                 message_id = reply.metadata.reply_to_message_id
                 pending.discard(message_id)
                 original = originals.get(message_id)
-                if original is not None and reply.has_error() and reply.error.code in UNDELIVERED:
-                    undelivered[original.metadata.dst_node_id] = (original, reply)
+                node = original.metadata.dst_node_id if original is not None else None
+                if original is not None and _undelivered(reply) and resent.count(node) < MAX_RESENDS:
+                    undelivered[node] = (original, reply)
                 else:
                     replies.append(reply)
             online = set(self.get_node_ids()) if undelivered else set()
@@ -156,6 +167,7 @@ class TimelineGrid(TrainingGrid):
                 (message_id,) = self.push_messages([again])
                 originals[message_id] = again
                 pending.add(message_id)
+                resent.append(node)
             if (deadline is None and not pending) or (deadline is not None and time.monotonic() >= deadline):
                 break  # without a deadline, a node that left is not waited for
             time.sleep(self._poll_s)

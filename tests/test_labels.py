@@ -80,3 +80,12 @@ def test_planning_refuses_or_remaps_a_site_coded_otherwise(tmp_path, three_sites
         assert reply.error.reason == "site site-3: the site's label map differs from the federation's; run " \
                                      "`fedseg-client check` at the site"
         assert "the federation's map is {0: background, 1: core, 2: rim}" in site_log
+
+
+def test_a_plan_that_would_size_a_huge_model_is_refused():
+    """A hostile centre's plan cannot make a site build a network of thousands of classes."""
+    from common.plan import ChannelNorm, Plan, PlanError
+
+    plan = Plan((1.0, 1.0, 1.0), (16, 16, 16), (ChannelNorm("zscore"),), (16, 16, 16), label_codes=tuple(range(5000)))
+    with pytest.raises(PlanError, match="at most 1024 labels"):
+        Plan.from_json(plan.to_json(), "the plan sent by the server")

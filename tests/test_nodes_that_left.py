@@ -63,3 +63,23 @@ def test_a_site_whose_node_went_away_gets_the_message_again_and_one_that_never_r
     assert answered == {11, RETURNS}
     (failed,) = [r for r in replies if r.has_error()]
     assert failed.error.code == ErrorCode.NODE_UNAVAILABLE and failed.error.reason.startswith("site site-3: ")
+
+
+def test_a_site_cannot_make_the_centre_resend_by_claiming_it_was_not_reached(tmp_path):
+    """An error a site itself sends with the SuperLink's 'node unavailable' code is its failure, not a resend."""
+
+    class Liar(RestartingSites):
+        def push_messages(self, messages):
+            ids = super().push_messages(messages)
+            for message_id in ids:
+                reply = self.replies[message_id]
+                if reply.metadata.src_node_id == SUPERLINK_NODE_ID:  # the site itself says it, from its own node
+                    reply.metadata.__dict__["_src_node_id"] = reply.metadata.dst_node_id or RETURNS
+            return ids
+
+    grid = Liar()
+    timeline = TimelineGrid(grid, MetricsLog(tmp_path), poll_s=0.01)
+    messages = [Message(RecordDict({keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 2})}), node, MessageType.TRAIN)
+                for node in (11, RETURNS)]
+    replies = list(timeline.send_and_receive(messages, timeout=0.5))
+    assert grid.sent_to.count(RETURNS) == 1 and sum(r.has_error() for r in replies) == 1
