@@ -134,14 +134,15 @@ def open_split(cfg: FedsegConfig, state: SiteState) -> tuple[DatasetSpec, list[s
 
 def fingerprint(cfg: FedsegConfig, state: SiteState) -> dict:
     """This site's fingerprint over its training cases, cached until the data or split change."""
-    spec, train_ids, _ = open_split(cfg, state)
-    key = f"{FINGERPRINT_FORMAT}:{state.info().get('checked_stamp')}:{','.join(train_ids)}"
+    spec, train_ids, val_ids = open_split(cfg, state)
+    key = f"{FINGERPRINT_FORMAT}:{state.info().get('checked_stamp')}:{','.join(train_ids)}:{len(val_ids)}"
     path = state.root / FINGERPRINT_FILE
     if path.is_file():
         cached = json.loads(path.read_text())
         if cached.get("key") == key:
             return cached["record"]
-    record = site_fingerprint(spec, require_cohort(cfg, train_ids, "training"), seed=cfg.data.split_seed)
+    record = site_fingerprint(spec, require_cohort(cfg, train_ids, "training"), seed=cfg.data.split_seed,
+                              val_cases=len(val_ids))
     path.write_text(json.dumps({"key": key, "record": record}))
     return record
 

@@ -134,14 +134,19 @@ def record_names(channels: int, classes: int) -> frozenset[str]:
     chunks = -(-classes // keys.EGRESS_MAX_LIST)
     channel_chunks = -(-channels // keys.EGRESS_MAX_LIST)
     per_channel = [_name(kind, c) for c in range(channels) for kind in ("intensity", "fg_voxels", "fg_mean", "fg_std")]
-    return frozenset([_name("format"), _name("cases"), _name("channels"), _name("ct"),
+    return frozenset([_name("format"), _name("cases"), _name("val_cases"), _name("channels"), _name("ct"),
                       *(_name(kind, axis) for axis in AXES for kind in ("spacing", "extent")),
                       *(_name(kind, i) for i in range(chunks) for kind in ("class_fraction", "label_codes")),
                       *(_name("channel_codes", i) for i in range(channel_chunks)), *per_channel])
 
 
-def site_fingerprint(spec: DatasetSpec, case_ids: Iterable[str], seed: int = 0) -> dict[str, int | float | list]:
-    """The MetricRecord-ready fingerprint of the named cases: statistics only."""
+def site_fingerprint(spec: DatasetSpec, case_ids: Iterable[str], seed: int = 0,
+                     val_cases: int = 0) -> dict[str, int | float | list]:
+    """The MetricRecord-ready fingerprint of the named cases: statistics only.
+
+    ``val_cases``, the site's validation cases, is declared with it: the centre
+    bounds every case count a site later reports by these two declarations.
+    """
     rng = np.random.default_rng(seed)
     stats = [case_stats(spec.case(i), spec.num_classes, rng) for i in case_ids]
     if not stats:
@@ -152,6 +157,7 @@ def site_fingerprint(spec: DatasetSpec, case_ids: Iterable[str], seed: int = 0) 
     record: dict[str, int | float | list] = {
         _name("format"): FINGERPRINT_FORMAT,
         _name("cases"): len(stats),
+        _name("val_cases"): val_cases,
         _name("channels"): spec.num_channels,
         _name("ct"): [int(v) for v in spec.channel_is_ct],
     }
@@ -355,6 +361,9 @@ def check_site_fingerprint(record: dict, site: str) -> SiteFingerprint:
         raise FingerprintError(f"site {site} sends fingerprint format {record[_name('format')]}, "
                                f"the server reads {FINGERPRINT_FORMAT}; update fedseg at that site.")
     cases = _count(record, _name("cases"), site, MAX_CASES)
+    val_cases = _number(record, _name("val_cases"), site, 0, MAX_CASES)
+    if not val_cases.is_integer():
+        raise FingerprintError(f"fingerprint of site {site}: '{_name('val_cases')}' is not a whole number.")
     channels = _count(record, _name("channels"), site, MAX_CHANNELS)
     ct = _get(record, _name("ct"), site)
     if not isinstance(ct, list) or len(ct) != channels or any(v not in (0, 1) for v in ct):

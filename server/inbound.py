@@ -20,8 +20,9 @@ What passes is guaranteed to hold:
 - arrays whose data decode to the dtype and shape they declare;
 - an identity naming the site registered for the node (server/site_registry.py);
 - case counts within what the site declared at planning (its fingerprint's
-  ``fp_cases`` training cases; evaluation counts within the validation share
-  of that many cases), or within ``MAX_CASES`` for a site that declared none.
+  ``fp_cases`` training and ``fp_val_cases`` validation cases: a training
+  count within the first, a score's count within both together), or within
+  ``MAX_CASES`` for a site that declared none.
   The declarations are kept in ``<run>/declared-cases.json``, so a resumed run
   that reuses its plan still holds every site to them.
 
@@ -103,24 +104,23 @@ def finite_number(value: object) -> bool:
 class Inbox:
     """What the centre has learnt of each node: its site's name and the cases it declared at planning."""
 
-    def __init__(self, node_sites: dict[int, str], run: Path | None = None, eval_ratio: float = 1.0) -> None:
+    def __init__(self, node_sites: dict[int, str], run: Path | None = None) -> None:
         """``node_sites``: the registered node -> site names, shared with the strategy (server/site_registry.py);
-        ``run``: where the declarations are kept; ``eval_ratio``: validation cases per declared training case
-        an honest site may hold (``val_fraction / (1 - val_fraction)``, at least 1)."""
+        ``run``: where the declarations are kept."""
         self.node_sites = node_sites
-        self.eval_ratio = max(1.0, eval_ratio)
         self._path = Path(run) / DECLARED_FILE if run is not None else None
-        self.declared: dict[str, int] = self._load()
-        """Site -> training cases its fingerprint declared."""
+        self.declared: dict[str, tuple[int, int]] = self._load()
+        """Site -> (training, validation) cases its fingerprint declared."""
 
-    def _load(self) -> dict[str, int]:
+    def _load(self) -> dict[str, tuple[int, int]]:
         try:
             loaded = json.loads(self._path.read_text()) if self._path is not None and self._path.is_file() else {}
         except (OSError, ValueError):
             log.warning("%s cannot be read; case counts are bounded by %d until the sites declare again",
                         self._path, MAX_CASES)
             return {}
-        return {str(k): int(v) for k, v in loaded.items() if isinstance(v, int) and 0 < v <= MAX_CASES}
+        return {str(k): (int(v[0]), int(v[1])) for k, v in loaded.items()
+                if isinstance(v, list) and len(v) == 2 and all(isinstance(n, int) and 0 <= n <= MAX_CASES for n in v)}
 
     def site(self, node: int, claimed: str | None = None) -> str:
         """The site registered for ``node`` (a node nobody registered is bound to its first sound claim)."""
@@ -211,14 +211,18 @@ class Inbox:
         for count, kind in self._counts(content, is_train):
             if not float(count).is_integer() or count < 0 or count > MAX_CASES:
                 raise Refused(TOO_MANY_CASES if count > MAX_CASES else MALFORMED)
+            # training counts its training cases; a score counts its validation cases, or every labelled case
+            # at a site that ended up not training (cross-site evaluation): both within what it declared
             bound = None if declared is None or fingerprint is not None or kind == "test" else (
-                declared if kind == "train" else math.ceil(declared * self.eval_ratio) + 1)
+                declared[0] if kind == "train" else sum(declared))
             if bound is not None and count > bound:
                 raise Refused(TOO_MANY_CASES)
         if fingerprint is not None:
             cases = fingerprint.get(f"{keys.FINGERPRINT_PREFIX}cases")
-            if finite_number(cases) and float(cases).is_integer() and 0 < cases <= MAX_CASES:
-                self._declare(site, int(cases))
+            val = fingerprint.get(f"{keys.FINGERPRINT_PREFIX}val_cases")
+            if all(finite_number(n) and float(n).is_integer() and 0 <= n <= MAX_CASES for n in (cases, val)) \
+                    and cases > 0:
+                self._declare(site, (int(cases), int(val)))
 
     @staticmethod
     def _counts(content, is_train: bool) -> Iterator[tuple[float, str]]:
@@ -233,12 +237,13 @@ class Inbox:
         if evaluation is not None and keys.NUM_EXAMPLES in evaluation:
             yield evaluation[keys.NUM_EXAMPLES], "evaluate"
 
-    def _declare(self, site: str, cases: int) -> None:
+    def _declare(self, site: str, cases: tuple[int, int]) -> None:
         if self.declared.get(site) == cases:
             return
         self.declared[site] = cases
         if self._path is not None:
             try:
-                atomic_write_text(self._path, json.dumps(self.declared, indent=1, sort_keys=True))
+                atomic_write_text(self._path, json.dumps({k: list(v) for k, v in self.declared.items()}, indent=1,
+                                                         sort_keys=True))
             except OSError:
                 log.exception("the sites' declared case counts cannot be written to %s", self._path)

@@ -80,8 +80,7 @@ def main(grid: Grid, context: Context) -> None:
                       config_sha256=cfg.sha256(), sites=cfg.federation.sites, resumed_from_round=done)
     metrics_log.sync()
     node_sites = read_nodes(run)  # one map of node -> site for the boundary, planning and the strategy
-    val = cfg.data.val_fraction
-    inbox = Inbox(node_sites, run, eval_ratio=val / (1 - val))
+    inbox = Inbox(node_sites, run)
     grid = TimelineGrid(grid, metrics_log, cfg.federation.poll_interval_s, inbox)
     status = "completed"
     try:

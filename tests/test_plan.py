@@ -23,7 +23,8 @@ def hand_made(spacings, extents, intensities=None, ct=True) -> dict:
     """A site's fingerprint record made by hand from per-case values (as a site would compute it)."""
     spacings, extents = np.asarray(spacings, float), np.asarray(extents, float)
     values = np.asarray(intensities if intensities is not None else [0.0, 1.0], float)
-    record = {f"{P}format": FINGERPRINT_FORMAT, f"{P}cases": len(spacings), f"{P}channels": 1, f"{P}ct": [int(ct)],
+    record = {f"{P}format": FINGERPRINT_FORMAT, f"{P}cases": len(spacings), f"{P}val_cases": 1, f"{P}channels": 1,
+              f"{P}ct": [int(ct)],
               f"{P}class_fraction_0": [0.99, 0.01], f"{P}intensity_0": list(np.percentile(values, INTENSITY_LEVELS)),
               f"{P}fg_voxels_0": float(values.size), f"{P}fg_mean_0": float(values.mean()),
               f"{P}fg_std_0": float(values.std()),

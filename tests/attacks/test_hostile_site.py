@@ -365,19 +365,20 @@ def test_m1_case_counts_are_held_to_what_the_site_declared_at_planning(tmp_path)
     def answer(node: int, msg: Message) -> RecordDict:
         if msg.metadata.message_type == "query.fingerprint":
             return RecordDict({keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 3}),
-                               keys.FINGERPRINT: MetricRecord({"fp_cases": 3}),
+                               keys.FINGERPRINT: MetricRecord({"fp_cases": 3, "fp_val_cases": 1}),
                                keys.IDENTITY: ConfigRecord({keys.SITE: sites[node], keys.SIGNATURE: SIGNATURE})})
         body = honest(node, msg)
         if node == 3:
             body[keys.METRICS][keys.NUM_EXAMPLES] = 50 if msg.metadata.message_type == MessageType.TRAIN else 9000
         if node == 2 and msg.metadata.message_type == MessageType.EVALUATE:
-            body[keys.METRICS][keys.NUM_EXAMPLES] = 4  # within 3 declared training cases' validation share
+            body[keys.METRICS][keys.NUM_EXAMPLES] = 4  # within its 3 + 1 declared cases (a site that ended up
+            # not training scores all of them)
         return body
 
     declare = stack(ScriptedGrid(sites, answer), tmp_path, dict(sites))
     query = RecordDict({keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 0})})
     declare.send_and_receive([declare.create_message(query, "query.fingerprint", n, "0") for n in sites])
-    assert Inbox({}, tmp_path).declared == {name: 3 for name in sites.values()}, (tmp_path / DECLARED_FILE)
+    assert Inbox({}, tmp_path).declared == {name: (3, 1) for name in sites.values()}, (tmp_path / DECLARED_FILE)
     run_rounds(tmp_path, sites, answer, 2)  # a new stack: the declarations come from the run folder
     refused = [e for e in events(tmp_path, "failure") if e["site"] == "hospital-c"]
     assert [e["reason"] for e in refused] == [f"site hospital-c: {TOO_MANY_CASES}"] * 3
@@ -473,3 +474,17 @@ def test_a_site_claiming_a_million_training_cases_weighs_no_more_than_three_time
     assert float(mean["b"].numpy()[0]) == pytest.approx(3 * 10.5 / (21 + 3 * 10.5))  # capped at 3 x the median
     honest = plain(1, [moved(0.0, 10), moved(1.0, 20)], GLOBAL)
     assert float(honest["b"].numpy()[0]) == pytest.approx(20 / 30)  # within the cap: FedAvg's weighted mean
+
+
+def test_a_small_site_with_more_validation_than_training_cases_is_scored(tmp_path):
+    """The per-case split can give a site of 8 cases 5 for validation and 3 for training (the demo's site-3
+    did): its score counts within what it declared, so it is kept; a count beyond both is refused."""
+    from server.inbound import TOO_MANY_CASES, Inbox
+    from tests.attacks.builders import EVAL_METRICS, eval_reply
+
+    inbox = Inbox({1: "hospital-a"}, tmp_path)
+    inbox.declared["hospital-a"] = (3, 5)  # its fingerprint's training and validation cases
+    kept = inbox.receive(eval_reply(1, "hospital-a", {**EVAL_METRICS, keys.NUM_EXAMPLES: 5}), 1)
+    assert not kept.has_error(), kept.error.reason
+    refused = inbox.receive(eval_reply(1, "hospital-a", {**EVAL_METRICS, keys.NUM_EXAMPLES: 9}), 1)
+    assert refused.has_error() and refused.error.reason.endswith(TOO_MANY_CASES)

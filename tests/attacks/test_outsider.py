@@ -142,7 +142,7 @@ def test_finding_11_sites_get_only_what_they_need(centre):
     import tomllib
 
     from common.config import from_yaml_text
-    from common.plan import Plan
+    from common.plan import ChannelNorm, Plan
     from server.planning import plan_config
 
     shipped = tomllib.loads((centre["run"] / "run-config.toml").read_text())[keys.RUN_CONFIG_KEY]
@@ -150,7 +150,7 @@ def test_finding_11_sites_get_only_what_they_need(centre):
         assert secret not in shipped, secret
     assert from_yaml_text(shipped, "run config").model.channels == centre["cfg"]["model"]["channels"]
 
-    plan = Plan((1.0, 1.0, 1.0), (16, 16, 16), (), (32, 32, 32),
+    plan = Plan((1.0, 1.0, 1.0), (16, 16, 16), (ChannelNorm("zscore"),), (32, 32, 32),
                 provenance={"sites": WIRE_SITES, "num_cases": 9, "class_fraction": [0.97, 0.03]})
     sent = Plan.from_json(str(plan_config(plan)[keys.PLAN]))
     assert sent == plan and sent.provenance == {}
