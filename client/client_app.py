@@ -17,7 +17,7 @@ from collections.abc import Callable
 from flwr.app import Context, Error, Message, MetricRecord
 from flwr.clientapp import ClientApp
 
-from common import keys
+from common import keys, threadsafe_monai  # noqa: F401  (threadsafe_monai: MONAI whole before any thread races for it)
 from common.config import FedsegConfig
 from common.loops import evaluate as evaluate_model
 from common.loops import RunSteps, train_local

@@ -16,7 +16,7 @@ import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from common import keys
+from common import keys, threadsafe_monai  # noqa: F401  (threadsafe_monai: MONAI whole before any thread races for it)
 from common.config import FedsegConfig, from_yaml_text, load_config, with_channels
 from common.flower_env import quicken_object_pulls
 from common.metrics_log import MetricsLog, read_events
