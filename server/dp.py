@@ -37,11 +37,8 @@ metrics (loss, Dice) are not covered. Every site takes part in every round,
 so there is no sampling amplification: T released rounds compose exactly to a
 Gaussian mechanism with :math:`\mu = \sqrt{T}/z` (Gaussian differential
 privacy, Dong, Roth & Su 2019), and epsilon at ``privacy.delta`` follows from
-the exact privacy profile of the Gaussian mechanism (Balle & Wang 2018):
-
-.. math::
-    \delta(\varepsilon) = \Phi\left(-\frac{\varepsilon}{\mu} + \frac{\mu}{2}\right)
-      - e^{\varepsilon}\,\Phi\left(-\frac{\varepsilon}{\mu} - \frac{\mu}{2}\right).
+the exact privacy profile of the Gaussian mechanism (Balle & Wang 2018), in
+common/dp_accounting.py, the accountant a site's local DP uses too.
 
 Flower's own accountant (``flwr.supercore.privacy_accounting``) needs the
 optional ``dp-accounting`` package and a strategy using FedAvg's
@@ -57,45 +54,21 @@ federation size, or without DP: the budget would otherwise be understated.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
 from flwr.supercore.differential_privacy import compute_clip_model_update
-from scipy.optimize import brentq
-from scipy.special import log_ndtr, ndtr
 
 from common import keys
 from common.config import FedsegConfig, PrivacyConfig
+from common.dp_accounting import ACCOUNTANT, gaussian_epsilon
 from common.metrics_log import MetricsLog, read_events
 
 from .strategy import FedSegStrategy
 
 log = logging.getLogger("fedseg.server")
-
-ACCOUNTANT = "gaussian-dp exact composition, no sampling amplification"
-
-
-def gaussian_delta(epsilon: float, mu: float) -> float:
-    """delta(epsilon) of a mu-GDP mechanism, computed in log space so large epsilon does not overflow."""
-    a = -epsilon / mu + mu / 2
-    b = -epsilon / mu - mu / 2
-    return float(ndtr(a) - math.exp(epsilon + log_ndtr(b)))
-
-
-def gaussian_epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
-    """Smallest epsilon with (epsilon, delta)-DP after ``releases`` Gaussian releases of multiplier z."""
-    if releases <= 0:
-        return 0.0
-    mu = math.sqrt(releases) / noise_multiplier
-    if gaussian_delta(0.0, mu) <= delta:
-        return 0.0
-    high = 1.0
-    while gaussian_delta(high, mu) > delta:  # delta(epsilon) falls monotonically: bracket the root
-        high *= 2
-    return float(brentq(lambda eps: gaussian_delta(eps, mu) - delta, 0.0, high, xtol=1e-12, rtol=1e-10))
 
 
 class PrivacyResumeRefused(RuntimeError):

@@ -19,11 +19,12 @@ from safetensors.torch import load_file
 
 from common import keys
 from common.config import load_config
+from common.dp_accounting import gaussian_delta, gaussian_epsilon
 from common.files import read_jsonl
 from common.metrics_log import MetricsLog, read_events
 from common.runs import EGRESS_FILE
 from server.checkpoints import Checkpoints
-from server.dp import FedSegDifferentialPrivacy, gaussian_delta, gaussian_epsilon, with_privacy
+from server.dp import FedSegDifferentialPrivacy, with_privacy
 from server.strategy import FedSegStrategy
 from tests.flower_messages import reply
 from tests.local_grid import LocalGrid
