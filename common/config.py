@@ -63,6 +63,10 @@ class ModelConfig:
     out_channels: int = option(
         0, "Classes including background; 0: the labels the sites' dataset.json agree on at planning.")
     dropout: float = option(0.0, "Dropout probability inside the network.")
+    init_weights: str = option(
+        "", "Centre: start the run from pretrained weights instead of the seeded random init: a fedseg export "
+            "folder, a run folder (its best checkpoint), a .safetensors file or a MONAI bundle's models/model.pt "
+            "(a state dict; a pickled object is refused). Tensors are taken by name and shape (docs/pretrained.md).")
 
 
 def with_channels(model: ModelConfig, channels: int, classes: int, source: str, detail: str = "") -> ModelConfig:
@@ -180,6 +184,9 @@ class FederationConfig:
         "", "Skip training; only cross-evaluate this checkpoint of the run (best, last, round-0003 or a file)."
     )
     runs_dir: str = option("runs", "Folder that holds one run directory per run.")
+    tensorboard: bool = option(
+        False, "Mirror metrics.jsonl to TensorBoard event files in <run>/tensorboard as the run writes it "
+               "(tensorboard --logdir runs/); nothing but the log's own numbers is written there.")
     run_name: str = option("", "Run directory name; empty means a timestamped name.")
     run_id: str = option(
         "", "The run's identity (12 hex digits), drawn when the run is created and kept when it resumes; each site "

@@ -29,6 +29,7 @@ from . import cross_eval
 from .checkpoints import Checkpoints
 from .inbound import Inbox
 from .planning import PlanningFailed, plan_config, plan_federation
+from .pretrained import start_weights
 from .resume import resume_point
 from .site_registry import read_nodes
 from .dp import with_privacy
@@ -88,7 +89,8 @@ def main(grid: Grid, context: Context) -> None:
         plan = plan_federation(training, cfg, run, metrics_log, node_sites)
         cfg = with_planned_model(cfg, plan)
         (run / CONFIG_FILE).write_text(cfg.to_yaml())  # what export and predict at a site build the model from
-        weights, signature = initial_weights(cfg)
+        # the start model: the seeded init, or model.init_weights over it (a resumed run continues its own)
+        weights, signature = start_weights(cfg, metrics_log) if resume.weights is None else initial_weights(cfg)
         strategy = FedSegStrategy(
             cfg, signature, {k: tuple(v.shape) for k, v in weights.items()}, metrics_log, checkpoints,
             round_offset=done,
