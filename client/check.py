@@ -5,7 +5,11 @@ file's name: unreadable or truncated files, an image without a label or a
 label without an image, image/label shapes or affines that disagree, labels
 that are not integers or not declared in dataset.json, NaN or Inf voxels,
 empty labels, odd orientation or spacing, and a numTraining in dataset.json
-that disagrees with the cases found. Labelled test cases (imagesTs/labelsTs)
+that disagrees with the cases found. A DICOM series folder is checked before
+it is read: a folder that mixes series, a localizer, missing or uneven slices,
+and a Modality that differs from what the channel's name in dataset.json
+implies (common/dicom_series.py) are named with the folder and the fix.
+Labelled test cases (imagesTs/labelsTs)
 are checked like training cases. A summary table
 follows (cases, spacing and shape ranges, label voxel fractions). Nothing is
 modified. The exit code is 1 when training would fail (any problem), 0
@@ -25,7 +29,8 @@ import nibabel as nib
 import numpy as np
 
 from common.dataset import DATASET_JSON, Case, DatasetError, DatasetSpec, read_dataset
-from common.reading import open_nifti, ras_axes
+from common.dicom_series import expected_modality, inspect_series
+from common.reading import Voxels, open_voxels, ras_axes
 
 log = logging.getLogger("fedseg.client")
 
@@ -117,8 +122,8 @@ def _oblique(affine: np.ndarray) -> bool:
     return bool(np.any((np.abs(columns) > OBLIQUE_TOLERANCE) & (np.abs(columns) < 1 - OBLIQUE_TOLERANCE)))
 
 
-def _geometry_findings(name: str, img: nib.Nifti1Image) -> list[Finding]:
-    zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
+def _geometry_findings(name: str, img: Voxels) -> list[Finding]:
+    zooms = img.zooms
     if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0) or abs(np.linalg.det(img.affine[:3, :3])) < 1e-12:
         return [Finding(name, f"invalid voxel spacing {zooms.tolist()} or singular affine", True)]
     found = []
@@ -134,25 +139,45 @@ def _geometry_findings(name: str, img: nib.Nifti1Image) -> list[Finding]:
     return found
 
 
+def series_findings(name: str, folder: Path, channel_name: str) -> list[Finding]:
+    """A DICOM series folder's defects (common/dicom_series.py), and a Modality its channel's name rules out."""
+    series, problems = inspect_series(folder)
+    found = [Finding(name, problem, True) for problem in problems]
+    expected = expected_modality(channel_name)
+    if series is not None and expected is not None and series.modality != expected:
+        found.append(Finding(name, f"DICOM Modality {series.modality or '(none)'}, but dataset.json names this "
+                                   f"channel '{channel_name}' ({expected}); move the series to the right channel or "
+                                   "case, or fix channel_names", True))
+    return found
+
+
+def _open_all(paths: tuple[Path, ...], series: Path | None, rel) -> tuple[list[tuple[Path, Voxels]], list[Finding]]:
+    opened, found = [], []
+    for path in paths:
+        try:
+            opened.append((path, open_voxels(path, series)))
+        except Exception as err:  # nibabel, pydicom and highdicom raise many kinds for broken files
+            found.append(Finding(rel(path), f"unreadable or truncated ({type(err).__name__}: {err})", True))
+    return opened, found
+
+
 def check_case(case: Case, spec: DatasetSpec) -> tuple[list[Finding], CaseInfo | None]:
     """Every defect of one case, and its facts for the summary when it is readable."""
     root = spec.root
     rel = lambda p: str(p.relative_to(root)) if p.is_relative_to(root) else str(p)  # noqa: E731
-    found: list[Finding] = []
-    images = []
-    for path in case.images:
-        try:
-            images.append((path, *open_nifti(path)))
-        except Exception as err:  # nibabel raises many kinds for broken files
-            found.append(Finding(rel(path), f"unreadable or truncated ({type(err).__name__}: {err})", True))
-    labels = []
-    for path in case.labels:
-        try:
-            labels.append((path, *open_nifti(path)))
-        except Exception as err:
-            found.append(Finding(rel(path), f"unreadable or truncated ({type(err).__name__}: {err})", True))
+    names = [spec.channel_names[k] for k in sorted(spec.channel_names, key=int)]
+    found = [f for c, path in enumerate(case.images) if path.is_dir()
+             for f in series_findings(rel(path), path, names[c] if c < len(names) else "")]
     if found:
         return found, None
+    series = case.images[0] if case.images[0].is_dir() else None
+    opened_images, found = _open_all(case.images, series, rel)
+    opened_labels, label_found = _open_all(case.labels, series, rel)
+    found += label_found
+    if found:
+        return found, None
+    images = [(path, v, v.data) for path, v in opened_images]
+    labels = [(path, v, v.data) for path, v in opened_labels]
     ref_path, ref_img, ref_data = images[0]
     ref_shape = ref_data.shape[:3]
     channels = sum(1 if d.ndim == 3 else d.shape[3] for _, _, d in images)
@@ -189,8 +214,7 @@ def check_case(case: Case, spec: DatasetSpec) -> tuple[list[Finding], CaseInfo |
             if not np.any(data > 0):
                 found.append(Finding(rel(path), "empty label (no foreground voxels)", False))
     order = ras_axes(ref_img.affine)
-    zooms = np.asarray(ref_img.header.get_zooms()[:3], dtype=float)
-    info = CaseInfo(zooms[order], tuple(int(v) for v in np.asarray(ref_shape)[order]), fractions)
+    info = CaseInfo(ref_img.zooms[order], tuple(int(v) for v in np.asarray(ref_shape)[order]), fractions)
     return found, info
 
 

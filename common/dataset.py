@@ -15,6 +15,13 @@ cases; test images without a label are ignored. Images and labels that have
 no partner are kept aside in ``DatasetSpec.unpaired`` (never trained on) for
 the preflight check to report.
 
+DICOM: any image channel may be a DICOM series folder instead of a NIfTI file
+(``imagesTr/{case}_{channel:04d}/``, one series per folder, read by
+common/dicom_series.py), and a label may be a DICOM-SEG on that series
+(``labelsTr/{case}.dcm``) instead of NIfTI; dataset.json is unchanged
+(``file_ending`` stays the ending of the NIfTI files). In the Decathlon layout
+an ``image`` entry may name a series folder.
+
 Several annotators: an nnU-Net dataset.json may list ``"annotators":
 ["labelsTr", "labelsTr_reader2", ...]`` (label folders, the first is the
 reference); in the MSD layout a ``label`` entry may be a list of files. Every
@@ -40,6 +47,8 @@ LABEL_WITHOUT_IMAGE = "label without an image"
 CHANNEL_SUFFIX_DIGITS = 4
 SAFE_CASE_ID = re.compile(r"[A-Za-z0-9._-]+")
 NIFTI_ENDINGS = (".nii.gz", ".nii")
+DICOM_SEG_ENDING = ".dcm"
+"""A label file with this ending is a DICOM-SEG of its case's series (common/reading.py reads it)."""
 CT_MODALITY = "CT"
 """Channel name that selects CT normalization (nnU-Net's convention)."""
 
@@ -153,14 +162,13 @@ def _nnunet_pairs(root: Path, meta: dict, images_dir: str, label_dirs: tuple[str
     ending = meta["file_ending"]
     channels = sorted(meta["channel_names"], key=int)
     reference = root / label_dirs[0]
-    label_files = sorted(p for p in reference.glob(f"*{ending}") if not p.name.startswith("."))
+    label_files = sorted(p for p in reference.iterdir() if not p.name.startswith(".") and p.is_file()
+                         and p.name.endswith((ending, DICOM_SEG_ENDING))) if reference.is_dir() else []
     cases, unpaired = [], []
     for label in label_files:
-        case_id = label.name[: -len(ending)]
-        images = tuple(
-            root / images_dir / f"{case_id}_{int(c):0{CHANNEL_SUFFIX_DIGITS}d}{ending}" for c in channels
-        )
-        labels = tuple(root / folder / label.name for folder in label_dirs)
+        case_id = label.name[: -len(ending if label.name.endswith(ending) else DICOM_SEG_ENDING)]
+        images = tuple(_channel_image(root / images_dir, case_id, int(c), ending) for c in channels)
+        labels = tuple(_annotation(root / folder, case_id, ending) for folder in label_dirs)
         if missing_images := [_rel(p, root) for p in images if not p.is_file()]:
             unpaired.append(Unpaired(_rel(label, root), f"{LABEL_WITHOUT_IMAGE} (missing {missing_images})"))
             continue
@@ -170,12 +178,30 @@ def _nnunet_pairs(root: Path, meta: dict, images_dir: str, label_dirs: tuple[str
     return cases, unpaired
 
 
+def _channel_image(folder: Path, case_id: str, channel: int, ending: str) -> Path:
+    """A case's channel: the NIfTI file ``{case}_{cccc}{ending}``, or else the DICOM series folder ``{case}_{cccc}/``."""
+    name = f"{case_id}_{channel:0{CHANNEL_SUFFIX_DIGITS}d}"
+    return folder / name if not (folder / f"{name}{ending}").is_file() and (folder / name).is_dir() \
+        else folder / f"{name}{ending}"
+
+
+def _annotation(folder: Path, case_id: str, ending: str) -> Path:
+    """A case's label in one label folder: NIfTI, or else a DICOM-SEG; both at once is refused."""
+    nifti, seg = folder / f"{case_id}{ending}", folder / f"{case_id}{DICOM_SEG_ENDING}"
+    if nifti.is_file() and seg.is_file():
+        raise DatasetError(f"{folder}: case '{case_id}' has two labels, {nifti.name} and {seg.name}; keep one.")
+    return seg if seg.is_file() else nifti
+
+
 def _images_without_label(root: Path, meta: dict, labelled: set[str]) -> list[Unpaired]:
-    """imagesTr files (any channel) whose case has no label file."""
+    """imagesTr files or series folders (any channel) whose case has no label file."""
     ending = meta["file_ending"]
-    suffix_len = 1 + CHANNEL_SUFFIX_DIGITS + len(ending)
-    found = sorted(p for p in (root / IMAGES_DIR).glob(f"*{ending}") if not p.name.startswith("."))
-    return [Unpaired(_rel(p, root), IMAGE_WITHOUT_LABEL) for p in found if p.name[:-suffix_len] not in labelled]
+    suffix_len = 1 + CHANNEL_SUFFIX_DIGITS
+    folder = root / IMAGES_DIR
+    found = sorted(p for p in folder.iterdir() if not p.name.startswith(".")
+                   and (p.is_dir() or p.name.endswith(ending))) if folder.is_dir() else []
+    stem = lambda p: p.name if p.is_dir() else p.name[: -len(ending)]  # noqa: E731
+    return [Unpaired(_rel(p, root), IMAGE_WITHOUT_LABEL) for p in found if stem(p)[:-suffix_len] not in labelled]
 
 
 def _read_nnunet(root: Path, meta: dict) -> DatasetSpec:
@@ -188,7 +214,7 @@ def _read_nnunet(root: Path, meta: dict) -> DatasetSpec:
     if not cases and not unpaired:
         raise DatasetError(f"no label files matching *{meta['file_ending']} in {root / annotators[0]}.")
     test_cases, test_unpaired = _nnunet_pairs(root, meta, TEST_IMAGES_DIR, (TEST_LABELS_DIR,))
-    labelled = {c.case_id for c in cases} | {Path(u.file).name[: -len(meta["file_ending"])] for u in unpaired}
+    labelled = {c.case_id for c in cases} | {_label_case(Path(u.file).name, meta["file_ending"]) for u in unpaired}
     return DatasetSpec(
         root=root,
         layout="nnunet",
@@ -201,6 +227,10 @@ def _read_nnunet(root: Path, meta: dict) -> DatasetSpec:
         unpaired=(*unpaired, *_images_without_label(root, meta, labelled), *test_unpaired),
         num_training=meta.get("numTraining"),
     )
+
+
+def _label_case(name: str, ending: str) -> str:
+    return name[: -len(ending if name.endswith(ending) else DICOM_SEG_ENDING)]
 
 
 def _ending_of(name: str) -> str:
@@ -226,13 +256,13 @@ def _msd_cases(root: Path, path: Path, entries: list, what: str) -> tuple[list[C
         if n_annotators not in (None, len(label_paths)):
             raise DatasetError(f"{path}: {what} entry {i} has {len(label_paths)} labels, others {n_annotators}.")
         n_annotators = len(label_paths)
-        if not image.is_file():
+        if not image.is_file() and not image.is_dir():
             unpaired += [Unpaired(_rel(p, base), LABEL_WITHOUT_IMAGE) for p in label_paths if p.is_file()]
             continue
         if not all(p.is_file() for p in label_paths):
             unpaired.append(Unpaired(_rel(image, base), IMAGE_WITHOUT_LABEL))
             continue
-        case_id = image.name[: -len(_ending_of(image.name))]
+        case_id = image.name if image.is_dir() else image.name[: -len(_ending_of(image.name))]
         cases.append(Case(case_id, (image,), label_paths))
     return sorted(cases, key=lambda c: c.case_id), unpaired, named
 
@@ -241,7 +271,8 @@ def _unlisted(root: Path, named: set[Path]) -> list[Unpaired]:
     """Files in imagesTr/labelsTr that no training entry names: they have no partner."""
     found = []
     for folder, problem in ((IMAGES_DIR, IMAGE_WITHOUT_LABEL), (LABELS_DIR, LABEL_WITHOUT_IMAGE)):
-        for p in sorted((root / folder).glob("*.nii*")):
+        listed = (root / folder).iterdir() if (root / folder).is_dir() else ()
+        for p in sorted(p for p in listed if p.name.endswith((*NIFTI_ENDINGS, DICOM_SEG_ENDING)) or p.is_dir()):
             if not p.name.startswith(".") and p.resolve() not in named:
                 found.append(Unpaired(_rel(p, root), f"{problem} (not in dataset.json's training list)"))
     return found
@@ -263,7 +294,8 @@ def _read_msd(root: Path, meta: dict) -> DatasetSpec:
         layout="msd",
         channel_names={str(k): str(v) for k, v in modality.items()},
         labels=labels,
-        file_ending=_ending_of(cases[0].images[0].name),
+        file_ending=next((_ending_of(p.name) for c in cases for p in (*c.images, *c.labels)
+                          if p.name.endswith(NIFTI_ENDINGS)), NIFTI_ENDINGS[0]),
         cases=tuple(cases),
         annotators=tuple(f"annotator-{i + 1}" for i in range(len(cases[0].labels))),
         test_cases=tuple(test_cases),
@@ -295,17 +327,16 @@ def check_case_id(case_id: str, source: Path) -> str:
 
 
 def channel_groups(paths: list[Path], channels: int) -> dict[str, tuple[Path, ...]]:
-    """Scans to segment, grouped into cases: case name -> one file per channel, in channel order.
+    """Scans to segment, grouped into cases: case name -> one file (or DICOM series folder) per channel, in order.
 
-    nnU-Net names a case's channels ``{case}_{cccc}{ending}``; with several
+    nnU-Net names a case's channels ``{case}_{cccc}{ending}`` (a series folder ``{case}_{cccc}``); with several
     channels, those files make one case. Two inputs that would give the same
     case name (``x_0000`` and ``x_0001`` of a one-channel model, or ``x`` and
     ``x_0000``) are refused: the second output would overwrite the first.
     """
     groups: dict[str, dict[int, Path]] = {}
     for path in paths:
-        ending = _ending_of(path.name)
-        stem = path.name[: -len(ending)]
+        stem = path.name if path.is_dir() else path.name[: -len(_ending_of(path.name))]  # a folder: a DICOM series
         head, _, suffix = stem.rpartition("_")
         numbered = bool(head) and len(suffix) == CHANNEL_SUFFIX_DIGITS and suffix.isdigit()
         case, channel = (head, int(suffix)) if numbered else (stem, 0)

@@ -20,13 +20,18 @@ all four):
    three times the output's size does not fit a 512x512x400 CT in a 2-core
    site's memory, and whose sampling grid differs from nnU-Net's.
 
-Raw voxels for the preflight check come from ``open_nifti``, the one place a
-NIfTI file is opened; ``ras_axes`` is the one place RAS axis order is read.
+Raw voxels for the preflight check come from ``open_voxels``: a NIfTI file
+(``open_nifti``, the one place one is opened), a DICOM series folder or a
+DICOM-SEG on its case's series (common/dicom_series.py). A DICOM channel enters
+the pipeline as the same MetaTensor a NIfTI file gives (float32, RAS affine,
+``pixdim``), with no header of its own; ``ras_axes`` is the one place RAS axis
+order is read.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -38,6 +43,7 @@ from monai.transforms.utils import convert_applied_interp_mode, generate_spatial
 from monai.utils import TraceKeys
 
 from .dataset import Case
+from .dicom_series import DicomSeriesError, open_series, seg_labels, series_voxels
 
 IMAGE, LABEL = "image", "label"
 RAS = "RAS"
@@ -63,6 +69,38 @@ def open_nifti(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
     """The file's header and its voxels as stored (dtype and memory order of the file)."""
     img = nib.load(str(path))
     return img, np.asanyarray(img.dataobj)
+
+
+DICOM_SEG_ENDING = ".dcm"
+"""A label file with this ending is a DICOM-SEG on its case's series; any other is NIfTI."""
+
+
+@dataclass(frozen=True)
+class Voxels:
+    """What the preflight check reads of one image channel or label map, whatever the file format."""
+
+    affine: np.ndarray
+    zooms: np.ndarray
+    data: np.ndarray
+
+
+def open_voxels(path: Path, series: Path | None = None) -> Voxels:
+    """A NIfTI file, a DICOM series folder, or (``series`` given) a DICOM-SEG label on that series' voxels."""
+    if path.is_dir():
+        opened = open_series(path)
+        return Voxels(opened.affine, opened.zooms, series_voxels(opened))
+    if path.name.endswith(DICOM_SEG_ENDING):
+        opened = open_series(_seg_source(path, series))
+        return Voxels(opened.affine, opened.zooms, seg_labels(path, opened))
+    img, data = open_nifti(path)
+    return Voxels(img.affine, np.asarray(img.header.get_zooms()[:3], dtype=float), data)
+
+
+def _seg_source(path: Path, series: Path | None) -> Path:
+    if series is None or not series.is_dir():
+        raise DicomSeriesError(f"{path}: a DICOM-SEG label needs its case's image to be a DICOM series folder "
+                               "(imagesTr/<case>_0000/); give a NIfTI label for a NIfTI image.")
+    return series
 
 
 def ras_axes(affine: np.ndarray) -> np.ndarray:
@@ -93,10 +131,30 @@ def _load_3d_file(path: Path, file_layout: bool) -> MetaTensor:
     else:
         data = torch.empty((1, *voxels.shape), dtype=torch.float32)
         data[0].copy_(voxels)
-    affine = torch.as_tensor(img.affine, dtype=torch.float64)
-    meta = {"original_affine": np.asarray(img.affine), "filename_or_obj": str(path), "space": RAS,
-            "pixdim": np.array(img.header["pixdim"], dtype=np.float32)}
-    return MetaTensor(data, affine=affine, meta=meta)
+    return _meta_tensor(data, img.affine, np.array(img.header["pixdim"], dtype=np.float32), path)
+
+
+def _meta_tensor(data: torch.Tensor, affine: np.ndarray, pixdim: np.ndarray, source: Path) -> MetaTensor:
+    """The metadata every loaded array carries: affine, pixdim, RAS space and its file; nothing else."""
+    meta = {"original_affine": np.asarray(affine), "filename_or_obj": str(source), "space": RAS, "pixdim": pixdim}
+    return MetaTensor(data, affine=torch.as_tensor(affine, dtype=torch.float64), meta=meta)
+
+
+def _dicom_pixdim(zooms: np.ndarray) -> np.ndarray:
+    """A NIfTI-style pixdim (qfac, three spacings, then units of the unused axes) for a DICOM volume."""
+    return np.array([1.0, *zooms, 1.0, 1.0, 1.0, 1.0], dtype=np.float32)
+
+
+def load_dicom_image(folders: Sequence[Path]) -> MetaTensor:
+    """One series folder per channel -> float32 [C, columns, rows, slices]; the channels must share a grid."""
+    series = [open_series(Path(f)) for f in folders]
+    for other in series[1:]:
+        if other.shape != series[0].shape or not np.allclose(other.affine, series[0].affine, atol=1e-3):
+            raise DicomSeriesError(f"{other.folder}: its grid {other.shape} differs from {series[0].folder}'s "
+                                   f"{series[0].shape} (or its position); a case's channels must be registered "
+                                   "series of the same grid.")
+    data = torch.from_numpy(np.stack([series_voxels(s) for s in series]))
+    return _meta_tensor(data, series[0].affine, _dicom_pixdim(series[0].zooms), series[0].folder)
 
 
 def load_image(paths: Sequence[Path], file_layout: bool = False) -> MetaTensor:
@@ -105,6 +163,8 @@ def load_image(paths: Sequence[Path], file_layout: bool = False) -> MetaTensor:
     ``file_layout``: see _load_3d_file; only where no reduction over the whole volume
     depends on the memory order (its float rounding would), i.e. not for training caches.
     """
+    if Path(paths[0]).is_dir():
+        return load_dicom_image(paths)
     if len(paths) == 1 and len(nib.load(str(paths[0])).shape) == 3:
         return _load_3d_file(paths[0], file_layout)
     loader = mt.LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=np.float32)
@@ -112,8 +172,12 @@ def load_image(paths: Sequence[Path], file_layout: bool = False) -> MetaTensor:
     return loader(files if len(files) > 1 else files[0])
 
 
-def load_label(path: Path) -> MetaTensor:
-    """A label map [1, X, Y, Z] uint8 in its stored orientation."""
+def load_label(path: Path, series: Path | None = None) -> MetaTensor:
+    """A label map [1, X, Y, Z] uint8 in its stored orientation; a DICOM-SEG on the case's ``series`` folder."""
+    if Path(path).name.endswith(DICOM_SEG_ENDING):
+        source = open_series(_seg_source(Path(path), series))
+        labels = torch.from_numpy(seg_labels(Path(path), source))[None]
+        return _meta_tensor(labels, source.affine, _dicom_pixdim(source.zooms), Path(path))
     loader = mt.LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=np.uint8)
     return loader(str(path))
 
@@ -132,8 +196,10 @@ class LoadCased(mt.MapTransform):
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
+        images = tuple(data[IMAGE]) if IMAGE in data else ()
+        series = Path(images[0]) if images and Path(images[0]).is_dir() else None  # a label SEG lies on it
         for key in self.key_iterator(d):
-            d[key] = load_image(tuple(d[key]), self.file_layout) if key == IMAGE else load_label(d[key])
+            d[key] = load_image(tuple(d[key]), self.file_layout) if key == IMAGE else load_label(d[key], series)
         return d
 
 

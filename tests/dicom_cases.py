@@ -1,0 +1,109 @@
+"""DICOM series written with pydicom from real NIfTI volumes, carrying planted identifying attributes.
+
+``write_series`` stores a volume as one slice file per plane: int16 values
+with a rescale slope and intercept, the geometry of the NIfTI affine (an
+oblique one in the tests), files named in shuffled order, and every
+attribute of ``IDENTITY`` filled with a value the tests can look for in the
+bytes of what fedseg writes.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from pydicom import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+SLOPE, INTERCEPT = 0.5, -20.0
+IDENTITY = {
+    "PatientName": "Quagmire^Ottoline",
+    "PatientID": "PID-QX-77310",
+    "PatientBirthDate": "19470312",
+    "PatientAge": "079Y",
+    "PatientAddress": "12 Plantedstreet Vexborough",
+    "OtherPatientIDs": "OPID-55821",
+    "PatientTelephoneNumbers": "555-0199-321",
+    "InstitutionName": "Saint Plantedius Hospital",
+    "InstitutionAddress": "1 Hospital Road Vexborough",
+    "InstitutionalDepartmentName": "Planted Radiology Dept",
+    "ReferringPhysicianName": "Refdoc^Barnabyx",
+    "PerformingPhysicianName": "Perfdoc^Cornelix",
+    "OperatorsName": "Opname^Dorotheax",
+    "NameOfPhysiciansReadingStudy": "Readdoc^Eulaliax",
+    "AccessionNumber": "ACC-998172",
+    "StudyID": "STUDY-44127",
+    "StudyDescription": "Planted brain study description",
+    "SeriesDescription": "Planted axial series description",
+    "StationName": "PLANTEDSTATION7",
+    "DeviceSerialNumber": "SN-PLANTED-3391",
+    "StudyDate": "19990417",
+    "SeriesDate": "19990418",
+    "AcquisitionDate": "19990419",
+    "ContentDate": "19990420",
+    "StudyTime": "101112.131415",
+    "AdditionalPatientHistory": "Planted history of something",
+}
+"""Attributes of the DICOM basic de-identification profile, each with a value no other file holds."""
+PATIENT_SEX = "O"
+
+
+def quantize(volume: np.ndarray) -> np.ndarray:
+    """``volume`` as the series stores it: int16 steps of SLOPE from INTERCEPT (exact in float32)."""
+    return (np.clip(np.rint((volume - INTERCEPT) / SLOPE), -32768, 32767) * SLOPE + INTERCEPT).astype(np.float32)
+
+
+def write_series(volume: np.ndarray, affine: np.ndarray, folder: Path, modality: str = "MR",
+                 study_uid: str | None = None, series_number: int = 3, localizer: bool = False,
+                 skip: tuple[int, ...] = ()) -> list[Path]:
+    """One slice file per plane k of ``volume`` [X, Y, Z] with ``affine`` (RAS, det > 0); returns the files.
+
+    ``skip``: slice indices left out (a series with missing slices).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    cols, rows = lps[:3, 0], lps[:3, 1]
+    study_uid = study_uid or generate_uid()
+    series_uid, frame_uid = generate_uid(), generate_uid()
+    sop_class = CT_IMAGE_STORAGE if modality == "CT" else MR_IMAGE_STORAGE
+    stored = np.rint((quantize(volume) - INTERCEPT) / SLOPE).astype(np.int16)
+    order = [k for k in range(volume.shape[2]) if k not in skip]
+    names = random.Random(series_number).sample(range(10_000), len(order))
+    files = []
+    for k, name in zip(order, names):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = sop_class
+        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, ds.file_meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = modality, series_number, k + 1
+        ds.PatientSex = PATIENT_SEX
+        for keyword, value in IDENTITY.items():
+            setattr(ds, keyword, value)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER" if localizer else "AXIAL"]
+        ds.ImageOrientationPatient = [*(cols / np.linalg.norm(cols)), *(rows / np.linalg.norm(rows))]
+        ds.PixelSpacing = [float(np.linalg.norm(rows)), float(np.linalg.norm(cols))]
+        ds.ImagePositionPatient = [float(v) for v in lps[:3, 3] + k * lps[:3, 2]]
+        ds.SliceThickness = float(np.linalg.norm(lps[:3, 2]))
+        ds.RescaleSlope, ds.RescaleIntercept = SLOPE, INTERCEPT
+        ds.Rows, ds.Columns = volume.shape[1], volume.shape[0]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
+        path = folder / f"IM{name:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return files
+
+
+def nifti_to_dicom_case(image: Path, folder: Path, affine: np.ndarray, **kwargs) -> np.ndarray:
+    """A NIfTI scan as a series folder with ``affine`` in place of its own; returns the volume the series holds."""
+    volume = np.asarray(nib.load(str(image)).dataobj, dtype=np.float32)
+    write_series(volume, affine, folder, **kwargs)
+    return quantize(volume)
