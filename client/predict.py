@@ -1,8 +1,9 @@
 """Segment scans at the site with the federation's global weights and the site's own norm tensors.
 
     fedseg-client predict --config site.yaml --run RUN_DIR [--weights best|last|round-N] [--personalized]
-                          --input scan.nii.gz|folder --output out/
-    fedseg-client predict --model MODEL_DIR --input scan.nii.gz|folder --output out/
+                          --input scan.nii.gz|dicom-series/|folder --output out/
+                          [--output-format nifti|dicom-seg] [--output-names fedseg|nnunet] [--strict]
+    fedseg-client predict --model MODEL_DIR --input scan.nii.gz|dicom-series/|folder --output out/
 
 ``RUN_DIR`` is what the coordinating centre hands to a hospital from a run
 (``fedseg-server site-package``): its ``config.yaml`` (the model),
@@ -27,11 +28,22 @@ prediction then first re-estimates them on its unlabeled scans
 Off by default: ``--tta`` (mirroring), ``--probabilities`` (a 4D softmax
 file) and ``--largest-component`` (per-class largest connected component).
 Written files carry the geometry only, never the input header's text fields.
+
+An input is a NIfTI file, a DICOM series folder (common/dicom_series.py), or a
+folder of either. Before anything is segmented, every input is compared with
+what the model was trained on (client/predict_inputs.py): a different channel
+count is refused, a different modality is warned about (``--strict``
+refuses). ``--output-format dicom-seg`` writes a DICOM Segmentation that
+references a DICOM input's series (client/dicom_seg.py); ``--output-names
+nnunet`` names outputs ``<case>.nii.gz`` as nnU-Net does, instead of
+``<case>_seg.nii.gz``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -46,6 +58,7 @@ from torch import nn
 
 from common.config import FedsegConfig
 from common.dataset import NIFTI_ENDINGS, DatasetError, channel_groups
+from common.dicom_series import DicomSeriesError, is_series_folder, open_series
 from common.device import CPU_FP32, Compute, compute_for, with_site_compute
 from common.nifti_out import save_nifti
 from common.plan import Plan
@@ -53,8 +66,14 @@ from common.preprocess import prepare_image
 from common.reading import IMAGE, LABEL, to_file_grid, without_voxels
 
 
+log = logging.getLogger("fedseg.client")
 SUFFIX = "_seg"
 PROB_SUFFIX = "_prob"
+NIFTI_OUT_ENDING = ".nii.gz"
+"""The ending of a NIfTI written for a DICOM input (a NIfTI input keeps its own)."""
+OUTPUT_FORMATS = ("nifti", "dicom-seg")
+OUTPUT_NAMES = ("fedseg", "nnunet")
+DICOM_SEG_ENDING = ".dcm"
 PROGRESS_WIDTH = 30
 
 
@@ -76,6 +95,10 @@ class InferenceOptions:
     """Also write the softmax probabilities: one 4D file, a volume per class (1/255 resolution)."""
     largest_component: bool = False
     """Keep only the largest connected component of every foreground class."""
+    output_format: str = "nifti"
+    """``nifti``, or ``dicom-seg`` (a DICOM input only): see client/dicom_seg.py."""
+    labels: tuple[tuple[str, int], ...] = ()
+    """Label name and value, for the segments of a DICOM-SEG."""
 
 
 @dataclass(frozen=True)
@@ -241,8 +264,8 @@ def probabilities_to_file_grid(probabilities: np.ndarray, image: MetaTensor) -> 
     return np.ascontiguousarray(np.moveaxis(back.numpy(), 0, -1))
 
 
-def output_header(source: nib.Nifti1Header, dtype: type) -> nib.Nifti1Header:
-    """A fresh header for a file fedseg writes: the data type and the source's units, nothing else.
+def output_header(source: nib.Nifti1Header | None, dtype: type) -> nib.Nifti1Header:
+    """A fresh header for a file fedseg writes: the data type and the source's units (mm for DICOM), nothing else.
 
     The source's free-text fields (descrip, aux_file, intent_name, db_name) and
     extensions can carry patient data, so they are never copied; the geometry
@@ -250,11 +273,11 @@ def output_header(source: nib.Nifti1Header, dtype: type) -> nib.Nifti1Header:
     """
     header = nib.Nifti1Header()
     header.set_data_dtype(dtype)
-    header.set_xyzt_units(*source.get_xyzt_units())
+    header.set_xyzt_units(*(source.get_xyzt_units() if source is not None else ("mm", "sec")))
     return header
 
 
-def write_nifti(array: np.ndarray, affine: np.ndarray, source: nib.Nifti1Header, path: Path,
+def write_nifti(array: np.ndarray, affine: np.ndarray, source: nib.Nifti1Header | None, path: Path,
                 dtype: type | None = None) -> None:
     """Write ``array`` on the input's grid (scanner qform and sform from its affine), stored as ``dtype``."""
     out = nib.Nifti1Image(array, affine, output_header(source, dtype or array.dtype))
@@ -271,8 +294,10 @@ def keep_largest_components(label: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def probability_path(out_path: Path) -> Path:
-    """case_seg.nii.gz -> case_prob.nii.gz, next to the label map."""
-    return out_path.with_name(out_path.name.replace(SUFFIX, PROB_SUFFIX, 1))
+    """case_seg.nii.gz (or case.nii.gz, case_seg.dcm) -> case_prob.nii.gz, next to the label map."""
+    ending = next((e for e in (*NIFTI_ENDINGS, DICOM_SEG_ENDING) if out_path.name.endswith(e)), "")
+    stem = out_path.name[: len(out_path.name) - len(ending)].removesuffix(SUFFIX)
+    return out_path.with_name(f"{stem}{PROB_SUFFIX}{ending if ending != DICOM_SEG_ENDING else NIFTI_OUT_ENDING}")
 
 
 def predict_file(path: Path | tuple[Path, ...], out_path: Path, model: nn.Module, plan: Plan, num_classes: int,
@@ -285,14 +310,22 @@ def predict_file(path: Path | tuple[Path, ...], out_path: Path, model: nn.Module
     segmentation = inferer.segment(image.as_tensor())  # a plain tensor: MetaTensor's bookkeeping costs per op
     image = without_voxels(image)
     label = label_to_file_grid(segmentation.label, image)
-    source = nib.load(str(paths[0])).header
-    shape = tuple(int(s) for s in source.get_data_shape()[:3])
+    series = open_series(paths[0]) if paths[0].is_dir() else None
+    source = None if series is not None else nib.load(str(paths[0])).header
+    shape = series.shape if series is not None else tuple(int(s) for s in source.get_data_shape()[:3])
     if label.shape != shape:
         raise RuntimeError(f"{path}: prediction shape {label.shape} differs from the input's {shape}")
     if options.largest_component:
         label = keep_largest_components(label, num_classes)
     affine = np.asarray(image.meta["original_affine"], dtype=float)
-    write_nifti(label, affine, source, out_path)
+    if options.output_format == "dicom-seg":
+        from importlib.metadata import version
+
+        from .dicom_seg import write_dicom_seg
+
+        write_dicom_seg(label, series, dict(options.labels), num_classes, out_path, version("fedseg"))
+    else:
+        write_nifti(label, affine, source, out_path)
     if segmentation.probabilities is not None:
         probabilities = probabilities_to_file_grid(segmentation.probabilities, image)
         # NIfTI has no float16: uint8 with a 1/255 scale factor, which nibabel applies when reading
@@ -301,24 +334,31 @@ def predict_file(path: Path | tuple[Path, ...], out_path: Path, model: nn.Module
 
 
 def scans(source: Path) -> list[Path]:
-    if source.is_file():
+    """The inputs: a scan, a DICOM series folder, or a folder of scans and series folders."""
+    if source.is_file() or is_series_folder(source):
         return [source]
     if source.is_dir():
-        found = sorted(p for p in source.iterdir() if p.name.endswith(NIFTI_ENDINGS) and not p.name.startswith("."))
+        found = sorted(p for p in source.iterdir() if not p.name.startswith(".")
+                       and (p.name.endswith(NIFTI_ENDINGS) and p.is_file() or is_series_folder(p)))
         if found:
             return found
     from common.cli import UserError
 
-    raise UserError(f"{source}: no .nii or .nii.gz scan to segment (give a file or a folder of scans).")
+    raise UserError(f"{source}: no .nii or .nii.gz scan or DICOM series folder to segment (give a file, a series "
+                    "folder, or a folder of them).")
 
 
-def output_name(scan: Path) -> str:
-    """case_0000.nii.gz -> case_seg.nii.gz; the ending is kept."""
-    ending = next(e for e in NIFTI_ENDINGS if scan.name.endswith(e))
-    stem = scan.name[: -len(ending)]
+def output_name(scan: Path, names: str = "fedseg", output_format: str = "nifti") -> str:
+    """case_0000.nii.gz -> case_seg.nii.gz (``nnunet``: case.nii.gz); a series folder gives .nii.gz or .dcm.
+
+    A NIfTI input keeps its ending; a DICOM-SEG ends in .dcm.
+    """
+    ending = "" if scan.is_dir() else next(e for e in NIFTI_ENDINGS if scan.name.endswith(e))
+    stem = scan.name[: len(scan.name) - len(ending)]
     if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit():
         stem = stem[:-5]
-    return f"{stem}{SUFFIX}{ending}"
+    ending = DICOM_SEG_ENDING if output_format == "dicom-seg" else ending or NIFTI_OUT_ENDING
+    return f"{stem}{'' if names == 'nnunet' else SUFFIX}{ending}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -328,8 +368,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "checkpoints/.")
     source.add_argument("--model", type=Path,
                         help="A model folder written by `fedseg-client export` (no run folder or site state needed).")
-    parser.add_argument("--input", type=Path, required=True, help="A scan (.nii/.nii.gz) or a folder of scans.")
+    parser.add_argument("--input", type=Path, required=True,
+                        help="A scan (.nii/.nii.gz), a DICOM series folder, or a folder of scans and series folders.")
     parser.add_argument("--output", type=Path, required=True, help="Folder for the label maps (<case>_seg.nii.gz).")
+    parser.add_argument("--output-format", choices=OUTPUT_FORMATS, default="nifti",
+                        help="nifti (default), or dicom-seg: a DICOM Segmentation referencing the input series "
+                             "(DICOM inputs only; no patient attribute is copied).")
+    parser.add_argument("--output-names", choices=OUTPUT_NAMES, default="fedseg",
+                        help="fedseg: <case>_seg.nii.gz (default); nnunet: <case>.nii.gz as nnU-Net writes them.")
+    parser.add_argument("--strict", action="store_true",
+                        help="Refuse an input whose modality differs from what the model was trained on (default: "
+                             "warn and segment it).")
     parser.add_argument("--weights", help="Round of the run: best, last or round-N (default: the centre's best "
                                           "round, else its last; with --personalized, the personalized copy's).")
     parser.add_argument("--personalized", action="store_true",
@@ -357,6 +406,7 @@ def inference_options(args: argparse.Namespace, model_cfg: FedsegConfig, site_cf
         mirror=args.tta,
         probabilities=args.probabilities,
         largest_component=args.largest_component,
+        output_format=args.output_format,
     )
 
 
@@ -385,9 +435,13 @@ def run(args: argparse.Namespace) -> int:
         print("this site has no BatchNorm statistics of its own for this model (it never trained in this run): "
               "re-estimating them on these scans first (--no-adapt-norm to skip)")
     options = inference_options(args, model_cfg, cfg)
+    if args.output_format == "dicom-seg":
+        labels = _model_labels(args, cfg, model_cfg.model.out_channels)
+        options = dataclasses.replace(options, labels=tuple(labels.items()))
     try:
         cases = channel_groups(scans(args.input), model_cfg.model.in_channels)
-    except DatasetError as err:
+        check_inputs(cases, plan, model_cfg.model.in_channels, args.output_format, args.strict)
+    except (DatasetError, DicomSeriesError) as err:
         raise UserError(str(err)) from err
     args.output.mkdir(parents=True, exist_ok=True)
     if adapt:
@@ -402,7 +456,42 @@ def run(args: argparse.Namespace) -> int:
         else:
             print("the model has no BatchNorm layer: nothing to adapt, it is used as it arrives")
     for i, paths in enumerate(cases.values(), 1):
-        out = args.output / output_name(paths[0])
+        out = args.output / output_name(paths[0], args.output_names, args.output_format)
         print(f"[{i}/{len(cases)}] {paths[0].name} -> {out}")
         predict_file(paths, out, model, plan, model_cfg.model.out_channels, options, progress=True)
     return 0
+
+
+def _model_labels(args: argparse.Namespace, cfg: FedsegConfig, num_classes: int) -> dict[str, int]:
+    """Label name -> value for a DICOM-SEG's segments: the exported folder's labels.json, else the site's dataset."""
+    import json
+
+    from common.runs import LABELS_FILE
+
+    from .site_model import label_names
+
+    if args.model is not None and (args.model / LABELS_FILE).is_file():
+        return {str(k): int(v) for k, v in json.loads((args.model / LABELS_FILE).read_text()).items()}
+    return label_names(cfg, num_classes)
+
+
+def check_inputs(cases: dict[str, tuple[Path, ...]], plan: Plan, in_channels: int, output_format: str,
+                 strict: bool) -> None:
+    """Before segmenting: refuse what cannot run or be written, warn (``strict``: refuse) about a modality the
+    model was not trained on. Raises DatasetError naming the file."""
+    from .predict_inputs import channel_count, input_mismatches
+
+    for paths in cases.values():
+        if (found := channel_count(paths)) != in_channels:
+            raise DatasetError(f"{paths[0]}: {found} channel(s), the model was trained on {in_channels}; it cannot "
+                               "segment this input.")
+        if output_format == "dicom-seg" and not paths[0].is_dir():
+            raise DatasetError(f"{paths[0]}: --output-format dicom-seg needs a DICOM series input (a SEG references "
+                               "its source images); use the default NIfTI output for a NIfTI scan.")
+    mismatches = [m for paths in cases.values() for m in input_mismatches(paths, plan)]
+    for line in mismatches:
+        log.warning("input differs from the model's training data: %s", line)
+        print(f"WARNING: {line}", file=sys.stderr)
+    if mismatches and strict:
+        raise DatasetError(f"--strict: {len(mismatches)} input(s) differ from what the model was trained on:\n  "
+                           + "\n  ".join(mismatches) + "\n(drop --strict to segment them anyway)")
