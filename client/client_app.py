@@ -25,7 +25,7 @@ from common.params import select
 from common.preprocess import Volume
 from common.wire import pack, to_wire
 
-from . import egress, inbound, site_history, timeline
+from . import egress, inbound, local_dp, site_history, timeline
 from .cross_eval import class_metrics, cross_evaluate
 from .reasons import UnderSiteFloor, sanitized_reason
 from .site import Site, log_to_site_file
@@ -65,7 +65,9 @@ def _train(site: Site, msg: Message) -> Message:
                        total=site.cfg.federation.rounds * site.cfg.train.local_steps),
     )
     site.run.save_norm(server_round, select(site.model, site.split.local), site.signature)
-    arrays = to_wire(select(site.model, site.split.travelling), str(config[keys.WIRE_DTYPE]))
+    travelling = local_dp.privatize(site.cfg.site, site.run, server_round, received,  # site.yaml's own DP
+                                    select(site.model, site.split.travelling))
+    arrays = to_wire(travelling, str(config[keys.WIRE_DTYPE]))
     metrics = {
         "loss": result.loss,
         "proximal_loss": result.proximal_loss,

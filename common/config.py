@@ -254,6 +254,17 @@ class SiteConfig:
         1, "Fewest patches per step (train.batch_size) this site trains with; a centre asking for fewer is refused, "
            "so an update is never the gradient of one patch. Set by the site, never by the centre."
     )
+    local_dp_noise_multiplier: float = option(
+        0.0, "Local DP: this site clips its update (the tensors that leave it) to local_dp_clipping_norm and adds "
+             "Gaussian noise of std local_dp_noise_multiplier x local_dp_clipping_norm before it leaves, with or "
+             "without secure aggregation; 0: off. Set by the site, never by the centre (client/local_dp.py)."
+    )
+    local_dp_clipping_norm: float = option(
+        1.0, "Local DP: L2 norm this site's update ||w_k - w_global|| is clipped to before the noise."
+    )
+    local_dp_delta: float = option(
+        1e-5, "Local DP: delta of the (epsilon, delta) budget `fedseg-client status` shows for this site's releases."
+    )
     max_norm_travel: NormMode = option(
         "stats", "Most of the normalization layers this site lets travel, whatever the centre's train.norm_mode: "
         "local (none), stats (affine weights, never running statistics) or shared (everything)."
@@ -402,6 +413,7 @@ def check_consistency(cfg: FedsegConfig) -> None:
         raise ConfigError(f"federation.run_id {f.run_id!r} must be 12 hex digits; leave it unset, fedseg draws it.")
     if min(cfg.site.min_cohort, cfg.site.min_local_steps, cfg.site.min_batch_size) < 1:
         raise ConfigError("site.min_cohort, site.min_local_steps and site.min_batch_size must be >= 1.")
+    check_local_dp(cfg.site)
     if cfg.site.norm_from_run and not SITE_NAME.fullmatch(cfg.site.norm_from_run):
         raise ConfigError(f"site.norm_from_run {cfg.site.norm_from_run!r} must be one folder name under "
                           "<state_dir>/runs (<run_name>-<run_id>), letters, digits, '.', '_' or '-'.")
@@ -434,6 +446,17 @@ def check_robustness(cfg: FedsegConfig) -> None:
             f"privacy.noise_multiplier > 0 needs federation.aggregator: mean (got '{f.aggregator}'): the noise is "
             "calibrated to the sensitivity of a mean of clipped updates."
         )
+
+
+def check_local_dp(site: SiteConfig) -> None:
+    """A site's own local DP: valid numbers, and only over tensors whose noised values stay usable."""
+    if site.local_dp_noise_multiplier < 0 or site.local_dp_clipping_norm <= 0 or not 0 < site.local_dp_delta < 1:
+        raise ConfigError("site.local_dp_noise_multiplier must be >= 0 (0: off), site.local_dp_clipping_norm > 0 "
+                          "and site.local_dp_delta in (0, 1).")
+    if site.local_dp_noise_multiplier > 0 and site.max_norm_travel == "shared":
+        raise ConfigError("site.local_dp_noise_multiplier > 0 with site.max_norm_travel: shared would add noise to "
+                          "the running statistics that leave (a running variance can turn negative); set "
+                          "site.max_norm_travel: stats or local.")
 
 
 def check_simulated_sites(sim: SimulationConfig) -> None:
