@@ -19,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from common import keys, threadsafe_monai  # noqa: F401  (threadsafe_monai: MONAI whole before any thread races for it)
 from common.config import FedsegConfig, from_yaml_text, load_config, with_channels
 from common.flower_env import quicken_object_pulls
-from common.metrics_log import MetricsLog, read_events
+from common.metrics_log import read_events
 from common.params import run_model, select
 from common.plan import Plan
 from common.runs import (CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, PLAN_FILE, SERVER_CONFIG_ENV, run_dir,
@@ -34,6 +34,7 @@ from .resume import resume_point
 from .site_registry import read_nodes
 from .dp import with_privacy
 from .strategy import FedSegStrategy, QuorumNotReached
+from .tensorboard import open_log
 from .packed_grid import PackedGrid
 from .timeline import TimelineGrid
 
@@ -76,7 +77,7 @@ def main(grid: Grid, context: Context) -> None:
     checkpoints = Checkpoints(run / CHECKPOINT_DIR)
     resume = resume_point(run, checkpoints)
     done = resume.done
-    metrics_log = MetricsLog(run)
+    metrics_log = open_log(run, cfg.federation.tensorboard)  # mirrored live to TensorBoard when asked
     metrics_log.write("run-start", run=cfg.federation.run_name, run_id=cfg.federation.run_id,
                       config_sha256=cfg.sha256(), sites=cfg.federation.sites, resumed_from_round=done)
     metrics_log.sync()

@@ -29,7 +29,8 @@ def quorum_run(tmp_path_factory):
 
     Three tiny sites, the third with a label file that is not NIfTI, so two sites
     carry every round on the quorum; central DP is on (privacy.noise_multiplier
-    0.5, clipping 2.0). Returns (config, run directory, shown lines).
+    0.5, clipping 2.0); the metrics log is mirrored live to TensorBoard
+    (test_tensorboard). Returns (config, run directory, shown lines).
     """
     from common.config import load_config
     from simulations.runner import run_simulation
@@ -46,7 +47,7 @@ def quorum_run(tmp_path_factory):
         "federation.min_sites=2", "federation.cross_eval=false", "simulation.num_sites=3",
         "simulation.cases_per_site=4", "simulation.volume_shape=[32, 32, 24]", "simulation.seed=1",
         f"simulation.data_dir={data}", "simulation.cpus_per_site=1", "simulation.ray_num_cpus=2", "train.hd95=true",
-        "privacy.noise_multiplier=0.5", "privacy.clipping_norm=2.0",
+        "privacy.noise_multiplier=0.5", "privacy.clipping_norm=2.0", "federation.tensorboard=true",
     ))
     lines: list[str] = []
     run = run_simulation(cfg, show=lines.append)
