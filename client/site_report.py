@@ -4,7 +4,8 @@
 
 For each of the first N validation cases: an axial slice through the most
 ground-truth foreground, drawn three times (the scan, the ground truth
-overlaid, the prediction overlaid) with the case's Dice, as a PNG in
+overlaid, the prediction overlaid) with the case's Dice, a legend of each
+class's name (from the site's dataset.json) and colour, as a PNG in
 ``<state_dir>/report/`` (or ``--out``). The model is the run's round that
 ``predict`` and ``export`` use by default (the centre's best, else its last;
 ``--weights`` picks another) with this site's own normalization tensors of that
@@ -22,7 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -57,29 +58,64 @@ def _one_hot(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(torch.from_numpy(labels.astype(np.int64)), num_classes).movedim(-1, 0)[None]
 
 
-def draw_overlay(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, num_classes: int, title: str,
-                 path: Path) -> Path:
-    """One axial slice: the scan, ground truth overlaid, prediction overlaid; written as a PNG."""
+def class_names(labels: Mapping[str, int], agreed: Sequence[int], num_classes: int) -> list[str]:
+    """The name of each of the model's classes, in this site's own words.
+
+    The model's class i is the federation's label value i, whose name code is
+    ``agreed[i]`` (the plan's label_codes); the site's dataset.json names it.
+    Without an agreed coding (an older plan) the site's own values are the
+    model's; a class no name fits is called by its number.
+    """
+    from common.labels import name_code
+
+    by_code = {name_code(name): name for name in labels}
+    by_value = {value: name for name, value in labels.items()}
+    if len(agreed) == num_classes:
+        return [by_code.get(code, f"class {i}") for i, code in enumerate(agreed)]
+    return [by_value.get(i, f"class {i}") for i in range(num_classes)]
+
+
+def overlay_figure(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, names: Sequence[str], title: str):
+    """One axial slice: the scan, ground truth overlaid, prediction overlaid, with a legend of the classes.
+
+    A clinician reads the overlay by colour, so each foreground class's name
+    and colour are in the legend and its names in the title; background is not
+    drawn. Returns the matplotlib figure (``draw_overlay`` writes it).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
+    from matplotlib.colors import ListedColormap, Normalize
+    from matplotlib.patches import Patch
 
+    num_classes = len(names)
     k = axial_index(truth)
     scan = image[0, :, :, k].T  # x to the right, y upwards with origin="lower"
     colours = ListedColormap(CLASS_COLOURS[: max(1, num_classes - 1)])
-    fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.6))
+    scale = Normalize(vmin=1, vmax=max(1, num_classes - 1))
+    fig, axes = plt.subplots(1, 3, figsize=(9.6, 4.2))
     for ax, (name, labels) in zip(axes, (("scan", None), ("ground truth", truth), ("prediction", prediction))):
         ax.imshow(scan, cmap="gray", origin="lower")
         if labels is not None:
             mask = np.ma.masked_equal(labels[:, :, k].T, 0)
-            ax.imshow(mask, cmap=colours, vmin=1, vmax=max(1, num_classes - 1), alpha=OVERLAY_ALPHA,
-                      origin="lower", interpolation="nearest")
+            ax.imshow(mask, cmap=colours, norm=scale, alpha=OVERLAY_ALPHA, origin="lower", interpolation="nearest")
         ax.set_title(name)
         ax.axis("off")
-    fig.suptitle(f"{title} (axial slice {k})")
-    fig.tight_layout()
+    foreground = list(enumerate(names))[1:]
+    fig.suptitle(f"{title} (axial slice {k})\nclasses: {', '.join(n for _, n in foreground)}")
+    fig.legend(handles=[Patch(facecolor=colours(scale(i)), edgecolor="black", label=n) for i, n in foreground],
+               loc="lower center", ncol=max(1, min(len(foreground), 6)), frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return fig
+
+
+def draw_overlay(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, num_classes: int, title: str,
+                 path: Path, names: Sequence[str] = ()) -> Path:
+    """``overlay_figure`` written as a PNG; ``names`` are the classes' names (default: their numbers)."""
+    import matplotlib.pyplot as plt
+
+    fig = overlay_figure(image, truth, prediction, list(names) or [f"class {i}" for i in range(num_classes)], title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(private_file(path), dpi=100)  # a slice of a scan, the case id in title and name: owner-only
     plt.close(fig)
@@ -124,6 +160,7 @@ def site_pictures(site_cfg: FedsegConfig, run: Path, weights: str | None = None,
              f"{len(images)} scan(s) before drawing")
     inferer = SlabInferer(model, plan.patch_size, spec.num_classes, options)
     folder = out or state.root / REPORT_DIR
+    names = class_names(spec.labels, plan.label_codes, spec.num_classes)
     written = []
     for case_id in val_ids[:cases]:
         image, labels = store.load(spec.case(case_id))
@@ -134,7 +171,7 @@ def site_pictures(site_cfg: FedsegConfig, run: Path, weights: str | None = None,
             f"Dice {dice:.3f}" + \
             (" (BatchNorm statistics adapted here)" if adapted else "")
         written.append(draw_overlay(np.asarray(image), truth, prediction, spec.num_classes, title,
-                                    folder / f"{site_cfg.site.name}-{case_id}.png"))
+                                    folder / f"{site_cfg.site.name}-{case_id}.png", names))
     return written
 
 

@@ -91,3 +91,42 @@ def test_report_of_run_in_progress(tmp_path):
 def test_report_names_missing_log(tmp_path, capsys):
     assert server_main(["report", str(tmp_path)]) == 2
     assert "metrics.jsonl not found" in capsys.readouterr().err
+
+
+def _labelled_slices() -> tuple[np.ndarray, np.ndarray]:
+    """A scan and a label map with three foreground classes side by side in one axial slice."""
+    image = np.random.default_rng(0).random((1, 36, 24, 6)).astype(np.float32)
+    truth = np.zeros((36, 24, 6), dtype=np.int64)
+    for c in (1, 2, 3):
+        truth[c * 9 - 6:c * 9, 6:18, 3] = c
+    return image, truth
+
+
+def test_site_picture_has_a_legend_with_each_class_name_and_colour(tmp_path):
+    from matplotlib.colors import to_rgb
+
+    from client.site_report import CLASS_COLOURS, draw_overlay, overlay_figure
+
+    image, truth = _labelled_slices()
+    names = ["background", "CSF", "grey matter", "white matter"]
+    fig = overlay_figure(image, truth, truth, names, "site site-1, round 2, validation case c1")
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == names[1:]  # background is not drawn
+    assert all(name in fig._suptitle.get_text() for name in names[1:])
+    path = draw_overlay(image, truth, truth, len(names), "site-1", tmp_path / "report" / "c1.png", names)
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    for colour in CLASS_COLOURS[:3]:  # each legend swatch is drawn in its class's full colour (overlays are blended)
+        rgb = np.array([round(255 * v) for v in to_rgb(colour)])
+        assert (np.abs(pixels - rgb).max(-1) <= 2).sum() >= 30, f"no legend swatch of {colour} in {path}"
+
+
+def test_class_names_follow_the_federation_coding_in_the_site_own_words():
+    from client.site_report import class_names
+    from common.labels import label_codes
+
+    federation = {"background": 0, "CSF": 1, "GM": 2, "WM": 3}
+    remapped_site = {"background": 0, "WM": 1, "GM": 2, "CSF": 3}  # same names, other values (data.remap_labels)
+    agreed = label_codes(federation)
+    assert class_names(remapped_site, agreed, 4) == ["background", "CSF", "GM", "WM"]
+    assert class_names(remapped_site, (), 4) == ["background", "WM", "GM", "CSF"]  # a plan without a coding
+    assert class_names({"background": 0}, (), 2) == ["background", "class 1"]
