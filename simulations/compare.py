@@ -65,13 +65,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="equal",
                         help="equal: 20 rounds x 5 local steps per site (default); long: 60 rounds, until the "
                              "baselines' learning curves have flattened.")
+    parser.add_argument("--pretrained", type=Path,
+                        help="Adds the method fedseg-pretrained: fedseg's default starting from these weights "
+                             "(model.init_weights: another federation's run folder or checkpoint, an export "
+                             "folder, a .safetensors file or a MONAI bundle) instead of the seeded init.")
     parser.add_argument("--out", type=Path, help="Output folder (default runs/compare-<time>); reused to resume.")
 
 
 def run(args: argparse.Namespace) -> int:
     from common.config import ConfigError, apply_overrides, from_dict, read_yaml
 
-    from .compare_run import Comparison, methods_for
+    from .compare_run import PRETRAINED_METHOD, Comparison, methods_for
 
     raw = read_yaml(args.config) if args.config else {}
     overrides = [*BENCHMARK, *BUDGETS[args.budget], *(QUICK if args.quick else []), *args.overrides]
@@ -80,8 +84,17 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         raise UserError(str(err)) from err
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else DEFAULT_SEEDS)
-    methods = methods_for(base, args.mu_sweep)
-    chosen = args.methods or DEFAULT_METHODS + [f"fedseg-mu{m:g}" for m in args.mu_sweep]
+    pretrained = str(args.pretrained.resolve()) if args.pretrained else ""
+    if pretrained:  # a wrong path fails here, not after the other methods' runs
+        from server.pretrained import PretrainedError, weights_file
+
+        try:
+            weights_file(Path(pretrained))
+        except PretrainedError as err:
+            raise UserError(f"--pretrained: {err}") from err
+    methods = methods_for(base, args.mu_sweep, pretrained)
+    chosen = args.methods or DEFAULT_METHODS + [f"fedseg-mu{m:g}" for m in args.mu_sweep] + \
+        ([PRETRAINED_METHOD] if pretrained else [])
     if chosen != ["all"]:
         unknown = sorted(set(chosen) - {m.name for m in methods})
         if unknown:
@@ -106,6 +119,8 @@ def command_line(args: argparse.Namespace, out: Path) -> str:
     for name, values in (("--seeds", args.seeds), ("--mu-sweep", args.mu_sweep), ("--methods", args.methods)):
         if values:
             parts += [name, *map(str, values)]
+    if args.pretrained:
+        parts += ["--pretrained", str(args.pretrained)]
     for item in args.overrides:
         parts += ["--set", item]
     return shlex.join([*parts, "--out", str(out)])

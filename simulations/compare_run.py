@@ -40,14 +40,17 @@ class Method:
 FEDAVG = ("train.norm_mode=shared", "train.proximal_mu=0", "federation.server_optimizer=none",
           "train.personalize_steps=0")
 """FedAvg as published: every tensor shared, no proximal term, plain averaging, no personalization."""
+PRETRAINED_METHOD = "fedseg-pretrained"
+"""fedseg's default started from ``compare --pretrained`` (model.init_weights), e.g. another federation's model."""
 
 
-def methods_for(base: FedsegConfig, mu_sweep: list[float]) -> list[Method]:
+def methods_for(base: FedsegConfig, mu_sweep: list[float], pretrained: str = "") -> list[Method]:
     """Every method the comparison knows; fedseg's default is the configured settings, unchanged.
 
     Each other federated method changes the default in one respect, so its row
     answers one question (which norm, which server optimizer, which augmentation,
-    how many rounds for the same patches, which learning-rate schedule).
+    how many rounds for the same patches, which learning-rate schedule, and with
+    ``pretrained``, a start from another federation's model instead of the seeded init).
     """
     t, f = base.train, base.federation
     mu = t.proximal_mu
@@ -101,6 +104,9 @@ def methods_for(base: FedsegConfig, mu_sweep: list[float]) -> list[Method]:
                               (*FEDAVG, f"federation.rounds={f.rounds // 2}", f"train.local_steps={2 * t.local_steps}")))
     methods += [Method(f"fedseg-mu{m:g}", "federated", f"fedseg default, mu={m:g}", (f"train.proximal_mu={m}",))
                 for m in mu_sweep if m != mu]
+    if pretrained:
+        methods.append(Method(PRETRAINED_METHOD, "federated", f"fedseg default, starting from {pretrained}",
+                              (f"model.init_weights={pretrained}",)))
     return methods
 
 

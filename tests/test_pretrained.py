@@ -129,3 +129,20 @@ def test_hostile_or_unrelated_files_are_refused_with_the_file_named(tmp_path):
         with pytest.raises(PretrainedError) as err:
             start_weights(_cfg(f"model.init_weights={path}"))
         assert str(path) in str(err.value) and words in str(err.value), str(err.value)
+
+
+def test_the_comparison_can_start_a_federation_from_another_federation_model(tmp_path, capsys):
+    from simulations.cli import main as sim_main
+    from simulations.compare_run import PRETRAINED_METHOD, methods_for, with_overrides
+
+    other = run_model(_cfg("train.seed=3"))[0]
+    checkpoint = tmp_path / "other-run" / "checkpoints" / "last.safetensors"
+    checkpoint.parent.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(checkpoint))
+    base = _cfg()
+    assert PRETRAINED_METHOD not in {m.name for m in methods_for(base, [])}
+    (method,) = [m for m in methods_for(base, [], str(checkpoint.parent.parent)) if m.name == PRETRAINED_METHOD]
+    weights, _ = start_weights(with_overrides(base, list(method.overrides)))
+    assert all(torch.equal(weights[k], other.state_dict()[k]) for k in weights)
+    assert sim_main(["compare", "--quick", "--pretrained", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
+    assert "--pretrained" in capsys.readouterr().err and not (tmp_path / "results.jsonl").exists()
