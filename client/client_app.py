@@ -18,6 +18,7 @@ from flwr.app import Context, Error, Message, MetricRecord
 from flwr.clientapp import ClientApp
 
 from common import keys, threadsafe_monai  # noqa: F401  (threadsafe_monai: MONAI whole before any thread races for it)
+from common import secagg as common_secagg
 from common.config import FedsegConfig
 from common.loops import evaluate as evaluate_model
 from common.loops import RunSteps, train_local
@@ -25,7 +26,7 @@ from common.params import select
 from common.preprocess import Volume
 from common.wire import pack, to_wire
 
-from . import egress, inbound, local_dp, site_history, timeline
+from . import egress, inbound, local_dp, secagg, site_history, timeline
 from .cross_eval import class_metrics, cross_evaluate
 from .reasons import UnderSiteFloor, sanitized_reason
 from .site import Site, log_to_site_file
@@ -77,6 +78,9 @@ def _train(site: Site, msg: Message) -> Message:
     }
     if scoring and evaluation is None:
         metrics[keys.NO_SCORE] = 1
+    if secagg.requested(msg):  # SecAgg+: only the masked update leaves, and no case count (every site weighs 1)
+        arrays = secagg.masked_update(site, msg, travelling, received)
+        del metrics[keys.NUM_EXAMPLES]
     log.info("round %d: trained %d steps, loss %.4f", server_round, result.steps, result.loss)
     reply = site.reply(msg, metrics, arrays)
     if evaluation is not None:
@@ -171,6 +175,24 @@ def evaluate(msg: Message, context: Context) -> Message:
 def fingerprint(msg: Message, context: Context) -> Message:
     """Aggregate statistics of this site's data for the federation's plan (server/planning.py)."""
     return _handle(fingerprint_reply, msg, context)
+
+
+@app.query(common_secagg.KEYS_ACTION)
+def secagg_keys(msg: Message, context: Context) -> Message:
+    """SecAgg+ stage 1: this round's public keys (client/secagg.py)."""
+    return _handle(secagg.public_keys, msg, context)
+
+
+@app.query(common_secagg.SHARES_ACTION)
+def secagg_shares(msg: Message, context: Context) -> Message:
+    """SecAgg+ stage 2: this site's secrets, shared among the round's sites and encrypted for each."""
+    return _handle(secagg.encrypted_shares, msg, context)
+
+
+@app.query(common_secagg.UNMASK_ACTION)
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    """SecAgg+ stage 4: the shares that remove the masks of the round's survivors and dropped sites."""
+    return _handle(secagg.unmask_shares, msg, context)
 
 
 @app.query(keys.CROSS_EVAL_ACTION)

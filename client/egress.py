@@ -12,6 +12,11 @@ kind of reply may carry exactly its own records and keys (``RULES``):
   the identity record, no arrays;
 - a fingerprint reply: the case count, exactly the fingerprint's ``fp_*``
   aggregates (short numeric lists only there), and the identity record;
+- a secure-aggregation reply (common/secagg.py): the ``secagg`` record of its
+  stage (two public keys; encrypted shares and a seed digest; shares for
+  unmasking), the identity record and timeline metrics; and, when the training
+  message asks for a masked update, that reply holds one uint32 vector of the
+  travelling tensors' length in their place and no case count;
 - or an error whose reason is one of the fixed wordings of client/reasons.py.
 
 Anything else (an extra array, an image patch, a string, a file name, an
@@ -27,6 +32,7 @@ reason, never an exception text.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -46,7 +52,7 @@ from flwr.app import (
     MetricRecord,
 )
 
-from common import keys
+from common import keys, secagg
 from common.config import FedsegConfig
 from common.digest import content_bytes, content_sha256
 from common.files import read_jsonl
@@ -56,6 +62,7 @@ from common.runs import EGRESS_FILE
 from common.wire import error_reason
 
 from .reasons import BLOCKED_REASON, DISK_FULL_ERRNOS, DISK_FULL_REASON, is_fixed
+from .secagg import requested as secagg_requested
 from .site import Site
 
 log = logging.getLogger("fedseg.client")
@@ -100,6 +107,9 @@ def reply_rules(dice_classes: frozenset[str], test_classes: frozenset[str]) -> d
         CROSS_EVAL_QUERY: ReplyRule(frozenset(identity),
                                     frozenset(keys.CROSS_EVAL_METRICS) | dice_classes | test_classes | timeline,
                                     frozenset({keys.NUM_EXAMPLES})),
+        # secure aggregation: public keys, encrypted shares, shares for unmasking (common/secagg.py checks each)
+        **{query: ReplyRule(frozenset({*identity, secagg.RECORD}), timeline, frozenset())
+           for query in (secagg.KEYS_QUERY, secagg.SHARES_QUERY, secagg.UNMASK_QUERY)},
     }
 
 
@@ -139,6 +149,18 @@ class EgressPolicy:
             fingerprint=record_names(site.cfg.model.in_channels, site.cfg.model.out_channels),
             max_bytes=total + METADATA_ALLOWANCE,
         )
+
+
+    def masked(self) -> EgressPolicy:
+        """The policy of a training reply under secure aggregation: one uint32 vector as long as the travelling
+        tensors together, in their place, and no case count; nothing unmasked may leave."""
+        length = sum(int(np.prod(shape, dtype=np.int64)) for shape, _ in self.arrays.values())
+        train = self.rules[MessageType.TRAIN]
+        rule = dataclasses.replace(train, metrics=train.metrics - {keys.NUM_EXAMPLES},
+                                   required=train.required - {keys.NUM_EXAMPLES})
+        return dataclasses.replace(self, arrays={secagg.MASKED: ((length,), frozenset({secagg.MASKED_DTYPE}))},
+                                   rules={**self.rules, MessageType.TRAIN: rule},
+                                   max_bytes=4 * length + NPY_HEADER_MAX + METADATA_ALLOWANCE)
 
 
 # --- the checks ---------------------------------------------------------------------
@@ -229,6 +251,8 @@ def problems(reply: Message, policy: EgressPolicy | None, message_type: str = Me
             metric_count += len(record)
         elif name == keys.IDENTITY and isinstance(record, ConfigRecord):
             found += _identity_problems(record, policy)
+        elif name == secagg.RECORD and isinstance(record, ConfigRecord):
+            found += secagg.reply_problems(message_type, record)
         else:
             found.append(f"record '{name}' is a {type(record).__name__}, not the expected kind")
     if metric_count > MAX_METRICS:
@@ -306,6 +330,8 @@ def guard(reply: Message, request: Message, site: Site | None) -> Message:
     blocked = Message(Error(code=EGRESS_BLOCKED_CODE, reason=error_reason(name, BLOCKED_REASON)), reply_to=request)
     try:
         policy = EgressPolicy.for_site(site, _wire_dtype(request, site.cfg)) if site is not None else None
+        if policy is not None and request.metadata.message_type == MessageType.TRAIN and secagg_requested(request):
+            policy = policy.masked()
         found = problems(reply, policy, request.metadata.message_type)
         audit = EgressLog(site.state.root) if site is not None else None
         if found:

@@ -29,7 +29,7 @@ import re
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
-from common import keys
+from common import keys, secagg
 from common.progress import CONTROL
 from common.wire import MAX_TENSORS, WireError, unpack
 
@@ -42,8 +42,8 @@ MAX_LIST = 4096
 MAX_GROUP_ID = 12
 PLAN_WHITESPACE = re.compile(r"[\t\n]")
 """The plan is indented JSON: tabs and newlines are its only control characters."""
-RECORDS = frozenset({keys.CONFIG, keys.ARRAYS})
-"""What a centre's message holds once unpacked."""
+RECORDS = frozenset({keys.CONFIG, keys.ARRAYS, secagg.RECORD})
+"""What a centre's message holds once unpacked (``secagg.RECORD``: secure aggregation's keys and shares)."""
 MAX_ROUND = 1_000_000
 EXPECTED: dict[str, tuple[type, ...]] = {
     keys.SERVER_ROUND: (int,), keys.PROXIMAL_MU: (int, float), keys.EVALUATE_RECEIVED: (bool,),
@@ -90,6 +90,12 @@ def _check_records(msg: Message) -> None:
         for name, value in config.items():
             _check_value(name, value)
             _check_expected(name, value)
+    protocol = content.get(secagg.RECORD)
+    if protocol is not None:  # the only record that may hold bytes; common/secagg.py reads it further
+        if not isinstance(protocol, ConfigRecord):
+            raise MalformedMessage(f"'{secagg.RECORD}' is a {type(protocol).__name__}, not a ConfigRecord")
+        for problem in secagg.value_problems(protocol):
+            raise MalformedMessage(problem)
     arrays = content.get(keys.ARRAYS)
     if arrays is not None:
         if not isinstance(arrays, ArrayRecord):

@@ -219,6 +219,19 @@ class FederationConfig:
     norm_bound: float = option(
         10.0, "Reject an update whose ||w_k - w_global|| exceeds this multiple of the other sites' median; 0: off."
     )
+    secure_aggregation: Literal["none", "secagg+"] = option(
+        "none", "secagg+: the centre learns only the sum of the round's updates (SecAgg+ on Flower's primitives, "
+                "docs/secure-aggregation.md); every site weighs the same; needs norm_bound 0, aggregator mean, "
+                "clip_updates false and schedule parallel, which each need one site's update."
+    )
+    secagg_threshold: float = option(
+        0.6, "secagg+: share of the round's sites whose shares rebuild a secret (always more than half); the round "
+             "survives n - ceil(share x n) sites dropping, and fewer sites than that can unmask no one."
+    )
+    secagg_clip_norm: float = option(
+        10.0, "secagg+: each site clips its update ||w_k - w_global|| to this L2 norm before masking, which is "
+              "also the quantization range (privacy.clipping_norm instead when central DP is on)."
+    )
 
 
 @dataclass
@@ -401,6 +414,7 @@ def check_consistency(cfg: FedsegConfig) -> None:
     if t.proximal_mu < 0:
         raise ConfigError(f"train.proximal_mu must be >= 0, got {t.proximal_mu}.")
     check_robustness(cfg)
+    check_secure_aggregation(cfg)
     check_simulated_sites(cfg.simulation)
     if not 0.01 <= f.poll_interval_s <= 60 or not 0.01 <= cfg.site.poll_interval_s <= 60:
         raise ConfigError("federation.poll_interval_s and site.poll_interval_s must be between 0.01 and 60 seconds.")
@@ -457,6 +471,30 @@ def check_local_dp(site: SiteConfig) -> None:
         raise ConfigError("site.local_dp_noise_multiplier > 0 with site.max_norm_travel: shared would add noise to "
                           "the running statistics that leave (a running variance can turn negative); set "
                           "site.max_norm_travel: stats or local.")
+
+
+def check_secure_aggregation(cfg: FedsegConfig) -> None:
+    """What cannot run when the centre sees only the sum of the updates, and the protocol's own numbers."""
+    f = cfg.federation
+    if f.secure_aggregation == "none":
+        return
+    needs_one_update = [
+        *(["federation.norm_bound: 0 (it compares each site's update with the others')"] if f.norm_bound else []),
+        *(["federation.aggregator: mean (a trimmed mean or median needs each site's value of every coordinate)"]
+          if f.aggregator != "mean" else []),
+        *(["federation.clip_updates: false (it scales each update by the sites' median norm; each site clips its "
+           "own to federation.secagg_clip_norm instead)"] if f.clip_updates else []),
+        *(["federation.schedule: parallel (cyclic makes one site's update the model: there is no sum to hide it "
+           "in)"] if f.schedule != "parallel" else []),
+    ]
+    if needs_one_update:
+        raise ConfigError("federation.secure_aggregation: secagg+ shows the centre only the sum of the round's "
+                          "updates, so nothing that needs one site's update can run; set " + "; ".join(needs_one_update)
+                          + ".")
+    if not 0.5 < f.secagg_threshold <= 1 or f.secagg_clip_norm <= 0:
+        raise ConfigError(f"federation.secagg_threshold must be in (0.5, 1] (a majority: fewer shares could unmask a "
+                          f"site) and federation.secagg_clip_norm > 0; got {f.secagg_threshold} and "
+                          f"{f.secagg_clip_norm}.")
 
 
 def check_simulated_sites(sim: SimulationConfig) -> None:

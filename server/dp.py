@@ -46,6 +46,13 @@ optional ``dp-accounting`` package and a strategy using FedAvg's
 exact for this setting, so no extra dependency is needed at run time (the
 tests check it against dp-accounting's PLD accountant).
 
+With ``federation.secure_aggregation: secagg+`` the sites clip their own
+updates to :math:`C` before masking (server/secure_sum.py) and the centre
+only ever holds their sum: it divides that by :math:`n` and adds the same
+noise. The trust assumption shrinks but does not vanish: the centre no longer
+sees one site's update, yet it sees the sum before the noise and is trusted
+to add it.
+
 A resumed run counts its earlier releases from the metrics log, and is
 refused if they were made with another noise multiplier, clipping norm or
 federation size, or without DP: the budget would otherwise be understated.
@@ -137,15 +144,11 @@ class FedSegDifferentialPrivacy(DifferentialPrivacyServerSideFixedClipping):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Screen, clip and scale, take the unweighted mean, add noise of std z C / n, let the server
         optimizer step on it, publish."""
-        sound = self.fedseg.screen_train(server_round, replies)
-        if len(sound) > self.size:
-            raise ValueError(f"{len(sound)} sound replies from a federation of {self.size} listed sites")
-        order = list(self.current_arrays.keys())
-        for msg in sound:  # clip, then weigh by m/n so that the mean over m is the sum over n
-            msg.content[keys.ARRAYS] = _clipped_and_scaled(msg.content.array_records[keys.ARRAYS],
-                                                           self.fedseg.reference, order, self.clipping_norm,
-                                                           len(sound) / self.size)
-        arrays, metrics = self.fedseg.combine(server_round, sound, equal_weights=True, server_step=False)
+        if self.fedseg.secure_sum is not None:  # each site clipped to C before masking: the sum over n, unmasked
+            arrays, metrics = self.fedseg.secure_mean(server_round, replies, denominator=self.size)
+            sites = len(self.fedseg.recorder.tally(server_round + self.fedseg.round_offset).trained)
+        else:
+            arrays, metrics, sites = self._clipped_mean(server_round, replies)
         if arrays is not None:
             arrays = self._add_noise_to_aggregated_arrays(arrays)  # num_sampled_clients is n
             rnd = server_round + self.fedseg.round_offset
@@ -155,12 +158,26 @@ class FedSegDifferentialPrivacy(DifferentialPrivacyServerSideFixedClipping):
             epsilon = gaussian_epsilon(self.noise_multiplier, self.releases, self.delta)
             self.metrics.write(
                 "privacy", round=rnd, epsilon=epsilon, delta=self.delta, releases=self.releases,
-                noise_multiplier=self.noise_multiplier, clipping_norm=self.clipping_norm, sites=len(sound),
+                noise_multiplier=self.noise_multiplier, clipping_norm=self.clipping_norm, sites=sites,
                 denominator=self.size, noise_std=self.noise_multiplier * self.clipping_norm / self.size,
                 accountant=ACCOUNTANT,
             )
             log.info("round %d: DP release %d, epsilon %.4g at delta %g", rnd, self.releases, epsilon, self.delta)
         return arrays, metrics
+
+    def _clipped_mean(self, server_round: int, replies: Iterable[Message]
+                      ) -> tuple[ArrayRecord | None, MetricRecord | None, int]:
+        """Screen, clip each sound update to C and scale it by m/n: the unweighted mean over m is the sum over n."""
+        sound = self.fedseg.screen_train(server_round, replies)
+        if len(sound) > self.size:
+            raise ValueError(f"{len(sound)} sound replies from a federation of {self.size} listed sites")
+        order = list(self.current_arrays.keys())
+        for msg in sound:
+            msg.content[keys.ARRAYS] = _clipped_and_scaled(msg.content.array_records[keys.ARRAYS],
+                                                           self.fedseg.reference, order, self.clipping_norm,
+                                                           len(sound) / self.size)
+        arrays, metrics = self.fedseg.combine(server_round, sound, equal_weights=True, server_step=False)
+        return arrays, metrics, len(sound)
 
 
 def with_privacy(strategy: FedSegStrategy, privacy: PrivacyConfig, metrics_log: MetricsLog) -> Strategy:

@@ -43,7 +43,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord
 from flwr.app.message.message import make_message
 
-from common import keys
+from common import keys, secagg
 from common.files import atomic_write_text
 from common.fingerprint import MAX_CASES
 from common.progress import CONTROL, one_line
@@ -60,7 +60,7 @@ MAX_TEXT = 200
 MAX_REASON = 300
 MAX_FINGERPRINT_LIST = 64
 METRIC_RECORDS = frozenset({keys.METRICS, keys.EVALUATION, keys.FINGERPRINT})
-RECORDS = METRIC_RECORDS | {keys.IDENTITY, keys.ARRAYS}
+RECORDS = METRIC_RECORDS | {keys.IDENTITY, keys.ARRAYS, secagg.RECORD}
 
 MALFORMED = "the reply is malformed: unexpected records, values that are not finite numbers, or text that is " \
             "not one printable line"
@@ -176,6 +176,9 @@ class Inbox:
             claimed = identity.get(keys.SITE)
         if keys.ARRAYS in records:
             self._check_arrays(records[keys.ARRAYS])
+        if secagg.RECORD in records and (not isinstance(records[secagg.RECORD], ConfigRecord)
+                                         or any(secagg.value_problems(records[secagg.RECORD]))):
+            raise Refused(MALFORMED)  # keys, ciphertexts, shares: bytes and node ids only, bounded
         if problem := claim_problem(self.node_sites, node, claimed):
             raise Refused(problem)
         self._check_counts(reply, self.site(node, claimed))

@@ -124,7 +124,8 @@ class RunRecorder:
         t.trained.append(site)
         t.bytes_total += arrays.count_bytes()
         self.metrics.write(
-            "train", round=rnd, site=site, num_examples=int(metrics[keys.NUM_EXAMPLES]),
+            "train", round=rnd, site=site,  # no count under secure aggregation: its mean weighs every site 1
+            num_examples=int(metrics[keys.NUM_EXAMPLES]) if keys.NUM_EXAMPLES in metrics else None,
             loss=metrics["loss"], proximal_loss=metrics["proximal_loss"],
             duration_s=metrics["duration_s"], lr=metrics.get(keys.LEARNING_RATE), bytes_up=arrays.count_bytes(),
             bytes_down=t.bytes_down, **{keys.CONTENT_SHA256: message_sha256(msg)},

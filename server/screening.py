@@ -10,7 +10,7 @@ from the message it answers.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from flwr.app import Message
@@ -45,6 +45,13 @@ class ReplyScreen:
         if problem is None and not msg.has_error():
             return claim_problem(self.node_sites, msg.metadata.src_node_id, named_site(msg))
         return problem
+
+    def claim_checked(self, msg: Message, problem: Callable[[Message], str | None]) -> str | None:
+        """``problem``'s verdict on a reply (server/validation.py), or that it names another site than its node."""
+        reason = problem(msg)
+        if reason is None and not msg.has_error():
+            return claim_problem(self.node_sites, msg.metadata.src_node_id, named_site(msg))
+        return reason
 
     def received(self, replies: Iterable[Message]) -> list[tuple[Message, str, str | None]]:
         """Each training reply that is not an error, with its site and why the evaluation it carries of the

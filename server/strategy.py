@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedProx
@@ -21,6 +21,7 @@ from .aggregator import Aggregator
 from .checkpoints import Checkpoints
 from .recorder import RunRecorder
 from .screening import ReplyScreen
+from .secure_sum import SecureSum
 from .validation import ReplyValidator, model_norm, update_norm
 
 log = logging.getLogger("fedseg.server")
@@ -107,6 +108,9 @@ class FedSegStrategy(FedProx):
         """Cyclic: ||w^0||, the run's first model, a floor under the model norm that bounds an update."""
         self.trained_on: ArrayRecord | None = None
         """Cyclic: the last global model a site trained on soundly, which a stalled round goes back to."""
+        self.secure_sum = SecureSum(cfg, shapes, self.recorder, self.screen) \
+            if cfg.federation.secure_aggregation != "none" else None
+        """SecAgg+ (server/secure_sum.py): its exchanges wrap the training message, and the centre gets the sum."""
 
     def summary(self) -> None:
         log.info("fedseg: norm_mode=%s quorum=%d on_quorum_failure=%s wire=%s",
@@ -134,6 +138,8 @@ class FedSegStrategy(FedProx):
         messages, wire = self._send(super().configure_train, server_round, arrays, config, grid)
         if self.cfg.federation.schedule == "cyclic" and messages:
             messages = self.screen.outgoing = [self._in_turn(rnd, messages)]
+        if self.secure_sum is not None:  # keys and shares first; only the sites whose shares went round train
+            messages = self.screen.outgoing = self.secure_sum.configure(rnd, messages, grid)
         self.reference = {k: v.numpy().astype(np.float32) for k, v in wire.items()}
         self.sent = arrays
         if self.first_norm is None:
@@ -294,8 +300,36 @@ class FedSegStrategy(FedProx):
             raise QuorumNotReached(msg + "; stopping as configured (federation.on_quorum_failure: stop).")
         log.warning("%s; keeping the previous global model", msg)
 
+    def secure_mean(self, server_round: int, replies: Iterable[Message], denominator: int | None = None
+                    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Steps 1 and 2 under secure aggregation: w^t plus the unmasked sum of the survivors' updates over
+        ``denominator`` (by default their number), before any server step; (None, None) below the quorum."""
+        rnd = server_round + self.round_offset
+        replies = list(replies)
+        if server_round > 1:
+            self._close_previous(rnd - 1, replies)
+        with self.recorder.timed(rnd):
+            total, survivors = self.secure_sum.aggregate(rnd, replies)
+            for msg, site in survivors:
+                self.recorder.trained(rnd, site, msg)
+        if total is None or len(survivors) < self._quorum():
+            self._below_quorum(rnd, len(survivors) if total is not None else 0)
+            return None, None
+        update = self.secure_sum.mean_update(total, denominator or len(survivors))
+        mean = ArrayRecord({k: Array(np.ascontiguousarray(self.reference[k] + update[k])) for k in self.reference})
+        names = set.intersection(*(set(msg.content.metric_records[keys.METRICS]) for msg, _ in survivors))
+        metrics = {k: float(np.mean([float(msg.content.metric_records[keys.METRICS][k]) for msg, _ in survivors]))
+                   for k in sorted(names - set(keys.TIMELINE_METRICS))}
+        return mean, MetricRecord(metrics)
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self.secure_sum is not None:
+            aggregate, metrics = self.secure_mean(server_round, replies)
+            if aggregate is not None:
+                aggregate = self.aggregator.step(server_round + self.round_offset, self.reference, aggregate)
+                self.publish(server_round, aggregate)
+            return aggregate, metrics
         replies = list(replies)
         aggregate, metrics = self.combine(server_round, self.screen_train(server_round, replies))
         if aggregate is None:

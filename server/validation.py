@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 
-from common import keys
+from common import keys, secagg
 
 ZERO_UPDATE_RATIO = 1e-7
 """An update smaller than this times ||w_global|| is below float32 resolution: nothing was trained."""
@@ -72,6 +72,43 @@ class ReplyValidator:
             if evaluation is None:
                 return f"no '{keys.EVALUATION}' record in the training reply: the received model was not evaluated"
             return metrics_problem(evaluation, keys.EVAL_REQUIRED)
+        except Exception as err:  # as in problem(): never fatal
+            return f"malformed reply ({type(err).__name__})"
+
+    def secagg_problem(self, msg: Message) -> str | None:
+        """Why a secure-aggregation reply (keys, shares, unmask) cannot be used: its identity, or a ``secagg``
+        record not of its stage's form (common/secagg.py). Never raises."""
+        try:
+            if problem := self._identity_problem(msg):
+                return problem
+            record = msg.content.config_records.get(secagg.RECORD)
+            if record is None or set(msg.content.array_records):
+                return f"a secure-aggregation reply holds '{secagg.RECORD}' and no arrays"
+            problems = secagg.reply_problems(msg.metadata.message_type, record)
+            return problems[0] if problems else None
+        except Exception as err:  # as in problem(): never fatal
+            return f"malformed reply ({type(err).__name__})"
+
+    def masked_problem(self, msg: Message, length: int) -> str | None:
+        """Why a training reply under secure aggregation cannot be used: its identity, its metrics (no case
+        count), or anything but one uint32 vector of ``length`` values. Never raises."""
+        try:
+            if problem := self._identity_problem(msg):
+                return problem
+            metrics = msg.content.metric_records.get(keys.METRICS)
+            if metrics is None or keys.NUM_EXAMPLES in metrics:
+                return f"the '{keys.METRICS}' record is missing or holds a case count"
+            if problem := metrics_problem(metrics, [k for k in keys.TRAIN_METRICS if k != keys.NUM_EXAMPLES]):
+                return problem
+            records = msg.content.array_records
+            if set(records) != {keys.ARRAYS} or set(records[keys.ARRAYS]) != {secagg.MASKED}:
+                return f"a masked training reply must hold exactly one array '{secagg.MASKED}'"
+            array = records[keys.ARRAYS][secagg.MASKED]
+            values = array.numpy()
+            if str(values.dtype) != secagg.MASKED_DTYPE or values.shape != (length,):
+                return f"the masked vector is {values.dtype}{list(values.shape)}, expected {secagg.MASKED_DTYPE}" \
+                       f"[{length}]"
+            return None
         except Exception as err:  # as in problem(): never fatal
             return f"malformed reply ({type(err).__name__})"
 
@@ -152,7 +189,7 @@ def metrics_problem(metrics: MetricRecord, required: Sequence[str]) -> str | Non
             return f"metric '{name}' is not finite"
         if DICE_METRICS.fullmatch(name) and not 0.0 <= float(value) <= 1.0:
             return f"metric '{name}' is {float(value):.4g}, outside a Dice value's range [0, 1]"
-    if float(metrics[keys.NUM_EXAMPLES]) <= 0:
+    if keys.NUM_EXAMPLES in required and float(metrics[keys.NUM_EXAMPLES]) <= 0:
         return f"no positive '{keys.NUM_EXAMPLES}' in the reply metrics"
     return None
 
