@@ -169,7 +169,7 @@ def _nnunet_pairs(root: Path, meta: dict, images_dir: str, label_dirs: tuple[str
         case_id = label.name[: -len(ending if label.name.endswith(ending) else DICOM_SEG_ENDING)]
         images = tuple(_channel_image(root / images_dir, case_id, int(c), ending) for c in channels)
         labels = tuple(_annotation(root / folder, case_id, ending) for folder in label_dirs)
-        if missing_images := [_rel(p, root) for p in images if not p.is_file()]:
+        if missing_images := [_rel(p, root) for p in images if not p.exists()]:
             unpaired.append(Unpaired(_rel(label, root), f"{LABEL_WITHOUT_IMAGE} (missing {missing_images})"))
             continue
         if missing := [_rel(p, root) for p in labels if not p.is_file()]:

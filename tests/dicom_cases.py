@@ -10,6 +10,7 @@ bytes of what fedseg writes.
 from __future__ import annotations
 
 import random
+import uuid
 from pathlib import Path
 
 import nibabel as nib
@@ -20,33 +21,36 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 SLOPE, INTERCEPT = 0.5, -20.0
+_TOKEN = uuid.uuid4().hex[:8].upper()
+"""Drawn per test process, so the planted values are in no file fedseg copies (its app bundle holds this source)."""
+_DAY = int(_TOKEN[:2], 16) % 28 + 1
 IDENTITY = {
-    "PatientName": "Quagmire^Ottoline",
-    "PatientID": "PID-QX-77310",
-    "PatientBirthDate": "19470312",
-    "PatientAge": "079Y",
-    "PatientAddress": "12 Plantedstreet Vexborough",
-    "OtherPatientIDs": "OPID-55821",
-    "PatientTelephoneNumbers": "555-0199-321",
-    "InstitutionName": "Saint Plantedius Hospital",
-    "InstitutionAddress": "1 Hospital Road Vexborough",
-    "InstitutionalDepartmentName": "Planted Radiology Dept",
-    "ReferringPhysicianName": "Refdoc^Barnabyx",
-    "PerformingPhysicianName": "Perfdoc^Cornelix",
-    "OperatorsName": "Opname^Dorotheax",
-    "NameOfPhysiciansReadingStudy": "Readdoc^Eulaliax",
-    "AccessionNumber": "ACC-998172",
-    "StudyID": "STUDY-44127",
-    "StudyDescription": "Planted brain study description",
-    "SeriesDescription": "Planted axial series description",
-    "StationName": "PLANTEDSTATION7",
-    "DeviceSerialNumber": "SN-PLANTED-3391",
-    "StudyDate": "19990417",
-    "SeriesDate": "19990418",
-    "AcquisitionDate": "19990419",
-    "ContentDate": "19990420",
-    "StudyTime": "101112.131415",
-    "AdditionalPatientHistory": "Planted history of something",
+    "PatientName": f"Quagmire{_TOKEN}^Ottoline",
+    "PatientID": f"PID-{_TOKEN}-77310",
+    "PatientBirthDate": f"194703{_DAY:02d}",
+    "PatientAge": f"0{_DAY + 50}Y",
+    "PatientAddress": f"12 Plantedstreet {_TOKEN}",
+    "OtherPatientIDs": f"OPID-{_TOKEN}",
+    "PatientTelephoneNumbers": f"555-{_TOKEN}",
+    "InstitutionName": f"Saint Plantedius Hospital {_TOKEN}",
+    "InstitutionAddress": f"1 Hospital Road {_TOKEN}",
+    "InstitutionalDepartmentName": f"Planted Radiology {_TOKEN}",
+    "ReferringPhysicianName": f"Refdoc{_TOKEN}^Barnaby",
+    "PerformingPhysicianName": f"Perfdoc{_TOKEN}^Cornelia",
+    "OperatorsName": f"Opname{_TOKEN}^Dorothea",
+    "NameOfPhysiciansReadingStudy": f"Readdoc{_TOKEN}^Eulalia",
+    "AccessionNumber": f"ACC{_TOKEN}",
+    "StudyID": f"S{_TOKEN}",
+    "StudyDescription": f"Planted study description {_TOKEN}",
+    "SeriesDescription": f"Planted series description {_TOKEN}",
+    "StationName": f"STATION{_TOKEN}",
+    "DeviceSerialNumber": f"SN-{_TOKEN}",
+    "StudyDate": f"199904{_DAY:02d}",
+    "SeriesDate": f"199805{_DAY:02d}",
+    "AcquisitionDate": f"199706{_DAY:02d}",
+    "ContentDate": f"199607{_DAY:02d}",
+    "StudyTime": f"1011{_DAY:02d}.131415",
+    "AdditionalPatientHistory": f"Planted history {_TOKEN}",
 }
 """Attributes of the DICOM basic de-identification profile, each with a value no other file holds."""
 PATIENT_SEX = "O"

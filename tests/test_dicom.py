@@ -1,0 +1,238 @@
+"""DICOM in and DICOM-SEG out, with series written by pydicom from real NIfTI volumes.
+
+One synthetic site's NIfTI scans become DICOM series (int16 with a rescale
+slope and intercept, a double-oblique orientation, slice files in shuffled
+order, every identifying attribute of the basic de-identification profile
+filled in); its label maps stay NIfTI on the same oblique grid. That site and
+an untouched NIfTI site train a round in the simulation; the DICOM site then
+predicts a DICOM-SEG, read back with highdicom onto the source slices. The
+bytes of everything the run and the SEG wrote are searched for the planted
+values.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import highdicom as hd
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import yaml
+
+from client.check import check_dataset
+from client.cli import main as client_main
+from common.config import load_config
+from common.dataset import Case, read_dataset
+from common.dicom_series import open_series
+from common.preprocess import prepare_case
+from common.plan import ChannelNorm, Plan
+from common.reading import IMAGE, LABEL, load_image, load_label, read_case
+from simulations.cli import main as sim_main
+from simulations.synthetic import default_signatures, generate_site
+from tests.dicom_cases import IDENTITY, INTERCEPT, SLOPE, nifti_to_dicom_case, write_series
+from tests.nifti_cases import phantom, save
+from tests.tiny import TINY
+
+SHAPE = (32, 32, 24)
+CASES = 4
+SETTINGS = {
+    "model": {**TINY["model"], "channels": [4, 8, 16]},
+    "data": {**TINY["data"], "val_fraction": 0.25},
+    "train": {**TINY["train"], "adapt_norm_steps": 2},
+    "federation": {"rounds": 1, "run_name": "dicom"},
+    "simulation": {"cpus_per_site": 1, "ray_num_cpus": 2},
+}
+
+
+def double_oblique(zooms: np.ndarray) -> np.ndarray:
+    """An affine tilted about two axes (20 and 15 degrees), with the volume's spacing; det > 0."""
+    a, b = np.deg2rad(20.0), np.deg2rad(15.0)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    affine = np.eye(4)
+    affine[:3, :3] = rz @ rx @ np.diag(zooms)
+    affine[:3, 3] = [-30.0, 12.5, 40.0]
+    return affine
+
+
+def as_dicom_site(nifti_site: Path, out: Path, reference: Path) -> Path:
+    """A copy of ``nifti_site`` whose scans are DICOM series folders on an oblique grid.
+
+    The label maps stay NIfTI, rewritten on the same oblique affine; ``reference`` gets each scan as NIfTI
+    with exactly the voxels and affine its series holds.
+    """
+    shutil.copytree(nifti_site, out)
+    for scan in sorted((out / "imagesTr").glob("*_0000.nii.gz")):
+        case = scan.name.removesuffix("_0000.nii.gz")
+        affine = double_oblique(np.asarray(nib.load(str(scan)).header.get_zooms()[:3], dtype=float))
+        volume = nifti_to_dicom_case(scan, out / "imagesTr" / f"{case}_0000", affine, series_number=3)
+        save(volume, affine, reference / f"{case}_0000.nii.gz")
+        label = out / "labelsTr" / f"{case}.nii.gz"
+        save(np.asarray(nib.load(str(label)).dataobj, dtype=np.uint8), affine, label)
+        scan.unlink()
+    return out
+
+
+def planted_in(path: Path, uids: set[str] = frozenset()) -> list[str]:
+    """The planted identifying values (and ``uids``) whose bytes occur in the file at ``path``."""
+    data = path.read_bytes()
+    return [v for v in (*IDENTITY.values(), *uids) if v.encode() in data]
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("dicom")
+    signatures = default_signatures(2)
+    nifti = generate_site(root / "data", "nif", CASES, SHAPE, signatures[0], seed=0, dataset_id=301)
+    source = generate_site(root / "data", "dcm", CASES, SHAPE, signatures[1], seed=1, dataset_id=302)
+    dicom = as_dicom_site(source, root / "data" / "Dataset303_Dicom", root / "reference")
+    return {"root": root, "nifti": nifti, "dicom": dicom, "reference": root / "reference"}
+
+
+@pytest.fixture(scope="module")
+def run(sites) -> Path:
+    root = sites["root"]
+    small = root / "small-site.yaml"  # these generated cohorts are below the default floor
+    small.write_text(yaml.safe_dump({"site": {"min_cohort": 1}}))
+    config = {**SETTINGS, "simulation": {**SETTINGS["simulation"], "sites": {
+        "dicom": {"data_dir": str(sites["dicom"]), "site_yaml": str(small)},
+        "nifti": {"data_dir": str(sites["nifti"]), "site_yaml": str(small)},
+    }}, "federation": {**SETTINGS["federation"], "runs_dir": str(root / "runs")}}
+    path = root / "sites.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert sim_main(["run", "--config", str(path)]) == 0
+    return root / "runs" / "dicom"
+
+
+def _series_uids(folder: Path) -> set[str]:
+    uids = set()
+    for f in folder.iterdir():
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        uids |= {str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)}
+    return uids
+
+
+def test_a_series_reads_as_the_nifti_it_was_made_from(sites):
+    spec = read_dataset(sites["dicom"])
+    case = spec.cases[0]
+    assert case.images[0].is_dir() and len(spec.cases) == CASES
+    reference = sites["reference"] / f"{case.case_id}_0000.nii.gz"
+    nifti = nib.load(str(reference))
+    image = load_image(case.images)
+    assert image.shape[1:] == nifti.shape
+    assert np.array_equal(image[0].numpy(), np.asarray(nifti.dataobj, dtype=np.float32))
+    assert np.allclose(image.affine.numpy(), nifti.affine, atol=1e-4)
+    assert np.allclose(np.asarray(image.meta["pixdim"][1:4]), nifti.header.get_zooms()[:3], atol=1e-4)
+    stored = pydicom.dcmread(open_series(case.images[0]).files[0])  # the first slice along the normal
+    assert float(stored.RescaleSlope) == SLOPE != 1
+    assert not np.array_equal(stored.pixel_array, image[0, :, :, 0].numpy().T)  # the slope is applied ...
+    assert np.array_equal(stored.pixel_array * SLOPE + INTERCEPT, image[0, :, :, 0].numpy().T)  # ... exactly
+    # The whole pipeline (RAS, crop, resampling) gives the NIfTI's arrays from the series.
+    plan = Plan((1.5, 1.5, 1.5), (16, 16, 16), (ChannelNorm("zscore"),), SHAPE)
+    from_dicom = prepare_case(case, plan)
+    from_nifti = prepare_case(Case(case.case_id, (reference,), case.labels), plan)
+    assert all(np.array_equal(a, b) for a, b in zip(from_dicom, from_nifti))
+    assert set(read_case((IMAGE, LABEL))({IMAGE: case.images, LABEL: case.label})[IMAGE].meta) <= {
+        "original_affine", "filename_or_obj", "space", "pixdim", "affine", "original_channel_dim"}
+
+
+def test_a_round_on_a_dicom_site_and_a_seg_on_the_source_voxels(sites, run, tmp_path, capsys):
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    trained = {e["site"] for e in events if e["event"] == "train"}
+    assert trained == {"dicom", "nifti"}
+    cached = [p.parent.name for p in (run / "sites" / "dicom" / "cache").glob("plan-*/*/image.npy")]
+    assert len(cached) >= CASES - 1
+    case = read_dataset(sites["dicom"]).cases[0]
+    series = case.images[0]
+    site_yaml = next(p for p in (run / "sites").glob("site-*.yaml")
+                     if yaml.safe_load(p.read_text())["site"]["name"] == "dicom")
+    out = tmp_path / "out"
+    common = ["predict", "--config", str(site_yaml), "--run", str(run), "--output", str(out)]
+    assert client_main([*common, "--input", str(series), "--output-format", "dicom-seg"]) == 0
+    assert client_main([*common, "--input", str(sites["reference"] / f"{case.case_id}_0000.nii.gz"),
+                        "--output-names", "nnunet"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{case.case_id}_seg.dcm", f"{case.case_id}.nii.gz"])
+    from_nifti = np.asarray(nib.load(str(out / f"{case.case_id}.nii.gz")).dataobj)
+    assert from_nifti.any(), "the model found foreground: the comparison below means something"
+
+    seg = hd.seg.segread(out / f"{case.case_id}_seg.dcm")
+    source = open_series(series)
+    assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4" and seg.Modality == "SEG"
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.references.series_uid
+    assert seg.StudyInstanceUID == source.references.study_uid
+    assert seg.FrameOfReferenceUID == source.references.frame_of_reference_uid
+    labels = read_dataset(sites["dicom"]).labels
+    assert {d.SegmentLabel: d.SegmentNumber for d in seg.SegmentSequence} == {
+        name: value for name, value in labels.items() if value > 0}
+    positions = {uid: pos for uid, pos in zip(source.references.sop_instance_uids, source.positions)}
+    for frame in seg.PerFrameFunctionalGroupsSequence:  # every frame lies on the slice it references
+        uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        assert np.allclose([float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient],
+                           positions[uid], atol=1e-3)
+    pixels = seg.get_pixels_by_source_instance(list(source.references.sop_instance_uids), combine_segments=True,
+                                               assert_missing_frames_are_empty=True)
+    assert np.array_equal(np.transpose(pixels, (2, 1, 0)), from_nifti)
+    assert np.array_equal(load_label(out / f"{case.case_id}_seg.dcm", series)[0].numpy(), from_nifti)
+
+    # Nothing identifying reached the cache, the metrics, the logs or the SEG beyond the references it needs.
+    assert planted_in(source.files[0]) == list(IDENTITY.values()), "the scan finds what was planted"
+    uids = _series_uids(series)
+    leaks = {str(p.relative_to(run)): found for p in run.rglob("*") if p.is_file() and (found := planted_in(p, uids))}
+    assert leaks == {}
+    assert planted_in(out / f"{case.case_id}_seg.dcm") == []
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "ReferringPhysicianName",
+                    "AccessionNumber", "StudyID", "StudyDate", "StudyTime"):
+        assert str(seg.get(keyword, "")) == "", keyword
+    assert not {"InstitutionName", "OperatorsName", "PatientAge", "StationName", "SeriesDescription"} & set(seg.dir())
+
+
+def _check_site(root: Path, channel: str = "T2") -> Path:
+    """Five cases of one-channel DICOM series, each with its NIfTI label; a test breaks them one by one."""
+    meta = {"channel_names": {"0": channel}, "labels": {"background": 0, "lesion": 1}, "file_ending": ".nii.gz"}
+    root.mkdir(parents=True)
+    (root / "dataset.json").write_text(json.dumps(meta))
+    affine = double_oblique(np.array([1.0, 1.2, 2.0]))
+    for i in range(5):
+        image, label = phantom(seed=i)
+        write_series(image, affine, root / "imagesTr" / f"case_{i}_0000", series_number=3)
+        save(label, affine, root / "labelsTr" / f"case_{i}.nii.gz")
+    return root
+
+
+def test_check_names_a_mixed_folder_a_missing_slice_a_localizer_and_a_wrong_modality(tmp_path, capsys):
+    root = _check_site(tmp_path / "site")
+    assert check_dataset(root).ok, "the intact series pass"
+    images = root / "imagesTr"
+    image, _ = phantom(seed=9)
+    affine = double_oblique(np.array([1.0, 1.2, 2.0]))
+    write_series(image, affine, images / "case_1_0000", series_number=4)  # a second series in the same folder
+    shutil.rmtree(images / "case_2_0000")
+    write_series(image, affine, images / "case_2_0000", skip=(7,))
+    shutil.rmtree(images / "case_3_0000")
+    write_series(image, affine, images / "case_3_0000", localizer=True)
+    shutil.rmtree(images / "case_4_0000")
+    write_series(image, affine, images / "case_4_0000", modality="CT")
+    report = check_dataset(root)
+    found = {f.file: f.problem for f in report.problems}
+    assert set(found) == {f"imagesTr/case_{i}_0000" for i in (1, 2, 3, 4)}
+    assert "mixes 2 series" in found["imagesTr/case_1_0000"] and "own folder" in found["imagesTr/case_1_0000"]
+    assert "1 slice(s) missing (after slice 7" in found["imagesTr/case_2_0000"]
+    assert "localizer" in found["imagesTr/case_3_0000"]
+    assert "Modality CT" in found["imagesTr/case_4_0000"] and "'T2' (MR)" in found["imagesTr/case_4_0000"]
+    assert client_main(["check", "--data-dir", str(root)]) == 1
+    said = capsys.readouterr().out
+    assert "imagesTr/case_2_0000: 1 slice(s) missing" in said and "export the whole series again" in said
+
+
+def test_a_ct_channel_accepts_a_ct_series(tmp_path):
+    root = _check_site(tmp_path / "site", channel="CT")
+    assert {f.file for f in check_dataset(root).problems} == {f"imagesTr/case_{i}_0000" for i in range(5)}
+    for i in range(5):
+        shutil.rmtree(root / "imagesTr" / f"case_{i}_0000")
+        write_series(phantom(seed=i)[0], double_oblique(np.array([1.0, 1.2, 2.0])),
+                     root / "imagesTr" / f"case_{i}_0000", modality="CT")
+    assert check_dataset(root).ok
