@@ -224,3 +224,68 @@ def test_probabilities_go_back_with_background_one_outside_the_crop(tmp_path):
     assert back.shape == (*image.shape, 2)
     assert np.allclose(back[:5, ..., 0], 1.0) and np.allclose(back[:5, ..., 1], 0.0)
     assert np.allclose(back[5:, ..., 0], 0.25) and np.allclose(back[5:, ..., 1], 0.75)
+
+
+def _warned(capsys) -> str:
+    return capsys.readouterr().err
+
+
+def test_predict_warns_about_a_modality_the_model_never_saw_and_strict_refuses(tmp_path, capsys):
+    from tests.dicom_cases import write_series
+
+    run = run_folder(tmp_path, ("best",))  # trained on a z-scored (non-CT) channel
+    image, _ = phantom()
+    head = np.full_like(image, -1024.0)  # air around a head of soft tissue, in HU
+    head[4:-4, 4:-4, 2:-2] = image[4:-4, 4:-4, 2:-2] - 60.0
+    ct = save(head, RAS, tmp_path / "scans" / "head_0000.nii.gz")
+    out = tmp_path / "out"
+    assert main(["predict", "--run", str(run), "--input", str(ct), "--output", str(out)]) == 0
+    said = _warned(capsys)
+    assert f"WARNING: {ct}: channel 0 intensities" in said and "look like CT" in said and "non-CT" in said
+    assert (out / "head_seg.nii.gz").is_file()
+    strict = tmp_path / "strict"
+    assert main(["predict", "--run", str(run), "--input", str(ct), "--output", str(strict), "--strict"]) == 2
+    assert "--strict: 1 input(s) differ" in _warned(capsys) and not strict.exists()
+    series = tmp_path / "dicom" / "head_0000"
+    write_series(head, oblique(), series, modality="CT")
+    assert main(["predict", "--run", str(run), "--input", str(series), "--output", str(strict), "--strict"]) == 2
+    assert f"{series}: channel 0 is DICOM Modality CT" in _warned(capsys)
+    mr = save(image, RAS, tmp_path / "scans" / "brain_0000.nii.gz")  # what the model saw: no warning
+    assert main(["predict", "--run", str(run), "--input", str(mr), "--output", str(out), "--strict"]) == 0
+    assert "WARNING" not in _warned(capsys)
+
+
+def test_a_ct_model_warns_about_an_mr_scan(tmp_path, capsys):
+    run = run_folder(tmp_path, ("best",))
+    Plan((1.0, 1.2, 2.0), (16, 16, 16), (ChannelNorm("ct", -1000.0, 1000.0, 40.0, 300.0),),
+         (24, 20, 16)).save(run / "plan.json")
+    image, _ = phantom()
+    mr = save(image, RAS, tmp_path / "scans" / "brain_0000.nii.gz")
+    assert main(["predict", "--run", str(run), "--input", str(mr), "--output", str(tmp_path / "o")]) == 0
+    said = _warned(capsys)
+    assert f"{mr}: channel 0 intensities" in said and "do not look like CT" in said and "clip range -1000..1000" in said
+
+
+def test_inputs_that_cannot_run_are_refused_before_anything_is_written(tmp_path, capsys):
+    run = run_folder(tmp_path, ("best",))
+    image, _ = phantom()
+    two = save(np.stack([image, image], axis=-1), RAS, tmp_path / "scans" / "two.nii.gz")
+    out = tmp_path / "out"
+    assert main(["predict", "--run", str(run), "--input", str(two), "--output", str(out)]) == 2
+    assert f"{two}: 2 channel(s), the model was trained on 1" in _warned(capsys)
+    one = save(image, RAS, tmp_path / "one" / "one_0000.nii.gz")
+    assert main(["predict", "--run", str(run), "--input", str(one), "--output", str(out),
+                 "--output-format", "dicom-seg"]) == 2
+    assert "needs a DICOM series input" in _warned(capsys) and not out.exists()
+
+
+def test_nnunet_output_names(tmp_path):
+    run = run_folder(tmp_path, ("best",))
+    image, _ = phantom()
+    scan = save(image, RAS, tmp_path / "scans" / "case_7_0000.nii.gz")
+    out = tmp_path / "out"
+    assert main(["predict", "--run", str(run), "--input", str(scan), "--output", str(out), "--output-names",
+                 "nnunet", "--probabilities"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["case_7.nii.gz", "case_7_prob.nii.gz"]
+    assert nib.load(str(out / "case_7.nii.gz")).shape == image.shape
+    assert nib.load(str(out / "case_7_prob.nii.gz")).shape == (*image.shape, 2)
