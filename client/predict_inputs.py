@@ -22,9 +22,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
-from common.dicom_series import inspect_series
+from common.dicom_series import open_series
 from common.plan import Plan
 from common.reading import open_nifti
 
@@ -45,15 +46,13 @@ def _trained(plan: Plan, channel: int) -> str:
 def channel_count(paths: tuple[Path, ...]) -> int:
     """Channels of one case: one per series folder or 3D file, the 4th axis of a single 4D NIfTI file."""
     if len(paths) == 1 and not paths[0].is_dir():
-        shape = open_nifti(paths[0])[0].shape
+        shape = nib.load(str(paths[0])).shape  # the header only
         return int(shape[3]) if len(shape) == 4 else 1
     return len(paths)
 
 
 def _dicom_mismatch(folder: Path, channel: int, plan: Plan) -> str | None:
-    series, problems = inspect_series(folder)
-    if series is None:
-        return None  # reading it will raise with the folder's problems
+    series = open_series(folder)  # a folder that is not one volume is refused here, with its problems
     trained_ct = plan.normalization[channel].scheme == "ct"
     if series.modality and (series.modality == "CT") != trained_ct:
         return (f"{folder}: channel {channel} is DICOM Modality {series.modality}, the model was trained on "

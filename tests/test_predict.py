@@ -277,6 +277,13 @@ def test_inputs_that_cannot_run_are_refused_before_anything_is_written(tmp_path,
     assert main(["predict", "--run", str(run), "--input", str(one), "--output", str(out),
                  "--output-format", "dicom-seg"]) == 2
     assert "needs a DICOM series input" in _warned(capsys) and not out.exists()
+    from tests.dicom_cases import write_series
+
+    gappy = tmp_path / "dicom" / "gappy_0000"
+    write_series(image, oblique(), gappy, skip=(3,))
+    assert main(["predict", "--run", str(run), "--input", str(gappy), "--output", str(out)]) == 2
+    assert f"DICOM series folder {gappy}: 1 slice(s) missing (after slice 3" in _warned(capsys)
+    assert not out.exists()
 
 
 def test_nnunet_output_names(tmp_path):
