@@ -45,7 +45,6 @@ CODING_SCHEME = "99FEDSEG"
 EMPTY_TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
 """Patient and General Study attributes the SEG must carry (type 2) and carries empty."""
-SEG_ENDING = ".dcm"
 MANUFACTURER = "fedseg"
 MODEL_NAME = "fedseg-client predict"
 SEG_SERIES_NUMBER = 9901

@@ -57,7 +57,7 @@ from monai.transforms import KeepLargestConnectedComponent
 from torch import nn
 
 from common.config import FedsegConfig
-from common.dataset import NIFTI_ENDINGS, DatasetError, channel_groups
+from common.dataset import DICOM_SEG_ENDING, NIFTI_ENDINGS, DatasetError, channel_groups
 from common.dicom_series import DicomSeriesError, is_series_folder, open_series
 from common.device import CPU_FP32, Compute, compute_for, with_site_compute
 from common.nifti_out import save_nifti
@@ -73,7 +73,6 @@ NIFTI_OUT_ENDING = ".nii.gz"
 """The ending of a NIfTI written for a DICOM input (a NIfTI input keeps its own)."""
 OUTPUT_FORMATS = ("nifti", "dicom-seg")
 OUTPUT_NAMES = ("fedseg", "nnunet")
-DICOM_SEG_ENDING = ".dcm"
 PROGRESS_WIDTH = 30
 
 

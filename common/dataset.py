@@ -166,7 +166,7 @@ def _nnunet_pairs(root: Path, meta: dict, images_dir: str, label_dirs: tuple[str
                          and p.name.endswith((ending, DICOM_SEG_ENDING))) if reference.is_dir() else []
     cases, unpaired = [], []
     for label in label_files:
-        case_id = label.name[: -len(ending if label.name.endswith(ending) else DICOM_SEG_ENDING)]
+        case_id = _label_case(label.name, ending)
         images = tuple(_channel_image(root / images_dir, case_id, int(c), ending) for c in channels)
         labels = tuple(_annotation(root / folder, case_id, ending) for folder in label_dirs)
         if missing_images := [_rel(p, root) for p in images if not p.exists()]:

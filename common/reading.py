@@ -42,7 +42,7 @@ from monai.data import MetaTensor
 from monai.transforms.utils import convert_applied_interp_mode, generate_spatial_bounding_box, reset_ops_id
 from monai.utils import TraceKeys
 
-from .dataset import Case
+from .dataset import DICOM_SEG_ENDING, Case
 from .dicom_series import DicomSeriesError, open_series, seg_labels, series_voxels
 
 IMAGE, LABEL = "image", "label"
@@ -69,10 +69,6 @@ def open_nifti(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
     """The file's header and its voxels as stored (dtype and memory order of the file)."""
     img = nib.load(str(path))
     return img, np.asanyarray(img.dataobj)
-
-
-DICOM_SEG_ENDING = ".dcm"
-"""A label file with this ending is a DICOM-SEG on its case's series; any other is NIfTI."""
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,6 @@ import yaml
 
 from client.check import check_dataset
 from client.cli import main as client_main
-from common.config import load_config
 from common.dataset import Case, read_dataset
 from common.dicom_series import open_series
 from common.preprocess import prepare_case
