@@ -17,19 +17,25 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from flwr.app import MessageType
+from flwr.app import ArrayRecord, ConfigRecord, MessageType
 from safetensors.torch import load_file
 
+from client import client_app
 from client.cli import main as client_main
 from client.local_dp import add_noise, clip_update, privatize
 from client.site_state import SiteState
-from common import keys
+from common import keys, secagg
 from common.config import ConfigError, SiteConfig, load_config
 from common.dp_accounting import gaussian_epsilon
+from common.metrics_log import MetricsLog
 from common.params import run_model
 from common.wire import from_wire, unpack
+from server.checkpoints import Checkpoints
 from server.server_app import initial_weights
+from server.strategy import FedSegStrategy
+from tests.local_grid import LocalGrid, federation
 from tests.site_harness import handle, run_fresh, site_setup
+from tests.tiny import tiny
 
 Z, C, DELTA = 0.8, 0.05, 1e-5
 """The site's local DP in these tests: noise std Z * C = 0.04 per coordinate."""
@@ -194,3 +200,38 @@ def test_the_centre_cannot_lower_the_sites_floors_or_turn_off_its_local_dp(tmp_p
     assert noise.std().item() == pytest.approx(Z * C, rel=0.05)  # the site's own C and z, not the centre's
     run = SiteState(tmp_path / "dp" / "site-1-state").run(cfg)
     assert run.info()["local_dp"]["releases"][0]["clipping_norm"] == C
+
+
+def test_with_secure_aggregation_the_noise_is_in_what_the_centre_unmasks(tmp_path, tiny_federation):
+    """Three sites with local DP under SecAgg+: the centre's mean update is the mean of noised updates.
+
+    One round, no server step: w^1 - w^0 is the mean of three clipped updates
+    (norm at most C each) plus three independent noises of std z*C, so its
+    coordinates have std z*C / sqrt(3). Noise added after masking, or not at
+    all, would leave the mean of three clipped updates: a std about 100 times
+    smaller.
+    """
+    z, clip = 1.0, 0.02  # noised norm z*C*sqrt(34,886) = 3.7, inside federation.secagg_clip_norm (10)
+    own = tmp_path / "site.yaml"
+    own.write_text(yaml.safe_dump({"site": {"min_cohort": 1, "local_dp_noise_multiplier": z,
+                                            "local_dp_clipping_norm": clip}}))
+    sites = [f"simulation.sites.{name}.{key}={value}" for name, folder in tiny_federation.items()
+             for key, value in (("data_dir", folder), ("site_yaml", own))]
+    cfg = federation(load_config(None, tiny("federation.secure_aggregation=secagg+", "federation.norm_bound=0",
+                                            "federation.server_optimizer=none", "federation.rounds=1",
+                                            "federation.cross_eval=false", f"federation.runs_dir={tmp_path / 'runs'}",
+                                            "federation.run_name=secagg-ldp", *sites)), tiny_federation)
+    weights, signature = initial_weights(cfg)
+    folder = tmp_path / "runs" / "secagg-ldp"
+    strategy = FedSegStrategy(cfg, signature, {k: tuple(v.shape) for k, v in weights.items()}, MetricsLog(folder),
+                              Checkpoints(folder / "checkpoints"))
+    grid = LocalGrid(cfg, client_app.app)
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(weights), num_rounds=1,
+                            train_config=ConfigRecord(), evaluate_config=ConfigRecord())
+    trains = [r for r in grid.received if r.metadata.message_type == MessageType.TRAIN]
+    assert len(trains) == 3 and all(set(r.content.array_records[keys.ARRAYS]) == {secagg.MASKED} for r in trains)
+    moved = torch.cat([(torch.from_numpy(result.arrays[k].numpy()) - weights[k]).ravel() for k in weights]).double()
+    assert moved.std().item() == pytest.approx(z * clip / math.sqrt(3), rel=0.02)
+    for name in tiny_federation:
+        run = SiteState(folder / "sites" / name).run(cfg)
+        assert [r["round"] for r in run.info()["local_dp"]["releases"]] == [1]
