@@ -235,3 +235,35 @@ def test_a_ct_channel_accepts_a_ct_series(tmp_path):
         write_series(phantom(seed=i)[0], double_oblique(np.array([1.0, 1.2, 2.0])),
                      root / "imagesTr" / f"case_{i}_0000", modality="CT")
     assert check_dataset(root).ok
+
+
+def test_uneven_slices_are_named(tmp_path):
+    root = _check_site(tmp_path / "site")
+    moved = open_series(root / "imagesTr" / "case_0_0000").files[5]
+    ds = pydicom.dcmread(moved)
+    normal = np.cross(*np.array([float(v) for v in ds.ImageOrientationPatient]).reshape(2, 3))
+    ds.ImagePositionPatient = [float(v) for v in np.array(ds.ImagePositionPatient, dtype=float) + 0.6 * normal]
+    ds.save_as(moved)
+    (problem,) = check_dataset(root).problems
+    assert problem.file == "imagesTr/case_0_0000" and "uneven slice spacing (1.4 to 2.6 mm)" in problem.problem
+
+
+def test_a_dicom_seg_label_trains_like_its_nifti(tmp_path):
+    from client.dicom_seg import write_dicom_seg
+
+    root = _check_site(tmp_path / "site")
+    case = read_dataset(root).case("case_0")
+    nifti_label = case.label
+    write_dicom_seg(np.asarray(nib.load(str(nifti_label)).dataobj), open_series(case.images[0]),
+                    {"background": 0, "lesion": 1}, 2, root / "labelsTr" / "case_0.dcm", "test")
+    with pytest.raises(ValueError, match="has two labels, case_0.nii.gz and case_0.dcm"):
+        read_dataset(root)
+    moved = tmp_path / "case_0.nii.gz"
+    shutil.move(nifti_label, moved)
+    spec = read_dataset(root)
+    assert spec.case("case_0").label == root / "labelsTr" / "case_0.dcm"
+    assert check_dataset(root).ok
+    plan = Plan((1.5, 1.5, 1.5), (16, 16, 16), (ChannelNorm("zscore"),), SHAPE)
+    _, from_seg = prepare_case(spec.case("case_0"), plan)
+    _, from_nifti = prepare_case(Case("case_0", case.images, (moved,)), plan)
+    assert from_seg.any() and np.array_equal(from_seg, from_nifti)
