@@ -457,7 +457,10 @@ def run(args: argparse.Namespace) -> int:
     for i, paths in enumerate(cases.values(), 1):
         out = args.output / output_name(paths[0], args.output_names, args.output_format)
         print(f"[{i}/{len(cases)}] {paths[0].name} -> {out}")
-        predict_file(paths, out, model, plan, model_cfg.model.out_channels, options, progress=True)
+        try:
+            predict_file(paths, out, model, plan, model_cfg.model.out_channels, options, progress=True)
+        except DicomSeriesError as err:  # pixel data that cannot be decoded: the cases before it are written
+            raise UserError(str(err)) from err
     return 0
 
 

@@ -246,7 +246,12 @@ def series_voxels(series: Series) -> np.ndarray:
     for k, path in enumerate(series.files):
         ds = pydicom.dcmread(path)
         slope, intercept = float(ds.get("RescaleSlope", 1.0)), float(ds.get("RescaleIntercept", 0.0))
-        volume[:, :, k] = (ds.pixel_array.astype(np.float32) * slope + intercept).T
+        try:
+            pixels = ds.pixel_array
+        except Exception as err:  # a compressed transfer syntax without its decoder, or truncated pixel data
+            raise DicomSeriesError(f"{path}: its pixel data cannot be decoded ({type(err).__name__}: {err}); "
+                                   "export the series uncompressed (or decompress it, e.g. gdcmconv --raw).") from err
+        volume[:, :, k] = (pixels.astype(np.float32) * slope + intercept).T
     return volume
 
 
