@@ -10,7 +10,9 @@ handler, log line or file name ever sees a value this module has not checked:
   its id names a file only through client/timeline.py ``pull_note``, which
   takes Flower's 64 hex digits and nothing else;
 - the content holds only the records a centre sends (``config``, ``arrays``,
-  a packed ``layout`` that common/wire.py unpacks and checks);
+  a packed ``layout`` that common/wire.py unpacks and checks, and secure
+  aggregation's ``secagg``: node ids, numbers and bounded byte strings only,
+  each read further by common/secagg.py);
 - every configuration value is a finite number, a bool, or printable text of
   bounded length (no control characters, no newline except in the plan, which
   is JSON), or a short list of these; no bytes; and each entry a handler reads

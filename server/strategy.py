@@ -79,6 +79,13 @@ class FedSegStrategy(FedProx):
     recorded when round t + 1's replies arrive, and only the last round sends an evaluation
     message of its own. A round therefore costs one message per site instead of two.
 
+    With ``federation.secure_aggregation: secagg+`` the round goes through ``secure_sum``
+    (server/secure_sum.py): ``configure_train`` runs the key and share exchanges before the
+    training messages leave, and ``aggregate_train`` takes ``secure_mean`` instead of the three
+    steps below: w^t plus the unmasked sum of the surviving sites' clipped updates over their
+    number (every site weighs 1; the centre never holds one update), then the server optimizer
+    and ``publish`` as usual.
+
     ``aggregate_train`` is three public steps: ``screen_train`` (the sound replies), ``combine``
     (quorum and aggregate) and ``publish`` (the round's model on disk). A wrapper composes by
     calling them itself: central DP (server/dp.py) clips the sound updates, asks ``combine``
