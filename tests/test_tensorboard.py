@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from common.metrics_log import read_events
 from common.runs import METRICS_FILE
 from server.cli import main as server_main
-from server.tensorboard import LIVE_DIR
+from server.tensorboard import LIVE_DIR, write_mirror
 
 FLOAT32 = 1e-6
 """TensorBoard keeps a scalar as float32: relative precision about 6e-8."""
@@ -97,8 +97,7 @@ def test_report_mirrors_a_finished_run_once(quorum_run, tmp_path, capsys):
 def _mirror_of(events: list[dict], run: Path) -> Path:
     run.mkdir()
     (run / METRICS_FILE).write_text("".join(json.dumps(e) + "\n" for e in events))
-    assert server_main(["report", str(run), "--tensorboard", str(run / "tb")]) == 0
-    return run / "tb"
+    return write_mirror(run, run / "tb")[0]
 
 
 def test_the_check_fails_on_a_mirror_that_differs_from_its_log(quorum_run, tmp_path):
