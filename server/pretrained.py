@@ -43,6 +43,8 @@ WRAPPER_PREFIX = "module."
 """What torch.nn.DataParallel puts in front of every name."""
 EVENT = "init-weights"
 """The metrics log event that records what the start model took from the file."""
+MAX_LISTED = 100
+"""Names listed per kind in the log and the event (a hostile file may hold millions of tensors); the counts are whole."""
 
 
 class PretrainedError(ValueError):
@@ -66,7 +68,8 @@ class PretrainedLoad:
 
     def fields(self) -> dict[str, object]:
         return {"source": self.source, "sha256": self.sha256, "loaded": len(self.loaded),
-                "at_sites": len(self.at_sites), "skipped": self.skipped, "new": self.new}
+                "at_sites": len(self.at_sites), "skipped": self.skipped[:MAX_LISTED],
+                "skipped_total": len(self.skipped), "new": self.new[:MAX_LISTED], "new_total": len(self.new)}
 
 
 def weights_file(path: Path) -> Path:
@@ -190,9 +193,9 @@ def start_weights(cfg: FedsegConfig, metrics_log: MetricsLog | None = None) -> t
         log.info("start model from %s: %d tensor(s) loaded, %d kept at the sites (seeded there), %d skipped, "
                  "%d newly initialised", result.source, len(result.loaded), len(result.at_sites),
                  len(result.skipped), len(result.new))
-        for line in result.skipped:
+        for line in result.skipped[:MAX_LISTED]:
             log.info("  skipped %s", line)
-        for name in result.new:
+        for name in result.new[:MAX_LISTED]:
             log.info("  newly initialised %s", name)
         if metrics_log is not None:
             metrics_log.write(EVENT, **result.fields())

@@ -70,9 +70,12 @@ def test_a_partly_matching_safetensors_file_reports_skipped_and_new(tmp_path):
     assert shapes_differ and same
     assert all(torch.equal(weights[k], bigger[k]) for k in same)
     assert all(torch.equal(weights[k], seeded[k]) for k in shapes_differ)  # seeded, as if no file were given
-    assert set(event["new"]) == shapes_differ
-    assert event["loaded"] == len(same)
+    assert set(event["new"]) == shapes_differ and event["new_total"] == len(shapes_differ)
+    full = run_model(_cfg())[0].state_dict()  # norm tensors too: the file's are skipped the same way
+    misfits = {k for k, v in bigger.items() if k not in full or full[k].shape != v.shape}
+    assert event["loaded"] == len(same) and event["skipped_total"] == len(misfits)
     skipped = {line.split(" ")[0]: line for line in event["skipped"]}
+    assert skipped.keys() == misfits
     assert "no tensor of that name" in skipped["extra.weight"]
     assert all("shape" in skipped[k] for k in shapes_differ)
 
