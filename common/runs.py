@@ -3,6 +3,7 @@ centre's and the sites' state folders, exported models and comparisons."""
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
 from pathlib import Path
@@ -131,6 +132,7 @@ def site_view(cfg: FedsegConfig) -> FedsegConfig:
     run's model) comes from here: the round count, the run's name and identity.
     """
     f = cfg.federation
-    return FedsegConfig(model=cfg.model, data=cfg.data, train=cfg.train,
+    model = dataclasses.replace(cfg.model, init_weights="")  # a centre path: the weights reach sites as the model
+    return FedsegConfig(model=model, data=cfg.data, train=cfg.train,
                         federation=FederationConfig(wire_dtype=f.wire_dtype, rounds=f.rounds, run_name=f.run_name,
                                                     run_id=f.run_id))

@@ -13,7 +13,7 @@ from client.cli import main as client_main
 from common.config import load_config
 from common.metrics_log import MetricsLog, read_events
 from common.params import run_model, select
-from common.runs import METRICS_FILE
+from common.runs import METRICS_FILE, site_view
 from server.pretrained import EVENT, PretrainedError, start_weights
 from tests.test_predict import TINY
 from tests.test_site_model import trained_site  # noqa: F401  (fixture: a run folder and a site that trained in it)
@@ -149,3 +149,9 @@ def test_the_comparison_can_start_a_federation_from_another_federation_model(tmp
     assert all(torch.equal(weights[k], other.state_dict()[k]) for k in weights)
     assert sim_main(["compare", "--quick", "--pretrained", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
     assert "--pretrained" in capsys.readouterr().err and not (tmp_path / "results.jsonl").exists()
+
+
+def test_the_start_weights_path_stays_at_the_centre():
+    """model.init_weights names a centre path; the site view sites receive drops it (the weights travel as the model)."""
+    cfg = load_config(None, ["model.init_weights=/centre/runs/federation-a"])
+    assert cfg.model.init_weights and site_view(cfg).model.init_weights == ""
