@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.torch import load_file
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 
@@ -28,6 +29,7 @@ from common.metrics_log import MetricsLog, read_events
 from common.runs import METRICS_FILE
 from server import secure_sum
 from server.checkpoints import Checkpoints
+from server.dp import with_privacy
 from server.server_app import initial_weights
 from server.strategy import FedSegStrategy
 from simulations.synthetic import generate_federation
@@ -91,16 +93,18 @@ class Run:
 
 
 def run(tmp_path: Path, datasets, *overrides: str, rounds: int = 1, tamper=None, name: str = "run") -> Run:
-    """A federation of the real apps in this process; ``tamper(node, reply)`` may replace a reply that left a site."""
+    """A federation of the real apps in this process, its strategy as the ServerApp builds it (with central DP when
+    configured); ``tamper(node, reply)`` may replace a reply that left a site."""
     cfg = federation(load_config(None, [*tiny(*BASE, f"federation.rounds={rounds}", *overrides),
                                         f"federation.runs_dir={tmp_path / 'runs'}", f"federation.run_name={name}"]),
                      datasets)
     weights, signature = initial_weights(cfg)
     folder = tmp_path / "runs" / name
-    strategy = FedSegStrategy(cfg, signature, {k: tuple(v.shape) for k, v in weights.items()}, MetricsLog(folder),
+    metrics_log = MetricsLog(folder)
+    strategy = FedSegStrategy(cfg, signature, {k: tuple(v.shape) for k, v in weights.items()}, metrics_log,
                               Checkpoints(folder / "checkpoints"))
     grid = LocalGrid(cfg, client_app.app, tamper=tamper)
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(weights), num_rounds=rounds, train_config=ConfigRecord(),
+    with_privacy(strategy, cfg.privacy, metrics_log).start(grid=grid, initial_arrays=ArrayRecord(weights), num_rounds=rounds, train_config=ConfigRecord(),
                    evaluate_config=ConfigRecord())
     return Run(list(read_events(folder / METRICS_FILE)), grid, strategy)
 
@@ -368,3 +372,20 @@ def test_secure_aggregation_trains_the_model_plain_aggregation_does(tmp_path, da
     print(f"Dice after {DICE_ROUNDS} rounds: plain {dice['plain']:.4f}, secagg+ {dice['secure']:.4f}")
     assert dice["secure"] == pytest.approx(dice["plain"], abs=0.01)
     assert dice["plain"] > 0.1, "the comparison is between models that learnt something"
+
+
+def test_central_dp_noises_the_unmasked_sum_over_the_federations_size(tmp_path, datasets, observed):
+    z, clip = 0.5, 5.0
+    done = run(tmp_path, datasets, *SECURE, f"privacy.noise_multiplier={z}", f"privacy.clipping_norm={clip}",
+               "federation.server_optimizer=none", name="dp")
+    (privacy,) = [e for e in done.events if e["event"] == "privacy"]
+    assert (privacy["sites"], privacy["denominator"]) == (SITES, SITES)
+    strategy = done.strategy
+    start = strategy.reference
+    order = strategy.secure_sum.order
+    released = load_file(tmp_path / "runs" / "dp" / "checkpoints" / "round-0001.safetensors")
+    mean = secagg.unflat(secagg.dequantized_sum(observed.totals[0], SITES, clip) / SITES,
+                         strategy.shapes, order)
+    noise = np.concatenate([(released[k].numpy() - start[k] - mean[k]).ravel() for k in order])
+    assert np.std(noise) == pytest.approx(z * clip / SITES, rel=0.05)
+    assert abs(np.mean(noise)) < 0.05 * z * clip / SITES
