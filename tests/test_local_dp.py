@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from client import client_app
 from client.cli import main as client_main
-from client.local_dp import add_noise, clip_update, privatize
+from client.local_dp import add_noise, clip_update, privatize, record_release, status_lines
 from client.site_state import SiteState
 from common import keys, secagg
 from common.config import ConfigError, SiteConfig, load_config
@@ -54,6 +54,17 @@ def _site(tmp_path, data_dir, site: dict, *centre: str):
 def _sent(reply) -> dict[str, torch.Tensor]:
     assert not reply.has_error(), reply.error.reason
     return from_wire(unpack(reply.content).array_records[keys.ARRAYS])
+
+
+def _status(capsys, site_yaml) -> str:
+    assert client_main(["status", "--config", str(site_yaml)]) == 0
+    return capsys.readouterr().out
+
+
+def _shown_epsilon(text: str) -> tuple[float, float, int]:
+    match = re.search(r"local DP: epsilon (\S+) at delta (\S+) after (\d+) round\(s\)", text)
+    assert match, text
+    return float(match.group(1)), float(match.group(2)), int(match.group(3))
 
 
 LOCAL_DP = {"local_dp_noise_multiplier": Z, "local_dp_clipping_norm": C, "local_dp_delta": DELTA}
@@ -124,6 +135,23 @@ def test_privatize_sends_the_clipped_update_plus_noise_of_std_z_times_c(tmp_path
     assert off is trained and len(run.info()["local_dp"]["releases"]) == 1  # off: nothing changed or counted
 
 
+def test_status_adds_up_every_run_the_site_took_part_in(tmp_path):
+    """Runs train on the same patients: besides each run's epsilon, status shows them composed."""
+    state = SiteState(tmp_path / "state")
+    first, second = state.run_named("a", "0123456789ab"), state.run_named("b", "ba9876543210")
+    for rnd in (1, 2, 3):
+        record_release(first, rnd, 4.0, 1.0, 1e-5)
+    record_release(second, 1, 2.0, 1.0, 1e-6)
+    lines = status_lines(state.root)
+    assert len(lines) == 3
+    assert _shown_epsilon(lines[0]) == (pytest.approx(gaussian_epsilon(2.0, 3, 1e-5), rel=1e-3), 1e-5, 3)
+    assert _shown_epsilon(lines[1]) == (pytest.approx(gaussian_epsilon(1.0, 1, 1e-6), rel=1e-3), 1e-6, 1)
+    mu = math.sqrt(3 / 2.0**2 + 1 / 1.0**2)  # releases of z/2 = 2 (three) and 1 (one), composed exactly
+    match = re.search(r"all 2 runs together \(the same patients\): epsilon (\S+) at delta (\S+) after 4 round", lines[2])
+    assert match and float(match.group(2)) == 1e-6
+    assert float(match.group(1)) == pytest.approx(gaussian_epsilon(1 / mu, 1, 1e-6), rel=1e-3)
+
+
 def test_local_dp_settings_are_checked():
     with pytest.raises(ConfigError, match="max_norm_travel: stats or local"):
         load_config(None, ["site.local_dp_noise_multiplier=1.0", "site.max_norm_travel=shared"])
@@ -134,17 +162,6 @@ def test_local_dp_settings_are_checked():
 
 
 # --- at the site, through the real ClientApp --------------------------------------------------------------
-
-
-def _status(capsys, site_yaml) -> str:
-    assert client_main(["status", "--config", str(site_yaml)]) == 0
-    return capsys.readouterr().out
-
-
-def _shown_epsilon(text: str) -> tuple[float, float, int]:
-    match = re.search(r"local DP: epsilon (\S+) at delta (\S+) after (\d+) round\(s\)", text)
-    assert match, text
-    return float(match.group(1)), float(match.group(2)), int(match.group(3))
 
 
 def test_norm_tensors_are_never_noised_and_the_update_leaves_noised(tmp_path, tiny_federation):
