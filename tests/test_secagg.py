@@ -2,9 +2,9 @@
 
 Every federation here is the real strategy and the real ClientApp over Flower's
 wire in one process (tests/local_grid.py): three tiny sites, the keys, shares,
-masked updates and unmask shares all made by the sites' own code. Two
-observers (they call through, changing nothing) note what the sites quantized
-and what the centre unmasked, so that the tests can compare the centre's sum
+masked updates and unmask shares all made by the sites' own code. Observers
+(they call through, changing nothing) note each site's update, what it
+quantized and what the centre unmasked, so that the tests can compare the centre's sum
 with the plain sum of the quantized updates.
 """
 
@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.torch import load_file
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 
-from client import client_app, secagg as site_secagg
+from client import client_app
 from client.egress import EgressPolicy, problems
 from client.site import Site
 from common import keys, secagg
@@ -212,18 +212,13 @@ def test_a_site_that_drops_leaves_a_correct_round(tmp_path, datasets, observed, 
     assert rounds_aggregated(done.events) == [(1, len(included))]
 
 
-def _replace_record(reply: Message, record: RecordDict) -> Message:
-    rebuilt = Message(record, reply_to=_request_of(reply))
-    return rebuilt
-
-
 def _malformed(message_type: str, node: int, change):
     def tamper(src: int, reply: Message) -> Message:
         if src != node or reply.metadata.message_type != message_type or reply.has_error():
             return reply
         content = RecordDict(dict(reply.content.items()))
         change(content)
-        return _replace_record(reply, content)
+        return Message(content, reply_to=_request_of(reply))
     return tamper
 
 
@@ -314,8 +309,7 @@ def test_nothing_unmasked_leaves_a_site_that_was_asked_for_a_masked_update(tmp_p
     found = problems(Message(plain, reply_to=_request_of(masked_reply)), policy.masked(), MessageType.TRAIN)
     assert any("not in the model signature" in p for p in found), found
     with_count = RecordDict(dict(masked_reply.content.items()))
-    with_count[keys.METRICS] = masked_reply.content[keys.METRICS].__class__(
-        {**dict(masked_reply.content[keys.METRICS]), keys.NUM_EXAMPLES: 3})
+    with_count[keys.METRICS] = MetricRecord({**dict(masked_reply.content[keys.METRICS]), keys.NUM_EXAMPLES: 3})
     found = problems(Message(with_count, reply_to=_request_of(masked_reply)), policy.masked(), MessageType.TRAIN)
     assert any(keys.NUM_EXAMPLES in p for p in found), found
     audit = [line for line in (Path(site.cfg.site.state_dir) / "egress.jsonl").read_text().splitlines()
