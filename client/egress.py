@@ -109,7 +109,7 @@ def reply_rules(dice_classes: frozenset[str], test_classes: frozenset[str]) -> d
                                     frozenset({keys.NUM_EXAMPLES})),
         # secure aggregation: public keys, encrypted shares, shares for unmasking (common/secagg.py checks each)
         **{query: ReplyRule(frozenset({*identity, secagg.RECORD}), timeline, frozenset())
-           for query in (secagg.KEYS_QUERY, secagg.SHARES_QUERY, secagg.UNMASK_QUERY)},
+           for query in secagg.QUERIES},
     }
 
 

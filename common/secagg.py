@@ -37,6 +37,8 @@ UNMASK_ACTION = "secagg_unmask"
 KEYS_QUERY = f"{MessageType.QUERY}.{KEYS_ACTION}"
 SHARES_QUERY = f"{MessageType.QUERY}.{SHARES_ACTION}"
 UNMASK_QUERY = f"{MessageType.QUERY}.{UNMASK_ACTION}"
+QUERIES = frozenset({KEYS_QUERY, SHARES_QUERY, UNMASK_QUERY})
+"""The message types whose replies carry a ``RECORD``; no other reply may."""
 
 RECORD = "secagg"
 """The ConfigRecord that carries the protocol's values, in both directions (bytes are allowed only here)."""

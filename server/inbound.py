@@ -176,9 +176,10 @@ class Inbox:
             claimed = identity.get(keys.SITE)
         if keys.ARRAYS in records:
             self._check_arrays(records[keys.ARRAYS])
-        if secagg.RECORD in records and (not isinstance(records[secagg.RECORD], ConfigRecord)
+        if secagg.RECORD in records and (reply.metadata.message_type not in secagg.QUERIES
+                                         or not isinstance(records[secagg.RECORD], ConfigRecord)
                                          or any(secagg.value_problems(records[secagg.RECORD]))):
-            raise Refused(MALFORMED)  # keys, ciphertexts, shares: bytes and node ids only, bounded
+            raise Refused(MALFORMED)  # keys, ciphertexts, shares of the protocol's replies: bytes and node ids only
         if problem := claim_problem(self.node_sites, node, claimed):
             raise Refused(problem)
         self._check_counts(reply, self.site(node, claimed))

@@ -383,3 +383,19 @@ def test_central_dp_noises_the_unmasked_sum_over_the_federations_size(tmp_path, 
     noise = np.concatenate([(released[k].numpy() - start[k] - mean[k]).ravel() for k in order])
     assert np.std(noise) == pytest.approx(z * clip / SITES, rel=0.05)
     assert abs(np.mean(noise)) < 0.05 * z * clip / SITES
+
+
+def test_the_centres_boundary_takes_a_protocol_record_only_in_a_protocol_reply(tmp_path):
+    from server.inbound import Inbox
+
+    inbox = Inbox({7: "site-1"})
+    record = ConfigRecord({secagg.MASK_KEY: b"m" * 215, secagg.SHARE_KEY: b"s" * 215})
+    identity = ConfigRecord({keys.SITE: "site-1", keys.SIGNATURE: "x"})
+
+    def reply(message_type: str, protocol: ConfigRecord) -> Message:
+        content = RecordDict({keys.IDENTITY: identity, secagg.RECORD: protocol})
+        return Message(content, reply_to=incoming(RecordDict(), message_type, 7))
+
+    assert not inbox.receive(reply(secagg.KEYS_QUERY, record)).has_error()
+    assert inbox.receive(reply(MessageType.TRAIN, record)).has_error()
+    assert inbox.receive(reply(secagg.KEYS_QUERY, ConfigRecord({secagg.MASK_KEY: "text"}))).has_error()
