@@ -23,14 +23,12 @@ import numpy as np
 import torch
 from cryptography.fernet import InvalidToken
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
-from flwr.common.secure_aggregation.crypto.shamir import create_shares
-from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
-from flwr.common.secure_aggregation.secaggplus_utils import (share_keys_plaintext_concat,
-                                                             share_keys_plaintext_separate)
-from flwr.supercore.primitives.asymmetric import (bytes_to_private_key, bytes_to_public_key, generate_key_pairs,
-                                                  private_key_to_bytes, public_key_to_bytes)
 
 from common import keys, secagg
+from common.flower.secure_aggregation import (bytes_to_private_key, bytes_to_public_key, create_shares, decrypt,
+                                              encrypt, generate_key_pairs, generate_shared_key, private_key_to_bytes,
+                                              public_key_to_bytes, share_keys_plaintext_concat,
+                                              share_keys_plaintext_separate)
 from common.files import atomic_write_text
 from common.private import private_dir
 
@@ -73,8 +71,7 @@ def _path(site: Site, server_round: int) -> Path:
 def _save(site: Site, server_round: int, secrets: RoundSecrets) -> None:
     folder = private_dir(site.run.folder / SECRETS_DIR)
     path = folder / SECRETS_FILE.format(server_round)
-    atomic_write_text(path, json.dumps(asdict(secrets)))
-    os.chmod(path, 0o600)
+    atomic_write_text(path, json.dumps(asdict(secrets)), private=True)
 
 
 def _load(site: Site, server_round: int) -> RoundSecrets:

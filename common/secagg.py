@@ -28,7 +28,8 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from flwr.app import MessageType
-from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+from .flower.secure_aggregation import dequantize, quantize
 
 # --- message types and record keys ------------------------------------------------------------
 KEYS_ACTION = "secagg_keys"

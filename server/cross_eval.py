@@ -29,13 +29,13 @@ from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from safetensors.torch import load_file
 
 from common import keys
 from common.config import FedsegConfig
 from common.files import atomic_write_text
+from common.flower.constants import SUPERLINK_NODE_ID
 from common.metrics_log import MetricsLog
 from common.runs import BEST_CHECKPOINT, CHECKPOINT_DIR, CROSS_EVAL_FILE, LAST_CHECKPOINT, PLAN_FILE, run_dir
 from common.wire import named_site, to_wire

@@ -66,11 +66,11 @@ from collections.abc import Iterable
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
-from flwr.supercore.differential_privacy import compute_clip_model_update
 
 from common import keys
 from common.config import FedsegConfig, PrivacyConfig
 from common.dp_accounting import ACCOUNTANT, gaussian_epsilon
+from common.flower.differential_privacy import compute_clip_model_update
 from common.metrics_log import MetricsLog, read_events
 
 from .strategy import FedSegStrategy

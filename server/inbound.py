@@ -41,10 +41,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord
-from flwr.app.message.message import make_message
 
 from common import keys, secagg
 from common.files import atomic_write_text
+from common.flower.messages import make_message
 from common.fingerprint import MAX_CASES
 from common.progress import CONTROL, one_line
 from common.wire import MAX_TENSORS, error_reason, site_of_error

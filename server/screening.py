@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 from flwr.app import Message
-from flwr.common.constant import SUPERLINK_NODE_ID
 
 from common import keys
+from common.flower.constants import SUPERLINK_NODE_ID
 from common.wire import named_site
 
 from .site_registry import claim_problem, site_name

@@ -37,14 +37,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares
-from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.serverapp import Grid
-from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key, public_key_to_bytes
 
 from common import keys, secagg
 from common.config import FedsegConfig
+from common.flower.constants import SUPERLINK_NODE_ID
+from common.flower.secure_aggregation import (bytes_to_private_key, bytes_to_public_key, combine_shares,
+                                              generate_shared_key, public_key_to_bytes)
 from common.wire import named_site
 
 from .recorder import RunRecorder

@@ -7,13 +7,13 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedProx
 from safetensors import SafetensorError
 
 from common import keys
 from common.config import FedsegConfig
+from common.flower.constants import SUPERLINK_NODE_ID
 from common.metrics_log import MetricsLog
 from common.wire import from_wire, to_wire
 
