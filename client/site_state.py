@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save
 
 from common.config import FedsegConfig
 from common.dataset import split_cases
-from common.files import atomic_save, atomic_write_text
+from common.files import atomic_write_bytes, atomic_write_text
 from common.private import private_dir
 from common.runs import (CACHE_DIR, LEGACY_RUN, NO_RUN_ID, NORM_FILE, NORM_ROUND_FILE, PERSONALIZED_FILE, SITE_FILE,
                          SITE_NORM_DIR, SITE_RUN_FILE, SITE_RUNS_DIR)
@@ -53,7 +53,7 @@ log = logging.getLogger("fedseg.client")
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     payload = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(path, lambda tmp: tmp.write_bytes(payload))
+    atomic_write_bytes(path, payload)
 
 
 def _metadata(path: Path) -> dict[str, str]:

@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -28,14 +25,15 @@ from monai.data import MetaTensor
 from monai.transforms.utils import map_classes_to_indices
 
 from .dataset import Case
+from .files import atomic_folder
 from .plan import ChannelNorm, Plan
 from .reading import IMAGE, case_dict, label_keys, plan_space
+from .runs import CACHE_IMAGE, CACHE_LABEL, CACHE_LOCATIONS, CACHE_META
 
 log = logging.getLogger("fedseg.common")
 
 LOCATIONS_PER_CLASS = 10_000
 """Foreground voxel coordinates kept per class for oversampling (nnU-Net keeps 10,000)."""
-META_FILE = "meta.json"
 
 
 class Volume(tuple):
@@ -119,13 +117,6 @@ def prepare_case(case: Case, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
     return image.numpy().astype(np.float32, copy=False), np.concatenate(labels)
 
 
-def _atomic_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
-
-
 class PreprocessedCases:
     """Preprocessed arrays of a site's cases, computed once per plan version and kept on disk."""
 
@@ -140,37 +131,26 @@ class PreprocessedCases:
         image, labels = prepare_case(case, self.plan)
         if self.remap is not None:  # the plan's version covers the coding, so a remapped cache is its own
             labels = self.remap[np.rint(labels).astype(np.int64).clip(0, len(self.remap) - 1)].astype(labels.dtype)
-        # Built in a folder of this writer's own and renamed into place whole: a site answering two runs at
-        # once may build one case twice, and a reader never sees a half-built folder.
-        building = folder.with_name(f".{folder.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-        shutil.rmtree(building, ignore_errors=True)
-        try:
-            building.mkdir(parents=True)
-            _atomic_npy(building / "image.npy", image)
-            _atomic_npy(building / "label.npy", labels)
-            rng = np.random.default_rng(len(case.case_id))
-            locations = class_locations(labels, self.num_classes, rng)
-            np.savez(building / "locations.npz", **{str(c): v for c, v in locations.items()})
-            (building / META_FILE).write_text(json.dumps({"plan": self.plan.version, "shape": list(image.shape)}))
-            if folder.exists() and not (folder / META_FILE).is_file():  # half-built by an older fedseg that crashed
-                shutil.rmtree(folder, ignore_errors=True)
-            try:
-                os.rename(building, folder)
-            except OSError:  # another writer put the same case in place first: the same arrays
-                pass
-        finally:
-            shutil.rmtree(building, ignore_errors=True)  # a failed write (a full disk) leaves nothing behind
+        def fill(building: Path) -> None:
+            np.save(building / CACHE_IMAGE, image)
+            np.save(building / CACHE_LABEL, labels)
+            locations = class_locations(labels, self.num_classes, np.random.default_rng(len(case.case_id)))
+            np.savez(building / CACHE_LOCATIONS, **{str(c): v for c, v in locations.items()})
+            (building / CACHE_META).write_text(json.dumps({"plan": self.plan.version, "shape": list(image.shape)}))
+
+        # Renamed into place whole: a site answering two runs at once may build one case twice.
+        atomic_folder(folder, fill, complete=CACHE_META)
 
     def load(self, case: Case) -> Volume:
         """The case in plan space (memory-mapped), preprocessing it first if not cached."""
         folder = self.cache_dir / case.case_id
-        if not (folder / META_FILE).is_file():
+        if not (folder / CACHE_META).is_file():
             log.info("preprocessing case into %s", folder)
             self._build(case, folder)
-        with np.load(folder / "locations.npz") as stored:
+        with np.load(folder / CACHE_LOCATIONS) as stored:
             locations = {int(c): stored[c] for c in stored.files}
         return Volume(
-            np.load(folder / "image.npy", mmap_mode="r"),
-            np.load(folder / "label.npy", mmap_mode="r"),
+            np.load(folder / CACHE_IMAGE, mmap_mode="r"),
+            np.load(folder / CACHE_LABEL, mmap_mode="r"),
             locations,
         )

@@ -18,8 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.files import atomic_save, atomic_write_text
-from common.private import private_file
+from common.files import atomic_copy, atomic_save, atomic_write_text
 from common.runs import (BEST_CHECKPOINT, CHECKPOINT_STATE, LAST_CHECKPOINT, ROUND_CHECKPOINT,
                          SERVER_OPTIMIZER_CHECKPOINT)
 
@@ -47,12 +46,11 @@ class Checkpoints:
 
     def _save(self, tensors: dict[str, torch.Tensor], name: str) -> None:
         contiguous = {k: v.contiguous() for k, v in tensors.items()}
-        atomic_save(self.dir / name, lambda tmp: save_file(contiguous, str(private_file(tmp))))
+        atomic_save(self.dir / name, lambda tmp: save_file(contiguous, str(tmp)), private=True)
 
     def _copy(self, source: str, name: str) -> None:
         """``name`` becomes an owner-only copy of checkpoint ``source`` (a plain copy would follow the umask)."""
-        data = (self.dir / source).read_bytes()
-        atomic_save(self.dir / name, lambda tmp: private_file(tmp).write_bytes(data))
+        atomic_copy(self.dir / source, self.dir / name, private=True)
 
     def save_round(self, server_round: int, tensors: dict[str, torch.Tensor]) -> None:
         """Keep this round's aggregate as ``round-NNNN`` and as ``last``."""
