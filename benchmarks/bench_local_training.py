@@ -1,7 +1,7 @@
 """Benchmark: local-training throughput and bytes on the wire per site and round.
 
 Prints the throughput (voxels/s) of fedseg's local training loop
-(common.loops.train_local: patch sampling, augmentation, DiceCE, FedProx)
+(common.training.train_local: patch sampling, augmentation, DiceCE, FedProx)
 next to a bare PyTorch loop over the same model and the same patches, in the
 same process; and the bytes a site sends per round (fp32 and fp16 on the
 wire) next to the fp32 size of the model's unique parameters.
@@ -21,7 +21,8 @@ import torch
 
 from common.config import load_config
 from common.device import CPU_FP32, Compute, compute_for, on_device
-from common.loops import PatchSampler, make_optimizer, seg_loss, train_local
+from common.sampling import PatchSampler
+from common.training import make_optimizer, seg_loss, train_local
 from common.model import build_model
 from common.params import select, split_parameters
 from common.wire import to_wire

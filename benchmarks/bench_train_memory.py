@@ -47,7 +47,7 @@ def child(root: Path, state: Path, steps: int, threads: int) -> dict:
     from client.site_data import SiteData
     from client.site_state import SiteState
     from common.config import load_config
-    from common.loops import train_local
+    from common.training import train_local
     from common.params import run_model, select
 
     torch.set_num_threads(threads)

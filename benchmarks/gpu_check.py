@@ -4,7 +4,7 @@
 
 On a CUDA machine it prints (about 5 minutes on a data-centre GPU):
 
-- training throughput in voxels/s of fedseg's loop (common.loops.train_local:
+- training throughput in voxels/s of fedseg's loop (common.training.train_local:
   sampling, augmentation, DiceCE, FedProx) next to a bare PyTorch loop over the
   same model and patches, at 96^3 and 128^3 patches, in fp32, bf16 and fp16,
   with the peak GPU memory of each, and in fp32 without the prefetch thread
@@ -50,7 +50,7 @@ def training(steps: int) -> None:
 
     from common.config import load_config
     from common.device import compute_for
-    from common.loops import train_local
+    from common.training import train_local
     from common.model import build_model
 
     volumes = [synthetic_volume(np.random.default_rng(i)) for i in range(4)]

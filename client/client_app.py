@@ -20,8 +20,8 @@ from flwr.clientapp import ClientApp
 from common import keys, threadsafe_monai  # noqa: F401  (threadsafe_monai: MONAI whole before any thread races for it)
 from common import secagg as common_secagg
 from common.config import FedsegConfig
-from common.loops import evaluate as evaluate_model
-from common.loops import RunSteps, train_local
+from common.evaluation import evaluate as evaluate_model
+from common.training import train_local
 from common.params import select
 from common.preprocess import Volume
 from common.wire import pack, to_wire
@@ -62,8 +62,6 @@ def _train(site: Site, msg: Message) -> Message:
         global_params={k: received[k] for k in site.split.trainable_shared},
         mu=float(config[keys.PROXIMAL_MU]),
         seed=_round_seed(site.cfg, server_round),
-        steps=RunSteps(done=(server_round - 1) * site.cfg.train.local_steps,
-                       total=site.cfg.federation.rounds * site.cfg.train.local_steps),
     )
     site.run.save_norm(server_round, select(site.model, site.split.local), site.signature)
     travelling = local_dp.privatize(site.cfg.site, site.run, server_round, received,  # site.yaml's own DP

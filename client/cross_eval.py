@@ -19,7 +19,7 @@ from flwr.app import Message
 
 from common import keys
 from common.device import compute_for
-from common.loops import evaluate
+from common.evaluation import evaluate
 from common.norm_adapt import adapt_norm
 from common.personalize import personalize
 

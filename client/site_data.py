@@ -21,7 +21,7 @@ from common.config import FedsegConfig
 from common.dataset import DatasetSpec, read_dataset
 from common.fingerprint import FINGERPRINT_FORMAT, merge_fingerprints, site_fingerprint
 from common.labels import ChannelMismatch, LabelMismatch, describe_coding, remap_table
-from common.loops import EvalResult
+from common.evaluation import EvalResult
 from common.plan import Plan, make_plan
 from common.preprocess import PreprocessedCases, Volume
 from common.runs import FINGERPRINT_FILE, PLAN_FILE

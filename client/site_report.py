@@ -133,7 +133,7 @@ def site_pictures(site_cfg: FedsegConfig, run: Path, weights: str | None = None,
     does there: the statistics the model arrives with describe no scanner.
     """
     from common.device import compute_for, with_site_compute
-    from common.loops import fuse
+    from common.sampling import fuse
     from common.norm_adapt import adapt_norm, has_batch_norm
     from common.preprocess import PreprocessedCases
 

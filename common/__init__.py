@@ -1,4 +1,4 @@
-"""fedseg's shared core: configuration, model, parameter split, data, loops and logs.
+"""fedseg's shared core: configuration, model, parameter split, data, training, evaluation and logs.
 
 Nothing here imports from server/, client/ or simulations/.
 """

@@ -2,14 +2,15 @@
 
 The shared weights serve every site; a site whose scanner or annotation
 protocol differs can still gain from fitting a few tensors to its own cases.
-Only the normalization layers (with ``norm+head`` also the output layer; with
-``all`` every weight, plain fine-tuning) are trained, on the site's training
-cases, for at most ``train.personalize_steps``
+Only the normalization layers (with ``norm+head`` also the output layer) are
+trained, on the site's training cases, for at most ``train.personalize_steps``
 steps; the site's validation Dice is checked every ``CHECKS`` equal part of
 that budget and the best copy is kept, the federated model included (early
 stopping, so personalization can never leave a site worse on its validation
 cases than the federated model). The personal copy stays at the site: the
-global model is not changed for anyone else.
+global model is not changed for anyone else. Fine-tuning every weight was
+measured and removed: 0.857 / 0.851 Dice (federated / personalized) against
+0.857 / 0.863 for ``norm+head``, same seed and training (docs/results.md).
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import torch
 from torch import nn
 
 from .config import DataConfig, TrainConfig
-from .loops import evaluate, train_local
+from .evaluation import evaluate
 from .params import NORM_TYPES
 from .preprocess import Volume
+from .training import train_local
 
 CHECKS = 5
 """Validation checks over the fine-tuning budget (the federated model is check 0)."""
@@ -50,9 +52,7 @@ def output_layer(model: nn.Module) -> nn.Module:
 
 
 def personal_parameters(model: nn.Module, scope: str) -> list[nn.Parameter]:
-    """The parameters a site may fine-tune: its norm layers, plus the output layer for ``norm+head``, or all."""
-    if scope == "all":
-        return list(model.parameters())
+    """The parameters a site may fine-tune: its norm layers, plus the output layer for ``norm+head``."""
     params = [p for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)]
     if scope == "norm+head":
         params += list(output_layer(model).parameters())
@@ -74,7 +74,7 @@ def personalize(
     for p in model.parameters():
         p.requires_grad_(id(p) in chosen)
     chunk = max(1, math.ceil(cfg.personalize_steps / CHECKS))
-    chunk_cfg = dataclasses.replace(cfg, local_steps=chunk, lr_schedule="constant")
+    chunk_cfg = dataclasses.replace(cfg, local_steps=chunk)
     check_cfg = dataclasses.replace(cfg, hd95=False)
     before = best = evaluate(model, val, data, check_cfg, num_classes).dice
     best_state, best_steps, steps = _copy(model), 0, 0

@@ -1,6 +1,6 @@
 """The two non-federated reference points of a comparison: each site alone, and all data pooled.
 
-Both use common.loops exactly as the ClientApp does (same loss, patch sampler,
+Both use common.training and common.evaluation exactly as the ClientApp does (same loss, patch sampler,
 optimizer, evaluation), the same initial weights (``train.seed``) and the same
 compute budget as the federation: a site alone takes rounds x local_steps
 steps, the pooled model rounds x local_steps x sites steps, which is what the
@@ -23,13 +23,14 @@ from client.site_data import SiteData, fingerprint
 from client.site_state import SiteState
 from common.config import FedsegConfig
 from common.device import compute_for
+from common.evaluation import EvalResult, evaluate
 from common.fingerprint import merge_fingerprints
-from common.loops import EvalResult, evaluate, train_local
 from common.model import build_model
 from common.norm_adapt import adapt_norm
 from common.plan import make_plan
 from common.preprocess import Volume
 from common.runs import PLAN_FILE
+from common.training import train_local
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from common.device import (
     resolve_device,
     with_site_compute,
 )
-from common.loops import evaluate, train_local
+from common.evaluation import evaluate
+from common.training import train_local
 from common.model import build_model
 from common.prefetch import Prefetcher
 from tests.tiny import tiny

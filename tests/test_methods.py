@@ -1,44 +1,45 @@
-"""The training options that compare's methods turn on: each does what its option says."""
+"""Training options at work: augmentation, the local optimizer, personalization; each does what its option says."""
 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from monai import transforms as mt
 
+from common.augmentation import augmentation
 from common.config import load_config
-from common.loops import POLY_EXPONENT, RunSteps, augmentation, lr_scheduler, make_optimizer
 from common.model import build_model
 from common.personalize import output_layer, personal_parameters, personalize
 from common.preprocess import Volume
+from common.training import make_optimizer
 from tests.tiny import tiny
 
 TINY = tiny("model.channels=[4, 8, 16]", "data.spacing=[1.0, 1.0, 1.0]")
 
 
-def test_poly_schedule_decays_over_the_whole_run():
-    cfg = load_config(None, ["train.lr_schedule=poly", "train.lr=0.01"]).train
-    model = build_model(load_config(None, TINY).model)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = lr_scheduler(optimizer, cfg, RunSteps(done=50, total=100))
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5 ** POLY_EXPONENT)
-    for _ in range(50):
-        optimizer.step()
-        scheduler.step()
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0)
-    assert lr_scheduler(optimizer, load_config(None, []).train, RunSteps(0, 10)) is None
-
-
-def test_scanner_augmentation_adds_the_scanner_shift_transforms():
-    standard, scanner = augmentation(0, "standard"), augmentation(0, "scanner")
-    added = {type(t) for t in scanner.transforms} - {type(t) for t in standard.transforms}
-    assert {mt.RandBiasFieldd, mt.RandHistogramShiftd, mt.RandGaussianSmoothd,
-            mt.RandSimulateLowResolutiond} <= added
+def test_standard_augmentation_is_seeded_and_none_leaves_patches_as_sampled():
+    standard = augmentation(0, "standard")
+    assert {mt.RandAffined, mt.RandFlipd, mt.RandAdjustContrastd, mt.RandGaussianNoised} <= \
+        {type(t) for t in standard.transforms}
     assert augmentation(0, "none") is None
-    flat = {"image": np.full((1, 16, 16, 16), 2.0, np.float32), "label": np.zeros((1, 16, 16, 16), np.float32)}
-    varied = [np.asarray(scanner(dict(flat))["image"]).std() for _ in range(20)]
-    assert max(varied) > 0.01, "a bias field or histogram shift must make a flat image uneven in some draws"
+    patch = {"image": np.random.default_rng(0).normal(size=(1, 16, 16, 16)).astype(np.float32),
+             "label": np.zeros((1, 16, 16, 16), np.float32)}
+    draws = [[np.asarray(augmentation(3, "standard")(dict(patch))["image"]) for _ in range(5)] for _ in range(2)]
+    assert all(np.array_equal(a, b) for a, b in zip(*draws)), "the same seed gives the same augmentations"
+    assert any(not np.array_equal(d, patch["image"]) for d in draws[0])
+
+
+def test_the_local_optimizer_is_adam_over_the_trainable_parameters_only():
+    cfg = load_config(None, [*TINY, "train.lr=0.01", "train.weight_decay=0.001"])
+    model = build_model(cfg.model)
+    frozen = next(model.parameters())
+    frozen.requires_grad_(False)
+    optimizer = make_optimizer(model, cfg.train)
+    assert isinstance(optimizer, torch.optim.Adam)
+    group = optimizer.param_groups[0]
+    assert group["lr"] == 0.01 and group["weight_decay"] == 0.001
+    assert all(p is not frozen for p in group["params"])
+    assert len(group["params"]) == len(list(model.parameters())) - 1
 
 
 def _site(rng: np.random.Generator, shift: float) -> list[Volume]:
@@ -58,7 +59,6 @@ def test_personalization_trains_only_norm_and_head_and_never_loses_validation_di
     chosen = {id(p) for p in personal_parameters(model, "norm+head")}
     assert {id(p) for p in output_layer(model).parameters()} <= chosen
     assert len(chosen) < len(list(model.parameters()))
-    assert len(personal_parameters(model, "all")) == len(list(model.parameters()))  # plain fine-tuning
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = np.random.default_rng(0)
     result = personalize(model, _site(rng, 3.0), _site(rng, 3.0), cfg.data, cfg.train, 2, seed=0)

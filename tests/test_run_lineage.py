@@ -20,7 +20,7 @@ from client.site_model import load_site_model
 from client.site_state import SiteState
 from common.config import load_config
 from common.dataset import read_dataset
-from common.loops import evaluate
+from common.evaluation import evaluate
 from common.preprocess import PreprocessedCases
 from common.runs import CROSS_EVAL_FILE, PROVENANCE_FILE
 from server.certs import init_pki

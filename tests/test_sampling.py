@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from common.config import load_config
-from common.loops import PatchSampler, as_volume, extract
+from common.sampling import PatchSampler, as_volume, extract
 
 SHAPE = (64, 64, 64)
 

@@ -29,7 +29,7 @@ from client.site_state import SiteState
 from common import keys
 from common.config import ConfigError, load_config
 from common.dataset import split_cases
-from common.loops import evaluate
+from common.evaluation import evaluate
 from common.params import load_merged, run_model, select
 from common.runs import CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, PLAN_FILE, ROUND_CHECKPOINT, run_dir
 from common.wire import from_wire, to_wire, unpack
