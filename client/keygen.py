@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from common.pki import fingerprint, openssh_public, write_private
+    from common.pki import key_fingerprint, openssh_public, write_private
 
     cfg = config_from_args(args, [f"site.private_key={args.out}"] if args.out else [])
     private = key_path(cfg.site.private_key, cfg.site.state_dir)
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     comment = f" fedseg-site-{cfg.site.name}" if cfg.site.name else ""
     public.write_bytes(openssh_public(key.public_key()) + comment.encode() + b"\n")
     print(f"private key: {private} (mode 0600; keep it here)\npublic key:  {public}\n"
-          f"fingerprint: {fingerprint(key.public_key())}")
+          f"fingerprint: {key_fingerprint(key.public_key())}")
     print(f"Send {public.name} to the coordinating centre; it runs "
           f"`fedseg-server certs add-site --site {cfg.site.name or 'NAME'} --key {public.name}`.")
     if not cfg.site.private_key:

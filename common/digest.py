@@ -1,4 +1,4 @@
-"""One fingerprint of a message's content, computed the same way at the site and at the server.
+"""One digest of a message's content, computed the same way at the site and at the server.
 
 A site records the digest of every reply in its egress.jsonl and the server
 logs the digest of every reply it aggregates, so a privacy officer can prove

@@ -149,8 +149,8 @@ def openssh_public(key: ec.EllipticCurvePublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
 
 
-def fingerprint(key: ec.EllipticCurvePublicKey) -> str:
-    """Short, stable id of a public key, for humans comparing keys over the phone."""
+def key_fingerprint(key: ec.EllipticCurvePublicKey) -> str:
+    """Short, stable id of a public key (SSH's key fingerprint), for humans comparing keys over the phone."""
     return "SHA256:" + hashlib.sha256(openssh_public(key)).hexdigest()[:32]
 
 

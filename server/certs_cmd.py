@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from common.cli import UserError
-    from common.pki import fingerprint
+    from common.pki import key_fingerprint
 
     from . import certs
 
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.site or not args.key:
             raise UserError("add-site needs --site NAME and --key NAME.pub.")
         path = certs.add_site_key(cert_dir, args.site, args.key)
-        print(f"site '{args.site}' allowed with key {fingerprint(certs.site_keys(cert_dir)[args.site])} ({path})")
+        print(f"site '{args.site}' allowed with key {key_fingerprint(certs.site_keys(cert_dir)[args.site])} ({path})")
         if args.site not in cfg.federation.sites:
             print(f"note: add '{args.site}' to federation.sites in federation.yaml so the server registers it.")
         return 0
@@ -55,5 +55,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"CA:     {material.ca_cert}\nserver: {material.cert}")
     for site, key in certs.site_keys(cert_dir).items():
         listed = "" if site in cfg.federation.sites else "  (not in federation.sites)"
-        print(f"site    {site:<20} {fingerprint(key)}{listed}")
+        print(f"site    {site:<20} {key_fingerprint(key)}{listed}")
     return 0
