@@ -40,7 +40,7 @@ from torch import nn
 from common.cli import UserError
 from common.config import FedsegConfig, load_config
 from common.files import read_jsonl
-from common.metrics_log import read_events
+from common.metrics_log import Event, is_kind, read_events
 from common.model import build_model, network_spec
 from common.plan import Plan
 from common.private import private_dir
@@ -103,9 +103,9 @@ def round_dice(run: Path, server_round: int | None, site: str) -> dict[str, floa
     for event in read_events(path):
         if event.get("round") != server_round:
             continue
-        if event["event"] == "evaluate" and event.get("site") == site:
+        if is_kind(event, Event.EVALUATE) and event.get("site") == site:
             found["site_dice"] = float(event["dice"])
-        if event["event"] == "round" and event.get("dice_mean") is not None:
+        if is_kind(event, Event.ROUND) and event.get("dice_mean") is not None:
             found["federation_dice"] = float(event["dice_mean"])
     return found
 

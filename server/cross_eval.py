@@ -36,7 +36,7 @@ from common import keys
 from common.config import FedsegConfig
 from common.files import atomic_write_text
 from common.flower.constants import SUPERLINK_NODE_ID
-from common.metrics_log import MetricsLog
+from common.metrics_log import Event, MetricsLog
 from common.runs import BEST_CHECKPOINT, CHECKPOINT_DIR, CROSS_EVAL_FILE, LAST_CHECKPOINT, PLAN_FILE, run_dir
 from common.wire import named_site, to_wire
 
@@ -227,10 +227,10 @@ def _cells(model: str, replies: Iterable[Message], metrics_log: MetricsLog, site
         cell = _cell(model, msg, site, sites)
         if isinstance(cell, str):
             log.warning("cross-eval of %s at site %s failed: %s", model, site, cell)
-            metrics_log.write("failure", round=None, site=site, stage="cross-eval", reason=cell)
+            metrics_log.write(Event.FAILURE, round=None, site=site, stage="cross-eval", reason=cell)
             continue
         cells.append(cell)
-        metrics_log.write("cross-eval", **asdict(cell))
+        metrics_log.write(Event.CROSS_EVAL, **asdict(cell))
     return cells
 
 
@@ -288,7 +288,7 @@ def on_demand(grid: Grid, cfg: FedsegConfig, signature: str, run: Path) -> None:
     name = cfg.federation.evaluate_checkpoint
     path = resolve_checkpoint(run, name)
     metrics_log = MetricsLog(run)
-    metrics_log.write("run-start", run=cfg.federation.run_name, config_sha256=cfg.sha256(), mode="cross-eval",
+    metrics_log.write(Event.RUN_START, run=cfg.federation.run_name, config_sha256=cfg.sha256(), mode="cross-eval",
                       checkpoint=name, sites=cfg.federation.sites, signature=signature)
     status = "evaluated"
     try:
@@ -301,6 +301,6 @@ def on_demand(grid: Grid, cfg: FedsegConfig, signature: str, run: Path) -> None:
         raise
     finally:
         state = Checkpoints(run / CHECKPOINT_DIR).state
-        metrics_log.write("run-end", status=status, rounds_completed=state.last_round,
+        metrics_log.write(Event.RUN_END, status=status, rounds_completed=state.last_round,
                           best_round=state.best_round, best_dice=state.best_dice)
         metrics_log.close()

@@ -71,7 +71,7 @@ from common import keys
 from common.config import FedsegConfig, PrivacyConfig
 from common.dp_accounting import ACCOUNTANT, gaussian_epsilon
 from common.flower.differential_privacy import compute_clip_model_update
-from common.metrics_log import MetricsLog, read_events
+from common.metrics_log import Event, MetricsLog, is_kind, read_events
 
 from .strategy import FedSegStrategy
 
@@ -100,7 +100,7 @@ def _clipped_and_scaled(record: ArrayRecord, reference: dict[str, np.ndarray], o
 def earlier_releases(metrics_path, privacy: PrivacyConfig, size: int, done: int) -> int:
     """Releases made before a resume, refusing any made under other settings or without DP."""
     events = list(read_events(metrics_path)) if metrics_path.is_file() else []
-    released = [e for e in events if e["event"] == "privacy" and e["round"] <= done]
+    released = [e for e in events if is_kind(e, Event.PRIVACY) and e["round"] <= done]
     expected = {"noise_multiplier": privacy.noise_multiplier, "clipping_norm": privacy.clipping_norm,
                 "denominator": size}
     for event in released:
@@ -112,7 +112,7 @@ def earlier_releases(metrics_path, privacy: PrivacyConfig, size: int, done: int)
                 f"settings and federation.sites, or start a new run.")
     released_rounds = {e["round"] for e in released}
     plain = [e["round"] for e in events
-             if e["event"] == "round" and e.get("aggregated") and e["round"] <= done and e["round"] not in released_rounds]
+             if is_kind(e, Event.ROUND) and e.get("aggregated") and e["round"] <= done and e["round"] not in released_rounds]
     if plain:
         raise PrivacyResumeRefused(f"rounds {plain} were released without DP; no privacy budget covers them. "
                                    f"Start a new run.")
@@ -157,7 +157,7 @@ class FedSegDifferentialPrivacy(DifferentialPrivacyServerSideFixedClipping):
             self.releases += 1
             epsilon = gaussian_epsilon(self.noise_multiplier, self.releases, self.delta)
             self.metrics.write(
-                "privacy", round=rnd, epsilon=epsilon, delta=self.delta, releases=self.releases,
+                Event.PRIVACY, round=rnd, epsilon=epsilon, delta=self.delta, releases=self.releases,
                 noise_multiplier=self.noise_multiplier, clipping_norm=self.clipping_norm, sites=sites,
                 denominator=self.size, noise_std=self.noise_multiplier * self.clipping_norm / self.size,
                 accountant=ACCOUNTANT,

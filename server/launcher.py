@@ -28,6 +28,7 @@ import httpx
 from common.cli import UserError, config_from_args
 from common.config import FedsegConfig
 from common.processes import Busy, Shutdown, hold_lock, port_free, stop_on_signals, wait_healthy
+from common.metrics_log import Event, is_kind, read_events
 from common.progress import describe
 from common.runs import (FLWR_HOME, GATEWAY_LOG, RUN_CONFIG_TOML, SCRATCH_DIR, SERVER_LOCK, SUPERLINK_DATABASE,
                          SUPERLINK_LOG, existing_run_id, new_run_id, new_run_name, run_dir)
@@ -159,12 +160,10 @@ class Centre:
 
 def _new_events(metrics: Path, since: float, seen: int) -> tuple[list[dict], int]:
     """Events of this launch (after its first run-start at or after ``since``) not yet shown."""
-    from common.metrics_log import read_events
-
     if not metrics.is_file():
         return [], seen
     events = list(read_events(metrics))
-    starts = [i for i, e in enumerate(events) if e["event"] == "run-start" and e["time"] >= since]
+    starts = [i for i, e in enumerate(events) if is_kind(e, Event.RUN_START) and e["time"] >= since]
     if not starts:
         return [], seen
     ours = events[starts[0]:]
@@ -184,7 +183,7 @@ def follow_run(centre: Centre, control, run_id: int, metrics: Path, since: float
             line = describe(event, expected)
             if line:
                 centre.say(line)
-            if event["event"] == "run-end":
+            if is_kind(event, Event.RUN_END):
                 ended_at = time.monotonic()
         if time.monotonic() >= next_status:
             next_status = time.monotonic() + STATUS_EVERY_S

@@ -28,7 +28,7 @@ from common.fingerprint import (
     merge_fingerprints,
 )
 from common.labels import agreed_coding, coding_problem
-from common.metrics_log import MetricsLog
+from common.metrics_log import Event, MetricsLog
 from common.plan import Plan, make_plan
 from common.runs import PLAN_FILE
 from common.wire import named_site
@@ -48,7 +48,7 @@ class PlanningFailed(RuntimeError):
 def _failure(metrics_log: MetricsLog | None, site: str, reason: str) -> None:
     log.warning("fingerprint of site %s unusable: %s", site, reason)
     if metrics_log is not None:
-        metrics_log.write("failure", round=0, site=site, stage="fingerprint", reason=reason)
+        metrics_log.write(Event.FAILURE, round=0, site=site, stage="fingerprint", reason=reason)
 
 
 def _reply_problem(reply: Message, cfg: FedsegConfig, nodes: dict[int, str], node: int) -> str | None:
@@ -165,7 +165,7 @@ def plan_federation(grid: Grid, cfg: FedsegConfig, run: Path, metrics_log: Metri
     plan = dataclasses.replace(plan, label_codes=agreed, remap_labels=cfg.data.remap_labels)
     plan.save(path)
     if metrics_log is not None:
-        metrics_log.write("plan", version=plan.version, target_spacing=list(plan.target_spacing),
+        metrics_log.write(Event.PLAN, version=plan.version, target_spacing=list(plan.target_spacing),
                           patch_size=list(plan.patch_size), sites=sorted(records),
                           schemes=[n.scheme for n in plan.normalization])
         metrics_log.sync()

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from common.config import FedsegConfig
-from common.metrics_log import MetricsLog
+from common.metrics_log import Event, MetricsLog
 from common.params import ParameterSplit, model_signature, run_model, select
 from common.runs import BEST_CHECKPOINT, CHECKPOINT_DIR, LAST_CHECKPOINT, WEIGHTS_FILE
 
@@ -41,7 +41,7 @@ STATE_DICT_KEYS = ("state_dict", "model", "network")
 """Keys under which checkpoints commonly nest the state dict ({"model": ..., "optimizer": ...})."""
 WRAPPER_PREFIX = "module."
 """What torch.nn.DataParallel puts in front of every name."""
-EVENT = "init-weights"
+EVENT = Event.INIT_WEIGHTS
 """The metrics log event that records what the start model took from the file."""
 MAX_LISTED = 100
 """Names listed per kind in the log and the event (a hostile file may hold millions of tensors); the counts are whole."""

@@ -31,7 +31,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from common import keys
 from common.digest import message_sha256
 from common.fingerprint import bounded_weights
-from common.metrics_log import MetricsLog
+from common.metrics_log import Event, MetricsLog
 from common.wire import from_wire
 
 from .checkpoints import Checkpoints
@@ -102,7 +102,7 @@ class RunRecorder:
 
     def rejected(self, rnd: int, site: str, stage: str, reason: str) -> None:
         log.warning("round %d: %s reply of site %s rejected: %s", rnd, stage, site, reason)
-        self.metrics.write("failure", round=rnd, site=site, stage=stage, reason=reason)
+        self.metrics.write(Event.FAILURE, round=rnd, site=site, stage=stage, reason=reason)
         if site not in self.tally(rnd).failed:
             self.tally(rnd).failed.append(site)
 
@@ -113,7 +113,7 @@ class RunRecorder:
         self.unscored.add(site)
         log.warning("round %d: site %s trains but reports no validation score (fewer validation cases than its "
                     "site.min_cohort); the best model is chosen on the other sites' Dice", rnd, site)
-        self.metrics.write("no-score", round=rnd, site=site,
+        self.metrics.write(Event.NO_SCORE, round=rnd, site=site,
                            reason="fewer validation cases than the site's minimum cohort")
 
     def trained(self, rnd: int, site: str, msg: Message) -> None:
@@ -124,7 +124,7 @@ class RunRecorder:
         t.trained.append(site)
         t.bytes_total += arrays.count_bytes()
         self.metrics.write(
-            "train", round=rnd, site=site,  # no count under secure aggregation: its mean weighs every site 1
+            Event.TRAIN, round=rnd, site=site,  # no count under secure aggregation: its mean weighs every site 1
             num_examples=int(metrics[keys.NUM_EXAMPLES]) if keys.NUM_EXAMPLES in metrics else None,
             loss=metrics["loss"], proximal_loss=metrics["proximal_loss"],
             duration_s=metrics["duration_s"], lr=metrics.get(keys.LEARNING_RATE), bytes_up=arrays.count_bytes(),
@@ -132,7 +132,7 @@ class RunRecorder:
         )
 
     def below_quorum(self, rnd: int, stage: str, sites_ok: int, action: str) -> None:
-        self.metrics.write("quorum-failure", round=rnd, stage=stage, sites_ok=sites_ok, action=action)
+        self.metrics.write(Event.QUORUM_FAILURE, round=rnd, stage=stage, sites_ok=sites_ok, action=action)
         self.metrics.sync()
 
     def saved(self, rnd: int, aggregate: ArrayRecord) -> None:
@@ -143,7 +143,7 @@ class RunRecorder:
     def evaluated(self, rnd: int, site: str, metrics: MetricRecord) -> None:
         per_class = [float(v) for k, v in sorted(metrics.items()) if k.startswith(keys.DICE_CLASS_PREFIX)]
         self.metrics.write(
-            "evaluate", round=rnd, site=site, num_examples=int(metrics[keys.NUM_EXAMPLES]),
+            Event.EVALUATE, round=rnd, site=site, num_examples=int(metrics[keys.NUM_EXAMPLES]),
             dice=metrics["dice"], dice_per_class=per_class, hd95=metrics.get("hd95"), loss=metrics["loss"],
             **_annotator_fields(metrics),
         )
@@ -157,7 +157,7 @@ class RunRecorder:
         dice_mean = float(np.mean(t.dice)) if t.dice else float("nan")
         dice_weighted = float(np.average(t.dice, weights=bounded_weights(t.weights))) if t.dice else float("nan")
         self.metrics.write(
-            "round", round=rnd, sites_ok=len(t.trained), sites_failed=t.failed,
+            Event.ROUND, round=rnd, sites_ok=len(t.trained), sites_failed=t.failed,
             aggregated=t.aggregated, dice_mean=dice_mean, dice_weighted=dice_weighted,
             duration_s=(t.ended or time.perf_counter()) - t.started, bytes_total=t.bytes_total,
             aggregation_s=t.aggregation_s,

@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from common.metrics_log import read_events  # noqa: E402
+from common.metrics_log import EVENT, Event, by_kind, read_events  # noqa: E402
 from common.runs import METRICS_FILE, REPORT_DIR, SUMMARY_FILE  # noqa: E402
 
 PLOT_DPI = 110
@@ -56,25 +56,18 @@ class RunSummary:
     cross_eval: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _by_kind(events: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    kinds: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for event in events:
-        kinds[event["event"]].append(event)
-    return kinds
-
-
 def summarize(events: list[dict[str, Any]]) -> RunSummary:
-    k = _by_kind(events)
-    rounds = k["round"]
+    k = by_kind(events)
+    rounds = k[Event.ROUND]
     aggregated = [r for r in rounds if r.get("dice_weighted") is not None]
     best = max(aggregated, key=lambda r: r["dice_weighted"], default=None)
     last = rounds[-1] if rounds else None
     last_round = last["round"] if last else None
-    sites = sorted({e["site"] for e in k["train"] + k["evaluate"]} | set(k["run-start"][0]["sites"] if k["run-start"]
-                                                                       else []))
-    end = k["run-end"][-1] if k["run-end"] and events[-1]["event"] == "run-end" else None
+    starts = k[Event.RUN_START]
+    sites = sorted({e["site"] for e in k[Event.TRAIN] + k[Event.EVALUATE]} | set(starts[0]["sites"] if starts else []))
+    end = k[Event.RUN_END][-1] if k[Event.RUN_END] and events[-1][EVENT] == Event.RUN_END else None
     return RunSummary(
-        run=k["run-start"][0].get("run", "") if k["run-start"] else "",
+        run=starts[0].get("run", "") if starts else "",
         status=end["status"] if end else "in progress",
         sites=sites,
         rounds_completed=len(rounds),
@@ -83,12 +76,12 @@ def summarize(events: list[dict[str, Any]]) -> RunSummary:
         dice_weighted_last=last.get("dice_weighted") if last else None,
         best_round=best["round"] if best else None,
         best_dice_weighted=best["dice_weighted"] if best else None,
-        site_dice_last={e["site"]: e["dice"] for e in k["evaluate"] if e["round"] == last_round},
-        failures=[{key: f.get(key) for key in ("round", "site", "stage", "reason")} for f in k["failure"]],
+        site_dice_last={e["site"]: e["dice"] for e in k[Event.EVALUATE] if e["round"] == last_round},
+        failures=[{key: f.get(key) for key in ("round", "site", "stage", "reason")} for f in k[Event.FAILURE]],
         bytes_total=sum(int(r.get("bytes_total") or 0) for r in rounds),
         seconds_total=sum(float(r.get("duration_s") or 0.0) for r in rounds),
         cross_eval=sorted(({key: c.get(key) for key in ("model", "site", "trained", "dice", "dice_adapted")}
-                           for c in k["cross-eval"]), key=lambda c: (c["model"], c["site"])),
+                           for c in k[Event.CROSS_EVAL]), key=lambda c: (c["model"], c["site"])),
     )
 
 
@@ -132,11 +125,11 @@ def _round_line(ax, rounds: list[dict[str, Any]], key: str, style: str, label: s
 
 def plot_dice(k: dict[str, list[dict[str, Any]]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for site, (rounds, dice) in _series(k["evaluate"], "dice").items():
+    for site, (rounds, dice) in _series(k[Event.EVALUATE], "dice").items():
         ax.plot(rounds, dice, marker="o", label=site)
-    _round_line(ax, k["round"], "dice_mean", "--", "federation mean")
-    _round_line(ax, k["round"], "dice_weighted", ":", "federation weighted")
-    _mark_failures(ax, k["failure"], 0.0)
+    _round_line(ax, k[Event.ROUND], "dice_mean", "--", "federation mean")
+    _round_line(ax, k[Event.ROUND], "dice_weighted", ":", "federation weighted")
+    _mark_failures(ax, k[Event.FAILURE], 0.0)
     ax.set_ylim(-0.03, 1.0)
     _finish(fig, ax, path, "Validation Dice per site and round (each site's own norm layers)", "Round",
             "Dice (foreground, 0-1)")
@@ -144,30 +137,30 @@ def plot_dice(k: dict[str, list[dict[str, Any]]], path: Path) -> None:
 
 def plot_loss(k: dict[str, list[dict[str, Any]]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for site, (rounds, loss) in _series(k["train"], "loss").items():
+    for site, (rounds, loss) in _series(k[Event.TRAIN], "loss").items():
         ax.plot(rounds, loss, marker="o", label=f"{site} loss (DiceCE)")
-    for site, (rounds, prox) in _series(k["train"], "proximal_loss").items():
+    for site, (rounds, prox) in _series(k[Event.TRAIN], "proximal_loss").items():
         ax.plot(rounds, prox, linestyle="--", label=f"{site} proximal term")
-    _mark_failures(ax, k["failure"], 0.0)
+    _mark_failures(ax, k[Event.FAILURE], 0.0)
     _finish(fig, ax, path, "Local training loss and FedProx proximal term, mean over local steps", "Round",
             "Loss (dimensionless)")
 
 
 def plot_seconds(k: dict[str, list[dict[str, Any]]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for site, (rounds, secs) in _series(k["train"], "duration_s").items():
+    for site, (rounds, secs) in _series(k[Event.TRAIN], "duration_s").items():
         ax.plot(rounds, secs, marker="o", label=f"{site} local training")
-    _round_line(ax, k["round"], "duration_s", "--", "whole round (server)")
-    _mark_failures(ax, k["failure"], 0.0)
+    _round_line(ax, k[Event.ROUND], "duration_s", "--", "whole round (server)")
+    _mark_failures(ax, k[Event.FAILURE], 0.0)
     _finish(fig, ax, path, "Time per round", "Round", "Seconds")
 
 
 def plot_bytes(k: dict[str, list[dict[str, Any]]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    points = [(r["round"], (r.get("bytes_total") or 0) / MB) for r in k["round"]]
+    points = [(r["round"], (r.get("bytes_total") or 0) / MB) for r in k[Event.ROUND]]
     if points:
         ax.bar(*zip(*points), color="#8fb4d9", label="all sites, both directions")
-    _mark_failures(ax, k["failure"], 0.0)
+    _mark_failures(ax, k[Event.FAILURE], 0.0)
     _finish(fig, ax, path, "Model bytes sent per round", "Round", "Megabytes (10^6 bytes)")
 
 
@@ -212,7 +205,7 @@ def write_report(run: Path) -> Path:
     events = list(read_events(metrics))
     out = Path(run) / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
-    k = _by_kind(events)
+    k = by_kind(events)
     for key, plot in (("dice", plot_dice), ("loss", plot_loss), ("seconds", plot_seconds), ("bytes", plot_bytes)):
         plot(k, out / PLOTS[key])
     summary = summarize(events)

@@ -23,18 +23,15 @@ from safetensors.torch import load_file
 
 from common.config import FedsegConfig, load_config
 from common.files import atomic_write_text, read_jsonl
-from common.metrics_log import MetricsLog
+from common.metrics_log import Event, MetricsLog, read_events
 from common.runs import METRICS_FILE, ROUND_CHECKPOINT, SERVER_CONFIG_FILE
 
 from .checkpoints import Checkpoints
 
 log = logging.getLogger("fedseg.server")
 
-ROUND_EVENT = "round"
-
-
 def last_complete_round(path: Path) -> int:
-    return max((e.get("round", 0) for e in read_jsonl(path) if e.get("event") == ROUND_EVENT), default=0)
+    return max((e.get("round", 0) for e in read_events(path, Event.ROUND)), default=0)
 
 
 def truncate_log(path: Path, last_round: int) -> int:
@@ -121,6 +118,6 @@ def restarted_config(cfg: FedsegConfig, run: Path, allow_change: bool) -> Fedseg
                             "to change them (the change is written to the run's metrics log).")
     log.warning("run %s: configuration changed on restart: %s", cfg.federation.run_name, listed)
     metrics_log = MetricsLog(run)
-    metrics_log.write("config-change", changes=changes)
+    metrics_log.write(Event.CONFIG_CHANGE, changes=changes)
     metrics_log.close()
     return cfg

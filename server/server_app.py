@@ -19,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from common import keys, threadsafe_monai  # noqa: F401  (threadsafe_monai: MONAI whole before any thread races for it)
 from common.config import FedsegConfig, from_yaml_text, load_config, with_channels
 from common.flower_env import quicken_object_pulls
-from common.metrics_log import read_events
+from common.metrics_log import Event, read_events
 from common.params import run_model, select
 from common.plan import Plan
 from common.runs import (CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, PLAN_FILE, SERVER_CONFIG_ENV, run_dir,
@@ -78,7 +78,7 @@ def main(grid: Grid, context: Context) -> None:
     resume = resume_point(run, checkpoints)
     done = resume.done
     metrics_log = open_log(run, cfg.federation.tensorboard)  # mirrored live to TensorBoard when asked
-    metrics_log.write("run-start", run=cfg.federation.run_name, run_id=cfg.federation.run_id,
+    metrics_log.write(Event.RUN_START, run=cfg.federation.run_name, run_id=cfg.federation.run_id,
                       config_sha256=cfg.sha256(), sites=cfg.federation.sites, resumed_from_round=done)
     metrics_log.sync()
     node_sites = read_nodes(run)  # one map of node -> site for the boundary, planning and the strategy
@@ -121,7 +121,7 @@ def main(grid: Grid, context: Context) -> None:
         raise
     finally:
         state = checkpoints.state
-        metrics_log.write("run-end", status=status, rounds_completed=state.last_round,
+        metrics_log.write(Event.RUN_END, status=status, rounds_completed=state.last_round,
                           best_round=state.best_round, best_dice=state.best_dice)
         metrics_log.close()
 
@@ -132,7 +132,7 @@ class NothingTrained(RuntimeError):
 
 def first_failure(run: Path) -> str:
     """The first failure the run's metrics log holds, for the console."""
-    failures = [e for e in read_events(run / METRICS_FILE) if e.get("event") == "failure"]
+    failures = list(read_events(run / METRICS_FILE, Event.FAILURE))
     if not failures:
         return "no failure was logged"
     first = failures[0]

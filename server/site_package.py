@@ -26,6 +26,7 @@ from typing import Any
 
 from common.cli import UserError
 from common.files import atomic_copy, atomic_write_text, read_jsonl
+from common.metrics_log import Event, is_kind
 from common.runs import (BEST_CHECKPOINT, CHECKPOINT_DIR, CHECKPOINT_STATE, CONFIG_FILE, CROSS_EVAL_FILE,
                          LAST_CHECKPOINT, METRICS_FILE, PLAN_FILE, ROUND_CHECKPOINT, site_view)
 
@@ -46,9 +47,9 @@ def site_events(run: Path, site: str) -> list[dict[str, Any]]:
     for event in read_jsonl(run / METRICS_FILE):
         if event.get("site") == site:
             kept.append(event)
-        elif event.get("event") == "round":
+        elif is_kind(event, Event.ROUND):
             kept.append({k: event[k] for k in ROUND_FIELDS if k in event})
-        elif event.get("event") == "run-end":
+        elif is_kind(event, Event.RUN_END):
             kept.append({k: event[k] for k in RUN_END_FIELDS if k in event})
     return kept
 

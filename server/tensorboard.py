@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.metrics_log import MetricsLog, read_events
+from common.metrics_log import Event, MetricsLog, read_events
 from common.runs import METRICS_FILE, REPORT_DIR
 
 log = logging.getLogger("fedseg.server")
@@ -146,7 +146,7 @@ class MirroredLog(MetricsLog):
         self.mirror.flush()
         log.info("TensorBoard: %s mirrors %s (tensorboard --logdir %s)", folder, self.path, folder)
 
-    def write(self, event: str, **fields: Any) -> dict[str, Any]:
+    def write(self, event: Event, **fields: Any) -> dict[str, Any]:
         record = super().write(event, **fields)
         self.mirror.add([record])
         return record

@@ -26,7 +26,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 
 from common import keys
-from common.metrics_log import MetricsLog
+from common.metrics_log import Event, MetricsLog
 
 from .cross_eval import TrainingGrid
 from .inbound import Inbox, finite_number
@@ -119,7 +119,7 @@ class TimelineGrid(TrainingGrid):
                 self._log_late(sent, site)
                 continue
             if sent is not None:
-                self._log.write("timeline", round=sent.round, site=site, stage=sent.stage,
+                self._log.write(Event.TIMELINE, round=sent.round, site=site, stage=sent.stage,
                                 created=sent.created, **timeline(sent, reply, time.time()))
             replies.append(reply)
         return replies
@@ -127,7 +127,7 @@ class TimelineGrid(TrainingGrid):
     def _log_late(self, sent: Sent | None, site: str) -> None:
         log.warning("a late %s reply of site %s (round %s) arrived after its deadline; not used",
                     sent.stage if sent else "?", site, sent.round if sent else "?")
-        self._log.write("late-reply", round=self._current_round, site=site, stage=sent.stage if sent else None,
+        self._log.write(Event.LATE_REPLY, round=self._current_round, site=site, stage=sent.stage if sent else None,
                         for_round=sent.round if sent else None,
                         late_by_s=round(time.time() - sent.created, 3) if sent else None)
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from common.config import DataConfig, FedsegConfig, apply_overrides, from_dict
 from common.dataset import DatasetSpec
-from common.metrics_log import read_events
+from common.metrics_log import Event, read_events
 from common.runs import COMMAND_FILE, CROSS_EVAL_FILE, METRICS_FILE, RESULTS_FILE, SETTINGS_FILE
 
 from . import baselines
@@ -127,7 +127,7 @@ def federated_result(run: Path) -> dict[str, Any]:
     personal = {c["site"]: c["dice_personal"] for c in last if c["trained"] and c.get("dice_personal") is not None}
     tested = [c for c in last if c["trained"] and c.get("test_dice") is not None]
     held_out = {c["site"]: {"dice": c["dice"], "dice_adapted": c["dice_adapted"]} for c in last if not c["trained"]}
-    curve = [e["dice_mean"] for e in read_events(run / METRICS_FILE) if e["event"] == "round"]
+    curve = [e["dice_mean"] for e in read_events(run / METRICS_FILE, Event.ROUND)]
     return {"per_site": per_site, "held_out": held_out, "curve": curve, "personal": personal,
             "test_per_site": {c["site"]: c["test_dice"] for c in tested},
             "test_per_class": {c["site"]: c["test_dice_per_class"] for c in tested},

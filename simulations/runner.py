@@ -30,7 +30,7 @@ from common import keys
 from common.bundle import APP_DIR
 from common.config import NORM_TRAVEL, FedsegConfig, SiteConfig, load_config
 from common.flower_env import flower_command, flower_env, free_port
-from common.metrics_log import read_events
+from common.metrics_log import Event, read_events
 from common.processes import stop_tree, wait_healthy
 from common.progress import describe
 from common.runs import (FLOWER_CONFIG, FLWR_HOME, FLWR_RUN_LOG, METRICS_FILE, RUN_CONFIG_TOML, SCRATCH_DIR,
@@ -241,7 +241,7 @@ def run_simulation(cfg: FedsegConfig, show: Callable[[str], None] = print, allow
     if not _finished(metrics):
         raise SimulationError(f"the run ended without finishing; see {run / FLWR_RUN_LOG} and "
                               f"{run / SUPERLINK_LOG}")
-    status = [e for e in read_events(metrics) if e["event"] == "run-end"][-1]["status"]
+    status = list(read_events(metrics, Event.RUN_END))[-1]["status"]
     if status.startswith("failed"):
         raise RunFailed(f"the run {status}; {first_failure(run)}; the metrics log {metrics} has every failure")
     draw_site_pictures(run, len(datasets), show)
@@ -285,4 +285,4 @@ def draw_site_pictures(run: Path, n_sites: int, show: Callable[[str], None]) -> 
 
 
 def _finished(metrics: Path) -> bool:
-    return metrics.is_file() and any(e["event"] == "run-end" for e in read_events(metrics))
+    return metrics.is_file() and any(read_events(metrics, Event.RUN_END))
