@@ -36,9 +36,13 @@ site's daemon puts this guard in front of Flower's ClientApp process:
 
 It fails closed: no list, or a Flower whose ClientApp runner no longer has the
 steps it wraps, means every bundle is refused; a Flower without the task
-table, or whose ClientApp command is renamed, stops the daemon from starting. This module imports nothing
-from fedseg (the bundle brings its own copy), so no unapproved code can
-shadow it. Residual risks are spelled out in README, "Deploy across hospitals".
+table, or whose ClientApp command is renamed, stops the daemon from starting.
+How the steps are put in place is Flower's side (common/flower/clientapp_runner.py);
+what they allow is decided here. Of fedseg, this module imports only that
+door, from the same installation as itself, and forgets both before Flower
+loads the bundle, so the bundle's code is its own copy and no unapproved code
+can shadow the guard. Residual risks are spelled out in docs/deployment.md,
+"Which code runs at a hospital, and what is left to trust".
 """
 
 from __future__ import annotations
@@ -58,21 +62,13 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from common.flower.clientapp_runner import (APPS_DIR, CLIENTAPP_COMMAND, HASH_PREFIX_LEN, flower_steps,
+                                            missing_steps, replace_steps, run_clientapp, task_commands)
+
 APPROVED_ENV = "FEDSEG_APPROVED_BUNDLES"
 """Comma-separated SHA-256 digests of the approved bundles."""
 DECISIONS_ENV = "FEDSEG_BUNDLE_LOG"
 """JSON Lines file where every accept/refuse decision is recorded at the site."""
-LAUNCHER = "flwr-clientapp"
-"""The executable name Flower's SuperExec starts for every ClientApp task."""
-WRAPPED_MODULE = "flwr.supernode.runtime.run_clientapp"
-WRAPPED_STEP = "install_from_fab"
-LOOKUP_STEP = "get_project_dir"
-"""Flower's project-folder lookup, bound by name in the ClientApp runner and in its ClientApp loader."""
-LOADER_MODULE = "flwr.clientapp.utils"
-APPS_DIR = "apps"
-"""flwr.common.constant.APP_DIR: where Flower installs bundles under $FLWR_HOME."""
-HASH_PREFIX_LEN = 8
-"""flwr.common.constant.FAB_HASH_TRUNCATION: the digest characters in an installed folder's name."""
 APP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
 """A publisher or project name: no dot, slash, backslash or control character can reach a folder name."""
 APP_VERSION = re.compile(r"[0-9][0-9A-Za-z+_-]*(\.[0-9A-Za-z+_-]+){0,7}")
@@ -80,7 +76,8 @@ APP_VERSION = re.compile(r"[0-9][0-9A-Za-z+_-]*(\.[0-9A-Za-z+_-]+){0,7}")
 BUNDLE_META = ".info/"
 """Flower's manifest inside a bundle, which its installer removes; everything else is installed."""
 CACHE_DIR = "__pycache__"
-OWN_PACKAGE = "client"
+OWN_PACKAGES = ("client", "common")
+"""fedseg packages this process loaded before the bundle; forgotten, so the bundle's own copies load."""
 CHECKED_AT_ENV = "FEDSEG_BUNDLE_CHECKED_AT"
 """Timeline only (client/timeline.py): the Unix time this process accepted its bundle."""
 SHA256_HEX_LEN = 64
@@ -229,7 +226,7 @@ class ApprovedApp:
         if folder.parent.resolve() != home / APPS_DIR or folder.name != \
                 f"{fab_id.replace('/', '.')}.{version}.{digest[:HASH_PREFIX_LEN]}":
             raise BundleNotApproved(f"Flower would install the approved bundle to {folder}, not directly in "
-                                    f"{home / APPS_DIR}; pin flwr 1.42 or update client/bundle_guard.py")
+                                    f"{home / APPS_DIR}; pin flwr 1.42 or update common/flower/clientapp_runner.py")
         self._materialise(content, folder, trust_caches=not was_open)
         self.installed = (fab_id, version, digest, folder)
         return folder
@@ -277,21 +274,16 @@ class ApprovedApp:
         return folder
 
 
-def guard_runner(runner: Any, loader: Any, approved: frozenset[str], log_path: str | None) -> ApprovedApp:
-    """Put an :class:`ApprovedApp` in place of Flower's install and folder lookup in ``runner`` and ``loader``."""
-    from flwr.supercore.utils import get_flwr_home
-
-    app = ApprovedApp(approved, log_path, getattr(runner, WRAPPED_STEP), getattr(runner, LOOKUP_STEP),
-                      get_flwr_home)
-    setattr(runner, WRAPPED_STEP, app.install)
-    setattr(runner, LOOKUP_STEP, app.project_dir)
-    setattr(loader, LOOKUP_STEP, app.project_dir)
+def guard_clientapp(approved: frozenset[str], log_path: str | None) -> ApprovedApp:
+    """Put an :class:`ApprovedApp` in place of Flower's install and folder lookup in this process."""
+    app = ApprovedApp(approved, log_path, *flower_steps())
+    replace_steps(app.install, app.project_dir)
     return app
 
 
 def _forget_own_modules() -> None:
-    """Let the approved bundle's own copy of ``client`` load, as Flower intends."""
-    for name in [m for m in sys.modules if m == OWN_PACKAGE or m.startswith(OWN_PACKAGE + ".")]:
+    """Let the approved bundle's own copies of ``client`` and ``common`` load, as Flower intends."""
+    for name in [m for m in sys.modules if m.split(".")[0] in OWN_PACKAGES]:
         del sys.modules[name]
 
 
@@ -306,34 +298,16 @@ def approved_from_env(env: Mapping[str, str]) -> frozenset[str]:
 
 def main() -> int:
     """Entry point of the ``flwr-clientapp`` launcher: guard, then Flower's own ClientApp runner."""
-    import importlib
-
     approved = approved_from_env(os.environ)
-    runner = importlib.import_module(WRAPPED_MODULE)
-    loader = importlib.import_module(LOADER_MODULE)
-    steps = ((runner, WRAPPED_STEP), (runner, LOOKUP_STEP), (loader, LOOKUP_STEP))
-    missing = [f"{module.__name__}.{name}" for module, name in steps if not callable(getattr(module, name, None))]
+    missing = missing_steps()
     if missing:
         print(f"fedseg bundle guard: this Flower has no {', '.join(missing)} to guard; refusing to run any bundle. "
-              "Pin flwr 1.42 or update client/bundle_guard.py.", file=sys.stderr)
+              "Pin flwr 1.42 or update common/flower/clientapp_runner.py.", file=sys.stderr)
         return 1
-    guard_runner(runner, loader, approved, os.environ.get(DECISIONS_ENV))
+    guard_clientapp(approved, os.environ.get(DECISIONS_ENV))
     _forget_own_modules()
-    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
-
-    flwr_clientapp()
+    run_clientapp()
     return 0
-
-
-def task_commands() -> frozenset[str]:
-    """Every executable Flower's SuperExec may start for a task (flwr.supercore.constant.TASK_TYPE_TO_COMMAND)."""
-    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND
-
-    commands = frozenset(TASK_TYPE_TO_COMMAND.values())
-    if LAUNCHER not in commands:
-        raise RuntimeError(f"this Flower starts ClientApps by another name than {LAUNCHER}; the bundle guard "
-                           "cannot stand in front of it. Pin flwr 1.42 or update client/bundle_guard.py.")
-    return commands
 
 
 def refuse_task(command: str) -> int:
@@ -363,10 +337,10 @@ def write_launcher(bin_dir: Path, entry: str = __name__) -> Path:
     """
     bin_dir = Path(bin_dir)
     bin_dir.mkdir(parents=True, exist_ok=True)
-    for command in sorted(task_commands() - {LAUNCHER}):
+    for command in sorted(task_commands() - {CLIENTAPP_COMMAND}):
         _write_script(bin_dir / command,
                       f"from client.bundle_guard import refuse_task\nsys.exit(refuse_task({command!r}))\n")
-    return _write_script(bin_dir / LAUNCHER, f"from {entry} import main\nsys.exit(main())\n")
+    return _write_script(bin_dir / CLIENTAPP_COMMAND, f"from {entry} import main\nsys.exit(main())\n")
 
 
 def guard_env(bin_dir: Path, approved: Iterable[str], decisions: Path, env: dict[str, str]) -> dict[str, str]:

@@ -118,12 +118,12 @@ def _read_int(conn: socket.socket) -> int:
 
 
 def quicken_flower() -> None:
-    """Flower's object pulls without its seconds-long back-off (common/flower_env.py), before any bundle code.
+    """Flower's object pulls without its seconds-long back-off (common/flower/object_pulls.py), before any bundle code.
 
     ``common`` is forgotten again afterwards, so that the bundle's own copy is
     the one its code imports.
     """
-    from common.flower_env import quicken_object_pulls
+    from common.flower.object_pulls import quicken_object_pulls
 
     quicken_object_pulls()
     for module in [m for m in sys.modules if m.split(".")[0] in OWN_PACKAGES]:

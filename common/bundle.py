@@ -64,7 +64,7 @@ def app_files(source: Path = APP_DIR) -> dict[str, Path]:
 
 def bundle_bytes(source: Path = APP_DIR) -> bytes:
     """The FAB, built by Flower's own bundler from :func:`app_files`."""
-    from flwr.cli.build import build_fab_from_files
+    from .flower.fab import build_fab_from_files
 
     return build_fab_from_files(app_files(source))[0]
 

@@ -5,10 +5,11 @@ stats are off, the SuperLink never runs ``uv sync`` for an app, and thread
 pools are sized for the cores we were given rather than the whole machine.
 A SuperNode's SuperExec looks for new ClientApp tasks every 0.1 s, not every
 second (a local call; the delay is paid by every message of every round),
-a message's arrays travel as up to 8 objects at a time rather than 2 (each
-is one HTTP request, and a tiny model's message is over 40 of them), and
-every fedseg process retries an object that is not there yet after at most
-``PULL_BACKOFF_CAP_S`` (:func:`quicken_object_pulls`).
+and a message's arrays travel as up to 8 objects at a time rather than 2
+(each is one HTTP request, and a tiny model's message is over 40 of them).
+These are Flower's own settings, given as environment variables; what needs
+a patch of Flower is in common/flower/ (for example the pull back-off,
+common/flower/object_pulls.py).
 """
 
 from __future__ import annotations
@@ -55,30 +56,3 @@ def free_port(host: str = "127.0.0.1") -> int:
         s.bind((host, 0))
         return s.getsockname()[1]
 
-
-PULL_INITIAL_BACKOFF_S = 0.05
-PULL_BACKOFF_CAP_S = 0.5
-PULL_FUNCTIONS = ("pull_objects", "pull_and_inflate_object_from_tree")
-
-
-def quicken_object_pulls() -> bool:
-    """Retry objects that are not there yet after 0.05 s doubling to 0.5 s, not Flower's 1 s doubling to 10 s.
-
-    A message's arrays arrive as separate objects after the message itself: the
-    SuperNode starts the ClientApp before it has pulled them all, and the
-    ServerApp sees a reply before the SuperNode has pushed them all. Flower 1.42
-    then waits 1, 2, 4, 8 s between tries (its defaults have no setting), which
-    a fast ClientApp hits on every message. This changes the defaults of its
-    two pull functions in this process; False if this Flower has neither.
-    """
-    from flwr.supercore.inflatable import inflatable_utils
-
-    found = False
-    for name in PULL_FUNCTIONS:
-        defaults = getattr(getattr(inflatable_utils, name, None), "__kwdefaults__", None) or {}
-        if {"initial_backoff", "backoff_cap", "max_tries_per_object"} <= defaults.keys():
-            # unlimited tries: Flower's 500 tries at up to 10 s each become max_time (2 h) alone
-            defaults.update(initial_backoff=PULL_INITIAL_BACKOFF_S, backoff_cap=PULL_BACKOFF_CAP_S,
-                            max_tries_per_object=None)
-            found = True
-    return found

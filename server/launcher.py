@@ -209,9 +209,9 @@ def start_federation(cfg: FedsegConfig, say: Callable[[str], None] = print, allo
 
     from common import keys
     from common.bundle import app_dir, bundle_bytes
+    from common.flower.control import ControlAPI
     from common.runs import METRICS_FILE, SERVER_CONFIG_FILE, site_view
 
-    from .control import ControlAPI
     from .resume import ConfigChanged, last_complete_round, restarted_config
     from .site_registry import write_nodes
 

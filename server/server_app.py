@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import keys, threadsafe_monai  # noqa: F401  (threadsafe_monai: MONAI whole before any thread races for it)
 from common.config import FedsegConfig, from_yaml_text, load_config, with_channels
-from common.flower_env import quicken_object_pulls
+from common.flower.object_pulls import quicken_object_pulls
 from common.metrics_log import Event, read_events
 from common.params import run_model, select
 from common.plan import Plan

@@ -205,10 +205,12 @@ def test_h1_a_message_id_from_the_centre_never_names_a_file(tmp_path, tiny_feder
     """H1: the SuperNode notes each pull in a file named after the message id, and the ClientApp reads and
     deletes that file; an id such as ``../egress.jsonl`` or an absolute path names no file at all."""
     import types
+    from functools import partial
 
     from client import client_app
-    from client.supernode import note_pulls
+    from client.supernode import record_pull
     from client.timeline import pull_note
+    from common.flower.supernode import note_pulls
     from tests.flower_messages import incoming
 
     cfg, grid, state, _ = _site(tmp_path / "site", tiny_federation)
@@ -219,10 +221,11 @@ def test_h1_a_message_id_from_the_centre_never_names_a_file(tmp_path, tiny_feder
     (state / "victim").write_text("1.0")  # a float, so the ClientApp would read it as a pull time and delete it
     before = _files(tmp_path)
 
-    # The SuperNode's patched pull (client/supernode.py) around a stand-in for Flower's own function.
+    # The SuperNode's patched pull (common/flower/supernode.py, noting as client/supernode.py does) around a
+    # stand-in for Flower's own function.
     loop = types.ModuleType("flwr_pull_stand_in")
     loop._pull_and_store_message = lambda *args, receive, **kwargs: receive()
-    assert note_pulls(loop, state)
+    assert note_pulls(loop, partial(record_pull, state))
     hostile = ["../egress.jsonl", "../yaml.py", "../site.json", f"../../../{outside.name}", str(outside),
                "A" * 64, "0" * 63 + "/"]
     for message_id in hostile:

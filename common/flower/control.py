@@ -1,13 +1,14 @@
-"""The launcher's side of the SuperLink's Control API, reached over TLS on loopback only.
+"""The launcher's side of the SuperLink's Control API (Flower 1.42 internals), reached over TLS on loopback only.
 
 Registering a node is how Flower 1.42 turns SuperNode authentication into an
 allow-list: with ``--enable-supernode-auth`` a SuperNode can only activate
 under a public key the Control API registered. The launcher makes the
 registered set equal to the allow-list at every start (adding missing sites,
 unregistering keys that are no longer listed), and asks which sites are online
-to show progress. Flower's Control client is internal API; it is used here
-and nowhere else. (The run is submitted here too, rather than with ``flwr run``,
-so the bundle whose SHA-256 the launcher prints is byte for byte the one sent.)
+to show progress (server/launcher.py). Flower's Control client is internal
+API; it is used here and nowhere else. (The run is submitted here too, rather
+than with ``flwr run``, so the bundle whose SHA-256 the launcher prints is byte
+for byte the one sent.)
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec
-from flwr.common.constant import Status
 from flwr.common.serde import fab_to_proto, user_config_to_proto
 from flwr.proto.control_pb2 import (
     ListNodesRequest,
@@ -27,11 +27,12 @@ from flwr.proto.control_pb2 import (
     StopRunRequest,
     UnregisterNodeRequest,
 )
-from flwr.supercore.constant import NodeStatus
 from flwr.supercore.control import ControlHttpClient
 from flwr.supercore.fab import Fab
 from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+from .constants import NodeStatus, Status
 
 CONTROL_HOST = "127.0.0.1"
 COMPONENT = "flwr CLI"
