@@ -4,11 +4,12 @@ centre's and the sites' state folders, exported models and comparisons."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import secrets
 import time
 from pathlib import Path
 
-from .config import FederationConfig, FedsegConfig, read_yaml
+from .config import FedsegConfig, SiteView, read_yaml
 
 # --- the run directory (<runs_dir>/<run_name>) ---------------------------------------------------
 CONFIG_FILE = "config.yaml"
@@ -30,7 +31,9 @@ SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_STATE = "state.json"
 """Which round ``best`` and ``last`` hold (server/checkpoints.py writes it; exports read it)."""
-LAST_CHECKPOINT, BEST_CHECKPOINT = "last.safetensors", "best.safetensors"
+BEST, LAST = "best", "last"
+"""The two checkpoints named for what they hold rather than their round (checkpoints/state.json says which)."""
+LAST_CHECKPOINT, BEST_CHECKPOINT = f"{LAST}.safetensors", f"{BEST}.safetensors"
 ROUND_CHECKPOINT = "round-{:04d}.safetensors"
 SERVER_OPTIMIZER_CHECKPOINT = "server-optimizer-{:04d}.safetensors"
 """The server optimizer's moments after a round's step (server/server_opt.py), read back on resume."""
@@ -96,6 +99,50 @@ COMMAND_FILE = "command.txt"
 SETTINGS_FILE = "settings.yaml"
 
 
+# --- the one grammar of checkpoint names -------------------------------------------------------------
+CHECKPOINT_NAME = re.compile(r"(best|last)|round-(\d+)")
+CHECKPOINT_NAMES = "best, last or round-NNNN (e.g. round-0003, or round-3)"
+"""What every command that takes a checkpoint name accepts, for its help and its errors."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointName:
+    """A global checkpoint of a run as people name it: ``best``, ``last`` or ``round-N`` (``round-3`` is
+    ``round-0003``). ``round`` is None for best and last, whose round checkpoints/state.json records."""
+
+    alias: str = ""
+    """``best`` or ``last``; "" for a numbered round."""
+    round: int | None = None
+
+    @classmethod
+    def of_round(cls, server_round: int) -> CheckpointName:
+        return cls(round=server_round)
+
+    @property
+    def file(self) -> str:
+        """Its file in the run's checkpoints/ folder."""
+        return ROUND_CHECKPOINT.format(self.round) if self.round is not None else f"{self.alias}.safetensors"
+
+    def __str__(self) -> str:
+        return self.alias or f"round-{self.round}"
+
+
+def parse_checkpoint_name(text: str) -> CheckpointName | None:
+    """``best``, ``last``, ``round-N`` as a CheckpointName; None for anything else (a file path, a typo)."""
+    match = CHECKPOINT_NAME.fullmatch(text.strip())
+    if match is None:
+        return None
+    return CheckpointName(alias=match.group(1)) if match.group(1) else CheckpointName.of_round(int(match.group(2)))
+
+
+def round_of_file(name: str, pattern: str) -> int | None:
+    """The round of a file named by per-round ``pattern`` (``ROUND_CHECKPOINT``, ``NORM_ROUND_FILE``, ...):
+    ``round-0003.safetensors`` -> 3; None for any other name (a temporary file, another kind of file)."""
+    prefix, _, suffix = pattern.partition("{:04d}")
+    digits = name[len(prefix):len(name) - len(suffix)] if name.startswith(prefix) and name.endswith(suffix) else ""
+    return int(digits) if re.fullmatch(r"[0-9]{4,}", digits) else None
+
+
 def new_run_name(prefix: str = "run") -> str:
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -126,17 +173,15 @@ def existing_run_id(run: Path) -> str:
     return ""
 
 
-def site_view(cfg: FedsegConfig) -> FedsegConfig:
+def site_view(cfg: FedsegConfig) -> SiteView:
     """The part of the centre's config that sites need: model, data and training settings, and the run's facts.
 
     Flower hands the run config to every site, so in a deployment it holds
     only this: no centre path (runs, certificates, state), no other site's
-    name, no server or privacy setting. What a site computes from the run
-    (the learning-rate schedule over all rounds, the folder that keeps the
-    run's model) comes from here: the round count, the run's name and identity.
+    name, no server or privacy setting. What a site learns of the run (the
+    folder that keeps the run's model, how many rounds it has) comes from
+    here: the round count, the run's name and identity.
+    The view is its own schema (``common.config.SiteView``): what it drops is
+    absent from it, not reset to a default.
     """
-    f = cfg.federation
-    model = dataclasses.replace(cfg.model, init_weights="")  # a centre path: the weights reach sites as the model
-    return FedsegConfig(model=model, data=cfg.data, train=cfg.train,
-                        federation=FederationConfig(wire_dtype=f.wire_dtype, rounds=f.rounds, run_name=f.run_name,
-                                                    run_id=f.run_id))
+    return SiteView.of(cfg)
