@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import json
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,15 +43,15 @@ from common.metrics_log import Event, is_kind, read_events
 from common.model import build_model, network_spec
 from common.plan import Plan
 from common.private import private_dir
-from common.runs import (BEST_CHECKPOINT, CHECKPOINT_DIR, CHECKPOINT_STATE, CONFIG_FILE, EXPORT_LOG, LABELS_FILE,
-                         METRICS_FILE, PLAN_FILE, PROVENANCE_FILE, README_FILE, ROUND_CHECKPOINT, WEIGHTS_FILE)
+from common.runs import (BEST, BEST_CHECKPOINT, CHECKPOINT_DIR, CHECKPOINT_NAMES, CHECKPOINT_STATE, CONFIG_FILE,
+                         EXPORT_LOG, LABELS_FILE, LAST, METRICS_FILE, PLAN_FILE, PROVENANCE_FILE, README_FILE,
+                         WEIGHTS_FILE, CheckpointName, parse_checkpoint_name)
 
 from .reasons import SignatureMismatch
 from .site_state import RunState
 
 log = logging.getLogger("fedseg.client")
 EXPORTED_SECTIONS = ("model", "data", "train")
-ROUND_CHOICE = re.compile(r"round-(\d+)")
 DEFAULT_RULE = ("the centre's best round (checkpoints/state.json), or its last round when the run has no best; "
                 "--weights picks another")
 """The one rule for the round a site command uses by default: export, predict, report and the personalized copy."""
@@ -78,16 +77,12 @@ def run_checkpoint(run: Path, choice: str | None = None) -> Checkpoint:
     rounds = _recorded_rounds(run)
     if choice is None:
         best = run / CHECKPOINT_DIR / BEST_CHECKPOINT
-        choice = "best" if best.is_file() and (rounds.get("best_round") or not rounds) else "last"
-    match = ROUND_CHOICE.fullmatch(choice)
-    if choice in ("best", "last"):
-        name, server_round = f"{choice}.safetensors", int(rounds.get(f"{choice}_round", 0)) or None
-    elif match:
-        server_round = int(match.group(1))
-        name = ROUND_CHECKPOINT.format(server_round)
-    else:
-        raise UserError(f"--weights {choice!r}: use best, last or round-N (e.g. round-3).")
-    path = run / CHECKPOINT_DIR / name
+        choice = BEST if best.is_file() and (rounds.get("best_round") or not rounds) else LAST
+    name = parse_checkpoint_name(choice)
+    if name is None:
+        raise UserError(f"--weights {choice!r}: use {CHECKPOINT_NAMES}.")
+    server_round = name.round if name.round is not None else int(rounds.get(f"{name.alias}_round", 0)) or None
+    path = run / CHECKPOINT_DIR / name.file
     if not path.is_file():
         raise UserError(f"{path} not found: the run folder has no '{choice}' checkpoint; give this site the run "
                         "with `fedseg-server site-package` at the centre, or pick another with --weights.")
@@ -311,11 +306,11 @@ def _personalized_model(run: Path, choice: str | None, state: RunState | None, r
                         "train.personalize_steps > 0 and the site trained in the run; use the federated model "
                         "(without --personalize/--personalized).")
     tensors, facts = copy
-    checkpoint = run_checkpoint(run, choice or f"round-{facts['round']}")
+    checkpoint = run_checkpoint(run, choice or str(CheckpointName.of_round(facts["round"])))
     if checkpoint.round != facts["round"]:
         raise UserError(f"the personalized copy of this run at this site was fine-tuned from round {facts['round']}, "
                         f"not from '{checkpoint.choice}' (round {checkpoint.round}); leave --weights out or pass "
-                        f"--weights round-{facts['round']}.")
+                        f"--weights {CheckpointName.of_round(facts['round'])}.")
     model.load_state_dict(tensors, strict=True)
     return RunModel(model, plan, run_cfg, True, checkpoint, facts["round"], state, facts)
 

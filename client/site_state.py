@@ -37,13 +37,12 @@ from common.dataset import split_cases
 from common.files import atomic_write_bytes, atomic_write_text
 from common.private import private_dir
 from common.runs import (CACHE_DIR, LEGACY_RUN, NO_RUN_ID, NORM_FILE, NORM_ROUND_FILE, PERSONALIZED_FILE, SITE_FILE,
-                         SITE_NORM_DIR, SITE_RUN_FILE, SITE_RUNS_DIR)
+                         SITE_NORM_DIR, SITE_RUN_FILE, SITE_RUNS_DIR, round_of_file)
 
 from .reasons import SignatureMismatch
 
 PLAN_CACHE = re.compile(r"plan-[0-9a-f]{12}")
 """Cache folders are named after the plan version (common/preprocess.py); nothing else there is removed."""
-NORM_ROUND = re.compile(r"round-(\d{4,})\.safetensors")
 SIGNATURE_META, ROUND_META = "model_signature", "round"
 """Metadata every tensor file of a run carries: the model it fits and the round it comes from."""
 
@@ -101,7 +100,7 @@ class RunState:
         folder = self.folder / SITE_NORM_DIR
         if not folder.is_dir():
             return []
-        return sorted(int(m.group(1)) for p in folder.iterdir() if (m := NORM_ROUND.fullmatch(p.name)))
+        return sorted(r for p in folder.iterdir() if (r := round_of_file(p.name, NORM_ROUND_FILE)) is not None)
 
     @property
     def trained(self) -> bool:

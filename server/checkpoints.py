@@ -10,7 +10,6 @@ Every checkpoint is owner-only (0600) whatever the umask: ``best`` and
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,9 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from common.files import atomic_copy, atomic_save, atomic_write_text
 from common.runs import (BEST_CHECKPOINT, CHECKPOINT_STATE, LAST_CHECKPOINT, ROUND_CHECKPOINT,
-                         SERVER_OPTIMIZER_CHECKPOINT)
-
-ROUND_NAME = re.compile(r"round-(\d+)")
+                         SERVER_OPTIMIZER_CHECKPOINT, parse_checkpoint_name)
 
 
 @dataclass
@@ -71,11 +68,11 @@ class Checkpoints:
         return {k: v.numpy() for k, v in load_file(path).items()} if path.is_file() else None
 
     def round_of(self, name: str) -> int | None:
-        """The round a checkpoint name holds: ``best``, ``last``, ``round-NNNN``; None for anything else."""
-        if name in ("best", "last"):
-            return getattr(self.state, f"{name}_round") or None
-        match = ROUND_NAME.fullmatch(name)
-        return int(match.group(1)) if match else None
+        """The round a checkpoint name holds: ``best``, ``last``, ``round-N``; None for anything else."""
+        named = parse_checkpoint_name(name)
+        if named is None or named.round is not None:
+            return named and named.round
+        return getattr(self.state, f"{named.alias}_round") or None
 
     def offer_best(self, server_round: int, dice: float) -> bool:
         """Make the round's model ``best`` if its federation Dice beats the best so far."""

@@ -37,7 +37,8 @@ from common.config import FedsegConfig
 from common.files import atomic_write_text
 from common.flower.constants import SUPERLINK_NODE_ID
 from common.metrics_log import Event, MetricsLog
-from common.runs import BEST_CHECKPOINT, CHECKPOINT_DIR, CROSS_EVAL_FILE, LAST_CHECKPOINT, PLAN_FILE, run_dir
+from common.runs import (BEST_CHECKPOINT, CHECKPOINT_DIR, CHECKPOINT_NAMES, CROSS_EVAL_FILE, LAST_CHECKPOINT, PLAN_FILE,
+                         parse_checkpoint_name, run_dir)
 from common.wire import named_site, to_wire
 
 from .checkpoints import Checkpoints
@@ -259,12 +260,12 @@ def run_checkpoints(run: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict
 
 
 def resolve_checkpoint(run: Path, name: str) -> Path:
-    """``best``, ``last``, ``round-0003`` or a file path, as a checkpoint file that exists."""
+    """``best``, ``last``, ``round-N`` or a file path, as a checkpoint file that exists."""
     ckpt_dir = run / CHECKPOINT_DIR
-    candidates = {"best": ckpt_dir / BEST_CHECKPOINT, "last": ckpt_dir / LAST_CHECKPOINT}
-    path = candidates.get(name) or (ckpt_dir / f"{name}.safetensors" if name.startswith("round-") else Path(name))
+    named = parse_checkpoint_name(name)
+    path = ckpt_dir / named.file if named is not None else Path(name)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint '{name}' not found as {path}; use best, last, round-NNNN "
+        raise FileNotFoundError(f"checkpoint '{name}' not found as {path}; use {CHECKPOINT_NAMES} "
                                 f"(see {ckpt_dir}) or a .safetensors file")
     return path
 
