@@ -44,7 +44,7 @@ from deploy_harness import (  # noqa: E402
     GATEWAY_HOST, TINY, Launched, allow, events, federation_yaml, make_site, snapshot_app, wait_for, write_yaml,
 )
 
-from server.timeline import STAGES  # noqa: E402
+from server.receiving_grid import STAGES  # noqa: E402
 
 SITES = ["site-1", "site-2"]
 FLOWER_DEFAULTS = {"site": {"poll_interval_s": 3.0, "warm_start": False}, "federation": {"poll_interval_s": 3.0}}

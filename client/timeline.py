@@ -7,7 +7,7 @@ it accepted the bundle in ``BUNDLE_CHECKED_ENV``. The handler adds when it was
 entered (every import done), when the data was ready and when the work was
 done. Only these numbers leave the site, as metrics named in
 ``common.keys.TIMELINE_METRICS``; the server turns them into the ``timeline``
-event (server/timeline.py). In the simulation there is no launcher and no
+event (server/receiving_grid.py). In the simulation there is no launcher and no
 guard, so those two stages are absent, and the pull time is the in-memory
 SuperLink's own ``delivered_at``.
 

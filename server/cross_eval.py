@@ -36,6 +36,7 @@ from common import keys
 from common.config import FedsegConfig
 from common.files import atomic_write_text
 from common.flower.constants import SUPERLINK_NODE_ID
+from common.flower.grid import DelegatingGrid
 from common.metrics_log import Event, MetricsLog
 from common.runs import (BEST_CHECKPOINT, CHECKPOINT_DIR, CHECKPOINT_NAMES, CROSS_EVAL_FILE, LAST_CHECKPOINT, PLAN_FILE,
                          parse_checkpoint_name, run_dir)
@@ -74,36 +75,18 @@ class Cell:
     test_num_examples: int = 0
 
 
-class TrainingGrid(Grid):
+class TrainingGrid(DelegatingGrid):
     """The run's Grid minus the held-out nodes, so the strategy never asks them to train."""
 
     def __init__(self, grid: Grid, hidden: set[int]) -> None:
-        self._grid, self._hidden = grid, hidden
-
-    def set_run(self, run) -> None:
-        self._grid.set_run(run)
-
-    @property
-    def run(self):
-        return self._grid.run
-
-    def create_message(self, *args, **kwargs) -> Message:
-        return self._grid.create_message(*args, **kwargs)
+        super().__init__(grid)
+        self._hidden = hidden
 
     def get_node_ids(self) -> Iterable[int]:
         return [n for n in self._grid.get_node_ids() if n not in self._hidden]
 
     def get_nodes(self):
         return [n for n in self._grid.get_nodes() if n.node_id not in self._hidden]
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self._grid.send_and_receive(messages, timeout=timeout)
 
 
 def _query(node: int, task: str, config: dict, arrays: ArrayRecord | None = None) -> Message:

@@ -3,7 +3,7 @@
 A registered site may run modified code and send anything: records of the
 wrong kind, a list where a number belongs, NaN, control characters, another
 hospital's name, an array whose bytes are not what its header says, a case
-count of 10^12. The run's grid (server/timeline.py ``TimelineGrid``, above
+count of 10^12. The run's grid (server/receiving_grid.py ``ReceivingGrid``, above
 server/packed_grid.py, which unpacks) hands every reply to :meth:`Inbox.receive`
 before planning, the strategy, cross-site evaluation or the timeline see it.
 A reply that fails is replaced by an error reply with one fixed reason, named

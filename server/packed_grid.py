@@ -4,20 +4,20 @@ A message's model travels as one flat array per dtype instead of one Flower
 object per tensor: in a deployment each object is an HTTPS request through
 the gateway, so a model of n tensors costs 2n + 1 requests each way unpacked
 and about three packed. Everything above this grid (planning, the strategy,
-validation, cross-site evaluation) sees the named tensors only.
+validation, cross-site evaluation) sees the named tensors only. The wrapping
+itself is common/flower/grid.py's ``MappingGrid``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from common.flower.grid import MappingGrid
 from common.wire import pack, unpack
 
-from .cross_eval import TrainingGrid
 from .inbound import UNPACKABLE, error_reply
 
 log = logging.getLogger("fedseg.server")
@@ -47,18 +47,8 @@ def unpacked(reply: Message) -> Message:
     return reply
 
 
-class PackedGrid(TrainingGrid):
+class PackedGrid(MappingGrid):
     """A grid that packs what it sends and unpacks what it receives; it hides no node."""
 
     def __init__(self, grid: Grid) -> None:
-        super().__init__(grid, hidden=set())
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages([packed(m) for m in messages])
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [unpacked(r) for r in self._grid.pull_messages(message_ids)]
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = self._grid.send_and_receive([packed(m) for m in messages], timeout=timeout)
-        return [unpacked(r) for r in replies]
+        super().__init__(grid, outgoing=packed, incoming=unpacked)

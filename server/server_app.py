@@ -36,7 +36,7 @@ from .dp import with_privacy
 from .strategy import FedSegStrategy, QuorumNotReached
 from .tensorboard import open_log
 from .packed_grid import PackedGrid
-from .timeline import TimelineGrid
+from .receiving_grid import ReceivingGrid
 
 log = logging.getLogger("fedseg.server")
 
@@ -83,7 +83,7 @@ def main(grid: Grid, context: Context) -> None:
     metrics_log.sync()
     node_sites = read_nodes(run)  # one map of node -> site for the boundary, planning and the strategy
     inbox = Inbox(node_sites, run)
-    grid = TimelineGrid(grid, metrics_log, cfg.federation.poll_interval_s, inbox)
+    grid = ReceivingGrid(grid, metrics_log, cfg.federation.poll_interval_s, inbox)
     status = "completed"
     try:
         training = cross_eval.training_grid(grid, cfg, node_sites)

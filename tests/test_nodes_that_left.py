@@ -10,7 +10,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 
 from common import keys
 from common.metrics_log import MetricsLog
-from server.timeline import TimelineGrid
+from server.receiving_grid import ReceivingGrid
 from tests.local_grid import InProcessGrid, stamp
 
 RETURNS, NEVER = 12, 13
@@ -53,7 +53,7 @@ class RestartingSites(InProcessGrid):
 
 def test_a_site_whose_node_went_away_gets_the_message_again_and_one_that_never_returns_fails_by_name(tmp_path):
     grid = RestartingSites()
-    timeline = TimelineGrid(grid, MetricsLog(tmp_path), poll_s=0.01)
+    timeline = ReceivingGrid(grid, MetricsLog(tmp_path), poll_s=0.01)
     timeline.inbox.node_sites.update({11: "site-1", RETURNS: "site-2", NEVER: "site-3"})
     messages = [Message(RecordDict({keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 2})}), node, MessageType.TRAIN)
                 for node in (11, RETURNS, NEVER)]
@@ -78,7 +78,7 @@ def test_a_site_cannot_make_the_centre_resend_by_claiming_it_was_not_reached(tmp
             return ids
 
     grid = Liar()
-    timeline = TimelineGrid(grid, MetricsLog(tmp_path), poll_s=0.01)
+    timeline = ReceivingGrid(grid, MetricsLog(tmp_path), poll_s=0.01)
     messages = [Message(RecordDict({keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 2})}), node, MessageType.TRAIN)
                 for node in (11, RETURNS)]
     replies = list(timeline.send_and_receive(messages, timeout=0.5))

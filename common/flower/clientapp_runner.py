@@ -21,6 +21,9 @@ from types import ModuleType
 
 RUNNER_MODULE = "flwr.supernode.runtime.run_clientapp"
 LOADER_MODULE = "flwr.clientapp.utils"
+CLIENTAPP_CLI = "flwr.supernode.cli.flwr_clientapp"
+RUNNER_MODULES = (RUNNER_MODULE, CLIENTAPP_CLI)
+"""What a ClientApp process imports of Flower's internals (client/warm_start.py imports them ahead)."""
 INSTALL_STEP = "install_from_fab"
 """``install_from_fab(fab_file, install_dir=None, skip_prompt=False) -> Path``, in the runner."""
 LOOKUP_STEP = "get_project_dir"
@@ -62,9 +65,7 @@ def replace_steps(install: Install, lookup: Lookup) -> None:
 
 def run_clientapp() -> None:
     """Flower's own ``flwr-clientapp`` entry point, with this process's arguments."""
-    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
-
-    flwr_clientapp()
+    importlib.import_module(CLIENTAPP_CLI).flwr_clientapp()
 
 
 def task_commands() -> frozenset[str]:

@@ -32,7 +32,7 @@ from server.checkpoints import Checkpoints
 from server.inbound import Inbox
 from server.packed_grid import PackedGrid
 from server.strategy import FedSegStrategy
-from server.timeline import TimelineGrid
+from server.receiving_grid import ReceivingGrid
 from tests.flower_messages import reply as make_reply
 from tests.local_grid import InProcessGrid, over_the_wire, stamp
 from tests.tiny import tiny
@@ -131,7 +131,7 @@ Answer = Callable[[int, Message], "RecordDict | Error | None"]
 class ScriptedGrid(InProcessGrid):
     """The SuperLink's side of the run's grid: each message is answered by ``answer``, and the reply travels as
     a SuperNode's does (packed, then through Flower's wire format). Everything above it is the real stack:
-    ``stack`` wraps it in server/packed_grid.py and server/timeline.py as server/server_app.py does.
+    ``stack`` wraps it in server/packed_grid.py and server/receiving_grid.py as server/server_app.py does.
 
     ``late``: node -> how many pulls its replies wait before they can be pulled (a slow site).
     """
@@ -184,10 +184,10 @@ class ScriptedGrid(InProcessGrid):
         return self.pull_messages(ids)
 
 
-def stack(grid: Grid, run: Path, nodes: dict[int, str]) -> TimelineGrid:
+def stack(grid: Grid, run: Path, nodes: dict[int, str]) -> ReceivingGrid:
     """The ServerApp's receiving stack over ``grid``: packing (server/packed_grid.py), then the timeline grid with
-    the receiving boundary (server/timeline.py, server/inbound.py) over the registered node -> site names."""
-    return TimelineGrid(PackedGrid(grid), MetricsLog(run), 0.0, Inbox(nodes, run))
+    the receiving boundary (server/receiving_grid.py, server/inbound.py) over the registered node -> site names."""
+    return ReceivingGrid(PackedGrid(grid), MetricsLog(run), 0.0, Inbox(nodes, run))
 
 
 def honest_answer(nodes: dict[int, str], dice: Callable[[int, int], float] | None = None) -> Answer:

@@ -2,7 +2,7 @@
 
 The centre: a hostile site's replies (mutated records, wrong stypes, lying layouts and shapes, non-finite and
 huge values, lists where numbers belong, control characters in every string, other sites' names, error texts,
-silence) go through the ServerApp's real grid stack (server/packed_grid.py, server/timeline.py with
+silence) go through the ServerApp's real grid stack (server/packed_grid.py, server/receiving_grid.py with
 server/inbound.py) into the real strategy for two rounds, beside three honest sites. Properties: the run
 completes with every honest site in every round and a finite model; every event names a registered site; the
 metrics log and the console stay one line per event.
