@@ -17,13 +17,13 @@ the data and is published, and under adding or removing one site the
 sensitivity of a mean over :math:`m` is not :math:`C/m`. Over :math:`n` it is
 exactly :math:`C/n`. The clip is Flower's ``compute_clip_model_update`` and
 the noise that of Flower's ``DifferentialPrivacyServerSideFixedClipping``
-with its sample size fixed at :math:`n`. The wrapper composes with the
-strategy through its three public steps (server/strategy.py): it takes the
-screened replies from ``screen_train``, clips each update and scales it by
-:math:`m/n`, so that ``combine``'s unweighted mean over :math:`m` is the sum
-over :math:`n`, adds the noise, lets ``federation.server_optimizer`` step on
-the noised model (a function of released values only, so post-processing that
-spends no budget) and hands the result to ``publish``.
+with its sample size fixed at :math:`n`. ``CentralDP`` is an aggregation step
+of the strategy (server/strategy.py), not a wrapper around it: ``clipped``
+clips each screened update and scales it by :math:`m/n`, so that the
+strategy's unweighted mean over :math:`m` is the sum over :math:`n`, and
+``release`` adds the noise and logs the budget; the strategy then lets
+``federation.server_optimizer`` step on the noised model (a function of
+released values only, so post-processing that spends no budget).
 Only the travelling tensors are clipped and noised: a reply holds exactly
 those, site-local norm tensors never reach the server. Flower's clip pairs
 reply and global arrays by position, so each reply's arrays are first put in
@@ -61,19 +61,15 @@ federation size, or without DP: the budget would otherwise be understated.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
+from flwr.app import Array, ArrayRecord, Message
 
 from common import keys
 from common.config import FedsegConfig, PrivacyConfig
 from common.dp_accounting import ACCOUNTANT, gaussian_epsilon
 from common.flower.differential_privacy import compute_clip_model_update
 from common.metrics_log import Event, MetricsLog, is_kind, read_events
-
-from .strategy import FedSegStrategy
 
 log = logging.getLogger("fedseg.server")
 
@@ -119,69 +115,48 @@ def earlier_releases(metrics_path, privacy: PrivacyConfig, size: int, done: int)
     return len(released)
 
 
-class FedSegDifferentialPrivacy(DifferentialPrivacyServerSideFixedClipping):
-    """Flower's server-side fixed-clipping DP around fedseg's strategy's steps, with a budget log."""
+class CentralDP:
+    """Central DP as an aggregation step: clip each update to C, average over n, add noise of std z C / n."""
 
-    def __init__(self, strategy: FedSegStrategy, privacy: PrivacyConfig, metrics_log: MetricsLog) -> None:
-        self.size = federation_size(strategy.cfg)
+    def __init__(self, cfg: FedsegConfig, metrics_log: MetricsLog, done: int) -> None:
+        self.size = federation_size(cfg)
         if self.size < 1:
             raise ValueError("privacy.noise_multiplier > 0 needs federation.sites: the noise is calibrated to the "
                              "federation's fixed size.")
-        super().__init__(
-            strategy,
-            noise_multiplier=privacy.noise_multiplier,
-            clipping_norm=privacy.clipping_norm,
-            num_sampled_clients=self.size,
-        )
-        self.fedseg = strategy
-        self.delta = privacy.delta
+        privacy = cfg.privacy
+        self.noise_multiplier, self.clipping_norm, self.delta = (privacy.noise_multiplier, privacy.clipping_norm,
+                                                                 privacy.delta)
         self.metrics = metrics_log
-        self.releases = earlier_releases(metrics_log.path, privacy, self.size, strategy.round_offset)
+        self.rng = np.random.default_rng()
+        self.releases = earlier_releases(metrics_log.path, privacy, self.size, done)
         """Released rounds so far, counted from the log (a resumed run's earlier ones included)."""
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Screen, clip and scale, take the unweighted mean, add noise of std z C / n, let the server
-        optimizer step on it, publish."""
-        if self.fedseg.secure_sum is not None:  # each site clipped to C before masking: the sum over n, unmasked
-            arrays, metrics = self.fedseg.secure_mean(server_round, replies, denominator=self.size)
-            sites = len(self.fedseg.recorder.tally(server_round + self.fedseg.round_offset).trained)
-        else:
-            arrays, metrics, sites = self._clipped_mean(server_round, replies)
-        if arrays is not None:
-            arrays = self._add_noise_to_aggregated_arrays(arrays)  # num_sampled_clients is n
-            rnd = server_round + self.fedseg.round_offset
-            arrays = self.fedseg.aggregator.step(rnd, self.fedseg.reference, arrays)  # post-processing: no cost
-            self.fedseg.publish(server_round, arrays)
-            self.releases += 1
-            epsilon = gaussian_epsilon(self.noise_multiplier, self.releases, self.delta)
-            self.metrics.write(
-                Event.PRIVACY, round=rnd, epsilon=epsilon, delta=self.delta, releases=self.releases,
-                noise_multiplier=self.noise_multiplier, clipping_norm=self.clipping_norm, sites=sites,
-                denominator=self.size, noise_std=self.noise_multiplier * self.clipping_norm / self.size,
-                accountant=ACCOUNTANT,
-            )
-            log.info("round %d: DP release %d, epsilon %.4g at delta %g", rnd, self.releases, epsilon, self.delta)
-        return arrays, metrics
-
-    def _clipped_mean(self, server_round: int, replies: Iterable[Message]
-                      ) -> tuple[ArrayRecord | None, MetricRecord | None, int]:
-        """Screen, clip each sound update to C and scale it by m/n: the unweighted mean over m is the sum over n."""
-        sound = self.fedseg.screen_train(server_round, replies)
+    def clipped(self, sound: list[Message], reference: dict[str, np.ndarray]) -> list[Message]:
+        """Each sound update clipped to C and scaled by m/n: the unweighted mean over m is the sum over n."""
         if len(sound) > self.size:
             raise ValueError(f"{len(sound)} sound replies from a federation of {self.size} listed sites")
-        order = list(self.current_arrays.keys())
         for msg in sound:
-            msg.content[keys.ARRAYS] = _clipped_and_scaled(msg.content.array_records[keys.ARRAYS],
-                                                           self.fedseg.reference, order, self.clipping_norm,
-                                                           len(sound) / self.size)
-        arrays, metrics = self.fedseg.combine(server_round, sound, equal_weights=True, server_step=False)
-        return arrays, metrics, len(sound)
+            msg.content[keys.ARRAYS] = _clipped_and_scaled(msg.content.array_records[keys.ARRAYS], reference,
+                                                           list(reference), self.clipping_norm, len(sound) / self.size)
+        return sound
+
+    def release(self, rnd: int, mean: ArrayRecord, sites: int) -> ArrayRecord:
+        """``mean`` (a sum over n) plus Gaussian noise of std z C / n on every coordinate, logged with the
+        epsilon spent so far."""
+        std = self.noise_multiplier * self.clipping_norm / self.size
+        noised = ArrayRecord({k: Array(np.ascontiguousarray(
+            v.numpy() + self.rng.normal(0.0, std, v.shape).astype(v.numpy().dtype))) for k, v in mean.items()})
+        self.releases += 1
+        epsilon = gaussian_epsilon(self.noise_multiplier, self.releases, self.delta)
+        self.metrics.write(
+            Event.PRIVACY, round=rnd, epsilon=epsilon, delta=self.delta, releases=self.releases,
+            noise_multiplier=self.noise_multiplier, clipping_norm=self.clipping_norm, sites=sites,
+            denominator=self.size, noise_std=std, accountant=ACCOUNTANT,
+        )
+        log.info("round %d: DP release %d, epsilon %.4g at delta %g", rnd, self.releases, epsilon, self.delta)
+        return noised
 
 
-def with_privacy(strategy: FedSegStrategy, privacy: PrivacyConfig, metrics_log: MetricsLog) -> Strategy:
-    """The strategy the ServerApp runs: wrapped in central DP when the config asks for it."""
-    if privacy.noise_multiplier <= 0:
-        return strategy
-    return FedSegDifferentialPrivacy(strategy, privacy, metrics_log)
+def central_dp(cfg: FedsegConfig, metrics_log: MetricsLog, done: int) -> CentralDP | None:
+    """The DP step the config asks for (``privacy.noise_multiplier > 0``), or None."""
+    return CentralDP(cfg, metrics_log, done) if cfg.privacy.noise_multiplier > 0 else None

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -105,6 +105,10 @@ class RunRecorder:
         self.metrics.write(Event.FAILURE, round=rnd, site=site, stage=stage, reason=reason)
         if site not in self.tally(rnd).failed:
             self.tally(rnd).failed.append(site)
+
+    def rejecter(self, rnd: int, stage: str) -> Callable[[str, str], None]:
+        """``rejected`` for one round and stage: called with a site and the reason."""
+        return lambda site, reason: self.rejected(rnd, site, stage, reason)
 
     def no_score(self, rnd: int, site: str) -> None:
         """A site trained but has too few validation cases to send a score: said once per run, not a failure."""

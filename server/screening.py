@@ -79,3 +79,14 @@ class ReplyScreen:
             too_large = iter(self.validator.norm_problems(sound, reference))
             problems = [next(too_large) if p is None else p for p in problems]
         return [(msg, self.site(msg), problem) for msg, problem in zip(replies, problems)]
+
+    def sound(self, replies: Iterable[Message], is_train: bool, reference: dict[str, np.ndarray] | None,
+              reject: Callable[[str, str], None]) -> list[tuple[Message, str]]:
+        """The sound replies with their sites; every other one goes to ``reject(site, reason)``."""
+        kept = []
+        for msg, site, problem in self.verdicts(replies, is_train, reference):
+            if problem is None:
+                kept.append((msg, site))
+            else:
+                reject(site, problem)
+        return kept

@@ -36,7 +36,7 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from common import keys, secagg
@@ -177,8 +177,8 @@ class SecureSum:
     # --- after training -------------------------------------------------------------------------
 
     def aggregate(self, rnd: int, replies: list[Message]) -> tuple[np.ndarray | None, list[tuple[Message, str]]]:
-        """(the float sum of the survivors' updates, the survivors' replies with their sites); the sum is None
-        when it cannot be recovered (logged)."""
+        """(the float sum of the survivors' updates, the survivors' replies with their sites, each logged as
+        trained); the sum is None when it cannot be recovered (logged)."""
         state = self.round
         if state is None or state.rnd != rnd:
             return None, []
@@ -193,6 +193,8 @@ class SecureSum:
             for _, site in named:
                 self.recorder.rejected(rnd, site, "secagg-unmask", str(err))
             return None, []
+        for msg, site in named:
+            self.recorder.trained(rnd, site, msg)
         return total, named
 
     def _unmasked(self, rnd: int, sound: dict[int, Message], survivors: list[int], dropped: list[int]
@@ -258,6 +260,12 @@ class SecureSum:
                                f"{self.bound:g} can make")
         return values
 
-    def mean_update(self, total: np.ndarray, denominator: int) -> dict[str, np.ndarray]:
-        """Named float32 tensors of ``total / denominator``."""
-        return secagg.unflat(total / denominator, self.shapes, self.order)
+    def mean(self, total: np.ndarray, survivors: list[tuple[Message, str]], reference: dict[str, np.ndarray],
+             denominator: int) -> tuple[ArrayRecord, MetricRecord]:
+        """w^t plus ``total / denominator``, and the survivors' metrics averaged unweighted (the mean of the
+        updates weighs every site 1); timings stay out, as in FedAvg's metrics."""
+        update = secagg.unflat(total / denominator, self.shapes, self.order)
+        mean = ArrayRecord({k: Array(np.ascontiguousarray(reference[k] + update[k])) for k in reference})
+        records = [msg.content.metric_records[keys.METRICS] for msg, _ in survivors]
+        names = set.intersection(*(set(r) for r in records)) - set(keys.TIMELINE_METRICS)
+        return mean, MetricRecord({k: float(np.mean([float(r[k]) for r in records])) for k in sorted(names)})

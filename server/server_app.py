@@ -32,7 +32,6 @@ from .planning import PlanningFailed, plan_config, plan_federation
 from .pretrained import start_weights
 from .resume import resume_point
 from .site_registry import read_nodes
-from .dp import with_privacy
 from .strategy import FedSegStrategy, QuorumNotReached
 from .tensorboard import open_log
 from .packed_grid import PackedGrid
@@ -99,7 +98,7 @@ def main(grid: Grid, context: Context) -> None:
         strategy.resume_optimizer(resume.model_round)
         strategy.node_sites = strategy.screen.node_sites = node_sites  # the boundary's map, shared
         if cfg.federation.rounds > done:
-            with_privacy(strategy, cfg.privacy, metrics_log).start(
+            strategy.start(
                 grid=training,
                 initial_arrays=ArrayRecord(resume.weights if resume.weights is not None else weights),
                 num_rounds=cfg.federation.rounds - done,

@@ -24,7 +24,7 @@ from common.files import read_jsonl
 from common.metrics_log import MetricsLog, read_events
 from common.runs import EGRESS_FILE
 from server.checkpoints import Checkpoints
-from server.dp import FedSegDifferentialPrivacy, with_privacy
+from server.dp import CentralDP
 from server.strategy import FedSegStrategy
 from tests.flower_messages import reply
 from tests.local_grid import LocalGrid
@@ -58,7 +58,7 @@ def test_epsilon_grows_with_rounds_and_shrinks_with_noise():
     assert math.isfinite(gaussian_epsilon(0.01, 100, DELTA))
 
 
-# --- the wrapper on fedseg's strategy, with hand-made replies ----------------------------
+# --- the DP step of fedseg's strategy, with hand-made replies ----------------------------
 
 
 def _train_reply(node: int, site: str, update: np.ndarray, signature: str, n: int = 1):
@@ -75,9 +75,8 @@ def _dp_strategy(tmp_path, *overrides: str):
                              "privacy.noise_multiplier=1.0", "privacy.clipping_norm=1.0", *overrides])
     cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, sites=["a", "b", "c"]))
     log = MetricsLog(tmp_path)
-    inner = FedSegStrategy(cfg, "sig", {"w": (SIZE,)}, log, Checkpoints(tmp_path / "ckpt"))
-    wrapper = with_privacy(inner, cfg.privacy, log)
-    assert isinstance(wrapper, FedSegDifferentialPrivacy)
+    wrapper = FedSegStrategy(cfg, "sig", {"w": (SIZE,)}, log, Checkpoints(tmp_path / "ckpt"))
+    assert isinstance(wrapper.privacy, CentralDP)
     grid = LocalGrid(cfg, app=None)
     return wrapper, grid, tmp_path
 

@@ -19,7 +19,7 @@ import pytest
 from flwr.app import Array, ArrayRecord
 
 from common.config import ConfigError, load_config
-from server import robust
+from server import aggregation_rules as rules
 from tests.hostile import N_SITES, scaled_update, trained_round
 
 NORM_BOUND = 10.0
@@ -71,7 +71,7 @@ def _records(*values: float) -> list[ArrayRecord]:
 def _run(aggregator: str, values, weights=None, trim: float = 0.2) -> np.ndarray:
     cfg = load_config(None, [f"federation.aggregator={aggregator}", f"federation.trim_fraction={trim}"]).federation
     weights = weights or [1.0] * len(values)
-    return robust.aggregate(_records(*values), weights, cfg)["w"].numpy()
+    return rules.aggregate(_records(*values), weights, cfg)["w"].numpy()
 
 
 def test_mean_is_weighted_by_cases():
@@ -86,24 +86,24 @@ def test_median_and_trimmed_mean_ignore_one_outlier_and_the_weights():
 
 
 def test_trimmed_mean_keeps_at_least_one_site():
-    assert robust.trim_count(5, 0.2) == 1 and robust.trim_count(3, 0.2) == 0
-    assert robust.trim_count(2, 0.49) == 0 and robust.trim_count(20, 0.45) == 9
+    assert rules.trim_count(5, 0.2) == 1 and rules.trim_count(3, 0.2) == 0
+    assert rules.trim_count(2, 0.49) == 0 and rules.trim_count(20, 0.45) == 9
     assert np.allclose(_run("trimmed_mean", [1.0, 2.0, 6.0]), [3.0, -3.0])
 
 
 def test_aggregate_is_float32_in_key_order():
-    out = robust.aggregate(_records(1.0, 2.0), [1.0, 1.0], load_config(None).federation)
+    out = rules.aggregate(_records(1.0, 2.0), [1.0, 1.0], load_config(None).federation)
     assert list(out) == ["w", "b"] and out["w"].numpy().dtype == np.float32
 
 
 def test_clipping_scales_long_updates_down_to_the_median_norm():
     reference = {"w": np.zeros(2, np.float32), "b": np.zeros(1, np.float32)}
     records = _records(1.0, 2.0, 3.0, -300.0)  # update norms sqrt(3) x |v|: median is 2.5 sqrt(3)
-    clipped = robust.clip_updates(records, reference)
+    clipped = rules.clip_updates(records, reference)
     assert clipped[0] is records[0] and clipped[1] is records[1], "short updates pass unchanged"
     assert np.allclose(clipped[2]["w"].numpy(), [2.5, -2.5]) and np.allclose(clipped[3]["b"].numpy(), [-2.5])
     cfg = load_config(None, ["federation.clip_updates=true"]).federation
-    mean = robust.aggregate(records, [1.0] * 4, cfg, reference)["w"].numpy()
+    mean = rules.aggregate(records, [1.0] * 4, cfg, reference)["w"].numpy()
     assert np.allclose(mean, [(1 + 2 + 2.5 - 2.5) / 4, -(1 + 2 + 2.5 - 2.5) / 4])
 
 

@@ -29,7 +29,6 @@ from common.metrics_log import MetricsLog, read_events
 from common.runs import METRICS_FILE
 from server import secure_sum
 from server.checkpoints import Checkpoints
-from server.dp import with_privacy
 from server.server_app import initial_weights
 from server.strategy import FedSegStrategy
 from simulations.synthetic import generate_federation
@@ -104,7 +103,7 @@ def run(tmp_path: Path, datasets, *overrides: str, rounds: int = 1, tamper=None,
     strategy = FedSegStrategy(cfg, signature, {k: tuple(v.shape) for k, v in weights.items()}, metrics_log,
                               Checkpoints(folder / "checkpoints"))
     grid = LocalGrid(cfg, client_app.app, tamper=tamper)
-    with_privacy(strategy, cfg.privacy, metrics_log).start(grid=grid, initial_arrays=ArrayRecord(weights), num_rounds=rounds, train_config=ConfigRecord(),
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(weights), num_rounds=rounds, train_config=ConfigRecord(),
                    evaluate_config=ConfigRecord())
     return Run(list(read_events(folder / METRICS_FILE)), grid, strategy)
 

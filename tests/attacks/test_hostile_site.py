@@ -198,7 +198,7 @@ def test_finding_8_dp_sensitivity_resume_and_epsilon(tmp_path):
     from dp_accounting import GaussianDpEvent, SelfComposedDpEvent
     from dp_accounting.pld import PLDAccountant
 
-    from server.dp import PrivacyResumeRefused, gaussian_epsilon, with_privacy
+    from server.dp import PrivacyResumeRefused, gaussian_epsilon
     from tests.local_grid import LocalGrid
 
     def wrapper(run, z: float, offset: int = 0):
@@ -206,8 +206,8 @@ def test_finding_8_dp_sensitivity_resume_and_epsilon(tmp_path):
                                  "privacy.clipping_norm=1.0"])
         cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, sites=["a", "b", "c"]))
         log = MetricsLog(run)
-        inner = FedSegStrategy(cfg, SIGNATURE, SHAPES, log, Checkpoints(run / "ckpt"), round_offset=offset)
-        return with_privacy(inner, cfg.privacy, log), LocalGrid(cfg, app=None), log
+        strategy = FedSegStrategy(cfg, SIGNATURE, SHAPES, log, Checkpoints(run / "ckpt"), round_offset=offset)
+        return strategy, LocalGrid(cfg, app=None), log
 
     # Two of three listed sites reply: the released mean still divides by three (a missing site is a zero update).
     dp, grid, log = wrapper(tmp_path / "run", 1e-9)
@@ -470,9 +470,9 @@ def test_a_site_claiming_a_million_training_cases_weighs_no_more_than_three_time
         return train_reply(cases, f"s{cases}", step, {**TRAIN_METRICS, keys.NUM_EXAMPLES: cases})
 
     plain = Aggregator(FederationConfig(server_optimizer="none"))
-    mean = plain(1, [moved(0.0, 10), moved(0.0, 11), moved(1.0, 10**6)], GLOBAL)
+    mean = plain([moved(0.0, 10), moved(0.0, 11), moved(1.0, 10**6)], GLOBAL)
     assert float(mean["b"].numpy()[0]) == pytest.approx(3 * 10.5 / (21 + 3 * 10.5))  # capped at 3 x the median
-    honest = plain(1, [moved(0.0, 10), moved(1.0, 20)], GLOBAL)
+    honest = plain([moved(0.0, 10), moved(1.0, 20)], GLOBAL)
     assert float(honest["b"].numpy()[0]) == pytest.approx(20 / 30)  # within the cap: FedAvg's weighted mean
 
 

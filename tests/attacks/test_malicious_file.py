@@ -88,18 +88,17 @@ def test_finding_12_local_files_are_private_and_carry_no_identifiers(tmp_path, t
 # --- issue 21, L6: a damaged file at the centre ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("optimizer, damaged", [("momentum", {"momentum/w": np.nan}), ("adam", {"v/w": -1.0})])
+@pytest.mark.parametrize("optimizer, damaged", [("momentum", {"momentum/w": np.nan})])
 def test_l6_damaged_server_optimizer_moments_never_make_the_model_nan(tmp_path, caplog, optimizer, damaged):
-    """L6: a restarted server reads the optimizer's moments from disk; moments that are NaN (or a negative Adam
-    second moment, whose square root is NaN) are logged and the momentum starts from zero, so the next model is
-    finite."""
+    """L6: a restarted server reads the optimizer's moments from disk; moments that are NaN are logged and the
+    momentum starts from zero, so the next model is finite."""
     from safetensors.numpy import load_file
 
     from common.runs import LAST_CHECKPOINT
     from tests.attacks.builders import GLOBAL, honest_answer, run_rounds, tiny_strategy
 
     sites = {1: "hospital-a", 2: "hospital-b"}
-    settings = (f"federation.server_optimizer={optimizer}", "federation.server_lr=0.1")
+    settings = (f"federation.server_optimizer={optimizer}",)
     first = run_rounds(tmp_path, sites, honest_answer(sites), 1, *settings)
     saved = first.recorder.checkpoints.optimizer(1)
     assert saved, "the first round saved its moments"
@@ -108,7 +107,7 @@ def test_l6_damaged_server_optimizer_moments_never_make_the_model_nan(tmp_path, 
     first.recorder.checkpoints.save_optimizer(1, saved)
     resumed = tiny_strategy(tmp_path, sites, 2, *settings, round_offset=1)
     resumed.resume_optimizer(1)
-    assert "start again from zero" in caplog.text and ("NaN" in caplog.text or "negative" in caplog.text)
+    assert "start again from zero" in caplog.text and "NaN" in caplog.text
     run_rounds(tmp_path, sites, honest_answer(sites), 2, strategy=resumed)
     model = load_file(resumed.recorder.checkpoints.dir / LAST_CHECKPOINT)
     assert resumed.recorder.checkpoints.state.last_round == 2

@@ -1,4 +1,4 @@
-"""How the server combines the shared tensors of the sites that passed validation.
+"""The rules that combine the shared tensors of the sites that passed validation: the mean and robust ones.
 
 - ``mean``: the weighted mean sum_k (n_k / n) w_k, fedseg's default (FedAvg/FedProx).
 - ``trimmed_mean``: per coordinate, drop the ``trim_fraction`` smallest and
