@@ -20,7 +20,6 @@ and survive restarts and reboots.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import socket
@@ -72,7 +71,7 @@ def resolve_site(cfg: FedsegConfig) -> SiteConfig:
         raise UserError(f"site.approved_bundles: {err}") from None
     if not Path(site.data_dir).is_dir():
         raise UserError(f"site.data_dir {site.data_dir} is not a folder; point it at the site's dataset.")
-    return dataclasses.replace(site, data_dir=_absolute(site.data_dir), state_dir=_absolute(site.state_dir),
+    return site.replace(data_dir=_absolute(site.data_dir), state_dir=_absolute(site.state_dir),
                                root_certificate=_absolute(site.root_certificate),
                                private_key=_absolute(site.private_key))
 
@@ -120,7 +119,7 @@ def prepare_state(site: SiteConfig) -> tuple[Path, dict[str, str]]:
 
     state = private_dir(site.state_dir)  # owner-only before the SuperNode or any ClientApp writes into it
     site_yaml = state / RESOLVED_SITE
-    site_yaml.write_text(yaml.safe_dump({"site": dataclasses.asdict(site)}, sort_keys=False))
+    site_yaml.write_text(yaml.safe_dump({"site": site.to_dict()}, sort_keys=False))
     bin_dir = write_launcher(state / GUARD_BIN, entry="client.warm_start").parent
     env = flower_env(state / FLWR_HOME, site.torch_threads)
     env[POLL_ENV] = str(site.poll_interval_s)

@@ -16,7 +16,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from common import keys
-from common.config import FedsegConfig, from_yaml_text, load_config, with_channels
+from common.config import FedsegConfig, SiteFile, from_yaml_text, load_config, with_channels
 from common.dataset import read_dataset
 from common.plan import Plan
 from common.device import with_site_compute
@@ -58,14 +58,14 @@ class Site:
         directory. The model's channels and classes, when the centre leaves
         them to the data, come from the plan ``msg`` carries (``with_model_channels``).
         """
-        cfg = site_view(from_yaml_text(str(context.run_config[keys.RUN_CONFIG_KEY]), "run config"))
+        view = site_view(from_yaml_text(str(context.run_config[keys.RUN_CONFIG_KEY]), "run config"))
         if keys.NODE_SITE_CONFIG in context.node_config:
             site_yaml = Path(str(context.node_config[keys.NODE_SITE_CONFIG]))
         else:
             site_yaml = simulated_site_config(Path(str(context.run_config[keys.SIM_SITES_KEY])),
                                               int(context.node_config[keys.NODE_PARTITION_ID]))
-        local = load_config(site_yaml)
-        cfg = dataclasses.replace(cfg, site=local.site, train=with_site_compute(cfg.train, local.train))
+        local = load_config(site_yaml, schema=SiteFile)
+        cfg = view.resolved(local.site, with_site_compute(view.train, local.train))
         cfg = with_model_channels(cfg, msg)
         state = SiteState(Path(cfg.site.state_dir))
         log_to_site_file(state.root)
@@ -143,10 +143,10 @@ def with_model_channels(cfg: FedsegConfig, msg: Message | None) -> FedsegConfig:
         return cfg
     plan = received_plan(msg)
     if plan is not None and plan.label_codes:
-        return dataclasses.replace(cfg, model=with_channels(cfg.model, len(plan.normalization), len(plan.label_codes),
+        return cfg.replace(model=with_channels(cfg.model, len(plan.normalization), len(plan.label_codes),
                                                             "the federation's plan"))
     spec = read_dataset(cfg.site.data_dir)
-    return dataclasses.replace(cfg, model=with_channels(cfg.model, spec.num_channels, spec.num_classes,
+    return cfg.replace(model=with_channels(cfg.model, spec.num_channels, spec.num_classes,
                                                         f"this site's dataset.json ({spec.labels})"))
 
 

@@ -8,7 +8,6 @@ rules (a site working alone, or a test harness without a server).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -60,7 +59,7 @@ class SiteData:
         """
         spec, train_ids, val_ids = open_split(cfg, state)
         plan = resolve_plan(cfg, state, spec, train_ids, msg)
-        planned = dataclasses.replace(cfg, data=plan.data_config(cfg.data))
+        planned = cfg.replace(data=plan.data_config(cfg.data))
         cases = PreprocessedCases(state.cache_dir, plan, spec.num_classes, federation_coding(spec, plan))
         return cls(planned, spec, train_ids, val_ids, cases, plan)
 

@@ -21,7 +21,6 @@ simulated site into that site's folder, on the machine that holds the data.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -146,7 +145,7 @@ def site_pictures(site_cfg: FedsegConfig, run: Path, weights: str | None = None,
     loaded = load_run_model(Path(run), weights, state.root, missing_local="quiet")
     model, plan, run_cfg, own = loaded.model, loaded.plan, loaded.cfg, loaded.own
     show(f"site {site_cfg.site.name}: drawing with {loaded.describe()}")
-    cfg = dataclasses.replace(run_cfg, site=site_cfg.site)
+    cfg = run_cfg.replace(site=site_cfg.site)
     spec, train_ids, val_ids = open_split(cfg, state)
     store = PreprocessedCases(state.cache_dir, plan, spec.num_classes)
     train = with_site_compute(run_cfg.train, site_cfg.train)

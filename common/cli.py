@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import ConfigError, FedsegConfig, load_config
+from .config import CentreFile, ConfigError, FedsegConfig, Section, SiteFile, load_config
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -32,8 +32,15 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, extra: list[str] | None = None) -> FedsegConfig:
-    """The config file plus ``--set`` overrides plus subcommand-specific overrides."""
-    return load_config(args.config, [*args.overrides, *(extra or [])])
+    """The config file, read as the command's kind of file, plus ``--set`` overrides plus subcommand-specific
+    overrides."""
+    return load_config(args.config, [*args.overrides, *(extra or [])], getattr(args, "config_schema", FedsegConfig))
+
+
+CONFIG_FILES: dict[str, type[Section]] = {"fedseg-client": SiteFile, "fedseg-server": CentreFile,
+                                          "fedseg-sim": CentreFile}
+"""The kind of file each command's ``--config`` names: a hospital's site.yaml, or the centre's federation.yaml
+(a simulation's YAML is the centre's, with its ``simulation`` section)."""
 
 
 def make_main(prog: str, description: str, commands: dict[str, tuple[str, str]],
@@ -51,6 +58,7 @@ def make_main(prog: str, description: str, commands: dict[str, tuple[str, str]],
             module = importlib.import_module(module_name)
             sp = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
             add_config_arguments(sp)
+            sp.set_defaults(config_schema=CONFIG_FILES[prog])
             module.add_arguments(sp)
             modules[name] = module
         args = parser.parse_args(argv)

@@ -4,9 +4,9 @@
     python -m common.config_docs --write    # rewrite docs/configuration.md in place
 
 The page is made only from ``common.config.describe_options()`` (every option's
-dotted key, default and one-line description) and the docstrings of the
-schema's section classes, so an option added to the schema appears here after
-one command. tests/test_docs.py fails while the committed page is stale.
+dotted key, default and one-line description), the docstrings of the
+schema's section classes and the file schemas (which file sets each section),
+so an option added to the schema appears here after one command. tests/test_docs.py fails while the committed page is stale.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +28,9 @@ COMMAND = ".venv/bin/python -m common.config_docs --write"
 HEADER = f"""\
 # Configuration reference
 
-<!-- Generated from common/config.py by `{COMMAND}`. Do not edit by hand. -->
+<!-- Generated from common/config/ by `{COMMAND}`. Do not edit by hand. -->
 
-This page is generated from the schema in `common/config.py`: every option,
+This page is generated from the schema in `common/config/schema.py`: every option,
 its default and its description. After changing an option there, regenerate
 it with
 
@@ -43,9 +42,16 @@ it with
 
 ## Setting options
 
-Options are set in YAML files: the centre's `federation.yaml`, a hospital's
-`site.yaml` and a simulation's YAML, each with the sections it needs; an
-option left out keeps its default. Commented examples: `deploy/federation.yaml`,
+Options are set in YAML files, each with its own schema
+(`common/config/files.py`): the centre's `federation.yaml` (and a
+simulation's YAML) holds every section but `site`; a hospital's `site.yaml`
+holds its `site` section and only `train.device` and `train.precision` of
+the training settings (its hardware); a key a file may not hold is refused
+with where it belongs. An option left out keeps its default and counts as
+unset: a `site.yaml` that writes `train.device: auto` sets it, and it wins
+over the centre's `cuda`. Sites receive only the centre's `model`, `data` and
+`train` sections and the run's `federation.rounds`, `run_name`, `run_id` and
+`wire_dtype`. Commented examples: `deploy/federation.yaml`,
 `deploy/site.yaml`, `simulations/demo.yaml`.
 
 Every command takes `--config FILE.yaml` and `--set section.key=value`
@@ -64,17 +70,24 @@ fedseg-sim run: error: sim.yaml: unknown key 'train.lcoal_steps'. Did you mean '
 
 
 def section_docs() -> dict[str, str]:
-    """Each section's own docstring, by section name; empty where the schema gives none."""
-    root = getattr(config, "FedsegConfig", None)
-    try:
-        hints = typing.get_type_hints(root) if root is not None else {}
-    except Exception:  # a schema the hints cannot be resolved for: sections without their sentence
-        hints = {}
+    """Each section's own docstring and the files that set it, by section name."""
     docs = {}
-    for name, cls in hints.items():
-        doc = cls.__dict__.get("__doc__") if isinstance(cls, type) else None
-        docs[name] = " ".join((doc or "").split())
+    for name, field in config.FedsegConfig.model_fields.items():
+        files = [f"`{config.FILE_NAMES[schema].split()[-1]}`" for schema in (config.CentreFile, config.SiteFile)
+                 if name in schema.model_fields]
+        if name == "train":
+            files[-1] += f" (only {', '.join(f'`train.{k}`' for k in config.SITE_TRAIN_KEYS)})"
+        doc = " ".join((field.annotation.__doc__ or "").split())
+        docs[name] = f"{doc} Set in {' and '.join(files)}." if files else doc
     return docs
+
+
+def removed_options() -> list[str]:
+    """One line per removed option or value, with the measurement behind its removal."""
+    lines = [f"- `{key}`: {why}." for key, (_, why) in config.REMOVED_OPTIONS.items()]
+    lines += [f"- `{key}: {value}`: {why}." for key, values in config.REMOVED_VALUES.items()
+              for value, why in values.items()]
+    return lines
 
 
 def format_default(value: Any) -> str:
@@ -108,6 +121,9 @@ def render() -> str:
             lines += [docs[section], ""]
         lines += ["| option | default | description |", "|---|---|---|"]
         lines += [f"| `{key}` | {_cell(format_default(default))} | {_cell(doc)} |" for key, default, doc in rows]
+    lines += ["", "## Removed options", "", "Measurements showed these do not help; a config that names one is "
+              "refused with this reason (one written before, at the value that behaves as fedseg now does, loads).",
+              "", *removed_options()]
     return "\n".join(lines) + "\n"
 
 

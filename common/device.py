@@ -13,7 +13,6 @@ operations fedseg ran before devices existed, so results do not change.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -23,7 +22,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .config import ConfigError, TrainConfig
+from .config import SITE_TRAIN_KEYS, ConfigError, TrainConfig
 
 log = logging.getLogger("fedseg.common")
 
@@ -102,18 +101,14 @@ class Compute:
         return tensor.to(self.device, non_blocking=self.device.type == "cuda")
 
 
-SITE_KEYS = ("device", "precision")
-
-
 def with_site_compute(federation: TrainConfig, site: TrainConfig) -> TrainConfig:
     """The federation's train settings, with the device and precision a site's own site.yaml sets.
 
     Hardware differs between hospitals, so a site may pick its GPU (``cuda:1``) or
-    precision; only values other than the defaults count as set by the site.
+    precision; what its site.yaml set counts (``model_fields_set``), even when
+    it is the default: ``device: auto`` there wins over the centre's ``cuda``.
     """
-    default = TrainConfig()
-    chosen = {k: getattr(site, k) for k in SITE_KEYS if getattr(site, k) != getattr(default, k)}
-    return dataclasses.replace(federation, **chosen)
+    return federation.replace(**{k: getattr(site, k) for k in SITE_TRAIN_KEYS if k in site.model_fields_set})
 
 
 CPU_FP32 = Compute(CPU, "fp32")

@@ -15,7 +15,6 @@ measured and removed: 0.857 / 0.851 Dice (federated / personalized) against
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -74,8 +73,8 @@ def personalize(
     for p in model.parameters():
         p.requires_grad_(id(p) in chosen)
     chunk = max(1, math.ceil(cfg.personalize_steps / CHECKS))
-    chunk_cfg = dataclasses.replace(cfg, local_steps=chunk)
-    check_cfg = dataclasses.replace(cfg, hd95=False)
+    chunk_cfg = cfg.replace(local_steps=chunk)
+    check_cfg = cfg.replace(hd95=False)
     before = best = evaluate(model, val, data, check_cfg, num_classes).dice
     best_state, best_steps, steps = _copy(model), 0, 0
     try:

@@ -159,7 +159,7 @@ class Plan:
 
     def data_config(self, data: DataConfig) -> DataConfig:
         """``data`` with the plan's spacing and patch size filled in, for the loops."""
-        return dataclasses.replace(data, spacing=list(self.target_spacing), patch_size=list(self.patch_size))
+        return data.replace(spacing=list(self.target_spacing), patch_size=list(self.patch_size))
 
 
 # --- the rules ---------------------------------------------------------------------------

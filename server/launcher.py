@@ -14,7 +14,6 @@ completed round.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import subprocess
 import sys
@@ -46,15 +45,14 @@ def prepare(cfg: FedsegConfig) -> FedsegConfig:
     """Name the run and make the paths the ServerApp and the SuperLink use absolute."""
     run_name = cfg.federation.run_name or new_run_name("run")
     runs_dir = Path(cfg.federation.runs_dir).resolve()
-    federation = dataclasses.replace(
-        cfg.federation, run_name=run_name, runs_dir=str(runs_dir),
+    federation = cfg.federation.replace(run_name=run_name, runs_dir=str(runs_dir),
         run_id=cfg.federation.run_id or existing_run_id(runs_dir / run_name) or new_run_id(),
     )
-    server = dataclasses.replace(cfg.server, cert_dir=str(Path(cfg.server.cert_dir).resolve()),
+    server = cfg.server.replace(cert_dir=str(Path(cfg.server.cert_dir).resolve()),
                                  state_dir=str(Path(cfg.server.state_dir).resolve()))
     if server.fleet_port == server.superlink_port:
         raise UserError("server.fleet_port and server.superlink_port must differ.")
-    return dataclasses.replace(cfg, federation=federation, server=server)
+    return cfg.replace(federation=federation, server=server)
 
 
 def model_bytes(cfg: FedsegConfig) -> int:
@@ -62,9 +60,9 @@ def model_bytes(cfg: FedsegConfig) -> int:
     from .server_app import initial_weights
 
     model = cfg.model  # counts the sites' data decides are taken generously: the bound only stops abuse
-    sized = dataclasses.replace(model, in_channels=model.in_channels or SIZING_CHANNELS,
+    sized = model.replace(in_channels=model.in_channels or SIZING_CHANNELS,
                                 out_channels=model.out_channels or SIZING_CHANNELS)
-    return sum(t.numel() * 4 for t in initial_weights(dataclasses.replace(cfg, model=sized))[0].values())
+    return sum(t.numel() * 4 for t in initial_weights(cfg.replace(model=sized))[0].values())
 
 
 def claim_centre(cfg: FedsegConfig) -> TextIO:

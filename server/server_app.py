@@ -7,7 +7,6 @@ the run config, so both apps and the run directory agree on every setting.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -17,7 +16,7 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common import keys, threadsafe_monai  # noqa: F401  (threadsafe_monai: MONAI whole before any thread races for it)
-from common.config import FedsegConfig, from_yaml_text, load_config, with_channels
+from common.config import FedsegConfig, from_yaml_text, load_config, view_from_yaml, with_channels
 from common.flower.object_pulls import quicken_object_pulls
 from common.metrics_log import Event, read_events
 from common.params import run_model, select
@@ -56,7 +55,7 @@ def server_config(context: Context) -> FedsegConfig:
     if not path:
         return from_yaml_text(submitted, "run config")
     cfg = load_config(Path(path))
-    if site_view(cfg).to_yaml() != from_yaml_text(submitted, "run config").to_yaml():
+    if site_view(cfg) != view_from_yaml(submitted, "run config"):
         raise ValueError(f"{path} does not match the submitted run's configuration; start the run with "
                          f"fedseg-server start, which writes both.")
     return cfg
@@ -142,5 +141,5 @@ def with_planned_model(cfg: FedsegConfig, plan: Plan) -> FedsegConfig:
     """The run's config with the model's channels and classes the federation agreed on at planning."""
     if not plan.label_codes:  # a plan written before labels were agreed: the config must name them
         return cfg
-    return dataclasses.replace(cfg, model=with_channels(cfg.model, len(plan.normalization), len(plan.label_codes),
+    return cfg.replace(model=with_channels(cfg.model, len(plan.normalization), len(plan.label_codes),
                                                         "the sites' dataset.json"))

@@ -49,7 +49,7 @@ class SiteSplit:
 
 def _site_cfg(cfg: FedsegConfig, name: str, data_dir: Path, work_dir: Path) -> FedsegConfig:
     """The site as the baselines read it: in one process, so nothing leaves it and no cohort limit applies."""
-    return dataclasses.replace(cfg, site=dataclasses.replace(cfg.site, name=name, data_dir=str(data_dir),
+    return cfg.replace(site=cfg.site.replace(name=name, data_dir=str(data_dir),
                                                              state_dir=str(work_dir / name), min_cohort=1))
 
 
@@ -75,7 +75,7 @@ def load_sites(cfg: FedsegConfig, datasets: dict[str, Path], training: list[str]
         data = SiteData.open(site_cfg, state)
         sites[name] = SiteSplit(data.volumes(data.train_ids), data.volumes(data.val_ids), data.spec.num_classes,
                                 data.volumes(data.test_ids))
-    return dataclasses.replace(cfg, data=plan.data_config(cfg.data)), sites
+    return cfg.replace(data=plan.data_config(cfg.data)), sites
 
 
 def _fresh_model(cfg: FedsegConfig) -> torch.nn.Module:
@@ -87,7 +87,7 @@ def _train(cfg: FedsegConfig, volumes: list[Volume], steps: int, per_round: int,
            curve_sites: dict[str, SiteSplit]) -> tuple[torch.nn.Module, list[float]]:
     """The trained model and its learning curve: mean validation Dice over ``curve_sites`` per round's worth."""
     model = _fresh_model(cfg)
-    train_cfg = dataclasses.replace(cfg.train, local_steps=steps)
+    train_cfg = cfg.train.replace(local_steps=steps)
     curve: list[float] = []
 
     def score_round(step: int) -> None:
@@ -100,7 +100,7 @@ def _train(cfg: FedsegConfig, volumes: list[Volume], steps: int, per_round: int,
 
 
 def _evaluate(cfg: FedsegConfig, model: torch.nn.Module, site: SiteSplit, volumes: list[Volume]) -> EvalResult:
-    return evaluate(model, volumes, cfg.data, dataclasses.replace(cfg.train, hd95=False), site.num_classes)
+    return evaluate(model, volumes, cfg.data, cfg.train.replace(hd95=False), site.num_classes)
 
 
 def _score(cfg: FedsegConfig, model: torch.nn.Module, site: SiteSplit) -> float:

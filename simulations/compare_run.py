@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import shutil
@@ -162,7 +161,7 @@ class Comparison:
     def _run_one(self, method: Method, cfg: FedsegConfig) -> dict[str, Any]:
         if method.kind in ("local", "pooled"):
             data, specs, sites, held_out = self._site_data()
-            cfg = dataclasses.replace(with_overrides(cfg, list(method.overrides)), data=data)
+            cfg = with_overrides(cfg, list(method.overrides)).replace(data=data)
             cfg = with_data_channels(cfg, specs)
         if method.kind == "local":
             per_site, curve, tests = baselines.local_only(cfg, sites)

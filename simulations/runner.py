@@ -16,7 +16,6 @@ installation and telemetry disabled.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import subprocess
 import time
@@ -65,17 +64,15 @@ def prepare_run(cfg: FedsegConfig) -> FedsegConfig:
     sim = cfg.simulation
     run_name = cfg.federation.run_name or new_run_name("sim")
     names, held_out = site_names(cfg)
-    federation = dataclasses.replace(
-        cfg.federation,
-        run_name=run_name,
+    federation = cfg.federation.replace(run_name=run_name,
         runs_dir=str(Path(cfg.federation.runs_dir).resolve()),
         run_id=cfg.federation.run_id or existing_run_id(Path(cfg.federation.runs_dir) / run_name) or new_run_id(),
         sites=names,
         held_out_sites=held_out,
         min_sites=min(cfg.federation.min_sites, len(names)),
     )
-    simulation = dataclasses.replace(sim, data_dir=str(Path(sim.data_dir).resolve()))
-    return dataclasses.replace(cfg, federation=federation, simulation=simulation)
+    simulation = sim.replace(data_dir=str(Path(sim.data_dir).resolve()))
+    return cfg.replace(federation=federation, simulation=simulation)
 
 
 def site_state_dir(run: Path, name: str) -> Path:
@@ -99,7 +96,7 @@ def relaxed_settings(cfg: FedsegConfig, name: str) -> tuple[dict, list[str]]:
     settings: dict = {"torch_threads": cfg.simulation.cpus_per_site}
     relaxed = []
     if own is not None and own.site_yaml:
-        settings |= dataclasses.asdict(load_config(Path(own.site_yaml)).site)
+        settings |= load_config(Path(own.site_yaml)).site.to_dict()
     elif own is None:
         settings |= SYNTHETIC_RELAXED
         relaxed += [f"site.{k}: {v}" for k, v in SYNTHETIC_RELAXED.items()]

@@ -11,7 +11,6 @@ cluster's ports runs code on its machines and reads every site's data.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -93,5 +92,5 @@ def with_data_channels(cfg: FedsegConfig, specs: dict[str, DatasetSpec]) -> Feds
                     f"declares {theirs} ({detail}); every site's dataset.json must agree."
                 )
     detail = f" (site '{first}': {ref.channel_names}, {ref.labels})"
-    return dataclasses.replace(cfg, model=with_channels(cfg.model, ref.num_channels, ref.num_classes,
+    return cfg.replace(model=with_channels(cfg.model, ref.num_channels, ref.num_classes,
                                                         "the sites' dataset.json", detail))

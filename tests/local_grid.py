@@ -16,7 +16,6 @@ real apps in seconds, without starting Ray.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -119,7 +118,7 @@ class LocalGrid(InProcessGrid):
 
 def federation(cfg: FedsegConfig, datasets: dict[str, Path]) -> FedsegConfig:
     """Name the run, write one site.yaml per site (as fedseg-sim does) and return the resolved config."""
-    sim = dataclasses.replace(cfg.simulation, num_sites=len(datasets))
-    cfg = prepare_run(dataclasses.replace(cfg, simulation=sim))
+    sim = cfg.simulation.replace(num_sites=len(datasets))
+    cfg = prepare_run(cfg.replace(simulation=sim))
     write_site_configs(cfg, datasets)
     return cfg

@@ -43,11 +43,11 @@ def _check_invocation(argv: list[str]) -> None:
 
 
 def test_example_configs_load_through_the_schema_with_every_option_present():
-    from common.config import describe_options
+    from common.config import CentreFile, SiteFile, describe_options
 
-    fed = load_config(DEPLOY / "federation.yaml")
+    fed = load_config(DEPLOY / "federation.yaml", schema=CentreFile)
     assert fed.federation.sites and fed.server.fleet_port != fed.server.superlink_port
-    site = load_config(DEPLOY / "site.yaml")
+    site = load_config(DEPLOY / "site.yaml", schema=SiteFile)
     assert site.site.name and site.site.server_address and site.site.approved_bundles
     documented = {f"{section}.{key}" for section, body in yaml.safe_load((DEPLOY / "federation.yaml").read_text()).items()
                   for key in body}

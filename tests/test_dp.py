@@ -8,7 +8,6 @@ matches, hash for hash, what the server logged as received.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np
@@ -73,7 +72,7 @@ def _train_reply(node: int, site: str, update: np.ndarray, signature: str, n: in
 def _dp_strategy(tmp_path, *overrides: str):
     cfg = load_config(None, ["federation.run_name=dp", f"federation.runs_dir={tmp_path}", "federation.min_sites=2",
                              "privacy.noise_multiplier=1.0", "privacy.clipping_norm=1.0", *overrides])
-    cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, sites=["a", "b", "c"]))
+    cfg = cfg.replace(federation=cfg.federation.replace(sites=["a", "b", "c"]))
     log = MetricsLog(tmp_path)
     wrapper = FedSegStrategy(cfg, "sig", {"w": (SIZE,)}, log, Checkpoints(tmp_path / "ckpt"))
     assert isinstance(wrapper.privacy, CentralDP)

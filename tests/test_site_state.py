@@ -8,7 +8,6 @@ reply, saved as the server saves it (server/checkpoints.py).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -58,7 +57,7 @@ class CentreOfOne:
         (self.run / CONFIG_FILE).write_text(self.cfg.to_yaml())
         self.checkpoints = Checkpoints(self.run / CHECKPOINT_DIR)
         self.initial, self.signature = initial_weights(self.cfg)
-        site_cfg = dataclasses.replace(self.cfg, site=load_config(site_yaml).site)
+        site_cfg = self.cfg.replace(site=load_config(site_yaml).site)
         SiteData.open(site_cfg, SiteState(Path(site_cfg.site.state_dir))).plan.save(self.run / PLAN_FILE)
 
     @property
@@ -170,7 +169,7 @@ def test_export_of_the_first_run_after_the_second_is_the_model_it_scored(runs, t
     assert all(torch.equal(expected[k], got[k]) for k in expected), "the exported model is not round 2's pairing"
     round_3 = load_file(a.state.norm_path(3))
     assert any(not torch.equal(got[k], round_3[k]) for k in round_3), "best must not carry the last round's tensors"
-    site_cfg = dataclasses.replace(a.cfg, site=load_config(runs["site"]).site)
+    site_cfg = a.cfg.replace(site=load_config(runs["site"]).site)
     data = SiteData.open(site_cfg, SiteState(Path(site_cfg.site.state_dir)))
     dice = evaluate(exported, data.volumes(data.val_ids), data.cfg.data, a.cfg.train, data.spec.num_classes).dice
     assert dice == pytest.approx(runs["scored"][2]["dice"], abs=1e-6), "the export does not reproduce the scored Dice"
@@ -216,7 +215,7 @@ def test_the_personalized_copy_predict_and_export_use_is_the_one_that_was_scored
     copy = load_file(a.state.folder / "personalized.safetensors")
     state = loaded.model.state_dict()
     assert loaded.checkpoint.round == 2 and all(torch.equal(state[k], copy[k]) for k in state)
-    site_cfg = dataclasses.replace(a.cfg, site=load_config(runs["site"]).site)
+    site_cfg = a.cfg.replace(site=load_config(runs["site"]).site)
     data = SiteData.open(site_cfg, SiteState(Path(site_cfg.site.state_dir)))
     assert loaded.personal["validation_cases"] == data.val_ids
     dice = evaluate(loaded.model, data.volumes(data.val_ids), data.cfg.data, a.cfg.train, data.spec.num_classes).dice
@@ -277,7 +276,7 @@ def test_adding_a_case_moves_no_existing_case(tmp_path, caplog):
         _, grown_train, grown_val = open_split(cfg, state)
     assert set(train) <= set(grown_train) and set(val) <= set(grown_val) and "split" not in caplog.text
     assert "split_changes" not in state.info()
-    reseeded = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, split_seed=5))
+    reseeded = cfg.replace(data=cfg.data.replace(split_seed=5))
     with caplog.at_level(logging.WARNING):
         _, _, new_val = open_split(reseeded, state)
     assert new_val != grown_val and "split of this site's cases changes" in caplog.text

@@ -193,8 +193,6 @@ def test_finding_6_best_model_tiny_updates_and_float32_overflow(tmp_path):
 
 
 def test_finding_8_dp_sensitivity_resume_and_epsilon(tmp_path):
-    import dataclasses
-
     from dp_accounting import GaussianDpEvent, SelfComposedDpEvent
     from dp_accounting.pld import PLDAccountant
 
@@ -204,7 +202,7 @@ def test_finding_8_dp_sensitivity_resume_and_epsilon(tmp_path):
     def wrapper(run, z: float, offset: int = 0):
         cfg = load_config(None, ["federation.run_name=dp", "federation.min_sites=1", f"privacy.noise_multiplier={z:.12f}",
                                  "privacy.clipping_norm=1.0"])
-        cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, sites=["a", "b", "c"]))
+        cfg = cfg.replace(federation=cfg.federation.replace(sites=["a", "b", "c"]))
         log = MetricsLog(run)
         strategy = FedSegStrategy(cfg, SIGNATURE, SHAPES, log, Checkpoints(run / "ckpt"), round_offset=offset)
         return strategy, LocalGrid(cfg, app=None), log
