@@ -1,7 +1,8 @@
 """The egress guard: the one gate every reply of a site passes, and the audit log behind it.
 
 "Patient data never leaves the hospital" is enforced here, not assumed. Each
-kind of reply may carry exactly its own records and keys (``RULES``):
+kind of reply may carry exactly its own records and keys, as common/reply_protocol.py
+defines them for both sides (the centre's validator enforces the same rules):
 
 - a training reply: the travelling model tensors (exactly the keys, shapes
   and wire dtypes of the model signature, minus whatever the site's
@@ -38,7 +39,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,7 @@ from common.digest import content_bytes, content_sha256
 from common.files import read_jsonl
 from common.fingerprint import record_names
 from common.params import kept_at_site
+from common.reply_protocol import ReplyRule, masked_arrays, masked_rule, reply_rules
 from common.runs import EGRESS_FILE
 from common.wire import error_reason
 
@@ -76,41 +78,6 @@ METADATA_ALLOWANCE = 64 * 1024
 """Bytes allowed beyond the model arrays for metric and identity records."""
 MAX_METRICS = 128
 """Most metric entries one reply may carry (fingerprints included)."""
-FINGERPRINT_QUERY = f"{MessageType.QUERY}.{keys.FINGERPRINT_ACTION}"
-CROSS_EVAL_QUERY = f"{MessageType.QUERY}.{keys.CROSS_EVAL_ACTION}"
-
-
-@dataclass(frozen=True)
-class ReplyRule:
-    """What one kind of reply may hold: exactly these records (plus the ``optional`` ones), these metric
-    names, at least ``required``."""
-
-    records: frozenset[str]
-    metrics: frozenset[str]
-    required: frozenset[str]
-    optional: frozenset[str] = frozenset()
-
-
-def reply_rules(dice_classes: frozenset[str], test_classes: frozenset[str]) -> dict[str, ReplyRule]:
-    """The rule of each message type a site answers (with its per-class Dice names); any other type may only
-    get an error."""
-    identity = {keys.METRICS, keys.IDENTITY}
-    timeline = frozenset(keys.TIMELINE_METRICS)  # when the reply passed the site's stages: Unix times, nothing else
-    return {
-        MessageType.TRAIN: ReplyRule(frozenset({*identity, keys.ARRAYS}),
-                                     frozenset({*keys.TRAIN_METRICS, keys.LEARNING_RATE, keys.NO_SCORE}) | timeline,
-                                     frozenset(keys.TRAIN_METRICS), optional=frozenset({keys.EVALUATION})),
-        MessageType.EVALUATE: ReplyRule(frozenset(identity), frozenset(keys.EVAL_METRICS) | dice_classes | timeline,
-                                        frozenset(keys.EVAL_REQUIRED)),
-        FINGERPRINT_QUERY: ReplyRule(frozenset({*identity, keys.FINGERPRINT}), frozenset({keys.NUM_EXAMPLES}) | timeline,
-                                     frozenset({keys.NUM_EXAMPLES})),
-        CROSS_EVAL_QUERY: ReplyRule(frozenset(identity),
-                                    frozenset(keys.CROSS_EVAL_METRICS) | dice_classes | test_classes | timeline,
-                                    frozenset({keys.NUM_EXAMPLES})),
-        # secure aggregation: public keys, encrypted shares, shares for unmasking (common/secagg.py checks each)
-        **{query: ReplyRule(frozenset({*identity, secagg.RECORD}), timeline, frozenset())
-           for query in secagg.QUERIES},
-    }
 
 
 @dataclass(frozen=True)
@@ -155,11 +122,8 @@ class EgressPolicy:
         """The policy of a training reply under secure aggregation: one uint32 vector as long as the travelling
         tensors together, in their place, and no case count; nothing unmasked may leave."""
         length = sum(int(np.prod(shape, dtype=np.int64)) for shape, _ in self.arrays.values())
-        train = self.rules[MessageType.TRAIN]
-        rule = dataclasses.replace(train, metrics=train.metrics - {keys.NUM_EXAMPLES},
-                                   required=train.required - {keys.NUM_EXAMPLES})
-        return dataclasses.replace(self, arrays={secagg.MASKED: ((length,), frozenset({secagg.MASKED_DTYPE}))},
-                                   rules={**self.rules, MessageType.TRAIN: rule},
+        return dataclasses.replace(self, arrays=masked_arrays(length),
+                                   rules={**self.rules, MessageType.TRAIN: masked_rule(self.rules[MessageType.TRAIN])},
                                    max_bytes=4 * length + NPY_HEADER_MAX + METADATA_ALLOWANCE)
 
 
@@ -186,10 +150,10 @@ def _array_problems(record: ArrayRecord, policy: EgressPolicy) -> Iterator[str]:
             yield f"array '{key}' carries {len(array.data)} bytes, more than its shape needs"
 
 
-def _metric_problems(record: MetricRecord, allowed: frozenset[str], required: frozenset[str],
+def _metric_problems(record: MetricRecord, allowed: frozenset[str], required: Iterable[str],
                      lists: bool) -> Iterator[str]:
     """Names outside ``allowed``, missing ``required`` ones, and lists (only fingerprints may hold short ones)."""
-    missing = sorted(required - set(record))
+    missing = sorted(set(required) - set(record))
     if missing:
         yield f"metrics {missing} missing"
     for name, value in record.items():

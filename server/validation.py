@@ -22,29 +22,30 @@ Every check reads a reply defensively: a value of the wrong type (a list
 where a number belongs), an Array whose declared shape differs from its data,
 or anything else that does not parse is a reason to leave the reply out,
 never an exception that ends the run. Dice values must lie in [0, 1], since
-the server picks its best model from them.
+the server picks its best model from them. Which records, metrics, keys and
+dtypes a reply of each kind holds is common/reply_protocol.py, the very rules
+the site's egress guard enforces before the reply leaves the hospital.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MessageType, MetricRecord
 
 from common import keys, secagg
+from common.reply_protocol import DICE_METRICS, RULES, WIRE_FLOAT_DTYPES, masked_arrays, masked_rule
 
 ZERO_UPDATE_RATIO = 1e-7
 """An update smaller than this times ||w_global|| is below float32 resolution: nothing was trained."""
 MIN_SITES_FOR_BOUND = 3
 """The relative norm bound needs a majority of others to tell an honest size from a hostile one."""
-WIRE_FLOAT_DTYPES = ("float32", "float16")
-DICE_METRICS = re.compile(rf"dice|dice_adapted|dice_personal|{keys.DICE_CLASS_PREFIX}\d+|dice_fusion|dice_annotator_\d+")
-"""Metrics that are Dice values, hence in [0, 1]."""
+TRAIN, EVALUATE = RULES[MessageType.TRAIN], RULES[MessageType.EVALUATE]
+MASKED_TRAIN = masked_rule(TRAIN)
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class ReplyValidator:
             evaluation = msg.content.metric_records.get(keys.EVALUATION)
             if evaluation is None:
                 return f"no '{keys.EVALUATION}' record in the training reply: the received model was not evaluated"
-            return metrics_problem(evaluation, keys.EVAL_REQUIRED)
+            return metrics_problem(evaluation, EVALUATE.required)
         except Exception as err:  # as in problem(): never fatal
             return f"malformed reply ({type(err).__name__})"
 
@@ -98,14 +99,15 @@ class ReplyValidator:
             metrics = msg.content.metric_records.get(keys.METRICS)
             if metrics is None or keys.NUM_EXAMPLES in metrics:
                 return f"the '{keys.METRICS}' record is missing or holds a case count"
-            if problem := metrics_problem(metrics, [k for k in keys.TRAIN_METRICS if k != keys.NUM_EXAMPLES]):
+            if problem := metrics_problem(metrics, MASKED_TRAIN.required):
                 return problem
+            expected = masked_arrays(length)
             records = msg.content.array_records
-            if set(records) != {keys.ARRAYS} or set(records[keys.ARRAYS]) != {secagg.MASKED}:
+            if set(records) != {keys.ARRAYS} or set(records[keys.ARRAYS]) != set(expected):
                 return f"a masked training reply must hold exactly one array '{secagg.MASKED}'"
-            array = records[keys.ARRAYS][secagg.MASKED]
-            values = array.numpy()
-            if str(values.dtype) != secagg.MASKED_DTYPE or values.shape != (length,):
+            ((name, (shape, dtypes)),) = expected.items()
+            values = records[keys.ARRAYS][name].numpy()
+            if str(values.dtype) not in dtypes or values.shape != shape:
                 return f"the masked vector is {values.dtype}{list(values.shape)}, expected {secagg.MASKED_DTYPE}" \
                        f"[{length}]"
             return None
@@ -127,9 +129,10 @@ class ReplyValidator:
         metrics = content.metric_records.get(keys.METRICS)
         if metrics is None:
             return f"no '{keys.METRICS}' record in the reply"
-        if problem := metrics_problem(metrics, keys.TRAIN_METRICS if is_train else keys.EVAL_REQUIRED):
+        rule = TRAIN if is_train else EVALUATE
+        if problem := metrics_problem(metrics, rule.required):
             return problem
-        if not is_train:
+        if not rule.has_arrays:
             return "model arrays in an evaluation reply" if content.array_records else None
         return self._arrays_problem(content.array_records)
 

@@ -25,6 +25,7 @@ from common import keys
 from common.config import load_config
 from common.files import read_jsonl
 from common.metrics_log import MetricsLog, read_events
+from common.reply_protocol import CROSS_EVAL_QUERY, FINGERPRINT_QUERY
 from server.checkpoints import Checkpoints
 from server.server_app import initial_weights
 from server.strategy import FedSegStrategy
@@ -222,9 +223,9 @@ def test_fingerprint_aggregates_may_leave_only_in_a_fingerprint_reply_and_not_as
     from client.site_data import fingerprint_reply
 
     content = fingerprint_reply(site, _request(site.cfg)).content
-    assert _check(site, content, egress.FINGERPRINT_QUERY) == []
+    assert _check(site, content, FINGERPRINT_QUERY) == []
     content[keys.FINGERPRINT]["fp_spacing_x"] = [0.5] * 100
-    assert "only fingerprint lists" in _check(site, content, egress.FINGERPRINT_QUERY)[0]
+    assert "only fingerprint lists" in _check(site, content, FINGERPRINT_QUERY)[0]
     assert "not declared" in _check(site, _content(site, fp_cases=4))[0]
 
 
@@ -272,12 +273,12 @@ def test_real_fingerprint_and_identify_replies_pass(site):
     request = _request(site.cfg)
     fingerprint = fingerprint_reply(site, request)
     assert keys.FINGERPRINT in fingerprint.content
-    assert _check(site, fingerprint.content, egress.FINGERPRINT_QUERY) == []
+    assert _check(site, fingerprint.content, FINGERPRINT_QUERY) == []
     identify = RecordDict({keys.CONFIG: ConfigRecord({keys.CROSS_EVAL_TASK: "identify"})})
     from tests.flower_messages import incoming
 
     reply = cross_evaluate(site, incoming(identify, "query.cross_eval", node_id=1))
-    assert _check(site, reply.content, egress.CROSS_EVAL_QUERY) == []
+    assert _check(site, reply.content, CROSS_EVAL_QUERY) == []
 
 
 
