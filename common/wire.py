@@ -164,3 +164,14 @@ def named_site(msg: Message) -> str | None:
 def reply_site(msg: Message) -> str:
     """The site that sent a reply, or its node id when the reply names none."""
     return named_site(msg) or f"node-{msg.metadata.src_node_id}"
+
+
+def message_round(msg: Message) -> int | None:
+    """The round a message belongs to: the server's ``server-round`` config entry, else its group id (Flower's
+    round); None when neither says. The one reading of a message's round, at the site and at the centre."""
+    config = msg.content.config_records.get(keys.CONFIG) if msg.has_content() else None
+    value = config.get(keys.SERVER_ROUND) if config is not None else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    group = msg.metadata.group_id
+    return int(group) if group.isascii() and group.isdigit() else None  # '²'.isdigit(), but int('²') fails
