@@ -61,7 +61,7 @@ from common.fingerprint import record_names
 from common.params import kept_at_site
 from common.reply_protocol import ReplyRule, masked_arrays, masked_rule, reply_rules
 from common.runs import EGRESS_FILE
-from common.wire import error_reason
+from common.wire import error_reason, message_round
 
 from .reasons import BLOCKED_REASON, DISK_FULL_ERRNOS, DISK_FULL_REASON, is_fixed
 from .secagg import requested as secagg_requested
@@ -230,16 +230,6 @@ def problems(reply: Message, policy: EgressPolicy | None, message_type: str = Me
 # --- the audit log --------------------------------------------------------------------
 
 
-def _server_round(request: Message) -> int | None:
-    """The round a reply belongs to: from the server's config, else the message group."""
-    if request.has_content() and keys.CONFIG in request.content.config_records:
-        value = request.content.config_records[keys.CONFIG].get(keys.SERVER_ROUND)
-        if isinstance(value, int):
-            return value
-    group = request.metadata.group_id
-    return int(group) if group.isascii() and group.isdigit() else None  # '²'.isdigit(), but int('²') fails
-
-
 def describe(reply: Message) -> dict:
     """What a message carries, as recorded in egress.jsonl: record keys, bytes and digest."""
     if reply.has_error():
@@ -258,7 +248,7 @@ class EgressLog:
         self.path = Path(state_dir) / EGRESS_FILE
 
     def record(self, request: Message, reply: Message, status: str, blocked: list[str] | None = None) -> None:
-        line = {"time": time.time(), "round": _server_round(request),
+        line = {"time": time.time(), "round": message_round(request),
                 "message_type": request.metadata.message_type, "status": status, **describe(reply)}
         if blocked:
             line["blocked"] = blocked

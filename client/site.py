@@ -22,7 +22,7 @@ from common.plan import Plan
 from common.device import with_site_compute
 from common.params import ParameterSplit, load_merged, run_model
 from common.runs import SITE_LOG, simulated_site_config, site_view
-from common.wire import from_wire
+from common.wire import from_wire, message_round
 
 from . import timeline
 from .reasons import SignatureMismatch
@@ -91,7 +91,7 @@ class Site:
         if expected != self.signature:
             raise SignatureMismatch(f"server signature {expected}, site signature {self.signature}")
         received = from_wire(msg.content[keys.ARRAYS])
-        server_round = config.get(keys.SERVER_ROUND)
+        server_round = message_round(msg)
         model_round = None if server_round is None else int(server_round) - int(msg.metadata.message_type ==
                                                                                  MessageType.TRAIN)
         run = self.run

@@ -32,6 +32,7 @@ from flwr.serverapp import Grid
 from common import keys
 from common.flower.grid import PollingGrid
 from common.metrics_log import Event, MetricsLog
+from common.wire import message_round
 
 from .inbound import Inbox, finite_number
 from .site_registry import read_nodes
@@ -53,12 +54,6 @@ class Sent:
     stage: str
     round: int | None
     node: int
-
-
-def _round_of(msg: Message) -> int | None:
-    config = msg.content.config_records.get(keys.CONFIG) if msg.has_content() else None
-    value = config.get(keys.SERVER_ROUND) if config is not None else None
-    return int(value) if isinstance(value, int) else None
 
 
 def timeline(sent: Sent, reply: Message, pulled: float) -> dict[str, float | None]:
@@ -89,9 +84,9 @@ class ReceivingGrid(PollingGrid):
         messages = list(messages)
         ids = list(self._grid.push_messages(messages))
         for message_id, msg in zip(ids, messages):
-            self._sent[message_id] = Sent(msg.metadata.created_at, msg.metadata.message_type, _round_of(msg),
+            self._sent[message_id] = Sent(msg.metadata.created_at, msg.metadata.message_type, message_round(msg),
                                           msg.metadata.dst_node_id)
-            self._current_round = _round_of(msg) if _round_of(msg) is not None else self._current_round
+            self._current_round = message_round(msg) if message_round(msg) is not None else self._current_round
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
