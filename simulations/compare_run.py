@@ -8,9 +8,8 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from common.config import DataConfig, FedsegConfig, apply_overrides, from_dict
 from common.dataset import DatasetSpec
@@ -18,8 +17,9 @@ from common.metrics_log import Event, read_events
 from common.runs import COMMAND_FILE, CROSS_EVAL_FILE, METRICS_FILE, RESULTS_FILE, SETTINGS_FILE
 
 from . import baselines
+from .compare_methods import Method, table
 from .runner import SimulationError, prepare_run, run_simulation
-from .sites import read_site_specs, site_datasets, site_names, with_data_channels
+from .sites import read_site_specs, site_datasets, with_data_channels
 
 log = logging.getLogger("fedseg.compare")
 
@@ -28,81 +28,16 @@ LAST_MODEL_PREFIX = "last"
 validation cases that are then reported would flatter the federated methods."""
 
 
-@dataclass(frozen=True)
-class Method:
-    name: str
-    kind: Literal["local", "pooled", "federated"]
-    label: str
-    overrides: tuple[str, ...] = ()
-
-
-FEDAVG = ("train.norm_mode=shared", "train.proximal_mu=0", "federation.server_optimizer=none",
-          "train.personalize_steps=0")
-"""FedAvg as published: every tensor shared, no proximal term, plain averaging, no personalization."""
 PRETRAINED_METHOD = "fedseg-pretrained"
 """fedseg's default started from ``compare --pretrained`` (model.init_weights), e.g. another federation's model."""
 
 
 def methods_for(base: FedsegConfig, mu_sweep: list[float], pretrained: str = "") -> list[Method]:
-    """Every method the comparison knows; fedseg's default is the configured settings, unchanged.
-
-    Each other federated method changes the default in one respect, so its row
-    answers one question (which norm, which server optimizer, which augmentation,
-    how many rounds for the same patches, which learning-rate schedule, and with
-    ``pretrained``, a start from another federation's model instead of the seeded init).
-    """
-    t, f = base.train, base.federation
-    mu = t.proximal_mu
-    methods = [
-        Method("local", "local", "Local only (each site alone)"),
-        Method("pooled", "pooled", "Pooled (all data in one place)"),
-        Method("pooled-other-norm", "pooled", "Pooled, " + ("instance" if base.model.norm == "batch" else "batch")
-               + " norm", ("model.norm=" + ("instance" if base.model.norm == "batch" else "batch"),)),
-        Method("fedavg", "federated", "FedAvg (everything shared)", FEDAVG),
-        Method("fedprox", "federated", f"FedProx mu={mu:g} (everything shared)",
-               ("train.norm_mode=shared", "federation.server_optimizer=none", "train.personalize_steps=0")),
-        Method("fedbn", "federated", "FedBN (BatchNorm statistics and weights local, mu=0)",
-               ("model.norm=batch", "train.norm_mode=local", "train.proximal_mu=0", "train.personalize_steps=0",
-                "federation.server_optimizer=none")),
-        Method("fedin", "federated", "Instance norm, weights local (mu=0)",
-               ("model.norm=instance", "train.norm_mode=local", "train.proximal_mu=0", "train.personalize_steps=0",
-                "federation.server_optimizer=none")),
-        Method("silobn", "federated", "SiloBN (BatchNorm statistics local, weights shared, mu=0)",
-               ("model.norm=batch", "train.norm_mode=stats", "train.proximal_mu=0", "train.personalize_steps=0",
-                "federation.server_optimizer=none")),
-        Method("fedseg", "federated", "fedseg default"),
-        Method("fedadam", "federated", "fedseg default + FedAdam at the server", ("federation.server_optimizer=adam",)),
-        Method("fedyogi", "federated", "fedseg default + FedYogi at the server", ("federation.server_optimizer=yogi",)),
-        Method("scanner-aug", "federated", "fedseg default + scanner augmentation", ("train.augmentation=scanner",)),
-        Method("poly", "federated", "fedseg default + poly learning rate", ("train.lr_schedule=poly",)),
-        Method("finetune", "federated", "fedseg default, personalization fine-tuning every weight",
-               ("train.personalize=all",)),
-    ]
-    sites = len(site_names(base)[0])
-    methods.append(Method(
-        "cyclic", "federated", f"Cyclic weight transfer, instance norm (weights local): one site a round in turn, "
-        f"{sites * f.rounds} rounds x {t.local_steps} steps (same patches)",
-        ("federation.schedule=cyclic", "federation.server_optimizer=none", "model.norm=instance",
-         f"federation.rounds={sites * f.rounds}")))
-    if f.server_optimizer == "momentum":
-        methods.append(Method("no-momentum", "federated", "fedseg default without server momentum (plain averaging)",
-                              ("federation.server_optimizer=none",)))
-    else:
-        methods.append(Method("fedavgm", "federated", f"fedseg default + server momentum {f.server_momentum:g} "
-                              "(FedAvgM)", ("federation.server_optimizer=momentum",)))
-    if t.local_steps % 2 == 0:
-        methods.append(Method("more-rounds", "federated",
-                              f"fedseg default, {2 * f.rounds} rounds x {t.local_steps // 2} steps (same patches)",
-                              (f"federation.rounds={2 * f.rounds}", f"train.local_steps={t.local_steps // 2}")))
-    if f.rounds % 2 == 0:
-        methods.append(Method("fewer-rounds", "federated",
-                              f"fedseg default, {f.rounds // 2} rounds x {2 * t.local_steps} steps (same patches)",
-                              (f"federation.rounds={f.rounds // 2}", f"train.local_steps={2 * t.local_steps}")))
-        methods.append(Method("fedavg-fewer-rounds", "federated",
-                              f"FedAvg, {f.rounds // 2} rounds x {2 * t.local_steps} steps (same patches)",
-                              (*FEDAVG, f"federation.rounds={f.rounds // 2}", f"train.local_steps={2 * t.local_steps}")))
+    """Every method the comparison knows (simulations.compare_methods), filled in from ``base``; then one per
+    FedProx mu of ``mu_sweep`` and, with ``pretrained``, fedseg's default started from those weights."""
+    methods = table(base)
     methods += [Method(f"fedseg-mu{m:g}", "federated", f"fedseg default, mu={m:g}", (f"train.proximal_mu={m}",))
-                for m in mu_sweep if m != mu]
+                for m in mu_sweep if m != base.train.proximal_mu]
     if pretrained:
         methods.append(Method(PRETRAINED_METHOD, "federated", f"fedseg default, starting from {pretrained}",
                               (f"model.init_weights={pretrained}",)))

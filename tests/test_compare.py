@@ -9,7 +9,7 @@ from PIL import Image
 from common.files import read_jsonl
 from simulations.cli import main as sim_main
 from simulations.compare_report import PLOTS, scored_on, summarize
-from simulations.compare_run import Method
+from simulations.compare_methods import Method
 
 METHODS = ["local", "pooled", "fedseg"]
 SMALLER = ["--set", "data.patch_size=[16, 16, 16]", "--set", "train.batch_size=1", "--set", "simulation.cpus_per_site=1"]
@@ -90,3 +90,24 @@ def test_a_table_never_mixes_test_and_validation_dice():
     assert scored_on(mixed).startswith("validation cases (b without labelled test cases")
     assert summarize(full, methods)["local"]["mean"][0] == pytest.approx(0.7)
     assert scored_on(full) == "labelled test cases (imagesTs/labelsTs)"
+
+
+def test_methods_are_a_table_filled_in_from_the_base_settings():
+    """Each row of simulations.compare_methods becomes one method where its condition holds; the command line
+    adds the mu sweep and the pretrained start."""
+    from common.config import apply_overrides, from_dict
+    from simulations.compare import BENCHMARK
+    from simulations.compare_methods import METHODS
+    from simulations.compare_run import PRETRAINED_METHOD, methods_for
+
+    assert len({m["name"] for m in METHODS}) == len(METHODS), "names are unique"
+    base = from_dict(apply_overrides({}, [*BENCHMARK, "federation.server_optimizer=none", "train.local_steps=5",
+                                          "federation.rounds=7"]), "benchmark")
+    methods = {m.name: m for m in methods_for(base, [0.1], "/models/other-run")}
+    assert "fedavgm" in methods and "no-momentum" not in methods
+    assert not {"more-rounds", "fewer-rounds", "fedavg-fewer-rounds"} & set(methods), "odd steps and rounds"
+    assert methods["cyclic"].overrides[-1] == "federation.rounds=21" and "21 rounds x 5 steps" in methods["cyclic"].label
+    assert methods["pooled-other-norm"].overrides == ("model.norm=instance",)
+    assert methods["fedseg-mu0.1"].overrides == ("train.proximal_mu=0.1",)
+    assert methods[PRETRAINED_METHOD].overrides == ("model.init_weights=/models/other-run",)
+    assert [m.kind for m in methods.values()].count("federated") == len(methods) - 3
