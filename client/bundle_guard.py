@@ -62,6 +62,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from common.flower import FLOWER_VERSION
 from common.flower.clientapp_runner import (APPS_DIR, CLIENTAPP_COMMAND, HASH_PREFIX_LEN, flower_steps,
                                             missing_steps, replace_steps, run_clientapp, task_commands)
 
@@ -226,7 +227,8 @@ class ApprovedApp:
         if folder.parent.resolve() != home / APPS_DIR or folder.name != \
                 f"{fab_id.replace('/', '.')}.{version}.{digest[:HASH_PREFIX_LEN]}":
             raise BundleNotApproved(f"Flower would install the approved bundle to {folder}, not directly in "
-                                    f"{home / APPS_DIR}; pin flwr 1.42 or update common/flower/clientapp_runner.py")
+                                    f"{home / APPS_DIR}; pin flwr {FLOWER_VERSION} or update "
+                                    "common/flower/clientapp_runner.py")
         self._materialise(content, folder, trust_caches=not was_open)
         self.installed = (fab_id, version, digest, folder)
         return folder
@@ -302,7 +304,7 @@ def main() -> int:
     missing = missing_steps()
     if missing:
         print(f"fedseg bundle guard: this Flower has no {', '.join(missing)} to guard; refusing to run any bundle. "
-              "Pin flwr 1.42 or update common/flower/clientapp_runner.py.", file=sys.stderr)
+              f"Pin flwr {FLOWER_VERSION} or update common/flower/clientapp_runner.py.", file=sys.stderr)
         return 1
     guard_clientapp(approved, os.environ.get(DECISIONS_ENV))
     _forget_own_modules()

@@ -116,6 +116,14 @@ def test_make_message_still_builds_a_reply_from_metadata_and_an_error():
     assert list(inspect.signature(make_message).parameters) == ["metadata", "content", "error"]
 
 
+def test_the_control_client_has_every_call_the_launcher_makes():
+    from common.flower.control import ControlHttpClient
+
+    calls = ("from_server_address", "close", "ListNodes", "RegisterNode", "UnregisterNode", "StartRun", "ListRuns",
+             "StopRun")
+    assert [c for c in calls if not hasattr(ControlHttpClient, c)] == []
+
+
 def test_the_grid_decorators_override_every_abstract_method_of_flowers_grid():
     from flwr.serverapp import Grid
 

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
+from . import FLOWER_VERSION
+
 RUNNER_MODULE = "flwr.supernode.runtime.run_clientapp"
 LOADER_MODULE = "flwr.clientapp.utils"
 CLIENTAPP_CLI = "flwr.supernode.cli.flwr_clientapp"
@@ -45,7 +47,7 @@ def _steps() -> list[tuple[ModuleType, str]]:
 
 
 def missing_steps() -> list[str]:
-    """The steps :func:`replace_steps` replaces that this Flower does not have (empty on Flower 1.42)."""
+    """The steps :func:`replace_steps` replaces that this Flower does not have (empty on ``FLOWER_VERSION``)."""
     return [f"{module.__name__}.{name}" for module, name in _steps() if not callable(getattr(module, name, None))]
 
 
@@ -76,5 +78,5 @@ def task_commands() -> frozenset[str]:
     commands = frozenset(TASK_TYPE_TO_COMMAND.values())
     if CLIENTAPP_COMMAND not in commands:
         raise RuntimeError(f"this Flower starts ClientApps by another name than {CLIENTAPP_COMMAND}; the bundle "
-                           "guard cannot stand in front of it. Pin flwr 1.42 or update common/flower/.")
+                           f"guard cannot stand in front of it. Pin flwr {FLOWER_VERSION} or update common/flower/.")
     return commands

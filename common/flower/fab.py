@@ -1,4 +1,5 @@
-"""Flower's own app-bundle (FAB) builder: fixed timestamps and sorted entries, so the same sources give the same bytes."""
+"""Flower's own app-bundle (FAB) builder: fixed timestamps and sorted entries, so the same sources give the
+same bytes (common/bundle.py)."""
 
 from flwr.cli.build import build_fab_from_files
 

@@ -25,6 +25,8 @@ import traceback
 from collections.abc import Callable
 from types import ModuleType
 
+from . import FLOWER_VERSION
+
 LOOP_MODULE = "flwr.supernode.start_client_internal"
 """The module of the SuperNode's main loop: its ``time`` is capped and its ``PULL_STEP`` wrapped."""
 PULL_STEP = "_pull_and_store_message"
@@ -89,7 +91,7 @@ def run_supernode(poll_cap_s: float, on_pull: Callable[[object], None]) -> None:
     loop = importlib.import_module(LOOP_MODULE)
     if poll_cap_s > 0 and not cap_sleeps(loop, poll_cap_s):
         print(f"fedseg: {LOOP_MODULE} has no module-level time; keeping Flower's poll intervals "
-              "(pin flwr 1.42 or update common/flower/supernode.py).", file=sys.stderr)
+              f"(pin flwr {FLOWER_VERSION} or update common/flower/supernode.py).", file=sys.stderr)
     note_pulls(loop, on_pull)
     sys.argv[0] = "flower-supernode"
     try:
