@@ -31,12 +31,11 @@ from common.flower.secure_aggregation import (bytes_to_private_key, bytes_to_pub
                                               share_keys_plaintext_separate)
 from common.files import atomic_write_text
 from common.private import private_dir
+from common.runs import SECAGG_DIR, SECAGG_ROUND_FILE, round_of_file
 
 from .site import Site
 
 log = logging.getLogger("fedseg.client")
-SECRETS_DIR = "secagg"
-SECRETS_FILE = "round-{:04d}.json"
 
 
 def _b64(data: bytes) -> str:
@@ -65,12 +64,12 @@ class RoundSecrets:
 
 
 def _path(site: Site, server_round: int) -> Path:
-    return site.run.folder / SECRETS_DIR / SECRETS_FILE.format(server_round)
+    return site.run.folder / SECAGG_DIR / SECAGG_ROUND_FILE.format(server_round)
 
 
 def _save(site: Site, server_round: int, secrets: RoundSecrets) -> None:
-    folder = private_dir(site.run.folder / SECRETS_DIR)
-    path = folder / SECRETS_FILE.format(server_round)
+    folder = private_dir(site.run.folder / SECAGG_DIR)
+    path = folder / SECAGG_ROUND_FILE.format(server_round)
     atomic_write_text(path, json.dumps(asdict(secrets)), private=True)
 
 
@@ -118,9 +117,9 @@ def public_keys(site: Site, msg: Message) -> Message:
 
 def _forget_earlier(site: Site, server_round: int) -> None:
     """Delete the secrets of rounds this site never finished (it dropped, or the round failed)."""
-    folder = site.run.folder / SECRETS_DIR
-    for path in folder.glob("round-*.json") if folder.is_dir() else []:
-        if path.name != SECRETS_FILE.format(server_round):
+    folder = site.run.folder / SECAGG_DIR
+    for path in folder.iterdir() if folder.is_dir() else []:
+        if round_of_file(path.name, SECAGG_ROUND_FILE) not in (None, server_round):
             path.unlink(missing_ok=True)
 
 

@@ -37,11 +37,8 @@ from common.pki import (
     require_key_matches,
     write_private,
 )
+from common.runs import CA_CERT, CA_KEY, NODE_KEYS_DIR, PUBLIC_KEY_SUFFIX, SERVER_CERT, SERVER_KEY
 
-CA_CERT, CA_KEY = "ca.crt", "ca.key"
-SERVER_CERT, SERVER_KEY = "server.crt", "server.key"
-SITES_DIR = "sites"
-PUBLIC_KEY_SUFFIX = ".pub"
 CA_DAYS = 3650
 SERVER_DAYS = 825
 """Longest server-certificate lifetime common TLS clients accept."""
@@ -168,7 +165,7 @@ def check_server_material(cert_dir: Path) -> ServerMaterial:
 
 
 def site_key_path(cert_dir: Path, site: str) -> Path:
-    return Path(cert_dir) / SITES_DIR / f"{site}{PUBLIC_KEY_SUFFIX}"
+    return Path(cert_dir) / NODE_KEYS_DIR / f"{site}{PUBLIC_KEY_SUFFIX}"
 
 
 def add_site_key(cert_dir: Path, site: str, public_key: Path) -> Path:
@@ -193,7 +190,7 @@ def add_site_key(cert_dir: Path, site: str, public_key: Path) -> Path:
 
 def site_keys(cert_dir: Path) -> dict[str, ec.EllipticCurvePublicKey]:
     """Every registered site key, by site name."""
-    folder = Path(cert_dir) / SITES_DIR
+    folder = Path(cert_dir) / NODE_KEYS_DIR
     if not folder.is_dir():
         return {}
     return {p.name[: -len(PUBLIC_KEY_SUFFIX)]: load_node_public_key(p)
@@ -208,7 +205,7 @@ def allow_list(cert_dir: Path, sites: list[str]) -> dict[str, ec.EllipticCurvePu
     missing = [s for s in sites if s not in keys]
     if missing:
         raise CertificateError(
-            f"no public key for site(s) {', '.join(missing)} in {Path(cert_dir) / SITES_DIR}; add each with "
+            f"no public key for site(s) {', '.join(missing)} in {Path(cert_dir) / NODE_KEYS_DIR}; add each with "
             "`fedseg-server certs add-site --site NAME --key NAME.pub`."
         )
     return {s: keys[s] for s in sites}

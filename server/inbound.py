@@ -47,6 +47,7 @@ from common.files import atomic_write_text
 from common.flower.messages import make_message
 from common.fingerprint import MAX_CASES
 from common.progress import CONTROL, one_line
+from common.runs import DECLARED_CASES_FILE
 from common.wire import MAX_TENSORS, error_reason, site_of_error
 
 from .site_registry import claim_problem, site_name
@@ -55,7 +56,6 @@ log = logging.getLogger("fedseg.server")
 
 BOUNDARY_ERROR_CODE = 1100
 """Code of the error reply that stands for a reply the boundary left out."""
-DECLARED_FILE = "declared-cases.json"
 MAX_TEXT = 200
 MAX_REASON = 300
 MAX_FINGERPRINT_LIST = 64
@@ -108,7 +108,7 @@ class Inbox:
         """``node_sites``: the registered node -> site names, shared with the strategy (server/site_registry.py);
         ``run``: where the declarations are kept."""
         self.node_sites = node_sites
-        self._path = Path(run) / DECLARED_FILE if run is not None else None
+        self._path = Path(run) / DECLARED_CASES_FILE if run is not None else None
         self.declared: dict[str, tuple[int, int]] = self._load()
         """Site -> (training, validation) cases its fingerprint declared."""
 

@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from common.metrics_log import EVENT, Event, by_kind, read_events  # noqa: E402
-from common.runs import METRICS_FILE, REPORT_DIR, SUMMARY_FILE  # noqa: E402
+from common.runs import METRICS_FILE, REPORT_DIR, SUMMARY_FILE, SUMMARY_PAGE  # noqa: E402
 
 PLOT_DPI = 110
 MB = 1e6
@@ -210,6 +210,6 @@ def write_report(run: Path) -> Path:
         plot(k, out / PLOTS[key])
     summary = summarize(events)
     (out / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2))
-    path = out / "summary.md"
+    path = out / SUMMARY_PAGE
     path.write_text(markdown(summary))
     return path

@@ -31,14 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from common.metrics_log import Event, MetricsLog, read_events
-from common.runs import METRICS_FILE, REPORT_DIR
+from common.runs import METRICS_FILE, REPORT_DIR, TENSORBOARD_DIR
 
 log = logging.getLogger("fedseg.server")
 
-LIVE_DIR = "tensorboard"
-"""<run>/tensorboard/: the live mirror (federation.tensorboard)."""
-REPORT_TENSORBOARD_DIR = "tensorboard"
-"""<run>/report/tensorboard/: what ``fedseg-server report --tensorboard`` writes by default."""
 EVENT_FILE_PREFIX = "events.out.tfevents."
 STEP_FIELD, TIME_FIELD, EVENT_FIELD = "round", "time", "event"
 QUALIFIERS = ("stage", "model", "site")
@@ -117,7 +113,7 @@ def write_mirror(run: Path, folder: Path | None = None) -> tuple[Path, int]:
     A folder that already holds event files is refused: TensorBoard would show
     every number twice, once per file. Returns the folder and the scalar count.
     """
-    folder = Path(folder) if folder is not None else Path(run) / REPORT_DIR / REPORT_TENSORBOARD_DIR
+    folder = Path(folder) if folder is not None else Path(run) / REPORT_DIR / TENSORBOARD_DIR
     if old := event_files(folder):
         raise TensorBoardError(f"{folder} already holds TensorBoard event files ({old[0].name}, ...): TensorBoard "
                                "would show every number twice. Delete them, or give --tensorboard another folder.")
@@ -138,7 +134,7 @@ class MirroredLog(MetricsLog):
 
     def __init__(self, run_dir: Path) -> None:
         super().__init__(run_dir)
-        folder = Path(run_dir) / LIVE_DIR
+        folder = Path(run_dir) / TENSORBOARD_DIR
         for old in event_files(folder):  # the log is the record: start the mirror again from it
             old.unlink()
         self.mirror = Mirror(folder)

@@ -14,7 +14,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from common.metrics_log import read_events
 from common.runs import METRICS_FILE
 from server.cli import main as server_main
-from server.tensorboard import LIVE_DIR, write_mirror
+from common.runs import TENSORBOARD_DIR
+from server.tensorboard import write_mirror
 
 FLOAT32 = 1e-6
 """TensorBoard keeps a scalar as float32: relative precision about 6e-8."""
@@ -72,7 +73,7 @@ def _assert_mirror(folder: Path, metrics: Path) -> None:
 
 def test_the_live_mirror_of_a_simulation_holds_the_log_and_nothing_else(quorum_run):
     _, run, _ = quorum_run
-    folder = run / LIVE_DIR
+    folder = run / TENSORBOARD_DIR
     assert list(folder.glob("events.out.tfevents.*"))
     _assert_mirror(folder, run / METRICS_FILE)
     tags = {s[0] for s in _read_back(folder)}

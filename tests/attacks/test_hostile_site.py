@@ -354,7 +354,8 @@ def test_m1_case_counts_are_held_to_what_the_site_declared_at_planning(tmp_path)
     """A site that declared 3 training cases cannot weigh its update or its Dice by more, also after a restart
     (the declarations live in the run folder); an evaluation's count is capped in the round's weighted Dice."""
     from common.fingerprint import bounded_weights
-    from server.inbound import DECLARED_FILE, TOO_MANY_CASES, Inbox
+    from common.runs import DECLARED_CASES_FILE
+    from server.inbound import TOO_MANY_CASES, Inbox
     from tests.attacks.builders import events, honest_answer, run_rounds, stack, ScriptedGrid
 
     sites = {1: "hospital-a", 2: "hospital-b", 3: "hospital-c"}
@@ -376,7 +377,7 @@ def test_m1_case_counts_are_held_to_what_the_site_declared_at_planning(tmp_path)
     declare = stack(ScriptedGrid(sites, answer), tmp_path, dict(sites))
     query = RecordDict({keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 0})})
     declare.send_and_receive([declare.create_message(query, "query.fingerprint", n, "0") for n in sites])
-    assert Inbox({}, tmp_path).declared == {name: (3, 1) for name in sites.values()}, (tmp_path / DECLARED_FILE)
+    assert Inbox({}, tmp_path).declared == {name: (3, 1) for name in sites.values()}, (tmp_path / DECLARED_CASES_FILE)
     run_rounds(tmp_path, sites, answer, 2)  # a new stack: the declarations come from the run folder
     refused = [e for e in events(tmp_path, "failure") if e["site"] == "hospital-c"]
     assert [e["reason"] for e in refused] == [f"site hospital-c: {TOO_MANY_CASES}"] * 3
