@@ -1,6 +1,6 @@
 """Options of ``model``, ``data`` and ``train`` that no other test sets away from their default, each run once
 at the tiny size: DynUNet, dropout, no augmentation, personalization of the norm layers only, the sliding
-window's batch and overlap, and the CT clipping percentiles."""
+window's batch and overlap, CT normalization forced, and the CT clipping percentiles."""
 
 from __future__ import annotations
 
@@ -94,3 +94,11 @@ def test_ct_clipping_follows_data_clip_percentiles():
     assert (norm.clip_low, norm.clip_high) == (fp.intensity_percentile(0, 5), fp.intensity_percentile(0, 95))
     default = make_plan(fp, load_config(None, tiny("data.patch_size=[]")).data, cfg.model, "t").normalization[0]
     assert default.clip_low < norm.clip_low < norm.clip_high < default.clip_high
+
+
+def test_data_normalization_ct_applies_to_a_channel_not_declared_ct():
+    fp = merge_fingerprints({"a": hand_made([[1.0] * 3] * 2, [[100.0] * 3] * 2, ct=False)})
+    planned = {scheme: make_plan(fp, load_config(None, tiny("data.patch_size=[]", f"data.normalization={scheme}")
+                                                 ).data, load_config(None, tiny()).model, "t").normalization[0]
+               for scheme in ("auto", "ct")}
+    assert planned["auto"].scheme == "zscore" and planned["ct"].scheme == "ct"
