@@ -36,12 +36,12 @@ from common.config import FedsegConfig
 from common.dataset import split_cases
 from common.files import atomic_write_bytes, atomic_write_text
 from common.private import private_dir
-from common.runs import (CACHE_DIR, LEGACY_RUN, NO_RUN_ID, NORM_FILE, NORM_ROUND_FILE, PERSONALIZED_FILE, SITE_FILE,
-                         SITE_NORM_DIR, SITE_RUN_FILE, SITE_RUNS_DIR, round_of_file)
+from common.runs import (CACHE_DIR, CACHE_PLAN_DIR, LEGACY_RUN, NO_RUN_ID, NORM_FILE, NORM_ROUND_FILE,
+                         PERSONALIZED_FILE, SITE_FILE, SITE_NORM_DIR, SITE_RUN_FILE, SITE_RUNS_DIR, round_of_file)
 
 from .reasons import SignatureMismatch
 
-PLAN_CACHE = re.compile(r"plan-[0-9a-f]{12}")
+PLAN_CACHE = re.compile(CACHE_PLAN_DIR.format("[0-9a-f]{12}"))
 """Cache folders are named after the plan version (common/preprocess.py); nothing else there is removed."""
 SIGNATURE_META, ROUND_META = "model_signature", "round"
 """Metadata every tensor file of a run carries: the model it fits and the round it comes from."""
@@ -195,9 +195,9 @@ class SiteState:
         """
         if not self.cache_dir.is_dir():
             return []
-        removed = []
+        removed, keep = [], CACHE_PLAN_DIR.format(keep_version)
         for folder in self.cache_dir.iterdir():
-            if folder.is_dir() and PLAN_CACHE.fullmatch(folder.name) and folder.name != f"plan-{keep_version}":
+            if folder.is_dir() and PLAN_CACHE.fullmatch(folder.name) and folder.name != keep:
                 shutil.rmtree(folder)
                 removed.append(folder.name)
         return removed

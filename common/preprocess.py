@@ -28,7 +28,7 @@ from .dataset import Case
 from .files import atomic_folder
 from .plan import ChannelNorm, Plan
 from .reading import IMAGE, case_dict, label_keys, plan_space
-from .runs import CACHE_IMAGE, CACHE_LABEL, CACHE_LOCATIONS, CACHE_META
+from .runs import CACHE_IMAGE, CACHE_LABEL, CACHE_LOCATIONS, CACHE_META, CACHE_PLAN_DIR
 
 log = logging.getLogger("fedseg.common")
 
@@ -125,7 +125,7 @@ class PreprocessedCases:
         self.num_classes = num_classes
         self.remap = remap
         """Site label value -> the federation's (common/labels.py), or None when they are the same."""
-        self.cache_dir = Path(cache_root) / f"plan-{plan.version}"
+        self.cache_dir = Path(cache_root) / CACHE_PLAN_DIR.format(plan.version)
 
     def _build(self, case: Case, folder: Path) -> None:
         image, labels = prepare_case(case, self.plan)
