@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from common.config import FedsegConfig  # noqa: E402
+from common.runs import RESULTS_PAGE  # noqa: E402
 
 from .runner import relaxed_settings  # noqa: E402
 from .sites import site_names  # noqa: E402
@@ -277,6 +278,6 @@ def write_report(out: Path, results: list[dict[str, Any]], methods, seeds: list[
     table = summarize(results, methods)
     for plot, name in zip((_plot_dice, _plot_curves, _plot_held_out), PLOTS):
         plot(table, out / name)
-    path = out / "results.md"
+    path = out / RESULTS_PAGE
     path.write_text(markdown(table, seeds, command, base, scored_on(results)))
     return path

@@ -14,7 +14,8 @@ from typing import Any
 from common.config import DataConfig, FedsegConfig, apply_overrides, from_dict
 from common.dataset import DatasetSpec
 from common.metrics_log import Event, read_events
-from common.runs import COMMAND_FILE, CROSS_EVAL_FILE, METRICS_FILE, RESULTS_FILE, SETTINGS_FILE
+from common.runs import (BASELINE_SITES_DIR, COMMAND_FILE, COMPARE_RUNS_DIR, CROSS_EVAL_FILE, METRICS_FILE, RESULTS_FILE,
+                         SETTINGS_FILE)
 
 from . import baselines
 from .compare_methods import Method, table
@@ -88,7 +89,7 @@ class Comparison:
             cfg = with_data_channels(cfg, specs)
             held = set(cfg.federation.held_out_sites)
             planned, split = baselines.load_sites(cfg, datasets, [n for n in datasets if n not in held],
-                                                  self.out / "baseline-sites")
+                                                  self.out / BASELINE_SITES_DIR)
             self._sites = (planned.data, specs, {n: s for n, s in split.items() if n not in held},
                            {n: s for n, s in split.items() if n in held})
         return self._sites
@@ -105,7 +106,7 @@ class Comparison:
             per_site, unseen, curve, tests = baselines.pooled(cfg, sites, held_out)
             return {"per_site": per_site, "held_out": unseen, "curve": curve, **tests}
         run_name = f"{method.name}-s{cfg.train.seed}"
-        runs_dir = self.out / "runs"
+        runs_dir = self.out / COMPARE_RUNS_DIR
         shutil.rmtree(runs_dir / run_name, ignore_errors=True)  # never resume a half-finished attempt
         cfg = with_overrides(cfg, [*method.overrides, f"federation.run_name={run_name}",
                                    f"federation.runs_dir={runs_dir}"])
