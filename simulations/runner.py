@@ -27,7 +27,7 @@ import yaml
 
 from common import keys
 from common.bundle import APP_DIR
-from common.config import NORM_TRAVEL, FedsegConfig, SiteConfig, load_config
+from common.config import NORM_TRAVEL, FedsegConfig, SiteConfig, SiteFile, load_config
 from common.flower_env import flower_command, flower_env, free_port
 from common.metrics_log import Event, read_events
 from common.processes import stop_tree, wait_healthy
@@ -96,7 +96,7 @@ def relaxed_settings(cfg: FedsegConfig, name: str) -> tuple[dict, list[str]]:
     settings: dict = {"torch_threads": cfg.simulation.cpus_per_site}
     relaxed = []
     if own is not None and own.site_yaml:
-        settings |= load_config(Path(own.site_yaml)).site.to_dict()
+        settings |= load_config(Path(own.site_yaml), schema=SiteFile).site.to_dict()
     elif own is None:
         settings |= SYNTHETIC_RELAXED
         relaxed += [f"site.{k}: {v}" for k, v in SYNTHETIC_RELAXED.items()]
@@ -270,7 +270,7 @@ def draw_site_pictures(run: Path, n_sites: int, show: Callable[[str], None]) -> 
     from client.site_report import site_pictures
 
     for index in range(n_sites):
-        site_cfg = load_config(simulated_site_config(run / SIM_SITES_DIR, index))
+        site_cfg = load_config(simulated_site_config(run / SIM_SITES_DIR, index), schema=SiteFile)
         try:
             paths = site_pictures(site_cfg, run, show=lambda line: show(f"  {line}"))
         except Exception as err:  # a picture is a convenience; the run's results stand without it

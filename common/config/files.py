@@ -133,6 +133,7 @@ _BELONGS = {
 
 
 def _elsewhere(dotted: str) -> str:
+    """Where the option ``dotted``, refused in the file it was found in, is set instead."""
     section = dotted.split(".", 1)[0]
     return _BELONGS.get(section, f"'{section}' is set by the centre, in federation.yaml, and reaches sites with the run")
 
@@ -183,7 +184,7 @@ def without_removed(raw: dict[str, Any], source: str) -> dict[str, Any]:
         values = kept.get(section)
         if isinstance(values, dict) and key in values:
             if values[key] != current:
-                raise ConfigError(f"{source}: {dotted} was removed ({why}); delete it.")
+                raise ConfigError(f"{source}: {dotted} was removed: {why}. Delete it from the file.")
             del values[key]
     for dotted, removed in REMOVED_VALUES.items():
         section, key = dotted.split(".")
