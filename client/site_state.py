@@ -216,7 +216,7 @@ class SiteState:
         return self.run_named(cfg.federation.run_name, cfg.federation.run_id)
 
     def run_named(self, run_name: str, run_id: str) -> RunState:
-        """``<state_dir>/runs/<run_name>-<run_id>``; both were validated as folder-name safe by common/config.py.
+        """``<state_dir>/runs/<run_name>-<run_id>``; both were validated as folder-name safe by common/config/checks.py.
 
         A run configured without an identity (by hand, or a test) is kept under
         ``<run_name>-no-id``: every such run of that name shares it.
@@ -227,7 +227,7 @@ class SiteState:
         return self.run_folder(f"{run_name}-{run_id or NO_RUN_ID}")
 
     def run_folder(self, name: str) -> RunState:
-        """The run kept in ``<state_dir>/runs/<name>``; ``name`` is a validated folder name (common/config.py)."""
+        """The run kept in ``<state_dir>/runs/<name>``; ``name`` is a validated folder name (common/config/checks.py)."""
         self.migrate_legacy()
         return RunState(self.root / SITE_RUNS_DIR / name, self)
 

@@ -39,7 +39,7 @@ def test_configuration_page_is_generated_from_the_schema():
     page = config_docs.PAGE
     assert page.exists(), f"docs/configuration.md is missing: run {config_docs.COMMAND}"
     assert page.read_text() == config_docs.render(), (
-        f"docs/configuration.md is stale (the schema in common/config.py changed): run {config_docs.COMMAND}"
+        f"docs/configuration.md is stale (the schema in common/config/ changed): run {config_docs.COMMAND}"
     )
 
 
