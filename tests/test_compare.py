@@ -106,7 +106,8 @@ def test_methods_are_a_table_filled_in_from_the_base_settings():
     methods = {m.name: m for m in methods_for(base, [0.1], "/models/other-run")}
     assert "fedavgm" in methods and "no-momentum" not in methods
     assert not {"more-rounds", "fewer-rounds", "fedavg-fewer-rounds"} & set(methods), "odd steps and rounds"
-    assert methods["cyclic"].overrides[-1] == "federation.rounds=21" and "21 rounds x 5 steps" in methods["cyclic"].label
+    cyclic = methods["cyclic"]
+    assert cyclic.overrides[-1] == "federation.rounds=21" and "21 rounds x 5 steps" in cyclic.label
     assert methods["pooled-other-norm"].overrides == ("model.norm=instance",)
     assert methods["fedseg-mu0.1"].overrides == ("train.proximal_mu=0.1",)
     assert methods[PRETRAINED_METHOD].overrides == ("model.init_weights=/models/other-run",)
