@@ -44,8 +44,8 @@ class Event(StrEnum):
     RUN_END = "run-end"
 
 
-EVENT = "event"
-"""The field of every line that names its kind."""
+EVENT, TIME = "event", "time"
+"""The fields of every line: its kind and when it was written (Unix seconds)."""
 
 
 def _jsonable(value: Any) -> Any:
@@ -69,7 +69,7 @@ class MetricsLog:
 
     def write(self, event: Event, **fields: Any) -> dict[str, Any]:
         """Append one ``event`` line with ``fields`` and the time; an event not declared in ``Event`` is refused."""
-        record = {EVENT: str(Event(event)), "time": time.time(), **_jsonable(fields)}
+        record = {EVENT: str(Event(event)), TIME: time.time(), **_jsonable(fields)}
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
         return record
