@@ -30,13 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.metrics_log import Event, MetricsLog, read_events
+from common.metrics_log import EVENT, TIME, Event, MetricsLog, read_events
 from common.runs import METRICS_FILE, REPORT_DIR, TENSORBOARD_DIR
 
 log = logging.getLogger("fedseg.server")
 
 EVENT_FILE_PREFIX = "events.out.tfevents."
-STEP_FIELD, TIME_FIELD, EVENT_FIELD = "round", "time", "event"
+STEP_FIELD, TIME_FIELD, EVENT_FIELD = "round", TIME, EVENT
 QUALIFIERS = ("stage", "model", "site")
 """Text fields that tell apart the events of one kind in one round, appended to the tag in this order."""
 
