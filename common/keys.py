@@ -76,8 +76,6 @@ FINGERPRINT_PREFIX = "fp_"
 TIMELINE_METRICS = ("t_delivered", "t_process_started", "t_bundle_checked", "t_imports_done", "t_data_ready",
                     "t_work_done")
 """Unix times (site clock) at which a message passed the site's stages; the server's timeline (server/receiving_grid.py)."""
-EGRESS_METRICS = frozenset((*TRAIN_METRICS, LEARNING_RATE, NO_SCORE, *EVAL_METRICS, *CROSS_EVAL_METRICS, *TIMELINE_METRICS))
-"""The declared metric names a site may send (plus the per-class Dice and fingerprint prefixes)."""
 EGRESS_MAX_LIST = 16
 """Longest numeric list one metric may hold: enough for percentiles, too short for an image patch."""
 CONTENT_SHA256 = "sha256"
