@@ -100,7 +100,9 @@ class SiteView(Section):
 
     It holds no centre path (runs, certificates, state, pretrained weights), no
     other site's name, no server or privacy setting: what it drops does not
-    exist here, so nothing at a site can read a default in its place.
+    exist here. The site's resolved config (``resolved``) is a whole
+    ``FedsegConfig`` for the code it shares with the centre, so there the
+    centre-only options hold their defaults: site code reads only the view's.
     """
 
     model: ModelView = Field(default_factory=ModelView)  # type: ignore[valid-type]
