@@ -73,14 +73,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.config import ConfigError, apply_overrides, from_dict, read_yaml
+    from common.config import CentreFile, ConfigError, apply_overrides, from_dict, read_yaml
 
     from .compare_run import PRETRAINED_METHOD, Comparison, methods_for
 
     raw = read_yaml(args.config) if args.config else {}
     overrides = [*BENCHMARK, *BUDGETS[args.budget], *(QUICK if args.quick else []), *args.overrides]
     try:
-        base = from_dict(apply_overrides(raw, overrides), "compare settings")
+        base = from_dict(apply_overrides(raw, overrides), "compare settings", CentreFile)
     except ConfigError as err:
         raise UserError(str(err)) from err
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else DEFAULT_SEEDS)
