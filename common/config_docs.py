@@ -6,7 +6,8 @@
 The page is made only from ``common.config.describe_options()`` (every option's
 dotted key, default and one-line description), the docstrings of the
 schema's section classes and the file schemas (which file sets each section),
-so an option added to the schema appears here after one command. tests/test_docs.py fails while the committed page is stale.
+so an option added to the schema appears here after one command.
+tests/test_docs.py fails while the committed page is stale.
 """
 
 from __future__ import annotations

@@ -41,7 +41,8 @@ CENTRE_ONLY_MODEL_KEYS = ("init_weights",)
 """Model options that name centre paths: the weights they point at reach sites as the model itself."""
 
 _RESULTS = "docs/results.md"
-_SERVER_ADAPTIVE = f"FedAdam and FedYogi at the server reached 0.072 and 0.292 mean Dice: they break training ({_RESULTS})"
+_SERVER_ADAPTIVE = (f"FedAdam and FedYogi at the server reached 0.072 and 0.292 mean Dice: they break training "
+                    f"({_RESULTS})")
 
 REMOVED_VALUES: dict[str, dict[Any, str]] = {
     "federation.server_optimizer": {"adam": _SERVER_ADAPTIVE, "yogi": _SERVER_ADAPTIVE},
@@ -137,7 +138,8 @@ _BELONGS = {
 def _elsewhere(dotted: str) -> str:
     """Where the option ``dotted``, refused in the file it was found in, is set instead."""
     section = dotted.split(".", 1)[0]
-    return _BELONGS.get(section, f"'{section}' is set by the centre, in federation.yaml, and reaches sites with the run")
+    centre = f"'{section}' is set by the centre, in federation.yaml, and reaches sites with the run"
+    return _BELONGS.get(section, centre)
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
