@@ -87,9 +87,11 @@ class FedSegStrategy(FedProx):
         """w^t, the global tensors as sent for training this round: the origin of every site's update."""
 
     def summary(self) -> None:
-        log.info("fedseg: norm_mode=%s quorum=%d on_quorum_failure=%s wire=%s",
-                 self.cfg.train.norm_mode, self.cfg.federation.min_sites,
-                 self.cfg.federation.on_quorum_failure, self.cfg.federation.wire_dtype)
+        fed = self.cfg.federation
+        log.info("fedseg: norm_mode=%s schedule=%s quorum=%d on_quorum_failure=%s aggregator=%s secure_aggregation=%s "
+                 "central_dp=%s server_optimizer=%s wire=%s", self.cfg.train.norm_mode, fed.schedule,
+                 self.schedule.quorum, fed.on_quorum_failure, fed.aggregator, fed.secure_aggregation,
+                 self.privacy is not None, fed.server_optimizer, fed.wire_dtype)
         super().summary()
 
     def _round(self, server_round: int) -> int:
