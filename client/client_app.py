@@ -28,7 +28,7 @@ from common.wire import pack, to_wire
 
 from . import egress, inbound, local_dp, secagg, site_history, timeline
 from .cross_eval import class_metrics, cross_evaluate
-from .reasons import UnderSiteFloor, sanitized_reason
+from .reasons import PlainUpdateRefused, UnderSiteFloor, sanitized_reason
 from .site import Site, log_to_site_file
 from .site_data import SiteData, annotator_metrics, fingerprint_reply, require_cohort
 
@@ -43,7 +43,7 @@ def _round_seed(cfg: FedsegConfig, server_round: int) -> int:
 def _train(site: Site, msg: Message) -> Message:
     """Train on the received global model; first score it, when the server asks, for the previous round."""
     started = time.perf_counter()
-    refuse_under_floors(site.cfg)
+    refuse_under_floors(site.cfg, masked=secagg.requested(msg))
     received = site.load_global(msg)
     config = msg.content[keys.CONFIG]
     server_round = int(config[keys.SERVER_ROUND])
@@ -86,9 +86,11 @@ def _train(site: Site, msg: Message) -> Message:
     return reply
 
 
-def refuse_under_floors(cfg: FedsegConfig) -> None:
-    """The site's own floors under what an update is computed from; the centre cannot lower them."""
+def refuse_under_floors(cfg: FedsegConfig, masked: bool) -> None:
+    """The site's own floors under what an update is computed from and how it leaves; the centre cannot lower them."""
     t, floors = cfg.train, cfg.site
+    if floors.require_secure_aggregation and not masked:
+        raise PlainUpdateRefused("the centre asks for a plain update; site.require_secure_aggregation is true")
     if t.local_steps < floors.min_local_steps or t.batch_size < floors.min_batch_size:
         raise UnderSiteFloor(f"train.local_steps {t.local_steps} / batch_size {t.batch_size} under this site's "
                              f"site.min_local_steps {floors.min_local_steps} / min_batch_size {floors.min_batch_size}")

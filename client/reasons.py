@@ -28,6 +28,10 @@ class UnderSiteFloor(ValueError):
     """The centre asks for training under a floor this site set (site.min_local_steps, site.min_batch_size)."""
 
 
+class PlainUpdateRefused(ValueError):
+    """The centre asks for an update in the clear and this site requires secure aggregation."""
+
+
 class TooFewCases(ValueError):
     """A value would be computed from fewer cases than the site's ``site.min_cohort``."""
 
@@ -45,6 +49,8 @@ SANITIZED_REASONS: dict[type[BaseException], str] = {
     LabelMismatch: "the site's label map differs from the federation's; run `fedseg-client check` at the site",
     UnderSiteFloor: "the centre's train.local_steps or train.batch_size is under this site's floor "
                     "(site.min_local_steps, site.min_batch_size): the site does not train",
+    PlainUpdateRefused: "the centre asks for an update in the clear; this site requires secure aggregation "
+                        "(site.require_secure_aggregation): the site does not train",
     TooFewCases: "fewer cases than the site's minimum cohort (site.min_cohort): nothing computed from them is sent",
 }
 DISK_FULL_ERRNOS = frozenset((errno.ENOSPC, errno.EFBIG, errno.EDQUOT))

@@ -288,6 +288,11 @@ class SiteConfig(Section):
         1, "Fewest patches per step (train.batch_size) this site trains with; a centre asking for fewer is refused, "
            "so an update is never the gradient of one patch. Set by the site, never by the centre."
     )
+    require_secure_aggregation: bool = option(
+        False, "true: this site trains only when its update leaves masked (the centre's "
+               "federation.secure_aggregation: secagg+); a request for an update in the clear is refused before "
+               "training. Set by the site, never by the centre."
+    )
     local_dp_noise_multiplier: float = option(
         0.0, "Local DP: this site clips its update (the tensors that leave it) to local_dp_clipping_norm and adds "
              "Gaussian noise of std local_dp_noise_multiplier x local_dp_clipping_norm before it leaves, with or "
