@@ -3,7 +3,7 @@
 Each altered ClientApp runs the real training handler of client/client_app.py
 through the same ``_handle`` path (so through the guard), then attaches
 something that must not leave a hospital. Messages travel through Flower's
-wire representation to the real server strategy (tests/local_grid.py).
+wire representation to the real server strategy (tests/helpers/local_grid.py).
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ from client.cli import main as client_main
 from common import keys
 from common.config import load_config
 from common.files import read_jsonl
-from common.metrics_log import MetricsLog, read_events
+from common.metrics_log import Event, MetricsLog, read_events
 from common.reply_protocol import CROSS_EVAL_QUERY, FINGERPRINT_QUERY
+from common.runs import METRICS_FILE
 from server.checkpoints import Checkpoints
 from server.server_app import initial_weights
 from server.strategy import FedSegStrategy
-from tests.local_grid import LocalGrid, federation
-from tests.tiny import tiny
+from tests.helpers.local_grid import LocalGrid, federation
+from tests.helpers.tiny import tiny
 
 ONE_SITE = tiny("train.local_steps=1", "federation.min_sites=1", "simulation.cpus_per_site=1")
 PATCH = 8
@@ -112,7 +113,7 @@ def test_altered_client_app_is_blocked_and_audited(one_site, alter, leaked, caps
     assert received.has_error() and not received.has_content()
     assert received.error.code == egress.EGRESS_BLOCKED_CODE
     assert received.error.reason == f"site site-1: {egress.BLOCKED_REASON}"
-    failures = [e for e in read_events(run / "metrics.jsonl") if e["event"] == "failure"]
+    failures = list(read_events(run / METRICS_FILE, Event.FAILURE))
     assert [(f["site"], f["stage"]) for f in failures] == [("site-1", "train")]
 
     state = run / "sites" / "site-1"
@@ -133,7 +134,7 @@ def test_honest_reply_leaves_and_matches_what_the_server_received(one_site, caps
     assert received.has_content()
     assert set(received.content) == {keys.ARRAYS, keys.METRICS, keys.IDENTITY}
     (line,) = egress.EgressLog(run / "sites" / "site-1").entries()
-    (train,) = [e for e in read_events(run / "metrics.jsonl") if e["event"] == "train"]
+    (train,) = read_events(run / METRICS_FILE, Event.TRAIN)
     assert line["status"] == "sent" and line["round"] == 1 and line["message_type"] == MessageType.TRAIN
     assert line[keys.CONTENT_SHA256] == train[keys.CONTENT_SHA256] == received.content.object_id
     assert line["keys"][keys.IDENTITY] == [keys.SIGNATURE, keys.SITE]
@@ -157,7 +158,7 @@ def site(one_site):
 
 
 def _request(cfg) -> Message:
-    from tests.flower_messages import incoming
+    from tests.helpers.messages import incoming
 
     config = ConfigRecord({keys.SERVER_ROUND: 3, keys.WIRE_DTYPE: cfg.federation.wire_dtype})
     return incoming(RecordDict({keys.CONFIG: config}), MessageType.TRAIN, node_id=1, server_round=3)
@@ -275,7 +276,7 @@ def test_real_fingerprint_and_identify_replies_pass(site):
     assert keys.FINGERPRINT in fingerprint.content
     assert _check(site, fingerprint.content, FINGERPRINT_QUERY) == []
     identify = RecordDict({keys.CONFIG: ConfigRecord({keys.CROSS_EVAL_TASK: "identify"})})
-    from tests.flower_messages import incoming
+    from tests.helpers.messages import incoming
 
     reply = cross_evaluate(site, incoming(identify, "query.cross_eval", node_id=1))
     assert _check(site, reply.content, CROSS_EVAL_QUERY) == []

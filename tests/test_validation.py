@@ -1,6 +1,6 @@
 """A hostile or broken site's reply is rejected, logged with its reason, and changes nothing.
 
-Five real sites train a real round (tests/hostile.py); site 5's reply is then
+Five real sites train a real round (tests/helpers/hostile.py); site 5's reply is then
 replaced by NaN weights, a wrongly shaped tensor, or its update scaled 100x,
 as a site running modified code would send it. The server must reject it,
 say why in the metrics log, and produce exactly the model the four honest
@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, MessageType
 
-from common.metrics_log import read_events
+from common.metrics_log import Event, read_events
+from common.runs import METRICS_FILE
 from server.validation import ReplyValidator, update_norm
-from tests.flower_messages import reply as make_reply
-from tests.hostile import nan_update, scaled_update, site_name, trained_round, wrong_shape
+from tests.helpers.messages import reply as make_reply
+from tests.helpers.hostile import nan_update, scaled_update, site_name, trained_round, wrong_shape
 
 SCALE = 100.0
 MIN_DICE_LOSS_UNCHECKED = 0.05
@@ -42,7 +43,7 @@ def test_hostile_reply_is_rejected_and_the_model_unchanged(fed, attack, reason):
     name = f"reject-{reason.split()[0]}"
     arrays = fed.aggregate([*honest, attack(fed, victim)], name=name)
     assert _equal(arrays, fed.aggregate(honest, name="four-honest"))
-    failures = [e for e in read_events(fed.run / name / "metrics.jsonl") if e["event"] == "failure"]
+    failures = list(read_events(fed.run / name / METRICS_FILE, Event.FAILURE))
     assert [(f["site"], f["stage"]) for f in failures] == [(site_name(victim), "train")]
     assert reason in failures[0]["reason"]
     assert all(np.isfinite(arrays[k].numpy()).all() for k in arrays)
