@@ -38,8 +38,8 @@ from common.files import atomic_write_text
 from common.flower.constants import SUPERLINK_NODE_ID
 from common.flower.grid import DelegatingGrid
 from common.metrics_log import Event, MetricsLog
-from common.runs import (BEST_CHECKPOINT, CHECKPOINT_DIR, CHECKPOINT_NAMES, CROSS_EVAL_FILE, LAST_CHECKPOINT, PLAN_FILE,
-                         parse_checkpoint_name, run_dir)
+from common.runs import (BEST, BEST_CHECKPOINT, CHECKPOINT_DIR, CHECKPOINT_NAMES, CROSS_EVAL_FILE, LAST,
+                         LAST_CHECKPOINT, PLAN_FILE, parse_checkpoint_name, run_dir)
 from common.wire import named_site, to_wire
 
 from .checkpoints import Checkpoints
@@ -234,10 +234,10 @@ def run_checkpoints(run: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict
     state = ckpt.state
     if not state.last_round:
         return {}, {}
-    last = f"last (round {state.last_round})"
+    last = f"{LAST} (round {state.last_round})"
     if state.best_round == state.last_round or not (ckpt.dir / BEST_CHECKPOINT).is_file():
         return {last: load_file(ckpt.dir / LAST_CHECKPOINT)}, {last: state.last_round}
-    best = f"best (round {state.best_round})"
+    best = f"{BEST} (round {state.best_round})"
     return ({last: load_file(ckpt.dir / LAST_CHECKPOINT), best: load_file(ckpt.dir / BEST_CHECKPOINT)},
             {last: state.last_round, best: state.best_round})
 

@@ -14,8 +14,8 @@ from typing import Any
 from common.config import DataConfig, FedsegConfig, apply_overrides, from_dict
 from common.dataset import DatasetSpec
 from common.metrics_log import Event, read_events
-from common.runs import (BASELINE_SITES_DIR, COMMAND_FILE, COMPARE_RUNS_DIR, CROSS_EVAL_FILE, METRICS_FILE, RESULTS_FILE,
-                         SETTINGS_FILE)
+from common.runs import (BASELINE_SITES_DIR, COMMAND_FILE, COMPARE_RUNS_DIR, CROSS_EVAL_FILE, LAST, METRICS_FILE,
+                         RESULTS_FILE, SETTINGS_FILE)
 
 from . import baselines
 from .compare_methods import Method, table
@@ -24,7 +24,7 @@ from .sites import read_site_specs, site_datasets, with_data_channels
 
 log = logging.getLogger("fedseg.compare")
 
-LAST_MODEL_PREFIX = "last"
+LAST_MODEL_PREFIX = LAST
 """Every method is scored on its final model: choosing a 'best' round on the
 validation cases that are then reported would flatter the federated methods."""
 
