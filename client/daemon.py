@@ -34,6 +34,7 @@ import yaml
 
 from common.cli import UserError, config_from_args
 from common.config import FedsegConfig, SiteConfig
+from common.files import atomic_write_text
 from common.runs import BUNDLE_LOG, DAEMON_FILE, FLWR_HOME, GUARD_BIN, RESOLVED_SITE, SUPERNODE_LOG, WARM_LOG
 
 from .watch import PROBLEMS, SiteWatch
@@ -185,7 +186,7 @@ class Daemon:
         return self._spawn(supernode_command(self.site, site_yaml, port), env, SUPERNODE_LOG)
 
     def _write_status(self, **fields: object) -> None:
-        (self.state / DAEMON_FILE).write_text(json.dumps({"pid": os.getpid(), "time": time.time(), **fields}))
+        atomic_write_text(self.state / DAEMON_FILE, json.dumps({"pid": os.getpid(), "time": time.time(), **fields}))
 
     def serve(self, max_starts: int | None = None) -> int:
         """Run, restart with back-off, return 0 on SIGTERM/SIGINT; ``max_starts`` bounds restarts (tests)."""

@@ -18,6 +18,7 @@ from flwr.app import Message, MetricRecord
 from common import keys
 from common.config import FedsegConfig
 from common.dataset import DatasetSpec, read_dataset
+from common.files import atomic_write_text
 from common.fingerprint import FINGERPRINT_FORMAT, merge_fingerprints, site_fingerprint
 from common.labels import ChannelMismatch, LabelMismatch, describe_coding, remap_table
 from common.evaluation import EvalResult
@@ -142,7 +143,7 @@ def fingerprint(cfg: FedsegConfig, state: SiteState) -> dict:
             return cached["record"]
     record = site_fingerprint(spec, require_cohort(cfg, train_ids, "training"), seed=cfg.data.split_seed,
                               val_cases=len(val_ids))
-    path.write_text(json.dumps({"key": key, "record": record}))
+    atomic_write_text(path, json.dumps({"key": key, "record": record}))
     return record
 
 
