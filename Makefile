@@ -1,6 +1,7 @@
 # Two commands for a fresh machine (Python 3.11 with venv):
 #   make demo   set up .venv and run the local multi-site simulation on built-in synthetic data
 #   make test   set up .venv and run the test suite
+#   make test-fast  the suite without the tests that start processes or run a federation (under two minutes)
 # torch is installed as torch==2.13.0 first: any other spec pulls a multi-GB CUDA build.
 # Every other package is installed at the version in constraints.txt, the versions CI tested.
 
@@ -9,7 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedseg-installed
 PYTHON ?= python3
 
-.PHONY: demo test setup
+.PHONY: demo test test-fast setup
 
 setup: $(STAMP)
 
@@ -25,3 +26,6 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not processes and not simulation"

@@ -37,10 +37,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]  # tests/helpers/deploy_harness.py, the deployed processes the tests start
 
 from common.flower_env import BIN_DIR  # noqa: E402
-from deploy_harness import (  # noqa: E402
+from tests.helpers.deploy_harness import (  # noqa: E402
     GATEWAY_HOST, TINY, Launched, allow, events, federation_yaml, make_site, snapshot_app, wait_for, write_yaml,
 )
 

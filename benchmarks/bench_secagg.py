@@ -3,7 +3,7 @@
 Runs the real strategy (server/strategy.py with server/secure_sum.py) against
 the real ClientApp of every site (client/client_app.py with client/secagg.py,
 local DP and the egress guard included) in one process, through Flower's wire
-format: ``tests/local_grid.py`` deflates every message to bytes and inflates
+format: ``tests/helpers/local_grid.py`` deflates every message to bytes and inflates
 it again, as a SuperLink stores and forwards it. So the bytes are those a
 deployment moves (every message and reply of the protocol, the key and
 share exchanges included), and the seconds are the sites' and the centre's
@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT)]  # tests/local_grid.py, the in-process federation the tests use
+sys.path[:0] = [str(ROOT)]  # tests/helpers/local_grid.py, the in-process federation the tests use
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType  # noqa: E402
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects  # noqa: E402
@@ -68,10 +68,10 @@ from server.checkpoints import Checkpoints  # noqa: E402
 from server.server_app import initial_weights  # noqa: E402
 from server.strategy import FedSegStrategy  # noqa: E402
 from simulations.synthetic import generate_federation  # noqa: E402
-from tests.local_grid import LocalGrid, federation  # noqa: E402
+from tests.helpers.local_grid import LocalGrid, federation  # noqa: E402
 
 SPLIT_SEED = 6
-"""Gives each 4-case synthetic site 3 training and 1 validation case (tests/hostile.py), so plain weights are equal."""
+"""Gives each 4-case synthetic site 3 training and 1 validation case (tests/helpers/hostile.py), so plain weights are equal."""
 DEFAULT_MODEL = ["model.in_channels=1", "model.out_channels=2", "data.patch_size=[16, 16, 16]",
                  "train.local_steps=1", "train.batch_size=2", "train.hd95=false", "federation.cross_eval=false",
                  f"data.split_seed={SPLIT_SEED}"]

@@ -25,17 +25,17 @@ def tiny_federation(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def quorum_run(tmp_path_factory):
-    """One real Flower simulation (SuperLink, simulation engine, Ray) shared by test_simulation and test_dp.
+    """One real Flower simulation (SuperLink, simulation engine, Ray) shared by test_simulation and
+    test_tensorboard: the plain federation, no privacy option on (test_dp runs its own with central DP).
 
     Three tiny sites, the third with a label file that is not NIfTI, so two sites
-    carry every round on the quorum; central DP is on (privacy.noise_multiplier
-    0.5, clipping 2.0); the metrics log is mirrored live to TensorBoard
+    carry every round on the quorum; the metrics log is mirrored live to TensorBoard
     (test_tensorboard). Returns (config, run directory, shown lines).
     """
     from common.config import load_config
     from simulations.runner import run_simulation
     from simulations.synthetic import generate_federation
-    from tests.tiny import tiny
+    from tests.helpers.tiny import tiny
 
     root = tmp_path_factory.mktemp("sim")
     data = root / "data"
@@ -47,8 +47,17 @@ def quorum_run(tmp_path_factory):
         "federation.min_sites=2", "federation.cross_eval=false", "simulation.num_sites=3",
         "simulation.cases_per_site=4", "simulation.volume_shape=[32, 32, 24]", "simulation.seed=1",
         f"simulation.data_dir={data}", "simulation.cpus_per_site=1", "simulation.ray_num_cpus=2", "train.hd95=true",
-        "privacy.noise_multiplier=0.5", "privacy.clipping_norm=2.0", "federation.tensorboard=true",
+        "federation.tensorboard=true",
     ))
     lines: list[str] = []
     run = run_simulation(cfg, show=lines.append)
     return cfg, run, lines
+
+
+@pytest.fixture
+def trained_site(tmp_path):
+    """A run folder as the centre hands it out, a site that trained in it (its own norm tensors) and scans:
+    (run, site.yaml, scans) of tests/helpers/run_folders.py."""
+    from tests.helpers.run_folders import trained_site
+
+    return trained_site(tmp_path)

@@ -13,7 +13,7 @@ from common.evaluation import evaluate
 from common.sampling import PatchSampler, fuse
 from common.plan import make_plan
 from common.preprocess import PreprocessedCases
-from tests.nifti_cases import nnunet_dataset
+from tests.helpers.nifti_cases import nnunet_dataset
 
 
 class Threshold(nn.Module):

@@ -10,7 +10,7 @@ import yaml
 
 from client.check import check_dataset
 from client.cli import main
-from tests.nifti_cases import RAS, nnunet_dataset, oblique, phantom, save
+from tests.helpers.nifti_cases import RAS, nnunet_dataset, oblique, phantom, save
 
 
 def _site_yaml(tmp_path, root):
@@ -138,7 +138,7 @@ def test_unpaired_files_and_a_stale_num_training_are_reported(tmp_path, capsys):
 def test_msd_unpaired_entries_and_labelled_test_cases(tmp_path):
     import json
 
-    from tests.nifti_cases import msd_dataset
+    from tests.helpers.nifti_cases import msd_dataset
 
     root = msd_dataset(tmp_path / "Task01_X", n_cases=4, modalities=("T1",))
     meta = json.loads((root / "dataset.json").read_text())

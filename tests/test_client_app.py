@@ -11,9 +11,10 @@ from client.site_state import SiteState
 from common import keys
 from common.params import run_model
 from common.wire import unpack
-from tests.site_harness import context, handle, run_fresh, server_message, site_setup
+from tests.helpers.site_harness import context, handle, run_fresh, server_message, site_setup
 
 
+@pytest.mark.processes
 def test_norm_tensors_survive_a_fresh_client_process(tmp_path, tiny_federation):
     cfg, site_yaml = site_setup(tmp_path, tiny_federation["site-1"])
     assert run_fresh(cfg, site_yaml, "train", 1)["error"] is None

@@ -13,9 +13,10 @@ from simulations.compare_methods import Method
 
 METHODS = ["local", "pooled", "fedseg"]
 SMALLER = ["--set", "data.patch_size=[16, 16, 16]", "--set", "train.batch_size=1", "--set", "simulation.cpus_per_site=1"]
-"""On top of --quick: the tiny patch and batch of tests/tiny.py, and the simulated sites side by side."""
+"""On top of --quick: the tiny patch and batch of tests/helpers/tiny.py, and the simulated sites side by side."""
 
 
+@pytest.mark.simulation
 def test_quick_compare_writes_table_plots_and_resumes(tmp_path):
     out = tmp_path / "cmp"
     args = ["compare", "--quick", "--methods", *METHODS, "--out", str(out),

@@ -16,7 +16,9 @@ from common.runs import CROSS_EVAL_FILE
 from server.cross_eval import resolve_checkpoint
 from server.report import write_report
 from simulations.runner import run_simulation
-from tests.tiny import tiny
+from tests.helpers.tiny import tiny
+
+pytestmark = pytest.mark.simulation
 
 HELD_OUT_RUN = tiny(
     "model.channels=[4, 8, 16]", "train.adapt_norm_steps=2", "federation.rounds=2",
@@ -106,7 +108,7 @@ def test_a_hostile_cross_eval_reply_is_left_out_not_fatal():
     from flwr.app import MetricRecord, RecordDict
 
     from server.cross_eval import MESSAGE_TYPE, Cell, _cell
-    from tests.flower_messages import reply as site_reply
+    from tests.helpers.messages import reply as site_reply
 
     def reply(**metrics):
         return site_reply(RecordDict({keys.METRICS: MetricRecord(metrics)}), 1, MESSAGE_TYPE)

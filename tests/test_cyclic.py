@@ -15,7 +15,7 @@ from common.config import ConfigError, load_config
 from common.metrics_log import read_events
 from common.runs import METRICS_FILE
 from simulations.runner import run_simulation
-from tests.tiny import tiny
+from tests.helpers.tiny import tiny
 
 ROUNDS = 4
 CYCLIC = tiny(
@@ -26,6 +26,7 @@ CYCLIC = tiny(
 )
 
 
+@pytest.mark.simulation
 def test_each_round_trains_the_next_site_in_turn(tmp_path):
     cfg = load_config(None, [*CYCLIC, f"federation.runs_dir={tmp_path / 'runs'}",
                              f"simulation.data_dir={tmp_path / 'data'}", "federation.run_name=cyclic"])
@@ -56,7 +57,7 @@ HUGE = 1e12
 
 
 def _cyclic_run(tmp_path, tamper, *overrides: str, rounds: int = 4) -> list[dict]:
-    """A cyclic run of the real strategy and the real ClientApp over Flower's wire (tests/local_grid.py);
+    """A cyclic run of the real strategy and the real ClientApp over Flower's wire (tests/helpers/local_grid.py);
     ``tamper(round, node, reply)`` may replace a site's training reply after it left the site."""
     from flwr.app import ArrayRecord, ConfigRecord
 
@@ -66,7 +67,7 @@ def _cyclic_run(tmp_path, tamper, *overrides: str, rounds: int = 4) -> list[dict
     from server.server_app import initial_weights
     from server.strategy import FedSegStrategy
     from simulations.synthetic import generate_federation
-    from tests.local_grid import LocalGrid, federation
+    from tests.helpers.local_grid import LocalGrid, federation
 
     datasets = generate_federation(tmp_path / "data", n_sites=2, n_cases=4, shape=(32, 32, 24), strength=1.0,
                                    seed=0)
@@ -99,10 +100,11 @@ def _cyclic_run(tmp_path, tamper, *overrides: str, rounds: int = 4) -> list[dict
     return list(read_events(run / METRICS_FILE))
 
 
+@pytest.mark.simulation
 def test_one_huge_update_does_not_stall_the_cycle(tmp_path):
     """Round 1's site sends a finite update 10^12 times its own: before, it became the model, no site could train
     on it, every later round was skipped and the model kept, for good."""
-    from tests.hostile import scaled_update
+    from tests.helpers.hostile import scaled_update
 
     log = _cyclic_run(tmp_path, lambda rnd, reply, start: scaled_update(reply, start, HUGE) if rnd == 1 else reply)
     failed = [(e["round"], e["reason"]) for e in log if e["event"] == "failure"]
@@ -111,13 +113,14 @@ def test_one_huge_update_does_not_stall_the_cycle(tmp_path):
     assert [rounds[r]["sites_ok"] for r in (2, 3, 4)] == [1, 1, 1], "the cycle stalled after the huge update"
 
 
+@pytest.mark.simulation
 def test_a_round_whose_site_cannot_train_goes_back_to_the_last_model_a_site_trained_on(tmp_path):
     """With the norm bound off the huge update becomes the model; the next site cannot train on it, so that round
     goes back to the model round 1's site trained on, and the cycle goes on from there."""
     import torch
     from safetensors.torch import load_file
 
-    from tests.hostile import scaled_update
+    from tests.helpers.hostile import scaled_update
 
     log = _cyclic_run(tmp_path, lambda rnd, reply, start: scaled_update(reply, start, HUGE) if rnd == 1 else reply,
                       "federation.norm_bound=0")

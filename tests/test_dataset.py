@@ -12,7 +12,7 @@ from common.dataset import DatasetError, read_dataset, split_cases
 from common.fingerprint import merge_fingerprints, site_fingerprint
 from common.plan import make_plan
 from common.preprocess import PreprocessedCases
-from tests.nifti_cases import msd_dataset, nnunet_dataset
+from tests.helpers.nifti_cases import msd_dataset, nnunet_dataset
 
 
 def _plan(spec, *overrides):

@@ -20,9 +20,11 @@ from common.flower_env import free_port
 from server.certs import init_pki
 from simulations.synthetic import generate_federation
 
-from deploy_harness import (
+from tests.helpers.deploy_harness import (
     GATEWAY_HOST, Launched, allow, events, federation_yaml, make_site, run_cli, snapshot_app, wait_for, write_yaml,
 )
+
+pytestmark = pytest.mark.processes
 
 GOOD = ["site-1", "site-2"]
 UNAPPROVED = "site-3"

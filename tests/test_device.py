@@ -21,7 +21,7 @@ from common.evaluation import evaluate
 from common.training import train_local
 from common.model import build_model
 from common.prefetch import Prefetcher
-from tests.tiny import tiny
+from tests.helpers.tiny import tiny
 
 
 def test_auto_is_the_cpu_here_and_fp32_is_the_default():

@@ -32,9 +32,9 @@ from common.plan import ChannelNorm, Plan
 from common.reading import IMAGE, LABEL, load_image, load_label, read_case
 from simulations.cli import main as sim_main
 from simulations.synthetic import default_signatures, generate_site
-from tests.dicom_cases import IDENTITY, INTERCEPT, SLOPE, nifti_to_dicom_case, write_series
-from tests.nifti_cases import phantom, save
-from tests.tiny import TINY
+from tests.helpers.dicom_cases import IDENTITY, INTERCEPT, SLOPE, nifti_to_dicom_case, write_series
+from tests.helpers.nifti_cases import phantom, save
+from tests.helpers.tiny import TINY
 
 SHAPE = (32, 32, 24)
 CASES = 4
@@ -139,6 +139,7 @@ def test_a_series_reads_as_the_nifti_it_was_made_from(sites):
         "original_affine", "filename_or_obj", "space", "pixdim", "affine", "original_channel_dim"}
 
 
+@pytest.mark.simulation
 def test_a_round_on_a_dicom_site_and_a_seg_on_the_source_voxels(sites, run, tmp_path, capsys):
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     trained = {e["site"] for e in events if e["event"] == "train"}

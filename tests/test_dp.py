@@ -1,6 +1,6 @@
 """Central differential privacy: Flower's clipping wrapper on fedseg's strategy, its budget, end to end.
 
-The end-to-end test runs the real simulation (Flower's simulation engine,
+The end-to-end test runs its own real simulation (Flower's simulation engine,
 the same ServerApp and ClientApp as a deployment) with DP on and checks the
 metrics log carries epsilon every round, and that every site's egress log
 matches, hash for hash, what the server logged as received.
@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType
 from safetensors.torch import load_file
 
 from common import keys
@@ -25,8 +25,8 @@ from common.runs import EGRESS_FILE
 from server.checkpoints import Checkpoints
 from server.dp import CentralDP
 from server.strategy import FedSegStrategy
-from tests.flower_messages import reply
-from tests.local_grid import LocalGrid
+from tests.helpers.messages import train_reply
+from tests.helpers.local_grid import LocalGrid
 
 DELTA = 1e-5
 SIZE = 20_000
@@ -60,13 +60,10 @@ def test_epsilon_grows_with_rounds_and_shrinks_with_noise():
 # --- the DP step of fedseg's strategy, with hand-made replies ----------------------------
 
 
-def _train_reply(node: int, site: str, update: np.ndarray, signature: str, n: int = 1):
-    content = RecordDict({
-        keys.ARRAYS: ArrayRecord({"w": Array(update.astype(np.float32))}),
-        keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: n, "loss": 1.0, "proximal_loss": 0.0, "duration_s": 1.0}),
-        keys.IDENTITY: ConfigRecord({keys.SITE: site, keys.SIGNATURE: signature}),
-    })
-    return reply(content, node, MessageType.TRAIN)
+def _train_reply(node: int, site: str, update: np.ndarray, signature: str, n: int = 1) -> Message:
+    """Site ``site`` sends ``update`` as the model's one array ``w``, claiming ``n`` cases."""
+    arrays = ArrayRecord({"w": Array(update.astype(np.float32))})
+    return train_reply(node, site, arrays=arrays, n=n, signature=signature)
 
 
 def _dp_strategy(tmp_path, *overrides: str):
@@ -170,9 +167,28 @@ def test_budget_accumulates_over_released_rounds(dp):
 # --- end to end in the simulation -----------------------------------------------------------
 
 
-def test_dp_runs_end_to_end_in_the_simulation(quorum_run):
-    """The shared simulation of tests/conftest.py (DP on, two sound sites, a third whose data is broken)."""
-    _, run, _ = quorum_run
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory):
+    """A real Flower simulation (SuperLink, simulation engine, Ray) with central DP on: two tiny sites, two rounds,
+    privacy.noise_multiplier 0.5 and clipping 2.0."""
+    from simulations.runner import run_simulation
+    from tests.helpers.tiny import tiny
+
+    root = tmp_path_factory.mktemp("dp-sim")
+    cfg = load_config(None, tiny(
+        "federation.run_name=dp-sim", f"federation.runs_dir={root / 'runs'}", "federation.rounds=2",
+        "federation.min_sites=2", "federation.cross_eval=false", "simulation.num_sites=2",
+        "simulation.cases_per_site=4", "simulation.volume_shape=[32, 32, 24]", "simulation.seed=1",
+        f"simulation.data_dir={root / 'data'}", "simulation.cpus_per_site=1", "simulation.ray_num_cpus=2",
+        "privacy.noise_multiplier=0.5", "privacy.clipping_norm=2.0",
+    ))
+    return run_simulation(cfg, show=lambda line: None)
+
+
+@pytest.mark.simulation
+def test_dp_runs_end_to_end_in_the_simulation(dp_run):
+    """Two sound sites, two rounds: an epsilon per release, and what each site sent is what the centre received."""
+    run = dp_run
     events = list(read_events(run / "metrics.jsonl"))
     privacy = [e for e in events if e["event"] == "privacy"]
     assert [e["round"] for e in privacy] == [1, 2]

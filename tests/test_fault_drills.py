@@ -41,10 +41,12 @@ from simulations.synthetic import generate_federation
 
 from common.processes import descendants
 from common.runs import CHECKPOINT_DIR, ROUND_CHECKPOINT
-from deploy_harness import (
+from tests.helpers.deploy_harness import (
     GATEWAY_HOST, Launched, TcpProxy, allow, events, federation_yaml, make_site, site_norm_files, snapshot_app,
     wait_for,
 )
+
+pytestmark = pytest.mark.processes
 
 SITES = ["site-1", "site-2"]
 ROUNDS = 4

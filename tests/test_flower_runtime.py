@@ -79,7 +79,7 @@ def test_the_supernode_patches_find_the_loops_time_and_its_pull_step():
 
 def test_the_noted_pull_reports_the_id_of_the_message_flower_received():
     """The wrapper's contract with Flower's step: ``receive()`` returns ``(message, tree)`` or None."""
-    from tests.flower_messages import incoming
+    from tests.helpers.messages import incoming
     from flwr.app import RecordDict
 
     noted, message = [], incoming(RecordDict(), "train", node_id=1)

@@ -24,6 +24,8 @@ import pytest
 
 from server.fleet_gateway import (BODY_GRACE_S, CHECK_EVERY_S, HANDSHAKE_TIMEOUT_S, MAX_CONNECTIONS, MAX_PER_PEER)
 
+pytestmark = pytest.mark.processes
+
 HOST = "127.0.0.1"
 SITE = "127.0.0.1"
 """The address a well-behaved site connects from."""

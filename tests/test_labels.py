@@ -15,10 +15,10 @@ from common.labels import LabelMismatch, coding_problem, label_codes, remap_tabl
 from common.metrics_log import MetricsLog
 from server.planning import plan_config, plan_federation
 from server.server_app import with_planned_model
-from tests.local_grid import LocalGrid, federation
-from tests.nifti_cases import split_into_two_classes
-from tests.site_harness import server_message
-from tests.tiny import tiny
+from tests.helpers.local_grid import LocalGrid, federation
+from tests.helpers.nifti_cases import split_into_two_classes
+from tests.helpers.site_harness import server_message
+from tests.helpers.tiny import tiny
 
 CORE_RIM = {"background": 0, "core": 1, "rim": 2}
 RIM_CORE = {"background": 0, "rim": 1, "core": 2}

@@ -33,9 +33,9 @@ from common.wire import from_wire, unpack
 from server.checkpoints import Checkpoints
 from server.server_app import initial_weights
 from server.strategy import FedSegStrategy
-from tests.local_grid import LocalGrid, federation
-from tests.site_harness import handle, run_fresh, site_setup
-from tests.tiny import tiny
+from tests.helpers.local_grid import LocalGrid, federation
+from tests.helpers.site_harness import handle, run_fresh, site_setup
+from tests.helpers.tiny import tiny
 
 Z, C, DELTA = 0.8, 0.05, 1e-5
 """The site's local DP in these tests: noise std Z * C = 0.04 per coordinate."""
@@ -186,6 +186,7 @@ def test_norm_tensors_are_never_noised_and_the_update_leaves_noised(tmp_path, ti
     assert affine and all(not torch.equal(private[k], plain[k]) for k in affine)  # stats mode: they leave, noised
 
 
+@pytest.mark.processes
 def test_status_shows_the_accountants_epsilon_and_it_survives_a_restart(tmp_path, tiny_federation, capsys):
     cfg, site_yaml = _site(tmp_path, tiny_federation["site-1"], LOCAL_DP)
     for server_round in (1, 2):
@@ -219,6 +220,7 @@ def test_the_centre_cannot_lower_the_sites_floors_or_turn_off_its_local_dp(tmp_p
     assert run.info()["local_dp"]["releases"][0]["clipping_norm"] == C
 
 
+@pytest.mark.simulation
 def test_with_secure_aggregation_the_noise_is_in_what_the_centre_unmasks(tmp_path, tiny_federation):
     """Three sites with local DP under SecAgg+: the centre's mean update is the mean of noised updates.
 

@@ -12,7 +12,7 @@ from common.model import build_model
 from common.personalize import output_layer, personal_parameters, personalize
 from common.preprocess import Volume
 from common.training import make_optimizer
-from tests.tiny import tiny
+from tests.helpers.tiny import tiny
 
 TINY = tiny("model.channels=[4, 8, 16]", "data.spacing=[1.0, 1.0, 1.0]")
 

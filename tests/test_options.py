@@ -18,7 +18,7 @@ from common.plan import make_plan
 from common.preprocess import Volume
 from common.training import train_local
 from tests.test_plan import hand_made
-from tests.tiny import tiny
+from tests.helpers.tiny import tiny
 
 SHAPE = (24, 24, 24)
 

@@ -27,8 +27,8 @@ from simulations.cli import main as sim_main
 from simulations.compare_run import federated_result
 from simulations.sites import read_site_specs, with_data_channels
 from simulations.synthetic import default_signatures, generate_site
-from tests.nifti_cases import nnunet_dataset
-from tests.tiny import TINY
+from tests.helpers.nifti_cases import nnunet_dataset
+from tests.helpers.tiny import TINY
 
 SHAPE = (32, 32, 24)
 TRAIN_CASES, TEST_CASES = 4, 2
@@ -94,6 +94,7 @@ def test_layouts_expose_their_test_sets(own_sites):
     assert read_dataset(folders["south"]).layout == "msd"
 
 
+@pytest.mark.simulation
 def test_run_on_own_sites_scores_test_sets_and_the_held_out_site_on_everything(own_run):
     events = list(read_events(own_run / "metrics.jsonl"))
     assert events[0]["sites"] == ["north", "south"] and events[-1]["status"] == "completed"
@@ -115,11 +116,13 @@ def test_run_on_own_sites_scores_test_sets_and_the_held_out_site_on_everything(o
     assert {e["num_examples"] for e in events if e["event"] == "evaluate"} == {1}
 
 
+@pytest.mark.simulation
 def test_channels_come_from_dataset_json(own_run):
     snapshot = yaml.safe_load((own_run / "config.yaml").read_text())
     assert (snapshot["model"]["in_channels"], snapshot["model"]["out_channels"]) == (1, 2)
 
 
+@pytest.mark.simulation
 def test_pictures_stay_at_each_site_and_nothing_image_like_left(own_run):
     for name in ("north", "south", "east"):
         (picture,) = (own_run / "sites" / name / "report").glob("*.png")
@@ -136,6 +139,7 @@ def test_pictures_stay_at_each_site_and_nothing_image_like_left(own_run):
     assert {p.relative_to(own_run).parts[::2] for p in own_run.rglob("*.png")} == {("sites", "report")}
 
 
+@pytest.mark.simulation
 def test_site_side_report_command(own_run, tmp_path, capsys):
     from client.cli import main as client_main
 
@@ -153,6 +157,7 @@ def test_site_side_report_command(own_run, tmp_path, capsys):
     assert list(out.glob("east-*.png"))
 
 
+@pytest.mark.simulation
 def test_compare_quick_on_own_sites(own_sites, tmp_path):
     config, _ = own_sites
     out = tmp_path / "cmp"

@@ -14,7 +14,7 @@ from common.fingerprint import (AXES, FINGERPRINT_FORMAT, INTENSITY_LEVELS, SPAC
                                 site_fingerprint)
 from common.labels import channel_codes, label_codes
 from common.plan import Plan, PlanError, make_plan
-from tests.nifti_cases import nnunet_dataset
+from tests.helpers.nifti_cases import nnunet_dataset
 
 P = keys.FINGERPRINT_PREFIX
 
@@ -143,7 +143,7 @@ def test_plan_made_through_the_real_client_app(tmp_path, tiny_federation):
     """ServerApp side: query every site through Flower's wire format, merge, write plan.json."""
     from client.client_app import app
     from server.planning import plan_federation
-    from tests.local_grid import LocalGrid, federation
+    from tests.helpers.local_grid import LocalGrid, federation
 
     cfg = load_config(None, ["model.channels=[8, 16, 32]", "model.strides=[2, 2]",
                              f"federation.runs_dir={tmp_path / 'runs'}", "federation.run_name=plan"])

@@ -9,7 +9,6 @@ import pytest
 import torch
 import yaml
 from monai.inferers import sliding_window_inference
-from safetensors.torch import save_file
 from scipy import ndimage
 
 from client.cli import main
@@ -20,34 +19,15 @@ from common.dataset import Case
 from common.model import build_model
 from common.plan import ChannelNorm, Plan
 from common.preprocess import prepare_case
-from server.server_app import initial_weights
-from tests.nifti_cases import LPS, RAS, oblique, phantom, save
-from tests.tiny import tiny
+from tests.helpers.nifti_cases import LPS, RAS, oblique, phantom, save
+from tests.helpers.run_folders import TINY, run_folder, run_plan
 
 AFFINES = {"RAS": RAS, "LPS": LPS, "oblique": oblique()}
-TINY = tiny("train.adapt_norm_steps=2")
-
-
-def _plan(spacing) -> Plan:
-    return Plan(tuple(spacing), (16, 16, 16), (ChannelNorm("zscore"),), (24, 20, 16))
 
 
 def _case(tmp_path, affine):
     image, label = phantom(lesion=5)
     return Case("c", (save(image, affine, tmp_path / "c_0000.nii.gz"),), (save(label, affine, tmp_path / "c.nii.gz"),)), label
-
-
-def run_folder(tmp_path, checkpoints: tuple[str, ...]):
-    """A run folder as the centre hands it to hospitals: config.yaml, plan.json and global checkpoints."""
-    cfg = load_config(None, TINY)
-    run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    (run / "config.yaml").write_text(cfg.to_yaml())
-    _plan([1.0, 1.2, 2.0]).save(run / "plan.json")
-    weights, _ = initial_weights(cfg)
-    for name in checkpoints:
-        save_file(weights, str(run / "checkpoints" / f"{name}.safetensors"))
-    return run
 
 
 @pytest.mark.parametrize("orientation", list(AFFINES))
@@ -58,7 +38,7 @@ def test_plan_space_maps_back_onto_the_input_grid(tmp_path, orientation):
     case, label = _case(tmp_path, affine)
     zooms = np.linalg.norm(affine[:3, :3], axis=0)
     ras_zooms = zooms[np.argsort(nib.orientations.io_orientation(affine)[:, 0])]
-    native, coarse_plan = _plan(ras_zooms), _plan([2.0, 2.0, 2.0])
+    native, coarse_plan = run_plan(ras_zooms), run_plan([2.0, 2.0, 2.0])
     image = prepare_image(case.images, native)
     _, plan_labels = prepare_case(case, native)  # native spacing: the round trip is exact
     assert np.array_equal(label_to_file_grid(plan_labels[0], image), label)
@@ -217,7 +197,7 @@ def test_probabilities_go_back_with_background_one_outside_the_crop(tmp_path):
     image = phantom(lesion=5)[0]
     image[:5] = 0  # cropped away along the file's first axis (R-L in LPS)
     path = save(image, LPS, tmp_path / "p_0000.nii.gz")
-    plan = _plan([2.0, 2.0, 2.0])
+    plan = run_plan([2.0, 2.0, 2.0])
     prepared = prepare_image((path,), plan)
     plan_probs = np.stack([np.full(prepared.shape[1:], 0.25), np.full(prepared.shape[1:], 0.75)]).astype(np.float16)
     back = probabilities_to_file_grid(plan_probs, prepared)
@@ -231,7 +211,7 @@ def _warned(capsys) -> str:
 
 
 def test_predict_warns_about_a_modality_the_model_never_saw_and_strict_refuses(tmp_path, capsys):
-    from tests.dicom_cases import write_series
+    from tests.helpers.dicom_cases import write_series
 
     run = run_folder(tmp_path, ("best",))  # trained on a z-scored (non-CT) channel
     image, _ = phantom()
@@ -277,7 +257,7 @@ def test_inputs_that_cannot_run_are_refused_before_anything_is_written(tmp_path,
     assert main(["predict", "--run", str(run), "--input", str(one), "--output", str(out),
                  "--output-format", "dicom-seg"]) == 2
     assert "needs a DICOM series input" in _warned(capsys) and not out.exists()
-    from tests.dicom_cases import write_series
+    from tests.helpers.dicom_cases import write_series
 
     gappy = tmp_path / "dicom" / "gappy_0000"
     write_series(image, oblique(), gappy, skip=(3,))

@@ -15,8 +15,7 @@ from common.metrics_log import MetricsLog, read_events
 from common.params import run_model, select
 from common.runs import METRICS_FILE, site_view
 from server.pretrained import EVENT, PretrainedError, start_weights
-from tests.test_predict import TINY
-from tests.test_site_model import trained_site  # noqa: F401  (fixture: a run folder and a site that trained in it)
+from tests.helpers.run_folders import TINY
 
 OTHER_SEED = "train.seed=7"
 """The new run's own seeded init differs from the file's values, so a loaded tensor is told from a seeded one."""
@@ -40,7 +39,7 @@ def _seeded(*overrides: str) -> tuple[dict[str, torch.Tensor], str]:
     return select(model, split.travelling), signature
 
 
-def test_start_from_an_export_folder_and_from_a_run_folder(tmp_path, trained_site):  # noqa: F811
+def test_start_from_an_export_folder_and_from_a_run_folder(tmp_path, trained_site):
     run, site, _ = trained_site
     exported = tmp_path / "exported"
     assert client_main(["export", "--config", str(site), "--run", str(run), "--out", str(exported)]) == 0

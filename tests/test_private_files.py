@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from common.private import DIR_MODE, FILE_MODE
-from tests.test_site_model import trained_site  # noqa: F401  (fixture: a run folder and a site that trained in it)
 
 
 @pytest.fixture
@@ -65,7 +64,7 @@ def test_a_report_picture_is_owner_only(tmp_path, open_umask):
     assert path.is_file() and _mode(path) == FILE_MODE
 
 
-def test_an_exported_model_folder_is_owner_only(tmp_path, trained_site, open_umask):  # noqa: F811
+def test_an_exported_model_folder_is_owner_only(tmp_path, trained_site, open_umask):
     from client.cli import main
 
     run, site, _ = trained_site

@@ -23,7 +23,7 @@ from common.flower_env import flower_command, free_port
 from common.metrics_log import read_events
 from common.processes import descendants, stop_tree
 from simulations.runner import federation_config, run_simulation
-from tests.tiny import tiny
+from tests.helpers.tiny import tiny
 
 HEAD_START_S = 60.0
 
@@ -66,6 +66,8 @@ def test_federation_config_asks_for_a_gpu_share_and_leaves_cpus_to_a_joined_clus
     assert "init-args-num-cpus" not in federation_config(joined, 3)
 
 
+@pytest.mark.simulation
+@pytest.mark.processes
 def test_simulation_runs_on_an_existing_ray_cluster(tmp_path, ray_head):
     address, head_logs = ray_head
     cfg = load_config(None, [
@@ -92,7 +94,7 @@ def test_own_sites_on_a_ray_cluster_are_warned_about_once_at_start(tmp_path, cap
     import yaml
 
     from simulations.cli import main as sim_main
-    from tests.nifti_cases import nnunet_dataset
+    from tests.helpers.nifti_cases import nnunet_dataset
 
     sites = {n: {"data_dir": str(nnunet_dataset(tmp_path / n, n_cases=2, channels=c))}
              for n, c in {"a": ("CT",), "b": ("CT", "PET")}.items()}

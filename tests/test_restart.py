@@ -13,7 +13,7 @@ from common.flower_env import free_port
 from common.runs import METRICS_FILE, SERVER_CONFIG_FILE
 from server.launcher import claim_centre, prepare
 from server.resume import ConfigChanged, restarted_config
-from tests.tiny import TINY, tiny
+from tests.helpers.tiny import TINY, tiny
 
 
 def centre_config(tmp_path, *overrides: str):

@@ -20,7 +20,7 @@ from flwr.app import Array, ArrayRecord
 
 from common.config import ConfigError, load_config
 from server import aggregation_rules as rules
-from tests.hostile import N_SITES, scaled_update, trained_round
+from tests.helpers.hostile import N_SITES, scaled_update, trained_round
 
 NORM_BOUND = 10.0
 ATTACK_SHARE_OF_BOUND = 0.8
@@ -46,12 +46,14 @@ def attacked(fed, hostile: int) -> list:
     return replies
 
 
+@pytest.mark.simulation
 def test_the_attack_hurts_the_plain_mean(fed):
     clean = fed.dice(fed.aggregate(fed.honest, name="mean-clean"))
     losses = [clean - fed.dice(fed.aggregate(attacked(fed, k), name=f"mean-{k}")) for k in range(N_SITES)]
     assert max(losses) > MIN_MEAN_DICE_LOSS, losses
 
 
+@pytest.mark.simulation
 @pytest.mark.parametrize("aggregator", sorted(ROBUST))
 def test_robust_aggregation_keeps_mean_dice_within_target_whichever_site_is_hostile(fed, aggregator):
     clean = fed.dice(fed.aggregate(fed.honest, *ROBUST[aggregator], name=f"{aggregator}-clean"))

@@ -27,10 +27,12 @@ from server.certs import init_pki
 from server.cli import main as server_main
 from simulations.synthetic import generate_federation
 
-from deploy_harness import (
+from tests.helpers.deploy_harness import (
     GATEWAY_HOST, Launched, allow, events, federation_yaml, make_site, site_norm_files, snapshot_app, wait_for,
     write_yaml,
 )
+
+pytestmark = pytest.mark.processes
 
 SITES = ["site-1", "site-2"]
 QUIET_SCORING = {"personalize_steps": 0, "adapt_norm_steps": 0}

@@ -1,7 +1,7 @@
 """Secure aggregation (SecAgg+, federation.secure_aggregation: secagg+): the centre learns the sum, not an update.
 
 Every federation here is the real strategy and the real ClientApp over Flower's
-wire in one process (tests/local_grid.py): three tiny sites, the keys, shares,
+wire in one process (tests/helpers/local_grid.py): three tiny sites, the keys, shares,
 masked updates and unmask shares all made by the sites' own code. Observers
 (they call through, changing nothing) note each site's update, what it
 quantized and what the centre unmasked, so that the tests can compare the centre's sum
@@ -32,9 +32,9 @@ from server.checkpoints import Checkpoints
 from server.server_app import initial_weights
 from server.strategy import FedSegStrategy
 from simulations.synthetic import generate_federation
-from tests.flower_messages import incoming
-from tests.local_grid import LocalGrid, federation
-from tests.tiny import tiny
+from tests.helpers.messages import incoming
+from tests.helpers.local_grid import LocalGrid, federation
+from tests.helpers.tiny import tiny
 
 SITES = 3
 SPLIT_SEED = 6
@@ -124,6 +124,7 @@ def rounds_aggregated(events: list[dict]) -> list[tuple[int, int]]:
 # --- the sum, and what one masked vector says ---------------------------------------------------------------------
 
 
+@pytest.mark.simulation
 def test_the_centre_unmasks_exactly_the_sum_of_the_quantized_updates(tmp_path, datasets, observed):
     done = run(tmp_path, datasets, *SECURE)
     assert len(observed.quantized) == SITES and len(observed.totals) == 1
@@ -136,6 +137,7 @@ def test_the_centre_unmasks_exactly_the_sum_of_the_quantized_updates(tmp_path, d
         assert keys.NUM_EXAMPLES not in reply.content[keys.METRICS]
 
 
+@pytest.mark.simulation
 def test_a_masked_vector_is_unrelated_to_the_update_it_hides(tmp_path, datasets, observed):
     done = run(tmp_path, datasets, *SECURE)
     masked = [r.content[keys.ARRAYS][secagg.MASKED].numpy() for r in replies(done.grid, MessageType.TRAIN)]
@@ -149,6 +151,7 @@ def test_a_masked_vector_is_unrelated_to_the_update_it_hides(tmp_path, datasets,
     assert np.bincount((quantized >> 28).astype(np.int64), minlength=16).max() == quantized.size
 
 
+@pytest.mark.simulation
 def test_fewer_shares_than_the_threshold_rebuild_nothing(tmp_path, datasets):
     done = run(tmp_path, datasets, *SECURE)
     digests = {}
@@ -173,6 +176,7 @@ def test_fewer_shares_than_the_threshold_rebuild_nothing(tmp_path, datasets):
             secure_sum.SecureSum._rebuilt(shares[:t - 1], t, lambda s: True, "a seed")
 
 
+@pytest.mark.simulation
 def test_a_site_answers_one_unmask_request_per_round(tmp_path, datasets):
     done = run(tmp_path, datasets, *SECURE)
     nodes = sorted(done.grid.nodes)
@@ -201,6 +205,7 @@ def _request_of(reply: Message) -> Message:
                     int(reply.metadata.group_id or 1))
 
 
+@pytest.mark.simulation
 @pytest.mark.parametrize("stage", [MessageType.TRAIN, secagg.UNMASK_QUERY])
 def test_a_site_that_drops_leaves_a_correct_round(tmp_path, datasets, observed, stage):
     """Dropping before its masked update arrives (its pairwise masks are rebuilt and removed), or after it (its
@@ -239,6 +244,7 @@ def _garbage_shares(content: RecordDict) -> None:
                                            secagg.SHARES: [bytes(len(s)) for s in record[secagg.SHARES]]})
 
 
+@pytest.mark.simulation
 @pytest.mark.parametrize("stage,change,left_out", [
     (MessageType.TRAIN, _short_vector, True),
     (secagg.SHARES_QUERY, _one_share_missing, True),
@@ -296,6 +302,7 @@ def test_a_site_refuses_an_unmask_request_that_could_unmask_a_peer(survivors, dr
         secagg.node_lists({secagg.SURVIVORS: survivors, secagg.DROPPED: dropped}, [1, 2, 3], 1, 2)
 
 
+@pytest.mark.simulation
 def test_nothing_unmasked_leaves_a_site_that_was_asked_for_a_masked_update(tmp_path, datasets):
     done = run(tmp_path, datasets, *SECURE)
     site = Site.resolve(done.grid.context(1))
@@ -352,6 +359,7 @@ def test_central_dp_composes_with_secure_aggregation():
 DICE_ROUNDS = 3
 
 
+@pytest.mark.simulation
 def test_secure_aggregation_trains_the_model_plain_aggregation_does(tmp_path, datasets, observed):
     plain = run(tmp_path, datasets, "federation.norm_bound=0", rounds=DICE_ROUNDS, name="plain")
     secure = run(tmp_path, datasets, *SECURE, rounds=DICE_ROUNDS, name="secure")
@@ -367,6 +375,7 @@ def test_secure_aggregation_trains_the_model_plain_aggregation_does(tmp_path, da
     assert dice["plain"] > 0.1, "the comparison is between models that learnt something"
 
 
+@pytest.mark.simulation
 def test_central_dp_noises_the_unmasked_sum_over_the_federations_size(tmp_path, datasets, observed):
     z, clip = 0.5, 5.0
     done = run(tmp_path, datasets, *SECURE, f"privacy.noise_multiplier={z}", f"privacy.clipping_norm={clip}",

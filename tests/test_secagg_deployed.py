@@ -15,11 +15,14 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import pytest
 from server.certs import init_pki
 from simulations.synthetic import generate_federation
 
-from deploy_harness import GATEWAY_HOST, Launched, allow, events, federation_yaml, make_site, run_cli, snapshot_app, \
+from tests.helpers.deploy_harness import GATEWAY_HOST, Launched, allow, events, federation_yaml, make_site, run_cli, snapshot_app, \
     wait_for
+
+pytestmark = pytest.mark.processes
 
 SITES = ["site-1", "site-2", "site-3"]
 ROUNDS = 3

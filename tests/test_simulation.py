@@ -17,7 +17,9 @@ from safetensors.torch import load_file
 from common.metrics_log import read_events
 from common.params import run_model
 from common.processes import descendants
-from tests.deploy_harness import site_norm_files
+from tests.helpers.deploy_harness import site_norm_files
+
+pytestmark = pytest.mark.simulation
 
 ROUNDS = 2
 TRAIN_FIELDS = {"round", "site", "num_examples", "loss", "proximal_loss", "duration_s", "bytes_up", "bytes_down"}

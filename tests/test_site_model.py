@@ -7,45 +7,17 @@ import re
 
 import nibabel as nib
 import numpy as np
-import pytest
 import torch
 import yaml
 
 from client.cli import main
 from client.site_model import load_site_model
-from client.site_state import SiteState
 from common.config import load_config
 from common.files import read_jsonl
 from common.model import build_model
-from common.params import run_model, select
-from common.runs import EXPORT_LOG, METRICS_FILE, README_FILE
-from tests.nifti_cases import LPS, RAS, nnunet_dataset, phantom, save
-from tests.test_predict import TINY, run_folder
-
-ROUND = 2
-
-
-@pytest.fixture
-def trained_site(tmp_path):
-    """A run folder as the centre hands it out, and a site that trained in it (its own norm tensors)."""
-    cfg = load_config(None, TINY)
-    run = run_folder(tmp_path, ("best", "last", f"round-{ROUND:04d}"))
-    (run / "checkpoints" / "state.json").write_text(json.dumps({"last_round": ROUND, "best_round": ROUND,
-                                                                "best_dice": 0.5}))
-    (run / METRICS_FILE).write_text("\n".join(json.dumps(e) for e in [
-        {"event": "evaluate", "round": ROUND, "site": "h", "dice": 0.6125},
-        {"event": "round", "round": ROUND, "dice_mean": 0.55},
-    ]) + "\n")
-    model, split, signature = run_model(cfg)
-    local = {k: v * 1.5 + 0.1 for k, v in select(model, split.local).items()}  # differs from the global init
-    SiteState(tmp_path / "state").run_named("run", "").save_norm(ROUND, local, signature)  # the folder names the run
-    site = tmp_path / "site.yaml"
-    site.write_text(yaml.safe_dump({"site": {"name": "h", "data_dir": str(nnunet_dataset(tmp_path / "data")),
-                                             "state_dir": str(tmp_path / "state")}}))
-    scans = tmp_path / "scans"
-    for name, affine in (("ras", RAS), ("lps", LPS)):
-        save(phantom(seed=3)[0], affine, scans / f"{name}_0000.nii.gz")
-    return run, site, scans
+from common.runs import EXPORT_LOG, README_FILE
+from tests.helpers.run_folders import TINY
+from tests.helpers.run_folders import TRAINED_ROUND as ROUND
 
 
 def _labels(folder):

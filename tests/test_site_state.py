@@ -35,10 +35,10 @@ from common.wire import from_wire, to_wire, unpack
 from server.checkpoints import Checkpoints
 from server.server_app import initial_weights
 from server.site_package import package_run
-from tests.flower_messages import incoming
-from tests.nifti_cases import nnunet_dataset
-from tests.site_harness import context
-from tests.tiny import tiny
+from tests.helpers.messages import incoming
+from tests.helpers.nifti_cases import nnunet_dataset
+from tests.helpers.site_harness import context
+from tests.helpers.tiny import tiny
 
 SITE = "site-1"
 CROSS_EVAL = f"{MessageType.QUERY}.{keys.CROSS_EVAL_ACTION}"

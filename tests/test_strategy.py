@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType
 
 from common import keys
 from common.config import load_config
@@ -13,8 +13,9 @@ from common.files import read_jsonl
 from common.metrics_log import MetricsLog, read_events
 from server.checkpoints import Checkpoints
 from server.strategy import FedSegStrategy, QuorumNotReached
-from tests.flower_messages import reply
-from tests.local_grid import LocalGrid
+from tests.helpers import messages
+from tests.helpers.messages import reply
+from tests.helpers.local_grid import LocalGrid
 
 SIGNATURE = "abc123"
 SHAPES = {"w": (2, 2), "b": (2,)}
@@ -25,16 +26,12 @@ def make_strategy(tmp_path, *overrides: str) -> FedSegStrategy:
     return FedSegStrategy(cfg, SIGNATURE, SHAPES, MetricsLog(tmp_path), Checkpoints(tmp_path / "ckpt"))
 
 
-def train_reply(node: int, site: str, value: float, n: int, **changes) -> object:
-    arrays = {"w": torch.full((2, 2), value), "b": torch.full((2,), value)}
-    arrays.update(changes.pop("arrays", {}))
-    metrics = {keys.NUM_EXAMPLES: n, "loss": 1.0, "proximal_loss": 0.1, "duration_s": 2.0}
-    identity = {keys.SITE: site, keys.SIGNATURE: changes.pop("signature", SIGNATURE)}
-    content = RecordDict({keys.ARRAYS: ArrayRecord(arrays), keys.METRICS: MetricRecord(metrics),
-                          keys.IDENTITY: ConfigRecord(identity)})
-    if "evaluation" in changes:
-        content[keys.EVALUATION] = MetricRecord(changes.pop("evaluation"))
-    return reply(content, node, MessageType.TRAIN)
+def train_reply(node: int, site: str, value: float, n: int, arrays: dict | None = None,
+                signature: str = SIGNATURE, evaluation: dict | None = None) -> Message:
+    """Site ``site`` sends weights all equal to ``value`` (or ``arrays`` in their place), claiming ``n`` cases."""
+    weights = {"w": torch.full((2, 2), value), "b": torch.full((2,), value), **(arrays or {})}
+    return messages.train_reply(node, site, arrays=ArrayRecord(weights), n=n, signature=signature,
+                                evaluation=evaluation)
 
 
 def test_weighted_mean_of_sound_replies_only(tmp_path):
@@ -89,7 +86,7 @@ def test_evaluate_events_carry_dice_per_annotator_when_a_site_has_several(tmp_pa
     common = {keys.NUM_EXAMPLES: 2, "dice": 0.8, "loss": 0.3, f"{keys.DICE_CLASS_PREFIX}1": 0.8}
     annotated = {**common, "dice_fusion": 0.8, "dice_annotator_1": 0.75, "dice_annotator_2": 0.7}
     for node, site, metrics in ((21, "many", annotated), (22, "single", common)):
-        content = RecordDict({keys.METRICS: MetricRecord(metrics), keys.IDENTITY: ConfigRecord({keys.SITE: site, keys.SIGNATURE: SIGNATURE})})
+        content = messages.content(site, metrics, signature=SIGNATURE)
         strategy.aggregate_evaluate(1, [reply(content, node, MessageType.EVALUATE)])
     events = {e["site"]: e for e in read_events(tmp_path / "metrics.jsonl") if e["event"] == "evaluate"}
     assert events["many"]["dice_fusion"] == 0.8 and events["many"]["dice_per_annotator"] == [0.75, 0.7]

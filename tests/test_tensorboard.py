@@ -71,15 +71,25 @@ def _assert_mirror(folder: Path, metrics: Path) -> None:
     assert not unmatched, f"numbers of the log missing in TensorBoard: {[(n[0]['event'], n[1]) for n in unmatched]}"
 
 
+@pytest.mark.simulation
 def test_the_live_mirror_of_a_simulation_holds_the_log_and_nothing_else(quorum_run):
     _, run, _ = quorum_run
     folder = run / TENSORBOARD_DIR
     assert list(folder.glob("events.out.tfevents.*"))
     _assert_mirror(folder, run / METRICS_FILE)
     tags = {s[0] for s in _read_back(folder)}
-    assert {"evaluate/dice/site-1", "round/dice_weighted", "train/loss/site-2", "privacy/epsilon"} <= tags
+    assert {"evaluate/dice/site-1", "round/dice_weighted", "train/loss/site-2"} <= tags
 
 
+def test_the_privacy_budget_is_mirrored_as_privacy_epsilon(tmp_path):
+    """The shared simulation runs without DP: the privacy event's mirror, from a log that holds one."""
+    events = [{"event": "privacy", "round": 1, "time": 1.0, "epsilon": 0.7, "delta": 1e-5}]
+    folder = _mirror_of(events, tmp_path / "run")
+    _assert_mirror(folder, tmp_path / "run" / METRICS_FILE)
+    assert "privacy/epsilon" in {s[0] for s in _read_back(folder)}
+
+
+@pytest.mark.simulation
 def test_report_mirrors_a_finished_run_once(quorum_run, tmp_path, capsys):
     _, run, _ = quorum_run
     copy = tmp_path / "run"
@@ -101,6 +111,7 @@ def _mirror_of(events: list[dict], run: Path) -> Path:
     return write_mirror(run, run / "tb")[0]
 
 
+@pytest.mark.simulation
 def test_the_check_fails_on_a_mirror_that_differs_from_its_log(quorum_run, tmp_path):
     """The checks above can fail: a mirror lacking the log's training lines, or with one loss changed."""
     _, run, _ = quorum_run

@@ -19,6 +19,8 @@ from server.validation import ReplyValidator, update_norm
 from tests.helpers.messages import reply as make_reply
 from tests.helpers.hostile import nan_update, scaled_update, site_name, trained_round, wrong_shape
 
+pytestmark = pytest.mark.simulation
+
 SCALE = 100.0
 MIN_DICE_LOSS_UNCHECKED = 0.05
 """A 100x update let through must visibly hurt, or this test proves nothing."""

@@ -19,7 +19,7 @@ from common.runs import (NORM_ROUND_FILE, ROUND_CHECKPOINT, CheckpointName, pars
                          round_of_file)
 from common.wire import (WireError, error_reason, from_wire, message_round, pack, site_of_error, to_wire,
                          unpack)
-from tests.flower_messages import incoming
+from tests.helpers.messages import incoming
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

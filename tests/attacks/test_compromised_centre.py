@@ -13,10 +13,12 @@ from common.files import read_jsonl
 from common.metrics_log import MetricsLog
 from server.checkpoints import Checkpoints
 from server.strategy import FedSegStrategy
-from tests.attacks.builders import EVAL_METRICS, TRAIN_METRICS, one_site
+from tests.helpers.messages import EVAL_METRICS, TRAIN_METRICS
+from tests.helpers.site_harness import one_site
 
 
-def test_finding_3_a_received_plan_is_bounded_and_old_caches_go(tmp_path):
+def test_a_received_plan_is_bounded_and_old_caches_go(tmp_path):
+    """Regression of finding 3."""
     from client.site_state import SiteState
     from common.plan import Plan, PlanError
 
@@ -35,14 +37,15 @@ def test_finding_3_a_received_plan_is_bounded_and_old_caches_go(tmp_path):
 
 # --- findings 9 and 10: the egress guard, per reply type, with the site's own bound -----------------------------
 
-def test_finding_9_each_reply_type_holds_exactly_its_keys_and_failures_end_in_a_fixed_reason(
+def test_each_reply_type_holds_exactly_its_keys_and_failures_end_in_a_fixed_reason(
         tmp_path, tiny_federation):
+    """Regression of finding 9."""
     from flwr.app import Error
 
     from client import client_app, egress
     from server.server_app import initial_weights
-    from tests.flower_messages import incoming
-    from tests.local_grid import LocalGrid
+    from tests.helpers.messages import incoming
+    from tests.helpers.local_grid import LocalGrid
 
     cfg = one_site(tmp_path, tiny_federation["site-1"])
     site = client_app.Site.resolve(LocalGrid(cfg, client_app.app).context(1))
@@ -73,10 +76,11 @@ def test_finding_9_each_reply_type_holds_exactly_its_keys_and_failures_end_in_a_
     assert reply.error.reason == blocked and str(site.state.root) not in reply.error.reason
 
 
-def test_finding_10_the_site_bounds_what_travels_whatever_the_centre_asks(tmp_path, tiny_federation):
+def test_the_site_bounds_what_travels_whatever_the_centre_asks(tmp_path, tiny_federation):
+    """Regression of finding 10."""
     from client import client_app, egress
     from server.server_app import initial_weights
-    from tests.local_grid import LocalGrid
+    from tests.helpers.local_grid import LocalGrid
 
     def one_round(name: str, site_settings: dict) -> tuple[Message, list[dict]]:
         cfg = one_site(tmp_path / name, tiny_federation["site-1"], "model.norm=batch", "train.norm_mode=shared",
@@ -99,15 +103,16 @@ def test_finding_10_the_site_bounds_what_travels_whatever_the_centre_asks(tmp_pa
 # --- finding 4: nothing computed from fewer than site.min_cohort cases, and nothing exact ------------------------
 
 
-def test_finding_4_minimum_cohort_and_coarse_aggregates(tmp_path, tiny_federation):
+def test_nothing_leaves_from_fewer_than_the_minimum_cohort_and_nothing_exact(tmp_path, tiny_federation):
+    """Regression of finding 4."""
     from client import client_app
     from client.reasons import SANITIZED_REASONS, TooFewCases
     from common.dataset import read_dataset
     from common.fingerprint import site_fingerprint
     from server.server_app import initial_weights
-    from tests.flower_messages import incoming
-    from tests.local_grid import LocalGrid
-    from tests.nifti_cases import nnunet_dataset
+    from tests.helpers.messages import incoming
+    from tests.helpers.local_grid import LocalGrid
+    from tests.helpers.nifti_cases import nnunet_dataset
 
     cfg = one_site(tmp_path, tiny_federation["site-1"], site_settings={"min_cohort": 5})  # 3 train, 1 val case
     grid = LocalGrid(cfg, client_app.app)
@@ -132,9 +137,9 @@ def test_finding_4_minimum_cohort_and_coarse_aggregates(tmp_path, tiny_federatio
 # --- finding 1: every task type Flower can start at a site passes the bundle guard ------------------------------
 
 
-def test_finding_1_every_task_command_flower_can_start_is_guarded(tmp_path, monkeypatch):
+def test_every_task_command_flower_can_start_is_guarded(tmp_path, monkeypatch):
     """Flower's own SuperExec launcher starts an AgentApp task the way it would for a bundle with an
-    ``agentapp`` component: it finds the site's guard, not Flower's flwr-agentapp, and the refusal is recorded."""
+    ``agentapp`` component: it finds the site's guard, not Flower's flwr-agentapp, and the refusal is recorded. (finding 1)"""
     import os
     import subprocess
 
@@ -176,7 +181,7 @@ def _site(tmp_path, tiny_federation, *overrides: str):
     """A one-site federation of the real ClientApp, its grid, its state folder and its model signature."""
     from client import client_app
     from client.site import Site
-    from tests.local_grid import LocalGrid
+    from tests.helpers.local_grid import LocalGrid
 
     cfg = one_site(tmp_path, tiny_federation["site-1"], *overrides)
     grid = LocalGrid(cfg, client_app.app)
@@ -201,9 +206,9 @@ def _fingerprint_query() -> RecordDict:
     return RecordDict({keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 0})})
 
 
-def test_h1_a_message_id_from_the_centre_never_names_a_file(tmp_path, tiny_federation):
+def test_a_message_id_from_the_centre_never_names_a_file(tmp_path, tiny_federation):
     """H1: the SuperNode notes each pull in a file named after the message id, and the ClientApp reads and
-    deletes that file; an id such as ``../egress.jsonl`` or an absolute path names no file at all."""
+    deletes that file; an id such as ``../egress.jsonl`` or an absolute path names no file at all. (review finding H1)"""
     import types
     from functools import partial
 
@@ -211,7 +216,7 @@ def test_h1_a_message_id_from_the_centre_never_names_a_file(tmp_path, tiny_feder
     from client.supernode import record_pull
     from client.timeline import pull_note
     from common.flower.supernode import note_pulls
-    from tests.flower_messages import incoming
+    from tests.helpers.messages import incoming
 
     cfg, grid, state, _ = _site(tmp_path / "site", tiny_federation)
     (answer,) = grid.send_and_receive([incoming(_fingerprint_query(), FINGERPRINT_QUERY, 1)])
@@ -243,13 +248,13 @@ def test_h1_a_message_id_from_the_centre_never_names_a_file(tmp_path, tiny_feder
     assert not (state / "yaml.py").exists()
 
 
-def test_l1_a_history_that_cannot_be_written_never_sends_the_sites_paths(tmp_path, tiny_federation):
+def test_a_history_that_cannot_be_written_never_sends_the_sites_paths(tmp_path, tiny_federation):
     """L1: the reply the egress guard let out leaves as it is when the site's own history cannot record it (here
-    a folder where the file belongs), instead of an exception whose text, with the site's paths, Flower sends."""
+    a folder where the file belongs), instead of an exception whose text, with the site's paths, Flower sends. (review finding L1)"""
     from client import client_app
     from client.egress import EgressLog
     from common.runs import HISTORY_FILE
-    from tests.flower_messages import incoming
+    from tests.helpers.messages import incoming
 
     _, grid, state, _ = _site(tmp_path, tiny_federation)
     (state / HISTORY_FILE).unlink(missing_ok=True)
@@ -259,16 +264,15 @@ def test_l1_a_history_that_cannot_be_written_never_sends_the_sites_paths(tmp_pat
     assert EgressLog(state).entries()[-1]["status"] == "sent"
 
 
-def test_l2_and_site_boundary_hostile_configuration_is_refused_with_one_fixed_reason(tmp_path, tiny_federation):
+def test_a_hostile_configuration_is_refused_with_one_fixed_reason(tmp_path, tiny_federation):
     """L2: a cross-eval model name with a newline never reaches site.log; and every value of the wrong type or
-    shape is refused before a handler reads it, with the one fixed reason, nothing written at the site."""
+    shape is refused before a handler reads it, with the one fixed reason, nothing written at the site. (review finding L2 and the site boundary)"""
     import math
 
-    from client import client_app
     from client.inbound import MalformedMessage
     from client.reasons import SANITIZED_REASONS
     from common.runs import SITE_LOG
-    from tests.flower_messages import incoming
+    from tests.helpers.messages import incoming
 
     _, grid, state, signature = _site(tmp_path, tiny_federation)
     refused = f"site site-1: {SANITIZED_REASONS[MalformedMessage]}"
@@ -301,13 +305,12 @@ def test_l2_and_site_boundary_hostile_configuration_is_refused_with_one_fixed_re
     assert changed <= {"egress.jsonl", SITE_LOG}, changed
 
 
-def test_l3_messages_of_other_models_never_touch_a_runs_trained_tensors(tmp_path, tiny_federation):
+def test_messages_of_other_models_never_touch_a_runs_trained_tensors(tmp_path, tiny_federation):
     """L3: after a round of training, messages carrying other model signatures (alternating, as a confused or
-    hostile centre could send) are refused, and the run's own norm tensors stay exactly as they were trained."""
-    from client import client_app
+    hostile centre could send) are refused, and the run's own norm tensors stay exactly as they were trained. (review finding L3)"""
     from client.reasons import SANITIZED_REASONS, SignatureMismatch
     from server.server_app import initial_weights
-    from tests.flower_messages import incoming
+    from tests.helpers.messages import incoming
 
     cfg, grid, state, signature = _site(tmp_path, tiny_federation, "model.norm=batch", "train.norm_mode=local")
     weights, _ = initial_weights(cfg)

@@ -34,8 +34,9 @@ from hypothesis import strategies as st
 from common import keys
 from common.metrics_log import read_events
 from common.progress import CONTROL, describe
-from common.wire import PACKED_PREFIX, pack
-from tests.attacks.builders import GLOBAL, SIGNATURE, honest_answer, run_rounds
+from common.wire import pack
+from tests.helpers.messages import GLOBAL
+from tests.helpers.scripted_grid import honest_answer, run_rounds
 
 CI_EXAMPLES = 120
 settings.register_profile("ci", max_examples=CI_EXAMPLES, derandomize=True, deadline=None, database=None,
@@ -154,6 +155,7 @@ def _hostile_site(plan: list[tuple]):
     return answer
 
 
+@pytest.mark.simulation
 @settings(settings.get_profile(PROFILE))
 @given(plan=st.lists(hostile_reply(), min_size=1, max_size=3))
 def test_fuzz_hostile_replies_never_stop_the_run(plan):
@@ -215,8 +217,8 @@ def fuzzed_site(tmp_path_factory, tiny_federation):
     """One real site (its own data, site.yaml and state folder) that every example sends messages to."""
     from client import client_app
     from client.site import Site
-    from tests.attacks.builders import one_site
-    from tests.local_grid import LocalGrid
+    from tests.helpers.site_harness import one_site
+    from tests.helpers.local_grid import LocalGrid
 
     root = tmp_path_factory.mktemp("fuzzed-site")
     cfg = one_site(root, tiny_federation["site-1"])
@@ -231,7 +233,7 @@ def test_fuzz_hostile_messages_stay_outside_the_site(fuzzed_site, tiny_federatio
     from client import client_app
     from client.reasons import is_fixed
     from common.wire import ERROR_SEPARATOR
-    from tests.flower_messages import incoming
+    from tests.helpers.messages import incoming
 
     root, context, state, signature = fuzzed_site
     data = Path(tiny_federation["site-1"])

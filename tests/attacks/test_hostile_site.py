@@ -3,7 +3,8 @@
 Each test goes through the real code path: replies built as real Flower Messages
 (over Flower's wire format) and handed to the real strategy or planner, or the
 real ClientApp's replies tampered with after they left the site
-(tests/local_grid.py). Regressions of issue 11 keep their finding numbers.
+(tests/helpers/local_grid.py). Each test names the finding it is a regression of
+(issue 11 and the review) in its docstring.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from common.config import load_config
 from common.metrics_log import MetricsLog, read_events
 from server.checkpoints import Checkpoints
 from server.strategy import FedSegStrategy
-from tests.attacks.builders import (
+from tests.helpers.messages import (
     EVAL_METRICS,
     GLOBAL,
     SHAPES,
@@ -26,10 +27,9 @@ from tests.attacks.builders import (
     TRAIN_METRICS,
     eval_reply,
     failures,
-    strategy_for,
+    real_strategy,
     train_reply,
 )
-from tests.local_grid import over_the_wire
 
 
 # --- finding 2: one registered site's malformed reply must never end the run ---------------------------------
@@ -43,8 +43,9 @@ def _declared_shape_lie() -> ArrayRecord:
     return arrays
 
 
-def test_finding_2_malformed_replies_are_left_out_and_logged(tmp_path):
-    strategy = strategy_for(tmp_path)
+def test_malformed_replies_are_left_out_and_logged(tmp_path):
+    """Regression of finding 2."""
+    strategy = real_strategy(tmp_path)
     replies = [
         train_reply(1, "honest", 0.1),
         train_reply(2, "list-count", metrics={**TRAIN_METRICS, keys.NUM_EXAMPLES: [5.0]}),
@@ -60,11 +61,12 @@ def test_finding_2_malformed_replies_are_left_out_and_logged(tmp_path):
     assert evaluated["dice_mean"] == 0.5
 
 
-def test_finding_2_a_packed_reply_whose_layout_lies_is_left_out(tmp_path):
+def test_a_packed_reply_whose_layout_lies_is_left_out(tmp_path):
     """A site's reply arrives packed (common/wire.py); a layout that misstates the sizes never reaches aggregation.
-    Through the ServerApp's receiving stack, the lie is a failure of the node's registered site."""
+    Through the ServerApp's receiving stack, the lie is a failure of the node's registered site. (finding 2)"""
     from server.inbound import UNPACKABLE
-    from tests.attacks.builders import events, honest_answer, run_rounds
+    from tests.helpers.messages import events
+    from tests.helpers.scripted_grid import honest_answer, run_rounds
 
     sites = {1: "honest", 2: "layout-lie"}
     honest = honest_answer(sites)
@@ -87,10 +89,11 @@ def test_finding_2_a_packed_reply_whose_layout_lies_is_left_out(tmp_path):
     assert {e["site"]: e["reason"] for e in events(tmp_path, "failure")} == {"layout-lie": f"site layout-lie: {UNPACKABLE}"}
 
 
-def test_finding_2_planning_leaves_out_a_malformed_or_odd_site(tmp_path, tiny_federation):
+def test_planning_leaves_out_a_malformed_or_odd_site(tmp_path, tiny_federation):
+    """Regression of finding 2."""
     from client.client_app import app
     from server.planning import plan_federation
-    from tests.local_grid import LocalGrid, federation
+    from tests.helpers.local_grid import LocalGrid, federation
 
     def tamper(node: int, reply: Message) -> Message:
         if node == 1:  # a CT flag that is not a list
@@ -112,10 +115,11 @@ def test_finding_2_planning_leaves_out_a_malformed_or_odd_site(tmp_path, tiny_fe
 # --- finding 3: a fingerprint cannot poison the plan ----------------------------------------------------------
 
 
-def test_finding_3_plan_poisoning_is_bounded(tmp_path, tiny_federation):
+def test_plan_poisoning_is_bounded(tmp_path, tiny_federation):
+    """Regression of finding 3."""
     from client.client_app import app
     from server.planning import plan_federation
-    from tests.local_grid import LocalGrid, federation
+    from tests.helpers.local_grid import LocalGrid, federation
 
     def poison(node: int, reply: Message) -> Message:
         if node == 3:  # a billion cases at 0.05 mm
@@ -152,8 +156,9 @@ def test_finding_3_plan_poisoning_is_bounded(tmp_path, tiny_federation):
 # --- finding 5: a site's name comes from its registered key, never from its reply -----------------------------
 
 
-def test_finding_5_a_site_cannot_speak_for_another(tmp_path):
-    strategy = strategy_for(tmp_path, nodes={1: "hospital-a", 2: "hospital-b"})
+def test_a_site_cannot_speak_for_another(tmp_path):
+    """Regression of finding 5."""
+    strategy = real_strategy(tmp_path, nodes={1: "hospital-a", 2: "hospital-b"})
     replies = [train_reply(1, "hospital-a", 0.1), train_reply(2, "hospital-a", 0.3)]
     strategy.aggregate_train(1, replies)
     events = list(read_events(tmp_path / "metrics.jsonl"))
@@ -165,23 +170,24 @@ def test_finding_5_a_site_cannot_speak_for_another(tmp_path):
 # --- finding 6: aggregation integrity ---------------------------------------------------------------------------
 
 
-def test_finding_6_best_model_tiny_updates_and_float32_overflow(tmp_path):
-    strategy = strategy_for(tmp_path, "federation.min_sites=1")
+def test_best_model_tiny_updates_and_float32_overflow(tmp_path):
+    """Regression of finding 6."""
+    strategy = real_strategy(tmp_path, "federation.min_sites=1")
     strategy.aggregate_train(1, [train_reply(1, "a", 0.1), train_reply(2, "b", 0.2)])
     strategy.aggregate_evaluate(1, [eval_reply(1, "a"), eval_reply(2, "b", {**EVAL_METRICS, "dice": 1e6})])
     assert strategy.recorder.checkpoints.state.best_dice == 0.5
     assert "outside a Dice value's range" in failures(tmp_path)["b"]
 
-    two = strategy_for(tmp_path / "two")
+    two = real_strategy(tmp_path / "two")
     arrays, _ = two.aggregate_train(1, [train_reply(1, "honest", 0.1), train_reply(2, "tiny", 1e-6)])
     assert "honest" not in failures(tmp_path / "two") and arrays is not None
 
-    zero = strategy_for(tmp_path / "zero")
+    zero = real_strategy(tmp_path / "zero")
     zero.aggregate_train(1, [train_reply(1, "honest", 0.1), train_reply(2, "almost-zero", 1e-30)])
     assert "zero to float32 precision" in failures(tmp_path / "zero")["almost-zero"]
 
     huge = ArrayRecord({"w": Array(np.full((4, 4), 1e300)), "b": Array(np.ones(4, np.float32))})
-    unbounded = strategy_for(tmp_path / "f64", "federation.norm_bound=0")
+    unbounded = real_strategy(tmp_path / "f64", "federation.norm_bound=0")
     arrays, _ = unbounded.aggregate_train(1, [train_reply(1, "honest", 0.1), train_reply(2, "f64", arrays=huge)])
     assert np.isfinite(arrays["w"].numpy()).all()
     assert "f64" in failures(tmp_path / "f64")
@@ -192,12 +198,14 @@ def test_finding_6_best_model_tiny_updates_and_float32_overflow(tmp_path):
 # --- finding 8: DP with a fixed denominator, an honest budget on resume, checked by an independent accountant ---
 
 
-def test_finding_8_dp_sensitivity_resume_and_epsilon(tmp_path):
+@pytest.mark.simulation
+def test_dp_sensitivity_resume_and_epsilon(tmp_path):
+    """Regression of finding 8."""
     from dp_accounting import GaussianDpEvent, SelfComposedDpEvent
     from dp_accounting.pld import PLDAccountant
 
     from server.dp import PrivacyResumeRefused, gaussian_epsilon
-    from tests.local_grid import LocalGrid
+    from tests.helpers.local_grid import LocalGrid
 
     def wrapper(run, z: float, offset: int = 0):
         cfg = load_config(None, ["federation.run_name=dp", "federation.min_sites=1", f"privacy.noise_multiplier={z:.12f}",
@@ -237,7 +245,7 @@ SITES = {1: "hospital-a", 2: "hospital-b", 3: "hospital-c", 4: "hospital-d", 5: 
 def _packed_honest(node: int, msg: Message) -> RecordDict:
     """What an honest site of the tiny model sends, packed for travel."""
     from common.wire import pack
-    from tests.attacks.builders import honest_answer
+    from tests.helpers.scripted_grid import honest_answer
 
     return pack(honest_answer(SITES)(node, msg))
 
@@ -273,11 +281,12 @@ def _hostile_packing(node: int, msg: Message) -> RecordDict:
     return body
 
 
-def test_h2_replies_that_do_not_deserialize_never_end_the_run(tmp_path):
+def test_replies_that_do_not_deserialize_never_end_the_run(tmp_path):
     """H2: a non-numpy stype, bytes that are not .npy, an empty tensor of a huge shape, a timing metric as a list:
-    each is left out with a fixed reason under its registered name, and the run goes on with the honest site."""
+    each is left out with a fixed reason under its registered name, and the run goes on with the honest site. (review finding H2)"""
     from server.inbound import MALFORMED, UNPACKABLE
-    from tests.attacks.builders import events, run_rounds
+    from tests.helpers.messages import events
+    from tests.helpers.scripted_grid import run_rounds
 
     strategy = run_rounds(tmp_path, SITES, _hostile_packing, 2)
     assert [e["site"] for e in events(tmp_path, "train")] == ["hospital-a"] * 2
@@ -291,14 +300,14 @@ def test_h2_replies_that_do_not_deserialize_never_end_the_run(tmp_path):
     assert {e["site"] for e in events(tmp_path, "timeline")} == set(SITES.values())
 
 
-def test_h2_planning_goes_on_without_a_site_whose_reply_does_not_deserialize(tmp_path, tiny_federation):
-    """H2 at planning: a fingerprint reply with an array of an unknown serialization ended the run before it began."""
+def test_planning_goes_on_without_a_site_whose_reply_does_not_deserialize(tmp_path, tiny_federation):
+    """H2 at planning: a fingerprint reply with an array of an unknown serialization ended the run before it began. (review finding H2)"""
     from client.client_app import app
     from common.wire import pack
     from server.inbound import UNPACKABLE
     from server.planning import plan_federation
-    from tests.attacks.builders import ScriptedGrid, stack
-    from tests.local_grid import LocalGrid, federation
+    from tests.helpers.scripted_grid import ScriptedGrid, stack
+    from tests.helpers.local_grid import LocalGrid, federation
 
     cfg = federation(load_config(None, ["model.channels=[8, 16, 32]", "model.strides=[2, 2]",
                                         f"federation.runs_dir={tmp_path / 'runs'}", "federation.run_name=p",
@@ -325,11 +334,12 @@ def _dice_by_round(node: int, rnd: int) -> float:
     return 0.4 + 0.1 * rnd
 
 
-def test_m1_a_site_claiming_many_cases_cannot_pick_the_best_round(tmp_path):
+def test_a_site_claiming_many_cases_cannot_pick_the_best_round(tmp_path):
     """M1: site d says it scored round 1 on 10^12 cases at Dice 1.0, every later round at 0.0; the three honest
-    sites improve every round. Its count is refused at the boundary, so the best model is the last round's."""
+    sites improve every round. Its count is refused at the boundary, so the best model is the last round's. (review finding M1)"""
     from server.inbound import TOO_MANY_CASES
-    from tests.attacks.builders import events, honest_answer, run_rounds
+    from tests.helpers.messages import events
+    from tests.helpers.scripted_grid import honest_answer, run_rounds
 
     sites = {n: SITES[n] for n in (1, 2, 3, 4)}
     honest = honest_answer(sites, _dice_by_round)
@@ -350,13 +360,14 @@ def test_m1_a_site_claiming_many_cases_cannot_pick_the_best_round(tmp_path):
     assert events(tmp_path, "failure")[0]["reason"] == f"site hospital-d: {TOO_MANY_CASES}"
 
 
-def test_m1_case_counts_are_held_to_what_the_site_declared_at_planning(tmp_path):
+def test_case_counts_are_held_to_what_the_site_declared_at_planning(tmp_path):
     """A site that declared 3 training cases cannot weigh its update or its Dice by more, also after a restart
-    (the declarations live in the run folder); an evaluation's count is capped in the round's weighted Dice."""
+    (the declarations live in the run folder); an evaluation's count is capped in the round's weighted Dice. (review finding M1)"""
     from common.fingerprint import bounded_weights
     from common.runs import DECLARED_CASES_FILE
     from server.inbound import TOO_MANY_CASES, Inbox
-    from tests.attacks.builders import events, honest_answer, run_rounds, stack, ScriptedGrid
+    from tests.helpers.messages import events
+    from tests.helpers.scripted_grid import ScriptedGrid, honest_answer, run_rounds, stack
 
     sites = {1: "hospital-a", 2: "hospital-b", 3: "hospital-c"}
     honest = honest_answer(sites)
@@ -386,10 +397,11 @@ def test_m1_case_counts_are_held_to_what_the_site_declared_at_planning(tmp_path)
     assert bounded_weights([2.0, 2.0, 90_000.0]) == [2.0, 2.0, 6.0]
 
 
-def test_m2_a_site_is_named_by_its_node_in_every_event(tmp_path):
+def test_a_site_is_named_by_its_node_in_every_event(tmp_path):
     """M2: hospital-b claims to be hospital-a in every reply, and is slow (its replies arrive after the round):
-    its timeline, late-reply and failure events name hospital-b, and hospital-a's record is only hospital-a's."""
-    from tests.attacks.builders import events, honest_answer, run_rounds
+    its timeline, late-reply and failure events name hospital-b, and hospital-a's record is only hospital-a's. (review finding M2)"""
+    from tests.helpers.messages import events
+    from tests.helpers.scripted_grid import honest_answer, run_rounds
 
     sites = {1: "hospital-a", 2: "hospital-b"}
     honest = honest_answer(sites)
@@ -407,15 +419,15 @@ def test_m2_a_site_is_named_by_its_node_in_every_event(tmp_path):
     assert {site for event, site in named if event in ("train", "evaluate")} == {"hospital-a"}
 
 
-def test_m2_cross_site_cells_and_held_out_sites_follow_the_registry(tmp_path):
+def test_cross_site_cells_and_held_out_sites_follow_the_registry(tmp_path):
     """M2: a site cannot file a cross-site score under another hospital's name, and a held-out hospital that
-    claims a training site's name is still kept out of training."""
+    claims a training site's name is still kept out of training. (review finding M2)"""
     import torch
 
     from common.runs import run_dir
     from server.cross_eval import cross_evaluate, training_grid
     from server.site_registry import write_nodes
-    from tests.attacks.builders import ScriptedGrid, stack
+    from tests.helpers.scripted_grid import ScriptedGrid, stack
 
     sites = {1: "hospital-a", 2: "hospital-b", 3: "hospital-h"}
     cfg = load_config(None, ["federation.run_name=m2", f"federation.runs_dir={tmp_path}",
@@ -437,12 +449,13 @@ def test_m2_cross_site_cells_and_held_out_sites_follow_the_registry(tmp_path):
     assert "claims to be site 'hospital-a'" in failures(run)["hospital-b"]
 
 
-def test_l2_a_sites_text_stays_on_one_line_of_the_centres_console(tmp_path):
+def test_a_sites_text_stays_on_one_line_of_the_centres_console(tmp_path):
     """L2: an error reason with a newline and terminal escape sequences is one escaped line in the metrics log
-    and on the console."""
+    and on the console. (review finding L2)"""
     from common.progress import describe
     from flwr.app import Error
-    from tests.attacks.builders import events, honest_answer, run_rounds
+    from tests.helpers.messages import events
+    from tests.helpers.scripted_grid import honest_answer, run_rounds
 
     sites = {1: "hospital-a", 2: "hospital-b"}
     honest = honest_answer(sites)
@@ -463,7 +476,7 @@ def test_a_site_claiming_a_million_training_cases_weighs_no_more_than_three_time
     """Item 3: a site's weight in the mean is capped (common/fingerprint.py bounded_weights), whatever it claims."""
     from common.config import FederationConfig
     from server.aggregator import Aggregator
-    from tests.attacks.builders import GLOBAL, TRAIN_METRICS, train_reply
+    from tests.helpers.messages import GLOBAL, TRAIN_METRICS, train_reply
 
     def moved(step: float, cases: int):
         return train_reply(cases, f"s{cases}", step, {**TRAIN_METRICS, keys.NUM_EXAMPLES: cases})
@@ -479,7 +492,7 @@ def test_a_small_site_with_more_validation_than_training_cases_is_scored(tmp_pat
     """The per-case split can give a site of 8 cases 5 for validation and 3 for training (the demo's site-3
     did): its score counts within what it declared, so it is kept; a count beyond both is refused."""
     from server.inbound import TOO_MANY_CASES, Inbox
-    from tests.attacks.builders import EVAL_METRICS, eval_reply
+    from tests.helpers.messages import EVAL_METRICS, eval_reply
 
     inbox = Inbox({1: "hospital-a"}, tmp_path)
     inbox.declared["hospital-a"] = (3, 5)  # its fingerprint's training and validation cases

@@ -9,13 +9,15 @@ import pytest
 from flwr.app import ConfigRecord, RecordDict
 
 from common import keys
-from tests.attacks.builders import one_site, predict_run
+from tests.helpers.run_folders import run_folder, site_yaml
+from tests.helpers.site_harness import one_site
 
 
 # --- finding 12: local files ---------------------------------------------------------------------------------
 
 
-def test_finding_12_local_files_are_private_and_carry_no_identifiers(tmp_path, tiny_federation):
+def test_local_files_are_private_and_carry_no_identifiers(tmp_path, tiny_federation):
+    """Regression of finding 12."""
     import json
     import os
     import stat
@@ -25,15 +27,15 @@ def test_finding_12_local_files_are_private_and_carry_no_identifiers(tmp_path, t
     from client import client_app
     from client.cli import main
     from common.dataset import DatasetError, read_dataset
-    from tests.local_grid import LocalGrid
-    from tests.nifti_cases import RAS, nnunet_dataset, phantom
+    from tests.helpers.local_grid import LocalGrid
+    from tests.helpers.nifti_cases import RAS, nnunet_dataset, phantom
 
     # Permissions: the state directory (cache of preprocessed scans) is owner-only whatever the umask.
     old = os.umask(0o022)
     try:
         cfg = one_site(tmp_path / "perm", tiny_federation["site-2"])
         grid = LocalGrid(cfg, client_app.app)
-        from tests.flower_messages import incoming
+        from tests.helpers.messages import incoming
         (answer,) = grid.send_and_receive([incoming(RecordDict({keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 0})}),
                                                     "query.fingerprint", node_id=1)])
         assert answer.has_content()
@@ -43,7 +45,7 @@ def test_finding_12_local_files_are_private_and_carry_no_identifiers(tmp_path, t
         os.umask(old)
 
     # PHI in the header of an input never reaches the prediction.
-    run, site = predict_run(tmp_path)
+    run, site = run_folder(tmp_path), site_yaml(tmp_path)
     scans, out = tmp_path / "scans", tmp_path / "out"
     scans.mkdir()
     image = nib.Nifti1Image(phantom()[0], RAS)
@@ -65,7 +67,7 @@ def test_finding_12_local_files_are_private_and_carry_no_identifiers(tmp_path, t
     assert main(["predict", "--config", str(site), "--run", str(run), "--input", str(scans),
                  "--output", str(out)]) == 2
     assert seg.read_bytes() == before
-    run2, _ = predict_run(tmp_path, in_channels=2)
+    run2 = run_folder(tmp_path, in_channels=2, name="run-2")
     assert main(["predict", "--config", str(site), "--run", str(run2), "--input", str(scans),
                  "--output", str(tmp_path / "out2")]) == 0
     assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["head_seg.nii.gz"]
@@ -89,13 +91,14 @@ def test_finding_12_local_files_are_private_and_carry_no_identifiers(tmp_path, t
 
 
 @pytest.mark.parametrize("optimizer, damaged", [("momentum", {"momentum/w": np.nan})])
-def test_l6_damaged_server_optimizer_moments_never_make_the_model_nan(tmp_path, caplog, optimizer, damaged):
+def test_damaged_server_optimizer_moments_never_make_the_model_nan(tmp_path, caplog, optimizer, damaged):
     """L6: a restarted server reads the optimizer's moments from disk; moments that are NaN are logged and the
-    momentum starts from zero, so the next model is finite."""
+    momentum starts from zero, so the next model is finite. (review finding L6)"""
     from safetensors.numpy import load_file
 
     from common.runs import LAST_CHECKPOINT
-    from tests.attacks.builders import GLOBAL, honest_answer, run_rounds, tiny_strategy
+    from tests.helpers.messages import GLOBAL, real_strategy
+    from tests.helpers.scripted_grid import honest_answer, run_rounds
 
     sites = {1: "hospital-a", 2: "hospital-b"}
     settings = (f"federation.server_optimizer={optimizer}",)
@@ -105,7 +108,7 @@ def test_l6_damaged_server_optimizer_moments_never_make_the_model_nan(tmp_path, 
     for name, value in damaged.items():
         saved[name] = np.full_like(saved.get(name, GLOBAL[name.split("/")[1]]), value)
     first.recorder.checkpoints.save_optimizer(1, saved)
-    resumed = tiny_strategy(tmp_path, sites, 2, *settings, round_offset=1)
+    resumed = real_strategy(tmp_path, *settings, nodes=sites, rounds=2, round_offset=1)
     resumed.resume_optimizer(1)
     assert "start again from zero" in caplog.text and "NaN" in caplog.text
     run_rounds(tmp_path, sites, honest_answer(sites), 2, strategy=resumed)

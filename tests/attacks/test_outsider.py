@@ -8,6 +8,8 @@ import pytest
 
 from common import keys
 
+pytestmark = pytest.mark.processes
+
 
 # --- wire attacks: one deployed centre on 127.0.0.1, shared by findings 7, 11 and 12 ----------------------------
 
@@ -21,7 +23,7 @@ def centre(tmp_path_factory):
     import yaml
 
     from server.certs import init_pki
-    from tests.deploy_harness import (
+    from tests.helpers.deploy_harness import (
         GATEWAY_HOST,
         Launched,
         allow,
@@ -75,7 +77,8 @@ def _closed_within(sock, seconds: float) -> bool:
     return False
 
 
-def test_finding_7_the_gateway_holds_against_a_flooding_peer(centre):
+def test_the_gateway_holds_against_a_flooding_peer(centre):
+    """Regression of finding 7."""
     import concurrent.futures
 
     import httpx
@@ -129,8 +132,8 @@ def test_finding_7_the_gateway_holds_against_a_flooding_peer(centre):
     assert "forged" in log and not any(line.startswith("2026-01-01 INFO forged") for line in log.splitlines())
 
 
-def test_finding_12_the_centres_state_is_private(centre):
-    """The SuperLink's database (every site's update passes through it) is owner-only, as is its folder."""
+def test_the_centres_state_is_private(centre):
+    """The SuperLink's database (every site's update passes through it) is owner-only, as is its folder. (finding 12)"""
     import stat
 
     server_state = centre["root"] / "server-state"
@@ -138,7 +141,8 @@ def test_finding_12_the_centres_state_is_private(centre):
     assert stat.S_IMODE(server_state.stat().st_mode) == 0o700
 
 
-def test_finding_11_sites_get_only_what_they_need(centre):
+def test_sites_get_only_what_they_need(centre):
+    """Regression of finding 11."""
     import tomllib
 
     from common.config import from_yaml_text
@@ -195,12 +199,13 @@ def _fresh_install(root) -> object:
     return venv / "bin", release
 
 
-def test_finding_13_a_non_editable_install_runs_a_deployed_federation(tmp_path, tiny_federation, monkeypatch):
+def test_a_non_editable_install_runs_a_deployed_federation(tmp_path, tiny_federation, monkeypatch):
+    """Regression of finding 13."""
     import yaml
 
     from common.bundle import bundle_sha256
     from server.certs import init_pki
-    from tests.deploy_harness import (
+    from tests.helpers.deploy_harness import (
         GATEWAY_HOST,
         Launched,
         allow,

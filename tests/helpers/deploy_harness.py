@@ -23,7 +23,7 @@ from common.files import read_jsonl
 from common.flower_env import BIN_DIR, free_port
 from common.processes import descendants, stop_tree
 from common.runs import METRICS_FILE, existing_run_id
-from tests.tiny import TINY
+from tests.helpers.tiny import TINY
 
 GATEWAY_HOST = "127.0.0.2"
 """Sites use a different loopback address than the SuperLink, standing in for the centre's public interface."""

@@ -18,10 +18,10 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from common import keys
 from common.config import FedsegConfig, load_config
 from common.wire import to_wire
-from tests.flower_messages import incoming
-from tests.tiny import tiny
+from tests.helpers.messages import incoming
+from tests.helpers.tiny import tiny
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 HARNESS_RUN_ID = "0123456789ab"
 """The harness's run identity: a site keeps the run's model under ``runs/harness-<id>`` (client/site_state.py)."""
 
@@ -66,7 +66,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 from common.config import from_yaml_text
 from common.params import select
-from tests import site_harness as h
+from tests.helpers import site_harness as h
 args = json.loads(sys.argv[1])
 cfg = from_yaml_text(Path(args["cfg"]).read_text(), "test")
 site_yaml = Path(args["site_yaml"])
@@ -92,3 +92,23 @@ def run_fresh(cfg: FedsegConfig, site_yaml: Path, action: str, server_round: int
                           text=True, timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+ONE_SITE = tiny("train.local_steps=1", "federation.min_sites=1", "simulation.cpus_per_site=1")
+
+
+def one_site(tmp_path, data_dir, *overrides: str, site_settings: dict | None = None):
+    """A one-site federation of the real ClientApp; ``site_settings`` go into the site's own site.yaml."""
+    import yaml
+
+    from common.runs import SIM_SITES_DIR, run_dir, simulated_site_config
+    from tests.helpers.local_grid import federation
+
+    cfg = federation(load_config(None, [*ONE_SITE, f"federation.runs_dir={tmp_path}", "federation.run_name=e",
+                                        *overrides]), {"site-1": data_dir})
+    path = simulated_site_config(run_dir(cfg) / SIM_SITES_DIR, 0)
+    body = yaml.safe_load(path.read_text())
+    body["site"].pop("max_norm_travel", None)  # the simulation lets everything travel; a hospital's default applies here
+    body["site"].update(site_settings or {})
+    path.write_text(yaml.safe_dump(body))
+    return cfg

@@ -1,7 +1,7 @@
 """A small trained federation of five real sites, and the hostile replies a broken or malicious site sends.
 
 ``trained_round`` warms a five-site federation up for six rounds with the
-real strategy and the real ClientApp (tests/local_grid.py), then runs one
+real strategy and the real ClientApp (tests/helpers/local_grid.py), then runs one
 more training round and keeps everything that round produced: the global
 model it started from and the five honest replies as the server received
 them. Tests then swap one reply for a hostile one and aggregate again, and
@@ -35,8 +35,8 @@ from server.server_app import initial_weights
 from server.strategy import FedSegStrategy
 from server.validation import update_norm
 from simulations.synthetic import generate_federation
-from tests.local_grid import LocalGrid, federation, over_the_wire
-from tests.tiny import tiny
+from tests.helpers.local_grid import LocalGrid, federation, over_the_wire
+from tests.helpers.tiny import tiny
 
 N_SITES = 5
 WARMUP_ROUNDS = 6
@@ -106,7 +106,7 @@ def replace_arrays(reply: Message, arrays: dict[str, np.ndarray]) -> Message:
 
 def reply_request(reply: Message) -> Message:
     """A stand-in for the request ``reply`` answered, so a rebuilt reply keeps its sender."""
-    from tests.flower_messages import incoming
+    from tests.helpers.messages import incoming
 
     return incoming(RecordDict(), reply.metadata.message_type, reply.metadata.src_node_id,
                     int(reply.metadata.group_id or 1))
