@@ -63,8 +63,16 @@ from pathlib import Path
 from typing import Any
 
 from common.flower import FLOWER_VERSION
-from common.flower.clientapp_runner import (APPS_DIR, CLIENTAPP_COMMAND, HASH_PREFIX_LEN, flower_steps,
-                                            missing_steps, replace_steps, run_clientapp, task_commands)
+from common.flower.clientapp_runner import (
+    APPS_DIR,
+    CLIENTAPP_COMMAND,
+    HASH_PREFIX_LEN,
+    flower_steps,
+    missing_steps,
+    replace_steps,
+    run_clientapp,
+    task_commands,
+)
 
 APPROVED_ENV = "FEDSEG_APPROVED_BUNDLES"
 """Comma-separated SHA-256 digests of the approved bundles."""

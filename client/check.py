@@ -184,7 +184,7 @@ def check_case(case: Case, spec: DatasetSpec) -> tuple[list[Finding], CaseInfo |
     if channels != spec.num_channels:
         found.append(Finding(rel(ref_path), f"{channels} channel(s), dataset.json declares {spec.num_channels}", True))
     found += _geometry_findings(rel(ref_path), ref_img)
-    for path, img, data in images:
+    for path, _img, data in images:
         if not np.all(np.isfinite(data)):
             bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
             found.append(Finding(rel(path), f"{bad} NaN/Inf voxel(s)", True))

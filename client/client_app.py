@@ -21,9 +21,10 @@ from common import keys, threadsafe_monai  # noqa: F401  (threadsafe_monai: MONA
 from common import secagg as common_secagg
 from common.config import FedsegConfig
 from common.evaluation import evaluate as evaluate_model
-from common.training import train_local
 from common.params import select
 from common.preprocess import Volume
+from common.records import number
+from common.training import train_local
 from common.wire import pack, to_wire
 
 from . import egress, inbound, local_dp, secagg, site_history, timeline
@@ -46,7 +47,7 @@ def _train(site: Site, msg: Message) -> Message:
     refuse_under_floors(site.cfg, masked=secagg.requested(msg))
     received = site.load_global(msg)
     config = msg.content[keys.CONFIG]
-    server_round = int(config[keys.SERVER_ROUND])
+    server_round = int(number(config, keys.SERVER_ROUND))
     data = SiteData.open(site.cfg, site.state, msg)
     volumes = data.volumes(require_cohort(site.cfg, data.train_ids, "training"))
     timeline.mark(site.marks, timeline.DATA_READY)
@@ -60,7 +61,7 @@ def _train(site: Site, msg: Message) -> Message:
         data.cfg.data,
         site.cfg.train,
         global_params={k: received[k] for k in site.split.trainable_shared},
-        mu=float(config[keys.PROXIMAL_MU]),
+        mu=float(number(config, keys.PROXIMAL_MU)),
         seed=_round_seed(site.cfg, server_round),
     )
     site.run.save_norm(server_round, select(site.model, site.split.local), site.signature)
@@ -82,7 +83,7 @@ def _train(site: Site, msg: Message) -> Message:
     log.info("round %d: trained %d steps, loss %.4f", server_round, result.steps, result.loss)
     reply = site.reply(msg, metrics, arrays)
     if evaluation is not None:
-        reply.content[keys.EVALUATION] = MetricRecord(evaluation)
+        reply.content[keys.EVALUATION] = MetricRecord(dict(evaluation))
     return reply
 
 

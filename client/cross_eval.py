@@ -22,6 +22,7 @@ from common.device import compute_for
 from common.evaluation import evaluate
 from common.norm_adapt import adapt_norm
 from common.personalize import personalize
+from common.records import number
 
 from .site import Site
 from .site_data import SiteData, require_cohort
@@ -52,7 +53,7 @@ def cross_evaluate(site: Site, msg: Message) -> Message:
     if task != EVALUATE:
         raise ValueError(f"unknown cross-evaluation task {task!r}; expected '{IDENTIFY}' or '{EVALUATE}'")
     site.load_global(msg)
-    model_round = int(config[keys.SERVER_ROUND]) if keys.SERVER_ROUND in config else None
+    model_round = int(number(config, keys.SERVER_ROUND)) if keys.SERVER_ROUND in config else None
     if model_round is None:  # a checkpoint file the centre could not place in the run: nothing to pair it with
         log.warning("cross-eval %s names no round: scored with this site's latest tensors of run %s, and neither "
                     "the Dice nor a personalized copy is kept", config[keys.CROSS_EVAL_MODEL], site.run.name)

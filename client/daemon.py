@@ -111,12 +111,11 @@ def prepare_state(site: SiteConfig) -> tuple[Path, dict[str, str]]:
     bundle guard either way.
     """
     from common.flower_env import flower_env
+    from common.private import private_dir
 
     from .bundle_guard import guard_env, write_launcher
     from .supernode import POLL_ENV
     from .warm_start import SOCKET_ENV, new_socket_name
-
-    from common.private import private_dir
 
     state = private_dir(site.state_dir)  # owner-only before the SuperNode or any ClientApp writes into it
     site_yaml = state / RESOLVED_SITE

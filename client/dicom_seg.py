@@ -56,7 +56,7 @@ def reference_slices(series: Series) -> list[Dataset]:
     refs = series.references
     lps = LPS_TO_RAS @ series.affine
     slices = []
-    for uid, position in zip(refs.sop_instance_uids, series.positions):
+    for uid, position in zip(refs.sop_instance_uids, series.positions, strict=True):
         ds = Dataset()
         ds.SOPClassUID, ds.SOPInstanceUID = refs.sop_class_uid, uid
         ds.StudyInstanceUID, ds.SeriesInstanceUID = refs.study_uid, refs.series_uid

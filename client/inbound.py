@@ -134,9 +134,10 @@ def _check_expected(name: str, value: object) -> None:
         return
     if isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds):
         raise MalformedMessage(f"configuration '{name}' is a {type(value).__name__}")
-    if name == keys.SERVER_ROUND and not 0 <= value <= MAX_ROUND:
+    # EXPECTED made the round an int and mu a number; the isinstance tests say so to the type checker.
+    if name == keys.SERVER_ROUND and isinstance(value, int) and not 0 <= value <= MAX_ROUND:
         raise MalformedMessage(f"configuration '{name}' is out of range")
-    if name == keys.PROXIMAL_MU and value < 0:
+    if name == keys.PROXIMAL_MU and isinstance(value, (int, float)) and value < 0:
         raise MalformedMessage(f"configuration '{name}' is negative")
 
 

@@ -49,8 +49,8 @@ import numpy as np
 import torch
 
 from common.config import SiteConfig
-from common.flower.differential_privacy import compute_clip_model_update, get_norm
 from common.dp_accounting import ACCOUNTANT, composed_mu, gdp_epsilon
+from common.flower.differential_privacy import compute_clip_model_update, get_norm
 from common.runs import SITE_RUN_FILE, SITE_RUNS_DIR
 
 from .site_state import RunState

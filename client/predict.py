@@ -58,13 +58,12 @@ from torch import nn
 
 from common.config import FedsegConfig
 from common.dataset import DICOM_SEG_ENDING, NIFTI_ENDINGS, DatasetError, channel_groups
-from common.dicom_series import DicomSeriesError, is_series_folder, open_series
 from common.device import CPU_FP32, Compute, compute_for, with_site_compute
+from common.dicom_series import DicomSeriesError, is_series_folder, open_series
 from common.nifti_out import save_nifti
 from common.plan import Plan
 from common.preprocess import prepare_image
 from common.reading import IMAGE, LABEL, to_file_grid, without_voxels
-
 
 log = logging.getLogger("fedseg.client")
 SUFFIX = "_seg"
@@ -171,7 +170,7 @@ class SlabInferer:
         for k in range(0, len(todo), self.options.batch_size):
             chunk = todo[k:k + self.options.batch_size]
             logits = self._forward(torch.stack([windows[i] for i in chunk]))
-            for i, y in zip(chunk, logits):
+            for i, y in zip(chunk, logits, strict=True):
                 out[i] = y
                 if keys[i] is not None:
                     self._constant[keys[i]] = y
@@ -187,7 +186,7 @@ class SlabInferer:
         self.model.to(self.compute.device).eval()
         image = self.compute.to(image)
         shape = image.shape[1:]
-        pad = [max(0, r - s) for r, s in zip(self.roi, shape)]
+        pad = [max(0, r - s) for r, s in zip(self.roi, shape, strict=True)]
         if any(pad):
             image = torch.nn.functional.pad(image, [0, pad[2], 0, pad[1], 0, pad[0]])
         size = image.shape[1:]
@@ -212,7 +211,7 @@ class SlabInferer:
                 for y in ys:
                     windows.append(image[:, x:x + rx, y:y + ry, z:z + rz])
                     places.append((x, y))
-            for (x, y), out in zip(places, self._predict(windows)):
+            for (x, y), out in zip(places, self._predict(windows), strict=True):
                 logits[:, x:x + rx, y:y + ry, z - base:z - base + rz] += out
                 if counts is not None:
                     counts[:, x:x + rx, y:y + ry, z - base:z - base + rz] += 1

@@ -25,12 +25,22 @@ from cryptography.fernet import InvalidToken
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
 from common import keys, secagg
-from common.flower.secure_aggregation import (bytes_to_private_key, bytes_to_public_key, create_shares, decrypt,
-                                              encrypt, generate_key_pairs, generate_shared_key, private_key_to_bytes,
-                                              public_key_to_bytes, share_keys_plaintext_concat,
-                                              share_keys_plaintext_separate)
 from common.files import atomic_write_text
+from common.flower.secure_aggregation import (
+    bytes_to_private_key,
+    bytes_to_public_key,
+    create_shares,
+    decrypt,
+    encrypt,
+    generate_key_pairs,
+    generate_shared_key,
+    private_key_to_bytes,
+    public_key_to_bytes,
+    share_keys_plaintext_concat,
+    share_keys_plaintext_separate,
+)
 from common.private import private_dir
+from common.records import number
 from common.runs import SECAGG_DIR, SECAGG_ROUND_FILE, round_of_file
 
 from .site import Site
@@ -58,7 +68,7 @@ class RoundSecrets:
     peers: dict[str, list[str]] = field(default_factory=dict)
     """Node -> [mask key, share key] of every site of the round, as relayed and checked."""
     threshold: int = 0
-    held: dict[str, str] = field(default_factory=dict)
+    held: dict[str, list[str]] = field(default_factory=dict)
     """Node -> [seed share, mask-key share] this site holds of that node's secrets."""
     masked_with: list[int] = field(default_factory=list)
 
@@ -82,7 +92,7 @@ def _load(site: Site, server_round: int) -> RoundSecrets:
 
 
 def _round(msg: Message) -> int:
-    return int(msg.content[keys.CONFIG][keys.SERVER_ROUND])
+    return int(number(msg.content[keys.CONFIG], keys.SERVER_ROUND))
 
 
 def _record(msg: Message) -> ConfigRecord:
@@ -208,7 +218,7 @@ def _keep_shares(secrets: RoundSecrets, own: int, sources: list[int], ciphertext
     """Decrypt and keep each peer's shares; one that does not decrypt or is not addressed to this site is left
     out (the site still masks with that peer: the pairwise mask needs only its public key)."""
     share_sk = bytes_to_private_key(_unb64(secrets.share_sk))
-    for src, ciphertext in zip(sources, ciphertexts):
+    for src, ciphertext in zip(sources, ciphertexts, strict=True):
         shared = generate_shared_key(share_sk, bytes_to_public_key(_unb64(secrets.peers[str(src)][1])))
         try:
             sender, dst, seed_share, key_share = share_keys_plaintext_separate(decrypt(shared, ciphertext))

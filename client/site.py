@@ -18,9 +18,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from common import keys
 from common.config import FedsegConfig, SiteFile, from_yaml_text, load_config, with_channels
 from common.dataset import read_dataset
-from common.plan import Plan
 from common.device import with_site_compute
 from common.params import ParameterSplit, load_merged, run_model
+from common.plan import Plan
 from common.runs import SITE_LOG, simulated_site_config, site_view
 from common.wire import from_wire, message_round
 
@@ -90,7 +90,7 @@ class Site:
         expected = str(config[keys.SIGNATURE])
         if expected != self.signature:
             raise SignatureMismatch(f"server signature {expected}, site signature {self.signature}")
-        received = from_wire(msg.content[keys.ARRAYS])
+        received = from_wire(msg.content.array_records[keys.ARRAYS])
         server_round = message_round(msg)
         model_round = None if server_round is None else int(server_round) - int(msg.metadata.message_type ==
                                                                                  MessageType.TRAIN)

@@ -18,10 +18,10 @@ from flwr.app import Message, MetricRecord
 from common import keys
 from common.config import FedsegConfig
 from common.dataset import DatasetSpec, read_dataset
+from common.evaluation import EvalResult
 from common.files import atomic_write_text
 from common.fingerprint import FINGERPRINT_FORMAT, merge_fingerprints, site_fingerprint
 from common.labels import ChannelMismatch, LabelMismatch, describe_coding, remap_table
-from common.evaluation import EvalResult
 from common.plan import Plan, make_plan
 from common.preprocess import PreprocessedCases, Volume
 from common.runs import FINGERPRINT_FILE, PLAN_FILE

@@ -26,7 +26,8 @@ def record_reply(state_root: Path, msg: Message, reply: Message) -> None:
     """Append ``reply``, the answer to ``msg`` that left this site."""
     arrays = reply.content.array_records.get(keys.ARRAYS)
     config = msg.content.config_records.get(keys.CONFIG)
-    server_round = int(config[keys.SERVER_ROUND]) if config and keys.SERVER_ROUND in config else None
+    value = config.get(keys.SERVER_ROUND) if config else None
+    server_round = value if isinstance(value, int) else None  # an int: client/inbound.py checked it on arrival
     entry = {"time": time.time(), "stage": msg.metadata.message_type, "round": server_round,
              "metrics": dict(reply.content.metric_records.get(keys.METRICS, {})),
              "bytes_sent": arrays.count_bytes() if arrays is not None else 0,

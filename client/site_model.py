@@ -26,8 +26,8 @@ recorded in ``<state_dir>/exports.jsonl`` (``fedseg-client audit`` lists them).
 from __future__ import annotations
 
 import hashlib
-import logging
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +43,24 @@ from common.metrics_log import Event, is_kind, read_events
 from common.model import build_model, network_spec
 from common.plan import Plan
 from common.private import private_dir
-from common.runs import (BEST, BEST_CHECKPOINT, CHECKPOINT_DIR, CHECKPOINT_NAMES, CHECKPOINT_STATE, CONFIG_FILE,
-                         EXPORT_LOG, LABELS_FILE, LAST, METRICS_FILE, PLAN_FILE, PROVENANCE_FILE, README_FILE,
-                         WEIGHTS_FILE, CheckpointName, parse_checkpoint_name)
+from common.runs import (
+    BEST,
+    BEST_CHECKPOINT,
+    CHECKPOINT_DIR,
+    CHECKPOINT_NAMES,
+    CHECKPOINT_STATE,
+    CONFIG_FILE,
+    EXPORT_LOG,
+    LABELS_FILE,
+    LAST,
+    METRICS_FILE,
+    PLAN_FILE,
+    PROVENANCE_FILE,
+    README_FILE,
+    WEIGHTS_FILE,
+    CheckpointName,
+    parse_checkpoint_name,
+)
 
 from .reasons import SignatureMismatch
 from .site_state import RunState
@@ -105,7 +120,7 @@ def round_dice(run: Path, server_round: int | None, site: str) -> dict[str, floa
     return found
 
 
-def site_dice(run: Path, loaded: RunModel, site: str) -> dict[str, Any]:
+def site_dice(run: Path, loaded: RunModel, state: RunState, site: str) -> dict[str, Any]:
     """The Dice this site measured for exactly the loaded model, and where that number comes from.
 
     The site's own record (cross-site evaluation of that round, and of the
@@ -113,7 +128,7 @@ def site_dice(run: Path, loaded: RunModel, site: str) -> dict[str, Any]:
     metrics log, which the site measured with the same pairing of that round.
     """
     logged = round_dice(run, loaded.checkpoint.round, site)
-    mine = loaded.state.score(loaded.checkpoint.round)
+    mine = state.score(loaded.checkpoint.round)
     if loaded.personal is not None:
         return {**logged, "site_dice": loaded.personal["dice_after"],
                 "dice_source": "this site's cross-site evaluation of its personalized copy"}
@@ -193,6 +208,8 @@ def export_site_model(cfg: FedsegConfig, run: Path, choice: str | None, out: Pat
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty: choose a new folder for the exported model.")
     loaded = load_run_model(run, choice, Path(cfg.site.state_dir), missing_local="error", personalized=personalize)
+    state = loaded.state
+    assert state is not None and state.site is not None, "a state folder was given, so the run's state is the site's"
     private_dir(out)  # the site's model, fitted to its patients: owner-only (0700), whatever the umask
     save_model(loaded.model, str(out / WEIGHTS_FILE))
     loaded.plan.save(out / PLAN_FILE)
@@ -205,7 +222,7 @@ def export_site_model(cfg: FedsegConfig, run: Path, choice: str | None, out: Pat
         "run_id": loaded.cfg.federation.run_id,
         "weights": loaded.checkpoint.choice,
         "round": loaded.checkpoint.round,
-        **site_dice(run, loaded, cfg.site.name),
+        **site_dice(run, loaded, state, cfg.site.name),
         "site": cfg.site.name,
         "norm_round": loaded.norm_round,
         "personalized": loaded.personal,
@@ -214,7 +231,7 @@ def export_site_model(cfg: FedsegConfig, run: Path, choice: str | None, out: Pat
     }
     (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
     (out / README_FILE).write_text(_readme(provenance, loaded.cfg))
-    record_export(loaded.state.site.root, {**provenance, "folder": str(out.resolve()), "time": time.time()})
+    record_export(state.site.root, {**provenance, "folder": str(out.resolve()), "time": time.time()})
     return provenance
 
 

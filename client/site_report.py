@@ -94,7 +94,7 @@ def overlay_figure(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray,
     colours = ListedColormap(CLASS_COLOURS[: max(1, num_classes - 1)])
     scale = Normalize(vmin=1, vmax=max(1, num_classes - 1))
     fig, axes = plt.subplots(1, 3, figsize=(9.6, 4.2))
-    for ax, (name, labels) in zip(axes, (("scan", None), ("ground truth", truth), ("prediction", prediction))):
+    for ax, (name, labels) in zip(axes, (("scan", None), ("ground truth", truth), ("prediction", prediction)), strict=True):
         ax.imshow(scan, cmap="gray", origin="lower")
         if labels is not None:
             mask = np.ma.masked_equal(labels[:, :, k].T, 0)
@@ -132,13 +132,13 @@ def site_pictures(site_cfg: FedsegConfig, run: Path, weights: str | None = None,
     does there: the statistics the model arrives with describe no scanner.
     """
     from common.device import compute_for, with_site_compute
-    from common.sampling import fuse
     from common.norm_adapt import adapt_norm, has_batch_norm
     from common.preprocess import PreprocessedCases
+    from common.sampling import fuse
 
     from .predict import InferenceOptions, SlabInferer
-    from .site_model import load_run_model
     from .site_data import open_split
+    from .site_model import load_run_model
     from .site_state import SiteState
 
     state = SiteState(Path(site_cfg.site.state_dir))

@@ -86,7 +86,7 @@ def evaluate(
                 ])
             if cfg.hd95:
                 hd = hd_metric(pred, truth, spacing=list(data.spacing))
-                diagonal = math.dist([0, 0, 0], [s * d for s, d in zip(image.shape[1:], data.spacing)])
+                diagonal = math.dist([0, 0, 0], [s * d for s, d in zip(image.shape[1:], data.spacing, strict=True)])
                 hds.append(torch.nan_to_num(hd, nan=diagonal, posinf=diagonal).mean().item())
     per_class = [float(v) for v in dice_metric.aggregate()]
     return EvalResult(

@@ -43,7 +43,7 @@ class ProximalGradient:
     def __init__(self, model: nn.Module, global_params: dict[str, torch.Tensor], mu: float) -> None:
         params = dict(model.named_parameters())
         self.mu = mu
-        self.params = [params[k] for k in global_params]
+        self.params: list[torch.Tensor] = [params[k] for k in global_params]
         self.anchors = [global_params[k].detach() for k in global_params]
 
     @torch.no_grad()
@@ -52,9 +52,11 @@ class ProximalGradient:
         if self.mu == 0.0 or not self.params:
             return 0.0
         diffs = torch._foreach_sub(self.params, self.anchors)
-        for param, diff in zip(self.params, diffs):
+        grads = []
+        for param in self.params:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
-        torch._foreach_add_([p.grad for p in self.params], diffs, alpha=self.mu)
+            grads.append(param.grad)
+        torch._foreach_add_(grads, diffs, alpha=self.mu)
         squares = torch.stack(torch._foreach_norm(diffs)).pow(2).sum()
         return float(0.5 * self.mu * squares)

@@ -206,7 +206,7 @@ def _cdf(sketch: Sketch, x: np.ndarray, left: bool) -> np.ndarray:
     p_last[-1] = 1.0
     j = np.searchsorted(unique, x, side="left" if left else "right") - 1
     out = np.empty(len(x))
-    for i, (xi, ji) in enumerate(zip(x, j)):
+    for i, (xi, ji) in enumerate(zip(x, j, strict=True)):
         if ji < 0:
             out[i] = 0.0
         elif ji == len(unique) - 1:
@@ -423,16 +423,16 @@ def merge_fingerprints(records: dict[str, dict]) -> FederatedFingerprint:
     sites = list(checked.values())
     channels = len(first.ct)
     case_weights = bounded_weights([fp.cases for fp in sites])
-    spacing = [[Sketch(SPACING_LEVELS, fp.spacing[a], w) for fp, w in zip(sites, case_weights)] for a in range(3)]
-    extent = [[Sketch(SPACING_LEVELS, fp.extent[a], w) for fp, w in zip(sites, case_weights)] for a in range(3)]
+    spacing = [[Sketch(SPACING_LEVELS, fp.spacing[a], w) for fp, w in zip(sites, case_weights, strict=True)] for a in range(3)]
+    extent = [[Sketch(SPACING_LEVELS, fp.extent[a], w) for fp, w in zip(sites, case_weights, strict=True)] for a in range(3)]
     intensity, moments = [], np.zeros((channels, 3))
     for c in range(channels):
         voxel_weights = bounded_weights([fp.moments[c, 0] for fp in sites])
-        intensity.append([Sketch(INTENSITY_LEVELS, fp.intensity[c], w) for fp, w in zip(sites, voxel_weights)])
-        for fp, w in zip(sites, voxel_weights):
+        intensity.append([Sketch(INTENSITY_LEVELS, fp.intensity[c], w) for fp, w in zip(sites, voxel_weights, strict=True)])
+        for fp, w in zip(sites, voxel_weights, strict=True):
             if fp.moments[c, 0] > 0:
                 moments[c] += fp.moments[c] * (w / fp.moments[c, 0])
-    fractions = np.sum([np.asarray(fp.class_fraction) * w for fp, w in zip(sites, case_weights)], axis=0)
+    fractions = np.sum([np.asarray(fp.class_fraction) * w for fp, w in zip(sites, case_weights, strict=True)], axis=0)
     return FederatedFingerprint(
         num_cases=sum(fp.cases for fp in sites),
         num_channels=channels,

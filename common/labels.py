@@ -85,7 +85,7 @@ def coding_problem(site: str, coding: Sequence[int], agreed: Sequence[int], rema
     if len(coding) != len(agreed):
         return (f"site {site} declares {len(coding)} label values, the federation {len(agreed)}; every site's "
                 "dataset.json must label the same classes")
-    differ = [v for v, (a, b) in enumerate(zip(coding, agreed)) if a != b]
+    differ = [v for v, (a, b) in enumerate(zip(coding, agreed, strict=True)) if a != b]
     return (f"site {site}'s label names differ from the federation's at values {differ}; every site's "
             "dataset.json must give each label value the same name ('fedseg-client check' at the site shows "
             "both maps)")

@@ -85,7 +85,7 @@ def personalize(
             if dice > best:
                 best, best_state, best_steps = dice, _copy(model), steps
     finally:
-        for p, flag in zip(model.parameters(), saved_flags):
+        for p, flag in zip(model.parameters(), saved_flags, strict=True):
             p.requires_grad_(flag)
     model.load_state_dict(best_state)
     model.eval()

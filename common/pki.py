@@ -20,6 +20,7 @@ import hashlib
 import os
 import stat
 from pathlib import Path
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -31,6 +32,8 @@ from .cli import UserError
 NIST_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
 """EC curves Flower's SuperLink accepts for node keys (it checks for NIST curves)."""
 PRIVATE_MODE = 0o600
+_NodeKey = TypeVar("_NodeKey", ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)
+"""A node key of the kind its loader reads."""
 
 
 class CertificateError(UserError):
@@ -52,7 +55,7 @@ def load_certificate(path: Path, what: str, fix: str) -> x509.Certificate:
         cert = x509.load_pem_x509_certificate(_read(path, what, fix))
     except ValueError as err:
         raise CertificateError(f"{path}: not a PEM certificate ({what}); {fix}") from err
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     if now > cert.not_valid_after_utc:
         raise CertificateError(
             f"{path}: the {what} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; {fix}"
@@ -110,8 +113,8 @@ def require_key_matches(cert: x509.Certificate, cert_path: Path, key: ec.Ellipti
         )
 
 
-def _check_node_key(key: object, path: Path) -> ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey:
-    if not isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)):
+def _check_node_key(key: object, path: Path, kind: type[_NodeKey]) -> _NodeKey:
+    if not isinstance(key, kind):
         raise CertificateError(f"{path}: node keys must be EC keys (got {type(key).__name__}); "
                                "make one with `fedseg-client keygen`.")
     if not isinstance(key.curve, NIST_CURVES):
@@ -127,7 +130,7 @@ def load_node_public_key(path: Path) -> ec.EllipticCurvePublicKey:
         key = serialization.load_ssh_public_key(_read(path, "site public key", fix).strip())
     except (ValueError, UnsupportedAlgorithm) as err:
         raise CertificateError(f"{path}: not an OpenSSH public key; {fix}") from err
-    return _check_node_key(key, path)
+    return _check_node_key(key, path, ec.EllipticCurvePublicKey)
 
 
 def load_node_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
@@ -142,7 +145,7 @@ def load_node_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
         key = serialization.load_ssh_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as err:
         raise CertificateError(f"{path}: not an unencrypted OpenSSH private key; {fix}") from err
-    return _check_node_key(key, path)
+    return _check_node_key(key, path, ec.EllipticCurvePrivateKey)
 
 
 def openssh_public(key: ec.EllipticCurvePublicKey) -> bytes:

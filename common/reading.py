@@ -57,7 +57,7 @@ def label_keys(case: Case) -> tuple[str, ...]:
 
 def case_dict(case: Case) -> dict[str, tuple[Path, ...] | Path]:
     """The case as the pipeline's input: its image files and one label file per annotator."""
-    return {IMAGE: case.images, **dict(zip(label_keys(case), case.labels))}
+    return {IMAGE: case.images, **dict(zip(label_keys(case), case.labels, strict=True))}
 
 
 def interpolation(key: Hashable) -> str:
@@ -107,9 +107,9 @@ def ras_axes(affine: np.ndarray) -> np.ndarray:
 def nonzero_box(image: torch.Tensor) -> tuple[tuple[int, int], ...]:
     """nnU-Net's crop: (start, stop) per axis of the voxels nonzero in any channel; the whole volume if none."""
     start, stop = generate_spatial_bounding_box(image, select_fn=lambda x: x != 0)
-    if not any(b > a for a, b in zip(start, stop)):
+    if not any(b > a for a, b in zip(start, stop, strict=True)):
         return tuple((0, int(s)) for s in image.shape[1:])
-    return tuple((int(a), int(b)) for a, b in zip(start, stop))
+    return tuple((int(a), int(b)) for a, b in zip(start, stop, strict=True))
 
 
 def _load_3d_file(path: Path, file_layout: bool) -> MetaTensor:
@@ -205,7 +205,7 @@ class CropNonzerod(mt.MapTransform, mt.InvertibleTransform):
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
         box = nonzero_box(d[IMAGE])
-        if all(b - a == s for (a, b), s in zip(box, d[IMAGE].shape[1:])):
+        if all(b - a == s for (a, b), s in zip(box, d[IMAGE].shape[1:], strict=True)):
             return d
         crop = mt.SpatialCropd(list(self.key_iterator(d)), roi_start=[a for a, _ in box], roi_end=[b for _, b in box])
         return crop(d)
@@ -221,7 +221,7 @@ class CropNonzerod(mt.MapTransform, mt.InvertibleTransform):
 def plan_size(image: MetaTensor, spacing: Sequence[float]) -> list[int]:
     """The image's spatial size at ``spacing`` (its extent in mm kept, as nnU-Net resamples)."""
     pixdim = np.asarray(image.pixdim, dtype=float)[:3]
-    return [max(1, round(s * p / t)) for s, p, t in zip(image.shape[1:], pixdim, spacing)]
+    return [max(1, round(s * p / t)) for s, p, t in zip(image.shape[1:], pixdim, spacing, strict=True)]
 
 
 class ToSpacingd(mt.MapTransform, mt.InvertibleTransform):

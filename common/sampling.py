@@ -31,7 +31,7 @@ def extract(array: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.
     """array[:, start:start+size] read from a (memory-mapped) volume, zero-padded outside it."""
     out = np.zeros((array.shape[0], *size), dtype=array.dtype)
     src, dst = [slice(None)], [slice(None)]
-    for s, n, dim in zip(start, size, array.shape[1:]):
+    for s, n, dim in zip(start, size, array.shape[1:], strict=True):
         lo, hi = max(s, 0), min(s + n, dim)
         src.append(slice(lo, max(lo, hi)))
         dst.append(slice(lo - s, lo - s + max(0, hi - lo)))
@@ -81,7 +81,7 @@ class PatchSampler:
 
     def _start(self, shape: Sequence[int], center: np.ndarray | None) -> list[int]:
         start = []
-        for axis, (dim, n) in enumerate(zip(shape, self.size)):
+        for axis, (dim, n) in enumerate(zip(shape, self.size, strict=True)):
             lo, hi = min(0, dim - n), max(0, dim - n)
             if center is None:
                 start.append(int(self.rng.integers(lo, hi + 1)))
@@ -116,7 +116,7 @@ class PatchSampler:
     def __call__(self, sample: dict) -> list[dict]:
         """``batch_size`` patches of one case given as {"image", "label"[, "locations"]}."""
         volume = as_volume(Volume(sample[IMAGE], sample[LABEL], sample.get("locations")), self.num_classes)
-        return [dict(zip((IMAGE, LABEL), self.patch(volume))) for _ in range(self.batch_size)]
+        return [dict(zip((IMAGE, LABEL), self.patch(volume), strict=True)) for _ in range(self.batch_size)]
 
     def batches(self, volumes: Sequence[Volume], rng: np.random.Generator
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

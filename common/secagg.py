@@ -192,7 +192,7 @@ def encrypted_shares(record: Mapping[str, object]) -> tuple[dict[int, bytes], by
         raise ProtocolError(f"'{SEED_DIGEST}' is not a SHA-256 digest")
     if len(destinations) != len(ciphertexts):
         raise ProtocolError(f"{len(destinations)} destinations for {len(ciphertexts)} ciphertexts")
-    return dict(zip(destinations, ciphertexts)), digest
+    return dict(zip(destinations, ciphertexts, strict=True)), digest
 
 
 def unmask_shares(record: Mapping[str, object]) -> dict[int, bytes]:
@@ -201,7 +201,7 @@ def unmask_shares(record: Mapping[str, object]) -> dict[int, bytes]:
     nodes, shares = node_ids(record[NODES], NODES), byte_strings(record[SHARES], SHARES, MAX_SHARE)
     if len(nodes) != len(shares):
         raise ProtocolError(f"{len(nodes)} nodes for {len(shares)} shares")
-    return dict(zip(nodes, shares))
+    return dict(zip(nodes, shares, strict=True))
 
 
 def reply_problems(message_type: str, record: Mapping[str, object]) -> list[str]:
@@ -235,7 +235,7 @@ def peer_list(record: Mapping[str, object], own: int, own_keys: tuple[bytes, byt
         raise ProtocolError("the relayed lists of nodes and keys differ in length")
     if nodes.count(own) != 1:
         raise ProtocolError("this site is not listed exactly once among the round's sites")
-    keys_by_node = {n: (m, s) for n, m, s in zip(nodes, mask_keys, share_keys)}
+    keys_by_node = {n: (m, s) for n, m, s in zip(nodes, mask_keys, share_keys, strict=True)}
     if keys_by_node[own] != own_keys:
         raise ProtocolError("the keys relayed for this site are not the ones it sent")
     every_key = mask_keys + share_keys

@@ -19,6 +19,7 @@ up to the flat arrays is refused whole.
 from __future__ import annotations
 
 import math
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
@@ -67,7 +68,7 @@ def pack(content: RecordDict) -> RecordDict:
     names = list(record.keys())
     values = [record[name].numpy() for name in names]
     dtypes = [str(v.dtype) for v in values]
-    flat = {dt: np.concatenate([v.ravel() for v, d in zip(values, dtypes) if d == dt]) for dt in dict.fromkeys(dtypes)}
+    flat = {dt: np.concatenate([v.ravel() for v, d in zip(values, dtypes, strict=True) if d == dt]) for dt in dict.fromkeys(dtypes)}
     layout = ConfigRecord({"names": names, "dtypes": dtypes, "ndims": [v.ndim for v in values],
                            "shapes": [int(n) for v in values for n in v.shape]})
     packed = RecordDict(dict(content.items()))
@@ -102,7 +103,7 @@ def _unpacked(content: RecordDict) -> RecordDict:
     flat = {key: record[key] for key in wanted}
     offsets = dict.fromkeys(wanted, 0)
     spans: dict[str, tuple[int, int, tuple[int, ...], str]] = {}
-    for name, dtype, shape in zip(names, dtypes, shapes):
+    for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
         key, size = PACKED_PREFIX + dtype, math.prod(shape)
         if flat[key].dtype != dtype or len(flat[key].shape) != 1:
             raise WireError(f"packed array '{key}' is {flat[key].dtype}{list(flat[key].shape)}, not flat {dtype}")
@@ -121,20 +122,30 @@ def _unpacked(content: RecordDict) -> RecordDict:
     return unpacked
 
 
+def _all_str(values: list[Any]) -> TypeGuard[list[str]]:
+    return all(isinstance(v, str) for v in values)
+
+
+def _all_int(values: list[Any]) -> TypeGuard[list[int]]:
+    """Whether every value is an int (a bool counts as one, as isinstance says)."""
+    return all(isinstance(v, int) for v in values)
+
+
 def _layout(layout: ConfigRecord) -> tuple[list[str], list[str], list[tuple[int, ...]]]:
     """Names, dtypes and shapes from a layout record, every field checked before it is used."""
     names, dtypes, ndims, flat_shape = (layout.get(k) for k in ("names", "dtypes", "ndims", "shapes"))
-    if not all(isinstance(v, list) for v in (names, dtypes, ndims, flat_shape)):
+    if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(ndims, list)
+            and isinstance(flat_shape, list)):
         raise WireError("the layout lacks names, dtypes, ndims or shapes lists")
     if not len(names) == len(dtypes) == len(ndims) or len(names) > MAX_TENSORS or len(set(names)) != len(names):
         raise WireError("the layout's lists disagree in length, repeat a name or are too long")
-    if not all(isinstance(n, str) for n in names) or not set(dtypes) <= PACKABLE_DTYPES:
+    if not _all_str(names) or not _all_str(dtypes) or not set(dtypes) <= PACKABLE_DTYPES:
         raise WireError(f"the layout's names must be text and its dtypes among {sorted(PACKABLE_DTYPES)}")
-    if not all(isinstance(d, int) and 0 <= d <= MAX_NDIM for d in ndims) or sum(ndims) != len(flat_shape) \
-            or not all(isinstance(n, int) and 0 <= n <= MAX_DIM for n in flat_shape):
+    if not _all_int(ndims) or not all(0 <= d <= MAX_NDIM for d in ndims) or sum(ndims) != len(flat_shape) \
+            or not _all_int(flat_shape) or not all(0 <= n <= MAX_DIM for n in flat_shape):
         raise WireError("the layout's shapes are malformed")
     ends = np.cumsum([0, *ndims]).tolist()
-    return names, dtypes, [tuple(flat_shape[a:b]) for a, b in zip(ends, ends[1:])]
+    return names, dtypes, [tuple(flat_shape[a:b]) for a, b in zip(ends, ends[1:], strict=False)]
 
 
 ERROR_PREFIX = "site "

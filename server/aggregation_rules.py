@@ -62,7 +62,7 @@ def clip_updates(records: Sequence[ArrayRecord], reference: dict[str, np.ndarray
     norms = [update_norm(r, reference) for r in records]
     limit = float(np.median(norms))
     clipped = []
-    for record, norm in zip(records, norms):
+    for record, norm in zip(records, norms, strict=True):
         if norm <= limit:
             clipped.append(record)
             continue

@@ -10,6 +10,7 @@ from flwr.app import ArrayRecord, Message
 from common import keys
 from common.config import FederationConfig
 from common.fingerprint import bounded_weights
+from common.records import number
 
 from . import aggregation_rules
 
@@ -28,7 +29,7 @@ class Aggregator:
         median (common/fingerprint.py: a count is the site's own claim), or 1 with ``equal_weights``
         (the robust aggregators give every site one vote whatever is asked).
         """
-        weights = [1.0 if equal_weights else float(msg.content.metric_records[keys.METRICS][keys.NUM_EXAMPLES])
+        weights = [1.0 if equal_weights else float(number(msg.content.metric_records[keys.METRICS], keys.NUM_EXAMPLES))
                    for msg in sound]
         weights = bounded_weights(weights)  # a count is the site's own claim: none weighs over 3x the others' median
         return aggregation_rules.aggregate([msg.content.array_records[keys.ARRAYS] for msg in sound], weights,

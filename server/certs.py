@@ -70,7 +70,7 @@ def _name(common_name: str) -> x509.Name:
 
 def _create_ca(cert_dir: Path, days: int) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP384R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name("fedseg federation CA"))
@@ -113,7 +113,7 @@ def issue_server_certificate(cert_dir: Path, names: list[str], ips: list[str], d
     """Issue ``server.crt`` for the given DNS names and IPs, signed by the federation CA."""
     ca, ca_key = _load_ca(cert_dir)
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     common_name = names[0] if names else (ips[0] if ips else LOOPBACK_NAMES[0])
     cert = (
         x509.CertificateBuilder()

@@ -18,8 +18,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.files import atomic_copy, atomic_save, atomic_write_text
-from common.runs import (BEST_CHECKPOINT, CHECKPOINT_STATE, LAST_CHECKPOINT, ROUND_CHECKPOINT,
-                         SERVER_OPTIMIZER_CHECKPOINT, parse_checkpoint_name)
+from common.runs import (
+    BEST_CHECKPOINT,
+    CHECKPOINT_STATE,
+    LAST_CHECKPOINT,
+    ROUND_CHECKPOINT,
+    SERVER_OPTIMIZER_CHECKPOINT,
+    parse_checkpoint_name,
+)
 
 
 @dataclass
@@ -70,8 +76,10 @@ class Checkpoints:
     def round_of(self, name: str) -> int | None:
         """The round a checkpoint name holds: ``best``, ``last``, ``round-N``; None for anything else."""
         named = parse_checkpoint_name(name)
-        if named is None or named.round is not None:
-            return named and named.round
+        if named is None:
+            return None
+        if named.round is not None:
+            return named.round
         return getattr(self.state, f"{named.alias}_round") or None
 
     def offer_best(self, server_round: int, dice: float) -> bool:

@@ -38,8 +38,18 @@ from common.files import atomic_write_text
 from common.flower.constants import SUPERLINK_NODE_ID
 from common.flower.grid import DelegatingGrid
 from common.metrics_log import Event, MetricsLog
-from common.runs import (BEST, BEST_CHECKPOINT, CHECKPOINT_DIR, CHECKPOINT_NAMES, CROSS_EVAL_FILE, LAST,
-                         LAST_CHECKPOINT, PLAN_FILE, parse_checkpoint_name, run_dir)
+from common.runs import (
+    BEST,
+    BEST_CHECKPOINT,
+    CHECKPOINT_DIR,
+    CHECKPOINT_NAMES,
+    CROSS_EVAL_FILE,
+    LAST,
+    LAST_CHECKPOINT,
+    PLAN_FILE,
+    parse_checkpoint_name,
+    run_dir,
+)
 from common.wire import named_site, to_wire
 
 from .checkpoints import Checkpoints
@@ -184,9 +194,10 @@ def cross_evaluate(grid: Grid, cfg: FedsegConfig, signature: str, models: dict[s
     cells = []
     for model, tensors in models.items():
         arrays = to_wire(tensors, cfg.federation.wire_dtype)
-        config = {keys.SIGNATURE: signature, keys.WIRE_DTYPE: cfg.federation.wire_dtype, keys.CROSS_EVAL_MODEL: model}
-        if (rounds or {}).get(model):
-            config[keys.SERVER_ROUND] = int(rounds[model])
+        config: dict[str, str | int] = {keys.SIGNATURE: signature, keys.WIRE_DTYPE: cfg.federation.wire_dtype,
+                                        keys.CROSS_EVAL_MODEL: model}
+        if model_round := (rounds or {}).get(model):
+            config[keys.SERVER_ROUND] = int(model_round)
         if (run / PLAN_FILE).is_file():  # the run's preprocessing plan, also for a site that never trained
             config[keys.PLAN] = (run / PLAN_FILE).read_text()
         queries = [_query(n, "evaluate", config, arrays) for n in nodes]

@@ -90,7 +90,7 @@ def _clipped_and_scaled(record: ArrayRecord, reference: dict[str, np.ndarray], o
     base = [reference[k] for k in order]
     compute_clip_model_update(values, base, clipping_norm)
     return ArrayRecord({k: Array(np.ascontiguousarray(b + np.float32(scale) * (v - b)))
-                        for k, v, b in zip(order, values, base)})
+                        for k, v, b in zip(order, values, base, strict=True)})
 
 
 def earlier_releases(metrics_path, privacy: PrivacyConfig, size: int, done: int) -> int:

@@ -250,7 +250,8 @@ class TlsFront(asyncio.Protocol):
         self.pending: list[bytes] = []
         self.lost = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+    # typeshed types every protocol's transport as BaseTransport; a streaming Protocol is given a Transport.
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         peer = str((transport.get_extra_info("peername") or ("?",))[0])
         if not self.slots.take(peer):
             transport.abort()
@@ -259,13 +260,13 @@ class TlsFront(asyncio.Protocol):
         transport.pause_reading()  # nothing is read before the TLS layer is in place
         self.loop.create_task(self._handshake(transport))
 
-    async def _handshake(self, raw: asyncio.BaseTransport) -> None:
+    async def _handshake(self, raw: asyncio.Transport) -> None:
         assert self.ticket is not None
         try:
-            tls = await self.loop.start_tls(raw, self, self.tls, server_side=True,  # type: ignore[arg-type]
+            tls = await self.loop.start_tls(raw, self, self.tls, server_side=True,
                                             ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S,
                                             ssl_shutdown_timeout=SHUTDOWN_TIMEOUT_S)
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as err:
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as err:
             self.slots.note(f"cut (TLS handshake: {type(err).__name__})", self.ticket.peer)
             raw.abort()
             self.ticket.give_back()
@@ -276,7 +277,7 @@ class TlsFront(asyncio.Protocol):
             return
         http = RequestDeadline(ticket=self.ticket, **self.uvicorn)
         tls.set_protocol(http)
-        http.connection_made(tls)  # type: ignore[arg-type]
+        http.connection_made(tls)
         for data in self.pending:
             http.data_received(data)
 
@@ -367,6 +368,7 @@ class FleetGateway:
             await _respond(send, 413, b"fedseg gateway: request body too large.\n", [(b"connection", b"close")])
             return
         headers = [(k.decode(), v.decode()) for k, v in scope["headers"] if k.decode().lower() not in HOP_BY_HOP]
+        assert self.client is not None, "the lifespan startup creates the client before any request"
         try:
             upstream = await self.client.post(self.base + path, content=body, headers=headers)
         except httpx.HTTPError as err:

@@ -39,13 +39,14 @@ import math
 import numbers
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeGuard
 
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord
 
 from common import keys, secagg
 from common.files import atomic_write_text
-from common.flower.messages import make_message
 from common.fingerprint import MAX_CASES
+from common.flower.messages import make_message
 from common.progress import CONTROL, one_line
 from common.runs import DECLARED_CASES_FILE
 from common.wire import MAX_TENSORS, error_reason, site_of_error
@@ -91,7 +92,7 @@ def _printable(text: object, limit: int = MAX_TEXT) -> bool:
     return isinstance(text, str) and len(text) <= limit and CONTROL.search(text) is None
 
 
-def finite_number(value: object) -> bool:
+def finite_number(value: object) -> TypeGuard[int | float]:
     """Whether ``value`` is one finite real number (not a bool, not a list, not an int beyond a float's range)."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         return False
@@ -164,16 +165,18 @@ class Inbox:
             raise Refused(MALFORMED)
         records = {name: content[name] for name in content.keys()}
         for name in METRIC_RECORDS & set(records):
-            if not isinstance(records[name], MetricRecord):
+            record = records[name]
+            if not isinstance(record, MetricRecord):
                 raise Refused(MALFORMED)
-            self._check_metrics(records[name], lists=name == keys.FINGERPRINT)
+            self._check_metrics(record, lists=name == keys.FINGERPRINT)
         identity = records.get(keys.IDENTITY)
         claimed = None
         if identity is not None:
             if not isinstance(identity, ConfigRecord) or not all(_printable(k) and _printable(v)
                                                                  for k, v in identity.items()):
                 raise Refused(MALFORMED)
-            claimed = identity.get(keys.SITE)
+            named = identity.get(keys.SITE)
+            claimed = named if isinstance(named, str) else None  # _printable made it text when present
         if keys.ARRAYS in records:
             self._check_arrays(records[keys.ARRAYS])
         if secagg.RECORD in records and (reply.metadata.message_type not in secagg.QUERIES
@@ -224,8 +227,8 @@ class Inbox:
         if fingerprint is not None:
             cases = fingerprint.get(f"{keys.FINGERPRINT_PREFIX}cases")
             val = fingerprint.get(f"{keys.FINGERPRINT_PREFIX}val_cases")
-            if all(finite_number(n) and float(n).is_integer() and 0 <= n <= MAX_CASES for n in (cases, val)) \
-                    and cases > 0:
+            if finite_number(cases) and finite_number(val) \
+                    and all(float(n).is_integer() and 0 <= n <= MAX_CASES for n in (cases, val)) and cases > 0:
                 self._declare(site, (int(cases), int(val)))
 
     @staticmethod

@@ -26,11 +26,22 @@ import httpx
 
 from common.cli import UserError, config_from_args
 from common.config import FedsegConfig
-from common.processes import Busy, Shutdown, hold_lock, port_free, stop_on_signals, wait_healthy
 from common.metrics_log import Event, is_kind, read_events
+from common.processes import Busy, Shutdown, hold_lock, port_free, stop_on_signals, wait_healthy
 from common.progress import describe
-from common.runs import (FLWR_HOME, GATEWAY_LOG, RUN_CONFIG_TOML, SCRATCH_DIR, SERVER_LOCK, SUPERLINK_DATABASE,
-                         SUPERLINK_LOG, existing_run_id, new_run_id, new_run_name, run_dir)
+from common.runs import (
+    FLWR_HOME,
+    GATEWAY_LOG,
+    RUN_CONFIG_TOML,
+    SCRATCH_DIR,
+    SERVER_LOCK,
+    SUPERLINK_DATABASE,
+    SUPERLINK_LOG,
+    existing_run_id,
+    new_run_id,
+    new_run_name,
+    run_dir,
+)
 
 STARTUP_TIMEOUT_S = 90.0
 POLL_S = 0.5

@@ -42,7 +42,7 @@ log = logging.getLogger("fedseg.server")
 STAGES = ("pulled_by_supernode", "process_started", "bundle_checked", "imports_done", "data_ready", "work_done",
           "reply_sent", "reply_pulled")
 """The timeline event's stages, in the order a message passes them."""
-SITE_STAGES = dict(zip(STAGES[:6], keys.TIMELINE_METRICS))
+SITE_STAGES = dict(zip(STAGES[:6], keys.TIMELINE_METRICS, strict=True))
 """Stage -> the reply metric that carries it (the site's clock)."""
 
 
@@ -59,8 +59,8 @@ class Sent:
 def timeline(sent: Sent, reply: Message, pulled: float) -> dict[str, float | None]:
     """Seconds after the message's creation at which it passed each stage (None: not reported)."""
     metrics = reply.content.metric_records.get(keys.METRICS) if reply.has_content() else None
-    stamps = {stage: float(metrics[key]) if metrics is not None and finite_number(metrics.get(key)) else None
-              for stage, key in SITE_STAGES.items()}
+    reported = {stage: metrics.get(key) if metrics is not None else None for stage, key in SITE_STAGES.items()}
+    stamps = {stage: float(value) if finite_number(value) else None for stage, value in reported.items()}
     stamps |= {"reply_sent": reply.metadata.created_at, "reply_pulled": pulled}
     return {stage: None if t is None else round(t - sent.created, 3) for stage, t in stamps.items()}
 
@@ -83,7 +83,8 @@ class ReceivingGrid(PollingGrid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
         ids = list(self._grid.push_messages(messages))
-        for message_id, msg in zip(ids, messages):
+        # strict=False: Flower returns fewer ids than messages when a push fails (none for an oversized payload).
+        for message_id, msg in zip(ids, messages, strict=False):
             self._sent[message_id] = Sent(msg.metadata.created_at, msg.metadata.message_type, message_round(msg),
                                           msg.metadata.dst_node_id)
             self._current_round = message_round(msg) if message_round(msg) is not None else self._current_round

@@ -32,6 +32,7 @@ from common import keys
 from common.digest import message_sha256
 from common.fingerprint import bounded_weights
 from common.metrics_log import Event, MetricsLog
+from common.records import number
 from common.wire import from_wire
 
 from .checkpoints import Checkpoints
@@ -60,10 +61,10 @@ class RoundTally:
 
 def _annotator_fields(metrics: MetricRecord) -> dict[str, object]:
     """Dice against the fusion and against each annotator, for sites whose cases have several label files."""
-    per_annotator = [float(metrics[k]) for k in keys.ANNOTATOR_METRICS[1:] if k in metrics]
+    per_annotator = [float(number(metrics, k)) for k in keys.ANNOTATOR_METRICS[1:] if k in metrics]
     if not per_annotator:
         return {}
-    return {"dice_fusion": float(metrics[keys.ANNOTATOR_METRICS[0]]), "dice_per_annotator": per_annotator}
+    return {"dice_fusion": float(number(metrics, keys.ANNOTATOR_METRICS[0])), "dice_per_annotator": per_annotator}
 
 
 class RunRecorder:
@@ -129,7 +130,7 @@ class RunRecorder:
         t.bytes_total += arrays.count_bytes()
         self.metrics.write(
             Event.TRAIN, round=rnd, site=site,  # no count under secure aggregation: its mean weighs every site 1
-            num_examples=int(metrics[keys.NUM_EXAMPLES]) if keys.NUM_EXAMPLES in metrics else None,
+            num_examples=int(number(metrics, keys.NUM_EXAMPLES)) if keys.NUM_EXAMPLES in metrics else None,
             loss=metrics["loss"], proximal_loss=metrics["proximal_loss"],
             duration_s=metrics["duration_s"], lr=metrics.get(keys.LEARNING_RATE), bytes_up=arrays.count_bytes(),
             bytes_down=t.bytes_down, **{keys.CONTENT_SHA256: message_sha256(msg)},
@@ -145,14 +146,14 @@ class RunRecorder:
         self.tally(rnd).aggregated = True
 
     def evaluated(self, rnd: int, site: str, metrics: MetricRecord) -> None:
-        per_class = [float(v) for k, v in sorted(metrics.items()) if k.startswith(keys.DICE_CLASS_PREFIX)]
+        per_class = [float(number(metrics, k)) for k in sorted(metrics) if k.startswith(keys.DICE_CLASS_PREFIX)]
         self.metrics.write(
-            Event.EVALUATE, round=rnd, site=site, num_examples=int(metrics[keys.NUM_EXAMPLES]),
+            Event.EVALUATE, round=rnd, site=site, num_examples=int(number(metrics, keys.NUM_EXAMPLES)),
             dice=metrics["dice"], dice_per_class=per_class, hd95=metrics.get("hd95"), loss=metrics["loss"],
             **_annotator_fields(metrics),
         )
-        self.tally(rnd).dice.append(float(metrics["dice"]))
-        self.tally(rnd).weights.append(float(metrics[keys.NUM_EXAMPLES]))
+        self.tally(rnd).dice.append(float(number(metrics, "dice")))
+        self.tally(rnd).weights.append(float(number(metrics, keys.NUM_EXAMPLES)))
 
     def close_round(self, rnd: int, offer_best: bool = True) -> dict[str, float]:
         """Write the round's summary, offer the model as best (unless ``offer_best`` is off), and make the

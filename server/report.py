@@ -120,10 +120,10 @@ def _round_line(ax, rounds: list[dict[str, Any]], key: str, style: str, label: s
     """One black line of a federation-wide value from the round summaries, where they have it."""
     points = [(r["round"], r[key]) for r in rounds if r.get(key) is not None]
     if points:
-        ax.plot(*zip(*points), style, color="black", label=label)
+        ax.plot(*zip(*points, strict=True), style, color="black", label=label)
 
 
-def plot_dice(k: dict[str, list[dict[str, Any]]], path: Path) -> None:
+def plot_dice(k: dict[Event, list[dict[str, Any]]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for site, (rounds, dice) in _series(k[Event.EVALUATE], "dice").items():
         ax.plot(rounds, dice, marker="o", label=site)
@@ -135,7 +135,7 @@ def plot_dice(k: dict[str, list[dict[str, Any]]], path: Path) -> None:
             "Dice (foreground, 0-1)")
 
 
-def plot_loss(k: dict[str, list[dict[str, Any]]], path: Path) -> None:
+def plot_loss(k: dict[Event, list[dict[str, Any]]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for site, (rounds, loss) in _series(k[Event.TRAIN], "loss").items():
         ax.plot(rounds, loss, marker="o", label=f"{site} loss (DiceCE)")
@@ -146,7 +146,7 @@ def plot_loss(k: dict[str, list[dict[str, Any]]], path: Path) -> None:
             "Loss (dimensionless)")
 
 
-def plot_seconds(k: dict[str, list[dict[str, Any]]], path: Path) -> None:
+def plot_seconds(k: dict[Event, list[dict[str, Any]]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for site, (rounds, secs) in _series(k[Event.TRAIN], "duration_s").items():
         ax.plot(rounds, secs, marker="o", label=f"{site} local training")
@@ -155,11 +155,11 @@ def plot_seconds(k: dict[str, list[dict[str, Any]]], path: Path) -> None:
     _finish(fig, ax, path, "Time per round", "Round", "Seconds")
 
 
-def plot_bytes(k: dict[str, list[dict[str, Any]]], path: Path) -> None:
+def plot_bytes(k: dict[Event, list[dict[str, Any]]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     points = [(r["round"], (r.get("bytes_total") or 0) / MB) for r in k[Event.ROUND]]
     if points:
-        ax.bar(*zip(*points), color="#8fb4d9", label="all sites, both directions")
+        ax.bar(*zip(*points, strict=True), color="#8fb4d9", label="all sites, both directions")
     _mark_failures(ax, k[Event.FAILURE], 0.0)
     _finish(fig, ax, path, "Model bytes sent per round", "Round", "Megabytes (10^6 bytes)")
 

@@ -77,4 +77,4 @@ class RidingEvaluation:
         for msg, site in sound:
             self.recorder.evaluated(rnd, site, msg.content.metric_records[keys.METRICS])
         summary = self.recorder.close_round(rnd)
-        return MetricRecord(summary) if sound else None
+        return MetricRecord(dict(summary)) if sound else None

@@ -75,10 +75,10 @@ class ReplyScreen:
         replies = list(replies)
         problems = [self._problem(msg, is_train) for msg in replies]
         if is_train and reference is not None:
-            sound = [msg.content.array_records[keys.ARRAYS] for msg, p in zip(replies, problems) if p is None]
+            sound = [msg.content.array_records[keys.ARRAYS] for msg, p in zip(replies, problems, strict=True) if p is None]
             too_large = iter(self.validator.norm_problems(sound, reference))
             problems = [next(too_large) if p is None else p for p in problems]
-        return [(msg, self.site(msg), problem) for msg, problem in zip(replies, problems)]
+        return [(msg, self.site(msg), problem) for msg, problem in zip(replies, problems, strict=True)]
 
     def sound(self, replies: Iterable[Message], is_train: bool, reference: dict[str, np.ndarray] | None,
               reject: Callable[[str, str], None]) -> list[tuple[Message, str]]:

@@ -42,8 +42,14 @@ from flwr.serverapp import Grid
 from common import keys, secagg
 from common.config import FedsegConfig
 from common.flower.constants import SUPERLINK_NODE_ID
-from common.flower.secure_aggregation import (bytes_to_private_key, bytes_to_public_key, combine_shares,
-                                              generate_shared_key, public_key_to_bytes)
+from common.flower.secure_aggregation import (
+    bytes_to_private_key,
+    bytes_to_public_key,
+    combine_shares,
+    generate_shared_key,
+    public_key_to_bytes,
+)
+from common.records import number
 from common.wire import named_site
 
 from .recorder import RunRecorder
@@ -99,6 +105,8 @@ class SecureSum:
         messages = [Message(RecordDict({keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: rnd}),
                                         secagg.RECORD: ConfigRecord(values)}), node, message_type,
                             group_id=str(rnd)) for node, values in records.items()]
+        if self.grid is None:
+            raise RuntimeError("no round was configured: configure() gives the exchange its grid first")
         replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout_s))
         self._sent.update({m.metadata.message_id: m.metadata.dst_node_id for m in messages})  # set when pushed
         return replies
@@ -137,7 +145,7 @@ class SecureSum:
         validator = self.screen.validator
         for node, msg in self._sound(rnd, replies, validator.secagg_problem, "secagg-keys").items():
             self.round.public[node] = secagg.public_keys(msg.content[secagg.RECORD])
-        if not self._enough(len(self.round.public), 2):
+        if not self._enough(rnd, len(self.round.public), 2):
             return []
         nodes = sorted(self.round.public)
         t = self.round.threshold = secagg.threshold(len(nodes), fraction)
@@ -147,7 +155,7 @@ class SecureSum:
         shares: dict[int, dict[int, bytes]] = {}
         for node, msg in self._sound(rnd, replies, lambda m: self._shares_problem(m, nodes), "secagg-shares").items():
             shares[node], self.round.digests[node] = secagg.encrypted_shares(msg.content[secagg.RECORD])
-        if not self._enough(len(shares), t):
+        if not self._enough(rnd, len(shares), t):
             return []
         out = []
         for node in sorted(shares):  # the strategy's messages share one content: each gets its own
@@ -167,11 +175,12 @@ class SecureSum:
             return "the shares are not addressed to exactly the round's other sites"
         return None
 
-    def _enough(self, found: int, needed: int) -> bool:
+    @staticmethod
+    def _enough(rnd: int, found: int, needed: int) -> bool:
         if found >= max(needed, 2):
             return True
         log.warning("round %d: %d site(s) left in the secure-aggregation exchange, %d needed; no training this "
-                    "round", self.round.rnd, found, max(needed, 2))
+                    "round", rnd, found, max(needed, 2))
         return False
 
     # --- after training -------------------------------------------------------------------------
@@ -187,7 +196,7 @@ class SecureSum:
         dropped = sorted(set(state.digests) - set(survivors))
         named = [(sound[n], site_name(self.screen.node_sites, n, named_site(sound[n]))) for n in survivors]
         try:
-            total = self._unmasked(rnd, sound, survivors, dropped)
+            total = self._unmasked(state, sound, survivors, dropped)
         except UnmaskFailed as err:
             log.warning("round %d: %s; the round is not aggregated", rnd, err)
             for _, site in named:
@@ -197,26 +206,26 @@ class SecureSum:
             self.recorder.trained(rnd, site, msg)
         return total, named
 
-    def _unmasked(self, rnd: int, sound: dict[int, Message], survivors: list[int], dropped: list[int]
+    def _unmasked(self, state: SecureRound, sound: dict[int, Message], survivors: list[int], dropped: list[int]
                   ) -> np.ndarray:
-        state = self.round
+        rnd = state.rnd
         if len(survivors) < max(state.threshold, 2):
             raise UnmaskFailed(f"{len(survivors)} masked update(s) arrived, the threshold is {state.threshold}")
         request = {secagg.SURVIVORS: survivors, secagg.DROPPED: dropped}
         replies = self._exchange(rnd, secagg.UNMASK_QUERY, {node: request for node in survivors})
         held: dict[int, list[bytes]] = {n: [] for n in [*survivors, *dropped]}
-        for node, msg in self._sound(rnd, replies, self.screen.validator.secagg_problem, "secagg-unmask").items():
+        for msg in self._sound(rnd, replies, self.screen.validator.secagg_problem, "secagg-unmask").values():
             for owner, share in secagg.unmask_shares(msg.content[secagg.RECORD]).items():
                 if owner in held:
                     held[owner].append(share)
         total = np.zeros(self.length, dtype=np.uint32)
         for node in survivors:
-            total += sound[node].content[keys.ARRAYS][secagg.MASKED].numpy()
+            total += sound[node].content.array_records[keys.ARRAYS][secagg.MASKED].numpy()
             seed = self._rebuilt(held[node], state.threshold, lambda s, n=node: hashlib.sha256(s).digest()
                                  == state.digests[n], f"the self-mask seed of node {node}")
             total -= secagg.mask(seed, self.length)
         for node in dropped:
-            mask_key = self._rebuilt(held[node], state.threshold, lambda s, n=node: self._is_mask_key(s, n),
+            mask_key = self._rebuilt(held[node], state.threshold, lambda s, n=node: self._is_mask_key(s, state.public[n][0]),
                                      f"the mask key of dropped node {node}")
             private = bytes_to_private_key(mask_key)
             for survivor in survivors:
@@ -226,12 +235,13 @@ class SecureSum:
                 total = total - pairwise if secagg.pair_sign(survivor, node) > 0 else total + pairwise
         return self._checked_sum(total, len(survivors))
 
-    def _is_mask_key(self, secret: bytes, node: int) -> bool:
+    @staticmethod
+    def _is_mask_key(secret: bytes, public_key: bytes) -> bool:
         try:
             public = bytes_to_private_key(secret).public_key()
         except Exception:  # noqa: BLE001 - wrong shares rebuild bytes that are no key
             return False
-        return public_key_to_bytes(public) == self.round.public[node][0]
+        return public_key_to_bytes(public) == public_key
 
     @staticmethod
     def _rebuilt(shares: list[bytes], t: int, sound, what: str) -> bytes:
@@ -268,4 +278,4 @@ class SecureSum:
         mean = ArrayRecord({k: Array(np.ascontiguousarray(reference[k] + update[k])) for k in reference})
         records = [msg.content.metric_records[keys.METRICS] for msg, _ in survivors]
         names = set.intersection(*(set(r) for r in records)) - set(keys.TIMELINE_METRICS)
-        return mean, MetricRecord({k: float(np.mean([float(r[k]) for r in records])) for k in sorted(names)})
+        return mean, MetricRecord({k: float(np.mean([float(number(r, k)) for r in records])) for k in sorted(names)})

@@ -21,20 +21,19 @@ from common.flower.object_pulls import quicken_object_pulls
 from common.metrics_log import Event, read_events
 from common.params import run_model, select
 from common.plan import Plan
-from common.runs import (CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, PLAN_FILE, SERVER_CONFIG_ENV, run_dir,
-                         site_view)
+from common.runs import CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, PLAN_FILE, SERVER_CONFIG_ENV, run_dir, site_view
 
 from . import cross_eval
 from .checkpoints import Checkpoints
 from .inbound import Inbox
+from .packed_grid import PackedGrid
 from .planning import PlanningFailed, plan_config, plan_federation
 from .pretrained import start_weights
+from .receiving_grid import ReceivingGrid
 from .resume import resume_point
 from .site_registry import read_nodes
 from .strategy import FedSegStrategy, QuorumNotReached
 from .tensorboard import open_log
-from .packed_grid import PackedGrid
-from .receiving_grid import ReceivingGrid
 
 log = logging.getLogger("fedseg.server")
 

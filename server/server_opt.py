@@ -64,13 +64,14 @@ class ServerMomentum:
     def restore(self, checkpoints: Checkpoints, rnd: int, shapes: dict[str, tuple[int, ...]]) -> None:
         """Continue with the velocity saved after round ``rnd``'s step; without a sound one it starts from zero,
         which is logged (damaged or foreign moments cost the momentum, never the run)."""
+        problem: str | None
         try:
             saved = checkpoints.optimizer(rnd)
         except (OSError, SafetensorError) as err:
             saved, problem = None, f"unreadable ({err})"
         else:
             problem = "none saved" if saved is None else _problem(saved, shapes)
-        if problem is not None:
+        if saved is None or problem is not None:  # no moments saved always comes with a problem
             log.warning("server optimizer moments of round %d: %s; they start again from zero", rnd, problem)
             return
         self.velocity = {name.removeprefix(PREFIX): np.asarray(v, dtype=np.float32) for name, v in saved.items()}

@@ -27,8 +27,18 @@ from typing import Any
 from common.cli import UserError
 from common.files import atomic_copy, atomic_write_text, read_jsonl
 from common.metrics_log import EVENT, TIME, Event, is_kind
-from common.runs import (BEST_CHECKPOINT, CHECKPOINT_DIR, CHECKPOINT_STATE, CONFIG_FILE, CROSS_EVAL_FILE,
-                         LAST_CHECKPOINT, METRICS_FILE, PLAN_FILE, ROUND_CHECKPOINT, site_view)
+from common.runs import (
+    BEST_CHECKPOINT,
+    CHECKPOINT_DIR,
+    CHECKPOINT_STATE,
+    CONFIG_FILE,
+    CROSS_EVAL_FILE,
+    LAST_CHECKPOINT,
+    METRICS_FILE,
+    PLAN_FILE,
+    ROUND_CHECKPOINT,
+    site_view,
+)
 
 ROUND_FIELDS = (EVENT, TIME, "round", "dice_mean")
 """What a site gets of a federation-wide ``round`` event: the federation's Dice, not who took part."""

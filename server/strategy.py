@@ -139,7 +139,10 @@ class FedSegStrategy(FedProx):
         replies = list(replies)
         self.riding.close_previous(rnd, replies)
         with self.recorder.timed(rnd):
-            mean, metrics, sites = self._secure_mean(rnd, replies) if self.secure_sum else self._mean(rnd, replies)
+            if self.secure_sum is not None:
+                mean, metrics, sites = self._secure_mean(self.secure_sum, rnd, replies)
+            else:
+                mean, metrics, sites = self._mean(rnd, replies)
         if mean is None:
             model = self.schedule.fallback(rnd, replies)
         else:
@@ -162,19 +165,26 @@ class FedSegStrategy(FedProx):
         if not self._enough(rnd, len(updates)):
             return None, None, len(updates)
         if self.privacy is not None:
-            updates = self.privacy.clipped(updates, self.reference)
+            updates = self.privacy.clipped(updates, self._round_reference())
         mean = self.aggregator(updates, self.reference, equal_weights=self.privacy is not None)
         metrics = [RecordDict({keys.METRICS: msg.content.metric_records[keys.METRICS]}) for msg in updates]
         return mean, self.train_metrics_aggr_fn(metrics, self.weighted_by_key), len(updates)
 
-    def _secure_mean(self, rnd: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None, int]:
+    def _secure_mean(self, secure_sum: SecureSum, rnd: int, replies: list[Message]
+                     ) -> tuple[ArrayRecord | None, MetricRecord | None, int]:
         """w^t plus the unmasked sum of the survivors' updates over their number (over the federation's size
         under DP); None below quorum."""
-        total, survivors = self.secure_sum.aggregate(rnd, replies)  # (None, []) when the sum is not recovered
+        total, survivors = secure_sum.aggregate(rnd, replies)  # (None, []) when the sum is not recovered
         if not self._enough(rnd, len(survivors)) or total is None:
             return None, None, len(survivors)
         denominator = self.privacy.size if self.privacy else len(survivors)
-        return (*self.secure_sum.mean(total, survivors, self.reference, denominator), len(survivors))
+        return (*secure_sum.mean(total, survivors, self._round_reference(), denominator), len(survivors))
+
+    def _round_reference(self) -> dict[str, np.ndarray]:
+        """w^t of the round being aggregated (configure_train set it before any update could arrive)."""
+        if self.reference is None:
+            raise RuntimeError("no round was configured: configure_train sets the global model first")
+        return self.reference
 
     def _enough(self, rnd: int, sites: int) -> bool:
         """Whether ``sites`` sound updates make the round; below the schedule's quorum the round is skipped

@@ -28,7 +28,7 @@ import numbers
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from common.metrics_log import EVENT, TIME, Event, MetricsLog, read_events
 from common.runs import METRICS_FILE, REPORT_DIR, TENSORBOARD_DIR
@@ -53,7 +53,7 @@ class Scalar:
     wall_time: float | None
 
 
-def _number(value: Any) -> bool:
+def _number(value: object) -> TypeGuard[float]:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 

@@ -145,7 +145,7 @@ def local_only(cfg: FedsegConfig, sites: dict[str, SiteSplit]
         models[name], curve = _train(cfg, site.train, steps, per_round, {name: site})
         scores[name] = _score(cfg, models[name], site)
         curves.append(curve)
-    return scores, [statistics.fmean(values) for values in zip(*curves)], test_scores(cfg, models, sites)
+    return scores, [statistics.fmean(values) for values in zip(*curves, strict=True)], test_scores(cfg, models, sites)
 
 
 def pooled(cfg: FedsegConfig, sites: dict[str, SiteSplit], held_out: dict[str, SiteSplit]

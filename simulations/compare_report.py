@@ -79,9 +79,9 @@ def scored_on(results: list[dict[str, Any]]) -> str:
 
 def _per_class(rows: list[dict[str, Any]]) -> list[tuple[float, float, int] | None]:
     """Per foreground class: the mean over sites of the test Dice, as (mean, sd, n) over seeds."""
-    per_seed = [[statistics.fmean(v) for v in zip(*r["test_per_class"].values())] for r in rows
+    per_seed = [[statistics.fmean(v) for v in zip(*r["test_per_class"].values(), strict=True)] for r in rows
                 if r.get("test_per_class")]
-    return [_stats(values) for values in zip(*per_seed)]
+    return [_stats(values) for values in zip(*per_seed, strict=True)]
 
 
 def _row(label: str, rows: list[dict[str, Any]], key: str, failed: int) -> dict[str, Any]:
@@ -276,7 +276,7 @@ def _plot_held_out(table: dict[str, dict[str, Any]], path: Path) -> None:
 def write_report(out: Path, results: list[dict[str, Any]], methods, seeds: list[int], command: str,
                  base: FedsegConfig) -> Path:
     table = summarize(results, methods)
-    for plot, name in zip((_plot_dice, _plot_curves, _plot_held_out), PLOTS):
+    for plot, name in zip((_plot_dice, _plot_curves, _plot_held_out), PLOTS, strict=True):
         plot(table, out / name)
     path = out / RESULTS_PAGE
     path.write_text(markdown(table, seeds, command, base, scored_on(results)))

@@ -14,8 +14,16 @@ from typing import Any
 from common.config import DataConfig, FedsegConfig, apply_overrides, from_dict
 from common.dataset import DatasetSpec
 from common.metrics_log import Event, read_events
-from common.runs import (BASELINE_SITES_DIR, COMMAND_FILE, COMPARE_RUNS_DIR, CROSS_EVAL_FILE, LAST, METRICS_FILE,
-                         RESULTS_FILE, SETTINGS_FILE)
+from common.runs import (
+    BASELINE_SITES_DIR,
+    COMMAND_FILE,
+    COMPARE_RUNS_DIR,
+    CROSS_EVAL_FILE,
+    LAST,
+    METRICS_FILE,
+    RESULTS_FILE,
+    SETTINGS_FILE,
+)
 
 from . import baselines
 from .compare_methods import Method, table

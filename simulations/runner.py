@@ -32,10 +32,24 @@ from common.flower_env import flower_command, flower_env, free_port
 from common.metrics_log import Event, read_events
 from common.processes import stop_tree, wait_healthy
 from common.progress import describe
-from common.runs import (FLOWER_CONFIG, FLWR_HOME, FLWR_RUN_LOG, METRICS_FILE, RUN_CONFIG_TOML, SCRATCH_DIR,
-                         SERVER_CONFIG_ENV, SERVER_CONFIG_FILE, SIM_SITES_DIR, SUPERLINK_LOG, existing_run_id,
-                         new_run_id, new_run_name, run_dir, simulated_site_config, site_view)
-
+from common.runs import (
+    FLOWER_CONFIG,
+    FLWR_HOME,
+    FLWR_RUN_LOG,
+    METRICS_FILE,
+    RUN_CONFIG_TOML,
+    SCRATCH_DIR,
+    SERVER_CONFIG_ENV,
+    SERVER_CONFIG_FILE,
+    SIM_SITES_DIR,
+    SUPERLINK_LOG,
+    existing_run_id,
+    new_run_id,
+    new_run_name,
+    run_dir,
+    simulated_site_config,
+    site_view,
+)
 from server.resume import ConfigChanged, restarted_config
 from server.server_app import first_failure
 

@@ -29,6 +29,7 @@ import logging
 import math
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -93,15 +94,6 @@ BIAS_FIELD_DEGREE = 2  # low-order polynomial: smooth, like a coil profile
 MIN_BIAS_GAIN = 0.05  # the multiplicative field never flips or zeroes the signal
 MAX_BIAS_STRENGTH = 0.9
 NEUTRAL_NOISE_STD = 0.15  # every scanner has some noise, even a "neutral" one
-NEUTRAL_SIGNATURE_KWARGS = {
-    "gamma": 1.0,
-    "bias_strength": 0.0,
-    "noise_std": NEUTRAL_NOISE_STD,
-    "spacing": (1.0, 1.0, 1.0),
-    "orientation": "RAS",
-    "intensity_scale": 1.0,
-    "intensity_offset": 0.0,
-}
 CANONICAL_AXCODES = ("R", "A", "S")
 SPATIAL_DIMS = 3
 
@@ -185,7 +177,8 @@ class ScannerSignature:
         _orientation_transform(self.orientation)
 
 
-NEUTRAL_SIGNATURE = ScannerSignature(**NEUTRAL_SIGNATURE_KWARGS)
+NEUTRAL_SIGNATURE = ScannerSignature(gamma=1.0, bias_strength=0.0, noise_std=NEUTRAL_NOISE_STD, spacing=(1.0, 1.0, 1.0),
+                                     orientation="RAS", intensity_scale=1.0, intensity_offset=0.0)
 
 # Full-strength scanner archetypes: MR scanners whose reconstructions use
 # different units and offsets, contrast curves, bias fields, noise, voxel
@@ -269,7 +262,8 @@ def _interpolate(target: ScannerSignature, strength: float) -> ScannerSignature:
         gamma=geometric(neutral.gamma, target.gamma),
         bias_strength=min(strength * target.bias_strength, MAX_BIAS_STRENGTH),
         noise_std=max(neutral.noise_std + strength * (target.noise_std - neutral.noise_std), 0.0),
-        spacing=tuple(geometric(a, b) for a, b in zip(neutral.spacing, target.spacing)),
+        spacing=(geometric(neutral.spacing[0], target.spacing[0]), geometric(neutral.spacing[1], target.spacing[1]),
+                 geometric(neutral.spacing[2], target.spacing[2])),
         orientation=target.orientation if strength > 0 else neutral.orientation,
         intensity_scale=geometric(neutral.intensity_scale, target.intensity_scale),
         intensity_offset=neutral.intensity_offset
@@ -524,11 +518,17 @@ def _clear_dataset(dataset_dir: Path) -> None:
             shutil.rmtree(dataset_dir / sub)
 
 
-def _validate_site_args(n_cases: int, shape: tuple[int, int, int], dataset_id: int) -> None:
+def _spatial_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+    """``shape`` as three positive ints (each value truncated to an int first)."""
+    ints = tuple(int(n) for n in shape)
+    if len(ints) != SPATIAL_DIMS or not all(n > 0 for n in ints):
+        raise ValueError(f"shape must be 3 positive integers, got {ints!r}")
+    return ints[0], ints[1], ints[2]
+
+
+def _validate_site_args(n_cases: int, dataset_id: int) -> None:
     if int(n_cases) != n_cases or n_cases < 1:
         raise ValueError(f"n_cases must be an integer >= 1, got {n_cases!r}")
-    if len(shape) != SPATIAL_DIMS or not all(int(n) == n and n > 0 for n in shape):
-        raise ValueError(f"shape must be 3 positive integers, got {shape!r}")
     if not MIN_DATASET_ID <= dataset_id <= MAX_DATASET_ID:
         raise ValueError(
             f"dataset_id must be in [{MIN_DATASET_ID}, {MAX_DATASET_ID}] (nnU-Net uses 3 digits), "
@@ -540,7 +540,7 @@ def _validate_site_args(n_cases: int, shape: tuple[int, int, int], dataset_id: i
 # Public entry points
 # ==========================================================================
 def generate_site(out_dir: Path, site_name: str, n_cases: int,
-                  shape: tuple[int, int, int] = DEFAULT_SHAPE,
+                  shape: Sequence[int] = DEFAULT_SHAPE,
                   signature: ScannerSignature | None = None, seed: int = 0,
                   dataset_id: int = DEFAULT_DATASET_ID, n_test: int = 0) -> Path:
     """Write one site's dataset in the nnU-Net v2 raw layout; return its folder.
@@ -569,8 +569,8 @@ def generate_site(out_dir: Path, site_name: str, n_cases: int,
     n_test
         Labelled test cases in imagesTs/labelsTs (other patients of the same scanner).
     """
-    shape = tuple(int(n) for n in shape)
-    _validate_site_args(n_cases, shape, dataset_id)
+    _validate_site_args(n_cases, dataset_id)
+    shape = _spatial_shape(shape)
     signature = NEUTRAL_SIGNATURE if signature is None else signature
     dataset_dir = _dataset_dir(out_dir, site_name, dataset_id)
     _clear_dataset(dataset_dir)
@@ -605,7 +605,7 @@ def _site_seed(seed: int, site_index: int) -> int:
 
 
 def generate_federation(out_dir: Path, n_sites: int = 3, n_cases: int = 8,
-                        shape: tuple[int, int, int] = DEFAULT_SHAPE, strength: float = 1.0,
+                        shape: Sequence[int] = DEFAULT_SHAPE, strength: float = 1.0,
                         seed: int = 0, n_test: int = 0) -> dict[str, Path]:
     """Write (or reuse) one dataset per site; return ``{site_name: dataset_dir}``.
 
@@ -636,7 +636,7 @@ def generate_federation(out_dir: Path, n_sites: int = 3, n_cases: int = 8,
             f"n_sites={n_sites} needs dataset ids beyond {MAX_DATASET_ID}; "
             f"use at most {MAX_DATASET_ID - DEFAULT_DATASET_ID + 1} sites"
         )
-    shape = tuple(int(n) for n in shape)
+    shape = _spatial_shape(shape)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sites: dict[str, Path] = {}

@@ -95,8 +95,9 @@ class ControlAPI:
 
     def start_run(self, fab: bytes, run_config: dict[str, str]) -> int:
         """Submit the app bundle with its run config; returns Flower's run id."""
+        override: dict[str, bool | float | int | str] = dict(run_config)
         request = StartRunRequest(fab=fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, {})),
-                                  override_config=user_config_to_proto(run_config))
+                                  override_config=user_config_to_proto(override))
         response = self.client.StartRun(request)
         if not response.HasField("run_id"):
             raise RuntimeError("the SuperLink did not start the run")

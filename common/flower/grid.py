@@ -109,7 +109,8 @@ class PollingGrid(DelegatingGrid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
-        originals = dict(zip(self.push_messages(messages), messages))
+        # strict=False: Flower returns fewer ids than messages when a push fails (none for an oversized payload).
+        originals = dict(zip(self.push_messages(messages), messages, strict=False))
         pending = set(originals)
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
@@ -121,9 +122,8 @@ class PollingGrid(DelegatingGrid):
                 message_id = reply.metadata.reply_to_message_id
                 pending.discard(message_id)
                 original = originals.get(message_id)
-                node = original.metadata.dst_node_id if original is not None else None
-                if original is not None and undelivered(reply) and resent.count(node) < MAX_RESENDS:
-                    waiting[node] = (original, reply)
+                if original is not None and undelivered(reply) and resent.count(original.metadata.dst_node_id) < MAX_RESENDS:
+                    waiting[original.metadata.dst_node_id] = (original, reply)
                 else:
                     replies.append(reply)
             online = set(self.get_node_ids()) if waiting else set()

@@ -24,6 +24,10 @@ import time
 import traceback
 from collections.abc import Callable
 from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flwr.app import Message
 
 from . import FLOWER_VERSION
 
@@ -51,7 +55,7 @@ def cap_sleeps(module: ModuleType, cap_s: float) -> bool:
     """Make ``module``'s ``time.sleep`` calls wait at most ``cap_s``; False if it does not use ``time``."""
     if getattr(module, "time", None) is not time:
         return False
-    module.time = CappedSleep(cap_s)
+    vars(module)["time"] = CappedSleep(cap_s)
     return True
 
 
@@ -64,8 +68,8 @@ def note_pulls(module: ModuleType, on_pull: Callable[[object], None]) -> bool:
     if pull is None:
         return False
 
-    def noting(*args: object, receive: Callable[[], object], **kwargs: object) -> object:
-        def receive_noted() -> object:
+    def noting(*args: object, receive: Callable[[], tuple[Message, object] | None], **kwargs: object) -> object:
+        def receive_noted() -> tuple[Message, object] | None:
             got = receive()
             if got is not None:
                 on_pull(got[0].metadata.message_id)
