@@ -88,6 +88,7 @@ def test_the_guard_fails_closed_when_the_daemon_handed_over_no_valid_list(flwr_h
             _guard(approved, None).install(fab, skip_prompt=True)
 
 
+@pytest.mark.processes
 def test_the_launcher_installs_the_guard_then_hands_over_to_flowers_clientapp_runner(tmp_path):
     launcher = bundle_guard.write_launcher(tmp_path / "bin")
     assert os.access(launcher, os.X_OK)
@@ -232,6 +233,7 @@ def _run_task(probe, fab_id: str = "probe/app", fab_version: str = "1.0.0") -> d
     return outcome
 
 
+@pytest.mark.processes
 def test_the_approved_bundle_runs_through_flowers_own_clientapp_runner(probe):
     outcome = _run_task(probe)
     assert outcome == {"error": None, "exit": 0, "ran": "approved"}
@@ -241,6 +243,7 @@ def test_the_approved_bundle_runs_through_flowers_own_clientapp_runner(probe):
     assert folder.stat().st_ino == inode, "an intact app folder is kept, not reinstalled for every task"
 
 
+@pytest.mark.processes
 def test_a_version_that_climbs_out_of_flowers_home_never_loads_the_planted_folder(probe):
     # The real folder exists (it is installed first), so ".../probe.app.1.0.0.<hash8>/../../.." resolves.
     climb = "/..".join([""] * 40)
@@ -253,11 +256,13 @@ def test_a_version_that_climbs_out_of_flowers_home_never_loads_the_planted_folde
     assert refusals and "\n" not in probe["decisions"].read_text().splitlines()[-1]
 
 
+@pytest.mark.processes
 def test_another_name_for_the_same_bytes_is_refused(probe):
     outcome = _run_task(probe, fab_id="evil/app")
     assert outcome["ran"] is None and "BundleNotApproved" in outcome["error"]
 
 
+@pytest.mark.processes
 def test_a_planted_folder_under_the_approved_name_is_replaced_by_the_approved_bytes(probe):
     folder = probe["home"] / "apps" / f"probe.app.1.0.0.{probe['digest'][:8]}"
     (folder / "probeapp").mkdir(parents=True)
@@ -271,6 +276,7 @@ def test_a_planted_folder_under_the_approved_name_is_replaced_by_the_approved_by
     assert '"decision": "replaced"' in probe["decisions"].read_text()
 
 
+@pytest.mark.processes
 def test_a_link_in_place_of_the_app_folder_is_replaced_not_followed(probe):
     apps = probe["home"] / "apps"
     apps.mkdir(parents=True, mode=0o700)
@@ -280,6 +286,7 @@ def test_a_link_in_place_of_the_app_folder_is_replaced_not_followed(probe):
     assert (probe["planted"] / "evilapp" / "app.py").is_file(), "the link's target is left alone"
 
 
+@pytest.mark.processes
 def test_a_flower_home_others_could_write_is_closed_and_nothing_in_it_trusted(probe):
     assert _run_task(probe)["ran"] == "approved"
     folder = probe["home"] / "apps" / f"probe.app.1.0.0.{probe['digest'][:8]}"

@@ -27,13 +27,10 @@ from client.site_state import SiteState
 from common import keys, secagg
 from common.config import ConfigError, SiteConfig, load_config
 from common.dp_accounting import gaussian_epsilon
-from common.metrics_log import MetricsLog
 from common.params import run_model
 from common.wire import from_wire, unpack
-from server.checkpoints import Checkpoints
 from server.server_app import initial_weights
-from server.strategy import FedSegStrategy
-from tests.helpers.local_grid import LocalGrid, federation
+from tests.helpers.local_grid import LocalGrid, federation, model_strategy
 from tests.helpers.site_harness import handle, run_fresh, site_setup
 from tests.helpers.tiny import tiny
 
@@ -240,10 +237,8 @@ def test_with_secure_aggregation_the_noise_is_in_what_the_centre_unmasks(tmp_pat
                                             "federation.server_optimizer=none", "federation.rounds=1",
                                             "federation.cross_eval=false", f"federation.runs_dir={tmp_path / 'runs'}",
                                             "federation.run_name=secagg-ldp", *sites)), tiny_federation)
-    weights, signature = initial_weights(cfg)
     folder = tmp_path / "runs" / "secagg-ldp"
-    strategy = FedSegStrategy(cfg, signature, {k: tuple(v.shape) for k, v in weights.items()}, MetricsLog(folder),
-                              Checkpoints(folder / "checkpoints"))
+    strategy, weights = model_strategy(cfg, folder)
     grid = LocalGrid(cfg, client_app.app)
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(weights), num_rounds=1,
                             train_config=ConfigRecord(), evaluate_config=ConfigRecord())

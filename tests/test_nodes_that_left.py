@@ -8,13 +8,10 @@ from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, Re
 from flwr.app.message.message import make_message
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 
-import pytest
 from common import keys
 from common.metrics_log import MetricsLog
 from server.receiving_grid import ReceivingGrid
 from tests.helpers.local_grid import InProcessGrid, stamp
-
-pytestmark = pytest.mark.simulation
 
 RETURNS, NEVER = 12, 13
 """Node ids (the SuperLink's own is 1): one site whose daemon restarts, one that never comes back."""

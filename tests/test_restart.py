@@ -78,6 +78,7 @@ def test_a_simulation_asking_for_cuda_on_a_machine_without_it_is_refused_before_
     assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
 
 
+@pytest.mark.simulation
 def test_a_simulation_in_which_no_site_trained_fails_with_its_first_reason(tmp_path, capsys):
     """Own sites of 4 cases at a deployed site's default floor (5) cannot train: exit 1, the reason shown."""
     import yaml

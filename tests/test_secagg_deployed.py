@@ -16,11 +16,20 @@ import json
 from collections import Counter
 
 import pytest
+
 from server.certs import init_pki
 from simulations.synthetic import generate_federation
-
-from tests.helpers.deploy_harness import GATEWAY_HOST, Launched, allow, events, federation_yaml, make_site, run_cli, snapshot_app, \
-    wait_for
+from tests.helpers.deploy_harness import (
+    GATEWAY_HOST,
+    Launched,
+    allow,
+    events,
+    federation_yaml,
+    make_site,
+    run_cli,
+    snapshot_app,
+    wait_for,
+)
 
 pytestmark = pytest.mark.processes
 

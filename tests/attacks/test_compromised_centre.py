@@ -10,9 +10,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 
 from common import keys
 from common.files import read_jsonl
-from common.metrics_log import MetricsLog
-from server.checkpoints import Checkpoints
-from server.strategy import FedSegStrategy
 from tests.helpers.messages import EVAL_METRICS, TRAIN_METRICS
 from tests.helpers.site_harness import one_site
 
@@ -79,16 +76,12 @@ def test_each_reply_type_holds_exactly_its_keys_and_failures_end_in_a_fixed_reas
 def test_the_site_bounds_what_travels_whatever_the_centre_asks(tmp_path, tiny_federation):
     """Regression of finding 10."""
     from client import client_app, egress
-    from server.server_app import initial_weights
-    from tests.helpers.local_grid import LocalGrid
+    from tests.helpers.local_grid import LocalGrid, model_strategy
 
     def one_round(name: str, site_settings: dict) -> tuple[Message, list[dict]]:
         cfg = one_site(tmp_path / name, tiny_federation["site-1"], "model.norm=batch", "train.norm_mode=shared",
                        site_settings=site_settings)
-        weights, signature = initial_weights(cfg)
-        run = tmp_path / name
-        strategy = FedSegStrategy(cfg, signature, {k: tuple(v.shape) for k, v in weights.items()},
-                                  MetricsLog(run), Checkpoints(run / "ckpt"))
+        strategy, weights = model_strategy(cfg, tmp_path / name)
         grid = LocalGrid(cfg, client_app.app)
         (received,) = grid.send_and_receive(strategy.configure_train(1, ArrayRecord(weights), ConfigRecord(), grid))
         return received, egress.EgressLog(tmp_path / name / "e" / "sites" / "site-1").entries()

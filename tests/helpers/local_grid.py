@@ -29,8 +29,12 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from common import keys
 from common.config import FedsegConfig
+from common.metrics_log import MetricsLog
 from common.runs import SIM_SITES_DIR, run_dir, site_view
+from server.checkpoints import Checkpoints
 from server.packed_grid import packed, unpacked
+from server.server_app import initial_weights
+from server.strategy import FedSegStrategy
 from simulations.runner import prepare_run, write_site_configs
 
 Tamper = Callable[[int, Message], Message]
@@ -122,3 +126,11 @@ def federation(cfg: FedsegConfig, datasets: dict[str, Path]) -> FedsegConfig:
     cfg = prepare_run(cfg.replace(simulation=sim))
     write_site_configs(cfg, datasets)
     return cfg
+
+
+def model_strategy(cfg: FedsegConfig, run: Path) -> tuple[FedSegStrategy, dict]:
+    """The real strategy for the run's real model, logging and checkpointing under ``run``, and the model's
+    initial weights (name -> tensor) it starts from."""
+    weights, signature = initial_weights(cfg)
+    shapes = {k: tuple(v.shape) for k, v in weights.items()}
+    return FedSegStrategy(cfg, signature, shapes, MetricsLog(run), Checkpoints(run / "checkpoints")), weights
