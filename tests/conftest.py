@@ -24,6 +24,15 @@ def tiny_federation(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def hostile_round(tmp_path_factory):
+    """A five-site federation of the real apps warmed up, then one honest round recorded: the replies the hostile
+    site's tests tamper with (test_validation, test_robust; tests/helpers/hostile.py)."""
+    from tests.helpers.hostile import trained_round
+
+    return trained_round(tmp_path_factory.mktemp("hostile"))
+
+
+@pytest.fixture(scope="session")
 def quorum_run(tmp_path_factory):
     """One real Flower simulation (SuperLink, simulation engine, Ray) shared by test_simulation and
     test_tensorboard: the plain federation, no privacy option on (test_dp runs its own with central DP).

@@ -62,12 +62,8 @@ def _cyclic_run(tmp_path, tamper, *overrides: str, rounds: int = 4) -> list[dict
     from flwr.app import ArrayRecord, ConfigRecord
 
     from client import client_app
-    from common.metrics_log import MetricsLog
-    from server.checkpoints import Checkpoints
-    from server.server_app import initial_weights
-    from server.strategy import FedSegStrategy
     from simulations.synthetic import generate_federation
-    from tests.helpers.local_grid import LocalGrid, federation
+    from tests.helpers.local_grid import LocalGrid, federation, model_strategy
 
     datasets = generate_federation(tmp_path / "data", n_sites=2, n_cases=4, shape=(32, 32, 24), strength=1.0,
                                    seed=0)
@@ -76,10 +72,8 @@ def _cyclic_run(tmp_path, tamper, *overrides: str, rounds: int = 4) -> list[dict
                                               "federation.min_sites=1", "simulation.cpus_per_site=1", *overrides),
                                         f"federation.runs_dir={tmp_path / 'runs'}", "federation.run_name=cycle"]),
                      datasets)
-    weights, signature = initial_weights(cfg)
     run = tmp_path / "runs" / "cycle"
-    strategy = FedSegStrategy(cfg, signature, {k: tuple(v.shape) for k, v in weights.items()}, MetricsLog(run),
-                              Checkpoints(run / "checkpoints"))
+    strategy, weights = model_strategy(cfg, run)
     state = {"round": 0, "start": None}
 
     def hostile(node, reply):

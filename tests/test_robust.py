@@ -20,7 +20,7 @@ from flwr.app import Array, ArrayRecord
 
 from common.config import ConfigError, load_config
 from server import aggregation_rules as rules
-from tests.helpers.hostile import N_SITES, scaled_update, trained_round
+from tests.helpers.hostile import N_SITES, scaled_update
 
 NORM_BOUND = 10.0
 ATTACK_SHARE_OF_BOUND = 0.8
@@ -31,33 +31,29 @@ ROBUST = {"median": ("federation.aggregator=median", "federation.clip_updates=tr
           "trimmed_mean": ("federation.aggregator=trimmed_mean", "federation.clip_updates=true")}
 
 
-@pytest.fixture(scope="module")
-def fed(tmp_path_factory):
-    return trained_round(tmp_path_factory.getbasetemp() / "hostile")
 
-
-def attacked(fed, hostile: int) -> list:
+def attacked(hostile_round, hostile: int) -> list:
     """The honest replies with site ``hostile``'s replaced by a sign-flipped update just inside the bound."""
-    replies = list(fed.honest)
-    norms = fed.norms()
+    replies = list(hostile_round.honest)
+    norms = hostile_round.norms()
     others = float(np.median(norms[:hostile] + norms[hostile + 1:]))
     factor = -ATTACK_SHARE_OF_BOUND * NORM_BOUND * others / norms[hostile]
-    replies[hostile] = scaled_update(replies[hostile], fed.start, factor)
+    replies[hostile] = scaled_update(replies[hostile], hostile_round.start, factor)
     return replies
 
 
 @pytest.mark.simulation
-def test_the_attack_hurts_the_plain_mean(fed):
-    clean = fed.dice(fed.aggregate(fed.honest, name="mean-clean"))
-    losses = [clean - fed.dice(fed.aggregate(attacked(fed, k), name=f"mean-{k}")) for k in range(N_SITES)]
+def test_the_attack_hurts_the_plain_mean(hostile_round):
+    clean = hostile_round.dice(hostile_round.aggregate(hostile_round.honest, name="mean-clean"))
+    losses = [clean - hostile_round.dice(hostile_round.aggregate(attacked(hostile_round, k), name=f"mean-{k}")) for k in range(N_SITES)]
     assert max(losses) > MIN_MEAN_DICE_LOSS, losses
 
 
 @pytest.mark.simulation
 @pytest.mark.parametrize("aggregator", sorted(ROBUST))
-def test_robust_aggregation_keeps_mean_dice_within_target_whichever_site_is_hostile(fed, aggregator):
-    clean = fed.dice(fed.aggregate(fed.honest, *ROBUST[aggregator], name=f"{aggregator}-clean"))
-    changes = [fed.dice(fed.aggregate(attacked(fed, k), *ROBUST[aggregator], name=f"{aggregator}-{k}")) - clean
+def test_robust_aggregation_keeps_mean_dice_within_target_whichever_site_is_hostile(hostile_round, aggregator):
+    clean = hostile_round.dice(hostile_round.aggregate(hostile_round.honest, *ROBUST[aggregator], name=f"{aggregator}-clean"))
+    changes = [hostile_round.dice(hostile_round.aggregate(attacked(hostile_round, k), *ROBUST[aggregator], name=f"{aggregator}-{k}")) - clean
                for k in range(N_SITES)]
     assert max(abs(c) for c in changes) < TARGET_DICE_CHANGE, (aggregator, clean, changes)
 

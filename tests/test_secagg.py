@@ -25,15 +25,14 @@ from client.egress import EgressPolicy, problems
 from client.site import Site
 from common import keys, secagg
 from common.config import ConfigError, load_config
-from common.metrics_log import MetricsLog, read_events
+from common.metrics_log import read_events
 from common.runs import METRICS_FILE
 from server import secure_sum
-from server.checkpoints import Checkpoints
 from server.server_app import initial_weights
 from server.strategy import FedSegStrategy
 from simulations.synthetic import generate_federation
 from tests.helpers.messages import incoming
-from tests.helpers.local_grid import LocalGrid, federation
+from tests.helpers.local_grid import LocalGrid, federation, model_strategy
 from tests.helpers.tiny import tiny
 
 SITES = 3
@@ -97,11 +96,8 @@ def run(tmp_path: Path, datasets, *overrides: str, rounds: int = 1, tamper=None,
     cfg = federation(load_config(None, [*tiny(*BASE, f"federation.rounds={rounds}", *overrides),
                                         f"federation.runs_dir={tmp_path / 'runs'}", f"federation.run_name={name}"]),
                      datasets)
-    weights, signature = initial_weights(cfg)
     folder = tmp_path / "runs" / name
-    metrics_log = MetricsLog(folder)
-    strategy = FedSegStrategy(cfg, signature, {k: tuple(v.shape) for k, v in weights.items()}, metrics_log,
-                              Checkpoints(folder / "checkpoints"))
+    strategy, weights = model_strategy(cfg, folder)
     grid = LocalGrid(cfg, client_app.app, tamper=tamper)
     strategy.start(grid=grid, initial_arrays=ArrayRecord(weights), num_rounds=rounds, train_config=ConfigRecord(),
                    evaluate_config=ConfigRecord())

@@ -17,7 +17,7 @@ from common.metrics_log import Event, read_events
 from common.runs import METRICS_FILE
 from server.validation import ReplyValidator, update_norm
 from tests.helpers.messages import reply as make_reply
-from tests.helpers.hostile import nan_update, scaled_update, site_name, trained_round, wrong_shape
+from tests.helpers.hostile import nan_update, scaled_update, site_name, wrong_shape
 
 pytestmark = pytest.mark.simulation
 
@@ -26,46 +26,42 @@ MIN_DICE_LOSS_UNCHECKED = 0.05
 """A 100x update let through must visibly hurt, or this test proves nothing."""
 
 
-@pytest.fixture(scope="module")
-def fed(tmp_path_factory):
-    return trained_round(tmp_path_factory.getbasetemp() / "hostile")
-
 
 def _equal(a: ArrayRecord, b: ArrayRecord) -> bool:
     return list(a) == list(b) and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
 
 
 @pytest.mark.parametrize("attack, reason", [
-    (lambda fed, r: nan_update(r), "holds NaN or Inf"),
-    (lambda fed, r: wrong_shape(r), "has shape"),
-    (lambda fed, r: scaled_update(r, fed.start, SCALE), "exceeds 10 x the other sites' median"),
+    (lambda hostile_round, r: nan_update(r), "holds NaN or Inf"),
+    (lambda hostile_round, r: wrong_shape(r), "has shape"),
+    (lambda hostile_round, r: scaled_update(r, hostile_round.start, SCALE), "exceeds 10 x the other sites' median"),
 ], ids=["nan", "wrong-shape", "scaled-100x"])
-def test_hostile_reply_is_rejected_and_the_model_unchanged(fed, attack, reason):
-    *honest, victim = fed.honest
+def test_hostile_reply_is_rejected_and_the_model_unchanged(hostile_round, attack, reason):
+    *honest, victim = hostile_round.honest
     name = f"reject-{reason.split()[0]}"
-    arrays = fed.aggregate([*honest, attack(fed, victim)], name=name)
-    assert _equal(arrays, fed.aggregate(honest, name="four-honest"))
-    failures = list(read_events(fed.run / name / METRICS_FILE, Event.FAILURE))
+    arrays = hostile_round.aggregate([*honest, attack(hostile_round, victim)], name=name)
+    assert _equal(arrays, hostile_round.aggregate(honest, name="four-honest"))
+    failures = list(read_events(hostile_round.run / name / METRICS_FILE, Event.FAILURE))
     assert [(f["site"], f["stage"]) for f in failures] == [(site_name(victim), "train")]
     assert reason in failures[0]["reason"]
     assert all(np.isfinite(arrays[k].numpy()).all() for k in arrays)
 
 
-def test_global_dice_is_unaffected_by_a_rejected_100x_site(fed):
-    *honest, victim = fed.honest
-    hostile = scaled_update(victim, fed.start, SCALE)
-    guarded = fed.dice(fed.aggregate([*honest, hostile], name="guarded"))
-    assert guarded == fed.dice(fed.aggregate(honest, name="four-honest"))
-    unchecked = fed.dice(fed.aggregate([*honest, hostile], "federation.norm_bound=0", name="unchecked"))
+def test_global_dice_is_unaffected_by_a_rejected_100x_site(hostile_round):
+    *honest, victim = hostile_round.honest
+    hostile = scaled_update(victim, hostile_round.start, SCALE)
+    guarded = hostile_round.dice(hostile_round.aggregate([*honest, hostile], name="guarded"))
+    assert guarded == hostile_round.dice(hostile_round.aggregate(honest, name="four-honest"))
+    unchecked = hostile_round.dice(hostile_round.aggregate([*honest, hostile], "federation.norm_bound=0", name="unchecked"))
     assert unchecked < guarded - MIN_DICE_LOSS_UNCHECKED, (unchecked, guarded)
 
 
-def test_honest_sites_pass_the_norm_bound(fed):
-    validator = ReplyValidator(fed.signature, fed.shapes, norm_bound=10.0)
-    reference = {k: v.numpy() for k, v in fed.start.items()}
-    updates = [r.content["arrays"] for r in fed.honest]
+def test_honest_sites_pass_the_norm_bound(hostile_round):
+    validator = ReplyValidator(hostile_round.signature, hostile_round.shapes, norm_bound=10.0)
+    reference = {k: v.numpy() for k, v in hostile_round.start.items()}
+    updates = [r.content["arrays"] for r in hostile_round.honest]
     assert validator.norm_problems(updates, reference) == [None] * len(updates)
-    norms = fed.norms()
+    norms = hostile_round.norms()
     assert max(norms) < 3 * min(norms), norms
 
 

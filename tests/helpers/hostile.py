@@ -133,13 +133,8 @@ def wrong_shape(reply: Message) -> Message:
     return replace_arrays(reply, arrays)
 
 
-_BUILT: dict[Path, TrainedRound] = {}
-
-
 def trained_round(root: Path) -> TrainedRound:
-    """Warm up a five-site federation, then record one honest round (built once per ``root``)."""
-    if root in _BUILT:
-        return _BUILT[root]
+    """Warm up a five-site federation, then record one honest round (the session's ``hostile_round`` fixture)."""
     datasets = generate_federation(root / "data", n_sites=N_SITES, n_cases=4, shape=(32, 32, 24),
                                    strength=1.0, seed=0)
     cfg = federation(load_config(None, [*SETTINGS, f"federation.runs_dir={root / 'runs'}",
@@ -159,6 +154,4 @@ def trained_round(root: Path) -> TrainedRound:
               for d in datasets.values()]
     assert splits == [1] * N_SITES, f"the measured setting has one validation case per site, not {splits}"
     honest = sorted(honest, key=site_name)  # the last one (site-5) plays the hostile site in every test
-    built = TrainedRound(cfg, grid, signature, shapes, server_round, result.arrays, honest, run)
-    _BUILT[root] = built
-    return built
+    return TrainedRound(cfg, grid, signature, shapes, server_round, result.arrays, honest, run)
