@@ -92,7 +92,8 @@ def cpu_seconds() -> float:
 
 
 def child(mode: str, work: Path, threads: int, overlap: float, overrides: list[str]) -> dict:
-    from client.predict import InferenceOptions, SlabInferer, predict_file
+    from client.predict import predict_file
+    from client.slab_inferer import InferenceOptions, SlabInferer
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

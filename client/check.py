@@ -24,13 +24,15 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import nibabel as nib
 import numpy as np
 
 from common.dataset import DATASET_JSON, Case, DatasetError, DatasetSpec, read_dataset
 from common.dicom_series import expected_modality, inspect_series
-from common.reading import Voxels, open_voxels, ras_axes
+
+if TYPE_CHECKING:
+    from common.reading import Voxels
 
 log = logging.getLogger("fedseg.client")
 
@@ -134,6 +136,8 @@ def _geometry_findings(name: str, img: Voxels) -> list[Finding]:
     if zooms.max() / zooms.min() > MAX_SPACING_RATIO:
         found.append(Finding(name, f"very anisotropic spacing {zooms.round(3).tolist()} mm", False))
     if _oblique(img.affine):
+        import nibabel as nib
+
         codes = "".join(nib.aff2axcodes(img.affine))
         found.append(Finding(name, f"oblique orientation (closest {codes}); resampled in voxel space", False))
     return found
@@ -152,6 +156,8 @@ def series_findings(name: str, folder: Path, channel_name: str) -> list[Finding]
 
 
 def _open_all(paths: tuple[Path, ...], series: Path | None, rel) -> tuple[list[tuple[Path, Voxels]], list[Finding]]:
+    from common.reading import open_voxels  # MONAI: imported when a case is read, not for --help
+
     opened, found = [], []
     for path in paths:
         try:
@@ -213,6 +219,8 @@ def check_case(case: Case, spec: DatasetSpec) -> tuple[list[Finding], CaseInfo |
             fractions = np.bincount(data.astype(np.int64).ravel(), minlength=spec.num_classes) / data.size
             if not np.any(data > 0):
                 found.append(Finding(rel(path), "empty label (no foreground voxels)", False))
+    from common.reading import ras_axes
+
     order = ras_axes(ref_img.affine)
     info = CaseInfo(ref_img.zooms[order], tuple(int(v) for v in np.asarray(ref_shape)[order]), fractions)
     return found, info

@@ -45,25 +45,23 @@ import argparse
 import dataclasses
 import logging
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import nibabel as nib
 import numpy as np
-import torch
-from monai.data import MetaTensor
-from monai.transforms import KeepLargestConnectedComponent
-from torch import nn
 
-from common.config import FedsegConfig
 from common.dataset import DICOM_SEG_ENDING, NIFTI_ENDINGS, DatasetError, channel_groups
-from common.device import CPU_FP32, Compute, compute_for, with_site_compute
-from common.dicom_series import DicomSeriesError, is_series_folder, open_series
-from common.nifti_out import save_nifti
-from common.plan import Plan
-from common.preprocess import prepare_image
-from common.reading import IMAGE, LABEL, to_file_grid, without_voxels
+from common.dicom_series import DicomSeriesError, is_series_folder
+
+if TYPE_CHECKING:  # torch, MONAI and nibabel are imported where they are used, so --help stays fast
+    import nibabel as nib
+    from monai.data import MetaTensor
+    from torch import nn
+
+    from common.config import FedsegConfig
+    from common.plan import Plan
+
+    from .slab_inferer import InferenceOptions
 
 log = logging.getLogger("fedseg.client")
 SUFFIX = "_seg"
@@ -72,173 +70,6 @@ NIFTI_OUT_ENDING = ".nii.gz"
 """The ending of a NIfTI written for a DICOM input (a NIfTI input keeps its own)."""
 OUTPUT_FORMATS = ("nifti", "dicom-seg")
 OUTPUT_NAMES = ("fedseg", "nnunet")
-PROGRESS_WIDTH = 30
-
-
-MIRROR_AXES = ((2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4))
-"""Test-time mirroring: every flip of a window's three spatial axes, as nnU-Net does."""
-
-
-@dataclass(frozen=True)
-class InferenceOptions:
-    """How scans are segmented; every feature beyond the plain sliding window is off by default."""
-
-    overlap: float = 0.25
-    batch_size: int = 1
-    """Windows per forward pass (train.sw_batch_size)."""
-    compute: Compute = CPU_FP32
-    mirror: bool = False
-    """Test-time augmentation: average the logits of the 8 mirrored copies of every window (8x the time)."""
-    probabilities: bool = False
-    """Also write the softmax probabilities: one 4D file, a volume per class (1/255 resolution)."""
-    largest_component: bool = False
-    """Keep only the largest connected component of every foreground class."""
-    output_format: str = "nifti"
-    """``nifti``, or ``dicom-seg`` (a DICOM input only): see client/dicom_seg.py."""
-    labels: tuple[tuple[str, int], ...] = ()
-    """Label name and value, for the segments of a DICOM-SEG."""
-
-
-@dataclass(frozen=True)
-class Segmentation:
-    label: np.ndarray
-    """[X, Y, Z] uint8 class map."""
-    probabilities: np.ndarray | None
-    """[C, X, Y, Z] float16 softmax, when asked for."""
-
-
-def _window_starts(size: int, roi: int, step: int) -> list[int]:
-    """Window starts along one axis, covering it with the last window flush to its end."""
-    if size <= roi:
-        return [0]
-    starts = list(range(0, size - roi, step))
-    return [*starts, size - roi]
-
-
-def _constant_key(window: torch.Tensor) -> tuple[float, ...] | None:
-    """The per-channel value of a window that holds one value per channel, else None."""
-    low, high = window.amin(dim=(1, 2, 3)), window.amax(dim=(1, 2, 3))
-    return tuple(low.tolist()) if bool(torch.equal(low, high)) else None
-
-
-class SlabInferer:
-    """Sliding-window segmentation with memory bounded by one slab of logits, on the compute device.
-
-    Kept over MONAI's ``sliding_window_inference(buffer_steps=1, buffer_dim=-1)``, which
-    buffers one slab of windows too but still holds the whole volume's float32 logits
-    and their argmax, and computes every air window. ``benchmarks/bench_predict.py``
-    (synthetic CT, 64^3 windows, overlap 0.25, 4 windows per pass, 1 thread, a 2-core
-    machine shared with other jobs, so CPU seconds rather than wall time):
-
-    - 256x256x200: SlabInferer 6.6-7.8 s CPU, 0.66 GiB peak; MONAI buffered 5.9-8.6 s, 0.75 GiB;
-    - 384x384x300: SlabInferer 15.3 s CPU, 0.89 GiB; MONAI buffered 23.3 s, 1.24 GiB.
-
-    The gap grows with the volume (MONAI's logits are 8 bytes per voxel for 2 classes).
-    """
-
-    def __init__(self, model: nn.Module, roi: tuple[int, int, int], num_classes: int,
-                 options: InferenceOptions = InferenceOptions(), progress: bool = False) -> None:
-        self.model = model
-        self.roi = tuple(int(r) for r in roi)
-        self.step = tuple(max(1, int(r * (1 - options.overlap))) for r in self.roi)
-        self.num_classes = num_classes
-        self.options = options
-        self.compute = options.compute
-        self.progress = progress
-        self._constant: dict[tuple[float, ...], torch.Tensor] = {}
-
-    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
-        """Float32 logits of a batch of windows, averaged over the mirrored copies with TTA."""
-        with self.compute.autocast():
-            logits = self.model(batch).float()
-            if self.options.mirror:
-                for axes in MIRROR_AXES:
-                    logits += torch.flip(self.model(torch.flip(batch, axes)), axes).float()
-                logits /= len(MIRROR_AXES) + 1
-        return logits
-
-    def _predict(self, windows: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Logits per window; constant windows are computed once per value."""
-        out: list[torch.Tensor | None] = [None] * len(windows)
-        keys = [_constant_key(w) for w in windows]
-        todo = []
-        for i, key in enumerate(keys):
-            if key is not None and key in self._constant:
-                out[i] = self._constant[key]
-            else:
-                todo.append(i)
-        for k in range(0, len(todo), self.options.batch_size):
-            chunk = todo[k:k + self.options.batch_size]
-            logits = self._forward(torch.stack([windows[i] for i in chunk]))
-            for i, y in zip(chunk, logits, strict=True):
-                out[i] = y
-                if keys[i] is not None:
-                    self._constant[keys[i]] = y
-        return out
-
-    def __call__(self, image: torch.Tensor) -> np.ndarray:
-        """image [C, X, Y, Z] -> label [X, Y, Z] uint8."""
-        return self.segment(image).label
-
-    @torch.no_grad()
-    def segment(self, image: torch.Tensor) -> Segmentation:
-        """image [C, X, Y, Z] (on any device) -> the label map, and the probabilities when asked for."""
-        self.model.to(self.compute.device).eval()
-        image = self.compute.to(image)
-        shape = image.shape[1:]
-        pad = [max(0, r - s) for r, s in zip(self.roi, shape, strict=True)]
-        if any(pad):
-            image = torch.nn.functional.pad(image, [0, pad[2], 0, pad[1], 0, pad[0]])
-        size = image.shape[1:]
-        rx, ry, rz = self.roi
-        xs = _window_starts(size[0], rx, self.step[0])
-        ys = _window_starts(size[1], ry, self.step[1])
-        zs = _window_starts(size[2], rz, self.step[2])
-        label = np.zeros(size, dtype=np.uint8, order="F")  # a slab along Z is contiguous; NIfTI's own order
-        probabilities = np.zeros((self.num_classes, *size), np.float16) if self.options.probabilities else None
-        # Summed logits of the slab in progress; the argmax of a sum equals that of MONAI's
-        # average (the window count is positive), so the count is kept only for probabilities.
-        logits = torch.zeros((self.num_classes, size[0], size[1], rz), device=self.compute.device)
-        counts = torch.zeros((1, size[0], size[1], rz), device=self.compute.device) if probabilities is not None \
-            else None
-        base = 0
-        started = time.perf_counter()
-        for n, z in enumerate(zs):
-            if z - base + rz > logits.shape[-1]:
-                raise RuntimeError("window order broke the slab buffer; report this as a bug")
-            windows, places = [], []
-            for x in xs:
-                for y in ys:
-                    windows.append(image[:, x:x + rx, y:y + ry, z:z + rz])
-                    places.append((x, y))
-            for (x, y), out in zip(places, self._predict(windows), strict=True):
-                logits[:, x:x + rx, y:y + ry, z - base:z - base + rz] += out
-                if counts is not None:
-                    counts[:, x:x + rx, y:y + ry, z - base:z - base + rz] += 1
-            done = zs[n + 1] if n + 1 < len(zs) else size[2]
-            ready = done - base
-            label[..., base:done] = logits[..., :ready].argmax(0).to(torch.uint8).cpu().numpy()
-            if probabilities is not None:
-                soft = torch.softmax(logits[..., :ready] / counts[..., :ready], dim=0)
-                probabilities[..., base:done] = soft.to(torch.float16).cpu().numpy()
-            for buffer in (b for b in (logits, counts) if b is not None):
-                buffer[..., : rz - ready] = buffer[..., ready:].clone()
-                buffer[..., rz - ready:] = 0
-            base = done
-            if self.progress:
-                _progress(n + 1, len(zs), time.perf_counter() - started)
-        crop = (slice(None), slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
-        return Segmentation(label[crop[1:]], None if probabilities is None else probabilities[crop])
-
-
-def _progress(done: int, total: int, elapsed: float) -> None:
-    filled = round(PROGRESS_WIDTH * done / total)
-    eta = elapsed / done * (total - done)
-    sys.stderr.write(f"\r  [{'#' * filled}{'.' * (PROGRESS_WIDTH - filled)}] {done}/{total} slabs, "
-                     f"{elapsed:.0f} s, ~{eta:.0f} s left")
-    if done == total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
 
 
 def label_to_file_grid(label: np.ndarray, image: MetaTensor) -> np.ndarray:
@@ -246,6 +77,8 @@ def label_to_file_grid(label: np.ndarray, image: MetaTensor) -> np.ndarray:
 
     The result may be a strided view (flipped axes); nibabel writes it as it is.
     """
+    from common.reading import LABEL, to_file_grid
+
     return to_file_grid(label[None], image, LABEL).numpy()[0]
 
 
@@ -255,6 +88,10 @@ def probabilities_to_file_grid(probabilities: np.ndarray, image: MetaTensor) -> 
     Outside the nonzero crop the image was empty: background there has probability 1 (the
     inverse pads with 0, so the crop's place is found by sending a volume of ones back).
     """
+    import torch
+
+    from common.reading import IMAGE, LABEL, to_file_grid
+
     back = to_file_grid(torch.from_numpy(probabilities).float(), image, IMAGE).as_tensor()
     ones = torch.ones((1, *probabilities.shape[1:]), dtype=torch.uint8)
     outside = to_file_grid(ones, image, LABEL).as_tensor()[0] == 0
@@ -262,13 +99,15 @@ def probabilities_to_file_grid(probabilities: np.ndarray, image: MetaTensor) -> 
     return np.ascontiguousarray(np.moveaxis(back.numpy(), 0, -1))
 
 
-def output_header(source: nib.Nifti1Header | None, dtype: type) -> nib.Nifti1Header:
+def output_header(source: nib.Nifti1Header | None, dtype: type | np.dtype) -> nib.Nifti1Header:
     """A fresh header for a file fedseg writes: the data type and the source's units (mm for DICOM), nothing else.
 
     The source's free-text fields (descrip, aux_file, intent_name, db_name) and
     extensions can carry patient data, so they are never copied; the geometry
     comes from the affine given to the image.
     """
+    import nibabel as nib
+
     header = nib.Nifti1Header()
     header.set_data_dtype(dtype)
     header.set_xyzt_units(*(source.get_xyzt_units() if source is not None else ("mm", "sec")))
@@ -278,6 +117,10 @@ def output_header(source: nib.Nifti1Header | None, dtype: type) -> nib.Nifti1Hea
 def write_nifti(array: np.ndarray, affine: np.ndarray, source: nib.Nifti1Header | None, path: Path,
                 dtype: type | None = None) -> None:
     """Write ``array`` on the input's grid (scanner qform and sform from its affine), stored as ``dtype``."""
+    import nibabel as nib
+
+    from common.nifti_out import save_nifti
+
     out = nib.Nifti1Image(array, affine, output_header(source, dtype or array.dtype))
     out.set_qform(affine, code=1)
     out.set_sform(affine, code=1)
@@ -286,6 +129,9 @@ def write_nifti(array: np.ndarray, affine: np.ndarray, source: nib.Nifti1Header 
 
 def keep_largest_components(label: np.ndarray, num_classes: int) -> np.ndarray:
     """Only the largest connected component of each foreground class (MONAI's KeepLargestConnectedComponent)."""
+    import torch
+    from monai.transforms import KeepLargestConnectedComponent
+
     keep = KeepLargestConnectedComponent(applied_labels=list(range(1, num_classes)), is_onehot=False,
                                          independent=True)
     return np.asarray(keep(torch.from_numpy(np.ascontiguousarray(label))[None]))[0].astype(np.uint8, copy=False)
@@ -299,18 +145,31 @@ def probability_path(out_path: Path) -> Path:
 
 
 def predict_file(path: Path | tuple[Path, ...], out_path: Path, model: nn.Module, plan: Plan, num_classes: int,
-                 options: InferenceOptions = InferenceOptions(), progress: bool = False) -> np.ndarray:
+                 options: InferenceOptions | None = None, progress: bool = False) -> np.ndarray:
     """Segment one scan (or one case's channel files) and write its label map (and probabilities) on the
-    input's grid."""
+    input's grid; ``options`` None: InferenceOptions' defaults."""
+    from common.dicom_series import Series, open_series
+    from common.preprocess import prepare_image
+    from common.reading import load_nifti, without_voxels
+
+    from .slab_inferer import InferenceOptions, SlabInferer
+
+    options = InferenceOptions() if options is None else options
     paths = path if isinstance(path, tuple) else (path,)
     image = prepare_image(paths, plan, file_layout=True)
     inferer = SlabInferer(model, plan.patch_size, num_classes, options, progress=progress)
     segmentation = inferer.segment(image.as_tensor())  # a plain tensor: MetaTensor's bookkeeping costs per op
     image = without_voxels(image)
     label = label_to_file_grid(segmentation.label, image)
-    series = open_series(paths[0]) if paths[0].is_dir() else None
-    source = None if series is not None else nib.load(str(paths[0])).header
-    shape = series.shape if series is not None else tuple(int(s) for s in source.get_data_shape()[:3])
+    series: Series | None = None
+    source: nib.Nifti1Header | None = None
+    shape: tuple[int, ...]
+    if paths[0].is_dir():
+        series = open_series(paths[0])
+        shape = series.shape
+    else:
+        source = load_nifti(paths[0]).header
+        shape = tuple(int(s) for s in source.get_data_shape()[:3])
     if label.shape != shape:
         raise RuntimeError(f"{path}: prediction shape {label.shape} differs from the input's {shape}")
     if options.largest_component:
@@ -321,6 +180,8 @@ def predict_file(path: Path | tuple[Path, ...], out_path: Path, model: nn.Module
 
         from .dicom_seg import write_dicom_seg
 
+        if series is None:  # check_inputs refuses it before anything is segmented
+            raise DatasetError(f"{paths[0]}: --output-format dicom-seg needs a DICOM series input")
         write_dicom_seg(label, series, dict(options.labels), num_classes, out_path, version("fedseg"))
     else:
         write_nifti(label, affine, source, out_path)
@@ -396,6 +257,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def inference_options(args: argparse.Namespace, model_cfg: FedsegConfig, site_cfg: FedsegConfig) -> InferenceOptions:
     """The model's sliding-window settings, the site's device and precision, and the command's flags."""
+    from common.device import compute_for, with_site_compute
+
+    from .slab_inferer import InferenceOptions
+
     train = with_site_compute(model_cfg.train, site_cfg.train)
     return InferenceOptions(
         overlap=train.sw_overlap if args.overlap is None else args.overlap,
@@ -409,8 +274,11 @@ def inference_options(args: argparse.Namespace, model_cfg: FedsegConfig, site_cf
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from common.cli import UserError, config_from_args
     from common.norm_adapt import adapt_norm, has_batch_norm
+    from common.preprocess import prepare_image
 
     from .site_model import load_run_model, load_site_model
 

@@ -22,12 +22,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from common.dicom_series import open_series
 from common.plan import Plan
-from common.reading import open_nifti
+from common.reading import load_nifti, open_nifti
 
 CT_AIR_HU = -500.0
 """An image whose 1st percentile is at or below this looks like CT (air is about -1000 HU; MR is not negative)."""
@@ -46,7 +45,7 @@ def _trained(plan: Plan, channel: int) -> str:
 def channel_count(paths: tuple[Path, ...]) -> int:
     """Channels of one case: one per series folder or 3D file, the 4th axis of a single 4D NIfTI file."""
     if len(paths) == 1 and not paths[0].is_dir():
-        shape = nib.load(str(paths[0])).shape  # the header only
+        shape = load_nifti(paths[0]).shape  # the header only
         return int(shape[3]) if len(shape) == 4 else 1
     return len(paths)
 

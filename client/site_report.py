@@ -24,9 +24,12 @@ import argparse
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 from common.config import FedsegConfig
 from common.private import private_file
@@ -53,6 +56,8 @@ def case_dice(truth: np.ndarray, prediction: np.ndarray, num_classes: int) -> fl
 
 
 def _one_hot(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    import torch
+
     """[X, Y, Z] integer labels -> [1, C, X, Y, Z] one-hot, MONAI's metric layout."""
     return torch.nn.functional.one_hot(torch.from_numpy(labels.astype(np.int64)), num_classes).movedim(-1, 0)[None]
 
@@ -131,15 +136,17 @@ def site_pictures(site_cfg: FedsegConfig, run: Path, weights: str | None = None,
     re-estimates the statistics on its own scans, as ``fedseg-client predict``
     does there: the statistics the model arrives with describe no scanner.
     """
+    import torch
+
     from common.device import compute_for, with_site_compute
     from common.norm_adapt import adapt_norm, has_batch_norm
     from common.preprocess import PreprocessedCases
     from common.sampling import fuse
 
-    from .predict import InferenceOptions, SlabInferer
     from .site_data import open_split
     from .site_model import load_run_model
     from .site_state import SiteState
+    from .slab_inferer import InferenceOptions, SlabInferer
 
     state = SiteState(Path(site_cfg.site.state_dir))
     loaded = load_run_model(Path(run), weights, state.root, missing_local="quiet")
@@ -189,6 +196,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if not cfg.site.state_dir or not cfg.site.data_dir:
         raise UserError("site.yaml must set site.data_dir and site.state_dir (the site's own data and state).")
+    import torch
+
     torch.set_num_threads(cfg.site.torch_threads)
     for path in site_pictures(cfg, args.run, args.weights, args.out, args.cases):
         print(f"wrote {path}")

@@ -12,8 +12,8 @@ import argparse
 import importlib
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from .config import CentreFile, ConfigError, FedsegConfig, Section, SiteFile, load_config
 
@@ -43,8 +43,14 @@ CONFIG_FILES: dict[str, type[Section]] = {"fedseg-client": SiteFile, "fedseg-ser
 (a simulation's YAML is the centre's, with its ``simulation`` section)."""
 
 
+class Main(Protocol):
+    """A console script's entry point: ``main()`` reads ``sys.argv``, ``main(argv)`` the given arguments."""
+
+    def __call__(self, argv: list[str] | None = None) -> int: ...
+
+
 def make_main(prog: str, description: str, commands: dict[str, tuple[str, str]],
-              default: str | None = None) -> Callable[[list[str] | None], int]:
+              default: str | None = None) -> Main:
     """Build a ``main(argv)`` dispatching to ``commands``: name -> (module, one-line help)."""
 
     def main(argv: list[str] | None = None) -> int:

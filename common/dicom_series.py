@@ -105,7 +105,8 @@ def _files(folder: Path) -> list[Path]:
 
 def _headers(folder: Path) -> tuple[list[tuple[Path, pydicom.Dataset]], list[str]]:
     """Every slice file's header (no pixel data) and the problems of files that are not DICOM images."""
-    found, problems = [], []
+    found: list[tuple[Path, pydicom.Dataset]] = []
+    problems: list[str] = []
     for path in _files(folder):
         try:
             header = pydicom.dcmread(path, stop_before_pixels=True)
@@ -190,7 +191,7 @@ def _tilt(positions: np.ndarray, affine: np.ndarray) -> str | None:
         return None  # uneven steps along the line: reported by _slice_problems
     lps = LPS_TO_RAS @ affine
     normal = np.cross(lps[:3, 0], lps[:3, 1])
-    cos = abs(float(normal @ step)) / (np.linalg.norm(normal) * np.linalg.norm(step))
+    cos = abs(float(normal @ step)) / float(np.linalg.norm(normal) * np.linalg.norm(step))
     if cos < 1 - 1e-4:
         return (f"the slices are stacked at {np.degrees(np.arccos(min(cos, 1.0))):.1f} degrees to their normal "
                 "(gantry tilt); resample the series to an orthogonal stack first")
@@ -228,7 +229,7 @@ def inspect_series(folder: Path) -> tuple[Series | None, list[str]]:
         folder=folder, files=tuple(headers[i][0] for i in order), modality=str(first.get("Modality", "")).upper(),
         shape=(int(first.Columns), int(first.Rows), len(order)), affine=affine,
         orientation=tuple(float(v) for v in first.ImageOrientationPatient),
-        pixel_spacing=tuple(float(v) for v in first.PixelSpacing), positions=positions, references=references,
+        pixel_spacing=(float(first.PixelSpacing[0]), float(first.PixelSpacing[1])), positions=positions, references=references,
     ), []
 
 

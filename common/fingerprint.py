@@ -226,8 +226,9 @@ def merged_quantile(sketches: Sequence[Sketch], percentile: float) -> float:
         raise FingerprintError("no site contributed to this statistic.")
     knots = np.unique(np.concatenate([s.values for s in sketches]))
     total = sum(s.weight for s in sketches)
-    at = sum(s.weight * _cdf(s, knots, left=False) for s in sketches) / total
-    before = sum(s.weight * _cdf(s, knots, left=True) for s in sketches) / total
+    zero = np.zeros(len(knots))
+    at = sum((s.weight * _cdf(s, knots, left=False) for s in sketches), start=zero) / total
+    before = sum((s.weight * _cdf(s, knots, left=True) for s in sketches), start=zero) / total
     target = percentile / 100.0
     for i, knot in enumerate(knots):
         if target <= at[i]:
@@ -398,7 +399,7 @@ def bounded_weights(counts: Sequence[float]) -> list[float]:
     """
     if len(counts) < 2:
         return [float(c) for c in counts]
-    return [min(float(c), WEIGHT_CAP_RATIO * float(np.median(counts[:k] + counts[k + 1:])))
+    return [min(float(c), WEIGHT_CAP_RATIO * float(np.median([*counts[:k], *counts[k + 1:]])))
             for k, c in enumerate(counts)]
 
 

@@ -81,7 +81,8 @@ def split_parameters(model: nn.Module, norm_mode: NormMode) -> ParameterSplit:
             "or model.norm 'batch'."
         )
     trainable = {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
-    travelling, local, aliases, seen = [], [], {}, {}
+    travelling, local, aliases = [], [], {}
+    seen: dict[tuple[int, tuple[int, ...]], str] = {}
     for key, tensor in state.items():
         ptr = (tensor.data_ptr(), tuple(tensor.shape)) if tensor.numel() else None
         if ptr is not None and ptr in seen:

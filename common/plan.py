@@ -24,7 +24,8 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -33,6 +34,8 @@ from .files import atomic_write_text
 from .fingerprint import MAX_CHANNELS, FederatedFingerprint
 from .labels import CODE_BITS
 from .runs import PLAN_FILE
+
+_N = TypeVar("_N", int, float)
 
 PLAN_FORMAT = 1
 ANISOTROPY_THRESHOLD = 3.0
@@ -117,10 +120,10 @@ class Plan:
             if body.get("format") != PLAN_FORMAT:
                 raise PlanError(f"{source}: plan format {body.get('format')!r}, this fedseg reads {PLAN_FORMAT}.")
             plan = cls(
-                target_spacing=tuple(float(v) for v in body["target_spacing"]),
-                patch_size=tuple(int(v) for v in body["patch_size"]),
+                target_spacing=_per_axis(float, body["target_spacing"]),
+                patch_size=_per_axis(int, body["patch_size"]),
                 normalization=tuple(ChannelNorm(**n) for n in body["normalization"]),
-                median_shape=tuple(int(v) for v in body["median_shape"]),
+                median_shape=_per_axis(int, body["median_shape"]),
                 label_codes=tuple(int(v) for v in body.get("label_codes", [])),
                 remap_labels=bool(body.get("remap_labels", False)),
                 provenance=dict(body.get("provenance", {})),
@@ -163,6 +166,13 @@ class Plan:
 
 
 # --- the rules ---------------------------------------------------------------------------
+
+
+def _per_axis(kind: Callable[[Any], _N], values: Sequence[Any]) -> tuple[_N, _N, _N]:
+    """One value per spatial axis, each made a ``kind``; a TypeError (a malformed plan) for another count."""
+    if len(values) != 3:
+        raise TypeError(f"{len(values)} values where a plan holds one per axis (3)")
+    return kind(values[0]), kind(values[1]), kind(values[2])
 
 
 def downsampling_factor(model: ModelConfig) -> int:
@@ -260,10 +270,10 @@ def make_plan(fp: FederatedFingerprint, data: DataConfig, model: ModelConfig, pl
     if data.normalization != "auto":
         fixed.append("data.normalization")
     return Plan(
-        target_spacing=tuple(spacing),
-        patch_size=tuple(patch),
+        target_spacing=_per_axis(float, spacing),
+        patch_size=_per_axis(int, patch),
         normalization=tuple(normalization(fp, data)),
-        median_shape=tuple(shape),
+        median_shape=_per_axis(int, shape),
         provenance={
             "planner": planner,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -65,9 +65,17 @@ def interpolation(key: Hashable) -> str:
     return "trilinear" if key == IMAGE else "nearest-exact"
 
 
+def load_nifti(path: Path) -> nib.Nifti1Image:
+    """The NIfTI file's image, its voxels not yet read (a NIfTI-2 file loads as Nifti1Image's subclass)."""
+    img = nib.load(str(path))
+    if not isinstance(img, nib.Nifti1Image):  # nibabel's load() is typed for every image kind it reads
+        raise ValueError(f"{path}: nibabel reads it as {type(img).__name__}, not as a NIfTI image")
+    return img
+
+
 def open_nifti(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
     """The file's header and its voxels as stored (dtype and memory order of the file)."""
-    img = nib.load(str(path))
+    img = load_nifti(path)
     return img, np.asanyarray(img.dataobj)
 
 
@@ -120,8 +128,8 @@ def _load_3d_file(path: Path, file_layout: bool) -> MetaTensor:
     the file; ``file_layout`` keeps that order (same values, transposed strides),
     otherwise torch reorders in one pass (1.5 times faster than LoadImage).
     """
-    img, voxels = open_nifti(path)
-    voxels = torch.from_numpy(voxels)
+    img, stored = open_nifti(path)
+    voxels = torch.from_numpy(stored)
     if file_layout:
         data = voxels.to(torch.float32)[None]
     else:
@@ -161,7 +169,7 @@ def load_image(paths: Sequence[Path], file_layout: bool = False) -> MetaTensor:
     """
     if Path(paths[0]).is_dir():
         return load_dicom_image(paths)
-    if len(paths) == 1 and len(nib.load(str(paths[0])).shape) == 3:
+    if len(paths) == 1 and len(load_nifti(paths[0]).shape) == 3:
         return _load_3d_file(paths[0], file_layout)
     loader = mt.LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=np.float32)
     files = [str(p) for p in paths]
@@ -237,6 +245,8 @@ class ToSpacingd(mt.MapTransform, mt.InvertibleTransform):
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
+        if self.spacing is None:
+            raise TypeError("this transform was made without a spacing: it only inverts")
         size = plan_size(d[IMAGE], self.spacing)
         for key in self.key_iterator(d):
             if list(size) != list(d[key].shape[1:]):

@@ -12,8 +12,8 @@ from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
 from client.cli import main
-from client.predict import (MIRROR_AXES, InferenceOptions, SlabInferer, keep_largest_components,
-                            label_to_file_grid)
+from client.predict import keep_largest_components, label_to_file_grid
+from client.slab_inferer import MIRROR_AXES, InferenceOptions, SlabInferer
 from common.config import load_config
 from common.dataset import Case
 from common.model import build_model
