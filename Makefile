@@ -2,6 +2,7 @@
 #   make demo   set up .venv and run the local multi-site simulation on built-in synthetic data
 #   make test   set up .venv and run the test suite
 #   make test-fast  the suite without the tests that start processes or run a federation (under two minutes)
+#   make lint   ruff (lint and format check) and mypy, as CI runs them before the tests
 # torch is installed as torch==2.13.0 first: any other spec pulls a multi-GB CUDA build.
 # Every other package is installed at the version in constraints.txt, the versions CI tested.
 
@@ -10,7 +11,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedseg-installed
 PYTHON ?= python3
 
-.PHONY: demo test test-fast setup
+LINTED := common server client simulations benchmarks tests
+
+.PHONY: demo test test-fast lint setup
 
 setup: $(STAMP)
 
@@ -29,3 +32,8 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not processes and not simulation"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy $(LINTED)
