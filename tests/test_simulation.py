@@ -1,5 +1,5 @@
 """A real Flower simulation (SuperLink, simulation engine, Ray) of three tiny sites (``quorum_run``, shared
-with test_dp.py, which checks its privacy accounting).
+with test_tensorboard.py): the plain federation, no privacy option on.
 
 One site's data is broken: the run must log its failures, keep going on the
 quorum of the other two, and leave a metrics log, checkpoints and config

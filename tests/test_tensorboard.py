@@ -83,7 +83,9 @@ def test_the_live_mirror_of_a_simulation_holds_the_log_and_nothing_else(quorum_r
 
 def test_the_privacy_budget_is_mirrored_as_privacy_epsilon(tmp_path):
     """The shared simulation runs without DP: the privacy event's mirror, from a log that holds one."""
-    events = [{"event": "privacy", "round": 1, "time": 1.0, "epsilon": 0.7, "delta": 1e-5}]
+    events = [{"event": "privacy", "round": 1, "time": 1.0, "epsilon": 0.7, "delta": 1e-5, "releases": 1,
+               "noise_multiplier": 0.5, "clipping_norm": 2.0, "sites": 2, "denominator": 3, "noise_std": 0.33,
+               "accountant": "gaussian"}]
     folder = _mirror_of(events, tmp_path / "run")
     _assert_mirror(folder, tmp_path / "run" / METRICS_FILE)
     assert "privacy/epsilon" in {s[0] for s in _read_back(folder)}
