@@ -22,9 +22,9 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 
 import numpy as np
@@ -78,6 +78,12 @@ class ChannelNorm:
     clip_high: float | None = None
     mean: float | None = None
     std: float | None = None
+
+    def ct_values(self) -> tuple[float, float, float, float]:
+        """(clip_low, clip_high, mean, std) of a ``ct`` channel; a TypeError when the plan lacks one."""
+        if self.clip_low is None or self.clip_high is None or self.mean is None or self.std is None:
+            raise TypeError(f"a ct channel's normalization needs clip_low, clip_high, mean and std: {self}")
+        return self.clip_low, self.clip_high, self.mean, self.std
 
 
 @dataclass(frozen=True)

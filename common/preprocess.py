@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from .reading import IMAGE, case_dict, label_keys, plan_space
 from .runs import CACHE_IMAGE, CACHE_LABEL, CACHE_LOCATIONS, CACHE_META, CACHE_PLAN_DIR
 
 log = logging.getLogger("fedseg.common")
+_Image = TypeVar("_Image", bound=torch.Tensor)
 
 LOCATIONS_PER_CLASS = 10_000
 """Foreground voxel coordinates kept per class for oversampling (nnU-Net keeps 10,000)."""
@@ -44,6 +46,8 @@ class Volume(tuple):
     foreground class to sampled voxel coordinates [N, 3]; None means "find
     them when needed".
     """
+
+    locations: dict[int, np.ndarray] | None
 
     def __new__(cls, image: np.ndarray, label: np.ndarray, locations: dict[int, np.ndarray] | None = None) -> Volume:
         obj = super().__new__(cls, (image, label))
@@ -78,24 +82,27 @@ def class_locations(label: np.ndarray, num_classes: int, rng: np.random.Generato
     return out
 
 
-def _ct_normalize_(channel: torch.Tensor, norm: ChannelNorm) -> None:
+def _ct_normalize_(channel: torch.Tensor, clip_low: float, clip_high: float, mean: float, std: float) -> None:
     """MONAI's ScaleIntensityRange(clip=True) from the clip range to its z-scores: the same operations in
     the same order (so the same numbers), done in place, as a CT volume is too large for its temporaries."""
-    b_min, b_max = (norm.clip_low - norm.mean) / norm.std, (norm.clip_high - norm.mean) / norm.std
-    channel.sub_(norm.clip_low).div_(norm.clip_high - norm.clip_low).mul_(b_max - b_min).add_(b_min)
+    b_min, b_max = (clip_low - mean) / std, (clip_high - mean) / std
+    channel.sub_(clip_low).div_(clip_high - clip_low).mul_(b_max - b_min).add_(b_min)
     channel.clamp_(b_min, b_max)
 
 
-def normalize(image: torch.Tensor, norms: tuple[ChannelNorm, ...]) -> torch.Tensor:
+def normalize(image: _Image, norms: tuple[ChannelNorm, ...]) -> _Image:
     """Normalize each channel in place as the plan says (see ChannelNorm)."""
     if image.shape[0] != len(norms):
         raise ValueError(f"the image has {image.shape[0]} channels, the plan normalizes {len(norms)}.")
     plain = image.as_tensor() if isinstance(image, MetaTensor) else image
     for c, norm in enumerate(norms):
-        if norm.scheme == "ct" and norm.clip_high > norm.clip_low:
-            _ct_normalize_(plain[c], norm)
-        else:
-            image[c:c + 1] = mt.NormalizeIntensity()(image[c:c + 1])
+        if norm.scheme == "ct":
+            low, high, mean, std = norm.ct_values()
+            if high > low:
+                _ct_normalize_(plain[c], low, high, mean, std)
+                continue
+        # MONAI types its output for any input kind; a tensor in gives a tensor out
+        image[c:c + 1] = mt.NormalizeIntensity()(image[c:c + 1])  # type: ignore[assignment]
     return image
 
 
@@ -135,7 +142,8 @@ class PreprocessedCases:
             np.save(building / CACHE_IMAGE, image)
             np.save(building / CACHE_LABEL, labels)
             locations = class_locations(labels, self.num_classes, np.random.default_rng(len(case.case_id)))
-            np.savez(building / CACHE_LOCATIONS, **{str(c): v for c, v in locations.items()})
+            # numpy's stub cannot tell these names from savez's allow_pickle keyword
+            np.savez(building / CACHE_LOCATIONS, **{str(c): v for c, v in locations.items()})  # type: ignore[arg-type]
             (building / CACHE_META).write_text(json.dumps({"plan": self.plan.version, "shape": list(image.shape)}))
 
         # Renamed into place whole: a site answering two runs at once may build one case twice.

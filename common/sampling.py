@@ -90,10 +90,11 @@ class PatchSampler:
         return start
 
     def _center(self, volume: Volume) -> np.ndarray | None:
-        present = [c for c, where in (volume.locations or {}).items() if len(where)]
+        locations = volume.locations or {}
+        present = [c for c, where in locations.items() if len(where)]
         if not present:
             return None
-        where = volume.locations[present[int(self.rng.integers(len(present)))]]
+        where = locations[present[int(self.rng.integers(len(present)))]]
         return where[int(self.rng.integers(len(where)))]
 
     def patch(self, volume: Volume) -> tuple[np.ndarray, np.ndarray]:

@@ -54,10 +54,10 @@ def _num_classes(model: nn.Module, default: int = 2) -> int:
     return int(getattr(model, "out_channels", default))
 
 
-def _pinned(batches: Iterator[tuple[torch.Tensor, ...]]) -> Iterator[tuple[torch.Tensor, ...]]:
+def _pinned(batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches in page-locked memory, so copies to the GPU run asynchronously."""
-    for batch in batches:
-        yield tuple(t.pin_memory() for t in batch)
+    for image, label in batches:
+        yield image.pin_memory(), label.pin_memory()
 
 
 def train_local(
@@ -86,18 +86,18 @@ def train_local(
     with on_device(model, compute.device):
         model.train()
         num_classes = _num_classes(model)
-        volumes = [as_volume(v, num_classes) for v in volumes]
+        cases = [as_volume(v, num_classes) for v in volumes]
         optimizer = make_optimizer(model, cfg)
         criterion = seg_loss()
         sampler = PatchSampler(data, cfg.batch_size, seed, num_classes, cfg.augmentation)
-        batches = sampler.batches(volumes, np.random.default_rng(seed))
+        batches = sampler.batches(cases, np.random.default_rng(seed))
         scaler = compute.grad_scaler()
         proximal = ProximalGradient(model, {k: compute.to(v) for k, v in global_params.items()}, mu)
         ahead = cfg.prefetch_batches if compute.device.type == "cuda" else 0
-        with Prefetcher(_pinned(batches), ahead) if ahead else nullcontext(batches) as batches:
+        with Prefetcher(_pinned(batches), ahead) if ahead else nullcontext(batches) as stream:
             seg_total, prox_total = 0.0, 0.0
             for step in range(cfg.local_steps):
-                image, label = (compute.to(t) for t in next(batches))
+                image, label = (compute.to(t) for t in next(stream))
                 optimizer.zero_grad(set_to_none=True)
                 with compute.autocast():
                     seg = criterion(model(image).float(), label)

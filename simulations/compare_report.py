@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import statistics
@@ -242,7 +243,7 @@ def _plot_dice(table: dict[str, dict[str, Any]], path: Path) -> None:
     sites = sorted({s for n in names for s in table[n]["sites"]})
     for k, site in enumerate(sites):
         xs = [i + (k - (len(sites) - 1) / 2) * 0.12 for i in range(len(names))]
-        ys = [(table[n]["sites"].get(site) or (None,))[0] for n in names]
+        ys = [(table[n]["sites"].get(site) or (math.nan,))[0] for n in names]  # NaN: no point for that method
         ax.scatter(xs, ys, s=18, zorder=3, label=site)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_ylabel("Dice (foreground)")
