@@ -112,22 +112,13 @@ def _extra_site(ctx, name: str, **changes) -> Launched:
     return daemon
 
 
-def test_a_supernode_whose_key_is_not_registered_is_refused(federation):
+@pytest.fixture(scope="module")
+def turned_away(federation) -> dict[str, Launched]:
+    """The two sites the centre must turn away, started together so that their waits overlap: ``rogue`` (a key
+    that is not registered) at the centre's gateway, and ``foreign-ca`` (it trusts another CA) at the centre's
+    real gateway program started on its own, so the test does not race the federation's end."""
     ctx = federation
     rogue = _extra_site(ctx, "rogue")
-    log = ctx["root"] / "sites" / "rogue" / "supernode.log"
-    wait_for(lambda: "SuperNode exited with code" in rogue.output(), 240,
-             "the unregistered SuperNode to be turned away", rogue)
-    assert "Failed to activate SuperNode" in log.read_text()
-    assert "the centre did not accept this site's key" in rogue.output()
-    superlink_log = (ctx["root"] / "server-state" / "superlink.log").read_text()
-    assert "No SuperNode found with the given public key" in superlink_log
-    assert not any(e.get("site") == "rogue" for e in events(ctx["run"]))
-
-
-def test_a_server_certificate_from_another_ca_is_refused(federation):
-    """The centre's real gateway, on its own so the test does not race the federation's end."""
-    ctx = federation
     init_pki(ctx["root"] / "other-ca", [], [GATEWAY_HOST])
     certs, port = ctx["root"] / "certs", free_port(GATEWAY_HOST)
     gateway = Launched(ctx["root"] / "lone-gateway.out", "python", "-m", "server.fleet_gateway",
@@ -138,6 +129,26 @@ def test_a_server_certificate_from_another_ca_is_refused(federation):
     wait_for(lambda: _listening(GATEWAY_HOST, port), 60, "the gateway to listen", gateway)
     foreign = _extra_site(ctx, "foreign-ca", root_certificate=str(ctx["root"] / "other-ca" / "ca.crt"),
                           server_address=f"{GATEWAY_HOST}:{port}")
+    return {"rogue": rogue, "foreign-ca": foreign}
+
+
+def test_a_supernode_whose_key_is_not_registered_is_refused(federation, turned_away):
+    ctx = federation
+    rogue = turned_away["rogue"]
+    log = ctx["root"] / "sites" / "rogue" / "supernode.log"
+    wait_for(lambda: "SuperNode exited with code" in rogue.output(), 240,
+             "the unregistered SuperNode to be turned away", rogue)
+    assert "Failed to activate SuperNode" in log.read_text()
+    assert "the centre did not accept this site's key" in rogue.output()
+    superlink_log = (ctx["root"] / "server-state" / "superlink.log").read_text()
+    assert "No SuperNode found with the given public key" in superlink_log
+    assert not any(e.get("site") == "rogue" for e in events(ctx["run"]))
+
+
+def test_a_server_certificate_from_another_ca_is_refused(federation, turned_away):
+    """At the centre's real gateway program, on its own (``turned_away``)."""
+    ctx = federation
+    foreign = turned_away["foreign-ca"]
     said = wait_for(lambda: "CERTIFICATE_VERIFY_FAILED" in foreign.output() and foreign.output(), 120,
                     "the TLS verification failure", foreign)
     assert "not issued by the CA in site.root_certificate" in said and "other-ca" in said
