@@ -74,6 +74,7 @@ def train_reply(node: int, site: str, step: float = 0.1, metrics: dict | None = 
 
 
 def eval_reply(node: int, site: str, metrics: dict | None = None) -> Message:
+    """Site ``site`` on node ``node`` scored the model it received (EVAL_METRICS by default)."""
     return over_the_wire(reply(content(site, metrics or EVAL_METRICS), node, MessageType.EVALUATE))
 
 
@@ -91,6 +92,7 @@ def real_strategy(tmp_path, *overrides: str, nodes: dict[int, str] | None = None
 
 
 def failures(tmp_path) -> dict[str, str]:
+    """Site -> reason of each failure the run's metrics log holds."""
     return {e["site"]: e["reason"] for e in read_events(tmp_path / "metrics.jsonl") if e["event"] == "failure"}
 
 
