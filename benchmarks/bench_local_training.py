@@ -21,10 +21,10 @@ import torch
 
 from common.config import load_config
 from common.device import CPU_FP32, Compute, compute_for, on_device
-from common.sampling import PatchSampler
-from common.training import make_optimizer, seg_loss, train_local
 from common.model import build_model
 from common.params import select, split_parameters
+from common.sampling import PatchSampler
+from common.training import make_optimizer, seg_loss, train_local
 from common.wire import to_wire
 
 VOLUME_SHAPE = (96, 96, 64)

@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -44,6 +45,7 @@ from common.config import load_config
 from common.device import compute_for
 from common.model import build_model
 from common.plan import ChannelNorm, Plan
+from common.reading import load_nifti
 
 SPACING = (0.8, 0.8, 1.0)
 LPS = np.diag([-SPACING[0], -SPACING[1], SPACING[2], 1.0])
@@ -78,7 +80,9 @@ def ct_plan(image: np.ndarray, label: np.ndarray, roi: int) -> Plan:
     fg = image[label > 0][:: 97].astype(np.float64)
     low, high = np.percentile(fg, [0.5, 99.5])
     norm = ChannelNorm("ct", float(low), float(high), float(fg.mean()), float(fg.std()))
-    return Plan(tuple(abs(v) for v in SPACING), (roi, roi, roi), (norm,), tuple(image.shape))
+    sx, sy, sz = (abs(v) for v in SPACING)
+    nx, ny, nz = image.shape
+    return Plan((sx, sy, sz), (roi, roi, roi), (norm,), (nx, ny, nz))
 
 
 def peak_gib() -> float:
@@ -116,7 +120,7 @@ def child(mode: str, work: Path, threads: int, overlap: float, overrides: list[s
         started, cpu = time.perf_counter(), cpu_seconds()
         with torch.no_grad():
             windows = 1 if mode == "plain" else batch
-            buffered = {"buffer_steps": 1, "buffer_dim": -1} if mode == "monai-buffered" else {}
+            buffered: dict[str, Any] = {"buffer_steps": 1, "buffer_dim": -1} if mode == "monai-buffered" else {}
             logits = sliding_window_inference(image[None], plan.patch_size, windows, model, overlap=overlap,
                                               **buffered)
             logits[0].argmax(0).to(torch.uint8)
@@ -177,7 +181,7 @@ def run_modes(shape: tuple[int, int, int], roi: int, overlap: float, threads: in
             print(f"{mode:<14} {r['seconds']:7.1f} s   CPU {r['cpu_seconds']:7.1f} s   peak RSS {r['peak_gib']:.2f} GiB",
                   flush=True)
         if "fedseg" in results:
-            seg = nib.load(str(work / "ct_seg.nii.gz"))
+            seg = load_nifti(work / "ct_seg.nii.gz")
             print(f"output: shape {seg.shape}, dtype {seg.get_data_dtype()}, axcodes {nib.aff2axcodes(seg.affine)}")
         return results
 

@@ -35,19 +35,28 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]  # tests/helpers/deploy_harness.py, the deployed processes the tests start
 
 from common.flower_env import BIN_DIR  # noqa: E402
+from server.receiving_grid import STAGES  # noqa: E402
 from tests.helpers.deploy_harness import (  # noqa: E402
-    GATEWAY_HOST, TINY, Launched, allow, events, federation_yaml, make_site, snapshot_app, wait_for, write_yaml,
+    GATEWAY_HOST,
+    TINY,
+    Launched,
+    allow,
+    events,
+    federation_yaml,
+    make_site,
+    snapshot_app,
+    wait_for,
+    write_yaml,
 )
 
-from server.receiving_grid import STAGES  # noqa: E402
-
 SITES = ["site-1", "site-2"]
-FLOWER_DEFAULTS = {"site": {"poll_interval_s": 3.0, "warm_start": False}, "federation": {"poll_interval_s": 3.0}}
+FLOWER_DEFAULTS: dict[str, dict[str, Any]] = {"site": {"poll_interval_s": 3.0, "warm_start": False}, "federation": {"poll_interval_s": 3.0}}
 CASES, SHAPE = 4, (32, 32, 24)
 IMPORT_RUNS = 3
 
@@ -69,6 +78,7 @@ def warm_start_s() -> list[float]:
     parent = subprocess.Popen([sys.executable, "-m", "client.warm_start"], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, text=True)
     try:
+        assert parent.stdout is not None  # stdout=PIPE
         parent.stdout.readline()  # "... ready"
         times = []
         for _ in range(IMPORT_RUNS):
@@ -122,7 +132,7 @@ def deployed(root: Path, rounds: int, flower_defaults: bool) -> Path:
 
     data = generate_federation(root / "data", n_sites=len(SITES), n_cases=CASES, shape=SHAPE, strength=1.0, seed=0)
     app, digest = snapshot_app(root / "app")
-    tuning = FLOWER_DEFAULTS if flower_defaults else {"site": {}, "federation": {}}
+    tuning: dict[str, dict[str, Any]] = FLOWER_DEFAULTS if flower_defaults else {"site": {}, "federation": {}}
     fed = federation_yaml(root, app, SITES, rounds=rounds, min_sites=len(SITES), run_name="bench",
                           cross_eval=False, **tuning["federation"])
     init_pki(root / "certs", [], [GATEWAY_HOST])

@@ -47,17 +47,16 @@ import argparse
 import sys
 import tempfile
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]  # tests/helpers/local_grid.py, the in-process federation the tests use
 
+import yaml  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType  # noqa: E402
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects  # noqa: E402
-
-import yaml  # noqa: E402
 
 from client import client_app  # noqa: E402
 from client.local_dp import SENSITIVITY_FACTOR  # noqa: E402
@@ -110,7 +109,7 @@ class CountedApp:
         self.down: Counter[tuple[int, str]] = Counter()
         self.up: Counter[tuple[int, str]] = Counter()
         self.count: Counter[tuple[int, str]] = Counter()
-        self.seconds: Counter[tuple[int, str]] = Counter()
+        self.seconds: defaultdict[tuple[int, str], float] = defaultdict(float)
 
     def __call__(self, msg: Message, context) -> Message:
         key = (self.round, msg.metadata.message_type)
@@ -130,9 +129,9 @@ class CountedApp:
             self.round = server_round
             return configure(server_round, *args, **kwargs)
 
-        strategy.configure_train = configure_train
+        vars(strategy)["configure_train"] = configure_train  # an instance attribute shadows the method
 
-    def round_total(self, counter: Counter[tuple[int, str]], rnd: int) -> float:
+    def round_total(self, counter: Mapping[tuple[int, str], float], rnd: int) -> float:
         """A round's total over its message types, without the run's closing evaluation message."""
         return sum(v for (r, kind), v in counter.items() if r == rnd and kind != MessageType.EVALUATE)
 

@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import nibabel as nib
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -47,8 +46,8 @@ def child(root: Path, state: Path, steps: int, threads: int) -> dict:
     from client.site_data import SiteData
     from client.site_state import SiteState
     from common.config import load_config
-    from common.training import train_local
     from common.params import run_model, select
+    from common.training import train_local
 
     torch.set_num_threads(threads)
     cfg = load_config(None, [f"site.data_dir={root}", f"site.state_dir={state}", "site.name=bench",

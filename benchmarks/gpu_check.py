@@ -50,8 +50,8 @@ def training(steps: int) -> None:
 
     from common.config import load_config
     from common.device import compute_for
-    from common.training import train_local
     from common.model import build_model
+    from common.training import train_local
 
     volumes = [synthetic_volume(np.random.default_rng(i)) for i in range(4)]
     print(f"training, default model, batch 2, {steps} steps (after 2 warm-up steps), voxels/s:")

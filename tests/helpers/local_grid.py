@@ -81,7 +81,8 @@ class InProcessGrid(Grid):
 class LocalGrid(InProcessGrid):
     """Delivers messages to the ClientApp of node 1..N in this process."""
 
-    def __init__(self, cfg: FedsegConfig, app: ClientApp, tamper: Tamper | None = None) -> None:
+    def __init__(self, cfg: FedsegConfig, app: ClientApp | Callable[[Message, Context], Message],
+                 tamper: Tamper | None = None) -> None:
         super().__init__(range(1, len(cfg.federation.sites) + 1))
         self.cfg = cfg
         self.app = app
