@@ -8,11 +8,11 @@ from torch import nn
 
 from common.config import load_config
 from common.dataset import read_dataset
-from common.fingerprint import merge_fingerprints, site_fingerprint
 from common.evaluation import evaluate
-from common.sampling import PatchSampler, fuse
+from common.fingerprint import merge_fingerprints, site_fingerprint
 from common.plan import make_plan
 from common.preprocess import PreprocessedCases
+from common.sampling import PatchSampler, fuse
 from tests.helpers.nifti_cases import nnunet_dataset
 
 

@@ -30,7 +30,7 @@ def _reissue_expired(cert_dir):
     ca = x509.load_pem_x509_certificate((cert_dir / "ca.crt").read_bytes())
     ca_key = serialization.load_pem_private_key((cert_dir / "ca.key").read_bytes(), None)
     key = serialization.load_pem_private_key((cert_dir / "server.key").read_bytes(), None)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (x509.CertificateBuilder().subject_name(ca.subject).issuer_name(ca.subject)
             .public_key(key.public_key()).serial_number(1)
             .not_valid_before(now - dt.timedelta(days=30)).not_valid_after(now - dt.timedelta(days=1))

@@ -107,9 +107,9 @@ def test_client_app_refuses_a_broken_dataset_with_the_message(tmp_path):
 
 
 def test_the_daemon_refuses_to_join_with_a_broken_case(tmp_path):
+    from client.daemon import check_data
     from common.cli import UserError
     from common.config import SiteConfig
-    from client.daemon import check_data
 
     root = nnunet_dataset(tmp_path / "Dataset004_X", n_cases=2)
     lines: list[str] = []

@@ -8,8 +8,8 @@ from PIL import Image
 
 from common.files import read_jsonl
 from simulations.cli import main as sim_main
-from simulations.compare_report import PLOTS, scored_on, summarize
 from simulations.compare_methods import Method
+from simulations.compare_report import PLOTS, scored_on, summarize
 
 METHODS = ["local", "pooled", "fedseg"]
 SMALLER = ["--set", "data.patch_size=[16, 16, 16]", "--set", "train.batch_size=1", "--set", "simulation.cpus_per_site=1"]

@@ -5,8 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from common.config import (CentreFile, ConfigError, FedsegConfig, SimulatedSite, SiteFile, describe_options,
-                           from_yaml_text, load_config)
+from common.config import (
+    CentreFile,
+    ConfigError,
+    FedsegConfig,
+    SimulatedSite,
+    SiteFile,
+    describe_options,
+    from_yaml_text,
+    load_config,
+)
 from common.device import with_site_compute
 from common.runs import site_view
 

@@ -16,7 +16,7 @@ from tests.helpers.nifti_cases import msd_dataset, nnunet_dataset
 
 
 def _plan(spec, *overrides):
-    cfg = load_config(None, ["model.in_channels=%d" % spec.num_channels, *overrides])
+    cfg = load_config(None, [f"model.in_channels={spec.num_channels:d}", *overrides])
     fp = merge_fingerprints({"a": site_fingerprint(spec, [c.case_id for c in spec.cases])})
     return make_plan(fp, cfg.data, cfg.model, "test")
 

@@ -19,9 +19,17 @@ from common.files import read_jsonl
 from common.flower_env import free_port
 from server.certs import init_pki
 from simulations.synthetic import generate_federation
-
 from tests.helpers.deploy_harness import (
-    GATEWAY_HOST, Launched, allow, events, federation_yaml, make_site, run_cli, snapshot_app, wait_for, write_yaml,
+    GATEWAY_HOST,
+    Launched,
+    allow,
+    events,
+    federation_yaml,
+    make_site,
+    run_cli,
+    snapshot_app,
+    wait_for,
+    write_yaml,
 )
 
 pytestmark = pytest.mark.processes

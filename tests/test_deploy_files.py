@@ -62,7 +62,7 @@ def test_compose_runs_one_server_and_three_sites_on_a_private_network():
     sites = [n for n in services if n != "server"]
     assert len(sites) == 3
     assert compose["networks"]["federation"]["internal"] is True
-    for name, service in services.items():
+    for service in services.values():
         dockerfile = ROOT / service["build"]["dockerfile"]
         assert dockerfile.is_file(), dockerfile
         entry = _entrypoint(dockerfile)

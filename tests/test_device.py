@@ -18,9 +18,9 @@ from common.device import (
     with_site_compute,
 )
 from common.evaluation import evaluate
-from common.training import train_local
 from common.model import build_model
 from common.prefetch import Prefetcher
+from common.training import train_local
 from tests.helpers.tiny import tiny
 
 
@@ -89,7 +89,7 @@ def test_training_and_evaluation_on_cpu_are_the_same_for_every_device_spelling(p
         results.append((trained.loss, scored.dice, [p.detach().clone() for p in model.parameters()]))
     (loss_a, dice_a, weights_a), (loss_b, dice_b, weights_b) = results
     assert loss_a == loss_b and dice_a == dice_b
-    assert all(torch.equal(a, b) for a, b in zip(weights_a, weights_b))
+    assert all(torch.equal(a, b) for a, b in zip(weights_a, weights_b, strict=True))
 
 
 def test_prefetcher_yields_the_source_in_order_and_passes_its_errors_on():

@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
-import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
@@ -27,9 +27,9 @@ from client.check import check_dataset
 from client.cli import main as client_main
 from common.dataset import Case, read_dataset
 from common.dicom_series import open_series
-from common.preprocess import prepare_case
 from common.plan import ChannelNorm, Plan
-from common.reading import IMAGE, LABEL, load_image, load_label, read_case
+from common.preprocess import prepare_case
+from common.reading import IMAGE, LABEL, load_image, load_label, load_nifti, read_case
 from simulations.cli import main as sim_main
 from simulations.synthetic import default_signatures, generate_site
 from tests.helpers.dicom_cases import IDENTITY, INTERCEPT, SLOPE, nifti_to_dicom_case, write_series
@@ -38,7 +38,7 @@ from tests.helpers.tiny import TINY
 
 SHAPE = (32, 32, 24)
 CASES = 4
-SETTINGS = {
+SETTINGS: dict[str, dict[str, Any]] = {
     "model": {**TINY["model"], "channels": [4, 8, 16]},
     "data": {**TINY["data"], "val_fraction": 0.25},
     "train": {**TINY["train"], "adapt_norm_steps": 2},
@@ -67,16 +67,16 @@ def as_dicom_site(nifti_site: Path, out: Path, reference: Path) -> Path:
     shutil.copytree(nifti_site, out)
     for scan in sorted((out / "imagesTr").glob("*_0000.nii.gz")):
         case = scan.name.removesuffix("_0000.nii.gz")
-        affine = double_oblique(np.asarray(nib.load(str(scan)).header.get_zooms()[:3], dtype=float))
+        affine = double_oblique(np.asarray(load_nifti(scan).header.get_zooms()[:3], dtype=float))
         volume = nifti_to_dicom_case(scan, out / "imagesTr" / f"{case}_0000", affine, series_number=3)
         save(volume, affine, reference / f"{case}_0000.nii.gz")
         label = out / "labelsTr" / f"{case}.nii.gz"
-        save(np.asarray(nib.load(str(label)).dataobj, dtype=np.uint8), affine, label)
+        save(np.asarray(load_nifti(label).dataobj, dtype=np.uint8), affine, label)
         scan.unlink()
     return out
 
 
-def planted_in(path: Path, uids: set[str] = frozenset()) -> list[str]:
+def planted_in(path: Path, uids: frozenset[str] | set[str] = frozenset()) -> list[str]:
     """The planted identifying values (and ``uids``) whose bytes occur in the file at ``path``."""
     data = path.read_bytes()
     return [v for v in (*IDENTITY.values(), *uids) if v.encode() in data]
@@ -120,7 +120,7 @@ def test_a_series_reads_as_the_nifti_it_was_made_from(sites):
     case = spec.cases[0]
     assert case.images[0].is_dir() and len(spec.cases) == CASES
     reference = sites["reference"] / f"{case.case_id}_0000.nii.gz"
-    nifti = nib.load(str(reference))
+    nifti = load_nifti(reference)
     image = load_image(case.images)
     assert image.shape[1:] == nifti.shape
     assert np.array_equal(image[0].numpy(), np.asarray(nifti.dataobj, dtype=np.float32))
@@ -134,7 +134,7 @@ def test_a_series_reads_as_the_nifti_it_was_made_from(sites):
     plan = Plan((1.5, 1.5, 1.5), (16, 16, 16), (ChannelNorm("zscore"),), SHAPE)
     from_dicom = prepare_case(case, plan)
     from_nifti = prepare_case(Case(case.case_id, (reference,), case.labels), plan)
-    assert all(np.array_equal(a, b) for a, b in zip(from_dicom, from_nifti))
+    assert all(np.array_equal(a, b) for a, b in zip(from_dicom, from_nifti, strict=True))
     assert set(read_case((IMAGE, LABEL))({IMAGE: case.images, LABEL: case.label})[IMAGE].meta) <= {
         "original_affine", "filename_or_obj", "space", "pixdim", "affine", "original_channel_dim"}
 
@@ -156,7 +156,7 @@ def test_a_round_on_a_dicom_site_and_a_seg_on_the_source_voxels(sites, run, tmp_
     assert client_main([*common, "--input", str(sites["reference"] / f"{case.case_id}_0000.nii.gz"),
                         "--output-names", "nnunet"]) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted([f"{case.case_id}_seg.dcm", f"{case.case_id}.nii.gz"])
-    from_nifti = np.asarray(nib.load(str(out / f"{case.case_id}.nii.gz")).dataobj)
+    from_nifti = np.asarray(load_nifti(out / f"{case.case_id}.nii.gz").dataobj)
     assert from_nifti.any(), "the model found foreground: the comparison below means something"
 
     seg = hd.seg.segread(out / f"{case.case_id}_seg.dcm")
@@ -168,7 +168,7 @@ def test_a_round_on_a_dicom_site_and_a_seg_on_the_source_voxels(sites, run, tmp_
     labels = read_dataset(sites["dicom"]).labels
     assert {d.SegmentLabel: d.SegmentNumber for d in seg.SegmentSequence} == {
         name: value for name, value in labels.items() if value > 0}
-    positions = {uid: pos for uid, pos in zip(source.references.sop_instance_uids, source.positions)}
+    positions = {uid: pos for uid, pos in zip(source.references.sop_instance_uids, source.positions, strict=True)}
     for frame in seg.PerFrameFunctionalGroupsSequence:  # every frame lies on the slice it references
         uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
         assert np.allclose([float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient],
@@ -255,7 +255,7 @@ def test_a_dicom_seg_label_trains_like_its_nifti(tmp_path):
     root = _check_site(tmp_path / "site")
     case = read_dataset(root).case("case_0")
     nifti_label = case.label
-    write_dicom_seg(np.asarray(nib.load(str(nifti_label)).dataobj), open_series(case.images[0]),
+    write_dicom_seg(np.asarray(load_nifti(nifti_label).dataobj), open_series(case.images[0]),
                     {"background": 0, "lesion": 1}, 2, root / "labelsTr" / "case_0.dcm", "test")
     with pytest.raises(ValueError, match="has two labels, case_0.nii.gz and case_0.dcm"):
         read_dataset(root)

@@ -25,8 +25,8 @@ from common.runs import EGRESS_FILE
 from server.checkpoints import Checkpoints
 from server.dp import CentralDP
 from server.strategy import FedSegStrategy
-from tests.helpers.messages import train_reply
 from tests.helpers.local_grid import LocalGrid
+from tests.helpers.messages import train_reply
 
 DELTA = 1e-5
 SIZE = 20_000

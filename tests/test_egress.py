@@ -12,7 +12,6 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -25,6 +24,7 @@ from common import keys
 from common.config import load_config
 from common.files import read_jsonl
 from common.metrics_log import Event, MetricsLog, read_events
+from common.reading import load_nifti
 from common.reply_protocol import CROSS_EVAL_QUERY, FINGERPRINT_QUERY
 from common.runs import METRICS_FILE
 from server.checkpoints import Checkpoints
@@ -47,7 +47,7 @@ def one_site(tmp_path, tiny_federation):
 def _image_patch(data_dir: Path) -> np.ndarray:
     """A real crop of the site's first CT volume: exactly what must never leave."""
     image = sorted((data_dir / "imagesTr").glob("*.nii.gz"))[0]
-    return np.asarray(nib.load(image).dataobj)[:PATCH, :PATCH, :PATCH].astype(np.float32)
+    return np.asarray(load_nifti(image).dataobj)[:PATCH, :PATCH, :PATCH].astype(np.float32)
 
 
 def _leaky(alter: Callable[[client_app.Site, Message], None]) -> ClientApp:
@@ -96,7 +96,7 @@ def _one_round(cfg, app: ClientApp) -> tuple[FedSegStrategy, list[Message], Path
     run = Path(cfg.federation.runs_dir) / cfg.federation.run_name
     strategy, weights = _strategy(cfg, run)
     grid = LocalGrid(cfg, app)
-    replies = grid.send_and_receive(strategy.configure_train(1, weights, ConfigRecord(), grid))
+    replies = list(grid.send_and_receive(strategy.configure_train(1, weights, ConfigRecord(), grid)))
     strategy.aggregate_train(1, replies)
     return strategy, replies, run
 
@@ -290,8 +290,8 @@ def test_a_site_picture_cannot_leave(site, tmp_path):
     from client.site_report import draw_overlay
 
     data_dir = Path(site.cfg.site.data_dir)
-    image = np.asarray(nib.load(min((data_dir / "imagesTr").glob("*.nii.gz"))).dataobj, dtype=np.float32)
-    label = np.asarray(nib.load(min((data_dir / "labelsTr").glob("*.nii.gz"))).dataobj).astype(np.uint8)
+    image = np.asarray(load_nifti(min((data_dir / "imagesTr").glob("*.nii.gz"))).dataobj, dtype=np.float32)
+    label = np.asarray(load_nifti(min((data_dir / "labelsTr").glob("*.nii.gz"))).dataobj).astype(np.uint8)
     png = draw_overlay(image[None], label, label, 2, "site-1", tmp_path / "picture.png")
     pixels = np.asarray(Image.open(png).convert("L"))
     as_bytes = _content(site)

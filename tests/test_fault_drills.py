@@ -36,13 +36,20 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from server.certs import init_pki
-from simulations.synthetic import generate_federation
-
 from common.processes import descendants
 from common.runs import CHECKPOINT_DIR, ROUND_CHECKPOINT
+from server.certs import init_pki
+from simulations.synthetic import generate_federation
 from tests.helpers.deploy_harness import (
-    GATEWAY_HOST, Launched, TcpProxy, allow, events, federation_yaml, make_site, site_norm_files, snapshot_app,
+    GATEWAY_HOST,
+    Launched,
+    TcpProxy,
+    allow,
+    events,
+    federation_yaml,
+    make_site,
+    site_norm_files,
+    snapshot_app,
     wait_for,
 )
 
@@ -202,7 +209,9 @@ def _clientapp_since(state: Path, since: float, *logs: Launched) -> int:
                 pass  # it has just exited
         return None
 
-    return wait_for(started, 120, "a ClientApp process at site-2", *logs, poll_s=0.05)
+    pid = wait_for(started, 120, "a ClientApp process at site-2", *logs, poll_s=0.05)
+    assert isinstance(pid, int)
+    return pid
 
 
 def _has_open(pid: int, name: str) -> bool:

@@ -49,7 +49,7 @@ def test_fused_gradient_equals_autograd_of_the_term():
     value.backward()
     fused_value = ProximalGradient(b, anchor, mu).apply()
     assert fused_value == pytest.approx(value.item(), rel=1e-5)
-    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         if name == "1.bias":
             assert pa.grad is None and pb.grad is None
         else:

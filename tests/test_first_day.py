@@ -21,10 +21,19 @@ from common.config import load_config
 from server.certs import init_pki
 from simulations.runner import run_simulation
 from simulations.synthetic import generate_federation
+from tests.helpers.deploy_harness import (
+    GATEWAY_HOST,
+    Launched,
+    allow,
+    events,
+    federation_yaml,
+    make_site,
+    run_cli,
+    snapshot_app,
+    wait_for,
+    write_yaml,
+)
 from tests.helpers.nifti_cases import split_into_two_classes
-
-from tests.helpers.deploy_harness import GATEWAY_HOST, Launched, allow, events, federation_yaml, make_site, run_cli, snapshot_app, \
-    wait_for, write_yaml
 
 pytestmark = [pytest.mark.processes, pytest.mark.simulation]
 

@@ -79,8 +79,9 @@ def test_the_supernode_patches_find_the_loops_time_and_its_pull_step():
 
 def test_the_noted_pull_reports_the_id_of_the_message_flower_received():
     """The wrapper's contract with Flower's step: ``receive()`` returns ``(message, tree)`` or None."""
-    from tests.helpers.messages import incoming
     from flwr.app import RecordDict
+
+    from tests.helpers.messages import incoming
 
     noted, message = [], incoming(RecordDict(), "train", node_id=1)
     loop = type(time)("stand_in")
@@ -169,7 +170,7 @@ def door_violations(source: str) -> list[str]:
             [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
         for target in targets:
             if isinstance(target, (ast.Attribute, ast.Subscript)) and _root_name(target) in flower_names:
-                found.append(f"line {node.lineno}: assigns into Flower's {_root_name(target)}")
+                found.append(f"line {target.lineno}: assigns into Flower's {_root_name(target)}")
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("setattr", "delattr") \
                 and node.args and _root_name(node.args[0]) in flower_names:
             found.append(f"line {node.lineno}: {node.func.id} on Flower's {_root_name(node.args[0])}")

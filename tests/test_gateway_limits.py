@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.fleet_gateway import (BODY_GRACE_S, CHECK_EVERY_S, HANDSHAKE_TIMEOUT_S, MAX_CONNECTIONS, MAX_PER_PEER)
+from server.fleet_gateway import BODY_GRACE_S, CHECK_EVERY_S, HANDSHAKE_TIMEOUT_S, MAX_CONNECTIONS, MAX_PER_PEER
 
 pytestmark = pytest.mark.processes
 

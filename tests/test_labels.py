@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
 from flwr.app import MessageType
 
 from client import client_app

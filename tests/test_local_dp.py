@@ -76,14 +76,14 @@ def test_clipping_bounds_the_update_norm_and_leaves_a_short_one_as_it_is():
     long = [b + rng.normal(scale=2.0, size=b.shape).astype(np.float32) for b in base]
     norm = clip_update(long, base, 1.5)
     assert norm > 30  # about 2 * sqrt(1207)
-    after = math.sqrt(sum(float(np.sum((u - b).astype(np.float64) ** 2)) for u, b in zip(long, base)))
+    after = math.sqrt(sum(float(np.sum((u - b).astype(np.float64) ** 2)) for u, b in zip(long, base, strict=True)))
     assert after == pytest.approx(1.5, rel=1e-4)
     short = [b + np.float32(1e-3) for b in base]
     before = [s.copy() for s in short]
     assert clip_update(short, base, 1.5) < 1.5
-    assert all(np.array_equal(s, b) for s, b in zip(short, before))
+    assert all(np.array_equal(s, b) for s, b in zip(short, before, strict=True))
     unchanged = [b.copy() for b in base]
-    assert clip_update(unchanged, base, 1.5) == 0.0 and all(np.array_equal(u, b) for u, b in zip(unchanged, base))
+    assert clip_update(unchanged, base, 1.5) == 0.0 and all(np.array_equal(u, b) for u, b in zip(unchanged, base, strict=True))
 
 
 def test_noise_has_the_configured_std_and_is_unbiased():

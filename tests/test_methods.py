@@ -25,7 +25,7 @@ def test_standard_augmentation_is_seeded_and_none_leaves_patches_as_sampled():
     patch = {"image": np.random.default_rng(0).normal(size=(1, 16, 16, 16)).astype(np.float32),
              "label": np.zeros((1, 16, 16, 16), np.float32)}
     draws = [[np.asarray(augmentation(3, "standard")(dict(patch))["image"]) for _ in range(5)] for _ in range(2)]
-    assert all(np.array_equal(a, b) for a, b in zip(*draws)), "the same seed gives the same augmentations"
+    assert all(np.array_equal(a, b) for a, b in zip(*draws, strict=True)), "the same seed gives the same augmentations"
     assert any(not np.array_equal(d, patch["image"]) for d in draws[0])
 
 

@@ -17,8 +17,8 @@ from common.personalize import output_layer, personal_parameters
 from common.plan import make_plan
 from common.preprocess import Volume
 from common.training import train_local
-from tests.test_plan import hand_made
 from tests.helpers.tiny import tiny
+from tests.test_plan import hand_made
 
 SHAPE = (24, 24, 24)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -32,7 +33,7 @@ from tests.helpers.tiny import TINY
 
 SHAPE = (32, 32, 24)
 TRAIN_CASES, TEST_CASES = 4, 2
-SETTINGS = {
+SETTINGS: dict[str, dict[str, Any]] = {
     "model": {**TINY["model"], "channels": [4, 8, 16]},
     "data": {**TINY["data"], "val_fraction": 0.25},
     "train": {**TINY["train"], "adapt_norm_steps": 2},

@@ -10,8 +10,14 @@ import pytest
 from common import keys
 from common.config import load_config
 from common.dataset import read_dataset, split_cases
-from common.fingerprint import (AXES, FINGERPRINT_FORMAT, INTENSITY_LEVELS, SPACING_LEVELS, merge_fingerprints,
-                                site_fingerprint)
+from common.fingerprint import (
+    AXES,
+    FINGERPRINT_FORMAT,
+    INTENSITY_LEVELS,
+    SPACING_LEVELS,
+    merge_fingerprints,
+    site_fingerprint,
+)
 from common.labels import channel_codes, label_codes
 from common.plan import Plan, PlanError, make_plan
 from tests.helpers.nifti_cases import nnunet_dataset

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.metrics_log import MetricsLog, read_events
+from common.metrics_log import Event, MetricsLog, read_events
 from common.runs import METRICS_FILE
 from server.cli import main as server_main
 from server.report import PLOTS
@@ -19,27 +19,27 @@ SITES = ["site-1", "site-2"]
 def _write_run(run, rounds: int = 3) -> None:
     """A metrics log as the ServerApp writes it, with a failure in round 2 and a cross-eval."""
     log = MetricsLog(run)
-    log.write("run-start", run=run.name, config_sha256="x", sites=SITES, signature="s", resumed_from_round=0)
+    log.write(Event.RUN_START, run=run.name, config_sha256="x", sites=SITES, signature="s", resumed_from_round=0)
     for r in range(1, rounds + 1):
         dice = []
         for i, site in enumerate(SITES):
             if r == 2 and site == "site-2":
-                log.write("failure", round=r, site=site, stage="train", reason="site site-2: diverged")
+                log.write(Event.FAILURE, round=r, site=site, stage="train", reason="site site-2: diverged")
                 continue
-            log.write("train", round=r, site=site, num_examples=4 + i, loss=1.0 / r, proximal_loss=0.01 / r,
+            log.write(Event.TRAIN, round=r, site=site, num_examples=4 + i, loss=1.0 / r, proximal_loss=0.01 / r,
                       duration_s=2.0 + i, bytes_up=1000, bytes_down=1000)
             d = 0.2 * r + 0.05 * i
             dice.append((d, 2 + i))
-            log.write("evaluate", round=r, site=site, num_examples=2 + i, dice=d, dice_per_class=[d], hd95=9.0,
+            log.write(Event.EVALUATE, round=r, site=site, num_examples=2 + i, dice=d, dice_per_class=[d], hd95=9.0,
                       loss=0.5)
         mean = float(np.mean([d for d, _ in dice]))
         weighted = float(np.average([d for d, _ in dice], weights=[w for _, w in dice]))
-        log.write("round", round=r, sites_ok=len(dice), sites_failed=["site-2"] if r == 2 else [],
+        log.write(Event.ROUND, round=r, sites_ok=len(dice), sites_failed=["site-2"] if r == 2 else [],
                   aggregated=True, dice_mean=mean, dice_weighted=weighted, duration_s=5.0, bytes_total=4000 * r)
         log.sync()
-    log.write("cross-eval", model="last (round 3)", site="site-3", trained=False, dice=0.3, dice_adapted=0.4,
+    log.write(Event.CROSS_EVAL, model="last (round 3)", site="site-3", trained=False, dice=0.3, dice_adapted=0.4,
               num_examples=2)
-    log.write("run-end", status="completed", rounds_completed=rounds, best_round=rounds, best_dice=0.7)
+    log.write(Event.RUN_END, status="completed", rounds_completed=rounds, best_round=rounds, best_dice=0.7)
     log.close()
 
 

@@ -26,9 +26,16 @@ from common.runs import CROSS_EVAL_FILE, PROVENANCE_FILE
 from server.certs import init_pki
 from server.cli import main as server_main
 from simulations.synthetic import generate_federation
-
 from tests.helpers.deploy_harness import (
-    GATEWAY_HOST, Launched, allow, events, federation_yaml, make_site, site_norm_files, snapshot_app, wait_for,
+    GATEWAY_HOST,
+    Launched,
+    allow,
+    events,
+    federation_yaml,
+    make_site,
+    site_norm_files,
+    snapshot_app,
+    wait_for,
     write_yaml,
 )
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.torch import load_file
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+from safetensors.torch import load_file
 
 from client import client_app
 from client.egress import EgressPolicy, problems
@@ -31,8 +31,8 @@ from server import secure_sum
 from server.server_app import initial_weights
 from server.strategy import FedSegStrategy
 from simulations.synthetic import generate_federation
-from tests.helpers.messages import incoming
 from tests.helpers.local_grid import LocalGrid, federation, model_strategy
+from tests.helpers.messages import incoming
 from tests.helpers.tiny import tiny
 
 SITES = 3
@@ -129,15 +129,15 @@ def test_the_centre_unmasks_exactly_the_sum_of_the_quantized_updates(tmp_path, d
     train = [e for e in done.events if e["event"] == "train"]
     assert len(train) == SITES and all(e["num_examples"] is None for e in train), "no case count in the clear"
     for reply in replies(done.grid, MessageType.TRAIN):
-        assert set(reply.content[keys.ARRAYS]) == {secagg.MASKED}
-        assert keys.NUM_EXAMPLES not in reply.content[keys.METRICS]
+        assert set(reply.content.array_records[keys.ARRAYS]) == {secagg.MASKED}
+        assert keys.NUM_EXAMPLES not in reply.content.metric_records[keys.METRICS]
 
 
 @pytest.mark.simulation
 def test_a_masked_vector_is_unrelated_to_the_update_it_hides(tmp_path, datasets, observed):
     done = run(tmp_path, datasets, *SECURE)
-    masked = [r.content[keys.ARRAYS][secagg.MASKED].numpy() for r in replies(done.grid, MessageType.TRAIN)]
-    for update, vector in zip(observed.updates, masked):
+    masked = [r.content.array_records[keys.ARRAYS][secagg.MASKED].numpy() for r in replies(done.grid, MessageType.TRAIN)]
+    for update, vector in zip(observed.updates, masked, strict=True):
         assert vector.dtype == np.uint32 and vector.size == update.size
         assert abs(np.corrcoef(update, vector.astype(np.float64))[0, 1]) < 0.05
         # uniform over the field: every sixteenth of it holds about a sixteenth of the values
@@ -152,10 +152,10 @@ def test_fewer_shares_than_the_threshold_rebuild_nothing(tmp_path, datasets):
     done = run(tmp_path, datasets, *SECURE)
     digests = {}
     for reply in replies(done.grid, secagg.SHARES_QUERY):
-        _, digests[reply.metadata.src_node_id] = secagg.encrypted_shares(reply.content[secagg.RECORD])
+        _, digests[reply.metadata.src_node_id] = secagg.encrypted_shares(reply.content.config_records[secagg.RECORD])
     held: dict[int, list[bytes]] = {n: [] for n in digests}
     for reply in replies(done.grid, secagg.UNMASK_QUERY):
-        for node, share in secagg.unmask_shares(reply.content[secagg.RECORD]).items():
+        for node, share in secagg.unmask_shares(reply.content.config_records[secagg.RECORD]).items():
             held[node].append(share)
     t = secagg.threshold(SITES, 0.6)
     assert t == 2
@@ -223,21 +223,28 @@ def _malformed(message_type: str, node: int, change):
 
 
 def _short_vector(content: RecordDict) -> None:
-    vector = content[keys.ARRAYS][secagg.MASKED].numpy()
+    vector = content.array_records[keys.ARRAYS][secagg.MASKED].numpy()
     content[keys.ARRAYS] = ArrayRecord({secagg.MASKED: Array(vector[:-1].copy())})
 
 
+def _entries(record: ConfigRecord, key: str) -> list:
+    """A list entry of a protocol record, to rebuild it altered."""
+    value = record[key]
+    assert isinstance(value, list)
+    return value
+
+
 def _one_share_missing(content: RecordDict) -> None:
-    record = content[secagg.RECORD]
-    content[secagg.RECORD] = ConfigRecord({secagg.DESTINATIONS: record[secagg.DESTINATIONS][:-1],
-                                           secagg.CIPHERTEXTS: record[secagg.CIPHERTEXTS][:-1],
+    record = content.config_records[secagg.RECORD]
+    content[secagg.RECORD] = ConfigRecord({secagg.DESTINATIONS: _entries(record, secagg.DESTINATIONS)[:-1],
+                                           secagg.CIPHERTEXTS: _entries(record, secagg.CIPHERTEXTS)[:-1],
                                            secagg.SEED_DIGEST: record[secagg.SEED_DIGEST]})
 
 
 def _garbage_shares(content: RecordDict) -> None:
-    record = content[secagg.RECORD]
+    record = content.config_records[secagg.RECORD]
     content[secagg.RECORD] = ConfigRecord({secagg.NODES: record[secagg.NODES],
-                                           secagg.SHARES: [bytes(len(s)) for s in record[secagg.SHARES]]})
+                                           secagg.SHARES: [bytes(len(s)) for s in _entries(record, secagg.SHARES)]})
 
 
 @pytest.mark.simulation
@@ -311,7 +318,7 @@ def test_nothing_unmasked_leaves_a_site_that_was_asked_for_a_masked_update(tmp_p
     found = problems(Message(plain, reply_to=_request_of(masked_reply)), policy.masked(), MessageType.TRAIN)
     assert any("not in the model signature" in p for p in found), found
     with_count = RecordDict(dict(masked_reply.content.items()))
-    with_count[keys.METRICS] = MetricRecord({**dict(masked_reply.content[keys.METRICS]), keys.NUM_EXAMPLES: 3})
+    with_count[keys.METRICS] = MetricRecord({**dict(masked_reply.content.metric_records[keys.METRICS]), keys.NUM_EXAMPLES: 3})
     found = problems(Message(with_count, reply_to=_request_of(masked_reply)), policy.masked(), MessageType.TRAIN)
     assert any(keys.NUM_EXAMPLES in p for p in found), found
     audit = [line for line in (Path(site.cfg.site.state_dir) / "egress.jsonl").read_text().splitlines()

@@ -81,7 +81,7 @@ class CentreOfOne:
         assert not reply.has_error(), reply.error.reason
         self.checkpoints.save_round(server_round, from_wire(unpack(reply.content).array_records[keys.ARRAYS]))
 
-    def cross_eval(self, server_round: int, task: str = "evaluate") -> dict[str, float]:
+    def cross_eval(self, server_round: int, task: str = "evaluate") -> dict[str, int | float | list[int] | list[float]]:
         msg = self.message(CROSS_EVAL, server_round, self.weights(server_round),
                            **{keys.CROSS_EVAL_TASK: task, keys.CROSS_EVAL_MODEL: f"round {server_round}"})
         reply = client_app.cross_eval(msg, context(self.cfg, self.site_yaml))
@@ -182,7 +182,7 @@ def test_two_runs_at_the_same_time_keep_apart(runs, tiny_federation, tmp_path):
     other = CentreOfOne(tmp_path, yaml_path, "gamma", "dddddddddddd", "train.seed=7", "train.lr=0.05")
     with ThreadPoolExecutor(2) as pool:
         for server_round in (1, 2):
-            list(pool.map(lambda centre: centre.train(server_round), (twin, other)))
+            list(pool.map(lambda centre, r=server_round: centre.train(r), (twin, other)))
     a = runs["a"]
     for server_round in (1, 2):
         mine, original = load_file(twin.state.norm_path(server_round)), load_file(a.state.norm_path(server_round))

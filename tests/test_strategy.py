@@ -14,8 +14,8 @@ from common.metrics_log import MetricsLog, read_events
 from server.checkpoints import Checkpoints
 from server.strategy import FedSegStrategy, QuorumNotReached
 from tests.helpers import messages
-from tests.helpers.messages import reply
 from tests.helpers.local_grid import LocalGrid
+from tests.helpers.messages import reply
 
 SIGNATURE = "abc123"
 SHAPES = {"w": (2, 2), "b": (2,)}
@@ -143,8 +143,10 @@ def test_a_resumed_run_continues_with_the_saved_momentum(tmp_path):
         grid = LocalGrid(strategy.cfg, app=None)
         for server_round, value in enumerate(values, start=1):
             strategy.configure_train(server_round, model, ConfigRecord(), grid)
-            model, _ = strategy.aggregate_train(server_round, [train_reply(11, "a", value, 1),
-                                                               train_reply(12, "b", value + 1, 1)])
+            aggregated, _ = strategy.aggregate_train(server_round, [train_reply(11, "a", value, 1),
+                                                                    train_reply(12, "b", value + 1, 1)])
+            assert aggregated is not None
+            model = aggregated
         return model
 
     start = ArrayRecord({"w": torch.zeros(2, 2), "b": torch.zeros(2)})

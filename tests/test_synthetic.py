@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from common.reading import load_nifti
 from simulations.synthetic import (
     ScannerSignature,
     default_signatures,
@@ -49,8 +50,8 @@ def _cases(dataset_dir: Path) -> list[tuple[Path, Path]]:
 
 
 def _arrays(dataset_dir: Path) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [(np.asarray(nib.load(i).dataobj), np.asarray(nib.load(l).dataobj))
-            for i, l in _cases(dataset_dir)]
+    return [(np.asarray(load_nifti(image).dataobj), np.asarray(load_nifti(label).dataobj))
+            for image, label in _cases(dataset_dir)]
 
 
 def _zscore(image: np.ndarray) -> np.ndarray:
@@ -74,7 +75,7 @@ def _age_files(root: Path) -> None:
 # --------------------------------------------------------------------------
 def test_layout_and_dataset_json(federation: dict[str, Path]) -> None:
     assert list(federation) == ["site-1", "site-2", "site-3"]
-    for index, (site, dataset_dir) in enumerate(federation.items()):
+    for index, dataset_dir in enumerate(federation.values()):
         assert dataset_dir.name == f"Dataset{101 + index:03d}_Site{index + 1}"
         assert (dataset_dir / ".complete").is_file()
         meta = json.loads((dataset_dir / "dataset.json").read_text())
@@ -105,7 +106,7 @@ def test_case_ids_are_sanitised(tmp_path: Path) -> None:
 def test_images_and_labels_are_consistent(federation: dict[str, Path]) -> None:
     for dataset_dir in federation.values():
         for image_path, label_path in _cases(dataset_dir):
-            image, label = nib.load(image_path), nib.load(label_path)
+            image, label = load_nifti(image_path), load_nifti(label_path)
             assert image.shape == label.shape
             assert np.allclose(image.affine, label.affine)
             assert image.header.get_data_dtype() == np.float32
@@ -130,9 +131,9 @@ def test_lesions_are_brighter_than_their_surroundings(federation: dict[str, Path
 
 def test_geometry_matches_signature(federation: dict[str, Path]) -> None:
     signatures = default_signatures(N_SITES)
-    for signature, dataset_dir in zip(signatures, federation.values()):
+    for signature, dataset_dir in zip(signatures, federation.values(), strict=True):
         image_path, _ = _cases(dataset_dir)[0]
-        image = nib.load(image_path)
+        image = load_nifti(image_path)
         assert nib.aff2axcodes(image.affine) == tuple(signature.orientation)
         assert np.allclose(image.header.get_zooms(), signature.spacing)
     assert {s.orientation for s in signatures} == {"RAS", "LPS"}
@@ -147,12 +148,12 @@ def test_orientation_keeps_world_coordinates(tmp_path: Path) -> None:
     lps_dir = generate_site(tmp_path / "lps", "a", 1, SHAPE, lps, seed=3)
     (ras_img, ras_lab), = _cases(ras_dir)
     (lps_img, lps_lab), = _cases(lps_dir)
-    assert nib.aff2axcodes(nib.load(lps_lab).affine) == ("L", "P", "S")
-    assert not np.array_equal(np.asarray(nib.load(ras_lab).dataobj),
-                              np.asarray(nib.load(lps_lab).dataobj))
+    assert nib.aff2axcodes(load_nifti(lps_lab).affine) == ("L", "P", "S")
+    assert not np.array_equal(np.asarray(load_nifti(ras_lab).dataobj),
+                              np.asarray(load_nifti(lps_lab).dataobj))
     for ras_path, lps_path in ((ras_img, lps_img), (ras_lab, lps_lab)):
-        a = nib.as_closest_canonical(nib.load(ras_path))
-        b = nib.as_closest_canonical(nib.load(lps_path))
+        a = nib.as_closest_canonical(load_nifti(ras_path))
+        b = nib.as_closest_canonical(load_nifti(lps_path))
         assert np.allclose(a.affine, b.affine)
         assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
 
@@ -165,7 +166,7 @@ def test_same_seed_gives_identical_arrays(tmp_path: Path) -> None:
     first = _arrays(generate_site(tmp_path / "a", "site-x", 2, SHAPE, signature, seed=5))
     second = _arrays(generate_site(tmp_path / "b", "site-x", 2, SHAPE, signature, seed=5))
     other = _arrays(generate_site(tmp_path / "c", "site-x", 2, SHAPE, signature, seed=6))
-    for (img_a, lab_a), (img_b, lab_b), (img_c, lab_c) in zip(first, second, other):
+    for (img_a, lab_a), (img_b, lab_b), (img_c, lab_c) in zip(first, second, other, strict=True):
         assert img_a.dtype == img_b.dtype and img_a.tobytes() == img_b.tobytes()
         assert lab_a.tobytes() == lab_b.tobytes()
         assert not np.array_equal(img_a, img_c)
@@ -277,10 +278,10 @@ def test_test_cases_are_other_patients_of_the_same_scanner(tmp_path: Path) -> No
     tests = sorted((site / "imagesTs").iterdir())
     assert len(tests) == 2 and len(list((site / "labelsTs").iterdir())) == 2
     train = sorted((site / "imagesTr").iterdir())
-    test_arrays = [np.asarray(nib.load(p).dataobj) for p in tests]
-    train_arrays = [np.asarray(nib.load(p).dataobj) for p in train]
+    test_arrays = [np.asarray(load_nifti(p).dataobj) for p in tests]
+    train_arrays = [np.asarray(load_nifti(p).dataobj) for p in train]
     assert all(not np.array_equal(a, b) for a in test_arrays for b in train_arrays)
-    assert nib.load(tests[0]).header.get_zooms() == nib.load(train[0]).header.get_zooms()
+    assert load_nifti(tests[0]).header.get_zooms() == load_nifti(train[0]).header.get_zooms()
     assert json.loads((site / "dataset.json").read_text())["numTraining"] == 2
     generate_federation(tmp_path, n_sites=1, n_cases=2)
     assert not (site / "imagesTs").exists(), "a federation drawn without test cases has none"

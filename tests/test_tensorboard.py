@@ -12,9 +12,8 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from common.metrics_log import read_events
-from common.runs import METRICS_FILE
+from common.runs import METRICS_FILE, TENSORBOARD_DIR
 from server.cli import main as server_main
-from common.runs import TENSORBOARD_DIR
 from server.tensorboard import write_mirror
 
 FLOAT32 = 1e-6
@@ -30,7 +29,7 @@ def _read_back(folder: Path) -> list[tuple[str, int, float, float]]:
 
 def _numbers(events: list[dict]) -> list[tuple[dict, str, int | None, float]]:
     """Every number of the log but the round (the step) and the time (the wall time): (event, field, index, value)."""
-    out = []
+    out: list[tuple[dict, str, int | None, float]] = []
     for e in events:
         for name, value in e.items():
             if name in ("round", "time") or isinstance(value, bool):

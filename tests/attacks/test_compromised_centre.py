@@ -41,8 +41,8 @@ def test_each_reply_type_holds_exactly_its_keys_and_failures_end_in_a_fixed_reas
 
     from client import client_app, egress
     from server.server_app import initial_weights
-    from tests.helpers.messages import incoming
     from tests.helpers.local_grid import LocalGrid
+    from tests.helpers.messages import incoming
 
     cfg = one_site(tmp_path, tiny_federation["site-1"])
     site = client_app.Site.resolve(LocalGrid(cfg, client_app.app).context(1))
@@ -103,8 +103,8 @@ def test_nothing_leaves_from_fewer_than_the_minimum_cohort_and_nothing_exact(tmp
     from common.dataset import read_dataset
     from common.fingerprint import site_fingerprint
     from server.server_app import initial_weights
-    from tests.helpers.messages import incoming
     from tests.helpers.local_grid import LocalGrid
+    from tests.helpers.messages import incoming
     from tests.helpers.nifti_cases import nnunet_dataset
 
     cfg = one_site(tmp_path, tiny_federation["site-1"], site_settings={"min_cohort": 5})  # 3 train, 1 val case

@@ -116,20 +116,20 @@ def _apply(body: RecordDict, change: tuple) -> RecordDict:
             body[record] = MetricRecord({})
         body[record][name] = value
     elif op == "identity" and keys.IDENTITY in body.config_records:
-        body[keys.IDENTITY][change[1]] = change[2]
+        body.config_records[keys.IDENTITY][change[1]] = change[2]
     elif op == "array" and keys.ARRAYS in body.array_records:
-        body[keys.ARRAYS][change[1]] = Array(change[2])
+        body.array_records[keys.ARRAYS][change[1]] = Array(change[2])
     elif op == "lying-array" and keys.ARRAYS in body.array_records:
-        body[keys.ARRAYS][change[1]] = _lying_array(change[2], GLOBAL[change[1]] + np.float32(0.1))
+        body.array_records[keys.ARRAYS][change[1]] = _lying_array(change[2], GLOBAL[change[1]] + np.float32(0.1))
     elif op == "drop" and change[1] in body:
         del body[change[1]]
     elif op == "record":
         body[change[1]] = ConfigRecord({"x": 1})
     elif op == "layout" and keys.LAYOUT in body.config_records:
-        body[keys.LAYOUT][change[1]] = change[2]
+        body.config_records[keys.LAYOUT][change[1]] = change[2]
     elif op == "flat" and keys.LAYOUT in body.config_records and body.array_records.get(keys.ARRAYS):
-        name = next(iter(body[keys.ARRAYS].keys()))
-        body[keys.ARRAYS][name] = _lying_array(change[1], body[keys.ARRAYS][name])
+        name = next(iter(body.array_records[keys.ARRAYS].keys()))
+        body.array_records[keys.ARRAYS][name] = _lying_array(change[1], body.array_records[keys.ARRAYS][name])
     return body
 
 
@@ -141,6 +141,7 @@ def _hostile_site(plan: list[tuple]):
         body = honest(node, msg)
         if node != HOSTILE:
             return body
+        assert isinstance(body, RecordDict)  # an honest site always answers
         kind, changes, text = plan[next(calls) % len(plan)]
         if kind == "silent":
             return None
@@ -217,8 +218,8 @@ def fuzzed_site(tmp_path_factory, tiny_federation):
     """One real site (its own data, site.yaml and state folder) that every example sends messages to."""
     from client import client_app
     from client.site import Site
-    from tests.helpers.site_harness import one_site
     from tests.helpers.local_grid import LocalGrid
+    from tests.helpers.site_harness import one_site
 
     root = tmp_path_factory.mktemp("fuzzed-site")
     cfg = one_site(root, tiny_federation["site-1"])
@@ -254,6 +255,7 @@ def test_fuzz_hostile_messages_stay_outside_the_site(fuzzed_site, tiny_federatio
         msg.metadata.__dict__["_group_id"] = group_id
         reply = client_app.app(msg, context)
         if reply.has_error():
+            assert reply.error.reason is not None
             assert is_fixed(reply.error.reason.split(ERROR_SEPARATOR, 1)[1]), reply.error.reason
         assert (_tree(root, state) | _tree(data, state)) == before
         assert (state / "victim").read_text() == "1.0"

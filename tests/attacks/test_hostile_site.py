@@ -9,6 +9,8 @@ real ClientApp's replies tampered with after they left the site
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -30,7 +32,6 @@ from tests.helpers.messages import (
     real_strategy,
     train_reply,
 )
-
 
 # --- finding 2: one registered site's malformed reply must never end the run ---------------------------------
 
@@ -76,7 +77,7 @@ def test_a_packed_reply_whose_layout_lies_is_left_out(tmp_path):
 
         body = pack(honest(node, msg))
         if node == 2 and keys.LAYOUT in body:
-            body[keys.LAYOUT]["shapes"] = [4, 3, 5]  # 12 + 5 values claimed, 16 + 4 sent
+            body.config_records[keys.LAYOUT]["shapes"] = [4, 3, 5]  # 12 + 5 values claimed, 16 + 4 sent
         return body
 
     from safetensors.numpy import load_file
@@ -97,9 +98,9 @@ def test_planning_leaves_out_a_malformed_or_odd_site(tmp_path, tiny_federation):
 
     def tamper(node: int, reply: Message) -> Message:
         if node == 1:  # a CT flag that is not a list
-            reply.content[keys.FINGERPRINT][f"{keys.FINGERPRINT_PREFIX}ct"] = 1.0
+            reply.content.metric_records[keys.FINGERPRINT][f"{keys.FINGERPRINT_PREFIX}ct"] = 1.0
         if node == 2:  # a site with two channels
-            reply.content[keys.FINGERPRINT][f"{keys.FINGERPRINT_PREFIX}channels"] = 2
+            reply.content.metric_records[keys.FINGERPRINT][f"{keys.FINGERPRINT_PREFIX}channels"] = 2
         return reply
 
     cfg = federation(load_config(None, ["model.channels=[8, 16, 32]", "model.strides=[2, 2]",
@@ -123,7 +124,7 @@ def test_plan_poisoning_is_bounded(tmp_path, tiny_federation):
 
     def poison(node: int, reply: Message) -> Message:
         if node == 3:  # a billion cases at 0.05 mm
-            record = reply.content[keys.FINGERPRINT]
+            record = reply.content.metric_records[keys.FINGERPRINT]
             record[f"{keys.FINGERPRINT_PREFIX}cases"] = 10**9
             for axis in ("x", "y", "z"):
                 record[f"{keys.FINGERPRINT_PREFIX}spacing_{axis}"] = [0.05] * 7
@@ -144,7 +145,7 @@ def test_plan_poisoning_is_bounded(tmp_path, tiny_federation):
     def tiny_spacing(node: int, reply: Message) -> Message:
         if node == 3:  # a plausible count, an absurd spacing
             for axis in ("x", "y", "z"):
-                reply.content[keys.FINGERPRINT][f"{keys.FINGERPRINT_PREFIX}spacing_{axis}"] = [0.011] * 7
+                reply.content.metric_records[keys.FINGERPRINT][f"{keys.FINGERPRINT_PREFIX}spacing_{axis}"] = [0.011] * 7
         return reply
 
     poisoned = plan_with(tiny_spacing, "tiny-spacing")
@@ -247,15 +248,17 @@ def _packed_honest(node: int, msg: Message) -> RecordDict:
     from common.wire import pack
     from tests.helpers.scripted_grid import honest_answer
 
-    return pack(honest_answer(SITES)(node, msg))
+    body = honest_answer(SITES)(node, msg)
+    assert isinstance(body, RecordDict)  # an honest site always answers
+    return pack(body)
 
 
 def _with_flat(body: RecordDict, **array: object) -> RecordDict:
     """``body`` (packed) with its flat float32 Array rebuilt from ``array`` (dtype, shape, stype, data)."""
     from common.wire import PACKED_PREFIX
 
-    flat = body[keys.ARRAYS][PACKED_PREFIX + "float32"]
-    fields = {"dtype": flat.dtype, "shape": tuple(flat.shape), "stype": flat.stype, "data": flat.data} | array
+    flat = body.array_records[keys.ARRAYS][PACKED_PREFIX + "float32"]
+    fields: dict[str, Any] = {"dtype": flat.dtype, "shape": tuple(flat.shape), "stype": flat.stype, "data": flat.data} | array
     body[keys.ARRAYS] = ArrayRecord({PACKED_PREFIX + "float32": Array(**fields)})
     return body
 
@@ -270,14 +273,14 @@ def _hostile_packing(node: int, msg: Message) -> RecordDict:
     if node == 3:  # bytes that are not an .npy file
         return _with_flat(body, data=b"\x93NUMPY this is not one")
     if node == 4:  # an empty tensor declared with a shape too large to exist: its size, 0, adds up
-        layout = body[keys.LAYOUT]
-        layout["names"] = [*layout["names"], "huge"]
-        layout["dtypes"] = [*layout["dtypes"], "float32"]
-        layout["ndims"] = [*layout["ndims"], 2]
-        layout["shapes"] = [*layout["shapes"], 0, 2**62]
+        layout = body.config_records[keys.LAYOUT]
+        for key, more in (("names", ["huge"]), ("dtypes", ["float32"]), ("ndims", [2]), ("shapes", [0, 2**62])):
+            entries = layout[key]
+            assert isinstance(entries, list)
+            layout[key] = [*entries, *more]
         return body
     if node == 5:  # a timing metric as a list
-        body[keys.METRICS]["t_delivered"] = [1.0, 2.0]
+        body.metric_records[keys.METRICS]["t_delivered"] = [1.0, 2.0]
     return body
 
 
@@ -306,8 +309,8 @@ def test_planning_goes_on_without_a_site_whose_reply_does_not_deserialize(tmp_pa
     from common.wire import pack
     from server.inbound import UNPACKABLE
     from server.planning import plan_federation
-    from tests.helpers.scripted_grid import ScriptedGrid, stack
     from tests.helpers.local_grid import LocalGrid, federation
+    from tests.helpers.scripted_grid import ScriptedGrid, stack
 
     cfg = federation(load_config(None, ["model.channels=[8, 16, 32]", "model.strides=[2, 2]",
                                         f"federation.runs_dir={tmp_path / 'runs'}", "federation.run_name=p",
@@ -349,7 +352,7 @@ def test_a_site_claiming_many_cases_cannot_pick_the_best_round(tmp_path):
         if node == 4:
             for record in (keys.EVALUATION, keys.METRICS):
                 if record in body and "dice" in body[record]:
-                    claim = record == keys.EVALUATION and msg.content[keys.CONFIG][keys.SERVER_ROUND] == 2
+                    claim = record == keys.EVALUATION and msg.content.config_records[keys.CONFIG][keys.SERVER_ROUND] == 2
                     body[record]["dice"] = 1.0 if claim else 0.0
                     body[record][keys.NUM_EXAMPLES] = 10**12 if claim else 2
         return body
@@ -379,9 +382,9 @@ def test_case_counts_are_held_to_what_the_site_declared_at_planning(tmp_path):
                                keys.IDENTITY: ConfigRecord({keys.SITE: sites[node], keys.SIGNATURE: SIGNATURE})})
         body = honest(node, msg)
         if node == 3:
-            body[keys.METRICS][keys.NUM_EXAMPLES] = 50 if msg.metadata.message_type == MessageType.TRAIN else 9000
+            body.metric_records[keys.METRICS][keys.NUM_EXAMPLES] = 50 if msg.metadata.message_type == MessageType.TRAIN else 9000
         if node == 2 and msg.metadata.message_type == MessageType.EVALUATE:
-            body[keys.METRICS][keys.NUM_EXAMPLES] = 4  # within its 3 + 1 declared cases (a site that ended up
+            body.metric_records[keys.METRICS][keys.NUM_EXAMPLES] = 4  # within its 3 + 1 declared cases (a site that ended up
             # not training scores all of them)
         return body
 
@@ -408,7 +411,7 @@ def test_a_site_is_named_by_its_node_in_every_event(tmp_path):
 
     def answer(node: int, msg: Message) -> RecordDict:
         body = honest(node, msg)
-        body[keys.IDENTITY][keys.SITE] = "hospital-a"
+        body.config_records[keys.IDENTITY][keys.SITE] = "hospital-a"
         return body
 
     run_rounds(tmp_path, sites, answer, 3, late={2: 1})
@@ -452,8 +455,9 @@ def test_cross_site_cells_and_held_out_sites_follow_the_registry(tmp_path):
 def test_a_sites_text_stays_on_one_line_of_the_centres_console(tmp_path):
     """L2: an error reason with a newline and terminal escape sequences is one escaped line in the metrics log
     and on the console. (review finding L2)"""
-    from common.progress import describe
     from flwr.app import Error
+
+    from common.progress import describe
     from tests.helpers.messages import events
     from tests.helpers.scripted_grid import honest_answer, run_rounds
 

@@ -12,7 +12,6 @@ from common import keys
 from tests.helpers.run_folders import run_folder, site_yaml
 from tests.helpers.site_harness import one_site
 
-
 # --- finding 12: local files ---------------------------------------------------------------------------------
 
 

@@ -13,10 +13,11 @@ import random
 import uuid
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from pydicom import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+
+from common.reading import load_nifti
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -73,12 +74,12 @@ def write_series(volume: np.ndarray, affine: np.ndarray, folder: Path, modality:
     cols, rows = lps[:3, 0], lps[:3, 1]
     study_uid = study_uid or generate_uid()
     series_uid, frame_uid = generate_uid(), generate_uid()
-    sop_class = CT_IMAGE_STORAGE if modality == "CT" else MR_IMAGE_STORAGE
+    sop_class = UID(CT_IMAGE_STORAGE if modality == "CT" else MR_IMAGE_STORAGE)
     stored = np.rint((quantize(volume) - INTERCEPT) / SLOPE).astype(np.int16)
     order = [k for k in range(volume.shape[2]) if k not in skip]
     names = random.Random(series_number).sample(range(10_000), len(order))
     files = []
-    for k, name in zip(order, names):
+    for k, name in zip(order, names, strict=True):
         ds = Dataset()
         ds.file_meta = FileMetaDataset()
         ds.file_meta.MediaStorageSOPClassUID = sop_class
@@ -108,6 +109,6 @@ def write_series(volume: np.ndarray, affine: np.ndarray, folder: Path, modality:
 
 def nifti_to_dicom_case(image: Path, folder: Path, affine: np.ndarray, **kwargs) -> np.ndarray:
     """A NIfTI scan as a series folder with ``affine`` in place of its own; returns the volume the series holds."""
-    volume = np.asarray(nib.load(str(image)).dataobj, dtype=np.float32)
+    volume = np.asarray(load_nifti(image).dataobj, dtype=np.float32)
     write_series(volume, affine, folder, **kwargs)
     return quantize(volume)

@@ -30,6 +30,7 @@ from common import keys
 from common.config import FedsegConfig, apply_overrides, from_dict, load_config
 from common.dataset import read_dataset, split_cases
 from common.metrics_log import MetricsLog
+from common.records import number
 from server.checkpoints import Checkpoints
 from server.server_app import initial_weights
 from server.strategy import FedSegStrategy
@@ -84,17 +85,17 @@ class TrainedRound:
         strategy = self.strategy(name="score")
         messages = strategy.configure_evaluate(self.server_round, arrays, ConfigRecord(), self.grid)
         replies = self.grid.send_and_receive(messages)
-        dice = [float(r.content[keys.METRICS]["dice"]) for r in replies if r.has_content()]
+        dice = [float(number(r.content.metric_records[keys.METRICS], "dice")) for r in replies if r.has_content()]
         assert len(dice) == N_SITES, [r.error.reason for r in replies if r.has_error()]
         return float(np.mean(dice))
 
     def norms(self) -> list[float]:
         reference = {k: v.numpy() for k, v in self.start.items()}
-        return [update_norm(r.content[keys.ARRAYS], reference) for r in self.honest]
+        return [update_norm(r.content.array_records[keys.ARRAYS], reference) for r in self.honest]
 
 
 def site_name(reply: Message) -> str:
-    return str(reply.content[keys.IDENTITY][keys.SITE])
+    return str(reply.content.config_records[keys.IDENTITY][keys.SITE])
 
 
 def replace_arrays(reply: Message, arrays: dict[str, np.ndarray]) -> Message:
@@ -115,19 +116,19 @@ def reply_request(reply: Message) -> Message:
 def scaled_update(reply: Message, start: ArrayRecord, factor: float) -> Message:
     """The site's update w_k - w_global multiplied by ``factor`` (negative: pushed the other way)."""
     arrays = {k: start[k].numpy() + factor * (a.numpy().astype(np.float32) - start[k].numpy())
-              for k, a in reply.content[keys.ARRAYS].items()}
+              for k, a in reply.content.array_records[keys.ARRAYS].items()}
     return replace_arrays(reply, arrays)
 
 
 def nan_update(reply: Message) -> Message:
-    arrays = {k: a.numpy().copy() for k, a in reply.content[keys.ARRAYS].items()}
+    arrays = {k: a.numpy().copy() for k, a in reply.content.array_records[keys.ARRAYS].items()}
     first = next(iter(arrays))
     arrays[first].flat[0] = np.nan
     return replace_arrays(reply, arrays)
 
 
 def wrong_shape(reply: Message) -> Message:
-    arrays = {k: a.numpy() for k, a in reply.content[keys.ARRAYS].items()}
+    arrays = {k: a.numpy() for k, a in reply.content.array_records[keys.ARRAYS].items()}
     first = next(iter(arrays))
     arrays[first] = np.zeros((*arrays[first].shape[:-1], arrays[first].shape[-1] + 1), np.float32)
     return replace_arrays(reply, arrays)

@@ -45,7 +45,9 @@ RUN_ID = 1
 def over_the_wire(msg: Message) -> Message:
     """The message as the receiving side gets it: deflated to bytes, then inflated again."""
     contents = {object_id: obj.deflate() for object_id, obj in get_all_nested_objects(msg).items()}
-    return inflate_object_from_contents(msg.object_id, contents)
+    inflated = inflate_object_from_contents(msg.object_id, contents)
+    assert isinstance(inflated, Message)
+    return inflated
 
 
 def stamp(msg: Message) -> Message:
@@ -81,7 +83,7 @@ class InProcessGrid(Grid):
 class LocalGrid(InProcessGrid):
     """Delivers messages to the ClientApp of node 1..N in this process."""
 
-    def __init__(self, cfg: FedsegConfig, app: ClientApp | Callable[[Message, Context], Message],
+    def __init__(self, cfg: FedsegConfig, app: ClientApp | Callable[[Message, Context], Message] | None,
                  tamper: Tamper | None = None) -> None:
         super().__init__(range(1, len(cfg.federation.sites) + 1))
         self.cfg = cfg
@@ -98,6 +100,8 @@ class LocalGrid(InProcessGrid):
 
     def _deliver(self, msg: Message) -> Message:
         node = msg.metadata.dst_node_id
+        if self.app is None:
+            raise RuntimeError("this grid was built without a ClientApp: it configures rounds, it delivers nothing")
         stamp(packed(msg))
         reply = unpacked(self.app(over_the_wire(msg), self.context(node)))
         if self.tamper is not None:

@@ -26,7 +26,7 @@ SERVER_NODE = 1
 TTL_S = 600.0
 
 
-def incoming(content: RecordDict, message_type: str, node_id: int, server_round: int = 1) -> Message:
+def incoming(content: RecordDict, message_type: str, node_id: int, server_round: int | str = 1) -> Message:
     """A message from the server to site ``node_id``, with an id of Flower's form (64 hex digits)."""
     metadata = Metadata(
         run_id=1, message_id=hashlib.sha256(uuid.uuid4().bytes).hexdigest(), src_node_id=SERVER_NODE, dst_node_id=node_id,

@@ -8,6 +8,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from common.reading import load_nifti
+
 SHAPE = (24, 20, 16)
 RAS = np.diag([1.0, 1.2, 2.0, 1.0])
 LPS = np.diag([-1.0, -1.2, 2.0, 1.0])
@@ -61,14 +63,15 @@ def nnunet_dataset(root: Path, n_cases: int = 3, channels: tuple[str, ...] = ("C
 
 def msd_dataset(root: Path, n_cases: int = 3, modalities: tuple[str, ...] = ("T1", "T2"), affine=RAS) -> Path:
     """Decathlon layout: one 4D (channel-last) image per case and a training list."""
+    training: list[dict[str, str]] = []
     meta = {"name": "Test", "modality": {str(i): m for i, m in enumerate(modalities)},
-            "labels": {"0": "background", "1": "lesion"}, "numTraining": n_cases, "training": []}
+            "labels": {"0": "background", "1": "lesion"}, "numTraining": n_cases, "training": training}
     for i in range(n_cases):
         image, label = phantom(seed=i)
         stack = np.stack([image * (c + 1) for c in range(len(modalities))], axis=-1)
         save(stack if len(modalities) > 1 else image, affine, root / "imagesTr" / f"case_{i}.nii.gz")
         save(label, affine, root / "labelsTr" / f"case_{i}.nii.gz")
-        meta["training"].append({"image": f"./imagesTr/case_{i}.nii.gz", "label": f"./labelsTr/case_{i}.nii.gz"})
+        training.append({"image": f"./imagesTr/case_{i}.nii.gz", "label": f"./labelsTr/case_{i}.nii.gz"})
     (root / "dataset.json").write_text(json.dumps(meta))
     return root
 
@@ -83,7 +86,7 @@ def split_into_two_classes(dataset: Path, names: tuple[str, str] = ("core", "rim
     first, second = names
     swap = names == ("rim", "core")
     for path in sorted((dataset / "labelsTr").glob("*.nii.gz")):
-        img = nib.load(str(path))
+        img = load_nifti(path)
         label = np.asarray(img.dataobj).astype(np.uint8)
         xs = np.nonzero(label)[0]
         core = (label > 0) & (np.arange(label.shape[0])[:, None, None] < (xs.mean() if xs.size else 0))

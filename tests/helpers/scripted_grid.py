@@ -14,6 +14,7 @@ from flwr.serverapp import Grid
 
 from common import keys
 from common.metrics_log import MetricsLog
+from common.records import number
 from common.wire import from_wire, pack, unpack
 from server.inbound import Inbox
 from server.packed_grid import PackedGrid
@@ -94,7 +95,7 @@ def honest_answer(nodes: dict[int, str], dice: Callable[[int, int], float] | Non
 
     def answer(node: int, msg: Message) -> RecordDict:
         config = msg.content.config_records[keys.CONFIG]
-        rnd = int(config.get(keys.SERVER_ROUND, 0))
+        rnd = int(number(config, keys.SERVER_ROUND)) if keys.SERVER_ROUND in config else 0
         score = dice(node, rnd) if dice is not None else 0.5
         if msg.metadata.message_type == MessageType.EVALUATE:
             return content(nodes[node], {**EVAL_METRICS, "dice": score})

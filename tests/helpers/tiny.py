@@ -10,8 +10,9 @@ of other data sets them to 0, which leaves them to the sites' dataset.json.
 from __future__ import annotations
 
 import json
+from typing import Any
 
-TINY = {
+TINY: dict[str, dict[str, Any]] = {
     "model": {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1, "in_channels": 1, "out_channels": 2},
     "data": {"patch_size": [16, 16, 16]},
     "train": {"local_steps": 2, "batch_size": 1, "hd95": False},
