@@ -36,8 +36,20 @@ from common.config import FedsegConfig
 from common.dataset import split_cases
 from common.files import atomic_write_bytes, atomic_write_text
 from common.private import private_dir
-from common.runs import (CACHE_DIR, CACHE_PLAN_DIR, LEGACY_RUN, NO_RUN_ID, NORM_FILE, NORM_ROUND_FILE,
-                         PERSONALIZED_FILE, SITE_FILE, SITE_NORM_DIR, SITE_RUN_FILE, SITE_RUNS_DIR, round_of_file)
+from common.runs import (
+    CACHE_DIR,
+    CACHE_PLAN_DIR,
+    LEGACY_RUN,
+    NO_RUN_ID,
+    NORM_FILE,
+    NORM_ROUND_FILE,
+    PERSONALIZED_FILE,
+    SITE_FILE,
+    SITE_NORM_DIR,
+    SITE_RUN_FILE,
+    SITE_RUNS_DIR,
+    round_of_file,
+)
 
 from .reasons import SignatureMismatch
 

@@ -36,7 +36,7 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_save(path: Path, write: Callable[[Path], None], private: bool = False) -> None:
+def atomic_save(path: Path, write: Callable[[Path], object], private: bool = False) -> None:
     """Let ``write`` fill a temporary file beside ``path``, make it durable, then rename it over ``path``.
 
     The temporary name is unique to this write, so two writers of one file (a

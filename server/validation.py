@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MessageType, MetricRecord
 
 from common import keys, secagg
+from common.records import number
 from common.reply_protocol import DICE_METRICS, RULES, WIRE_FLOAT_DTYPES, masked_arrays, masked_rule
 
 ZERO_UPDATE_RATIO = 1e-7
@@ -136,7 +137,7 @@ class ReplyValidator:
             return "model arrays in an evaluation reply" if content.array_records else None
         return self._arrays_problem(content.array_records)
 
-    def _arrays_problem(self, records: dict[str, ArrayRecord]) -> str | None:
+    def _arrays_problem(self, records: Mapping[str, ArrayRecord]) -> str | None:
         if set(records) != {keys.ARRAYS}:
             return f"a training reply must hold exactly one ArrayRecord '{keys.ARRAYS}', got {sorted(records)}"
         arrays = records[keys.ARRAYS]
@@ -162,7 +163,7 @@ class ReplyValidator:
         nonzero = [n for n in norms if n > zero]
         bounded = self.norm_bound > 0 and len(nonzero) >= MIN_SITES_FOR_BOUND
         reasons: list[str | None] = []
-        for k, norm in enumerate(norms):
+        for norm in norms:
             others = nonzero.copy()
             if norm > zero:
                 others.remove(norm)
@@ -192,7 +193,7 @@ def metrics_problem(metrics: MetricRecord, required: Sequence[str]) -> str | Non
             return f"metric '{name}' is not finite"
         if DICE_METRICS.fullmatch(name) and not 0.0 <= float(value) <= 1.0:
             return f"metric '{name}' is {float(value):.4g}, outside a Dice value's range [0, 1]"
-    if keys.NUM_EXAMPLES in required and float(metrics[keys.NUM_EXAMPLES]) <= 0:
+    if keys.NUM_EXAMPLES in required and float(number(metrics, keys.NUM_EXAMPLES)) <= 0:
         return f"no positive '{keys.NUM_EXAMPLES}' in the reply metrics"
     return None
 

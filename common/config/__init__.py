@@ -6,11 +6,40 @@ description; docs/configuration.md is generated from it (``common.config_docs``)
 """
 
 from .checks import RUN_ID, SITE_NAME, ConfigError, check_consistency
-from .files import (FILE_NAMES, REMOVED_OPTIONS, REMOVED_VALUES, SITE_TRAIN_KEYS, CentreFile, SiteFile, SiteView,
-                    apply_overrides, from_dict, from_yaml_text, load_config, read_yaml, view_from_yaml)
-from .schema import (NORM_TRAVEL, Augmentation, DataConfig, FederationConfig, FedsegConfig, ModelConfig, NormMode,
-                     PrivacyConfig, Section, ServerConfig, SimulatedSite, SimulationConfig, SiteConfig, TrainConfig,
-                     describe_options, option, with_channels)
+from .files import (
+                    FILE_NAMES,
+                    REMOVED_OPTIONS,
+                    REMOVED_VALUES,
+                    SITE_TRAIN_KEYS,
+                    CentreFile,
+                    SiteFile,
+                    SiteView,
+                    apply_overrides,
+                    from_dict,
+                    from_yaml_text,
+                    load_config,
+                    read_yaml,
+                    view_from_yaml,
+)
+from .schema import (
+                    NORM_TRAVEL,
+                    Augmentation,
+                    DataConfig,
+                    FederationConfig,
+                    FedsegConfig,
+                    ModelConfig,
+                    NormMode,
+                    PrivacyConfig,
+                    Section,
+                    ServerConfig,
+                    SimulatedSite,
+                    SimulationConfig,
+                    SiteConfig,
+                    TrainConfig,
+                    describe_options,
+                    option,
+                    with_channels,
+)
 
 __all__ = [
     "FILE_NAMES", "NORM_TRAVEL", "REMOVED_OPTIONS", "REMOVED_VALUES", "RUN_ID", "SITE_NAME", "SITE_TRAIN_KEYS",

@@ -28,8 +28,19 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, create_model
 
 from .checks import ConfigError
-from .schema import (DataConfig, FederationConfig, FedsegConfig, ModelConfig, PrivacyConfig, Section, ServerConfig,
-                     SimulationConfig, SiteConfig, TrainConfig)
+from .schema import (
+    DataConfig,
+    FederationConfig,
+    FedsegConfig,
+    ModelConfig,
+    PrivacyConfig,
+    Section,
+    ServerConfig,
+    SimulationConfig,
+    SiteConfig,
+    TrainConfig,
+    section_model,
+)
 
 SITE_TRAIN_KEYS = ("device", "precision")
 """The train options a site's own site.yaml may set: its hardware differs from the other hospitals'."""
@@ -114,7 +125,7 @@ class SiteView(Section):
     @classmethod
     def of(cls, cfg: FedsegConfig) -> SiteView:
         """The view of the centre's resolved ``cfg``."""
-        keep = {name: set(field.annotation.model_fields) for name, field in cls.model_fields.items()}
+        keep = {name: set(section_model(field).model_fields) for name, field in cls.model_fields.items()}
         return cls.model_validate(cfg.model_dump(include=keep))
 
     def resolved(self, site: SiteConfig, train: TrainConfig) -> FedsegConfig:

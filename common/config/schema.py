@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import typing
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
-from typing_extensions import Self
+from pydantic.fields import FieldInfo
 
 from .checks import ConfigError, check_consistency
 
@@ -394,10 +394,19 @@ class FedsegConfig(Section):
         return self
 
 
+def section_model(field: FieldInfo) -> type[BaseModel]:
+    """The model class of a section field: every section of a config file is a pydantic model."""
+    model = field.annotation
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        raise TypeError(f"a config section must be a pydantic model, not {model!r}")
+    return model
+
+
 def describe_options() -> list[tuple[str, Any, str]]:
     """(dotted key, default, description) of every option, for docs and --help."""
     rows = []
     for section, info in FedsegConfig.model_fields.items():
-        for name, field in info.annotation.model_fields.items():
-            rows.append((f"{section}.{name}", field.get_default(call_default_factory=True), field.description))
+        for name, field in section_model(info).model_fields.items():
+            rows.append((f"{section}.{name}", field.get_default(call_default_factory=True),
+                         field.description or ""))  # tests/test_config.py: every option has one
     return rows
