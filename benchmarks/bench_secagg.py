@@ -70,7 +70,8 @@ from simulations.synthetic import generate_federation  # noqa: E402
 from tests.helpers.local_grid import LocalGrid, federation  # noqa: E402
 
 SPLIT_SEED = 6
-"""Gives each 4-case synthetic site 3 training and 1 validation case (tests/helpers/hostile.py), so plain weights are equal."""
+"""Gives each 4-case synthetic site 3 training and 1 validation case (tests/helpers/hostile.py), so plain weights
+are equal."""
 DEFAULT_MODEL = ["model.in_channels=1", "model.out_channels=2", "data.patch_size=[16, 16, 16]",
                  "train.local_steps=1", "train.batch_size=2", "train.hd95=false", "federation.cross_eval=false",
                  f"data.split_seed={SPLIT_SEED}"]

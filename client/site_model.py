@@ -88,7 +88,8 @@ def _recorded_rounds(run: Path) -> dict[str, int]:
 
 
 def run_checkpoint(run: Path, choice: str | None = None) -> Checkpoint:
-    """``best`` | ``last`` | ``round-N`` -> the global checkpoint in the run folder; None: the default (DEFAULT_RULE)."""
+    """``best`` | ``last`` | ``round-N`` -> the global checkpoint in the run folder; None: the default
+    (DEFAULT_RULE)."""
     rounds = _recorded_rounds(run)
     if choice is None:
         best = run / CHECKPOINT_DIR / BEST_CHECKPOINT

@@ -239,7 +239,8 @@ class SiteState:
         return self.run_folder(f"{run_name}-{run_id or NO_RUN_ID}")
 
     def run_folder(self, name: str) -> RunState:
-        """The run kept in ``<state_dir>/runs/<name>``; ``name`` is a validated folder name (common/config/checks.py)."""
+        """The run kept in ``<state_dir>/runs/<name>``; ``name`` is a validated folder name
+        (common/config/checks.py)."""
         self.migrate_legacy()
         return RunState(self.root / SITE_RUNS_DIR / name, self)
 

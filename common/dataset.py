@@ -179,7 +179,8 @@ def _nnunet_pairs(root: Path, meta: dict, images_dir: str, label_dirs: tuple[str
 
 
 def _channel_image(folder: Path, case_id: str, channel: int, ending: str) -> Path:
-    """A case's channel: the NIfTI file ``{case}_{cccc}{ending}``, or else the DICOM series folder ``{case}_{cccc}/``."""
+    """A case's channel: the NIfTI file ``{case}_{cccc}{ending}``, or else the DICOM series folder
+    ``{case}_{cccc}/``."""
     name = f"{case_id}_{channel:0{CHANNEL_SUFFIX_DIGITS}d}"
     return folder / name if not (folder / f"{name}{ending}").is_file() and (folder / name).is_dir() \
         else folder / f"{name}{ending}"

@@ -75,7 +75,8 @@ FINGERPRINT_PREFIX = "fp_"
 """Every fingerprint metric's name starts with this; values are numbers or short lists of numbers."""
 TIMELINE_METRICS = ("t_delivered", "t_process_started", "t_bundle_checked", "t_imports_done", "t_data_ready",
                     "t_work_done")
-"""Unix times (site clock) at which a message passed the site's stages; the server's timeline (server/receiving_grid.py)."""
+"""Unix times (site clock) at which a message passed the site's stages; the server's timeline
+(server/receiving_grid.py)."""
 EGRESS_MAX_LIST = 16
 """Longest numeric list one metric may hold: enough for percentiles, too short for an image patch."""
 CONTENT_SHA256 = "sha256"

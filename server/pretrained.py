@@ -44,7 +44,8 @@ WRAPPER_PREFIX = "module."
 EVENT = Event.INIT_WEIGHTS
 """The metrics log event that records what the start model took from the file."""
 MAX_LISTED = 100
-"""Names listed per kind in the log and the event (a hostile file may hold millions of tensors); the counts are whole."""
+"""Names listed per kind in the log and the event (a hostile file may hold millions of tensors); the counts are
+whole."""
 
 
 class PretrainedError(ValueError):

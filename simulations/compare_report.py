@@ -203,8 +203,8 @@ def markdown(table: dict[str, dict[str, Any]], seeds: list[int], command: str, b
         f"Command: `{command}`", "",
         f"Seeds: {seeds} (model initialisation and patch sampling; the data are the same for every seed: "
         f"{same_data}).", "",
-        f"Budget per method and seed: {f.rounds} rounds x {t.local_steps} local steps of batch {t.batch_size} per site "
-        f"({data}); local-only trains {f.rounds * t.local_steps} steps per site, pooled "
+        f"Budget per method and seed: {f.rounds} rounds x {t.local_steps} local steps of batch {t.batch_size} "
+        f"per site ({data}); local-only trains {f.rounds * t.local_steps} steps per site, pooled "
         f"{f.rounds * t.local_steps * len(training)} steps, so every method sees the same number of patches. Every "
         f"model is scored on its final round. Personalization (rows '+ personalization') then fine-tunes each "
         f"site's norm layers{' and output layer' if t.personalize == 'norm+head' else ''} for at most "
