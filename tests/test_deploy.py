@@ -19,17 +19,9 @@ from common.files import read_jsonl
 from common.flower_env import free_port
 from server.certs import init_pki
 from simulations.synthetic import generate_federation
+
 from tests.helpers.deploy_harness import (
-    GATEWAY_HOST,
-    Launched,
-    allow,
-    events,
-    federation_yaml,
-    make_site,
-    run_cli,
-    snapshot_app,
-    wait_for,
-    write_yaml,
+    GATEWAY_HOST, Launched, allow, events, federation_yaml, make_site, run_cli, snapshot_app, wait_for, write_yaml,
 )
 
 pytestmark = pytest.mark.processes
@@ -120,29 +112,9 @@ def _extra_site(ctx, name: str, **changes) -> Launched:
     return daemon
 
 
-@pytest.fixture(scope="module")
-def turned_away(federation) -> dict[str, Launched]:
-    """The two sites the centre must turn away, started together so that their waits overlap: ``rogue`` (a key
-    that is not registered) at the centre's gateway, and ``foreign-ca`` (it trusts another CA) at the centre's
-    real gateway program started on its own, so the test does not race the federation's end."""
+def test_a_supernode_whose_key_is_not_registered_is_refused(federation):
     ctx = federation
     rogue = _extra_site(ctx, "rogue")
-    init_pki(ctx["root"] / "other-ca", [], [GATEWAY_HOST])
-    certs, port = ctx["root"] / "certs", free_port(GATEWAY_HOST)
-    gateway = Launched(ctx["root"] / "lone-gateway.out", "python", "-m", "server.fleet_gateway",
-                       "--listen", f"{GATEWAY_HOST}:{port}", "--upstream", str(free_port()), "--max-body", "1024",
-                       "--cert", str(certs / "server.crt"), "--key", str(certs / "server.key"),
-                       "--ca", str(certs / "ca.crt"))
-    ctx["extra"].append(gateway)
-    wait_for(lambda: _listening(GATEWAY_HOST, port), 60, "the gateway to listen", gateway)
-    foreign = _extra_site(ctx, "foreign-ca", root_certificate=str(ctx["root"] / "other-ca" / "ca.crt"),
-                          server_address=f"{GATEWAY_HOST}:{port}")
-    return {"rogue": rogue, "foreign-ca": foreign}
-
-
-def test_a_supernode_whose_key_is_not_registered_is_refused(federation, turned_away):
-    ctx = federation
-    rogue = turned_away["rogue"]
     log = ctx["root"] / "sites" / "rogue" / "supernode.log"
     wait_for(lambda: "SuperNode exited with code" in rogue.output(), 240,
              "the unregistered SuperNode to be turned away", rogue)
@@ -153,10 +125,19 @@ def test_a_supernode_whose_key_is_not_registered_is_refused(federation, turned_a
     assert not any(e.get("site") == "rogue" for e in events(ctx["run"]))
 
 
-def test_a_server_certificate_from_another_ca_is_refused(federation, turned_away):
-    """At the centre's real gateway program, on its own (``turned_away``)."""
+def test_a_server_certificate_from_another_ca_is_refused(federation):
+    """The centre's real gateway, on its own so the test does not race the federation's end."""
     ctx = federation
-    foreign = turned_away["foreign-ca"]
+    init_pki(ctx["root"] / "other-ca", [], [GATEWAY_HOST])
+    certs, port = ctx["root"] / "certs", free_port(GATEWAY_HOST)
+    gateway = Launched(ctx["root"] / "lone-gateway.out", "python", "-m", "server.fleet_gateway",
+                       "--listen", f"{GATEWAY_HOST}:{port}", "--upstream", str(free_port()), "--max-body", "1024",
+                       "--cert", str(certs / "server.crt"), "--key", str(certs / "server.key"),
+                       "--ca", str(certs / "ca.crt"))
+    ctx["extra"].append(gateway)
+    wait_for(lambda: _listening(GATEWAY_HOST, port), 60, "the gateway to listen", gateway)
+    foreign = _extra_site(ctx, "foreign-ca", root_certificate=str(ctx["root"] / "other-ca" / "ca.crt"),
+                          server_address=f"{GATEWAY_HOST}:{port}")
     said = wait_for(lambda: "CERTIFICATE_VERIFY_FAILED" in foreign.output() and foreign.output(), 120,
                     "the TLS verification failure", foreign)
     assert "not issued by the CA in site.root_certificate" in said and "other-ca" in said
