@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from common.dataset import DATASET_JSON, Case, DatasetError, DatasetSpec, read_dataset
-from common.dicom_series import expected_modality, inspect_series
 
 if TYPE_CHECKING:
     from common.reading import Voxels
@@ -145,6 +144,8 @@ def _geometry_findings(name: str, img: Voxels) -> list[Finding]:
 
 def series_findings(name: str, folder: Path, channel_name: str) -> list[Finding]:
     """A DICOM series folder's defects (common/dicom_series.py), and a Modality its channel's name rules out."""
+    from common.dicom_series import expected_modality, inspect_series  # pydicom: imported when a series is read
+
     series, problems = inspect_series(folder)
     found = [Finding(name, problem, True) for problem in problems]
     expected = expected_modality(channel_name)

@@ -51,7 +51,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from common.dataset import DICOM_SEG_ENDING, NIFTI_ENDINGS, DatasetError, channel_groups
-from common.dicom_series import DicomSeriesError, is_series_folder
 
 if TYPE_CHECKING:  # torch, MONAI and nibabel are imported where they are used, so --help stays fast
     import nibabel as nib
@@ -194,6 +193,8 @@ def predict_file(path: Path | tuple[Path, ...], out_path: Path, model: nn.Module
 
 def scans(source: Path) -> list[Path]:
     """The inputs: a scan, a DICOM series folder, or a folder of scans and series folders."""
+    from common.dicom_series import is_series_folder  # pydicom: imported when inputs are listed, not for --help
+
     if source.is_file() or is_series_folder(source):
         return [source]
     if source.is_dir():
@@ -277,6 +278,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from common.cli import UserError, config_from_args
+    from common.dicom_series import DicomSeriesError
     from common.norm_adapt import adapt_norm, has_batch_norm
     from common.preprocess import prepare_image
 
