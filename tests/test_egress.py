@@ -23,17 +23,14 @@ from client.cli import main as client_main
 from common import keys
 from common.config import load_config
 from common.files import read_jsonl
-from common.metrics_log import Event, MetricsLog, read_events
+from common.metrics_log import Event, read_events
 from common.reading import load_nifti
 from common.reply_protocol import CROSS_EVAL_QUERY, FINGERPRINT_QUERY
 from common.runs import METRICS_FILE
-from server.checkpoints import Checkpoints
-from server.server_app import initial_weights
 from server.strategy import FedSegStrategy
-from tests.helpers.local_grid import LocalGrid, federation
-from tests.helpers.tiny import tiny
+from tests.helpers.local_grid import LocalGrid, federation, model_strategy
+from tests.helpers.site_harness import ONE_SITE
 
-ONE_SITE = tiny("train.local_steps=1", "federation.min_sites=1", "simulation.cpus_per_site=1")
 PATCH = 8
 """Edge of the image patch an altered site tries to send (voxels)."""
 
@@ -85,18 +82,11 @@ def _extra_array(site, reply):
     reply.content[keys.ARRAYS][key] = Array(site.model.state_dict()[key].numpy())
 
 
-def _strategy(cfg, run: Path) -> tuple[FedSegStrategy, ArrayRecord]:
-    weights, signature = initial_weights(cfg)
-    strategy = FedSegStrategy(cfg, signature, {k: tuple(v.shape) for k, v in weights.items()}, MetricsLog(run),
-                              Checkpoints(run / "checkpoints"))
-    return strategy, ArrayRecord(weights)
-
-
 def _one_round(cfg, app: ClientApp) -> tuple[FedSegStrategy, list[Message], Path]:
     run = Path(cfg.federation.runs_dir) / cfg.federation.run_name
-    strategy, weights = _strategy(cfg, run)
+    strategy, weights = model_strategy(cfg, run)
     grid = LocalGrid(cfg, app)
-    replies = list(grid.send_and_receive(strategy.configure_train(1, weights, ConfigRecord(), grid)))
+    replies = list(grid.send_and_receive(strategy.configure_train(1, ArrayRecord(weights), ConfigRecord(), grid)))
     strategy.aggregate_train(1, replies)
     return strategy, replies, run
 
