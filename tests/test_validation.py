@@ -95,21 +95,14 @@ def test_evaluation_replies_may_not_carry_arrays():
 
 
 def test_every_aggregation_screens_its_own_replies(tmp_path):
-    from flwr.app import ConfigRecord, MetricRecord, RecordDict
-
-    from common import keys
     from common.config import load_config
     from common.metrics_log import MetricsLog
     from server.checkpoints import Checkpoints
     from server.strategy import FedSegStrategy
+    from tests.helpers import messages
 
     def train_reply(node: int, value: float):
-        content = RecordDict({
-            keys.ARRAYS: _arrays(value),
-            keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 1, "loss": 1.0, "proximal_loss": 0.0, "duration_s": 1.0}),
-            keys.IDENTITY: ConfigRecord({keys.SITE: f"s{node}", keys.SIGNATURE: "sig"}),
-        })
-        return make_reply(content, node, MessageType.TRAIN)
+        return messages.train_reply(node, f"s{node}", arrays=_arrays(value), n=1, signature="sig")
 
     cfg = load_config(None, ["federation.run_name=t", "federation.min_sites=1"])
     strategy = FedSegStrategy(cfg, "sig", {"w": (4,)}, MetricsLog(tmp_path), Checkpoints(tmp_path / "ckpt"))
