@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -10,6 +12,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if TYPE_CHECKING:
+    from common.config import FedsegConfig
 
 torch.set_num_threads(1)
 
@@ -33,7 +38,7 @@ def hostile_round(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def quorum_run(tmp_path_factory):
+def quorum_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[FedsegConfig, Path, list[str]]:
     """One real Flower simulation (SuperLink, simulation engine, Ray) shared by test_simulation and
     test_tensorboard: the plain federation, no privacy option on (test_dp runs its own with central DP).
 

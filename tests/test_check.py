@@ -106,7 +106,7 @@ def test_client_app_refuses_a_broken_dataset_with_the_message(tmp_path):
         open_split(cfg, SiteState(tmp_path / "s"))
 
 
-def test_the_daemon_refuses_to_join_with_a_broken_case(tmp_path):
+def test_the_daemon_refuses_to_join_with_a_broken_case(tmp_path) -> None:
     from client.daemon import check_data
     from common.cli import UserError
     from common.config import SiteConfig

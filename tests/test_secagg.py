@@ -148,7 +148,7 @@ def test_a_masked_vector_is_unrelated_to_the_update_it_hides(tmp_path, datasets,
 
 
 @pytest.mark.simulation
-def test_fewer_shares_than_the_threshold_rebuild_nothing(tmp_path, datasets):
+def test_fewer_shares_than_the_threshold_rebuild_nothing(tmp_path, datasets) -> None:
     done = run(tmp_path, datasets, *SECURE)
     digests = {}
     for reply in replies(done.grid, secagg.SHARES_QUERY):

@@ -53,11 +53,13 @@ def test_a_personalized_export_needs_the_copy_cross_site_evaluation_scored(tmp_p
     assert not (tmp_path / "p").exists()
 
 
-def test_readme_snippet_loads_the_same_network_with_torch_and_monai(tmp_path, trained_site, monkeypatch):
+def test_readme_snippet_loads_the_same_network_with_torch_and_monai(tmp_path, trained_site, monkeypatch) -> None:
     run, site, _ = trained_site
     model_dir = tmp_path / "m"
     assert main(["export", "--config", str(site), "--run", str(run), "--weights", "last", "--out", str(model_dir)]) == 0
-    snippet = re.search(r"```python\n(.*?)```", (model_dir / README_FILE).read_text(), re.DOTALL).group(1)
+    found = re.search(r"```python\n(.*?)```", (model_dir / README_FILE).read_text(), re.DOTALL)
+    assert found is not None, "the exported README holds a python snippet"
+    snippet = found.group(1)
     monkeypatch.chdir(model_dir)
     scope: dict = {}
     exec(snippet, scope)  # noqa: S102 - the documented snippet itself is what is tested
