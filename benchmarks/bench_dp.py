@@ -23,10 +23,17 @@ from common.config import load_config
 from common.metrics_log import read_events
 
 SMALL = [
-    "model.channels=[8, 16, 32]", "model.strides=[2, 2]", "data.patch_size=[16, 16, 16]",
-    "train.local_steps=15", "train.batch_size=2", "train.lr=0.003", "train.hd95=false",
-    "simulation.cases_per_site=4", "simulation.volume_shape=[32, 32, 24]",
-    "simulation.ray_num_cpus=2", "simulation.cpus_per_site=1",
+    "model.channels=[8, 16, 32]",
+    "model.strides=[2, 2]",
+    "data.patch_size=[16, 16, 16]",
+    "train.local_steps=15",
+    "train.batch_size=2",
+    "train.lr=0.003",
+    "train.hd95=false",
+    "simulation.cases_per_site=4",
+    "simulation.volume_shape=[32, 32, 24]",
+    "simulation.ray_num_cpus=2",
+    "simulation.cpus_per_site=1",
 ]
 CLIPPING_NORM = 2.0
 """Just above the honest update norms of this setting (about 1.4 to 1.7), so clipping barely bites."""
@@ -35,17 +42,30 @@ CLIPPING_NORM = 2.0
 def run(noise: float, rounds: int, sites: int, work: Path) -> dict:
     from simulations.runner import run_simulation
 
-    cfg = load_config(None, [
-        *SMALL, f"federation.rounds={rounds}", f"simulation.num_sites={sites}",
-        f"simulation.data_dir={work / 'data'}", f"federation.runs_dir={work / 'runs'}",
-        f"federation.run_name=dp-{noise:g}", f"privacy.noise_multiplier={noise}",
-        f"privacy.clipping_norm={CLIPPING_NORM}",
-    ])
+    cfg = load_config(
+        None,
+        [
+            *SMALL,
+            f"federation.rounds={rounds}",
+            f"simulation.num_sites={sites}",
+            f"simulation.data_dir={work / 'data'}",
+            f"federation.runs_dir={work / 'runs'}",
+            f"federation.run_name=dp-{noise:g}",
+            f"privacy.noise_multiplier={noise}",
+            f"privacy.clipping_norm={CLIPPING_NORM}",
+        ],
+    )
     events = list(read_events(run_simulation(cfg, show=lambda line: None) / "metrics.jsonl"))
     dice = [e["dice_mean"] for e in events if e["event"] == "round"]
     privacy = [e for e in events if e["event"] == "privacy"]
-    return {"noise": noise, "final": dice[-1], "best": max(d for d in dice if d is not None), "dice": dice,
-            "epsilon": privacy[-1]["epsilon"] if privacy else None, "delta": cfg.privacy.delta}
+    return {
+        "noise": noise,
+        "final": dice[-1],
+        "best": max(d for d in dice if d is not None),
+        "dice": dice,
+        "epsilon": privacy[-1]["epsilon"] if privacy else None,
+        "delta": cfg.privacy.delta,
+    }
 
 
 def main() -> None:
@@ -63,8 +83,11 @@ def main() -> None:
             baseline = r["final"] if baseline is None else baseline
             eps = "off" if r["epsilon"] is None else f"{r['epsilon']:.4g}"
             per_round = " ".join(f"{d:.3f}" for d in r["dice"])
-            print(f"{noise:>8g} {r['final']:>11.4f} {r['best']:>10.4f} {baseline - r['final']:>7.4f} {eps:>12}  "
-                  f"{per_round}", flush=True)
+            print(
+                f"{noise:>8g} {r['final']:>11.4f} {r['best']:>10.4f} {baseline - r['final']:>7.4f} {eps:>12}  "
+                f"{per_round}",
+                flush=True,
+            )
         print(f"epsilon at delta {r['delta']:g}, site-level, Gaussian DP exact composition (server/dp.py)")
 
 

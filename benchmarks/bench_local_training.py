@@ -38,13 +38,14 @@ def synthetic_volume(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     label = np.zeros((1, *VOLUME_SHAPE), dtype=np.uint8)
     cx, cy, cz = (s // 2 for s in VOLUME_SHAPE)
     r = LESION_RADIUS
-    label[0, cx - r:cx + r, cy - r:cy + r, cz - r:cz + r] = 1
+    label[0, cx - r : cx + r, cy - r : cy + r, cz - r : cz + r] = 1
     image[label.astype(bool)] += 2.0
     return image, label
 
 
-def bare_loop(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], cfg,
-              compute: Compute = CPU_FP32) -> float:
+def bare_loop(
+    model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], cfg, compute: Compute = CPU_FP32
+) -> float:
     """Plain PyTorch: forward, DiceCE, backward, step, on the same device and precision; nothing else.
 
     The batches are on the device before the clock starts: the bare loop pays no sampling or copying.
@@ -76,8 +77,12 @@ def fixed_batches(cfg, volumes, steps: int, seed: int) -> list[tuple[torch.Tenso
     for _ in range(steps):
         image, label = volumes[int(rng.integers(len(volumes)))]
         patches = sampler({"image": image, "label": label})
-        batches.append((torch.stack([torch.as_tensor(p["image"]) for p in patches]).float(),
-                        torch.stack([torch.as_tensor(p["label"]) for p in patches]).long()))
+        batches.append(
+            (
+                torch.stack([torch.as_tensor(p["image"]) for p in patches]).float(),
+                torch.stack([torch.as_tensor(p["label"]) for p in patches]).long(),
+            )
+        )
     return batches
 
 
@@ -107,9 +112,11 @@ def main() -> None:
 
     fedseg_vps = args.steps * voxels_per_step / fedseg_s
     bare_vps = args.steps * voxels_per_step / bare_s
-    print(f"model {cfg.model.arch} channels {cfg.model.channels}, patch {cfg.data.patch_size}, "
-          f"batch {cfg.train.batch_size}, {args.steps} steps, {args.threads} threads, "
-          f"device {cfg.train.device}, precision {cfg.train.precision}")
+    print(
+        f"model {cfg.model.arch} channels {cfg.model.channels}, patch {cfg.data.patch_size}, "
+        f"batch {cfg.train.batch_size}, {args.steps} steps, {args.threads} threads, "
+        f"device {cfg.train.device}, precision {cfg.train.precision}"
+    )
     print(f"fedseg train_local : {fedseg_vps:12,.0f} voxels/s  ({fedseg_s:.2f} s)")
     print(f"bare PyTorch loop  : {bare_vps:12,.0f} voxels/s  ({bare_s:.2f} s)")
     print(f"throughput ratio   : {fedseg_vps / bare_vps:.3f}   (target >= 0.95)")
@@ -118,8 +125,10 @@ def main() -> None:
     fp32_bytes = sum(p.numel() * 4 for p in unique.values())
     for wire in ("float32", "float16"):
         sent = to_wire(select(model, split.travelling), wire).count_bytes()
-        print(f"bytes sent per round ({wire:7}, norm_mode {cfg.train.norm_mode}): {sent:,} "
-              f"= {sent / fp32_bytes:.3f} x fp32 unique parameters ({fp32_bytes:,})")
+        print(
+            f"bytes sent per round ({wire:7}, norm_mode {cfg.train.norm_mode}): {sent:,} "
+            f"= {sent / fp32_bytes:.3f} x fp32 unique parameters ({fp32_bytes:,})"
+        )
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ from common.reading import load_nifti
 SPACING = (0.8, 0.8, 1.0)
 LPS = np.diag([-SPACING[0], -SPACING[1], SPACING[2], 1.0])
 AIR, BODY, ORGAN, LESION = -1000.0, 40.0, 60.0, 110.0
-GIB = 1024 ** 3
+GIB = 1024**3
 MODES = ("plain", "plain-batched", "monai-buffered", "fedseg-infer", "fedseg")
 MODEL = ["model.channels=[8, 16, 32]", "model.strides=[2, 2]", "model.num_res_units=1"]
 
@@ -65,7 +65,7 @@ def synthetic_ct(shape: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray
     label = np.zeros(shape, dtype=np.uint8)
     for z in range(shape[2]):
         t = (z - shape[2] / 2) / (0.35 * shape[2])
-        organ = ((x - cx - 40) / 90) ** 2 + ((y - cy) / 60) ** 2 + t ** 2 <= 1
+        organ = ((x - cx - 40) / 90) ** 2 + ((y - cy) / 60) ** 2 + t**2 <= 1
         lesion = ((x - cx - 60) / 12) ** 2 + ((y - cy + 10) / 12) ** 2 + (t * 8) ** 2 <= 1
         hu = np.where(body, BODY, AIR) + rng.normal(0, 15, size=body.shape)
         hu[organ] += ORGAN - BODY
@@ -77,7 +77,7 @@ def synthetic_ct(shape: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray
 
 def ct_plan(image: np.ndarray, label: np.ndarray, roi: int) -> Plan:
     """The plan a federation of such scans gets: native spacing, CT normalization from the organ."""
-    fg = image[label > 0][:: 97].astype(np.float64)
+    fg = image[label > 0][::97].astype(np.float64)
     low, high = np.percentile(fg, [0.5, 99.5])
     norm = ChannelNorm("ct", float(low), float(high), float(fg.mean()), float(fg.std()))
     sx, sy, sz = (abs(v) for v in SPACING)
@@ -121,11 +121,14 @@ def child(mode: str, work: Path, threads: int, overlap: float, overrides: list[s
         with torch.no_grad():
             windows = 1 if mode == "plain" else batch
             buffered: dict[str, Any] = {"buffer_steps": 1, "buffer_dim": -1} if mode == "monai-buffered" else {}
-            logits = sliding_window_inference(image[None], plan.patch_size, windows, model, overlap=overlap,
-                                              **buffered)
+            logits = sliding_window_inference(image[None], plan.patch_size, windows, model, overlap=overlap, **buffered)
             logits[0].argmax(0).to(torch.uint8)
-    return {"mode": mode, "seconds": time.perf_counter() - started, "cpu_seconds": cpu_seconds() - cpu,
-            "peak_gib": peak_gib()}
+    return {
+        "mode": mode,
+        "seconds": time.perf_counter() - started,
+        "cpu_seconds": cpu_seconds() - cpu,
+        "peak_gib": peak_gib(),
+    }
 
 
 def main() -> None:
@@ -134,10 +137,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--roi", type=int, default=64, help="Window side (the plan's patch size).")
     parser.add_argument("--overlap", type=float, default=0.25)
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
-                        help="What to time; a mode named twice runs twice (alternate them on a busy machine).")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        help="Config override, e.g. --set train.device=cuda --set train.precision=bf16.")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=list(MODES),
+        choices=MODES,
+        help="What to time; a mode named twice runs twice (alternate them on a busy machine).",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="Config override, e.g. --set train.device=cuda --set train.precision=bf16.",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -151,8 +164,9 @@ def main() -> None:
     print("targets: fedseg <= 20 s and <= 2.5 GiB (issue 4); issue's plain figure: 32.7 s, 2.14 GiB fp32")
 
 
-def run_modes(shape: tuple[int, int, int], roi: int, overlap: float, threads: int, modes: list[str],
-              overrides: list[str]) -> dict[str, dict]:
+def run_modes(
+    shape: tuple[int, int, int], roi: int, overlap: float, threads: int, modes: list[str], overrides: list[str]
+) -> dict[str, dict]:
     """Write the synthetic CT, then time each mode in a fresh process; prints one line per mode."""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -167,19 +181,37 @@ def run_modes(shape: tuple[int, int, int], roi: int, overlap: float, threads: in
         np.save(work / "prepared.npy", prepared.numpy())
         del prepared
         cfg = load_config(None, [*MODEL, *overrides])
-        print(f"volume {shape} int16 CT, model {MODEL}, window {roi}^3, overlap {overlap}, "
-              f"{cfg.train.sw_batch_size} windows per pass (plain: 1), {threads} threads, "
-              f"device {cfg.train.device}, precision {cfg.train.precision}")
+        print(
+            f"volume {shape} int16 CT, model {MODEL}, window {roi}^3, overlap {overlap}, "
+            f"{cfg.train.sw_batch_size} windows per pass (plain: 1), {threads} threads, "
+            f"device {cfg.train.device}, precision {cfg.train.precision}"
+        )
         results = {}
         for mode in modes:
             out = subprocess.run(
-                [sys.executable, __file__, "--child", mode, "--work", str(work), "--threads", str(threads),
-                 "--overlap", str(overlap), *(f"--set={o}" for o in overrides)],
-                capture_output=True, text=True, check=True)
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    mode,
+                    "--work",
+                    str(work),
+                    "--threads",
+                    str(threads),
+                    "--overlap",
+                    str(overlap),
+                    *(f"--set={o}" for o in overrides),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
             r = results[mode]
-            print(f"{mode:<14} {r['seconds']:7.1f} s   CPU {r['cpu_seconds']:7.1f} s   peak RSS {r['peak_gib']:.2f} GiB",
-                  flush=True)
+            print(
+                f"{mode:<14} {r['seconds']:7.1f} s   CPU {r['cpu_seconds']:7.1f} s   peak RSS {r['peak_gib']:.2f} GiB",
+                flush=True,
+            )
         if "fedseg" in results:
             seg = load_nifti(work / "ct_seg.nii.gz")
             print(f"output: shape {seg.shape}, dtype {seg.get_data_dtype()}, axcodes {nib.aff2axcodes(seg.affine)}")

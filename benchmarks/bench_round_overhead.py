@@ -56,7 +56,10 @@ from tests.helpers.deploy_harness import (  # noqa: E402
 )
 
 SITES = ["site-1", "site-2"]
-FLOWER_DEFAULTS: dict[str, dict[str, Any]] = {"site": {"poll_interval_s": 3.0, "warm_start": False}, "federation": {"poll_interval_s": 3.0}}
+FLOWER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "site": {"poll_interval_s": 3.0, "warm_start": False},
+    "federation": {"poll_interval_s": 3.0},
+}
 CASES, SHAPE = 4, (32, 32, 24)
 IMPORT_RUNS = 3
 
@@ -75,16 +78,22 @@ def warm_start_s() -> list[float]:
     from client.warm_start import SOCKET_ENV, new_socket_name
 
     env = {**os.environ, SOCKET_ENV: new_socket_name()}
-    parent = subprocess.Popen([sys.executable, "-m", "client.warm_start"], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "client.warm_start"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert parent.stdout is not None  # stdout=PIPE
         parent.stdout.readline()  # "... ready"
         times = []
         for _ in range(IMPORT_RUNS):
             started = time.perf_counter()
-            subprocess.run([sys.executable, "-c", "import sys; from client.warm_start import main; sys.exit(main())",
-                            "--help"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, check=True)
+            subprocess.run(
+                [sys.executable, "-c", "import sys; from client.warm_start import main; sys.exit(main())", "--help"],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                check=True,
+            )
             times.append(time.perf_counter() - started)
         return times
     finally:
@@ -112,8 +121,14 @@ def median_timeline(run: Path, stage: str) -> dict[str, float | None]:
 
 def bundle_to_handler(run: Path) -> list[float]:
     """Bundle checked -> handler running (FAB install, loading the app, the bundle's own imports), rounds 2 on."""
-    return [e["imports_done"] - e["bundle_checked"] for e in events(run) if e["event"] == "timeline"
-            and (e["round"] or 0) > 1 and e.get("bundle_checked") is not None and e.get("imports_done") is not None]
+    return [
+        e["imports_done"] - e["bundle_checked"]
+        for e in events(run)
+        if e["event"] == "timeline"
+        and (e["round"] or 0) > 1
+        and e.get("bundle_checked") is not None
+        and e.get("imports_done") is not None
+    ]
 
 
 def print_timelines(dep: Path, sim: Path) -> None:
@@ -133,8 +148,16 @@ def deployed(root: Path, rounds: int, flower_defaults: bool) -> Path:
     data = generate_federation(root / "data", n_sites=len(SITES), n_cases=CASES, shape=SHAPE, strength=1.0, seed=0)
     app, digest = snapshot_app(root / "app")
     tuning: dict[str, dict[str, Any]] = FLOWER_DEFAULTS if flower_defaults else {"site": {}, "federation": {}}
-    fed = federation_yaml(root, app, SITES, rounds=rounds, min_sites=len(SITES), run_name="bench",
-                          cross_eval=False, **tuning["federation"])
+    fed = federation_yaml(
+        root,
+        app,
+        SITES,
+        rounds=rounds,
+        min_sites=len(SITES),
+        run_name="bench",
+        cross_eval=False,
+        **tuning["federation"],
+    )
     init_pki(root / "certs", [], [GATEWAY_HOST])
     sites = {n: make_site(root, n, data[n], fed, [digest], **tuning["site"]) for n in SITES}
     for name, path in sites.items():
@@ -150,10 +173,24 @@ def deployed(root: Path, rounds: int, flower_defaults: bool) -> Path:
 
 
 def simulated(root: Path, rounds: int) -> Path:
-    sim = {**TINY, "federation": {"rounds": rounds, "min_sites": len(SITES), "runs_dir": str(root / "runs"),
-                                  "run_name": "bench-sim", "cross_eval": False},
-           "simulation": {"num_sites": len(SITES), "cases_per_site": CASES, "volume_shape": list(SHAPE),
-                          "data_dir": str(root / "sim-data"), "ray_num_cpus": 2, "cpus_per_site": 1}}
+    sim = {
+        **TINY,
+        "federation": {
+            "rounds": rounds,
+            "min_sites": len(SITES),
+            "runs_dir": str(root / "runs"),
+            "run_name": "bench-sim",
+            "cross_eval": False,
+        },
+        "simulation": {
+            "num_sites": len(SITES),
+            "cases_per_site": CASES,
+            "volume_shape": list(SHAPE),
+            "data_dir": str(root / "sim-data"),
+            "ray_num_cpus": 2,
+            "cpus_per_site": 1,
+        },
+    }
     config = write_yaml(root / "sim.yaml", sim)
     subprocess.run([str(BIN_DIR / "fedseg-sim"), "--config", str(config)], check=True)
     return root / "runs" / "bench-sim"
@@ -163,8 +200,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="Rounds (at least 3; 2..rounds-1 are timed).")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--flower-defaults", action="store_true",
-                        help="Deploy with Flower's 3 s polling and a fresh interpreter per ClientApp (the baseline).")
+    parser.add_argument(
+        "--flower-defaults",
+        action="store_true",
+        help="Deploy with Flower's 3 s polling and a fresh interpreter per ClientApp (the baseline).",
+    )
     args = parser.parse_args()
     if args.rounds < 3:
         parser.error("--rounds must be at least 3: the first and the last round are not timed")
@@ -172,8 +212,10 @@ def main() -> int:
     root.mkdir(parents=True, exist_ok=True)
 
     starts = clientapp_start_s()
-    print(f"cold ClientApp start (fresh process importing client.client_app): median "
-          f"{statistics.median(starts):.2f} s (runs: {', '.join(f'{s:.2f}' for s in starts)})")
+    print(
+        f"cold ClientApp start (fresh process importing client.client_app): median "
+        f"{statistics.median(starts):.2f} s (runs: {', '.join(f'{s:.2f}' for s in starts)})"
+    )
     dep_run = deployed(root / "deployed", args.rounds, args.flower_defaults)
     sim_run = simulated(root / "simulated", args.rounds)
     dep_rounds, dep_train = round_stats(dep_run)
@@ -186,9 +228,11 @@ def main() -> int:
     installs = bundle_to_handler(dep_run)
     if installs and not args.flower_defaults:
         warm = statistics.median(warm_start_s())
-        print(f"  warm ClientApp start: launcher to Flower's runner {warm:.2f} s + bundle checked to handler "
-              f"{statistics.median(installs):.2f} s = {warm + statistics.median(installs):.2f} s "
-              "(without waiting for the message's objects, which the timeline shows)")
+        print(
+            f"  warm ClientApp start: launcher to Flower's runner {warm:.2f} s + bundle checked to handler "
+            f"{statistics.median(installs):.2f} s = {warm + statistics.median(installs):.2f} s "
+            "(without waiting for the message's objects, which the timeline shows)"
+        )
     print_timelines(dep_run, sim_run)
     return 0
 

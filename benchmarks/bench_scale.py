@@ -38,14 +38,21 @@ from common.config import load_config
 from common.metrics_log import read_events
 
 TINY = [
-    "model.channels=[8, 16, 32]", "model.strides=[2, 2]", "model.num_res_units=1",
-    "data.patch_size=[16, 16, 16]", "train.local_steps=5", "train.batch_size=2", "train.hd95=false",
-    "simulation.cases_per_site=4", "simulation.volume_shape=[32, 32, 24]",
-    "simulation.ray_num_cpus=2", "simulation.cpus_per_site=1",
+    "model.channels=[8, 16, 32]",
+    "model.strides=[2, 2]",
+    "model.num_res_units=1",
+    "data.patch_size=[16, 16, 16]",
+    "train.local_steps=5",
+    "train.batch_size=2",
+    "train.hd95=false",
+    "simulation.cases_per_site=4",
+    "simulation.volume_shape=[32, 32, 24]",
+    "simulation.ray_num_cpus=2",
+    "simulation.cpus_per_site=1",
 ]
 SAMPLE_S = 0.2
 PAGE_KIB = 1024
-GIB = 1024 ** 3
+GIB = 1024**3
 SERVER_REPEATS = 3
 UPDATE_SCALE = 1e-3
 """Std of the random updates in part 2; only the arithmetic is timed, so any small value will do."""
@@ -109,9 +116,17 @@ class PeakMemory:
 def simulate(n_sites: int, rounds: int, work: Path) -> dict:
     from simulations.runner import run_simulation
 
-    cfg = load_config(None, [*TINY, f"simulation.num_sites={n_sites}", f"federation.rounds={rounds}",
-                             f"federation.runs_dir={work / 'runs'}", f"federation.run_name=scale-{n_sites}",
-                             f"simulation.data_dir={work / f'data-{n_sites}'}"])
+    cfg = load_config(
+        None,
+        [
+            *TINY,
+            f"simulation.num_sites={n_sites}",
+            f"federation.rounds={rounds}",
+            f"federation.runs_dir={work / 'runs'}",
+            f"federation.run_name=scale-{n_sites}",
+            f"simulation.data_dir={work / f'data-{n_sites}'}",
+        ],
+    )
     started = time.perf_counter()
     with PeakMemory() as memory:
         run = run_simulation(cfg, show=lambda line: None)
@@ -136,9 +151,20 @@ def _train_reply(node: int, content):
     from flwr.app import Message, MessageType, Metadata, RecordDict
     from flwr.app.message.message import make_message
 
-    request = make_message(Metadata(run_id=1, message_id=f"m{node}", src_node_id=0, dst_node_id=node,
-                                    reply_to_message_id="", group_id="1", created_at=time.time(), ttl=600.0,
-                                    message_type=MessageType.TRAIN), RecordDict())
+    request = make_message(
+        Metadata(
+            run_id=1,
+            message_id=f"m{node}",
+            src_node_id=0,
+            dst_node_id=node,
+            reply_to_message_id="",
+            group_id="1",
+            created_at=time.time(),
+            ttl=600.0,
+            message_type=MessageType.TRAIN,
+        ),
+        RecordDict(),
+    )
     return Message(content, reply_to=request)
 
 
@@ -152,24 +178,43 @@ def server_seconds(n_sites: int, aggregator: str, work: Path) -> float:
     from server.server_app import initial_weights
     from server.strategy import FedSegStrategy
 
-    cfg = load_config(None, [f"federation.aggregator={aggregator}", "federation.run_name=server",
-                             f"federation.runs_dir={work}", f"federation.min_sites={n_sites}"])
+    cfg = load_config(
+        None,
+        [
+            f"federation.aggregator={aggregator}",
+            "federation.run_name=server",
+            f"federation.runs_dir={work}",
+            f"federation.min_sites={n_sites}",
+        ],
+    )
     weights, signature = initial_weights(cfg)
     rng = np.random.default_rng(0)
     replies = []
     for node in range(1, n_sites + 1):
-        arrays = {k: Array((v.numpy() + UPDATE_SCALE * rng.standard_normal(v.shape)).astype(np.float32))
-                  for k, v in weights.items()}
-        replies.append(_train_reply(node, RecordDict({
-            keys.ARRAYS: ArrayRecord(arrays),
-            keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 10, "loss": 1.0, "proximal_loss": 0.0, "duration_s": 1.0}),
-            keys.IDENTITY: ConfigRecord({keys.SITE: f"site-{node}", keys.SIGNATURE: signature}),
-        })))
+        arrays = {
+            k: Array((v.numpy() + UPDATE_SCALE * rng.standard_normal(v.shape)).astype(np.float32))
+            for k, v in weights.items()
+        }
+        replies.append(
+            _train_reply(
+                node,
+                RecordDict(
+                    {
+                        keys.ARRAYS: ArrayRecord(arrays),
+                        keys.METRICS: MetricRecord(
+                            {keys.NUM_EXAMPLES: 10, "loss": 1.0, "proximal_loss": 0.0, "duration_s": 1.0}
+                        ),
+                        keys.IDENTITY: ConfigRecord({keys.SITE: f"site-{node}", keys.SIGNATURE: signature}),
+                    }
+                ),
+            )
+        )
     timings = []
     for repeat in range(SERVER_REPEATS):
         out = work / f"{aggregator}-{n_sites}-{repeat}"
-        strategy = FedSegStrategy(cfg, signature, {k: tuple(v.shape) for k, v in weights.items()}, MetricsLog(out),
-                                  Checkpoints(out / "ckpt"))
+        strategy = FedSegStrategy(
+            cfg, signature, {k: tuple(v.shape) for k, v in weights.items()}, MetricsLog(out), Checkpoints(out / "ckpt")
+        )
         # What configure_train records: the global model the updates are measured from (norm bound).
         strategy.reference = {k: v.numpy() for k, v in weights.items()}
         strategy.aggregate_train(1, replies)
@@ -190,11 +235,14 @@ def main() -> None:
             print(f"{'sites':>5} {'peak GiB':>9} {'agg s/round':>12} {'s/round':>9} {'1st round s':>12} {'wall s':>8}")
             for n in args.sites:
                 r = simulate(n, args.rounds, work)
-                print(f"{r['sites']:>5} {r['peak_gib']:>9.2f} {r['aggregation_s']:>12.3f} {r['round_s']:>9.1f} "
-                      f"{r['first_round_s']:>12.1f} {r['wall_s']:>8.1f}   sites ok per round {r['sites_ok']}",
-                      flush=True)
-        print("\nPart 2: server only, default model, validation + aggregation of one round (median of "
-              f"{SERVER_REPEATS})")
+                print(
+                    f"{r['sites']:>5} {r['peak_gib']:>9.2f} {r['aggregation_s']:>12.3f} {r['round_s']:>9.1f} "
+                    f"{r['first_round_s']:>12.1f} {r['wall_s']:>8.1f}   sites ok per round {r['sites_ok']}",
+                    flush=True,
+                )
+        print(
+            f"\nPart 2: server only, default model, validation + aggregation of one round (median of {SERVER_REPEATS})"
+        )
         print(f"{'sites':>5} {'mean s':>8} {'median s':>9} {'trimmed s':>10}")
         for n in args.sites:
             row = [server_seconds(n, agg, work) for agg in ("mean", "median", "trimmed_mean")]

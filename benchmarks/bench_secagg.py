@@ -72,13 +72,30 @@ from tests.helpers.local_grid import LocalGrid, federation  # noqa: E402
 SPLIT_SEED = 6
 """Gives each 4-case synthetic site 3 training and 1 validation case (tests/helpers/hostile.py), so plain weights
 are equal."""
-DEFAULT_MODEL = ["model.in_channels=1", "model.out_channels=2", "data.patch_size=[16, 16, 16]",
-                 "train.local_steps=1", "train.batch_size=2", "train.hd95=false", "federation.cross_eval=false",
-                 f"data.split_seed={SPLIT_SEED}"]
+DEFAULT_MODEL = [
+    "model.in_channels=1",
+    "model.out_channels=2",
+    "data.patch_size=[16, 16, 16]",
+    "train.local_steps=1",
+    "train.batch_size=2",
+    "train.hd95=false",
+    "federation.cross_eval=false",
+    f"data.split_seed={SPLIT_SEED}",
+]
 """fedseg's default network (channels 16..256, batch norm kept at each site) on the synthetic sites' one channel."""
-SMALL = ["model.channels=[8, 16, 32]", "model.strides=[2, 2]", "model.in_channels=1", "model.out_channels=2",
-         "data.patch_size=[16, 16, 16]", "train.local_steps=15", "train.batch_size=2", "train.lr=0.003",
-         "train.hd95=false", "federation.cross_eval=false", f"data.split_seed={SPLIT_SEED}"]
+SMALL = [
+    "model.channels=[8, 16, 32]",
+    "model.strides=[2, 2]",
+    "model.in_channels=1",
+    "model.out_channels=2",
+    "data.patch_size=[16, 16, 16]",
+    "train.local_steps=15",
+    "train.batch_size=2",
+    "train.lr=0.003",
+    "train.hd95=false",
+    "federation.cross_eval=false",
+    f"data.split_seed={SPLIT_SEED}",
+]
 """benchmarks/bench_dp.py's setting, whose plain run reaches a mean Dice of about 0.7 in 4 rounds."""
 SECAGG = ["federation.secure_aggregation=secagg+", "federation.norm_bound=0"]
 PLAIN = ["federation.norm_bound=0"]
@@ -181,8 +198,15 @@ class DroppingGrid(LocalGrid):
         return [*super().push_messages([m for m in messages if not self.gone(m)]), *gone]  # pushed, never answered
 
 
-def run(name: str, sites: int, rounds: int, settings: list[str], work: Path,
-        gone: Callable[[int, Message], bool] = lambda rnd, m: False, site: dict | None = None) -> dict:
+def run(
+    name: str,
+    sites: int,
+    rounds: int,
+    settings: list[str],
+    work: Path,
+    gone: Callable[[int, Message], bool] = lambda rnd, m: False,
+    site: dict | None = None,
+) -> dict:
     """One federation of ``sites`` synthetic sites for ``rounds`` rounds; its metrics log and the bytes moved.
 
     ``site``: settings every site's own site.yaml adds (local DP), as ``simulation.sites.<name>.site_yaml``.
@@ -191,31 +215,65 @@ def run(name: str, sites: int, rounds: int, settings: list[str], work: Path,
     if site:
         own = work / f"{name}-site.yaml"
         own.write_text(yaml.safe_dump({"site": {"min_cohort": 1, **site}}))  # synthetic cases: no cohort floor
-        settings = [*settings, *(f"simulation.sites.{n}.{k}={v}" for n, d in data.items()
-                                 for k, v in (("data_dir", d), ("site_yaml", own)))]
+        settings = [
+            *settings,
+            *(
+                f"simulation.sites.{n}.{k}={v}"
+                for n, d in data.items()
+                for k, v in (("data_dir", d), ("site_yaml", own))
+            ),
+        ]
     name = name.replace("+", "plus")  # a run's name names folders: letters, digits, '.', '_' or '-'
-    cfg = federation(load_config(None, [*settings, f"federation.rounds={rounds}", f"federation.min_sites={sites - 1}",
-                                        f"federation.round_timeout_s={BENCH_TIMEOUT_S}",
-                                        f"federation.runs_dir={work / 'runs'}", f"federation.run_name={name}"]), data)
+    cfg = federation(
+        load_config(
+            None,
+            [
+                *settings,
+                f"federation.rounds={rounds}",
+                f"federation.min_sites={sites - 1}",
+                f"federation.round_timeout_s={BENCH_TIMEOUT_S}",
+                f"federation.runs_dir={work / 'runs'}",
+                f"federation.run_name={name}",
+            ],
+        ),
+        data,
+    )
     weights, signature = initial_weights(cfg)
     counted, masking = CountedApp(), TimedMasking()
     grid = DroppingGrid(cfg, counted, gone)
     out = Path(cfg.federation.runs_dir) / cfg.federation.run_name
-    strategy = FedSegStrategy(cfg, signature, {k: tuple(v.shape) for k, v in weights.items()}, MetricsLog(out),
-                              Checkpoints(out / "checkpoints"))
+    strategy = FedSegStrategy(
+        cfg,
+        signature,
+        {k: tuple(v.shape) for k, v in weights.items()},
+        MetricsLog(out),
+        Checkpoints(out / "checkpoints"),
+    )
     counted.follow(strategy)
     try:
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(weights), num_rounds=rounds, timeout=BENCH_TIMEOUT_S,
-                       train_config=ConfigRecord(), evaluate_config=ConfigRecord())
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(weights),
+            num_rounds=rounds,
+            timeout=BENCH_TIMEOUT_S,
+            train_config=ConfigRecord(),
+            evaluate_config=ConfigRecord(),
+        )
     finally:
         masking.close()
     events = list(read_events(out / "metrics.jsonl"))
-    return {"rounds": {e["round"]: e for e in events if e["event"] == "round"}, "events": events,
-            "counted": counted, "masking_s": masking.seconds}
+    return {
+        "rounds": {e["round"]: e for e in events if e["event"] == "round"},
+        "events": events,
+        "counted": counted,
+        "masking_s": masking.seconds,
+    }
 
 
-HEADER = (f"{'mode':<8} {'sites':>5} {'down MB':>8} {'up MB':>8} {'msgs':>5} {'site s':>7} {'mask s':>7} "
-          f"{'centre s':>8} {'round s':>8} {'sites ok':>8}")
+HEADER = (
+    f"{'mode':<8} {'sites':>5} {'down MB':>8} {'up MB':>8} {'msgs':>5} {'site s':>7} {'mask s':>7} "
+    f"{'centre s':>8} {'round s':>8} {'sites ok':>8}"
+)
 
 
 def _cost_row(mode: str, sites: int, r: dict, rnd: int = 2) -> str:
@@ -226,14 +284,20 @@ def _cost_row(mode: str, sites: int, r: dict, rnd: int = 2) -> str:
     c, summary = r["counted"], r["rounds"][rnd]
     site_s = c.round_total(c.seconds, rnd)
     rounds = len(r["rounds"])
-    extra = sorted({kind for (k, kind) in c.count if k == rnd and kind not in (MessageType.TRAIN,
-                                                                                 MessageType.EVALUATE)})
-    detail = ", ".join(f"{kind.removeprefix('query.')} {(c.down[rnd, kind] + c.up[rnd, kind]) / 1e3:.1f} kB "
-                       f"{c.seconds[rnd, kind] / sites:.2f} s" for kind in extra)
-    return (f"{mode:<8} {sites:>5} {c.round_total(c.down, rnd) / MB:>8.2f} {c.round_total(c.up, rnd) / MB:>8.2f} "
-            f"{int(c.round_total(c.count, rnd)):>5} {site_s / sites:>7.2f} {r['masking_s'] / rounds / sites:>7.2f} "
-            f"{summary['aggregation_s']:>8.2f} {summary['duration_s']:>8.1f} {summary['sites_ok']:>8}"
-            + (f"   {detail}" if detail else ""))
+    extra = sorted(
+        {kind for (k, kind) in c.count if k == rnd and kind not in (MessageType.TRAIN, MessageType.EVALUATE)}
+    )
+    detail = ", ".join(
+        f"{kind.removeprefix('query.')} {(c.down[rnd, kind] + c.up[rnd, kind]) / 1e3:.1f} kB "
+        f"{c.seconds[rnd, kind] / sites:.2f} s"
+        for kind in extra
+    )
+    return (
+        f"{mode:<8} {sites:>5} {c.round_total(c.down, rnd) / MB:>8.2f} {c.round_total(c.up, rnd) / MB:>8.2f} "
+        f"{int(c.round_total(c.count, rnd)):>5} {site_s / sites:>7.2f} {r['masking_s'] / rounds / sites:>7.2f} "
+        f"{summary['aggregation_s']:>8.2f} {summary['duration_s']:>8.1f} {summary['sites_ok']:>8}"
+        + (f"   {detail}" if detail else "")
+    )
 
 
 def part_cost(sites: list[int], modes: list[tuple[str, list[str]]], work: Path) -> None:
@@ -246,34 +310,51 @@ def part_cost(sites: list[int], modes: list[tuple[str, list[str]]], work: Path) 
 
 
 def part_dice(work: Path, rounds: int = 4) -> None:
-    print(f"\nPart 2: Dice at equal settings, small model, 3 sites, {rounds} rounds, one seed; local DP at every site "
-          f"with clipping norm {LOCAL_DP_CLIP:g}")
+    print(
+        f"\nPart 2: Dice at equal settings, small model, 3 sites, {rounds} rounds, one seed; local DP at every site "
+        f"with clipping norm {LOCAL_DP_CLIP:g}"
+    )
     print(f"{'mode':<8} {'local DP z':>10} {'epsilon':>9} {'final Dice':>11}  Dice per round")
-    cases = [("plain", PLAIN, 0.0), ("secagg+", SECAGG, 0.0), *(("plain", PLAIN, z) for z in LOCAL_DP_NOISE),
-             ("secagg+", SECAGG, LOCAL_DP_NOISE[0])]
+    cases = [
+        ("plain", PLAIN, 0.0),
+        ("secagg+", SECAGG, 0.0),
+        *(("plain", PLAIN, z) for z in LOCAL_DP_NOISE),
+        ("secagg+", SECAGG, LOCAL_DP_NOISE[0]),
+    ]
     for mode, settings, z in cases:
         local = {"local_dp_noise_multiplier": z, "local_dp_clipping_norm": LOCAL_DP_CLIP} if z else None
         r = run(f"dice-{mode}-{z:g}", 3, rounds, [*SMALL, *settings], work, site=local)
         dice = [r["rounds"][k]["dice_mean"] for k in sorted(r["rounds"])]
         counts = sorted({e["num_examples"] for e in r["events"] if e["event"] == "train" and e["num_examples"]})
         epsilon = f"{gaussian_epsilon(z / SENSITIVITY_FACTOR, rounds, DELTA):.3g}" if z else "-"
-        print(f"{mode:<8} {z or '-':>10} {epsilon:>9} {dice[-1]:>11.4f}  {' '.join(f'{d:.4f}' for d in dice)}"
-              + (f"   training cases per site {counts}" if counts else ""), flush=True)
+        print(
+            f"{mode:<8} {z or '-':>10} {epsilon:>9} {dice[-1]:>11.4f}  {' '.join(f'{d:.4f}' for d in dice)}"
+            + (f"   training cases per site {counts}" if counts else ""),
+            flush=True,
+        )
 
 
 def part_drop(work: Path, sites: int = 5, victim: int = 2) -> None:
     from common import secagg
 
     def dropping(message_type: str) -> Callable[[int, Message], bool]:
-        return lambda rnd, m: closing_evaluation(rnd, m) or (rnd == 2 and m.metadata.dst_node_id == victim
-                                                             and m.metadata.message_type == message_type)
+        return lambda rnd, m: (
+            closing_evaluation(rnd, m)
+            or (rnd == 2 and m.metadata.dst_node_id == victim and m.metadata.message_type == message_type)
+        )
 
-    print(f"\nPart 3: default model, {sites} sites, site-{victim} drops in round 2 of 2 (round timeout "
-          f"{BENCH_TIMEOUT_S:g} s)")
+    print(
+        f"\nPart 3: default model, {sites} sites, site-{victim} drops in round 2 of 2 (round timeout "
+        f"{BENCH_TIMEOUT_S:g} s)"
+    )
     print(f"{HEADER}  drop")
-    cases = [("plain", PLAIN, None, "none"), ("plain", PLAIN, MessageType.TRAIN, "before its update"),
-             ("secagg+", SECAGG, None, "none"), ("secagg+", SECAGG, MessageType.TRAIN, "before its masked update"),
-             ("secagg+", SECAGG, secagg.UNMASK_QUERY, "after its masked update")]
+    cases = [
+        ("plain", PLAIN, None, "none"),
+        ("plain", PLAIN, MessageType.TRAIN, "before its update"),
+        ("secagg+", SECAGG, None, "none"),
+        ("secagg+", SECAGG, MessageType.TRAIN, "before its masked update"),
+        ("secagg+", SECAGG, secagg.UNMASK_QUERY, "after its masked update"),
+    ]
     for mode, settings, message_type, said in cases:
         gone = dropping(message_type) if message_type else closing_evaluation
         r = run(f"drop-{mode}-{said.replace(' ', '-')}", sites, 2, [*DEFAULT_MODEL, *settings], work, gone)

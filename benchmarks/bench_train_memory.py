@@ -33,8 +33,12 @@ from bench_predict import GIB, LPS, synthetic_ct  # noqa: E402
 def write_dataset(root: Path, cases: int, shape: tuple[int, int, int]) -> None:
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()
-    meta = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1, "lesion": 2},
-            "numTraining": cases, "file_ending": ".nii.gz"}
+    meta = {
+        "channel_names": {"0": "CT"},
+        "labels": {"background": 0, "organ": 1, "lesion": 2},
+        "numTraining": cases,
+        "file_ending": ".nii.gz",
+    }
     (root / "dataset.json").write_text(json.dumps(meta))
     for i in range(cases):
         image, label = synthetic_ct(shape, seed=i)
@@ -50,8 +54,17 @@ def child(root: Path, state: Path, steps: int, threads: int) -> dict:
     from common.training import train_local
 
     torch.set_num_threads(threads)
-    cfg = load_config(None, [f"site.data_dir={root}", f"site.state_dir={state}", "site.name=bench",
-                             "model.out_channels=3", f"train.local_steps={steps}", "data.val_fraction=0.5"])
+    cfg = load_config(
+        None,
+        [
+            f"site.data_dir={root}",
+            f"site.state_dir={state}",
+            "site.name=bench",
+            "model.out_channels=3",
+            f"train.local_steps={steps}",
+            "data.val_fraction=0.5",
+        ],
+    )
     times = {}
     start = time.perf_counter()
     data = SiteData.open(cfg, SiteState(state))  # check + fingerprint + site-local plan
@@ -63,9 +76,13 @@ def child(root: Path, state: Path, steps: int, threads: int) -> dict:
     start = time.perf_counter()
     train_local(model, volumes, data.cfg.data, cfg.train, select(model, split.trainable_shared), 0.01, seed=0)
     times["train"] = time.perf_counter() - start
-    return {"times": times, "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
-            "patch": list(data.plan.patch_size), "spacing": list(data.plan.target_spacing),
-            "cached_shape": list(volumes[0].image.shape)}
+    return {
+        "times": times,
+        "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
+        "patch": list(data.plan.patch_size),
+        "spacing": list(data.plan.target_spacing),
+        "cached_shape": list(volumes[0].image.shape),
+    }
 
 
 def main() -> None:
@@ -81,13 +98,18 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         write_dataset(Path(tmp) / "Dataset900_CT", args.cases, tuple(args.shape))
-        out = subprocess.run([sys.executable, __file__, "--child", tmp, "--steps", str(args.steps),
-                              "--threads", str(args.threads)], capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", tmp, "--steps", str(args.steps), "--threads", str(args.threads)],
+            capture_output=True,
+            text=True,
+        )
         if out.returncode:
             sys.exit(out.stderr[-3000:])
         r = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"{args.cases} cases of {tuple(args.shape)} (int16 CT), default model, plan spacing {r['spacing']}, "
-          f"patch {r['patch']}, {args.steps} steps, {args.threads} threads")
+    print(
+        f"{args.cases} cases of {tuple(args.shape)} (int16 CT), default model, plan spacing {r['spacing']}, "
+        f"patch {r['patch']}, {args.steps} steps, {args.threads} threads"
+    )
     for stage, seconds in r["times"].items():
         print(f"  {stage:<24} {seconds:7.1f} s")
     print(f"peak RSS {r['peak_gib']:.2f} GiB (target <= 3 GiB)")

@@ -31,14 +31,16 @@ import torch
 HERE = Path(__file__).resolve().parent
 PATCHES = (96, 128)
 PRECISIONS = ("fp32", "bf16", "fp16")
-GIB = 1024 ** 3
+GIB = 1024**3
 CT_SHAPE = (512, 512, 400)
 SIM_SITES = 3
 
 
 def no_gpu_message() -> str:
-    return (f"gpu_check: no CUDA GPU on this machine (torch {torch.__version__}, CUDA build: "
-            f"{torch.version.cuda or 'none'}); nothing to measure. Run it where torch.cuda.is_available().")
+    return (
+        f"gpu_check: no CUDA GPU on this machine (torch {torch.__version__}, CUDA build: "
+        f"{torch.version.cuda or 'none'}); nothing to measure. Run it where torch.cuda.is_available()."
+    )
 
 
 def training(steps: int) -> None:
@@ -57,8 +59,12 @@ def training(steps: int) -> None:
     print(f"training, default model, batch 2, {steps} steps (after 2 warm-up steps), voxels/s:")
     for side in PATCHES:
         for precision, prefetch in [*((p, 2) for p in PRECISIONS), ("fp32", 0)]:
-            settings = [f"data.patch_size=[{side}, {side}, {side}]", "train.device=cuda",
-                        f"train.precision={precision}", f"train.prefetch_batches={prefetch}"]
+            settings = [
+                f"data.patch_size=[{side}, {side}, {side}]",
+                "train.device=cuda",
+                f"train.precision={precision}",
+                f"train.prefetch_batches={prefetch}",
+            ]
             cfg = load_config(None, [*settings, f"train.local_steps={steps}"])
             warm = load_config(None, [*settings, "train.local_steps=2"])
             compute = compute_for(cfg.train)
@@ -73,10 +79,13 @@ def training(steps: int) -> None:
             torch.cuda.reset_peak_memory_stats()
             bare_s = bare_loop(model, fixed_batches(cfg, volumes, steps, seed=2), cfg, compute)
             bare_peak = torch.cuda.max_memory_allocated() / GIB
-            voxels = steps * cfg.train.batch_size * side ** 3
-            print(f"  {side}^3 {precision} prefetch {prefetch}: fedseg {voxels / fedseg_s:14,.0f} "
-                  f"(peak {fedseg_peak:5.2f} GiB)  bare {voxels / bare_s:14,.0f} (peak {bare_peak:5.2f} GiB)  "
-                  f"ratio {bare_s / fedseg_s:.2f} (target >= 0.9)", flush=True)
+            voxels = steps * cfg.train.batch_size * side**3
+            print(
+                f"  {side}^3 {precision} prefetch {prefetch}: fedseg {voxels / fedseg_s:14,.0f} "
+                f"(peak {fedseg_peak:5.2f} GiB)  bare {voxels / bare_s:14,.0f} (peak {bare_peak:5.2f} GiB)  "
+                f"ratio {bare_s / fedseg_s:.2f} (target >= 0.9)",
+                flush=True,
+            )
 
 
 def prediction() -> None:
@@ -85,8 +94,10 @@ def prediction() -> None:
     from bench_predict import run_modes
 
     results = run_modes(CT_SHAPE, 64, 0.25, 4, ["fedseg-infer", "fedseg"], ["train.device=cuda"])
-    print(f"CT prediction file to file: {results['fedseg']['seconds']:.1f} s (target <= 10 s); "
-          f"inference alone {results['fedseg-infer']['seconds']:.1f} s")
+    print(
+        f"CT prediction file to file: {results['fedseg']['seconds']:.1f} s (target <= 10 s); "
+        f"inference alone {results['fedseg-infer']['seconds']:.1f} s"
+    )
 
 
 def simulation() -> None:
@@ -96,17 +107,30 @@ def simulation() -> None:
     from simulations.runner import run_simulation
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(None, [
-            "federation.run_name=gpu-check", f"federation.runs_dir={tmp}/runs", "federation.rounds=2",
-            "federation.cross_eval=false", f"simulation.num_sites={SIM_SITES}", "simulation.cases_per_site=4",
-            "simulation.volume_shape=[96, 96, 64]", f"simulation.data_dir={tmp}/data", "simulation.cpus_per_site=2",
-            f"simulation.ray_num_cpus={2 * SIM_SITES}", f"simulation.gpus_per_site={1 / SIM_SITES:.2f}",
-            "train.device=cuda", "train.local_steps=20",
-        ])
+        cfg = load_config(
+            None,
+            [
+                "federation.run_name=gpu-check",
+                f"federation.runs_dir={tmp}/runs",
+                "federation.rounds=2",
+                "federation.cross_eval=false",
+                f"simulation.num_sites={SIM_SITES}",
+                "simulation.cases_per_site=4",
+                "simulation.volume_shape=[96, 96, 64]",
+                f"simulation.data_dir={tmp}/data",
+                "simulation.cpus_per_site=2",
+                f"simulation.ray_num_cpus={2 * SIM_SITES}",
+                f"simulation.gpus_per_site={1 / SIM_SITES:.2f}",
+                "train.device=cuda",
+                "train.local_steps=20",
+            ],
+        )
         run = run_simulation(cfg, show=lambda line: None)
         rounds = [e for e in read_events(run / "metrics.jsonl") if e["event"] == "round"]
-    print(f"simulation, {SIM_SITES} sites sharing one GPU (gpus_per_site {cfg.simulation.gpus_per_site}), "
-          f"{cfg.train.local_steps} steps each: round times " + ", ".join(f"{r['duration_s']:.1f} s" for r in rounds))
+    print(
+        f"simulation, {SIM_SITES} sites sharing one GPU (gpus_per_site {cfg.simulation.gpus_per_site}), "
+        f"{cfg.train.local_steps} steps each: round times " + ", ".join(f"{r['duration_s']:.1f} s" for r in rounds)
+    )
 
 
 def main() -> int:

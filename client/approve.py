@@ -25,6 +25,8 @@ def run(args: argparse.Namespace) -> int:
 
         raise UserError(f"{app} holds no {PYPROJECT}; pass --app with the folder of a fedseg release.")
     digest = bundle_sha256(app)
-    print(f"app bundle of {app}:\n  sha256 {digest}\nAdd it to site.yaml:\n  site:\n    approved_bundles:\n"
-          f"      - {digest}")
+    print(
+        f"app bundle of {app}:\n  sha256 {digest}\nAdd it to site.yaml:\n  site:\n    approved_bundles:\n"
+        f"      - {digest}"
+    )
     return 0

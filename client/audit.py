@@ -23,8 +23,12 @@ TIME_FORMAT = "%Y-%m-%d %H:%M:%S UTC"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--last", type=int, default=DEFAULT_LAST,
-                        help=f"List the last N messages one per line (default {DEFAULT_LAST}; 0: none).")
+    parser.add_argument(
+        "--last",
+        type=int,
+        default=DEFAULT_LAST,
+        help=f"List the last N messages one per line (default {DEFAULT_LAST}; 0: none).",
+    )
     parser.add_argument("--json", action="store_true", help="Print the summary as JSON instead of text.")
 
 
@@ -50,8 +54,16 @@ def summarize(entries: list[dict]) -> dict:
         "metric_names_sent": sorted(left.get("metrics", set()) | left.get("fingerprint", set())),
         "identity_fields_sent": sorted(left.get("identity", set())),
         "error_reasons_sent": sorted({e["reason"] for e in sent if e["kind"] == "error"}),
-        "blocked": [{"time": _when(e["time"]), "round": e["round"], "message_type": e["message_type"],
-                     "problems": e.get("blocked", [])} for e in entries if e["status"] == "blocked"],
+        "blocked": [
+            {
+                "time": _when(e["time"]),
+                "round": e["round"],
+                "message_type": e["message_type"],
+                "problems": e.get("blocked", []),
+            }
+            for e in entries
+            if e["status"] == "blocked"
+        ],
     }
 
 
@@ -76,8 +88,10 @@ def _print_text(site: str, path: Path, summary: dict, entries: list[dict], last:
     if last > 0:
         print(f"  last {min(last, len(entries))} entries (time, round, type, status, bytes, sha256):")
         for e in entries[-last:]:
-            print(f"    {_when(e['time'])}  {str(e['round']):>5}  {e['message_type']:<9} {e['status']:<8}"
-                  f"{e['bytes']:>12,}  {e['sha256'][:SHA_SHOWN]}")
+            print(
+                f"    {_when(e['time'])}  {str(e['round']):>5}  {e['message_type']:<9} {e['status']:<8}"
+                f"{e['bytes']:>12,}  {e['sha256'][:SHA_SHOWN]}"
+            )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,14 +105,20 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("site.state_dir is not set: pass the site's site.yaml with --config.")
     state_dir = Path(cfg.site.state_dir)
     if not state_dir.is_dir():
-        raise UserError(f"the site's state directory {state_dir} does not exist; check site.state_dir in "
-                        f"{args.config or 'the config'}.")
+        raise UserError(
+            f"the site's state directory {state_dir} does not exist; check site.state_dir in "
+            f"{args.config or 'the config'}."
+        )
     entries = EgressLog(state_dir).entries()
     summary = summarize(entries)
     exported = exports(state_dir)
     if args.json:
-        print(json.dumps({"site": cfg.site.name, "egress_log": str(state_dir / EGRESS_FILE), **summary,
-                          "exports": exported}, indent=2))
+        print(
+            json.dumps(
+                {"site": cfg.site.name, "egress_log": str(state_dir / EGRESS_FILE), **summary, "exports": exported},
+                indent=2,
+            )
+        )
     else:
         _print_text(cfg.site.name, state_dir / EGRESS_FILE, summary, entries, args.last)
         _print_exports(exported)
@@ -109,5 +129,7 @@ def _print_exports(exported: list[dict]) -> None:
     """Models written out of the state folder by `fedseg-client export`, one line each."""
     print(f"  model exports: {len(exported)}")
     for e in exported:
-        print(f"    {_when(e['time'])}  run {e['run']} {e['weights']} (round {e['round']})  -> {e['folder']}"
-              f"  sha256 {e['sha256'][:SHA_SHOWN]}")
+        print(
+            f"    {_when(e['time'])}  run {e['run']} {e['weights']} (round {e['round']})  -> {e['folder']}"
+            f"  sha256 {e['sha256'][:SHA_SHOWN]}"
+        )

@@ -143,19 +143,27 @@ def bundle_identity(content: bytes) -> tuple[str, str]:
         version = config["project"]["version"]
     except (KeyError, TypeError, ValueError, zipfile.BadZipFile) as err:
         raise BundleNotApproved(f"the approved bundle has no readable publisher, name and version ({err})") from None
-    for what, value, pattern in (("publisher", publisher, APP_NAME), ("name", name, APP_NAME),
-                                 ("version", version, APP_VERSION)):
+    for what, value, pattern in (
+        ("publisher", publisher, APP_NAME),
+        ("name", name, APP_NAME),
+        ("version", version, APP_VERSION),
+    ):
         if not isinstance(value, str) or not pattern.fullmatch(value):
-            raise BundleNotApproved(f"the approved bundle's {what} {value!r:.80} is not of the form "
-                                    f"{pattern.pattern}; rebuild the release with a plain {what}")
+            raise BundleNotApproved(
+                f"the approved bundle's {what} {value!r:.80} is not of the form "
+                f"{pattern.pattern}; rebuild the release with a plain {what}"
+            )
     return f"{publisher}/{name}", version
 
 
 def _bundle_files(content: bytes) -> dict[str, bytes]:
     """Relative path -> bytes of every file Flower's installer puts into the app folder."""
     with zipfile.ZipFile(io.BytesIO(content)) as bundle:
-        return {item.filename: bundle.read(item) for item in bundle.infolist()
-                if not item.is_dir() and not item.filename.startswith(BUNDLE_META)}
+        return {
+            item.filename: bundle.read(item)
+            for item in bundle.infolist()
+            if not item.is_dir() and not item.filename.startswith(BUNDLE_META)
+        }
 
 
 def _holds_exactly(folder: Path, expected: dict[str, bytes], trust_caches: bool = True) -> bool:
@@ -192,9 +200,11 @@ def _private_home(home: Path) -> tuple[Path, bool]:
         folder.mkdir(mode=0o700, exist_ok=True)
         info = folder.lstat()
         if stat.S_ISLNK(info.st_mode) or info.st_uid != os.getuid():
-            raise BundleNotApproved(f"{folder} is a link or another user's folder, so code there could change "
-                                    "after the check; point FLWR_HOME at a folder of the site's own (the site "
-                                    "daemon keeps it in its private state folder)")
+            raise BundleNotApproved(
+                f"{folder} is a link or another user's folder, so code there could change "
+                "after the check; point FLWR_HOME at a folder of the site's own (the site "
+                "daemon keeps it in its private state folder)"
+            )
         if info.st_mode & 0o022:
             os.chmod(folder, stat.S_IMODE(info.st_mode) & ~0o022)
             was_open = True
@@ -215,8 +225,14 @@ class ApprovedApp:
     by others, the folder is installed afresh, without caches.
     """
 
-    def __init__(self, approved: frozenset[str], log_path: str | None, install: Callable[..., Any],
-                 flower_project_dir: Callable[[str, str, str], Path], home: Callable[[], Path]) -> None:
+    def __init__(
+        self,
+        approved: frozenset[str],
+        log_path: str | None,
+        install: Callable[..., Any],
+        flower_project_dir: Callable[[str, str, str], Path],
+        home: Callable[[], Path],
+    ) -> None:
         self.approved = approved
         self.log_path = log_path
         self._install = install
@@ -232,11 +248,15 @@ class ApprovedApp:
         fab_id, version = bundle_identity(content)
         home, was_open = _private_home(self._home())
         folder = Path(self._flower_project_dir(fab_id, version, digest))
-        if folder.parent.resolve() != home / APPS_DIR or folder.name != \
-                f"{fab_id.replace('/', '.')}.{version}.{digest[:HASH_PREFIX_LEN]}":
-            raise BundleNotApproved(f"Flower would install the approved bundle to {folder}, not directly in "
-                                    f"{home / APPS_DIR}; pin flwr {FLOWER_VERSION} or update "
-                                    "common/flower/clientapp_runner.py")
+        if (
+            folder.parent.resolve() != home / APPS_DIR
+            or folder.name != f"{fab_id.replace('/', '.')}.{version}.{digest[:HASH_PREFIX_LEN]}"
+        ):
+            raise BundleNotApproved(
+                f"Flower would install the approved bundle to {folder}, not directly in "
+                f"{home / APPS_DIR}; pin flwr {FLOWER_VERSION} or update "
+                "common/flower/clientapp_runner.py"
+            )
         self._materialise(content, folder, trust_caches=not was_open)
         self.installed = (fab_id, version, digest, folder)
         return folder
@@ -252,8 +272,12 @@ class ApprovedApp:
             if not _holds_exactly(fresh, expected):
                 raise BundleNotApproved(f"Flower's installer did not unpack the approved bundle as it is ({fresh})")
             if folder.is_symlink() or folder.exists():
-                _record(self.log_path, decision="replaced", folder=str(folder),
-                        reason="the app folder did not hold exactly the approved bundle")
+                _record(
+                    self.log_path,
+                    decision="replaced",
+                    folder=str(folder),
+                    reason="the app folder did not hold exactly the approved bundle",
+                )
                 try:
                     os.rename(folder, staging / "replaced")  # a link is moved, never followed
                 except FileNotFoundError:  # another ClientApp process moved it away first
@@ -269,18 +293,25 @@ class ApprovedApp:
     def project_dir(self, fab_id: str, fab_version: str, fab_hash: str) -> Path:
         """Flower's project-folder lookup, answered only for the bundle this process approved and installed."""
         if self.installed is None:
-            raise BundleNotApproved("Flower asked where to load an app from before any approved bundle was "
-                                    "installed in this process; refusing to load anything")
+            raise BundleNotApproved(
+                "Flower asked where to load an app from before any approved bundle was "
+                "installed in this process; refusing to load anything"
+            )
         approved_id, approved_version, digest, folder = self.installed
         if (fab_id, fab_version, fab_hash) != (approved_id, approved_version, digest):
-            _record(self.log_path, decision="refused", sha256=digest,
-                    reason=f"the run names app {fab_id!r:.120} version {fab_version!r:.120}, "
-                           f"hash {fab_hash!r:.80}, not the approved bundle it sent")
+            _record(
+                self.log_path,
+                decision="refused",
+                sha256=digest,
+                reason=f"the run names app {fab_id!r:.120} version {fab_version!r:.120}, "
+                f"hash {fab_hash!r:.80}, not the approved bundle it sent",
+            )
             raise BundleNotApproved(
                 f"the run names app {fab_id!r:.120} version {fab_version!r:.120} (hash {fab_hash!r:.80}), but the "
                 f"approved bundle it sent is {approved_id} {approved_version} (sha256:{digest[:16]}); "
                 "only the approved bundle's own folder is ever loaded: ask the centre to start the run from "
-                "that release unchanged")
+                "that release unchanged"
+            )
         return folder
 
 
@@ -311,8 +342,11 @@ def main() -> int:
     approved = approved_from_env(os.environ)
     missing = missing_steps()
     if missing:
-        print(f"fedseg bundle guard: this Flower has no {', '.join(missing)} to guard; refusing to run any bundle. "
-              f"Pin flwr {FLOWER_VERSION} or update common/flower/clientapp_runner.py.", file=sys.stderr)
+        print(
+            f"fedseg bundle guard: this Flower has no {', '.join(missing)} to guard; refusing to run any bundle. "
+            f"Pin flwr {FLOWER_VERSION} or update common/flower/clientapp_runner.py.",
+            file=sys.stderr,
+        )
         return 1
     guard_clientapp(approved, os.environ.get(DECISIONS_ENV))
     _forget_own_modules()
@@ -322,8 +356,12 @@ def main() -> int:
 
 def refuse_task(command: str) -> int:
     """Entry point of every launcher but the ClientApp's: record the refusal and start nothing."""
-    _record(os.environ.get(DECISIONS_ENV), decision="refused", task=command,
-            reason="a fedseg site runs ClientApp tasks only")
+    _record(
+        os.environ.get(DECISIONS_ENV),
+        decision="refused",
+        task=command,
+        reason="a fedseg site runs ClientApp tasks only",
+    )
     print(f"fedseg bundle guard: refused a {command} task; this site runs ClientApp tasks only.", file=sys.stderr)
     return 1
 
@@ -348,8 +386,9 @@ def write_launcher(bin_dir: Path, entry: str = __name__) -> Path:
     bin_dir = Path(bin_dir)
     bin_dir.mkdir(parents=True, exist_ok=True)
     for command in sorted(task_commands() - {CLIENTAPP_COMMAND}):
-        _write_script(bin_dir / command,
-                      f"from client.bundle_guard import refuse_task\nsys.exit(refuse_task({command!r}))\n")
+        _write_script(
+            bin_dir / command, f"from client.bundle_guard import refuse_task\nsys.exit(refuse_task({command!r}))\n"
+        )
     return _write_script(bin_dir / CLIENTAPP_COMMAND, f"from {entry} import main\nsys.exit(main())\n")
 
 

@@ -84,18 +84,23 @@ class CheckReport:
         """The error a refused dataset raises: every problem (up to MAX_LISTED) with its file."""
         lines = [f.line() for f in self.problems]
         more = f"\n  ... and {len(lines) - MAX_LISTED} more" if len(lines) > MAX_LISTED else ""
-        return (f"the dataset in {self.root} would fail training ({len(lines)} problem(s)); "
-                "fix these files and run `fedseg-client check --config site.yaml`:\n  "
-                + "\n  ".join(lines[:MAX_LISTED]) + more)
+        return (
+            f"the dataset in {self.root} would fail training ({len(lines)} problem(s)); "
+            "fix these files and run `fedseg-client check --config site.yaml`:\n  "
+            + "\n  ".join(lines[:MAX_LISTED])
+            + more
+        )
 
     def table(self) -> str:
         spec = self.spec
         if spec is None:
             return "\n".join(f.line() for f in self.findings)
         tests = f" + {len(spec.test_cases)} labelled test case(s)" if spec.test_cases else ""
-        out = [f"dataset {self.root} ({spec.layout} layout): {len(spec.cases)} case(s){tests}, {spec.num_channels} "
-               f"channel(s) {list(spec.channel_names.values())}, {spec.num_classes} classes, "
-               f"{len(spec.annotators)} annotator(s)"]
+        out = [
+            f"dataset {self.root} ({spec.layout} layout): {len(spec.cases)} case(s){tests}, {spec.num_channels} "
+            f"channel(s) {list(spec.channel_names.values())}, {spec.num_classes} classes, "
+            f"{len(spec.annotators)} annotator(s)"
+        ]
         out += ["  " + f.line() for f in self.findings]
         if self.cases:
             spacing = np.stack([c.spacing for c in self.cases])
@@ -103,15 +108,21 @@ class CheckReport:
             fractions = np.stack([c.fractions for c in self.cases])
             fmt = "x".join
             out.append(f"  {'quantity':<28}{'min':>22}{'max':>22}")
-            out.append(f"  {'spacing (mm, R x A x S)':<28}{fmt(f'{v:.2f}' for v in spacing.min(0)):>22}"
-                       f"{fmt(f'{v:.2f}' for v in spacing.max(0)):>22}")
-            out.append(f"  {'shape (voxels, R x A x S)':<28}{fmt(str(v) for v in shapes.min(0)):>22}"
-                       f"{fmt(str(v) for v in shapes.max(0)):>22}")
+            out.append(
+                f"  {'spacing (mm, R x A x S)':<28}{fmt(f'{v:.2f}' for v in spacing.min(0)):>22}"
+                f"{fmt(f'{v:.2f}' for v in spacing.max(0)):>22}"
+            )
+            out.append(
+                f"  {'shape (voxels, R x A x S)':<28}{fmt(str(v) for v in shapes.min(0)):>22}"
+                f"{fmt(str(v) for v in shapes.max(0)):>22}"
+            )
             names = {v: k for k, v in spec.labels.items()}
             for c in range(1, fractions.shape[1]):
                 label = f"label {c} '{names.get(c, '?')}' voxels"
-                out.append(f"  {label:<28}{fractions[:, c].min():>21.4%} {fractions[:, c].max():>21.4%}"
-                           f"  (mean {fractions[:, c].mean():.4%})")
+                out.append(
+                    f"  {label:<28}{fractions[:, c].min():>21.4%} {fractions[:, c].max():>21.4%}"
+                    f"  (mean {fractions[:, c].mean():.4%})"
+                )
         n_warn = len(self.findings) - len(self.problems)
         verdict = "OK: the data can be read" if self.ok else "training would FAIL"
         out.append(f"result: {len(self.problems)} problem(s), {n_warn} warning(s): {verdict}")
@@ -130,8 +141,13 @@ def _geometry_findings(name: str, img: Voxels) -> list[Finding]:
     found = []
     low, high = SPACING_RANGE_MM
     if np.any(zooms < low) or np.any(zooms > high):
-        found.append(Finding(name, f"odd spacing {zooms.round(4).tolist()} mm (outside {low}-{high} mm: "
-                                   "is the header in the wrong unit?)", False))
+        found.append(
+            Finding(
+                name,
+                f"odd spacing {zooms.round(4).tolist()} mm (outside {low}-{high} mm: is the header in the wrong unit?)",
+                False,
+            )
+        )
     if zooms.max() / zooms.min() > MAX_SPACING_RATIO:
         found.append(Finding(name, f"very anisotropic spacing {zooms.round(3).tolist()} mm", False))
     if _oblique(img.affine):
@@ -150,9 +166,15 @@ def series_findings(name: str, folder: Path, channel_name: str) -> list[Finding]
     found = [Finding(name, problem, True) for problem in problems]
     expected = expected_modality(channel_name)
     if series is not None and expected is not None and series.modality != expected:
-        found.append(Finding(name, f"DICOM Modality {series.modality or '(none)'}, but dataset.json names this "
-                                   f"channel '{channel_name}' ({expected}); move the series to the right channel or "
-                                   "case, or fix channel_names", True))
+        found.append(
+            Finding(
+                name,
+                f"DICOM Modality {series.modality or '(none)'}, but dataset.json names this "
+                f"channel '{channel_name}' ({expected}); move the series to the right channel or "
+                "case, or fix channel_names",
+                True,
+            )
+        )
     return found
 
 
@@ -173,8 +195,12 @@ def check_case(case: Case, spec: DatasetSpec) -> tuple[list[Finding], CaseInfo |
     root = spec.root
     rel = lambda p: str(p.relative_to(root)) if p.is_relative_to(root) else str(p)  # noqa: E731
     names = [spec.channel_names[k] for k in sorted(spec.channel_names, key=int)]
-    found = [f for c, path in enumerate(case.images) if path.is_dir()
-             for f in series_findings(rel(path), path, names[c] if c < len(names) else "")]
+    found = [
+        f
+        for c, path in enumerate(case.images)
+        if path.is_dir()
+        for f in series_findings(rel(path), path, names[c] if c < len(names) else "")
+    ]
     if found:
         return found, None
     series = case.images[0] if case.images[0].is_dir() else None
@@ -201,8 +227,14 @@ def check_case(case: Case, spec: DatasetSpec) -> tuple[list[Finding], CaseInfo |
         if data.shape[:3] != ref_shape:
             found.append(Finding(rel(path), f"shape {data.shape[:3]} differs from {rel(ref_path)} {ref_shape}", True))
         elif not np.allclose(img.affine, ref_img.affine, atol=AFFINE_ATOL_MM):
-            found.append(Finding(rel(path), f"affine differs from {rel(ref_path)} (max difference "
-                                            f"{np.abs(img.affine - ref_img.affine).max():.4g})", True))
+            found.append(
+                Finding(
+                    rel(path),
+                    f"affine differs from {rel(ref_path)} (max difference "
+                    f"{np.abs(img.affine - ref_img.affine).max():.4g})",
+                    True,
+                )
+            )
     for path, _, data in labels:
         if data.ndim != 3:
             found.append(Finding(rel(path), f"label map has {data.ndim} dimensions, expected 3", True))
@@ -213,8 +245,9 @@ def check_case(case: Case, spec: DatasetSpec) -> tuple[list[Finding], CaseInfo |
         values = np.unique(data).astype(np.int64)
         unknown = sorted(set(values.tolist()) - allowed)
         if unknown:
-            found.append(Finding(rel(path), f"label values {unknown[:10]} not in dataset.json labels "
-                                            f"{sorted(allowed)}", True))
+            found.append(
+                Finding(rel(path), f"label values {unknown[:10]} not in dataset.json labels {sorted(allowed)}", True)
+            )
             continue
         if path == case.label:
             fractions = np.bincount(data.astype(np.int64).ravel(), minlength=spec.num_classes) / data.size
@@ -231,8 +264,13 @@ def inventory_findings(spec: DatasetSpec) -> list[Finding]:
     """Files without a partner (never trained on, so an annotation is probably lost) and a stale numTraining."""
     found = [Finding(u.file, u.problem, True) for u in spec.unpaired]
     if spec.num_training is not None and spec.num_training != len(spec.cases):
-        found.append(Finding(DATASET_JSON, f"numTraining is {spec.num_training} but {len(spec.cases)} complete "
-                                           "training case(s) were found", False))
+        found.append(
+            Finding(
+                DATASET_JSON,
+                f"numTraining is {spec.num_training} but {len(spec.cases)} complete training case(s) were found",
+                False,
+            )
+        )
     return found
 
 

@@ -15,7 +15,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("client.audit", "Summarize what left this site, when, and what the egress guard blocked."),
     "check": ("client.check", "Preflight: open every case and report what would break training."),
     "predict": ("client.predict", "Segment scans with the global weights and this site's norm tensors."),
-    "report": ("client.site_report", "Draw this site's validation cases with the model's segmentation (PNG, kept here)."),
+    "report": (
+        "client.site_report",
+        "Draw this site's validation cases with the model's segmentation (PNG, kept here).",
+    ),
     "export": ("client.export", "Write this site's own model (global weights + its norm tensors) to a folder."),
 }
 

@@ -65,8 +65,13 @@ def _train(site: Site, msg: Message) -> Message:
         seed=_round_seed(site.cfg, server_round),
     )
     site.run.save_norm(server_round, select(site.model, site.split.local), site.signature)
-    travelling = local_dp.privatize(site.cfg.site, site.run, server_round, received,  # site.yaml's own DP
-                                    select(site.model, site.split.travelling))
+    travelling = local_dp.privatize(
+        site.cfg.site,
+        site.run,
+        server_round,
+        received,  # site.yaml's own DP
+        select(site.model, site.split.travelling),
+    )
     arrays = to_wire(travelling, str(config[keys.WIRE_DTYPE]))
     metrics = {
         "loss": result.loss,
@@ -93,8 +98,10 @@ def refuse_under_floors(cfg: FedsegConfig, masked: bool) -> None:
     if floors.require_secure_aggregation and not masked:
         raise PlainUpdateRefused("the centre asks for a plain update; site.require_secure_aggregation is true")
     if t.local_steps < floors.min_local_steps or t.batch_size < floors.min_batch_size:
-        raise UnderSiteFloor(f"train.local_steps {t.local_steps} / batch_size {t.batch_size} under this site's "
-                             f"site.min_local_steps {floors.min_local_steps} / min_batch_size {floors.min_batch_size}")
+        raise UnderSiteFloor(
+            f"train.local_steps {t.local_steps} / batch_size {t.batch_size} under this site's "
+            f"site.min_local_steps {floors.min_local_steps} / min_batch_size {floors.min_batch_size}"
+        )
 
 
 def can_score(site: Site, val_ids: list[str]) -> bool:
@@ -108,8 +115,13 @@ def can_score(site: Site, val_ids: list[str]) -> bool:
         return True
     if site.state.info().get("no_score_run") != site.cfg.federation.run_id:
         site.state.update_info(no_score_run=site.cfg.federation.run_id)
-        log.warning("site %s: %d validation case(s), fewer than site.min_cohort = %d: it trains in every round "
-                    "but sends no validation score", site.cfg.site.name, len(val_ids), site.cfg.site.min_cohort)
+        log.warning(
+            "site %s: %d validation case(s), fewer than site.min_cohort = %d: it trains in every round "
+            "but sends no validation score",
+            site.cfg.site.name,
+            len(val_ids),
+            site.cfg.site.min_cohort,
+        )
     return False
 
 

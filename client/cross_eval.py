@@ -55,8 +55,12 @@ def cross_evaluate(site: Site, msg: Message) -> Message:
     site.load_global(msg)
     model_round = int(number(config, keys.SERVER_ROUND)) if keys.SERVER_ROUND in config else None
     if model_round is None:  # a checkpoint file the centre could not place in the run: nothing to pair it with
-        log.warning("cross-eval %s names no round: scored with this site's latest tensors of run %s, and neither "
-                    "the Dice nor a personalized copy is kept", config[keys.CROSS_EVAL_MODEL], site.run.name)
+        log.warning(
+            "cross-eval %s names no round: scored with this site's latest tensors of run %s, and neither "
+            "the Dice nor a personalized copy is kept",
+            config[keys.CROSS_EVAL_MODEL],
+            site.run.name,
+        )
     data = SiteData.open(site.cfg, site.state, msg)
     scored_ids = require_cohort(site.cfg, data.val_ids if trained else data.labelled_ids, "validation")
     scored = data.volumes(scored_ids)
@@ -65,35 +69,75 @@ def cross_evaluate(site: Site, msg: Message) -> Message:
     num_classes = data.spec.num_classes
     train = site.cfg.train
     own = evaluate(site.model, scored, data.cfg.data, train, num_classes)
-    metrics = {"dice": own.dice, "trained": float(trained), keys.NUM_EXAMPLES: own.num_cases,
-               **class_metrics(keys.DICE_CLASS_PREFIX, own.dice_per_class)}
+    metrics = {
+        "dice": own.dice,
+        "trained": float(trained),
+        keys.NUM_EXAMPLES: own.num_cases,
+        **class_metrics(keys.DICE_CLASS_PREFIX, own.dice_per_class),
+    }
     if test:
         scores = evaluate(site.model, test, data.cfg.data, train, num_classes)
-        metrics |= {keys.TEST_DICE: scores.dice, keys.TEST_NUM_EXAMPLES: scores.num_cases,
-                    **class_metrics(keys.TEST_DICE_CLASS_PREFIX, scores.dice_per_class)}
+        metrics |= {
+            keys.TEST_DICE: scores.dice,
+            keys.TEST_NUM_EXAMPLES: scores.num_cases,
+            **class_metrics(keys.TEST_DICE_CLASS_PREFIX, scores.dice_per_class),
+        }
     if trained and train.personalize_steps > 0:
-        result = personalize(site.model, data.volumes(data.train_ids), scored, data.cfg.data, train, num_classes,
-                             train.seed)
+        result = personalize(
+            site.model, data.volumes(data.train_ids), scored, data.cfg.data, train, num_classes, train.seed
+        )
         metrics["dice_personal"] = result.dice_after
         if test:
             metrics[keys.TEST_DICE_PERSONAL] = evaluate(site.model, test, data.cfg.data, train, num_classes).dice
         if model_round is not None:
-            site.run.save_personalized(site.model.state_dict(), site.signature, model_round, {
-                "steps": result.steps, "dice_before": result.dice_before, "dice_after": result.dice_after,
-                "scope": train.personalize, "validation_cases": scored_ids, "plan_version": data.plan.version})
-        log.info("cross-eval %s: personalized for %d steps, validation Dice %.4f -> %.4f",
-                 config[keys.CROSS_EVAL_MODEL], result.steps, result.dice_before, result.dice_after)
+            site.run.save_personalized(
+                site.model.state_dict(),
+                site.signature,
+                model_round,
+                {
+                    "steps": result.steps,
+                    "dice_before": result.dice_before,
+                    "dice_after": result.dice_after,
+                    "scope": train.personalize,
+                    "validation_cases": scored_ids,
+                    "plan_version": data.plan.version,
+                },
+            )
+        log.info(
+            "cross-eval %s: personalized for %d steps, validation Dice %.4f -> %.4f",
+            config[keys.CROSS_EVAL_MODEL],
+            result.steps,
+            result.dice_before,
+            result.dice_after,
+        )
     if not trained and train.adapt_norm_steps > 0:
         images = [image for image, _ in scored]
-        adapted = adapt_norm(site.model, images, data.cfg.data, train.adapt_norm_steps, train.batch_size, train.seed,
-                             compute_for(train).device)
-        metrics["dice_adapted"] = evaluate(site.model, scored, data.cfg.data, train, num_classes).dice if adapted \
-            else own.dice
-        log.info("cross-eval %s: BatchNorm statistics %s, Dice %.4f -> %.4f", config[keys.CROSS_EVAL_MODEL],
-                 "re-estimated" if adapted else "absent (nothing to adapt)", own.dice, metrics["dice_adapted"])
+        adapted = adapt_norm(
+            site.model,
+            images,
+            data.cfg.data,
+            train.adapt_norm_steps,
+            train.batch_size,
+            train.seed,
+            compute_for(train).device,
+        )
+        metrics["dice_adapted"] = (
+            evaluate(site.model, scored, data.cfg.data, train, num_classes).dice if adapted else own.dice
+        )
+        log.info(
+            "cross-eval %s: BatchNorm statistics %s, Dice %.4f -> %.4f",
+            config[keys.CROSS_EVAL_MODEL],
+            "re-estimated" if adapted else "absent (nothing to adapt)",
+            own.dice,
+            metrics["dice_adapted"],
+        )
     if trained and model_round is not None:
-        site.run.record_score(model_round, cross_eval_dice=own.dice, dice_personal=metrics.get("dice_personal"),
-                              validation_cases=scored_ids)
+        site.run.record_score(
+            model_round,
+            cross_eval_dice=own.dice,
+            dice_personal=metrics.get("dice_personal"),
+            validation_cases=scored_ids,
+        )
     return site.reply(msg, metrics)
 
 

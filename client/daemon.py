@@ -62,8 +62,10 @@ def resolve_site(cfg: FedsegConfig) -> SiteConfig:
     if ":" not in site.server_address:
         raise UserError(f"site.server_address '{site.server_address}' must be host:port of the centre's gateway.")
     if not site.approved_bundles:
-        raise UserError("site.approved_bundles is empty, so every app bundle would be refused; add the digest "
-                        "printed by `fedseg-client approve` for the release this site has reviewed.")
+        raise UserError(
+            "site.approved_bundles is empty, so every app bundle would be refused; add the digest "
+            "printed by `fedseg-client approve` for the release this site has reviewed."
+        )
     from .bundle_guard import parse_approved
 
     try:
@@ -72,9 +74,12 @@ def resolve_site(cfg: FedsegConfig) -> SiteConfig:
         raise UserError(f"site.approved_bundles: {err}") from None
     if not Path(site.data_dir).is_dir():
         raise UserError(f"site.data_dir {site.data_dir} is not a folder; point it at the site's dataset.")
-    return site.replace(data_dir=_absolute(site.data_dir), state_dir=_absolute(site.state_dir),
-                               root_certificate=_absolute(site.root_certificate),
-                               private_key=_absolute(site.private_key))
+    return site.replace(
+        data_dir=_absolute(site.data_dir),
+        state_dir=_absolute(site.state_dir),
+        root_certificate=_absolute(site.root_certificate),
+        private_key=_absolute(site.private_key),
+    )
 
 
 def check_material(site: SiteConfig) -> None:
@@ -92,14 +97,23 @@ def supernode_command(site: SiteConfig, site_yaml: Path, runtime_port: int) -> l
     from common.keys import NODE_SITE_CONFIG
 
     return [
-        sys.executable, "-m", "client.supernode",
-        "--superlink", site.server_address,
-        "--root-certificates", site.root_certificate,
-        "--auth-supernode-private-key", site.private_key,
-        "--node-config", f'{NODE_SITE_CONFIG}="{site_yaml}"',
-        "--isolation", "subprocess",
-        "--host", "127.0.0.1",
-        "--port", str(runtime_port),
+        sys.executable,
+        "-m",
+        "client.supernode",
+        "--superlink",
+        site.server_address,
+        "--root-certificates",
+        site.root_certificate,
+        "--auth-supernode-private-key",
+        site.private_key,
+        "--node-config",
+        f'{NODE_SITE_CONFIG}="{site_yaml}"',
+        "--isolation",
+        "subprocess",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(runtime_port),
     ]
 
 
@@ -142,8 +156,10 @@ def tls_problem(site: SiteConfig) -> str | None:
             with context.wrap_socket(sock, server_hostname=host):
                 return None
     except ssl.SSLCertVerificationError as err:
-        return (f"{PROBLEMS['CERTIFICATE_VERIFY_FAILED']} ({site.root_certificate}; {err.verify_message}, "
-                "CERTIFICATE_VERIFY_FAILED): get the federation's ca.crt from the centre")
+        return (
+            f"{PROBLEMS['CERTIFICATE_VERIFY_FAILED']} ({site.root_certificate}; {err.verify_message}, "
+            "CERTIFICATE_VERIFY_FAILED): get the federation's ca.crt from the centre"
+        )
     except OSError:
         return None
 
@@ -173,8 +189,9 @@ class Daemon:
 
     def _spawn(self, command: list[str], env: dict[str, str], log_name: str) -> subprocess.Popen:
         with (self.state / log_name).open("ab") as log_file:
-            return subprocess.Popen(command, cwd=self.state, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            return subprocess.Popen(
+                command, cwd=self.state, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+            )
 
     def _start(self, site_yaml: Path, env: dict[str, str]) -> subprocess.Popen:
         from common.flower_env import free_port
@@ -199,18 +216,27 @@ class Daemon:
                     starts += 1
                     if problem := tls_problem(self.site):
                         self._write_status(state="waiting", problem=problem, retry_in_s=delay)
-                        self.say(f"site {self.site.name}: not joining {self.site.server_address}: {problem}; "
-                                 f"checking again in {delay:.0f} s")
+                        self.say(
+                            f"site {self.site.name}: not joining {self.site.server_address}: {problem}; "
+                            f"checking again in {delay:.0f} s"
+                        )
                         time.sleep(delay)
                         delay = min(delay * 2, self.site.retry_max_s)
                         continue
                     self.proc = self._start(site_yaml, env)
                     started = time.monotonic()
-                    running = {"state": "running", "supernode_pid": self.proc.pid, "starts": starts,
-                               "warm_pid": self.warm.pid if self.warm else None, "server": self.site.server_address}
+                    running = {
+                        "state": "running",
+                        "supernode_pid": self.proc.pid,
+                        "starts": starts,
+                        "warm_pid": self.warm.pid if self.warm else None,
+                        "server": self.site.server_address,
+                    }
                     self._write_status(**running)
-                    self.say(f"site {self.site.name}: SuperNode started (pid {self.proc.pid}), joining "
-                             f"{self.site.server_address}; log: {self.state / SUPERNODE_LOG}")
+                    self.say(
+                        f"site {self.site.name}: SuperNode started (pid {self.proc.pid}), joining "
+                        f"{self.site.server_address}; log: {self.state / SUPERNODE_LOG}"
+                    )
                     watch = SiteWatch(self.state, self.site.server_address)
                     while self.proc.poll() is None:
                         if said := watch.poll():
@@ -222,9 +248,11 @@ class Daemon:
                         delay = self.site.retry_initial_s
                     stop_tree(self.proc)
                     self._write_status(state="waiting", exit_code=self.proc.returncode, retry_in_s=delay)
-                    self.say(f"site {self.site.name}: SuperNode exited with code {self.proc.returncode}"
-                             f"{diagnose(self.state / SUPERNODE_LOG)}; restarting in {delay:.0f} s "
-                             f"(see {self.state / SUPERNODE_LOG})")
+                    self.say(
+                        f"site {self.site.name}: SuperNode exited with code {self.proc.returncode}"
+                        f"{diagnose(self.state / SUPERNODE_LOG)}; restarting in {delay:.0f} s "
+                        f"(see {self.state / SUPERNODE_LOG})"
+                    )
                     time.sleep(delay)
                     delay = min(delay * 2, self.site.retry_max_s)
                 return 1

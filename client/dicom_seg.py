@@ -42,8 +42,17 @@ from common.private import private_file
 
 CODING_SCHEME = "99FEDSEG"
 """A local coding scheme (DICOM PS3.16 8.2: designators starting with 99) for fedseg's label names."""
-EMPTY_TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                "ReferringPhysicianName", "StudyID", "AccessionNumber")
+EMPTY_TYPE_2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
 """Patient and General Study attributes the SEG must carry (type 2) and carries empty."""
 MANUFACTURER = "fedseg"
 MODEL_NAME = "fedseg-client predict"
@@ -76,31 +85,47 @@ def reference_slices(series: Series) -> list[Dataset]:
 def segment_descriptions(labels: dict[str, int], num_classes: int, version: str) -> list[hd.seg.SegmentDescription]:
     """One description per foreground class, named and coded from the model's labels."""
     names = {value: name for name, value in labels.items()}
-    algorithm = hd.AlgorithmIdentificationSequence(name=MANUFACTURER, version=version,
-                                                   family=codes.cid7162.ArtificialIntelligence)
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=MANUFACTURER, version=version, family=codes.cid7162.ArtificialIntelligence
+    )
     out = []
     for value in range(1, num_classes):
         name = names.get(value, f"class-{value}")
-        out.append(hd.seg.SegmentDescription(
-            segment_number=value, segment_label=name[:64],
-            segmented_property_category=codes.SCT.Tissue,
-            segmented_property_type=hd.sr.CodedConcept(str(name_code(name)), CODING_SCHEME, name[:64]),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm))
+        out.append(
+            hd.seg.SegmentDescription(
+                segment_number=value,
+                segment_label=name[:64],
+                segmented_property_category=codes.SCT.Tissue,
+                segmented_property_type=hd.sr.CodedConcept(str(name_code(name)), CODING_SCHEME, name[:64]),
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+            )
+        )
     return out
 
 
-def write_dicom_seg(label: np.ndarray, series: Series, labels: dict[str, int], num_classes: int, path: Path,
-                    version: str) -> None:
+def write_dicom_seg(
+    label: np.ndarray, series: Series, labels: dict[str, int], num_classes: int, path: Path, version: str
+) -> None:
     """Write ``label`` [columns, rows, slices] (the series' voxels) as a binary DICOM-SEG at ``path`` (0600)."""
     if tuple(label.shape) != series.shape:
         raise ValueError(f"label map {label.shape} is not on the grid {series.shape} of {series.folder}")
     frames = np.ascontiguousarray(np.transpose(label, (2, 1, 0)))  # [slices, rows, columns], as the slices
     seg = hd.seg.Segmentation(
-        source_images=reference_slices(series), pixel_array=frames,
+        source_images=reference_slices(series),
+        pixel_array=frames,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segment_descriptions(labels, num_classes, version),
-        series_instance_uid=hd.UID(), series_number=SEG_SERIES_NUMBER, sop_instance_uid=hd.UID(),
-        instance_number=1, manufacturer=MANUFACTURER, manufacturer_model_name=MODEL_NAME,
-        software_versions=version, device_serial_number=version, content_label="FEDSEG",
-        content_description="fedseg prediction", transfer_syntax_uid=ExplicitVRLittleEndian)
+        series_instance_uid=hd.UID(),
+        series_number=SEG_SERIES_NUMBER,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=MODEL_NAME,
+        software_versions=version,
+        device_serial_number=version,
+        content_label="FEDSEG",
+        content_description="fedseg prediction",
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+    )
     seg.save_as(private_file(path))

@@ -117,14 +117,16 @@ class EgressPolicy:
             max_bytes=total + METADATA_ALLOWANCE,
         )
 
-
     def masked(self) -> EgressPolicy:
         """The policy of a training reply under secure aggregation: one uint32 vector as long as the travelling
         tensors together, in their place, and no case count; nothing unmasked may leave."""
         length = sum(int(np.prod(shape, dtype=np.int64)) for shape, _ in self.arrays.values())
-        return dataclasses.replace(self, arrays=masked_arrays(length),
-                                   rules={**self.rules, MessageType.TRAIN: masked_rule(self.rules[MessageType.TRAIN])},
-                                   max_bytes=4 * length + NPY_HEADER_MAX + METADATA_ALLOWANCE)
+        return dataclasses.replace(
+            self,
+            arrays=masked_arrays(length),
+            rules={**self.rules, MessageType.TRAIN: masked_rule(self.rules[MessageType.TRAIN])},
+            max_bytes=4 * length + NPY_HEADER_MAX + METADATA_ALLOWANCE,
+        )
 
 
 # --- the checks ---------------------------------------------------------------------
@@ -150,8 +152,9 @@ def _array_problems(record: ArrayRecord, policy: EgressPolicy) -> Iterator[str]:
             yield f"array '{key}' carries {len(array.data)} bytes, more than its shape needs"
 
 
-def _metric_problems(record: MetricRecord, allowed: frozenset[str], required: Iterable[str],
-                     lists: bool) -> Iterator[str]:
+def _metric_problems(
+    record: MetricRecord, allowed: frozenset[str], required: Iterable[str], lists: bool
+) -> Iterator[str]:
     """Names outside ``allowed``, missing ``required`` ones, and lists (only fingerprints may hold short ones)."""
     missing = sorted(set(required) - set(record))
     if missing:
@@ -160,8 +163,10 @@ def _metric_problems(record: MetricRecord, allowed: frozenset[str], required: It
         if name not in allowed:
             yield f"metric '{name}' is not declared for this kind of reply in common.keys"
         if isinstance(value, list) and (not lists or len(value) > keys.EGRESS_MAX_LIST):
-            yield f"metric '{name}' is a list of {len(value)} values; only fingerprint lists up to " \
-                  f"{keys.EGRESS_MAX_LIST} may leave"
+            yield (
+                f"metric '{name}' is a list of {len(value)} values; only fingerprint lists up to "
+                f"{keys.EGRESS_MAX_LIST} may leave"
+            )
 
 
 def _identity_problems(record: ConfigRecord, policy: EgressPolicy) -> Iterator[str]:
@@ -194,8 +199,11 @@ def problems(reply: Message, policy: EgressPolicy | None, message_type: str = Me
         return [f"no content may answer a '{message_type}' message"]
     content = reply.content
     allowed = rule.records | rule.optional
-    found: list[str] = [f"record '{name}' ({type(record).__name__}) is not allowed in a '{message_type}' reply"
-                        for name, record in content.items() if name not in allowed]
+    found: list[str] = [
+        f"record '{name}' ({type(record).__name__}) is not allowed in a '{message_type}' reply"
+        for name, record in content.items()
+        if name not in allowed
+    ]
     found += [f"record '{name}' missing" for name in sorted(rule.records - set(content))]
     metric_count = 0
     for name, record in content.items():
@@ -234,11 +242,20 @@ def describe(reply: Message) -> dict:
     """What a message carries, as recorded in egress.jsonl: record keys, bytes and digest."""
     if reply.has_error():
         reason = reply.error.reason or ""
-        return {"kind": "error", "reason": reason, "keys": {}, "bytes": len(reason.encode()),
-                keys.CONTENT_SHA256: hashlib.sha256(reason.encode()).hexdigest()}
+        return {
+            "kind": "error",
+            "reason": reason,
+            "keys": {},
+            "bytes": len(reason.encode()),
+            keys.CONTENT_SHA256: hashlib.sha256(reason.encode()).hexdigest(),
+        }
     content = reply.content
-    return {"kind": "content", "keys": {name: sorted(record) for name, record in content.items()},
-            "bytes": content_bytes(content), keys.CONTENT_SHA256: content_sha256(content)}
+    return {
+        "kind": "content",
+        "keys": {name: sorted(record) for name, record in content.items()},
+        "bytes": content_bytes(content),
+        keys.CONTENT_SHA256: content_sha256(content),
+    }
 
 
 class EgressLog:
@@ -248,8 +265,13 @@ class EgressLog:
         self.path = Path(state_dir) / EGRESS_FILE
 
     def record(self, request: Message, reply: Message, status: str, blocked: list[str] | None = None) -> None:
-        line = {"time": time.time(), "round": message_round(request),
-                "message_type": request.metadata.message_type, "status": status, **describe(reply)}
+        line = {
+            "time": time.time(),
+            "round": message_round(request),
+            "message_type": request.metadata.message_type,
+            "status": status,
+            **describe(reply),
+        }
         if blocked:
             line["blocked"] = blocked
         with self.path.open("a", encoding="utf-8") as f:
@@ -289,8 +311,9 @@ def guard(reply: Message, request: Message, site: Site | None) -> Message:
         found = problems(reply, policy, request.metadata.message_type)
         audit = EgressLog(site.state.root) if site is not None else None
         if found:
-            log.error("egress guard of site %s blocked a %s reply: %s", name, request.metadata.message_type,
-                      "; ".join(found))
+            log.error(
+                "egress guard of site %s blocked a %s reply: %s", name, request.metadata.message_type, "; ".join(found)
+            )
             if audit is not None:
                 audit.record(request, reply, "blocked", found)
             reply = blocked
@@ -300,6 +323,7 @@ def guard(reply: Message, request: Message, site: Site | None) -> Message:
     except Exception as err:  # a guard that cannot decide, or cannot record, must block
         log.exception("egress guard of site %s failed while checking or recording a reply", name)
         if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:  # say why, in the fixed wording
-            return Message(Error(code=EGRESS_BLOCKED_CODE, reason=error_reason(name, DISK_FULL_REASON)),
-                           reply_to=request)
+            return Message(
+                Error(code=EGRESS_BLOCKED_CODE, reason=error_reason(name, DISK_FULL_REASON)), reply_to=request
+            )
         return blocked

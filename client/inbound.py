@@ -48,8 +48,13 @@ RECORDS = frozenset({keys.CONFIG, keys.ARRAYS, secagg.RECORD})
 """What a centre's message holds once unpacked (``secagg.RECORD``: secure aggregation's keys and shares)."""
 MAX_ROUND = 1_000_000
 EXPECTED: dict[str, tuple[type, ...]] = {
-    keys.SERVER_ROUND: (int,), keys.PROXIMAL_MU: (int, float), keys.EVALUATE_RECEIVED: (bool,),
-    keys.WIRE_DTYPE: (str,), keys.SIGNATURE: (str,), keys.CROSS_EVAL_TASK: (str,), keys.CROSS_EVAL_MODEL: (str,),
+    keys.SERVER_ROUND: (int,),
+    keys.PROXIMAL_MU: (int, float),
+    keys.EVALUATE_RECEIVED: (bool,),
+    keys.WIRE_DTYPE: (str,),
+    keys.SIGNATURE: (str,),
+    keys.CROSS_EVAL_TASK: (str,),
+    keys.CROSS_EVAL_MODEL: (str,),
     keys.PLAN: (str,),
 }
 """The type of each configuration entry the handlers read: a value of another type never reaches them."""
@@ -75,8 +80,11 @@ def received(msg: Message) -> Message:
 
 def _check_metadata(msg: Message) -> None:
     group = msg.metadata.group_id
-    if not isinstance(group, str) or len(group) > MAX_GROUP_ID or not (group == "" or group.isascii()
-                                                                        and group.isdigit()):
+    if (
+        not isinstance(group, str)
+        or len(group) > MAX_GROUP_ID
+        or not (group == "" or group.isascii() and group.isdigit())
+    ):
         raise MalformedMessage(f"group id {group!r:.40} is not a round number")
 
 
@@ -149,5 +157,7 @@ def _check_arrays(arrays: ArrayRecord) -> None:
             raise MalformedMessage(f"array name {name!r:.80} is not one printable line")
         data = array.numpy()
         if tuple(data.shape) != tuple(array.shape) or str(data.dtype) != array.dtype:
-            raise MalformedMessage(f"array {name!r:.80} declares {array.dtype}{list(array.shape)!r:.40} but holds "
-                                   f"{data.dtype}{list(data.shape)!r:.40}")
+            raise MalformedMessage(
+                f"array {name!r:.80} declares {array.dtype}{list(array.shape)!r:.40} but holds "
+                f"{data.dtype}{list(data.shape)!r:.40}"
+            )

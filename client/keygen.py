@@ -40,14 +40,22 @@ def run(args: argparse.Namespace) -> int:
     if public.exists() and not private.exists():
         raise UserError(f"{public} exists without its private key; move it away first.")
     key = ec.generate_private_key(ec.SECP384R1())
-    write_private(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                             serialization.NoEncryption()))
+    write_private(
+        private,
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ),
+    )
     comment = f" fedseg-site-{cfg.site.name}" if cfg.site.name else ""
     public.write_bytes(openssh_public(key.public_key()) + comment.encode() + b"\n")
-    print(f"private key: {private} (mode 0600; keep it here)\npublic key:  {public}\n"
-          f"fingerprint: {key_fingerprint(key.public_key())}")
-    print(f"Send {public.name} to the coordinating centre; it runs "
-          f"`fedseg-server certs add-site --site {cfg.site.name or 'NAME'} --key {public.name}`.")
+    print(
+        f"private key: {private} (mode 0600; keep it here)\npublic key:  {public}\n"
+        f"fingerprint: {key_fingerprint(key.public_key())}"
+    )
+    print(
+        f"Send {public.name} to the coordinating centre; it runs "
+        f"`fedseg-server certs add-site --site {cfg.site.name or 'NAME'} --key {public.name}`."
+    )
     if not cfg.site.private_key:
         print(f"Set site.private_key: {private} in site.yaml.")
     return 0

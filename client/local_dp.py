@@ -78,8 +78,13 @@ def add_noise(arrays: list[np.ndarray], std: float, rng: np.random.Generator | N
         array += rng.normal(0.0, std, array.shape).astype(array.dtype)
 
 
-def privatize(site_cfg: SiteConfig, run: RunState, server_round: int, received: dict[str, torch.Tensor],
-              travelling: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def privatize(
+    site_cfg: SiteConfig,
+    run: RunState,
+    server_round: int,
+    received: dict[str, torch.Tensor],
+    travelling: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
     """The travelling tensors as they may leave: clipped and noised when the site's local DP is on.
 
     ``received`` is the global model the round started from (w^t), keyed as
@@ -95,18 +100,35 @@ def privatize(site_cfg: SiteConfig, run: RunState, server_round: int, received: 
     add_noise(values, z * clip)
     record_release(run, server_round, z, clip, site_cfg.local_dp_delta)
     epsilon, releases = budget(run.info()[RECORD_KEY])
-    log.info("round %d: local DP on this site's update (norm %.4g clipped to %g, noise std %g); epsilon %.4g at "
-             "delta %g after %d release(s) in run %s", server_round, norm, clip, z * clip, epsilon,
-             site_cfg.local_dp_delta, releases, run.name)
+    log.info(
+        "round %d: local DP on this site's update (norm %.4g clipped to %g, noise std %g); epsilon %.4g at "
+        "delta %g after %d release(s) in run %s",
+        server_round,
+        norm,
+        clip,
+        z * clip,
+        epsilon,
+        site_cfg.local_dp_delta,
+        releases,
+        run.name,
+    )
     return {k: torch.from_numpy(v) for k, v in zip(order, values, strict=True)}
 
 
-def record_release(run: RunState, server_round: int, noise_multiplier: float, clipping_norm: float,
-                   delta: float) -> None:
+def record_release(
+    run: RunState, server_round: int, noise_multiplier: float, clipping_norm: float, delta: float
+) -> None:
     """Add one release to the run's record at the site (run.json), atomically, before the update leaves."""
     kept = run.info().get(RECORD_KEY, {})
-    releases = [*kept.get("releases", []), {"round": server_round, "noise_multiplier": noise_multiplier,
-                                            "clipping_norm": clipping_norm, "time": time.time()}]
+    releases = [
+        *kept.get("releases", []),
+        {
+            "round": server_round,
+            "noise_multiplier": noise_multiplier,
+            "clipping_norm": clipping_norm,
+            "time": time.time(),
+        },
+    ]
     run.record(**{RECORD_KEY: {"delta": delta, "releases": releases, "accountant": ACCOUNTANT}})
 
 
@@ -132,13 +154,17 @@ def status_lines(state: Path) -> list[str]:
     lines = []
     for name, record in kept.items():
         epsilon, n = budget(record)
-        lines.append(f"local DP: epsilon {epsilon:.4g} at delta {record['delta']:g} after {n} round(s) "
-                     f"(run {name}; noise multiplier {record['releases'][-1]['noise_multiplier']:g}, clipping "
-                     f"norm {record['releases'][-1]['clipping_norm']:g})")
+        lines.append(
+            f"local DP: epsilon {epsilon:.4g} at delta {record['delta']:g} after {n} round(s) "
+            f"(run {name}; noise multiplier {record['releases'][-1]['noise_multiplier']:g}, clipping "
+            f"norm {record['releases'][-1]['clipping_norm']:g})"
+        )
     if len(kept) > 1:
         every = [r for record in kept.values() for r in record["releases"]]
         delta = min(record["delta"] for record in kept.values())  # the strictest the site asked for
         epsilon = gdp_epsilon(composed_mu(_effective(every)), delta)
-        lines.append(f"local DP, all {len(kept)} runs together (the same patients): epsilon {epsilon:.4g} at delta "
-                     f"{delta:g} after {len(every)} round(s)")
+        lines.append(
+            f"local DP, all {len(kept)} runs together (the same patients): epsilon {epsilon:.4g} at delta "
+            f"{delta:g} after {len(every)} round(s)"
+        )
     return lines

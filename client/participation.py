@@ -37,14 +37,23 @@ def participation(cfg: FedsegConfig, spec: DatasetSpec) -> Participation:
         f"training:   {len(train)} case(s) "
         + ("-> trains" if trains else f"-> REFUSED: fewer than site.min_cohort = {floor}"),
         f"validation: {len(val)} case(s) "
-        + ("-> sends its validation Dice" if len(val) >= floor
-           else f"-> trains but sends no validation score (fewer than site.min_cohort = {floor})"),
+        + (
+            "-> sends its validation Dice"
+            if len(val) >= floor
+            else f"-> trains but sends no validation score (fewer than site.min_cohort = {floor})"
+        ),
         f"testing:    {len(spec.test_cases)} labelled test case(s) "
-        + ("-> sends its test Dice" if len(spec.test_cases) >= floor
-           else "-> sends no test score" + (f" (fewer than site.min_cohort = {floor})" if spec.test_cases else "")),
+        + (
+            "-> sends its test Dice"
+            if len(spec.test_cases) >= floor
+            else "-> sends no test score" + (f" (fewer than site.min_cohort = {floor})" if spec.test_cases else "")
+        ),
         f"held out:   {len(ids) + len(spec.test_cases)} labelled case(s) "
-        + ("-> scored if the centre holds this site out" if len(ids) + len(spec.test_cases) >= floor
-           else f"-> not scored if held out (fewer than site.min_cohort = {floor})"),
+        + (
+            "-> scored if the centre holds this site out"
+            if len(ids) + len(spec.test_cases) >= floor
+            else f"-> not scored if held out (fewer than site.min_cohort = {floor})"
+        ),
     ]
     labels, agrees = label_lines(spec, Path(cfg.site.state_dir) / PLAN_FILE if cfg.site.state_dir else None)
     return Participation(lines + labels, trains and agrees)
@@ -55,7 +64,9 @@ def label_lines(spec: DatasetSpec, plan_file: Path | None) -> tuple[list[str], b
     own = ", ".join(f"{v}: {name}" for name, v in sorted(spec.labels.items(), key=lambda item: item[1]))
     lines = [f"labels:     {own}; channels: {', '.join(spec.channel_names.values())}"]
     if plan_file is None or not plan_file.is_file():
-        return lines + ["            (no federation plan at this site yet: the centre compares labels at planning)"], True
+        return lines + [
+            "            (no federation plan at this site yet: the centre compares labels at planning)"
+        ], True
     try:
         plan = Plan.load(plan_file)
     except PlanError:
@@ -69,6 +80,9 @@ def label_lines(spec: DatasetSpec, plan_file: Path | None) -> tuple[list[str], b
     if table is None:
         return lines + ["            -> the same as the federation's (its last plan)"], True
     theirs = describe_coding(spec.labels, plan.label_codes)
-    verdict = ("remapped by name at this site (the centre allows it)" if plan.remap_labels
-               else "REFUSED unless the centre sets data.remap_labels: true")
+    verdict = (
+        "remapped by name at this site (the centre allows it)"
+        if plan.remap_labels
+        else "REFUSED unless the centre sets data.remap_labels: true"
+    )
     return lines + [f"            the federation codes them {theirs}: {verdict}"], plan.remap_labels

@@ -113,8 +113,9 @@ def output_header(source: nib.Nifti1Header | None, dtype: type | np.dtype) -> ni
     return header
 
 
-def write_nifti(array: np.ndarray, affine: np.ndarray, source: nib.Nifti1Header | None, path: Path,
-                dtype: type | None = None) -> None:
+def write_nifti(
+    array: np.ndarray, affine: np.ndarray, source: nib.Nifti1Header | None, path: Path, dtype: type | None = None
+) -> None:
     """Write ``array`` on the input's grid (scanner qform and sform from its affine), stored as ``dtype``."""
     import nibabel as nib
 
@@ -131,8 +132,7 @@ def keep_largest_components(label: np.ndarray, num_classes: int) -> np.ndarray:
     import torch
     from monai.transforms import KeepLargestConnectedComponent
 
-    keep = KeepLargestConnectedComponent(applied_labels=list(range(1, num_classes)), is_onehot=False,
-                                         independent=True)
+    keep = KeepLargestConnectedComponent(applied_labels=list(range(1, num_classes)), is_onehot=False, independent=True)
     return np.asarray(keep(torch.from_numpy(np.ascontiguousarray(label))[None]))[0].astype(np.uint8, copy=False)
 
 
@@ -143,8 +143,15 @@ def probability_path(out_path: Path) -> Path:
     return out_path.with_name(f"{stem}{PROB_SUFFIX}{ending if ending != DICOM_SEG_ENDING else NIFTI_OUT_ENDING}")
 
 
-def predict_file(path: Path | tuple[Path, ...], out_path: Path, model: nn.Module, plan: Plan, num_classes: int,
-                 options: InferenceOptions | None = None, progress: bool = False) -> np.ndarray:
+def predict_file(
+    path: Path | tuple[Path, ...],
+    out_path: Path,
+    model: nn.Module,
+    plan: Plan,
+    num_classes: int,
+    options: InferenceOptions | None = None,
+    progress: bool = False,
+) -> np.ndarray:
     """Segment one scan (or one case's channel files) and write its label map (and probabilities) on the
     input's grid; ``options`` None: InferenceOptions' defaults."""
     from common.dicom_series import Series, open_series
@@ -198,14 +205,19 @@ def scans(source: Path) -> list[Path]:
     if source.is_file() or is_series_folder(source):
         return [source]
     if source.is_dir():
-        found = sorted(p for p in source.iterdir() if not p.name.startswith(".")
-                       and (p.name.endswith(NIFTI_ENDINGS) and p.is_file() or is_series_folder(p)))
+        found = sorted(
+            p
+            for p in source.iterdir()
+            if not p.name.startswith(".") and (p.name.endswith(NIFTI_ENDINGS) and p.is_file() or is_series_folder(p))
+        )
         if found:
             return found
     from common.cli import UserError
 
-    raise UserError(f"{source}: no .nii or .nii.gz scan or DICOM series folder to segment (give a file, a series "
-                    "folder, or a folder of them).")
+    raise UserError(
+        f"{source}: no .nii or .nii.gz scan or DICOM series folder to segment (give a file, a series "
+        "folder, or a folder of them)."
+    )
 
 
 def output_name(scan: Path, names: str = "fedseg", output_format: str = "nifti") -> str:
@@ -223,37 +235,78 @@ def output_name(scan: Path, names: str = "fedseg", output_format: str = "nifti")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", type=Path,
-                        help="Run folder from the centre (fedseg-server site-package): config.yaml, plan.json, "
-                             "checkpoints/.")
-    source.add_argument("--model", type=Path,
-                        help="A model folder written by `fedseg-client export` (no run folder or site state needed).")
-    parser.add_argument("--input", type=Path, required=True,
-                        help="A scan (.nii/.nii.gz), a DICOM series folder, or a folder of scans and series folders.")
+    source.add_argument(
+        "--run",
+        type=Path,
+        help="Run folder from the centre (fedseg-server site-package): config.yaml, plan.json, checkpoints/.",
+    )
+    source.add_argument(
+        "--model",
+        type=Path,
+        help="A model folder written by `fedseg-client export` (no run folder or site state needed).",
+    )
+    parser.add_argument(
+        "--input",
+        type=Path,
+        required=True,
+        help="A scan (.nii/.nii.gz), a DICOM series folder, or a folder of scans and series folders.",
+    )
     parser.add_argument("--output", type=Path, required=True, help="Folder for the label maps (<case>_seg.nii.gz).")
-    parser.add_argument("--output-format", choices=OUTPUT_FORMATS, default="nifti",
-                        help="nifti (default), or dicom-seg: a DICOM Segmentation referencing the input series "
-                             "(DICOM inputs only; no patient attribute is copied).")
-    parser.add_argument("--output-names", choices=OUTPUT_NAMES, default="fedseg",
-                        help="fedseg: <case>_seg.nii.gz (default); nnunet: <case>.nii.gz as nnU-Net writes them.")
-    parser.add_argument("--strict", action="store_true",
-                        help="Refuse an input whose modality differs from what the model was trained on (default: "
-                             "warn and segment it).")
-    parser.add_argument("--weights", help="Round of the run: best, last or round-N (default: the centre's best "
-                                          "round, else its last; with --personalized, the personalized copy's).")
-    parser.add_argument("--personalized", action="store_true",
-                        help="With --run: the personalized copy this site's cross-site evaluation fine-tuned and "
-                             "scored (kept in the run's site state).")
-    parser.add_argument("--overlap", type=float, default=None, help="Sliding-window overlap (default: train.sw_overlap).")
-    parser.add_argument("--adapt-norm", action=argparse.BooleanOptionalAction, default=None,
-                        help="First re-estimate the BatchNorm statistics on these unlabeled scans (AdaBN). Default: "
-                             "only for a site with no norm tensors of its own (it never trained in this run).")
-    parser.add_argument("--tta", action="store_true",
-                        help="Test-time mirroring: average the 8 flipped copies of every window (8x slower).")
-    parser.add_argument("--probabilities", action="store_true",
-                        help="Also write <case>_prob.nii.gz: the softmax, one volume per class (4D).")
-    parser.add_argument("--largest-component", action="store_true",
-                        help="Keep only the largest connected component of each foreground class.")
+    parser.add_argument(
+        "--output-format",
+        choices=OUTPUT_FORMATS,
+        default="nifti",
+        help="nifti (default), or dicom-seg: a DICOM Segmentation referencing the input series "
+        "(DICOM inputs only; no patient attribute is copied).",
+    )
+    parser.add_argument(
+        "--output-names",
+        choices=OUTPUT_NAMES,
+        default="fedseg",
+        help="fedseg: <case>_seg.nii.gz (default); nnunet: <case>.nii.gz as nnU-Net writes them.",
+    )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="Refuse an input whose modality differs from what the model was trained on (default: "
+        "warn and segment it).",
+    )
+    parser.add_argument(
+        "--weights",
+        help="Round of the run: best, last or round-N (default: the centre's best "
+        "round, else its last; with --personalized, the personalized copy's).",
+    )
+    parser.add_argument(
+        "--personalized",
+        action="store_true",
+        help="With --run: the personalized copy this site's cross-site evaluation fine-tuned and "
+        "scored (kept in the run's site state).",
+    )
+    parser.add_argument(
+        "--overlap", type=float, default=None, help="Sliding-window overlap (default: train.sw_overlap)."
+    )
+    parser.add_argument(
+        "--adapt-norm",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="First re-estimate the BatchNorm statistics on these unlabeled scans (AdaBN). Default: "
+        "only for a site with no norm tensors of its own (it never trained in this run).",
+    )
+    parser.add_argument(
+        "--tta",
+        action="store_true",
+        help="Test-time mirroring: average the 8 flipped copies of every window (8x slower).",
+    )
+    parser.add_argument(
+        "--probabilities",
+        action="store_true",
+        help="Also write <case>_prob.nii.gz: the softmax, one volume per class (4D).",
+    )
+    parser.add_argument(
+        "--largest-component",
+        action="store_true",
+        help="Keep only the largest connected component of each foreground class.",
+    )
 
 
 def inference_options(args: argparse.Namespace, model_cfg: FedsegConfig, site_cfg: FedsegConfig) -> InferenceOptions:
@@ -289,19 +342,27 @@ def run(args: argparse.Namespace) -> int:
     state_root = Path(cfg.site.state_dir) if cfg.site.state_dir else None
     if args.model is not None:
         if args.weights is not None or args.personalized:
-            raise UserError("--weights and --personalized go with --run; an exported --model folder holds its own "
-                            "weights.")
+            raise UserError(
+                "--weights and --personalized go with --run; an exported --model folder holds its own weights."
+            )
         model, plan, model_cfg = load_site_model(args.model)
         own = True
     else:
-        loaded = load_run_model(args.run, args.weights, state_root, personalized=args.personalized,
-                                missing_local="quiet" if args.adapt_norm is not False else "warn")
+        loaded = load_run_model(
+            args.run,
+            args.weights,
+            state_root,
+            personalized=args.personalized,
+            missing_local="quiet" if args.adapt_norm is not False else "warn",
+        )
         model, plan, model_cfg, own = loaded.model, loaded.plan, loaded.cfg, loaded.own
         print(f"model: {loaded.describe()}")
     adapt = args.adapt_norm if args.adapt_norm is not None else not own and has_batch_norm(model)
     if adapt and args.adapt_norm is None:
-        print("this site has no BatchNorm statistics of its own for this model (it never trained in this run): "
-              "re-estimating them on these scans first (--no-adapt-norm to skip)")
+        print(
+            "this site has no BatchNorm statistics of its own for this model (it never trained in this run): "
+            "re-estimating them on these scans first (--no-adapt-norm to skip)"
+        )
     options = inference_options(args, model_cfg, cfg)
     if args.output_format == "dicom-seg":
         labels = _model_labels(args, cfg, model_cfg.model.out_channels)
@@ -318,8 +379,9 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--adapt-norm needs train.adapt_norm_steps >= 1 in the model's config.")
         images = [prepare_image(paths, plan).numpy() for paths in cases.values()]
         data = plan.data_config(model_cfg.data)
-        if adapt_norm(model, images, data, train.adapt_norm_steps, train.batch_size, train.seed,
-                      options.compute.device):
+        if adapt_norm(
+            model, images, data, train.adapt_norm_steps, train.batch_size, train.seed, options.compute.device
+        ):
             print(f"re-estimated the BatchNorm statistics on {len(images)} scan(s)")
         else:
             print("the model has no BatchNorm layer: nothing to adapt, it is used as it arrives")
@@ -346,23 +408,30 @@ def _model_labels(args: argparse.Namespace, cfg: FedsegConfig, num_classes: int)
     return label_names(cfg, num_classes)
 
 
-def check_inputs(cases: dict[str, tuple[Path, ...]], plan: Plan, in_channels: int, output_format: str,
-                 strict: bool) -> None:
+def check_inputs(
+    cases: dict[str, tuple[Path, ...]], plan: Plan, in_channels: int, output_format: str, strict: bool
+) -> None:
     """Before segmenting: refuse what cannot run or be written, warn (``strict``: refuse) about a modality the
     model was not trained on. Raises DatasetError naming the file."""
     from .predict_inputs import channel_count, input_mismatches
 
     for paths in cases.values():
         if (found := channel_count(paths)) != in_channels:
-            raise DatasetError(f"{paths[0]}: {found} channel(s), the model was trained on {in_channels}; it cannot "
-                               "segment this input.")
+            raise DatasetError(
+                f"{paths[0]}: {found} channel(s), the model was trained on {in_channels}; it cannot segment this input."
+            )
         if output_format == "dicom-seg" and not paths[0].is_dir():
-            raise DatasetError(f"{paths[0]}: --output-format dicom-seg needs a DICOM series input (a SEG references "
-                               "its source images); use the default NIfTI output for a NIfTI scan.")
+            raise DatasetError(
+                f"{paths[0]}: --output-format dicom-seg needs a DICOM series input (a SEG references "
+                "its source images); use the default NIfTI output for a NIfTI scan."
+            )
     mismatches = [m for paths in cases.values() for m in input_mismatches(paths, plan)]
     for line in mismatches:
         log.warning("input differs from the model's training data: %s", line)
         print(f"WARNING: {line}", file=sys.stderr)
     if mismatches and strict:
-        raise DatasetError(f"--strict: {len(mismatches)} input(s) differ from what the model was trained on:\n  "
-                           + "\n  ".join(mismatches) + "\n(drop --strict to segment them anyway)")
+        raise DatasetError(
+            f"--strict: {len(mismatches)} input(s) differ from what the model was trained on:\n  "
+            + "\n  ".join(mismatches)
+            + "\n(drop --strict to segment them anyway)"
+        )

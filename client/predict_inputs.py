@@ -54,8 +54,10 @@ def _dicom_mismatch(folder: Path, channel: int, plan: Plan) -> str | None:
     series = open_series(folder)  # a folder that is not one volume is refused here, with its problems
     trained_ct = plan.normalization[channel].scheme == "ct"
     if series.modality and (series.modality == "CT") != trained_ct:
-        return (f"{folder}: channel {channel} is DICOM Modality {series.modality}, the model was trained on "
-                f"{_trained(plan, channel)}")
+        return (
+            f"{folder}: channel {channel} is DICOM Modality {series.modality}, the model was trained on "
+            f"{_trained(plan, channel)}"
+        )
     return None
 
 
@@ -77,8 +79,10 @@ def _nifti_mismatches(path: Path, plan: Plan, first: int) -> list[str]:
             what = "look like CT (air below -500)" if looks_ct else "do not look like CT (no air near -1000 HU)"
             found.append(f"{path}: channel {channel} {seen} {what}; the model was trained on {_trained(plan, channel)}")
         elif norm.scheme == "ct" and (high < norm.clip_low or low > norm.clip_high):
-            found.append(f"{path}: channel {channel} {seen} lie outside the model's CT clip range "
-                         f"{norm.clip_low:.0f}..{norm.clip_high:.0f}")
+            found.append(
+                f"{path}: channel {channel} {seen} lie outside the model's CT clip range "
+                f"{norm.clip_low:.0f}..{norm.clip_high:.0f}"
+            )
     return found
 
 

@@ -48,9 +48,9 @@ SANITIZED_REASONS: dict[type[BaseException], str] = {
     ChannelMismatch: "the site's image channels differ from the federation's; run `fedseg-client check` at the site",
     LabelMismatch: "the site's label map differs from the federation's; run `fedseg-client check` at the site",
     UnderSiteFloor: "the centre's train.local_steps or train.batch_size is under this site's floor "
-                    "(site.min_local_steps, site.min_batch_size): the site does not train",
+    "(site.min_local_steps, site.min_batch_size): the site does not train",
     PlainUpdateRefused: "the centre asks for an update in the clear; this site requires secure aggregation "
-                        "(site.require_secure_aggregation): the site does not train",
+    "(site.require_secure_aggregation): the site does not train",
     TooFewCases: "fewer cases than the site's minimum cohort (site.min_cohort): nothing computed from them is sent",
 }
 DISK_FULL_ERRNOS = frozenset((errno.ENOSPC, errno.EFBIG, errno.EDQUOT))

@@ -86,8 +86,10 @@ def _save(site: Site, server_round: int, secrets: RoundSecrets) -> None:
 def _load(site: Site, server_round: int) -> RoundSecrets:
     path = _path(site, server_round)
     if not path.is_file():
-        raise secagg.ProtocolError(f"no secure-aggregation keys of round {server_round} at this site (the keys "
-                                   "query of the round never reached it)")
+        raise secagg.ProtocolError(
+            f"no secure-aggregation keys of round {server_round} at this site (the keys "
+            "query of the round never reached it)"
+        )
     return RoundSecrets(**json.loads(path.read_text()))
 
 
@@ -117,9 +119,13 @@ def public_keys(site: Site, msg: Message) -> Message:
     server_round = _round(msg)
     mask_sk, mask_pk = generate_key_pairs()
     share_sk, share_pk = generate_key_pairs()
-    secrets = RoundSecrets(mask_sk=_b64(private_key_to_bytes(mask_sk)), mask_pk=_b64(public_key_to_bytes(mask_pk)),
-                           share_sk=_b64(private_key_to_bytes(share_sk)),
-                           share_pk=_b64(public_key_to_bytes(share_pk)), seed=_b64(os.urandom(secagg.SEED_BYTES)))
+    secrets = RoundSecrets(
+        mask_sk=_b64(private_key_to_bytes(mask_sk)),
+        mask_pk=_b64(public_key_to_bytes(mask_pk)),
+        share_sk=_b64(private_key_to_bytes(share_sk)),
+        share_pk=_b64(public_key_to_bytes(share_pk)),
+        seed=_b64(os.urandom(secagg.SEED_BYTES)),
+    )
     _forget_earlier(site, server_round)
     _save(site, server_round, secrets)
     return _reply(site, msg, {secagg.MASK_KEY: _unb64(secrets.mask_pk), secagg.SHARE_KEY: _unb64(secrets.share_pk)})
@@ -165,13 +171,21 @@ def encrypted_shares(site: Site, msg: Message) -> Message:
             continue
         shared = generate_shared_key(share_sk, bytes_to_public_key(by_node[node][1]))
         destinations.append(node)
-        ciphertexts.append(encrypt(shared, share_keys_plaintext_concat(own, node, seed_shares[index],
-                                                                       key_shares[index])))
+        ciphertexts.append(
+            encrypt(shared, share_keys_plaintext_concat(own, node, seed_shares[index], key_shares[index]))
+        )
     secrets.peers = {str(n): [_b64(m), _b64(s)] for n, (m, s) in by_node.items()}
     secrets.threshold = t
     _save(site, server_round, secrets)
-    return _reply(site, msg, {secagg.DESTINATIONS: destinations, secagg.CIPHERTEXTS: ciphertexts,
-                              secagg.SEED_DIGEST: hashlib.sha256(_unb64(secrets.seed)).digest()})
+    return _reply(
+        site,
+        msg,
+        {
+            secagg.DESTINATIONS: destinations,
+            secagg.CIPHERTEXTS: ciphertexts,
+            secagg.SEED_DIGEST: hashlib.sha256(_unb64(secrets.seed)).digest(),
+        },
+    )
 
 
 def requested(msg: Message) -> bool:
@@ -179,13 +193,16 @@ def requested(msg: Message) -> bool:
     return msg.has_content() and secagg.RECORD in msg.content.config_records
 
 
-def masked_update(site: Site, msg: Message, trained: Mapping[str, torch.Tensor],
-                  received: Mapping[str, torch.Tensor]) -> ArrayRecord:
+def masked_update(
+    site: Site, msg: Message, trained: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor]
+) -> ArrayRecord:
     """Stage 3: keep the shares addressed to this site, then clip, quantize and mask the update: the trained
     shared tensors minus the received ones, flat in the order of their names (the centre's order)."""
     order = sorted(received)
-    update = secagg.flat({k: trained[k].detach().cpu().double().numpy() - received[k].detach().cpu().double().numpy()
-                          for k in order}, order)
+    update = secagg.flat(
+        {k: trained[k].detach().cpu().double().numpy() - received[k].detach().cpu().double().numpy() for k in order},
+        order,
+    )
     server_round, own = _round(msg), _own(msg)
     secrets = _load(site, server_round)
     record = _record(msg)
@@ -197,8 +214,9 @@ def masked_update(site: Site, msg: Message, trained: Mapping[str, torch.Tensor],
     if len(sources) != len(ciphertexts) or own in sources or not set(sources) <= {int(n) for n in secrets.peers}:
         raise secagg.ProtocolError("the shares come from nodes that are not this round's other sites")
     if len(sources) + 1 < secrets.threshold:
-        raise secagg.ProtocolError(f"{len(sources) + 1} sites left in the round, fewer than the threshold "
-                                   f"{secrets.threshold}")
+        raise secagg.ProtocolError(
+            f"{len(sources) + 1} sites left in the round, fewer than the threshold {secrets.threshold}"
+        )
     if not isinstance(bound, float) or not 0 < bound < 1e6:
         raise secagg.ProtocolError(f"clipping bound {bound!r:.20} is not a positive number")
     _keep_shares(secrets, own, sources, ciphertexts)
@@ -223,8 +241,9 @@ def _keep_shares(secrets: RoundSecrets, own: int, sources: list[int], ciphertext
         try:
             sender, dst, seed_share, key_share = share_keys_plaintext_separate(decrypt(shared, ciphertext))
         except (InvalidToken, ValueError):
-            log.warning("the secure-aggregation shares from node %d do not decrypt; this site cannot help unmask it",
-                        src)
+            log.warning(
+                "the secure-aggregation shares from node %d do not decrypt; this site cannot help unmask it", src
+            )
             continue
         if sender != src or dst != own or len(seed_share) > secagg.MAX_SHARE or len(key_share) > secagg.MAX_SHARE:
             log.warning("the secure-aggregation shares from node %d are not addressed to this site; left out", src)

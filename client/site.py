@@ -62,8 +62,9 @@ class Site:
         if keys.NODE_SITE_CONFIG in context.node_config:
             site_yaml = Path(str(context.node_config[keys.NODE_SITE_CONFIG]))
         else:
-            site_yaml = simulated_site_config(Path(str(context.run_config[keys.SIM_SITES_KEY])),
-                                              int(context.node_config[keys.NODE_PARTITION_ID]))
+            site_yaml = simulated_site_config(
+                Path(str(context.run_config[keys.SIM_SITES_KEY])), int(context.node_config[keys.NODE_PARTITION_ID])
+            )
         local = load_config(site_yaml, schema=SiteFile)
         cfg = view.resolved(local.site, with_site_compute(view.train, local.train))
         cfg = with_model_channels(cfg, msg)
@@ -92,8 +93,9 @@ class Site:
             raise SignatureMismatch(f"server signature {expected}, site signature {self.signature}")
         received = from_wire(msg.content.array_records[keys.ARRAYS])
         server_round = message_round(msg)
-        model_round = None if server_round is None else int(server_round) - int(msg.metadata.message_type ==
-                                                                                 MessageType.TRAIN)
+        model_round = (
+            None if server_round is None else int(server_round) - int(msg.metadata.message_type == MessageType.TRAIN)
+        )
         run = self.run
         own = run.norm_for(model_round, self.signature)
         if own is None and not run.trained:
@@ -106,15 +108,24 @@ class Site:
         tensors of the run ``site.norm_from_run`` names, for the same model; either way the site says which."""
         source = self.cfg.site.norm_from_run
         if not source:
-            log.info("run %s: this site has no norm tensors of its own in this run yet; its norm layers start from "
-                     "the global initialisation", run.name)
+            log.info(
+                "run %s: this site has no norm tensors of its own in this run yet; its norm layers start from "
+                "the global initialisation",
+                run.name,
+            )
             return None
         start = self.state.run_folder(source).norm_for(None, self.signature)
         if start is None:
-            raise ValueError(f"site.norm_from_run {source!r}: {self.state.run_folder(source).folder} holds no norm "
-                             "tensors; name a run this site trained in, or leave the option empty.")
-        log.info("run %s: this site's norm layers start from run %s, round %d (site.norm_from_run)", run.name, source,
-                 start[0])
+            raise ValueError(
+                f"site.norm_from_run {source!r}: {self.state.run_folder(source).folder} holds no norm "
+                "tensors; name a run this site trained in, or leave the option empty."
+            )
+        log.info(
+            "run %s: this site's norm layers start from run %s, round %d (site.norm_from_run)",
+            run.name,
+            source,
+            start[0],
+        )
         if "started_from" not in run.info():
             run.record(started_from={"run": source, "round": start[0]})
         return start
@@ -143,11 +154,13 @@ def with_model_channels(cfg: FedsegConfig, msg: Message | None) -> FedsegConfig:
         return cfg
     plan = received_plan(msg)
     if plan is not None and plan.label_codes:
-        return cfg.replace(model=with_channels(cfg.model, len(plan.normalization), len(plan.label_codes),
-                                                            "the federation's plan"))
+        return cfg.replace(
+            model=with_channels(cfg.model, len(plan.normalization), len(plan.label_codes), "the federation's plan")
+        )
     spec = read_dataset(cfg.site.data_dir)
-    return cfg.replace(model=with_channels(cfg.model, spec.num_channels, spec.num_classes,
-                                                        f"this site's dataset.json ({spec.labels})"))
+    return cfg.replace(
+        model=with_channels(cfg.model, spec.num_channels, spec.num_classes, f"this site's dataset.json ({spec.labels})")
+    )
 
 
 def received_plan(msg: Message | None) -> Plan | None:

@@ -90,12 +90,15 @@ def federation_coding(spec: DatasetSpec, plan: Plan) -> np.ndarray | None:
         return None
     table = remap_table(spec.labels, plan.label_codes)
     if table is not None and not plan.remap_labels:
-        raise LabelMismatch(f"this site's dataset.json codes the federation's labels with other values: the "
-                            f"federation's map is {{{describe_coding(spec.labels, plan.label_codes)}}}, this "
-                            f"site's {spec.labels}; recode labelsTr, or ask the centre for data.remap_labels: true")
+        raise LabelMismatch(
+            f"this site's dataset.json codes the federation's labels with other values: the "
+            f"federation's map is {{{describe_coding(spec.labels, plan.label_codes)}}}, this "
+            f"site's {spec.labels}; recode labelsTr, or ask the centre for data.remap_labels: true"
+        )
     if table is not None:
-        log.info("labels remapped by name to the federation's values: %s", describe_coding(spec.labels,
-                                                                                       plan.label_codes))
+        log.info(
+            "labels remapped by name to the federation's values: %s", describe_coding(spec.labels, plan.label_codes)
+        )
     return table
 
 
@@ -127,8 +130,12 @@ def open_split(cfg: FedsegConfig, state: SiteState) -> tuple[DatasetSpec, list[s
     stamp, report = preflight(spec.root, state.info())
     if report is not None:
         state.update_info(checked_stamp=stamp)
-    train_ids, val_ids = state.split([c.case_id for c in spec.cases], cfg.data.val_fraction, cfg.data.split_seed,
-                                     run=state.run(cfg).name if cfg.federation.run_name else "")
+    train_ids, val_ids = state.split(
+        [c.case_id for c in spec.cases],
+        cfg.data.val_fraction,
+        cfg.data.split_seed,
+        run=state.run(cfg).name if cfg.federation.run_name else "",
+    )
     return spec, train_ids, val_ids
 
 
@@ -141,14 +148,16 @@ def fingerprint(cfg: FedsegConfig, state: SiteState) -> dict:
         cached = json.loads(path.read_text())
         if cached.get("key") == key:
             return cached["record"]
-    record = site_fingerprint(spec, require_cohort(cfg, train_ids, "training"), seed=cfg.data.split_seed,
-                              val_cases=len(val_ids))
+    record = site_fingerprint(
+        spec, require_cohort(cfg, train_ids, "training"), seed=cfg.data.split_seed, val_cases=len(val_ids)
+    )
     atomic_write_text(path, json.dumps({"key": key, "record": record}))
     return record
 
 
-def resolve_plan(cfg: FedsegConfig, state: SiteState, spec: DatasetSpec, train_ids: list[str],
-                 msg: Message | None) -> Plan:
+def resolve_plan(
+    cfg: FedsegConfig, state: SiteState, spec: DatasetSpec, train_ids: list[str], msg: Message | None
+) -> Plan:
     stored = state.root / PLAN_FILE
     if (plan := received_plan(msg)) is not None:
         if not stored.is_file() or Plan.load(stored).version != plan.version:

@@ -28,10 +28,14 @@ def record_reply(state_root: Path, msg: Message, reply: Message) -> None:
     config = msg.content.config_records.get(keys.CONFIG)
     value = config.get(keys.SERVER_ROUND) if config else None
     server_round = value if isinstance(value, int) else None  # an int: client/inbound.py checked it on arrival
-    entry = {"time": time.time(), "stage": msg.metadata.message_type, "round": server_round,
-             "metrics": dict(reply.content.metric_records.get(keys.METRICS, {})),
-             "bytes_sent": arrays.count_bytes() if arrays is not None else 0,
-             keys.CONTENT_SHA256: message_sha256(reply)}
+    entry = {
+        "time": time.time(),
+        "stage": msg.metadata.message_type,
+        "round": server_round,
+        "metrics": dict(reply.content.metric_records.get(keys.METRICS, {})),
+        "bytes_sent": arrays.count_bytes() if arrays is not None else 0,
+        keys.CONTENT_SHA256: message_sha256(reply),
+    }
     with (Path(state_root) / HISTORY_FILE).open("a", encoding="utf-8") as f:
         f.write(json.dumps(entry) + "\n")
 

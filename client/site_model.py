@@ -67,8 +67,10 @@ from .site_state import RunState
 
 log = logging.getLogger("fedseg.client")
 EXPORTED_SECTIONS = ("model", "data", "train")
-DEFAULT_RULE = ("the centre's best round (checkpoints/state.json), or its last round when the run has no best; "
-                "--weights picks another")
+DEFAULT_RULE = (
+    "the centre's best round (checkpoints/state.json), or its last round when the run has no best; "
+    "--weights picks another"
+)
 """The one rule for the round a site command uses by default: export, predict, report and the personalized copy."""
 
 
@@ -100,8 +102,10 @@ def run_checkpoint(run: Path, choice: str | None = None) -> Checkpoint:
     server_round = name.round if name.round is not None else int(rounds.get(f"{name.alias}_round", 0)) or None
     path = run / CHECKPOINT_DIR / name.file
     if not path.is_file():
-        raise UserError(f"{path} not found: the run folder has no '{choice}' checkpoint; give this site the run "
-                        "with `fedseg-server site-package` at the centre, or pick another with --weights.")
+        raise UserError(
+            f"{path} not found: the run folder has no '{choice}' checkpoint; give this site the run "
+            "with `fedseg-server site-package` at the centre, or pick another with --weights."
+        )
     return Checkpoint(choice, server_round, path)
 
 
@@ -131,11 +135,17 @@ def site_dice(run: Path, loaded: RunModel, state: RunState, site: str) -> dict[s
     logged = round_dice(run, loaded.checkpoint.round, site)
     mine = state.score(loaded.checkpoint.round)
     if loaded.personal is not None:
-        return {**logged, "site_dice": loaded.personal["dice_after"],
-                "dice_source": "this site's cross-site evaluation of its personalized copy"}
+        return {
+            **logged,
+            "site_dice": loaded.personal["dice_after"],
+            "dice_source": "this site's cross-site evaluation of its personalized copy",
+        }
     if mine.get("cross_eval_dice") is not None:
-        return {**logged, "site_dice": mine["cross_eval_dice"],
-                "dice_source": f"this site's cross-site evaluation of round {loaded.checkpoint.round}"}
+        return {
+            **logged,
+            "site_dice": mine["cross_eval_dice"],
+            "dice_source": f"this site's cross-site evaluation of round {loaded.checkpoint.round}",
+        }
     if "site_dice" in logged:
         return {**logged, "dice_source": f"this site's validation of round {loaded.checkpoint.round} (metrics log)"}
     return logged
@@ -159,18 +169,18 @@ def _sha256(path: Path) -> str:
 def _readme(provenance: dict[str, Any], model_cfg: FedsegConfig) -> str:
     network, arguments = network_spec(model_cfg.model)
     dice = provenance.get("site_dice")
-    return f"""# fedseg model of site {provenance['site']}
+    return f"""# fedseg model of site {provenance["site"]}
 
 | | |
 |---|---|
-| run | {provenance['run']} (id {provenance['run_id'] or 'none'}) |
-| checkpoint | {provenance['weights']} (round {provenance['round'] or 'unknown'}) |
-| Dice at this site | {'unknown' if dice is None else f'{dice:.4f}'} ({provenance.get('dice_source', 'not measured')}) |
-| federation Dice | {provenance.get('federation_dice', 'unknown')} |
-| site norm tensors | from round {provenance['norm_round'] or 'unknown'} of this site's training in this run |
-| personalized | {_personal_line(provenance.get('personalized'))} |
-| exported | {provenance['exported']} |
-| SHA-256 of {WEIGHTS_FILE} | {provenance['sha256']} |
+| run | {provenance["run"]} (id {provenance["run_id"] or "none"}) |
+| checkpoint | {provenance["weights"]} (round {provenance["round"] or "unknown"}) |
+| Dice at this site | {"unknown" if dice is None else f"{dice:.4f}"} ({provenance.get("dice_source", "not measured")}) |
+| federation Dice | {provenance.get("federation_dice", "unknown")} |
+| site norm tensors | from round {provenance["norm_round"] or "unknown"} of this site's training in this run |
+| personalized | {_personal_line(provenance.get("personalized"))} |
+| exported | {provenance["exported"]} |
+| SHA-256 of {WEIGHTS_FILE} | {provenance["sha256"]} |
 
 Segment scans with fedseg: `fedseg-client predict --model THIS_FOLDER --input scans/ --output out/`.
 
@@ -194,13 +204,16 @@ Label values are in `{LABELS_FILE}`.
 def _personal_line(personal: dict[str, Any] | None) -> str:
     if not personal:
         return "no (the federated model with this site's norm tensors)"
-    return (f"yes: the copy cross-site evaluation fine-tuned ({personal['steps']} steps on this site's training "
-            f"cases) and scored, validation Dice {personal['dice_before']:.4f} -> {personal['dice_after']:.4f} "
-            f"on validation cases {', '.join(personal['validation_cases'])}")
+    return (
+        f"yes: the copy cross-site evaluation fine-tuned ({personal['steps']} steps on this site's training "
+        f"cases) and scored, validation Dice {personal['dice_before']:.4f} -> {personal['dice_after']:.4f} "
+        f"on validation cases {', '.join(personal['validation_cases'])}"
+    )
 
 
-def export_site_model(cfg: FedsegConfig, run: Path, choice: str | None, out: Path, personalize: bool = False
-                      ) -> dict[str, Any]:
+def export_site_model(
+    cfg: FedsegConfig, run: Path, choice: str | None, out: Path, personalize: bool = False
+) -> dict[str, Any]:
     """Write the site's model folder (see the module docstring); returns its provenance."""
     from safetensors.torch import save_model
 
@@ -256,15 +269,28 @@ class RunModel:
 
     def describe(self) -> str:
         """One line naming the run, the round and whose norm tensors: every site command prints it."""
-        which = ("the personalized copy cross-site evaluation scored" if self.personal else
-                 f"this site's norm tensors of round {self.norm_round}" if self.norm_round is not None else
-                 "no norm tensors of this site" if self.cfg.train.norm_mode != "shared" else "shared norm layers")
-        return (f"run {self.cfg.federation.run_name or '?'} ({self.cfg.federation.run_id or 'no id'}), "
-                f"{self.checkpoint.choice} = round {self.checkpoint.round or 'unknown'}, with {which}")
+        which = (
+            "the personalized copy cross-site evaluation scored"
+            if self.personal
+            else f"this site's norm tensors of round {self.norm_round}"
+            if self.norm_round is not None
+            else "no norm tensors of this site"
+            if self.cfg.train.norm_mode != "shared"
+            else "shared norm layers"
+        )
+        return (
+            f"run {self.cfg.federation.run_name or '?'} ({self.cfg.federation.run_id or 'no id'}), "
+            f"{self.checkpoint.choice} = round {self.checkpoint.round or 'unknown'}, with {which}"
+        )
 
 
-def load_run_model(run: Path, choice: str | None, state_root: Path | None,
-                   missing_local: Literal["warn", "quiet", "error"] = "warn", personalized: bool = False) -> RunModel:
+def load_run_model(
+    run: Path,
+    choice: str | None,
+    state_root: Path | None,
+    missing_local: Literal["warn", "quiet", "error"] = "warn",
+    personalized: bool = False,
+) -> RunModel:
     """The run's model: round r's global weights plus this site's tensors of round r (client/site_state.py).
 
     ``choice`` is best, last or round-N; None follows DEFAULT_RULE, or with
@@ -279,56 +305,85 @@ def load_run_model(run: Path, choice: str | None, state_root: Path | None,
     from .site_state import SiteState
 
     if not (run / CONFIG_FILE).is_file():
-        raise UserError(f"{run / CONFIG_FILE} not found: --run must be a run folder from the centre "
-                        "(`fedseg-server site-package` writes one for a site).")
+        raise UserError(
+            f"{run / CONFIG_FILE} not found: --run must be a run folder from the centre "
+            "(`fedseg-server site-package` writes one for a site)."
+        )
     run_cfg = load_config(run / CONFIG_FILE)
     plan_path = run / PLAN_FILE if (run / PLAN_FILE).is_file() or state_root is None else state_root / PLAN_FILE
     plan = Plan.load(plan_path)
     model = build_model(run_cfg.model)
     split = split_parameters(model, run_cfg.train.norm_mode)
     signature = model_signature(model, split)
-    state = SiteState(state_root).run_named(run_cfg.federation.run_name or run.name, run_cfg.federation.run_id) \
-        if state_root else None
+    state = (
+        SiteState(state_root).run_named(run_cfg.federation.run_name or run.name, run_cfg.federation.run_id)
+        if state_root
+        else None
+    )
     try:
         if personalized:
             return _personalized_model(run, choice, state, run_cfg, model, plan, signature)
         checkpoint = run_checkpoint(run, choice)
         if checkpoint.round is None and state is not None and state.trained and run_cfg.train.norm_mode != "shared":
-            raise UserError(f"{run / CHECKPOINT_DIR / CHECKPOINT_STATE} not found: which round '{checkpoint.choice}' "
-                            "holds is unknown, so this site's tensors of that round cannot be chosen; pass "
-                            "--weights round-N.")
+            raise UserError(
+                f"{run / CHECKPOINT_DIR / CHECKPOINT_STATE} not found: which round '{checkpoint.choice}' "
+                "holds is unknown, so this site's tensors of that round cannot be chosen; pass "
+                "--weights round-N."
+            )
         own = state.norm_for(checkpoint.round, signature) if state is not None else None
     except SignatureMismatch as err:
         raise UserError(str(err)) from err
     if own is None and run_cfg.train.norm_mode != "shared":
         where = f"in {state.folder}" if state is not None else "(no site.state_dir)"
         if missing_local == "error":
-            raise UserError(f"this site has no normalization tensors of its own for round {checkpoint.round} of run "
-                            f"{run_cfg.federation.run_name or run} {where}: it never trained in this run by that "
-                            "round; export needs a site that trained.")
+            raise UserError(
+                f"this site has no normalization tensors of its own for round {checkpoint.round} of run "
+                f"{run_cfg.federation.run_name or run} {where}: it never trained in this run by that "
+                "round; export needs a site that trained."
+            )
         if missing_local == "warn":
-            log.warning("this site has no normalization tensors of its own for this run: predicting with the "
-                        "global initialisation of the norm layers; consider --adapt-norm")
+            log.warning(
+                "this site has no normalization tensors of its own for this run: predicting with the "
+                "global initialisation of the norm layers; consider --adapt-norm"
+            )
     load_merged(model, split, load_file(str(checkpoint.path)), None if own is None else own[1])
-    return RunModel(model, plan, run_cfg, own is not None or run_cfg.train.norm_mode == "shared", checkpoint,
-                    None if own is None else own[0], state)
+    return RunModel(
+        model,
+        plan,
+        run_cfg,
+        own is not None or run_cfg.train.norm_mode == "shared",
+        checkpoint,
+        None if own is None else own[0],
+        state,
+    )
 
 
-def _personalized_model(run: Path, choice: str | None, state: RunState | None, run_cfg: FedsegConfig,
-                        model: nn.Module, plan: Plan, signature: str) -> RunModel:
+def _personalized_model(
+    run: Path,
+    choice: str | None,
+    state: RunState | None,
+    run_cfg: FedsegConfig,
+    model: nn.Module,
+    plan: Plan,
+    signature: str,
+) -> RunModel:
     """The personalized copy this site's cross-site evaluation fine-tuned and scored, exactly as scored."""
     copy = state.personalized(signature) if state is not None else None
     if copy is None:
-        raise UserError(f"this site keeps no personalized copy of run {run_cfg.federation.run_name or run}"
-                        f"{f' (looked in {state.folder})' if state else ''}: cross-site evaluation saves one when "
-                        "train.personalize_steps > 0 and the site trained in the run; use the federated model "
-                        "(without --personalize/--personalized).")
+        raise UserError(
+            f"this site keeps no personalized copy of run {run_cfg.federation.run_name or run}"
+            f"{f' (looked in {state.folder})' if state else ''}: cross-site evaluation saves one when "
+            "train.personalize_steps > 0 and the site trained in the run; use the federated model "
+            "(without --personalize/--personalized)."
+        )
     tensors, facts = copy
     checkpoint = run_checkpoint(run, choice or str(CheckpointName.of_round(facts["round"])))
     if checkpoint.round != facts["round"]:
-        raise UserError(f"the personalized copy of this run at this site was fine-tuned from round {facts['round']}, "
-                        f"not from '{checkpoint.choice}' (round {checkpoint.round}); leave --weights out or pass "
-                        f"--weights {CheckpointName.of_round(facts['round'])}.")
+        raise UserError(
+            f"the personalized copy of this run at this site was fine-tuned from round {facts['round']}, "
+            f"not from '{checkpoint.choice}' (round {checkpoint.round}); leave --weights out or pass "
+            f"--weights {CheckpointName.of_round(facts['round'])}."
+        )
     model.load_state_dict(tensors, strict=True)
     return RunModel(model, plan, run_cfg, True, checkpoint, facts["round"], state, facts)
 
@@ -338,8 +393,10 @@ def load_site_model(folder: Path) -> tuple[nn.Module, Plan, FedsegConfig]:
     from safetensors.torch import load_model
 
     if not (folder / WEIGHTS_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
-        raise UserError(f"{folder} is not an exported model folder (it needs {WEIGHTS_FILE} and {CONFIG_FILE}; "
-                        "write one with `fedseg-client export`).")
+        raise UserError(
+            f"{folder} is not an exported model folder (it needs {WEIGHTS_FILE} and {CONFIG_FILE}; "
+            "write one with `fedseg-client export`)."
+        )
     model_cfg = load_config(folder / CONFIG_FILE)
     model = build_model(model_cfg.model)
     load_model(model, str(folder / WEIGHTS_FILE), strict=True)

@@ -99,7 +99,9 @@ def overlay_figure(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray,
     colours = ListedColormap(CLASS_COLOURS[: max(1, num_classes - 1)])
     scale = Normalize(vmin=1, vmax=max(1, num_classes - 1))
     fig, axes = plt.subplots(1, 3, figsize=(9.6, 4.2))
-    for ax, (name, labels) in zip(axes, (("scan", None), ("ground truth", truth), ("prediction", prediction)), strict=True):
+    for ax, (name, labels) in zip(
+        axes, (("scan", None), ("ground truth", truth), ("prediction", prediction)), strict=True
+    ):
         ax.imshow(scan, cmap="gray", origin="lower")
         if labels is not None:
             mask = np.ma.masked_equal(labels[:, :, k].T, 0)
@@ -108,14 +110,25 @@ def overlay_figure(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray,
         ax.axis("off")
     foreground = list(enumerate(names))[1:]
     fig.suptitle(f"{title} (axial slice {k})\nclasses: {', '.join(n for _, n in foreground)}")
-    fig.legend(handles=[Patch(facecolor=colours(scale(i)), edgecolor="black", label=n) for i, n in foreground],
-               loc="lower center", ncol=max(1, min(len(foreground), 6)), frameon=False)
+    fig.legend(
+        handles=[Patch(facecolor=colours(scale(i)), edgecolor="black", label=n) for i, n in foreground],
+        loc="lower center",
+        ncol=max(1, min(len(foreground), 6)),
+        frameon=False,
+    )
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     return fig
 
 
-def draw_overlay(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, num_classes: int, title: str,
-                 path: Path, names: Sequence[str] = ()) -> Path:
+def draw_overlay(
+    image: np.ndarray,
+    truth: np.ndarray,
+    prediction: np.ndarray,
+    num_classes: int,
+    title: str,
+    path: Path,
+    names: Sequence[str] = (),
+) -> Path:
     """``overlay_figure`` written as a PNG; ``names`` are the classes' names (default: their numbers)."""
     import matplotlib.pyplot as plt
 
@@ -126,8 +139,14 @@ def draw_overlay(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, n
     return path
 
 
-def site_pictures(site_cfg: FedsegConfig, run: Path, weights: str | None = None, out: Path | None = None,
-                  cases: int = 1, show: Callable[[str], None] = print) -> list[Path]:
+def site_pictures(
+    site_cfg: FedsegConfig,
+    run: Path,
+    weights: str | None = None,
+    out: Path | None = None,
+    cases: int = 1,
+    show: Callable[[str], None] = print,
+) -> list[Path]:
     """Draw the first ``cases`` validation cases of this site with the run's model; returns the PNG paths.
 
     ``site_cfg`` is the site's own config (site.yaml): its data, its state
@@ -159,11 +178,20 @@ def site_pictures(site_cfg: FedsegConfig, run: Path, weights: str | None = None,
     options = InferenceOptions(train.sw_overlap, train.sw_batch_size, compute_for(train))
     adapted = not own and has_batch_norm(model) and train.adapt_norm_steps > 0
     if adapted:  # each AdaBN batch comes from one scan: more scans than batches would only be preprocessed
-        images = [store.load(spec.case(i)).image for i in (val_ids + train_ids)[:train.adapt_norm_steps]]
-        adapt_norm(model, images, plan.data_config(run_cfg.data), train.adapt_norm_steps, train.batch_size,
-                   train.seed, options.compute.device)
-        show(f"site {site_cfg.site.name} never trained in this run: re-estimated the BatchNorm statistics on its "
-             f"{len(images)} scan(s) before drawing")
+        images = [store.load(spec.case(i)).image for i in (val_ids + train_ids)[: train.adapt_norm_steps]]
+        adapt_norm(
+            model,
+            images,
+            plan.data_config(run_cfg.data),
+            train.adapt_norm_steps,
+            train.batch_size,
+            train.seed,
+            options.compute.device,
+        )
+        show(
+            f"site {site_cfg.site.name} never trained in this run: re-estimated the BatchNorm statistics on its "
+            f"{len(images)} scan(s) before drawing"
+        )
     inferer = SlabInferer(model, plan.patch_size, spec.num_classes, options)
     folder = out or state.root / REPORT_DIR
     names = class_names(spec.labels, plan.label_codes, spec.num_classes)
@@ -173,19 +201,33 @@ def site_pictures(site_cfg: FedsegConfig, run: Path, weights: str | None = None,
         truth = fuse(np.asarray(labels), spec.num_classes)[0]
         prediction = inferer(torch.from_numpy(np.array(image, dtype=np.float32)))
         dice = case_dice(truth, prediction, spec.num_classes)
-        title = f"site {site_cfg.site.name}, round {loaded.checkpoint.round or '?'}, validation case {case_id}: " \
-            f"Dice {dice:.3f}" + \
-            (" (BatchNorm statistics adapted here)" if adapted else "")
-        written.append(draw_overlay(np.asarray(image), truth, prediction, spec.num_classes, title,
-                                    folder / f"{site_cfg.site.name}-{case_id}.png", names))
+        title = (
+            f"site {site_cfg.site.name}, round {loaded.checkpoint.round or '?'}, validation case {case_id}: "
+            f"Dice {dice:.3f}" + (" (BatchNorm statistics adapted here)" if adapted else "")
+        )
+        written.append(
+            draw_overlay(
+                np.asarray(image),
+                truth,
+                prediction,
+                spec.num_classes,
+                title,
+                folder / f"{site_cfg.site.name}-{case_id}.png",
+                names,
+            )
+        )
     return written
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", type=Path, required=True,
-                        help="Run folder from the centre (config.yaml, plan.json, checkpoints/).")
-    parser.add_argument("--weights", help="Round of the run: best, last or round-N (default: the centre's best "
-                                          "round, else its last, as in predict and export).")
+    parser.add_argument(
+        "--run", type=Path, required=True, help="Run folder from the centre (config.yaml, plan.json, checkpoints/)."
+    )
+    parser.add_argument(
+        "--weights",
+        help="Round of the run: best, last or round-N (default: the centre's best "
+        "round, else its last, as in predict and export).",
+    )
     parser.add_argument("--out", type=Path, help="Folder for the pictures (default: <state_dir>/report).")
     parser.add_argument("--cases", type=int, default=1, help="Validation cases to draw (default 1).")
 

@@ -79,7 +79,8 @@ def _checked_load(path: Path, signature: str) -> tuple[dict[str, torch.Tensor], 
         raise SignatureMismatch(
             f"{path} holds tensors of model signature {meta.get(SIGNATURE_META)}, not {signature}: this run's "
             "model at this site is another model than the one asked for; the file is left as it is. Check that "
-            "--run names the run whose model this is (its config.yaml).")
+            "--run names the run whose model this is (its config.yaml)."
+        )
     return load_file(path), meta
 
 
@@ -100,8 +101,9 @@ class RunState:
     def record(self, **fields: Any) -> None:
         """Merge ``fields`` into run.json (one run is handled by one message at a time at a site)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.folder / SITE_RUN_FILE, json.dumps({**self.info(), **fields, "updated": time.time()},
-                                                                  indent=2))
+        atomic_write_text(
+            self.folder / SITE_RUN_FILE, json.dumps({**self.info(), **fields, "updated": time.time()}, indent=2)
+        )
 
     # --- the site's own tensors, per round ---------------------------------------------------------------
     def norm_path(self, server_round: int) -> Path:
@@ -131,8 +133,10 @@ class RunState:
         """
         recorded = self.info().get(SIGNATURE_META)
         if recorded not in (None, signature):
-            raise SignatureMismatch(f"run {self.name} at this site trained model signature {recorded}, and now "
-                                    f"{signature}: one run has one model; start a new run for another model.")
+            raise SignatureMismatch(
+                f"run {self.name} at this site trained model signature {recorded}, and now "
+                f"{signature}: one run has one model; start a new run for another model."
+            )
         path = self.norm_path(server_round)
         _save_tensors(path, tensors, {SIGNATURE_META: signature, ROUND_META: str(server_round)})
         self.record(**{SIGNATURE_META: signature, "last_round": server_round})
@@ -155,8 +159,9 @@ class RunState:
         return kept[-1], tensors
 
     # --- the personalized copy ----------------------------------------------------------------------------
-    def save_personalized(self, tensors: dict[str, torch.Tensor], signature: str, server_round: int,
-                          facts: dict[str, Any]) -> Path:
+    def save_personalized(
+        self, tensors: dict[str, torch.Tensor], signature: str, server_round: int, facts: dict[str, Any]
+    ) -> Path:
         """Keep the model cross-site evaluation fine-tuned and scored here, every tensor of it, with its facts.
 
         ``facts`` (steps, Dice before and after, the validation cases that chose
@@ -165,8 +170,9 @@ class RunState:
         """
         path = self.folder / PERSONALIZED_FILE
         kept = {**facts, "round": server_round}
-        _save_tensors(path, tensors, {SIGNATURE_META: signature, ROUND_META: str(server_round),
-                                      "facts": json.dumps(kept)})
+        _save_tensors(
+            path, tensors, {SIGNATURE_META: signature, ROUND_META: str(server_round), "facts": json.dumps(kept)}
+        )
         self.record(personalized=kept)
         return path
 
@@ -219,8 +225,9 @@ class SiteState:
         return json.loads(path.read_text()) if path.is_file() else {}
 
     def update_info(self, **fields: Any) -> None:
-        atomic_write_text(self.root / SITE_FILE, json.dumps({**self.info(), **fields, "updated": time.time()},
-                                                            indent=2))
+        atomic_write_text(
+            self.root / SITE_FILE, json.dumps({**self.info(), **fields, "updated": time.time()}, indent=2)
+        )
 
     # --- runs ---------------------------------------------------------------------------------------------
     def run(self, cfg: FedsegConfig) -> RunState:
@@ -234,8 +241,10 @@ class SiteState:
         ``<run_name>-no-id``: every such run of that name shares it.
         """
         if not run_name:
-            raise ValueError("the run has no federation.run_name: a site keeps a run's model under its name and "
-                             "identity; start runs with fedseg-server start or fedseg-sim, which set both.")
+            raise ValueError(
+                "the run has no federation.run_name: a site keeps a run's model under its name and "
+                "identity; start runs with fedseg-server start or fedseg-sim, which set both."
+            )
         return self.run_folder(f"{run_name}-{run_id or NO_RUN_ID}")
 
     def run_folder(self, name: str) -> RunState:
@@ -259,13 +268,18 @@ class SiteState:
         legacy = RunState(self.root / SITE_RUNS_DIR / LEGACY_RUN, self)
         path = legacy.norm_path(last_round)
         _save_tensors(path, load_file(old), {SIGNATURE_META: signature, ROUND_META: str(last_round)})
-        legacy.record(**{SIGNATURE_META: signature, "last_round": last_round,
-                          "migrated_from": str(old), "migrated": time.time()})
+        legacy.record(
+            **{SIGNATURE_META: signature, "last_round": last_round, "migrated_from": str(old), "migrated": time.time()}
+        )
         old.unlink()
-        log.warning("moved this site's norm tensors from %s (written before site state was kept per run; the run "
-                    "that wrote them is unknown) to %s. No run uses them: a new run starts from the global "
-                    "initialisation of its norm layers, unless site.norm_from_run: %s says to start from them.",
-                    old, path, LEGACY_RUN)
+        log.warning(
+            "moved this site's norm tensors from %s (written before site state was kept per run; the run "
+            "that wrote them is unknown) to %s. No run uses them: a new run starts from the global "
+            "initialisation of its norm layers, unless site.norm_from_run: %s says to start from them.",
+            old,
+            path,
+            LEGACY_RUN,
+        )
         return path
 
     # --- the split ----------------------------------------------------------------------------------------
@@ -284,15 +298,22 @@ class SiteState:
         now = {**{c: "train" for c in train}, **{c: "val" for c in val}}
         moved = sorted(c for c in before.keys() & now.keys() if before[c] != now[c])
         if moved:
-            log.warning("the split of this site's cases changes: %s move between training and validation (split "
-                        "seed %d, validation fraction %s); validation Dice from before and after measures different "
-                        "cases. Recorded in %s under split_changes.", ", ".join(f"{c} ({before[c]} -> {now[c]})"
-                                                                               for c in moved),
-                        seed, val_fraction, self.root / SITE_FILE)
-            changes = [*info.get("split_changes", []), {"time": time.time(), "run": run,
-                                                        "moved": {c: f"{before[c]}->{now[c]}" for c in moved}}]
-            self.update_info(split={"train": train, "val": val, "seed": seed, "val_fraction": val_fraction},
-                             split_changes=changes)
+            log.warning(
+                "the split of this site's cases changes: %s move between training and validation (split "
+                "seed %d, validation fraction %s); validation Dice from before and after measures different "
+                "cases. Recorded in %s under split_changes.",
+                ", ".join(f"{c} ({before[c]} -> {now[c]})" for c in moved),
+                seed,
+                val_fraction,
+                self.root / SITE_FILE,
+            )
+            changes = [
+                *info.get("split_changes", []),
+                {"time": time.time(), "run": run, "moved": {c: f"{before[c]}->{now[c]}" for c in moved}},
+            ]
+            self.update_info(
+                split={"train": train, "val": val, "seed": seed, "val_fraction": val_fraction}, split_changes=changes
+            )
         elif before != now or recorded.get("seed") != seed:
             self.update_info(split={"train": train, "val": val, "seed": seed, "val_fraction": val_fraction})
         return train, val

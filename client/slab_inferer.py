@@ -83,8 +83,14 @@ class SlabInferer:
     The gap grows with the volume (MONAI's logits are 8 bytes per voxel for 2 classes).
     """
 
-    def __init__(self, model: nn.Module, roi: tuple[int, int, int], num_classes: int,
-                 options: InferenceOptions = InferenceOptions(), progress: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        roi: tuple[int, int, int],
+        num_classes: int,
+        options: InferenceOptions = InferenceOptions(),
+        progress: bool = False,
+    ) -> None:
         self.model = model
         self.roi = tuple(int(r) for r in roi)
         self.step = tuple(max(1, int(r * (1 - options.overlap))) for r in self.roi)
@@ -115,7 +121,7 @@ class SlabInferer:
             else:
                 todo.append(i)
         for k in range(0, len(todo), self.options.batch_size):
-            chunk = todo[k:k + self.options.batch_size]
+            chunk = todo[k : k + self.options.batch_size]
             logits = self._forward(torch.stack([windows[i] for i in chunk]))
             for i, y in zip(chunk, logits, strict=True):
                 out[i] = y
@@ -146,8 +152,9 @@ class SlabInferer:
         # Summed logits of the slab in progress; the argmax of a sum equals that of MONAI's
         # average (the window count is positive), so the count is kept only for probabilities.
         logits = torch.zeros((self.num_classes, size[0], size[1], rz), device=self.compute.device)
-        counts = torch.zeros((1, size[0], size[1], rz), device=self.compute.device) if probabilities is not None \
-            else None
+        counts = (
+            torch.zeros((1, size[0], size[1], rz), device=self.compute.device) if probabilities is not None else None
+        )
         base = 0
         started = time.perf_counter()
         for n, z in enumerate(zs):
@@ -156,12 +163,12 @@ class SlabInferer:
             windows, places = [], []
             for x in xs:
                 for y in ys:
-                    windows.append(image[:, x:x + rx, y:y + ry, z:z + rz])
+                    windows.append(image[:, x : x + rx, y : y + ry, z : z + rz])
                     places.append((x, y))
             for (x, y), out in zip(places, self._predict(windows), strict=True):
-                logits[:, x:x + rx, y:y + ry, z - base:z - base + rz] += out
+                logits[:, x : x + rx, y : y + ry, z - base : z - base + rz] += out
                 if counts is not None:
-                    counts[:, x:x + rx, y:y + ry, z - base:z - base + rz] += 1
+                    counts[:, x : x + rx, y : y + ry, z - base : z - base + rz] += 1
             done = zs[n + 1] if n + 1 < len(zs) else size[2]
             ready = done - base
             label[..., base:done] = logits[..., :ready].argmax(0).to(torch.uint8).cpu().numpy()
@@ -170,7 +177,7 @@ class SlabInferer:
                 probabilities[..., base:done] = soft.to(torch.float16).cpu().numpy()
             for buffer in (b for b in (logits, counts) if b is not None):
                 buffer[..., : rz - ready] = buffer[..., ready:].clone()
-                buffer[..., rz - ready:] = 0
+                buffer[..., rz - ready :] = 0
             base = done
             if self.progress:
                 _progress(n + 1, len(zs), time.perf_counter() - started)
@@ -181,8 +188,10 @@ class SlabInferer:
 def _progress(done: int, total: int, elapsed: float) -> None:
     filled = round(PROGRESS_WIDTH * done / total)
     eta = elapsed / done * (total - done)
-    sys.stderr.write(f"\r  [{'#' * filled}{'.' * (PROGRESS_WIDTH - filled)}] {done}/{total} slabs, "
-                     f"{elapsed:.0f} s, ~{eta:.0f} s left")
+    sys.stderr.write(
+        f"\r  [{'#' * filled}{'.' * (PROGRESS_WIDTH - filled)}] {done}/{total} slabs, "
+        f"{elapsed:.0f} s, ~{eta:.0f} s left"
+    )
     if done == total:
         sys.stderr.write("\n")
     sys.stderr.flush()

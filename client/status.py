@@ -41,8 +41,11 @@ def _connection_lines(watch: dict | None, alive: bool) -> list[str]:
     if not watch or not alive:
         return []
     at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(watch["since"]))
-    lines = [f"connection: connected since {at}" if watch["connected"]
-             else f"connection: NOT connected since {at}: {watch['problem'] or 'no answer from the centre yet'}"]
+    lines = [
+        f"connection: connected since {at}"
+        if watch["connected"]
+        else f"connection: NOT connected since {at}: {watch['problem'] or 'no answer from the centre yet'}"
+    ]
     if watch.get("last_refusal"):
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(watch["last_refusal_time"]))
         lines.append(f"last refusal: {watch['last_refusal']} ({when})")
@@ -57,16 +60,21 @@ def report(state: Path) -> list[str]:
     info = json.loads((state / SITE_FILE).read_text()) if (state / SITE_FILE).is_file() else {}
     if info:
         split = info.get("split", {})
-        lines.append(f"last round trained: {info.get('last_round', '-')}, model signature "
-                     f"{info.get('model_signature', '-')}, cases {len(split.get('train', []))} train / "
-                     f"{len(split.get('val', []))} validation")
+        lines.append(
+            f"last round trained: {info.get('last_round', '-')}, model signature "
+            f"{info.get('model_signature', '-')}, cases {len(split.get('train', []))} train / "
+            f"{len(split.get('val', []))} validation"
+        )
     history = list(read(state))
     rounds = sorted({h["round"] for h in history if h["round"]})
     sent = sum(h["bytes_sent"] for h in history)
     lines.append(f"replies sent: {len(history)} over {len(rounds)} round(s), {sent / 1e6:.2f} MB of model arrays")
     for h in history[-RECENT:]:
-        metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(h["metrics"].items())
-                            if isinstance(v, (int, float)) and k not in keys.TIMELINE_METRICS)
+        metrics = ", ".join(
+            f"{k} {v:.4g}"
+            for k, v in sorted(h["metrics"].items())
+            if isinstance(v, (int, float)) and k not in keys.TIMELINE_METRICS
+        )
         rnd = "-" if h["round"] is None else h["round"]
         lines.append(f"  round {rnd:>3} {h['stage']:<8} sent {h['bytes_sent']:>9} B  {metrics}")
     egress = list(read_jsonl(state / EGRESS_FILE))
@@ -75,8 +83,10 @@ def report(state: Path) -> list[str]:
     lines += local_dp.status_lines(state)
     refused = [d for d in read_jsonl(state / BUNDLE_LOG) if d["decision"] == "refused"]
     if refused:
-        lines.append(f"app bundles refused: {len(refused)} (last sha256 {refused[-1]['sha256'][:16]}..., "
-                     f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(refused[-1]['time']))})")
+        lines.append(
+            f"app bundles refused: {len(refused)} (last sha256 {refused[-1]['sha256'][:16]}..., "
+            f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(refused[-1]['time']))})"
+        )
     return lines
 
 

@@ -78,8 +78,12 @@ def _delivered(msg: Message) -> float | None:
 
 def start(msg: Message) -> dict[str, float]:
     """The stages a message passed before its handler began, plus the handler's own start."""
-    marks = {DELIVERED: _delivered(msg), STARTED: _env_time(PROCESS_STARTED_ENV),
-             CHECKED: _env_time(BUNDLE_CHECKED_ENV), IMPORTED: time.time()}
+    marks = {
+        DELIVERED: _delivered(msg),
+        STARTED: _env_time(PROCESS_STARTED_ENV),
+        CHECKED: _env_time(BUNDLE_CHECKED_ENV),
+        IMPORTED: time.time(),
+    }
     return {k: v for k, v in marks.items() if v is not None}
 
 

@@ -40,8 +40,18 @@ from common.flower.clientapp_runner import RUNNER_MODULES
 
 SOCKET_ENV = "FEDSEG_WARM_SOCKET"
 """Abstract Unix socket name of this site's warm parent, handed to the launcher by the daemon."""
-PRELOAD = ("numpy", "torch", "torch._dynamo", "monai", "nibabel", "safetensors.torch", "yaml", "flwr.app",
-           "flwr.clientapp", *RUNNER_MODULES)
+PRELOAD = (
+    "numpy",
+    "torch",
+    "torch._dynamo",
+    "monai",
+    "nibabel",
+    "safetensors.torch",
+    "yaml",
+    "flwr.app",
+    "flwr.clientapp",
+    *RUNNER_MODULES,
+)
 """Third-party modules a ClientApp needs; importing them once is what makes a task start fast.
 
 ``torch._dynamo`` is not imported by ``import torch``: the first optimizer a

@@ -24,7 +24,7 @@ PROBLEMS = {
     "Connection refused": "nothing listens at site.server_address (the centre is down, or the address is wrong)",
     "CERTIFICATE_VERIFY_FAILED": "the server's TLS certificate was not issued by the CA in site.root_certificate",
     "Failed to activate SuperNode": "the centre did not accept this site's key; ask it to allow-list the .pub file "
-                                    "(fedseg-server certs add-site) and check that it is running",
+    "(fedseg-server certs add-site) and check that it is running",
 }
 """Phrases in Flower's log that mean this site is not connected, and what they mean for the site; when a log
 holds several, the later entries are the more specific."""
@@ -54,11 +54,20 @@ class SiteWatch:
 
     def poll(self) -> list[str]:
         said = [line for text in self._new(SUPERNODE_LOG) if (line := self._connection(text))]
-        said += [self._refused(f"refused a {e.get('message_type')} message: {_reason(e)}", e.get("time"))
-                 for e in _json_lines(self._new(EGRESS_FILE)) if e.get("kind") == "error"]
-        said += [self._refused(f"refused the centre's app bundle {str(d.get('sha256'))[:16]}...: it is not in "
-                               "site.approved_bundles (review it, then fedseg-client approve)", d.get("time"))
-                 for d in _json_lines(self._new(BUNDLE_LOG)) if d.get("decision") == "refused"]
+        said += [
+            self._refused(f"refused a {e.get('message_type')} message: {_reason(e)}", e.get("time"))
+            for e in _json_lines(self._new(EGRESS_FILE))
+            if e.get("kind") == "error"
+        ]
+        said += [
+            self._refused(
+                f"refused the centre's app bundle {str(d.get('sha256'))[:16]}...: it is not in "
+                "site.approved_bundles (review it, then fedseg-client approve)",
+                d.get("time"),
+            )
+            for d in _json_lines(self._new(BUNDLE_LOG))
+            if d.get("decision") == "refused"
+        ]
         return said
 
     def as_dict(self) -> dict:

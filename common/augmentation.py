@@ -31,13 +31,21 @@ def augmentation(seed: int, kind: Augmentation = "standard") -> mt.Compose | Non
     if kind == "none":
         return None
     both = [IMAGE, LABEL]
-    augment = mt.Compose([
-        mt.RandAffined(keys=both, prob=AFFINE_PROB, rotate_range=(ROTATION_RAD,) * 3,
-                       scale_range=(SCALE_RANGE,) * 3, mode=("bilinear", "nearest"), padding_mode="zeros"),
-        *(mt.RandFlipd(keys=both, prob=FLIP_PROB, spatial_axis=axis) for axis in range(3)),
-        mt.RandScaleIntensityd(keys=IMAGE, factors=BRIGHTNESS, prob=INTENSITY_PROB),
-        mt.RandAdjustContrastd(keys=IMAGE, gamma=GAMMA, prob=INTENSITY_PROB),
-        mt.RandGaussianNoised(keys=IMAGE, std=NOISE_STD, prob=NOISE_PROB),
-    ])
+    augment = mt.Compose(
+        [
+            mt.RandAffined(
+                keys=both,
+                prob=AFFINE_PROB,
+                rotate_range=(ROTATION_RAD,) * 3,
+                scale_range=(SCALE_RANGE,) * 3,
+                mode=("bilinear", "nearest"),
+                padding_mode="zeros",
+            ),
+            *(mt.RandFlipd(keys=both, prob=FLIP_PROB, spatial_axis=axis) for axis in range(3)),
+            mt.RandScaleIntensityd(keys=IMAGE, factors=BRIGHTNESS, prob=INTENSITY_PROB),
+            mt.RandAdjustContrastd(keys=IMAGE, gamma=GAMMA, prob=INTENSITY_PROB),
+            mt.RandGaussianNoised(keys=IMAGE, std=NOISE_STD, prob=NOISE_PROB),
+        ]
+    )
     augment.set_random_state(seed)
     return augment

@@ -46,8 +46,10 @@ def app_dir(configured: str | Path = "") -> Path:
     if source is None or not (source / PYPROJECT).is_file():
         from .cli import UserError
 
-        raise UserError(f"{APP_DIR} holds no {PYPROJECT} and the folder fedseg was installed from is not known: "
-                        f"set server.app_dir (fedseg-client approve: --app) to the reviewed release.")
+        raise UserError(
+            f"{APP_DIR} holds no {PYPROJECT} and the folder fedseg was installed from is not known: "
+            f"set server.app_dir (fedseg-client approve: --app) to the reviewed release."
+        )
     return source
 
 
@@ -71,4 +73,3 @@ def bundle_bytes(source: Path = APP_DIR) -> bytes:
 
 def bundle_sha256(source: Path = APP_DIR) -> str:
     return hashlib.sha256(bundle_bytes(source)).hexdigest()
-

@@ -27,8 +27,14 @@ class UserError(Exception):
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML configuration file (see deploy/ for commented examples).")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="Override one option, e.g. --set train.lr=0.0005 (repeatable; beats the YAML).")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="Override one option, e.g. --set train.lr=0.0005 (repeatable; beats the YAML).",
+    )
 
 
 def config_from_args(args: argparse.Namespace, extra: list[str] | None = None) -> FedsegConfig:
@@ -37,8 +43,11 @@ def config_from_args(args: argparse.Namespace, extra: list[str] | None = None) -
     return load_config(args.config, [*args.overrides, *(extra or [])], getattr(args, "config_schema", FedsegConfig))
 
 
-CONFIG_FILES: dict[str, type[Section]] = {"fedseg-client": SiteFile, "fedseg-server": CentreFile,
-                                          "fedseg-sim": CentreFile}
+CONFIG_FILES: dict[str, type[Section]] = {
+    "fedseg-client": SiteFile,
+    "fedseg-server": CentreFile,
+    "fedseg-sim": CentreFile,
+}
 """The kind of file each command's ``--config`` names: a hospital's site.yaml, or the centre's federation.yaml
 (a simulation's YAML is the centre's, with its ``simulation`` section)."""
 
@@ -49,8 +58,7 @@ class Main(Protocol):
     def __call__(self, argv: list[str] | None = None) -> int: ...
 
 
-def make_main(prog: str, description: str, commands: dict[str, tuple[str, str]],
-              default: str | None = None) -> Main:
+def make_main(prog: str, description: str, commands: dict[str, tuple[str, str]], default: str | None = None) -> Main:
     """Build a ``main(argv)`` dispatching to ``commands``: name -> (module, one-line help)."""
 
     def main(argv: list[str] | None = None) -> int:

@@ -74,8 +74,11 @@ def section_docs() -> dict[str, str]:
     """Each section's own docstring and the files that set it, by section name."""
     docs = {}
     for name, field in config.FedsegConfig.model_fields.items():
-        files = [f"`{config.FILE_NAMES[schema].split()[-1]}`" for schema in (config.CentreFile, config.SiteFile)
-                 if name in schema.model_fields]
+        files = [
+            f"`{config.FILE_NAMES[schema].split()[-1]}`"
+            for schema in (config.CentreFile, config.SiteFile)
+            if name in schema.model_fields
+        ]
         if name == "train":
             files[-1] += f" (only {', '.join(f'`train.{k}`' for k in config.SITE_TRAIN_KEYS)})"
         doc = " ".join((field.annotation.__doc__ or "").split())
@@ -86,8 +89,9 @@ def section_docs() -> dict[str, str]:
 def removed_options() -> list[str]:
     """One line per removed option or value, with the measurement behind its removal."""
     lines = [f"- `{key}`: {why}." for key, (_, why) in config.REMOVED_OPTIONS.items()]
-    lines += [f"- `{key}: {value}`: {why}." for key, values in config.REMOVED_VALUES.items()
-              for value, why in values.items()]
+    lines += [
+        f"- `{key}: {value}`: {why}." for key, values in config.REMOVED_VALUES.items() for value, why in values.items()
+    ]
     return lines
 
 
@@ -122,9 +126,15 @@ def render() -> str:
             lines += [docs[section], ""]
         lines += ["| option | default | description |", "|---|---|---|"]
         lines += [f"| `{key}` | {_cell(format_default(default))} | {_cell(doc)} |" for key, default, doc in rows]
-    lines += ["", "## Removed options", "", "Measurements showed these do not help; a config that names one is "
-              "refused with this reason (one written before, at the value that behaves as fedseg now does, loads).",
-              "", *removed_options()]
+    lines += [
+        "",
+        "## Removed options",
+        "",
+        "Measurements showed these do not help; a config that names one is "
+        "refused with this reason (one written before, at the value that behaves as fedseg now does, loads).",
+        "",
+        *removed_options(),
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -156,14 +156,22 @@ def _rel(path: Path, root: Path) -> str:
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
-def _nnunet_pairs(root: Path, meta: dict, images_dir: str, label_dirs: tuple[str, ...]
-                  ) -> tuple[list[Case], list[Unpaired]]:
+def _nnunet_pairs(
+    root: Path, meta: dict, images_dir: str, label_dirs: tuple[str, ...]
+) -> tuple[list[Case], list[Unpaired]]:
     """Cases of one image folder and its label folder(s), and the labels whose images are missing."""
     ending = meta["file_ending"]
     channels = sorted(meta["channel_names"], key=int)
     reference = root / label_dirs[0]
-    label_files = sorted(p for p in reference.iterdir() if not p.name.startswith(".") and p.is_file()
-                         and p.name.endswith((ending, DICOM_SEG_ENDING))) if reference.is_dir() else []
+    label_files = (
+        sorted(
+            p
+            for p in reference.iterdir()
+            if not p.name.startswith(".") and p.is_file() and p.name.endswith((ending, DICOM_SEG_ENDING))
+        )
+        if reference.is_dir()
+        else []
+    )
     cases, unpaired = [], []
     for label in label_files:
         case_id = _label_case(label.name, ending)
@@ -182,8 +190,11 @@ def _channel_image(folder: Path, case_id: str, channel: int, ending: str) -> Pat
     """A case's channel: the NIfTI file ``{case}_{cccc}{ending}``, or else the DICOM series folder
     ``{case}_{cccc}/``."""
     name = f"{case_id}_{channel:0{CHANNEL_SUFFIX_DIGITS}d}"
-    return folder / name if not (folder / f"{name}{ending}").is_file() and (folder / name).is_dir() \
+    return (
+        folder / name
+        if not (folder / f"{name}{ending}").is_file() and (folder / name).is_dir()
         else folder / f"{name}{ending}"
+    )
 
 
 def _annotation(folder: Path, case_id: str, ending: str) -> Path:
@@ -199,8 +210,11 @@ def _images_without_label(root: Path, meta: dict, labelled: set[str]) -> list[Un
     ending = meta["file_ending"]
     suffix_len = 1 + CHANNEL_SUFFIX_DIGITS
     folder = root / IMAGES_DIR
-    found = sorted(p for p in folder.iterdir() if not p.name.startswith(".")
-                   and (p.is_dir() or p.name.endswith(ending))) if folder.is_dir() else []
+    found = (
+        sorted(p for p in folder.iterdir() if not p.name.startswith(".") and (p.is_dir() or p.name.endswith(ending)))
+        if folder.is_dir()
+        else []
+    )
     stem = lambda p: p.name if p.is_dir() else p.name[: -len(ending)]  # noqa: E731
     return [Unpaired(_rel(p, root), IMAGE_WITHOUT_LABEL) for p in found if stem(p)[:-suffix_len] not in labelled]
 
@@ -295,8 +309,10 @@ def _read_msd(root: Path, meta: dict) -> DatasetSpec:
         layout="msd",
         channel_names={str(k): str(v) for k, v in modality.items()},
         labels=labels,
-        file_ending=next((_ending_of(p.name) for c in cases for p in (*c.images, *c.labels)
-                          if p.name.endswith(NIFTI_ENDINGS)), NIFTI_ENDINGS[0]),
+        file_ending=next(
+            (_ending_of(p.name) for c in cases for p in (*c.images, *c.labels) if p.name.endswith(NIFTI_ENDINGS)),
+            NIFTI_ENDINGS[0],
+        ),
         cases=tuple(cases),
         annotators=tuple(f"annotator-{i + 1}" for i in range(len(cases[0].labels))),
         test_cases=tuple(test_cases),
@@ -312,8 +328,9 @@ def read_dataset(root: Path | str) -> DatasetSpec:
     spec = _read_msd(root, meta) if "training" in meta else _read_nnunet(root, meta)
     ids = [c.case_id for c in (*spec.cases, *spec.test_cases)]
     if len(set(ids)) != len(ids):
-        raise DatasetError(f"{root}: case ids are not unique across training and test cases "
-                           f"({len(ids) - len(set(ids))} duplicates).")
+        raise DatasetError(
+            f"{root}: case ids are not unique across training and test cases ({len(ids) - len(set(ids))} duplicates)."
+        )
     for case in (*spec.cases, *spec.test_cases):
         check_case_id(case.case_id, case.images[0])
     return spec
@@ -322,8 +339,10 @@ def read_dataset(root: Path | str) -> DatasetSpec:
 def check_case_id(case_id: str, source: Path) -> str:
     """A case id is a folder name in the site's cache: refuse one that could leave it ('..', '/', empty)."""
     if not SAFE_CASE_ID.fullmatch(case_id) or set(case_id) == {"."}:
-        raise DatasetError(f"{source}: its case id {case_id!r} is not a safe folder name (letters, digits, '.', "
-                           f"'_', '-', not only dots); rename the file.")
+        raise DatasetError(
+            f"{source}: its case id {case_id!r} is not a safe folder name (letters, digits, '.', "
+            f"'_', '-', not only dots); rename the file."
+        )
     return case_id
 
 
@@ -342,13 +361,16 @@ def channel_groups(paths: list[Path], channels: int) -> dict[str, tuple[Path, ..
         numbered = bool(head) and len(suffix) == CHANNEL_SUFFIX_DIGITS and suffix.isdigit()
         case, channel = (head, int(suffix)) if numbered else (stem, 0)
         if channel in groups.setdefault(case, {}):
-            raise DatasetError(f"{path} and {groups[case][channel]} would both be written as case '{case}'; "
-                               f"rename one of them.")
+            raise DatasetError(
+                f"{path} and {groups[case][channel]} would both be written as case '{case}'; rename one of them."
+            )
         groups[case][channel] = path
     for case, files in groups.items():
         if sorted(files) != list(range(channels)):
-            raise DatasetError(f"case '{case}' has channel file(s) {sorted(files)}, the model takes channels "
-                               f"0..{channels - 1} ({case}_0000 ...).")
+            raise DatasetError(
+                f"case '{case}' has channel file(s) {sorted(files)}, the model takes channels "
+                f"0..{channels - 1} ({case}_0000 ...)."
+            )
     return {case: tuple(files[c] for c in range(channels)) for case, files in groups.items()}
 
 

@@ -54,8 +54,10 @@ def resolve_device(name: str) -> torch.device:
         )
     device = torch.device(name)
     if device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"train.device is {name!r} but this machine has {torch.cuda.device_count()} CUDA "
-                          f"GPU(s) (cuda:0 .. cuda:{torch.cuda.device_count() - 1}); pick one of those.")
+        raise ConfigError(
+            f"train.device is {name!r} but this machine has {torch.cuda.device_count()} CUDA "
+            f"GPU(s) (cuda:0 .. cuda:{torch.cuda.device_count() - 1}); pick one of those."
+        )
     torch.backends.cudnn.benchmark = True  # fixed patch shapes: let cuDNN pick the fastest kernels once
     return device
 
@@ -134,4 +136,3 @@ def on_device(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
         yield model
     finally:
         model.to(before)
-

@@ -42,8 +42,28 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 """DICOM's patient space is LPS; fedseg's affines, like NIfTI's, are RAS."""
 MODALITY_OF_CHANNEL = {
     "CT": "CT",
-    **dict.fromkeys(("MR", "MRI", "T1", "T1W", "T1C", "T1CE", "T1GD", "T2", "T2W", "FLAIR", "ADC", "DWI", "PD",
-                     "SWI", "T2STAR", "DCE", "HBV"), "MR"),
+    **dict.fromkeys(
+        (
+            "MR",
+            "MRI",
+            "T1",
+            "T1W",
+            "T1C",
+            "T1CE",
+            "T1GD",
+            "T2",
+            "T2W",
+            "FLAIR",
+            "ADC",
+            "DWI",
+            "PD",
+            "SWI",
+            "T2STAR",
+            "DCE",
+            "HBV",
+        ),
+        "MR",
+    ),
     **dict.fromkeys(("PT", "PET"), "PT"),
 }
 """The DICOM Modality a channel name implies (upper case); a name not listed implies none and is not compared."""
@@ -111,12 +131,13 @@ def _headers(folder: Path) -> tuple[list[tuple[Path, pydicom.Dataset]], list[str
         try:
             header = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception as err:  # pydicom raises several kinds for files that are not DICOM
-            problems.append(f"{path.name} is not a DICOM file ({type(err).__name__}); move it out of the series "
-                            "folder")
+            problems.append(f"{path.name} is not a DICOM file ({type(err).__name__}); move it out of the series folder")
             continue
         if "ImagePositionPatient" not in header or "ImageOrientationPatient" not in header:
-            problems.append(f"{path.name} is not an image slice with a position (SOP class "
-                            f"{header.get('SOPClassUID', '?')}); move it out of the series folder")
+            problems.append(
+                f"{path.name} is not an image slice with a position (SOP class "
+                f"{header.get('SOPClassUID', '?')}); move it out of the series folder"
+            )
             continue
         found.append((path, header))
     return found, problems
@@ -132,10 +153,15 @@ def _mixed(headers: list[pydicom.Dataset]) -> str | None:
 
 def _uniform(headers: list[pydicom.Dataset]) -> list[str]:
     problems = []
-    for keyword, what in (("Rows", "row counts"), ("Columns", "column counts"), ("PixelSpacing", "pixel spacings"),
-                          ("Modality", "modalities")):
-        values = {tuple(np.atleast_1d(h.get(keyword, ()))) if keyword == "PixelSpacing" else h.get(keyword)
-                  for h in headers}
+    for keyword, what in (
+        ("Rows", "row counts"),
+        ("Columns", "column counts"),
+        ("PixelSpacing", "pixel spacings"),
+        ("Modality", "modalities"),
+    ):
+        values = {
+            tuple(np.atleast_1d(h.get(keyword, ()))) if keyword == "PixelSpacing" else h.get(keyword) for h in headers
+        }
         if len(values) > 1:
             problems.append(f"slices have different {what} {sorted(map(str, values))}; export the series again")
     orientations = np.array([[float(v) for v in h.ImageOrientationPatient] for h in headers])
@@ -147,21 +173,30 @@ def _uniform(headers: list[pydicom.Dataset]) -> list[str]:
 def _slice_problems(steps: np.ndarray) -> list[str]:
     """Missing or uneven slices, from the distances between consecutive slices along the normal."""
     if np.any(steps < POSITION_TOLERANCE_MM):
-        return [f"{int(np.sum(steps < POSITION_TOLERANCE_MM))} slice(s) at the same position as another (a "
-                "duplicate or a second series); keep one file per position"]
+        return [
+            f"{int(np.sum(steps < POSITION_TOLERANCE_MM))} slice(s) at the same position as another (a "
+            "duplicate or a second series); keep one file per position"
+        ]
     step = float(np.median(steps))
     off = np.abs(steps - step) > max(POSITION_TOLERANCE_MM, STEP_TOLERANCE * step)
     if not np.any(off):
         return []
-    gaps = [i for i in np.flatnonzero(off) if steps[i] > 1.5 * step
-            and abs(steps[i] / step - round(steps[i] / step)) < STEP_TOLERANCE * round(steps[i] / step)]
+    gaps = [
+        i
+        for i in np.flatnonzero(off)
+        if steps[i] > 1.5 * step
+        and abs(steps[i] / step - round(steps[i] / step)) < STEP_TOLERANCE * round(steps[i] / step)
+    ]
     if len(gaps) == int(off.sum()):
         missing = int(sum(round(steps[i] / step) - 1 for i in gaps))
         where = ", ".join(f"after slice {i + 1}" for i in gaps[:5])
-        return [f"{missing} slice(s) missing ({where}, the slices are {step:.4g} mm apart); export the whole "
-                "series again"]
-    return [f"uneven slice spacing ({steps.min():.4g} to {steps.max():.4g} mm); resample the series to even "
-            "slices (or export it again)"]
+        return [
+            f"{missing} slice(s) missing ({where}, the slices are {step:.4g} mm apart); export the whole series again"
+        ]
+    return [
+        f"uneven slice spacing ({steps.min():.4g} to {steps.max():.4g} mm); resample the series to even "
+        "slices (or export it again)"
+    ]
 
 
 def _geometry(headers: list[pydicom.Dataset]) -> tuple[np.ndarray, np.ndarray, list[int]]:
@@ -193,8 +228,10 @@ def _tilt(positions: np.ndarray, affine: np.ndarray) -> str | None:
     normal = np.cross(lps[:3, 0], lps[:3, 1])
     cos = abs(float(normal @ step)) / float(np.linalg.norm(normal) * np.linalg.norm(step))
     if cos < 1 - 1e-4:
-        return (f"the slices are stacked at {np.degrees(np.arccos(min(cos, 1.0))):.1f} degrees to their normal "
-                "(gantry tilt); resample the series to an orthogonal stack first")
+        return (
+            f"the slices are stacked at {np.degrees(np.arccos(min(cos, 1.0))):.1f} degrees to their normal "
+            "(gantry tilt); resample the series to an orthogonal stack first"
+        )
     return None
 
 
@@ -222,14 +259,22 @@ def inspect_series(folder: Path) -> tuple[Series | None, list[str]]:
         return None, problems
     first = datasets[order[0]]
     references = SeriesReferences(
-        study_uid=str(first.StudyInstanceUID), series_uid=str(first.SeriesInstanceUID),
-        frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")), sop_class_uid=str(first.SOPClassUID),
-        sop_instance_uids=tuple(str(datasets[i].SOPInstanceUID) for i in order))
+        study_uid=str(first.StudyInstanceUID),
+        series_uid=str(first.SeriesInstanceUID),
+        frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")),
+        sop_class_uid=str(first.SOPClassUID),
+        sop_instance_uids=tuple(str(datasets[i].SOPInstanceUID) for i in order),
+    )
     return Series(
-        folder=folder, files=tuple(headers[i][0] for i in order), modality=str(first.get("Modality", "")).upper(),
-        shape=(int(first.Columns), int(first.Rows), len(order)), affine=affine,
+        folder=folder,
+        files=tuple(headers[i][0] for i in order),
+        modality=str(first.get("Modality", "")).upper(),
+        shape=(int(first.Columns), int(first.Rows), len(order)),
+        affine=affine,
         orientation=tuple(float(v) for v in first.ImageOrientationPatient),
-        pixel_spacing=(float(first.PixelSpacing[0]), float(first.PixelSpacing[1])), positions=positions, references=references,
+        pixel_spacing=(float(first.PixelSpacing[0]), float(first.PixelSpacing[1])),
+        positions=positions,
+        references=references,
     ), []
 
 
@@ -250,8 +295,10 @@ def series_voxels(series: Series) -> np.ndarray:
         try:
             pixels = ds.pixel_array
         except Exception as err:  # a compressed transfer syntax without its decoder, or truncated pixel data
-            raise DicomSeriesError(f"{path}: its pixel data cannot be decoded ({type(err).__name__}: {err}); "
-                                   "export the series uncompressed (or decompress it, e.g. gdcmconv --raw).") from err
+            raise DicomSeriesError(
+                f"{path}: its pixel data cannot be decoded ({type(err).__name__}: {err}); "
+                "export the series uncompressed (or decompress it, e.g. gdcmconv --raw)."
+            ) from err
         volume[:, :, k] = (pixels.astype(np.float32) * slope + intercept).T
     return volume
 
@@ -267,12 +314,20 @@ def seg_labels(path: Path, series: Series) -> np.ndarray:
     try:
         seg = hd.seg.segread(path)
     except Exception as err:  # pydicom/highdicom raise several kinds for a file that is not a SEG
-        raise DicomSeriesError(f"{path} is not a readable DICOM Segmentation ({type(err).__name__}: {err}); "
-                               "give the label as a DICOM-SEG of the case's series or as NIfTI.") from err
+        raise DicomSeriesError(
+            f"{path} is not a readable DICOM Segmentation ({type(err).__name__}: {err}); "
+            "give the label as a DICOM-SEG of the case's series or as NIfTI."
+        ) from err
     referenced = {str(item.SeriesInstanceUID) for item in seg.get("ReferencedSeriesSequence", [])}
     if series.references.series_uid not in referenced:
-        raise DicomSeriesError(f"{path} does not reference the series in {series.folder}; a label SEG must be "
-                               "made on the case's own series.")
-    labels = seg.get_pixels_by_source_instance(list(series.references.sop_instance_uids), combine_segments=True,
-                                               assert_missing_frames_are_empty=True, dtype=np.uint8)
+        raise DicomSeriesError(
+            f"{path} does not reference the series in {series.folder}; a label SEG must be "
+            "made on the case's own series."
+        )
+    labels = seg.get_pixels_by_source_instance(
+        list(series.references.sop_instance_uids),
+        combine_segments=True,
+        assert_missing_frames_are_empty=True,
+        dtype=np.uint8,
+    )
     return np.ascontiguousarray(np.transpose(labels, (2, 1, 0)))

@@ -70,20 +70,30 @@ def evaluate(
             x = compute.to(torch.from_numpy(np.array(image, dtype=np.float32))[None])
             y = torch.tensor(fuse(labels, num_classes))[None].long()
             with compute.autocast():
-                logits = sliding_window_inference(  # type: ignore[union-attr]  # MONAI: a tensor model gives a tensor
-                    x, roi_size=data.patch_size, sw_batch_size=cfg.sw_batch_size, predictor=model,
-                    overlap=cfg.sw_overlap,
-                ).float().cpu()
+                logits = (
+                    sliding_window_inference(  # type: ignore[union-attr]  # MONAI: a tensor model gives a tensor
+                        x,
+                        roi_size=data.patch_size,
+                        sw_batch_size=cfg.sw_batch_size,
+                        predictor=model,
+                        overlap=cfg.sw_overlap,
+                    )
+                    .float()
+                    .cpu()
+                )
             losses.append(float(criterion(logits, y)))
             pred = one_hot(logits.argmax(dim=1, keepdim=True), num_classes)
             truth = one_hot(y, num_classes)
             dice_metric(pred, truth)
             if labels.shape[0] > 1:
-                per_annotator.append([
-                    _mean_foreground_dice(pred, one_hot(torch.from_numpy(np.array(a[None, None], dtype=np.int64)),
-                                                        num_classes))
-                    for a in labels
-                ])
+                per_annotator.append(
+                    [
+                        _mean_foreground_dice(
+                            pred, one_hot(torch.from_numpy(np.array(a[None, None], dtype=np.int64)), num_classes)
+                        )
+                        for a in labels
+                    ]
+                )
             if cfg.hd95:
                 hd = hd_metric(pred, truth, spacing=list(data.spacing))
                 diagonal = math.dist([0, 0, 0], [s * d for s, d in zip(image.shape[1:], data.spacing, strict=True)])

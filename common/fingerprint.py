@@ -48,8 +48,15 @@ from .reading import IMAGE, LABEL, nonzero_box, ras_axes, read_case
 FINGERPRINT_FORMAT = 3
 """3: the codes of the label and channel names (common/labels.py); 2: foreground mean and std instead of exact
 sums, every value coarsened (``COARSE_DIGITS``)."""
-COARSE_DIGITS = {"spacing": 3, "extent": 2, "intensity": 4, "fg_voxels": 2, "fg_mean": 4, "fg_std": 3,
-                 "class_fraction": 3}
+COARSE_DIGITS = {
+    "spacing": 3,
+    "extent": 2,
+    "intensity": 4,
+    "fg_voxels": 2,
+    "fg_mean": 4,
+    "fg_std": 3,
+    "class_fraction": 3,
+}
 """Significant digits each kind of value leaves the site with: enough to plan, too few to tell one patient's
 value from the cohort's (a planned spacing needs 3 digits, a median extent 2)."""
 AXES = ("x", "y", "z")
@@ -118,7 +125,7 @@ def _coarse(values: Iterable[float], kind: str) -> list[float]:
 def _chunks(name: str, values: Sequence[float]) -> dict[str, list[float]]:
     """Lists longer than the egress limit are split into numbered parts."""
     size = keys.EGRESS_MAX_LIST
-    return {f"{name}_{i // size}": [float(v) for v in values[i:i + size]] for i in range(0, len(values), size)}
+    return {f"{name}_{i // size}": [float(v) for v in values[i : i + size]] for i in range(0, len(values), size)}
 
 
 def _unchunk(record: dict, name: str) -> list[float]:
@@ -134,14 +141,24 @@ def record_names(channels: int, classes: int) -> frozenset[str]:
     chunks = -(-classes // keys.EGRESS_MAX_LIST)
     channel_chunks = -(-channels // keys.EGRESS_MAX_LIST)
     per_channel = [_name(kind, c) for c in range(channels) for kind in ("intensity", "fg_voxels", "fg_mean", "fg_std")]
-    return frozenset([_name("format"), _name("cases"), _name("val_cases"), _name("channels"), _name("ct"),
-                      *(_name(kind, axis) for axis in AXES for kind in ("spacing", "extent")),
-                      *(_name(kind, i) for i in range(chunks) for kind in ("class_fraction", "label_codes")),
-                      *(_name("channel_codes", i) for i in range(channel_chunks)), *per_channel])
+    return frozenset(
+        [
+            _name("format"),
+            _name("cases"),
+            _name("val_cases"),
+            _name("channels"),
+            _name("ct"),
+            *(_name(kind, axis) for axis in AXES for kind in ("spacing", "extent")),
+            *(_name(kind, i) for i in range(chunks) for kind in ("class_fraction", "label_codes")),
+            *(_name("channel_codes", i) for i in range(channel_chunks)),
+            *per_channel,
+        ]
+    )
 
 
-def site_fingerprint(spec: DatasetSpec, case_ids: Iterable[str], seed: int = 0,
-                     val_cases: int = 0) -> dict[str, int | float | list]:
+def site_fingerprint(
+    spec: DatasetSpec, case_ids: Iterable[str], seed: int = 0, val_cases: int = 0
+) -> dict[str, int | float | list]:
     """The MetricRecord-ready fingerprint of the named cases: statistics only.
 
     ``val_cases``, the site's validation cases, is declared with it: the centre
@@ -309,8 +326,10 @@ class SiteFingerprint:
 def _codes(record: dict, name: str, site: str, length: int) -> tuple[int, ...]:
     """A list of ``length`` name codes: whole numbers in [0, 2**CODE_BITS)."""
     values = _unchunk(record, name)
-    if len(values) != length or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v)
-                                    or not 0 <= v < 1 << CODE_BITS for v in values):
+    if len(values) != length or any(
+        isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or not 0 <= v < 1 << CODE_BITS
+        for v in values
+    ):
         raise FingerprintError(f"fingerprint of site {site}: '{name}' must hold {length} name codes.")
     return tuple(int(v) for v in values)
 
@@ -324,8 +343,9 @@ def _get(record: dict, name: str, site: str):
 def _number(record: dict, name: str, site: str, low: float = -np.inf, high: float = np.inf) -> float:
     value = _get(record, name, site)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= float(value) <= high:
-        raise FingerprintError(f"fingerprint of site {site}: '{name}' = {value!r} is not a number in "
-                               f"[{low:g}, {high:g}].")
+        raise FingerprintError(
+            f"fingerprint of site {site}: '{name}' = {value!r} is not a number in [{low:g}, {high:g}]."
+        )
     return float(value)
 
 
@@ -336,8 +356,9 @@ def _count(record: dict, name: str, site: str, high: int) -> int:
     return int(value)
 
 
-def _quantiles(values: object, levels: Sequence[float], name: str, site: str,
-               low: float, high: float) -> tuple[float, ...]:
+def _quantiles(
+    values: object, levels: Sequence[float], name: str, site: str, low: float, high: float
+) -> tuple[float, ...]:
     """A list of quantiles: one finite number per level, within [low, high], never decreasing."""
     if not isinstance(values, list) or len(values) != len(levels):
         raise FingerprintError(f"fingerprint of site {site}: '{name}' must be a list of {len(levels)} numbers.")
@@ -359,8 +380,10 @@ def _moments(n: float, mean: float, std: float) -> list[float]:
 def check_site_fingerprint(record: dict, site: str) -> SiteFingerprint:
     """Parse one site's record, refusing any value of the wrong type or out of range (FingerprintError)."""
     if _count(record, _name("format"), site, 10**6) != FINGERPRINT_FORMAT:
-        raise FingerprintError(f"site {site} sends fingerprint format {record[_name('format')]}, "
-                               f"the server reads {FINGERPRINT_FORMAT}; update fedseg at that site.")
+        raise FingerprintError(
+            f"site {site} sends fingerprint format {record[_name('format')]}, "
+            f"the server reads {FINGERPRINT_FORMAT}; update fedseg at that site."
+        )
     cases = _count(record, _name("cases"), site, MAX_CASES)
     val_cases = _number(record, _name("val_cases"), site, 0, MAX_CASES)
     if not val_cases.is_integer():
@@ -369,25 +392,57 @@ def check_site_fingerprint(record: dict, site: str) -> SiteFingerprint:
     ct = _get(record, _name("ct"), site)
     if not isinstance(ct, list) or len(ct) != channels or any(v not in (0, 1) for v in ct):
         raise FingerprintError(f"fingerprint of site {site}: '{_name('ct')}' must hold one 0/1 flag per channel.")
-    spacing = tuple(_quantiles(_get(record, _name("spacing", a), site), SPACING_LEVELS, _name("spacing", a), site,
-                               *SPACING_RANGE_MM) for a in AXES)
-    extent = tuple(_quantiles(_get(record, _name("extent", a), site), SPACING_LEVELS, _name("extent", a), site,
-                              *EXTENT_RANGE_MM) for a in AXES)
-    intensity = tuple(_quantiles(_get(record, _name("intensity", c), site), INTENSITY_LEVELS, _name("intensity", c),
-                                 site, -MAX_ABS_INTENSITY, MAX_ABS_INTENSITY) for c in range(channels))
-    moments = np.array([_moments(_number(record, _name("fg_voxels", c), site, 0, MAX_CASES * 1e9),
-                                 _number(record, _name("fg_mean", c), site, -MAX_ABS_INTENSITY, MAX_ABS_INTENSITY),
-                                 _number(record, _name("fg_std", c), site, 0, MAX_ABS_INTENSITY))
-                        for c in range(channels)])
+    spacing = tuple(
+        _quantiles(
+            _get(record, _name("spacing", a), site), SPACING_LEVELS, _name("spacing", a), site, *SPACING_RANGE_MM
+        )
+        for a in AXES
+    )
+    extent = tuple(
+        _quantiles(_get(record, _name("extent", a), site), SPACING_LEVELS, _name("extent", a), site, *EXTENT_RANGE_MM)
+        for a in AXES
+    )
+    intensity = tuple(
+        _quantiles(
+            _get(record, _name("intensity", c), site),
+            INTENSITY_LEVELS,
+            _name("intensity", c),
+            site,
+            -MAX_ABS_INTENSITY,
+            MAX_ABS_INTENSITY,
+        )
+        for c in range(channels)
+    )
+    moments = np.array(
+        [
+            _moments(
+                _number(record, _name("fg_voxels", c), site, 0, MAX_CASES * 1e9),
+                _number(record, _name("fg_mean", c), site, -MAX_ABS_INTENSITY, MAX_ABS_INTENSITY),
+                _number(record, _name("fg_std", c), site, 0, MAX_ABS_INTENSITY),
+            )
+            for c in range(channels)
+        ]
+    )
     fractions = _unchunk(record, _name("class_fraction"))
-    if (len(fractions) < 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1
-                                  for v in fractions) or abs(sum(fractions) - 1) > FRACTION_TOLERANCE):
-        raise FingerprintError(f"fingerprint of site {site}: the class fractions must be numbers in [0, 1] "
-                               f"that sum to 1.")
-    return SiteFingerprint(cases, tuple(bool(v) for v in ct), spacing, extent, intensity, moments,
-                           tuple(float(v) for v in fractions),
-                           _codes(record, _name("label_codes"), site, len(fractions)),
-                           _codes(record, _name("channel_codes"), site, channels))
+    if (
+        len(fractions) < 2
+        or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1 for v in fractions)
+        or abs(sum(fractions) - 1) > FRACTION_TOLERANCE
+    ):
+        raise FingerprintError(
+            f"fingerprint of site {site}: the class fractions must be numbers in [0, 1] that sum to 1."
+        )
+    return SiteFingerprint(
+        cases,
+        tuple(bool(v) for v in ct),
+        spacing,
+        extent,
+        intensity,
+        moments,
+        tuple(float(v) for v in fractions),
+        _codes(record, _name("label_codes"), site, len(fractions)),
+        _codes(record, _name("channel_codes"), site, channels),
+    )
 
 
 def bounded_weights(counts: Sequence[float]) -> list[float]:
@@ -399,8 +454,10 @@ def bounded_weights(counts: Sequence[float]) -> list[float]:
     """
     if len(counts) < 2:
         return [float(c) for c in counts]
-    return [min(float(c), WEIGHT_CAP_RATIO * float(np.median([*counts[:k], *counts[k + 1:]])))
-            for k, c in enumerate(counts)]
+    return [
+        min(float(c), WEIGHT_CAP_RATIO * float(np.median([*counts[:k], *counts[k + 1 :]])))
+        for k, c in enumerate(counts)
+    ]
 
 
 def merge_fingerprints(records: dict[str, dict]) -> FederatedFingerprint:
@@ -416,20 +473,30 @@ def merge_fingerprints(records: dict[str, dict]) -> FederatedFingerprint:
     first_site, first = next(iter(checked.items()))
     for site, fp in checked.items():
         if fp.ct != first.ct:
-            raise FingerprintError(f"site {site} declares different channels (or CT flags) than site "
-                                   f"{first_site}; every site's dataset.json must list the same channels.")
+            raise FingerprintError(
+                f"site {site} declares different channels (or CT flags) than site "
+                f"{first_site}; every site's dataset.json must list the same channels."
+            )
         if len(fp.class_fraction) != len(first.class_fraction):
-            raise FingerprintError(f"site {site} declares {len(fp.class_fraction)} classes, site {first_site} "
-                                   f"{len(first.class_fraction)}; every site must label the same classes.")
+            raise FingerprintError(
+                f"site {site} declares {len(fp.class_fraction)} classes, site {first_site} "
+                f"{len(first.class_fraction)}; every site must label the same classes."
+            )
     sites = list(checked.values())
     channels = len(first.ct)
     case_weights = bounded_weights([fp.cases for fp in sites])
-    spacing = [[Sketch(SPACING_LEVELS, fp.spacing[a], w) for fp, w in zip(sites, case_weights, strict=True)] for a in range(3)]
-    extent = [[Sketch(SPACING_LEVELS, fp.extent[a], w) for fp, w in zip(sites, case_weights, strict=True)] for a in range(3)]
+    spacing = [
+        [Sketch(SPACING_LEVELS, fp.spacing[a], w) for fp, w in zip(sites, case_weights, strict=True)] for a in range(3)
+    ]
+    extent = [
+        [Sketch(SPACING_LEVELS, fp.extent[a], w) for fp, w in zip(sites, case_weights, strict=True)] for a in range(3)
+    ]
     intensity, moments = [], np.zeros((channels, 3))
     for c in range(channels):
         voxel_weights = bounded_weights([fp.moments[c, 0] for fp in sites])
-        intensity.append([Sketch(INTENSITY_LEVELS, fp.intensity[c], w) for fp, w in zip(sites, voxel_weights, strict=True)])
+        intensity.append(
+            [Sketch(INTENSITY_LEVELS, fp.intensity[c], w) for fp, w in zip(sites, voxel_weights, strict=True)]
+        )
         for fp, w in zip(sites, voxel_weights, strict=True):
             if fp.moments[c, 0] > 0:
                 moments[c] += fp.moments[c] * (w / fp.moments[c, 0])

@@ -52,8 +52,16 @@ TEST_DICE_PERSONAL = "test_dice_personal"
 TEST_NUM_EXAMPLES = "test-num-examples"
 TEST_DICE_CLASS_PREFIX = "test_dice_class_"
 """A site's labelled test cases (imagesTs/labelsTs), scored in the cross-site evaluation only."""
-CROSS_EVAL_METRICS = ("dice", "dice_adapted", "dice_personal", "trained", NUM_EXAMPLES, TEST_DICE,
-                      TEST_DICE_PERSONAL, TEST_NUM_EXAMPLES)
+CROSS_EVAL_METRICS = (
+    "dice",
+    "dice_adapted",
+    "dice_personal",
+    "trained",
+    NUM_EXAMPLES,
+    TEST_DICE,
+    TEST_DICE_PERSONAL,
+    TEST_NUM_EXAMPLES,
+)
 """Numeric metrics a site returns to a cross-site evaluation query (dice_adapted only if it never trained,
 dice_personal only if it trained and personalizes, test_* only if it has labelled test cases), besides one
 DICE_CLASS_PREFIX<i> and TEST_DICE_CLASS_PREFIX<i> per foreground class."""
@@ -73,8 +81,14 @@ FINGERPRINT = "fingerprint"
 """MetricRecord of a site's data fingerprint: aggregate statistics only."""
 FINGERPRINT_PREFIX = "fp_"
 """Every fingerprint metric's name starts with this; values are numbers or short lists of numbers."""
-TIMELINE_METRICS = ("t_delivered", "t_process_started", "t_bundle_checked", "t_imports_done", "t_data_ready",
-                    "t_work_done")
+TIMELINE_METRICS = (
+    "t_delivered",
+    "t_process_started",
+    "t_bundle_checked",
+    "t_imports_done",
+    "t_data_ready",
+    "t_work_done",
+)
 """Unix times (site clock) at which a message passed the site's stages; the server's timeline
 (server/receiving_grid.py)."""
 EGRESS_MAX_LIST = 16

@@ -79,16 +79,22 @@ def coding_problem(site: str, coding: Sequence[int], agreed: Sequence[int], rema
             return None
         moved = {v: agreed.index(c) for v, c in enumerate(coding) if agreed.index(c) != v}
         pairs = ", ".join(f"its {v} is the federation's {w}" for v, w in moved.items())
-        return (f"site {site} names its labels like the federation but codes them with other values ({pairs}); "
-                "recode its labelsTr, or set data.remap_labels: true in the centre's configuration to remap them "
-                "by name at the site")
+        return (
+            f"site {site} names its labels like the federation but codes them with other values ({pairs}); "
+            "recode its labelsTr, or set data.remap_labels: true in the centre's configuration to remap them "
+            "by name at the site"
+        )
     if len(coding) != len(agreed):
-        return (f"site {site} declares {len(coding)} label values, the federation {len(agreed)}; every site's "
-                "dataset.json must label the same classes")
+        return (
+            f"site {site} declares {len(coding)} label values, the federation {len(agreed)}; every site's "
+            "dataset.json must label the same classes"
+        )
     differ = [v for v, (a, b) in enumerate(zip(coding, agreed, strict=True)) if a != b]
-    return (f"site {site}'s label names differ from the federation's at values {differ}; every site's "
-            "dataset.json must give each label value the same name ('fedseg-client check' at the site shows "
-            "both maps)")
+    return (
+        f"site {site}'s label names differ from the federation's at values {differ}; every site's "
+        "dataset.json must give each label value the same name ('fedseg-client check' at the site shows "
+        "both maps)"
+    )
 
 
 def remap_table(labels: Mapping[str, int], agreed: Sequence[int]) -> np.ndarray | None:
@@ -104,8 +110,10 @@ def remap_table(labels: Mapping[str, int], agreed: Sequence[int]) -> np.ndarray 
     if sorted(own) != sorted(agreed):
         theirs = {v: names.get(c, "a name this site does not use") for v, c in enumerate(agreed)}
         mine = {v: n for n, v in sorted(labels.items(), key=lambda item: item[1])}
-        raise LabelMismatch(f"this site's labels {mine} are not the federation's {theirs}; give every label "
-                            "value the federation's name in dataset.json (and recode labelsTr to match)")
+        raise LabelMismatch(
+            f"this site's labels {mine} are not the federation's {theirs}; give every label "
+            "value the federation's name in dataset.json (and recode labelsTr to match)"
+        )
     return np.asarray([agreed.index(c) for c in own], dtype=np.int64)
 
 

@@ -27,8 +27,10 @@ def norm_spec(norm: str) -> tuple[str, dict]:
 def network_spec(cfg: ModelConfig) -> tuple[type[nn.Module], dict[str, Any]]:
     """The MONAI class and its keyword arguments for ``cfg``: one source for fedseg and for exported models."""
     if cfg.in_channels < 1 or cfg.out_channels < 2:
-        raise ValueError(f"model.in_channels {cfg.in_channels} / out_channels {cfg.out_channels}: 0 means 'from the "
-                         "sites' dataset.json', which planning resolves before any model is built.")
+        raise ValueError(
+            f"model.in_channels {cfg.in_channels} / out_channels {cfg.out_channels}: 0 means 'from the "
+            "sites' dataset.json', which planning resolves before any model is built."
+        )
     if cfg.arch == "unet":
         return UNet, {
             "spatial_dims": SPATIAL_DIMS,

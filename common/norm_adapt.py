@@ -33,13 +33,16 @@ def has_batch_norm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def _image_patches(images: Sequence[np.ndarray], data: DataConfig, batch_size: int, seed: int
-                   ) -> Iterator[torch.Tensor]:
+def _image_patches(
+    images: Sequence[np.ndarray], data: DataConfig, batch_size: int, seed: int
+) -> Iterator[torch.Tensor]:
     """Endless stream of batches of random image patches; no label is read."""
-    sampler = mt.Compose([
-        mt.SpatialPadd(keys=IMAGE, spatial_size=data.patch_size),
-        mt.RandSpatialCropSamplesd(keys=IMAGE, roi_size=data.patch_size, num_samples=batch_size, random_size=False),
-    ])
+    sampler = mt.Compose(
+        [
+            mt.SpatialPadd(keys=IMAGE, spatial_size=data.patch_size),
+            mt.RandSpatialCropSamplesd(keys=IMAGE, roi_size=data.patch_size, num_samples=batch_size, random_size=False),
+        ]
+    )
     sampler.set_random_state(seed)
     rng = np.random.default_rng(seed)
     while True:

@@ -146,8 +146,7 @@ def load_merged(
     extra = set(travelling) - set(split.travelling)
     if missing or extra:
         raise KeyError(
-            f"received arrays do not match the model: missing {sorted(missing)[:3]}, "
-            f"unexpected {sorted(extra)[:3]}"
+            f"received arrays do not match the model: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}"
         )
     merged = model.state_dict()
     for key, value in {**travelling, **(local or {})}.items():

@@ -57,9 +57,7 @@ def load_certificate(path: Path, what: str, fix: str) -> x509.Certificate:
         raise CertificateError(f"{path}: not a PEM certificate ({what}); {fix}") from err
     now = dt.datetime.now(dt.UTC)
     if now > cert.not_valid_after_utc:
-        raise CertificateError(
-            f"{path}: the {what} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; {fix}"
-        )
+        raise CertificateError(f"{path}: the {what} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; {fix}")
     if now < cert.not_valid_before_utc:
         raise CertificateError(
             f"{path}: the {what} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC "
@@ -103,8 +101,9 @@ def load_private_pem(path: Path, what: str, fix: str) -> ec.EllipticCurvePrivate
     return key
 
 
-def require_key_matches(cert: x509.Certificate, cert_path: Path, key: ec.EllipticCurvePrivateKey,
-                        key_path: Path) -> None:
+def require_key_matches(
+    cert: x509.Certificate, cert_path: Path, key: ec.EllipticCurvePrivateKey, key_path: Path
+) -> None:
     """Refuse a certificate and private key that do not belong together."""
     if cert.public_key() != key.public_key():
         raise CertificateError(
@@ -115,11 +114,14 @@ def require_key_matches(cert: x509.Certificate, cert_path: Path, key: ec.Ellipti
 
 def _check_node_key(key: object, path: Path, kind: type[_NodeKey]) -> _NodeKey:
     if not isinstance(key, kind):
-        raise CertificateError(f"{path}: node keys must be EC keys (got {type(key).__name__}); "
-                               "make one with `fedseg-client keygen`.")
+        raise CertificateError(
+            f"{path}: node keys must be EC keys (got {type(key).__name__}); make one with `fedseg-client keygen`."
+        )
     if not isinstance(key.curve, NIST_CURVES):
-        raise CertificateError(f"{path}: EC curve {key.curve.name} is not a NIST curve Flower accepts; "
-                               "make a new key with `fedseg-client keygen`.")
+        raise CertificateError(
+            f"{path}: EC curve {key.curve.name} is not a NIST curve Flower accepts; "
+            "make a new key with `fedseg-client keygen`."
+        )
     return key
 
 
@@ -139,8 +141,9 @@ def load_node_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
     data = _read(path, "site private key", fix)
     mode = stat.S_IMODE(os.stat(path).st_mode)
     if mode & 0o077:
-        raise CertificateError(f"{path}: the private key is readable by others (mode {mode:o}); "
-                               f"run `chmod 600 {path}`.")
+        raise CertificateError(
+            f"{path}: the private key is readable by others (mode {mode:o}); run `chmod 600 {path}`."
+        )
     try:
         key = serialization.load_ssh_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as err:

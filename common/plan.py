@@ -115,8 +115,13 @@ class Plan:
         return digest[:12]
 
     def to_json(self) -> str:
-        body = {"format": PLAN_FORMAT, "version": self.version, **self.decisions(),
-                "median_shape": list(self.median_shape), "provenance": self.provenance}
+        body = {
+            "format": PLAN_FORMAT,
+            "version": self.version,
+            **self.decisions(),
+            "median_shape": list(self.median_shape),
+            "provenance": self.provenance,
+        }
         return json.dumps(body, indent=2)
 
     @classmethod
@@ -138,21 +143,27 @@ class Plan:
             raise PlanError(f"{source} is not a fedseg plan ({err}); make one with a federated run.") from err
         plan.check_bounds(source)
         if body.get("version") not in (None, plan.version):
-            raise PlanError(f"{source}: its version {body['version']} does not match its content "
-                            f"({plan.version}); the file was edited by hand or truncated.")
+            raise PlanError(
+                f"{source}: its version {body['version']} does not match its content "
+                f"({plan.version}); the file was edited by hand or truncated."
+            )
         return plan
 
     def check_bounds(self, source: str) -> None:
         """Refuse a plan that would make a site resample to an absurd grid or train on an absurd patch."""
         low, high = PLAN_SPACING_RANGE_MM
         if not all(math.isfinite(v) and low <= v <= high for v in self.target_spacing):
-            raise PlanError(f"{source}: target spacing {list(self.target_spacing)} mm is outside [{low}, {high}] mm; "
-                            f"this site will not resample to it.")
+            raise PlanError(
+                f"{source}: target spacing {list(self.target_spacing)} mm is outside [{low}, {high}] mm; "
+                f"this site will not resample to it."
+            )
         if not all(1 <= v <= MAX_PATCH_AXIS for v in self.patch_size):
             raise PlanError(f"{source}: patch size {list(self.patch_size)} is outside [1, {MAX_PATCH_AXIS}] per axis.")
         if not 1 <= len(self.normalization) <= MAX_CHANNELS or len(self.label_codes) > MAX_CLASSES:
-            raise PlanError(f"{source}: {len(self.normalization)} channel(s) and {len(self.label_codes)} label(s); a "
-                            f"plan holds 1 to {MAX_CHANNELS} channels and at most {MAX_CLASSES} labels.")
+            raise PlanError(
+                f"{source}: {len(self.normalization)} channel(s) and {len(self.label_codes)} label(s); a "
+                f"plan holds 1 to {MAX_CHANNELS} channels and at most {MAX_CLASSES} labels."
+            )
         if not all(0 <= c < 1 << CODE_BITS for c in self.label_codes):
             raise PlanError(f"{source}: a label code is outside [0, 2**{CODE_BITS}).")
 
@@ -162,8 +173,10 @@ class Plan:
     @classmethod
     def load(cls, path: Path) -> Plan:
         if not Path(path).is_file():
-            raise PlanError(f"{path} not found: a plan is written by the server at the start of a run "
-                            f"(runs/<run>/{PLAN_FILE}) and kept by each site in its state directory.")
+            raise PlanError(
+                f"{path} not found: a plan is written by the server at the start of a run "
+                f"(runs/<run>/{PLAN_FILE}) and kept by each site in its state directory."
+            )
         return cls.from_json(Path(path).read_text(), str(path))
 
     def data_config(self, data: DataConfig) -> DataConfig:
@@ -248,12 +261,18 @@ def normalization(fp: FederatedFingerprint, data: DataConfig) -> list[ChannelNor
     low, high = data.clip_percentiles
     out = []
     for c in range(fp.num_channels):
-        scheme = data.normalization if data.normalization != "auto" else (
-            "ct" if fp.channel_is_ct[c] else "zscore")
+        scheme = data.normalization if data.normalization != "auto" else ("ct" if fp.channel_is_ct[c] else "zscore")
         if scheme == "ct":
             mean, std = fp.intensity_mean_std(c)
-            out.append(ChannelNorm("ct", fp.intensity_percentile(c, low), fp.intensity_percentile(c, high),
-                                   mean, max(std, SPACING_EPSILON)))
+            out.append(
+                ChannelNorm(
+                    "ct",
+                    fp.intensity_percentile(c, low),
+                    fp.intensity_percentile(c, high),
+                    mean,
+                    max(std, SPACING_EPSILON),
+                )
+            )
         else:
             out.append(ChannelNorm("zscore"))
     return out

@@ -102,7 +102,7 @@ def normalize(image: _Image, norms: tuple[ChannelNorm, ...]) -> _Image:
                 _ct_normalize_(plain[c], low, high, mean, std)
                 continue
         # MONAI types its output for any input kind; a tensor in gives a tensor out
-        image[c:c + 1] = mt.NormalizeIntensity()(image[c:c + 1])  # type: ignore[assignment]
+        image[c : c + 1] = mt.NormalizeIntensity()(image[c : c + 1])  # type: ignore[assignment]
     return image
 
 
@@ -138,6 +138,7 @@ class PreprocessedCases:
         image, labels = prepare_case(case, self.plan)
         if self.remap is not None:  # the plan's version covers the coding, so a remapped cache is its own
             labels = self.remap[np.rint(labels).astype(np.int64).clip(0, len(self.remap) - 1)].astype(labels.dtype)
+
         def fill(building: Path) -> None:
             np.save(building / CACHE_IMAGE, image)
             np.save(building / CACHE_LABEL, labels)

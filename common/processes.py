@@ -46,8 +46,17 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def wait_healthy(proc: subprocess.Popen, url: str, *, what: str, log: Path, timeout_s: float,
-                 error: type[Exception], verify: bool | str = True, require_success: bool = False) -> None:
+def wait_healthy(
+    proc: subprocess.Popen,
+    url: str,
+    *,
+    what: str,
+    log: Path,
+    timeout_s: float,
+    error: type[Exception],
+    verify: bool | str = True,
+    require_success: bool = False,
+) -> None:
     """Return once ``url`` answers (with a 2xx status if ``require_success``); raise ``error``, naming ``log``,
     if ``proc`` exits first or ``timeout_s`` passes."""
     deadline = time.monotonic() + timeout_s

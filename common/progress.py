@@ -32,8 +32,10 @@ def describe(event: dict[str, Any], expected: int | None = None) -> str | None:
     kind = event[EVENT]
     where = f"  round {one_line(event.get('round') or '-'):>3}  {one_line(event.get('site') or ''):<10}"
     if kind == Event.TRAIN:
-        return (f"{where} trained   loss {event['loss']:.4f}  prox {event['proximal_loss']:.5f}  "
-                f"{event['duration_s']:.1f} s")
+        return (
+            f"{where} trained   loss {event['loss']:.4f}  prox {event['proximal_loss']:.5f}  "
+            f"{event['duration_s']:.1f} s"
+        )
     if kind == Event.EVALUATE:
         return f"{where} evaluated Dice {event['dice']:.4f}"
     if kind == Event.FAILURE:
@@ -43,15 +45,21 @@ def describe(event: dict[str, Any], expected: int | None = None) -> str | None:
     if kind == Event.ROUND:
         dice = event["dice_weighted"]
         replied = f"{event['sites_ok']}/{expected}" if expected else f"{event['sites_ok']}"
-        return (f"round {event['round']}: {replied} site(s) replied, failed {one_line(event['sites_failed'] or 'none')}, "
-                f"Dice (weighted) {'n/a' if dice is None else f'{dice:.4f}'}, {event['duration_s']:.1f} s")
+        return (
+            f"round {event['round']}: {replied} site(s) replied, failed {one_line(event['sites_failed'] or 'none')}, "
+            f"Dice (weighted) {'n/a' if dice is None else f'{dice:.4f}'}, {event['duration_s']:.1f} s"
+        )
     if kind == Event.RUN_START and event.get("resumed_from_round"):
         return f"resuming after round {event['resumed_from_round']} (from its checkpoint)"
     if kind == Event.RUN_END:
         best = event.get("best_dice")
         if not event.get("best_round"):
-            return (f"run finished: {one_line(event['status'])}; no site reported a validation score, so the last "
-                    f"round ({event.get('rounds_completed', 0)}) is the run's model")
-        return (f"run finished: {one_line(event['status'])}; best round {event['best_round']}"
-                f" (Dice {'n/a' if best is None else f'{best:.4f}'})")
+            return (
+                f"run finished: {one_line(event['status'])}; no site reported a validation score, so the last "
+                f"round ({event.get('rounds_completed', 0)}) is the run's model"
+            )
+        return (
+            f"run finished: {one_line(event['status'])}; best round {event['best_round']}"
+            f" (Dice {'n/a' if best is None else f'{best:.4f}'})"
+        )
     return None

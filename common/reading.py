@@ -102,8 +102,10 @@ def open_voxels(path: Path, series: Path | None = None) -> Voxels:
 
 def _seg_source(path: Path, series: Path | None) -> Path:
     if series is None or not series.is_dir():
-        raise DicomSeriesError(f"{path}: a DICOM-SEG label needs its case's image to be a DICOM series folder "
-                               "(imagesTr/<case>_0000/); give a NIfTI label for a NIfTI image.")
+        raise DicomSeriesError(
+            f"{path}: a DICOM-SEG label needs its case's image to be a DICOM series folder "
+            "(imagesTr/<case>_0000/); give a NIfTI label for a NIfTI image."
+        )
     return series
 
 
@@ -154,9 +156,11 @@ def load_dicom_image(folders: Sequence[Path]) -> MetaTensor:
     series = [open_series(Path(f)) for f in folders]
     for other in series[1:]:
         if other.shape != series[0].shape or not np.allclose(other.affine, series[0].affine, atol=1e-3):
-            raise DicomSeriesError(f"{other.folder}: its grid {other.shape} differs from {series[0].folder}'s "
-                                   f"{series[0].shape} (or its position); a case's channels must be registered "
-                                   "series of the same grid.")
+            raise DicomSeriesError(
+                f"{other.folder}: its grid {other.shape} differs from {series[0].folder}'s "
+                f"{series[0].shape} (or its position); a case's channels must be registered "
+                "series of the same grid."
+            )
     data = torch.from_numpy(np.stack([series_voxels(s) for s in series]))
     return _meta_tensor(data, series[0].affine, _dicom_pixdim(series[0].zooms), series[0].folder)
 

@@ -32,7 +32,9 @@ FINGERPRINT_QUERY = f"{MessageType.QUERY}.{keys.FINGERPRINT_ACTION}"
 CROSS_EVAL_QUERY = f"{MessageType.QUERY}.{keys.CROSS_EVAL_ACTION}"
 WIRE_FLOAT_DTYPES = ("float32", "float16")
 """The dtypes a floating-point tensor may travel in (federation.wire_dtype)."""
-DICE_METRICS = re.compile(rf"dice|dice_adapted|dice_personal|{keys.DICE_CLASS_PREFIX}\d+|dice_fusion|dice_annotator_\d+")
+DICE_METRICS = re.compile(
+    rf"dice|dice_adapted|dice_personal|{keys.DICE_CLASS_PREFIX}\d+|dice_fusion|dice_annotator_\d+"
+)
 """Metrics that are Dice values, hence in [0, 1]."""
 
 
@@ -52,23 +54,31 @@ class ReplyRule:
         return keys.ARRAYS in self.records
 
 
-def reply_rules(dice_classes: frozenset[str] = frozenset(),
-                test_classes: frozenset[str] = frozenset()) -> dict[str, ReplyRule]:
+def reply_rules(
+    dice_classes: frozenset[str] = frozenset(), test_classes: frozenset[str] = frozenset()
+) -> dict[str, ReplyRule]:
     """The rule of each message type a site answers (with its per-class Dice names); any other type may only
     get an error."""
     identity = {keys.METRICS, keys.IDENTITY}
     timeline = frozenset(keys.TIMELINE_METRICS)  # when the reply passed the site's stages: Unix times, nothing else
     return {
-        MessageType.TRAIN: ReplyRule(frozenset({*identity, keys.ARRAYS}),
-                                     frozenset({*keys.TRAIN_METRICS, keys.LEARNING_RATE, keys.NO_SCORE}) | timeline,
-                                     keys.TRAIN_METRICS, optional=frozenset({keys.EVALUATION})),
-        MessageType.EVALUATE: ReplyRule(frozenset(identity), frozenset(keys.EVAL_METRICS) | dice_classes | timeline,
-                                        keys.EVAL_REQUIRED),
-        FINGERPRINT_QUERY: ReplyRule(frozenset({*identity, keys.FINGERPRINT}), frozenset({keys.NUM_EXAMPLES}) | timeline,
-                                     (keys.NUM_EXAMPLES,)),
-        CROSS_EVAL_QUERY: ReplyRule(frozenset(identity),
-                                    frozenset(keys.CROSS_EVAL_METRICS) | dice_classes | test_classes | timeline,
-                                    (keys.NUM_EXAMPLES,)),
+        MessageType.TRAIN: ReplyRule(
+            frozenset({*identity, keys.ARRAYS}),
+            frozenset({*keys.TRAIN_METRICS, keys.LEARNING_RATE, keys.NO_SCORE}) | timeline,
+            keys.TRAIN_METRICS,
+            optional=frozenset({keys.EVALUATION}),
+        ),
+        MessageType.EVALUATE: ReplyRule(
+            frozenset(identity), frozenset(keys.EVAL_METRICS) | dice_classes | timeline, keys.EVAL_REQUIRED
+        ),
+        FINGERPRINT_QUERY: ReplyRule(
+            frozenset({*identity, keys.FINGERPRINT}), frozenset({keys.NUM_EXAMPLES}) | timeline, (keys.NUM_EXAMPLES,)
+        ),
+        CROSS_EVAL_QUERY: ReplyRule(
+            frozenset(identity),
+            frozenset(keys.CROSS_EVAL_METRICS) | dice_classes | test_classes | timeline,
+            (keys.NUM_EXAMPLES,),
+        ),
         # secure aggregation: public keys, encrypted shares, shares for unmasking (common/secagg.py checks each)
         **{query: ReplyRule(frozenset({*identity, secagg.RECORD}), timeline, ()) for query in secagg.QUERIES},
     }
@@ -80,8 +90,12 @@ RULES = reply_rules()
 
 def masked_rule(train: ReplyRule) -> ReplyRule:
     """A training reply under secure aggregation: no case count (its mean weighs every site 1)."""
-    return ReplyRule(train.records, train.metrics - {keys.NUM_EXAMPLES},
-                     tuple(k for k in train.required if k != keys.NUM_EXAMPLES), train.optional)
+    return ReplyRule(
+        train.records,
+        train.metrics - {keys.NUM_EXAMPLES},
+        tuple(k for k in train.required if k != keys.NUM_EXAMPLES),
+        train.optional,
+    )
 
 
 def masked_arrays(length: int) -> dict[str, tuple[tuple[int, ...], frozenset[str]]]:

@@ -160,7 +160,7 @@ def round_of_file(name: str, pattern: str) -> int | None:
     """The round of a file named by per-round ``pattern`` (``ROUND_CHECKPOINT``, ``NORM_ROUND_FILE``, ...):
     ``round-0003.safetensors`` -> 3; None for any other name (a temporary file, another kind of file)."""
     prefix, _, suffix = pattern.partition("{:04d}")
-    digits = name[len(prefix):len(name) - len(suffix)] if name.startswith(prefix) and name.endswith(suffix) else ""
+    digits = name[len(prefix) : len(name) - len(suffix)] if name.startswith(prefix) and name.endswith(suffix) else ""
     return int(digits) if re.fullmatch(r"[0-9]{4,}", digits) else None
 
 

@@ -59,8 +59,9 @@ class PatchSampler:
     per patch: a random annotator (``sample``) or their majority vote (``fuse``).
     """
 
-    def __init__(self, data: DataConfig, batch_size: int, seed: int, num_classes: int = 2,
-                 augment: Augmentation = "standard") -> None:
+    def __init__(
+        self, data: DataConfig, batch_size: int, seed: int, num_classes: int = 2, augment: Augmentation = "standard"
+    ) -> None:
         if len(data.patch_size) != 3:
             raise ValueError("data.patch_size is empty: resolve the plan first (common.plan.Plan.data_config).")
         self.size = tuple(int(v) for v in data.patch_size)
@@ -108,7 +109,7 @@ class PatchSampler:
             label = fuse(labels, self.num_classes)
         else:
             pick = int(self.rng.integers(labels.shape[0])) if labels.shape[0] > 1 else 0
-            label = labels[pick:pick + 1]
+            label = labels[pick : pick + 1]
         if self.augment is not None:
             out = self.augment({IMAGE: image, LABEL: label.astype(np.float32)})
             image, label = np.asarray(out[IMAGE]), np.rint(np.asarray(out[LABEL])).astype(np.uint8)
@@ -119,8 +120,9 @@ class PatchSampler:
         volume = as_volume(Volume(sample[IMAGE], sample[LABEL], sample.get("locations")), self.num_classes)
         return [dict(zip((IMAGE, LABEL), self.patch(volume), strict=True)) for _ in range(self.batch_size)]
 
-    def batches(self, volumes: Sequence[Volume], rng: np.random.Generator
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self, volumes: Sequence[Volume], rng: np.random.Generator
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Endless stream of (image, label) batches; each patch from a random case."""
         while True:
             pairs = [self.patch(volumes[int(rng.integers(len(volumes)))]) for _ in range(self.batch_size)]

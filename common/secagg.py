@@ -102,8 +102,7 @@ def mask(seed: bytes, length: int) -> np.ndarray:
 
 def flat(arrays: Mapping[str, np.ndarray], order: list[str]) -> np.ndarray:
     """The tensors named in ``order`` as one float64 vector."""
-    return np.concatenate([np.asarray(arrays[k], dtype=np.float64).ravel() for k in order]) if order \
-        else np.zeros(0)
+    return np.concatenate([np.asarray(arrays[k], dtype=np.float64).ravel() for k in order]) if order else np.zeros(0)
 
 
 def unflat(vector: np.ndarray, shapes: Mapping[str, tuple[int, ...]], order: list[str]) -> dict[str, np.ndarray]:
@@ -111,7 +110,7 @@ def unflat(vector: np.ndarray, shapes: Mapping[str, tuple[int, ...]], order: lis
     out, start = {}, 0
     for k in order:
         size = int(np.prod(shapes[k], dtype=np.int64))
-        out[k] = vector[start:start + size].reshape(shapes[k]).astype(np.float32)
+        out[k] = vector[start : start + size].reshape(shapes[k]).astype(np.float32)
         start += size
     return out
 
@@ -143,8 +142,7 @@ def pair_sign(own: int, peer: int) -> int:
 
 
 def node_ids(value: object, name: str) -> list[int]:
-    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
-                                              for v in value):
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
         raise ProtocolError(f"'{name}' is not a list of node ids")
     if len(value) > MAX_SITES:
         raise ProtocolError(f"'{name}' lists {len(value)} nodes, more than {MAX_SITES}")
@@ -175,8 +173,10 @@ def _exact(record: Mapping[str, object], names: set[str], what: str) -> None:
 def public_keys(record: Mapping[str, object]) -> tuple[bytes, bytes]:
     """(mask key, share key) of a site's keys reply."""
     _exact(record, {MASK_KEY, SHARE_KEY}, "a keys reply")
-    mask_key, share_key = _blob(record[MASK_KEY], MASK_KEY, MAX_PUBLIC_KEY), _blob(record[SHARE_KEY], SHARE_KEY,
-                                                                                   MAX_PUBLIC_KEY)
+    mask_key, share_key = (
+        _blob(record[MASK_KEY], MASK_KEY, MAX_PUBLIC_KEY),
+        _blob(record[SHARE_KEY], SHARE_KEY, MAX_PUBLIC_KEY),
+    )
     if mask_key == share_key:
         raise ProtocolError("the two public keys are the same")
     return mask_key, share_key
@@ -218,8 +218,9 @@ def reply_problems(message_type: str, record: Mapping[str, object]) -> list[str]
     return []
 
 
-def peer_list(record: Mapping[str, object], own: int, own_keys: tuple[bytes, bytes]
-              ) -> tuple[list[int], dict[int, tuple[bytes, bytes]], int]:
+def peer_list(
+    record: Mapping[str, object], own: int, own_keys: tuple[bytes, bytes]
+) -> tuple[list[int], dict[int, tuple[bytes, bytes]], int]:
     """(nodes, node -> (mask key, share key), threshold) of the centre's relayed keys, as a site must check them.
 
     A hostile centre could list this site twice, give it a key that is not its

@@ -68,9 +68,18 @@ def pack(content: RecordDict) -> RecordDict:
     names = list(record.keys())
     values = [record[name].numpy() for name in names]
     dtypes = [str(v.dtype) for v in values]
-    flat = {dt: np.concatenate([v.ravel() for v, d in zip(values, dtypes, strict=True) if d == dt]) for dt in dict.fromkeys(dtypes)}
-    layout = ConfigRecord({"names": names, "dtypes": dtypes, "ndims": [v.ndim for v in values],
-                           "shapes": [int(n) for v in values for n in v.shape]})
+    flat = {
+        dt: np.concatenate([v.ravel() for v, d in zip(values, dtypes, strict=True) if d == dt])
+        for dt in dict.fromkeys(dtypes)
+    }
+    layout = ConfigRecord(
+        {
+            "names": names,
+            "dtypes": dtypes,
+            "ndims": [v.ndim for v in values],
+            "shapes": [int(n) for v in values for n in v.shape],
+        }
+    )
     packed = RecordDict(dict(content.items()))
     packed[keys.ARRAYS] = ArrayRecord({PACKED_PREFIX + dt: Array(a) for dt, a in flat.items()})
     packed[keys.LAYOUT] = layout
@@ -98,8 +107,9 @@ def _unpacked(content: RecordDict) -> RecordDict:
     record = content.array_records.get(keys.ARRAYS)
     wanted = {PACKED_PREFIX + dt for dt in dtypes}
     if record is None or set(record.keys()) != wanted:
-        raise WireError(f"packed arrays {sorted(record.keys()) if record else []} do not match the layout's "
-                        f"dtypes {sorted(wanted)}")
+        raise WireError(
+            f"packed arrays {sorted(record.keys()) if record else []} do not match the layout's dtypes {sorted(wanted)}"
+        )
     flat = {key: record[key] for key in wanted}
     offsets = dict.fromkeys(wanted, 0)
     spans: dict[str, tuple[int, int, tuple[int, ...], str]] = {}
@@ -117,8 +127,12 @@ def _unpacked(content: RecordDict) -> RecordDict:
     if any(data[k].shape != (offsets[k],) or str(data[k].dtype) != flat[k].dtype for k in wanted):
         raise WireError("a packed array's data differs from its declared dtype or length")
     unpacked = RecordDict({k: v for k, v in content.items() if k != keys.LAYOUT})
-    unpacked[keys.ARRAYS] = ArrayRecord({name: Array(data[key][start:start + size].reshape(shape))
-                                         for name, (start, size, shape, key) in spans.items()})
+    unpacked[keys.ARRAYS] = ArrayRecord(
+        {
+            name: Array(data[key][start : start + size].reshape(shape))
+            for name, (start, size, shape, key) in spans.items()
+        }
+    )
     return unpacked
 
 
@@ -134,15 +148,24 @@ def _all_int(values: list[Any]) -> TypeGuard[list[int]]:
 def _layout(layout: ConfigRecord) -> tuple[list[str], list[str], list[tuple[int, ...]]]:
     """Names, dtypes and shapes from a layout record, every field checked before it is used."""
     names, dtypes, ndims, flat_shape = (layout.get(k) for k in ("names", "dtypes", "ndims", "shapes"))
-    if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(ndims, list)
-            and isinstance(flat_shape, list)):
+    if not (
+        isinstance(names, list)
+        and isinstance(dtypes, list)
+        and isinstance(ndims, list)
+        and isinstance(flat_shape, list)
+    ):
         raise WireError("the layout lacks names, dtypes, ndims or shapes lists")
     if not len(names) == len(dtypes) == len(ndims) or len(names) > MAX_TENSORS or len(set(names)) != len(names):
         raise WireError("the layout's lists disagree in length, repeat a name or are too long")
     if not _all_str(names) or not _all_str(dtypes) or not set(dtypes) <= PACKABLE_DTYPES:
         raise WireError(f"the layout's names must be text and its dtypes among {sorted(PACKABLE_DTYPES)}")
-    if not _all_int(ndims) or not all(0 <= d <= MAX_NDIM for d in ndims) or sum(ndims) != len(flat_shape) \
-            or not _all_int(flat_shape) or not all(0 <= n <= MAX_DIM for n in flat_shape):
+    if (
+        not _all_int(ndims)
+        or not all(0 <= d <= MAX_NDIM for d in ndims)
+        or sum(ndims) != len(flat_shape)
+        or not _all_int(flat_shape)
+        or not all(0 <= n <= MAX_DIM for n in flat_shape)
+    ):
         raise WireError("the layout's shapes are malformed")
     ends = np.cumsum([0, *ndims]).tolist()
     return names, dtypes, [tuple(flat_shape[a:b]) for a, b in zip(ends, ends[1:], strict=False)]
@@ -161,7 +184,7 @@ def site_of_error(reason: str | None) -> str | None:
     """The site name that ``error_reason`` put in front, if any."""
     if not reason or not reason.startswith(ERROR_PREFIX) or ERROR_SEPARATOR not in reason:
         return None
-    name = reason[len(ERROR_PREFIX):].split(ERROR_SEPARATOR, 1)[0]
+    name = reason[len(ERROR_PREFIX) :].split(ERROR_SEPARATOR, 1)[0]
     return name if name and " " not in name else None
 
 

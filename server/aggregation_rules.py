@@ -45,7 +45,7 @@ def weighted_mean(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
 def trimmed_mean(values: np.ndarray, trim: int) -> np.ndarray:
     """Mean over sites of each coordinate after dropping its ``trim`` lowest and highest values."""
     ordered = np.sort(values, axis=0)
-    return ordered[trim: values.shape[0] - trim].mean(axis=0, dtype=np.float32)
+    return ordered[trim : values.shape[0] - trim].mean(axis=0, dtype=np.float32)
 
 
 def coordinate_median(values: np.ndarray) -> np.ndarray:
@@ -67,10 +67,14 @@ def clip_updates(records: Sequence[ArrayRecord], reference: dict[str, np.ndarray
             clipped.append(record)
             continue
         scale = np.float32(limit / norm)
-        clipped.append(ArrayRecord({
-            key: Array(np.ascontiguousarray(reference[key] + scale * (_values(array) - reference[key])))
-            for key, array in record.items()
-        }))
+        clipped.append(
+            ArrayRecord(
+                {
+                    key: Array(np.ascontiguousarray(reference[key] + scale * (_values(array) - reference[key])))
+                    for key, array in record.items()
+                }
+            )
+        )
     return clipped
 
 
@@ -78,8 +82,12 @@ def _values(array: Array) -> np.ndarray:
     return array.numpy().astype(np.float32, copy=False)
 
 
-def aggregate(records: Sequence[ArrayRecord], weights: Sequence[float], cfg: FederationConfig,
-              reference: dict[str, np.ndarray] | None = None) -> ArrayRecord:
+def aggregate(
+    records: Sequence[ArrayRecord],
+    weights: Sequence[float],
+    cfg: FederationConfig,
+    reference: dict[str, np.ndarray] | None = None,
+) -> ArrayRecord:
     """Combine the sites' travelling tensors with ``cfg.aggregator``; keys in the first record's order.
 
     ``reference`` is the round's global model w^t, needed for ``cfg.clip_updates``.
@@ -90,8 +98,11 @@ def aggregate(records: Sequence[ArrayRecord], weights: Sequence[float], cfg: Fed
         records = clip_updates(records, reference)
     trim = trim_count(len(records), cfg.trim_fraction)
     if cfg.aggregator == "trimmed_mean" and trim == 0:
-        log.warning("trimmed_mean with %d site(s) and trim_fraction %.2f drops no site: this round is a plain mean",
-                    len(records), cfg.trim_fraction)
+        log.warning(
+            "trimmed_mean with %d site(s) and trim_fraction %.2f drops no site: this round is a plain mean",
+            len(records),
+            cfg.trim_fraction,
+        )
     w = np.asarray(weights, dtype=np.float64)
     combined = {}
     for key in records[0].keys():

@@ -21,16 +21,20 @@ class Aggregator:
     def __init__(self, cfg: FederationConfig) -> None:
         self.cfg = cfg
 
-    def __call__(self, sound: Sequence[Message], reference: dict[str, np.ndarray] | None,
-                 equal_weights: bool = False) -> ArrayRecord:
+    def __call__(
+        self, sound: Sequence[Message], reference: dict[str, np.ndarray] | None, equal_weights: bool = False
+    ) -> ArrayRecord:
         """The combination of the sound replies, given the round's global model w^t (``reference``).
 
         Each site weighs its training cases, capped at ``WEIGHT_CAP_RATIO`` times the other sites'
         median (common/fingerprint.py: a count is the site's own claim), or 1 with ``equal_weights``
         (the robust aggregators give every site one vote whatever is asked).
         """
-        weights = [1.0 if equal_weights else float(number(msg.content.metric_records[keys.METRICS], keys.NUM_EXAMPLES))
-                   for msg in sound]
+        weights = [
+            1.0 if equal_weights else float(number(msg.content.metric_records[keys.METRICS], keys.NUM_EXAMPLES))
+            for msg in sound
+        ]
         weights = bounded_weights(weights)  # a count is the site's own claim: none weighs over 3x the others' median
-        return aggregation_rules.aggregate([msg.content.array_records[keys.ARRAYS] for msg in sound], weights,
-                                           self.cfg, reference)
+        return aggregation_rules.aggregate(
+            [msg.content.array_records[keys.ARRAYS] for msg in sound], weights, self.cfg, reference
+        )

@@ -59,13 +59,18 @@ class ServerMaterial:
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedseg federation"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedseg federation"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
 
 
 def _create_ca(cert_dir: Path, days: int) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
@@ -80,9 +85,20 @@ def _create_ca(cert_dir: Path, days: int) -> tuple[x509.Certificate, ec.Elliptic
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA384())
     )
@@ -141,8 +157,10 @@ def init_pki(cert_dir: Path, names: list[str], ips: list[str], days: int = SERVE
     cert_dir.mkdir(parents=True, exist_ok=True)
     for existing in (SERVER_CERT, SERVER_KEY):
         if (cert_dir / existing).exists():
-            raise CertificateError(f"{cert_dir / existing} already exists; move server.crt and server.key away "
-                                   "first to issue a new server certificate.")
+            raise CertificateError(
+                f"{cert_dir / existing} already exists; move server.crt and server.key away "
+                "first to issue a new server certificate."
+            )
     done = []
     if not (cert_dir / CA_CERT).exists():
         _create_ca(cert_dir, CA_DAYS)
@@ -176,13 +194,16 @@ def add_site_key(cert_dir: Path, site: str, public_key: Path) -> Path:
     target = site_key_path(cert_dir, site)
     for other, other_key in site_keys(cert_dir).items():
         if openssh_public(other_key) == openssh_public(key) and other != site:
-            raise CertificateError(f"{public_key}: this key is already registered for site '{other}'; "
-                                   "every site needs its own key.")
+            raise CertificateError(
+                f"{public_key}: this key is already registered for site '{other}'; every site needs its own key."
+            )
     if target.exists():
         if openssh_public(load_node_public_key(target)) == openssh_public(key):
             return target
-        raise CertificateError(f"{target} already holds a different key for site '{site}'; remove it first "
-                               "if the site really has a new key.")
+        raise CertificateError(
+            f"{target} already holds a different key for site '{site}'; remove it first "
+            "if the site really has a new key."
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(public_key, target)
     return target
@@ -193,8 +214,9 @@ def site_keys(cert_dir: Path) -> dict[str, ec.EllipticCurvePublicKey]:
     folder = Path(cert_dir) / NODE_KEYS_DIR
     if not folder.is_dir():
         return {}
-    return {p.name[: -len(PUBLIC_KEY_SUFFIX)]: load_node_public_key(p)
-            for p in sorted(folder.glob(f"*{PUBLIC_KEY_SUFFIX}"))}
+    return {
+        p.name[: -len(PUBLIC_KEY_SUFFIX)]: load_node_public_key(p) for p in sorted(folder.glob(f"*{PUBLIC_KEY_SUFFIX}"))
+    }
 
 
 def allow_list(cert_dir: Path, sites: list[str]) -> dict[str, ec.EllipticCurvePublicKey]:

@@ -21,8 +21,9 @@ ACTIONS = ("init", "add-site", "list")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=ACTIONS, help="What to do (see above).")
     parser.add_argument("--dir", type=Path, help="Certificate folder; shortcut for --set server.cert_dir=DIR.")
-    parser.add_argument("--name", action="append", default=[], help="init: a DNS name sites use for the server "
-                        "(repeatable).")
+    parser.add_argument(
+        "--name", action="append", default=[], help="init: a DNS name sites use for the server (repeatable)."
+    )
     parser.add_argument("--ip", action="append", default=[], help="init: an IP address sites use (repeatable).")
     parser.add_argument("--days", type=int, default=None, help="init: server certificate lifetime in days.")
     parser.add_argument("--site", help="add-site: the site's name, as in federation.sites.")

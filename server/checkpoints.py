@@ -65,8 +65,10 @@ class Checkpoints:
     def save_optimizer(self, server_round: int, moments: dict[str, np.ndarray]) -> None:
         """Keep the server optimizer's moments after this round's step (written before the round's model,
         so every round checkpoint a resume may pick has its moments beside it)."""
-        self._save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in moments.items()},
-                   SERVER_OPTIMIZER_CHECKPOINT.format(server_round))
+        self._save(
+            {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in moments.items()},
+            SERVER_OPTIMIZER_CHECKPOINT.format(server_round),
+        )
 
     def optimizer(self, server_round: int) -> dict[str, np.ndarray] | None:
         """The moments saved after ``server_round``'s step, or None if there are none."""

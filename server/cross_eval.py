@@ -119,8 +119,7 @@ def training_grid(grid: Grid, cfg: FedsegConfig, nodes: dict[int, str] | None = 
     nodes = read_nodes(run_dir(cfg)) if nodes is None else nodes
     expected = len(cfg.federation.sites) + len(held_out)
     ids = wait_for_nodes(grid, expected, cfg.federation.round_timeout_s)
-    replies = grid.send_and_receive([_query(n, "identify", {}) for n in ids],
-                                    timeout=cfg.federation.round_timeout_s)
+    replies = grid.send_and_receive([_query(n, "identify", {}) for n in ids], timeout=cfg.federation.round_timeout_s)
     for m in replies:
         if not m.has_error() and claim_problem(nodes, m.metadata.src_node_id, named_site(m)) is None:
             site_name(nodes, m.metadata.src_node_id, named_site(m))
@@ -146,16 +145,20 @@ def _cell(model: str, msg: Message, site: str, nodes: dict[int, str]) -> Cell | 
 
 
 def _parsed_cell(model: str, site: str, metrics) -> Cell:
-    return Cell(model=model, site=site, trained=bool(metrics.get("trained", 0.0)),
-                dice=_dice(metrics["dice"]), dice_adapted=_optional(metrics, "dice_adapted"),
-                num_examples=int(metrics.get(keys.NUM_EXAMPLES, 0)),
-                dice_personal=_optional(metrics, "dice_personal"),
-                dice_per_class=_per_class(metrics, keys.DICE_CLASS_PREFIX),
-                test_dice=_optional(metrics, keys.TEST_DICE),
-                test_dice_per_class=_per_class(metrics, keys.TEST_DICE_CLASS_PREFIX) if keys.TEST_DICE in metrics
-                else None,
-                test_dice_personal=_optional(metrics, keys.TEST_DICE_PERSONAL),
-                test_num_examples=int(metrics.get(keys.TEST_NUM_EXAMPLES, 0)))
+    return Cell(
+        model=model,
+        site=site,
+        trained=bool(metrics.get("trained", 0.0)),
+        dice=_dice(metrics["dice"]),
+        dice_adapted=_optional(metrics, "dice_adapted"),
+        num_examples=int(metrics.get(keys.NUM_EXAMPLES, 0)),
+        dice_personal=_optional(metrics, "dice_personal"),
+        dice_per_class=_per_class(metrics, keys.DICE_CLASS_PREFIX),
+        test_dice=_optional(metrics, keys.TEST_DICE),
+        test_dice_per_class=_per_class(metrics, keys.TEST_DICE_CLASS_PREFIX) if keys.TEST_DICE in metrics else None,
+        test_dice_personal=_optional(metrics, keys.TEST_DICE_PERSONAL),
+        test_num_examples=int(metrics.get(keys.TEST_NUM_EXAMPLES, 0)),
+    )
 
 
 def _dice(value: object) -> float:
@@ -173,14 +176,24 @@ def _optional(metrics, name: str) -> float | None:
 
 def _per_class(metrics, prefix: str) -> list[float]:
     """The ``<prefix><class>`` metrics of a reply as a list, class 1 first."""
-    found = {int(k.removeprefix(prefix)): _dice(v) for k, v in metrics.items()
-             if k.startswith(prefix) and k.removeprefix(prefix).isdigit()}
+    found = {
+        int(k.removeprefix(prefix)): _dice(v)
+        for k, v in metrics.items()
+        if k.startswith(prefix) and k.removeprefix(prefix).isdigit()
+    }
     return [found[c] for c in sorted(found)]
 
 
-def cross_evaluate(grid: Grid, cfg: FedsegConfig, signature: str, models: dict[str, dict[str, torch.Tensor]],
-                   metrics_log: MetricsLog, run: Path, rounds: dict[str, int | None] | None = None,
-                   sites: dict[int, str] | None = None) -> list[Cell]:
+def cross_evaluate(
+    grid: Grid,
+    cfg: FedsegConfig,
+    signature: str,
+    models: dict[str, dict[str, torch.Tensor]],
+    metrics_log: MetricsLog,
+    run: Path,
+    rounds: dict[str, int | None] | None = None,
+    sites: dict[int, str] | None = None,
+) -> list[Cell]:
     """Send every checkpoint to every connected site; log and save the matrix.
 
     ``sites``: the registered node -> site names (by default those of the run folder), which name every cell.
@@ -194,8 +207,11 @@ def cross_evaluate(grid: Grid, cfg: FedsegConfig, signature: str, models: dict[s
     cells = []
     for model, tensors in models.items():
         arrays = to_wire(tensors, cfg.federation.wire_dtype)
-        config: dict[str, str | int] = {keys.SIGNATURE: signature, keys.WIRE_DTYPE: cfg.federation.wire_dtype,
-                                        keys.CROSS_EVAL_MODEL: model}
+        config: dict[str, str | int] = {
+            keys.SIGNATURE: signature,
+            keys.WIRE_DTYPE: cfg.federation.wire_dtype,
+            keys.CROSS_EVAL_MODEL: model,
+        }
         if model_round := (rounds or {}).get(model):
             config[keys.SERVER_ROUND] = int(model_round)
         if (run / PLAN_FILE).is_file():  # the run's preprocessing plan, also for a site that never trained
@@ -209,15 +225,18 @@ def cross_evaluate(grid: Grid, cfg: FedsegConfig, signature: str, models: dict[s
     return cells
 
 
-def _cells(model: str, replies: Iterable[Message], metrics_log: MetricsLog, sites: dict[int, str],
-           queries: list[Message]) -> list[Cell]:
+def _cells(
+    model: str, replies: Iterable[Message], metrics_log: MetricsLog, sites: dict[int, str], queries: list[Message]
+) -> list[Cell]:
     """One model's cells, each named by its node's site; each failed reply is logged as a failure instead."""
     cells = []
     for msg in replies:
         node = msg.metadata.src_node_id
         if node == SUPERLINK_NODE_ID:  # the SuperLink's error for a node that went away: the query names it
-            node = next((q.metadata.dst_node_id for q in queries
-                         if q.metadata.message_id == msg.metadata.reply_to_message_id), node)
+            node = next(
+                (q.metadata.dst_node_id for q in queries if q.metadata.message_id == msg.metadata.reply_to_message_id),
+                node,
+            )
         site = site_name(sites, node, named_site(msg))
         cell = _cell(model, msg, site, sites)
         if isinstance(cell, str):
@@ -230,8 +249,12 @@ def _cells(model: str, replies: Iterable[Message], metrics_log: MetricsLog, site
 
 
 def _save(path: Path, cfg: FedsegConfig, cells: list[Cell]) -> None:
-    record = {"run": cfg.federation.run_name, "time": time.time(), "held_out_sites": cfg.federation.held_out_sites,
-              "cells": [asdict(c) for c in cells]}
+    record = {
+        "run": cfg.federation.run_name,
+        "time": time.time(),
+        "held_out_sites": cfg.federation.held_out_sites,
+        "cells": [asdict(c) for c in cells],
+    }
     atomic_write_text(path, json.dumps(record, indent=2))
 
 
@@ -249,8 +272,10 @@ def run_checkpoints(run: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict
     if state.best_round == state.last_round or not (ckpt.dir / BEST_CHECKPOINT).is_file():
         return {last: load_file(ckpt.dir / LAST_CHECKPOINT)}, {last: state.last_round}
     best = f"{BEST} (round {state.best_round})"
-    return ({last: load_file(ckpt.dir / LAST_CHECKPOINT), best: load_file(ckpt.dir / BEST_CHECKPOINT)},
-            {last: state.last_round, best: state.best_round})
+    return (
+        {last: load_file(ckpt.dir / LAST_CHECKPOINT), best: load_file(ckpt.dir / BEST_CHECKPOINT)},
+        {last: state.last_round, best: state.best_round},
+    )
 
 
 def resolve_checkpoint(run: Path, name: str) -> Path:
@@ -259,13 +284,20 @@ def resolve_checkpoint(run: Path, name: str) -> Path:
     named = parse_checkpoint_name(name)
     path = ckpt_dir / named.file if named is not None else Path(name)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint '{name}' not found as {path}; use {CHECKPOINT_NAMES} "
-                                f"(see {ckpt_dir}) or a .safetensors file")
+        raise FileNotFoundError(
+            f"checkpoint '{name}' not found as {path}; use {CHECKPOINT_NAMES} (see {ckpt_dir}) or a .safetensors file"
+        )
     return path
 
 
-def after_training(grid: Grid, cfg: FedsegConfig, signature: str, metrics_log: MetricsLog, run: Path,
-                   sites: dict[int, str] | None = None) -> None:
+def after_training(
+    grid: Grid,
+    cfg: FedsegConfig,
+    signature: str,
+    metrics_log: MetricsLog,
+    run: Path,
+    sites: dict[int, str] | None = None,
+) -> None:
     """The cross-site evaluation closing a run; a failure here is logged, never fatal to the run.
 
     ``sites``: the run's node -> site names, shared with its receiving boundary and strategy."""
@@ -283,19 +315,39 @@ def on_demand(grid: Grid, cfg: FedsegConfig, signature: str, run: Path) -> None:
     name = cfg.federation.evaluate_checkpoint
     path = resolve_checkpoint(run, name)
     metrics_log = MetricsLog(run)
-    metrics_log.write(Event.RUN_START, run=cfg.federation.run_name, config_sha256=cfg.sha256(), mode="cross-eval",
-                      checkpoint=name, sites=cfg.federation.sites, signature=signature)
+    metrics_log.write(
+        Event.RUN_START,
+        run=cfg.federation.run_name,
+        config_sha256=cfg.sha256(),
+        mode="cross-eval",
+        checkpoint=name,
+        sites=cfg.federation.sites,
+        signature=signature,
+    )
     status = "evaluated"
     try:
-        wait_for_nodes(grid, len(cfg.federation.sites) + len(cfg.federation.held_out_sites),
-                        cfg.federation.round_timeout_s)
-        cross_evaluate(grid, cfg, signature, {name: load_file(path)}, metrics_log, run,
-                       {name: Checkpoints(run / CHECKPOINT_DIR).round_of(name)})
+        wait_for_nodes(
+            grid, len(cfg.federation.sites) + len(cfg.federation.held_out_sites), cfg.federation.round_timeout_s
+        )
+        cross_evaluate(
+            grid,
+            cfg,
+            signature,
+            {name: load_file(path)},
+            metrics_log,
+            run,
+            {name: Checkpoints(run / CHECKPOINT_DIR).round_of(name)},
+        )
     except Exception as err:
         status = f"failed: {type(err).__name__}"
         raise
     finally:
         state = Checkpoints(run / CHECKPOINT_DIR).state
-        metrics_log.write(Event.RUN_END, status=status, rounds_completed=state.last_round,
-                          best_round=state.best_round, best_dice=state.best_dice)
+        metrics_log.write(
+            Event.RUN_END,
+            status=status,
+            rounds_completed=state.last_round,
+            best_round=state.best_round,
+            best_dice=state.best_dice,
+        )
         metrics_log.close()

@@ -83,35 +83,48 @@ def federation_size(cfg: FedsegConfig) -> int:
     return len(set(cfg.federation.sites) - set(cfg.federation.held_out_sites))
 
 
-def _clipped_and_scaled(record: ArrayRecord, reference: dict[str, np.ndarray], order: list[str],
-                        clipping_norm: float, scale: float) -> ArrayRecord:
+def _clipped_and_scaled(
+    record: ArrayRecord, reference: dict[str, np.ndarray], order: list[str], clipping_norm: float, scale: float
+) -> ArrayRecord:
     """w^t + scale * clip_C(w_k - w^t), as float32 in the global model's key order (Flower pairs by position)."""
     values = [record[k].numpy().astype(np.float32) for k in order]
     base = [reference[k] for k in order]
     compute_clip_model_update(values, base, clipping_norm)
-    return ArrayRecord({k: Array(np.ascontiguousarray(b + np.float32(scale) * (v - b)))
-                        for k, v, b in zip(order, values, base, strict=True)})
+    return ArrayRecord(
+        {
+            k: Array(np.ascontiguousarray(b + np.float32(scale) * (v - b)))
+            for k, v, b in zip(order, values, base, strict=True)
+        }
+    )
 
 
 def earlier_releases(metrics_path, privacy: PrivacyConfig, size: int, done: int) -> int:
     """Releases made before a resume, refusing any made under other settings or without DP."""
     events = list(read_events(metrics_path)) if metrics_path.is_file() else []
     released = [e for e in events if is_kind(e, Event.PRIVACY) and e["round"] <= done]
-    expected = {"noise_multiplier": privacy.noise_multiplier, "clipping_norm": privacy.clipping_norm,
-                "denominator": size}
+    expected = {
+        "noise_multiplier": privacy.noise_multiplier,
+        "clipping_norm": privacy.clipping_norm,
+        "denominator": size,
+    }
     for event in released:
         if any(event.get(k) != v for k, v in expected.items()):
             raise PrivacyResumeRefused(
                 f"round {event['round']} was released with noise_multiplier {event.get('noise_multiplier')}, "
                 f"clipping_norm {event.get('clipping_norm')}, sites {event.get('denominator')}; this run has "
                 f"{privacy.noise_multiplier}, {privacy.clipping_norm}, {size}. Resume with the same privacy "
-                f"settings and federation.sites, or start a new run.")
+                f"settings and federation.sites, or start a new run."
+            )
     released_rounds = {e["round"] for e in released}
-    plain = [e["round"] for e in events
-             if is_kind(e, Event.ROUND) and e.get("aggregated") and e["round"] <= done and e["round"] not in released_rounds]
+    plain = [
+        e["round"]
+        for e in events
+        if is_kind(e, Event.ROUND) and e.get("aggregated") and e["round"] <= done and e["round"] not in released_rounds
+    ]
     if plain:
-        raise PrivacyResumeRefused(f"rounds {plain} were released without DP; no privacy budget covers them. "
-                                   f"Start a new run.")
+        raise PrivacyResumeRefused(
+            f"rounds {plain} were released without DP; no privacy budget covers them. Start a new run."
+        )
     return len(released)
 
 
@@ -121,11 +134,16 @@ class CentralDP:
     def __init__(self, cfg: FedsegConfig, metrics_log: MetricsLog, done: int) -> None:
         self.size = federation_size(cfg)
         if self.size < 1:
-            raise ValueError("privacy.noise_multiplier > 0 needs federation.sites: the noise is calibrated to the "
-                             "federation's fixed size.")
+            raise ValueError(
+                "privacy.noise_multiplier > 0 needs federation.sites: the noise is calibrated to the "
+                "federation's fixed size."
+            )
         privacy = cfg.privacy
-        self.noise_multiplier, self.clipping_norm, self.delta = (privacy.noise_multiplier, privacy.clipping_norm,
-                                                                 privacy.delta)
+        self.noise_multiplier, self.clipping_norm, self.delta = (
+            privacy.noise_multiplier,
+            privacy.clipping_norm,
+            privacy.delta,
+        )
         self.metrics = metrics_log
         self.rng = np.random.default_rng()
         self.releases = earlier_releases(metrics_log.path, privacy, self.size, done)
@@ -136,22 +154,39 @@ class CentralDP:
         if len(sound) > self.size:
             raise ValueError(f"{len(sound)} sound replies from a federation of {self.size} listed sites")
         for msg in sound:
-            msg.content[keys.ARRAYS] = _clipped_and_scaled(msg.content.array_records[keys.ARRAYS], reference,
-                                                           list(reference), self.clipping_norm, len(sound) / self.size)
+            msg.content[keys.ARRAYS] = _clipped_and_scaled(
+                msg.content.array_records[keys.ARRAYS],
+                reference,
+                list(reference),
+                self.clipping_norm,
+                len(sound) / self.size,
+            )
         return sound
 
     def release(self, rnd: int, mean: ArrayRecord, sites: int) -> ArrayRecord:
         """``mean`` (a sum over n) plus Gaussian noise of std z C / n on every coordinate, logged with the
         epsilon spent so far."""
         std = self.noise_multiplier * self.clipping_norm / self.size
-        noised = ArrayRecord({k: Array(np.ascontiguousarray(
-            v.numpy() + self.rng.normal(0.0, std, v.shape).astype(v.numpy().dtype))) for k, v in mean.items()})
+        noised = ArrayRecord(
+            {
+                k: Array(np.ascontiguousarray(v.numpy() + self.rng.normal(0.0, std, v.shape).astype(v.numpy().dtype)))
+                for k, v in mean.items()
+            }
+        )
         self.releases += 1
         epsilon = gaussian_epsilon(self.noise_multiplier, self.releases, self.delta)
         self.metrics.write(
-            Event.PRIVACY, round=rnd, epsilon=epsilon, delta=self.delta, releases=self.releases,
-            noise_multiplier=self.noise_multiplier, clipping_norm=self.clipping_norm, sites=sites,
-            denominator=self.size, noise_std=std, accountant=ACCOUNTANT,
+            Event.PRIVACY,
+            round=rnd,
+            epsilon=epsilon,
+            delta=self.delta,
+            releases=self.releases,
+            noise_multiplier=self.noise_multiplier,
+            clipping_norm=self.clipping_norm,
+            sites=sites,
+            denominator=self.size,
+            noise_std=std,
+            accountant=ACCOUNTANT,
         )
         log.info("round %d: DP release %d, epsilon %.4g at delta %g", rnd, self.releases, epsilon, self.delta)
         return noised

@@ -55,15 +55,36 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger("fedseg.gateway")
 
-FLEET_ENDPOINTS = frozenset(f"/v1/fleet/{name}" for name in (
-    "activate-node", "deactivate-node", "send-node-heartbeat", "pull-messages", "push-messages", "get-run",
-    "get-fab", "push-object", "pull-object", "confirm-message-received",
-))
+FLEET_ENDPOINTS = frozenset(
+    f"/v1/fleet/{name}"
+    for name in (
+        "activate-node",
+        "deactivate-node",
+        "send-node-heartbeat",
+        "pull-messages",
+        "push-messages",
+        "get-run",
+        "get-fab",
+        "push-object",
+        "pull-object",
+        "confirm-message-received",
+    )
+)
 """What flwr/supernode/fleet_http_client.py calls for a SuperNode whose key the centre registered."""
 ALLOWED_METHOD = "POST"
 UPSTREAM_HOST = "127.0.0.1"
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-              "transfer-encoding", "upgrade", "host", "content-length"}
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+}
 UPSTREAM_TIMEOUT_S = 120.0
 BODY_ALLOWANCE_BYTES = 4 * 1024 * 1024
 """Bytes a request may carry beyond the model's travelling tensors (message metadata, records, signatures)."""
@@ -90,8 +111,10 @@ REFUSALS_LOG_EVERY_S = 10.0
 """Refused and cut connections are logged as one summary line at most this often, so a flood cannot fill the log."""
 MAX_HEADER_BYTES = 64 * 1024
 FORBIDDEN_BODY = b"fedseg gateway: only the Fleet API is served on this port.\n"
-TIMED_OUT = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\nconnection: close\r\n"
-             b"content-length: 44\r\n\r\nfedseg gateway: the request came too slowly.")
+TIMED_OUT = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\nconnection: close\r\n"
+    b"content-length: 44\r\n\r\nfedseg gateway: the request came too slowly."
+)
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -188,8 +211,7 @@ class RequestDeadline(H11Protocol):
         elapsed = self.loop.time() - self._since
         if self._phase == "head" and elapsed > HEADER_TIMEOUT_S:
             self._expire(f"no complete request head within {HEADER_TIMEOUT_S:.0f} s")
-        elif self._phase == "body" and self._body_bytes < min(self._declared,
-                                                               MIN_BODY_RATE * (elapsed - BODY_GRACE_S)):
+        elif self._phase == "body" and self._body_bytes < min(self._declared, MIN_BODY_RATE * (elapsed - BODY_GRACE_S)):
             self._expire(f"the body came slower than {MIN_BODY_RATE // 1024} KiB/s")
         elif self._phase in ("head", "body"):
             self._schedule()
@@ -263,9 +285,14 @@ class TlsFront(asyncio.Protocol):
     async def _handshake(self, raw: asyncio.Transport) -> None:
         assert self.ticket is not None
         try:
-            tls = await self.loop.start_tls(raw, self, self.tls, server_side=True,
-                                            ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S,
-                                            ssl_shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+            tls = await self.loop.start_tls(
+                raw,
+                self,
+                self.tls,
+                server_side=True,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S,
+                ssl_shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+            )
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as err:
             self.slots.note(f"cut (TLS handshake: {type(err).__name__})", self.ticket.peer)
             raw.abort()
@@ -301,8 +328,13 @@ def server_tls(cert: str, key: str) -> ssl.SSLContext:
 
 
 async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [*(headers or []), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*(headers or []), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -388,16 +420,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cert", required=True)
     parser.add_argument("--key", required=True)
     parser.add_argument("--ca", required=True)
-    parser.add_argument("--max-body", type=int, required=True,
-                        help="Largest request body in bytes (the launcher: model bytes plus an allowance).")
+    parser.add_argument(
+        "--max-body",
+        type=int,
+        required=True,
+        help="Largest request body in bytes (the launcher: model bytes plus an allowance).",
+    )
     args = parser.parse_args(argv)
     host, port = args.listen.rsplit(":", 1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     front = functools.partial(TlsFront, tls=server_tls(args.cert, args.key), slots=Slots())
-    uvicorn.run(FleetGateway(args.upstream, args.ca, args.max_body), host=host.strip("[]"), port=int(port),
-                log_level="warning", lifespan="on", http=front,  # type: ignore[arg-type]  # TLS: TlsFront
-                loop="asyncio",  # TlsFront relies on asyncio's documented start_tls/pause_reading order (not uvloop's)
-                timeout_keep_alive=KEEP_ALIVE_S, h11_max_incomplete_event_size=MAX_HEADER_BYTES)
+    uvicorn.run(
+        FleetGateway(args.upstream, args.ca, args.max_body),
+        host=host.strip("[]"),
+        port=int(port),
+        log_level="warning",
+        lifespan="on",
+        http=front,  # type: ignore[arg-type]  # TLS: TlsFront
+        loop="asyncio",  # TlsFront relies on asyncio's documented start_tls/pause_reading order (not uvloop's)
+        timeout_keep_alive=KEEP_ALIVE_S,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+    )
     return 0
 
 

@@ -63,8 +63,10 @@ MAX_FINGERPRINT_LIST = 64
 METRIC_RECORDS = frozenset({keys.METRICS, keys.EVALUATION, keys.FINGERPRINT})
 RECORDS = METRIC_RECORDS | {keys.IDENTITY, keys.ARRAYS, secagg.RECORD}
 
-MALFORMED = "the reply is malformed: unexpected records, values that are not finite numbers, or text that is " \
-            "not one printable line"
+MALFORMED = (
+    "the reply is malformed: unexpected records, values that are not finite numbers, or text that is "
+    "not one printable line"
+)
 UNREADABLE_ARRAY = "an array of the reply does not decode to the dtype and shape it declares"
 TOO_MANY_CASES = "the reply counts more cases than the site declared at planning"
 UNCHECKABLE = "the reply could not be checked"
@@ -80,7 +82,7 @@ class Refused(ValueError):
 def short_line(text: str, limit: int = MAX_REASON) -> str:
     """``text`` on one printable line (common/progress.py ``one_line``), cut to ``limit`` characters."""
     escaped = one_line(text)
-    return escaped if len(escaped) <= limit else escaped[:limit - 3] + "..."
+    return escaped if len(escaped) <= limit else escaped[: limit - 3] + "..."
 
 
 def error_reply(reply: Message, reason: str, code: int = BOUNDARY_ERROR_CODE) -> Message:
@@ -117,11 +119,15 @@ class Inbox:
         try:
             loaded = json.loads(self._path.read_text()) if self._path is not None and self._path.is_file() else {}
         except (OSError, ValueError):
-            log.warning("%s cannot be read; case counts are bounded by %d until the sites declare again",
-                        self._path, MAX_CASES)
+            log.warning(
+                "%s cannot be read; case counts are bounded by %d until the sites declare again", self._path, MAX_CASES
+            )
             return {}
-        return {str(k): (int(v[0]), int(v[1])) for k, v in loaded.items()
-                if isinstance(v, list) and len(v) == 2 and all(isinstance(n, int) and 0 <= n <= MAX_CASES for n in v)}
+        return {
+            str(k): (int(v[0]), int(v[1]))
+            for k, v in loaded.items()
+            if isinstance(v, list) and len(v) == 2 and all(isinstance(n, int) and 0 <= n <= MAX_CASES for n in v)
+        }
 
     def site(self, node: int, claimed: str | None = None) -> str:
         """The site registered for ``node`` (a node nobody registered is bound to its first sound claim)."""
@@ -145,8 +151,9 @@ class Inbox:
             log.warning("checking a reply of node %d failed (%s)", node, type(err).__name__)
             reason = UNCHECKABLE
         name = self.site(node)
-        log.warning("a %s reply of site %s is left out: %s", short_line(str(reply.metadata.message_type), 40),
-                    name, reason)
+        log.warning(
+            "a %s reply of site %s is left out: %s", short_line(str(reply.metadata.message_type), 40), name, reason
+        )
         return error_reply(reply, error_reason(name, reason) if node in self.node_sites else reason)
 
     def _error(self, reply: Message, node: int) -> Message:
@@ -172,16 +179,19 @@ class Inbox:
         identity = records.get(keys.IDENTITY)
         claimed = None
         if identity is not None:
-            if not isinstance(identity, ConfigRecord) or not all(_printable(k) and _printable(v)
-                                                                 for k, v in identity.items()):
+            if not isinstance(identity, ConfigRecord) or not all(
+                _printable(k) and _printable(v) for k, v in identity.items()
+            ):
                 raise Refused(MALFORMED)
             named = identity.get(keys.SITE)
             claimed = named if isinstance(named, str) else None  # _printable made it text when present
         if keys.ARRAYS in records:
             self._check_arrays(records[keys.ARRAYS])
-        if secagg.RECORD in records and (reply.metadata.message_type not in secagg.QUERIES
-                                         or not isinstance(records[secagg.RECORD], ConfigRecord)
-                                         or any(secagg.value_problems(records[secagg.RECORD]))):
+        if secagg.RECORD in records and (
+            reply.metadata.message_type not in secagg.QUERIES
+            or not isinstance(records[secagg.RECORD], ConfigRecord)
+            or any(secagg.value_problems(records[secagg.RECORD]))
+        ):
             raise Refused(MALFORMED)  # keys, ciphertexts, shares of the protocol's replies: bytes and node ids only
         if problem := claim_problem(self.node_sites, node, claimed):
             raise Refused(problem)
@@ -220,15 +230,22 @@ class Inbox:
                 raise Refused(TOO_MANY_CASES if count > MAX_CASES else MALFORMED)
             # training counts its training cases; a score counts its validation cases, or every labelled case
             # at a site that ended up not training (cross-site evaluation): both within what it declared
-            bound = None if declared is None or fingerprint is not None or kind == "test" else (
-                declared[0] if kind == "train" else sum(declared))
+            bound = (
+                None
+                if declared is None or fingerprint is not None or kind == "test"
+                else (declared[0] if kind == "train" else sum(declared))
+            )
             if bound is not None and count > bound:
                 raise Refused(TOO_MANY_CASES)
         if fingerprint is not None:
             cases = fingerprint.get(f"{keys.FINGERPRINT_PREFIX}cases")
             val = fingerprint.get(f"{keys.FINGERPRINT_PREFIX}val_cases")
-            if finite_number(cases) and finite_number(val) \
-                    and all(float(n).is_integer() and 0 <= n <= MAX_CASES for n in (cases, val)) and cases > 0:
+            if (
+                finite_number(cases)
+                and finite_number(val)
+                and all(float(n).is_integer() and 0 <= n <= MAX_CASES for n in (cases, val))
+                and cases > 0
+            ):
                 self._declare(site, (int(cases), int(val)))
 
     @staticmethod
@@ -250,7 +267,8 @@ class Inbox:
         self.declared[site] = cases
         if self._path is not None:
             try:
-                atomic_write_text(self._path, json.dumps({k: list(v) for k, v in self.declared.items()}, indent=1,
-                                                         sort_keys=True))
+                atomic_write_text(
+                    self._path, json.dumps({k: list(v) for k, v in self.declared.items()}, indent=1, sort_keys=True)
+                )
             except OSError:
                 log.exception("the sites' declared case counts cannot be written to %s", self._path)

@@ -56,11 +56,14 @@ def prepare(cfg: FedsegConfig) -> FedsegConfig:
     """Name the run and make the paths the ServerApp and the SuperLink use absolute."""
     run_name = cfg.federation.run_name or new_run_name("run")
     runs_dir = Path(cfg.federation.runs_dir).resolve()
-    federation = cfg.federation.replace(run_name=run_name, runs_dir=str(runs_dir),
+    federation = cfg.federation.replace(
+        run_name=run_name,
+        runs_dir=str(runs_dir),
         run_id=cfg.federation.run_id or existing_run_id(runs_dir / run_name) or new_run_id(),
     )
-    server = cfg.server.replace(cert_dir=str(Path(cfg.server.cert_dir).resolve()),
-                                 state_dir=str(Path(cfg.server.state_dir).resolve()))
+    server = cfg.server.replace(
+        cert_dir=str(Path(cfg.server.cert_dir).resolve()), state_dir=str(Path(cfg.server.state_dir).resolve())
+    )
     if server.fleet_port == server.superlink_port:
         raise UserError("server.fleet_port and server.superlink_port must differ.")
     return cfg.replace(federation=federation, server=server)
@@ -71,8 +74,9 @@ def model_bytes(cfg: FedsegConfig) -> int:
     from .server_app import initial_weights
 
     model = cfg.model  # counts the sites' data decides are taken generously: the bound only stops abuse
-    sized = model.replace(in_channels=model.in_channels or SIZING_CHANNELS,
-                                out_channels=model.out_channels or SIZING_CHANNELS)
+    sized = model.replace(
+        in_channels=model.in_channels or SIZING_CHANNELS, out_channels=model.out_channels or SIZING_CHANNELS
+    )
     return sum(t.numel() * 4 for t in initial_weights(cfg.replace(model=sized))[0].values())
 
 
@@ -87,14 +91,20 @@ def claim_centre(cfg: FedsegConfig) -> TextIO:
     try:
         lock = hold_lock(Path(s.state_dir) / SERVER_LOCK, f"fedseg-server run {cfg.federation.run_name}")
     except Busy as err:
-        raise UserError(f"another fedseg-server is running: {err}; stop it first (Ctrl-C in its terminal, or "
-                        "kill that pid), or give this one another server.state_dir and ports.") from err
-    for host, port, what in ((s.fleet_host, s.fleet_port, "server.fleet_port"),
-                             ("127.0.0.1", s.superlink_port, "server.superlink_port")):
+        raise UserError(
+            f"another fedseg-server is running: {err}; stop it first (Ctrl-C in its terminal, or "
+            "kill that pid), or give this one another server.state_dir and ports."
+        ) from err
+    for host, port, what in (
+        (s.fleet_host, s.fleet_port, "server.fleet_port"),
+        ("127.0.0.1", s.superlink_port, "server.superlink_port"),
+    ):
         if not port_free(host, port):
             lock.close()
-            raise UserError(f"port {port} ({what}) on {host} is in use by another process; stop it (`ss -ltnp "
-                            f"'sport = :{port}'` names it) or set {what} to a free port.")
+            raise UserError(
+                f"port {port} ({what}) on {host} is in use by another process; stop it (`ss -ltnp "
+                f"'sport = :{port}'` names it) or set {what} to a free port."
+            )
     return lock
 
 
@@ -120,8 +130,9 @@ class Centre:
         scratch = self.state / SCRATCH_DIR
         scratch.mkdir(parents=True, exist_ok=True)
         with (self.state / log_name).open("ab") as log_file:
-            proc = subprocess.Popen(command, cwd=scratch, env=self.env, stdout=log_file,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                command, cwd=scratch, env=self.env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self.procs.append(proc)
         return proc
 
@@ -131,33 +142,73 @@ class Centre:
 
         s, m = self.cfg.server, self.material
         private_file(private_dir(self.state) / SUPERLINK_DATABASE)  # node keys and messages: owner-only
-        proc = self._spawn([
-            flower_command("flower-superlink"),
-            "--ssl-certfile", str(m.cert), "--ssl-keyfile", str(m.key), "--ssl-ca-certfile", str(m.ca_cert),
-            "--enable-supernode-auth",
-            "--database", str(self.state / SUPERLINK_DATABASE),
-            "--disable-runtime-dependency-installation",
-            "--isolation", "subprocess",
-            "--host", "127.0.0.1", "--port", str(s.superlink_port),
-        ], SUPERLINK_LOG)
-        wait_healthy(proc, f"https://127.0.0.1:{s.superlink_port}/health", what="flower-superlink",
-                     log=self.state / SUPERLINK_LOG, timeout_s=STARTUP_TIMEOUT_S, error=UserError,
-                     verify=str(m.ca_cert))
+        proc = self._spawn(
+            [
+                flower_command("flower-superlink"),
+                "--ssl-certfile",
+                str(m.cert),
+                "--ssl-keyfile",
+                str(m.key),
+                "--ssl-ca-certfile",
+                str(m.ca_cert),
+                "--enable-supernode-auth",
+                "--database",
+                str(self.state / SUPERLINK_DATABASE),
+                "--disable-runtime-dependency-installation",
+                "--isolation",
+                "subprocess",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(s.superlink_port),
+            ],
+            SUPERLINK_LOG,
+        )
+        wait_healthy(
+            proc,
+            f"https://127.0.0.1:{s.superlink_port}/health",
+            what="flower-superlink",
+            log=self.state / SUPERLINK_LOG,
+            timeout_s=STARTUP_TIMEOUT_S,
+            error=UserError,
+            verify=str(m.ca_cert),
+        )
         return proc
 
     def start_gateway(self) -> subprocess.Popen:
         from .fleet_gateway import max_body
 
         s, m = self.cfg.server, self.material
-        proc = self._spawn([
-            sys.executable, "-m", "server.fleet_gateway", "--listen", f"{s.fleet_host}:{s.fleet_port}",
-            "--upstream", str(s.superlink_port), "--cert", str(m.cert), "--key", str(m.key), "--ca", str(m.ca_cert),
-            "--max-body", str(max_body(model_bytes(self.cfg))),
-        ], GATEWAY_LOG)
+        proc = self._spawn(
+            [
+                sys.executable,
+                "-m",
+                "server.fleet_gateway",
+                "--listen",
+                f"{s.fleet_host}:{s.fleet_port}",
+                "--upstream",
+                str(s.superlink_port),
+                "--cert",
+                str(m.cert),
+                "--key",
+                str(m.key),
+                "--ca",
+                str(m.ca_cert),
+                "--max-body",
+                str(max_body(model_bytes(self.cfg))),
+            ],
+            GATEWAY_LOG,
+        )
         probe_host = "127.0.0.1" if s.fleet_host in ("0.0.0.0", "::") else s.fleet_host
-        wait_healthy(proc, f"https://{probe_host}:{s.fleet_port}/", what="the Fleet gateway",
-                     log=self.state / GATEWAY_LOG, timeout_s=STARTUP_TIMEOUT_S, error=UserError,
-                     verify=str(m.ca_cert))
+        wait_healthy(
+            proc,
+            f"https://{probe_host}:{s.fleet_port}/",
+            what="the Fleet gateway",
+            log=self.state / GATEWAY_LOG,
+            timeout_s=STARTUP_TIMEOUT_S,
+            error=UserError,
+            verify=str(m.ca_cert),
+        )
         return proc
 
     def stop(self) -> None:
@@ -175,7 +226,7 @@ def _new_events(metrics: Path, since: float, seen: int) -> tuple[list[dict], int
     starts = [i for i, e in enumerate(events) if is_kind(e, Event.RUN_START) and e["time"] >= since]
     if not starts:
         return [], seen
-    ours = events[starts[0]:]
+    ours = events[starts[0] :]
     return ours[seen:], len(ours)
 
 
@@ -239,18 +290,20 @@ def start_federation(cfg: FedsegConfig, say: Callable[[str], None] = print, allo
     app = app_dir(cfg.server.app_dir)
     fab = bundle_bytes(app)
     done = last_complete_round(run / METRICS_FILE)
-    say(f"fedseg-server: run {cfg.federation.run_name} -> {run}"
-        + (f" (resuming after round {done})" if done else ""))
-    say(f"app bundle sha256: {hashlib.sha256(fab).hexdigest()} from {app} "
-        "(each site lists it in site.approved_bundles)")
+    say(f"fedseg-server: run {cfg.federation.run_name} -> {run}" + (f" (resuming after round {done})" if done else ""))
+    say(
+        f"app bundle sha256: {hashlib.sha256(fab).hexdigest()} from {app} (each site lists it in site.approved_bundles)"
+    )
     with stop_on_signals():
         control, run_id = None, None
         try:
             centre.start_superlink()
             control = ControlAPI(cfg.server.superlink_port, centre.material.ca_cert)
             reg = control.sync_allow_list(centre.keys)
-            say(f"allow-list: {', '.join(cfg.federation.sites)} (newly registered: {', '.join(reg.added) or 'none'}"
-                f"{f'; unregistered {len(reg.removed)} unlisted key(s)' if reg.removed else ''})")
+            say(
+                f"allow-list: {', '.join(cfg.federation.sites)} (newly registered: {', '.join(reg.added) or 'none'}"
+                f"{f'; unregistered {len(reg.removed)} unlisted key(s)' if reg.removed else ''})"
+            )
             write_nodes(run, control.node_names())
             centre.start_gateway()
             say(f"sites connect to {cfg.server.fleet_host}:{cfg.server.fleet_port} (TLS; Fleet API only)")
@@ -278,9 +331,12 @@ def start_federation(cfg: FedsegConfig, say: Callable[[str], None] = print, allo
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-name", help="Shortcut for --set federation.run_name=NAME (same name: resume).")
     parser.add_argument("--rounds", type=int, help="Shortcut for --set federation.rounds=N.")
-    parser.add_argument("--allow-config-change", action="store_true",
-                        help="Resume a run with a configuration that differs from the one it started with (the "
-                             "change is written to its metrics log); without it such a restart is refused.")
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="Resume a run with a configuration that differs from the one it started with (the "
+        "change is written to its metrics log); without it such a restart is refused.",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

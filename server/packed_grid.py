@@ -41,8 +41,11 @@ def unpacked(reply: Message) -> Message:
         try:
             reply.content = unpack(reply.content)
         except Exception as err:  # noqa: BLE001 - one site's bytes must never end the run
-            log.warning("a reply of node %s does not unpack (%s); it will be left out",
-                        reply.metadata.src_node_id, type(err).__name__)
+            log.warning(
+                "a reply of node %s does not unpack (%s); it will be left out",
+                reply.metadata.src_node_id,
+                type(err).__name__,
+            )
             return error_reply(reply, UNPACKABLE)
     return reply
 

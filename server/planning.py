@@ -66,13 +66,16 @@ def _reply_problem(reply: Message, cfg: FedsegConfig, nodes: dict[int, str], nod
         return str(err) if isinstance(err, FingerprintError) else f"malformed fingerprint ({type(err).__name__})"
     for key, found in (("in_channels", len(fp.ct)), ("out_channels", len(fp.class_fraction))):
         if getattr(cfg.model, key) not in (0, found):
-            return (f"the site declares {found} {'channel' if key == 'in_channels' else 'class'}(es); the centre's "
-                    f"model.{key} is {getattr(cfg.model, key)} (remove it to follow the sites' dataset.json)")
+            return (
+                f"the site declares {found} {'channel' if key == 'in_channels' else 'class'}(es); the centre's "
+                f"model.{key} is {getattr(cfg.model, key)} (remove it to follow the sites' dataset.json)"
+            )
     return None
 
 
-def collect_fingerprints(grid: Grid, cfg: FedsegConfig, metrics_log: MetricsLog | None,
-                         nodes: dict[int, str] | None = None) -> dict[str, dict]:
+def collect_fingerprints(
+    grid: Grid, cfg: FedsegConfig, metrics_log: MetricsLog | None, nodes: dict[int, str] | None = None
+) -> dict[str, dict]:
     """Site name -> fingerprint record, from every site that answered soundly.
 
     A site is named by its registered node (``nodes``), never by the name its
@@ -86,8 +89,9 @@ def collect_fingerprints(grid: Grid, cfg: FedsegConfig, metrics_log: MetricsLog 
     # min_sites to connect would leave out, or fail on, sites that join a moment later.
     expected = max(cfg.federation.min_sites, len(cfg.federation.sites))
     node_ids = wait_for_nodes(grid, expected, cfg.federation.round_timeout_s)
-    messages = [Message(RecordDict({keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 0})}), node, QUERY_TYPE)
-                for node in node_ids]
+    messages = [
+        Message(RecordDict({keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 0})}), node, QUERY_TYPE) for node in node_ids
+    ]
     replies = list(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout_s))
     # A reply is matched to the node it was sent to: an error the SuperLink makes for a node that went away
     # carries the SuperLink's own node id, not the site's.
@@ -122,10 +126,15 @@ def _agreed_labels(records: dict[str, dict], cfg: FedsegConfig, metrics_log: Met
             _failure(metrics_log, site, problem)
     channel_names = {site: check_site_fingerprint(rec, site).channel_codes for site, rec in records.items()}
     if len(set(channel_names.values())) > 1:
-        log.warning("the sites name their image channels differently (%s); planning goes on by channel order",
-                    ", ".join(sorted(channel_names)))
-    return {site: rec for site, rec in records.items()
-            if coding_problem(site, codings[site], agreed, cfg.data.remap_labels) is None}
+        log.warning(
+            "the sites name their image channels differently (%s); planning goes on by channel order",
+            ", ".join(sorted(channel_names)),
+        )
+    return {
+        site: rec
+        for site, rec in records.items()
+        if coding_problem(site, codings[site], agreed, cfg.data.remap_labels) is None
+    }
 
 
 def _label_codes(record: dict, site: str) -> tuple[int, ...]:
@@ -140,13 +149,15 @@ def _majority_channels(records: dict[str, dict], metrics_log: MetricsLog | None)
     common = Counter(flags.values()).most_common(1)[0][0]
     for site, ct in flags.items():
         if ct != common:
-            _failure(metrics_log, site, f"the site's channel CT flags {list(ct)} differ from the other sites' "
-                                        f"{list(common)}")
+            _failure(
+                metrics_log, site, f"the site's channel CT flags {list(ct)} differ from the other sites' {list(common)}"
+            )
     return {site: rec for site, rec in records.items() if flags[site] == common}
 
 
-def plan_federation(grid: Grid, cfg: FedsegConfig, run: Path, metrics_log: MetricsLog | None = None,
-                    nodes: dict[int, str] | None = None) -> Plan:
+def plan_federation(
+    grid: Grid, cfg: FedsegConfig, run: Path, metrics_log: MetricsLog | None = None, nodes: dict[int, str] | None = None
+) -> Plan:
     """The run's plan: reused from ``run/plan.json`` when resuming, else made from fingerprints."""
     path = Path(run) / PLAN_FILE
     if path.is_file():
@@ -155,8 +166,10 @@ def plan_federation(grid: Grid, cfg: FedsegConfig, run: Path, metrics_log: Metri
         return plan
     records = collect_fingerprints(grid, cfg, metrics_log, nodes)
     if len(records) < cfg.federation.min_sites:
-        raise PlanningFailed(f"only {len(records)} site(s) sent a usable fingerprint, the quorum is "
-                             f"{cfg.federation.min_sites}; see the failures in the metrics log.")
+        raise PlanningFailed(
+            f"only {len(records)} site(s) sent a usable fingerprint, the quorum is "
+            f"{cfg.federation.min_sites}; see the failures in the metrics log."
+        )
     agreed = agreed_coding({site: _label_codes(rec, site) for site, rec in records.items()})
     try:
         plan = make_plan(merge_fingerprints(dict(sorted(records.items()))), cfg.data, cfg.model, PLANNER)
@@ -165,12 +178,22 @@ def plan_federation(grid: Grid, cfg: FedsegConfig, run: Path, metrics_log: Metri
     plan = dataclasses.replace(plan, label_codes=agreed, remap_labels=cfg.data.remap_labels)
     plan.save(path)
     if metrics_log is not None:
-        metrics_log.write(Event.PLAN, version=plan.version, target_spacing=list(plan.target_spacing),
-                          patch_size=list(plan.patch_size), sites=sorted(records),
-                          schemes=[n.scheme for n in plan.normalization])
+        metrics_log.write(
+            Event.PLAN,
+            version=plan.version,
+            target_spacing=list(plan.target_spacing),
+            patch_size=list(plan.patch_size),
+            sites=sorted(records),
+            schemes=[n.scheme for n in plan.normalization],
+        )
         metrics_log.sync()
-    log.info("plan %s: spacing %s, patch %s, normalization %s", plan.version, plan.target_spacing,
-             plan.patch_size, [n.scheme for n in plan.normalization])
+    log.info(
+        "plan %s: spacing %s, patch %s, normalization %s",
+        plan.version,
+        plan.target_spacing,
+        plan.patch_size,
+        [n.scheme for n in plan.normalization],
+    )
     return plan
 
 

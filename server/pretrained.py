@@ -68,9 +68,16 @@ class PretrainedLoad:
     """Travelling tensors the file lacks: the seeded random init."""
 
     def fields(self) -> dict[str, object]:
-        return {"source": self.source, "sha256": self.sha256, "loaded": len(self.loaded),
-                "at_sites": len(self.at_sites), "skipped": self.skipped[:MAX_LISTED],
-                "skipped_total": len(self.skipped), "new": self.new[:MAX_LISTED], "new_total": len(self.new)}
+        return {
+            "source": self.source,
+            "sha256": self.sha256,
+            "loaded": len(self.loaded),
+            "at_sites": len(self.at_sites),
+            "skipped": self.skipped[:MAX_LISTED],
+            "skipped_total": len(self.skipped),
+            "new": self.new[:MAX_LISTED],
+            "new_total": len(self.new),
+        }
 
 
 def weights_file(path: Path) -> Path:
@@ -79,24 +86,33 @@ def weights_file(path: Path) -> Path:
     if path.is_file():
         return path
     if path.is_dir():
-        for candidate in (path / WEIGHTS_FILE, path / CHECKPOINT_DIR / BEST_CHECKPOINT,
-                          path / CHECKPOINT_DIR / LAST_CHECKPOINT, path / BUNDLE_WEIGHTS):
+        for candidate in (
+            path / WEIGHTS_FILE,
+            path / CHECKPOINT_DIR / BEST_CHECKPOINT,
+            path / CHECKPOINT_DIR / LAST_CHECKPOINT,
+            path / BUNDLE_WEIGHTS,
+        ):
             if candidate.is_file():
                 return candidate
         raise PretrainedError(
             f"model.init_weights: {path} is a folder without weights: give a fedseg export folder "
             f"({WEIGHTS_FILE}), a run folder ({CHECKPOINT_DIR}/{BEST_CHECKPOINT}), a MONAI bundle ({BUNDLE_WEIGHTS}) "
-            "or the weights file itself.")
-    raise PretrainedError(f"model.init_weights: {path} does not exist (a relative path is taken from the folder the "
-                          "centre runs in; give an absolute path).")
+            "or the weights file itself."
+        )
+    raise PretrainedError(
+        f"model.init_weights: {path} does not exist (a relative path is taken from the folder the "
+        "centre runs in; give an absolute path)."
+    )
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """The named tensors of a .safetensors file or a torch.save'd state dict, never running code from it."""
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
-        raise PretrainedError(f"{path} is {size / 1e9:.1f} GB, more than the {MAX_FILE_BYTES / 1e9:.0f} GB a "
-                              "segmentation network's weights take: is it the right file?")
+        raise PretrainedError(
+            f"{path} is {size / 1e9:.1f} GB, more than the {MAX_FILE_BYTES / 1e9:.0f} GB a "
+            "segmentation network's weights take: is it the right file?"
+        )
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -111,10 +127,13 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise PretrainedError(
             f"{path} holds pickled Python objects, and loading them would run code from the file, so it is refused "
             f"({_refused_object(err)}). Where the file comes from a source you trust, save only its weights: "
-            "torch.save(model.state_dict(), 'model.pt'), or convert them to .safetensors.") from err
+            "torch.save(model.state_dict(), 'model.pt'), or convert them to .safetensors."
+        ) from err
     except Exception as err:  # noqa: BLE001 - a malformed file fails anywhere inside torch's reader
-        raise PretrainedError(f"{path} is not a torch.save file fedseg can read ({err}); give a .safetensors file, "
-                              "a state dict saved with torch.save, or an export folder.") from err
+        raise PretrainedError(
+            f"{path} is not a torch.save file fedseg can read ({err}); give a .safetensors file, "
+            "a state dict saved with torch.save, or an export folder."
+        ) from err
     return _state_dict(loaded, path)
 
 
@@ -134,12 +153,17 @@ def _state_dict(loaded: object, path: Path) -> dict[str, torch.Tensor]:
             if isinstance(loaded.get(key), dict):
                 loaded = loaded[key]
                 break
-    if not isinstance(loaded, dict) or not loaded or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()):
-        raise PretrainedError(f"{path} holds no state dict (names mapped to tensors); save the network's "
-                              "weights with torch.save(model.state_dict(), ...).")
+    if (
+        not isinstance(loaded, dict)
+        or not loaded
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items())
+    ):
+        raise PretrainedError(
+            f"{path} holds no state dict (names mapped to tensors); save the network's "
+            "weights with torch.save(model.state_dict(), ...)."
+        )
     if all(k.startswith(WRAPPER_PREFIX) for k in loaded):
-        loaded = {k[len(WRAPPER_PREFIX):]: v for k, v in loaded.items()}
+        loaded = {k[len(WRAPPER_PREFIX) :]: v for k, v in loaded.items()}
     return loaded
 
 
@@ -157,21 +181,27 @@ def overlay(model: nn.Module, split: ParameterSplit, tensors: dict[str, torch.Te
             skipped.append(f"{name} (dtype {tensor.dtype}, the model's {target.dtype})")
         else:
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise PretrainedError(f"{path}: tensor {name} holds NaN or infinite values; a start model must be "
-                                      "finite (was it saved from a diverged run?).")
+                raise PretrainedError(
+                    f"{path}: tensor {name} holds NaN or infinite values; a start model must be "
+                    "finite (was it saved from a diverged run?)."
+                )
             taken.add(name)
     if not taken & set(split.travelling):
         raise PretrainedError(
             f"none of the {len(tensors)} tensors of {path} fits the run's model by name and shape (first: "
             f"{skipped[0] if skipped else 'none'}): it was trained with another model.arch, model.channels, "
-            "model.strides, model.num_res_units or model.norm; set them as that model had them.")
+            "model.strides, model.num_res_units or model.norm; set them as that model had them."
+        )
     with torch.no_grad():
         for name in taken:
             state[name].copy_(tensors[name].to(state[name].dtype))
     travelling = set(split.travelling)
     return PretrainedLoad(
-        source=str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
-        loaded=sorted(taken & travelling), at_sites=sorted(taken - travelling), skipped=skipped,
+        source=str(path),
+        sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+        loaded=sorted(taken & travelling),
+        at_sites=sorted(taken - travelling),
+        skipped=skipped,
         new=sorted(travelling - taken),
     )
 
@@ -191,9 +221,15 @@ def start_weights(cfg: FedsegConfig, metrics_log: MetricsLog | None = None) -> t
     model, split, signature = run_model(cfg)
     if cfg.model.init_weights:
         result = load_pretrained(cfg, model, split)
-        log.info("start model from %s: %d tensor(s) loaded, %d kept at the sites (seeded there), %d skipped, "
-                 "%d newly initialised", result.source, len(result.loaded), len(result.at_sites),
-                 len(result.skipped), len(result.new))
+        log.info(
+            "start model from %s: %d tensor(s) loaded, %d kept at the sites (seeded there), %d skipped, "
+            "%d newly initialised",
+            result.source,
+            len(result.loaded),
+            len(result.at_sites),
+            len(result.skipped),
+            len(result.new),
+        )
         for line in result.skipped[:MAX_LISTED]:
             log.info("  skipped %s", line)
         for name in result.new[:MAX_LISTED]:

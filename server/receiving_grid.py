@@ -39,8 +39,16 @@ from .site_registry import read_nodes
 
 log = logging.getLogger("fedseg.server")
 
-STAGES = ("pulled_by_supernode", "process_started", "bundle_checked", "imports_done", "data_ready", "work_done",
-          "reply_sent", "reply_pulled")
+STAGES = (
+    "pulled_by_supernode",
+    "process_started",
+    "bundle_checked",
+    "imports_done",
+    "data_ready",
+    "work_done",
+    "reply_sent",
+    "reply_pulled",
+)
 """The timeline event's stages, in the order a message passes them."""
 SITE_STAGES = dict(zip(STAGES[:6], keys.TIMELINE_METRICS, strict=True))
 """Stage -> the reply metric that carries it (the site's clock)."""
@@ -85,8 +93,9 @@ class ReceivingGrid(PollingGrid):
         ids = list(self._grid.push_messages(messages))
         # strict=False: Flower returns fewer ids than messages when a push fails (none for an oversized payload).
         for message_id, msg in zip(ids, messages, strict=False):
-            self._sent[message_id] = Sent(msg.metadata.created_at, msg.metadata.message_type, message_round(msg),
-                                          msg.metadata.dst_node_id)
+            self._sent[message_id] = Sent(
+                msg.metadata.created_at, msg.metadata.message_type, message_round(msg), msg.metadata.dst_node_id
+            )
             self._current_round = message_round(msg) if message_round(msg) is not None else self._current_round
         return ids
 
@@ -104,21 +113,39 @@ class ReceivingGrid(PollingGrid):
                 self._log_late(sent, site)
                 continue
             if sent is not None:
-                self._log.write(Event.TIMELINE, round=sent.round, site=site, stage=sent.stage,
-                                created=sent.created, **timeline(sent, reply, time.time()))
+                self._log.write(
+                    Event.TIMELINE,
+                    round=sent.round,
+                    site=site,
+                    stage=sent.stage,
+                    created=sent.created,
+                    **timeline(sent, reply, time.time()),
+                )
             replies.append(reply)
         return replies
 
     def _log_late(self, sent: Sent | None, site: str) -> None:
-        log.warning("a late %s reply of site %s (round %s) arrived after its deadline; not used",
-                    sent.stage if sent else "?", site, sent.round if sent else "?")
-        self._log.write(Event.LATE_REPLY, round=self._current_round, site=site, stage=sent.stage if sent else None,
-                        for_round=sent.round if sent else None,
-                        late_by_s=round(time.time() - sent.created, 3) if sent else None)
+        log.warning(
+            "a late %s reply of site %s (round %s) arrived after its deadline; not used",
+            sent.stage if sent else "?",
+            site,
+            sent.round if sent else "?",
+        )
+        self._log.write(
+            Event.LATE_REPLY,
+            round=self._current_round,
+            site=site,
+            stage=sent.stage if sent else None,
+            for_round=sent.round if sent else None,
+            late_by_s=round(time.time() - sent.created, 3) if sent else None,
+        )
 
     def resending(self, message: Message) -> None:
-        log.warning("a %s message did not reach site %s; sending it again", message.metadata.message_type,
-                    self.inbox.site(message.metadata.dst_node_id))
+        log.warning(
+            "a %s message did not reach site %s; sending it again",
+            message.metadata.message_type,
+            self.inbox.site(message.metadata.dst_node_id),
+        )
 
     def unanswered(self, message_ids: set[str]) -> None:
         """Remember them as late: a reply that still comes is logged and never handed to a later round."""

@@ -116,10 +116,15 @@ class RunRecorder:
         if site in self.unscored:
             return
         self.unscored.add(site)
-        log.warning("round %d: site %s trains but reports no validation score (fewer validation cases than its "
-                    "site.min_cohort); the best model is chosen on the other sites' Dice", rnd, site)
-        self.metrics.write(Event.NO_SCORE, round=rnd, site=site,
-                           reason="fewer validation cases than the site's minimum cohort")
+        log.warning(
+            "round %d: site %s trains but reports no validation score (fewer validation cases than its "
+            "site.min_cohort); the best model is chosen on the other sites' Dice",
+            rnd,
+            site,
+        )
+        self.metrics.write(
+            Event.NO_SCORE, round=rnd, site=site, reason="fewer validation cases than the site's minimum cohort"
+        )
 
     def trained(self, rnd: int, site: str, msg: Message) -> None:
         """A sound training reply, logged with the digest of what arrived."""
@@ -129,11 +134,17 @@ class RunRecorder:
         t.trained.append(site)
         t.bytes_total += arrays.count_bytes()
         self.metrics.write(
-            Event.TRAIN, round=rnd, site=site,  # no count under secure aggregation: its mean weighs every site 1
+            Event.TRAIN,
+            round=rnd,
+            site=site,  # no count under secure aggregation: its mean weighs every site 1
             num_examples=int(number(metrics, keys.NUM_EXAMPLES)) if keys.NUM_EXAMPLES in metrics else None,
-            loss=metrics["loss"], proximal_loss=metrics["proximal_loss"],
-            duration_s=metrics["duration_s"], lr=metrics.get(keys.LEARNING_RATE), bytes_up=arrays.count_bytes(),
-            bytes_down=t.bytes_down, **{keys.CONTENT_SHA256: message_sha256(msg)},
+            loss=metrics["loss"],
+            proximal_loss=metrics["proximal_loss"],
+            duration_s=metrics["duration_s"],
+            lr=metrics.get(keys.LEARNING_RATE),
+            bytes_up=arrays.count_bytes(),
+            bytes_down=t.bytes_down,
+            **{keys.CONTENT_SHA256: message_sha256(msg)},
         )
 
     def below_quorum(self, rnd: int, stage: str, sites_ok: int, action: str) -> None:
@@ -148,8 +159,14 @@ class RunRecorder:
     def evaluated(self, rnd: int, site: str, metrics: MetricRecord) -> None:
         per_class = [float(number(metrics, k)) for k in sorted(metrics) if k.startswith(keys.DICE_CLASS_PREFIX)]
         self.metrics.write(
-            Event.EVALUATE, round=rnd, site=site, num_examples=int(number(metrics, keys.NUM_EXAMPLES)),
-            dice=metrics["dice"], dice_per_class=per_class, hd95=metrics.get("hd95"), loss=metrics["loss"],
+            Event.EVALUATE,
+            round=rnd,
+            site=site,
+            num_examples=int(number(metrics, keys.NUM_EXAMPLES)),
+            dice=metrics["dice"],
+            dice_per_class=per_class,
+            hd95=metrics.get("hd95"),
+            loss=metrics["loss"],
             **_annotator_fields(metrics),
         )
         self.tally(rnd).dice.append(float(number(metrics, "dice")))
@@ -162,14 +179,26 @@ class RunRecorder:
         dice_mean = float(np.mean(t.dice)) if t.dice else float("nan")
         dice_weighted = float(np.average(t.dice, weights=bounded_weights(t.weights))) if t.dice else float("nan")
         self.metrics.write(
-            Event.ROUND, round=rnd, sites_ok=len(t.trained), sites_failed=t.failed,
-            aggregated=t.aggregated, dice_mean=dice_mean, dice_weighted=dice_weighted,
-            duration_s=(t.ended or time.perf_counter()) - t.started, bytes_total=t.bytes_total,
+            Event.ROUND,
+            round=rnd,
+            sites_ok=len(t.trained),
+            sites_failed=t.failed,
+            aggregated=t.aggregated,
+            dice_mean=dice_mean,
+            dice_weighted=dice_weighted,
+            duration_s=(t.ended or time.perf_counter()) - t.started,
+            bytes_total=t.bytes_total,
             aggregation_s=t.aggregation_s,
         )
         if offer_best and t.aggregated and t.dice:
             self.checkpoints.offer_best(rnd, dice_weighted)
         self.metrics.sync()
-        log.info("round %d: %d site(s) trained, %d failed, Dice mean %.4f weighted %.4f",
-                 rnd, len(t.trained), len(t.failed), dice_mean, dice_weighted)
+        log.info(
+            "round %d: %d site(s) trained, %d failed, Dice mean %.4f weighted %.4f",
+            rnd,
+            len(t.trained),
+            len(t.failed),
+            dice_mean,
+            dice_weighted,
+        )
         return {"dice_mean": dice_mean, "dice_weighted": dice_weighted}

@@ -80,8 +80,13 @@ def summarize(events: list[dict[str, Any]]) -> RunSummary:
         failures=[{key: f.get(key) for key in ("round", "site", "stage", "reason")} for f in k[Event.FAILURE]],
         bytes_total=sum(int(r.get("bytes_total") or 0) for r in rounds),
         seconds_total=sum(float(r.get("duration_s") or 0.0) for r in rounds),
-        cross_eval=sorted(({key: c.get(key) for key in ("model", "site", "trained", "dice", "dice_adapted")}
-                           for c in k[Event.CROSS_EVAL]), key=lambda c: (c["model"], c["site"])),
+        cross_eval=sorted(
+            (
+                {key: c.get(key) for key in ("model", "site", "trained", "dice", "dice_adapted")}
+                for c in k[Event.CROSS_EVAL]
+            ),
+            key=lambda c: (c["model"], c["site"]),
+        ),
     )
 
 
@@ -98,8 +103,15 @@ def _series(events: list[dict[str, Any]], field_name: str) -> dict[str, tuple[li
 def _mark_failures(ax, failures: list[dict[str, Any]], y: float) -> None:
     rounds = [f["round"] for f in failures if f.get("round") is not None]
     if rounds:
-        ax.scatter(rounds, [y] * len(rounds), marker="x", s=60, color=FAILURE_COLOR, zorder=4,
-                   label=f"site failure ({len(rounds)})")
+        ax.scatter(
+            rounds,
+            [y] * len(rounds),
+            marker="x",
+            s=60,
+            color=FAILURE_COLOR,
+            zorder=4,
+            label=f"site failure ({len(rounds)})",
+        )
 
 
 def _finish(fig, ax, path: Path, title: str, xlabel: str, ylabel: str) -> None:
@@ -131,8 +143,14 @@ def plot_dice(k: dict[Event, list[dict[str, Any]]], path: Path) -> None:
     _round_line(ax, k[Event.ROUND], "dice_weighted", ":", "federation weighted")
     _mark_failures(ax, k[Event.FAILURE], 0.0)
     ax.set_ylim(-0.03, 1.0)
-    _finish(fig, ax, path, "Validation Dice per site and round (each site's own norm layers)", "Round",
-            "Dice (foreground, 0-1)")
+    _finish(
+        fig,
+        ax,
+        path,
+        "Validation Dice per site and round (each site's own norm layers)",
+        "Round",
+        "Dice (foreground, 0-1)",
+    )
 
 
 def plot_loss(k: dict[Event, list[dict[str, Any]]], path: Path) -> None:
@@ -142,8 +160,14 @@ def plot_loss(k: dict[Event, list[dict[str, Any]]], path: Path) -> None:
     for site, (rounds, prox) in _series(k[Event.TRAIN], "proximal_loss").items():
         ax.plot(rounds, prox, linestyle="--", label=f"{site} proximal term")
     _mark_failures(ax, k[Event.FAILURE], 0.0)
-    _finish(fig, ax, path, "Local training loss and FedProx proximal term, mean over local steps", "Round",
-            "Loss (dimensionless)")
+    _finish(
+        fig,
+        ax,
+        path,
+        "Local training loss and FedProx proximal term, mean over local steps",
+        "Round",
+        "Loss (dimensionless)",
+    )
 
 
 def plot_seconds(k: dict[Event, list[dict[str, Any]]], path: Path) -> None:
@@ -170,14 +194,16 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 def markdown(s: RunSummary) -> str:
     lines = [
-        f"# Run report: {s.run}", "",
+        f"# Run report: {s.run}",
+        "",
         f"Status: **{s.status}**. Sites: {', '.join(s.sites) or 'none yet'}. Rounds completed: {s.rounds_completed}.",
         "",
         f"- Last round ({s.last_round}): federation Dice mean {_fmt(s.dice_mean_last)}, "
         f"weighted {_fmt(s.dice_weighted_last)}",
         f"- Best round: {s.best_round} (weighted Dice {_fmt(s.best_dice_weighted)})",
         f"- Model bytes sent: {s.bytes_total / MB:.1f} MB; time in rounds: {s.seconds_total:.1f} s",
-        f"- Failures: {len(s.failures)}", "",
+        f"- Failures: {len(s.failures)}",
+        "",
     ]
     if s.site_dice_last:
         lines += ["| Site | Dice, last round |", "|---|---|"]
@@ -188,12 +214,20 @@ def markdown(s: RunSummary) -> str:
         lines += [f"| {f['round']} | {f['site']} | {f['stage']} | {f['reason']} |" for f in s.failures]
         lines.append("")
     if s.cross_eval:
-        lines += ["## Cross-site evaluation", "",
-                  "Each site scores the global model with its own norm layers on its own validation cases. "
-                  "A held-out site never trained: as-is, and after adapting its norm layers to its unlabeled scans.",
-                  "", "| Model | Site | Trained here | Dice | Dice after norm adaptation |", "|---|---|---|---|---|"]
-        lines += [f"| {c['model']} | {c['site']} | {'yes' if c['trained'] else 'no (held out)'} | {_fmt(c['dice'])} "
-                  f"| {_fmt(c['dice_adapted']) if c['dice_adapted'] is not None else '—'} |" for c in s.cross_eval]
+        lines += [
+            "## Cross-site evaluation",
+            "",
+            "Each site scores the global model with its own norm layers on its own validation cases. "
+            "A held-out site never trained: as-is, and after adapting its norm layers to its unlabeled scans.",
+            "",
+            "| Model | Site | Trained here | Dice | Dice after norm adaptation |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {c['model']} | {c['site']} | {'yes' if c['trained'] else 'no (held out)'} | {_fmt(c['dice'])} "
+            f"| {_fmt(c['dice_adapted']) if c['dice_adapted'] is not None else '—'} |"
+            for c in s.cross_eval
+        ]
         lines.append("")
     lines += [f"![{name}]({name})" for name in PLOTS.values()]
     return "\n".join(lines) + "\n"

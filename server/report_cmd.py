@@ -20,9 +20,15 @@ TENSORBOARD_DEFAULT = Path("-")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", type=Path, help="The run directory, e.g. runs/sim-20250101-120000.")
-    parser.add_argument("--tensorboard", type=Path, nargs="?", const=TENSORBOARD_DEFAULT, metavar="DIR",
-                        help="Also mirror metrics.jsonl to TensorBoard event files in DIR (default: "
-                             "<run>/report/tensorboard); view them with: tensorboard --logdir DIR.")
+    parser.add_argument(
+        "--tensorboard",
+        type=Path,
+        nargs="?",
+        const=TENSORBOARD_DEFAULT,
+        metavar="DIR",
+        help="Also mirror metrics.jsonl to TensorBoard event files in DIR (default: "
+        "<run>/report/tensorboard); view them with: tensorboard --logdir DIR.",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,16 +38,19 @@ def run(args: argparse.Namespace) -> int:
 
     metrics = args.run / METRICS_FILE
     if not metrics.is_file():
-        raise UserError(f"{metrics} not found: give the run directory that holds {METRICS_FILE} "
-                        "(fedseg-sim and fedseg-server write one per run under runs/).")
+        raise UserError(
+            f"{metrics} not found: give the run directory that holds {METRICS_FILE} "
+            "(fedseg-sim and fedseg-server write one per run under runs/)."
+        )
     summary = write_report(args.run)
     print(f"report: {summary}\nplots: {summary.parent}")
     if args.tensorboard is not None:
         from .tensorboard import TensorBoardError, write_mirror
 
         try:
-            folder, count = write_mirror(args.run, None if args.tensorboard == TENSORBOARD_DEFAULT
-                                         else args.tensorboard)
+            folder, count = write_mirror(
+                args.run, None if args.tensorboard == TENSORBOARD_DEFAULT else args.tensorboard
+            )
         except TensorBoardError as err:
             raise UserError(str(err)) from err
         print(f"tensorboard: {count} scalars of {metrics} in {folder} (tensorboard --logdir {folder})")

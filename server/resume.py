@@ -30,6 +30,7 @@ from .checkpoints import Checkpoints
 
 log = logging.getLogger("fedseg.server")
 
+
 def last_complete_round(path: Path) -> int:
     return max((e.get("round", 0) for e in read_events(path, Event.ROUND)), default=0)
 
@@ -68,8 +69,14 @@ def resume_point(run: Path, checkpoints: Checkpoints) -> ResumePoint:
     return ResumePoint(done, saved[0], load_file(checkpoints.dir / ROUND_CHECKPOINT.format(saved[0])))
 
 
-OPERATIONAL = ("server.", "federation.round_timeout_s", "federation.poll_interval_s", "federation.evaluate_checkpoint",
-               "simulation.ray_address", "simulation.ray_num_cpus")
+OPERATIONAL = (
+    "server.",
+    "federation.round_timeout_s",
+    "federation.poll_interval_s",
+    "federation.evaluate_checkpoint",
+    "simulation.ray_address",
+    "simulation.ray_num_cpus",
+)
 """Keys a restart may change freely: where and how the centre runs, not what the run trains."""
 
 
@@ -113,9 +120,11 @@ def restarted_config(cfg: FedsegConfig, run: Path, allow_change: bool) -> Fedseg
         return cfg
     listed = "; ".join(f"{k}: {a!r} in the run, {b!r} now" for k, (a, b) in changes.items())
     if not allow_change:
-        raise ConfigChanged(f"run {cfg.federation.run_name} was started with another configuration ({path}): "
-                            f"{listed}. Start it again with the run's own settings, or pass --allow-config-change "
-                            "to change them (the change is written to the run's metrics log).")
+        raise ConfigChanged(
+            f"run {cfg.federation.run_name} was started with another configuration ({path}): "
+            f"{listed}. Start it again with the run's own settings, or pass --allow-config-change "
+            "to change them (the change is written to the run's metrics log)."
+        )
     log.warning("run %s: configuration changed on restart: %s", cfg.federation.run_name, listed)
     metrics_log = MetricsLog(run)
     metrics_log.write(Event.CONFIG_CHANGE, changes=changes)

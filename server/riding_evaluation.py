@@ -33,8 +33,9 @@ def reports_no_score(msg: Message) -> bool:
 class RidingEvaluation:
     """Records the evaluations training replies carry, and the last round's own evaluation."""
 
-    def __init__(self, screen: ReplyScreen, recorder: RunRecorder, first_round: int, last_round: int,
-                 offer_best: bool) -> None:
+    def __init__(
+        self, screen: ReplyScreen, recorder: RunRecorder, first_round: int, last_round: int, offer_best: bool
+    ) -> None:
         self.screen = screen
         self.recorder = recorder
         self.first_round = first_round

@@ -58,8 +58,9 @@ class ParallelSchedule:
     def start_round(self, sent: ArrayRecord, reference: dict[str, np.ndarray]) -> None:
         """The round's model, as received (``sent``) and in float32 as it travels (``reference``)."""
 
-    def keep(self, sound: list[tuple[Message, str]], reference: dict[str, np.ndarray] | None,
-             reject: Reject) -> list[tuple[Message, str]]:
+    def keep(
+        self, sound: list[tuple[Message, str]], reference: dict[str, np.ndarray] | None, reject: Reject
+    ) -> list[tuple[Message, str]]:
         """The sound replies the round may aggregate."""
         return sound
 
@@ -94,8 +95,9 @@ class CyclicSchedule(ParallelSchedule):
         if self.first_norm is None:
             self.first_norm = model_norm(reference)
 
-    def keep(self, sound: list[tuple[Message, str]], reference: dict[str, np.ndarray] | None,
-             reject: Reject) -> list[tuple[Message, str]]:
+    def keep(
+        self, sound: list[tuple[Message, str]], reference: dict[str, np.ndarray] | None, reject: Reject
+    ) -> list[tuple[Message, str]]:
         """The update in turn if it is within ``norm_bound`` times the model's norm (or w^0's, if larger); one
         that is not is the site's failure, since its weights would become the model."""
         kept = [(msg, site) for msg, site in sound if self._fits(msg, site, reference, reject)]
@@ -110,8 +112,9 @@ class CyclicSchedule(ParallelSchedule):
         norm = update_norm(msg.content.array_records[keys.ARRAYS], reference)
         if norm <= self.norm_bound * scale:
             return True
-        reject(site, f"update norm {norm:.4g} exceeds {self.norm_bound:g} x the model's norm {scale:.4g} "
-                     f"(cyclic schedule)")
+        reject(
+            site, f"update norm {norm:.4g} exceeds {self.norm_bound:g} x the model's norm {scale:.4g} (cyclic schedule)"
+        )
         return False
 
     def fallback(self, rnd: int, replies: list[Message]) -> ArrayRecord | None:
@@ -124,8 +127,11 @@ class CyclicSchedule(ParallelSchedule):
         from_site = [m for m in replies if m.metadata.src_node_id != SUPERLINK_NODE_ID]
         if not from_site or self.trained_on is None or self.trained_on is self.sent:
             return None
-        log.warning("round %d: the site in turn could not train on the model it got; going back to the last "
-                    "model a site trained on, and on to the next site", rnd)
+        log.warning(
+            "round %d: the site in turn could not train on the model it got; going back to the last "
+            "model a site trained on, and on to the next site",
+            rnd,
+        )
         return self.trained_on
 
 

@@ -35,8 +35,14 @@ class ReplyScreen:
     def site(self, msg: Message) -> str:
         node = msg.metadata.src_node_id
         if node == SUPERLINK_NODE_ID:
-            node = next((m.metadata.dst_node_id for m in self.outgoing
-                         if m.metadata.message_id == msg.metadata.reply_to_message_id), node)
+            node = next(
+                (
+                    m.metadata.dst_node_id
+                    for m in self.outgoing
+                    if m.metadata.message_id == msg.metadata.reply_to_message_id
+                ),
+                node,
+            )
         return site_name(self.node_sites, node, named_site(msg))
 
     def _problem(self, msg: Message, is_train: bool) -> str | None:
@@ -66,8 +72,9 @@ class ReplyScreen:
             found.append((msg, self.site(msg), problem))
         return found
 
-    def verdicts(self, replies: Iterable[Message], is_train: bool,
-                 reference: dict[str, np.ndarray] | None) -> list[tuple[Message, str, str | None]]:
+    def verdicts(
+        self, replies: Iterable[Message], is_train: bool, reference: dict[str, np.ndarray] | None
+    ) -> list[tuple[Message, str, str | None]]:
         """Each reply with its site and why it cannot be used (None: sound).
 
         ``reference`` is the round's global model w^t; without it (evaluation) update sizes are not compared.
@@ -75,13 +82,20 @@ class ReplyScreen:
         replies = list(replies)
         problems = [self._problem(msg, is_train) for msg in replies]
         if is_train and reference is not None:
-            sound = [msg.content.array_records[keys.ARRAYS] for msg, p in zip(replies, problems, strict=True) if p is None]
+            sound = [
+                msg.content.array_records[keys.ARRAYS] for msg, p in zip(replies, problems, strict=True) if p is None
+            ]
             too_large = iter(self.validator.norm_problems(sound, reference))
             problems = [next(too_large) if p is None else p for p in problems]
         return [(msg, self.site(msg), problem) for msg, problem in zip(replies, problems, strict=True)]
 
-    def sound(self, replies: Iterable[Message], is_train: bool, reference: dict[str, np.ndarray] | None,
-              reject: Callable[[str, str], None]) -> list[tuple[Message, str]]:
+    def sound(
+        self,
+        replies: Iterable[Message],
+        is_train: bool,
+        reference: dict[str, np.ndarray] | None,
+        reject: Callable[[str, str], None],
+    ) -> list[tuple[Message, str]]:
         """The sound replies with their sites; every other one goes to ``reject(site, reason)``."""
         kept = []
         for msg, site, problem in self.verdicts(replies, is_train, reference):

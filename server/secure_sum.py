@@ -85,8 +85,9 @@ def clip_bound(cfg: FedsegConfig) -> float:
 class SecureSum:
     """The secure-aggregation step of a round: ``configure`` before training, ``aggregate`` after."""
 
-    def __init__(self, cfg: FedsegConfig, shapes: dict[str, tuple[int, ...]], recorder: RunRecorder,
-                 screen: ReplyScreen) -> None:
+    def __init__(
+        self, cfg: FedsegConfig, shapes: dict[str, tuple[int, ...]], recorder: RunRecorder, screen: ReplyScreen
+    ) -> None:
         self.cfg = cfg
         self.shapes = shapes
         self.order = sorted(shapes)
@@ -102,9 +103,15 @@ class SecureSum:
     # --- the exchanges ---------------------------------------------------------------------------
 
     def _exchange(self, rnd: int, message_type: str, records: dict[int, dict]) -> list[Message]:
-        messages = [Message(RecordDict({keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: rnd}),
-                                        secagg.RECORD: ConfigRecord(values)}), node, message_type,
-                            group_id=str(rnd)) for node, values in records.items()]
+        messages = [
+            Message(
+                RecordDict({keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: rnd}), secagg.RECORD: ConfigRecord(values)}),
+                node,
+                message_type,
+                group_id=str(rnd),
+            )
+            for node, values in records.items()
+        ]
         if self.grid is None:
             raise RuntimeError("no round was configured: configure() gives the exchange its grid first")
         replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout_s))
@@ -149,8 +156,12 @@ class SecureSum:
             return []
         nodes = sorted(self.round.public)
         t = self.round.threshold = secagg.threshold(len(nodes), fraction)
-        relayed = {secagg.NODES: nodes, secagg.MASK_KEYS: [self.round.public[n][0] for n in nodes],
-                   secagg.SHARE_KEYS: [self.round.public[n][1] for n in nodes], secagg.THRESHOLD: t}
+        relayed = {
+            secagg.NODES: nodes,
+            secagg.MASK_KEYS: [self.round.public[n][0] for n in nodes],
+            secagg.SHARE_KEYS: [self.round.public[n][1] for n in nodes],
+            secagg.THRESHOLD: t,
+        }
         replies = self._exchange(rnd, secagg.SHARES_QUERY, {node: relayed for node in nodes})
         shares: dict[int, dict[int, bytes]] = {}
         for node, msg in self._sound(rnd, replies, lambda m: self._shares_problem(m, nodes), "secagg-shares").items():
@@ -161,9 +172,18 @@ class SecureSum:
         for node in sorted(shares):  # the strategy's messages share one content: each gets its own
             sources = [s for s in sorted(shares) if s != node]
             original = by_node[node]
-            content = RecordDict({**dict(original.content.items()), secagg.RECORD: ConfigRecord({
-                secagg.SOURCES: sources, secagg.CIPHERTEXTS: [shares[s][node] for s in sources],
-                secagg.CLIP: float(self.bound)})})
+            content = RecordDict(
+                {
+                    **dict(original.content.items()),
+                    secagg.RECORD: ConfigRecord(
+                        {
+                            secagg.SOURCES: sources,
+                            secagg.CIPHERTEXTS: [shares[s][node] for s in sources],
+                            secagg.CLIP: float(self.bound),
+                        }
+                    ),
+                }
+            )
             out.append(Message(content, node, original.metadata.message_type, group_id=original.metadata.group_id))
         return out
 
@@ -179,8 +199,12 @@ class SecureSum:
     def _enough(rnd: int, found: int, needed: int) -> bool:
         if found >= max(needed, 2):
             return True
-        log.warning("round %d: %d site(s) left in the secure-aggregation exchange, %d needed; no training this "
-                    "round", rnd, found, max(needed, 2))
+        log.warning(
+            "round %d: %d site(s) left in the secure-aggregation exchange, %d needed; no training this round",
+            rnd,
+            found,
+            max(needed, 2),
+        )
         return False
 
     # --- after training -------------------------------------------------------------------------
@@ -206,8 +230,9 @@ class SecureSum:
             self.recorder.trained(rnd, site, msg)
         return total, named
 
-    def _unmasked(self, state: SecureRound, sound: dict[int, Message], survivors: list[int], dropped: list[int]
-                  ) -> np.ndarray:
+    def _unmasked(
+        self, state: SecureRound, sound: dict[int, Message], survivors: list[int], dropped: list[int]
+    ) -> np.ndarray:
         rnd = state.rnd
         if len(survivors) < max(state.threshold, 2):
             raise UnmaskFailed(f"{len(survivors)} masked update(s) arrived, the threshold is {state.threshold}")
@@ -221,16 +246,25 @@ class SecureSum:
         total = np.zeros(self.length, dtype=np.uint32)
         for node in survivors:
             total += sound[node].content.array_records[keys.ARRAYS][secagg.MASKED].numpy()
-            seed = self._rebuilt(held[node], state.threshold, lambda s, n=node: hashlib.sha256(s).digest()
-                                 == state.digests[n], f"the self-mask seed of node {node}")
+            seed = self._rebuilt(
+                held[node],
+                state.threshold,
+                lambda s, n=node: hashlib.sha256(s).digest() == state.digests[n],
+                f"the self-mask seed of node {node}",
+            )
             total -= secagg.mask(seed, self.length)
         for node in dropped:
-            mask_key = self._rebuilt(held[node], state.threshold, lambda s, n=node: self._is_mask_key(s, state.public[n][0]),
-                                     f"the mask key of dropped node {node}")
+            mask_key = self._rebuilt(
+                held[node],
+                state.threshold,
+                lambda s, n=node: self._is_mask_key(s, state.public[n][0]),
+                f"the mask key of dropped node {node}",
+            )
             private = bytes_to_private_key(mask_key)
             for survivor in survivors:
-                pairwise = secagg.mask(generate_shared_key(private, bytes_to_public_key(state.public[survivor][0])),
-                                       self.length)
+                pairwise = secagg.mask(
+                    generate_shared_key(private, bytes_to_public_key(state.public[survivor][0])), self.length
+                )
                 # the survivor added the mask with the sign of its side of the pair: take that off
                 total = total - pairwise if secagg.pair_sign(survivor, node) > 0 else total + pairwise
         return self._checked_sum(total, len(survivors))
@@ -261,17 +295,24 @@ class SecureSum:
     def _checked_sum(self, total: np.ndarray, count: int) -> np.ndarray:
         """The float sum, after checking that the quantized sum is one of ``count`` honest updates."""
         if int(total.max(initial=0)) > count * secagg.QUANT_RANGE:
-            raise UnmaskFailed("the unmasked sum is out of the quantization range: a masked vector was not a "
-                               "masked update")
+            raise UnmaskFailed(
+                "the unmasked sum is out of the quantization range: a masked vector was not a masked update"
+            )
         values = secagg.dequantized_sum(total, count, self.bound)
         norm = float(np.linalg.norm(values))
         if not np.isfinite(values).all() or norm > NORM_SLACK * count * self.bound + 1e-6:
-            raise UnmaskFailed(f"the unmasked sum has norm {norm:.4g}, more than {count} sites clipped to "
-                               f"{self.bound:g} can make")
+            raise UnmaskFailed(
+                f"the unmasked sum has norm {norm:.4g}, more than {count} sites clipped to {self.bound:g} can make"
+            )
         return values
 
-    def mean(self, total: np.ndarray, survivors: list[tuple[Message, str]], reference: dict[str, np.ndarray],
-             denominator: int) -> tuple[ArrayRecord, MetricRecord]:
+    def mean(
+        self,
+        total: np.ndarray,
+        survivors: list[tuple[Message, str]],
+        reference: dict[str, np.ndarray],
+        denominator: int,
+    ) -> tuple[ArrayRecord, MetricRecord]:
         """w^t plus ``total / denominator``, and the survivors' metrics averaged unweighted (the mean of the
         updates weighs every site 1); timings stay out, as in FedAvg's metrics."""
         update = secagg.unflat(total / denominator, self.shapes, self.order)

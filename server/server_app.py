@@ -55,8 +55,10 @@ def server_config(context: Context) -> FedsegConfig:
         return from_yaml_text(submitted, "run config")
     cfg = load_config(Path(path))
     if site_view(cfg) != view_from_yaml(submitted, "run config"):
-        raise ValueError(f"{path} does not match the submitted run's configuration; start the run with "
-                         f"fedseg-server start, which writes both.")
+        raise ValueError(
+            f"{path} does not match the submitted run's configuration; start the run with "
+            f"fedseg-server start, which writes both."
+        )
     return cfg
 
 
@@ -75,8 +77,14 @@ def main(grid: Grid, context: Context) -> None:
     resume = resume_point(run, checkpoints)
     done = resume.done
     metrics_log = open_log(run, cfg.federation.tensorboard)  # mirrored live to TensorBoard when asked
-    metrics_log.write(Event.RUN_START, run=cfg.federation.run_name, run_id=cfg.federation.run_id,
-                      config_sha256=cfg.sha256(), sites=cfg.federation.sites, resumed_from_round=done)
+    metrics_log.write(
+        Event.RUN_START,
+        run=cfg.federation.run_name,
+        run_id=cfg.federation.run_id,
+        config_sha256=cfg.sha256(),
+        sites=cfg.federation.sites,
+        resumed_from_round=done,
+    )
     metrics_log.sync()
     node_sites = read_nodes(run)  # one map of node -> site for the boundary, planning and the strategy
     inbox = Inbox(node_sites, run)
@@ -90,7 +98,11 @@ def main(grid: Grid, context: Context) -> None:
         # the start model: the seeded init, or model.init_weights over it (a resumed run continues its own)
         weights, signature = start_weights(cfg, metrics_log) if resume.weights is None else initial_weights(cfg)
         strategy = FedSegStrategy(
-            cfg, signature, {k: tuple(v.shape) for k, v in weights.items()}, metrics_log, checkpoints,
+            cfg,
+            signature,
+            {k: tuple(v.shape) for k, v in weights.items()},
+            metrics_log,
+            checkpoints,
             round_offset=done,
         )
         strategy.resume_optimizer(resume.model_round)
@@ -118,8 +130,13 @@ def main(grid: Grid, context: Context) -> None:
         raise
     finally:
         state = checkpoints.state
-        metrics_log.write(Event.RUN_END, status=status, rounds_completed=state.last_round,
-                          best_round=state.best_round, best_dice=state.best_dice)
+        metrics_log.write(
+            Event.RUN_END,
+            status=status,
+            rounds_completed=state.last_round,
+            best_round=state.best_round,
+            best_dice=state.best_dice,
+        )
         metrics_log.close()
 
 
@@ -140,5 +157,6 @@ def with_planned_model(cfg: FedsegConfig, plan: Plan) -> FedsegConfig:
     """The run's config with the model's channels and classes the federation agreed on at planning."""
     if not plan.label_codes:  # a plan written before labels were agreed: the config must name them
         return cfg
-    return cfg.replace(model=with_channels(cfg.model, len(plan.normalization), len(plan.label_codes),
-                                                        "the sites' dataset.json"))
+    return cfg.replace(
+        model=with_channels(cfg.model, len(plan.normalization), len(plan.label_codes), "the sites' dataset.json")
+    )

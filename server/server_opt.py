@@ -52,8 +52,9 @@ class ServerMomentum:
         for key, array in aggregate.items():
             start = np.asarray(reference[key], dtype=np.float32)
             delta = array.numpy().astype(np.float32) - start
-            self.velocity[key] = (self.beta * self.velocity[key] + delta if key in self.velocity else delta
-                                  ).astype(np.float32)
+            self.velocity[key] = (self.beta * self.velocity[key] + delta if key in self.velocity else delta).astype(
+                np.float32
+            )
             moved[key] = Array(np.ascontiguousarray(start + self.velocity[key]))
         return ArrayRecord(moved)
 

@@ -69,16 +69,20 @@ def package_run(run: Path, site: str, out: Path) -> list[Path]:
     from common.config import load_config
 
     if not (run / CONFIG_FILE).is_file() or not (run / CHECKPOINT_DIR / CHECKPOINT_STATE).is_file():
-        raise UserError(f"{run} is not a run folder with checkpoints (it needs {CONFIG_FILE} and "
-                        f"{CHECKPOINT_DIR}/{CHECKPOINT_STATE}); give the folder under federation.runs_dir.")
+        raise UserError(
+            f"{run} is not a run folder with checkpoints (it needs {CONFIG_FILE} and "
+            f"{CHECKPOINT_DIR}/{CHECKPOINT_STATE}); give the folder under federation.runs_dir."
+        )
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty: choose a new folder for the site's package.")
     cfg = load_config(run / CONFIG_FILE)
     events = site_events(run, site)
     known = {*cfg.federation.sites, *cfg.federation.held_out_sites}
     if site not in known and not any(e.get("site") == site for e in events):
-        raise UserError(f"site {site!r} took no part in run {run.name}: its sites are {sorted(known) or 'unnamed'}; "
-                        "pass --site with the site's name as in its site.yaml.")
+        raise UserError(
+            f"site {site!r} took no part in run {run.name}: its sites are {sorted(known) or 'unnamed'}; "
+            "pass --site with the site's name as in its site.yaml."
+        )
     written = []
 
     def keep(source: Path, name: str) -> None:
@@ -104,8 +108,11 @@ def package_run(run: Path, site: str, out: Path) -> list[Path]:
     written.append(out / METRICS_FILE)
     if (run / CROSS_EVAL_FILE).is_file():
         matrix = json.loads((run / CROSS_EVAL_FILE).read_text())
-        mine = {"run": matrix.get("run"), "time": matrix.get("time"),
-                "cells": [c for c in matrix.get("cells", []) if c.get("site") == site]}
+        mine = {
+            "run": matrix.get("run"),
+            "time": matrix.get("time"),
+            "cells": [c for c in matrix.get("cells", []) if c.get("site") == site],
+        }
         atomic_write_text(out / CROSS_EVAL_FILE, json.dumps(mine, indent=2))
         written.append(out / CROSS_EVAL_FILE)
     return written

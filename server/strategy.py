@@ -65,22 +65,37 @@ class FedSegStrategy(FedProx):
     before it, and every part of fedseg counts the run's rounds (``_round``).
     """
 
-    def __init__(self, cfg: FedsegConfig, signature: str, shapes: dict[str, tuple[int, ...]],
-                 metrics_log: MetricsLog, checkpoints: Checkpoints, round_offset: int = 0) -> None:
+    def __init__(
+        self,
+        cfg: FedsegConfig,
+        signature: str,
+        shapes: dict[str, tuple[int, ...]],
+        metrics_log: MetricsLog,
+        checkpoints: Checkpoints,
+        round_offset: int = 0,
+    ) -> None:
         fed = cfg.federation
-        super().__init__(min_train_nodes=fed.min_sites, min_evaluate_nodes=fed.min_sites,
-                         min_available_nodes=fed.min_sites, weighted_by_key=keys.NUM_EXAMPLES,
-                         arrayrecord_key=keys.ARRAYS, configrecord_key=keys.CONFIG, proximal_mu=cfg.train.proximal_mu)
+        super().__init__(
+            min_train_nodes=fed.min_sites,
+            min_evaluate_nodes=fed.min_sites,
+            min_available_nodes=fed.min_sites,
+            weighted_by_key=keys.NUM_EXAMPLES,
+            arrayrecord_key=keys.ARRAYS,
+            configrecord_key=keys.CONFIG,
+            proximal_mu=cfg.train.proximal_mu,
+        )
         self.cfg, self.signature, self.shapes, self.round_offset = cfg, signature, shapes, round_offset
         self.node_sites: dict[int, str] = {}
         self.screen = ReplyScreen(ReplyValidator(signature, shapes, fed.norm_bound), self.node_sites)
         self.recorder = RunRecorder(metrics_log, checkpoints)
         self.schedule = schedule(fed)
-        self.riding = RidingEvaluation(self.screen, self.recorder, round_offset + 1, fed.rounds,
-                                       self.schedule.offer_best)
+        self.riding = RidingEvaluation(
+            self.screen, self.recorder, round_offset + 1, fed.rounds, self.schedule.offer_best
+        )
         self.aggregator = Aggregator(fed)
-        self.secure_sum = SecureSum(cfg, shapes, self.recorder, self.screen) \
-            if fed.secure_aggregation != "none" else None
+        self.secure_sum = (
+            SecureSum(cfg, shapes, self.recorder, self.screen) if fed.secure_aggregation != "none" else None
+        )
         self.privacy = central_dp(cfg, metrics_log, round_offset)
         self.optimizer = server_optimizer(fed)
         self.reference: dict[str, np.ndarray] | None = None
@@ -88,18 +103,33 @@ class FedSegStrategy(FedProx):
 
     def summary(self) -> None:
         fed = self.cfg.federation
-        log.info("fedseg: norm_mode=%s schedule=%s quorum=%d on_quorum_failure=%s aggregator=%s secure_aggregation=%s "
-                 "central_dp=%s server_optimizer=%s wire=%s", self.cfg.train.norm_mode, fed.schedule,
-                 self.schedule.quorum, fed.on_quorum_failure, fed.aggregator, fed.secure_aggregation,
-                 self.privacy is not None, fed.server_optimizer, fed.wire_dtype)
+        log.info(
+            "fedseg: norm_mode=%s schedule=%s quorum=%d on_quorum_failure=%s aggregator=%s secure_aggregation=%s "
+            "central_dp=%s server_optimizer=%s wire=%s",
+            self.cfg.train.norm_mode,
+            fed.schedule,
+            self.schedule.quorum,
+            fed.on_quorum_failure,
+            fed.aggregator,
+            fed.secure_aggregation,
+            self.privacy is not None,
+            fed.server_optimizer,
+            fed.wire_dtype,
+        )
         super().summary()
 
     def _round(self, server_round: int) -> int:
         """The run's round of Flower's ``server_round``."""
         return server_round + self.round_offset
 
-    def _messages(self, configure: Callable[..., Iterable[Message]], rnd: int, arrays: ArrayRecord,
-                  config: ConfigRecord, grid: Grid) -> tuple[list[Message], ArrayRecord]:
+    def _messages(
+        self,
+        configure: Callable[..., Iterable[Message]],
+        rnd: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        grid: Grid,
+    ) -> tuple[list[Message], ArrayRecord]:
         """FedProx's messages, carrying the global model in the wire dtype and the model signature."""
         config[keys.SIGNATURE] = self.signature
         config[keys.WIRE_DTYPE] = self.cfg.federation.wire_dtype
@@ -107,8 +137,9 @@ class FedSegStrategy(FedProx):
         self.screen.outgoing = list(configure(rnd, wire, config, grid))
         return self.screen.outgoing, wire
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         rnd = self._round(server_round)
         self.recorder.start_round(rnd)
         config[keys.EVALUATE_RECEIVED] = self.riding.asked(rnd)
@@ -121,8 +152,9 @@ class FedSegStrategy(FedProx):
         self.recorder.sent(rnd, wire, len(messages), training=True)
         return messages
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """The last round's evaluation; every earlier one rides with the next round's training."""
         rnd = self._round(server_round)
         if not self.riding.own_step(rnd):
@@ -132,8 +164,9 @@ class FedSegStrategy(FedProx):
         self.recorder.sent(rnd, wire, len(messages), training=False)
         return messages
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Screen and combine the round's updates (securely, privately), step and publish the new model."""
         rnd = self._round(server_round)
         replies = list(replies)
@@ -170,8 +203,9 @@ class FedSegStrategy(FedProx):
         metrics = [RecordDict({keys.METRICS: msg.content.metric_records[keys.METRICS]}) for msg in updates]
         return mean, self.train_metrics_aggr_fn(metrics, self.weighted_by_key), len(updates)
 
-    def _secure_mean(self, secure_sum: SecureSum, rnd: int, replies: list[Message]
-                     ) -> tuple[ArrayRecord | None, MetricRecord | None, int]:
+    def _secure_mean(
+        self, secure_sum: SecureSum, rnd: int, replies: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None, int]:
         """w^t plus the unmasked sum of the survivors' updates over their number (over the federation's size
         under DP); None below quorum."""
         total, survivors = secure_sum.aggregate(rnd, replies)  # (None, []) when the sum is not recovered

@@ -73,8 +73,9 @@ def scalars(event: dict[str, Any]) -> Iterator[Scalar]:
         if _number(value):
             yield Scalar(f"{kind}/{name}{suffix}", float(value), step, wall)
         elif isinstance(value, list):
-            yield from (Scalar(f"{kind}/{name}/{i}{suffix}", float(v), step, wall)
-                        for i, v in enumerate(value) if _number(v))
+            yield from (
+                Scalar(f"{kind}/{name}/{i}{suffix}", float(v), step, wall) for i, v in enumerate(value) if _number(v)
+            )
 
 
 class Mirror:
@@ -115,8 +116,10 @@ def write_mirror(run: Path, folder: Path | None = None) -> tuple[Path, int]:
     """
     folder = Path(folder) if folder is not None else Path(run) / REPORT_DIR / TENSORBOARD_DIR
     if old := event_files(folder):
-        raise TensorBoardError(f"{folder} already holds TensorBoard event files ({old[0].name}, ...): TensorBoard "
-                               "would show every number twice. Delete them, or give --tensorboard another folder.")
+        raise TensorBoardError(
+            f"{folder} already holds TensorBoard event files ({old[0].name}, ...): TensorBoard "
+            "would show every number twice. Delete them, or give --tensorboard another folder."
+        )
     mirror = Mirror(folder)
     try:
         count = mirror.add(read_events(Path(run) / METRICS_FILE))

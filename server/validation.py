@@ -109,8 +109,9 @@ class ReplyValidator:
             ((name, (shape, dtypes)),) = expected.items()
             values = records[keys.ARRAYS][name].numpy()
             if str(values.dtype) not in dtypes or values.shape != shape:
-                return f"the masked vector is {values.dtype}{list(values.shape)}, expected {secagg.MASKED_DTYPE}" \
-                       f"[{length}]"
+                return (
+                    f"the masked vector is {values.dtype}{list(values.shape)}, expected {secagg.MASKED_DTYPE}[{length}]"
+                )
             return None
         except Exception as err:  # as in problem(): never fatal
             return f"malformed reply ({type(err).__name__})"
@@ -150,8 +151,10 @@ class ReplyValidator:
                 return f"array '{key}' has dtype {array.dtype}, expected one of {WIRE_FLOAT_DTYPES}"
             values = array.numpy()
             if values.shape != self.shapes[key] or str(values.dtype) != array.dtype:
-                return f"array '{key}' declares {array.dtype}{list(array.shape)} but holds " \
-                       f"{values.dtype}{list(values.shape)}"
+                return (
+                    f"array '{key}' declares {array.dtype}{list(array.shape)} but holds "
+                    f"{values.dtype}{list(values.shape)}"
+                )
             if not np.isfinite(values.astype(np.float32)).all():
                 return f"array '{key}' holds NaN or Inf (in float32)"
         return None
@@ -171,11 +174,14 @@ class ReplyValidator:
             if norm == 0:
                 reasons.append("update is exactly zero: the site sent the global model back untrained")
             elif norm <= zero:
-                reasons.append(f"update norm {norm:.3g} is zero to float32 precision: the site sent the global "
-                               f"model back untrained")
+                reasons.append(
+                    f"update norm {norm:.3g} is zero to float32 precision: the site sent the global "
+                    f"model back untrained"
+                )
             elif norm > self.norm_bound * median:
-                reasons.append(f"update norm {norm:.4g} exceeds {self.norm_bound:g} x the other sites' median "
-                               f"{median:.4g}")
+                reasons.append(
+                    f"update norm {norm:.4g} exceeds {self.norm_bound:g} x the other sites' median {median:.4g}"
+                )
             else:
                 reasons.append(None)
         return reasons

@@ -49,15 +49,17 @@ class SiteSplit:
 
 def _site_cfg(cfg: FedsegConfig, name: str, data_dir: Path, work_dir: Path) -> FedsegConfig:
     """The site as the baselines read it: in one process, so nothing leaves it and no cohort limit applies."""
-    return cfg.replace(site=cfg.site.replace(name=name, data_dir=str(data_dir),
-                                                             state_dir=str(work_dir / name), min_cohort=1))
+    return cfg.replace(
+        site=cfg.site.replace(name=name, data_dir=str(data_dir), state_dir=str(work_dir / name), min_cohort=1)
+    )
 
 
 PLANNER = "fedseg compare baselines: federated nnU-Net rules over the training sites"
 
 
-def load_sites(cfg: FedsegConfig, datasets: dict[str, Path], training: list[str], work_dir: Path
-               ) -> tuple[FedsegConfig, dict[str, SiteSplit]]:
+def load_sites(
+    cfg: FedsegConfig, datasets: dict[str, Path], training: list[str], work_dir: Path
+) -> tuple[FedsegConfig, dict[str, SiteSplit]]:
     """Every site's volumes, preprocessed with the plan the federation would make.
 
     The plan comes from the training sites' fingerprints by the same rules as
@@ -73,8 +75,9 @@ def load_sites(cfg: FedsegConfig, datasets: dict[str, Path], training: list[str]
         state = SiteState(work_dir / name)
         plan.save(state.root / PLAN_FILE)
         data = SiteData.open(site_cfg, state)
-        sites[name] = SiteSplit(data.volumes(data.train_ids), data.volumes(data.val_ids), data.spec.num_classes,
-                                data.volumes(data.test_ids))
+        sites[name] = SiteSplit(
+            data.volumes(data.train_ids), data.volumes(data.val_ids), data.spec.num_classes, data.volumes(data.test_ids)
+        )
     return cfg.replace(data=plan.data_config(cfg.data)), sites
 
 
@@ -83,8 +86,9 @@ def _fresh_model(cfg: FedsegConfig) -> torch.nn.Module:
     return build_model(cfg.model)
 
 
-def _train(cfg: FedsegConfig, volumes: list[Volume], steps: int, per_round: int,
-           curve_sites: dict[str, SiteSplit]) -> tuple[torch.nn.Module, list[float]]:
+def _train(
+    cfg: FedsegConfig, volumes: list[Volume], steps: int, per_round: int, curve_sites: dict[str, SiteSplit]
+) -> tuple[torch.nn.Module, list[float]]:
     """The trained model and its learning curve: mean validation Dice over ``curve_sites`` per round's worth."""
     model = _fresh_model(cfg)
     train_cfg = cfg.train.replace(local_steps=steps)
@@ -94,8 +98,17 @@ def _train(cfg: FedsegConfig, volumes: list[Volume], steps: int, per_round: int,
         curve.append(statistics.fmean(_score(cfg, model, s) for s in curve_sites.values()))
         model.train()
 
-    train_local(model, volumes, cfg.data, train_cfg, global_params={}, mu=0.0, seed=cfg.train.seed,
-                every=per_round, checkpoint=score_round)
+    train_local(
+        model,
+        volumes,
+        cfg.data,
+        train_cfg,
+        global_params={},
+        mu=0.0,
+        seed=cfg.train.seed,
+        every=per_round,
+        checkpoint=score_round,
+    )
     return model, curve
 
 
@@ -107,8 +120,7 @@ def _score(cfg: FedsegConfig, model: torch.nn.Module, site: SiteSplit) -> float:
     return _evaluate(cfg, model, site, site.val).dice
 
 
-def test_scores(cfg: FedsegConfig, models: dict[str, torch.nn.Module], sites: dict[str, SiteSplit]
-                ) -> dict[str, dict]:
+def test_scores(cfg: FedsegConfig, models: dict[str, torch.nn.Module], sites: dict[str, SiteSplit]) -> dict[str, dict]:
     """Test Dice per site and per class, for the sites that have test cases (scored, never chosen on).
 
     ``models`` gives the model each site is scored with; the keys are those
@@ -126,14 +138,20 @@ def held_out_scores(cfg: FedsegConfig, model: torch.nn.Module, site: SiteSplit) 
     """Dice of a finished model on all labelled cases of a site that never trained, as-is and norm adapted."""
     as_is = _evaluate(cfg, model, site, site.labelled).dice
     t = cfg.train
-    if not adapt_norm(model, [image for image, _ in site.labelled], cfg.data, t.adapt_norm_steps, t.batch_size,
-                      t.seed, compute_for(t).device):
+    if not adapt_norm(
+        model,
+        [image for image, _ in site.labelled],
+        cfg.data,
+        t.adapt_norm_steps,
+        t.batch_size,
+        t.seed,
+        compute_for(t).device,
+    ):
         return {"dice": as_is, "dice_adapted": as_is}
     return {"dice": as_is, "dice_adapted": _evaluate(cfg, model, site, site.labelled).dice}
 
 
-def local_only(cfg: FedsegConfig, sites: dict[str, SiteSplit]
-               ) -> tuple[dict[str, float], list[float], dict[str, dict]]:
+def local_only(cfg: FedsegConfig, sites: dict[str, SiteSplit]) -> tuple[dict[str, float], list[float], dict[str, dict]]:
     """Each site trains alone for rounds x local_steps steps; Dice on its own validation cases.
 
     Also returns the learning curve (the sites' mean validation Dice after
@@ -148,8 +166,9 @@ def local_only(cfg: FedsegConfig, sites: dict[str, SiteSplit]
     return scores, [statistics.fmean(values) for values in zip(*curves, strict=True)], test_scores(cfg, models, sites)
 
 
-def pooled(cfg: FedsegConfig, sites: dict[str, SiteSplit], held_out: dict[str, SiteSplit]
-           ) -> tuple[dict[str, float], dict[str, dict[str, float]], list[float], dict[str, dict]]:
+def pooled(
+    cfg: FedsegConfig, sites: dict[str, SiteSplit], held_out: dict[str, SiteSplit]
+) -> tuple[dict[str, float], dict[str, dict[str, float]], list[float], dict[str, dict]]:
     """One model on all sites' training cases for the federation's total steps.
 
     Returns the Dice per training site, per held-out site as-is and adapted,

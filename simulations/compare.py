@@ -26,19 +26,34 @@ log = logging.getLogger("fedseg.compare")
 # Benchmark size: a small 3D U-Net and small volumes, so that 9 methods x 3 seeds fit
 # in about half an hour on 2 CPU cores. --set overrides any of it.
 BENCHMARK = [
-    "model.channels=[8, 16, 32]", "model.strides=[2, 2]", "model.num_res_units=1",
-    "train.local_steps=5", "train.hd95=false",
-    "federation.rounds=20", "federation.cross_eval=true",
+    "model.channels=[8, 16, 32]",
+    "model.strides=[2, 2]",
+    "model.num_res_units=1",
+    "train.local_steps=5",
+    "train.hd95=false",
+    "federation.rounds=20",
+    "federation.cross_eval=true",
     "data.val_fraction=0.3",
-    "simulation.num_sites=3", "simulation.held_out_sites=1", "simulation.cases_per_site=10",
-    "simulation.shift_strength=1.0", "simulation.volume_shape=[48, 48, 32]", "simulation.test_cases_per_site=5",
-    "simulation.ray_num_cpus=2", "simulation.cpus_per_site=2",
+    "simulation.num_sites=3",
+    "simulation.held_out_sites=1",
+    "simulation.cases_per_site=10",
+    "simulation.shift_strength=1.0",
+    "simulation.volume_shape=[48, 48, 32]",
+    "simulation.test_cases_per_site=5",
+    "simulation.ray_num_cpus=2",
+    "simulation.cpus_per_site=2",
     "simulation.data_dir=data/compare",
 ]
 QUICK = [
-    "model.channels=[4, 8, 16]", "train.local_steps=2", "train.adapt_norm_steps=2", "federation.rounds=2",
-    "simulation.num_sites=2", "simulation.cases_per_site=4", "simulation.volume_shape=[32, 32, 24]",
-    "data.val_fraction=0.25", "simulation.test_cases_per_site=1",
+    "model.channels=[4, 8, 16]",
+    "train.local_steps=2",
+    "train.adapt_norm_steps=2",
+    "federation.rounds=2",
+    "simulation.num_sites=2",
+    "simulation.cases_per_site=4",
+    "simulation.volume_shape=[32, 32, 24]",
+    "data.val_fraction=0.25",
+    "simulation.test_cases_per_site=1",
 ]
 DEFAULT_SEEDS = [0, 1, 2]
 DEFAULT_METHODS = ["local", "pooled", "fedavg", "fedbn", "fedseg"]
@@ -56,19 +71,33 @@ long: three times that, long enough for the pooled and local-only learning curve
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="Tiny sizes for tests: 2 sites, 2 rounds, tiny model.")
-    parser.add_argument("--seeds", type=int, nargs="+",
-                        help=f"Seeds of model init and sampling (default {DEFAULT_SEEDS}).")
-    parser.add_argument("--mu-sweep", type=float, nargs="*", default=[],
-                        help="Extra FedProx mu values for fedseg's default (default: none).")
-    parser.add_argument("--methods", nargs="+",
-                        help=f"Methods to run, or 'all' (default: {' '.join(DEFAULT_METHODS)}).")
-    parser.add_argument("--budget", choices=sorted(BUDGETS), default="equal",
-                        help="equal: 20 rounds x 5 local steps per site (default); long: 60 rounds, until the "
-                             "baselines' learning curves have flattened.")
-    parser.add_argument("--pretrained", type=Path,
-                        help="Adds the method fedseg-pretrained: fedseg's default starting from these weights "
-                             "(model.init_weights: another federation's run folder or checkpoint, an export "
-                             "folder, a .safetensors file or a MONAI bundle) instead of the seeded init.")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", help=f"Seeds of model init and sampling (default {DEFAULT_SEEDS})."
+    )
+    parser.add_argument(
+        "--mu-sweep",
+        type=float,
+        nargs="*",
+        default=[],
+        help="Extra FedProx mu values for fedseg's default (default: none).",
+    )
+    parser.add_argument(
+        "--methods", nargs="+", help=f"Methods to run, or 'all' (default: {' '.join(DEFAULT_METHODS)})."
+    )
+    parser.add_argument(
+        "--budget",
+        choices=sorted(BUDGETS),
+        default="equal",
+        help="equal: 20 rounds x 5 local steps per site (default); long: 60 rounds, until the "
+        "baselines' learning curves have flattened.",
+    )
+    parser.add_argument(
+        "--pretrained",
+        type=Path,
+        help="Adds the method fedseg-pretrained: fedseg's default starting from these weights "
+        "(model.init_weights: another federation's run folder or checkpoint, an export "
+        "folder, a .safetensors file or a MONAI bundle) instead of the seeded init.",
+    )
     parser.add_argument("--out", type=Path, help="Output folder (default runs/compare-<time>); reused to resume.")
 
 
@@ -93,8 +122,9 @@ def run(args: argparse.Namespace) -> int:
         except PretrainedError as err:
             raise UserError(f"--pretrained: {err}") from err
     methods = methods_for(base, args.mu_sweep, pretrained)
-    chosen = args.methods or DEFAULT_METHODS + [f"fedseg-mu{m:g}" for m in args.mu_sweep] + \
-        ([PRETRAINED_METHOD] if pretrained else [])
+    chosen = args.methods or DEFAULT_METHODS + [f"fedseg-mu{m:g}" for m in args.mu_sweep] + (
+        [PRETRAINED_METHOD] if pretrained else []
+    )
     if chosen != ["all"]:
         unknown = sorted(set(chosen) - {m.name for m in methods})
         if unknown:

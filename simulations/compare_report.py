@@ -56,8 +56,9 @@ def summarize(results: list[dict[str, Any]], methods) -> dict[str, dict[str, Any
         key = "test_personal" if test else "personal"
         personal = [r for r in rows if r.get(key)]
         if personal:
-            table[f"{method.name}+personal"] = _row(f"{method.label} + personalization at each site", personal,
-                                                    key, 0) | {"held_out": {}, "curve": [], "per_class": []}
+            table[f"{method.name}+personal"] = _row(
+                f"{method.label} + personalization at each site", personal, key, 0
+            ) | {"held_out": {}, "curve": [], "per_class": []}
     return table
 
 
@@ -73,15 +74,20 @@ def scored_on(results: list[dict[str, Any]]) -> str:
         return "labelled test cases (imagesTs/labelsTs)"
     untested = sorted({s for r in ok if r.get("test_per_site") for s in set(r["per_site"]) - set(r["test_per_site"])})
     if untested:
-        return (f"validation cases ({', '.join(untested)} without labelled test cases, so no site is scored on "
-                "its test cases; give every site imagesTs/labelsTs to score on test cases)")
+        return (
+            f"validation cases ({', '.join(untested)} without labelled test cases, so no site is scored on "
+            "its test cases; give every site imagesTs/labelsTs to score on test cases)"
+        )
     return "validation cases"
 
 
 def _per_class(rows: list[dict[str, Any]]) -> list[tuple[float, float, int] | None]:
     """Per foreground class: the mean over sites of the test Dice, as (mean, sd, n) over seeds."""
-    per_seed = [[statistics.fmean(v) for v in zip(*r["test_per_class"].values(), strict=True)] for r in rows
-                if r.get("test_per_class")]
+    per_seed = [
+        [statistics.fmean(v) for v in zip(*r["test_per_class"].values(), strict=True)]
+        for r in rows
+        if r.get("test_per_class")
+    ]
     return [_stats(values) for values in zip(*per_seed, strict=True)]
 
 
@@ -94,8 +100,10 @@ def _row(label: str, rows: list[dict[str, Any]], key: str, failed: int) -> dict[
         "failed": failed,
         "sites": {s: _stats(r[key].get(s) for r in rows) for s in sites},
         "mean": _stats(statistics.fmean(r[key].values()) if r[key] else None for r in rows),
-        "held_out": {s: {k: _stats(r["held_out"].get(s, {}).get(k) for r in rows) for k in ("dice", "dice_adapted")}
-                     for s in held},
+        "held_out": {
+            s: {k: _stats(r["held_out"].get(s, {}).get(k) for r in rows) for k in ("dice", "dice_adapted")}
+            for s in held
+        },
         "curve": _mean_curve([r["curve"] for r in rows if r["curve"]]),
         "seconds": _stats(r.get("seconds") for r in rows),
     }
@@ -125,20 +133,28 @@ def _targets(table: dict[str, dict[str, Any]], fed: dict[str, Any]) -> list[str]
     if pooled:
         best = max(pooled, key=lambda r: r["mean"][0])
         d = m - best["mean"][0]
-        lines.append(f"- within 0.01 of the best pooled model ({best['label']}): {m:.3f} vs {best['mean'][0]:.3f} "
-                     f"(difference {d:+.3f}): **{'PASS' if d >= TARGET_VS_POOLED else 'FAIL'}**")
+        lines.append(
+            f"- within 0.01 of the best pooled model ({best['label']}): {m:.3f} vs {best['mean'][0]:.3f} "
+            f"(difference {d:+.3f}): **{'PASS' if d >= TARGET_VS_POOLED else 'FAIL'}**"
+        )
     if fedavg and fedavg["mean"]:
         d = m - fedavg["mean"][0]
-        lines.append(f"- at least 0.03 above FedAvg: {m:.3f} vs FedAvg {fedavg['mean'][0]:.3f} "
-                     f"(difference {d:+.3f}): **{'PASS' if d >= TARGET_VS_FEDAVG else 'FAIL'}**")
+        lines.append(
+            f"- at least 0.03 above FedAvg: {m:.3f} vs FedAvg {fedavg['mean'][0]:.3f} "
+            f"(difference {d:+.3f}): **{'PASS' if d >= TARGET_VS_FEDAVG else 'FAIL'}**"
+        )
     if local and local["sites"]:
-        below = [f"{s} ({fed['sites'][s][0]:.3f} < {local['sites'][s][0]:.3f})" for s in local["sites"]
-                 if s in fed["sites"] and fed["sites"][s] and local["sites"][s]
-                 and fed["sites"][s][0] < local["sites"][s][0]]
-        lines.append(f"- no site below its local-only Dice: "
-                     f"**{'FAIL: ' + ', '.join(below) if below else 'PASS'}**")
-    worse = [f"{s} ({h['dice_adapted'][0]:.3f} < {h['dice'][0]:.3f})" for s, h in fed["held_out"].items()
-             if h["dice"] and h["dice_adapted"] and h["dice_adapted"][0] < h["dice"][0]]
+        below = [
+            f"{s} ({fed['sites'][s][0]:.3f} < {local['sites'][s][0]:.3f})"
+            for s in local["sites"]
+            if s in fed["sites"] and fed["sites"][s] and local["sites"][s] and fed["sites"][s][0] < local["sites"][s][0]
+        ]
+        lines.append(f"- no site below its local-only Dice: **{'FAIL: ' + ', '.join(below) if below else 'PASS'}**")
+    worse = [
+        f"{s} ({h['dice_adapted'][0]:.3f} < {h['dice'][0]:.3f})"
+        for s, h in fed["held_out"].items()
+        if h["dice"] and h["dice_adapted"] and h["dice_adapted"][0] < h["dice"][0]
+    ]
     if fed["held_out"]:
         lines.append(f"- held-out site, adapted >= as-is: **{'FAIL: ' + ', '.join(worse) if worse else 'PASS'}**")
     return lines
@@ -150,10 +166,12 @@ def machine() -> str:
     import torch
 
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    return (f"{platform.node() or 'host'}: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
-            f"{platform.system()} {platform.release()}, Python {platform.python_version()}, torch {torch.__version__} "
-            f"(CPU), flwr {flwr.__version__}, MONAI {monai.__version__}; load average when the table was written: "
-            f"{load} (the machine was shared)")
+    return (
+        f"{platform.node() or 'host'}: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+        f"{platform.system()} {platform.release()}, Python {platform.python_version()}, torch {torch.__version__} "
+        f"(CPU), flwr {flwr.__version__}, MONAI {monai.__version__}; load average when the table was written: "
+        f"{load} (the machine was shared)"
+    )
 
 
 def _class_table(table: dict[str, dict[str, Any]]) -> list[str]:
@@ -161,8 +179,12 @@ def _class_table(table: dict[str, dict[str, Any]]) -> list[str]:
     if not rows:
         return []
     n = max(len(pc) for _, pc in rows)
-    lines = ["Test Dice per foreground class (mean over sites; mean ± sd over seeds):", "",
-             "| Method | " + " | ".join(f"class {i + 1}" for i in range(n)) + " |", "|" + "---|" * (n + 1)]
+    lines = [
+        "Test Dice per foreground class (mean over sites; mean ± sd over seeds):",
+        "",
+        "| Method | " + " | ".join(f"class {i + 1}" for i in range(n)) + " |",
+        "|" + "---|" * (n + 1),
+    ]
     lines += ["| " + " | ".join([label, *[_fmt(s) for s in pc]]) + " |" for label, pc in rows]
     return lines
 
@@ -170,58 +192,101 @@ def _class_table(table: dict[str, dict[str, Any]]) -> list[str]:
 def _relaxations(base: FedsegConfig, names: list[str]) -> str:
     """What the simulated sites relax from a deployed site's defaults (simulations/runner.py), in one line."""
     notes = [f"{name}: {', '.join(relaxed)}" for name in names if (relaxed := relaxed_settings(base, name)[1])]
-    return ("Simulated sites run a deployed site's defaults" + (f", except {'; '.join(notes)}" if notes else "")
-            + " (methods that let norm layers travel relax site.max_norm_travel to their norm mode).")
+    return (
+        "Simulated sites run a deployed site's defaults"
+        + (f", except {'; '.join(notes)}" if notes else "")
+        + " (methods that let norm layers travel relax site.max_norm_travel to their norm mode)."
+    )
 
 
-def markdown(table: dict[str, dict[str, Any]], seeds: list[int], command: str, base: FedsegConfig,
-             cases: str = "validation cases") -> str:
+def markdown(
+    table: dict[str, dict[str, Any]],
+    seeds: list[int],
+    command: str,
+    base: FedsegConfig,
+    cases: str = "validation cases",
+) -> str:
     sites = sorted({s for row in table.values() for s in row["sites"]})
     held = sorted({s for row in table.values() for s in row["held_out"]})
-    head = ["Method", *[f"{s} Dice" for s in sites], "Mean Dice", *[f"{s} (held out) as-is / adapted" for s in held],
-            "Wall time (s)", "Runs"]
+    head = [
+        "Method",
+        *[f"{s} Dice" for s in sites],
+        "Mean Dice",
+        *[f"{s} (held out) as-is / adapted" for s in held],
+        "Wall time (s)",
+        "Runs",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table.values():
         cells = [row["label"], *[_fmt(row["sites"].get(s)) for s in sites], f"**{_fmt(row['mean'])}**"]
         for s in held:
             h = row["held_out"].get(s)
             cells.append(f"{_fmt(h['dice'])} / {_fmt(h['dice_adapted'])}" if h else "—")
-        cells.append("—" if row["seconds"] is None or row["label"].endswith("personalization at each site")
-                     else f"{row['seconds'][0]:.0f}")
+        cells.append(
+            "—"
+            if row["seconds"] is None or row["label"].endswith("personalization at each site")
+            else f"{row['seconds'][0]:.0f}"
+        )
         cells.append(f"{row['runs']}" + (f" ({row['failed']} failed)" if row["failed"] else ""))
         lines.append("| " + " | ".join(cells) + " |")
     t, f, s = base.train, base.federation, base.simulation
     training, held_out = site_names(base)
     if s.sites:
-        data, same_data = (f"{len(training)} training sites, {len(held_out)} held out, your own datasets from "
-                           "simulation.sites"), "the sites' own datasets"
+        data, same_data = (
+            (f"{len(training)} training sites, {len(held_out)} held out, your own datasets from simulation.sites"),
+            "the sites' own datasets",
+        )
     else:
-        data, same_data = (f"{len(training)} synthetic training sites, {len(held_out)} held out, "
-                           f"{s.cases_per_site} cases each, shift strength {s.shift_strength}"), f"synthetic seed {s.seed}"
-    return "\n".join([
-        "# Strategy comparison under scanner shift", "",
-        f"Command: `{command}`", "",
-        f"Seeds: {seeds} (model initialisation and patch sampling; the data are the same for every seed: "
-        f"{same_data}).", "",
-        f"Budget per method and seed: {f.rounds} rounds x {t.local_steps} local steps of batch {t.batch_size} "
-        f"per site ({data}); local-only trains {f.rounds * t.local_steps} steps per site, pooled "
-        f"{f.rounds * t.local_steps * len(training)} steps, so every method sees the same number of patches. Every "
-        f"model is scored on its final round. Personalization (rows '+ personalization') then fine-tunes each "
-        f"site's norm layers{' and output layer' if t.personalize == 'norm+head' else ''} for at most "
-        f"{t.personalize_steps} steps on its own training cases, keeping the copy with the best Dice on its own "
-        f"validation cases" + (" (those rows are therefore chosen on the cases they are scored on)."
-                                if cases.startswith("validation") else ", never on the test cases it is scored on."), "",
-        f"Dice: mean ± standard deviation over seeds of the foreground Dice on each site's {cases} "
-        "(federated methods: the final global model with the site's own norm tensors). Held-out sites never train "
-        "and are scored on all their labelled cases: as-is = the final global model as it arrives, adapted = after "
-        "AdaBN on their unlabeled scans (equal to as-is for a model without BatchNorm).", "",
-        *lines, "",
-        _relaxations(base, [*training, *held_out]), "",
-        *_class_table(table), "",
-        "## Targets for fedseg's default", "", *target_check(table), "",
-        f"Machine: {machine()}.", "",
-        *[f"![{p}]({p})" for p in PLOTS], "",
-    ])
+        data, same_data = (
+            (
+                f"{len(training)} synthetic training sites, {len(held_out)} held out, "
+                f"{s.cases_per_site} cases each, shift strength {s.shift_strength}"
+            ),
+            f"synthetic seed {s.seed}",
+        )
+    return "\n".join(
+        [
+            "# Strategy comparison under scanner shift",
+            "",
+            f"Command: `{command}`",
+            "",
+            f"Seeds: {seeds} (model initialisation and patch sampling; the data are the same for every seed: "
+            f"{same_data}).",
+            "",
+            f"Budget per method and seed: {f.rounds} rounds x {t.local_steps} local steps of batch {t.batch_size} "
+            f"per site ({data}); local-only trains {f.rounds * t.local_steps} steps per site, pooled "
+            f"{f.rounds * t.local_steps * len(training)} steps, so every method sees the same number of patches. Every "
+            f"model is scored on its final round. Personalization (rows '+ personalization') then fine-tunes each "
+            f"site's norm layers{' and output layer' if t.personalize == 'norm+head' else ''} for at most "
+            f"{t.personalize_steps} steps on its own training cases, keeping the copy with the best Dice on its own "
+            f"validation cases"
+            + (
+                " (those rows are therefore chosen on the cases they are scored on)."
+                if cases.startswith("validation")
+                else ", never on the test cases it is scored on."
+            ),
+            "",
+            f"Dice: mean ± standard deviation over seeds of the foreground Dice on each site's {cases} "
+            "(federated methods: the final global model with the site's own norm tensors). Held-out sites never train "
+            "and are scored on all their labelled cases: as-is = the final global model as it arrives, adapted = after "
+            "AdaBN on their unlabeled scans (equal to as-is for a model without BatchNorm).",
+            "",
+            *lines,
+            "",
+            _relaxations(base, [*training, *held_out]),
+            "",
+            *_class_table(table),
+            "",
+            "## Targets for fedseg's default",
+            "",
+            *target_check(table),
+            "",
+            f"Machine: {machine()}.",
+            "",
+            *[f"![{p}]({p})" for p in PLOTS],
+            "",
+        ]
+    )
 
 
 def _finish(fig, ax, path: Path, title: str, loc: str = "best") -> None:
@@ -264,18 +329,32 @@ def _plot_held_out(table: dict[str, dict[str, Any]], path: Path) -> None:
     rows = [(n, s, h) for n, r in table.items() for s, h in r["held_out"].items() if h["dice"]]
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4.2))
     xs = range(len(rows))
-    ax.bar([x - 0.2 for x in xs], [h["dice"][0] for _, _, h in rows], width=0.4,
-           yerr=[h["dice"][1] for _, _, h in rows], capsize=3, label="as-is", color="#c9c9c9")
-    ax.bar([x + 0.2 for x in xs], [(h["dice_adapted"] or (0, 0))[0] for _, _, h in rows], width=0.4,
-           yerr=[(h["dice_adapted"] or (0, 0))[1] for _, _, h in rows], capsize=3, label="norm adapted",
-           color="#e39b5b")
+    ax.bar(
+        [x - 0.2 for x in xs],
+        [h["dice"][0] for _, _, h in rows],
+        width=0.4,
+        yerr=[h["dice"][1] for _, _, h in rows],
+        capsize=3,
+        label="as-is",
+        color="#c9c9c9",
+    )
+    ax.bar(
+        [x + 0.2 for x in xs],
+        [(h["dice_adapted"] or (0, 0))[0] for _, _, h in rows],
+        width=0.4,
+        yerr=[(h["dice_adapted"] or (0, 0))[1] for _, _, h in rows],
+        capsize=3,
+        label="norm adapted",
+        color="#e39b5b",
+    )
     ax.set_xticks(list(xs), [f"{n}\n{s}" for n, s, _ in rows], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("Dice (held-out site, all labelled cases)")
     _finish(fig, ax, path, "Site that never trained: as-is vs norm adaptation")
 
 
-def write_report(out: Path, results: list[dict[str, Any]], methods, seeds: list[int], command: str,
-                 base: FedsegConfig) -> Path:
+def write_report(
+    out: Path, results: list[dict[str, Any]], methods, seeds: list[int], command: str, base: FedsegConfig
+) -> Path:
     table = summarize(results, methods)
     for plot, name in zip((_plot_dice, _plot_curves, _plot_held_out), PLOTS, strict=True):
         plot(table, out / name)

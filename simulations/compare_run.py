@@ -45,11 +45,20 @@ def methods_for(base: FedsegConfig, mu_sweep: list[float], pretrained: str = "")
     """Every method the comparison knows (simulations.compare_methods), filled in from ``base``; then one per
     FedProx mu of ``mu_sweep`` and, with ``pretrained``, fedseg's default started from those weights."""
     methods = table(base)
-    methods += [Method(f"fedseg-mu{m:g}", "federated", f"fedseg default, mu={m:g}", (f"train.proximal_mu={m}",))
-                for m in mu_sweep if m != base.train.proximal_mu]
+    methods += [
+        Method(f"fedseg-mu{m:g}", "federated", f"fedseg default, mu={m:g}", (f"train.proximal_mu={m}",))
+        for m in mu_sweep
+        if m != base.train.proximal_mu
+    ]
     if pretrained:
-        methods.append(Method(PRETRAINED_METHOD, "federated", f"fedseg default, starting from {pretrained}",
-                              (f"model.init_weights={pretrained}",)))
+        methods.append(
+            Method(
+                PRETRAINED_METHOD,
+                "federated",
+                f"fedseg default, starting from {pretrained}",
+                (f"model.init_weights={pretrained}",),
+            )
+        )
     return methods
 
 
@@ -71,11 +80,17 @@ def federated_result(run: Path) -> dict[str, Any]:
     tested = [c for c in last if c["trained"] and c.get("test_dice") is not None]
     held_out = {c["site"]: {"dice": c["dice"], "dice_adapted": c["dice_adapted"]} for c in last if not c["trained"]}
     curve = [e["dice_mean"] for e in read_events(run / METRICS_FILE, Event.ROUND)]
-    return {"per_site": per_site, "held_out": held_out, "curve": curve, "personal": personal,
-            "test_per_site": {c["site"]: c["test_dice"] for c in tested},
-            "test_per_class": {c["site"]: c["test_dice_per_class"] for c in tested},
-            "test_personal": {c["site"]: c["test_dice_personal"] for c in tested
-                              if c.get("test_dice_personal") is not None}}
+    return {
+        "per_site": per_site,
+        "held_out": held_out,
+        "curve": curve,
+        "personal": personal,
+        "test_per_site": {c["site"]: c["test_dice"] for c in tested},
+        "test_per_class": {c["site"]: c["test_dice_per_class"] for c in tested},
+        "test_personal": {
+            c["site"]: c["test_dice_personal"] for c in tested if c.get("test_dice_personal") is not None
+        },
+    }
 
 
 class Comparison:
@@ -86,8 +101,9 @@ class Comparison:
         self.results_path = out / RESULTS_FILE
         self._sites: tuple[DataConfig, dict, dict, dict] | None = None
 
-    def _site_data(self) -> tuple[DataConfig, dict[str, DatasetSpec], dict[str, baselines.SiteSplit],
-                                  dict[str, baselines.SiteSplit]]:
+    def _site_data(
+        self,
+    ) -> tuple[DataConfig, dict[str, DatasetSpec], dict[str, baselines.SiteSplit], dict[str, baselines.SiteSplit]]:
         """The plan's data settings, every site's dataset.json, and the training and held-out sites for the
         baselines, read as the ClientApp reads them."""
         if self._sites is None:
@@ -96,10 +112,15 @@ class Comparison:
             specs = read_site_specs(datasets)
             cfg = with_data_channels(cfg, specs)
             held = set(cfg.federation.held_out_sites)
-            planned, split = baselines.load_sites(cfg, datasets, [n for n in datasets if n not in held],
-                                                  self.out / BASELINE_SITES_DIR)
-            self._sites = (planned.data, specs, {n: s for n, s in split.items() if n not in held},
-                           {n: s for n, s in split.items() if n in held})
+            planned, split = baselines.load_sites(
+                cfg, datasets, [n for n in datasets if n not in held], self.out / BASELINE_SITES_DIR
+            )
+            self._sites = (
+                planned.data,
+                specs,
+                {n: s for n, s in split.items() if n not in held},
+                {n: s for n, s in split.items() if n in held},
+            )
         return self._sites
 
     def _run_one(self, method: Method, cfg: FedsegConfig) -> dict[str, Any]:
@@ -116,8 +137,9 @@ class Comparison:
         run_name = f"{method.name}-s{cfg.train.seed}"
         runs_dir = self.out / COMPARE_RUNS_DIR
         shutil.rmtree(runs_dir / run_name, ignore_errors=True)  # never resume a half-finished attempt
-        cfg = with_overrides(cfg, [*method.overrides, f"federation.run_name={run_name}",
-                                   f"federation.runs_dir={runs_dir}"])
+        cfg = with_overrides(
+            cfg, [*method.overrides, f"federation.run_name={run_name}", f"federation.runs_dir={runs_dir}"]
+        )
         run = run_simulation(cfg, show=log.info)
         return federated_result(run)
 
@@ -139,14 +161,20 @@ class Comparison:
                     log.exception("%s seed %d failed", method.name, seed)
                     result = {"status": f"failed: {err}", "per_site": {}, "held_out": {}, "curve": []}
                 per_site = result["per_site"]
-                result |= {"method": method.name, "label": method.label, "seed": seed,
-                           "mean": statistics.fmean(per_site.values()) if per_site else None,
-                           "seconds": time.perf_counter() - started}
+                result |= {
+                    "method": method.name,
+                    "label": method.label,
+                    "seed": seed,
+                    "mean": statistics.fmean(per_site.values()) if per_site else None,
+                    "seconds": time.perf_counter() - started,
+                }
                 with self.results_path.open("a") as f:
                     f.write(json.dumps(result) + "\n")
                 mean = f"{result['mean']:.4f}" if result["mean"] is not None else "n/a"
-                show(f"compare: {method.name} seed {seed}: mean Dice {mean} ({result['seconds']:.0f} s, "
-                     f"{result['status']})")
+                show(
+                    f"compare: {method.name} seed {seed}: mean Dice {mean} ({result['seconds']:.0f} s, "
+                    f"{result['status']})"
+                )
         from .compare_report import write_report
 
         results = read_results(self.results_path)

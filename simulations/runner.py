@@ -78,7 +78,8 @@ def prepare_run(cfg: FedsegConfig) -> FedsegConfig:
     sim = cfg.simulation
     run_name = cfg.federation.run_name or new_run_name("sim")
     names, held_out = site_names(cfg)
-    federation = cfg.federation.replace(run_name=run_name,
+    federation = cfg.federation.replace(
+        run_name=run_name,
         runs_dir=str(Path(cfg.federation.runs_dir).resolve()),
         run_id=cfg.federation.run_id or existing_run_id(Path(cfg.federation.runs_dir) / run_name) or new_run_id(),
         sites=names,
@@ -154,25 +155,49 @@ class LocalSuperLink:
 
     def __enter__(self) -> LocalSuperLink:
         self.home.mkdir(parents=True, exist_ok=True)
-        (self.home / FLOWER_CONFIG).write_text(tomli_w.dumps({
-            "superlink": {"default": CONNECTION,
-                          CONNECTION: {"address": f"127.0.0.1:{self.port}", "insecure": True}},
-        }))
+        (self.home / FLOWER_CONFIG).write_text(
+            tomli_w.dumps(
+                {
+                    "superlink": {
+                        "default": CONNECTION,
+                        CONNECTION: {"address": f"127.0.0.1:{self.port}", "insecure": True},
+                    },
+                }
+            )
+        )
         command = [
-            flower_command("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-            "--host", "127.0.0.1", "--port", str(self.port),
+            flower_command("flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--isolation",
+            "subprocess",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
             "--disable-runtime-dependency-installation",
-            "--log-file", str(self.run / SUPERLINK_LOG),
+            "--log-file",
+            str(self.run / SUPERLINK_LOG),
         ]
         scratch = self.home / SCRATCH_DIR
         scratch.mkdir(exist_ok=True)
         self.proc = subprocess.Popen(
-            command, cwd=scratch, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            command,
+            cwd=scratch,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        wait_healthy(self.proc, f"http://127.0.0.1:{self.port}/health", what="flower-superlink",
-                     log=self.run / SUPERLINK_LOG, timeout_s=STARTUP_TIMEOUT_S, error=SimulationError,
-                     require_success=True)
+        wait_healthy(
+            self.proc,
+            f"http://127.0.0.1:{self.port}/health",
+            what="flower-superlink",
+            log=self.run / SUPERLINK_LOG,
+            timeout_s=STARTUP_TIMEOUT_S,
+            error=SimulationError,
+            require_success=True,
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -197,8 +222,10 @@ def federation_config(cfg: FedsegConfig, num_sites: int) -> str:
     Joining a running cluster, Ray refuses a CPU count: the cluster has its own.
     """
     sim = cfg.simulation
-    settings = (f"num-supernodes={num_sites} client-resources-num-cpus={sim.cpus_per_site} "
-                f"client-resources-num-gpus={sim.gpus_per_site}")
+    settings = (
+        f"num-supernodes={num_sites} client-resources-num-cpus={sim.cpus_per_site} "
+        f"client-resources-num-gpus={sim.gpus_per_site}"
+    )
     return settings if sim.ray_address else f"{settings} init-args-num-cpus={sim.ray_num_cpus}"
 
 
@@ -225,17 +252,29 @@ def run_simulation(cfg: FedsegConfig, show: Callable[[str], None] = print, allow
     if notes := write_site_configs(cfg, datasets):
         show(f"fedseg-sim: unlike a deployed site's defaults: {'; '.join(notes)}")
     run_config = run / RUN_CONFIG_TOML  # what a deployed site receives, plus where the simulated sites' yaml lie
-    run_config.write_text(tomli_w.dumps({keys.RUN_CONFIG_KEY: site_view(cfg).to_yaml(),
-                                         keys.SIM_SITES_KEY: str(run / SIM_SITES_DIR)}))
+    run_config.write_text(
+        tomli_w.dumps({keys.RUN_CONFIG_KEY: site_view(cfg).to_yaml(), keys.SIM_SITES_KEY: str(run / SIM_SITES_DIR)})
+    )
     (run / SERVER_CONFIG_FILE).write_text(cfg.to_yaml())  # the ServerApp's, as at a deployed centre
     metrics = run / METRICS_FILE
     threads = sim.cpus_per_site
     with LocalSuperLink(run, threads, sim.ray_address) as link, (run / FLWR_RUN_LOG).open("w") as flwr_log:
         submit = subprocess.Popen(
-            [flower_command("flwr"), "run", str(APP_DIR), CONNECTION,
-             "--run-config", str(run_config), "--federation-config", federation_config(cfg, len(datasets)),
-             "--stream"],
-            env=link.env, stdout=flwr_log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                flower_command("flwr"),
+                "run",
+                str(APP_DIR),
+                CONNECTION,
+                "--run-config",
+                str(run_config),
+                "--federation-config",
+                federation_config(cfg, len(datasets)),
+                "--stream",
+            ],
+            env=link.env,
+            stdout=flwr_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         seen, finished_at = 0, None
         try:
@@ -250,8 +289,7 @@ def run_simulation(cfg: FedsegConfig, show: Callable[[str], None] = print, allow
         finally:
             stop_tree(submit)
     if not _finished(metrics):
-        raise SimulationError(f"the run ended without finishing; see {run / FLWR_RUN_LOG} and "
-                              f"{run / SUPERLINK_LOG}")
+        raise SimulationError(f"the run ended without finishing; see {run / FLWR_RUN_LOG} and {run / SUPERLINK_LOG}")
     status = list(read_events(metrics, Event.RUN_END))[-1]["status"]
     if status.startswith("failed"):
         raise RunFailed(f"the run {status}; {first_failure(run)}; the metrics log {metrics} has every failure")
@@ -269,9 +307,11 @@ def refuse_missing_gpu(cfg: FedsegConfig) -> None:
         import torch
 
         if not torch.cuda.is_available():
-            raise SimulationError(f"train.device is {cfg.train.device} (simulation.gpus_per_site "
-                                  f"{cfg.simulation.gpus_per_site}) but torch sees no CUDA GPU on this machine; set "
-                                  "train.device=auto (the GPU when there is one) or cpu, and gpus_per_site 0.")
+            raise SimulationError(
+                f"train.device is {cfg.train.device} (simulation.gpus_per_site "
+                f"{cfg.simulation.gpus_per_site}) but torch sees no CUDA GPU on this machine; set "
+                "train.device=auto (the GPU when there is one) or cpu, and gpus_per_site 0."
+            )
 
 
 def draw_site_pictures(run: Path, n_sites: int, show: Callable[[str], None]) -> None:

@@ -28,7 +28,7 @@ def site_names(cfg: FedsegConfig) -> tuple[list[str], list[str]]:
     if sim.sites:
         return ([n for n, s in sim.sites.items() if not s.held_out], [n for n, s in sim.sites.items() if s.held_out])
     names = [f"site-{i + 1}" for i in range(sim.num_sites + sim.held_out_sites)]
-    return names[: sim.num_sites], names[sim.num_sites:]
+    return names[: sim.num_sites], names[sim.num_sites :]
 
 
 def site_datasets(cfg: FedsegConfig) -> dict[str, Path]:
@@ -39,9 +39,15 @@ def site_datasets(cfg: FedsegConfig) -> dict[str, Path]:
         if warning := cluster_warning(cfg):
             log.warning(warning)
         return {name: Path(sim.sites[name].data_dir).resolve() for name in [*training, *held_out]}
-    return generate_federation(Path(sim.data_dir), n_sites=sim.num_sites + sim.held_out_sites,
-                               n_cases=sim.cases_per_site, shape=tuple(sim.volume_shape),
-                               strength=sim.shift_strength, seed=sim.seed, n_test=sim.test_cases_per_site)
+    return generate_federation(
+        Path(sim.data_dir),
+        n_sites=sim.num_sites + sim.held_out_sites,
+        n_cases=sim.cases_per_site,
+        shape=tuple(sim.volume_shape),
+        strength=sim.shift_strength,
+        seed=sim.seed,
+        n_test=sim.test_cases_per_site,
+    )
 
 
 def cluster_warning(cfg: FedsegConfig) -> str | None:
@@ -55,11 +61,13 @@ def cluster_warning(cfg: FedsegConfig) -> str | None:
     sim = cfg.simulation
     if not (sim.ray_address and sim.sites):
         return None
-    return (f"simulation.ray_address {sim.ray_address}: your own sites' data goes to a Ray cluster. Ray has no "
-            "authentication: anyone who can reach the cluster's ports (the head's GCS port, the dashboard, the "
-            "object store and worker ports on every node) can run code there and read every site's scans. Keep "
-            "those ports reachable from the cluster's own machines only (a private network or a firewall); "
-            "see deploy/README.md, 'Ray clusters'.")
+    return (
+        f"simulation.ray_address {sim.ray_address}: your own sites' data goes to a Ray cluster. Ray has no "
+        "authentication: anyone who can reach the cluster's ports (the head's GCS port, the dashboard, the "
+        "object store and worker ports on every node) can run code there and read every site's scans. Keep "
+        "those ports reachable from the cluster's own machines only (a private network or a firewall); "
+        "see deploy/README.md, 'Ray clusters'."
+    )
 
 
 def read_site_specs(datasets: dict[str, Path]) -> dict[str, DatasetSpec]:
@@ -82,15 +90,21 @@ def with_data_channels(cfg: FedsegConfig, specs: dict[str, DatasetSpec]) -> Feds
     """
     (first, ref), *others = specs.items()
     for name, spec in others:
-        for what, mine, theirs in (("channels", spec.num_channels, ref.num_channels),
-                                   ("classes", spec.num_classes, ref.num_classes)):
+        for what, mine, theirs in (
+            ("channels", spec.num_channels, ref.num_channels),
+            ("classes", spec.num_classes, ref.num_classes),
+        ):
             if mine != theirs:
-                detail = (f"{spec.channel_names} vs {ref.channel_names}" if what == "channels"
-                          else f"{spec.labels} vs {ref.labels}")
+                detail = (
+                    f"{spec.channel_names} vs {ref.channel_names}"
+                    if what == "channels"
+                    else f"{spec.labels} vs {ref.labels}"
+                )
                 raise ConfigError(
                     f"site '{name}' declares {mine} {what} in {spec.root / 'dataset.json'} but site '{first}' "
                     f"declares {theirs} ({detail}); every site's dataset.json must agree."
                 )
     detail = f" (site '{first}': {ref.channel_names}, {ref.labels})"
-    return cfg.replace(model=with_channels(cfg.model, ref.num_channels, ref.num_classes,
-                                                        "the sites' dataset.json", detail))
+    return cfg.replace(
+        model=with_channels(cfg.model, ref.num_channels, ref.num_classes, "the sites' dataset.json", detail)
+    )

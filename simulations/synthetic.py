@@ -177,24 +177,66 @@ class ScannerSignature:
         _orientation_transform(self.orientation)
 
 
-NEUTRAL_SIGNATURE = ScannerSignature(gamma=1.0, bias_strength=0.0, noise_std=NEUTRAL_NOISE_STD, spacing=(1.0, 1.0, 1.0),
-                                     orientation="RAS", intensity_scale=1.0, intensity_offset=0.0)
+NEUTRAL_SIGNATURE = ScannerSignature(
+    gamma=1.0,
+    bias_strength=0.0,
+    noise_std=NEUTRAL_NOISE_STD,
+    spacing=(1.0, 1.0, 1.0),
+    orientation="RAS",
+    intensity_scale=1.0,
+    intensity_offset=0.0,
+)
 
 # Full-strength scanner archetypes: MR scanners whose reconstructions use
 # different units and offsets, contrast curves, bias fields, noise, voxel
 # spacing and storage orientation (LPS, as DICOM converters write, or RAS).
 # Neighbouring sites differ in every field.
 SITE_ARCHETYPES: tuple[ScannerSignature, ...] = (
-    ScannerSignature(gamma=0.6, bias_strength=0.15, noise_std=0.12, spacing=(0.8, 0.8, 2.5),
-                     orientation="LPS", intensity_scale=1200.0, intensity_offset=-1000.0),
-    ScannerSignature(gamma=1.8, bias_strength=0.35, noise_std=0.25, spacing=(1.0, 1.0, 1.0),
-                     orientation="RAS", intensity_scale=2500.0, intensity_offset=0.0),
-    ScannerSignature(gamma=1.2, bias_strength=0.25, noise_std=0.4, spacing=(0.6, 0.6, 4.0),
-                     orientation="LPS", intensity_scale=600.0, intensity_offset=50.0),
-    ScannerSignature(gamma=0.8, bias_strength=0.45, noise_std=0.08, spacing=(1.2, 1.2, 1.5),
-                     orientation="RAS", intensity_scale=4095.0, intensity_offset=0.0),
-    ScannerSignature(gamma=2.4, bias_strength=0.1, noise_std=0.3, spacing=(0.9, 0.9, 3.0),
-                     orientation="LPS", intensity_scale=1500.0, intensity_offset=-1024.0),
+    ScannerSignature(
+        gamma=0.6,
+        bias_strength=0.15,
+        noise_std=0.12,
+        spacing=(0.8, 0.8, 2.5),
+        orientation="LPS",
+        intensity_scale=1200.0,
+        intensity_offset=-1000.0,
+    ),
+    ScannerSignature(
+        gamma=1.8,
+        bias_strength=0.35,
+        noise_std=0.25,
+        spacing=(1.0, 1.0, 1.0),
+        orientation="RAS",
+        intensity_scale=2500.0,
+        intensity_offset=0.0,
+    ),
+    ScannerSignature(
+        gamma=1.2,
+        bias_strength=0.25,
+        noise_std=0.4,
+        spacing=(0.6, 0.6, 4.0),
+        orientation="LPS",
+        intensity_scale=600.0,
+        intensity_offset=50.0,
+    ),
+    ScannerSignature(
+        gamma=0.8,
+        bias_strength=0.45,
+        noise_std=0.08,
+        spacing=(1.2, 1.2, 1.5),
+        orientation="RAS",
+        intensity_scale=4095.0,
+        intensity_offset=0.0,
+    ),
+    ScannerSignature(
+        gamma=2.4,
+        bias_strength=0.1,
+        noise_std=0.3,
+        spacing=(0.9, 0.9, 3.0),
+        orientation="LPS",
+        intensity_scale=1500.0,
+        intensity_offset=-1024.0,
+    ),
 )
 
 
@@ -239,8 +281,7 @@ def _site_target(site_index: int) -> ScannerSignature:
     return replace(
         archetype,
         gamma=archetype.gamma * math.exp(GAMMA_JITTER_LOG * jitter("gamma")),
-        bias_strength=min(max(archetype.bias_strength + BIAS_JITTER * jitter("bias"), 0.0),
-                          MAX_BIAS_STRENGTH),
+        bias_strength=min(max(archetype.bias_strength + BIAS_JITTER * jitter("bias"), 0.0), MAX_BIAS_STRENGTH),
         noise_std=archetype.noise_std * math.exp(NOISE_JITTER_LOG * jitter("noise")),
         spacing=(sx * in_plane, sy * in_plane, sz),
         intensity_scale=archetype.intensity_scale * math.exp(SCALE_JITTER_LOG * jitter("scale")),
@@ -262,12 +303,14 @@ def _interpolate(target: ScannerSignature, strength: float) -> ScannerSignature:
         gamma=geometric(neutral.gamma, target.gamma),
         bias_strength=min(strength * target.bias_strength, MAX_BIAS_STRENGTH),
         noise_std=max(neutral.noise_std + strength * (target.noise_std - neutral.noise_std), 0.0),
-        spacing=(geometric(neutral.spacing[0], target.spacing[0]), geometric(neutral.spacing[1], target.spacing[1]),
-                 geometric(neutral.spacing[2], target.spacing[2])),
+        spacing=(
+            geometric(neutral.spacing[0], target.spacing[0]),
+            geometric(neutral.spacing[1], target.spacing[1]),
+            geometric(neutral.spacing[2], target.spacing[2]),
+        ),
         orientation=target.orientation if strength > 0 else neutral.orientation,
         intensity_scale=geometric(neutral.intensity_scale, target.intensity_scale),
-        intensity_offset=neutral.intensity_offset
-        + strength * (target.intensity_offset - neutral.intensity_offset),
+        intensity_offset=neutral.intensity_offset + strength * (target.intensity_offset - neutral.intensity_offset),
     )
 
 
@@ -285,8 +328,9 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     return q * np.sign(np.diag(r))
 
 
-def _ellipsoid_radius(grid: np.ndarray, center: np.ndarray, radii: np.ndarray,
-                      rotation: np.ndarray | None = None) -> np.ndarray:
+def _ellipsoid_radius(
+    grid: np.ndarray, center: np.ndarray, radii: np.ndarray, rotation: np.ndarray | None = None
+) -> np.ndarray:
     """Normalised ellipsoid radius per voxel: < 1 inside, 1 on the surface."""
     offsets = grid - center[:, None, None, None]
     if rotation is not None:
@@ -300,8 +344,9 @@ def _soft_inside(radius: np.ndarray, softness: float) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh((1.0 - radius) / (2.0 * softness)))
 
 
-def _organ(grid: np.ndarray, shape: np.ndarray, rng: np.random.Generator
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _organ(
+    grid: np.ndarray, shape: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Draw the organ: returns (radius map, soft weight, centre, semi-axes)."""
     semi_axes = shape * rng.uniform(*ORGAN_SEMI_AXIS_FRACTION, size=SPATIAL_DIMS)
     jitter = shape * ORGAN_CENTER_JITTER_FRACTION
@@ -323,8 +368,9 @@ def _organ_texture(grid: np.ndarray, shape: np.ndarray, rng: np.random.Generator
     return ORGAN_TEXTURE_AMPLITUDE * texture / ORGAN_TEXTURE_WAVES
 
 
-def _draw_lesions(grid: np.ndarray, organ_center: np.ndarray, organ_axes: np.ndarray,
-                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _draw_lesions(
+    grid: np.ndarray, organ_center: np.ndarray, organ_axes: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """One attempt at 1..MAX_LESIONS rotated ellipsoids inside the organ.
 
     Returns the hard lesion mask and a soft weight for the intensity image.
@@ -345,8 +391,7 @@ def _draw_lesions(grid: np.ndarray, organ_center: np.ndarray, organ_axes: np.nda
     return mask, weight
 
 
-def _draw_case(shape: tuple[int, int, int], rng: np.random.Generator
-               ) -> tuple[np.ndarray, np.ndarray]:
+def _draw_case(shape: tuple[int, int, int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Draw one case in the canonical grid: (tissue image in [0, 1], uint8 label).
 
     Lesions are redrawn until the case has a findable lesion and the foreground
@@ -370,9 +415,11 @@ def _draw_case(shape: tuple[int, int, int], rng: np.random.Generator
             f"{MAX_FOREGROUND_FRACTION:.0%} of a volume of shape {tuple(shape)}; "
             f"use a larger shape (default {DEFAULT_SHAPE})"
         )
-    tissue = (BACKGROUND_LEVEL
-              + (TISSUE_LEVEL - BACKGROUND_LEVEL + texture) * organ_weight
-              + (LESION_LEVEL - TISSUE_LEVEL) * lesion_weight * organ_weight)
+    tissue = (
+        BACKGROUND_LEVEL
+        + (TISSUE_LEVEL - BACKGROUND_LEVEL + texture) * organ_weight
+        + (LESION_LEVEL - TISSUE_LEVEL) * lesion_weight * organ_weight
+    )
     return np.clip(tissue, 0.0, 1.0), label.astype(np.uint8)
 
 
@@ -395,28 +442,25 @@ def _bias_field(shape: tuple[int, int, int], rng: np.random.Generator) -> np.nda
     return field / peak if peak > 0 else field
 
 
-def _apply_signature(tissue: np.ndarray, signature: ScannerSignature,
-                     rng: np.random.Generator) -> np.ndarray:
+def _apply_signature(tissue: np.ndarray, signature: ScannerSignature, rng: np.random.Generator) -> np.ndarray:
     """Turn a canonical tissue image into this scanner's float32 intensities."""
-    image = tissue ** signature.gamma
+    image = tissue**signature.gamma
     gain = 1.0 + signature.bias_strength * _bias_field(tissue.shape, rng)
     image = image * np.maximum(gain, MIN_BIAS_GAIN)
-    contrast = abs(LESION_LEVEL ** signature.gamma - TISSUE_LEVEL ** signature.gamma)
+    contrast = abs(LESION_LEVEL**signature.gamma - TISSUE_LEVEL**signature.gamma)
     image = image + rng.normal(0.0, signature.noise_std * contrast, size=tissue.shape)
     image = image * signature.intensity_scale + signature.intensity_offset
     return image.astype(np.float32)
 
 
-def _canonical_affine(shape: tuple[int, int, int],
-                      spacing: tuple[float, float, float]) -> np.ndarray:
+def _canonical_affine(shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> np.ndarray:
     """RAS affine with the given spacing, centred on the world origin."""
     affine = np.diag([*spacing, 1.0])
     affine[:SPATIAL_DIMS, SPATIAL_DIMS] = -(np.asarray(shape) - 1) / 2.0 * np.asarray(spacing)
     return affine
 
 
-def _reorient(arrays: list[np.ndarray], affine: np.ndarray, axcodes: str
-              ) -> tuple[list[np.ndarray], np.ndarray]:
+def _reorient(arrays: list[np.ndarray], affine: np.ndarray, axcodes: str) -> tuple[list[np.ndarray], np.ndarray]:
     """Store canonical arrays in ``axcodes`` order without moving them in world space."""
     transform = _orientation_transform(axcodes)
     in_shape = arrays[0].shape
@@ -456,8 +500,10 @@ def _dataset_dir(out_dir: Path, site_name: str, dataset_id: int) -> Path:
 def _case_paths(dataset_dir: Path, case_id: str, test: bool = False) -> tuple[Path, Path]:
     """(image path, label path) of one training case, or of one test case."""
     images, labels = (TEST_IMAGES_DIR, TEST_LABELS_DIR) if test else (IMAGES_DIR, LABELS_DIR)
-    return (dataset_dir / images / f"{case_id}{CHANNEL_SUFFIX}{FILE_ENDING}",
-            dataset_dir / labels / f"{case_id}{FILE_ENDING}")
+    return (
+        dataset_dir / images / f"{case_id}{CHANNEL_SUFFIX}{FILE_ENDING}",
+        dataset_dir / labels / f"{case_id}{FILE_ENDING}",
+    )
 
 
 def _test_ids(site_name: str, n_test: int) -> list[str]:
@@ -474,23 +520,34 @@ def _dataset_json(site_name: str, n_cases: int) -> dict:
     }
 
 
-def _provenance(site_name: str, n_cases: int, shape: tuple[int, int, int],
-                signature: ScannerSignature, seed: int, dataset_id: int, n_test: int = 0) -> dict:
+def _provenance(
+    site_name: str,
+    n_cases: int,
+    shape: tuple[int, int, int],
+    signature: ScannerSignature,
+    seed: int,
+    dataset_id: int,
+    n_test: int = 0,
+) -> dict:
     """Everything that determines a dataset's contents; stored in the marker.
 
     A cached dataset is reused only when this matches, so changing e.g. the
     shift strength never silently reuses data drawn with the old one.
     """
-    return json.loads(json.dumps({
-        "generator_version": GENERATOR_VERSION,
-        "site_name": site_name,
-        "n_cases": n_cases,
-        "shape": list(shape),
-        "signature": asdict(signature),
-        "seed": seed,
-        "dataset_id": dataset_id,
-        **({"n_test": n_test} if n_test else {}),
-    }))
+    return json.loads(
+        json.dumps(
+            {
+                "generator_version": GENERATOR_VERSION,
+                "site_name": site_name,
+                "n_cases": n_cases,
+                "shape": list(shape),
+                "signature": asdict(signature),
+                "seed": seed,
+                "dataset_id": dataset_id,
+                **({"n_test": n_test} if n_test else {}),
+            }
+        )
+    )
 
 
 def _is_complete(dataset_dir: Path, provenance: dict) -> bool:
@@ -505,8 +562,9 @@ def _is_complete(dataset_dir: Path, provenance: dict) -> bool:
         return False
     case_ids = _case_ids(provenance["site_name"], provenance["n_cases"])
     test_ids = _test_ids(provenance["site_name"], provenance.get("n_test", 0))
-    return (all(p.is_file() for c in case_ids for p in _case_paths(dataset_dir, c))
-            and all(p.is_file() for c in test_ids for p in _case_paths(dataset_dir, c, test=True)))
+    return all(p.is_file() for c in case_ids for p in _case_paths(dataset_dir, c)) and all(
+        p.is_file() for c in test_ids for p in _case_paths(dataset_dir, c, test=True)
+    )
 
 
 def _clear_dataset(dataset_dir: Path) -> None:
@@ -531,18 +589,23 @@ def _validate_site_args(n_cases: int, dataset_id: int) -> None:
         raise ValueError(f"n_cases must be an integer >= 1, got {n_cases!r}")
     if not MIN_DATASET_ID <= dataset_id <= MAX_DATASET_ID:
         raise ValueError(
-            f"dataset_id must be in [{MIN_DATASET_ID}, {MAX_DATASET_ID}] (nnU-Net uses 3 digits), "
-            f"got {dataset_id!r}"
+            f"dataset_id must be in [{MIN_DATASET_ID}, {MAX_DATASET_ID}] (nnU-Net uses 3 digits), got {dataset_id!r}"
         )
 
 
 # ==========================================================================
 # Public entry points
 # ==========================================================================
-def generate_site(out_dir: Path, site_name: str, n_cases: int,
-                  shape: Sequence[int] = DEFAULT_SHAPE,
-                  signature: ScannerSignature | None = None, seed: int = 0,
-                  dataset_id: int = DEFAULT_DATASET_ID, n_test: int = 0) -> Path:
+def generate_site(
+    out_dir: Path,
+    site_name: str,
+    n_cases: int,
+    shape: Sequence[int] = DEFAULT_SHAPE,
+    signature: ScannerSignature | None = None,
+    seed: int = 0,
+    dataset_id: int = DEFAULT_DATASET_ID,
+    n_test: int = 0,
+) -> Path:
     """Write one site's dataset in the nnU-Net v2 raw layout; return its folder.
 
     Always (re)writes: any earlier content of the dataset folder's layout is
@@ -604,9 +667,15 @@ def _site_seed(seed: int, site_index: int) -> int:
     return int(np.random.SeedSequence([seed, site_index]).generate_state(1)[0])
 
 
-def generate_federation(out_dir: Path, n_sites: int = 3, n_cases: int = 8,
-                        shape: Sequence[int] = DEFAULT_SHAPE, strength: float = 1.0,
-                        seed: int = 0, n_test: int = 0) -> dict[str, Path]:
+def generate_federation(
+    out_dir: Path,
+    n_sites: int = 3,
+    n_cases: int = 8,
+    shape: Sequence[int] = DEFAULT_SHAPE,
+    strength: float = 1.0,
+    seed: int = 0,
+    n_test: int = 0,
+) -> dict[str, Path]:
     """Write (or reuse) one dataset per site; return ``{site_name: dataset_dir}``.
 
     Idempotent: a site whose folder holds a finished dataset drawn with the same

@@ -56,13 +56,25 @@ def quorum_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[FedsegConfig, 
     sites = generate_federation(data, n_sites=3, n_cases=4, shape=(32, 32, 24), seed=1)
     victim = sorted((sites["site-3"] / "labelsTr").glob("*.nii.gz"))[0]
     victim.write_bytes(b"not a nifti file")
-    cfg = load_config(None, tiny(
-        "federation.run_name=sim-test", f"federation.runs_dir={root / 'runs'}", "federation.rounds=2",
-        "federation.min_sites=2", "federation.cross_eval=false", "simulation.num_sites=3",
-        "simulation.cases_per_site=4", "simulation.volume_shape=[32, 32, 24]", "simulation.seed=1",
-        f"simulation.data_dir={data}", "simulation.cpus_per_site=1", "simulation.ray_num_cpus=2", "train.hd95=true",
-        "federation.tensorboard=true",
-    ))
+    cfg = load_config(
+        None,
+        tiny(
+            "federation.run_name=sim-test",
+            f"federation.runs_dir={root / 'runs'}",
+            "federation.rounds=2",
+            "federation.min_sites=2",
+            "federation.cross_eval=false",
+            "simulation.num_sites=3",
+            "simulation.cases_per_site=4",
+            "simulation.volume_shape=[32, 32, 24]",
+            "simulation.seed=1",
+            f"simulation.data_dir={data}",
+            "simulation.cpus_per_site=1",
+            "simulation.ray_num_cpus=2",
+            "train.hd95=true",
+            "federation.tensorboard=true",
+        ),
+    )
     lines: list[str] = []
     run = run_simulation(cfg, show=lines.append)
     return cfg, run, lines

@@ -27,8 +27,16 @@ class Threshold(nn.Module):
 
 def _volumes(tmp_path, n_annotators=3):
     spec = read_dataset(nnunet_dataset(tmp_path / "Dataset001_X", n_cases=2, annotators=n_annotators))
-    cfg = load_config(None, ["model.strides=[2, 2]", "model.channels=[8, 16, 32]", "data.patch_size=[8, 8, 8]",
-                             "data.normalization=zscore", "train.hd95=false"])
+    cfg = load_config(
+        None,
+        [
+            "model.strides=[2, 2]",
+            "model.channels=[8, 16, 32]",
+            "data.patch_size=[8, 8, 8]",
+            "data.normalization=zscore",
+            "train.hd95=false",
+        ],
+    )
     fp = merge_fingerprints({"a": site_fingerprint(spec, [c.case_id for c in spec.cases])})
     plan = make_plan(fp, cfg.data, cfg.model, "t")
     cases = PreprocessedCases(tmp_path / "cache", plan, 2)

@@ -35,8 +35,9 @@ def _guard(approved: frozenset[str], decisions: Path | None) -> bundle_guard.App
     from flwr.common.config import get_project_dir
     from flwr.supercore.utils import get_flwr_home
 
-    return bundle_guard.ApprovedApp(approved, str(decisions) if decisions else None, install_from_fab,
-                                    get_project_dir, get_flwr_home)
+    return bundle_guard.ApprovedApp(
+        approved, str(decisions) if decisions else None, install_from_fab, get_project_dir, get_flwr_home
+    )
 
 
 def _tampered(fab: bytes) -> bytes:
@@ -100,7 +101,7 @@ def test_the_launcher_installs_the_guard_then_hands_over_to_flowers_clientapp_ru
 
 # --- the folder Flower imports from (issue 21, M3) ------------------------------------------------------------
 
-PROBE_APP = '''
+PROBE_APP = """
 import os
 from pathlib import Path
 
@@ -114,9 +115,9 @@ app = ClientApp()
 @app.train()
 def train(msg, context):
     return Message(RecordDict({{"m": MetricRecord({{"ran": 1}})}}), reply_to=msg)
-'''
+"""
 
-PYPROJECT = '''[build-system]
+PYPROJECT = """[build-system]
 requires = ["hatchling"]
 build-backend = "hatchling.build"
 
@@ -130,7 +131,7 @@ publisher = "probe"
 [tool.flwr.app.components]
 serverapp = "{module}.app:app"
 clientapp = "{module}.app:app"
-'''
+"""
 
 RUNNER = r'''
 """Flower's real flwr-clientapp behind the guard's main(); only the SuperNode transport is replaced."""
@@ -213,22 +214,40 @@ def probe(tmp_path):
     (planted / "pyproject.toml").write_text(PYPROJECT.format(name="evil", module="evilapp"))
     (planted / "evilapp" / "__init__.py").write_text("")
     (planted / "evilapp" / "app.py").write_text(PROBE_APP.format(marker="planted"))
-    return {"fab": tmp_path / "probe.fab", "digest": digest, "planted": planted, "out": tmp_path / "ran.txt",
-            "home": tmp_path / "flwr-home", "decisions": tmp_path / "bundles.jsonl"}
+    return {
+        "fab": tmp_path / "probe.fab",
+        "digest": digest,
+        "planted": planted,
+        "out": tmp_path / "ran.txt",
+        "home": tmp_path / "flwr-home",
+        "decisions": tmp_path / "bundles.jsonl",
+    }
 
 
 def _run_task(probe, fab_id: str = "probe/app", fab_version: str = "1.0.0") -> dict:
     """One ClientApp task through flwr-clientapp behind the guard; what it replied and which code ran."""
     task = {"fab": str(probe["fab"]), "fab_id": fab_id, "fab_version": fab_version, "fab_hash": probe["digest"]}
-    env = {**os.environ, "FLWR_HOME": str(probe["home"]), "FLWR_TELEMETRY_ENABLED": "0",
-           "PROBE_OUT": str(probe["out"]), "PROBE_TASK": json.dumps(task),
-           bundle_guard.APPROVED_ENV: probe["digest"], bundle_guard.DECISIONS_ENV: str(probe["decisions"])}
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(probe["home"]),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "PROBE_OUT": str(probe["out"]),
+        "PROBE_TASK": json.dumps(task),
+        bundle_guard.APPROVED_ENV: probe["digest"],
+        bundle_guard.DECISIONS_ENV: str(probe["decisions"]),
+    }
     probe["out"].unlink(missing_ok=True)
-    proc = subprocess.run([sys.executable, "-c", RUNNER], capture_output=True, text=True, env=env, timeout=120,
-                          cwd=Path(__file__).resolve().parent.parent)
+    proc = subprocess.run(
+        [sys.executable, "-c", RUNNER],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("PROBE ")]
     assert lines, proc.stdout + proc.stderr
-    outcome = json.loads(lines[-1][len("PROBE "):])
+    outcome = json.loads(lines[-1][len("PROBE ") :])
     outcome["ran"] = probe["out"].read_text() if probe["out"].exists() else None
     return outcome
 

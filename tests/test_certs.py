@@ -31,10 +31,16 @@ def _reissue_expired(cert_dir):
     ca_key = serialization.load_pem_private_key((cert_dir / "ca.key").read_bytes(), None)
     key = serialization.load_pem_private_key((cert_dir / "server.key").read_bytes(), None)
     now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(ca.subject).issuer_name(ca.subject)
-            .public_key(key.public_key()).serial_number(1)
-            .not_valid_before(now - dt.timedelta(days=30)).not_valid_after(now - dt.timedelta(days=1))
-            .sign(ca_key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca.subject)
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - dt.timedelta(days=30))
+        .not_valid_after(now - dt.timedelta(days=1))
+        .sign(ca_key, hashes.SHA256())
+    )
     (cert_dir / "server.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
@@ -43,8 +49,10 @@ def test_init_makes_a_ca_and_a_server_certificate_with_the_requested_names(pki):
     cert = x509.load_pem_x509_certificate(material.cert.read_bytes())
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert set(sans.get_values_for_type(x509.DNSName)) == {"fedseg.example.org", "localhost"}
-    assert set(sans.get_values_for_type(x509.IPAddress)) == {ipaddress.ip_address("10.0.0.5"),
-                                                             ipaddress.ip_address("127.0.0.1")}
+    assert set(sans.get_values_for_type(x509.IPAddress)) == {
+        ipaddress.ip_address("10.0.0.5"),
+        ipaddress.ip_address("127.0.0.1"),
+    }
     for private in ("ca.key", "server.key"):
         assert stat.S_IMODE(os.stat(pki / private).st_mode) == 0o600
 
@@ -118,8 +126,11 @@ def test_add_site_allow_lists_keys_and_refuses_bad_or_duplicate_ones(pki, tmp_pa
     assert server_main(["certs", "add-site", "--config", str(fed), "--site", "hospital-b", "--key", str(pub)]) == 2
     assert "already registered for site 'hospital-a'" in capsys.readouterr().err
     ed = tmp_path / "ed.pub"
-    ed.write_bytes(ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    ed.write_bytes(
+        ed25519.Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    )
     with pytest.raises(CertificateError, match=r"ed\.pub: node keys must be EC keys"):
         certs.add_site_key(pki, "hospital-c", ed)
     with pytest.raises(CertificateError, match=r"no public key for site\(s\) hospital-d"):

@@ -40,14 +40,17 @@ def test_check_says_ok_only_when_a_deployed_site_would_be_accepted(tmp_path, cap
     assert out.strip().splitlines()[-1] == "this site would be REFUSED in a run (see above)"
 
 
-@pytest.mark.parametrize("defect, file, words", [
-    ("truncated", "imagesTr/case_001_0000.nii.gz", "unreadable or truncated"),
-    ("shape", "labelsTr/case_001.nii.gz", "shape"),
-    ("affine", "labelsTr/case_001.nii.gz", "affine differs"),
-    ("float_label", "labelsTr/case_001.nii.gz", "not integers"),
-    ("unknown_label", "labelsTr/case_001.nii.gz", "not in dataset.json"),
-    ("nan", "imagesTr/case_001_0000.nii.gz", "NaN/Inf"),
-])
+@pytest.mark.parametrize(
+    "defect, file, words",
+    [
+        ("truncated", "imagesTr/case_001_0000.nii.gz", "unreadable or truncated"),
+        ("shape", "labelsTr/case_001.nii.gz", "shape"),
+        ("affine", "labelsTr/case_001.nii.gz", "affine differs"),
+        ("float_label", "labelsTr/case_001.nii.gz", "not integers"),
+        ("unknown_label", "labelsTr/case_001.nii.gz", "not in dataset.json"),
+        ("nan", "imagesTr/case_001_0000.nii.gz", "NaN/Inf"),
+    ],
+)
 def test_each_defect_is_reported_with_its_file(tmp_path, capsys, defect, file, words):
     root = nnunet_dataset(tmp_path / "Dataset002_X", n_cases=3)
     image, label = phantom(seed=1)
@@ -148,13 +151,18 @@ def test_msd_unpaired_entries_and_labelled_test_cases(tmp_path):
     save(image, RAS, root / "imagesTr" / "stray.nii.gz")
     save(image, RAS, root / "imagesTs" / "case_t.nii.gz")
     save(label, RAS, root / "labelsTs" / "case_t.nii.gz")
-    meta["test"] = ["./imagesTs/unlabelled.nii.gz",
-                    {"image": "./imagesTs/case_t.nii.gz", "label": "./labelsTs/case_t.nii.gz"}]
+    meta["test"] = [
+        "./imagesTs/unlabelled.nii.gz",
+        {"image": "./imagesTs/case_t.nii.gz", "label": "./labelsTs/case_t.nii.gz"},
+    ]
     meta["numTraining"] = 3
     (root / "dataset.json").write_text(json.dumps(meta))
     report = check_dataset(root)
     found = {(f.file, f.problem.split(" (")[0]) for f in report.findings}
-    assert {("imagesTr/case_0.nii.gz", "image without a label"), ("labelsTr/case_1.nii.gz", "label without an image"),
-            ("imagesTr/stray.nii.gz", "image without a label"),
-            ("dataset.json", "numTraining is 3 but 2 complete training case(s) were found")} <= found
+    assert {
+        ("imagesTr/case_0.nii.gz", "image without a label"),
+        ("labelsTr/case_1.nii.gz", "label without an image"),
+        ("imagesTr/stray.nii.gz", "image without a label"),
+        ("dataset.json", "numTraining is 3 but 2 complete training case(s) were found"),
+    } <= found
     assert [c.case_id for c in report.spec.test_cases] == ["case_t"] and not report.ok

@@ -21,8 +21,9 @@ def test_norm_tensors_survive_a_fresh_client_process(tmp_path, tiny_federation):
     saved = load_file(SiteState(tmp_path / "site-1-state").run(cfg).norm_path(1))
     norm_keys = (".weight", ".bias", ".running_mean", ".running_var", ".num_batches_tracked")  # FedBN: all stay
     assert saved and all(k.endswith(norm_keys) for k in saved) and any(k.endswith(".running_mean") for k in saved)
-    assert any(not torch.equal(v, torch.ones_like(v)) and not torch.equal(v, torch.zeros_like(v))
-               for v in saved.values()), "training should have moved the site's norm weights"
+    assert any(
+        not torch.equal(v, torch.ones_like(v)) and not torch.equal(v, torch.zeros_like(v)) for v in saved.values()
+    ), "training should have moved the site's norm weights"
     restored = tmp_path / "restored.safetensors"
     run_fresh(cfg, site_yaml, "evaluate", 2, out=restored)
     again = load_file(restored)
@@ -48,8 +49,7 @@ def test_reply_carries_only_travelling_arrays_and_numbers(tmp_path, tiny_federat
     assert 0.0 <= evaluation.content.metric_records[keys.METRICS]["dice"] <= 1.0
 
 
-def test_a_training_message_scores_the_received_model_first_as_an_evaluation_message_would(tmp_path,
-                                                                                           tiny_federation):
+def test_a_training_message_scores_the_received_model_first_as_an_evaluation_message_would(tmp_path, tiny_federation):
     from client import client_app
 
     cfg, site_yaml = site_setup(tmp_path, tiny_federation["site-1"])

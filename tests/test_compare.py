@@ -12,16 +12,35 @@ from simulations.compare_methods import Method
 from simulations.compare_report import PLOTS, scored_on, summarize
 
 METHODS = ["local", "pooled", "fedseg"]
-SMALLER = ["--set", "data.patch_size=[16, 16, 16]", "--set", "train.batch_size=1", "--set", "simulation.cpus_per_site=1"]
+SMALLER = [
+    "--set",
+    "data.patch_size=[16, 16, 16]",
+    "--set",
+    "train.batch_size=1",
+    "--set",
+    "simulation.cpus_per_site=1",
+]
 """On top of --quick: the tiny patch and batch of tests/helpers/tiny.py, and the simulated sites side by side."""
 
 
 @pytest.mark.simulation
 def test_quick_compare_writes_table_plots_and_resumes(tmp_path):
     out = tmp_path / "cmp"
-    args = ["compare", "--quick", "--methods", *METHODS, "--out", str(out),
-            "--set", f"simulation.data_dir={tmp_path / 'data'}", "--set", f"federation.runs_dir={tmp_path / 'runs'}",
-            "--set", "train.personalize_steps=2", *SMALLER]
+    args = [
+        "compare",
+        "--quick",
+        "--methods",
+        *METHODS,
+        "--out",
+        str(out),
+        "--set",
+        f"simulation.data_dir={tmp_path / 'data'}",
+        "--set",
+        f"federation.runs_dir={tmp_path / 'runs'}",
+        "--set",
+        "train.personalize_steps=2",
+        *SMALLER,
+    ]
     assert sim_main(args) == 0
     rows = list(read_jsonl(out / "results.jsonl"))
     assert [r["method"] for r in rows] == METHODS
@@ -35,8 +54,9 @@ def test_quick_compare_writes_table_plots_and_resumes(tmp_path):
     assert len(fed["curve"]) == 2
     assert len(rows[0]["curve"]) == len(rows[1]["curve"]) == 2, "baselines record a round's-worth learning curve"
     assert set(fed["personal"]) == {"site-1", "site-2"}
-    assert all(fed["personal"][s] >= fed["per_site"][s] - 1e-6 for s in fed["personal"]), \
+    assert all(fed["personal"][s] >= fed["per_site"][s] - 1e-6 for s in fed["personal"]), (
         "early stopping keeps the federated model when fine-tuning does not help"
+    )
     table = (out / "results.md").read_text()
     assert "fedseg-sim compare --quick" in table and "Seeds: [0]" in table
     scored = "test_per_site" if all(r.get("test_per_site") for r in rows) else "per_site"  # the table's rule
@@ -64,8 +84,10 @@ def test_split_methods_keep_the_patches_and_published_methods_average_plainly():
     for budget in BUDGETS.values():
         base = from_dict(apply_overrides({}, [*BENCHMARK, *budget]), "benchmark")
         patches = base.federation.rounds * base.train.local_steps
-        methods = {m.name: from_dict(apply_overrides({}, [*BENCHMARK, *budget, *m.overrides]), m.name)
-                   for m in methods_for(base, [])}
+        methods = {
+            m.name: from_dict(apply_overrides({}, [*BENCHMARK, *budget, *m.overrides]), m.name)
+            for m in methods_for(base, [])
+        }
         assert methods["fedseg"].federation.server_optimizer == "momentum"
         for name in ("fewer-rounds", "fedavg-fewer-rounds"):
             cfg = methods[name]
@@ -77,9 +99,16 @@ def test_split_methods_keep_the_patches_and_published_methods_average_plainly():
 
 
 def _result(test_sites: list[str]) -> dict:
-    return {"status": "ok", "method": "local", "per_site": {"a": 0.5, "b": 0.6}, "held_out": {}, "curve": [0.5],
-            "seconds": 1.0, "test_per_site": dict.fromkeys(test_sites, 0.7),
-            "test_per_class": {s: [0.7] for s in test_sites}}
+    return {
+        "status": "ok",
+        "method": "local",
+        "per_site": {"a": 0.5, "b": 0.6},
+        "held_out": {},
+        "curve": [0.5],
+        "seconds": 1.0,
+        "test_per_site": dict.fromkeys(test_sites, 0.7),
+        "test_per_class": {s: [0.7] for s in test_sites},
+    }
 
 
 def test_a_table_never_mixes_test_and_validation_dice():
@@ -102,8 +131,12 @@ def test_methods_are_a_table_filled_in_from_the_base_settings():
     from simulations.compare_run import PRETRAINED_METHOD, methods_for
 
     assert len({m["name"] for m in METHODS}) == len(METHODS), "names are unique"
-    base = from_dict(apply_overrides({}, [*BENCHMARK, "federation.server_optimizer=none", "train.local_steps=5",
-                                          "federation.rounds=7"]), "benchmark")
+    base = from_dict(
+        apply_overrides(
+            {}, [*BENCHMARK, "federation.server_optimizer=none", "train.local_steps=5", "federation.rounds=7"]
+        ),
+        "benchmark",
+    )
     methods = {m.name: m for m in methods_for(base, [0.1], "/models/other-run")}
     assert "fedavgm" in methods and "no-momentum" not in methods
     assert not {"more-rounds", "fewer-rounds", "fedavg-fewer-rounds"} & set(methods), "odd steps and rounds"

@@ -99,24 +99,36 @@ def test_yaml_round_trip_keeps_every_value():
 
 def test_simulated_sites_are_a_typed_mapping_that_round_trips(tmp_path):
     path = tmp_path / "sim.yaml"
-    path.write_text("simulation:\n  sites:\n    hospital-a: {data_dir: /data/a}\n"
-                    "    hospital-b: {data_dir: /data/b, held_out: true}\n")
+    path.write_text(
+        "simulation:\n  sites:\n    hospital-a: {data_dir: /data/a}\n"
+        "    hospital-b: {data_dir: /data/b, held_out: true}\n"
+    )
     cfg = load_config(path, ["simulation.sites.hospital-a.held_out=false"])
-    assert cfg.simulation.sites == {"hospital-a": SimulatedSite(data_dir="/data/a", held_out=False),
-                                    "hospital-b": SimulatedSite(data_dir="/data/b", held_out=True)}
+    assert cfg.simulation.sites == {
+        "hospital-a": SimulatedSite(data_dir="/data/a", held_out=False),
+        "hospital-b": SimulatedSite(data_dir="/data/b", held_out=True),
+    }
     assert from_yaml_text(cfg.to_yaml(), "round trip") == cfg
     assert load_config().simulation.sites == {}
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("simulation:\n  sites:\n    a: {data_dir: /x, heldout: true}\n",
-     "unknown key 'simulation.sites.a.heldout'. Did you mean 'held_out'?"),
-    ("simulation:\n  sites:\n    a: {data_dir: /x, held_out: maybe}\n", "simulation.sites.a.held_out: expected bool"),
-    ("simulation:\n  sites:\n    a: /x\n", "'simulation.sites.a' must be a mapping"),
-    ("simulation:\n  sites: [a, b]\n", "simulation.sites: expected a mapping"),
-    ("simulation:\n  sites:\n    a: {held_out: false}\n", "simulation.sites.a.data_dir is empty"),
-    ("simulation:\n  sites:\n    a: {data_dir: /x, held_out: true}\n", "at least one must train"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        (
+            "simulation:\n  sites:\n    a: {data_dir: /x, heldout: true}\n",
+            "unknown key 'simulation.sites.a.heldout'. Did you mean 'held_out'?",
+        ),
+        (
+            "simulation:\n  sites:\n    a: {data_dir: /x, held_out: maybe}\n",
+            "simulation.sites.a.held_out: expected bool",
+        ),
+        ("simulation:\n  sites:\n    a: /x\n", "'simulation.sites.a' must be a mapping"),
+        ("simulation:\n  sites: [a, b]\n", "simulation.sites: expected a mapping"),
+        ("simulation:\n  sites:\n    a: {held_out: false}\n", "simulation.sites.a.data_dir is empty"),
+        ("simulation:\n  sites:\n    a: {data_dir: /x, held_out: true}\n", "at least one must train"),
+    ],
+)
 def test_simulated_site_errors_name_the_key(tmp_path, text, fragment):
     path = tmp_path / "sim.yaml"
     path.write_text(text)
@@ -125,15 +137,24 @@ def test_simulated_site_errors_name_the_key(tmp_path, text, fragment):
     assert fragment in str(err.value)
 
 
-@pytest.mark.parametrize("schema, text, fragments", [
-    (SiteFile, "site:\n  name: a\ntrain:\n  lr: 0.1\n", ["'train.lr' cannot be set in a site.yaml", "federation.yaml",
-                                                         "train.device, train.precision"]),
-    (SiteFile, "site:\n  name: a\nmodel:\n  norm: instance\n", ["'model' cannot be set in a site.yaml",
-                                                               "federation.yaml"]),
-    (CentreFile, "site:\n  min_cohort: 3\n", ["'site' cannot be set in the centre's federation.yaml", "site.yaml"]),
-    (SiteFile, "site:\n  min_cohrt: 3\n", ["unknown key 'site.min_cohrt'. Did you mean 'min_cohort'?"]),
-    (SiteFile, "site:\n  name: a\ntrain:\n  devce: cpu\n", ["unknown key 'train.devce'. Did you mean 'device'?"]),
-])
+@pytest.mark.parametrize(
+    "schema, text, fragments",
+    [
+        (
+            SiteFile,
+            "site:\n  name: a\ntrain:\n  lr: 0.1\n",
+            ["'train.lr' cannot be set in a site.yaml", "federation.yaml", "train.device, train.precision"],
+        ),
+        (
+            SiteFile,
+            "site:\n  name: a\nmodel:\n  norm: instance\n",
+            ["'model' cannot be set in a site.yaml", "federation.yaml"],
+        ),
+        (CentreFile, "site:\n  min_cohort: 3\n", ["'site' cannot be set in the centre's federation.yaml", "site.yaml"]),
+        (SiteFile, "site:\n  min_cohrt: 3\n", ["unknown key 'site.min_cohrt'. Did you mean 'min_cohort'?"]),
+        (SiteFile, "site:\n  name: a\ntrain:\n  devce: cpu\n", ["unknown key 'train.devce'. Did you mean 'device'?"]),
+    ],
+)
 def test_each_file_refuses_what_belongs_in_another(tmp_path, schema, text, fragments):
     path = tmp_path / "file.yaml"
     path.write_text(text)
@@ -158,8 +179,16 @@ def test_what_a_file_sets_is_set_even_at_the_default(tmp_path):
 
 
 def test_site_view_holds_only_what_sites_receive():
-    cfg = load_config(None, ["federation.rounds=40", "federation.sites=[a, b]", "model.init_weights=/centre/w",
-                             "privacy.noise_multiplier=0.5", "federation.run_name=r"])
+    cfg = load_config(
+        None,
+        [
+            "federation.rounds=40",
+            "federation.sites=[a, b]",
+            "model.init_weights=/centre/w",
+            "privacy.noise_multiplier=0.5",
+            "federation.run_name=r",
+        ],
+    )
     view = site_view(cfg)
     assert view.federation.rounds == 40 and view.federation.run_name == "r"
     assert not hasattr(view.federation, "sites") and not hasattr(view, "privacy")
@@ -168,15 +197,18 @@ def test_site_view_holds_only_what_sites_receive():
     assert resolved.federation.rounds == 40 and resolved.model.init_weights == ""
 
 
-@pytest.mark.parametrize("setting, fragment", [
-    ("federation.server_optimizer=adam", "0.072 and 0.292"),
-    ("federation.server_optimizer=yogi", "break training"),
-    ("federation.server_lr=0.1", "FedAdam/FedYogi"),
-    ("train.lr_schedule=poly", "0.584/0.608"),
-    ("train.optimizer=sgd", "never run"),
-    ("train.personalize=all", "no gain"),
-    ("train.augmentation=scanner", "0.727/0.755"),
-])
+@pytest.mark.parametrize(
+    "setting, fragment",
+    [
+        ("federation.server_optimizer=adam", "0.072 and 0.292"),
+        ("federation.server_optimizer=yogi", "break training"),
+        ("federation.server_lr=0.1", "FedAdam/FedYogi"),
+        ("train.lr_schedule=poly", "0.584/0.608"),
+        ("train.optimizer=sgd", "never run"),
+        ("train.personalize=all", "no gain"),
+        ("train.augmentation=scanner", "0.727/0.755"),
+    ],
+)
 def test_removed_options_are_refused_saying_why(setting, fragment):
     with pytest.raises(ConfigError, match="was removed") as err:
         load_config(None, [setting])
@@ -187,8 +219,15 @@ def test_removed_options_are_refused_saying_why(setting, fragment):
 
 def test_a_config_written_before_the_removals_still_loads():
     """A run's config.yaml names every option, removed ones at the value that behaves as fedseg now does."""
-    old = load_config(None, ["train.lr_schedule=constant", "train.optimizer=adam", "federation.server_lr=0.01",
-                             "federation.server_tau=0.001"])
+    old = load_config(
+        None,
+        [
+            "train.lr_schedule=constant",
+            "train.optimizer=adam",
+            "federation.server_lr=0.01",
+            "federation.server_tau=0.001",
+        ],
+    )
     assert old == load_config()
 
 

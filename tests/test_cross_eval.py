@@ -21,17 +21,30 @@ from tests.helpers.tiny import tiny
 pytestmark = pytest.mark.simulation
 
 HELD_OUT_RUN = tiny(
-    "model.channels=[4, 8, 16]", "train.adapt_norm_steps=2", "federation.rounds=2",
-    "simulation.num_sites=3", "simulation.held_out_sites=1", "simulation.cases_per_site=4",
-    "simulation.volume_shape=[32, 32, 24]", "simulation.ray_num_cpus=2", "simulation.cpus_per_site=1",
+    "model.channels=[4, 8, 16]",
+    "train.adapt_norm_steps=2",
+    "federation.rounds=2",
+    "simulation.num_sites=3",
+    "simulation.held_out_sites=1",
+    "simulation.cases_per_site=4",
+    "simulation.volume_shape=[32, 32, 24]",
+    "simulation.ray_num_cpus=2",
+    "simulation.cpus_per_site=1",
 )
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("xeval")
-    cfg = load_config(None, [*HELD_OUT_RUN, f"federation.runs_dir={root / 'runs'}",
-                             f"simulation.data_dir={root / 'data'}", "federation.run_name=xeval"])
+    cfg = load_config(
+        None,
+        [
+            *HELD_OUT_RUN,
+            f"federation.runs_dir={root / 'runs'}",
+            f"simulation.data_dir={root / 'data'}",
+            "federation.run_name=xeval",
+        ],
+    )
     return run_simulation(cfg, show=lambda line: None)
 
 
@@ -53,8 +66,9 @@ def test_matrix_has_every_site_and_the_held_out_one_adapted(finished_run):
     final_round = max(e["round"] for e in events if e["event"] == "round")
     for c in last:
         if c["trained"]:
-            ev = next(e for e in events if e["event"] == "evaluate" and e["round"] == final_round
-                      and e["site"] == c["site"])
+            ev = next(
+                e for e in events if e["event"] == "evaluate" and e["round"] == final_round and e["site"] == c["site"]
+            )
             assert c["dice"] == pytest.approx(ev["dice"], abs=1e-6)
 
 
@@ -68,7 +82,12 @@ def test_only_numbers_left_the_sites(finished_run):
         assert cross and all(e["status"] == "sent" for e in cross)
         for entry in cross:
             assert set(entry["keys"]) == {"metrics", "identity"}
-            assert set(entry["keys"]["metrics"]) <= {*keys.CROSS_EVAL_METRICS, *keys.TIMELINE_METRICS, "dice_class_1", "test_dice_class_1"}
+            assert set(entry["keys"]["metrics"]) <= {
+                *keys.CROSS_EVAL_METRICS,
+                *keys.TIMELINE_METRICS,
+                "dice_class_1",
+                "test_dice_class_1",
+            }
     report = write_report(finished_run).read_text()
     assert "site-4" in report and "no (held out)" in report
 
@@ -81,9 +100,19 @@ def test_checkpoint_names_resolve_with_a_clear_error(finished_run):
 
 
 def test_norm_adaptation_reestimates_only_batch_norm_statistics(tiny_federation):
-    cfg = load_config(None, ["model.channels=[4, 8, 16]", "model.in_channels=1", "model.out_channels=2",
-                             "model.strides=[2, 2]", "model.num_res_units=1", "model.norm=batch",
-                             "data.patch_size=[16, 16, 16]", "data.spacing=[1.5, 1.5, 1.5]"])
+    cfg = load_config(
+        None,
+        [
+            "model.channels=[4, 8, 16]",
+            "model.in_channels=1",
+            "model.out_channels=2",
+            "model.strides=[2, 2]",
+            "model.num_res_units=1",
+            "model.norm=batch",
+            "data.patch_size=[16, 16, 16]",
+            "data.spacing=[1.5, 1.5, 1.5]",
+        ],
+    )
     torch.manual_seed(0)
     model = build_model(cfg.model)
     images = [torch.randn(1, 20, 20, 20).numpy() * 3 + 5 for _ in range(2)]
@@ -95,9 +124,18 @@ def test_norm_adaptation_reestimates_only_batch_norm_statistics(tiny_federation)
     assert any(k.endswith("running_mean") for k in changed)
     mean = torch.cat([v.flatten() for k, v in after.items() if k.endswith("running_mean")])
     assert mean.abs().max() > 0.5, "statistics should follow the site's intensities (mean ~5), not the init (0)"
-    instance = build_model(load_config(None, ["model.channels=[4, 8, 16]", "model.in_channels=1",
-                                              "model.out_channels=2", "model.strides=[2, 2]",
-                                              "model.norm=instance"]).model)
+    instance = build_model(
+        load_config(
+            None,
+            [
+                "model.channels=[4, 8, 16]",
+                "model.in_channels=1",
+                "model.out_channels=2",
+                "model.strides=[2, 2]",
+                "model.norm=instance",
+            ],
+        ).model
+    )
     kept = {k: v.clone() for k, v in instance.state_dict().items()}
     assert not adapt_norm(instance, images, cfg.data, steps=3, batch_size=2, seed=0)
     assert all(torch.equal(kept[k], v) for k, v in instance.state_dict().items())
@@ -113,7 +151,13 @@ def test_a_hostile_cross_eval_reply_is_left_out_not_fatal():
     def reply(**metrics):
         return site_reply(RecordDict({keys.METRICS: MetricRecord(metrics)}), 1, MESSAGE_TYPE)
 
-    for bad in ({"dice": 1e6}, {"dice": float("nan")}, {"dice": [0.5, 0.5]}, {"dice": 0.5, "dice_personal": -1.0},
-                {"dice": 0.5, keys.NUM_EXAMPLES: float("inf")}, {"dice": 0.5, "dice_class_1": 2.0}):
+    for bad in (
+        {"dice": 1e6},
+        {"dice": float("nan")},
+        {"dice": [0.5, 0.5]},
+        {"dice": 0.5, "dice_personal": -1.0},
+        {"dice": 0.5, keys.NUM_EXAMPLES: float("inf")},
+        {"dice": 0.5, "dice_class_1": 2.0},
+    ):
         assert isinstance(_cell("last", reply(**bad), "site-1", {}), str), bad
     assert isinstance(_cell("last", reply(dice=0.5, dice_personal=0.6), "site-1", {}), Cell)

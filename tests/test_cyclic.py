@@ -19,17 +19,32 @@ from tests.helpers.tiny import tiny
 
 ROUNDS = 4
 CYCLIC = tiny(
-    "model.norm=instance", "federation.schedule=cyclic", "federation.server_optimizer=none",
-    f"federation.rounds={ROUNDS}", "federation.min_sites=2", "train.adapt_norm_steps=2",
-    "simulation.num_sites=2", "simulation.held_out_sites=1", "simulation.cases_per_site=4",
-    "simulation.volume_shape=[32, 32, 24]", "simulation.ray_num_cpus=2", "simulation.cpus_per_site=1",
+    "model.norm=instance",
+    "federation.schedule=cyclic",
+    "federation.server_optimizer=none",
+    f"federation.rounds={ROUNDS}",
+    "federation.min_sites=2",
+    "train.adapt_norm_steps=2",
+    "simulation.num_sites=2",
+    "simulation.held_out_sites=1",
+    "simulation.cases_per_site=4",
+    "simulation.volume_shape=[32, 32, 24]",
+    "simulation.ray_num_cpus=2",
+    "simulation.cpus_per_site=1",
 )
 
 
 @pytest.mark.simulation
 def test_each_round_trains_the_next_site_in_turn(tmp_path):
-    cfg = load_config(None, [*CYCLIC, f"federation.runs_dir={tmp_path / 'runs'}",
-                             f"simulation.data_dir={tmp_path / 'data'}", "federation.run_name=cyclic"])
+    cfg = load_config(
+        None,
+        [
+            *CYCLIC,
+            f"federation.runs_dir={tmp_path / 'runs'}",
+            f"simulation.data_dir={tmp_path / 'data'}",
+            "federation.run_name=cyclic",
+        ],
+    )
     log = list(read_events(run_simulation(cfg, show=lambda line: None) / METRICS_FILE))
     trained = [(e["round"], e["site"]) for e in log if e["event"] == "train"]
     assert [r for r, _ in trained] == list(range(1, ROUNDS + 1))
@@ -43,8 +58,15 @@ def test_each_round_trains_the_next_site_in_turn(tmp_path):
     assert log[-1]["best_round"] == ROUNDS, "one site's Dice ranked against another's"
 
 
-@pytest.mark.parametrize("setting", ["federation.server_optimizer=momentum", "federation.aggregator=median",
-                                     "privacy.noise_multiplier=0.5", "federation.clip_updates=true"])
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "federation.server_optimizer=momentum",
+        "federation.aggregator=median",
+        "privacy.noise_multiplier=0.5",
+        "federation.clip_updates=true",
+    ],
+)
 def test_cyclic_refuses_what_needs_several_updates_a_round(setting):
     with pytest.raises(ConfigError, match="schedule: cyclic trains one site per round"):
         load_config(None, ["federation.schedule=cyclic", "federation.server_optimizer=none", setting])
@@ -65,13 +87,26 @@ def _cyclic_run(tmp_path, tamper, *overrides: str, rounds: int = 4) -> list[dict
     from simulations.synthetic import generate_federation
     from tests.helpers.local_grid import LocalGrid, federation, model_strategy
 
-    datasets = generate_federation(tmp_path / "data", n_sites=2, n_cases=4, shape=(32, 32, 24), strength=1.0,
-                                   seed=0)
-    cfg = federation(load_config(None, [*tiny("model.norm=instance", "federation.schedule=cyclic",
-                                              "federation.server_optimizer=none", f"federation.rounds={rounds}",
-                                              "federation.min_sites=1", "simulation.cpus_per_site=1", *overrides),
-                                        f"federation.runs_dir={tmp_path / 'runs'}", "federation.run_name=cycle"]),
-                     datasets)
+    datasets = generate_federation(tmp_path / "data", n_sites=2, n_cases=4, shape=(32, 32, 24), strength=1.0, seed=0)
+    cfg = federation(
+        load_config(
+            None,
+            [
+                *tiny(
+                    "model.norm=instance",
+                    "federation.schedule=cyclic",
+                    "federation.server_optimizer=none",
+                    f"federation.rounds={rounds}",
+                    "federation.min_sites=1",
+                    "simulation.cpus_per_site=1",
+                    *overrides,
+                ),
+                f"federation.runs_dir={tmp_path / 'runs'}",
+                "federation.run_name=cycle",
+            ],
+        ),
+        datasets,
+    )
     run = tmp_path / "runs" / "cycle"
     strategy, weights = model_strategy(cfg, run)
     state = {"round": 0, "start": None}
@@ -89,8 +124,13 @@ def _cyclic_run(tmp_path, tamper, *overrides: str, rounds: int = 4) -> list[dict
         return configure(server_round, arrays, config, grid)
 
     vars(strategy)["configure_train"] = counting  # an instance attribute shadows the method
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(weights), num_rounds=rounds,
-                   train_config=ConfigRecord(), evaluate_config=ConfigRecord())
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(weights),
+        num_rounds=rounds,
+        train_config=ConfigRecord(),
+        evaluate_config=ConfigRecord(),
+    )
     return list(read_events(run / METRICS_FILE))
 
 
@@ -116,8 +156,11 @@ def test_a_round_whose_site_cannot_train_goes_back_to_the_last_model_a_site_trai
 
     from tests.helpers.hostile import scaled_update
 
-    log = _cyclic_run(tmp_path, lambda rnd, reply, start: scaled_update(reply, start, HUGE) if rnd == 1 else reply,
-                      "federation.norm_bound=0")
+    log = _cyclic_run(
+        tmp_path,
+        lambda rnd, reply, start: scaled_update(reply, start, HUGE) if rnd == 1 else reply,
+        "federation.norm_bound=0",
+    )
     assert {e["round"] for e in log if e["event"] == "failure"} == {2}, "only the site given the huge model fails"
     rounds = {e["round"]: e for e in log if e["event"] == "round"}
     assert [rounds[r]["sites_ok"] for r in (3, 4)] == [1, 1], "the cycle stalled after the huge update"

@@ -74,8 +74,10 @@ def test_split_is_deterministic_and_recorded(tmp_path):
     from client.site_state import SiteState
 
     root = nnunet_dataset(tmp_path / "Dataset004_X", n_cases=4)
-    cfg = load_config(None, [f"site.data_dir={root}", f"site.state_dir={tmp_path / 's'}", "model.in_channels=1",
-                             "model.out_channels=2"])
+    cfg = load_config(
+        None,
+        [f"site.data_dir={root}", f"site.state_dir={tmp_path / 's'}", "model.in_channels=1", "model.out_channels=2"],
+    )
     state = SiteState(tmp_path / "s")
     _, train, val = open_split(cfg, state)
     assert (train, val) == split_cases([f"case_{i:03d}" for i in range(4)], 0.25, 0)

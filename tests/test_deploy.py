@@ -19,9 +19,17 @@ from common.files import read_jsonl
 from common.flower_env import free_port
 from server.certs import init_pki
 from simulations.synthetic import generate_federation
-
 from tests.helpers.deploy_harness import (
-    GATEWAY_HOST, Launched, allow, events, federation_yaml, make_site, run_cli, snapshot_app, wait_for, write_yaml,
+    GATEWAY_HOST,
+    Launched,
+    allow,
+    events,
+    federation_yaml,
+    make_site,
+    run_cli,
+    snapshot_app,
+    wait_for,
+    write_yaml,
 )
 
 pytestmark = pytest.mark.processes
@@ -46,8 +54,18 @@ def federation(tmp_path_factory):
         allow(fed, name, sites[name])
     server = Launched(root / "server.out", "fedseg-server", "start", "--config", str(fed))
     daemons = {n: Launched(root / f"{n}.out", "fedseg-client", "start", "--config", str(p)) for n, p in sites.items()}
-    ctx = {"root": root, "fed": fed, "cfg": yaml.safe_load(fed.read_text()), "server": server, "daemons": daemons,
-           "sites": sites, "data": data, "digest": digest, "run": root / "runs" / RUN, "extra": []}
+    ctx = {
+        "root": root,
+        "fed": fed,
+        "cfg": yaml.safe_load(fed.read_text()),
+        "server": server,
+        "daemons": daemons,
+        "sites": sites,
+        "data": data,
+        "digest": digest,
+        "run": root / "runs" / RUN,
+        "extra": [],
+    }
     try:
         wait_for(lambda: "sites connect to" in server.output(), 180, "the server to come up", server)
         yield ctx
@@ -76,28 +94,36 @@ def _ca(ctx) -> str:
 def test_a_site_reaches_only_the_fleet_api(federation):
     ctx = federation
     with httpx.Client(verify=_ca(ctx), timeout=10) as site:
-        for path in ("/v1/control/start-run", "/v1/control/list-runs", "/v1/control/register-node",
-                     "/v1/runtime/pull-messages", "/v1/runtime/create-task"):
+        for path in (
+            "/v1/control/start-run",
+            "/v1/control/list-runs",
+            "/v1/control/register-node",
+            "/v1/runtime/pull-messages",
+            "/v1/runtime/create-task",
+        ):
             assert site.post(_gateway(ctx) + path, content=b"").status_code == 403, path
         assert site.get(_gateway(ctx) + "/health").status_code == 403
         assert site.get(_gateway(ctx) + "/docs").status_code == 403
         # The Fleet API is there, and the SuperLink itself insists on a signed node identity.
-        unsigned = site.post(_gateway(ctx) + "/v1/fleet/get-run", content=b"",
-                             headers={"content-type": "application/protobuf"})
+        unsigned = site.post(
+            _gateway(ctx) + "/v1/fleet/get-run", content=b"", headers={"content-type": "application/protobuf"}
+        )
         assert unsigned.status_code == 401
     superlink_port = ctx["cfg"]["server"]["superlink_port"]
     with pytest.raises(OSError):
         socket.create_connection((GATEWAY_HOST, superlink_port), timeout=5).close()
     with httpx.Client(verify=_ca(ctx), timeout=10) as local:  # the operator's view, on the centre itself
-        control = local.post(f"https://127.0.0.1:{superlink_port}/v1/control/list-runs", content=b"",
-                             headers={"content-type": "application/protobuf"})
+        control = local.post(
+            f"https://127.0.0.1:{superlink_port}/v1/control/list-runs",
+            content=b"",
+            headers={"content-type": "application/protobuf"},
+        )
         assert control.status_code != 403
 
 
 def test_plaintext_connections_are_refused(federation):
     with pytest.raises(httpx.HTTPError):
-        httpx.post(_gateway(federation).replace("https://", "http://") + "/v1/fleet/get-run", content=b"",
-                   timeout=10)
+        httpx.post(_gateway(federation).replace("https://", "http://") + "/v1/fleet/get-run", content=b"", timeout=10)
 
 
 def _extra_site(ctx, name: str, **changes) -> Launched:
@@ -116,8 +142,12 @@ def test_a_supernode_whose_key_is_not_registered_is_refused(federation):
     ctx = federation
     rogue = _extra_site(ctx, "rogue")
     log = ctx["root"] / "sites" / "rogue" / "supernode.log"
-    wait_for(lambda: "SuperNode exited with code" in rogue.output(), 240,
-             "the unregistered SuperNode to be turned away", rogue)
+    wait_for(
+        lambda: "SuperNode exited with code" in rogue.output(),
+        240,
+        "the unregistered SuperNode to be turned away",
+        rogue,
+    )
     assert "Failed to activate SuperNode" in log.read_text()
     assert "the centre did not accept this site's key" in rogue.output()
     superlink_log = (ctx["root"] / "server-state" / "superlink.log").read_text()
@@ -130,16 +160,38 @@ def test_a_server_certificate_from_another_ca_is_refused(federation):
     ctx = federation
     init_pki(ctx["root"] / "other-ca", [], [GATEWAY_HOST])
     certs, port = ctx["root"] / "certs", free_port(GATEWAY_HOST)
-    gateway = Launched(ctx["root"] / "lone-gateway.out", "python", "-m", "server.fleet_gateway",
-                       "--listen", f"{GATEWAY_HOST}:{port}", "--upstream", str(free_port()), "--max-body", "1024",
-                       "--cert", str(certs / "server.crt"), "--key", str(certs / "server.key"),
-                       "--ca", str(certs / "ca.crt"))
+    gateway = Launched(
+        ctx["root"] / "lone-gateway.out",
+        "python",
+        "-m",
+        "server.fleet_gateway",
+        "--listen",
+        f"{GATEWAY_HOST}:{port}",
+        "--upstream",
+        str(free_port()),
+        "--max-body",
+        "1024",
+        "--cert",
+        str(certs / "server.crt"),
+        "--key",
+        str(certs / "server.key"),
+        "--ca",
+        str(certs / "ca.crt"),
+    )
     ctx["extra"].append(gateway)
     wait_for(lambda: _listening(GATEWAY_HOST, port), 60, "the gateway to listen", gateway)
-    foreign = _extra_site(ctx, "foreign-ca", root_certificate=str(ctx["root"] / "other-ca" / "ca.crt"),
-                          server_address=f"{GATEWAY_HOST}:{port}")
-    said = wait_for(lambda: "CERTIFICATE_VERIFY_FAILED" in foreign.output() and foreign.output(), 120,
-                    "the TLS verification failure", foreign)
+    foreign = _extra_site(
+        ctx,
+        "foreign-ca",
+        root_certificate=str(ctx["root"] / "other-ca" / "ca.crt"),
+        server_address=f"{GATEWAY_HOST}:{port}",
+    )
+    said = wait_for(
+        lambda: "CERTIFICATE_VERIFY_FAILED" in foreign.output() and foreign.output(),
+        120,
+        "the TLS verification failure",
+        foreign,
+    )
     assert "not issued by the CA in site.root_certificate" in said and "other-ca" in said
     assert not (ctx["root"] / "sites" / "foreign-ca" / "supernode.log").exists(), "no SuperNode for an untrusted server"
 

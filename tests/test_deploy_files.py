@@ -49,8 +49,11 @@ def test_example_configs_load_through_the_schema_with_every_option_present():
     assert fed.federation.sites and fed.server.fleet_port != fed.server.superlink_port
     site = load_config(DEPLOY / "site.yaml", schema=SiteFile)
     assert site.site.name and site.site.server_address and site.site.approved_bundles
-    documented = {f"{section}.{key}" for section, body in yaml.safe_load((DEPLOY / "federation.yaml").read_text()).items()
-                  for key in body}
+    documented = {
+        f"{section}.{key}"
+        for section, body in yaml.safe_load((DEPLOY / "federation.yaml").read_text()).items()
+        for key in body
+    }
     documented |= {f"site.{key}" for key in yaml.safe_load((DEPLOY / "site.yaml").read_text())["site"]}
     expected = {k for k, _, _ in describe_options() if not k.startswith("simulation.")}
     assert not expected - documented, f"options missing from deploy examples: {sorted(expected - documented)}"

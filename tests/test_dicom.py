@@ -97,10 +97,17 @@ def run(sites) -> Path:
     root = sites["root"]
     small = root / "small-site.yaml"  # these generated cohorts are below the default floor
     small.write_text(yaml.safe_dump({"site": {"min_cohort": 1}}))
-    config = {**SETTINGS, "simulation": {**SETTINGS["simulation"], "sites": {
-        "dicom": {"data_dir": str(sites["dicom"]), "site_yaml": str(small)},
-        "nifti": {"data_dir": str(sites["nifti"]), "site_yaml": str(small)},
-    }}, "federation": {**SETTINGS["federation"], "runs_dir": str(root / "runs")}}
+    config = {
+        **SETTINGS,
+        "simulation": {
+            **SETTINGS["simulation"],
+            "sites": {
+                "dicom": {"data_dir": str(sites["dicom"]), "site_yaml": str(small)},
+                "nifti": {"data_dir": str(sites["nifti"]), "site_yaml": str(small)},
+            },
+        },
+        "federation": {**SETTINGS["federation"], "runs_dir": str(root / "runs")},
+    }
     path = root / "sites.yaml"
     path.write_text(yaml.safe_dump(config))
     assert sim_main(["run", "--config", str(path)]) == 0
@@ -136,7 +143,13 @@ def test_a_series_reads_as_the_nifti_it_was_made_from(sites):
     from_nifti = prepare_case(Case(case.case_id, (reference,), case.labels), plan)
     assert all(np.array_equal(a, b) for a, b in zip(from_dicom, from_nifti, strict=True))
     assert set(read_case((IMAGE, LABEL))({IMAGE: case.images, LABEL: case.label})[IMAGE].meta) <= {
-        "original_affine", "filename_or_obj", "space", "pixdim", "affine", "original_channel_dim"}
+        "original_affine",
+        "filename_or_obj",
+        "space",
+        "pixdim",
+        "affine",
+        "original_channel_dim",
+    }
 
 
 @pytest.mark.simulation
@@ -148,13 +161,18 @@ def test_a_round_on_a_dicom_site_and_a_seg_on_the_source_voxels(sites, run, tmp_
     assert len(cached) >= CASES - 1
     case = read_dataset(sites["dicom"]).cases[0]
     series = case.images[0]
-    site_yaml = next(p for p in (run / "sites").glob("site-*.yaml")
-                     if yaml.safe_load(p.read_text())["site"]["name"] == "dicom")
+    site_yaml = next(
+        p for p in (run / "sites").glob("site-*.yaml") if yaml.safe_load(p.read_text())["site"]["name"] == "dicom"
+    )
     out = tmp_path / "out"
     common = ["predict", "--config", str(site_yaml), "--run", str(run), "--output", str(out)]
     assert client_main([*common, "--input", str(series), "--output-format", "dicom-seg"]) == 0
-    assert client_main([*common, "--input", str(sites["reference"] / f"{case.case_id}_0000.nii.gz"),
-                        "--output-names", "nnunet"]) == 0
+    assert (
+        client_main(
+            [*common, "--input", str(sites["reference"] / f"{case.case_id}_0000.nii.gz"), "--output-names", "nnunet"]
+        )
+        == 0
+    )
     assert sorted(p.name for p in out.iterdir()) == sorted([f"{case.case_id}_seg.dcm", f"{case.case_id}.nii.gz"])
     from_nifti = np.asarray(load_nifti(out / f"{case.case_id}.nii.gz").dataobj)
     assert from_nifti.any(), "the model found foreground: the comparison below means something"
@@ -167,14 +185,17 @@ def test_a_round_on_a_dicom_site_and_a_seg_on_the_source_voxels(sites, run, tmp_
     assert seg.FrameOfReferenceUID == source.references.frame_of_reference_uid
     labels = read_dataset(sites["dicom"]).labels
     assert {d.SegmentLabel: d.SegmentNumber for d in seg.SegmentSequence} == {
-        name: value for name, value in labels.items() if value > 0}
+        name: value for name, value in labels.items() if value > 0
+    }
     positions = {uid: pos for uid, pos in zip(source.references.sop_instance_uids, source.positions, strict=True)}
     for frame in seg.PerFrameFunctionalGroupsSequence:  # every frame lies on the slice it references
         uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
-        assert np.allclose([float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient],
-                           positions[uid], atol=1e-3)
-    pixels = seg.get_pixels_by_source_instance(list(source.references.sop_instance_uids), combine_segments=True,
-                                               assert_missing_frames_are_empty=True)
+        assert np.allclose(
+            [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient], positions[uid], atol=1e-3
+        )
+    pixels = seg.get_pixels_by_source_instance(
+        list(source.references.sop_instance_uids), combine_segments=True, assert_missing_frames_are_empty=True
+    )
     assert np.array_equal(np.transpose(pixels, (2, 1, 0)), from_nifti)
     assert np.array_equal(load_label(out / f"{case.case_id}_seg.dcm", series)[0].numpy(), from_nifti)
 
@@ -184,8 +205,17 @@ def test_a_round_on_a_dicom_site_and_a_seg_on_the_source_voxels(sites, run, tmp_
     leaks = {str(p.relative_to(run)): found for p in run.rglob("*") if p.is_file() and (found := planted_in(p, uids))}
     assert leaks == {}
     assert planted_in(out / f"{case.case_id}_seg.dcm") == []
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "ReferringPhysicianName",
-                    "AccessionNumber", "StudyID", "StudyDate", "StudyTime"):
+    for keyword in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "ReferringPhysicianName",
+        "AccessionNumber",
+        "StudyID",
+        "StudyDate",
+        "StudyTime",
+    ):
         assert str(seg.get(keyword, "")) == "", keyword
     assert not {"InstitutionName", "OperatorsName", "PatientAge", "StationName", "SeriesDescription"} & set(seg.dir())
 
@@ -233,8 +263,12 @@ def test_a_ct_channel_accepts_a_ct_series(tmp_path):
     assert {f.file for f in check_dataset(root).problems} == {f"imagesTr/case_{i}_0000" for i in range(5)}
     for i in range(5):
         shutil.rmtree(root / "imagesTr" / f"case_{i}_0000")
-        write_series(phantom(seed=i)[0], double_oblique(np.array([1.0, 1.2, 2.0])),
-                     root / "imagesTr" / f"case_{i}_0000", modality="CT")
+        write_series(
+            phantom(seed=i)[0],
+            double_oblique(np.array([1.0, 1.2, 2.0])),
+            root / "imagesTr" / f"case_{i}_0000",
+            modality="CT",
+        )
     assert check_dataset(root).ok
 
 
@@ -255,8 +289,14 @@ def test_a_dicom_seg_label_trains_like_its_nifti(tmp_path):
     root = _check_site(tmp_path / "site")
     case = read_dataset(root).case("case_0")
     nifti_label = case.label
-    write_dicom_seg(np.asarray(load_nifti(nifti_label).dataobj), open_series(case.images[0]),
-                    {"background": 0, "lesion": 1}, 2, root / "labelsTr" / "case_0.dcm", "test")
+    write_dicom_seg(
+        np.asarray(load_nifti(nifti_label).dataobj),
+        open_series(case.images[0]),
+        {"background": 0, "lesion": 1},
+        2,
+        root / "labelsTr" / "case_0.dcm",
+        "test",
+    )
     with pytest.raises(ValueError, match="has two labels, case_0.nii.gz and case_0.dcm"):
         read_dataset(root)
     moved = tmp_path / "case_0.nii.gz"

@@ -75,5 +75,5 @@ def test_headings_become_github_anchors():
 
 
 def test_the_link_check_sees_links_and_skips_code():
-    text = "[a](docs/x.md) ![p](img/p.png \"t\") [w](https://x.org) [s](#top)\n`[c](no.md)`\n```\n[d](no.md)\n```\n"
+    text = '[a](docs/x.md) ![p](img/p.png "t") [w](https://x.org) [s](#top)\n`[c](no.md)`\n```\n[d](no.md)\n```\n'
     assert relative_links(text) == ["docs/x.md", "img/p.png"]

@@ -67,8 +67,17 @@ def _train_reply(node: int, site: str, update: np.ndarray, signature: str, n: in
 
 
 def _dp_strategy(tmp_path, *overrides: str):
-    cfg = load_config(None, ["federation.run_name=dp", f"federation.runs_dir={tmp_path}", "federation.min_sites=2",
-                             "privacy.noise_multiplier=1.0", "privacy.clipping_norm=1.0", *overrides])
+    cfg = load_config(
+        None,
+        [
+            "federation.run_name=dp",
+            f"federation.runs_dir={tmp_path}",
+            "federation.min_sites=2",
+            "privacy.noise_multiplier=1.0",
+            "privacy.clipping_norm=1.0",
+            *overrides,
+        ],
+    )
     cfg = cfg.replace(federation=cfg.federation.replace(sites=["a", "b", "c"]))
     log = MetricsLog(tmp_path)
     wrapper = FedSegStrategy(cfg, "sig", {"w": (SIZE,)}, log, Checkpoints(tmp_path / "ckpt"))
@@ -88,9 +97,9 @@ def test_updates_are_clipped_averaged_unweighted_and_noised(dp):
     wrapper.configure_train(1, ArrayRecord({"w": Array(start)}), ConfigRecord(), grid)
     direction = np.ones(SIZE, np.float32) / math.sqrt(SIZE)
     replies = [
-        _train_reply(1, "a", start + 4.0 * direction, "sig", n=1),    # clipped to norm 1
+        _train_reply(1, "a", start + 4.0 * direction, "sig", n=1),  # clipped to norm 1
         _train_reply(2, "b", start + 0.5 * direction, "sig", n=100),  # inside the clip, weight ignored
-        _train_reply(3, "c", np.full(SIZE + 1, np.nan), "sig"),        # rejected before clipping
+        _train_reply(3, "c", np.full(SIZE + 1, np.nan), "sig"),  # rejected before clipping
     ]
     arrays, _ = wrapper.aggregate_train(1, replies)
     noise = arrays["w"].numpy() - (1.0 + 0.5) / 3 * direction  # the rejected site counts as a zero update
@@ -109,8 +118,9 @@ def test_updates_are_clipped_averaged_unweighted_and_noised(dp):
 def test_server_momentum_steps_on_the_noised_mean_only(tmp_path):
     """The momentum must be built from released (noised) models, or it would carry un-noised updates
     into later releases."""
-    wrapper, grid, run = _dp_strategy(tmp_path, "federation.server_optimizer=momentum",
-                                      "federation.server_momentum=0.5")
+    wrapper, grid, run = _dp_strategy(
+        tmp_path, "federation.server_optimizer=momentum", "federation.server_momentum=0.5"
+    )
     direction = np.ones(SIZE, np.float32) / math.sqrt(SIZE)
     released = [np.zeros(SIZE, np.float32)]
     for rnd in (1, 2):
@@ -123,8 +133,9 @@ def test_server_momentum_steps_on_the_noised_mean_only(tmp_path):
     noise_1 = first_move - 2 / 3 * direction
     assert noise_1.std() == pytest.approx(1 / 3, rel=0.05), "round 1 moves by the noised mean itself"
     noise_2 = released[2] - released[1] - 0.5 * first_move - 2 / 3 * direction
-    assert noise_2.std() == pytest.approx(1 / 3, rel=0.05), \
+    assert noise_2.std() == pytest.approx(1 / 3, rel=0.05), (
         "round 2 adds half of round 1's noised move to its own noised mean, and no other noise"
+    )
     assert len([e for e in read_events(run / "metrics.jsonl") if e["event"] == "privacy"]) == 2
 
 
@@ -132,8 +143,11 @@ def test_an_untrained_reply_is_rejected_before_clipping(dp):
     wrapper, grid, run = dp
     start = np.zeros(SIZE, np.float32)
     wrapper.configure_train(1, ArrayRecord({"w": Array(start)}), ConfigRecord(), grid)
-    replies = [_train_reply(1, "a", start + 0.1, "sig"), _train_reply(2, "b", start + 0.2, "sig"),
-               _train_reply(3, "c", start, "sig")]
+    replies = [
+        _train_reply(1, "a", start + 0.1, "sig"),
+        _train_reply(2, "b", start + 0.2, "sig"),
+        _train_reply(3, "c", start, "sig"),
+    ]
     arrays, _ = wrapper.aggregate_train(1, replies)
     assert arrays is not None
     (failure,) = [e for e in read_events(run / "metrics.jsonl") if e["event"] == "failure"]
@@ -175,13 +189,25 @@ def dp_run(tmp_path_factory):
     from tests.helpers.tiny import tiny
 
     root = tmp_path_factory.mktemp("dp-sim")
-    cfg = load_config(None, tiny(
-        "federation.run_name=dp-sim", f"federation.runs_dir={root / 'runs'}", "federation.rounds=2",
-        "federation.min_sites=2", "federation.cross_eval=false", "simulation.num_sites=2",
-        "simulation.cases_per_site=4", "simulation.volume_shape=[32, 32, 24]", "simulation.seed=1",
-        f"simulation.data_dir={root / 'data'}", "simulation.cpus_per_site=1", "simulation.ray_num_cpus=2",
-        "privacy.noise_multiplier=0.5", "privacy.clipping_norm=2.0",
-    ))
+    cfg = load_config(
+        None,
+        tiny(
+            "federation.run_name=dp-sim",
+            f"federation.runs_dir={root / 'runs'}",
+            "federation.rounds=2",
+            "federation.min_sites=2",
+            "federation.cross_eval=false",
+            "simulation.num_sites=2",
+            "simulation.cases_per_site=4",
+            "simulation.volume_shape=[32, 32, 24]",
+            "simulation.seed=1",
+            f"simulation.data_dir={root / 'data'}",
+            "simulation.cpus_per_site=1",
+            "simulation.ray_num_cpus=2",
+            "privacy.noise_multiplier=0.5",
+            "privacy.clipping_norm=2.0",
+        ),
+    )
     return run_simulation(cfg, show=lambda line: None)
 
 
@@ -200,8 +226,11 @@ def test_dp_runs_end_to_end_in_the_simulation(dp_run):
     assert len(received) == 4
     for site in ("site-1", "site-2"):
         lines = list(read_jsonl(run / "sites" / site / EGRESS_FILE))
-        sent = {(site, e["round"]): e[keys.CONTENT_SHA256] for e in lines
-                if e["message_type"] == MessageType.TRAIN and e["status"] == "sent"}
+        sent = {
+            (site, e["round"]): e[keys.CONTENT_SHA256]
+            for e in lines
+            if e["message_type"] == MessageType.TRAIN and e["status"] == "sent"
+        }
         assert sent == {k: v for k, v in received.items() if k[0] == site}
         assert all(e["status"] == "sent" for e in lines)
     last = load_file(run / "checkpoints" / "last.safetensors")

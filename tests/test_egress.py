@@ -91,12 +91,16 @@ def _one_round(cfg, app: ClientApp) -> tuple[FedSegStrategy, list[Message], Path
     return strategy, replies, run
 
 
-@pytest.mark.parametrize("alter, leaked", [
-    (_patch_array, "record 'debug'"),
-    (_patch_in_metrics, "metric 'dice_class_1' is a list of 64"),
-    (_string_metric, "record 'metrics-text' (ConfigRecord)"),
-    (_extra_array, "arrays not in the model signature"),
-], ids=["image-patch", "patch-as-metric", "string-metric", "local-norm-array"])
+@pytest.mark.parametrize(
+    "alter, leaked",
+    [
+        (_patch_array, "record 'debug'"),
+        (_patch_in_metrics, "metric 'dice_class_1' is a list of 64"),
+        (_string_metric, "record 'metrics-text' (ConfigRecord)"),
+        (_extra_array, "arrays not in the model signature"),
+    ],
+    ids=["image-patch", "patch-as-metric", "string-metric", "local-norm-array"],
+)
 def test_altered_client_app_is_blocked_and_audited(one_site, alter, leaked, capsys):
     _, replies, run = _one_round(one_site, _leaky(alter))
     (received,) = replies
@@ -157,12 +161,17 @@ def _request(cfg) -> Message:
 def _content(site, arrays: dict | None = None, **metrics) -> RecordDict:
     tensors = {k: v for k, v in site.model.state_dict().items() if k in site.split.travelling}
     tensors.update(arrays or {})
-    return RecordDict({
-        keys.ARRAYS: ArrayRecord({k: Array(v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in tensors.items()}),
-        keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 3, "loss": 0.5, "proximal_loss": 0.0, "duration_s": 1.0,
-                                    **metrics}),
-        keys.IDENTITY: ConfigRecord({keys.SITE: site.cfg.site.name, keys.SIGNATURE: site.signature}),
-    })
+    return RecordDict(
+        {
+            keys.ARRAYS: ArrayRecord(
+                {k: Array(v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in tensors.items()}
+            ),
+            keys.METRICS: MetricRecord(
+                {keys.NUM_EXAMPLES: 3, "loss": 0.5, "proximal_loss": 0.0, "duration_s": 1.0, **metrics}
+            ),
+            keys.IDENTITY: ConfigRecord({keys.SITE: site.cfg.site.name, keys.SIGNATURE: site.signature}),
+        }
+    )
 
 
 def _check(site, content_or_error, message_type: str = MessageType.TRAIN) -> list[str]:
@@ -200,8 +209,9 @@ def test_undeclared_metric_and_identity_changes_are_blocked(site):
 
 def test_a_training_reply_may_carry_only_an_evaluation_replys_metrics_of_the_received_model(site):
     content = _content(site)
-    content[keys.EVALUATION] = MetricRecord({keys.NUM_EXAMPLES: 2, "dice": 0.7, "loss": 0.4,
-                                             f"{keys.DICE_CLASS_PREFIX}1": 0.7})
+    content[keys.EVALUATION] = MetricRecord(
+        {keys.NUM_EXAMPLES: 2, "dice": 0.7, "loss": 0.4, f"{keys.DICE_CLASS_PREFIX}1": 0.7}
+    )
     assert _check(site, content) == []
     content[keys.EVALUATION]["case_0042_dice"] = 0.9
     assert "not declared" in _check(site, content)[0]
@@ -220,11 +230,14 @@ def test_fingerprint_aggregates_may_leave_only_in_a_fingerprint_reply_and_not_as
     assert "not declared" in _check(site, _content(site, fp_cases=4))[0]
 
 
-@pytest.mark.parametrize("reason", [
-    "site site-1: cannot read /data/hospital/imagesTr/pat_0042_0000.nii.gz",
-    "site site-1: case pat0042 has NaN voxels",
-    "site site-1: " + "x" * 400,
-])
+@pytest.mark.parametrize(
+    "reason",
+    [
+        "site site-1: cannot read /data/hospital/imagesTr/pat_0042_0000.nii.gz",
+        "site site-1: case pat0042 has NaN voxels",
+        "site site-1: " + "x" * 400,
+    ],
+)
 def test_error_reasons_with_paths_or_ids_are_replaced(site, reason):
     assert _check(site, Error(code=client_app.SITE_ERROR_CODE, reason=reason))
     request = _request(site.cfg)
@@ -250,11 +263,11 @@ def test_every_reply_is_recorded(site):
     egress.guard(Message(_content(site), reply_to=request), request, site)
     egress.guard(Message(_content(site, extra=1.0), reply_to=request), request, site)
     lines = egress.EgressLog(site.state.root).entries()
-    assert [(e["status"], e["kind"]) for e in lines] == [("sent", "content"), ("blocked", "content"),
-                                                        ("sent", "error")]
+    assert [(e["status"], e["kind"]) for e in lines] == [("sent", "content"), ("blocked", "content"), ("sent", "error")]
     assert all(e["round"] == 3 and len(e[keys.CONTENT_SHA256]) == 64 for e in lines)
-    assert lines[0]["bytes"] > sum(v.numel() * 4 for k, v in site.model.state_dict().items()
-                                   if k in site.split.travelling)
+    assert lines[0]["bytes"] > sum(
+        v.numel() * 4 for k, v in site.model.state_dict().items() if k in site.split.travelling
+    )
 
 
 def test_real_fingerprint_and_identify_replies_pass(site):
@@ -272,7 +285,6 @@ def test_real_fingerprint_and_identify_replies_pass(site):
     assert _check(site, reply.content, CROSS_EVAL_QUERY) == []
 
 
-
 def test_a_site_picture_cannot_leave(site, tmp_path):
     """What `fedseg-client report` draws from a real scan is refused in every form a reply could carry it."""
     from PIL import Image
@@ -288,8 +300,11 @@ def test_a_site_picture_cannot_leave(site, tmp_path):
     as_bytes["report"] = ConfigRecord({"picture": png.read_bytes()})
     as_array = _content(site, {"report.png": pixels})
     as_metric = _content(site, dice_class_1=[float(v) for v in pixels.ravel()[:64]])
-    for content, words in ((as_bytes, "record 'report' (ConfigRecord)"), (as_array, "not in the model signature"),
-                           (as_metric, "is a list of 64 values")):
+    for content, words in (
+        (as_bytes, "record 'report' (ConfigRecord)"),
+        (as_array, "not in the model signature"),
+        (as_metric, "is a list of 64 values"),
+    ):
         assert any(words in p for p in _check(site, content)), words
         request = _request(site.cfg)
         sent = egress.guard(Message(content, reply_to=request), request, site)

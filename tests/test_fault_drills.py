@@ -88,8 +88,9 @@ def test_site_and_server_crashes_lose_nothing(tmp_path):
         return site_norm_files(tmp_path / "sites" / "site-2", run)[-1]
 
     server = Launched(tmp_path / "server-1.out", "fedseg-server", "start", "--config", str(fed))
-    daemons = {n: Launched(tmp_path / f"{n}-1.out", "fedseg-client", "start", "--config", str(p))
-               for n, p in site_yaml.items()}
+    daemons = {
+        n: Launched(tmp_path / f"{n}-1.out", "fedseg-client", "start", "--config", str(p)) for n, p in site_yaml.items()
+    }
     everything = [server, *daemons.values()]
     try:
         wait_for(lambda: _has(run, event="train", round=1, site="site-2"), 600, "round 1", *everything)
@@ -97,11 +98,19 @@ def test_site_and_server_crashes_lose_nothing(tmp_path):
 
         # --- a site dies in the middle of training ------------------------------------------------
         supernode_log = tmp_path / "sites" / "site-2" / "supernode.log"
-        wait_for(lambda: supernode_log.read_text().count("Receiving: train message") >= 2, 600,
-                 "site-2 to receive its round-2 training message", *everything)
+        wait_for(
+            lambda: supernode_log.read_text().count("Receiving: train message") >= 2,
+            600,
+            "site-2 to receive its round-2 training message",
+            *everything,
+        )
         daemons["site-2"].kill_tree()  # its ClientApp is still importing or training: it cannot have replied
-        summary = wait_for(lambda: [e for e in events(run) if e["event"] == "round" and e["round"] == 2], 300,
-                           "round 2 to complete on quorum and round 3 to train", server)
+        summary = wait_for(
+            lambda: [e for e in events(run) if e["event"] == "round" and e["round"] == 2],
+            300,
+            "round 2 to complete on quorum and round 3 to train",
+            server,
+        )
         # Round 3's evaluation goes to site-1 at once and takes about two seconds: site-1 is frozen (SIGSTOP) so
         # the server is still in round 3 when it is killed below, however fast rounds have become.
         _signal_tree(daemons["site-1"], signal.SIGSTOP)
@@ -111,10 +120,12 @@ def test_site_and_server_crashes_lose_nothing(tmp_path):
         tensors = load_file(norm())  # whole and loadable: written atomically, never torn by the kill
         at_restart = hashlib.sha256(norm().read_bytes()).hexdigest()
         weights = [v for k, v in tensors.items() if k.endswith("weight")]
-        assert weights and not all(torch.equal(w, torch.ones_like(w)) for w in weights), \
+        assert weights and not all(torch.equal(w, torch.ones_like(w)) for w in weights), (
             "site-2's norm tensors are back at the initialisation"
-        daemons["site-2"] = Launched(tmp_path / "site-2-2.out", "fedseg-client", "start", "--config",
-                                     str(site_yaml["site-2"]))
+        )
+        daemons["site-2"] = Launched(
+            tmp_path / "site-2-2.out", "fedseg-client", "start", "--config", str(site_yaml["site-2"])
+        )
         wait_for(lambda: "SuperNode started" in daemons["site-2"].output(), 120, "site-2 to restart", daemons["site-2"])
         assert hashlib.sha256(norm().read_bytes()).hexdigest() == at_restart, "restarting rewrote the norm tensors"
         everything = [server, *daemons.values()]
@@ -127,8 +138,12 @@ def test_site_and_server_crashes_lose_nothing(tmp_path):
         # site-1 stays frozen until a resumed round has reached site-2, so that site-2 trains whatever the
         # order in which the sites reconnect: it proves site-2 trains on with its restored norm tensors.
         site_2_log = tmp_path / "sites" / "site-2" / "supernode.log"
-        wait_for(lambda: site_2_log.read_text().count("Receiving: train message") >= 3, 600,
-                 "a resumed round to reach site-2", *everything)
+        wait_for(
+            lambda: site_2_log.read_text().count("Receiving: train message") >= 3,
+            600,
+            "a resumed round to reach site-2",
+            *everything,
+        )
         _signal_tree(daemons["site-1"], signal.SIGCONT)
         wait_for(lambda: server.proc.poll() is not None, 900, "the resumed run to finish", *everything)
         assert server.proc.returncode == 0, server.output()[-3000:]
@@ -148,10 +163,12 @@ def test_site_and_server_crashes_lose_nothing(tmp_path):
     assert [s["resumed_from_round"] for s in starts] == [0, 2]
     assert log[-1]["event"] == "run-end" and log[-1]["status"] == "completed"
     assert log[-1]["rounds_completed"] == ROUNDS
-    assert site_norm_files(tmp_path / "sites" / "site-2", run)[-1].name >= "round-0003.safetensors", \
+    assert site_norm_files(tmp_path / "sites" / "site-2", run)[-1].name >= "round-0003.safetensors", (
         "site-2 kept no norm tensors of a resumed round"
-    assert hashlib.sha256(norm().read_bytes()).hexdigest() not in (saved_after_round_1, at_restart), \
+    )
+    assert hashlib.sha256(norm().read_bytes()).hexdigest() not in (saved_after_round_1, at_restart), (
         "site-2 did not train again after rejoining"
+    )
 
 
 # --- a dropped link, a site past the deadline, a full disk --------------------------------------------
@@ -200,6 +217,7 @@ def _clientapp_since(state: Path, since: float, *logs: Launched) -> int:
     Judged by start time, not by being new to the test: the server's next message may reach
     site-2 before the test sees the moment it waits for, and its ClientApp then already runs.
     """
+
     def started() -> int | None:
         for pid in _clientapps(state):
             try:
@@ -243,21 +261,45 @@ def drills(tmp_path_factory):
     app, digest = snapshot_app(root / "app")
     # Flower's 3 s polling at both ends: a round then lasts seconds, as the drills' waits assume, not the
     # fraction of a second that packed messages and fast polling give (the drills test faults, not speed).
-    fed = federation_yaml(root, app, SITES, rounds=DRILL_ROUNDS, min_sites=1, run_name=DRILL_RUN,
-                          train={"local_steps": 10}, round_timeout_s=TIMEOUT_S, cross_eval=False,
-                          poll_interval_s=DRILL_POLL_S)
+    fed = federation_yaml(
+        root,
+        app,
+        SITES,
+        rounds=DRILL_ROUNDS,
+        min_sites=1,
+        run_name=DRILL_RUN,
+        train={"local_steps": 10},
+        round_timeout_s=TIMEOUT_S,
+        cross_eval=False,
+        poll_interval_s=DRILL_POLL_S,
+    )
     init_pki(root / "certs", [], [GATEWAY_HOST])
     gateway = yaml.safe_load(fed.read_text())["server"]["fleet_port"]
     proxy = TcpProxy(GATEWAY_HOST, (GATEWAY_HOST, gateway))
-    site_yaml = {"site-1": make_site(root, "site-1", data["site-1"], fed, [digest], poll_interval_s=DRILL_POLL_S),
-                 "site-2": make_site(root, "site-2", data["site-2"], fed, [digest], poll_interval_s=DRILL_POLL_S,
-                                     server_address=f"{GATEWAY_HOST}:{proxy.port}")}
+    site_yaml = {
+        "site-1": make_site(root, "site-1", data["site-1"], fed, [digest], poll_interval_s=DRILL_POLL_S),
+        "site-2": make_site(
+            root,
+            "site-2",
+            data["site-2"],
+            fed,
+            [digest],
+            poll_interval_s=DRILL_POLL_S,
+            server_address=f"{GATEWAY_HOST}:{proxy.port}",
+        ),
+    }
     for name, path in site_yaml.items():
         allow(fed, name, path)
     server = Launched(root / "server.out", "fedseg-server", "start", "--config", str(fed))
     daemons = [Launched(root / f"{n}.out", "fedseg-client", "start", "--config", str(p)) for n, p in site_yaml.items()]
-    ctx = {"run": root / "runs" / DRILL_RUN, "state": root / "sites" / "site-2", "proxy": proxy, "server": server,
-           "site-2": daemons[1], "all": [server, *daemons]}
+    ctx = {
+        "run": root / "runs" / DRILL_RUN,
+        "state": root / "sites" / "site-2",
+        "proxy": proxy,
+        "server": server,
+        "site-2": daemons[1],
+        "all": [server, *daemons],
+    }
     try:  # the plan is made (both fingerprints in): round 1 is next
         wait_for(lambda: len(_lines(ctx["run"], "timeline", round=0)) == 2, 600, "the plan", *ctx["all"])
         yield ctx
@@ -271,7 +313,9 @@ def test_a_cut_link_mid_round_loses_nothing(drills):
     run, supernode_log = drills["run"], drills["state"] / "supernode.log"
 
     def cut_noticed() -> bool:
-        return "Connection attempt failed" in supernode_log.read_text() or "SuperNode exited" in drills["site-2"].output()
+        return (
+            "Connection attempt failed" in supernode_log.read_text() or "SuperNode exited" in drills["site-2"].output()
+        )
 
     (plan,) = _lines(run, "timeline", round=0, site="site-2")
     _clientapp_since(drills["state"], plan["created"] + plan["reply_pulled"], *drills["all"])  # round 1's, or later
@@ -295,16 +339,24 @@ def test_a_site_past_the_deadline_is_left_out_on_time_and_its_late_reply_never_u
     drills["slow_round"] = slow_round = _open_round(run)
     assert slow_round < DRILL_ROUNDS - 1, "no round is left for the full-disk drill and its recovery"
     try:  # the training step closes at its deadline with site-1's reply alone
-        closed = wait_for(lambda: _lines(run, "train", round=slow_round), TIMEOUT_S + 120,
-                          "the training step to close without site-2", *drills["all"])
+        closed = wait_for(
+            lambda: _lines(run, "train", round=slow_round),
+            TIMEOUT_S + 120,
+            "the training step to close without site-2",
+            *drills["all"],
+        )
     finally:
         os.kill(frozen, signal.SIGCONT)
     (sent, *_) = _lines(run, "timeline", round=slow_round, stage="train")
     assert [e["site"] for e in closed] == ["site-1"]
     assert TIMEOUT_S <= closed[0]["time"] - sent["created"] < TIMEOUT_S + 15, "the deadline was not kept"
     wait_for(lambda: _aggregated(run, slow_round), TIMEOUT_S + 120, "the slow round to close", *drills["all"])
-    late = wait_for(lambda: _lines(run, "late-reply", site="site-2", for_round=slow_round, stage="train"),
-                    TIMEOUT_S * 3 + 60, "site-2's late reply to be logged", *drills["all"])
+    late = wait_for(
+        lambda: _lines(run, "late-reply", site="site-2", for_round=slow_round, stage="train"),
+        TIMEOUT_S * 3 + 60,
+        "site-2's late reply to be logged",
+        *drills["all"],
+    )
     assert late[0]["late_by_s"] >= TIMEOUT_S
     assert not _lines(run, "train", round=slow_round, site="site-2")
 
@@ -315,8 +367,11 @@ def test_a_full_disk_is_answered_with_a_fixed_reason_and_keeps_the_norm_tensors(
     state, run = drills["state"], drills["run"]
     full, saved = set(), None
     deadline = time.monotonic() + 300
-    while not (failures := [e for e in _lines(run, "failure", site="site-2", stage="train")
-                            if e["round"] > drills["slow_round"]]):
+    while not (
+        failures := [
+            e for e in _lines(run, "failure", site="site-2", stage="train") if e["round"] > drills["slow_round"]
+        ]
+    ):
         assert time.monotonic() < deadline, "site-2 never failed its training on its full disk"
         for pid in _clientapps(state) - full:
             if _has_open(pid, "site.log"):
@@ -327,16 +382,23 @@ def test_a_full_disk_is_answered_with_a_fixed_reason_and_keeps_the_norm_tensors(
                     pass
                 full.add(pid)
         time.sleep(0.01)
-    assert failures[0]["reason"] == "site site-2: the site's disk is full: its state folder cannot be written; " \
-                                    "free space at the site"
+    assert (
+        failures[0]["reason"] == "site site-2: the site's disk is full: its state folder cannot be written; "
+        "free space at the site"
+    )
     kept = site_norm_files(state, run)
     assert {p: p.read_bytes() for p in kept} == saved and load_file(kept[-1]), "the full disk tore the norm tensors"
-    assert not [*state.glob("*.tmp"), *state.glob("runs/*/norm/*.tmp"), *state.glob("cache/*/*.tmp")], \
+    assert not [*state.glob("*.tmp"), *state.glob("runs/*/norm/*.tmp"), *state.glob("cache/*/*.tmp")], (
         "the failed write left a temporary file"
+    )
     drills["full_round"] = full_round = failures[0]["round"]
     assert full_round < DRILL_ROUNDS, "the disk filled up in the last round: no round is left to recover in"
-    wait_for(lambda: _lines(run, "train", round=full_round + 1, site="site-2"), 300,
-             "site-2 to train again in the next round", *drills["all"])
+    wait_for(
+        lambda: _lines(run, "train", round=full_round + 1, site="site-2"),
+        300,
+        "site-2 to train again in the next round",
+        *drills["all"],
+    )
     assert site_norm_files(state, run)[-1] not in saved, "site-2 kept no norm tensors of the round after"
 
 

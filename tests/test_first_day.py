@@ -87,12 +87,17 @@ def test_a_hospitals_first_day(tmp_path):
     everything = [server, *daemons.values()]
     started = list(everything)  # every process this test starts, stopped at its end whatever happens
     try:
-        wait_for(lambda: any(e["event"] == "round" and e["round"] == 1 for e in events(run)), 600,
-                 "round 1 to complete", *everything)
+        wait_for(
+            lambda: any(e["event"] == "round" and e["round"] == 1 for e in events(run)),
+            600,
+            "round 1 to complete",
+            *everything,
+        )
         server.kill_tree()  # a crash mid-run
         daemons["site-2"].terminate()  # and a site restarted while the centre is down
-        daemons["site-2"] = Launched(root / "site-2-again.out", "fedseg-client", "start", "--config",
-                                     str(sites["site-2"]))
+        daemons["site-2"] = Launched(
+            root / "site-2-again.out", "fedseg-client", "start", "--config", str(sites["site-2"])
+        )
         started.append(daemons["site-2"])
         edited = root / "federation-edited.yaml"
         body = yaml.safe_load(fed.read_text())
@@ -127,9 +132,16 @@ def test_a_hospitals_first_day(tmp_path):
 
     # --- the same federation, simulated: the same learning rates, the same Dice every round ----------------
     own = {name: {"data_dir": str(data[name]), "site_yaml": str(path)} for name, path in sites.items()}
-    sim_cfg = load_config(fed, [f"federation.runs_dir={root / 'sim-runs'}", "federation.run_name=sim",
-                                "simulation.cpus_per_site=1", "simulation.ray_num_cpus=2",
-                                f"simulation.sites={yaml.safe_dump(own, default_flow_style=True).strip()}"])
+    sim_cfg = load_config(
+        fed,
+        [
+            f"federation.runs_dir={root / 'sim-runs'}",
+            "federation.run_name=sim",
+            "simulation.cpus_per_site=1",
+            "simulation.ray_num_cpus=2",
+            f"simulation.sites={yaml.safe_dump(own, default_flow_style=True).strip()}",
+        ],
+    )
     sim_log = events(run_simulation(sim_cfg, show=lambda line: None))
     simulated = _per_round(sim_log)
     assert simulated.keys() == deployed.keys()
@@ -145,5 +157,4 @@ def test_a_hospitals_first_day(tmp_path):
 def _per_round(log: list[dict]) -> dict[tuple[int, str], tuple[float, float | None]]:
     """(round, site) -> (learning rate of its training, Dice it reported for that round's model)."""
     dice = {(e["round"], e["site"]): e["dice"] for e in log if e["event"] == "evaluate"}
-    return {(e["round"], e["site"]): (e["lr"], dice.get((e["round"], e["site"])))
-            for e in log if e["event"] == "train"}
+    return {(e["round"], e["site"]): (e["lr"], dice.get((e["round"], e["site"]))) for e in log if e["event"] == "train"}

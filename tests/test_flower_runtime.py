@@ -41,7 +41,8 @@ def test_the_installed_flower_is_the_release_the_door_was_written_for():
     installed = ".".join(flwr.__version__.split(".")[:2])
     assert installed == FLOWER_VERSION, (
         f"flwr {flwr.__version__} is installed, but common/flower/ was written for Flower {FLOWER_VERSION}: check "
-        "every patch there against the new release (this file says what each expects), then update FLOWER_VERSION")
+        "every patch there against the new release (this file says what each expects), then update FLOWER_VERSION"
+    )
     pin = (ROOT / "pyproject.toml").read_text()
     assert f'"flwr[simulation]=={FLOWER_VERSION}.*"' in pin, "pyproject.toml pins another Flower than FLOWER_VERSION"
 
@@ -61,7 +62,8 @@ def test_the_object_pull_patch_finds_both_pull_functions_with_the_defaults_it_se
         function = getattr(pulls, name, None)
         assert callable(function), f"{object_pulls.PULL_MODULE}.{name} is gone"
         assert object_pulls.PULL_DEFAULTS <= _keyword_defaults(function).keys(), (
-            f"{object_pulls.PULL_MODULE}.{name} no longer has keyword defaults {sorted(object_pulls.PULL_DEFAULTS)}")
+            f"{object_pulls.PULL_MODULE}.{name} no longer has keyword defaults {sorted(object_pulls.PULL_DEFAULTS)}"
+        )
 
 
 def test_the_supernode_patches_find_the_loops_time_and_its_pull_step():
@@ -70,10 +72,14 @@ def test_the_supernode_patches_find_the_loops_time_and_its_pull_step():
     pull = getattr(loop, supernode.PULL_STEP, None)
     assert callable(pull), f"{supernode.LOOP_MODULE}.{supernode.PULL_STEP} is gone"
     assert "receive" in inspect.signature(pull).parameters, f"{supernode.PULL_STEP} no longer takes receive"
-    calls = [node for node in ast.walk(ast.parse(inspect.getsource(loop))) if isinstance(node, ast.Call)
-             and isinstance(node.func, ast.Name) and node.func.id == supernode.PULL_STEP]
+    calls = [
+        node
+        for node in ast.walk(ast.parse(inspect.getsource(loop)))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == supernode.PULL_STEP
+    ]
     assert calls and all("receive" in {k.arg for k in call.keywords} for call in calls), (
-        f"the SuperNode's loop no longer calls {supernode.PULL_STEP} with receive= (the noted pull takes it so)")
+        f"the SuperNode's loop no longer calls {supernode.PULL_STEP} with receive= (the noted pull takes it so)"
+    )
     assert callable(getattr(importlib.import_module(supernode.SUPERNODE_CLI), "flower_supernode", None))
 
 
@@ -120,8 +126,16 @@ def test_make_message_still_builds_a_reply_from_metadata_and_an_error():
 def test_the_control_client_has_every_call_the_launcher_makes():
     from common.flower.control import ControlHttpClient
 
-    calls = ("from_server_address", "close", "ListNodes", "RegisterNode", "UnregisterNode", "StartRun", "ListRuns",
-             "StopRun")
+    calls = (
+        "from_server_address",
+        "close",
+        "ListNodes",
+        "RegisterNode",
+        "UnregisterNode",
+        "StartRun",
+        "ListRuns",
+        "StopRun",
+    )
     assert [c for c in calls if not hasattr(ControlHttpClient, c)] == []
 
 
@@ -130,7 +144,8 @@ def test_the_grid_decorators_override_every_abstract_method_of_flowers_grid():
 
     assert Grid.__abstractmethods__ <= set(vars(grid.DelegatingGrid)), (
         f"Flower's Grid has abstract methods {sorted(Grid.__abstractmethods__ - set(vars(grid.DelegatingGrid)))} "
-        "that common/flower/grid.py's DelegatingGrid does not pass on")
+        "that common/flower/grid.py's DelegatingGrid does not pass on"
+    )
     timeout = inspect.signature(Grid.send_and_receive).parameters["timeout"]
     assert timeout.kind is inspect.Parameter.KEYWORD_ONLY
 
@@ -160,58 +175,80 @@ def door_violations(source: str) -> list[str]:
                 if alias.name.split(".")[0] == "flwr":
                     flower_names.add((alias.asname or alias.name).split(".")[0])
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if _private(node.module) or (node.module == "flwr" and any(_private(f"flwr.{a.name}")
-                                                                        for a in node.names)):
+            if _private(node.module) or (node.module == "flwr" and any(_private(f"flwr.{a.name}") for a in node.names)):
                 found.append(f"line {node.lineno}: from {node.module} import ...")
             if node.module.split(".")[0] == "flwr":
                 flower_names.update(a.asname or a.name for a in node.names)
     for node in ast.walk(tree):
-        targets = node.targets if isinstance(node, ast.Assign) else \
-            [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+        targets = (
+            node.targets
+            if isinstance(node, ast.Assign)
+            else [node.target]
+            if isinstance(node, (ast.AugAssign, ast.AnnAssign))
+            else []
+        )
         for target in targets:
             if isinstance(target, (ast.Attribute, ast.Subscript)) and _root_name(target) in flower_names:
                 found.append(f"line {target.lineno}: assigns into Flower's {_root_name(target)}")
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("setattr", "delattr") \
-                and node.args and _root_name(node.args[0]) in flower_names:
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("setattr", "delattr")
+            and node.args
+            and _root_name(node.args[0]) in flower_names
+        ):
             found.append(f"line {node.lineno}: {node.func.id} on Flower's {_root_name(node.args[0])}")
         if isinstance(node, ast.Attribute) and node.attr in ("__kwdefaults__", "__defaults__", "__code__"):
             found.append(f"line {node.lineno}: reaches {node.attr}")
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and MODULE_NAME.fullmatch(node.value) \
-                and _private(node.value):
+        if (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and MODULE_NAME.fullmatch(node.value)
+            and _private(node.value)
+        ):
             found.append(f"line {node.lineno}: names private module {node.value!r}")
     return found
 
 
 def _app_modules() -> list[Path]:
-    return [path for package in APP_PACKAGES for path in sorted((ROOT / package).rglob("*.py"))
-            if DOOR not in path.parents]
+    return [
+        path for package in APP_PACKAGES for path in sorted((ROOT / package).rglob("*.py")) if DOOR not in path.parents
+    ]
 
 
 def test_no_app_module_imports_a_private_flower_module_or_patches_flower():
-    violations = {str(path.relative_to(ROOT)): found for path in _app_modules()
-                  if (found := door_violations(path.read_text()))}
-    assert not violations, ("Flower's internals are reached outside common/flower/; move the import or patch there "
-                            f"(with the shape it expects checked in this file): {violations}")
+    violations = {
+        str(path.relative_to(ROOT)): found for path in _app_modules() if (found := door_violations(path.read_text()))
+    }
+    assert not violations, (
+        "Flower's internals are reached outside common/flower/; move the import or patch there "
+        f"(with the shape it expects checked in this file): {violations}"
+    )
 
 
-@pytest.mark.parametrize("source", [
-    "from flwr.common.constant import SUPERLINK_NODE_ID",
-    "import flwr.supernode.start_client_internal as loop",
-    "from flwr import supercore",
-    "from flwr.app.message.message import make_message",
-    "import importlib\nimportlib.import_module('flwr.supercore.inflatable.inflatable_utils')",
-    "from flwr.app import Message\nMessage.has_error = lambda self: False",
-    "from flwr.serverapp import strategy\nsetattr(strategy, 'FedAvg', object)",
-    "import flwr\nflwr.serverapp.Grid.send_and_receive = None",
-    "def f(g):\n    g.__kwdefaults__['backoff_cap'] = 0",
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "from flwr.common.constant import SUPERLINK_NODE_ID",
+        "import flwr.supernode.start_client_internal as loop",
+        "from flwr import supercore",
+        "from flwr.app.message.message import make_message",
+        "import importlib\nimportlib.import_module('flwr.supercore.inflatable.inflatable_utils')",
+        "from flwr.app import Message\nMessage.has_error = lambda self: False",
+        "from flwr.serverapp import strategy\nsetattr(strategy, 'FedAvg', object)",
+        "import flwr\nflwr.serverapp.Grid.send_and_receive = None",
+        "def f(g):\n    g.__kwdefaults__['backoff_cap'] = 0",
+    ],
+)
 def test_the_scan_finds_a_private_import_or_a_patch(source):
     assert door_violations(source)
 
 
 def test_the_scan_lets_public_flower_and_app_code_through():
-    source = ("import flwr\nfrom flwr.app import ArrayRecord, Message\nfrom flwr.serverapp import Grid\n"
-              "from flwr.serverapp.strategy import FedProx\nfrom flwr.clientapp import ClientApp\n"
-              "from flwr.common import Context\nfrom common.flower.constants import SUPERLINK_NODE_ID\n"
-              "def f(msg: Message) -> None:\n    msg.content = None\nVERSION = flwr.__version__\n")
+    source = (
+        "import flwr\nfrom flwr.app import ArrayRecord, Message\nfrom flwr.serverapp import Grid\n"
+        "from flwr.serverapp.strategy import FedProx\nfrom flwr.clientapp import ClientApp\n"
+        "from flwr.common import Context\nfrom common.flower.constants import SUPERLINK_NODE_ID\n"
+        "def f(msg: Message) -> None:\n    msg.content = None\nVERSION = flwr.__version__\n"
+    )
     assert door_violations(source) == []

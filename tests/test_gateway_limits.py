@@ -67,11 +67,28 @@ def gateway(tmp_path_factory):
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
     port = _free_port()
     log = (root / "gateway.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "server.fleet_gateway", "--listen", f"{HOST}:{port}",
-                             "--upstream", str(upstream.server_address[1]), "--cert", str(root / "server.crt"),
-                             "--key", str(root / "server.key"), "--ca", str(root / "ca.crt"),
-                             "--max-body", str(1 << 20)], stdout=log, stderr=subprocess.STDOUT,
-                            cwd=Path(__file__).resolve().parent.parent)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "server.fleet_gateway",
+            "--listen",
+            f"{HOST}:{port}",
+            "--upstream",
+            str(upstream.server_address[1]),
+            "--cert",
+            str(root / "server.crt"),
+            "--key",
+            str(root / "server.key"),
+            "--ca",
+            str(root / "ca.crt"),
+            "--max-body",
+            str(1 << 20),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

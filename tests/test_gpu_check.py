@@ -12,7 +12,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_gpu_check_says_there_is_no_gpu_and_exits_0():
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py")], capture_output=True,
-                          text=True, env=env, timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert "no CUDA GPU on this machine" in done.stdout and "torch" in done.stdout

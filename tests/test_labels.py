@@ -28,15 +28,19 @@ def test_same_names_other_values_is_a_remap_and_other_names_are_refused_naming_b
     assert remap_table(CORE_RIM, agreed) is None
     assert list(remap_table(RIM_CORE, agreed)) == [0, 2, 1]  # this site's 1 (rim) is the federation's 2
     assert remap_table({"Background": 0, "CORE": 1, "rim": 2}, agreed) is None  # case and spacing do not matter
-    with pytest.raises(LabelMismatch, match=r"this site's labels \{0: 'background', 1: 'edema', 2: 'rim'\} are not "
-                                            r"the federation's \{0: 'background', 1: 'a name this site does not "
-                                            r"use', 2: 'rim'\}"):
+    with pytest.raises(
+        LabelMismatch,
+        match=r"this site's labels \{0: 'background', 1: 'edema', 2: 'rim'\} are not "
+        r"the federation's \{0: 'background', 1: 'a name this site does not "
+        r"use', 2: 'rim'\}",
+    ):
         remap_table({"background": 0, "edema": 1, "rim": 2}, agreed)
     problem = coding_problem("site-3", label_codes(RIM_CORE), agreed, remap=False)
     assert "its 1 is the federation's 2, its 2 is the federation's 1" in problem and "data.remap_labels" in problem
     assert coding_problem("site-3", label_codes(RIM_CORE), agreed, remap=True) is None
-    assert "label names differ" in coding_problem("site-3", label_codes({"background": 0, "edema": 1, "rim": 2}),
-                                                  agreed, remap=True)
+    assert "label names differ" in coding_problem(
+        "site-3", label_codes({"background": 0, "edema": 1, "rim": 2}), agreed, remap=True
+    )
 
 
 @pytest.fixture
@@ -51,8 +55,16 @@ def three_sites(tmp_path, tiny_federation):
 
 @pytest.mark.parametrize("remap", [False, True])
 def test_planning_refuses_or_remaps_a_site_coded_otherwise(tmp_path, three_sites, remap):
-    cfg = load_config(None, tiny("model.in_channels=0", "model.out_channels=0", f"data.remap_labels={remap}",
-                                 f"federation.runs_dir={tmp_path / 'runs'}", "federation.run_name=labels"))
+    cfg = load_config(
+        None,
+        tiny(
+            "model.in_channels=0",
+            "model.out_channels=0",
+            f"data.remap_labels={remap}",
+            f"federation.runs_dir={tmp_path / 'runs'}",
+            "federation.run_name=labels",
+        ),
+    )
     cfg = federation(cfg, three_sites)
     run = tmp_path / "runs" / "labels"
     metrics_log = MetricsLog(run)
@@ -76,8 +88,10 @@ def test_planning_refuses_or_remaps_a_site_coded_otherwise(tmp_path, three_sites
         assert not reply.has_error(), reply.error.reason
         assert "labels remapped by name to the federation's values: 0: background, 1: core, 2: rim" in site_log
     else:
-        assert reply.error.reason == "site site-3: the site's label map differs from the federation's; run " \
-                                     "`fedseg-client check` at the site"
+        assert (
+            reply.error.reason == "site site-3: the site's label map differs from the federation's; run "
+            "`fedseg-client check` at the site"
+        )
         assert "the federation's map is {0: background, 1: core, 2: rim}" in site_log
 
 

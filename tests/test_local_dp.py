@@ -83,7 +83,9 @@ def test_clipping_bounds_the_update_norm_and_leaves_a_short_one_as_it_is():
     assert clip_update(short, base, 1.5) < 1.5
     assert all(np.array_equal(s, b) for s, b in zip(short, before, strict=True))
     unchanged = [b.copy() for b in base]
-    assert clip_update(unchanged, base, 1.5) == 0.0 and all(np.array_equal(u, b) for u, b in zip(unchanged, base, strict=True))
+    assert clip_update(unchanged, base, 1.5) == 0.0 and all(
+        np.array_equal(u, b) for u, b in zip(unchanged, base, strict=True)
+    )
 
 
 def test_noise_has_the_configured_std_and_is_unbiased():
@@ -144,7 +146,9 @@ def test_status_adds_up_every_run_the_site_took_part_in(tmp_path):
     assert _shown_epsilon(lines[0]) == (pytest.approx(gaussian_epsilon(2.0, 3, 1e-5), rel=1e-3), 1e-5, 3)
     assert _shown_epsilon(lines[1]) == (pytest.approx(gaussian_epsilon(1.0, 1, 1e-6), rel=1e-3), 1e-6, 1)
     mu = math.sqrt(3 / 2.0**2 + 1 / 1.0**2)  # releases of z/2 = 2 (three) and 1 (one), composed exactly
-    match = re.search(r"all 2 runs together \(the same patients\): epsilon (\S+) at delta (\S+) after 4 round", lines[2])
+    match = re.search(
+        r"all 2 runs together \(the same patients\): epsilon (\S+) at delta (\S+) after 4 round", lines[2]
+    )
     assert match and float(match.group(2)) == 1e-6
     assert float(match.group(1)) == pytest.approx(gaussian_epsilon(1 / mu, 1, 1e-6), rel=1e-3)
 
@@ -165,8 +169,10 @@ def test_norm_tensors_are_never_noised_and_the_update_leaves_noised(tmp_path, ti
     """Two copies of one site train the same round bit for bit; only the one with local DP noises what it sends."""
     plain_cfg, plain_yaml = _site(tmp_path / "plain", tiny_federation["site-1"], {})
     dp_cfg, dp_yaml = _site(tmp_path / "dp", tiny_federation["site-1"], LOCAL_DP)
-    plain, private = _sent(handle(plain_cfg, plain_yaml, MessageType.TRAIN)), _sent(
-        handle(dp_cfg, dp_yaml, MessageType.TRAIN))
+    plain, private = (
+        _sent(handle(plain_cfg, plain_yaml, MessageType.TRAIN)),
+        _sent(handle(dp_cfg, dp_yaml, MessageType.TRAIN)),
+    )
     _, split, _ = run_model(dp_cfg)
     assert set(private) == set(plain) == set(split.travelling)
     norm_plain = load_file(SiteState(tmp_path / "plain" / "site-1-state").run(plain_cfg).norm_path(1))
@@ -200,11 +206,16 @@ def test_status_shows_the_accountants_epsilon_and_it_survives_a_restart(tmp_path
 
 def test_the_centre_cannot_lower_the_sites_floors_or_turn_off_its_local_dp(tmp_path, tiny_federation):
     """The centre's own site.* settings reach the site in the run config, and the site view drops them."""
-    lowering = ("site.min_local_steps=1", "site.min_batch_size=1", "site.local_dp_noise_multiplier=0",
-                "site.local_dp_clipping_norm=1000")
+    lowering = (
+        "site.min_local_steps=1",
+        "site.min_batch_size=1",
+        "site.local_dp_noise_multiplier=0",
+        "site.local_dp_clipping_norm=1000",
+    )
     floors = {"min_local_steps": 2, "min_batch_size": 2}
-    cfg, site_yaml = _site(tmp_path / "floors", tiny_federation["site-1"], floors, "train.local_steps=1",
-                           "train.batch_size=1", *lowering)
+    cfg, site_yaml = _site(
+        tmp_path / "floors", tiny_federation["site-1"], floors, "train.local_steps=1", "train.batch_size=1", *lowering
+    )
     assert cfg.site.min_local_steps == 1 and cfg.site.local_dp_noise_multiplier == 0  # what the centre sent
     refused = handle(cfg, site_yaml, MessageType.TRAIN)
     assert refused.has_error() and "under this site's floor" in refused.error.reason
@@ -229,19 +240,40 @@ def test_with_secure_aggregation_the_noise_is_in_what_the_centre_unmasks(tmp_pat
     """
     z, clip = 1.0, 0.02  # noised norm z*C*sqrt(34,886) = 3.7, inside federation.secagg_clip_norm (10)
     own = tmp_path / "site.yaml"
-    own.write_text(yaml.safe_dump({"site": {"min_cohort": 1, "local_dp_noise_multiplier": z,
-                                            "local_dp_clipping_norm": clip}}))
-    sites = [f"simulation.sites.{name}.{key}={value}" for name, folder in tiny_federation.items()
-             for key, value in (("data_dir", folder), ("site_yaml", own))]
-    cfg = federation(load_config(None, tiny("federation.secure_aggregation=secagg+", "federation.norm_bound=0",
-                                            "federation.server_optimizer=none", "federation.rounds=1",
-                                            "federation.cross_eval=false", f"federation.runs_dir={tmp_path / 'runs'}",
-                                            "federation.run_name=secagg-ldp", *sites)), tiny_federation)
+    own.write_text(
+        yaml.safe_dump({"site": {"min_cohort": 1, "local_dp_noise_multiplier": z, "local_dp_clipping_norm": clip}})
+    )
+    sites = [
+        f"simulation.sites.{name}.{key}={value}"
+        for name, folder in tiny_federation.items()
+        for key, value in (("data_dir", folder), ("site_yaml", own))
+    ]
+    cfg = federation(
+        load_config(
+            None,
+            tiny(
+                "federation.secure_aggregation=secagg+",
+                "federation.norm_bound=0",
+                "federation.server_optimizer=none",
+                "federation.rounds=1",
+                "federation.cross_eval=false",
+                f"federation.runs_dir={tmp_path / 'runs'}",
+                "federation.run_name=secagg-ldp",
+                *sites,
+            ),
+        ),
+        tiny_federation,
+    )
     folder = tmp_path / "runs" / "secagg-ldp"
     strategy, weights = model_strategy(cfg, folder)
     grid = LocalGrid(cfg, client_app.app)
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(weights), num_rounds=1,
-                            train_config=ConfigRecord(), evaluate_config=ConfigRecord())
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(weights),
+        num_rounds=1,
+        train_config=ConfigRecord(),
+        evaluate_config=ConfigRecord(),
+    )
     trains = [r for r in grid.received if r.metadata.message_type == MessageType.TRAIN]
     assert len(trains) == 3 and all(set(r.content.array_records[keys.ARRAYS]) == {secagg.MASKED} for r in trains)
     moved = torch.cat([(torch.from_numpy(result.arrays[k].numpy()) - weights[k]).ravel() for k in weights]).double()

@@ -19,11 +19,14 @@ TINY = tiny("model.channels=[4, 8, 16]", "data.spacing=[1.0, 1.0, 1.0]")
 
 def test_standard_augmentation_is_seeded_and_none_leaves_patches_as_sampled():
     standard = augmentation(0, "standard")
-    assert {mt.RandAffined, mt.RandFlipd, mt.RandAdjustContrastd, mt.RandGaussianNoised} <= \
-        {type(t) for t in standard.transforms}
+    assert {mt.RandAffined, mt.RandFlipd, mt.RandAdjustContrastd, mt.RandGaussianNoised} <= {
+        type(t) for t in standard.transforms
+    }
     assert augmentation(0, "none") is None
-    patch = {"image": np.random.default_rng(0).normal(size=(1, 16, 16, 16)).astype(np.float32),
-             "label": np.zeros((1, 16, 16, 16), np.float32)}
+    patch = {
+        "image": np.random.default_rng(0).normal(size=(1, 16, 16, 16)).astype(np.float32),
+        "label": np.zeros((1, 16, 16, 16), np.float32),
+    }
     draws = [[np.asarray(augmentation(3, "standard")(dict(patch))["image"]) for _ in range(5)] for _ in range(2)]
     assert all(np.array_equal(a, b) for a, b in zip(*draws, strict=True)), "the same seed gives the same augmentations"
     assert any(not np.array_equal(d, patch["image"]) for d in draws[0])

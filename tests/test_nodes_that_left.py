@@ -55,8 +55,10 @@ def test_a_site_whose_node_went_away_gets_the_message_again_and_one_that_never_r
     grid = RestartingSites()
     timeline = ReceivingGrid(grid, MetricsLog(tmp_path), poll_s=0.01)
     timeline.inbox.node_sites.update({11: "site-1", RETURNS: "site-2", NEVER: "site-3"})
-    messages = [Message(RecordDict({keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 2})}), node, MessageType.TRAIN)
-                for node in (11, RETURNS, NEVER)]
+    messages = [
+        Message(RecordDict({keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 2})}), node, MessageType.TRAIN)
+        for node in (11, RETURNS, NEVER)
+    ]
     replies = list(timeline.send_and_receive(messages, timeout=0.5))
     assert grid.sent_to.count(RETURNS) == 2 and grid.sent_to.count(NEVER) == 1
     answered = {r.metadata.src_node_id for r in replies if not r.has_error()}
@@ -79,7 +81,9 @@ def test_a_site_cannot_make_the_centre_resend_by_claiming_it_was_not_reached(tmp
 
     grid = Liar()
     timeline = ReceivingGrid(grid, MetricsLog(tmp_path), poll_s=0.01)
-    messages = [Message(RecordDict({keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 2})}), node, MessageType.TRAIN)
-                for node in (11, RETURNS)]
+    messages = [
+        Message(RecordDict({keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 2})}), node, MessageType.TRAIN)
+        for node in (11, RETURNS)
+    ]
     replies = list(timeline.send_and_receive(messages, timeout=0.5))
     assert grid.sent_to.count(RETURNS) == 1 and sum(r.has_error() for r in replies) == 1

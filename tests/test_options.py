@@ -55,8 +55,9 @@ def test_dynunet_trains_a_step_travels_and_predicts():
 
 def test_dropout_is_built_trains_and_is_off_when_scoring():
     cfg, model, _, result = _train_and_score("model.dropout=0.5")
-    assert [m.p for m in model.modules() if isinstance(m, nn.Dropout)] and \
-        all(m.p == 0.5 for m in model.modules() if isinstance(m, nn.Dropout))
+    assert [m.p for m in model.modules() if isinstance(m, nn.Dropout)] and all(
+        m.p == 0.5 for m in model.modules() if isinstance(m, nn.Dropout)
+    )
     assert np.isfinite(result.loss)
     first, second = (evaluate(model, _cases(1), cfg.data, cfg.train, 2) for _ in range(2))
     assert first.dice == second.dice and first.loss == second.loss
@@ -98,7 +99,13 @@ def test_ct_clipping_follows_data_clip_percentiles():
 
 def test_data_normalization_ct_applies_to_a_channel_not_declared_ct():
     fp = merge_fingerprints({"a": hand_made([[1.0] * 3] * 2, [[100.0] * 3] * 2, ct=False)})
-    planned = {scheme: make_plan(fp, load_config(None, tiny("data.patch_size=[]", f"data.normalization={scheme}")
-                                                 ).data, load_config(None, tiny()).model, "t").normalization[0]
-               for scheme in ("auto", "ct")}
+    planned = {
+        scheme: make_plan(
+            fp,
+            load_config(None, tiny("data.patch_size=[]", f"data.normalization={scheme}")).data,
+            load_config(None, tiny()).model,
+            "t",
+        ).normalization[0]
+        for scheme in ("auto", "ct")
+    }
     assert planned["auto"].scheme == "zscore" and planned["ct"].scheme == "ct"

@@ -45,15 +45,22 @@ SETTINGS: dict[str, dict[str, Any]] = {
 def _as_decathlon(root: Path) -> None:
     """Rewrite an nnU-Net folder's dataset.json in the Decathlon form, test entries labelled."""
     meta = json.loads((root / "dataset.json").read_text())
-    train_ids, test_ids = (sorted(p.name.removesuffix(".nii.gz") for p in (root / f"labels{split}").glob("*.nii.gz"))
-                           for split in ("Tr", "Ts"))
+    train_ids, test_ids = (
+        sorted(p.name.removesuffix(".nii.gz") for p in (root / f"labels{split}").glob("*.nii.gz"))
+        for split in ("Tr", "Ts")
+    )
 
     def entry(case: str, split: str) -> dict[str, str]:
         return {"image": f"./images{split}/{case}_0000.nii.gz", "label": f"./labels{split}/{case}.nii.gz"}
 
-    msd = {"name": "own", "modality": meta["channel_names"], "numTraining": len(train_ids),
-           "labels": {str(v): k for k, v in meta["labels"].items()},
-           "training": [entry(c, "Tr") for c in train_ids], "test": [entry(c, "Ts") for c in test_ids]}
+    msd = {
+        "name": "own",
+        "modality": meta["channel_names"],
+        "numTraining": len(train_ids),
+        "labels": {str(v): k for k, v in meta["labels"].items()},
+        "training": [entry(c, "Tr") for c in train_ids],
+        "test": [entry(c, "Ts") for c in test_ids],
+    }
     (root / "dataset.json").write_text(json.dumps(msd))
 
 
@@ -63,18 +70,26 @@ def own_sites(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
     signatures = default_signatures(3)
     folders = {}
     for i, name in enumerate(["north", "south", "east"]):
-        folder = generate_site(root / "data", name, TRAIN_CASES, SHAPE, signatures[i], seed=i, dataset_id=201 + i,
-                               n_test=TEST_CASES)
+        folder = generate_site(
+            root / "data", name, TRAIN_CASES, SHAPE, signatures[i], seed=i, dataset_id=201 + i, n_test=TEST_CASES
+        )
         if name == "south":
             _as_decathlon(folder)
         folders[name] = folder
     small = root / "small-site.yaml"  # each site's own settings: these generated cohorts are below the default floor
     small.write_text(yaml.safe_dump({"site": {"min_cohort": 1}}))
-    config = {**SETTINGS, "simulation": {**SETTINGS["simulation"], "sites": {
-        "north": {"data_dir": str(folders["north"]), "site_yaml": str(small)},
-        "south": {"data_dir": str(folders["south"]), "site_yaml": str(small)},
-        "east": {"data_dir": str(folders["east"]), "held_out": True, "site_yaml": str(small)},
-    }}, "federation": {**SETTINGS["federation"], "runs_dir": str(root / "runs")}}
+    config = {
+        **SETTINGS,
+        "simulation": {
+            **SETTINGS["simulation"],
+            "sites": {
+                "north": {"data_dir": str(folders["north"]), "site_yaml": str(small)},
+                "south": {"data_dir": str(folders["south"]), "site_yaml": str(small)},
+                "east": {"data_dir": str(folders["east"]), "held_out": True, "site_yaml": str(small)},
+            },
+        },
+        "federation": {**SETTINGS["federation"], "runs_dir": str(root / "runs")},
+    }
     path = root / "sites.yaml"
     path.write_text(yaml.safe_dump(config))
     return path, folders
@@ -132,10 +147,15 @@ def test_pictures_stay_at_each_site_and_nothing_image_like_left(own_run):
         width = pixels.shape[1]
         tinted = pixels[..., 0].astype(int) - pixels[..., 1] > 50  # the class-1 overlay over a grey scan
         assert not tinted[:, : width // 3].any(), "the left panel is the bare scan"
-        assert tinted[:, width // 3: 2 * width // 3].sum() > 20, "the ground truth is drawn in the middle panel"
+        assert tinted[:, width // 3 : 2 * width // 3].sum() > 20, "the ground truth is drawn in the middle panel"
         for line in read_events(own_run / "sites" / name / EGRESS_FILE):
-            assert line["status"] == "sent" and set(line["keys"]) <= {keys.ARRAYS, keys.METRICS, keys.IDENTITY,
-                                                                   keys.FINGERPRINT, keys.EVALUATION}
+            assert line["status"] == "sent" and set(line["keys"]) <= {
+                keys.ARRAYS,
+                keys.METRICS,
+                keys.IDENTITY,
+                keys.FINGERPRINT,
+                keys.EVALUATION,
+            }
             assert not any(k.endswith(".png") or "image" in k for ks in line["keys"].values() for k in ks)
     assert {p.relative_to(own_run).parts[::2] for p in own_run.rglob("*.png")} == {("sites", "report")}
 
@@ -146,8 +166,10 @@ def test_site_side_report_command(own_run, tmp_path, capsys):
 
     site_yaml = own_run / "sites" / "site-1.yaml"
     out = tmp_path / "pictures"
-    assert client_main(["report", "--config", str(site_yaml), "--run", str(own_run), "--out", str(out),
-                        "--cases", "1"]) == 0
+    assert (
+        client_main(["report", "--config", str(site_yaml), "--run", str(own_run), "--out", str(out), "--cases", "1"])
+        == 0
+    )
     (picture,) = out.glob("north-*.png")
     said = capsys.readouterr().out
     assert "stay at this site" in said and "re-estimated" not in said and picture.stat().st_size > 5000
@@ -162,13 +184,16 @@ def test_site_side_report_command(own_run, tmp_path, capsys):
 def test_compare_quick_on_own_sites(own_sites, tmp_path):
     config, _ = own_sites
     out = tmp_path / "cmp"
-    assert sim_main(["compare", "--quick", "--config", str(config), "--methods", "local", "pooled",
-                     "--out", str(out)]) == 0
+    assert (
+        sim_main(["compare", "--quick", "--config", str(config), "--methods", "local", "pooled", "--out", str(out)])
+        == 0
+    )
     rows = {r["method"]: r for r in read_jsonl(out / "results.jsonl")}
     for row in rows.values():
         assert row["status"] == "ok" and set(row["per_site"]) == {"north", "south"}
-        assert set(row["test_per_site"]) == {"north", "south"} and all(len(v) == 1 for v in
-                                                                        row["test_per_class"].values())
+        assert set(row["test_per_site"]) == {"north", "south"} and all(
+            len(v) == 1 for v in row["test_per_class"].values()
+        )
     assert set(rows["pooled"]["held_out"]) == {"east"}
     report = (out / "results.md").read_text()
     assert "(2 training sites, 1 held out, your own datasets from simulation.sites)" in report
@@ -176,8 +201,9 @@ def test_compare_quick_on_own_sites(own_sites, tmp_path):
 
 
 def _channel_specs(tmp_path, **channels):
-    return read_site_specs({name: nnunet_dataset(tmp_path / name, n_cases=2, channels=ch)
-                            for name, ch in channels.items()})
+    return read_site_specs(
+        {name: nnunet_dataset(tmp_path / name, n_cases=2, channels=ch) for name, ch in channels.items()}
+    )
 
 
 def test_sites_that_disagree_on_channels_are_named(tmp_path):
@@ -216,9 +242,19 @@ def test_synthetic_sites_can_carry_test_sets(tmp_path):
     from simulations.runner import prepare_run
     from simulations.sites import site_datasets
 
-    cfg = prepare_run(load_config(None, ["simulation.num_sites=2", "simulation.cases_per_site=2",
-                                         "simulation.test_cases_per_site=1", "simulation.volume_shape=[32, 32, 24]",
-                                         f"simulation.data_dir={tmp_path}", f"federation.runs_dir={tmp_path}"]))
+    cfg = prepare_run(
+        load_config(
+            None,
+            [
+                "simulation.num_sites=2",
+                "simulation.cases_per_site=2",
+                "simulation.test_cases_per_site=1",
+                "simulation.volume_shape=[32, 32, 24]",
+                f"simulation.data_dir={tmp_path}",
+                f"federation.runs_dir={tmp_path}",
+            ],
+        )
+    )
     specs = read_site_specs(site_datasets(cfg))
     assert list(specs) == ["site-1", "site-2"] == cfg.federation.sites
     assert all((len(s.cases), len(s.test_cases), s.unpaired) == (2, 1, ()) for s in specs.values())

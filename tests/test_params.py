@@ -39,8 +39,14 @@ def test_local_mode_keeps_every_norm_tensor_home():
 def test_stats_mode_keeps_only_statistics_home():
     model = ThreeNorms()
     split = split_parameters(model, "stats")
-    assert set(split.local) == {"x.running_mean", "x.running_var", "x.num_batches_tracked",
-                                "y.running_mean", "y.running_var", "y.num_batches_tracked"}
+    assert set(split.local) == {
+        "x.running_mean",
+        "x.running_var",
+        "x.num_batches_tracked",
+        "y.running_mean",
+        "y.running_var",
+        "y.num_batches_tracked",
+    }
     assert {"x.weight", "y.bias", "z.weight", "z.bias"} <= set(split.travelling)
 
 
@@ -60,20 +66,26 @@ def test_fedprox_runs_over_shared_trainable_parameters_only():
 
 
 def test_monai_unet_instance_norm_has_local_weights():
-    model = build_model(ModelConfig(channels=[8, 16, 32], strides=[2, 2], in_channels=1, out_channels=2, norm="instance"))
+    model = build_model(
+        ModelConfig(channels=[8, 16, 32], strides=[2, 2], in_channels=1, out_channels=2, norm="instance")
+    )
     split = split_parameters(model, "local")
     assert split.local, "instance norm must be affine so FedBN keeps something local"
     assert all(k.endswith((".weight", ".bias")) for k in split.local)
 
 
 def test_stats_mode_with_instance_norm_is_refused():
-    model = build_model(ModelConfig(channels=[8, 16, 32], strides=[2, 2], in_channels=1, out_channels=2, norm="instance"))
+    model = build_model(
+        ModelConfig(channels=[8, 16, 32], strides=[2, 2], in_channels=1, out_channels=2, norm="instance")
+    )
     with pytest.raises(ParameterSplitError, match="norm_mode 'stats'"):
         split_parameters(model, "stats")
 
 
 def test_dynunet_shared_storage_travels_once():
-    model = build_model(ModelConfig(arch="dynunet", channels=[8, 16, 32], strides=[2, 2], in_channels=1, out_channels=2))
+    model = build_model(
+        ModelConfig(arch="dynunet", channels=[8, 16, 32], strides=[2, 2], in_channels=1, out_channels=2)
+    )
     state = model.state_dict()
     split = split_parameters(model, "local")
     assert split.aliases, "DynUNet registers some modules twice"
@@ -108,6 +120,8 @@ def test_signature_changes_with_the_architecture():
     small = build_model(ModelConfig(channels=[8, 16, 32], strides=[2, 2], in_channels=1, out_channels=2))
     wider = build_model(ModelConfig(channels=[8, 16, 64], strides=[2, 2], in_channels=1, out_channels=2))
     assert model_signature(small, split_parameters(small, "local")) != model_signature(
-        wider, split_parameters(wider, "local"))
+        wider, split_parameters(wider, "local")
+    )
     assert model_signature(small, split_parameters(small, "local")) != model_signature(
-        small, split_parameters(small, "shared"))
+        small, split_parameters(small, "shared")
+    )

@@ -29,13 +29,20 @@ def hand_made(spacings, extents, intensities=None, ct=True) -> dict:
     """A site's fingerprint record made by hand from per-case values (as a site would compute it)."""
     spacings, extents = np.asarray(spacings, float), np.asarray(extents, float)
     values = np.asarray(intensities if intensities is not None else [0.0, 1.0], float)
-    record = {f"{P}format": FINGERPRINT_FORMAT, f"{P}cases": len(spacings), f"{P}val_cases": 1, f"{P}channels": 1,
-              f"{P}ct": [int(ct)],
-              f"{P}class_fraction_0": [0.99, 0.01], f"{P}intensity_0": list(np.percentile(values, INTENSITY_LEVELS)),
-              f"{P}fg_voxels_0": float(values.size), f"{P}fg_mean_0": float(values.mean()),
-              f"{P}fg_std_0": float(values.std()),
-              f"{P}label_codes_0": label_codes({"background": 0, "lesion": 1}),
-              f"{P}channel_codes_0": channel_codes({"0": "CT" if ct else "MRI"})}
+    record = {
+        f"{P}format": FINGERPRINT_FORMAT,
+        f"{P}cases": len(spacings),
+        f"{P}val_cases": 1,
+        f"{P}channels": 1,
+        f"{P}ct": [int(ct)],
+        f"{P}class_fraction_0": [0.99, 0.01],
+        f"{P}intensity_0": list(np.percentile(values, INTENSITY_LEVELS)),
+        f"{P}fg_voxels_0": float(values.size),
+        f"{P}fg_mean_0": float(values.mean()),
+        f"{P}fg_std_0": float(values.std()),
+        f"{P}label_codes_0": label_codes({"background": 0, "lesion": 1}),
+        f"{P}channel_codes_0": channel_codes({"0": "CT" if ct else "MRI"}),
+    }
     for a, axis in enumerate(AXES):
         record[f"{P}spacing_{axis}"] = list(np.percentile(spacings[:, a], SPACING_LEVELS))
         record[f"{P}extent_{axis}"] = list(np.percentile(extents[:, a], SPACING_LEVELS))
@@ -151,15 +158,24 @@ def test_plan_made_through_the_real_client_app(tmp_path, tiny_federation):
     from server.planning import plan_federation
     from tests.helpers.local_grid import LocalGrid, federation
 
-    cfg = load_config(None, ["model.channels=[8, 16, 32]", "model.strides=[2, 2]",
-                             f"federation.runs_dir={tmp_path / 'runs'}", "federation.run_name=plan"])
+    cfg = load_config(
+        None,
+        [
+            "model.channels=[8, 16, 32]",
+            "model.strides=[2, 2]",
+            f"federation.runs_dir={tmp_path / 'runs'}",
+            "federation.run_name=plan",
+        ],
+    )
     cfg = federation(cfg, tiny_federation)
     run = tmp_path / "runs" / "plan"
     grid = LocalGrid(cfg, app)
     plan = plan_federation(grid, cfg, run)
     assert (run / "plan.json").is_file() and plan.provenance["sites"] == ["site-1", "site-2", "site-3"]
-    training = sum(len(split_cases([c.case_id for c in read_dataset(d).cases], cfg.data.val_fraction,
-                                   cfg.data.split_seed)[0]) for d in tiny_federation.values())
+    training = sum(
+        len(split_cases([c.case_id for c in read_dataset(d).cases], cfg.data.val_fraction, cfg.data.split_seed)[0])
+        for d in tiny_federation.values()
+    )
     assert plan.provenance["num_cases"] == training  # every site's training cases, nothing else
     for reply in grid.received:
         assert not reply.has_error(), reply.error.reason

@@ -27,7 +27,9 @@ AFFINES = {"RAS": RAS, "LPS": LPS, "oblique": oblique()}
 
 def _case(tmp_path, affine):
     image, label = phantom(lesion=5)
-    return Case("c", (save(image, affine, tmp_path / "c_0000.nii.gz"),), (save(label, affine, tmp_path / "c.nii.gz"),)), label
+    return Case(
+        "c", (save(image, affine, tmp_path / "c_0000.nii.gz"),), (save(label, affine, tmp_path / "c.nii.gz"),)
+    ), label
 
 
 @pytest.mark.parametrize("orientation", list(AFFINES))
@@ -68,8 +70,23 @@ def test_predict_command_writes_input_geometry(tmp_path, capsys):
     site.write_text(yaml.safe_dump({"site": {"name": "h", "state_dir": str(tmp_path / "state")}}))
     out = tmp_path / "out"
     for extra in ([], ["--no-adapt-norm"]):
-        assert main(["predict", "--config", str(site), "--run", str(run), "--input", str(scans),
-                     "--output", str(out), *extra]) == 0
+        assert (
+            main(
+                [
+                    "predict",
+                    "--config",
+                    str(site),
+                    "--run",
+                    str(run),
+                    "--input",
+                    str(scans),
+                    "--output",
+                    str(out),
+                    *extra,
+                ]
+            )
+            == 0
+        )
         for name, affine in AFFINES.items():
             src, seg = nib.load(str(scans / f"{name}_0000.nii.gz")), nib.load(str(out / f"{name}_seg.nii.gz"))
             assert seg.shape == src.shape and np.allclose(seg.affine, src.affine, atol=1e-5)
@@ -84,8 +101,19 @@ def test_predict_command_writes_input_geometry(tmp_path, capsys):
 def test_predict_refuses_a_missing_run(tmp_path, capsys):
     site = tmp_path / "site.yaml"
     site.write_text(yaml.safe_dump({"site": {"name": "h"}}))
-    code = main(["predict", "--config", str(site), "--run", str(tmp_path / "nope"), "--input", str(tmp_path),
-                 "--output", str(tmp_path / "o")])
+    code = main(
+        [
+            "predict",
+            "--config",
+            str(site),
+            "--run",
+            str(tmp_path / "nope"),
+            "--input",
+            str(tmp_path),
+            "--output",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 2 and "config.yaml not found" in capsys.readouterr().err
 
 
@@ -106,10 +134,10 @@ def test_mirroring_averages_the_eight_flipped_copies_of_a_window():
 
 def test_largest_component_keeps_one_blob_per_foreground_class():
     label = np.zeros((20, 20, 20), np.uint8)
-    label[1:4, 1:4, 1:4] = 1       # 27 voxels: kept
+    label[1:4, 1:4, 1:4] = 1  # 27 voxels: kept
     label[10:12, 10:12, 10:12] = 1  # 8 voxels: dropped
-    label[15:17, 1:3, 1:3] = 2     # 8 voxels: kept
-    label[18, 18, 18] = 2          # 1 voxel: dropped
+    label[15:17, 1:3, 1:3] = 2  # 8 voxels: kept
+    label[18, 18, 18] = 2  # 1 voxel: dropped
     kept = keep_largest_components(label, 3)
     assert (kept == 1).sum() == 27 and kept[1, 1, 1] == 1 and kept[10, 10, 10] == 0
     assert (kept == 2).sum() == 8 and kept[18, 18, 18] == 0
@@ -132,8 +160,23 @@ def test_predict_options_on_real_nifti_and_no_header_text_copied(tmp_path):
     run = run_folder(tmp_path, ("best",))
     scan = _scan_with_patient_text(tmp_path / "scans" / "p_0000.nii.gz")
     out = tmp_path / "out"
-    assert main(["predict", "--run", str(run), "--input", str(scan), "--output", str(out),
-                 "--tta", "--probabilities", "--largest-component"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--run",
+                str(run),
+                "--input",
+                str(scan),
+                "--output",
+                str(out),
+                "--tta",
+                "--probabilities",
+                "--largest-component",
+            ]
+        )
+        == 0
+    )
     seg, prob = nib.load(str(out / "p_seg.nii.gz")), nib.load(str(out / "p_prob.nii.gz"))
     for written in (seg, prob):
         h = written.header
@@ -165,11 +208,13 @@ def test_fast_loading_matches_monai_loading_bit_for_bit(tmp_path, scheme):
         plan = Plan((2.0, 2.0, 2.0), (16, 16, 16), (norm,), (24, 20, 16))
         ours = prepare_image((path,), plan)
         in_file_order = prepare_image((path,), plan, file_layout=True)
-        ref = mt.Compose([
-            mt.LoadImaged("image", reader="NibabelReader", ensure_channel_first=True, dtype=np.float32),
-            mt.Orientationd("image", axcodes="RAS", labels=RAS_LABELS),
-            mt.CropForegroundd("image", source_key="image", select_fn=lambda x: x != 0),
-        ])({"image": str(path)})["image"]
+        ref = mt.Compose(
+            [
+                mt.LoadImaged("image", reader="NibabelReader", ensure_channel_first=True, dtype=np.float32),
+                mt.Orientationd("image", axcodes="RAS", labels=RAS_LABELS),
+                mt.CropForegroundd("image", source_key="image", select_fn=lambda x: x != 0),
+            ]
+        )({"image": str(path)})["image"]
         ref = mt.Resize(plan_size(ref, plan.target_spacing), mode="trilinear", anti_aliasing=False)(ref)
         if scheme == "ct":
             ref = mt.ScaleIntensityRange(-20.0, 120.0, (-20.0 - 50.0) / 30.0, (120.0 - 50.0) / 30.0, clip=True)(ref)
@@ -237,8 +282,9 @@ def test_predict_warns_about_a_modality_the_model_never_saw_and_strict_refuses(t
 
 def test_a_ct_model_warns_about_an_mr_scan(tmp_path, capsys):
     run = run_folder(tmp_path, ("best",))
-    Plan((1.0, 1.2, 2.0), (16, 16, 16), (ChannelNorm("ct", -1000.0, 1000.0, 40.0, 300.0),),
-         (24, 20, 16)).save(run / "plan.json")
+    Plan((1.0, 1.2, 2.0), (16, 16, 16), (ChannelNorm("ct", -1000.0, 1000.0, 40.0, 300.0),), (24, 20, 16)).save(
+        run / "plan.json"
+    )
     image, _ = phantom()
     mr = save(image, RAS, tmp_path / "scans" / "brain_0000.nii.gz")
     assert main(["predict", "--run", str(run), "--input", str(mr), "--output", str(tmp_path / "o")]) == 0
@@ -254,8 +300,10 @@ def test_inputs_that_cannot_run_are_refused_before_anything_is_written(tmp_path,
     assert main(["predict", "--run", str(run), "--input", str(two), "--output", str(out)]) == 2
     assert f"{two}: 2 channel(s), the model was trained on 1" in _warned(capsys)
     one = save(image, RAS, tmp_path / "one" / "one_0000.nii.gz")
-    assert main(["predict", "--run", str(run), "--input", str(one), "--output", str(out),
-                 "--output-format", "dicom-seg"]) == 2
+    assert (
+        main(["predict", "--run", str(run), "--input", str(one), "--output", str(out), "--output-format", "dicom-seg"])
+        == 2
+    )
     assert "needs a DICOM series input" in _warned(capsys) and not out.exists()
     from tests.helpers.dicom_cases import write_series
 
@@ -271,8 +319,23 @@ def test_nnunet_output_names(tmp_path):
     image, _ = phantom()
     scan = save(image, RAS, tmp_path / "scans" / "case_7_0000.nii.gz")
     out = tmp_path / "out"
-    assert main(["predict", "--run", str(run), "--input", str(scan), "--output", str(out), "--output-names",
-                 "nnunet", "--probabilities"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--run",
+                str(run),
+                "--input",
+                str(scan),
+                "--output",
+                str(out),
+                "--output-names",
+                "nnunet",
+                "--probabilities",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in out.iterdir()) == ["case_7.nii.gz", "case_7_prob.nii.gz"]
     assert nib.load(str(out / "case_7.nii.gz")).shape == image.shape
     assert nib.load(str(out / "case_7_prob.nii.gz")).shape == (*image.shape, 2)

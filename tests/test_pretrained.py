@@ -119,15 +119,20 @@ def test_hostile_or_unrelated_files_are_refused_with_the_file_named(tmp_path):
     state = run_model(_cfg())[0].state_dict()
     nan = tmp_path / "nan.safetensors"
     key = next(k for k, v in state.items() if v.is_floating_point())
-    save_file({**{k: v.contiguous() for k, v in state.items()}, key: torch.full_like(state[key], float("nan"))},
-              str(nan))
+    save_file(
+        {**{k: v.contiguous() for k, v in state.items()}, key: torch.full_like(state[key], float("nan"))}, str(nan)
+    )
     unrelated = tmp_path / "unrelated.safetensors"
     save_file({"encoder.layer.0.weight": torch.ones(4, 4)}, str(unrelated))
     not_weights = tmp_path / "notes.pt"
     not_weights.write_bytes(b"this is not a torch file")
-    for path, words in ((nan, f"{key} holds NaN"), (unrelated, "none of the 1 tensors"),
-                        (not_weights, "not a torch.save file"), (tmp_path / "missing.pt", "does not exist"),
-                        (tmp_path, "folder without weights")):
+    for path, words in (
+        (nan, f"{key} holds NaN"),
+        (unrelated, "none of the 1 tensors"),
+        (not_weights, "not a torch.save file"),
+        (tmp_path / "missing.pt", "does not exist"),
+        (tmp_path, "folder without weights"),
+    ):
         with pytest.raises(PretrainedError) as err:
             start_weights(_cfg(f"model.init_weights={path}"))
         assert str(path) in str(err.value) and words in str(err.value), str(err.value)

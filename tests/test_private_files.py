@@ -48,8 +48,13 @@ def test_the_site_state_folder_is_private_before_any_clientapp_runs(tmp_path, op
     from common.config import SiteConfig
 
     state = tmp_path / "site" / "state"
-    site = SiteConfig(name="h", data_dir=str(tmp_path), state_dir=str(state), server_address="127.0.0.1:1",
-                      approved_bundles=["ab" * 32])
+    site = SiteConfig(
+        name="h",
+        data_dir=str(tmp_path),
+        state_dir=str(state),
+        server_address="127.0.0.1:1",
+        approved_bundles=["ab" * 32],
+    )
     prepare_state(site)
     assert _mode(state) == DIR_MODE
 
@@ -59,8 +64,14 @@ def test_a_report_picture_is_owner_only(tmp_path, open_umask):
 
     truth = np.zeros((8, 8, 4), dtype=np.int64)
     truth[2:5, 2:5, 1] = 1
-    path = draw_overlay(np.random.default_rng(0).random((1, 8, 8, 4)).astype(np.float32), truth, truth, 2,
-                        "case_007", tmp_path / "report" / "case_007.png")
+    path = draw_overlay(
+        np.random.default_rng(0).random((1, 8, 8, 4)).astype(np.float32),
+        truth,
+        truth,
+        2,
+        "case_007",
+        tmp_path / "report" / "case_007.png",
+    )
     assert path.is_file() and _mode(path) == FILE_MODE
 
 

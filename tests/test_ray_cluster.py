@@ -36,9 +36,22 @@ def ray_head():
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1")
     with (temp / "head.log").open("w") as log:
         head = subprocess.Popen(
-            [flower_command("ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-             "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}", "--block"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            [
+                flower_command("ray"),
+                "start",
+                "--head",
+                "--node-ip-address=127.0.0.1",
+                f"--port={port}",
+                "--num-cpus=1",
+                "--include-dashboard=false",
+                "--disable-usage-stats",
+                f"--temp-dir={temp}",
+                "--block",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
     try:
         deadline = time.monotonic() + HEAD_START_S
@@ -70,19 +83,31 @@ def test_federation_config_asks_for_a_gpu_share_and_leaves_cpus_to_a_joined_clus
 @pytest.mark.processes
 def test_simulation_runs_on_an_existing_ray_cluster(tmp_path, ray_head):
     address, head_logs = ray_head
-    cfg = load_config(None, [
-        *tiny(), "federation.run_name=ray-join", f"federation.runs_dir={tmp_path / 'runs'}", "federation.rounds=1",
-        "federation.cross_eval=false", "federation.min_sites=1", "simulation.num_sites=1",
-        "simulation.cases_per_site=3", "simulation.volume_shape=[24, 24, 16]",
-        f"simulation.data_dir={tmp_path / 'data'}", "simulation.cpus_per_site=1", f"simulation.ray_address={address}",
-    ])
+    cfg = load_config(
+        None,
+        [
+            *tiny(),
+            "federation.run_name=ray-join",
+            f"federation.runs_dir={tmp_path / 'runs'}",
+            "federation.rounds=1",
+            "federation.cross_eval=false",
+            "federation.min_sites=1",
+            "simulation.num_sites=1",
+            "simulation.cases_per_site=3",
+            "simulation.volume_shape=[24, 24, 16]",
+            f"simulation.data_dir={tmp_path / 'data'}",
+            "simulation.cpus_per_site=1",
+            f"simulation.ray_address={address}",
+        ],
+    )
     run = run_simulation(cfg, show=lambda line: None)
     events = list(read_events(run / "metrics.jsonl"))
     assert events[-1]["event"] == "run-end" and events[-1]["status"] == "completed"
     assert {e["site"] for e in events if e["event"] == "train"} == {"site-1"}
     assert list(head_logs.glob("python-core-driver-*.log")), "the simulation's driver never connected to the head"
-    assert any("ClientAppActor" in p.read_text(errors="replace") for p in head_logs.glob("worker-*")), \
+    assert any("ClientAppActor" in p.read_text(errors="replace") for p in head_logs.glob("worker-*")), (
         "the site did not run as an actor on the head"
+    )
 
 
 def test_own_sites_on_a_ray_cluster_are_warned_about_once_at_start(tmp_path, capsys, caplog):
@@ -96,11 +121,16 @@ def test_own_sites_on_a_ray_cluster_are_warned_about_once_at_start(tmp_path, cap
     from simulations.cli import main as sim_main
     from tests.helpers.nifti_cases import nnunet_dataset
 
-    sites = {n: {"data_dir": str(nnunet_dataset(tmp_path / n, n_cases=2, channels=c))}
-             for n, c in {"a": ("CT",), "b": ("CT", "PET")}.items()}
+    sites = {
+        n: {"data_dir": str(nnunet_dataset(tmp_path / n, n_cases=2, channels=c))}
+        for n, c in {"a": ("CT",), "b": ("CT", "PET")}.items()
+    }
     config = tmp_path / "sites.yaml"
-    config.write_text(yaml.safe_dump({"simulation": {"sites": sites, "ray_address": "10.0.0.5:6379"},
-                                      "federation": {"runs_dir": str(tmp_path)}}))
+    config.write_text(
+        yaml.safe_dump(
+            {"simulation": {"sites": sites, "ray_address": "10.0.0.5:6379"}, "federation": {"runs_dir": str(tmp_path)}}
+        )
+    )
     assert sim_main(["run", "--config", str(config)]) == 2
     assert "declares 2 channels" in capsys.readouterr().err
     said = [r for r in caplog.records if "Ray has no authentication" in r.getMessage()]

@@ -26,19 +26,45 @@ def _write_run(run, rounds: int = 3) -> None:
             if r == 2 and site == "site-2":
                 log.write(Event.FAILURE, round=r, site=site, stage="train", reason="site site-2: diverged")
                 continue
-            log.write(Event.TRAIN, round=r, site=site, num_examples=4 + i, loss=1.0 / r, proximal_loss=0.01 / r,
-                      duration_s=2.0 + i, bytes_up=1000, bytes_down=1000)
+            log.write(
+                Event.TRAIN,
+                round=r,
+                site=site,
+                num_examples=4 + i,
+                loss=1.0 / r,
+                proximal_loss=0.01 / r,
+                duration_s=2.0 + i,
+                bytes_up=1000,
+                bytes_down=1000,
+            )
             d = 0.2 * r + 0.05 * i
             dice.append((d, 2 + i))
-            log.write(Event.EVALUATE, round=r, site=site, num_examples=2 + i, dice=d, dice_per_class=[d], hd95=9.0,
-                      loss=0.5)
+            log.write(
+                Event.EVALUATE, round=r, site=site, num_examples=2 + i, dice=d, dice_per_class=[d], hd95=9.0, loss=0.5
+            )
         mean = float(np.mean([d for d, _ in dice]))
         weighted = float(np.average([d for d, _ in dice], weights=[w for _, w in dice]))
-        log.write(Event.ROUND, round=r, sites_ok=len(dice), sites_failed=["site-2"] if r == 2 else [],
-                  aggregated=True, dice_mean=mean, dice_weighted=weighted, duration_s=5.0, bytes_total=4000 * r)
+        log.write(
+            Event.ROUND,
+            round=r,
+            sites_ok=len(dice),
+            sites_failed=["site-2"] if r == 2 else [],
+            aggregated=True,
+            dice_mean=mean,
+            dice_weighted=weighted,
+            duration_s=5.0,
+            bytes_total=4000 * r,
+        )
         log.sync()
-    log.write(Event.CROSS_EVAL, model="last (round 3)", site="site-3", trained=False, dice=0.3, dice_adapted=0.4,
-              num_examples=2)
+    log.write(
+        Event.CROSS_EVAL,
+        model="last (round 3)",
+        site="site-3",
+        trained=False,
+        dice=0.3,
+        dice_adapted=0.4,
+        num_examples=2,
+    )
     log.write(Event.RUN_END, status="completed", rounds_completed=rounds, best_round=rounds, best_dice=0.7)
     log.close()
 
@@ -98,7 +124,7 @@ def _labelled_slices() -> tuple[np.ndarray, np.ndarray]:
     image = np.random.default_rng(0).random((1, 36, 24, 6)).astype(np.float32)
     truth = np.zeros((36, 24, 6), dtype=np.int64)
     for c in (1, 2, 3):
-        truth[c * 9 - 6:c * 9, 6:18, 3] = c
+        truth[c * 9 - 6 : c * 9, 6:18, 3] = c
     return image, truth
 
 

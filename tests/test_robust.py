@@ -27,16 +27,17 @@ ATTACK_SHARE_OF_BOUND = 0.8
 TARGET_DICE_CHANGE = 0.02
 MIN_MEAN_DICE_LOSS = 0.05
 """At its worst, the attack must visibly hurt the plain mean, or these tests prove nothing."""
-ROBUST = {"median": ("federation.aggregator=median", "federation.clip_updates=true"),
-          "trimmed_mean": ("federation.aggregator=trimmed_mean", "federation.clip_updates=true")}
-
+ROBUST = {
+    "median": ("federation.aggregator=median", "federation.clip_updates=true"),
+    "trimmed_mean": ("federation.aggregator=trimmed_mean", "federation.clip_updates=true"),
+}
 
 
 def attacked(hostile_round, hostile: int) -> list:
     """The honest replies with site ``hostile``'s replaced by a sign-flipped update just inside the bound."""
     replies = list(hostile_round.honest)
     norms = hostile_round.norms()
-    others = float(np.median(norms[:hostile] + norms[hostile + 1:]))
+    others = float(np.median(norms[:hostile] + norms[hostile + 1 :]))
     factor = -ATTACK_SHARE_OF_BOUND * NORM_BOUND * others / norms[hostile]
     replies[hostile] = scaled_update(replies[hostile], hostile_round.start, factor)
     return replies
@@ -45,16 +46,26 @@ def attacked(hostile_round, hostile: int) -> list:
 @pytest.mark.simulation
 def test_the_attack_hurts_the_plain_mean(hostile_round):
     clean = hostile_round.dice(hostile_round.aggregate(hostile_round.honest, name="mean-clean"))
-    losses = [clean - hostile_round.dice(hostile_round.aggregate(attacked(hostile_round, k), name=f"mean-{k}")) for k in range(N_SITES)]
+    losses = [
+        clean - hostile_round.dice(hostile_round.aggregate(attacked(hostile_round, k), name=f"mean-{k}"))
+        for k in range(N_SITES)
+    ]
     assert max(losses) > MIN_MEAN_DICE_LOSS, losses
 
 
 @pytest.mark.simulation
 @pytest.mark.parametrize("aggregator", sorted(ROBUST))
 def test_robust_aggregation_keeps_mean_dice_within_target_whichever_site_is_hostile(hostile_round, aggregator):
-    clean = hostile_round.dice(hostile_round.aggregate(hostile_round.honest, *ROBUST[aggregator], name=f"{aggregator}-clean"))
-    changes = [hostile_round.dice(hostile_round.aggregate(attacked(hostile_round, k), *ROBUST[aggregator], name=f"{aggregator}-{k}")) - clean
-               for k in range(N_SITES)]
+    clean = hostile_round.dice(
+        hostile_round.aggregate(hostile_round.honest, *ROBUST[aggregator], name=f"{aggregator}-clean")
+    )
+    changes = [
+        hostile_round.dice(
+            hostile_round.aggregate(attacked(hostile_round, k), *ROBUST[aggregator], name=f"{aggregator}-{k}")
+        )
+        - clean
+        for k in range(N_SITES)
+    ]
     assert max(abs(c) for c in changes) < TARGET_DICE_CHANGE, (aggregator, clean, changes)
 
 
@@ -62,8 +73,9 @@ def test_robust_aggregation_keeps_mean_dice_within_target_whichever_site_is_host
 
 
 def _records(*values: float) -> list[ArrayRecord]:
-    return [ArrayRecord({"w": Array(np.array([v, -v], np.float32)), "b": Array(np.array([v], np.float32))})
-            for v in values]
+    return [
+        ArrayRecord({"w": Array(np.array([v, -v], np.float32)), "b": Array(np.array([v], np.float32))}) for v in values
+    ]
 
 
 def _run(aggregator: str, values, weights=None, trim: float = 0.2) -> np.ndarray:

@@ -73,8 +73,9 @@ def two_runs(tmp_path_factory):
     daemons = [Launched(root / f"{n}.out", "fedseg-client", "start", "--config", str(p)) for n, p in sites.items()]
     try:
         _run(root, fed_a, "a", daemons)
-        a_files = {n: {p: p.read_bytes() for p in site_norm_files(root / "sites" / n, root / "runs" / "run-a")}
-                   for n in SITES}
+        a_files = {
+            n: {p: p.read_bytes() for p in site_norm_files(root / "sites" / n, root / "runs" / "run-a")} for n in SITES
+        }
         _run(root, fed_b, "b", daemons)
     finally:
         for daemon in daemons:
@@ -98,8 +99,10 @@ def test_export_of_the_first_run_after_the_second_reproduces_its_cross_site_dice
     cells = json.loads((root / "runs" / "run-a" / CROSS_EVAL_FILE).read_text())["cells"]
     for name, site_yaml in two_runs["sites"].items():
         package = root / f"package-{name}"  # the commands as the centre and the site run them (in this process)
-        assert server_main(["site-package", "--run", str(root / "runs" / "run-a"), "--site", name,
-                            "--out", str(package)]) == 0
+        assert (
+            server_main(["site-package", "--run", str(root / "runs" / "run-a"), "--site", name, "--out", str(package)])
+            == 0
+        )
         exported = root / f"model-{name}"
         assert client_main(["export", "--config", str(site_yaml), "--run", str(package), "--out", str(exported)]) == 0
         provenance = json.loads((exported / PROVENANCE_FILE).read_text())

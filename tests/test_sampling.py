@@ -61,9 +61,9 @@ def test_class_locations_cover_every_annotator_and_cap_the_sample():
     from common.preprocess import LOCATIONS_PER_CLASS, class_locations
 
     label = np.zeros((2, 30, 30, 30), dtype=np.uint8)
-    label[0, 2:4, 2:4, 2:4] = 1   # class 1 by the first annotator only
-    label[1, 20:22, 5, 5] = 1     # ... and a different place by the second
-    label[1, :, :, 10:25] = 2     # class 2: 13,500 voxels, more than are kept
+    label[0, 2:4, 2:4, 2:4] = 1  # class 1 by the first annotator only
+    label[1, 20:22, 5, 5] = 1  # ... and a different place by the second
+    label[1, :, :, 10:25] = 2  # class 2: 13,500 voxels, more than are kept
     found = class_locations(label, 3, np.random.default_rng(0))
     expected_1 = np.argwhere(np.any(label == 1, axis=0))
     assert np.array_equal(found[1], expected_1) and found[1].dtype == np.int32

@@ -40,8 +40,13 @@ SPLIT_SEED = 6
 """Each 4-case site then trains on 3 cases and scores 1: equal counts, so the plain run's case-weighted mean
 and secure aggregation's equal weights are the same mean (the Dice comparison is at equal settings)."""
 SECURE = ("federation.secure_aggregation=secagg+", "federation.norm_bound=0")
-BASE = ("federation.min_sites=2", "simulation.cpus_per_site=1", f"data.split_seed={SPLIT_SEED}",
-        "train.local_steps=3", "train.batch_size=2")
+BASE = (
+    "federation.min_sites=2",
+    "simulation.cpus_per_site=1",
+    f"data.split_seed={SPLIT_SEED}",
+    "train.local_steps=3",
+    "train.batch_size=2",
+)
 
 
 @dataclass
@@ -79,8 +84,9 @@ def observed(monkeypatch) -> Observed:
 
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory) -> dict[str, Path]:
-    return generate_federation(tmp_path_factory.mktemp("secagg-data"), n_sites=SITES, n_cases=4, shape=(32, 32, 24),
-                               strength=1.0, seed=0)
+    return generate_federation(
+        tmp_path_factory.mktemp("secagg-data"), n_sites=SITES, n_cases=4, shape=(32, 32, 24), strength=1.0, seed=0
+    )
 
 
 @dataclass
@@ -93,14 +99,27 @@ class Run:
 def run(tmp_path: Path, datasets, *overrides: str, rounds: int = 1, tamper=None, name: str = "run") -> Run:
     """A federation of the real apps in this process, its strategy as the ServerApp builds it (with central DP when
     configured); ``tamper(node, reply)`` may replace a reply that left a site."""
-    cfg = federation(load_config(None, [*tiny(*BASE, f"federation.rounds={rounds}", *overrides),
-                                        f"federation.runs_dir={tmp_path / 'runs'}", f"federation.run_name={name}"]),
-                     datasets)
+    cfg = federation(
+        load_config(
+            None,
+            [
+                *tiny(*BASE, f"federation.rounds={rounds}", *overrides),
+                f"federation.runs_dir={tmp_path / 'runs'}",
+                f"federation.run_name={name}",
+            ],
+        ),
+        datasets,
+    )
     folder = tmp_path / "runs" / name
     strategy, weights = model_strategy(cfg, folder)
     grid = LocalGrid(cfg, client_app.app, tamper=tamper)
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(weights), num_rounds=rounds, train_config=ConfigRecord(),
-                   evaluate_config=ConfigRecord())
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(weights),
+        num_rounds=rounds,
+        train_config=ConfigRecord(),
+        evaluate_config=ConfigRecord(),
+    )
     return Run(list(read_events(folder / METRICS_FILE)), grid, strategy)
 
 
@@ -136,7 +155,9 @@ def test_the_centre_unmasks_exactly_the_sum_of_the_quantized_updates(tmp_path, d
 @pytest.mark.simulation
 def test_a_masked_vector_is_unrelated_to_the_update_it_hides(tmp_path, datasets, observed):
     done = run(tmp_path, datasets, *SECURE)
-    masked = [r.content.array_records[keys.ARRAYS][secagg.MASKED].numpy() for r in replies(done.grid, MessageType.TRAIN)]
+    masked = [
+        r.content.array_records[keys.ARRAYS][secagg.MASKED].numpy() for r in replies(done.grid, MessageType.TRAIN)
+    ]
     for update, vector in zip(observed.updates, masked, strict=True):
         assert vector.dtype == np.uint32 and vector.size == update.size
         assert abs(np.corrcoef(update, vector.astype(np.float64))[0, 1]) < 0.05
@@ -169,17 +190,23 @@ def test_fewer_shares_than_the_threshold_rebuild_nothing(tmp_path, datasets) -> 
                 continue
             assert hashlib.sha256(rebuilt).digest() != digests[node]
         with pytest.raises(secure_sum.UnmaskFailed, match="threshold"):
-            secure_sum.SecureSum._rebuilt(shares[:t - 1], t, lambda s: True, "a seed")
+            secure_sum.SecureSum._rebuilt(shares[: t - 1], t, lambda s: True, "a seed")
 
 
 @pytest.mark.simulation
 def test_a_site_answers_one_unmask_request_per_round(tmp_path, datasets):
     done = run(tmp_path, datasets, *SECURE)
     nodes = sorted(done.grid.nodes)
-    asking_again = incoming(RecordDict({keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 1}),
-                                        secagg.RECORD: ConfigRecord({secagg.SURVIVORS: nodes[:2],
-                                                                     secagg.DROPPED: nodes[2:]})}),
-                            secagg.UNMASK_QUERY, nodes[0])
+    asking_again = incoming(
+        RecordDict(
+            {
+                keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 1}),
+                secagg.RECORD: ConfigRecord({secagg.SURVIVORS: nodes[:2], secagg.DROPPED: nodes[2:]}),
+            }
+        ),
+        secagg.UNMASK_QUERY,
+        nodes[0],
+    )
     answer = client_app.app(asking_again, done.grid.context(nodes[0]))
     assert answer.has_error(), "a second request could collect the other kind of share of a peer"
 
@@ -189,16 +216,19 @@ def test_a_site_answers_one_unmask_request_per_round(tmp_path, datasets):
 
 def _gone(message_type: str, node: int):
     """A tamper hook: site ``node``'s reply to ``message_type`` never arrives (the SuperLink's answer instead)."""
+
     def tamper(src: int, reply: Message) -> Message:
         if src == node and reply.metadata.message_type == message_type:
             return Message(Error(code=0, reason="node unavailable"), reply_to=_request_of(reply))
         return reply
+
     return tamper
 
 
 def _request_of(reply: Message) -> Message:
-    return incoming(RecordDict(), reply.metadata.message_type, reply.metadata.src_node_id,
-                    int(reply.metadata.group_id or 1))
+    return incoming(
+        RecordDict(), reply.metadata.message_type, reply.metadata.src_node_id, int(reply.metadata.group_id or 1)
+    )
 
 
 @pytest.mark.simulation
@@ -207,7 +237,7 @@ def test_a_site_that_drops_leaves_a_correct_round(tmp_path, datasets, observed, 
     """Dropping before its masked update arrives (its pairwise masks are rebuilt and removed), or after it (its
     seed is rebuilt from the other two sites' shares)."""
     done = run(tmp_path, datasets, *SECURE, tamper=_gone(stage, SITES))
-    included = observed.quantized[:SITES - 1] if stage == MessageType.TRAIN else observed.quantized
+    included = observed.quantized[: SITES - 1] if stage == MessageType.TRAIN else observed.quantized
     assert np.array_equal(observed.totals[0], plain_sum(included))
     assert rounds_aggregated(done.events) == [(1, len(included))]
 
@@ -219,6 +249,7 @@ def _malformed(message_type: str, node: int, change):
         content = RecordDict(dict(reply.content.items()))
         change(content)
         return Message(content, reply_to=_request_of(reply))
+
     return tamper
 
 
@@ -236,32 +267,39 @@ def _entries(record: ConfigRecord, key: str) -> list:
 
 def _one_share_missing(content: RecordDict) -> None:
     record = content.config_records[secagg.RECORD]
-    content[secagg.RECORD] = ConfigRecord({secagg.DESTINATIONS: _entries(record, secagg.DESTINATIONS)[:-1],
-                                           secagg.CIPHERTEXTS: _entries(record, secagg.CIPHERTEXTS)[:-1],
-                                           secagg.SEED_DIGEST: record[secagg.SEED_DIGEST]})
+    content[secagg.RECORD] = ConfigRecord(
+        {
+            secagg.DESTINATIONS: _entries(record, secagg.DESTINATIONS)[:-1],
+            secagg.CIPHERTEXTS: _entries(record, secagg.CIPHERTEXTS)[:-1],
+            secagg.SEED_DIGEST: record[secagg.SEED_DIGEST],
+        }
+    )
 
 
 def _garbage_shares(content: RecordDict) -> None:
     record = content.config_records[secagg.RECORD]
-    content[secagg.RECORD] = ConfigRecord({secagg.NODES: record[secagg.NODES],
-                                           secagg.SHARES: [bytes(len(s)) for s in _entries(record, secagg.SHARES)]})
+    content[secagg.RECORD] = ConfigRecord(
+        {secagg.NODES: record[secagg.NODES], secagg.SHARES: [bytes(len(s)) for s in _entries(record, secagg.SHARES)]}
+    )
 
 
 @pytest.mark.simulation
-@pytest.mark.parametrize("stage,change,left_out", [
-    (MessageType.TRAIN, _short_vector, True),
-    (secagg.SHARES_QUERY, _one_share_missing, True),
-    (secagg.UNMASK_QUERY, _garbage_shares, False),
-])
-def test_a_malformed_reply_is_left_out_without_ending_the_round(tmp_path, datasets, observed, stage, change,
-                                                                 left_out):
+@pytest.mark.parametrize(
+    "stage,change,left_out",
+    [
+        (MessageType.TRAIN, _short_vector, True),
+        (secagg.SHARES_QUERY, _one_share_missing, True),
+        (secagg.UNMASK_QUERY, _garbage_shares, False),
+    ],
+)
+def test_a_malformed_reply_is_left_out_without_ending_the_round(tmp_path, datasets, observed, stage, change, left_out):
     """A short masked vector or a share list that misses a peer is refused at the centre and its site treated as
     dropped; shares for unmasking are only known bad when they rebuild nothing, so the centre rebuilds each secret
     from another majority of shares and the site's masked update still counts."""
     done = run(tmp_path, datasets, *SECURE, tamper=_malformed(stage, SITES, change))
     if stage == secagg.SHARES_QUERY:  # left out before training: it never masks, the others never mask with it
         assert len(observed.quantized) == SITES - 1
-    included = observed.quantized[:SITES - 1] if left_out else observed.quantized
+    included = observed.quantized[: SITES - 1] if left_out else observed.quantized
     assert np.array_equal(observed.totals[0], plain_sum(included))
     assert rounds_aggregated(done.events) == [(1, len(included))]
     failures = [e for e in done.events if e["event"] == "failure"]
@@ -275,16 +313,26 @@ def _relayed(nodes, mask_keys, share_keys, t):
     return {secagg.NODES: nodes, secagg.MASK_KEYS: mask_keys, secagg.SHARE_KEYS: share_keys, secagg.THRESHOLD: t}
 
 
-@pytest.mark.parametrize("record,match", [
-    (_relayed([1, 2, 3], [b"m1", b"m2", b"m3"], [b"s1", b"s2", b"s3"], 2), None),
-    (_relayed([1, 2, 1], [b"m1", b"m2", b"m1"], [b"s1", b"s2", b"s1"], 2), "twice"),
-    (_relayed([1, 2, 3], [b"mX", b"m2", b"m3"], [b"s1", b"s2", b"s3"], 2), "not the ones it sent"),
-    (_relayed([1, 2, 3], [b"m1", b"m2", b"m2"], [b"s1", b"s2", b"s3"], 2), "appears twice"),
-    (_relayed([1, 2, 3], [b"m1", b"m2", b"m3"], [b"s1", b"s2", b"s3"], 1), "not a majority"),
-    (_relayed([2, 3], [b"m2", b"m3"], [b"s2", b"s3"], 2), "not listed exactly once"),
-    (_relayed(list(range(1, secagg.MAX_SITES + 2)), [b"m"] * (secagg.MAX_SITES + 1),
-              [b"s"] * (secagg.MAX_SITES + 1), 2), "more than"),
-])
+@pytest.mark.parametrize(
+    "record,match",
+    [
+        (_relayed([1, 2, 3], [b"m1", b"m2", b"m3"], [b"s1", b"s2", b"s3"], 2), None),
+        (_relayed([1, 2, 1], [b"m1", b"m2", b"m1"], [b"s1", b"s2", b"s1"], 2), "twice"),
+        (_relayed([1, 2, 3], [b"mX", b"m2", b"m3"], [b"s1", b"s2", b"s3"], 2), "not the ones it sent"),
+        (_relayed([1, 2, 3], [b"m1", b"m2", b"m2"], [b"s1", b"s2", b"s3"], 2), "appears twice"),
+        (_relayed([1, 2, 3], [b"m1", b"m2", b"m3"], [b"s1", b"s2", b"s3"], 1), "not a majority"),
+        (_relayed([2, 3], [b"m2", b"m3"], [b"s2", b"s3"], 2), "not listed exactly once"),
+        (
+            _relayed(
+                list(range(1, secagg.MAX_SITES + 2)),
+                [b"m"] * (secagg.MAX_SITES + 1),
+                [b"s"] * (secagg.MAX_SITES + 1),
+                2,
+            ),
+            "more than",
+        ),
+    ],
+)
 def test_a_site_refuses_a_relayed_key_list_no_honest_centre_sends(record, match):
     if match is None:
         nodes, keys_by_node, t = secagg.peer_list(record, 1, (b"m1", b"s1"))
@@ -294,12 +342,15 @@ def test_a_site_refuses_a_relayed_key_list_no_honest_centre_sends(record, match)
         secagg.peer_list(record, 1, (b"m1", b"s1"))
 
 
-@pytest.mark.parametrize("survivors,dropped,match", [
-    ([1, 2], [2], "both as survivor and as dropped"),
-    ([1, 2], [9], "not among"),
-    ([2, 3], [1], "not listed among the survivors"),
-    ([1], [2, 3], "fewer than the threshold"),
-])
+@pytest.mark.parametrize(
+    "survivors,dropped,match",
+    [
+        ([1, 2], [2], "both as survivor and as dropped"),
+        ([1, 2], [9], "not among"),
+        ([2, 3], [1], "not listed among the survivors"),
+        ([1], [2, 3], "fewer than the threshold"),
+    ],
+)
 def test_a_site_refuses_an_unmask_request_that_could_unmask_a_peer(survivors, dropped, match):
     with pytest.raises(secagg.ProtocolError, match=match):
         secagg.node_lists({secagg.SURVIVORS: survivors, secagg.DROPPED: dropped}, [1, 2, 3], 1, 2)
@@ -318,25 +369,32 @@ def test_nothing_unmasked_leaves_a_site_that_was_asked_for_a_masked_update(tmp_p
     found = problems(Message(plain, reply_to=_request_of(masked_reply)), policy.masked(), MessageType.TRAIN)
     assert any("not in the model signature" in p for p in found), found
     with_count = RecordDict(dict(masked_reply.content.items()))
-    with_count[keys.METRICS] = MetricRecord({**dict(masked_reply.content.metric_records[keys.METRICS]), keys.NUM_EXAMPLES: 3})
+    with_count[keys.METRICS] = MetricRecord(
+        {**dict(masked_reply.content.metric_records[keys.METRICS]), keys.NUM_EXAMPLES: 3}
+    )
     found = problems(Message(with_count, reply_to=_request_of(masked_reply)), policy.masked(), MessageType.TRAIN)
     assert any(keys.NUM_EXAMPLES in p for p in found), found
-    audit = [line for line in (Path(site.cfg.site.state_dir) / "egress.jsonl").read_text().splitlines()
-             if "secagg" in line]
-    assert {t for t in (secagg.KEYS_QUERY, secagg.SHARES_QUERY, secagg.UNMASK_QUERY)
-            if any(t in line for line in audit)} == {secagg.KEYS_QUERY, secagg.SHARES_QUERY, secagg.UNMASK_QUERY}
+    audit = [
+        line for line in (Path(site.cfg.site.state_dir) / "egress.jsonl").read_text().splitlines() if "secagg" in line
+    ]
+    assert {
+        t for t in (secagg.KEYS_QUERY, secagg.SHARES_QUERY, secagg.UNMASK_QUERY) if any(t in line for line in audit)
+    } == {secagg.KEYS_QUERY, secagg.SHARES_QUERY, secagg.UNMASK_QUERY}
 
 
 # --- configuration ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("setting,why", [
-    ("federation.norm_bound=10", "norm_bound: 0"),
-    ("federation.aggregator=median", "aggregator: mean"),
-    ("federation.aggregator=trimmed_mean", "aggregator: mean"),
-    ("federation.clip_updates=true", "clip_updates: false"),
-    ("federation.schedule=cyclic", "schedule: parallel"),
-])
+@pytest.mark.parametrize(
+    "setting,why",
+    [
+        ("federation.norm_bound=10", "norm_bound: 0"),
+        ("federation.aggregator=median", "aggregator: mean"),
+        ("federation.aggregator=trimmed_mean", "aggregator: mean"),
+        ("federation.clip_updates=true", "clip_updates: false"),
+        ("federation.schedule=cyclic", "schedule: parallel"),
+    ],
+)
 def test_combinations_that_need_one_sites_update_are_refused(setting, why):
     overrides = ["federation.secure_aggregation=secagg+", "federation.norm_bound=0", setting]
     if setting.endswith("cyclic"):
@@ -381,16 +439,22 @@ def test_secure_aggregation_trains_the_model_plain_aggregation_does(tmp_path, da
 @pytest.mark.simulation
 def test_central_dp_noises_the_unmasked_sum_over_the_federations_size(tmp_path, datasets, observed):
     z, clip = 0.5, 5.0
-    done = run(tmp_path, datasets, *SECURE, f"privacy.noise_multiplier={z}", f"privacy.clipping_norm={clip}",
-               "federation.server_optimizer=none", name="dp")
+    done = run(
+        tmp_path,
+        datasets,
+        *SECURE,
+        f"privacy.noise_multiplier={z}",
+        f"privacy.clipping_norm={clip}",
+        "federation.server_optimizer=none",
+        name="dp",
+    )
     (privacy,) = [e for e in done.events if e["event"] == "privacy"]
     assert (privacy["sites"], privacy["denominator"]) == (SITES, SITES)
     strategy = done.strategy
     start = strategy.reference
     order = strategy.secure_sum.order
     released = load_file(tmp_path / "runs" / "dp" / "checkpoints" / "round-0001.safetensors")
-    mean = secagg.unflat(secagg.dequantized_sum(observed.totals[0], SITES, clip) / SITES,
-                         strategy.shapes, order)
+    mean = secagg.unflat(secagg.dequantized_sum(observed.totals[0], SITES, clip) / SITES, strategy.shapes, order)
     noise = np.concatenate([(released[k].numpy() - start[k] - mean[k]).ravel() for k in order])
     assert np.std(noise) == pytest.approx(z * clip / SITES, rel=0.05)
     assert abs(np.mean(noise)) < 0.05 * z * clip / SITES

@@ -46,16 +46,35 @@ def _egress(root, site: str) -> list[dict]:
 
 def _shares_arrived(run, site: str, server_round: int) -> bool:
     """Whether the centre has received ``site``'s encrypted shares of ``server_round`` (its timeline event)."""
-    return any(e["event"] == "timeline" and e["stage"] == "query.secagg_shares" and e["round"] == server_round
-               and e["site"] == site for e in events(run)) if (run / "metrics.jsonl").is_file() else False
+    return (
+        any(
+            e["event"] == "timeline"
+            and e["stage"] == "query.secagg_shares"
+            and e["round"] == server_round
+            and e["site"] == site
+            for e in events(run)
+        )
+        if (run / "metrics.jsonl").is_file()
+        else False
+    )
 
 
 def test_a_deployed_secure_federation_survives_a_site_killed_in_round_2(tmp_path):
     root = tmp_path
     data = generate_federation(root / "data", n_sites=3, n_cases=4, shape=(32, 32, 24), strength=1.0, seed=0)
     app, digest = snapshot_app(root / "app")
-    fed = federation_yaml(root, app, SITES, rounds=ROUNDS, min_sites=2, run_name=RUN, cross_eval=False,
-                          secure_aggregation="secagg+", norm_bound=0.0, round_timeout_s=60.0)
+    fed = federation_yaml(
+        root,
+        app,
+        SITES,
+        rounds=ROUNDS,
+        min_sites=2,
+        run_name=RUN,
+        cross_eval=False,
+        secure_aggregation="secagg+",
+        norm_bound=0.0,
+        round_timeout_s=60.0,
+    )
     init_pki(root / "certs", [], [GATEWAY_HOST])
     sites = {name: make_site(root, name, data[name], fed, [digest]) for name in SITES}
     for name, path in sites.items():
@@ -66,8 +85,7 @@ def test_a_deployed_secure_federation_survives_a_site_killed_in_round_2(tmp_path
     daemons = {n: Launched(root / f"{n}.out", "fedseg-client", "start", "--config", str(p)) for n, p in sites.items()}
     everything = [server, *daemons.values()]
     try:
-        wait_for(lambda: _shares_arrived(run, "site-3", 2), 600, "site-3's shares of round 2", *everything,
-                 poll_s=0.1)
+        wait_for(lambda: _shares_arrived(run, "site-3", 2), 600, "site-3's shares of round 2", *everything, poll_s=0.1)
         daemons["site-3"].kill_tree()
         wait_for(lambda: server.proc.poll() is not None, 600, "the run to finish", *everything)
         assert server.proc.returncode == 0, server.output()[-3000:]
@@ -79,8 +97,11 @@ def test_a_deployed_secure_federation_survives_a_site_killed_in_round_2(tmp_path
     assert log[-1]["event"] == "run-end" and log[-1]["status"] == "completed", log[-1]
     assert log[-1]["rounds_completed"] == ROUNDS
     rounds = {e["round"]: e for e in log if e["event"] == "round"}
-    assert [(r, rounds[r]["sites_ok"], rounds[r]["aggregated"]) for r in sorted(rounds)] == \
-        [(1, 3, True), (2, 2, True), (3, 2, True)]
+    assert [(r, rounds[r]["sites_ok"], rounds[r]["aggregated"]) for r in sorted(rounds)] == [
+        (1, 3, True),
+        (2, 2, True),
+        (3, 2, True),
+    ]
     trained = Counter(e["site"] for e in log if e["event"] == "train")
     assert trained == {"site-1": ROUNDS, "site-2": ROUNDS, "site-3": 1}, trained
     assert all(e["num_examples"] is None for e in log if e["event"] == "train"), "a case count was sent"

@@ -17,19 +17,27 @@ def _record(values: list[float]) -> ArrayRecord:
 
 
 def test_momentum_carries_the_previous_rounds_update_into_the_next():
-    opt = server_optimizer(load_config(None, ["federation.server_optimizer=momentum",
-                                              "federation.server_momentum=0.5"]).federation)
+    opt = server_optimizer(
+        load_config(None, ["federation.server_optimizer=momentum", "federation.server_momentum=0.5"]).federation
+    )
     start = {"w": np.array([0.0, 1.0], np.float32)}
     first = opt.step(start, _record([0.5, 0.0])).to_numpy_ndarrays()[0]
     np.testing.assert_allclose(first, [0.5, 0.0], err_msg="the first round moves by its own update, as FedAvg")
     second = opt.step({"w": first}, _record([0.5, 0.0])).to_numpy_ndarrays()[0]
-    np.testing.assert_allclose(second, [0.75, -0.5], rtol=1e-6,
-                               err_msg="a round whose sites agree with the model still moves by half the last update")
+    np.testing.assert_allclose(
+        second,
+        [0.75, -0.5],
+        rtol=1e-6,
+        err_msg="a round whose sites agree with the model still moves by half the last update",
+    )
     assert second.dtype == np.float32
     plain = ServerMomentum(beta=0.0)
     np.testing.assert_allclose(plain.step(start, _record([0.5, 0.0])).to_numpy_ndarrays()[0], [0.5, 0.0])
-    np.testing.assert_allclose(plain.step({"w": np.array([0.5, 0.0], np.float32)}, _record([0.5, 0.0]))
-                               .to_numpy_ndarrays()[0], [0.5, 0.0], err_msg="beta 0 is plain averaging")
+    np.testing.assert_allclose(
+        plain.step({"w": np.array([0.5, 0.0], np.float32)}, _record([0.5, 0.0])).to_numpy_ndarrays()[0],
+        [0.5, 0.0],
+        err_msg="beta 0 is plain averaging",
+    )
     with pytest.raises(ConfigError, match="server_momentum"):
         load_config(None, ["federation.server_momentum=1"])
 
@@ -60,12 +68,15 @@ def test_saved_velocity_continues_the_same_trajectory(tmp_path):
     assert not np.allclose(fresh["w"], second["w"]), "without the velocity the step differs"
 
 
-@pytest.mark.parametrize("saved, problem", [
-    (None, "none saved"),
-    ({"momentum/w": np.zeros(3, np.float32)}, "does not fit the model"),
-    ({"momentum/w": np.array([np.nan, 0.0], np.float32)}, "NaN or Inf"),
-    ({"v/w": np.zeros(2, np.float32)}, "does not fit the model"),  # FedAdam's moments of an older run
-])
+@pytest.mark.parametrize(
+    "saved, problem",
+    [
+        (None, "none saved"),
+        ({"momentum/w": np.zeros(3, np.float32)}, "does not fit the model"),
+        ({"momentum/w": np.array([np.nan, 0.0], np.float32)}, "NaN or Inf"),
+        ({"v/w": np.zeros(2, np.float32)}, "does not fit the model"),  # FedAdam's moments of an older run
+    ],
+)
 def test_a_velocity_that_cannot_continue_the_model_starts_from_zero(tmp_path, caplog, saved, problem):
     if saved is not None:
         Checkpoints(tmp_path).save_optimizer(1, saved)

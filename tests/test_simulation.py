@@ -78,13 +78,15 @@ def test_config_snapshot_and_site_state(finished_run):
     assert snapshot["federation"]["rounds"] == ROUNDS
     assert snapshot["model"]["channels"] == cfg.model.channels
     for site in ("site-1", "site-2"):  # each site keeps its norm tensors of every round, under this run's identity
-        assert [p.name for p in site_norm_files(run / "sites" / site, run)] == \
-            [f"round-{r:04d}.safetensors" for r in range(1, ROUNDS + 1)]
+        assert [p.name for p in site_norm_files(run / "sites" / site, run)] == [
+            f"round-{r:04d}.safetensors" for r in range(1, ROUNDS + 1)
+        ]
 
 
 def test_nothing_keeps_running(finished_run):
     import os
 
     leftovers = descendants(os.getpid())
-    assert leftovers == [], [Path(f"/proc/{p}/cmdline").read_bytes()[:200] for p in leftovers
-                             if Path(f"/proc/{p}/cmdline").exists()]
+    assert leftovers == [], [
+        Path(f"/proc/{p}/cmdline").read_bytes()[:200] for p in leftovers if Path(f"/proc/{p}/cmdline").exists()
+    ]

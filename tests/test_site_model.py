@@ -29,17 +29,44 @@ def test_exported_model_reproduces_predict_voxel_for_voxel(tmp_path, trained_sit
     model_dir = tmp_path / "my-model"
     assert main(["export", "--config", str(site), "--run", str(run), "--out", str(model_dir)]) == 0
     assert "round 2" in capsys.readouterr().out
-    assert {p.name for p in model_dir.iterdir()} == {"model.safetensors", "config.yaml", "plan.json", "labels.json",
-                                                     "provenance.json", README_FILE}
+    assert {p.name for p in model_dir.iterdir()} == {
+        "model.safetensors",
+        "config.yaml",
+        "plan.json",
+        "labels.json",
+        "provenance.json",
+        README_FILE,
+    }
     assert json.loads((model_dir / "labels.json").read_text()) == {"background": 0, "lesion": 1}
     provenance = json.loads((model_dir / "provenance.json").read_text())
-    assert (provenance["run"], provenance["round"], provenance["site_dice"], provenance["federation_dice"]) == \
-        ("run", ROUND, 0.6125, 0.55)
+    assert (provenance["run"], provenance["round"], provenance["site_dice"], provenance["federation_dice"]) == (
+        "run",
+        ROUND,
+        0.6125,
+        0.55,
+    )
     readme = (model_dir / README_FILE).read_text()
     assert "0.6125" in readme and "round 2" in readme
-    assert main(["predict", "--config", str(site), "--run", str(run), "--input", str(scans),
-                 "--output", str(tmp_path / "from-run")]) == 0
-    assert main(["predict", "--model", str(model_dir), "--input", str(scans), "--output", str(tmp_path / "from-model")]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--config",
+                str(site),
+                "--run",
+                str(run),
+                "--input",
+                str(scans),
+                "--output",
+                str(tmp_path / "from-run"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["predict", "--model", str(model_dir), "--input", str(scans), "--output", str(tmp_path / "from-model")])
+        == 0
+    )
     from_run, from_model = _labels(tmp_path / "from-run"), _labels(tmp_path / "from-model")
     assert from_run.keys() == from_model.keys() and len(from_run) == 2
     assert all(np.array_equal(from_run[k], from_model[k]) for k in from_run)
@@ -48,7 +75,9 @@ def test_exported_model_reproduces_predict_voxel_for_voxel(tmp_path, trained_sit
 def test_a_personalized_export_needs_the_copy_cross_site_evaluation_scored(tmp_path, trained_site, capsys):
     """No new fine-tuning at export: without the scored copy (tests/test_site_state.py keeps one) it refuses."""
     run, site, _ = trained_site
-    assert main(["export", "--config", str(site), "--run", str(run), "--personalize", "--out", str(tmp_path / "p")]) == 2
+    assert (
+        main(["export", "--config", str(site), "--run", str(run), "--personalize", "--out", str(tmp_path / "p")]) == 2
+    )
     assert "no personalized copy" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
 
@@ -69,14 +98,30 @@ def test_readme_snippet_loads_the_same_network_with_torch_and_monai(tmp_path, tr
     with torch.no_grad():
         assert torch.equal(scope["net"](x), ours(x))
     norm_key = next(k for k in ours.state_dict() if "adn.N.weight" in k)
-    assert not torch.equal(ours.state_dict()[norm_key], build_model(load_config(None, TINY).model).state_dict()[norm_key])
+    assert not torch.equal(
+        ours.state_dict()[norm_key], build_model(load_config(None, TINY).model).state_dict()[norm_key]
+    )
 
 
 def test_audit_lists_every_export(tmp_path, trained_site, capsys):
     run, site, _ = trained_site
     for i, weights in enumerate(("best", f"round-{ROUND}")):
-        assert main(["export", "--config", str(site), "--run", str(run), "--weights", weights,
-                     "--out", str(tmp_path / f"export-{i}")]) == 0
+        assert (
+            main(
+                [
+                    "export",
+                    "--config",
+                    str(site),
+                    "--run",
+                    str(run),
+                    "--weights",
+                    weights,
+                    "--out",
+                    str(tmp_path / f"export-{i}"),
+                ]
+            )
+            == 0
+        )
     assert [e["weights"] for e in read_jsonl(tmp_path / "state" / EXPORT_LOG)] == ["best", "round-2"]
     capsys.readouterr()
     assert main(["audit", "--config", str(site)]) == 0

@@ -49,8 +49,16 @@ class CentreOfOne:
     """A run folder as the centre writes it, driven through the real ClientApp handlers of one site."""
 
     def __init__(self, root: Path, site_yaml: Path, name: str, run_id: str, *overrides: str) -> None:
-        self.cfg = load_config(None, tiny(f"federation.run_name={name}", f"federation.run_id={run_id}",
-                                          f"federation.runs_dir={root / 'runs'}", *RUN_SETTINGS, *overrides))
+        self.cfg = load_config(
+            None,
+            tiny(
+                f"federation.run_name={name}",
+                f"federation.run_id={run_id}",
+                f"federation.runs_dir={root / 'runs'}",
+                *RUN_SETTINGS,
+                *overrides,
+            ),
+        )
         self.site_yaml = site_yaml
         self.run = run_dir(self.cfg)
         self.run.mkdir(parents=True)
@@ -65,10 +73,22 @@ class CentreOfOne:
         return SiteState(Path(load_config(self.site_yaml).site.state_dir)).run(self.cfg)
 
     def message(self, message_type: str, server_round: int, weights: dict[str, torch.Tensor], **config):
-        record = ConfigRecord({keys.SERVER_ROUND: server_round, keys.PROXIMAL_MU: 0.0, keys.SIGNATURE: self.signature,
-                               keys.WIRE_DTYPE: "float32", keys.PLAN: (self.run / PLAN_FILE).read_text(), **config})
-        return incoming(RecordDict({keys.ARRAYS: to_wire(weights), keys.CONFIG: record}), message_type, node_id=7,
-                        server_round=server_round)
+        record = ConfigRecord(
+            {
+                keys.SERVER_ROUND: server_round,
+                keys.PROXIMAL_MU: 0.0,
+                keys.SIGNATURE: self.signature,
+                keys.WIRE_DTYPE: "float32",
+                keys.PLAN: (self.run / PLAN_FILE).read_text(),
+                **config,
+            }
+        )
+        return incoming(
+            RecordDict({keys.ARRAYS: to_wire(weights), keys.CONFIG: record}),
+            message_type,
+            node_id=7,
+            server_round=server_round,
+        )
 
     def weights(self, server_round: int) -> dict[str, torch.Tensor]:
         if server_round == 0:
@@ -76,14 +96,20 @@ class CentreOfOne:
         return load_file(self.checkpoints.dir / ROUND_CHECKPOINT.format(server_round))
 
     def train(self, server_round: int) -> None:
-        reply = client_app.train(self.message(MessageType.TRAIN, server_round, self.weights(server_round - 1)),
-                                 context(self.cfg, self.site_yaml))
+        reply = client_app.train(
+            self.message(MessageType.TRAIN, server_round, self.weights(server_round - 1)),
+            context(self.cfg, self.site_yaml),
+        )
         assert not reply.has_error(), reply.error.reason
         self.checkpoints.save_round(server_round, from_wire(unpack(reply.content).array_records[keys.ARRAYS]))
 
     def cross_eval(self, server_round: int, task: str = "evaluate") -> dict[str, int | float | list[int] | list[float]]:
-        msg = self.message(CROSS_EVAL, server_round, self.weights(server_round),
-                           **{keys.CROSS_EVAL_TASK: task, keys.CROSS_EVAL_MODEL: f"round {server_round}"})
+        msg = self.message(
+            CROSS_EVAL,
+            server_round,
+            self.weights(server_round),
+            **{keys.CROSS_EVAL_TASK: task, keys.CROSS_EVAL_MODEL: f"round {server_round}"},
+        )
         reply = client_app.cross_eval(msg, context(self.cfg, self.site_yaml))
         assert not reply.has_error(), reply.error.reason
         return dict(reply.content.metric_records[keys.METRICS])
@@ -91,8 +117,11 @@ class CentreOfOne:
 
 def site_yaml(root: Path, data_dir: Path) -> Path:
     path = root / f"{SITE}.yaml"
-    path.write_text(yaml.safe_dump({"site": {"name": SITE, "data_dir": str(data_dir), "state_dir": str(root / "state"),
-                                             "min_cohort": 1}}))
+    path.write_text(
+        yaml.safe_dump(
+            {"site": {"name": SITE, "data_dir": str(data_dir), "state_dir": str(root / "state"), "min_cohort": 1}}
+        )
+    )
     return path
 
 
@@ -118,8 +147,7 @@ def runs(tmp_path_factory, tiny_federation):
     b_start = select(first_b.model, first_b.split.local)
     for server_round in (1, 2):
         b.train(server_round)
-    return {"root": root, "site": yaml_path, "a": a, "b": b, "scored": scored, "a_files": a_files,
-            "b_start": b_start}
+    return {"root": root, "site": yaml_path, "a": a, "b": b, "scored": scored, "a_files": a_files, "b_start": b_start}
 
 
 def test_a_later_run_starts_from_the_global_initialisation_and_leaves_the_earlier_run_alone(runs):
@@ -158,8 +186,13 @@ def test_export_of_the_first_run_after_the_second_is_the_model_it_scored(runs, t
     out = tmp_path / "alpha-best"
     assert main(["export", "--config", str(runs["site"]), "--run", str(a.run), "--out", str(out)]) == 0
     provenance = json.loads((out / "provenance.json").read_text())
-    assert (provenance["run"], provenance["run_id"], provenance["weights"], provenance["round"],
-            provenance["norm_round"]) == ("alpha", "aaaaaaaaaaaa", "best", 2, 2)
+    assert (
+        provenance["run"],
+        provenance["run_id"],
+        provenance["weights"],
+        provenance["round"],
+        provenance["norm_round"],
+    ) == ("alpha", "aaaaaaaaaaaa", "best", 2, 2)
     assert provenance["site_dice"] == pytest.approx(runs["scored"][2]["dice"], abs=1e-9)
     assert "round 2" in (out / "README.md").read_text() and "cross-site evaluation" in (out / "README.md").read_text()
     exported, _, _ = load_site_model(out)
@@ -194,12 +227,23 @@ def test_two_runs_at_the_same_time_keep_apart(runs, tiny_federation, tmp_path):
 def test_cross_site_identify_and_evaluate_of_another_model_leave_the_runs_tensors_untouched(runs):
     a = runs["a"]
     before = files(a.state.folder)
-    other_cfg = load_config(None, [*tiny(*RUN_SETTINGS), "model.channels=[4, 8, 16]", "federation.run_name=alpha",
-                                   "federation.run_id=aaaaaaaaaaaa"])
+    other_cfg = load_config(
+        None,
+        [
+            *tiny(*RUN_SETTINGS),
+            "model.channels=[4, 8, 16]",
+            "federation.run_name=alpha",
+            "federation.run_id=aaaaaaaaaaaa",
+        ],
+    )
     other_weights, other_signature = initial_weights(other_cfg)
     for task, arrays in (("identify", a.weights(3)), ("evaluate", other_weights)):
-        msg = a.message(CROSS_EVAL, 3, arrays, **{keys.CROSS_EVAL_TASK: task, keys.CROSS_EVAL_MODEL: "last",
-                                                  keys.SIGNATURE: other_signature})
+        msg = a.message(
+            CROSS_EVAL,
+            3,
+            arrays,
+            **{keys.CROSS_EVAL_TASK: task, keys.CROSS_EVAL_MODEL: "last", keys.SIGNATURE: other_signature},
+        )
         reply = client_app.cross_eval(msg, context(other_cfg, runs["site"]))
         if task == "identify":  # trained in this run, whatever model the question is about
             assert reply.content.metric_records[keys.METRICS]["trained"] == 1.0
@@ -224,35 +268,103 @@ def test_the_personalized_copy_predict_and_export_use_is_the_one_that_was_scored
     scans.mkdir()
     case = data.spec.case(data.val_ids[0])
     (scans / case.images[0].name).write_bytes(case.images[0].read_bytes())
-    assert main(["predict", "--config", str(runs["site"]), "--run", str(a.run), "--personalized",
-                 "--input", str(scans), "--output", str(tmp_path / "out")]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--config",
+                str(runs["site"]),
+                "--run",
+                str(a.run),
+                "--personalized",
+                "--input",
+                str(scans),
+                "--output",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     assert "round 2, with the personalized copy" in capsys.readouterr().out
-    assert main(["export", "--config", str(runs["site"]), "--run", str(a.run), "--personalize",
-                 "--out", str(tmp_path / "personal")]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--config",
+                str(runs["site"]),
+                "--run",
+                str(a.run),
+                "--personalize",
+                "--out",
+                str(tmp_path / "personal"),
+            ]
+        )
+        == 0
+    )
     provenance = json.loads((tmp_path / "personal" / "provenance.json").read_text())
     assert provenance["round"] == 2 and provenance["site_dice"] == scored["dice_personal"]
     assert provenance["personalized"]["validation_cases"] == data.val_ids
-    assert main(["export", "--config", str(runs["site"]), "--run", str(a.run), "--personalize", "--weights", "last",
-                 "--out", str(tmp_path / "mismatch")]) == 2
+    assert (
+        main(
+            [
+                "export",
+                "--config",
+                str(runs["site"]),
+                "--run",
+                str(a.run),
+                "--personalize",
+                "--weights",
+                "last",
+                "--out",
+                str(tmp_path / "mismatch"),
+            ]
+        )
+        == 2
+    )
     assert "fine-tuned from round 2" in capsys.readouterr().err
 
 
 def test_one_default_round_for_export_predict_and_report_and_a_site_package(runs, tmp_path, capsys):
     a = runs["a"]
-    (a.run / METRICS_FILE).write_text("".join(json.dumps(e) + "\n" for e in [
-        {"event": "evaluate", "round": 2, "site": SITE, "dice": 0.5},
-        {"event": "evaluate", "round": 2, "site": "site-2", "dice": 0.7},
-        {"event": "round", "round": 2, "dice_mean": 0.6, "sites_ok": 2, "sites_failed": ["site-3"]}]))
+    (a.run / METRICS_FILE).write_text(
+        "".join(
+            json.dumps(e) + "\n"
+            for e in [
+                {"event": "evaluate", "round": 2, "site": SITE, "dice": 0.5},
+                {"event": "evaluate", "round": 2, "site": "site-2", "dice": 0.7},
+                {"event": "round", "round": 2, "dice_mean": 0.6, "sites_ok": 2, "sites_failed": ["site-3"]},
+            ]
+        )
+    )
     package = tmp_path / "package"
     package_run(a.run, SITE, package)
     assert str(a.run.parent) not in (package / CONFIG_FILE).read_text()  # no centre path reaches the site
     assert [e.get("site") for e in map(json.loads, (package / METRICS_FILE).read_text().splitlines())] == [SITE, None]
     assert "site-3" not in (package / METRICS_FILE).read_text()
     assert {p.name for p in (package / CHECKPOINT_DIR).iterdir()} == {
-        "round-0001.safetensors", "round-0002.safetensors", "round-0003.safetensors", "best.safetensors",
-        "last.safetensors", "state.json"}
-    assert main(["predict", "--config", str(runs["site"]), "--run", str(package), "--input", str(tmp_path / "none"),
-                 "--output", str(tmp_path / "o")]) == 2  # no scans, but the model line comes first
+        "round-0001.safetensors",
+        "round-0002.safetensors",
+        "round-0003.safetensors",
+        "best.safetensors",
+        "last.safetensors",
+        "state.json",
+    }
+    assert (
+        main(
+            [
+                "predict",
+                "--config",
+                str(runs["site"]),
+                "--run",
+                str(package),
+                "--input",
+                str(tmp_path / "none"),
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )  # no scans, but the model line comes first
     assert "best = round 2, with this site's norm tensors of round 2" in capsys.readouterr().out
     assert main(["report", "--config", str(runs["site"]), "--run", str(package), "--out", str(tmp_path / "r")]) == 0
     assert "best = round 2" in capsys.readouterr().out
@@ -267,8 +379,16 @@ def test_adding_a_case_moves_no_existing_case(tmp_path, caplog):
         grown_train, grown_val = split_cases([*ids, "case_new"], 0.25, seed)
         assert set(train) <= set(grown_train) and set(val) <= set(grown_val)
     root = nnunet_dataset(tmp_path / "data", n_cases=12)
-    cfg = load_config(None, [f"site.data_dir={root}", f"site.state_dir={tmp_path / 's'}", "site.min_cohort=1",
-                             "model.in_channels=1", "model.out_channels=2"])
+    cfg = load_config(
+        None,
+        [
+            f"site.data_dir={root}",
+            f"site.state_dir={tmp_path / 's'}",
+            "site.min_cohort=1",
+            "model.in_channels=1",
+            "model.out_channels=2",
+        ],
+    )
     state = SiteState(tmp_path / "s")
     _, train, val = open_split(cfg, state)
     nnunet_dataset(tmp_path / "data", n_cases=13)  # the site adds a 13th case

@@ -26,12 +26,20 @@ def make_strategy(tmp_path, *overrides: str) -> FedSegStrategy:
     return FedSegStrategy(cfg, SIGNATURE, SHAPES, MetricsLog(tmp_path), Checkpoints(tmp_path / "ckpt"))
 
 
-def train_reply(node: int, site: str, value: float, n: int, arrays: dict | None = None,
-                signature: str = SIGNATURE, evaluation: dict | None = None) -> Message:
+def train_reply(
+    node: int,
+    site: str,
+    value: float,
+    n: int,
+    arrays: dict | None = None,
+    signature: str = SIGNATURE,
+    evaluation: dict | None = None,
+) -> Message:
     """Site ``site`` sends weights all equal to ``value`` (or ``arrays`` in their place), claiming ``n`` cases."""
     weights = {"w": torch.full((2, 2), value), "b": torch.full((2,), value), **(arrays or {})}
-    return messages.train_reply(node, site, arrays=ArrayRecord(weights), n=n, signature=signature,
-                                evaluation=evaluation)
+    return messages.train_reply(
+        node, site, arrays=ArrayRecord(weights), n=n, signature=signature, evaluation=evaluation
+    )
 
 
 def test_weighted_mean_of_sound_replies_only(tmp_path):
@@ -104,11 +112,14 @@ def test_a_round_is_evaluated_and_closed_with_the_next_rounds_training(tmp_path)
     def evaluation(dice: float) -> dict:
         return {keys.NUM_EXAMPLES: 2, "dice": dice, "loss": 0.3}
 
-    strategy.aggregate_train(2, [
-        train_reply(11, "a", 1.0, 1, evaluation=evaluation(0.6)),
-        train_reply(12, "b", 2.0, 1, evaluation=evaluation(1.7)),  # not a Dice: its update still counts
-        reply(Error(1001, "site c: local training diverged"), 13, MessageType.TRAIN),
-    ])
+    strategy.aggregate_train(
+        2,
+        [
+            train_reply(11, "a", 1.0, 1, evaluation=evaluation(0.6)),
+            train_reply(12, "b", 2.0, 1, evaluation=evaluation(1.7)),  # not a Dice: its update still counts
+            reply(Error(1001, "site c: local training diverged"), 13, MessageType.TRAIN),
+        ],
+    )
     events = list(read_events(tmp_path / "metrics.jsonl"))
     round_1 = [e for e in events if e["event"] == "round" and e["round"] == 1]
     assert len(round_1) == 1 and round_1[0]["dice_mean"] == pytest.approx(0.6) and round_1[0]["sites_ok"] == 2
@@ -143,8 +154,9 @@ def test_a_resumed_run_continues_with_the_saved_momentum(tmp_path):
         grid = LocalGrid(strategy.cfg, app=None)
         for server_round, value in enumerate(values, start=1):
             strategy.configure_train(server_round, model, ConfigRecord(), grid)
-            aggregated, _ = strategy.aggregate_train(server_round, [train_reply(11, "a", value, 1),
-                                                                    train_reply(12, "b", value + 1, 1)])
+            aggregated, _ = strategy.aggregate_train(
+                server_round, [train_reply(11, "a", value, 1), train_reply(12, "b", value + 1, 1)]
+            )
             assert aggregated is not None
             model = aggregated
         return model
@@ -156,8 +168,14 @@ def test_a_resumed_run_continues_with_the_saved_momentum(tmp_path):
     assert (tmp_path / "crash" / "ckpt" / "server-optimizer-0002.safetensors").is_file()
 
     def restarted(resume: bool) -> np.ndarray:
-        strategy = FedSegStrategy(first.cfg, SIGNATURE, SHAPES, MetricsLog(tmp_path / "crash"),
-                                  Checkpoints(tmp_path / "crash" / "ckpt"), round_offset=2)
+        strategy = FedSegStrategy(
+            first.cfg,
+            SIGNATURE,
+            SHAPES,
+            MetricsLog(tmp_path / "crash"),
+            Checkpoints(tmp_path / "crash" / "ckpt"),
+            round_offset=2,
+        )
         if resume:
             strategy.resume_optimizer(2)
         return rounds(strategy, after_two, [4.0])["w"].numpy()

@@ -45,13 +45,14 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _cases(dataset_dir: Path) -> list[tuple[Path, Path]]:
     """(image, label) pairs of a dataset, matched by case id."""
     labels = sorted((dataset_dir / "labelsTr").glob("*.nii.gz"))
-    return [(dataset_dir / "imagesTr" / p.name.replace(".nii.gz", "_0000.nii.gz"), p)
-            for p in labels]
+    return [(dataset_dir / "imagesTr" / p.name.replace(".nii.gz", "_0000.nii.gz"), p) for p in labels]
 
 
 def _arrays(dataset_dir: Path) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [(np.asarray(load_nifti(image).dataobj), np.asarray(load_nifti(label).dataobj))
-            for image, label in _cases(dataset_dir)]
+    return [
+        (np.asarray(load_nifti(image).dataobj), np.asarray(load_nifti(label).dataobj))
+        for image, label in _cases(dataset_dir)
+    ]
 
 
 def _zscore(image: np.ndarray) -> np.ndarray:
@@ -146,11 +147,10 @@ def test_orientation_keeps_world_coordinates(tmp_path: Path) -> None:
     lps = replace(ras, orientation="LPS")
     ras_dir = generate_site(tmp_path / "ras", "a", 1, SHAPE, ras, seed=3)
     lps_dir = generate_site(tmp_path / "lps", "a", 1, SHAPE, lps, seed=3)
-    (ras_img, ras_lab), = _cases(ras_dir)
-    (lps_img, lps_lab), = _cases(lps_dir)
+    ((ras_img, ras_lab),) = _cases(ras_dir)
+    ((lps_img, lps_lab),) = _cases(lps_dir)
     assert nib.aff2axcodes(load_nifti(lps_lab).affine) == ("L", "P", "S")
-    assert not np.array_equal(np.asarray(load_nifti(ras_lab).dataobj),
-                              np.asarray(load_nifti(lps_lab).dataobj))
+    assert not np.array_equal(np.asarray(load_nifti(ras_lab).dataobj), np.asarray(load_nifti(lps_lab).dataobj))
     for ras_path, lps_path in ((ras_img, lps_img), (ras_lab, lps_lab)):
         a = nib.as_closest_canonical(load_nifti(ras_path))
         b = nib.as_closest_canonical(load_nifti(lps_path))
@@ -253,13 +253,16 @@ def test_changed_arguments_are_regenerated(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------
 # Argument checks
 # --------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs", [
-    {"orientation": "XYZ"},
-    {"orientation": "RRS"},
-    {"gamma": 0.0},
-    {"bias_strength": 1.0},
-    {"spacing": (1.0, 1.0)},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"orientation": "XYZ"},
+        {"orientation": "RRS"},
+        {"gamma": 0.0},
+        {"bias_strength": 1.0},
+        {"spacing": (1.0, 1.0)},
+    ],
+)
 def test_invalid_signature_is_rejected(kwargs: dict) -> None:
     base = default_signatures(1)[0]
     with pytest.raises(ValueError):

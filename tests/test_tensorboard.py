@@ -37,8 +37,11 @@ def _numbers(events: list[dict]) -> list[tuple[dict, str, int | None, float]]:
             if isinstance(value, (int, float)):
                 out.append((e, name, None, float(value)))
             elif isinstance(value, list):
-                out += [(e, name, i, float(v)) for i, v in enumerate(value)
-                        if isinstance(v, (int, float)) and not isinstance(v, bool)]
+                out += [
+                    (e, name, i, float(v))
+                    for i, v in enumerate(value)
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)
+                ]
     return out
 
 
@@ -53,9 +56,14 @@ def _maps_onto(scalar: tuple[str, int, float, float], number: tuple[dict, str, i
             return False
         rest = rest[1:]
     texts = {v for v in event.values() if isinstance(v, str)}
-    return (kind == event["event"] and field == name and step == (event.get("round") or 0)
-            and value == pytest.approx(expected, rel=FLOAT32, abs=1e-30)
-            and wall == pytest.approx(event["time"], abs=1e-3) and all(part in texts for part in rest))
+    return (
+        kind == event["event"]
+        and field == name
+        and step == (event.get("round") or 0)
+        and value == pytest.approx(expected, rel=FLOAT32, abs=1e-30)
+        and wall == pytest.approx(event["time"], abs=1e-3)
+        and all(part in texts for part in rest)
+    )
 
 
 def _assert_mirror(folder: Path, metrics: Path) -> None:
@@ -82,9 +90,22 @@ def test_the_live_mirror_of_a_simulation_holds_the_log_and_nothing_else(quorum_r
 
 def test_the_privacy_budget_is_mirrored_as_privacy_epsilon(tmp_path):
     """The shared simulation runs without DP: the privacy event's mirror, from a log that holds one."""
-    events = [{"event": "privacy", "round": 1, "time": 1.0, "epsilon": 0.7, "delta": 1e-5, "releases": 1,
-               "noise_multiplier": 0.5, "clipping_norm": 2.0, "sites": 2, "denominator": 3, "noise_std": 0.33,
-               "accountant": "gaussian"}]
+    events = [
+        {
+            "event": "privacy",
+            "round": 1,
+            "time": 1.0,
+            "epsilon": 0.7,
+            "delta": 1e-5,
+            "releases": 1,
+            "noise_multiplier": 0.5,
+            "clipping_norm": 2.0,
+            "sites": 2,
+            "denominator": 3,
+            "noise_std": 0.33,
+            "accountant": "gaussian",
+        }
+    ]
     folder = _mirror_of(events, tmp_path / "run")
     _assert_mirror(folder, tmp_path / "run" / METRICS_FILE)
     assert "privacy/epsilon" in {s[0] for s in _read_back(folder)}

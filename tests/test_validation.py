@@ -26,16 +26,19 @@ MIN_DICE_LOSS_UNCHECKED = 0.05
 """A 100x update let through must visibly hurt, or this test proves nothing."""
 
 
-
 def _equal(a: ArrayRecord, b: ArrayRecord) -> bool:
     return list(a) == list(b) and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
 
 
-@pytest.mark.parametrize("attack, reason", [
-    (lambda hostile_round, r: nan_update(r), "holds NaN or Inf"),
-    (lambda hostile_round, r: wrong_shape(r), "has shape"),
-    (lambda hostile_round, r: scaled_update(r, hostile_round.start, SCALE), "exceeds 10 x the other sites' median"),
-], ids=["nan", "wrong-shape", "scaled-100x"])
+@pytest.mark.parametrize(
+    "attack, reason",
+    [
+        (lambda hostile_round, r: nan_update(r), "holds NaN or Inf"),
+        (lambda hostile_round, r: wrong_shape(r), "has shape"),
+        (lambda hostile_round, r: scaled_update(r, hostile_round.start, SCALE), "exceeds 10 x the other sites' median"),
+    ],
+    ids=["nan", "wrong-shape", "scaled-100x"],
+)
 def test_hostile_reply_is_rejected_and_the_model_unchanged(hostile_round, attack, reason):
     *honest, victim = hostile_round.honest
     name = f"reject-{reason.split()[0]}"
@@ -52,7 +55,9 @@ def test_global_dice_is_unaffected_by_a_rejected_100x_site(hostile_round):
     hostile = scaled_update(victim, hostile_round.start, SCALE)
     guarded = hostile_round.dice(hostile_round.aggregate([*honest, hostile], name="guarded"))
     assert guarded == hostile_round.dice(hostile_round.aggregate(honest, name="four-honest"))
-    unchecked = hostile_round.dice(hostile_round.aggregate([*honest, hostile], "federation.norm_bound=0", name="unchecked"))
+    unchecked = hostile_round.dice(
+        hostile_round.aggregate([*honest, hostile], "federation.norm_bound=0", name="unchecked")
+    )
     assert unchecked < guarded - MIN_DICE_LOSS_UNCHECKED, (unchecked, guarded)
 
 
@@ -79,7 +84,8 @@ def test_norm_bound_is_relative_to_the_median_of_the_others():
     assert reasons[:3] == [None, None, None] and "exceeds 10 x" in reasons[3]
     assert validator.norm_problems([_arrays(1.0), _arrays(9.0)], reference) == [None, None]
     assert ReplyValidator("sig", {"w": (4,)}, norm_bound=0).norm_problems(
-        [_arrays(1.0), _arrays(1.0), _arrays(1e6)], reference) == [None, None, None]
+        [_arrays(1.0), _arrays(1.0), _arrays(1e6)], reference
+    ) == [None, None, None]
     assert update_norm(_arrays(1.0), reference) == pytest.approx(2.0)
 
 
@@ -88,8 +94,13 @@ def test_evaluation_replies_may_not_carry_arrays():
 
     from common import keys
 
-    content = RecordDict({keys.ARRAYS: _arrays(0.0), keys.IDENTITY: ConfigRecord({keys.SIGNATURE: "sig"}),
-                          keys.METRICS: MetricRecord({"dice": 0.5, "loss": 0.1, keys.NUM_EXAMPLES: 2})})
+    content = RecordDict(
+        {
+            keys.ARRAYS: _arrays(0.0),
+            keys.IDENTITY: ConfigRecord({keys.SIGNATURE: "sig"}),
+            keys.METRICS: MetricRecord({"dice": 0.5, "loss": 0.1, keys.NUM_EXAMPLES: 2}),
+        }
+    )
     problem = ReplyValidator("sig", {"w": (4,)}).problem(make_reply(content, 3, MessageType.EVALUATE), False)
     assert problem == "model arrays in an evaluation reply"
 

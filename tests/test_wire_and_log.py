@@ -32,8 +32,12 @@ def test_float16_on_the_wire_halves_bytes_and_returns_float32():
 
 
 def _packed_model() -> tuple[dict[str, torch.Tensor], RecordDict]:
-    tensors = {"enc.conv.weight": torch.randn(8, 1, 3, 3, 3), "enc.conv.bias": torch.randn(8),
-               "scale": torch.tensor(2.0), "steps": torch.tensor([3], dtype=torch.int64)}
+    tensors = {
+        "enc.conv.weight": torch.randn(8, 1, 3, 3, 3),
+        "enc.conv.bias": torch.randn(8),
+        "scale": torch.tensor(2.0),
+        "steps": torch.tensor([3], dtype=torch.int64),
+    }
     content = RecordDict({keys.ARRAYS: to_wire(tensors, "float16"), keys.CONFIG: ConfigRecord({"round": 1})})
     return tensors, pack(content)
 
@@ -60,15 +64,18 @@ def test_a_packed_message_is_a_few_flower_objects_and_unpacks_to_the_same_tensor
     assert unpack(unpacked) is unpacked  # an unpacked message passes as it is
 
 
-@pytest.mark.parametrize("field, value", [
-    ("shapes", [8, 1, 3, 3, 3, 9, 1]),          # one value more than sent
-    ("shapes", [8, 1, 3, 3, 3, 7, 1]),          # one value less
-    ("names", ["a", "a", "b", "c"]),            # a repeated name
-    ("dtypes", ["float16", "float16", "object", "int64"]),
-    ("ndims", [5, 1, 0]),                       # lists of different lengths
-    ("shapes", [8, 1, 3, 3, 3, -8, 1]),         # a negative size
-    ("names", "enc"),                           # not a list
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("shapes", [8, 1, 3, 3, 3, 9, 1]),  # one value more than sent
+        ("shapes", [8, 1, 3, 3, 3, 7, 1]),  # one value less
+        ("names", ["a", "a", "b", "c"]),  # a repeated name
+        ("dtypes", ["float16", "float16", "object", "int64"]),
+        ("ndims", [5, 1, 0]),  # lists of different lengths
+        ("shapes", [8, 1, 3, 3, 3, -8, 1]),  # a negative size
+        ("names", "enc"),  # not a list
+    ],
+)
 def test_a_layout_that_lies_is_refused_whole(field, value):
     _, packed = _packed_model()
     packed[keys.LAYOUT][field] = value
@@ -78,13 +85,15 @@ def test_a_layout_that_lies_is_refused_whole(field, value):
 
 def test_packed_arrays_that_disagree_with_the_layout_are_refused():
     _, packed = _packed_model()
-    packed[keys.ARRAYS] = ArrayRecord({"packed-float16": Array(np.zeros(10, np.float16)),
-                                       "packed-int64": Array(np.zeros(1, np.int64))})
+    packed[keys.ARRAYS] = ArrayRecord(
+        {"packed-float16": Array(np.zeros(10, np.float16)), "packed-int64": Array(np.zeros(1, np.int64))}
+    )
     with pytest.raises(WireError):
         unpack(packed)
     _, packed = _packed_model()
-    packed[keys.ARRAYS] = ArrayRecord({"packed-float32": Array(np.zeros(225, np.float32)),
-                                       "packed-int64": Array(np.zeros(1, np.int64))})
+    packed[keys.ARRAYS] = ArrayRecord(
+        {"packed-float32": Array(np.zeros(225, np.float32)), "packed-int64": Array(np.zeros(1, np.int64))}
+    )
     with pytest.raises(WireError):
         unpack(packed)
 
@@ -127,11 +136,14 @@ def test_one_checkpoint_name_grammar():
     assert parse_checkpoint_name("round-3") == parse_checkpoint_name("round-0003") == CheckpointName.of_round(3)
     assert parse_checkpoint_name("round-3").file == ROUND_CHECKPOINT.format(3) == "round-0003.safetensors"
     assert str(CheckpointName.of_round(12)) == "round-12"
-    assert [parse_checkpoint_name(t) for t in ("round-", "Best", "runs/x/round-0003.safetensors", "round-3x")] == \
-        [None] * 4
+    assert [parse_checkpoint_name(t) for t in ("round-", "Best", "runs/x/round-0003.safetensors", "round-3x")] == [
+        None
+    ] * 4
     assert round_of_file("round-0007.safetensors", NORM_ROUND_FILE) == 7
-    assert [round_of_file(n, NORM_ROUND_FILE) for n in ("round-7.safetensors", ".round-0007.safetensors.1-2.tmp",
-                                                         "round-0007.json")] == [None] * 3
+    assert [
+        round_of_file(n, NORM_ROUND_FILE)
+        for n in ("round-7.safetensors", ".round-0007.safetensors.1-2.tmp", "round-0007.json")
+    ] == [None] * 3
 
 
 def test_a_message_round_is_read_from_its_config_else_its_group():
@@ -155,6 +167,9 @@ def test_an_atomic_write_is_whole_and_owner_only_when_private(tmp_path):
     assert stat.S_IMODE((tmp_path / "plain.json").stat().st_mode) == 0o644
     with pytest.raises(ZeroDivisionError):
         from common.files import atomic_save
+
         atomic_save(tmp_path / "plain.json", lambda tmp: (tmp.write_text("half"), 1 / 0))
-    assert (tmp_path / "plain.json").read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == \
-        ["plain.json", "secret.json"]
+    assert (tmp_path / "plain.json").read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "plain.json",
+        "secret.json",
+    ]

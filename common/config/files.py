@@ -52,21 +52,27 @@ CENTRE_ONLY_MODEL_KEYS = ("init_weights",)
 """Model options that name centre paths: the weights they point at reach sites as the model itself."""
 
 _RESULTS = "docs/results.md"
-_SERVER_ADAPTIVE = (f"FedAdam and FedYogi at the server reached 0.072 and 0.292 mean Dice: they break training "
-                    f"({_RESULTS})")
+_SERVER_ADAPTIVE = (
+    f"FedAdam and FedYogi at the server reached 0.072 and 0.292 mean Dice: they break training ({_RESULTS})"
+)
 
 REMOVED_VALUES: dict[str, dict[Any, str]] = {
     "federation.server_optimizer": {"adam": _SERVER_ADAPTIVE, "yogi": _SERVER_ADAPTIVE},
     "train.personalize": {"all": f"fine-tuning every weight gave no gain over norm+head ({_RESULTS})"},
-    "train.augmentation": {"scanner": "scanner-shift augmentation gave no gain over standard (0.727/0.755 against "
-                                      f"0.741/0.760 mean Dice, {_RESULTS})"},
+    "train.augmentation": {
+        "scanner": "scanner-shift augmentation gave no gain over standard (0.727/0.755 against "
+        f"0.741/0.760 mean Dice, {_RESULTS})"
+    },
 }
 """Option values measurements showed do not help: a config naming one is refused, saying why."""
 
 REMOVED_OPTIONS: dict[str, tuple[Any, str]] = {
     "train.optimizer": ("adam", "SGD was never run; the local optimizer is Adam"),
-    "train.lr_schedule": ("constant", "poly decay hurt (0.584/0.608 against 0.741/0.760 mean Dice for a constant "
-                                      f"rate, {_RESULTS}); the learning rate is constant"),
+    "train.lr_schedule": (
+        "constant",
+        "poly decay hurt (0.584/0.608 against 0.741/0.760 mean Dice for a constant "
+        f"rate, {_RESULTS}); the learning rate is constant",
+    ),
     "federation.server_lr": (0.01, f"it was FedAdam/FedYogi's step, removed: {_SERVER_ADAPTIVE}"),
     "federation.server_tau": (0.001, f"it was FedAdam/FedYogi's adaptivity, removed: {_SERVER_ADAPTIVE}"),
 }
@@ -81,11 +87,15 @@ def _subset(name: str, section: type[Section], keys: tuple[str, ...], doc: str) 
 
 
 SiteTrain = _subset("SiteTrain", TrainConfig, SITE_TRAIN_KEYS, "The train options a site.yaml may set.")
-FederationView = _subset("FederationView", FederationConfig, VIEW_FEDERATION_KEYS,
-                         "The federation options a site receives with the run.")
-ModelView = _subset("ModelView", ModelConfig,
-                    tuple(k for k in ModelConfig.model_fields if k not in CENTRE_ONLY_MODEL_KEYS),
-                    "The model options a site receives with the run.")
+FederationView = _subset(
+    "FederationView", FederationConfig, VIEW_FEDERATION_KEYS, "The federation options a site receives with the run."
+)
+ModelView = _subset(
+    "ModelView",
+    ModelConfig,
+    tuple(k for k in ModelConfig.model_fields if k not in CENTRE_ONLY_MODEL_KEYS),
+    "The model options a site receives with the run.",
+)
 
 
 class CentreFile(Section):
@@ -134,14 +144,17 @@ class SiteView(Section):
         return _validated(FedsegConfig, {**self.model_dump(), "site": site, "train": train}, "the site's run config")
 
 
-FILE_NAMES: dict[type[Section], str] = {CentreFile: "the centre's federation.yaml", SiteFile: "a site.yaml",
-                                        SiteView: "the run config a site receives",
-                                        FedsegConfig: "a resolved config"}
+FILE_NAMES: dict[type[Section], str] = {
+    CentreFile: "the centre's federation.yaml",
+    SiteFile: "a site.yaml",
+    SiteView: "the run config a site receives",
+    FedsegConfig: "a resolved config",
+}
 
 _BELONGS = {
     "site": "a site's own settings belong in its site.yaml (in a simulation: simulation.sites.<name>.site_yaml)",
     "train": "the centre sets training for every site in federation.yaml; a site.yaml may set only "
-             + ", ".join(f"train.{k}" for k in SITE_TRAIN_KEYS),
+    + ", ".join(f"train.{k}" for k in SITE_TRAIN_KEYS),
 }
 """Why a key another file holds is refused here, by section; other sections are the centre's."""
 
@@ -278,8 +291,9 @@ def _validated(schema: type[Section], raw: dict[str, Any], source: str) -> Any:
         raise ConfigError(explain_error(err, schema, source)) from None
 
 
-def from_dict(raw: dict[str, Any] | None, source: str = "<config>",
-              schema: type[Section] = FedsegConfig) -> FedsegConfig:
+def from_dict(
+    raw: dict[str, Any] | None, source: str = "<config>", schema: type[Section] = FedsegConfig
+) -> FedsegConfig:
     """A validated config from nested dictionaries read as ``schema``'s file; ``source`` names it in errors.
 
     Only what the file set is set in the result (``model_fields_set``), so a
@@ -294,8 +308,9 @@ def from_dict(raw: dict[str, Any] | None, source: str = "<config>",
     return _validated(FedsegConfig, parsed.model_dump(exclude_unset=True), source)
 
 
-def load_config(path: Path | None = None, overrides: list[str] | None = None,
-                schema: type[Section] = FedsegConfig) -> FedsegConfig:
+def load_config(
+    path: Path | None = None, overrides: list[str] | None = None, schema: type[Section] = FedsegConfig
+) -> FedsegConfig:
     """Load a YAML file (or the defaults when ``path`` is None) read as ``schema``, then apply flag overrides.
 
     ``schema`` is the file's kind: ``CentreFile`` (federation.yaml), ``SiteFile``

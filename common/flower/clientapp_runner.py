@@ -77,6 +77,8 @@ def task_commands() -> frozenset[str]:
 
     commands = frozenset(TASK_TYPE_TO_COMMAND.values())
     if CLIENTAPP_COMMAND not in commands:
-        raise RuntimeError(f"this Flower starts ClientApps by another name than {CLIENTAPP_COMMAND}; the bundle "
-                           f"guard cannot stand in front of it. Pin flwr {FLOWER_VERSION} or update common/flower/.")
+        raise RuntimeError(
+            f"this Flower starts ClientApps by another name than {CLIENTAPP_COMMAND}; the bundle "
+            f"guard cannot stand in front of it. Pin flwr {FLOWER_VERSION} or update common/flower/."
+        )
     return commands

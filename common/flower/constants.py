@@ -5,6 +5,7 @@ from flwr.supercore.constant import NodeStatus
 
 __all__ = ["SUPERLINK_NODE_ID", "ErrorCode", "NodeStatus", "Status", "UNDELIVERED"]
 
-UNDELIVERED = frozenset({ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE,
-                         ErrorCode.REPLY_MESSAGE_UNAVAILABLE})
+UNDELIVERED = frozenset(
+    {ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE}
+)
 """The SuperLink's answers for a message that never reached its node, or whose reply was lost."""

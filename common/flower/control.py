@@ -61,7 +61,9 @@ class ControlAPI:
 
     def __init__(self, port: int, ca_file: Path) -> None:
         self.client = ControlHttpClient.from_server_address(
-            f"{CONTROL_HOST}:{port}", insecure=False, root_certificates=Path(ca_file).read_bytes(),
+            f"{CONTROL_HOST}:{port}",
+            insecure=False,
+            root_certificates=Path(ca_file).read_bytes(),
             interceptors=[RuntimeVersionHttpInterceptor(component_name=COMPONENT)],
         )
 
@@ -69,8 +71,7 @@ class ControlAPI:
         self.client.close()
 
     def _nodes(self) -> list:
-        return [n for n in self.client.ListNodes(ListNodesRequest()).nodes_info
-                if n.status != NodeStatus.UNREGISTERED]
+        return [n for n in self.client.ListNodes(ListNodesRequest()).nodes_info if n.status != NodeStatus.UNREGISTERED]
 
     def sync_allow_list(self, keys: dict[str, ec.EllipticCurvePublicKey]) -> Registration:
         """Make the registered node keys exactly the allow-listed ones."""
@@ -96,8 +97,10 @@ class ControlAPI:
     def start_run(self, fab: bytes, run_config: dict[str, str]) -> int:
         """Submit the app bundle with its run config; returns Flower's run id."""
         override: dict[str, bool | float | int | str] = dict(run_config)
-        request = StartRunRequest(fab=fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, {})),
-                                  override_config=user_config_to_proto(override))
+        request = StartRunRequest(
+            fab=fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, {})),
+            override_config=user_config_to_proto(override),
+        )
         response = self.client.StartRun(request)
         if not response.HasField("run_id"):
             raise RuntimeError("the SuperLink did not start the run")

@@ -61,8 +61,9 @@ class DelegatingGrid(Grid):
 class MappingGrid(DelegatingGrid):
     """A Grid that passes every message it sends through ``outgoing`` and every reply through ``incoming``."""
 
-    def __init__(self, grid: Grid, outgoing: Callable[[Message], Message],
-                 incoming: Callable[[Message], Message]) -> None:
+    def __init__(
+        self, grid: Grid, outgoing: Callable[[Message], Message], incoming: Callable[[Message], Message]
+    ) -> None:
         super().__init__(grid)
         self._outgoing, self._incoming = outgoing, incoming
 
@@ -80,8 +81,7 @@ class MappingGrid(DelegatingGrid):
 def undelivered(reply: Message) -> bool:
     """Whether the SuperLink itself answered that the message never reached its node (a site cannot say so:
     an error a site sends with such a code is that site's failure, not a reason to send the message again)."""
-    return (reply.has_error() and reply.metadata.src_node_id == SUPERLINK_NODE_ID
-            and reply.error.code in UNDELIVERED)
+    return reply.has_error() and reply.metadata.src_node_id == SUPERLINK_NODE_ID and reply.error.code in UNDELIVERED
 
 
 class PollingGrid(DelegatingGrid):
@@ -101,8 +101,11 @@ class PollingGrid(DelegatingGrid):
 
     def resending(self, message: Message) -> None:
         """Called before ``message`` (one that never arrived) is sent again to its node."""
-        log.warning("a %s message did not reach node %s; sending it again", message.metadata.message_type,
-                    message.metadata.dst_node_id)
+        log.warning(
+            "a %s message did not reach node %s; sending it again",
+            message.metadata.message_type,
+            message.metadata.dst_node_id,
+        )
 
     def unanswered(self, message_ids: set[str]) -> None:
         """Called with the messages whose deadline passed without a reply; by default nothing is done."""
@@ -122,7 +125,11 @@ class PollingGrid(DelegatingGrid):
                 message_id = reply.metadata.reply_to_message_id
                 pending.discard(message_id)
                 original = originals.get(message_id)
-                if original is not None and undelivered(reply) and resent.count(original.metadata.dst_node_id) < MAX_RESENDS:
+                if (
+                    original is not None
+                    and undelivered(reply)
+                    and resent.count(original.metadata.dst_node_id) < MAX_RESENDS
+                ):
                     waiting[original.metadata.dst_node_id] = (original, reply)
                 else:
                     replies.append(reply)
@@ -130,8 +137,9 @@ class PollingGrid(DelegatingGrid):
             for node in [n for n in waiting if n in online]:
                 original, _ = waiting.pop(node)
                 self.resending(original)
-                again = Message(original.content, node, original.metadata.message_type,
-                                group_id=original.metadata.group_id)
+                again = Message(
+                    original.content, node, original.metadata.message_type, group_id=original.metadata.group_id
+                )
                 (message_id,) = self.push_messages([again])
                 originals[message_id] = again
                 pending.add(message_id)

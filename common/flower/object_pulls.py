@@ -31,7 +31,8 @@ def quicken_object_pulls() -> bool:
         defaults = getattr(getattr(inflatable_utils, name, None), "__kwdefaults__", None) or {}
         if PULL_DEFAULTS <= defaults.keys():
             # unlimited tries: Flower's 500 tries at up to 10 s each become max_time (2 h) alone
-            defaults.update(initial_backoff=PULL_INITIAL_BACKOFF_S, backoff_cap=PULL_BACKOFF_CAP_S,
-                            max_tries_per_object=None)
+            defaults.update(
+                initial_backoff=PULL_INITIAL_BACKOFF_S, backoff_cap=PULL_BACKOFF_CAP_S, max_tries_per_object=None
+            )
             found = True
     return found

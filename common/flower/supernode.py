@@ -94,8 +94,11 @@ def run_supernode(poll_cap_s: float, on_pull: Callable[[object], None]) -> None:
     quicken_object_pulls()
     loop = importlib.import_module(LOOP_MODULE)
     if poll_cap_s > 0 and not cap_sleeps(loop, poll_cap_s):
-        print(f"fedseg: {LOOP_MODULE} has no module-level time; keeping Flower's poll intervals "
-              f"(pin flwr {FLOWER_VERSION} or update common/flower/supernode.py).", file=sys.stderr)
+        print(
+            f"fedseg: {LOOP_MODULE} has no module-level time; keeping Flower's poll intervals "
+            f"(pin flwr {FLOWER_VERSION} or update common/flower/supernode.py).",
+            file=sys.stderr,
+        )
     note_pulls(loop, on_pull)
     sys.argv[0] = "flower-supernode"
     try:
@@ -104,8 +107,10 @@ def run_supernode(poll_cap_s: float, on_pull: Callable[[object], None]) -> None:
         code = stop.code if isinstance(stop, SystemExit) and isinstance(stop.code, int) else 1
         if not isinstance(stop, SystemExit):
             traceback.print_exc()
-            print("fedseg: the SuperNode's main loop stopped; exiting so that the site daemon restarts it.",
-                  file=sys.stderr)
+            print(
+                "fedseg: the SuperNode's main loop stopped; exiting so that the site daemon restarts it.",
+                file=sys.stderr,
+            )
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -31,11 +31,10 @@ def test_a_received_plan_is_bounded_and_old_caches_go(tmp_path):
     assert sorted(p.name for p in state.cache_dir.iterdir()) == ["keep-me", f"plan-{plan.version}"]
 
 
-
 # --- findings 9 and 10: the egress guard, per reply type, with the site's own bound -----------------------------
 
-def test_each_reply_type_holds_exactly_its_keys_and_failures_end_in_a_fixed_reason(
-        tmp_path, tiny_federation):
+
+def test_each_reply_type_holds_exactly_its_keys_and_failures_end_in_a_fixed_reason(tmp_path, tiny_federation):
     """Regression of finding 9."""
     from flwr.app import Error
 
@@ -55,11 +54,17 @@ def test_each_reply_type_holds_exactly_its_keys_and_failures_end_in_a_fixed_reas
         return egress.guard(Message(content, reply_to=request), request, site)
 
     blocked = f"site site-1: {egress.BLOCKED_REASON}"
-    train_with_fp = RecordDict({keys.ARRAYS: arrays, keys.IDENTITY: identity,
-                                keys.METRICS: MetricRecord({**TRAIN_METRICS, "fp_extent_x": [41.0, 42.0]})})
+    train_with_fp = RecordDict(
+        {
+            keys.ARRAYS: arrays,
+            keys.IDENTITY: identity,
+            keys.METRICS: MetricRecord({**TRAIN_METRICS, "fp_extent_x": [41.0, 42.0]}),
+        }
+    )
     assert sent(MessageType.TRAIN, train_with_fp).error.reason == blocked
-    eval_with_arrays = RecordDict({keys.ARRAYS: arrays, keys.IDENTITY: identity,
-                                   keys.METRICS: MetricRecord(EVAL_METRICS)})
+    eval_with_arrays = RecordDict(
+        {keys.ARRAYS: arrays, keys.IDENTITY: identity, keys.METRICS: MetricRecord(EVAL_METRICS)}
+    )
     assert sent(MessageType.EVALUATE, eval_with_arrays).error.reason == blocked
     named = Error(code=1001, reason="site site-1: patient Jane Doe of ward B has no lesion")
     assert sent(MessageType.EVALUATE, named).error.reason == blocked
@@ -79,8 +84,13 @@ def test_the_site_bounds_what_travels_whatever_the_centre_asks(tmp_path, tiny_fe
     from tests.helpers.local_grid import LocalGrid, model_strategy
 
     def one_round(name: str, site_settings: dict) -> tuple[Message, list[dict]]:
-        cfg = one_site(tmp_path / name, tiny_federation["site-1"], "model.norm=batch", "train.norm_mode=shared",
-                       site_settings=site_settings)
+        cfg = one_site(
+            tmp_path / name,
+            tiny_federation["site-1"],
+            "model.norm=batch",
+            "train.norm_mode=shared",
+            site_settings=site_settings,
+        )
         strategy, weights = model_strategy(cfg, tmp_path / name)
         grid = LocalGrid(cfg, client_app.app)
         (received,) = grid.send_and_receive(strategy.configure_train(1, ArrayRecord(weights), ConfigRecord(), grid))
@@ -110,21 +120,24 @@ def test_nothing_leaves_from_fewer_than_the_minimum_cohort_and_nothing_exact(tmp
     cfg = one_site(tmp_path, tiny_federation["site-1"], site_settings={"min_cohort": 5})  # 3 train, 1 val case
     grid = LocalGrid(cfg, client_app.app)
     weights, signature = initial_weights(cfg)
-    config = ConfigRecord({keys.SERVER_ROUND: 1, keys.SIGNATURE: signature, keys.WIRE_DTYPE: "float32",
-                           keys.PROXIMAL_MU: 0.0})
+    config = ConfigRecord(
+        {keys.SERVER_ROUND: 1, keys.SIGNATURE: signature, keys.WIRE_DTYPE: "float32", keys.PROXIMAL_MU: 0.0}
+    )
     content = RecordDict({keys.CONFIG: config, keys.ARRAYS: ArrayRecord(weights)})
     refused = f"site site-1: {SANITIZED_REASONS[TooFewCases]}"
-    for message_type, body in (("query.fingerprint", RecordDict({keys.CONFIG: config})),
-                               (MessageType.EVALUATE, content), (MessageType.TRAIN, content)):
+    for message_type, body in (
+        ("query.fingerprint", RecordDict({keys.CONFIG: config})),
+        (MessageType.EVALUATE, content),
+        (MessageType.TRAIN, content),
+    ):
         (answer,) = grid.send_and_receive([incoming(body, message_type, node_id=1)])
         assert answer.has_error() and answer.error.reason == refused, message_type
 
     spec = read_dataset(nnunet_dataset(tmp_path / "Dataset009_Six", n_cases=6))
     record = site_fingerprint(spec, [c.case_id for c in spec.cases])
-    lesion_voxels = 6 * 3 ** 3  # every case holds one 3 x 3 x 3 lesion
+    lesion_voxels = 6 * 3**3  # every case holds one 3 x 3 x 3 lesion
     assert record["fp_fg_voxels_0"] == 160.0 != lesion_voxels
     assert not any(name.startswith(("fp_fg_sum", "fp_fg_sumsq")) for name in record)
-
 
 
 # --- finding 1: every task type Flower can start at a site passes the bundle guard ------------------------------
@@ -156,15 +169,21 @@ def test_every_task_command_flower_can_start_is_guarded(tmp_path, monkeypatch):
 
     monkeypatch.setattr(subprocess, "Popen", started)
     for task in (TaskType.AGENT_APP, TaskType.CONNECTOR, TaskType.MODEL):
-        spec = ExecutionSpec(task_type=task, runtime_api_address="127.0.0.1:9", token="t", insecure=True,
-                             root_certificates_path=None, runtime_dependency_install=False, parent_pid=None,
-                             suppress_output=False, task_id=1)
+        spec = ExecutionSpec(
+            task_type=task,
+            runtime_api_address="127.0.0.1:9",
+            token="t",
+            insecure=True,
+            root_certificates_path=None,
+            runtime_dependency_install=False,
+            parent_pid=None,
+            suppress_output=False,
+            task_id=1,
+        )
         assert SubprocessExecutor().launch(spec).status == "accepted"
     refused = list(read_jsonl(decisions))
     assert [r["task"] for r in refused] == ["flwr-agentapp", "flwr-connector", "flwr-model"]
     assert {r["decision"] for r in refused} == {"refused"} and all(p.returncode == 1 for p in spawned)
-
-
 
 
 # --- issue 21: everything a site receives passes its receiving boundary (client/inbound.py) ---------------------
@@ -224,8 +243,15 @@ def test_a_message_id_from_the_centre_never_names_a_file(tmp_path, tiny_federati
     loop = types.ModuleType("flwr_pull_stand_in")
     loop._pull_and_store_message = lambda *args, receive, **kwargs: receive()
     assert note_pulls(loop, partial(record_pull, state))
-    hostile = ["../egress.jsonl", "../yaml.py", "../site.json", f"../../../{outside.name}", str(outside),
-               "A" * 64, "0" * 63 + "/"]
+    hostile = [
+        "../egress.jsonl",
+        "../yaml.py",
+        "../site.json",
+        f"../../../{outside.name}",
+        str(outside),
+        "A" * 64,
+        "0" * 63 + "/",
+    ]
     for message_id in hostile:
         request = _with_id(incoming(_fingerprint_query(), FINGERPRINT_QUERY, 1), message_id)
         loop._pull_and_store_message(receive=lambda request=request: (request, None))
@@ -270,12 +296,20 @@ def test_a_hostile_configuration_is_refused_with_one_fixed_reason(tmp_path, tiny
     _, grid, state, signature = _site(tmp_path, tiny_federation)
     refused = f"site site-1: {SANITIZED_REASONS[MalformedMessage]}"
     arrays = ArrayRecord({"w": Array(np.zeros((2, 2), np.float32))})
-    lying = ArrayRecord({"w": Array(dtype="float32", shape=(3, 3), stype="numpy.ndarray",
-                                    data=Array(np.zeros((2, 2), np.float32)).data)})
+    lying = ArrayRecord(
+        {
+            "w": Array(
+                dtype="float32", shape=(3, 3), stype="numpy.ndarray", data=Array(np.zeros((2, 2), np.float32)).data
+            )
+        }
+    )
     base = {keys.SIGNATURE: signature, keys.WIRE_DTYPE: "float32", keys.SERVER_ROUND: 1}
     hostile = [
-        ("query.cross_eval", {**base, keys.CROSS_EVAL_TASK: "evaluate",
-                              keys.CROSS_EVAL_MODEL: "last\n2026-01-01 INFO site-1: forged"}, arrays),
+        (
+            "query.cross_eval",
+            {**base, keys.CROSS_EVAL_TASK: "evaluate", keys.CROSS_EVAL_MODEL: "last\n2026-01-01 INFO site-1: forged"},
+            arrays,
+        ),
         ("query.cross_eval", {**base, keys.CROSS_EVAL_TASK: "evaluate", keys.CROSS_EVAL_MODEL: "\x1b[2Jlast"}, arrays),
         (MessageType.TRAIN, {**base, keys.SERVER_ROUND: [1, 2], keys.PROXIMAL_MU: 0.0}, arrays),
         (MessageType.TRAIN, {**base, keys.PROXIMAL_MU: math.nan}, arrays),
@@ -310,11 +344,13 @@ def test_messages_of_other_models_never_touch_a_runs_trained_tensors(tmp_path, t
     arrays = ArrayRecord({k: Array(v.numpy()) for k, v in weights.items()})
 
     def config(sig: str, rnd: int) -> ConfigRecord:
-        return ConfigRecord({keys.SERVER_ROUND: rnd, keys.SIGNATURE: sig, keys.WIRE_DTYPE: "float32",
-                             keys.PROXIMAL_MU: 0.0})
+        return ConfigRecord(
+            {keys.SERVER_ROUND: rnd, keys.SIGNATURE: sig, keys.WIRE_DTYPE: "float32", keys.PROXIMAL_MU: 0.0}
+        )
 
-    (trained,) = grid.send_and_receive([incoming(RecordDict({keys.CONFIG: config(signature, 1), keys.ARRAYS: arrays}),
-                                                 MessageType.TRAIN, 1)])
+    (trained,) = grid.send_and_receive(
+        [incoming(RecordDict({keys.CONFIG: config(signature, 1), keys.ARRAYS: arrays}), MessageType.TRAIN, 1)]
+    )
     assert trained.has_content(), trained.error.reason if trained.has_error() else None
     tensors = {k: v for k, v in _files(state).items() if k.endswith(".safetensors")}
     assert tensors, "batch norm with norm_mode local keeps tensors at the site"

@@ -39,8 +39,14 @@ from tests.helpers.messages import GLOBAL
 from tests.helpers.scripted_grid import honest_answer, run_rounds
 
 CI_EXAMPLES = 120
-settings.register_profile("ci", max_examples=CI_EXAMPLES, derandomize=True, deadline=None, database=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile(
+    "ci",
+    max_examples=CI_EXAMPLES,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 settings.register_profile("slow", parent=settings.get_profile("ci"), max_examples=20 * CI_EXAMPLES)
 PROFILE = "slow" if os.environ.get("FEDSEG_FUZZ") == "slow" else "ci"
 
@@ -50,18 +56,53 @@ HOSTILE = 4
 # --- values a hostile party may put anywhere -------------------------------------------------------------------
 
 nasty_text = st.one_of(
-    st.sampled_from(["hospital-a", "hospital-b", "site-1", "../egress.jsonl", "/etc/passwd", "a\nb", "\x1b[2J",
-                     "\u2028", "x" * 5000, "", "site hospital-a: ok", "\x00"]),
+    st.sampled_from(
+        [
+            "hospital-a",
+            "hospital-b",
+            "site-1",
+            "../egress.jsonl",
+            "/etc/passwd",
+            "a\nb",
+            "\x1b[2J",
+            "\u2028",
+            "x" * 5000,
+            "",
+            "site hospital-a: ok",
+            "\x00",
+        ]
+    ),
     st.text(alphabet=st.characters(codec="utf-8", categories=["Cc", "Zl", "L", "N", "P"]), max_size=40),
 )
 int64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 odd_float = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([1e300, -1e300, 1e-300]))
 metric_value = st.one_of(int64, odd_float, st.lists(odd_float, max_size=20), st.lists(int64, max_size=5))
-config_value = st.one_of(int64, odd_float, st.booleans(), nasty_text, st.binary(max_size=20),
-                         st.lists(int64, max_size=4), st.lists(nasty_text, max_size=3))
-metric_name = st.one_of(st.sampled_from([keys.NUM_EXAMPLES, "loss", "proximal_loss", "duration_s", "dice",
-                                         "t_delivered", "t_work_done", keys.TEST_NUM_EXAMPLES, "dice_class_1",
-                                         "fp_cases"]), nasty_text.filter(bool))
+config_value = st.one_of(
+    int64,
+    odd_float,
+    st.booleans(),
+    nasty_text,
+    st.binary(max_size=20),
+    st.lists(int64, max_size=4),
+    st.lists(nasty_text, max_size=3),
+)
+metric_name = st.one_of(
+    st.sampled_from(
+        [
+            keys.NUM_EXAMPLES,
+            "loss",
+            "proximal_loss",
+            "duration_s",
+            "dice",
+            "t_delivered",
+            "t_work_done",
+            keys.TEST_NUM_EXAMPLES,
+            "dice_class_1",
+            "fp_cases",
+        ]
+    ),
+    nasty_text.filter(bool),
+)
 
 
 def _lying_array(kind: str, values: np.ndarray | Array) -> Array:
@@ -77,28 +118,48 @@ def _lying_array(kind: str, values: np.ndarray | Array) -> Array:
 
 
 array_values = st.one_of(
-    st.sampled_from([np.full((4, 4), np.nan, np.float32), np.full((4, 4), 1e38, np.float32),
-                     np.zeros((4, 4), np.float64), np.zeros((4, 4), np.int64), np.zeros((5, 4), np.float32),
-                     np.zeros((0,), np.float32), np.ones((4,), np.float16)]),
+    st.sampled_from(
+        [
+            np.full((4, 4), np.nan, np.float32),
+            np.full((4, 4), 1e38, np.float32),
+            np.zeros((4, 4), np.float64),
+            np.zeros((4, 4), np.int64),
+            np.zeros((5, 4), np.float32),
+            np.zeros((0,), np.float32),
+            np.ones((4,), np.float16),
+        ]
+    ),
 )
 
 
 @st.composite
 def mutation(draw) -> tuple:
     """One change a hostile site makes to the honest reply it would have sent."""
-    return draw(st.one_of(
-        st.tuples(st.just("metric"), st.sampled_from([keys.METRICS, keys.EVALUATION, keys.FINGERPRINT]),
-                  metric_name, metric_value),
-        st.tuples(st.just("identity"), st.sampled_from([keys.SITE, keys.SIGNATURE, "extra"]), nasty_text),
-        st.tuples(st.just("array"), st.sampled_from(["w", "b", "extra", "\n"]), array_values),
-        st.tuples(st.just("lying-array"), st.sampled_from(["w", "b"]), st.sampled_from(["shape", "dtype", "stype",
-                                                                                       "bytes"])),
-        st.tuples(st.just("drop"), st.sampled_from([keys.METRICS, keys.IDENTITY, keys.ARRAYS, keys.EVALUATION])),
-        st.tuples(st.just("record"), nasty_text.filter(bool)),
-        st.tuples(st.just("layout"), st.sampled_from(["names", "dtypes", "ndims", "shapes"]),
-                  st.one_of(st.lists(int64, max_size=6), st.lists(nasty_text, max_size=3), st.integers())),
-        st.tuples(st.just("flat"), st.sampled_from(["shape", "dtype", "stype", "bytes"])),
-    ))
+    return draw(
+        st.one_of(
+            st.tuples(
+                st.just("metric"),
+                st.sampled_from([keys.METRICS, keys.EVALUATION, keys.FINGERPRINT]),
+                metric_name,
+                metric_value,
+            ),
+            st.tuples(st.just("identity"), st.sampled_from([keys.SITE, keys.SIGNATURE, "extra"]), nasty_text),
+            st.tuples(st.just("array"), st.sampled_from(["w", "b", "extra", "\n"]), array_values),
+            st.tuples(
+                st.just("lying-array"),
+                st.sampled_from(["w", "b"]),
+                st.sampled_from(["shape", "dtype", "stype", "bytes"]),
+            ),
+            st.tuples(st.just("drop"), st.sampled_from([keys.METRICS, keys.IDENTITY, keys.ARRAYS, keys.EVALUATION])),
+            st.tuples(st.just("record"), nasty_text.filter(bool)),
+            st.tuples(
+                st.just("layout"),
+                st.sampled_from(["names", "dtypes", "ndims", "shapes"]),
+                st.one_of(st.lists(int64, max_size=6), st.lists(nasty_text, max_size=3), st.integers()),
+            ),
+            st.tuples(st.just("flat"), st.sampled_from(["shape", "dtype", "stype", "bytes"])),
+        )
+    )
 
 
 @st.composite
@@ -185,17 +246,37 @@ MESSAGE_TYPES = [MessageType.TRAIN, MessageType.EVALUATE, "query.fingerprint", "
 
 @st.composite
 def hostile_message(draw, signature: str) -> tuple:
-    config = draw(st.dictionaries(
-        st.one_of(st.sampled_from([keys.SERVER_ROUND, keys.SIGNATURE, keys.WIRE_DTYPE, keys.PROXIMAL_MU,
-                                   keys.EVALUATE_RECEIVED, keys.CROSS_EVAL_TASK, keys.CROSS_EVAL_MODEL, keys.PLAN]),
-                  nasty_text.filter(bool)),
-        st.one_of(config_value, st.sampled_from([signature, "identify", "evaluate", "float32", 1, 0.0])),
-        max_size=6))
-    arrays = draw(st.one_of(st.none(), st.dictionaries(st.sampled_from(["w", "b", "../x", "\n"]), array_values,
-                                                       max_size=2)))
+    config = draw(
+        st.dictionaries(
+            st.one_of(
+                st.sampled_from(
+                    [
+                        keys.SERVER_ROUND,
+                        keys.SIGNATURE,
+                        keys.WIRE_DTYPE,
+                        keys.PROXIMAL_MU,
+                        keys.EVALUATE_RECEIVED,
+                        keys.CROSS_EVAL_TASK,
+                        keys.CROSS_EVAL_MODEL,
+                        keys.PLAN,
+                    ]
+                ),
+                nasty_text.filter(bool),
+            ),
+            st.one_of(config_value, st.sampled_from([signature, "identify", "evaluate", "float32", 1, 0.0])),
+            max_size=6,
+        )
+    )
+    arrays = draw(
+        st.one_of(st.none(), st.dictionaries(st.sampled_from(["w", "b", "../x", "\n"]), array_values, max_size=2))
+    )
     lie = draw(st.one_of(st.none(), st.sampled_from(["shape", "dtype", "stype", "bytes"])))
-    message_id = draw(st.one_of(st.sampled_from(["../victim", "../../outside.txt", "/tmp/x", "", "a" * 64]),
-                                st.text(alphabet=string.hexdigits.lower(), min_size=64, max_size=64)))
+    message_id = draw(
+        st.one_of(
+            st.sampled_from(["../victim", "../../outside.txt", "/tmp/x", "", "a" * 64]),
+            st.text(alphabet=string.hexdigits.lower(), min_size=64, max_size=64),
+        )
+    )
     group_id = draw(st.one_of(st.sampled_from(["1", "", "\u00b2", "99999999999999", "1\n"]), nasty_text))
     return draw(st.sampled_from(MESSAGE_TYPES)), config, arrays, lie, message_id, group_id
 
@@ -248,8 +329,9 @@ def test_fuzz_hostile_messages_stay_outside_the_site(fuzzed_site, tiny_federatio
         before = _tree(root, state) | _tree(data, state)
         records = RecordDict({keys.CONFIG: ConfigRecord(config)})
         if arrays is not None:
-            records[keys.ARRAYS] = ArrayRecord({k: _lying_array(lie, v) if lie else Array(v)
-                                                for k, v in arrays.items()})
+            records[keys.ARRAYS] = ArrayRecord(
+                {k: _lying_array(lie, v) if lie else Array(v) for k, v in arrays.items()}
+            )
         msg = incoming(records, message_type, node_id=1)
         msg.metadata.__dict__["_message_id"] = message_id
         msg.metadata.__dict__["_group_id"] = group_id

@@ -57,8 +57,9 @@ def test_malformed_replies_are_left_out_and_logged(tmp_path):
     assert np.allclose(arrays["w"].numpy(), GLOBAL["w"] + 0.1)
     assert metrics["loss"] == 1.0
     assert set(failures(tmp_path)) == {"list-count", "list-loss", "shape-lie"}
-    evaluated = strategy.aggregate_evaluate(1, [eval_reply(1, "honest"),
-                                                eval_reply(2, "list-count", {**EVAL_METRICS, "hd95": [1.0]})])
+    evaluated = strategy.aggregate_evaluate(
+        1, [eval_reply(1, "honest"), eval_reply(2, "list-count", {**EVAL_METRICS, "hd95": [1.0]})]
+    )
     assert evaluated["dice_mean"] == 0.5
 
 
@@ -87,7 +88,9 @@ def test_a_packed_reply_whose_layout_lies_is_left_out(tmp_path):
     strategy = run_rounds(tmp_path, sites, answer, 1)
     last = load_file(strategy.recorder.checkpoints.dir / LAST_CHECKPOINT)
     assert np.allclose(last["w"], GLOBAL["w"] + 0.1)
-    assert {e["site"]: e["reason"] for e in events(tmp_path, "failure")} == {"layout-lie": f"site layout-lie: {UNPACKABLE}"}
+    assert {e["site"]: e["reason"] for e in events(tmp_path, "failure")} == {
+        "layout-lie": f"site layout-lie: {UNPACKABLE}"
+    }
 
 
 def test_planning_leaves_out_a_malformed_or_odd_site(tmp_path, tiny_federation):
@@ -103,9 +106,19 @@ def test_planning_leaves_out_a_malformed_or_odd_site(tmp_path, tiny_federation):
             reply.content.metric_records[keys.FINGERPRINT][f"{keys.FINGERPRINT_PREFIX}channels"] = 2
         return reply
 
-    cfg = federation(load_config(None, ["model.channels=[8, 16, 32]", "model.strides=[2, 2]",
-                                        f"federation.runs_dir={tmp_path / 'runs'}", "federation.run_name=p",
-                                        "federation.min_sites=1"]), tiny_federation)
+    cfg = federation(
+        load_config(
+            None,
+            [
+                "model.channels=[8, 16, 32]",
+                "model.strides=[2, 2]",
+                f"federation.runs_dir={tmp_path / 'runs'}",
+                "federation.run_name=p",
+                "federation.min_sites=1",
+            ],
+        ),
+        tiny_federation,
+    )
     metrics_log = MetricsLog(tmp_path)
     plan = plan_federation(LocalGrid(cfg, app, tamper), cfg, tmp_path / "runs" / "p", metrics_log)
     metrics_log.close()
@@ -131,9 +144,18 @@ def test_plan_poisoning_is_bounded(tmp_path, tiny_federation):
         return reply
 
     def plan_with(tamper, name: str):
-        cfg = federation(load_config(None, ["model.channels=[8, 16, 32]", "model.strides=[2, 2]",
-                                            f"federation.runs_dir={tmp_path / 'runs'}",
-                                            f"federation.run_name={name}"]), tiny_federation)
+        cfg = federation(
+            load_config(
+                None,
+                [
+                    "model.channels=[8, 16, 32]",
+                    "model.strides=[2, 2]",
+                    f"federation.runs_dir={tmp_path / 'runs'}",
+                    f"federation.run_name={name}",
+                ],
+            ),
+            tiny_federation,
+        )
         return plan_federation(LocalGrid(cfg, app, tamper), cfg, tmp_path / "runs" / name, MetricsLog(tmp_path))
 
     honest = plan_with(None, "honest")
@@ -151,7 +173,6 @@ def test_plan_poisoning_is_bounded(tmp_path, tiny_federation):
     poisoned = plan_with(tiny_spacing, "tiny-spacing")
     voxels = np.prod(np.asarray(poisoned.median_shape, float))
     assert voxels <= 4 * np.prod(np.asarray(honest.median_shape, float)), (poisoned, honest)
-
 
 
 # --- finding 5: a site's name comes from its registered key, never from its reply -----------------------------
@@ -195,7 +216,6 @@ def test_best_model_tiny_updates_and_float32_overflow(tmp_path):
     assert torch.isfinite(torch.as_tensor(arrays["w"].numpy())).all()
 
 
-
 # --- finding 8: DP with a fixed denominator, an honest budget on resume, checked by an independent accountant ---
 
 
@@ -209,8 +229,15 @@ def test_dp_sensitivity_resume_and_epsilon(tmp_path):
     from tests.helpers.local_grid import LocalGrid
 
     def wrapper(run, z: float, offset: int = 0):
-        cfg = load_config(None, ["federation.run_name=dp", "federation.min_sites=1", f"privacy.noise_multiplier={z:.12f}",
-                                 "privacy.clipping_norm=1.0"])
+        cfg = load_config(
+            None,
+            [
+                "federation.run_name=dp",
+                "federation.min_sites=1",
+                f"privacy.noise_multiplier={z:.12f}",
+                "privacy.clipping_norm=1.0",
+            ],
+        )
         cfg = cfg.replace(federation=cfg.federation.replace(sites=["a", "b", "c"]))
         log = MetricsLog(run)
         strategy = FedSegStrategy(cfg, SIGNATURE, SHAPES, log, Checkpoints(run / "ckpt"), round_offset=offset)
@@ -237,7 +264,6 @@ def test_dp_sensitivity_resume_and_epsilon(tmp_path):
         assert gaussian_epsilon(z, rounds, 1e-5) == pytest.approx(pld.get_epsilon(1e-5), rel=0.01)
 
 
-
 # --- issue 21: every reply passes the centre's receiving boundary (server/inbound.py), through the real stack ----
 
 SITES = {1: "hospital-a", 2: "hospital-b", 3: "hospital-c", 4: "hospital-d", 5: "hospital-e"}
@@ -258,7 +284,12 @@ def _with_flat(body: RecordDict, **array: object) -> RecordDict:
     from common.wire import PACKED_PREFIX
 
     flat = body.array_records[keys.ARRAYS][PACKED_PREFIX + "float32"]
-    fields: dict[str, Any] = {"dtype": flat.dtype, "shape": tuple(flat.shape), "stype": flat.stype, "data": flat.data} | array
+    fields: dict[str, Any] = {
+        "dtype": flat.dtype,
+        "shape": tuple(flat.shape),
+        "stype": flat.stype,
+        "data": flat.data,
+    } | array
     body[keys.ARRAYS] = ArrayRecord({PACKED_PREFIX + "float32": Array(**fields)})
     return body
 
@@ -312,17 +343,35 @@ def test_planning_goes_on_without_a_site_whose_reply_does_not_deserialize(tmp_pa
     from tests.helpers.local_grid import LocalGrid, federation
     from tests.helpers.scripted_grid import ScriptedGrid, stack
 
-    cfg = federation(load_config(None, ["model.channels=[8, 16, 32]", "model.strides=[2, 2]",
-                                        f"federation.runs_dir={tmp_path / 'runs'}", "federation.run_name=p",
-                                        "federation.min_sites=1"]), tiny_federation)
+    cfg = federation(
+        load_config(
+            None,
+            [
+                "model.channels=[8, 16, 32]",
+                "model.strides=[2, 2]",
+                f"federation.runs_dir={tmp_path / 'runs'}",
+                "federation.run_name=p",
+                "federation.min_sites=1",
+            ],
+        ),
+        tiny_federation,
+    )
     sites = LocalGrid(cfg, app)
     names = {1: "site-1", 2: "site-2", 3: "site-3"}
 
     def answer(node: int, msg: Message) -> RecordDict:
         body = app(msg, sites.context(node)).content
         if node == 3:
-            body = pack(RecordDict({**dict(body.items()), keys.ARRAYS: ArrayRecord(
-                {"a": Array(np.zeros(2, np.float32)), "b": Array(np.zeros(3, np.float32))})}))
+            body = pack(
+                RecordDict(
+                    {
+                        **dict(body.items()),
+                        keys.ARRAYS: ArrayRecord(
+                            {"a": Array(np.zeros(2, np.float32)), "b": Array(np.zeros(3, np.float32))}
+                        ),
+                    }
+                )
+            )
             body = _with_flat(body, stype="torch.Tensor")
         return body
 
@@ -352,7 +401,9 @@ def test_a_site_claiming_many_cases_cannot_pick_the_best_round(tmp_path):
         if node == 4:
             for record in (keys.EVALUATION, keys.METRICS):
                 if record in body and "dice" in body[record]:
-                    claim = record == keys.EVALUATION and msg.content.config_records[keys.CONFIG][keys.SERVER_ROUND] == 2
+                    claim = (
+                        record == keys.EVALUATION and msg.content.config_records[keys.CONFIG][keys.SERVER_ROUND] == 2
+                    )
                     body[record]["dice"] = 1.0 if claim else 0.0
                     body[record][keys.NUM_EXAMPLES] = 10**12 if claim else 2
         return body
@@ -377,21 +428,29 @@ def test_case_counts_are_held_to_what_the_site_declared_at_planning(tmp_path):
 
     def answer(node: int, msg: Message) -> RecordDict:
         if msg.metadata.message_type == "query.fingerprint":
-            return RecordDict({keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 3}),
-                               keys.FINGERPRINT: MetricRecord({"fp_cases": 3, "fp_val_cases": 1}),
-                               keys.IDENTITY: ConfigRecord({keys.SITE: sites[node], keys.SIGNATURE: SIGNATURE})})
+            return RecordDict(
+                {
+                    keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 3}),
+                    keys.FINGERPRINT: MetricRecord({"fp_cases": 3, "fp_val_cases": 1}),
+                    keys.IDENTITY: ConfigRecord({keys.SITE: sites[node], keys.SIGNATURE: SIGNATURE}),
+                }
+            )
         body = honest(node, msg)
         if node == 3:
-            body.metric_records[keys.METRICS][keys.NUM_EXAMPLES] = 50 if msg.metadata.message_type == MessageType.TRAIN else 9000
+            body.metric_records[keys.METRICS][keys.NUM_EXAMPLES] = (
+                50 if msg.metadata.message_type == MessageType.TRAIN else 9000
+            )
         if node == 2 and msg.metadata.message_type == MessageType.EVALUATE:
-            body.metric_records[keys.METRICS][keys.NUM_EXAMPLES] = 4  # within its 3 + 1 declared cases (a site that ended up
+            body.metric_records[keys.METRICS][keys.NUM_EXAMPLES] = (
+                4  # within its 3 + 1 declared cases (a site that ended up
+            )
             # not training scores all of them)
         return body
 
     declare = stack(ScriptedGrid(sites, answer), tmp_path, dict(sites))
     query = RecordDict({keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 0})})
     declare.send_and_receive([declare.create_message(query, "query.fingerprint", n, "0") for n in sites])
-    assert Inbox({}, tmp_path).declared == {name: (3, 1) for name in sites.values()}, (tmp_path / DECLARED_CASES_FILE)
+    assert Inbox({}, tmp_path).declared == {name: (3, 1) for name in sites.values()}, tmp_path / DECLARED_CASES_FILE
     run_rounds(tmp_path, sites, answer, 2)  # a new stack: the declarations come from the run folder
     refused = [e for e in events(tmp_path, "failure") if e["site"] == "hospital-c"]
     assert [e["reason"] for e in refused] == [f"site hospital-c: {TOO_MANY_CASES}"] * 3
@@ -433,17 +492,27 @@ def test_cross_site_cells_and_held_out_sites_follow_the_registry(tmp_path):
     from tests.helpers.scripted_grid import ScriptedGrid, stack
 
     sites = {1: "hospital-a", 2: "hospital-b", 3: "hospital-h"}
-    cfg = load_config(None, ["federation.run_name=m2", f"federation.runs_dir={tmp_path}",
-                             "federation.sites=[hospital-a, hospital-b]", "federation.held_out_sites=[hospital-h]"])
+    cfg = load_config(
+        None,
+        [
+            "federation.run_name=m2",
+            f"federation.runs_dir={tmp_path}",
+            "federation.sites=[hospital-a, hospital-b]",
+            "federation.held_out_sites=[hospital-h]",
+        ],
+    )
     run = run_dir(cfg)
     run.mkdir(parents=True)
     write_nodes(run, sites)
 
     def answer(node: int, msg: Message) -> RecordDict:
         claimed = "hospital-a" if node in (2, 3) else sites[node]
-        return RecordDict({keys.METRICS: MetricRecord({"dice": 0.9 if node == 2 else 0.6, "trained": 1.0,
-                                                       keys.NUM_EXAMPLES: 2}),
-                           keys.IDENTITY: ConfigRecord({keys.SITE: claimed, keys.SIGNATURE: SIGNATURE})})
+        return RecordDict(
+            {
+                keys.METRICS: MetricRecord({"dice": 0.9 if node == 2 else 0.6, "trained": 1.0, keys.NUM_EXAMPLES: 2}),
+                keys.IDENTITY: ConfigRecord({keys.SITE: claimed, keys.SIGNATURE: SIGNATURE}),
+            }
+        )
 
     grid = stack(ScriptedGrid(sites, answer), run, dict(sites))
     assert list(training_grid(grid, cfg).get_node_ids()) == [1, 2]

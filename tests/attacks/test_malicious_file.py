@@ -35,8 +35,10 @@ def test_local_files_are_private_and_carry_no_identifiers(tmp_path, tiny_federat
         cfg = one_site(tmp_path / "perm", tiny_federation["site-2"])
         grid = LocalGrid(cfg, client_app.app)
         from tests.helpers.messages import incoming
-        (answer,) = grid.send_and_receive([incoming(RecordDict({keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 0})}),
-                                                    "query.fingerprint", node_id=1)])
+
+        (answer,) = grid.send_and_receive(
+            [incoming(RecordDict({keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 0})}), "query.fingerprint", node_id=1)]
+        )
         assert answer.has_content()
         state = tmp_path / "perm" / "e" / "sites" / "site-1"
         assert stat.S_IMODE(state.stat().st_mode) == 0o700
@@ -54,8 +56,7 @@ def test_local_files_are_private_and_carry_no_identifiers(tmp_path, tiny_federat
     image.header["intent_name"] = b"DOE"
     image.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"DOE^JANE"))
     nib.save(image, str(scans / "head_0000.nii.gz"))
-    assert main(["predict", "--config", str(site), "--run", str(run), "--input", str(scans),
-                 "--output", str(out)]) == 0
+    assert main(["predict", "--config", str(site), "--run", str(run), "--input", str(scans), "--output", str(out)]) == 0
     seg = out / "head_seg.nii.gz"
     assert b"DOE" not in nib.load(str(seg)).header.binaryblock and not nib.load(str(seg)).header.extensions
     assert stat.S_IMODE(seg.stat().st_mode) == 0o600
@@ -63,12 +64,25 @@ def test_local_files_are_private_and_carry_no_identifiers(tmp_path, tiny_federat
     # Two inputs that map to one output name are refused; a two-channel case is one case.
     nib.save(nib.Nifti1Image(phantom(seed=1)[0], RAS), str(scans / "head_0001.nii.gz"))
     before = seg.read_bytes()
-    assert main(["predict", "--config", str(site), "--run", str(run), "--input", str(scans),
-                 "--output", str(out)]) == 2
+    assert main(["predict", "--config", str(site), "--run", str(run), "--input", str(scans), "--output", str(out)]) == 2
     assert seg.read_bytes() == before
     run2 = run_folder(tmp_path, in_channels=2, name="run-2")
-    assert main(["predict", "--config", str(site), "--run", str(run2), "--input", str(scans),
-                 "--output", str(tmp_path / "out2")]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--config",
+                str(site),
+                "--run",
+                str(run2),
+                "--input",
+                str(scans),
+                "--output",
+                str(tmp_path / "out2"),
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["head_seg.nii.gz"]
 
     # A case id of '..' (an MSD entry named '...nii.gz') is refused before any cache folder is touched.
@@ -78,12 +92,17 @@ def test_local_files_are_private_and_carry_no_identifiers(tmp_path, tiny_federat
     (nnunet / "imagesTr" / "case_000_0000.nii.gz").rename(msd / "imagesTr" / "...nii.gz")
     (msd / "labelsTr").mkdir()
     (nnunet / "labelsTr" / "case_000.nii.gz").rename(msd / "labelsTr" / "x.nii.gz")
-    (msd / "dataset.json").write_text(json.dumps({
-        "modality": {"0": "CT"}, "labels": {"0": "background", "1": "lesion"},
-        "training": [{"image": "./imagesTr/...nii.gz", "label": "./labelsTr/x.nii.gz"}]}))
+    (msd / "dataset.json").write_text(
+        json.dumps(
+            {
+                "modality": {"0": "CT"},
+                "labels": {"0": "background", "1": "lesion"},
+                "training": [{"image": "./imagesTr/...nii.gz", "label": "./labelsTr/x.nii.gz"}],
+            }
+        )
+    )
     with pytest.raises(DatasetError, match="not a safe folder name"):
         read_dataset(msd)
-
 
 
 # --- issue 21, L6: a damaged file at the centre ---------------------------------------------------------------

@@ -35,8 +35,9 @@ def centre(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("centre")
     app, _ = snapshot_app(root / "app")
-    fed = federation_yaml(root, app, WIRE_SITES, rounds=1, min_sites=1, run_name="wire", round_timeout_s=600.0,
-                          cross_eval=False)
+    fed = federation_yaml(
+        root, app, WIRE_SITES, rounds=1, min_sites=1, run_name="wire", round_timeout_s=600.0, cross_eval=False
+    )
     init_pki(root / "certs", [], [GATEWAY_HOST])
     for name in WIRE_SITES:
         allow(fed, name, make_site(root, name, root / "no-data", fed, ["0" * 64]))
@@ -44,8 +45,14 @@ def centre(tmp_path_factory):
     try:
         wait_for(lambda: "sites connect to" in server.output(), 180, "the centre to come up", server)
         cfg = yaml.safe_load(fed.read_text())
-        yield {"root": root, "cfg": cfg, "server": server, "run": root / "runs" / "wire",
-               "address": (GATEWAY_HOST, cfg["server"]["fleet_port"]), "ca": str(root / "certs" / "ca.crt")}
+        yield {
+            "root": root,
+            "cfg": cfg,
+            "server": server,
+            "run": root / "runs" / "wire",
+            "address": (GATEWAY_HOST, cfg["server"]["fleet_port"]),
+            "ca": str(root / "certs" / "ca.crt"),
+        }
     finally:
         server.terminate()
 
@@ -87,8 +94,12 @@ def test_the_gateway_holds_against_a_flooding_peer(centre):
     with httpx.Client(verify=centre["ca"], timeout=10) as peer:
         # Exactly the endpoints a registered SuperNode uses: self-registration is not one of them.
         assert peer.post(url + "/v1/fleet/register-node", content=b"").status_code == 403
-        assert peer.post(url + "/v1/fleet/get-run", content=b"",
-                         headers={"content-type": "application/protobuf"}).status_code == 401
+        assert (
+            peer.post(
+                url + "/v1/fleet/get-run", content=b"", headers={"content-type": "application/protobuf"}
+            ).status_code
+            == 401
+        )
         # A forged log line in the path stays on one line of gateway.log.
         assert peer.post(url + "/v1/control/x%0A2026-01-01 INFO forged: admin login", content=b"").status_code == 403
 
@@ -124,7 +135,7 @@ def test_the_gateway_holds_against_a_flooding_peer(centre):
     idle = [_tls(centre) for _ in range(MAX_PER_PEER)]  # one address holds at most its share of the gateway
     try:
         with pytest.raises(OSError):  # the next one from that address is closed before TLS (a site at another
-            _tls(centre).close()      # address still gets through: tests/test_gateway_limits.py)
+            _tls(centre).close()  # address still gets through: tests/test_gateway_limits.py)
     finally:
         for sock in idle:
             sock.close()
@@ -154,11 +165,15 @@ def test_sites_get_only_what_they_need(centre):
         assert secret not in shipped, secret
     assert from_yaml_text(shipped, "run config").model.channels == centre["cfg"]["model"]["channels"]
 
-    plan = Plan((1.0, 1.0, 1.0), (16, 16, 16), (ChannelNorm("zscore"),), (32, 32, 32),
-                provenance={"sites": WIRE_SITES, "num_cases": 9, "class_fraction": [0.97, 0.03]})
+    plan = Plan(
+        (1.0, 1.0, 1.0),
+        (16, 16, 16),
+        (ChannelNorm("zscore"),),
+        (32, 32, 32),
+        provenance={"sites": WIRE_SITES, "num_cases": 9, "class_fraction": [0.97, 0.03]},
+    )
     sent = Plan.from_json(str(plan_config(plan)[keys.PLAN]))
     assert sent == plan and sent.provenance == {}
-
 
 
 # --- finding 13: the containers' install (pip install ., not editable) runs a deployed federation ----------------
@@ -194,8 +209,7 @@ def _fresh_install(root) -> object:
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps", "-q"]
     subprocess.run([*pip, "."], cwd=release, env=env, check=True, timeout=600)
     # Flower's executables, for the fresh interpreter (the package itself is the shared one's version).
-    subprocess.run([*pip, "--ignore-installed", f"flwr=={metadata.version('flwr')}"], env=env, check=True,
-                   timeout=600)
+    subprocess.run([*pip, "--ignore-installed", f"flwr=={metadata.version('flwr')}"], env=env, check=True, timeout=600)
     return venv / "bin", release
 
 
@@ -218,8 +232,7 @@ def test_a_non_editable_install_runs_a_deployed_federation(tmp_path, tiny_federa
     )
 
     bin_dir, release = _fresh_install(tmp_path)
-    fed = federation_yaml(tmp_path, release, ["site-1"], rounds=1, min_sites=1, run_name="installed",
-                          cross_eval=False)
+    fed = federation_yaml(tmp_path, release, ["site-1"], rounds=1, min_sites=1, run_name="installed", cross_eval=False)
     body = yaml.safe_load(fed.read_text())
     body["server"]["app_dir"] = ""  # as in deploy/federation.yaml: the installation's own release
     write_yaml(fed, body)

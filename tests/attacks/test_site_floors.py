@@ -18,13 +18,19 @@ def _with_floors(tmp_path, data_dir, *train: str):
 
 
 def test_a_centre_asking_for_one_step_of_one_patch_is_refused_by_the_sites_floors(tmp_path, tiny_federation):
-    reply = handle(*_with_floors(tmp_path, tiny_federation["site-1"], "train.local_steps=1", "train.batch_size=1"),
-                   MessageType.TRAIN)
+    reply = handle(
+        *_with_floors(tmp_path, tiny_federation["site-1"], "train.local_steps=1", "train.batch_size=1"),
+        MessageType.TRAIN,
+    )
     assert reply.has_error()
-    assert reply.error.reason == ("site site-1: the centre's train.local_steps or train.batch_size is under this "
-                                  "site's floor (site.min_local_steps, site.min_batch_size): the site does not train")
-    at_floor = handle(*_with_floors(tmp_path, tiny_federation["site-1"], "train.local_steps=2", "train.batch_size=2"),
-                      MessageType.TRAIN)
+    assert reply.error.reason == (
+        "site site-1: the centre's train.local_steps or train.batch_size is under this "
+        "site's floor (site.min_local_steps, site.min_batch_size): the site does not train"
+    )
+    at_floor = handle(
+        *_with_floors(tmp_path, tiny_federation["site-1"], "train.local_steps=2", "train.batch_size=2"),
+        MessageType.TRAIN,
+    )
     assert not at_floor.has_error(), at_floor.error.reason
 
 
@@ -39,7 +45,9 @@ def test_a_site_that_requires_secure_aggregation_refuses_an_update_in_the_clear(
     site_yaml.write_text(yaml.safe_dump(body))
     reply = handle(cfg, site_yaml, MessageType.TRAIN)
     assert reply.has_error()
-    assert reply.error.reason == ("site site-1: the centre asks for an update in the clear; this site requires "
-                                  "secure aggregation (site.require_secure_aggregation): the site does not train")
+    assert reply.error.reason == (
+        "site site-1: the centre asks for an update in the clear; this site requires "
+        "secure aggregation (site.require_secure_aggregation): the site does not train"
+    )
     site_cfg = cfg.replace(site=load_config(site_yaml, schema=SiteFile).site)
     refuse_under_floors(site_cfg, masked=True)  # a request for a masked update passes the floor

@@ -36,31 +36,67 @@ def write_yaml(path: Path, data: dict) -> Path:
 
 
 def run_cli(command: str, *args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN_DIR / command), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.run(
+        [str(BIN_DIR / command), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
-def federation_yaml(root: Path, app: Path, sites: list[str], rounds: int, min_sites: int, run_name: str,
-                    train: dict | None = None, **federation: object) -> Path:
+def federation_yaml(
+    root: Path,
+    app: Path,
+    sites: list[str],
+    rounds: int,
+    min_sites: int,
+    run_name: str,
+    train: dict | None = None,
+    **federation: object,
+) -> Path:
     """The centre's federation.yaml: the TINY model, ``train`` settings over TINY's, ``federation`` options."""
-    server = {"fleet_host": GATEWAY_HOST, "fleet_port": free_port(GATEWAY_HOST), "superlink_port": free_port(),
-              "cert_dir": str(root / "certs"), "state_dir": str(root / "server-state"), "app_dir": str(app)}
-    fed = {"rounds": rounds, "min_sites": min_sites, "sites": sites, "runs_dir": str(root / "runs"),
-           "run_name": run_name, "round_timeout_s": 120.0, **federation}
-    return write_yaml(root / "federation.yaml", {**TINY, "train": {**TINY["train"], **(train or {})},
-                                                 "federation": fed, "server": server})
+    server = {
+        "fleet_host": GATEWAY_HOST,
+        "fleet_port": free_port(GATEWAY_HOST),
+        "superlink_port": free_port(),
+        "cert_dir": str(root / "certs"),
+        "state_dir": str(root / "server-state"),
+        "app_dir": str(app),
+    }
+    fed = {
+        "rounds": rounds,
+        "min_sites": min_sites,
+        "sites": sites,
+        "runs_dir": str(root / "runs"),
+        "run_name": run_name,
+        "round_timeout_s": 120.0,
+        **federation,
+    }
+    return write_yaml(
+        root / "federation.yaml",
+        {**TINY, "train": {**TINY["train"], **(train or {})}, "federation": fed, "server": server},
+    )
 
 
 def make_site(root: Path, name: str, data_dir: Path, server_yaml: Path, approved: list[str], **options: object) -> Path:
     """site.yaml (``options`` override site.* settings) plus a fresh key pair."""
     server = yaml.safe_load(server_yaml.read_text())["server"]
     state = root / "sites" / name
-    site = {"name": name, "data_dir": str(data_dir), "state_dir": str(state),
-            "server_address": f"{server['fleet_host']}:{server['fleet_port']}",
-            "root_certificate": str(Path(server["cert_dir"]) / "ca.crt"),
-            "private_key": str(state / "keys" / "site.key"), "approved_bundles": approved,
-            "retry_initial_s": 1.0, "retry_max_s": 4.0, "min_cohort": 1,  # synthetic cases
-            **options}
+    site = {
+        "name": name,
+        "data_dir": str(data_dir),
+        "state_dir": str(state),
+        "server_address": f"{server['fleet_host']}:{server['fleet_port']}",
+        "root_certificate": str(Path(server["cert_dir"]) / "ca.crt"),
+        "private_key": str(state / "keys" / "site.key"),
+        "approved_bundles": approved,
+        "retry_initial_s": 1.0,
+        "retry_max_s": 4.0,
+        "min_cohort": 1,  # synthetic cases
+        **options,
+    }
     path = write_yaml(root / f"{name}.yaml", {"site": site})
     result = run_cli("fedseg-client", "keygen", "--config", str(path))
     assert result.returncode == 0, result.stderr
@@ -69,8 +105,17 @@ def make_site(root: Path, name: str, data_dir: Path, server_yaml: Path, approved
 
 def allow(server_yaml: Path, site: str, site_yaml: Path) -> None:
     key = Path(yaml.safe_load(site_yaml.read_text())["site"]["private_key"])
-    result = run_cli("fedseg-server", "certs", "add-site", "--config", str(server_yaml), "--site", site,
-                     "--key", str(key.with_name(key.name + ".pub")))
+    result = run_cli(
+        "fedseg-server",
+        "certs",
+        "add-site",
+        "--config",
+        str(server_yaml),
+        "--site",
+        site,
+        "--key",
+        str(key.with_name(key.name + ".pub")),
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -81,8 +126,13 @@ class Launched:
         self.log = log
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("ab") as out:
-            self.proc = subprocess.Popen([str(BIN_DIR / command), *args], stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self.proc = subprocess.Popen(
+                [str(BIN_DIR / command), *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -109,8 +159,9 @@ class Launched:
         self.proc.wait(10)
 
 
-def wait_for(condition: Callable[[], object], timeout: float, what: str, *logs: Launched,
-             poll_s: float = 0.5) -> object:
+def wait_for(
+    condition: Callable[[], object], timeout: float, what: str, *logs: Launched, poll_s: float = 0.5
+) -> object:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()

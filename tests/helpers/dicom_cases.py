@@ -62,9 +62,16 @@ def quantize(volume: np.ndarray) -> np.ndarray:
     return (np.clip(np.rint((volume - INTERCEPT) / SLOPE), -32768, 32767) * SLOPE + INTERCEPT).astype(np.float32)
 
 
-def write_series(volume: np.ndarray, affine: np.ndarray, folder: Path, modality: str = "MR",
-                 study_uid: str | None = None, series_number: int = 3, localizer: bool = False,
-                 skip: tuple[int, ...] = ()) -> list[Path]:
+def write_series(
+    volume: np.ndarray,
+    affine: np.ndarray,
+    folder: Path,
+    modality: str = "MR",
+    study_uid: str | None = None,
+    series_number: int = 3,
+    localizer: bool = False,
+    skip: tuple[int, ...] = (),
+) -> list[Path]:
     """One slice file per plane k of ``volume`` [X, Y, Z] with ``affine`` (RAS, det > 0); returns the files.
 
     ``skip``: slice indices left out (a series with missing slices).

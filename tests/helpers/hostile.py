@@ -45,9 +45,16 @@ SPLIT_SEED = 6
 """The seed whose per-case split gives each of these 4-case sites 3 training and 1 validation case, the split
 the robustness targets were measured with (the split now draws each case alone, so seed 0 gives site-3 two of
 each)."""
-SETTINGS = tiny("model.num_res_units=2", "train.local_steps=15", "train.batch_size=2", "train.lr=0.003",
-                f"federation.rounds={WARMUP_ROUNDS}", "federation.min_sites=3", "simulation.cpus_per_site=1",
-                f"data.split_seed={SPLIT_SEED}")
+SETTINGS = tiny(
+    "model.num_res_units=2",
+    "train.local_steps=15",
+    "train.batch_size=2",
+    "train.lr=0.003",
+    f"federation.rounds={WARMUP_ROUNDS}",
+    "federation.min_sites=3",
+    "simulation.cpus_per_site=1",
+    f"data.split_seed={SPLIT_SEED}",
+)
 """Two residual units per block: the model the robustness targets (test_robust.py) were measured with."""
 
 
@@ -109,14 +116,17 @@ def reply_request(reply: Message) -> Message:
     """A stand-in for the request ``reply`` answered, so a rebuilt reply keeps its sender."""
     from tests.helpers.messages import incoming
 
-    return incoming(RecordDict(), reply.metadata.message_type, reply.metadata.src_node_id,
-                    int(reply.metadata.group_id or 1))
+    return incoming(
+        RecordDict(), reply.metadata.message_type, reply.metadata.src_node_id, int(reply.metadata.group_id or 1)
+    )
 
 
 def scaled_update(reply: Message, start: ArrayRecord, factor: float) -> Message:
     """The site's update w_k - w_global multiplied by ``factor`` (negative: pushed the other way)."""
-    arrays = {k: start[k].numpy() + factor * (a.numpy().astype(np.float32) - start[k].numpy())
-              for k, a in reply.content.array_records[keys.ARRAYS].items()}
+    arrays = {
+        k: start[k].numpy() + factor * (a.numpy().astype(np.float32) - start[k].numpy())
+        for k, a in reply.content.array_records[keys.ARRAYS].items()
+    }
     return replace_arrays(reply, arrays)
 
 
@@ -136,23 +146,30 @@ def wrong_shape(reply: Message) -> Message:
 
 def trained_round(root: Path) -> TrainedRound:
     """Warm up a five-site federation, then record one honest round (the session's ``hostile_round`` fixture)."""
-    datasets = generate_federation(root / "data", n_sites=N_SITES, n_cases=4, shape=(32, 32, 24),
-                                   strength=1.0, seed=0)
-    cfg = federation(load_config(None, [*SETTINGS, f"federation.runs_dir={root / 'runs'}",
-                                        "federation.run_name=hostile"]), datasets)
+    datasets = generate_federation(root / "data", n_sites=N_SITES, n_cases=4, shape=(32, 32, 24), strength=1.0, seed=0)
+    cfg = federation(
+        load_config(None, [*SETTINGS, f"federation.runs_dir={root / 'runs'}", "federation.run_name=hostile"]), datasets
+    )
     weights, signature = initial_weights(cfg)
     shapes = {k: tuple(v.shape) for k, v in weights.items()}
     run = Path(cfg.federation.runs_dir) / cfg.federation.run_name
     grid = LocalGrid(cfg, client_app.app)
     warmup = FedSegStrategy(cfg, signature, shapes, MetricsLog(run), Checkpoints(run / "checkpoints"))
-    result = warmup.start(grid=grid, initial_arrays=ArrayRecord(weights), num_rounds=WARMUP_ROUNDS,
-                          train_config=ConfigRecord(), evaluate_config=ConfigRecord())
+    result = warmup.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(weights),
+        num_rounds=WARMUP_ROUNDS,
+        train_config=ConfigRecord(),
+        evaluate_config=ConfigRecord(),
+    )
     server_round = WARMUP_ROUNDS + 1
     replay = FedSegStrategy(cfg, signature, shapes, MetricsLog(run / "honest"), Checkpoints(run / "honest"))
     honest = grid.send_and_receive(replay.configure_train(server_round, result.arrays, ConfigRecord(), grid))
     assert all(r.has_content() for r in honest), [r.error.reason for r in honest if r.has_error()]
-    splits = [len(split_cases([c.case_id for c in read_dataset(d).cases], cfg.data.val_fraction, SPLIT_SEED)[1])
-              for d in datasets.values()]
+    splits = [
+        len(split_cases([c.case_id for c in read_dataset(d).cases], cfg.data.val_fraction, SPLIT_SEED)[1])
+        for d in datasets.values()
+    ]
     assert splits == [1] * N_SITES, f"the measured setting has one validation case per site, not {splits}"
     honest = sorted(honest, key=site_name)  # the last one (site-5) plays the hostile site in every test
     return TrainedRound(cfg, grid, signature, shapes, server_round, result.arrays, honest, run)

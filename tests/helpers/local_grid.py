@@ -83,8 +83,12 @@ class InProcessGrid(Grid):
 class LocalGrid(InProcessGrid):
     """Delivers messages to the ClientApp of node 1..N in this process."""
 
-    def __init__(self, cfg: FedsegConfig, app: ClientApp | Callable[[Message, Context], Message] | None,
-                 tamper: Tamper | None = None) -> None:
+    def __init__(
+        self,
+        cfg: FedsegConfig,
+        app: ClientApp | Callable[[Message, Context], Message] | None,
+        tamper: Tamper | None = None,
+    ) -> None:
         super().__init__(range(1, len(cfg.federation.sites) + 1))
         self.cfg = cfg
         self.app = app
@@ -94,9 +98,16 @@ class LocalGrid(InProcessGrid):
         self._pending: dict[str, Message] = {}
 
     def context(self, node: int) -> Context:
-        return Context(run_id=RUN_ID, node_id=node, node_config={keys.NODE_PARTITION_ID: node - 1},
-                       state=RecordDict(), run_config={keys.RUN_CONFIG_KEY: site_view(self.cfg).to_yaml(),
-                                                       keys.SIM_SITES_KEY: str(run_dir(self.cfg) / SIM_SITES_DIR)})
+        return Context(
+            run_id=RUN_ID,
+            node_id=node,
+            node_config={keys.NODE_PARTITION_ID: node - 1},
+            state=RecordDict(),
+            run_config={
+                keys.RUN_CONFIG_KEY: site_view(self.cfg).to_yaml(),
+                keys.SIM_SITES_KEY: str(run_dir(self.cfg) / SIM_SITES_DIR),
+            },
+        )
 
     def _deliver(self, msg: Message) -> Message:
         node = msg.metadata.dst_node_id

@@ -29,8 +29,14 @@ TTL_S = 600.0
 def incoming(content: RecordDict, message_type: str, node_id: int, server_round: int | str = 1) -> Message:
     """A message from the server to site ``node_id``, with an id of Flower's form (64 hex digits)."""
     metadata = Metadata(
-        run_id=1, message_id=hashlib.sha256(uuid.uuid4().bytes).hexdigest(), src_node_id=SERVER_NODE, dst_node_id=node_id,
-        reply_to_message_id="", group_id=str(server_round), created_at=time.time(), ttl=TTL_S,
+        run_id=1,
+        message_id=hashlib.sha256(uuid.uuid4().bytes).hexdigest(),
+        src_node_id=SERVER_NODE,
+        dst_node_id=node_id,
+        reply_to_message_id="",
+        group_id=str(server_round),
+        created_at=time.time(),
+        ttl=TTL_S,
         message_type=message_type,
     )
     return make_message(metadata, content)
@@ -49,12 +55,18 @@ TRAIN_METRICS = {keys.NUM_EXAMPLES: 3, "loss": 1.0, "proximal_loss": 0.1, "durat
 EVAL_METRICS = {"dice": 0.5, "loss": 0.4, keys.NUM_EXAMPLES: 2}
 
 
-def content(site: str, metrics: dict, arrays: ArrayRecord | None = None, signature: str = SIGNATURE,
-            evaluation: dict | None = None) -> RecordDict:
+def content(
+    site: str,
+    metrics: dict,
+    arrays: ArrayRecord | None = None,
+    signature: str = SIGNATURE,
+    evaluation: dict | None = None,
+) -> RecordDict:
     """A reply's records as site ``site`` would fill them: its metrics, its identity (the model ``signature`` it
     trained), and its arrays and its score of the received model when it has them."""
-    body = RecordDict({keys.METRICS: MetricRecord(metrics),
-                       keys.IDENTITY: ConfigRecord({keys.SITE: site, keys.SIGNATURE: signature})})
+    body = RecordDict(
+        {keys.METRICS: MetricRecord(metrics), keys.IDENTITY: ConfigRecord({keys.SITE: site, keys.SIGNATURE: signature})}
+    )
     if arrays is not None:
         body[keys.ARRAYS] = arrays
     if evaluation is not None:
@@ -62,9 +74,17 @@ def content(site: str, metrics: dict, arrays: ArrayRecord | None = None, signatu
     return body
 
 
-def train_reply(node: int, site: str, step: float = 0.1, metrics: dict | None = None,
-                arrays: ArrayRecord | None = None, *, n: int | None = None, signature: str = SIGNATURE,
-                evaluation: dict | None = None) -> Message:
+def train_reply(
+    node: int,
+    site: str,
+    step: float = 0.1,
+    metrics: dict | None = None,
+    arrays: ArrayRecord | None = None,
+    *,
+    n: int | None = None,
+    signature: str = SIGNATURE,
+    evaluation: dict | None = None,
+) -> Message:
     """Site ``site`` on node ``node`` moved every weight of GLOBAL by ``step`` (or sends ``arrays``), claiming
     ``n`` training cases (TRAIN_METRICS' by default), after Flower's wire representation."""
     arrays = arrays or ArrayRecord({k: Array(v + np.float32(step)) for k, v in GLOBAL.items()})
@@ -78,14 +98,17 @@ def eval_reply(node: int, site: str, metrics: dict | None = None) -> Message:
     return over_the_wire(reply(content(site, metrics or EVAL_METRICS), node, MessageType.EVALUATE))
 
 
-def real_strategy(tmp_path, *overrides: str, nodes: dict[int, str] | None = None, rounds: int = 1,
-                  round_offset: int = 0) -> FedSegStrategy:
+def real_strategy(
+    tmp_path, *overrides: str, nodes: dict[int, str] | None = None, rounds: int = 1, round_offset: int = 0
+) -> FedSegStrategy:
     """The real strategy for the tiny model (SHAPES), ``rounds`` rounds in all (one by default: it evaluates in
     its own step), from GLOBAL, with the registered node -> site names."""
-    cfg = load_config(None, ["federation.run_name=attack", "federation.min_sites=1", f"federation.rounds={rounds}",
-                             *overrides])
-    strategy = FedSegStrategy(cfg, SIGNATURE, SHAPES, MetricsLog(tmp_path), Checkpoints(tmp_path / "ckpt"),
-                              round_offset=round_offset)
+    cfg = load_config(
+        None, ["federation.run_name=attack", "federation.min_sites=1", f"federation.rounds={rounds}", *overrides]
+    )
+    strategy = FedSegStrategy(
+        cfg, SIGNATURE, SHAPES, MetricsLog(tmp_path), Checkpoints(tmp_path / "ckpt"), round_offset=round_offset
+    )
     strategy.node_sites.update(nodes or {})
     strategy.reference = {k: v.copy() for k, v in GLOBAL.items()}
     return strategy

@@ -30,8 +30,11 @@ def phantom(shape=SHAPE, seed: int = 0, lesion: int = 3) -> tuple[np.ndarray, np
     image = rng.normal(100.0, 10.0, size=shape).astype(np.float32)
     label = np.zeros(shape, dtype=np.uint8)
     c = [s // 2 for s in shape]
-    label[c[0] - lesion // 2:c[0] - lesion // 2 + lesion, c[1] - lesion // 2:c[1] - lesion // 2 + lesion,
-          c[2] - lesion // 2:c[2] - lesion // 2 + lesion] = 1
+    label[
+        c[0] - lesion // 2 : c[0] - lesion // 2 + lesion,
+        c[1] - lesion // 2 : c[1] - lesion // 2 + lesion,
+        c[2] - lesion // 2 : c[2] - lesion // 2 + lesion,
+    ] = 1
     image[label > 0] += 80.0
     return image, label
 
@@ -42,12 +45,17 @@ def save(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:
     return path
 
 
-def nnunet_dataset(root: Path, n_cases: int = 3, channels: tuple[str, ...] = ("CT",), affine=RAS,
-                   annotators: int = 1, shape=SHAPE) -> Path:
+def nnunet_dataset(
+    root: Path, n_cases: int = 3, channels: tuple[str, ...] = ("CT",), affine=RAS, annotators: int = 1, shape=SHAPE
+) -> Path:
     """DatasetXXX in the nnU-Net raw layout; extra annotators in labelsTr_rN folders."""
     folders = ["labelsTr", *(f"labelsTr_r{i}" for i in range(2, annotators + 1))]
-    meta = {"channel_names": {str(i): c for i, c in enumerate(channels)},
-            "labels": {"background": 0, "lesion": 1}, "numTraining": n_cases, "file_ending": ".nii.gz"}
+    meta = {
+        "channel_names": {str(i): c for i, c in enumerate(channels)},
+        "labels": {"background": 0, "lesion": 1},
+        "numTraining": n_cases,
+        "file_ending": ".nii.gz",
+    }
     if annotators > 1:
         meta["annotators"] = folders
     root.mkdir(parents=True, exist_ok=True)
@@ -64,8 +72,13 @@ def nnunet_dataset(root: Path, n_cases: int = 3, channels: tuple[str, ...] = ("C
 def msd_dataset(root: Path, n_cases: int = 3, modalities: tuple[str, ...] = ("T1", "T2"), affine=RAS) -> Path:
     """Decathlon layout: one 4D (channel-last) image per case and a training list."""
     training: list[dict[str, str]] = []
-    meta = {"name": "Test", "modality": {str(i): m for i, m in enumerate(modalities)},
-            "labels": {"0": "background", "1": "lesion"}, "numTraining": n_cases, "training": training}
+    meta = {
+        "name": "Test",
+        "modality": {str(i): m for i, m in enumerate(modalities)},
+        "labels": {"0": "background", "1": "lesion"},
+        "numTraining": n_cases,
+        "training": training,
+    }
     for i in range(n_cases):
         image, label = phantom(seed=i)
         stack = np.stack([image * (c + 1) for c in range(len(modalities))], axis=-1)

@@ -29,8 +29,9 @@ def run_plan(spacing=(1.0, 1.2, 2.0), in_channels: int = 1) -> Plan:
     return Plan(tuple(spacing), (16, 16, 16), (ChannelNorm("zscore"),) * in_channels, (24, 20, 16))
 
 
-def run_folder(tmp_path: Path, checkpoints: tuple[str, ...] = ("best",), in_channels: int = 1,
-               name: str = "run") -> Path:
+def run_folder(
+    tmp_path: Path, checkpoints: tuple[str, ...] = ("best",), in_channels: int = 1, name: str = "run"
+) -> Path:
     """A run folder as the centre hands it to hospitals: config.yaml, plan.json and global checkpoints."""
     cfg = load_config(None, [*TINY, f"model.in_channels={in_channels}"])
     run = tmp_path / name
@@ -55,12 +56,19 @@ def trained_site(tmp_path: Path) -> tuple[Path, Path, Path]:
     (``ras_0000.nii.gz``, ``lps_0000.nii.gz``): (run, site.yaml, scans)."""
     cfg = load_config(None, TINY)
     run = run_folder(tmp_path, ("best", "last", f"round-{TRAINED_ROUND:04d}"))
-    (run / "checkpoints" / "state.json").write_text(json.dumps({"last_round": TRAINED_ROUND,
-                                                                "best_round": TRAINED_ROUND, "best_dice": 0.5}))
-    (run / METRICS_FILE).write_text("\n".join(json.dumps(e) for e in [
-        {"event": "evaluate", "round": TRAINED_ROUND, "site": "h", "dice": 0.6125},
-        {"event": "round", "round": TRAINED_ROUND, "dice_mean": 0.55},
-    ]) + "\n")
+    (run / "checkpoints" / "state.json").write_text(
+        json.dumps({"last_round": TRAINED_ROUND, "best_round": TRAINED_ROUND, "best_dice": 0.5})
+    )
+    (run / METRICS_FILE).write_text(
+        "\n".join(
+            json.dumps(e)
+            for e in [
+                {"event": "evaluate", "round": TRAINED_ROUND, "site": "h", "dice": 0.6125},
+                {"event": "round", "round": TRAINED_ROUND, "dice_mean": 0.55},
+            ]
+        )
+        + "\n"
+    )
     model, split, signature = run_model(cfg)
     local = {k: v * 1.5 + 0.1 for k, v in select(model, split.local).items()}  # differs from the global init
     SiteState(tmp_path / "state").run_named("run", "").save_norm(TRAINED_ROUND, local, signature)  # named by folder

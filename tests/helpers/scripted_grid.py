@@ -109,12 +109,24 @@ def honest_answer(nodes: dict[int, str], dice: Callable[[int, int], float] | Non
     return answer
 
 
-def run_rounds(tmp_path, nodes: dict[int, str], answer: Answer, rounds: int, *overrides: str,
-               late: dict[int, int] | None = None, strategy: FedSegStrategy | None = None) -> FedSegStrategy:
+def run_rounds(
+    tmp_path,
+    nodes: dict[int, str],
+    answer: Answer,
+    rounds: int,
+    *overrides: str,
+    late: dict[int, int] | None = None,
+    strategy: FedSegStrategy | None = None,
+) -> FedSegStrategy:
     """``rounds`` rounds of the real strategy over the real receiving stack; the sites answer with ``answer``."""
     strategy = strategy or real_strategy(tmp_path, *overrides, nodes=nodes, rounds=rounds)
     grid = stack(ScriptedGrid(nodes, answer, late), tmp_path, strategy.node_sites)
-    strategy.start(grid=grid, initial_arrays=ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}),
-                   num_rounds=rounds - strategy.round_offset, timeout=0.0, train_config=ConfigRecord(),
-                   evaluate_config=ConfigRecord())
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}),
+        num_rounds=rounds - strategy.round_offset,
+        timeout=0.0,
+        train_config=ConfigRecord(),
+        evaluate_config=ConfigRecord(),
+    )
     return strategy

@@ -28,18 +28,34 @@ HARNESS_RUN_ID = "0123456789ab"
 
 def site_setup(tmp_path: Path, data_dir: Path, name: str = "site-1", *overrides: str) -> tuple[FedsegConfig, Path]:
     """A resolved run config plus a site.yaml pointing at ``data_dir``."""
-    cfg = load_config(None, tiny("federation.run_name=harness", f"federation.run_id={HARNESS_RUN_ID}",
-                                 f"federation.runs_dir={tmp_path / 'runs'}", *overrides))
+    cfg = load_config(
+        None,
+        tiny(
+            "federation.run_name=harness",
+            f"federation.run_id={HARNESS_RUN_ID}",
+            f"federation.runs_dir={tmp_path / 'runs'}",
+            *overrides,
+        ),
+    )
     site_yaml = tmp_path / f"{name}.yaml"
-    site = {"name": name, "data_dir": str(data_dir), "state_dir": str(tmp_path / f"{name}-state"),
-            "min_cohort": 1}  # synthetic cases: no patient to protect
+    site = {
+        "name": name,
+        "data_dir": str(data_dir),
+        "state_dir": str(tmp_path / f"{name}-state"),
+        "min_cohort": 1,
+    }  # synthetic cases: no patient to protect
     site_yaml.write_text(yaml.safe_dump({"site": site}))
     return cfg, site_yaml
 
 
 def context(cfg: FedsegConfig, site_yaml: Path) -> Context:
-    return Context(run_id=1, node_id=7, node_config={keys.NODE_SITE_CONFIG: str(site_yaml)},
-                   state=RecordDict(), run_config={keys.RUN_CONFIG_KEY: cfg.to_yaml()})
+    return Context(
+        run_id=1,
+        node_id=7,
+        node_config={keys.NODE_SITE_CONFIG: str(site_yaml)},
+        state=RecordDict(),
+        run_config={keys.RUN_CONFIG_KEY: cfg.to_yaml()},
+    )
 
 
 def server_message(cfg: FedsegConfig, message_type: str, server_round: int) -> Message:
@@ -47,8 +63,14 @@ def server_message(cfg: FedsegConfig, message_type: str, server_round: int) -> M
     from server.server_app import initial_weights
 
     weights, signature = initial_weights(cfg)
-    config = ConfigRecord({keys.SERVER_ROUND: server_round, keys.PROXIMAL_MU: cfg.train.proximal_mu,
-                           keys.SIGNATURE: signature, keys.WIRE_DTYPE: "float32"})
+    config = ConfigRecord(
+        {
+            keys.SERVER_ROUND: server_round,
+            keys.PROXIMAL_MU: cfg.train.proximal_mu,
+            keys.SIGNATURE: signature,
+            keys.WIRE_DTYPE: "float32",
+        }
+    )
     content = RecordDict({keys.ARRAYS: to_wire(weights), keys.CONFIG: config})
     return incoming(content, message_type, node_id=7, server_round=server_round)
 
@@ -86,10 +108,21 @@ def run_fresh(cfg: FedsegConfig, site_yaml: Path, action: str, server_round: int
     """Run one handler step in a new interpreter; returns its JSON line."""
     cfg_file = site_yaml.with_suffix(".run.yaml")
     cfg_file.write_text(cfg.to_yaml())
-    args = {"cfg": str(cfg_file), "site_yaml": str(site_yaml), "action": action, "round": server_round,
-            "out": str(out) if out else None}
-    done = subprocess.run([sys.executable, "-c", _FRESH, json.dumps(args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    args = {
+        "cfg": str(cfg_file),
+        "site_yaml": str(site_yaml),
+        "action": action,
+        "round": server_round,
+        "out": str(out) if out else None,
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", _FRESH, json.dumps(args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -104,11 +137,15 @@ def one_site(tmp_path, data_dir, *overrides: str, site_settings: dict | None = N
     from common.runs import SIM_SITES_DIR, run_dir, simulated_site_config
     from tests.helpers.local_grid import federation
 
-    cfg = federation(load_config(None, [*ONE_SITE, f"federation.runs_dir={tmp_path}", "federation.run_name=e",
-                                        *overrides]), {"site-1": data_dir})
+    cfg = federation(
+        load_config(None, [*ONE_SITE, f"federation.runs_dir={tmp_path}", "federation.run_name=e", *overrides]),
+        {"site-1": data_dir},
+    )
     path = simulated_site_config(run_dir(cfg) / SIM_SITES_DIR, 0)
     body = yaml.safe_load(path.read_text())
-    body["site"].pop("max_norm_travel", None)  # the simulation lets everything travel; a hospital's default applies here
+    body["site"].pop(
+        "max_norm_travel", None
+    )  # the simulation lets everything travel; a hospital's default applies here
     body["site"].update(site_settings or {})
     path.write_text(yaml.safe_dump(body))
     return cfg

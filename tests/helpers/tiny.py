@@ -21,6 +21,7 @@ TINY: dict[str, dict[str, Any]] = {
 
 def tiny(*overrides: str) -> list[str]:
     """``TINY`` as ``section.key=value`` overrides (load_config's form), then ``overrides``."""
-    base = [f"{section}.{key}={json.dumps(value)}"
-            for section, options in TINY.items() for key, value in options.items()]
+    base = [
+        f"{section}.{key}={json.dumps(value)}" for section, options in TINY.items() for key, value in options.items()
+    ]
     return [*base, *overrides]
