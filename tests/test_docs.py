@@ -70,7 +70,10 @@ def test_relative_links_point_to_existing_files():
 
 
 def test_headings_become_github_anchors():
-    text = "# Does joining pay? The strategy comparison\n## What `fedseg-client check` reports\n```\n# not a heading\n```\n"
+    text = (
+        "# Does joining pay? The strategy comparison\n## What `fedseg-client check` reports\n"
+        "```\n# not a heading\n```\n"
+    )
     assert anchors(text) == {"does-joining-pay-the-strategy-comparison", "what-fedseg-client-check-reports"}
 
 

@@ -4,8 +4,8 @@ Real processes on 127.0.0.1 with TLS, node keys and bundle approval; three
 sites of 10 cases each whose site.yaml keeps a deployed site's defaults (only
 site-3 sets its own cohort floor, so that one site scores every round), two
 foreground classes that site-3's dataset.json codes the other way round,
-no ``model.in_channels``/``out_channels`` in the centre's file. ``fedseg-client check`` is asked first; mid-run the server is
-killed, a site daemon restarted, and the server started again with an edited
+no ``model.in_channels``/``out_channels`` in the centre's file. ``fedseg-client check`` is asked first; mid-run
+the server is killed, a site daemon restarted, and the server started again with an edited
 configuration (refused) and then with its own (resumed). The same federation
 then runs as a simulation, which must reach the same learning rates and Dice.
 """

@@ -145,7 +145,8 @@ def test_nothing_leaves_from_fewer_than_the_minimum_cohort_and_nothing_exact(tmp
 
 def test_every_task_command_flower_can_start_is_guarded(tmp_path, monkeypatch):
     """Flower's own SuperExec launcher starts an AgentApp task the way it would for a bundle with an
-    ``agentapp`` component: it finds the site's guard, not Flower's flwr-agentapp, and the refusal is recorded. (finding 1)"""
+    ``agentapp`` component: it finds the site's guard, not Flower's flwr-agentapp, and the refusal is recorded.
+    (finding 1)"""
     import os
     import subprocess
 
@@ -220,7 +221,8 @@ def _fingerprint_query() -> RecordDict:
 
 def test_a_message_id_from_the_centre_never_names_a_file(tmp_path, tiny_federation):
     """H1: the SuperNode notes each pull in a file named after the message id, and the ClientApp reads and
-    deletes that file; an id such as ``../egress.jsonl`` or an absolute path names no file at all. (review finding H1)"""
+    deletes that file; an id such as ``../egress.jsonl`` or an absolute path names no file at all.
+    (review finding H1)"""
     import types
     from functools import partial
 
@@ -269,7 +271,8 @@ def test_a_message_id_from_the_centre_never_names_a_file(tmp_path, tiny_federati
 
 def test_a_history_that_cannot_be_written_never_sends_the_sites_paths(tmp_path, tiny_federation):
     """L1: the reply the egress guard let out leaves as it is when the site's own history cannot record it (here
-    a folder where the file belongs), instead of an exception whose text, with the site's paths, Flower sends. (review finding L1)"""
+    a folder where the file belongs), instead of an exception whose text, with the site's paths, Flower sends.
+    (review finding L1)"""
     from client import client_app
     from client.egress import EgressLog
     from common.runs import HISTORY_FILE
@@ -285,7 +288,8 @@ def test_a_history_that_cannot_be_written_never_sends_the_sites_paths(tmp_path, 
 
 def test_a_hostile_configuration_is_refused_with_one_fixed_reason(tmp_path, tiny_federation):
     """L2: a cross-eval model name with a newline never reaches site.log; and every value of the wrong type or
-    shape is refused before a handler reads it, with the one fixed reason, nothing written at the site. (review finding L2 and the site boundary)"""
+    shape is refused before a handler reads it, with the one fixed reason, nothing written at the site.
+    (review finding L2 and the site boundary)"""
     import math
 
     from client.inbound import MalformedMessage
@@ -334,7 +338,8 @@ def test_a_hostile_configuration_is_refused_with_one_fixed_reason(tmp_path, tiny
 
 def test_messages_of_other_models_never_touch_a_runs_trained_tensors(tmp_path, tiny_federation):
     """L3: after a round of training, messages carrying other model signatures (alternating, as a confused or
-    hostile centre could send) are refused, and the run's own norm tensors stay exactly as they were trained. (review finding L3)"""
+    hostile centre could send) are refused, and the run's own norm tensors stay exactly as they were trained.
+    (review finding L3)"""
     from client.reasons import SANITIZED_REASONS, SignatureMismatch
     from server.server_app import initial_weights
     from tests.helpers.messages import incoming

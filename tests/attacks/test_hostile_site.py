@@ -317,7 +317,8 @@ def _hostile_packing(node: int, msg: Message) -> RecordDict:
 
 def test_replies_that_do_not_deserialize_never_end_the_run(tmp_path):
     """H2: a non-numpy stype, bytes that are not .npy, an empty tensor of a huge shape, a timing metric as a list:
-    each is left out with a fixed reason under its registered name, and the run goes on with the honest site. (review finding H2)"""
+    each is left out with a fixed reason under its registered name, and the run goes on with the honest site.
+    (review finding H2)"""
     from server.inbound import MALFORMED, UNPACKABLE
     from tests.helpers.messages import events
     from tests.helpers.scripted_grid import run_rounds
@@ -335,7 +336,8 @@ def test_replies_that_do_not_deserialize_never_end_the_run(tmp_path):
 
 
 def test_planning_goes_on_without_a_site_whose_reply_does_not_deserialize(tmp_path, tiny_federation):
-    """H2 at planning: a fingerprint reply with an array of an unknown serialization ended the run before it began. (review finding H2)"""
+    """H2 at planning: a fingerprint reply with an array of an unknown serialization ended the run before it began.
+    (review finding H2)"""
     from client.client_app import app
     from common.wire import pack
     from server.inbound import UNPACKABLE
@@ -388,7 +390,8 @@ def _dice_by_round(node: int, rnd: int) -> float:
 
 def test_a_site_claiming_many_cases_cannot_pick_the_best_round(tmp_path):
     """M1: site d says it scored round 1 on 10^12 cases at Dice 1.0, every later round at 0.0; the three honest
-    sites improve every round. Its count is refused at the boundary, so the best model is the last round's. (review finding M1)"""
+    sites improve every round. Its count is refused at the boundary, so the best model is the last round's.
+    (review finding M1)"""
     from server.inbound import TOO_MANY_CASES
     from tests.helpers.messages import events
     from tests.helpers.scripted_grid import honest_answer, run_rounds
@@ -416,7 +419,8 @@ def test_a_site_claiming_many_cases_cannot_pick_the_best_round(tmp_path):
 
 def test_case_counts_are_held_to_what_the_site_declared_at_planning(tmp_path):
     """A site that declared 3 training cases cannot weigh its update or its Dice by more, also after a restart
-    (the declarations live in the run folder); an evaluation's count is capped in the round's weighted Dice. (review finding M1)"""
+    (the declarations live in the run folder); an evaluation's count is capped in the round's weighted Dice.
+    (review finding M1)"""
     from common.fingerprint import bounded_weights
     from common.runs import DECLARED_CASES_FILE
     from server.inbound import TOO_MANY_CASES, Inbox
@@ -461,7 +465,8 @@ def test_case_counts_are_held_to_what_the_site_declared_at_planning(tmp_path):
 
 def test_a_site_is_named_by_its_node_in_every_event(tmp_path):
     """M2: hospital-b claims to be hospital-a in every reply, and is slow (its replies arrive after the round):
-    its timeline, late-reply and failure events name hospital-b, and hospital-a's record is only hospital-a's. (review finding M2)"""
+    its timeline, late-reply and failure events name hospital-b, and hospital-a's record is only hospital-a's.
+    (review finding M2)"""
     from tests.helpers.messages import events
     from tests.helpers.scripted_grid import honest_answer, run_rounds
 
