@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.files import atomic_copy, atomic_save, atomic_write_text
+from common.metrics_log import Event, MetricsLog
 from common.runs import (
     BEST_CHECKPOINT,
     CHECKPOINT_STATE,
@@ -92,3 +93,15 @@ class Checkpoints:
         self.state.best_round, self.state.best_dice = server_round, dice
         self._write_state()
         return True
+
+
+def log_run_end(metrics_log: MetricsLog, status: str, state: CheckpointState) -> None:
+    """The run's last metrics-log line, whatever ended it, and the log closed: how far it got and its best model."""
+    metrics_log.write(
+        Event.RUN_END,
+        status=status,
+        rounds_completed=state.last_round,
+        best_round=state.best_round,
+        best_dice=state.best_dice,
+    )
+    metrics_log.close()

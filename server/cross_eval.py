@@ -52,7 +52,7 @@ from common.runs import (
 )
 from common.wire import named_site, to_wire
 
-from .checkpoints import Checkpoints
+from .checkpoints import Checkpoints, log_run_end
 from .nodes import wait_for_nodes
 from .site_registry import claim_problem, read_nodes, site_name
 
@@ -342,12 +342,4 @@ def on_demand(grid: Grid, cfg: FedsegConfig, signature: str, run: Path) -> None:
         status = f"failed: {type(err).__name__}"
         raise
     finally:
-        state = Checkpoints(run / CHECKPOINT_DIR).state
-        metrics_log.write(
-            Event.RUN_END,
-            status=status,
-            rounds_completed=state.last_round,
-            best_round=state.best_round,
-            best_dice=state.best_dice,
-        )
-        metrics_log.close()
+        log_run_end(metrics_log, status, Checkpoints(run / CHECKPOINT_DIR).state)

@@ -100,6 +100,12 @@ def _series(events: list[dict[str, Any]], field_name: str) -> dict[str, tuple[li
     return dict(sorted(out.items()))
 
 
+def _site_lines(ax, events: list[dict[str, Any]], field_name: str, label: str, **style: Any) -> None:
+    """One line per site of one field; ``label`` names the line, with ``{site}`` for the site's name."""
+    for site, (rounds, values) in _series(events, field_name).items():
+        ax.plot(rounds, values, label=label.format(site=site), **style)
+
+
 def _mark_failures(ax, failures: list[dict[str, Any]], y: float) -> None:
     rounds = [f["round"] for f in failures if f.get("round") is not None]
     if rounds:
@@ -137,8 +143,7 @@ def _round_line(ax, rounds: list[dict[str, Any]], key: str, style: str, label: s
 
 def plot_dice(k: dict[Event, list[dict[str, Any]]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for site, (rounds, dice) in _series(k[Event.EVALUATE], "dice").items():
-        ax.plot(rounds, dice, marker="o", label=site)
+    _site_lines(ax, k[Event.EVALUATE], "dice", "{site}", marker="o")
     _round_line(ax, k[Event.ROUND], "dice_mean", "--", "federation mean")
     _round_line(ax, k[Event.ROUND], "dice_weighted", ":", "federation weighted")
     _mark_failures(ax, k[Event.FAILURE], 0.0)
@@ -155,10 +160,8 @@ def plot_dice(k: dict[Event, list[dict[str, Any]]], path: Path) -> None:
 
 def plot_loss(k: dict[Event, list[dict[str, Any]]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for site, (rounds, loss) in _series(k[Event.TRAIN], "loss").items():
-        ax.plot(rounds, loss, marker="o", label=f"{site} loss (DiceCE)")
-    for site, (rounds, prox) in _series(k[Event.TRAIN], "proximal_loss").items():
-        ax.plot(rounds, prox, linestyle="--", label=f"{site} proximal term")
+    _site_lines(ax, k[Event.TRAIN], "loss", "{site} loss (DiceCE)", marker="o")
+    _site_lines(ax, k[Event.TRAIN], "proximal_loss", "{site} proximal term", linestyle="--")
     _mark_failures(ax, k[Event.FAILURE], 0.0)
     _finish(
         fig,
@@ -172,8 +175,7 @@ def plot_loss(k: dict[Event, list[dict[str, Any]]], path: Path) -> None:
 
 def plot_seconds(k: dict[Event, list[dict[str, Any]]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for site, (rounds, secs) in _series(k[Event.TRAIN], "duration_s").items():
-        ax.plot(rounds, secs, marker="o", label=f"{site} local training")
+    _site_lines(ax, k[Event.TRAIN], "duration_s", "{site} local training", marker="o")
     _round_line(ax, k[Event.ROUND], "duration_s", "--", "whole round (server)")
     _mark_failures(ax, k[Event.FAILURE], 0.0)
     _finish(fig, ax, path, "Time per round", "Round", "Seconds")

@@ -24,7 +24,7 @@ from common.plan import Plan
 from common.runs import CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, PLAN_FILE, SERVER_CONFIG_ENV, run_dir, site_view
 
 from . import cross_eval
-from .checkpoints import Checkpoints
+from .checkpoints import Checkpoints, log_run_end
 from .inbound import Inbox
 from .packed_grid import PackedGrid
 from .planning import PlanningFailed, plan_config, plan_federation
@@ -129,15 +129,7 @@ def main(grid: Grid, context: Context) -> None:
         status = f"failed: {type(err).__name__}"
         raise
     finally:
-        state = checkpoints.state
-        metrics_log.write(
-            Event.RUN_END,
-            status=status,
-            rounds_completed=state.last_round,
-            best_round=state.best_round,
-            best_dice=state.best_dice,
-        )
-        metrics_log.close()
+        log_run_end(metrics_log, status, checkpoints.state)
 
 
 class NothingTrained(RuntimeError):

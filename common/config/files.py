@@ -33,10 +33,7 @@ from .schema import (
     FederationConfig,
     FedsegConfig,
     ModelConfig,
-    PrivacyConfig,
     Section,
-    ServerConfig,
-    SimulationConfig,
     SiteConfig,
     TrainConfig,
     section_model,
@@ -98,16 +95,12 @@ ModelView = _subset(
 )
 
 
-class CentreFile(Section):
-    """The centre's federation.yaml, or a simulation's YAML: everything but a site's own settings."""
-
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    federation: FederationConfig = Field(default_factory=FederationConfig)
-    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
-    server: ServerConfig = Field(default_factory=ServerConfig)
-    simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+CentreFile = _subset(
+    "CentreFile",
+    FedsegConfig,
+    tuple(k for k in FedsegConfig.model_fields if k != "site"),
+    "The centre's federation.yaml, or a simulation's YAML: everything but a site's own settings.",
+)
 
 
 class SiteFile(Section):
