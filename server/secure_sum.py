@@ -61,6 +61,11 @@ NORM_SLACK = 1.01
 """The unmasked sum may exceed |U| C by quantization error only."""
 
 
+MAX_SUBSETS = 2000
+"""Most share subsets tried per secret: with many sites, garbage shares from hostile ones could otherwise make
+the centre try combinations without end; past this the secret counts as lost and the round fails, not the run."""
+
+
 class UnmaskFailed(RuntimeError):
     """The round's sum cannot be recovered: fewer than the threshold of sound shares, or a sum out of range."""
 
@@ -283,14 +288,16 @@ class SecureSum:
         share from one site makes a subset fail, not the round)."""
         if len(shares) < t:
             raise UnmaskFailed(f"{len(shares)} share(s) of {what} arrived, the threshold is {t}")
-        for subset in itertools.combinations(shares, t):
+        for subset in itertools.islice(itertools.combinations(shares, t), MAX_SUBSETS):
             try:
                 secret = combine_shares(list(subset))
             except Exception:  # noqa: BLE001 - shares of different lengths or indices
                 continue
             if sound(secret):
                 return secret
-        raise UnmaskFailed(f"no {t} of the {len(shares)} shares of {what} rebuild it")
+        raise UnmaskFailed(
+            f"no {t} of the {len(shares)} shares of {what} rebuild it (first {MAX_SUBSETS} subsets tried)"
+        )
 
     def _checked_sum(self, total: np.ndarray, count: int) -> np.ndarray:
         """The float sum, after checking that the quantized sum is one of ``count`` honest updates."""

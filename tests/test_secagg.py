@@ -474,3 +474,19 @@ def test_the_centres_boundary_takes_a_protocol_record_only_in_a_protocol_reply(t
     assert not inbox.receive(reply(secagg.KEYS_QUERY, record)).has_error()
     assert inbox.receive(reply(MessageType.TRAIN, record)).has_error()
     assert inbox.receive(reply(secagg.KEYS_QUERY, ConfigRecord({secagg.MASK_KEY: "text"}))).has_error()
+
+
+def test_garbage_shares_from_many_sites_cost_the_centre_a_bounded_number_of_tries():
+    """Shares that rebuild nothing make the secret lost after MAX_SUBSETS tries, not an endless search."""
+    from server.secure_sum import MAX_SUBSETS, SecureSum, UnmaskFailed
+
+    tried = []
+
+    def sound(secret: bytes) -> bool:
+        tried.append(secret)
+        return False
+
+    garbage = [bytes([i]) * 32 for i in range(40)]  # C(40, 21) subsets without the bound
+    with pytest.raises(UnmaskFailed, match="rebuild it"):
+        SecureSum._rebuilt(garbage, 21, sound, "a seed")
+    assert len(tried) <= MAX_SUBSETS
