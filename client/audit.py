@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from common.cli import UserError, config_from_args
+from common.cli import UserError, config_from_args, site_state_dir
 
 DEFAULT_LAST = 20
 SHA_SHOWN = 16
@@ -101,9 +101,7 @@ def run(args: argparse.Namespace) -> int:
     from .site_model import exports
 
     cfg = config_from_args(args)
-    if not cfg.site.state_dir:
-        raise UserError("site.state_dir is not set: pass the site's site.yaml with --config.")
-    state_dir = Path(cfg.site.state_dir)
+    state_dir = site_state_dir(cfg)
     if not state_dir.is_dir():
         raise UserError(
             f"the site's state directory {state_dir} does not exist; check site.state_dir in "

@@ -15,18 +15,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common.cli import config_from_args
+from common.cli import add_weights_argument, config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--run", type=Path, required=True, help="Run folder from the centre: config.yaml, plan.json, checkpoints/."
     )
-    parser.add_argument(
-        "--weights",
-        help="Round of the run: best, last or round-N (default: the centre's best "
-        "round, else its last; with --personalize, the personalized copy's).",
-    )
+    add_weights_argument(parser, "; with --personalize, the personalized copy's")
     parser.add_argument("--out", type=Path, required=True, help="New folder for the exported model.")
     parser.add_argument(
         "--personalize",

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from common.cli import add_weights_argument
 from common.dataset import DICOM_SEG_ENDING, NIFTI_ENDINGS, DatasetError, channel_groups
 
 if TYPE_CHECKING:  # torch, MONAI and nibabel are imported where they are used, so --help stays fast
@@ -271,11 +272,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Refuse an input whose modality differs from what the model was trained on (default: "
         "warn and segment it).",
     )
-    parser.add_argument(
-        "--weights",
-        help="Round of the run: best, last or round-N (default: the centre's best "
-        "round, else its last; with --personalized, the personalized copy's).",
-    )
+    add_weights_argument(parser, "; with --personalized, the personalized copy's")
     parser.add_argument(
         "--personalized",
         action="store_true",

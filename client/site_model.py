@@ -36,7 +36,7 @@ from typing import Any, Literal
 import yaml
 from torch import nn
 
-from common.cli import UserError
+from common.cli import UserError, site_state_dir
 from common.config import FedsegConfig, load_config
 from common.files import read_jsonl
 from common.metrics_log import Event, is_kind, read_events
@@ -217,11 +217,10 @@ def export_site_model(
     """Write the site's model folder (see the module docstring); returns its provenance."""
     from safetensors.torch import save_model
 
-    if not cfg.site.state_dir:
-        raise UserError("site.state_dir is not set: pass the site's site.yaml with --config.")
+    state_dir = site_state_dir(cfg)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty: choose a new folder for the exported model.")
-    loaded = load_run_model(run, choice, Path(cfg.site.state_dir), missing_local="error", personalized=personalize)
+    loaded = load_run_model(run, choice, state_dir, missing_local="error", personalized=personalize)
     state = loaded.state
     assert state is not None and state.site is not None, "a state folder was given, so the run's state is the site's"
     private_dir(out)  # the site's model, fitted to its patients: owner-only (0700), whatever the umask

@@ -31,6 +31,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
+from common.cli import add_weights_argument
 from common.config import FedsegConfig
 from common.private import private_file
 from common.runs import REPORT_DIR
@@ -223,11 +224,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--run", type=Path, required=True, help="Run folder from the centre (config.yaml, plan.json, checkpoints/)."
     )
-    parser.add_argument(
-        "--weights",
-        help="Round of the run: best, last or round-N (default: the centre's best "
-        "round, else its last, as in predict and export).",
-    )
+    add_weights_argument(parser, ", as in predict and export")
     parser.add_argument("--out", type=Path, help="Folder for the pictures (default: <state_dir>/report).")
     parser.add_argument("--cases", type=int, default=1, help="Validation cases to draw (default 1).")
 

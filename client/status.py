@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from common import keys
-from common.cli import UserError, config_from_args
+from common.cli import UserError, config_from_args, site_state_dir
 from common.files import read_jsonl
 from common.runs import BUNDLE_LOG, DAEMON_FILE, EGRESS_FILE, SITE_FILE
 
@@ -96,9 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    if not cfg.site.state_dir:
-        raise UserError("site.state_dir is empty; pass the site's --config site.yaml.")
-    state = Path(cfg.site.state_dir)
+    state = site_state_dir(cfg)
     if not state.is_dir():
         raise UserError(f"{state} does not exist: this site has not run yet (start it with `fedseg-client start`).")
     print(f"site {cfg.site.name or '?'} ({state})")

@@ -12,8 +12,10 @@ import argparse
 import importlib
 import logging
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from .config import CentreFile, ConfigError, FedsegConfig, Section, SiteFile, load_config
 
@@ -37,10 +39,73 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+@dataclass(frozen=True)
+class Shortcut:
+    """A flag that stands for one ``--set`` override: ``--rounds 3`` is ``--set federation.rounds=3``."""
+
+    flag: str
+    key: str
+    value: str = "N"
+    """What the value is, as the help writes it after ``key=``."""
+    note: str = ""
+    """Said after the override in the help, e.g. what the same value again means."""
+    type: Callable[[str], Any] = int
+
+    @property
+    def dest(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    def override(self, args: argparse.Namespace) -> list[str]:
+        """The ``--set`` override this flag gave, or none when it was not given."""
+        value = getattr(args, self.dest)
+        return [] if value is None else [f"{self.key}={value}"]
+
+
+ROUNDS = Shortcut("--rounds", "federation.rounds")
+RUN_NAME = Shortcut("--run-name", "federation.run_name", "NAME", " (same name: resume)", str)
+
+
+def add_shortcuts(parser: argparse.ArgumentParser, *shortcuts: Shortcut) -> None:
+    """Add the flags, in this order; ``config_from_args`` applies the ones given after ``--set``."""
+    for s in shortcuts:
+        parser.add_argument(s.flag, type=s.type, help=f"Shortcut for --set {s.key}={s.value}{s.note}.")
+    parser.set_defaults(shortcuts=shortcuts)
+
+
+def add_allow_config_change(parser: argparse.ArgumentParser) -> None:
+    """The one flag that lets a resumed run (same run name) take a configuration other than its own."""
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="Resume a run with a configuration that differs from the one it started with (the "
+        "change is written to its metrics log); without it such a restart is refused.",
+    )
+
+
+def add_weights_argument(parser: argparse.ArgumentParser, default_note: str) -> None:
+    """``--weights``: the round of a run a site command uses; ``default_note`` ends the default's description
+    (the rule itself is client/site_model.py's DEFAULT_RULE)."""
+    parser.add_argument(
+        "--weights",
+        help="Round of the run: best, last or round-N (default: "
+        f"the centre's best round, else its last{default_note}).",
+    )
+
+
 def config_from_args(args: argparse.Namespace, extra: list[str] | None = None) -> FedsegConfig:
-    """The config file, read as the command's kind of file, plus ``--set`` overrides plus subcommand-specific
-    overrides."""
-    return load_config(args.config, [*args.overrides, *(extra or [])], getattr(args, "config_schema", FedsegConfig))
+    """The config file, read as the command's kind of file, plus ``--set`` overrides, plus the shortcut flags
+    given (``add_shortcuts``), plus subcommand-specific overrides."""
+    shortcuts = [o for s in getattr(args, "shortcuts", ()) for o in s.override(args)]
+    return load_config(
+        args.config, [*args.overrides, *shortcuts, *(extra or [])], getattr(args, "config_schema", FedsegConfig)
+    )
+
+
+def site_state_dir(cfg: FedsegConfig) -> Path:
+    """The site's state folder (site.state_dir), which every site command that reads or keeps its history needs."""
+    if not cfg.site.state_dir:
+        raise UserError("site.state_dir is not set: pass the site's site.yaml with --config.")
+    return Path(cfg.site.state_dir)
 
 
 CONFIG_FILES: dict[str, type[Section]] = {

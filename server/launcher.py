@@ -24,7 +24,7 @@ from typing import TextIO
 
 import httpx
 
-from common.cli import UserError, config_from_args
+from common.cli import ROUNDS, RUN_NAME, UserError, add_allow_config_change, add_shortcuts, config_from_args
 from common.config import FedsegConfig
 from common.metrics_log import Event, is_kind, read_events
 from common.processes import Busy, Shutdown, hold_lock, port_free, stop_on_signals, wait_healthy
@@ -126,14 +126,26 @@ class Centre:
         self.env[SERVER_CONFIG_ENV] = str(run_dir(cfg) / SERVER_CONFIG_FILE)  # inherited by the ServerApp
         self.procs: list[subprocess.Popen] = []
 
-    def _spawn(self, command: list[str], log_name: str) -> subprocess.Popen:
+    def _start(self, command: list[str], log_name: str, what: str, health_url: str) -> subprocess.Popen:
+        """Start one of the centre's processes, logging to ``log_name``, and return once ``health_url`` answers
+        over TLS signed by the federation CA; a process that exits or stays silent is a UserError naming its log."""
         scratch = self.state / SCRATCH_DIR
         scratch.mkdir(parents=True, exist_ok=True)
-        with (self.state / log_name).open("ab") as log_file:
+        log = self.state / log_name
+        with log.open("ab") as log_file:
             proc = subprocess.Popen(
                 command, cwd=scratch, env=self.env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
             )
         self.procs.append(proc)
+        wait_healthy(
+            proc,
+            health_url,
+            what=what,
+            log=log,
+            timeout_s=STARTUP_TIMEOUT_S,
+            error=UserError,
+            verify=str(self.material.ca_cert),
+        )
         return proc
 
     def start_superlink(self) -> subprocess.Popen:
@@ -142,7 +154,7 @@ class Centre:
 
         s, m = self.cfg.server, self.material
         private_file(private_dir(self.state) / SUPERLINK_DATABASE)  # node keys and messages: owner-only
-        proc = self._spawn(
+        return self._start(
             [
                 flower_command("flower-superlink"),
                 "--ssl-certfile",
@@ -163,23 +175,16 @@ class Centre:
                 str(s.superlink_port),
             ],
             SUPERLINK_LOG,
-        )
-        wait_healthy(
-            proc,
+            "flower-superlink",
             f"https://127.0.0.1:{s.superlink_port}/health",
-            what="flower-superlink",
-            log=self.state / SUPERLINK_LOG,
-            timeout_s=STARTUP_TIMEOUT_S,
-            error=UserError,
-            verify=str(m.ca_cert),
         )
-        return proc
 
     def start_gateway(self) -> subprocess.Popen:
         from .fleet_gateway import max_body
 
         s, m = self.cfg.server, self.material
-        proc = self._spawn(
+        probe_host = "127.0.0.1" if s.fleet_host in ("0.0.0.0", "::") else s.fleet_host
+        return self._start(
             [
                 sys.executable,
                 "-m",
@@ -198,18 +203,9 @@ class Centre:
                 str(max_body(model_bytes(self.cfg))),
             ],
             GATEWAY_LOG,
-        )
-        probe_host = "127.0.0.1" if s.fleet_host in ("0.0.0.0", "::") else s.fleet_host
-        wait_healthy(
-            proc,
+            "the Fleet gateway",
             f"https://{probe_host}:{s.fleet_port}/",
-            what="the Fleet gateway",
-            log=self.state / GATEWAY_LOG,
-            timeout_s=STARTUP_TIMEOUT_S,
-            error=UserError,
-            verify=str(m.ca_cert),
         )
-        return proc
 
     def stop(self) -> None:
         from common.processes import stop_tree
@@ -329,17 +325,9 @@ def start_federation(cfg: FedsegConfig, say: Callable[[str], None] = print, allo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run-name", help="Shortcut for --set federation.run_name=NAME (same name: resume).")
-    parser.add_argument("--rounds", type=int, help="Shortcut for --set federation.rounds=N.")
-    parser.add_argument(
-        "--allow-config-change",
-        action="store_true",
-        help="Resume a run with a configuration that differs from the one it started with (the "
-        "change is written to its metrics log); without it such a restart is refused.",
-    )
+    add_shortcuts(parser, RUN_NAME, ROUNDS)
+    add_allow_config_change(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    shortcuts = {"federation.run_name": args.run_name, "federation.rounds": args.rounds}
-    cfg = config_from_args(args, [f"{k}={v}" for k, v in shortcuts.items() if v is not None])
-    return start_federation(cfg, allow_config_change=args.allow_config_change)
+    return start_federation(config_from_args(args), allow_config_change=args.allow_config_change)

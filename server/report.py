@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,9 +122,15 @@ def _mark_failures(ax, failures: list[dict[str, Any]], y: float) -> None:
         )
 
 
-def _finish(fig, ax, path: Path, title: str, xlabel: str, ylabel: str) -> None:
+@contextmanager
+def _round_plot(k: dict[Event, list[dict[str, Any]]], path: Path, title: str, ylabel: str) -> Iterator[Any]:
+    """A figure of values per round: the axes for the body to draw on, then the rounds a site failed marked at 0,
+    the title, labels, grid and legend, saved to ``path``."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    yield ax
+    _mark_failures(ax, k[Event.FAILURE], 0.0)
     ax.set_title(title)
-    ax.set_xlabel(xlabel)
+    ax.set_xlabel("Round")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -142,52 +150,32 @@ def _round_line(ax, rounds: list[dict[str, Any]], key: str, style: str, label: s
 
 
 def plot_dice(k: dict[Event, list[dict[str, Any]]], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    _site_lines(ax, k[Event.EVALUATE], "dice", "{site}", marker="o")
-    _round_line(ax, k[Event.ROUND], "dice_mean", "--", "federation mean")
-    _round_line(ax, k[Event.ROUND], "dice_weighted", ":", "federation weighted")
-    _mark_failures(ax, k[Event.FAILURE], 0.0)
-    ax.set_ylim(-0.03, 1.0)
-    _finish(
-        fig,
-        ax,
-        path,
-        "Validation Dice per site and round (each site's own norm layers)",
-        "Round",
-        "Dice (foreground, 0-1)",
-    )
+    title = "Validation Dice per site and round (each site's own norm layers)"
+    with _round_plot(k, path, title, "Dice (foreground, 0-1)") as ax:
+        _site_lines(ax, k[Event.EVALUATE], "dice", "{site}", marker="o")
+        _round_line(ax, k[Event.ROUND], "dice_mean", "--", "federation mean")
+        _round_line(ax, k[Event.ROUND], "dice_weighted", ":", "federation weighted")
+        ax.set_ylim(-0.03, 1.0)
 
 
 def plot_loss(k: dict[Event, list[dict[str, Any]]], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    _site_lines(ax, k[Event.TRAIN], "loss", "{site} loss (DiceCE)", marker="o")
-    _site_lines(ax, k[Event.TRAIN], "proximal_loss", "{site} proximal term", linestyle="--")
-    _mark_failures(ax, k[Event.FAILURE], 0.0)
-    _finish(
-        fig,
-        ax,
-        path,
-        "Local training loss and FedProx proximal term, mean over local steps",
-        "Round",
-        "Loss (dimensionless)",
-    )
+    title = "Local training loss and FedProx proximal term, mean over local steps"
+    with _round_plot(k, path, title, "Loss (dimensionless)") as ax:
+        _site_lines(ax, k[Event.TRAIN], "loss", "{site} loss (DiceCE)", marker="o")
+        _site_lines(ax, k[Event.TRAIN], "proximal_loss", "{site} proximal term", linestyle="--")
 
 
 def plot_seconds(k: dict[Event, list[dict[str, Any]]], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    _site_lines(ax, k[Event.TRAIN], "duration_s", "{site} local training", marker="o")
-    _round_line(ax, k[Event.ROUND], "duration_s", "--", "whole round (server)")
-    _mark_failures(ax, k[Event.FAILURE], 0.0)
-    _finish(fig, ax, path, "Time per round", "Round", "Seconds")
+    with _round_plot(k, path, "Time per round", "Seconds") as ax:
+        _site_lines(ax, k[Event.TRAIN], "duration_s", "{site} local training", marker="o")
+        _round_line(ax, k[Event.ROUND], "duration_s", "--", "whole round (server)")
 
 
 def plot_bytes(k: dict[Event, list[dict[str, Any]]], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    points = [(r["round"], (r.get("bytes_total") or 0) / MB) for r in k[Event.ROUND]]
-    if points:
-        ax.bar(*zip(*points, strict=True), color="#8fb4d9", label="all sites, both directions")
-    _mark_failures(ax, k[Event.FAILURE], 0.0)
-    _finish(fig, ax, path, "Model bytes sent per round", "Round", "Megabytes (10^6 bytes)")
+    with _round_plot(k, path, "Model bytes sent per round", "Megabytes (10^6 bytes)") as ax:
+        points = [(r["round"], (r.get("bytes_total") or 0) / MB) for r in k[Event.ROUND]]
+        if points:
+            ax.bar(*zip(*points, strict=True), color="#8fb4d9", label="all sites, both directions")
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:

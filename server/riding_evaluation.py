@@ -13,6 +13,7 @@ few validation cases to score is not asked for a score.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from flwr.app import Message, MetricRecord
 
@@ -30,19 +31,17 @@ def reports_no_score(msg: Message) -> bool:
         return False
 
 
+@dataclass(frozen=True)
 class RidingEvaluation:
     """Records the evaluations training replies carry, and the last round's own evaluation."""
 
-    def __init__(
-        self, screen: ReplyScreen, recorder: RunRecorder, first_round: int, last_round: int, offer_best: bool
-    ) -> None:
-        self.screen = screen
-        self.recorder = recorder
-        self.first_round = first_round
-        """This server's first round: the model it trains on was closed by an earlier server, or is w^0."""
-        self.last_round = last_round
-        self.offer_best = offer_best
-        """Whether a round closed with carried evaluations may become the best model (the schedule's say)."""
+    screen: ReplyScreen
+    recorder: RunRecorder
+    first_round: int
+    """This server's first round: the model it trains on was closed by an earlier server, or is w^0."""
+    last_round: int
+    offer_best: bool
+    """Whether a round closed with carried evaluations may become the best model (the schedule's say)."""
 
     def asked(self, rnd: int) -> bool:
         """Whether round ``rnd``'s training messages ask the sites to score the model they carry."""

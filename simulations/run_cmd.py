@@ -10,30 +10,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common.cli import UserError, config_from_args
+from common.cli import ROUNDS, RUN_NAME, Shortcut, UserError, add_allow_config_change, add_shortcuts, config_from_args
+
+SITES = Shortcut("--sites", "simulation.num_sites")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sites", type=int, help="Shortcut for --set simulation.num_sites=N.")
-    parser.add_argument("--rounds", type=int, help="Shortcut for --set federation.rounds=N.")
-    parser.add_argument("--run-name", help="Shortcut for --set federation.run_name=NAME (same name: resume).")
-    parser.add_argument(
-        "--allow-config-change",
-        action="store_true",
-        help="Resume a run with a configuration that differs from the one it started with (the "
-        "change is written to its metrics log); without it such a restart is refused.",
-    )
+    add_shortcuts(parser, SITES, ROUNDS, RUN_NAME)
+    add_allow_config_change(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from .runner import RunFailed, SimulationError, run_simulation
 
-    shortcuts = {
-        "simulation.num_sites": args.sites,
-        "federation.rounds": args.rounds,
-        "federation.run_name": args.run_name,
-    }
-    cfg = config_from_args(args, [f"{k}={v}" for k, v in shortcuts.items() if v is not None])
+    cfg = config_from_args(args)
     try:
         run_dir = run_simulation(cfg, allow_config_change=args.allow_config_change)
     except RunFailed as err:  # it ran, and failed: exit 1, as fedseg-server does

@@ -191,52 +191,16 @@ NEUTRAL_SIGNATURE = ScannerSignature(
 # different units and offsets, contrast curves, bias fields, noise, voxel
 # spacing and storage orientation (LPS, as DICOM converters write, or RAS).
 # Neighbouring sites differ in every field.
-SITE_ARCHETYPES: tuple[ScannerSignature, ...] = (
-    ScannerSignature(
-        gamma=0.6,
-        bias_strength=0.15,
-        noise_std=0.12,
-        spacing=(0.8, 0.8, 2.5),
-        orientation="LPS",
-        intensity_scale=1200.0,
-        intensity_offset=-1000.0,
-    ),
-    ScannerSignature(
-        gamma=1.8,
-        bias_strength=0.35,
-        noise_std=0.25,
-        spacing=(1.0, 1.0, 1.0),
-        orientation="RAS",
-        intensity_scale=2500.0,
-        intensity_offset=0.0,
-    ),
-    ScannerSignature(
-        gamma=1.2,
-        bias_strength=0.25,
-        noise_std=0.4,
-        spacing=(0.6, 0.6, 4.0),
-        orientation="LPS",
-        intensity_scale=600.0,
-        intensity_offset=50.0,
-    ),
-    ScannerSignature(
-        gamma=0.8,
-        bias_strength=0.45,
-        noise_std=0.08,
-        spacing=(1.2, 1.2, 1.5),
-        orientation="RAS",
-        intensity_scale=4095.0,
-        intensity_offset=0.0,
-    ),
-    ScannerSignature(
-        gamma=2.4,
-        bias_strength=0.1,
-        noise_std=0.3,
-        spacing=(0.9, 0.9, 3.0),
-        orientation="LPS",
-        intensity_scale=1500.0,
-        intensity_offset=-1024.0,
-    ),
+SITE_ARCHETYPES: tuple[ScannerSignature, ...] = tuple(
+    ScannerSignature(*fields)
+    for fields in (
+        # gamma, bias_strength, noise_std, spacing (mm), orientation, intensity_scale, intensity_offset
+        (0.6, 0.15, 0.12, (0.8, 0.8, 2.5), "LPS", 1200.0, -1000.0),
+        (1.8, 0.35, 0.25, (1.0, 1.0, 1.0), "RAS", 2500.0, 0.0),
+        (1.2, 0.25, 0.4, (0.6, 0.6, 4.0), "LPS", 600.0, 50.0),
+        (0.8, 0.45, 0.08, (1.2, 1.2, 1.5), "RAS", 4095.0, 0.0),
+        (2.4, 0.1, 0.3, (0.9, 0.9, 3.0), "LPS", 1500.0, -1024.0),
+    )
 )
 
 
