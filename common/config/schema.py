@@ -378,6 +378,8 @@ class SimulationConfig(Section):
     volume_shape: list[int] = option([48, 48, 32], "Voxel shape of each synthetic volume.")
     shift_strength: float = option(1.0, "Scanner shift between sites: 0 identical scanners, 1 strong shift.")
     data_dir: Text = option("data/synthetic", "Where synthetic site datasets are generated (reused if present).")
+    seed: int = option(0, "Seed of the synthetic data.")
+    held_out_sites: int = option(0, "Extra simulated sites that never train, for the cross-site evaluation.")
     ray_num_cpus: int = option(2, "CPUs Ray may use for the whole simulation.")
     cpus_per_site: int = option(2, "CPUs reserved per simulated site; sites run in turns when CPUs are scarce.")
     gpus_per_site: float = option(
@@ -390,8 +392,6 @@ class SimulationConfig(Section):
         "host:port of a running Ray cluster (`ray start --head`) the simulation joins instead of starting "
         "a local Ray; its CPUs and GPUs are the cluster's (ray_num_cpus is ignored); empty: local Ray.",
     )
-    seed: int = option(0, "Seed of the synthetic data.")
-    held_out_sites: int = option(0, "Extra simulated sites that never train, for the cross-site evaluation.")
     sites: dict[str, SimulatedSite] = option(
         {}, "Your own sites: name -> {data_dir, held_out}; empty: the synthetic generator (num_sites etc.)."
     )
