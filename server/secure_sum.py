@@ -1,6 +1,6 @@
 r"""The centre's side of SecAgg+ (common/secagg.py): it learns the sum of the round's updates, not one of them.
 
-The strategy (server/strategy.py) hands this step the round's training
+The strategy's mean step (server/round_mean.py) hands this step the round's training
 messages in ``configure`` and the training replies in ``aggregate``; the
 extra exchanges go through the grid captured in ``configure``:
 

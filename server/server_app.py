@@ -31,8 +31,9 @@ from .planning import PlanningFailed, plan_config, plan_federation
 from .pretrained import start_weights
 from .receiving_grid import ReceivingGrid
 from .resume import resume_point
+from .round_mean import QuorumNotReached
 from .site_registry import read_nodes
-from .strategy import FedSegStrategy, QuorumNotReached
+from .strategy import FedSegStrategy
 from .tensorboard import open_log
 
 log = logging.getLogger("fedseg.server")

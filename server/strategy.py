@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedProx
 
@@ -15,54 +15,40 @@ from common.config import FedsegConfig
 from common.metrics_log import MetricsLog
 from common.wire import from_wire, to_wire
 
-from .aggregator import Aggregator
 from .checkpoints import Checkpoints
 from .dp import central_dp
 from .recorder import RunRecorder
 from .riding_evaluation import RidingEvaluation
+from .round_mean import round_mean
 from .schedules import schedule
 from .screening import ReplyScreen
-from .secure_sum import SecureSum
 from .server_opt import server_optimizer
 from .validation import ReplyValidator
 
 log = logging.getLogger("fedseg.server")
 
 
-class QuorumNotReached(RuntimeError):
-    """Fewer sites than the quorum succeeded and the federation is set to stop."""
-
-
 class FedSegStrategy(FedProx):
     r"""FedProx on the shared tensors; normalization tensors chosen by ``norm_mode`` never leave the site.
 
-    Site k minimises :math:`F_k(w) + \frac{\mu}{2} \lVert w - w^t \rVert^2` (FedProx,
-    ``train.proximal_mu``). The server keeps the sites :math:`S_t` whose reply is sound
-    (server/screening.py: signature, keys, shapes, finite values, the site's own name, and
-    :math:`\lVert w_k - w^t \rVert \le c \cdot \mathrm{median}_{j \ne k} \lVert w_j - w^t \rVert`
-    with :math:`c` = ``norm_bound``) and averages their shared tensors by training cases:
+    Site k minimises :math:`F_k(w) + \frac{\mu}{2} \lVert w - w^t \rVert^2` (``train.proximal_mu``); the server
+    averages the shared tensors of the sites :math:`S_t` whose reply is sound, by training cases:
 
     .. math::
         w^{t+1} = \sum_{k \in S_t} \frac{n_k}{n} w_k, \qquad n = \sum_{k \in S_t} n_k
 
-    The delta over FedProx: FedAvg would average in the wire dtype (float16 may travel) and raise
-    on one inconsistent reply, so ``aggregate_train`` screens instead (a bad reply is logged and
-    left out) and combines in float32. Below ``federation.min_sites`` sound sites the round is
-    skipped (the model is kept) or the run stops. A round is made of parts:
+    The delta over FedProx: where FedAvg averages in the wire dtype and raises on one inconsistent reply, an
+    unsound reply (server/screening.py) is logged and left out, the mean is taken in float32, and below the
+    quorum the round is skipped or the run stops. Flower's four hooks compose these parts:
 
-    - the schedule (server/schedules.py) picks the sites that train: all, or one in turn (cyclic);
-    - the mean: ``federation.aggregator`` (server/aggregator.py: the weighted mean above, or a
-      robust one), or under ``federation.secure_aggregation`` the unmasked mean of the sites'
-      clipped updates (server/secure_sum.py: its key and share exchanges run before the training
-      messages leave; every site weighs 1; the centre never holds one update);
-    - central DP (server/dp.py), when on: each update clipped, the mean taken over the federation's
-      fixed size, then noised;
-    - the server optimizer (server/server_opt.py): FedAvgM's step on the (noised) mean;
-    - the recorder (server/recorder.py) writes the log lines, checkpoints and best model, and
-      evaluation rides with training (server/riding_evaluation.py): one message per site a round.
+    - the schedule (server/schedules.py): which sites train, all or one in turn (cyclic);
+    - the mean (server/round_mean.py): plain or robust (server/aggregator.py), or secure (server/secure_sum.py);
+    - central DP (server/dp.py): each update clipped, the mean over the federation's size, noised;
+    - the server optimizer (server/server_opt.py): FedAvgM's step on the released mean, its state checkpointed;
+    - the recorder (server/recorder.py): the log lines, every round's checkpoint, the best model;
+    - evaluation riding with training (server/riding_evaluation.py): one message per site a round.
 
-    Flower counts a server's rounds from 1; a resumed run has completed ``round_offset`` rounds
-    before it, and every part of fedseg counts the run's rounds (``_round``).
+    A resumed run has done ``round_offset`` rounds before Flower's round 1; ``_round`` maps them, once.
     """
 
     def __init__(
@@ -92,11 +78,10 @@ class FedSegStrategy(FedProx):
         self.riding = RidingEvaluation(
             self.screen, self.recorder, round_offset + 1, fed.rounds, self.schedule.offer_best
         )
-        self.aggregator = Aggregator(fed)
-        self.secure_sum = (
-            SecureSum(cfg, shapes, self.recorder, self.screen) if fed.secure_aggregation != "none" else None
-        )
         self.privacy = central_dp(cfg, metrics_log, round_offset)
+        self.round_mean = round_mean(
+            cfg, shapes, self.schedule, self.screen, self.recorder, self.privacy, self.train_metrics_aggr_fn
+        )
         self.optimizer = server_optimizer(fed)
         self.reference: dict[str, np.ndarray] | None = None
         """w^t, the global tensors as sent for training this round: the origin of every site's update."""
@@ -106,15 +91,8 @@ class FedSegStrategy(FedProx):
         log.info(
             "fedseg: norm_mode=%s schedule=%s quorum=%d on_quorum_failure=%s aggregator=%s secure_aggregation=%s "
             "central_dp=%s server_optimizer=%s wire=%s",
-            self.cfg.train.norm_mode,
-            fed.schedule,
-            self.schedule.quorum,
-            fed.on_quorum_failure,
-            fed.aggregator,
-            fed.secure_aggregation,
-            self.privacy is not None,
-            fed.server_optimizer,
-            fed.wire_dtype,
+            *(self.cfg.train.norm_mode, fed.schedule, self.schedule.quorum, fed.on_quorum_failure, fed.aggregator),
+            *(fed.secure_aggregation, self.privacy is not None, fed.server_optimizer, fed.wire_dtype),
         )
         super().summary()
 
@@ -122,20 +100,11 @@ class FedSegStrategy(FedProx):
         """The run's round of Flower's ``server_round``."""
         return server_round + self.round_offset
 
-    def _messages(
-        self,
-        configure: Callable[..., Iterable[Message]],
-        rnd: int,
-        arrays: ArrayRecord,
-        config: ConfigRecord,
-        grid: Grid,
-    ) -> tuple[list[Message], ArrayRecord]:
-        """FedProx's messages, carrying the global model in the wire dtype and the model signature."""
+    def _wire(self, arrays: ArrayRecord, config: ConfigRecord) -> ArrayRecord:
+        """The global model in the wire dtype; ``config`` carries the dtype and the model signature."""
         config[keys.SIGNATURE] = self.signature
         config[keys.WIRE_DTYPE] = self.cfg.federation.wire_dtype
-        wire = to_wire(from_wire(arrays), self.cfg.federation.wire_dtype)
-        self.screen.outgoing = list(configure(rnd, wire, config, grid))
-        return self.screen.outgoing, wire
+        return to_wire(from_wire(arrays), self.cfg.federation.wire_dtype)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -143,10 +112,10 @@ class FedSegStrategy(FedProx):
         rnd = self._round(server_round)
         self.recorder.start_round(rnd)
         config[keys.EVALUATE_RECEIVED] = self.riding.asked(rnd)
-        messages, wire = self._messages(super().configure_train, rnd, arrays, config, grid)
+        wire = self._wire(arrays, config)
+        messages = self.screen.outgoing = list(super().configure_train(rnd, wire, config, grid))
         messages = self.screen.outgoing = self.schedule.select(rnd, messages)
-        if self.secure_sum is not None:  # keys and shares first; only the sites whose shares went round train
-            messages = self.screen.outgoing = self.secure_sum.configure(rnd, messages, grid)
+        messages = self.screen.outgoing = self.round_mean.configure(rnd, messages, grid)
         self.reference = {k: v.numpy().astype(np.float32) for k, v in wire.items()}
         self.schedule.start_round(arrays, self.reference)
         self.recorder.sent(rnd, wire, len(messages), training=True)
@@ -159,7 +128,8 @@ class FedSegStrategy(FedProx):
         rnd = self._round(server_round)
         if not self.riding.own_step(rnd):
             return []
-        messages, wire = self._messages(super().configure_evaluate, rnd, arrays, config, grid)
+        wire = self._wire(arrays, config)
+        messages = self.screen.outgoing = list(super().configure_evaluate(rnd, wire, config, grid))
         messages = self.riding.recipients(messages)
         self.recorder.sent(rnd, wire, len(messages), training=False)
         return messages
@@ -172,10 +142,7 @@ class FedSegStrategy(FedProx):
         replies = list(replies)
         self.riding.close_previous(rnd, replies)
         with self.recorder.timed(rnd):
-            if self.secure_sum is not None:
-                mean, metrics, sites = self._secure_mean(self.secure_sum, rnd, replies)
-            else:
-                mean, metrics, sites = self._mean(rnd, replies)
+            mean, metrics, sites = self.round_mean(rnd, replies, self.reference)
         if mean is None:
             model = self.schedule.fallback(rnd, replies)
         else:
@@ -188,56 +155,10 @@ class FedSegStrategy(FedProx):
             self.recorder.saved(rnd, model)
         return model, metrics
 
-    def _mean(self, rnd: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None, int]:
-        """The sound updates the schedule keeps, combined (clipped and unweighted under DP); None below quorum."""
-        reject = self.recorder.rejecter(rnd, "train")
-        sound = self.schedule.keep(self.screen.sound(replies, True, self.reference, reject), self.reference, reject)
-        for msg, site in sound:
-            self.recorder.trained(rnd, site, msg)
-        updates = [msg for msg, _ in sound]
-        if not self._enough(rnd, len(updates)):
-            return None, None, len(updates)
-        if self.privacy is not None:
-            updates = self.privacy.clipped(updates, self._round_reference())
-        mean = self.aggregator(updates, self.reference, equal_weights=self.privacy is not None)
-        metrics = [RecordDict({keys.METRICS: msg.content.metric_records[keys.METRICS]}) for msg in updates]
-        return mean, self.train_metrics_aggr_fn(metrics, self.weighted_by_key), len(updates)
-
-    def _secure_mean(
-        self, secure_sum: SecureSum, rnd: int, replies: list[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None, int]:
-        """w^t plus the unmasked sum of the survivors' updates over their number (over the federation's size
-        under DP); None below quorum."""
-        total, survivors = secure_sum.aggregate(rnd, replies)  # (None, []) when the sum is not recovered
-        if not self._enough(rnd, len(survivors)) or total is None:
-            return None, None, len(survivors)
-        denominator = self.privacy.size if self.privacy else len(survivors)
-        return (*secure_sum.mean(total, survivors, self._round_reference(), denominator), len(survivors))
-
-    def _round_reference(self) -> dict[str, np.ndarray]:
-        """w^t of the round being aggregated (configure_train set it before any update could arrive)."""
-        if self.reference is None:
-            raise RuntimeError("no round was configured: configure_train sets the global model first")
-        return self.reference
-
-    def _enough(self, rnd: int, sites: int) -> bool:
-        """Whether ``sites`` sound updates make the round; below the schedule's quorum the round is skipped
-        (the model is kept) or the run stops, as ``federation.on_quorum_failure`` says."""
-        if sites >= self.schedule.quorum:
-            return True
-        action = self.cfg.federation.on_quorum_failure
-        self.recorder.below_quorum(rnd, "train", sites, action)
-        msg = f"round {rnd}: only {sites} site(s) completed train, quorum is {self.schedule.quorum}"
-        if action == "stop":
-            raise QuorumNotReached(msg + "; stopping as configured (federation.on_quorum_failure: stop).")
-        log.warning("%s; keeping the previous global model", msg)
-        return False
-
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return self.riding.evaluate(self._round(server_round), replies)
 
     def resume_optimizer(self, from_round: int) -> None:
-        """Continue the server optimizer with its state saved after ``from_round`` (the round whose model the
-        run resumes from)."""
+        """Continue the server optimizer with its state saved after ``from_round``, the round resumed from."""
         if self.optimizer is not None and from_round > 0:
             self.optimizer.restore(self.recorder.checkpoints, from_round, self.shapes)

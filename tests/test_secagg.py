@@ -452,7 +452,7 @@ def test_central_dp_noises_the_unmasked_sum_over_the_federations_size(tmp_path, 
     assert (privacy["sites"], privacy["denominator"]) == (SITES, SITES)
     strategy = done.strategy
     start = strategy.reference
-    order = strategy.secure_sum.order
+    order = strategy.round_mean.secure_sum.order
     released = load_file(tmp_path / "runs" / "dp" / "checkpoints" / "round-0001.safetensors")
     mean = secagg.unflat(secagg.dequantized_sum(observed.totals[0], SITES, clip) / SITES, strategy.shapes, order)
     noise = np.concatenate([(released[k].numpy() - start[k] - mean[k]).ravel() for k in order])

@@ -12,7 +12,8 @@ from common.config import load_config
 from common.files import read_jsonl
 from common.metrics_log import MetricsLog, read_events
 from server.checkpoints import Checkpoints
-from server.strategy import FedSegStrategy, QuorumNotReached
+from server.round_mean import QuorumNotReached
+from server.strategy import FedSegStrategy
 from tests.helpers import messages
 from tests.helpers.local_grid import LocalGrid
 from tests.helpers.messages import reply
