@@ -18,7 +18,7 @@ sensitivity of a mean over :math:`m` is not :math:`C/m`. Over :math:`n` it is
 exactly :math:`C/n`. The clip is Flower's ``compute_clip_model_update`` and
 the noise that of Flower's ``DifferentialPrivacyServerSideFixedClipping``
 with its sample size fixed at :math:`n`. ``CentralDP`` is an aggregation step
-of the strategy (server/strategy.py), not a wrapper around it: ``clipped``
+of the strategy (server/strategy.py, server/round_mean.py), not a wrapper around it: ``clipped``
 clips each screened update and scales it by :math:`m/n`, so that the
 strategy's unweighted mean over :math:`m` is the sum over :math:`n`, and
 ``release`` adds the noise and logs the budget; the strategy then lets

@@ -1,6 +1,6 @@
 r"""Which sites train in a round, and what the round needs of them: every site (parallel) or one in turn (cyclic).
 
-The strategy (server/strategy.py) asks its schedule at four points of a round:
+The strategy (server/strategy.py, its mean in server/round_mean.py) asks its schedule at four points of a round:
 ``select`` the training messages, ``start_round`` with the model sent,
 ``keep`` the sound replies it may use, and ``fallback`` when it has none.
 ``ParallelSchedule`` is the trivial one: every connected training site trains,
