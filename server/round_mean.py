@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
@@ -48,14 +49,15 @@ class QuorumNotReached(RuntimeError):
     """Fewer sites than the quorum succeeded and the federation is set to stop."""
 
 
+@dataclass
 class RoundMean(ABC):
     """A round's mean step: ``configure`` the training messages, then the mean of the replies."""
 
-    def __init__(
-        self, cfg: FedsegConfig, schedule: ParallelSchedule, recorder: RunRecorder, privacy: CentralDP | None
-    ) -> None:
-        self.on_quorum_failure = cfg.federation.on_quorum_failure
-        self.schedule, self.recorder, self.privacy = schedule, recorder, privacy
+    schedule: ParallelSchedule
+    screen: ReplyScreen
+    recorder: RunRecorder
+    privacy: CentralDP | None
+    on_quorum_failure: str
 
     def configure(self, rnd: int, messages: list[Message], grid: Grid) -> list[Message]:
         """The training messages that leave: all of them (only secure aggregation exchanges keys first)."""
@@ -85,20 +87,12 @@ def _configured(reference: dict[str, np.ndarray] | None) -> dict[str, np.ndarray
     return reference
 
 
+@dataclass
 class PlainMean(RoundMean):
     """The sound updates the schedule keeps, combined by ``federation.aggregator`` (clipped, unweighted under DP)."""
 
-    def __init__(
-        self,
-        cfg: FedsegConfig,
-        schedule: ParallelSchedule,
-        screen: ReplyScreen,
-        recorder: RunRecorder,
-        privacy: CentralDP | None,
-        metrics_aggr: MetricsAggr,
-    ) -> None:
-        super().__init__(cfg, schedule, recorder, privacy)
-        self.screen, self.aggregator, self.metrics_aggr = screen, Aggregator(cfg.federation), metrics_aggr
+    aggregator: Aggregator
+    metrics_aggr: MetricsAggr
 
     def __call__(self, rnd: int, replies: list[Message], reference: dict[str, np.ndarray] | None) -> Mean:
         reject = self.recorder.rejecter(rnd, "train")
@@ -115,20 +109,11 @@ class PlainMean(RoundMean):
         return mean, self.metrics_aggr(metrics, keys.NUM_EXAMPLES), len(updates)
 
 
+@dataclass
 class SecureMean(RoundMean):
     """w^t plus the unmasked sum of the survivors' updates over their number (the federation's size under DP)."""
 
-    def __init__(
-        self,
-        cfg: FedsegConfig,
-        shapes: dict[str, tuple[int, ...]],
-        schedule: ParallelSchedule,
-        screen: ReplyScreen,
-        recorder: RunRecorder,
-        privacy: CentralDP | None,
-    ) -> None:
-        super().__init__(cfg, schedule, recorder, privacy)
-        self.secure_sum = SecureSum(cfg, shapes, recorder, screen)
+    secure_sum: SecureSum
 
     def configure(self, rnd: int, messages: list[Message], grid: Grid) -> list[Message]:
         """Keys and shares first; only the sites whose shares went round train."""
@@ -152,6 +137,7 @@ def round_mean(
     metrics_aggr: MetricsAggr,
 ) -> RoundMean:
     """The mean step ``federation.secure_aggregation`` asks for."""
+    parts = (schedule, screen, recorder, privacy, cfg.federation.on_quorum_failure)
     if cfg.federation.secure_aggregation != "none":
-        return SecureMean(cfg, shapes, schedule, screen, recorder, privacy)
-    return PlainMean(cfg, schedule, screen, recorder, privacy, metrics_aggr)
+        return SecureMean(*parts, SecureSum(cfg, shapes, recorder, screen))
+    return PlainMean(*parts, Aggregator(cfg.federation), metrics_aggr)
