@@ -22,6 +22,12 @@ from common.wire import named_site
 from .site_registry import claim_problem, site_name
 from .validation import ReplyValidator
 
+NO_REPLY = (
+    "no reply within federation.round_timeout_s ({:g} s): the site is down, cut off or too slow; its "
+    "site.log and supernode.log say which"
+)
+"""The failure of a site whose message was not answered by the round's deadline."""
+
 
 class ReplyScreen:
     """The validator plus the node -> site names it judges claims against."""
@@ -44,6 +50,16 @@ class ReplyScreen:
                 node,
             )
         return site_name(self.node_sites, node, named_site(msg))
+
+    def silent(self, replies: list[Message]) -> list[str]:
+        """The sites of the last configure step's messages that sent nothing back before the deadline.
+
+        Without this a site that went quiet (a crash, a cut link, a frozen machine) is missing from the
+        round's failures: Flower hands over the replies that came and says nothing of the others.
+        """
+        answered = {self.site(msg) for msg in replies}
+        sent = [site_name(self.node_sites, m.metadata.dst_node_id, None) for m in self.outgoing]
+        return [site for site in sent if site not in answered]
 
     def _problem(self, msg: Message, is_train: bool) -> str | None:
         """The validator's verdict, or a reply that names another site than the node it came from."""

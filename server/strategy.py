@@ -21,7 +21,7 @@ from .recorder import RunRecorder
 from .riding_evaluation import RidingEvaluation
 from .round_mean import round_mean
 from .schedules import schedule
-from .screening import ReplyScreen
+from .screening import NO_REPLY, ReplyScreen
 from .server_opt import server_optimizer
 from .validation import ReplyValidator
 
@@ -140,6 +140,8 @@ class FedSegStrategy(FedProx):
         """Screen and combine the round's updates (securely, privately), step and publish the new model."""
         rnd = self._round(server_round)
         replies = list(replies)
+        for site in self.screen.silent(replies):
+            self.recorder.rejected(rnd, site, "train", NO_REPLY.format(self.cfg.federation.round_timeout_s))
         self.riding.close_previous(rnd, replies)
         with self.recorder.timed(rnd):
             mean, metrics, sites = self.round_mean(rnd, replies, self.reference)

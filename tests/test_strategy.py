@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
 
 from common import keys
 from common.config import load_config
@@ -80,6 +80,19 @@ def test_below_quorum_can_stop_the_run(tmp_path):
     strategy = make_strategy(tmp_path, "federation.min_sites=2", "federation.on_quorum_failure=stop")
     with pytest.raises(QuorumNotReached, match="quorum is 2"):
         strategy.aggregate_train(1, [train_reply(11, "a", 1.0, 1)])
+
+
+def test_a_site_that_never_answers_is_named_as_failed(tmp_path):
+    """Flower hands over only the replies that came before the deadline; the silent site is still a failure."""
+    strategy = make_strategy(tmp_path, "federation.round_timeout_s=30")
+    strategy.node_sites.update({11: "a", 12: "b", 13: "c"})
+    strategy.screen.outgoing = [messages.incoming(RecordDict(), MessageType.TRAIN, node) for node in (11, 12, 13)]
+    arrays, _ = strategy.aggregate_train(1, [train_reply(11, "a", 1.0, 1), train_reply(12, "b", 3.0, 1)])
+    assert np.allclose(arrays["w"].numpy(), 2.0)
+    failures = [e for e in read_events(tmp_path / "metrics.jsonl") if e["event"] == "failure"]
+    assert [(e["site"], e["stage"]) for e in failures] == [("c", "train")]
+    assert failures[0]["reason"].startswith("no reply within federation.round_timeout_s (30 s)")
+    assert strategy.recorder.tally(1).failed == ["c"]
 
 
 def test_float16_replies_are_averaged_in_float32(tmp_path):
