@@ -1,6 +1,6 @@
 # Two commands for a fresh machine (Python 3.11 with venv):
 #   make demo   set up .venv and run the local multi-site simulation on built-in synthetic data
-#   make test   set up .venv and run the test suite
+#   make test   set up .venv and run the test suite (two workers: tests/conftest.py says how they share it)
 #   make test-fast  the suite without the tests that start processes or run a federation (under two minutes)
 #   make lint   ruff (lint and format check) and mypy, as CI runs them before the tests
 # torch is installed as torch==2.13.0 first: any other spec pulls a multi-GB CUDA build.
@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(VENV)/bin/fedseg-sim --config simulations/demo.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadgroup --no-loadscope-reorder
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not processes and not simulation"

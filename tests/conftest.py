@@ -87,3 +87,46 @@ def trained_site(tmp_path):
     from tests.helpers.run_folders import trained_site
 
     return trained_site(tmp_path)
+
+
+# --- two workers (make test: pytest -n 2, pytest-xdist) ----------------------------------------------------------
+#
+# The suite's federations wait on deadlines, polls and process starts as much as they compute, so two workers
+# finish it in about half the time on two cores. A module runs whole on one worker (its module fixtures are built
+# once); modules that share an expensive session fixture run on the same worker, which builds it once; the modules
+# that take minutes start first, so that both workers finish together.
+
+SHARED_SESSION_FIXTURES = ("hostile_round", "quorum_run")
+"""Session fixtures that run a federation: every module using one joins that fixture's worker."""
+
+LONGEST_FIRST = (
+    "tests/test_fault_drills.py",
+    "tests/test_first_day.py",
+    "tests/test_secagg_deployed.py",
+    "tests/test_run_lineage.py",
+    "tests/attacks/test_outsider.py",
+    "tests/test_deploy.py",
+)
+"""The modules that take minutes (``--durations``), slowest first; the rest follow, processes and federations
+first. A module missing here only starts later."""
+
+
+def _module_rank(module: str, items: list[pytest.Item]) -> tuple[int, int]:
+    if module in LONGEST_FIRST:
+        return 0, LONGEST_FIRST.index(module)
+    marks = {m.name for item in items for m in item.iter_markers()}
+    return 1, 0 if "processes" in marks else 1 if "simulation" in marks else 2
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    modules: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    order = sorted(modules, key=lambda module: _module_rank(module, modules[module]))  # stable: ties keep order
+    items[:] = [item for module in order for item in modules[module]]
+    if config.pluginmanager.hasplugin("xdist"):
+        for module in order:
+            used = {name for item in modules[module] for name in getattr(item, "fixturenames", ())}
+            group = next((name for name in SHARED_SESSION_FIXTURES if name in used), module)
+            for item in modules[module]:
+                item.add_marker(pytest.mark.xdist_group(group))
