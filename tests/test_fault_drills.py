@@ -5,9 +5,10 @@ One federation of two sites, quorum one, four rounds (a round's evaluation
 rides with the next round's training, so round r's summary line is written
 once round r + 1 has trained; the last round evaluates on its own):
 - round 1 runs normally;
-- in round 2, site-2's daemon and everything under it is SIGKILLed while it
-  trains: the round completes on site-1 alone once the SuperLink declares
-  site-2 unavailable (two missed heartbeats), and the failure is logged;
+- in round 2, site-2's daemon and everything under it is frozen as round 1
+  closes and SIGKILLed, so it never answers: the round completes on site-1 alone at its deadline
+  (``CRASH_TIMEOUT_S``, or sooner if the SuperLink declares site-2 unavailable
+  after two missed heartbeats), and site-2's failure is logged;
 - round 3 trains on site-1 alone, which closes round 2; site-1 is then frozen
   (SIGSTOP) so that round 3's evaluation waits for it, and site-2 is
   restarted with its local norm tensors still the ones on disk;
@@ -59,6 +60,9 @@ SITES = ["site-1", "site-2"]
 ROUNDS = 4
 RUN = "drill"
 DRILL_POLL_S = 3.0
+CRASH_TIMEOUT_S = 60.0
+"""The crash drill's round deadline: Flower's heartbeat expiry (2 x 30 s), which would end round 2 anyway, and
+ample for site-2's restart while the server waits in round 3 on the frozen site-1."""
 
 
 def _signal_tree(launched: Launched, sig: signal.Signals) -> None:
@@ -76,7 +80,9 @@ def _has(run, **match) -> bool:
 def test_site_and_server_crashes_lose_nothing(tmp_path):
     data = generate_federation(tmp_path / "data", n_sites=2, n_cases=4, shape=(32, 32, 24), strength=1.0, seed=0)
     app, digest = snapshot_app(tmp_path / "app")
-    fed = federation_yaml(tmp_path, app, SITES, rounds=ROUNDS, min_sites=1, run_name=RUN)
+    fed = federation_yaml(
+        tmp_path, app, SITES, rounds=ROUNDS, min_sites=1, run_name=RUN, round_timeout_s=CRASH_TIMEOUT_S
+    )
     init_pki(tmp_path / "certs", [], [GATEWAY_HOST])
     site_yaml = {n: make_site(tmp_path, n, data[n], fed, [digest]) for n in SITES}
     for name, path in site_yaml.items():
@@ -93,18 +99,13 @@ def test_site_and_server_crashes_lose_nothing(tmp_path):
     }
     everything = [server, *daemons.values()]
     try:
-        wait_for(lambda: _has(run, event="train", round=1, site="site-2"), 600, "round 1", *everything)
+        # --- a site dies in round 2, before it can answer ----------------------------------------------
+        # site-2 is frozen (SIGSTOP) within a few milliseconds of round 1's close and then killed: a round takes
+        # about two seconds, so waiting for its round-2 message could find site-2 already done with it.
+        wait_for(lambda: _has(run, event="train", round=1, site="site-2"), 600, "round 1", *everything, poll_s=0.02)
+        _signal_tree(daemons["site-2"], signal.SIGSTOP)
         saved_after_round_1 = hashlib.sha256(norm().read_bytes()).hexdigest()
-
-        # --- a site dies in the middle of training ------------------------------------------------
-        supernode_log = tmp_path / "sites" / "site-2" / "supernode.log"
-        wait_for(
-            lambda: supernode_log.read_text().count("Receiving: train message") >= 2,
-            600,
-            "site-2 to receive its round-2 training message",
-            *everything,
-        )
-        daemons["site-2"].kill_tree()  # its ClientApp is still importing or training: it cannot have replied
+        daemons["site-2"].kill_tree()  # frozen before it could reply: it never answers round 2
         summary = wait_for(
             lambda: [e for e in events(run) if e["event"] == "round" and e["round"] == 2],
             300,
@@ -133,13 +134,14 @@ def test_site_and_server_crashes_lose_nothing(tmp_path):
         # --- the server dies after round 2, in round 3 ------------------------------------------------
         server.kill_tree()
         assert not _has(run, event="round", round=3)
+        site_2_log = tmp_path / "sites" / "site-2" / "supernode.log"
+        received_before = site_2_log.read_text().count("Receiving: train message")  # what the killed server sent
         server = Launched(tmp_path / "server-2.out", "fedseg-server", "start", "--config", str(fed))
         everything = [server, *daemons.values()]
         # site-1 stays frozen until a resumed round has reached site-2, so that site-2 trains whatever the
         # order in which the sites reconnect: it proves site-2 trains on with its restored norm tensors.
-        site_2_log = tmp_path / "sites" / "site-2" / "supernode.log"
         wait_for(
-            lambda: site_2_log.read_text().count("Receiving: train message") >= 3,
+            lambda: site_2_log.read_text().count("Receiving: train message") > received_before,
             600,
             "a resumed round to reach site-2",
             *everything,
@@ -359,6 +361,8 @@ def test_a_site_past_the_deadline_is_left_out_on_time_and_its_late_reply_never_u
     )
     assert late[0]["late_by_s"] >= TIMEOUT_S
     assert not _lines(run, "train", round=slow_round, site="site-2")
+    (missed,) = _lines(run, "failure", round=slow_round, site="site-2", stage="train")  # named, not just absent
+    assert missed["reason"].startswith(f"no reply within federation.round_timeout_s ({TIMEOUT_S:g} s)"), missed
 
 
 def test_a_full_disk_is_answered_with_a_fixed_reason_and_keeps_the_norm_tensors(drills):
@@ -416,5 +420,5 @@ def test_every_round_and_reply_is_logged_exactly_once(drills):
     slow_round, full_round = drills["slow_round"], drills["full_round"]
     assert (full_round + 1, "site-2") in trained and not {(slow_round, "site-2"), (full_round, "site-2")} & trained
     slow = [e for e in log if e["event"] == "round" and e["round"] == slow_round]
-    assert slow[0]["sites_ok"] == 1 and slow[0]["aggregated"]
+    assert slow[0]["sites_ok"] == 1 and slow[0]["sites_failed"] == ["site-2"] and slow[0]["aggregated"]
     assert log[-1]["event"] == "run-end" and log[-1]["status"] == "completed"
