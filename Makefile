@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(VENV)/bin/fedseg-sim --config simulations/demo.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadgroup --no-loadscope-reorder
+	$(PY) -m pytest -n 2 --no-loadscope-reorder
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not processes and not simulation"

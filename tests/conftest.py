@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -118,15 +119,26 @@ def _module_rank(module: str, items: list[pytest.Item]) -> tuple[int, int]:
     return 1, 0 if "processes" in marks else 1 if "simulation" in marks else 2
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     modules: dict[str, list[pytest.Item]] = {}
     for item in items:
         modules.setdefault(item.nodeid.split("::")[0], []).append(item)
     order = sorted(modules, key=lambda module: _module_rank(module, modules[module]))  # stable: ties keep order
     items[:] = [item for module in order for item in modules[module]]
-    if config.pluginmanager.hasplugin("xdist"):
-        for module in order:
-            used = {name for item in modules[module] for name in getattr(item, "fixturenames", ())}
-            group = next((name for name in SHARED_SESSION_FIXTURES if name in used), module)
-            for item in modules[module]:
-                item.add_marker(pytest.mark.xdist_group(group))
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Work units of whole modules, in collection order (``--no-loadscope-reorder``), those sharing a fixture of
+    ``SHARED_SESSION_FIXTURES`` as one unit. (xdist's own ``loadgroup`` marks do not reach pytest 9's node ids.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    @functools.cache
+    def unit(module: str) -> str:
+        source = (config.rootpath / module).read_text()
+        return next((name for name in SHARED_SESSION_FIXTURES if name in source), module)
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return unit(nodeid.split("::", 1)[0])
+
+    return ModuleScheduling(config, log)
