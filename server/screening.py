@@ -38,28 +38,29 @@ class ReplyScreen:
         self.outgoing: list[Message] = []
         """The last configure step's messages: they name the node behind an error the SuperLink wrote."""
 
+    def node(self, msg: Message) -> int:
+        """The node behind a reply: its sender, or for an error the SuperLink wrote, the node the message went to."""
+        if msg.metadata.src_node_id != SUPERLINK_NODE_ID:
+            return msg.metadata.src_node_id
+        answered = (m for m in self.outgoing if m.metadata.message_id == msg.metadata.reply_to_message_id)
+        return next((m.metadata.dst_node_id for m in answered), SUPERLINK_NODE_ID)
+
     def site(self, msg: Message) -> str:
-        node = msg.metadata.src_node_id
-        if node == SUPERLINK_NODE_ID:
-            node = next(
-                (
-                    m.metadata.dst_node_id
-                    for m in self.outgoing
-                    if m.metadata.message_id == msg.metadata.reply_to_message_id
-                ),
-                node,
-            )
-        return site_name(self.node_sites, node, named_site(msg))
+        return site_name(self.node_sites, self.node(msg), named_site(msg))
 
     def silent(self, replies: list[Message]) -> list[str]:
         """The sites of the last configure step's messages that sent nothing back before the deadline.
 
         Without this a site that went quiet (a crash, a cut link, a frozen machine) is missing from the
-        round's failures: Flower hands over the replies that came and says nothing of the others.
+        round's failures: Flower hands over the replies that came and says nothing of the others. Judged by
+        node, before any reply's claimed name is bound to its node.
         """
-        answered = {self.site(msg) for msg in replies}
-        sent = [site_name(self.node_sites, m.metadata.dst_node_id, None) for m in self.outgoing]
-        return [site for site in sent if site not in answered]
+        answered = {self.node(msg) for msg in replies} | {msg.metadata.src_node_id for msg in replies}
+        return [
+            site_name(self.node_sites, m.metadata.dst_node_id, None)
+            for m in self.outgoing
+            if m.metadata.dst_node_id not in answered
+        ]
 
     def _problem(self, msg: Message, is_train: bool) -> str | None:
         """The validator's verdict, or a reply that names another site than the node it came from."""
