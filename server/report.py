@@ -127,19 +127,21 @@ def _round_plot(k: dict[Event, list[dict[str, Any]]], path: Path, title: str, yl
     """A figure of values per round: the axes for the body to draw on, then the rounds a site failed marked at 0,
     the title, labels, grid and legend, saved to ``path``."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    yield ax
-    _mark_failures(ax, k[Event.FAILURE], 0.0)
-    ax.set_title(title)
-    ax.set_xlabel("Round")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    handles, _ = ax.get_legend_handles_labels()
-    if handles:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=PLOT_DPI)
-    plt.close(fig)
+    try:
+        yield ax
+        _mark_failures(ax, k[Event.FAILURE], 0.0)
+        ax.set_title(title)
+        ax.set_xlabel("Round")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        handles, _ = ax.get_legend_handles_labels()
+        if handles:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=PLOT_DPI)
+    finally:  # a plot that fails (a damaged log line) must not leave its figure open in a long-lived report
+        plt.close(fig)
 
 
 def _round_line(ax, rounds: list[dict[str, Any]], key: str, style: str, label: str) -> None:
