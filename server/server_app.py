@@ -106,7 +106,7 @@ def main(grid: Grid, context: Context) -> None:
             checkpoints,
             round_offset=done,
         )
-        strategy.resume_optimizer(resume.model_round)
+        strategy.release.resume(resume.model_round)
         strategy.node_sites = strategy.screen.node_sites = node_sites  # the boundary's map, shared
         if cfg.federation.rounds > done:
             strategy.start(

@@ -18,6 +18,7 @@ from common.wire import from_wire, to_wire
 from .checkpoints import Checkpoints
 from .dp import central_dp
 from .recorder import RunRecorder
+from .release import Release
 from .riding_evaluation import RidingEvaluation
 from .round_mean import round_mean
 from .schedules import schedule
@@ -43,8 +44,8 @@ class FedSegStrategy(FedProx):
 
     - the schedule (server/schedules.py): which sites train, all or one in turn (cyclic);
     - the mean (server/round_mean.py): plain or robust (server/aggregator.py), or secure (server/secure_sum.py);
-    - central DP (server/dp.py): each update clipped, the mean over the federation's size, noised;
-    - the server optimizer (server/server_opt.py): FedAvgM's step on the released mean, its state checkpointed;
+    - central DP (server/dp.py): each update clipped, the mean over the federation's size;
+    - the release (server/release.py): the mean noised under DP, stepped by FedAvgM, saved with its state;
     - the recorder (server/recorder.py): the log lines, every round's checkpoint, the best model;
     - evaluation riding with training (server/riding_evaluation.py): one message per site a round.
 
@@ -82,7 +83,7 @@ class FedSegStrategy(FedProx):
         self.round_mean = round_mean(
             cfg, shapes, self.schedule, self.screen, self.recorder, self.privacy, self.train_metrics_aggr_fn
         )
-        self.optimizer = server_optimizer(fed)
+        self.release = Release(self.privacy, server_optimizer(fed), self.recorder, shapes)
         self.reference: dict[str, np.ndarray] | None = None
         """w^t, the global tensors as sent for training this round: the origin of every site's update."""
 
@@ -145,22 +146,10 @@ class FedSegStrategy(FedProx):
         self.riding.close_previous(rnd, replies)
         with self.recorder.timed(rnd):
             mean, metrics, sites = self.round_mean(rnd, replies, self.reference)
-        if mean is None:
-            model = self.schedule.fallback(rnd, replies)
-        else:
-            model = self.privacy.release(rnd, mean, sites) if self.privacy else mean
-            if self.optimizer is not None and self.reference is not None:  # post-processing of the release
-                model = self.optimizer.step(self.reference, model)
+        model = self.schedule.fallback(rnd, replies) if mean is None else self.release(rnd, mean, sites, self.reference)
         if model is not None:
-            if self.optimizer is not None:  # its state beside the round's model, for a resume from it
-                self.optimizer.save(self.recorder.checkpoints, rnd)
-            self.recorder.saved(rnd, model)
+            self.release.save(rnd, model)
         return model, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return self.riding.evaluate(self._round(server_round), replies)
-
-    def resume_optimizer(self, from_round: int) -> None:
-        """Continue the server optimizer with its state saved after ``from_round``, the round resumed from."""
-        if self.optimizer is not None and from_round > 0:
-            self.optimizer.restore(self.recorder.checkpoints, from_round, self.shapes)

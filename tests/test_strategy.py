@@ -191,7 +191,7 @@ def test_a_resumed_run_continues_with_the_saved_momentum(tmp_path):
             round_offset=2,
         )
         if resume:
-            strategy.resume_optimizer(2)
+            strategy.release.resume(2)
         return rounds(strategy, after_two, [4.0])["w"].numpy()
 
     assert np.allclose(restarted(resume=True), straight["w"].numpy())

@@ -127,7 +127,7 @@ def test_damaged_server_optimizer_moments_never_make_the_model_nan(tmp_path, cap
         saved[name] = np.full_like(saved.get(name, GLOBAL[name.split("/")[1]]), value)
     first.recorder.checkpoints.save_optimizer(1, saved)
     resumed = real_strategy(tmp_path, *settings, nodes=sites, rounds=2, round_offset=1)
-    resumed.resume_optimizer(1)
+    resumed.release.resume(1)
     assert "start again from zero" in caplog.text and "NaN" in caplog.text
     run_rounds(tmp_path, sites, honest_answer(sites), 2, strategy=resumed)
     model = load_file(resumed.recorder.checkpoints.dir / LAST_CHECKPOINT)
