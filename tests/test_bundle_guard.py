@@ -143,7 +143,7 @@ from flwr.supercore.fab import Fab
 from flwr.supercore.run import Run
 from flwr.supernode.runtime import run_clientapp as runner
 
-from tests.helpers.messages import incoming
+from tests.helpers.envelopes import incoming
 
 task = json.loads(os.environ["PROBE_TASK"])
 content = Path(task["fab"]).read_bytes()

@@ -146,7 +146,7 @@ def test_a_hostile_cross_eval_reply_is_left_out_not_fatal():
     from flwr.app import MetricRecord, RecordDict
 
     from server.cross_eval import MESSAGE_TYPE, Cell, _cell
-    from tests.helpers.messages import reply as site_reply
+    from tests.helpers.envelopes import reply as site_reply
 
     def reply(**metrics):
         return site_reply(RecordDict({keys.METRICS: MetricRecord(metrics)}), 1, MESSAGE_TYPE)

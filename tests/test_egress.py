@@ -152,7 +152,7 @@ def site(one_site):
 
 
 def _request(cfg) -> Message:
-    from tests.helpers.messages import incoming
+    from tests.helpers.envelopes import incoming
 
     config = ConfigRecord({keys.SERVER_ROUND: 3, keys.WIRE_DTYPE: cfg.federation.wire_dtype})
     return incoming(RecordDict({keys.CONFIG: config}), MessageType.TRAIN, node_id=1, server_round=3)
@@ -279,7 +279,7 @@ def test_real_fingerprint_and_identify_replies_pass(site):
     assert keys.FINGERPRINT in fingerprint.content
     assert _check(site, fingerprint.content, FINGERPRINT_QUERY) == []
     identify = RecordDict({keys.CONFIG: ConfigRecord({keys.CROSS_EVAL_TASK: "identify"})})
-    from tests.helpers.messages import incoming
+    from tests.helpers.envelopes import incoming
 
     reply = cross_evaluate(site, incoming(identify, "query.cross_eval", node_id=1))
     assert _check(site, reply.content, CROSS_EVAL_QUERY) == []

@@ -87,7 +87,7 @@ def test_the_noted_pull_reports_the_id_of_the_message_flower_received():
     """The wrapper's contract with Flower's step: ``receive()`` returns ``(message, tree)`` or None."""
     from flwr.app import RecordDict
 
-    from tests.helpers.messages import incoming
+    from tests.helpers.envelopes import incoming
 
     noted, message = [], incoming(RecordDict(), "train", node_id=1)
     loop = type(time)("stand_in")

@@ -31,8 +31,8 @@ from server import secure_sum
 from server.server_app import initial_weights
 from server.strategy import FedSegStrategy
 from simulations.synthetic import generate_federation
+from tests.helpers.envelopes import incoming
 from tests.helpers.local_grid import LocalGrid, federation, model_strategy
-from tests.helpers.messages import incoming
 from tests.helpers.tiny import tiny
 
 SITES = 3

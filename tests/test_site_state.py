@@ -35,7 +35,7 @@ from common.wire import from_wire, to_wire, unpack
 from server.checkpoints import Checkpoints
 from server.server_app import initial_weights
 from server.site_package import package_run
-from tests.helpers.messages import incoming
+from tests.helpers.envelopes import incoming
 from tests.helpers.nifti_cases import nnunet_dataset
 from tests.helpers.site_harness import context
 from tests.helpers.tiny import tiny

@@ -15,8 +15,8 @@ from server.checkpoints import Checkpoints
 from server.round_mean import QuorumNotReached
 from server.strategy import FedSegStrategy
 from tests.helpers import messages
+from tests.helpers.envelopes import incoming, reply
 from tests.helpers.local_grid import LocalGrid
-from tests.helpers.messages import reply
 
 SIGNATURE = "abc123"
 SHAPES = {"w": (2, 2), "b": (2,)}
@@ -86,7 +86,7 @@ def test_a_site_that_never_answers_is_named_as_failed(tmp_path):
     """Flower hands over only the replies that came before the deadline; the silent site is still a failure."""
     strategy = make_strategy(tmp_path, "federation.round_timeout_s=30")
     strategy.node_sites.update({11: "a", 12: "b", 13: "c"})
-    strategy.screen.outgoing = [messages.incoming(RecordDict(), MessageType.TRAIN, node) for node in (11, 12, 13)]
+    strategy.screen.outgoing = [incoming(RecordDict(), MessageType.TRAIN, node) for node in (11, 12, 13)]
     arrays, _ = strategy.aggregate_train(1, [train_reply(11, "a", 1.0, 1), train_reply(12, "b", 3.0, 1)])
     assert np.allclose(arrays["w"].numpy(), 2.0)
     failures = [e for e in read_events(tmp_path / "metrics.jsonl") if e["event"] == "failure"]

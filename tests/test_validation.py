@@ -16,8 +16,8 @@ from flwr.app import Array, ArrayRecord, MessageType
 from common.metrics_log import Event, read_events
 from common.runs import METRICS_FILE
 from server.validation import ReplyValidator, update_norm
+from tests.helpers.envelopes import reply as make_reply
 from tests.helpers.hostile import nan_update, scaled_update, site_name, wrong_shape
-from tests.helpers.messages import reply as make_reply
 
 pytestmark = pytest.mark.simulation
 

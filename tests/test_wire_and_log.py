@@ -17,7 +17,7 @@ from common.files import atomic_write_text
 from common.metrics_log import EVENT, Event, MetricsLog, by_kind, read_events
 from common.runs import NORM_ROUND_FILE, ROUND_CHECKPOINT, CheckpointName, parse_checkpoint_name, round_of_file
 from common.wire import WireError, error_reason, from_wire, message_round, pack, site_of_error, to_wire, unpack
-from tests.helpers.messages import incoming
+from tests.helpers.envelopes import incoming
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

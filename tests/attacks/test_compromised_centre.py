@@ -40,8 +40,8 @@ def test_each_reply_type_holds_exactly_its_keys_and_failures_end_in_a_fixed_reas
 
     from client import client_app, egress
     from server.server_app import initial_weights
+    from tests.helpers.envelopes import incoming
     from tests.helpers.local_grid import LocalGrid
-    from tests.helpers.messages import incoming
 
     cfg = one_site(tmp_path, tiny_federation["site-1"])
     site = client_app.Site.resolve(LocalGrid(cfg, client_app.app).context(1))
@@ -113,8 +113,8 @@ def test_nothing_leaves_from_fewer_than_the_minimum_cohort_and_nothing_exact(tmp
     from common.dataset import read_dataset
     from common.fingerprint import site_fingerprint
     from server.server_app import initial_weights
+    from tests.helpers.envelopes import incoming
     from tests.helpers.local_grid import LocalGrid
-    from tests.helpers.messages import incoming
     from tests.helpers.nifti_cases import nnunet_dataset
 
     cfg = one_site(tmp_path, tiny_federation["site-1"], site_settings={"min_cohort": 5})  # 3 train, 1 val case
@@ -230,7 +230,7 @@ def test_a_message_id_from_the_centre_never_names_a_file(tmp_path, tiny_federati
     from client.supernode import record_pull
     from client.timeline import pull_note
     from common.flower.supernode import note_pulls
-    from tests.helpers.messages import incoming
+    from tests.helpers.envelopes import incoming
 
     cfg, grid, state, _ = _site(tmp_path / "site", tiny_federation)
     (answer,) = grid.send_and_receive([incoming(_fingerprint_query(), FINGERPRINT_QUERY, 1)])
@@ -276,7 +276,7 @@ def test_a_history_that_cannot_be_written_never_sends_the_sites_paths(tmp_path, 
     from client import client_app
     from client.egress import EgressLog
     from common.runs import HISTORY_FILE
-    from tests.helpers.messages import incoming
+    from tests.helpers.envelopes import incoming
 
     _, grid, state, _ = _site(tmp_path, tiny_federation)
     (state / HISTORY_FILE).unlink(missing_ok=True)
@@ -295,7 +295,7 @@ def test_a_hostile_configuration_is_refused_with_one_fixed_reason(tmp_path, tiny
     from client.inbound import MalformedMessage
     from client.reasons import SANITIZED_REASONS
     from common.runs import SITE_LOG
-    from tests.helpers.messages import incoming
+    from tests.helpers.envelopes import incoming
 
     _, grid, state, signature = _site(tmp_path, tiny_federation)
     refused = f"site site-1: {SANITIZED_REASONS[MalformedMessage]}"
@@ -342,7 +342,7 @@ def test_messages_of_other_models_never_touch_a_runs_trained_tensors(tmp_path, t
     (review finding L3)"""
     from client.reasons import SANITIZED_REASONS, SignatureMismatch
     from server.server_app import initial_weights
-    from tests.helpers.messages import incoming
+    from tests.helpers.envelopes import incoming
 
     cfg, grid, state, signature = _site(tmp_path, tiny_federation, "model.norm=batch", "train.norm_mode=local")
     weights, _ = initial_weights(cfg)

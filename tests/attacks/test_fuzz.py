@@ -315,7 +315,7 @@ def test_fuzz_hostile_messages_stay_outside_the_site(fuzzed_site, tiny_federatio
     from client import client_app
     from client.reasons import is_fixed
     from common.wire import ERROR_SEPARATOR
-    from tests.helpers.messages import incoming
+    from tests.helpers.envelopes import incoming
 
     root, context, state, signature = fuzzed_site
     data = Path(tiny_federation["site-1"])

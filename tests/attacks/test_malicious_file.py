@@ -34,7 +34,7 @@ def test_local_files_are_private_and_carry_no_identifiers(tmp_path, tiny_federat
     try:
         cfg = one_site(tmp_path / "perm", tiny_federation["site-2"])
         grid = LocalGrid(cfg, client_app.app)
-        from tests.helpers.messages import incoming
+        from tests.helpers.envelopes import incoming
 
         (answer,) = grid.send_and_receive(
             [incoming(RecordDict({keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 0})}), "query.fingerprint", node_id=1)]

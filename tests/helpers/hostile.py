@@ -114,7 +114,7 @@ def replace_arrays(reply: Message, arrays: dict[str, np.ndarray]) -> Message:
 
 def reply_request(reply: Message) -> Message:
     """A stand-in for the request ``reply`` answered, so a rebuilt reply keeps its sender."""
-    from tests.helpers.messages import incoming
+    from tests.helpers.envelopes import incoming
 
     return incoming(
         RecordDict(), reply.metadata.message_type, reply.metadata.src_node_id, int(reply.metadata.group_id or 1)

@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from common import keys
 from common.config import FedsegConfig, load_config
 from common.wire import to_wire
-from tests.helpers.messages import incoming
+from tests.helpers.envelopes import incoming
 from tests.helpers.tiny import tiny
 
 REPO = Path(__file__).resolve().parents[2]
