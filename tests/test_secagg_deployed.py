@@ -73,7 +73,7 @@ def test_a_deployed_secure_federation_survives_a_site_killed_in_round_2(tmp_path
         cross_eval=False,
         secure_aggregation="secagg+",
         norm_bound=0.0,
-        round_timeout_s=60.0,
+        round_timeout_s=30.0,
     )
     init_pki(root / "certs", [], [GATEWAY_HOST])
     sites = {name: make_site(root, name, data[name], fed, [digest]) for name in SITES}
