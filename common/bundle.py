@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from importlib import metadata
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -62,6 +63,19 @@ def app_files(source: Path = APP_DIR) -> dict[str, Path]:
             if CACHE_DIRS not in path.parts:
                 files[path.relative_to(source).as_posix()] = path
     return files
+
+
+def write_app(dest: Path, source: Path = APP_DIR) -> Path:
+    """``dest`` made a folder of exactly the bundle's files, for ``flwr run`` (which packs a folder, not a list).
+
+    A simulation submits this folder, so it runs the bytes a deployment approves; given the checkout, Flower
+    would walk all of it (its virtual environment included: about 5 s of CPU per run) and pack tests and docs.
+    """
+    shutil.rmtree(dest, ignore_errors=True)
+    for rel, path in app_files(source).items():
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest / rel)
+    return dest
 
 
 def bundle_bytes(source: Path = APP_DIR) -> bytes:

@@ -3,7 +3,8 @@
 ``run_simulation`` takes the user's own sites (``simulation.sites``) or
 generates (or reuses) the synthetic ones, writes one
 site.yaml per simulated site into the run directory, starts a private
-SuperLink in simulation mode, submits the app with ``flwr run`` and follows
+SuperLink in simulation mode, submits the app bundle's files (the deployment's, copied into the run's
+``app/``) with ``flwr run`` and follows
 the metrics log to show progress per round. Whatever it starts it stops, also
 on Ctrl-C or an error: no SuperLink, simulation or Ray process outlives it.
 
@@ -26,7 +27,7 @@ import tomli_w
 import yaml
 
 from common import keys
-from common.bundle import APP_DIR
+from common.bundle import write_app
 from common.config import NORM_TRAVEL, FedsegConfig, SiteConfig, SiteFile, load_config
 from common.flower_env import flower_command, flower_env, free_port
 from common.metrics_log import Event, read_events
@@ -41,6 +42,7 @@ from common.runs import (
     SCRATCH_DIR,
     SERVER_CONFIG_ENV,
     SERVER_CONFIG_FILE,
+    SIM_APP_DIR,
     SIM_SITES_DIR,
     SUPERLINK_LOG,
     existing_run_id,
@@ -263,7 +265,7 @@ def run_simulation(cfg: FedsegConfig, show: Callable[[str], None] = print, allow
             [
                 flower_command("flwr"),
                 "run",
-                str(APP_DIR),
+                str(write_app(run / SIM_APP_DIR)),
                 CONNECTION,
                 "--run-config",
                 str(run_config),

@@ -186,14 +186,9 @@ def site_norm_files(state_dir: Path, run: Path) -> list[Path]:
 
 def snapshot_app(dest: Path) -> tuple[Path, str]:
     """A frozen copy of the app's files and its bundle digest, immune to edits of the working tree."""
-    import shutil
+    from common.bundle import bundle_sha256, write_app
 
-    from common.bundle import app_files, bundle_sha256
-
-    for rel, path in app_files().items():
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, dest / rel)
-    return dest, bundle_sha256(dest)
+    return write_app(dest), bundle_sha256(dest)
 
 
 class TcpProxy:
