@@ -63,6 +63,14 @@ class Checkpoints:
         self.state.last_round = server_round
         self._write_state()
 
+    def saved_rounds(self, upto: int) -> list[int]:
+        """Rounds up to ``upto`` with a model checkpoint, newest first (a round skipped below quorum has none)."""
+        return [r for r in range(upto, 0, -1) if (self.dir / ROUND_CHECKPOINT.format(r)).is_file()]
+
+    def round_weights(self, server_round: int) -> dict[str, torch.Tensor]:
+        """The global model saved after ``server_round``."""
+        return load_file(self.dir / ROUND_CHECKPOINT.format(server_round))
+
     def save_optimizer(self, server_round: int, moments: dict[str, np.ndarray]) -> None:
         """Keep the server optimizer's moments after this round's step (written before the round's model,
         so every round checkpoint a resume may pick has its moments beside it)."""

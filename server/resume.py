@@ -17,16 +17,17 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from safetensors.torch import load_file
+from typing import TYPE_CHECKING
 
 from common.config import FedsegConfig, load_config
 from common.files import atomic_write_text, read_jsonl
 from common.metrics_log import Event, MetricsLog, read_events
-from common.runs import METRICS_FILE, ROUND_CHECKPOINT, SERVER_CONFIG_FILE
+from common.runs import METRICS_FILE, SERVER_CONFIG_FILE
 
-from .checkpoints import Checkpoints
+if TYPE_CHECKING:  # only the ServerApp loads weights: a refused restart (restarted_config) answers without torch
+    import torch
+
+    from .checkpoints import Checkpoints
 
 log = logging.getLogger("fedseg.server")
 
@@ -61,12 +62,12 @@ def resume_point(run: Path, checkpoints: Checkpoints) -> ResumePoint:
     metrics = Path(run) / METRICS_FILE
     done = last_complete_round(metrics)
     dropped = truncate_log(metrics, done)
-    saved = [r for r in range(done, 0, -1) if (checkpoints.dir / ROUND_CHECKPOINT.format(r)).is_file()]
+    saved = checkpoints.saved_rounds(done)
     if dropped:
         log.warning("resuming after round %d: dropped %d log line(s) of the unfinished round", done, dropped)
     if not saved:
         return ResumePoint(done, 0, None)
-    return ResumePoint(done, saved[0], load_file(checkpoints.dir / ROUND_CHECKPOINT.format(saved[0])))
+    return ResumePoint(done, saved[0], checkpoints.round_weights(saved[0]))
 
 
 OPERATIONAL = (
