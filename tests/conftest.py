@@ -81,6 +81,27 @@ def quorum_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[FedsegConfig, 
     return cfg, run, lines
 
 
+@pytest.fixture(scope="session")
+def own_sites(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
+    """Three small sites of the user's own, one held out, and the sites.yaml naming them
+    (tests/helpers/own_sites.py): (sites.yaml, site name -> dataset folder)."""
+    from tests.helpers.own_sites import write_own_sites
+
+    return write_own_sites(tmp_path_factory.mktemp("own"))
+
+
+@pytest.fixture(scope="session")
+def own_run(own_sites: tuple[Path, dict[str, Path]]) -> Path:
+    """One ``fedseg-sim run`` on ``own_sites`` (two sites train, east is held out, cross-site evaluation on),
+    shared by test_own_sites and test_cross_eval; returns its run directory."""
+    from common.config import load_config
+    from simulations.cli import main as sim_main
+
+    config, _ = own_sites
+    assert sim_main(["run", "--config", str(config)]) == 0
+    return Path(load_config(config).federation.runs_dir) / "own"
+
+
 @pytest.fixture
 def trained_site(tmp_path):
     """A run folder as the centre hands it out, a site that trained in it (its own norm tensors) and scans:
@@ -97,7 +118,7 @@ def trained_site(tmp_path):
 # once); modules that share an expensive session fixture run on the same worker, which builds it once; the modules
 # that take minutes start first, so that both workers finish together.
 
-SHARED_SESSION_FIXTURES = ("hostile_round", "quorum_run")
+SHARED_SESSION_FIXTURES = ("hostile_round", "quorum_run", "own_run")
 """Session fixtures that run a federation: every module using one joins that fixture's worker."""
 
 LONGEST_FIRST = (

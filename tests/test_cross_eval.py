@@ -1,4 +1,5 @@
-"""Cross-site evaluation in a real 3-site simulation with a held-out site (real SuperLink, Ray, NIfTI)."""
+"""Cross-site evaluation: the matrix of a real simulation with a held-out site (``own_run``: SuperLink, Ray,
+NIfTI, shared with test_own_sites), norm adaptation, and hostile cross-eval replies."""
 
 from __future__ import annotations
 
@@ -15,53 +16,23 @@ from common.norm_adapt import adapt_norm
 from common.runs import CROSS_EVAL_FILE
 from server.cross_eval import resolve_checkpoint
 from server.report import write_report
-from simulations.runner import run_simulation
-from tests.helpers.tiny import tiny
-
-pytestmark = pytest.mark.simulation
-
-HELD_OUT_RUN = tiny(
-    "model.channels=[4, 8, 16]",
-    "train.adapt_norm_steps=2",
-    "federation.rounds=2",
-    "simulation.num_sites=3",
-    "simulation.held_out_sites=1",
-    "simulation.cases_per_site=4",
-    "simulation.volume_shape=[32, 32, 24]",
-    "simulation.ray_num_cpus=2",
-    "simulation.cpus_per_site=1",
-)
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("xeval")
-    cfg = load_config(
-        None,
-        [
-            *HELD_OUT_RUN,
-            f"federation.runs_dir={root / 'runs'}",
-            f"simulation.data_dir={root / 'data'}",
-            "federation.run_name=xeval",
-        ],
-    )
-    return run_simulation(cfg, show=lambda line: None)
-
-
-def test_matrix_has_every_site_and_the_held_out_one_adapted(finished_run):
-    cells = json.loads((finished_run / CROSS_EVAL_FILE).read_text())["cells"]
+@pytest.mark.simulation
+def test_matrix_has_every_site_and_the_held_out_one_adapted(own_run):
+    cells = json.loads((own_run / CROSS_EVAL_FILE).read_text())["cells"]
     last = [c for c in cells if c["model"].startswith("last")]
     trained = {c["site"] for c in last if c["trained"]}
     held_out = [c for c in last if not c["trained"]]
-    assert trained == {"site-1", "site-2", "site-3"}
-    assert [c["site"] for c in held_out] == ["site-4"]
+    assert trained == {"north", "south"}
+    assert [c["site"] for c in held_out] == ["east"]
     assert held_out[0]["dice_adapted"] is not None and 0.0 <= held_out[0]["dice_adapted"] <= 1.0
     assert all(c["dice_adapted"] is None for c in last if c["trained"])
     # the held-out site never trained: no train event, no local norm tensors in its state
-    events = list(read_jsonl(finished_run / "metrics.jsonl"))
-    assert not any(e["event"] == "train" and e["site"] == "site-4" for e in events)
-    assert not list((finished_run / "sites" / "site-4").glob("runs/*/norm/*")), "the held-out site kept norm tensors"
-    assert list((finished_run / "sites" / "site-1").glob("runs/xeval-*/norm/round-0002.safetensors"))
+    events = list(read_jsonl(own_run / "metrics.jsonl"))
+    assert not any(e["event"] == "train" and e["site"] == "east" for e in events)
+    assert not list((own_run / "sites" / "east").glob("runs/*/norm/*")), "the held-out site kept norm tensors"
+    assert list((own_run / "sites" / "north").glob("runs/own-*/norm/round-0002.safetensors"))
     # the trained sites' evaluation of the last round equals their cross-eval cell (same model, same norm)
     final_round = max(e["round"] for e in events if e["event"] == "round")
     for c in last:
@@ -72,10 +43,11 @@ def test_matrix_has_every_site_and_the_held_out_one_adapted(finished_run):
             assert c["dice"] == pytest.approx(ev["dice"], abs=1e-6)
 
 
-def test_only_numbers_left_the_sites(finished_run):
+@pytest.mark.simulation
+def test_only_numbers_left_the_sites(own_run):
     """Every cross-eval reply, per the site's own egress audit, held metrics and identity only: no arrays."""
-    for site in ("site-1", "site-4"):
-        egress = finished_run / "sites" / site / "egress.jsonl"
+    for site in ("north", "east"):
+        egress = own_run / "sites" / site / "egress.jsonl"
         assert egress.is_file(), f"every site keeps an egress audit log: {egress} is missing"
         sent = list(read_jsonl(egress))
         cross = [e for e in sent if e["message_type"] == "query.cross_eval"]
@@ -88,15 +60,16 @@ def test_only_numbers_left_the_sites(finished_run):
                 "dice_class_1",
                 "test_dice_class_1",
             }
-    report = write_report(finished_run).read_text()
-    assert "site-4" in report and "no (held out)" in report
+    report = write_report(own_run).read_text()
+    assert "east" in report and "no (held out)" in report
 
 
-def test_checkpoint_names_resolve_with_a_clear_error(finished_run):
-    assert resolve_checkpoint(finished_run, "last").is_file()
-    assert resolve_checkpoint(finished_run, "round-0001").is_file()
+@pytest.mark.simulation
+def test_checkpoint_names_resolve_with_a_clear_error(own_run):
+    assert resolve_checkpoint(own_run, "last").is_file()
+    assert resolve_checkpoint(own_run, "round-0001").is_file()
     with pytest.raises(FileNotFoundError, match="round-NNNN"):
-        resolve_checkpoint(finished_run, "round-0099")
+        resolve_checkpoint(own_run, "round-0099")
 
 
 def test_norm_adaptation_reestimates_only_batch_norm_statistics(tiny_federation):

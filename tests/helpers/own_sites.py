@@ -1,0 +1,78 @@
+"""The user's own sites, as a simulation meets them: three small real-NIfTI sites written with
+simulations.synthetic, one nnU-Net raw with imagesTs/labelsTs, one in the Decathlon layout with labelled "test"
+entries, one held out; and the sites.yaml that names them (``simulation.sites``). tests/conftest.py runs
+``fedseg-sim run`` on them once (``own_run``), for test_own_sites and test_cross_eval.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from simulations.synthetic import default_signatures, generate_site
+from tests.helpers.tiny import TINY
+
+SHAPE = (32, 32, 24)
+TRAIN_CASES, TEST_CASES = 4, 2
+SETTINGS: dict[str, dict[str, Any]] = {
+    "model": {**TINY["model"], "channels": [4, 8, 16]},
+    "data": {**TINY["data"], "val_fraction": 0.25},
+    "train": {**TINY["train"], "adapt_norm_steps": 2},
+    "federation": {"rounds": 2, "run_name": "own"},
+    "simulation": {"cpus_per_site": 1, "ray_num_cpus": 2},
+}
+
+
+def as_decathlon(root: Path) -> None:
+    """Rewrite an nnU-Net folder's dataset.json in the Decathlon form, test entries labelled."""
+    meta = json.loads((root / "dataset.json").read_text())
+    train_ids, test_ids = (
+        sorted(p.name.removesuffix(".nii.gz") for p in (root / f"labels{split}").glob("*.nii.gz"))
+        for split in ("Tr", "Ts")
+    )
+
+    def entry(case: str, split: str) -> dict[str, str]:
+        return {"image": f"./images{split}/{case}_0000.nii.gz", "label": f"./labels{split}/{case}.nii.gz"}
+
+    msd = {
+        "name": "own",
+        "modality": meta["channel_names"],
+        "numTraining": len(train_ids),
+        "labels": {str(v): k for k, v in meta["labels"].items()},
+        "training": [entry(c, "Tr") for c in train_ids],
+        "test": [entry(c, "Ts") for c in test_ids],
+    }
+    (root / "dataset.json").write_text(json.dumps(msd))
+
+
+def write_own_sites(root: Path) -> tuple[Path, dict[str, Path]]:
+    """The three sites under ``root`` and the sites.yaml naming them: (sites.yaml, site name -> dataset folder)."""
+    signatures = default_signatures(3)
+    folders = {}
+    for i, name in enumerate(["north", "south", "east"]):
+        folder = generate_site(
+            root / "data", name, TRAIN_CASES, SHAPE, signatures[i], seed=i, dataset_id=201 + i, n_test=TEST_CASES
+        )
+        if name == "south":
+            as_decathlon(folder)
+        folders[name] = folder
+    small = root / "small-site.yaml"  # each site's own settings: these generated cohorts are below the default floor
+    small.write_text(yaml.safe_dump({"site": {"min_cohort": 1}}))
+    config = {
+        **SETTINGS,
+        "simulation": {
+            **SETTINGS["simulation"],
+            "sites": {
+                "north": {"data_dir": str(folders["north"]), "site_yaml": str(small)},
+                "south": {"data_dir": str(folders["south"]), "site_yaml": str(small)},
+                "east": {"data_dir": str(folders["east"]), "held_out": True, "site_yaml": str(small)},
+            },
+        },
+        "federation": {**SETTINGS["federation"], "runs_dir": str(root / "runs")},
+    }
+    path = root / "sites.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path, folders
