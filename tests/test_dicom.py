@@ -34,6 +34,7 @@ from simulations.cli import main as sim_main
 from simulations.synthetic import default_signatures, generate_site
 from tests.helpers.dicom_cases import IDENTITY, INTERCEPT, SLOPE, nifti_to_dicom_case, write_series
 from tests.helpers.nifti_cases import phantom, save
+from tests.helpers.own_sites import sites_yaml
 from tests.helpers.tiny import TINY
 
 SHAPE = (32, 32, 24)
@@ -95,21 +96,7 @@ def sites(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def run(sites) -> Path:
     root = sites["root"]
-    small = root / "small-site.yaml"  # these generated cohorts are below the default floor
-    small.write_text(yaml.safe_dump({"site": {"min_cohort": 1}}))
-    config = {
-        **SETTINGS,
-        "simulation": {
-            **SETTINGS["simulation"],
-            "sites": {
-                "dicom": {"data_dir": str(sites["dicom"]), "site_yaml": str(small)},
-                "nifti": {"data_dir": str(sites["nifti"]), "site_yaml": str(small)},
-            },
-        },
-        "federation": {**SETTINGS["federation"], "runs_dir": str(root / "runs")},
-    }
-    path = root / "sites.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = sites_yaml(root, SETTINGS, {n: {"data_dir": str(sites[n])} for n in ("dicom", "nifti")})
     assert sim_main(["run", "--config", str(path)]) == 0
     return root / "runs" / "dicom"
 

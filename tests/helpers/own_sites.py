@@ -48,6 +48,22 @@ def as_decathlon(root: Path) -> None:
     (root / "dataset.json").write_text(json.dumps(msd))
 
 
+def sites_yaml(root: Path, settings: dict[str, dict[str, Any]], sites: dict[str, dict[str, Any]]) -> Path:
+    """``root``/sites.yaml: ``settings`` with these ``simulation.sites``, each with a site.yaml that accepts the
+    generated cohorts (below a deployed site's floor), and the runs under ``root``."""
+    small = root / "small-site.yaml"
+    small.write_text(yaml.safe_dump({"site": {"min_cohort": 1}}))
+    listed = {name: {**site, "site_yaml": str(small)} for name, site in sites.items()}
+    config = {
+        **settings,
+        "simulation": {**settings["simulation"], "sites": listed},
+        "federation": {**settings["federation"], "runs_dir": str(root / "runs")},
+    }
+    path = root / "sites.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 def write_own_sites(root: Path) -> tuple[Path, dict[str, Path]]:
     """The three sites under ``root`` and the sites.yaml naming them: (sites.yaml, site name -> dataset folder)."""
     signatures = default_signatures(3)
@@ -59,20 +75,7 @@ def write_own_sites(root: Path) -> tuple[Path, dict[str, Path]]:
         if name == "south":
             as_decathlon(folder)
         folders[name] = folder
-    small = root / "small-site.yaml"  # each site's own settings: these generated cohorts are below the default floor
-    small.write_text(yaml.safe_dump({"site": {"min_cohort": 1}}))
-    config = {
-        **SETTINGS,
-        "simulation": {
-            **SETTINGS["simulation"],
-            "sites": {
-                "north": {"data_dir": str(folders["north"]), "site_yaml": str(small)},
-                "south": {"data_dir": str(folders["south"]), "site_yaml": str(small)},
-                "east": {"data_dir": str(folders["east"]), "held_out": True, "site_yaml": str(small)},
-            },
-        },
-        "federation": {**SETTINGS["federation"], "runs_dir": str(root / "runs")},
-    }
-    path = root / "sites.yaml"
-    path.write_text(yaml.safe_dump(config))
+    sites: dict[str, dict[str, Any]] = {name: {"data_dir": str(folder)} for name, folder in folders.items()}
+    sites["east"]["held_out"] = True
+    path = sites_yaml(root, SETTINGS, sites)
     return path, folders
