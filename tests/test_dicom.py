@@ -34,18 +34,12 @@ from simulations.cli import main as sim_main
 from simulations.synthetic import default_signatures, generate_site
 from tests.helpers.dicom_cases import IDENTITY, INTERCEPT, SLOPE, nifti_to_dicom_case, write_series
 from tests.helpers.nifti_cases import phantom, save
+from tests.helpers.own_sites import SETTINGS as OWN_SITES
 from tests.helpers.own_sites import sites_yaml
-from tests.helpers.tiny import TINY
 
 SHAPE = (32, 32, 24)
 CASES = 4
-SETTINGS: dict[str, dict[str, Any]] = {
-    "model": {**TINY["model"], "channels": [4, 8, 16]},
-    "data": {**TINY["data"], "val_fraction": 0.25},
-    "train": {**TINY["train"], "adapt_norm_steps": 2},
-    "federation": {"rounds": 1, "run_name": "dicom"},
-    "simulation": {"cpus_per_site": 1, "ray_num_cpus": 2},
-}
+SETTINGS: dict[str, dict[str, Any]] = {**OWN_SITES, "federation": {"rounds": 1, "run_name": "dicom"}}
 
 
 def double_oblique(zooms: np.ndarray) -> np.ndarray:
