@@ -4,6 +4,7 @@ NIfTI, shared with test_own_sites), norm adaptation, and hostile cross-eval repl
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -44,7 +45,7 @@ def test_matrix_has_every_site_and_the_held_out_one_adapted(own_run):
 
 
 @pytest.mark.simulation
-def test_only_numbers_left_the_sites(own_run):
+def test_only_numbers_left_the_sites(own_run, tmp_path):
     """Every cross-eval reply, per the site's own egress audit, held metrics and identity only: no arrays."""
     for site in ("north", "east"):
         egress = own_run / "sites" / site / "egress.jsonl"
@@ -60,7 +61,8 @@ def test_only_numbers_left_the_sites(own_run):
                 "dice_class_1",
                 "test_dice_class_1",
             }
-    report = write_report(own_run).read_text()
+    centre = shutil.copytree(own_run, tmp_path / "run", ignore=shutil.ignore_patterns("sites", "flwr-home"))
+    report = write_report(centre).read_text()  # on a copy: the shared run stays as the simulation left it
     assert "east" in report and "no (held out)" in report
 
 
