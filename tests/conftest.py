@@ -113,10 +113,11 @@ def trained_site(tmp_path):
 
 # --- two workers (make test: pytest -n 2, pytest-xdist) ----------------------------------------------------------
 #
-# The suite's federations wait on deadlines, polls and process starts as much as they compute, so two workers
-# finish it in about half the time on two cores. A module runs whole on one worker (its module fixtures are built
-# once); modules that share an expensive session fixture run on the same worker, which builds it once; the modules
-# that take minutes start first, so that both workers finish together.
+# Two workers keep both cores busy (with one, the federations' waits on deadlines and process starts left one
+# idle; with two, the cores are idle about 12 % of the time, so a third worker gains nothing). A module runs whole
+# on one worker (its module fixtures are built once); modules that share an expensive session fixture run on the
+# same worker, which builds it once; the modules that take minutes start first, so that both workers finish
+# together.
 
 SHARED_SESSION_FIXTURES = ("hostile_round", "quorum_run", "own_run")
 """Session fixtures that run a federation: every module using one joins that fixture's worker."""
