@@ -27,7 +27,7 @@ import tomli_w
 import yaml
 
 from common import keys
-from common.bundle import write_app
+from common.bundle import app_dir, write_app
 from common.config import NORM_TRAVEL, FedsegConfig, SiteConfig, SiteFile, load_config
 from common.flower_env import flower_command, flower_env, free_port
 from common.metrics_log import Event, read_events
@@ -258,6 +258,7 @@ def run_simulation(cfg: FedsegConfig, show: Callable[[str], None] = print, allow
         tomli_w.dumps({keys.RUN_CONFIG_KEY: site_view(cfg).to_yaml(), keys.SIM_SITES_KEY: str(run / SIM_SITES_DIR)})
     )
     (run / SERVER_CONFIG_FILE).write_text(cfg.to_yaml())  # the ServerApp's, as at a deployed centre
+    app = write_app(run / SIM_APP_DIR, app_dir())  # this installation's release, as a centre submits it
     metrics = run / METRICS_FILE
     threads = sim.cpus_per_site
     with LocalSuperLink(run, threads, sim.ray_address) as link, (run / FLWR_RUN_LOG).open("w") as flwr_log:
@@ -265,7 +266,7 @@ def run_simulation(cfg: FedsegConfig, show: Callable[[str], None] = print, allow
             [
                 flower_command("flwr"),
                 "run",
-                str(write_app(run / SIM_APP_DIR)),
+                str(app),
                 CONNECTION,
                 "--run-config",
                 str(run_config),
