@@ -258,7 +258,7 @@ def run_simulation(cfg: FedsegConfig, show: Callable[[str], None] = print, allow
         tomli_w.dumps({keys.RUN_CONFIG_KEY: site_view(cfg).to_yaml(), keys.SIM_SITES_KEY: str(run / SIM_SITES_DIR)})
     )
     (run / SERVER_CONFIG_FILE).write_text(cfg.to_yaml())  # the ServerApp's, as at a deployed centre
-    app = write_app(run / SIM_APP_DIR, app_dir())  # this installation's release, as a centre submits it
+    app = write_app(run / SIM_APP_DIR, app_dir(cfg.server.app_dir))  # the release a centre would submit
     metrics = run / METRICS_FILE
     threads = sim.cpus_per_site
     with LocalSuperLink(run, threads, sim.ray_address) as link, (run / FLWR_RUN_LOG).open("w") as flwr_log:
