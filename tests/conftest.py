@@ -102,6 +102,16 @@ def own_run(own_sites: tuple[Path, dict[str, Path]]) -> Path:
     return Path(load_config(config).federation.runs_dir) / "own"
 
 
+@pytest.fixture(scope="session")
+def deployed(tmp_path_factory: pytest.TempPathFactory):
+    """One deployed federation (tests/helpers/deployed.py), shared by test_deploy, which watches its run, and
+    test_run_lineage, which runs a second run at its site daemons once the first has ended."""
+    from tests.helpers.deployed import deployed_federation
+
+    with deployed_federation(tmp_path_factory.mktemp("deploy")) as ctx:
+        yield ctx
+
+
 @pytest.fixture
 def trained_site(tmp_path):
     """A run folder as the centre hands it out, a site that trained in it (its own norm tensors) and scans:
@@ -119,19 +129,20 @@ def trained_site(tmp_path):
 # same worker, which builds it once; the modules that take minutes start first, so that both workers finish
 # together.
 
-SHARED_SESSION_FIXTURES = ("hostile_round", "quorum_run", "own_run")
+SHARED_SESSION_FIXTURES = ("hostile_round", "quorum_run", "own_run", "deployed")
 """Session fixtures that run a federation: every module using one joins that fixture's worker."""
 
 LONGEST_FIRST = (
     "tests/test_fault_drills.py",
     "tests/test_first_day.py",
     "tests/test_secagg_deployed.py",
+    "tests/test_deploy.py",
     "tests/test_run_lineage.py",
     "tests/attacks/test_outsider.py",
-    "tests/test_deploy.py",
 )
 """The modules that take minutes (``--durations``), slowest first; the rest follow, processes and federations
-first. A module missing here only starts later."""
+first. A module missing here only starts later. test_deploy comes before test_run_lineage: both use ``deployed``, whose
+first run test_deploy watches live."""
 
 
 def _module_rank(module: str, items: list[pytest.Item]) -> tuple[int, int]:

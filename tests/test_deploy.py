@@ -1,10 +1,9 @@
 """A real deployment on 127.0.0.1: SuperLink, Fleet gateway and SuperNodes as separate processes, TLS and auth.
 
-One federation serves the whole module: two approved sites train for two
-rounds while a third, registered site refuses the app bundle, and the other
-refusals (unregistered key, plaintext, another CA) and the reachability checks
-run against the live server. Sites reach the gateway on 127.0.0.2, standing in
-for the centre's public interface; the SuperLink is bound to 127.0.0.1.
+The session's deployed federation (tests/helpers/deployed.py): two approved
+sites train for two rounds while a third, registered site refuses the app
+bundle, and the other refusals (unregistered key, plaintext, another CA) and
+the reachability checks run against the live server.
 """
 
 from __future__ import annotations
@@ -18,61 +17,10 @@ import yaml
 from common.files import read_jsonl
 from common.flower_env import free_port
 from server.certs import init_pki
-from simulations.synthetic import generate_federation
-from tests.helpers.deploy_harness import (
-    GATEWAY_HOST,
-    Launched,
-    allow,
-    events,
-    federation_yaml,
-    make_site,
-    run_cli,
-    snapshot_app,
-    wait_for,
-    write_yaml,
-)
+from tests.helpers.deploy_harness import GATEWAY_HOST, Launched, events, run_cli, wait_for, write_yaml
+from tests.helpers.deployed import GOOD, ROUNDS, UNAPPROVED, finished
 
 pytestmark = pytest.mark.processes
-
-GOOD = ["site-1", "site-2"]
-UNAPPROVED = "site-3"
-ROUNDS = 2
-RUN = "deploy"
-
-
-@pytest.fixture(scope="module")
-def federation(tmp_path_factory):
-    root = tmp_path_factory.mktemp("deploy")
-    data = generate_federation(root / "data", n_sites=2, n_cases=4, shape=(32, 32, 24), strength=1.0, seed=0)
-    app, digest = snapshot_app(root / "app")
-    fed = federation_yaml(root, app, [*GOOD, UNAPPROVED], rounds=ROUNDS, min_sites=2, run_name=RUN)
-    init_pki(root / "certs", [], [GATEWAY_HOST])
-    sites = {}
-    for name in [*GOOD, UNAPPROVED]:
-        approved = [digest] if name in GOOD else ["0" * 64]
-        sites[name] = make_site(root, name, data["site-1" if name == UNAPPROVED else name], fed, approved)
-        allow(fed, name, sites[name])
-    server = Launched(root / "server.out", "fedseg-server", "start", "--config", str(fed))
-    daemons = {n: Launched(root / f"{n}.out", "fedseg-client", "start", "--config", str(p)) for n, p in sites.items()}
-    ctx = {
-        "root": root,
-        "fed": fed,
-        "cfg": yaml.safe_load(fed.read_text()),
-        "server": server,
-        "daemons": daemons,
-        "sites": sites,
-        "data": data,
-        "digest": digest,
-        "run": root / "runs" / RUN,
-        "extra": [],
-    }
-    try:
-        wait_for(lambda: "sites connect to" in server.output(), 180, "the server to come up", server)
-        yield ctx
-    finally:
-        for proc in [*ctx["extra"], *daemons.values()]:
-            proc.terminate()
-        server.terminate()
 
 
 def _listening(host: str, port: int) -> bool:
@@ -91,8 +39,8 @@ def _ca(ctx) -> str:
     return str(ctx["root"] / "certs" / "ca.crt")
 
 
-def test_a_site_reaches_only_the_fleet_api(federation):
-    ctx = federation
+def test_a_site_reaches_only_the_fleet_api(deployed):
+    ctx = deployed
     with httpx.Client(verify=_ca(ctx), timeout=10) as site:
         for path in (
             "/v1/control/start-run",
@@ -121,13 +69,14 @@ def test_a_site_reaches_only_the_fleet_api(federation):
         assert control.status_code != 403
 
 
-def test_plaintext_connections_are_refused(federation):
+def test_plaintext_connections_are_refused(deployed):
     with pytest.raises(httpx.HTTPError):
-        httpx.post(_gateway(federation).replace("https://", "http://") + "/v1/fleet/get-run", content=b"", timeout=10)
+        httpx.post(_gateway(deployed).replace("https://", "http://") + "/v1/fleet/get-run", content=b"", timeout=10)
 
 
 def _extra_site(ctx, name: str, **changes) -> Launched:
-    """A site daemon that is not part of the allow-list or trusts another CA."""
+    """A site daemon that is not part of the allow-list or trusts another CA (its test stops it once it has seen
+    what it waits for: turned away, it would restart its SuperNode with back-off for the rest of the session)."""
     site = yaml.safe_load(ctx["sites"]["site-1"].read_text())["site"]
     state = ctx["root"] / "sites" / name
     site.update(name=name, state_dir=str(state), private_key=str(state / "keys" / "site.key"), **changes)
@@ -138,8 +87,8 @@ def _extra_site(ctx, name: str, **changes) -> Launched:
     return daemon
 
 
-def test_a_supernode_whose_key_is_not_registered_is_refused(federation):
-    ctx = federation
+def test_a_supernode_whose_key_is_not_registered_is_refused(deployed):
+    ctx = deployed
     rogue = _extra_site(ctx, "rogue")
     log = ctx["root"] / "sites" / "rogue" / "supernode.log"
     wait_for(
@@ -148,6 +97,7 @@ def test_a_supernode_whose_key_is_not_registered_is_refused(federation):
         "the unregistered SuperNode to be turned away",
         rogue,
     )
+    rogue.terminate()
     assert "Failed to activate SuperNode" in log.read_text()
     assert "the centre did not accept this site's key" in rogue.output()
     superlink_log = (ctx["root"] / "server-state" / "superlink.log").read_text()
@@ -155,9 +105,9 @@ def test_a_supernode_whose_key_is_not_registered_is_refused(federation):
     assert not any(e.get("site") == "rogue" for e in events(ctx["run"]))
 
 
-def test_a_server_certificate_from_another_ca_is_refused(federation):
+def test_a_server_certificate_from_another_ca_is_refused(deployed):
     """The centre's real gateway, on its own so the test does not race the federation's end."""
-    ctx = federation
+    ctx = deployed
     init_pki(ctx["root"] / "other-ca", [], [GATEWAY_HOST])
     certs, port = ctx["root"] / "certs", free_port(GATEWAY_HOST)
     gateway = Launched(
@@ -192,14 +142,15 @@ def test_a_server_certificate_from_another_ca_is_refused(federation):
         "the TLS verification failure",
         foreign,
     )
+    foreign.terminate()
+    gateway.terminate()
     assert "not issued by the CA in site.root_certificate" in said and "other-ca" in said
     assert not (ctx["root"] / "sites" / "foreign-ca" / "supernode.log").exists(), "no SuperNode for an untrusted server"
 
 
-def test_two_rounds_with_both_sites_in_every_round_and_the_unapproved_bundle_refused(federation):
-    ctx = federation
-    server = ctx["server"]
-    wait_for(lambda: server.proc.poll() is not None, 600, "the run to finish", server, *ctx["daemons"].values())
+def test_two_rounds_with_both_sites_in_every_round_and_the_unapproved_bundle_refused(deployed):
+    ctx = deployed
+    server = finished(ctx)
     assert server.proc.returncode == 0, server.output()[-3000:]
     log = events(ctx["run"])
     assert log[-1]["event"] == "run-end" and log[-1]["status"] == "completed"
@@ -220,9 +171,9 @@ def test_two_rounds_with_both_sites_in_every_round_and_the_unapproved_bundle_ref
     assert "round 2: 2/3 site(s) replied" in server.output()
 
 
-def test_status_tells_a_site_what_it_did(federation):
-    ctx = federation
-    wait_for(lambda: ctx["server"].proc.poll() is not None, 600, "the run to finish", ctx["server"])
+def test_status_tells_a_site_what_it_did(deployed):
+    ctx = deployed
+    finished(ctx)
     status = run_cli("fedseg-client", "status", "--config", str(ctx["sites"]["site-1"]))
     assert status.returncode == 0, status.stderr
     assert "daemon: running" in status.stdout

@@ -1,5 +1,5 @@
 """What the tests build on, written once: the tiny settings (tiny.py), scans on disk (nifti_cases.py,
 dicom_cases.py), real Flower messages, replies and the real strategy (messages.py), the in-process federation
 (local_grid.py), a scripted SuperLink under the centre's receiving stack (scripted_grid.py), one site's
-handlers (site_harness.py), a trained round for replaying hostile replies (hostile.py) and deployed
-processes (deploy_harness.py)."""
+handlers (site_harness.py), a trained round for replaying hostile replies (hostile.py), deployed
+processes (deploy_harness.py) and the session's deployed federation (deployed.py)."""
