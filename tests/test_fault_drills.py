@@ -1,7 +1,8 @@
 """Fault drills with real processes: a site killed mid-round, the server killed and restarted; a dropped link,
 a site past the deadline and a full disk.
 
-One federation of two sites, quorum one, four rounds (a round's evaluation
+One federation of two sites with a hospital's default cohort floor (so neither
+sends a validation score), quorum one, four rounds (a round's evaluation
 rides with the next round's training, so round r's summary line is written
 once round r + 1 has trained; the last round evaluates on its own):
 - round 1 runs normally;
@@ -12,8 +13,8 @@ once round r + 1 has trained; the last round evaluates on its own):
   (SIGSTOP) so that round 3's evaluation waits for it;
 - the whole server is SIGKILLed in round 3 and site-2 restarted while the
   centre is down, its local norm tensors still the ones on disk; the server,
-  started again with the same run name, resumes at round 3 from the round-2
-  checkpoint, and the metrics log
+  started with an edited configuration, is refused; started again with its
+  own, it resumes at round 3 from the round-2 checkpoint, and the metrics log
   ends with every round and every reply exactly once. site-1 is thawed once
   a resumed round has reached site-2, so site-2 surely trains again: round 3
   when site-2 has reconnected before the resumed run starts it, else round 4
@@ -52,6 +53,7 @@ from tests.helpers.deploy_harness import (
     site_norm_files,
     snapshot_app,
     wait_for,
+    write_yaml,
 )
 
 pytestmark = pytest.mark.processes
@@ -78,13 +80,14 @@ def _has(run, **match) -> bool:
 
 
 def test_site_and_server_crashes_lose_nothing(tmp_path):
-    data = generate_federation(tmp_path / "data", n_sites=2, n_cases=4, shape=(32, 32, 24), strength=1.0, seed=0)
+    # eight cases: six train, two validate, enough for a hospital's default floor of five to train but not to score
+    data = generate_federation(tmp_path / "data", n_sites=2, n_cases=8, shape=(32, 32, 24), strength=1.0, seed=0)
     app, digest = snapshot_app(tmp_path / "app")
     fed = federation_yaml(
         tmp_path, app, SITES, rounds=ROUNDS, min_sites=1, run_name=RUN, round_timeout_s=CRASH_TIMEOUT_S
     )
     init_pki(tmp_path / "certs", [], [GATEWAY_HOST])
-    site_yaml = {n: make_site(tmp_path, n, data[n], fed, [digest]) for n in SITES}
+    site_yaml = {n: make_site(tmp_path, n, data[n], fed, [digest], min_cohort=None) for n in SITES}
     for name, path in site_yaml.items():
         allow(fed, name, path)
     run = tmp_path / "runs" / RUN
@@ -132,6 +135,14 @@ def test_site_and_server_crashes_lose_nothing(tmp_path):
             tmp_path / "site-2-2.out", "fedseg-client", "start", "--config", str(site_yaml["site-2"])
         )
         everything = [server, *daemons.values()]
+        edited = yaml.safe_load(fed.read_text())  # a restart with more rounds asked for: refused, nothing started
+        edited["federation"]["rounds"] = ROUNDS + 2
+        edited = write_yaml(tmp_path / "federation-edited.yaml", edited)
+        refused = Launched(tmp_path / "server-edited.out", "fedseg-server", "start", "--config", str(edited))
+        everything.append(refused)
+        wait_for(lambda: refused.proc.poll() is not None, 120, "the edited configuration to be refused", refused)
+        assert refused.proc.returncode == 2, refused.output()  # a user error
+        assert f"federation.rounds: {ROUNDS} in the run, {ROUNDS + 2} now" in refused.output(), refused.output()
         wait_for(lambda: "SuperNode started" in daemons["site-2"].output(), 120, "site-2 to restart", daemons["site-2"])
         assert hashlib.sha256(norm().read_bytes()).hexdigest() == at_restart, "restarting rewrote the norm tensors"
         site_2_log = tmp_path / "sites" / "site-2" / "supernode.log"

@@ -80,8 +80,20 @@ def federation_yaml(
     )
 
 
-def make_site(root: Path, name: str, data_dir: Path, server_yaml: Path, approved: list[str], **options: object) -> Path:
-    """site.yaml (``options`` override site.* settings) plus a fresh key pair."""
+def make_site(
+    root: Path,
+    name: str,
+    data_dir: Path,
+    server_yaml: Path,
+    approved: list[str],
+    min_cohort: int | None = 1,
+    **options: object,
+) -> Path:
+    """site.yaml (``options`` override site.* settings) plus a fresh key pair.
+
+    ``min_cohort`` is 1 so that a few synthetic cases score every round; None leaves it out, as a hospital's
+    site.yaml does (the deployed default).
+    """
     server = yaml.safe_load(server_yaml.read_text())["server"]
     state = root / "sites" / name
     site = {
@@ -94,7 +106,7 @@ def make_site(root: Path, name: str, data_dir: Path, server_yaml: Path, approved
         "approved_bundles": approved,
         "retry_initial_s": 1.0,
         "retry_max_s": 4.0,
-        "min_cohort": 1,  # synthetic cases
+        **({} if min_cohort is None else {"min_cohort": min_cohort}),
         **options,
     }
     path = write_yaml(root / f"{name}.yaml", {"site": site})
