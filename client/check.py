@@ -91,6 +91,10 @@ class CheckReport:
             + more
         )
 
+    def verdict(self) -> dict[str, bool | str]:
+        """What the site daemon needs of the report (client/daemon.py), as plain data that can cross a pipe."""
+        return {"ok": self.ok, "message": self.message(), "table": self.table()}
+
     def table(self) -> str:
         spec = self.spec
         if spec is None:

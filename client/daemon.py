@@ -1,8 +1,9 @@
 """Run this hospital's site: a long-running SuperNode that joins the federation over TLS.
 
 Checks site.yaml, the site's certificate and key, and every case of its data
-(the same check as `fedseg-client check`) first; each refusal names the file
-and the fix. Then it starts flower-supernode with the federation's CA
+(the same check as `fedseg-client check`, run in a child of the warm parent
+below, so that the daemon itself never loads torch or MONAI) first; each
+refusal names the file and the fix. Then it starts flower-supernode with the federation's CA
 certificate, the site's private key and its node config, behind the app-bundle
 guard (only bundles listed in site.approved_bundles run). Before each start it
 opens one TLS connection to the server itself: a server certificate that the
@@ -193,11 +194,27 @@ class Daemon:
                 command, cwd=self.state, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
             )
 
+    def _ensure_warm(self, env: dict[str, str]) -> None:
+        if self.site.warm_start and (self.warm is None or self.warm.poll() is not None):  # meanwhile: cold starts
+            self.warm = self._spawn([sys.executable, "-m", "client.warm_start"], env, WARM_LOG)
+
+    def _verdict_in_child(self, env: dict[str, str]) -> dict | None:
+        """The data check's verdict from a child of the warm parent, so that this long-running daemon never
+        loads torch or MONAI (client/warm_start.py); None without a warm parent that answers."""
+        from .warm_start import SOCKET_ENV, check_in_child
+
+        self._ensure_warm(env)
+        while self.warm is not None and self.warm.poll() is None:
+            try:
+                return check_in_child(env[SOCKET_ENV], self.site.data_dir)
+            except ConnectionRefusedError:  # still importing: it listens once ready
+                time.sleep(POLL_S)
+        return None
+
     def _start(self, site_yaml: Path, env: dict[str, str]) -> subprocess.Popen:
         from common.flower_env import free_port
 
-        if self.site.warm_start and (self.warm is None or self.warm.poll() is not None):  # meanwhile: cold starts
-            self.warm = self._spawn([sys.executable, "-m", "client.warm_start"], env, WARM_LOG)
+        self._ensure_warm(env)
         port = self.site.runtime_port or free_port()
         return self._spawn(supernode_command(self.site, site_yaml, port), env, SUPERNODE_LOG)
 
@@ -212,6 +229,7 @@ class Daemon:
         with stop_on_signals():
             delay, starts = self.site.retry_initial_s, 0
             try:
+                check_data(self.site, self.say, lambda: self._verdict_in_child(env))
                 while max_starts is None or starts < max_starts:
                     starts += 1
                     if problem := tls_problem(self.site):
@@ -269,20 +287,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", help="Shortcut for --set site.server_address=HOST:PORT.")
 
 
-def check_data(site: SiteConfig, say: Callable[[str], None] = print) -> None:
-    """Run `fedseg-client check` on the site's data; a broken case stops the daemon before it joins."""
-    from .check import check_dataset
+def check_data(
+    site: SiteConfig, say: Callable[[str], None] = print, in_child: Callable[[], dict | None] = lambda: None
+) -> None:
+    """Run `fedseg-client check` on the site's data; a broken case stops the daemon before it joins.
 
+    ``in_child`` gives the report's verdict computed elsewhere (Daemon: in a child of the warm parent), or None;
+    then the check runs here.
+    """
     say(f"site {site.name}: checking every case in {site.data_dir} before joining ...")
-    report = check_dataset(site.data_dir)
-    if not report.ok:
-        raise UserError(f"site {site.name} will not join: {report.message()}")
-    say(report.table())
+    verdict = in_child()
+    if verdict is None:
+        from .check import check_dataset
+
+        verdict = check_dataset(site.data_dir).verdict()
+    if not verdict["ok"]:
+        raise UserError(f"site {site.name} will not join: {verdict['message']}")
+    say(str(verdict["table"]))
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, [f"site.server_address={args.server}"] if args.server else [])
     site = resolve_site(cfg)
     check_material(site)
-    check_data(site)
     return Daemon(site).serve()

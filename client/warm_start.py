@@ -17,6 +17,11 @@ launcher waits for the child, forwards SIGTERM/SIGINT to it and returns its
 exit code. If the warm parent is not there, the launcher runs the guard
 itself, as before (a cold start).
 
+The site daemon's data check runs the same way (:func:`check_in_child`), so
+that the daemon, which runs as long as the site does, never loads torch or
+MONAI itself: the child imports the installed checker, writes the report's
+verdict to a pipe the daemon passed, and exits; the warm parent stays clean.
+
 The guard's approved list and decision log are the warm parent's own,
 set by the daemon; whatever a caller sends in its environment for them is
 ignored. The socket is in Linux's abstract namespace under a random name
@@ -62,6 +67,8 @@ OWN_PACKAGES = ("common", "server", "simulations")
 """fedseg packages that must not be loaded in the warm parent: the bundle brings its own."""
 MAX_REQUEST = 1 << 20
 REAP_EVERY_S = 0.05
+CHECK_TASK = "check"
+"""A request's ``task`` for the daemon's data check; any other request is a ClientApp task."""
 PROCESS_STARTED_ENV = "FEDSEG_PROCESS_STARTED_AT"
 """Timeline (client/timeline.py): the Unix time the launcher started."""
 
@@ -119,6 +126,33 @@ def _warm(name: str, started: str) -> int | None:
             return 1
 
 
+def check_in_child(name: str, data_dir: str) -> dict | None:
+    """The verdict of ``fedseg-client check`` on ``data_dir`` (CheckReport.verdict), computed in a child of the warm
+    parent on socket ``name``; None if the child failed (the caller checks itself).
+
+    Raises ConnectionRefusedError while no warm parent listens on ``name`` (it binds once its imports are done).
+    """
+    read_end, write_end = os.pipe()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
+            conn.connect(_address(name))
+            if not _peer_is_us(conn):
+                return None
+            socket.send_fds(conn, [json.dumps({"task": CHECK_TASK, "data_dir": data_dir}).encode()], [write_end])
+            os.close(write_end)
+            write_end = -1
+            _read_int(conn)  # the child's pid
+            with os.fdopen(read_end, "rb") as pipe:
+                read_end = -1
+                said = pipe.read()
+            code = _read_int(conn)
+    finally:
+        for fd in (read_end, write_end):
+            if fd >= 0:
+                os.close(fd)
+    return json.loads(said) if code == 0 else None
+
+
 def _read_int(conn: socket.socket) -> int:
     data = conn.recv(8)
     if len(data) != 8:
@@ -156,12 +190,34 @@ def _peer_is_us(conn: socket.socket) -> bool:
     return struct.unpack("3i", creds)[1] == os.getuid()
 
 
+def _default_signals() -> None:
+    """A forked child leaves the warm parent's signal handling behind."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def _run_check(request: dict, fds: list[int]) -> None:
+    """In the forked child: check the dataset and write the report's verdict to the daemon's pipe."""
+    code = 1
+    try:
+        _default_signals()
+        from .check import check_dataset
+
+        verdict = check_dataset(request["data_dir"]).verdict()
+        with os.fdopen(fds[0], "w") as pipe:
+            json.dump(verdict, pipe)
+        code = 0
+    except BaseException:  # a child must never return into the parent's loop
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
 def _run_child(request: dict, fds: list[int], guard_env: dict[str, str]) -> None:
     """In the forked child: become the launcher's ClientApp process and run the guarded Flower runner."""
     code = 1
     try:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
+        _default_signals()
         for target, fd in enumerate(fds[:3]):
             os.dup2(fd, target)
             os.close(fd)
@@ -216,7 +272,10 @@ def serve(name: str) -> None:
                 for other in children.values():
                     other.close()
                 conn.close()
-                _run_child(request, fds, guard_env)
+                if request.get("task") == CHECK_TASK:
+                    _run_check(request, fds)
+                else:
+                    _run_child(request, fds, guard_env)
             for fd in fds:
                 os.close(fd)
             children[pid] = conn

@@ -9,6 +9,7 @@ the reachability checks run against the live server.
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import httpx
 import pytest
@@ -16,6 +17,7 @@ import yaml
 
 from common.files import read_jsonl
 from common.flower_env import free_port
+from common.processes import descendants
 from server.certs import init_pki
 from tests.helpers.deploy_harness import GATEWAY_HOST, Launched, events, run_cli, wait_for, write_yaml
 from tests.helpers.deployed import GOOD, ROUNDS, UNAPPROVED, finished
@@ -72,6 +74,24 @@ def test_a_site_reaches_only_the_fleet_api(deployed):
 def test_plaintext_connections_are_refused(deployed):
     with pytest.raises(httpx.HTTPError):
         httpx.post(_gateway(deployed).replace("https://", "http://") + "/v1/fleet/get-run", content=b"", timeout=10)
+
+
+def test_the_site_daemon_leaves_torch_to_its_warm_parent(deployed):
+    """The daemon runs as long as the site does: its data check ran in a child of the warm parent."""
+    for name, daemon in deployed["daemons"].items():
+        said = wait_for(lambda d=daemon: "SuperNode started" in d.output() and d.output(), 240, "the check", daemon)
+        assert "0 problem(s)" in said, said  # the check's table, as the child reported it
+        (warm,) = [p for p in descendants(daemon.proc.pid) if b"client.warm_start" in _cmdline(p)]
+        assert "libtorch" in _maps(warm), name
+        assert "libtorch" not in _maps(daemon.proc.pid), name
+
+
+def _cmdline(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def _maps(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
 
 
 def _extra_site(ctx, name: str, **changes) -> Launched:
