@@ -1,13 +1,17 @@
 """A hospital's first day: the deployment as a newcomer runs it, and the simulation of the same federation.
 
-Real processes on 127.0.0.1 with TLS, node keys and bundle approval; three
-sites of 10 cases each whose site.yaml keeps a deployed site's defaults (only
-site-3 sets its own cohort floor, so that one site scores every round), two
-foreground classes that site-3's dataset.json codes the other way round,
-no ``model.in_channels``/``out_channels`` in the centre's file. ``fedseg-client check`` is asked first
-(in this process: the daemons run the same check again as they start). The same federation then runs as a
-simulation, which must reach the same learning rates and Dice. (A server killed and resumed, a site restarted
-while the centre is down and an edited configuration refused: test_fault_drills' crash drill.)
+Real processes on 127.0.0.1 with TLS, node keys and bundle approval, all of them
+the commands of fedseg installed as the containers install it (``pip install .``
+of a copy of the release, not editable; the centre submits that installation's
+own release); three sites of 10 cases each whose site.yaml keeps a deployed
+site's defaults (only site-3 sets its own cohort floor, so that one site scores
+every round), two foreground classes that site-3's dataset.json codes the other
+way round, no ``model.in_channels``/``out_channels`` in the centre's file.
+``fedseg-client approve`` and ``fedseg-client check`` are asked first (check in
+this process: the daemons run the same check again as they start). The same
+federation then runs as a simulation, which must reach the same learning rates
+and Dice. (A server killed and resumed, a site restarted while the centre is
+down and an edited configuration refused: test_fault_drills' crash drill.)
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import pytest
 import yaml
 
 from client.cli import main as client_main
+from common.bundle import bundle_sha256
 from common.config import load_config
 from server.certs import init_pki
 from simulations.runner import run_simulation
@@ -29,10 +34,11 @@ from tests.helpers.deploy_harness import (
     events,
     federation_yaml,
     make_site,
-    snapshot_app,
+    run_cli,
     wait_for,
     write_yaml,
 )
+from tests.helpers.installed import fresh_install
 from tests.helpers.nifti_cases import split_into_two_classes
 
 pytestmark = [pytest.mark.processes, pytest.mark.simulation]
@@ -43,16 +49,17 @@ RUN = "first-day"
 TRAIN = {"lr": 0.001}
 
 
-def _first_day_federation(root):
+def _first_day_federation(root, release):
     data = generate_federation(root / "data", n_sites=3, n_cases=10, shape=(32, 32, 24), strength=1.0, seed=0)
     for name, path in data.items():
         split_into_two_classes(path, ("rim", "core") if name == "site-3" else ("core", "rim"))
-    app, digest = snapshot_app(root / "app")
-    fed = federation_yaml(root, app, SITES, rounds=ROUNDS, min_sites=3, run_name=RUN, train=TRAIN, cross_eval=False)
+    digest = bundle_sha256(release)
+    fed = federation_yaml(root, release, SITES, rounds=ROUNDS, min_sites=3, run_name=RUN, train=TRAIN, cross_eval=False)
     body = yaml.safe_load(fed.read_text())
     for key in ("in_channels", "out_channels"):
         body["model"].pop(key)  # the newcomer's file: the labels decide
     body["data"] = {**body.get("data", {}), "remap_labels": True}
+    body["server"]["app_dir"] = ""  # as in deploy/federation.yaml: the installation's own release
     write_yaml(fed, body)
     init_pki(root / "certs", [], [GATEWAY_HOST])
     sites = {}
@@ -69,17 +76,24 @@ def _check(site_yaml, capsys: pytest.CaptureFixture[str]) -> str:
     return said.out
 
 
-def test_a_hospitals_first_day(tmp_path, capsys):
+def test_a_hospitals_first_day(tmp_path, capsys, monkeypatch):
     root = tmp_path
-    data, fed, sites = _first_day_federation(root)
+    bin_dir, release = fresh_install(root)
+    data, fed, sites = _first_day_federation(root, release)
+    monkeypatch.delenv("PYTHONPATH", raising=False)  # from here on, the processes run only the installed copy
+    approve = run_cli(str(bin_dir / "fedseg-client"), "approve", "--config", str(sites["site-1"]))
+    assert approve.returncode == 0 and bundle_sha256(release) in approve.stdout, approve.stderr
     said = {name: _check(path, capsys) for name, path in sites.items()}
     for name in ("site-1", "site-2"):
         assert "trains but sends no validation score (fewer than site.min_cohort = 5)" in said[name], said[name]
     assert "-> sends its validation Dice" in said["site-3"] and "OK: this site can train" in said["site-3"]
     run = root / "runs" / RUN
 
-    server = Launched(root / "server.out", "fedseg-server", "start", "--config", str(fed))
-    daemons = {n: Launched(root / f"{n}.out", "fedseg-client", "start", "--config", str(p)) for n, p in sites.items()}
+    server = Launched(root / "server.out", str(bin_dir / "fedseg-server"), "start", "--config", str(fed))
+    daemons = {
+        n: Launched(root / f"{n}.out", str(bin_dir / "fedseg-client"), "start", "--config", str(p))
+        for n, p in sites.items()
+    }
     everything = [server, *daemons.values()]
     try:
         wait_for(lambda: server.proc.poll() is not None, 900, "the run to finish", *everything)

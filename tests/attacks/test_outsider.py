@@ -1,5 +1,6 @@
 """Attacks by an outsider on the network: one deployed centre on 127.0.0.1 (TLS, node authentication, an
-allow-listed site that never connects), attacked at its gateway; and the installed release a deployment runs.
+allow-listed site that never connects), attacked at its gateway. (Finding 13, that the release the containers
+install, not editable, runs a deployed federation: test_first_day, which runs from such an installation.)
 """
 
 from __future__ import annotations
@@ -174,83 +175,3 @@ def test_sites_get_only_what_they_need(centre):
     )
     sent = Plan.from_json(str(plan_config(plan)[keys.PLAN]))
     assert sent == plan and sent.provenance == {}
-
-
-# --- finding 13: the containers' install (pip install ., not editable) runs a deployed federation ----------------
-
-SHIPPED = ("pyproject.toml", "README.md", "common", "server", "client", "simulations")
-"""What deploy/Dockerfile.* copy into /opt/fedseg before ``pip install .``."""
-
-
-def _fresh_install(root) -> object:
-    """A new venv with fedseg installed from a copy of the release exactly as the Dockerfiles do; torch and
-    the other dependencies come from the shared venv (a .pth file), so nothing large is downloaded."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-    import sysconfig
-    from importlib import metadata
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[2]
-    release = root / "opt-fedseg"
-    release.mkdir()
-    for name in SHIPPED:
-        if (repo / name).is_dir():
-            shutil.copytree(repo / name, release / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(repo / name, release / name)
-    venv = root / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    site = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
-    (site / "shared.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps", "-q"]
-    subprocess.run([*pip, "."], cwd=release, env=env, check=True, timeout=600)
-    # Flower's executables, for the fresh interpreter (the package itself is the shared one's version).
-    subprocess.run([*pip, "--ignore-installed", f"flwr=={metadata.version('flwr')}"], env=env, check=True, timeout=600)
-    return venv / "bin", release
-
-
-def test_a_non_editable_install_runs_a_deployed_federation(tmp_path, tiny_federation, monkeypatch):
-    """Regression of finding 13."""
-    import yaml
-
-    from common.bundle import bundle_sha256
-    from server.certs import init_pki
-    from tests.helpers.deploy_harness import (
-        GATEWAY_HOST,
-        Launched,
-        allow,
-        events,
-        federation_yaml,
-        make_site,
-        run_cli,
-        wait_for,
-        write_yaml,
-    )
-
-    bin_dir, release = _fresh_install(tmp_path)
-    fed = federation_yaml(tmp_path, release, ["site-1"], rounds=1, min_sites=1, run_name="installed", cross_eval=False)
-    body = yaml.safe_load(fed.read_text())
-    body["server"]["app_dir"] = ""  # as in deploy/federation.yaml: the installation's own release
-    write_yaml(fed, body)
-    init_pki(tmp_path / "certs", [], [GATEWAY_HOST])
-    site = make_site(tmp_path, "site-1", tiny_federation["site-1"], fed, [bundle_sha256(release)])
-    allow(fed, "site-1", site)
-
-    monkeypatch.delenv("PYTHONPATH", raising=False)  # from here on, only the installed copy runs
-    approve = run_cli(str(bin_dir / "fedseg-client"), "approve", "--config", str(site))
-    assert approve.returncode == 0 and bundle_sha256(release) in approve.stdout, approve.stderr
-    server = Launched(tmp_path / "server.out", str(bin_dir / "fedseg-server"), "start", "--config", str(fed))
-    daemon = Launched(tmp_path / "site.out", str(bin_dir / "fedseg-client"), "start", "--config", str(site))
-    try:
-        wait_for(lambda: server.proc.poll() is not None, 400, "the installed federation to finish", server, daemon)
-    finally:
-        daemon.terminate()
-        server.terminate()
-    assert server.proc.returncode == 0, server.output()[-3000:]
-    log = events(tmp_path / "runs" / "installed")
-    assert [e["site"] for e in log if e["event"] == "train"] == ["site-1"]
-    assert log[-1]["event"] == "run-end" and log[-1]["status"] == "completed"
