@@ -53,7 +53,7 @@ def _connection_lines(watch: dict | None, alive: bool) -> list[str]:
 
 
 def report(state: Path) -> list[str]:
-    from . import local_dp
+    from . import dp_ledger
     from .site_history import read
 
     lines = [_daemon_line(state)]
@@ -80,7 +80,7 @@ def report(state: Path) -> list[str]:
     egress = list(read_jsonl(state / EGRESS_FILE))
     if egress:
         lines.append(f"egress log: {len(egress)} message(s) recorded in {state / EGRESS_FILE}")
-    lines += local_dp.status_lines(state)
+    lines += dp_ledger.status_lines(state)
     refused = [d for d in read_jsonl(state / BUNDLE_LOG) if d["decision"] == "refused"]
     if refused:
         lines.append(

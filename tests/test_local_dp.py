@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 
 from client import client_app
 from client.cli import main as client_main
-from client.local_dp import add_noise, clip_update, privatize, record_release, status_lines
+from client.dp_ledger import record_release, status_lines
+from client.local_dp import add_noise, clip_update, privatize
 from client.site_state import SiteState
 from common import keys, secagg
 from common.config import ConfigError, SiteConfig, load_config
