@@ -12,6 +12,8 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -152,6 +154,20 @@ def test_status_adds_up_every_run_the_site_took_part_in(tmp_path):
     )
     assert match and float(match.group(2)) == 1e-6
     assert float(match.group(1)) == pytest.approx(gaussian_epsilon(1 / mu, 1, 1e-6), rel=1e-3)
+
+    said = subprocess.run(  # the command a site's IT runs often: it reads files, it loads no torch
+        [sys.executable, "-c", STATUS_WITHOUT_TORCH, str(state.root)], capture_output=True, text=True, timeout=60
+    )
+    assert said.returncode == 0 and said.stdout.strip() == "[]", said.stdout + said.stderr
+
+
+STATUS_WITHOUT_TORCH = """
+import sys
+from pathlib import Path
+from client.status import report
+assert "local DP" in "".join(report(Path(sys.argv[1])))
+print([m for m in ("torch", "monai") if m in sys.modules])
+"""
 
 
 def test_local_dp_settings_are_checked():
