@@ -2,4 +2,5 @@
 dicom_cases.py), real Flower messages, replies and the real strategy (messages.py), the in-process federation
 (local_grid.py), a scripted SuperLink under the centre's receiving stack (scripted_grid.py), one site's
 handlers (site_harness.py), a trained round for replaying hostile replies (hostile.py), deployed
-processes (deploy_harness.py) and the session's deployed federation (deployed.py)."""
+processes (deploy_harness.py), the session's deployed federation (deployed.py) and fedseg installed as the
+containers install it (installed.py)."""
