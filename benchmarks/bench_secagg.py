@@ -59,7 +59,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType  # noqa: E4
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects  # noqa: E402
 
 from client import client_app  # noqa: E402
-from client.local_dp import SENSITIVITY_FACTOR  # noqa: E402
+from client.dp_ledger import SENSITIVITY_FACTOR  # noqa: E402
 from common.config import FedsegConfig, load_config  # noqa: E402
 from common.dp_accounting import gaussian_epsilon  # noqa: E402
 from common.metrics_log import MetricsLog, read_events  # noqa: E402
