@@ -142,7 +142,7 @@ LONGEST_FIRST = (
 )
 """The modules that take minutes (``--durations``), slowest first; the rest follow, processes and federations
 first. A module missing here only starts later. test_deploy comes before test_run_lineage: both use ``deployed``, whose
-first run test_deploy watches live."""
+first run test_deploy watches live and which test_run_lineage stops once done."""
 
 
 def _module_rank(module: str, items: list[pytest.Item]) -> tuple[int, int]:

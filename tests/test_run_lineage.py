@@ -26,7 +26,7 @@ from common.preprocess import PreprocessedCases
 from common.runs import CROSS_EVAL_FILE, PROVENANCE_FILE
 from server.cli import main as server_main
 from tests.helpers.deploy_harness import Launched, events, site_norm_files, wait_for, write_yaml
-from tests.helpers.deployed import GOOD, ROUNDS, RUN, finished
+from tests.helpers.deployed import GOOD, ROUNDS, RUN, finished, stop
 
 pytestmark = pytest.mark.processes
 
@@ -46,6 +46,7 @@ def two_runs(deployed):
         wait_for(lambda: server.proc.poll() is not None, 600, "run B to finish", server, *daemons)
     finally:
         server.terminate()
+        stop(deployed)  # the federation's last use (tests/helpers/deployed.py)
     assert server.proc.returncode == 0, server.output()[-3000:]
     return {"root": root, "sites": {n: deployed["sites"][n] for n in GOOD}, "a_files": a_files}
 

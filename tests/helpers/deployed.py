@@ -2,7 +2,9 @@
 
 Two approved sites train for two rounds while a third, registered site refuses
 the app bundle. test_deploy attacks and inspects it while it runs; after it,
-test_run_lineage runs a second run at the same, still running, site daemons.
+test_run_lineage runs a second run at the same, still running, site daemons
+and then stops them all (its last use: a test later on the same worker checks
+that nothing keeps running).
 Sites reach the gateway on 127.0.0.2, standing in for the centre's public
 interface; the SuperLink is bound to 127.0.0.1. tests/conftest.py starts it
 once (``deployed``).
@@ -69,9 +71,14 @@ def deployed_federation(root: Path) -> Iterator[dict]:
         wait_for(lambda: "sites connect to" in server.output(), 180, "the server to come up", server)
         yield ctx
     finally:
-        for proc in [*ctx["extra"], *daemons.values()]:
-            proc.terminate()
-        server.terminate()
+        stop(ctx)
+
+
+def stop(ctx: dict) -> None:
+    """Stop every process of the federation (again: a stopped one is left as it is)."""
+    for proc in [*ctx["extra"], *ctx["daemons"].values()]:
+        proc.terminate()
+    ctx["server"].terminate()
 
 
 def finished(ctx: dict) -> Launched:
