@@ -43,6 +43,8 @@ from .watch import PROBLEMS, SiteWatch
 STABLE_RUN_S = 120.0
 """A SuperNode that ran this long counts as healthy: the next restart waits retry_initial_s again."""
 POLL_S = 0.5
+WARM_READY_S = 300.0
+"""How long the data check waits for the warm parent to finish its imports before checking in the daemon."""
 TLS_CHECK_TIMEOUT_S = 10.0
 
 
@@ -204,11 +206,14 @@ class Daemon:
         from .warm_start import SOCKET_ENV, check_in_child
 
         self._ensure_warm(env)
-        while self.warm is not None and self.warm.poll() is None:
+        deadline = time.monotonic() + WARM_READY_S
+        while self.warm is not None and self.warm.poll() is None and time.monotonic() < deadline:
             try:
                 return check_in_child(env[SOCKET_ENV], self.site.data_dir)
             except ConnectionRefusedError:  # still importing: it listens once ready
                 time.sleep(POLL_S)
+            except OSError:  # it went away in the middle of the check
+                return None
         return None
 
     def _start(self, site_yaml: Path, env: dict[str, str]) -> subprocess.Popen:
