@@ -127,7 +127,7 @@ def prepare_state(site: SiteConfig) -> tuple[Path, dict[str, str]]:
     ClientApp from the site's warm parent (client/warm_start.py), behind the
     bundle guard either way.
     """
-    from common.flower_env import flower_env
+    from common.flower_env import SITE_ENV, flower_env
     from common.private import private_dir
 
     from .bundle_guard import guard_env, write_launcher
@@ -138,7 +138,7 @@ def prepare_state(site: SiteConfig) -> tuple[Path, dict[str, str]]:
     site_yaml = state / RESOLVED_SITE
     site_yaml.write_text(yaml.safe_dump({"site": site.to_dict()}, sort_keys=False))
     bin_dir = write_launcher(state / GUARD_BIN, entry="client.warm_start").parent
-    env = flower_env(state / FLWR_HOME, site.torch_threads)
+    env = flower_env(state / FLWR_HOME, site.torch_threads) | SITE_ENV
     env[POLL_ENV] = str(site.poll_interval_s)
     if site.warm_start:
         env[SOCKET_ENV] = new_socket_name()

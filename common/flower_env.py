@@ -3,9 +3,11 @@
 A hospital product does not phone home: Flower's telemetry and Ray's usage
 stats are off, the SuperLink never runs ``uv sync`` for an app, and thread
 pools are sized for the cores we were given rather than the whole machine.
-A SuperNode's SuperExec looks for new ClientApp tasks every 0.1 s, not every
-second (a local call; the delay is paid by every message of every round),
-and a message's arrays travel as up to 8 objects at a time rather than 2
+A site's SuperExec looks for new ClientApp tasks every 0.1 s, not every
+second (``SITE_ENV``: a local call, and the delay is paid by every message of
+every round); the centre's and a simulation's keep Flower's second, as each
+launches one app per run and every look is a database query at the SuperLink.
+A message's arrays travel as up to 8 objects at a time rather than 2
 (each is one HTTP request, and a tiny model's message is over 40 of them).
 These are Flower's own settings, given as environment variables; what needs
 a patch of Flower is in common/flower/ (for example the pull back-off,
@@ -28,10 +30,12 @@ PRIVATE_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
     "RAY_DEDUP_LOGS": "0",
-    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
     "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS": "8",
     "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES": "8",
 }
+
+SITE_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
+"""Added for a site's SuperNode: its SuperExec starts each message's ClientApp within 0.1 s."""
 
 
 def flower_env(flwr_home: Path, threads: int = 1) -> dict[str, str]:
