@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import functools
 import os
 from pathlib import Path
@@ -103,6 +104,15 @@ def own_run(own_sites: tuple[Path, dict[str, Path]]) -> Path:
 
 
 @pytest.fixture(scope="session")
+def cyclic_run(tmp_path_factory: pytest.TempPathFactory):
+    """One cyclic simulation on a Ray head started apart (tests/helpers/ray_head.py), shared by test_cyclic, which
+    checks its schedule, and test_ray_cluster, which checks that it ran on the head."""
+    from tests.helpers.ray_head import cyclic_run_on_head
+
+    return cyclic_run_on_head(tmp_path_factory.mktemp("cyclic"))
+
+
+@pytest.fixture(scope="session")
 def deployed(tmp_path_factory: pytest.TempPathFactory):
     """One deployed federation (tests/helpers/deployed.py), shared by test_deploy, which watches its run, and
     test_run_lineage, which runs a second run at its site daemons once the first has ended."""
@@ -129,7 +139,7 @@ def trained_site(tmp_path):
 # same worker, which builds it once; the modules that take minutes start first, so that both workers finish
 # together.
 
-SHARED_SESSION_FIXTURES = ("hostile_round", "quorum_run", "own_run", "deployed")
+SHARED_SESSION_FIXTURES = ("hostile_round", "quorum_run", "own_run", "deployed", "cyclic_run")
 """Session fixtures that run a federation: every module using one joins that fixture's worker."""
 
 LONGEST_FIRST = (
@@ -160,6 +170,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items[:] = [item for module in order for item in modules[module]]
 
 
+def _parameters(source: str) -> set[str]:
+    """Every parameter name of every function in a module: the fixtures its tests and fixtures ask for (a fixture's
+    name in prose, such as "deployed", is not a request)."""
+    return {
+        arg.arg
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        for arg in (*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs)
+    }
+
+
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     """Work units of whole modules, in collection order (``--no-loadscope-reorder``), those sharing a fixture of
     ``SHARED_SESSION_FIXTURES`` as one unit. (xdist's own ``loadgroup`` marks do not reach pytest 9's node ids.)"""
@@ -167,8 +188,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
 
     @functools.cache
     def unit(module: str) -> str:
-        source = (config.rootpath / module).read_text()
-        return next((name for name in SHARED_SESSION_FIXTURES if name in source), module)
+        asked = _parameters((config.rootpath / module).read_text())
+        return next((name for name in SHARED_SESSION_FIXTURES if name in asked), module)
 
     class ModuleScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
