@@ -84,7 +84,7 @@ def quorum_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[FedsegConfig, 
 
 @pytest.fixture(scope="session")
 def own_sites(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
-    """Three small sites of the user's own, one held out, and the sites.yaml naming them
+    """Four small sites of the user's own, one of DICOM series, one held out, and the sites.yaml naming them
     (tests/helpers/own_sites.py): (sites.yaml, site name -> dataset folder)."""
     from tests.helpers.own_sites import write_own_sites
 
@@ -93,8 +93,8 @@ def own_sites(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
 
 @pytest.fixture(scope="session")
 def own_run(own_sites: tuple[Path, dict[str, Path]]) -> Path:
-    """One ``fedseg-sim run`` on ``own_sites`` (two sites train, east is held out, cross-site evaluation on),
-    shared by test_own_sites and test_cross_eval; returns its run directory."""
+    """One ``fedseg-sim run`` on ``own_sites`` (three sites train, east is held out, cross-site evaluation on),
+    shared by test_own_sites, test_cross_eval and test_dicom; returns its run directory."""
     from common.config import load_config
     from simulations.cli import main as sim_main
 

@@ -3,11 +3,11 @@
 One synthetic site's NIfTI scans become DICOM series (int16 with a rescale
 slope and intercept, a double-oblique orientation, slice files in shuffled
 order, every identifying attribute of the basic de-identification profile
-filled in); its label maps stay NIfTI on the same oblique grid. That site and
-an untouched NIfTI site train a round in the simulation; the DICOM site then
-predicts a DICOM-SEG, read back with highdicom onto the source slices. The
-bytes of everything the run and the SEG wrote are searched for the planted
-values.
+filled in); its label maps stay NIfTI on the same oblique grid. That site is
+one of the user's own sites (tests/helpers/own_sites.py) and trains in their
+shared simulation (``own_run``) beside NIfTI sites; it then predicts a
+DICOM-SEG, read back with highdicom onto the source slices. The bytes of
+everything the run and the SEG wrote are searched for the planted values.
 """
 
 from __future__ import annotations
@@ -15,13 +15,11 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-import yaml
 
 from client.check import check_dataset
 from client.cli import main as client_main
@@ -30,45 +28,9 @@ from common.dicom_series import open_series
 from common.plan import ChannelNorm, Plan
 from common.preprocess import prepare_case
 from common.reading import IMAGE, LABEL, load_image, load_label, load_nifti, read_case
-from simulations.cli import main as sim_main
-from simulations.synthetic import default_signatures, generate_site
-from tests.helpers.dicom_cases import IDENTITY, INTERCEPT, SLOPE, nifti_to_dicom_case, write_series
+from tests.helpers.dicom_cases import IDENTITY, INTERCEPT, SLOPE, double_oblique, write_series
 from tests.helpers.nifti_cases import phantom, save
-from tests.helpers.own_sites import SETTINGS as OWN_SITES
-from tests.helpers.own_sites import sites_yaml
-
-SHAPE = (32, 32, 24)
-CASES = 4
-SETTINGS: dict[str, dict[str, Any]] = {**OWN_SITES, "federation": {"rounds": 1, "run_name": "dicom"}}
-
-
-def double_oblique(zooms: np.ndarray) -> np.ndarray:
-    """An affine tilted about two axes (20 and 15 degrees), with the volume's spacing; det > 0."""
-    a, b = np.deg2rad(20.0), np.deg2rad(15.0)
-    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
-    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
-    affine = np.eye(4)
-    affine[:3, :3] = rz @ rx @ np.diag(zooms)
-    affine[:3, 3] = [-30.0, 12.5, 40.0]
-    return affine
-
-
-def as_dicom_site(nifti_site: Path, out: Path, reference: Path) -> Path:
-    """A copy of ``nifti_site`` whose scans are DICOM series folders on an oblique grid.
-
-    The label maps stay NIfTI, rewritten on the same oblique affine; ``reference`` gets each scan as NIfTI
-    with exactly the voxels and affine its series holds.
-    """
-    shutil.copytree(nifti_site, out)
-    for scan in sorted((out / "imagesTr").glob("*_0000.nii.gz")):
-        case = scan.name.removesuffix("_0000.nii.gz")
-        affine = double_oblique(np.asarray(load_nifti(scan).header.get_zooms()[:3], dtype=float))
-        volume = nifti_to_dicom_case(scan, out / "imagesTr" / f"{case}_0000", affine, series_number=3)
-        save(volume, affine, reference / f"{case}_0000.nii.gz")
-        label = out / "labelsTr" / f"{case}.nii.gz"
-        save(np.asarray(load_nifti(label).dataobj, dtype=np.uint8), affine, label)
-        scan.unlink()
-    return out
+from tests.helpers.own_sites import DICOM_REFERENCE, SHAPE, TRAIN_CASES, site_yaml_of
 
 
 def planted_in(path: Path, uids: frozenset[str] | set[str] = frozenset()) -> list[str]:
@@ -78,21 +40,10 @@ def planted_in(path: Path, uids: frozenset[str] | set[str] = frozenset()) -> lis
 
 
 @pytest.fixture(scope="module")
-def sites(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("dicom")
-    signatures = default_signatures(2)
-    nifti = generate_site(root / "data", "nif", CASES, SHAPE, signatures[0], seed=0, dataset_id=301)
-    source = generate_site(root / "data", "dcm", CASES, SHAPE, signatures[1], seed=1, dataset_id=302)
-    dicom = as_dicom_site(source, root / "data" / "Dataset303_Dicom", root / "reference")
-    return {"root": root, "nifti": nifti, "dicom": dicom, "reference": root / "reference"}
-
-
-@pytest.fixture(scope="module")
-def run(sites) -> Path:
-    root = sites["root"]
-    path = sites_yaml(root, SETTINGS, {n: {"data_dir": str(sites[n])} for n in ("dicom", "nifti")})
-    assert sim_main(["run", "--config", str(path)]) == 0
-    return root / "runs" / "dicom"
+def sites(own_sites: tuple[Path, dict[str, Path]]) -> dict[str, Path]:
+    """The DICOM site of the user's own sites (tests/helpers/own_sites.py) and the NIfTI its series were made from."""
+    config, folders = own_sites
+    return {"dicom": folders["dicom"], "reference": config.parent / DICOM_REFERENCE}
 
 
 def _series_uids(folder: Path) -> set[str]:
@@ -106,7 +57,7 @@ def _series_uids(folder: Path) -> set[str]:
 def test_a_series_reads_as_the_nifti_it_was_made_from(sites):
     spec = read_dataset(sites["dicom"])
     case = spec.cases[0]
-    assert case.images[0].is_dir() and len(spec.cases) == CASES
+    assert case.images[0].is_dir() and len(spec.cases) == TRAIN_CASES
     reference = sites["reference"] / f"{case.case_id}_0000.nii.gz"
     nifti = load_nifti(reference)
     image = load_image(case.images)
@@ -134,17 +85,15 @@ def test_a_series_reads_as_the_nifti_it_was_made_from(sites):
 
 
 @pytest.mark.simulation
-def test_a_round_on_a_dicom_site_and_a_seg_on_the_source_voxels(sites, run, tmp_path, capsys):
+def test_a_round_on_a_dicom_site_and_a_seg_on_the_source_voxels(sites, own_run, tmp_path, capsys):
+    run = own_run
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    trained = {e["site"] for e in events if e["event"] == "train"}
-    assert trained == {"dicom", "nifti"}
+    assert {e["round"] for e in events if e["event"] == "train" and e["site"] == "dicom"} == {1, 2}
     cached = [p.parent.name for p in (run / "sites" / "dicom" / "cache").glob("plan-*/*/image.npy")]
-    assert len(cached) >= CASES - 1
+    assert len(cached) >= TRAIN_CASES - 1
     case = read_dataset(sites["dicom"]).cases[0]
     series = case.images[0]
-    site_yaml = next(
-        p for p in (run / "sites").glob("site-*.yaml") if yaml.safe_load(p.read_text())["site"]["name"] == "dicom"
-    )
+    site_yaml = site_yaml_of(run, "dicom")
     out = tmp_path / "out"
     common = ["predict", "--config", str(site_yaml), "--run", str(run), "--output", str(out)]
     assert client_main([*common, "--input", str(series), "--output-format", "dicom-seg"]) == 0

@@ -1,9 +1,10 @@
 """The user's own sites in the simulation: test sets, a held-out site, channels from dataset.json, pictures.
 
-The three small sites of tests/helpers/own_sites.py: one nnU-Net raw with
-imagesTs/labelsTs, one Decathlon layout with labelled "test" entries, one held
-out. One `fedseg-sim run` (``own_run``, tests/conftest.py, shared with
-test_cross_eval) serves every assertion about the federated side;
+The small sites of tests/helpers/own_sites.py: one nnU-Net raw with
+imagesTs/labelsTs, one Decathlon layout with labelled "test" entries, one of
+DICOM series (test_dicom asserts what is DICOM about it), one held out. One
+`fedseg-sim run` (``own_run``, tests/conftest.py, shared with test_cross_eval
+and test_dicom) serves every assertion about the federated side;
 `fedseg-sim compare --quick` runs the two baselines on the same sites.
 """
 
@@ -26,7 +27,10 @@ from simulations.cli import main as sim_main
 from simulations.compare_run import federated_result
 from simulations.sites import read_site_specs, with_data_channels
 from tests.helpers.nifti_cases import nnunet_dataset
-from tests.helpers.own_sites import TEST_CASES, TRAIN_CASES
+from tests.helpers.own_sites import TEST_CASES, TRAIN_CASES, site_yaml_of
+
+TRAINING = ["dicom", "north", "south"]
+"""The own sites that train: north and south hold test sets, dicom's scans are DICOM series; east is held out."""
 
 
 def test_layouts_expose_their_test_sets(own_sites):
@@ -40,8 +44,8 @@ def test_layouts_expose_their_test_sets(own_sites):
 @pytest.mark.simulation
 def test_run_on_own_sites_scores_test_sets_and_the_held_out_site_on_everything(own_run):
     events = list(read_events(own_run / "metrics.jsonl"))
-    assert events[0]["sites"] == ["north", "south"] and events[-1]["status"] == "completed"
-    assert {e["site"] for e in events if e["event"] == "train"} == {"north", "south"}
+    assert sorted(events[0]["sites"]) == TRAINING and events[-1]["status"] == "completed"
+    assert sorted({e["site"] for e in events if e["event"] == "train"}) == TRAINING
     cells = json.loads((own_run / CROSS_EVAL_FILE).read_text())["cells"]
     last = {c["site"]: c for c in cells if c["model"].startswith("last")}
     for name in ("north", "south"):
@@ -91,7 +95,7 @@ def test_pictures_stay_at_each_site_and_nothing_image_like_left(own_run):
 def test_site_side_report_command(own_run, tmp_path, capsys):
     from client.cli import main as client_main
 
-    site_yaml = own_run / "sites" / "site-1.yaml"
+    site_yaml = site_yaml_of(own_run, "north")
     out = tmp_path / "pictures"
     assert (
         client_main(["report", "--config", str(site_yaml), "--run", str(own_run), "--out", str(out), "--cases", "1"])
@@ -100,7 +104,7 @@ def test_site_side_report_command(own_run, tmp_path, capsys):
     (picture,) = out.glob("north-*.png")
     said = capsys.readouterr().out
     assert "stay at this site" in said and "re-estimated" not in said and picture.stat().st_size > 5000
-    held_out = own_run / "sites" / "site-3.yaml"  # east never trained: its BatchNorm statistics are adapted first
+    held_out = site_yaml_of(own_run, "east")  # east never trained: its BatchNorm statistics are adapted first
     assert client_main(["report", "--config", str(held_out), "--run", str(own_run), "--out", str(out)]) == 0
     said = capsys.readouterr().out
     assert "site east never trained in this run: re-estimated the BatchNorm statistics" in said
@@ -117,13 +121,13 @@ def test_compare_quick_on_own_sites(own_sites, tmp_path):
     )
     rows = {r["method"]: r for r in read_jsonl(out / "results.jsonl")}
     for row in rows.values():
-        assert row["status"] == "ok" and set(row["per_site"]) == {"north", "south"}
+        assert row["status"] == "ok" and sorted(row["per_site"]) == TRAINING
         assert set(row["test_per_site"]) == {"north", "south"} and all(
             len(v) == 1 for v in row["test_per_class"].values()
         )
     assert set(rows["pooled"]["held_out"]) == {"east"}
     report = (out / "results.md").read_text()
-    assert "(2 training sites, 1 held out, your own datasets from simulation.sites)" in report
+    assert "(3 training sites, 1 held out, your own datasets from simulation.sites)" in report
     assert "synthetic" not in report and "shift strength" not in report
 
 

@@ -10,6 +10,7 @@ bytes of what fedseg writes.
 from __future__ import annotations
 
 import random
+import shutil
 import uuid
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from pydicom import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from common.reading import load_nifti
+from tests.helpers.nifti_cases import save
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -119,3 +121,32 @@ def nifti_to_dicom_case(image: Path, folder: Path, affine: np.ndarray, **kwargs)
     volume = np.asarray(load_nifti(image).dataobj, dtype=np.float32)
     write_series(volume, affine, folder, **kwargs)
     return quantize(volume)
+
+
+def double_oblique(zooms: np.ndarray) -> np.ndarray:
+    """An affine tilted about two axes (20 and 15 degrees), with the volume's spacing; det > 0."""
+    a, b = np.deg2rad(20.0), np.deg2rad(15.0)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    affine = np.eye(4)
+    affine[:3, :3] = rz @ rx @ np.diag(zooms)
+    affine[:3, 3] = [-30.0, 12.5, 40.0]
+    return affine
+
+
+def as_dicom_site(nifti_site: Path, out: Path, reference: Path) -> Path:
+    """A copy of ``nifti_site`` whose scans are DICOM series folders on an oblique grid.
+
+    The label maps stay NIfTI, rewritten on the same oblique affine; ``reference`` gets each scan as NIfTI
+    with exactly the voxels and affine its series holds.
+    """
+    shutil.copytree(nifti_site, out)
+    for scan in sorted((out / "imagesTr").glob("*_0000.nii.gz")):
+        case = scan.name.removesuffix("_0000.nii.gz")
+        affine = double_oblique(np.asarray(load_nifti(scan).header.get_zooms()[:3], dtype=float))
+        volume = nifti_to_dicom_case(scan, out / "imagesTr" / f"{case}_0000", affine, series_number=3)
+        save(volume, affine, reference / f"{case}_0000.nii.gz")
+        label = out / "labelsTr" / f"{case}.nii.gz"
+        save(np.asarray(load_nifti(label).dataobj, dtype=np.uint8), affine, label)
+        scan.unlink()
+    return out

@@ -1,7 +1,8 @@
 """The user's own sites, as a simulation meets them: three small real-NIfTI sites written with
 simulations.synthetic, one nnU-Net raw with imagesTs/labelsTs, one in the Decathlon layout with labelled "test"
-entries, one held out; and the sites.yaml that names them (``simulation.sites``). tests/conftest.py runs
-``fedseg-sim run`` on them once (``own_run``), for test_own_sites and test_cross_eval.
+entries, one held out; a fourth whose scans are DICOM series (tests/helpers/dicom_cases.py); and the sites.yaml
+that names them (``simulation.sites``). tests/conftest.py runs ``fedseg-sim run`` on them once (``own_run``), for
+test_own_sites, test_cross_eval and test_dicom.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ from typing import Any
 import yaml
 
 from simulations.synthetic import default_signatures, generate_site
+from tests.helpers.dicom_cases import as_dicom_site
 from tests.helpers.tiny import TINY
 
 SHAPE = (32, 32, 24)
 TRAIN_CASES, TEST_CASES = 4, 2
+DICOM_REFERENCE = "dicom-reference"
+"""Next to sites.yaml: each scan of the DICOM site as NIfTI, exactly the voxels and affine its series holds."""
 SETTINGS: dict[str, dict[str, Any]] = {
     "model": {**TINY["model"], "channels": [4, 8, 16]},
     "data": {**TINY["data"], "val_fraction": 0.25},
@@ -65,8 +69,8 @@ def sites_yaml(root: Path, settings: dict[str, dict[str, Any]], sites: dict[str,
 
 
 def write_own_sites(root: Path) -> tuple[Path, dict[str, Path]]:
-    """The three sites under ``root`` and the sites.yaml naming them: (sites.yaml, site name -> dataset folder)."""
-    signatures = default_signatures(3)
+    """The four sites under ``root`` and the sites.yaml naming them: (sites.yaml, site name -> dataset folder)."""
+    signatures = default_signatures(4)
     folders = {}
     for i, name in enumerate(["north", "south", "east"]):
         folder = generate_site(
@@ -75,7 +79,14 @@ def write_own_sites(root: Path) -> tuple[Path, dict[str, Path]]:
         if name == "south":
             as_decathlon(folder)
         folders[name] = folder
+    source = generate_site(root / "dicom-source", "dcm", TRAIN_CASES, SHAPE, signatures[3], seed=3, dataset_id=204)
+    folders["dicom"] = as_dicom_site(source, root / "data" / "Dataset204_Dicom", root / DICOM_REFERENCE)
     sites: dict[str, dict[str, Any]] = {name: {"data_dir": str(folder)} for name, folder in folders.items()}
     sites["east"]["held_out"] = True
     path = sites_yaml(root, SETTINGS, sites)
     return path, folders
+
+
+def site_yaml_of(run: Path, name: str) -> Path:
+    """The site.yaml the simulation wrote under ``run`` for the site called ``name`` (site-1.yaml, ... in its order)."""
+    return next(p for p in (run / "sites").glob("site-*.yaml") if yaml.safe_load(p.read_text())["site"]["name"] == name)
