@@ -125,7 +125,11 @@ def test_a_simulation_in_which_no_site_trained_fails_with_its_first_reason(tmp_p
                     "run_name": "small",
                     "round_timeout_s": 60,
                 },
-                "simulation": {"cpus_per_site": 1, "sites": {n: {"data_dir": str(p)} for n, p in data.items()}},
+                "simulation": {
+                    "cpus_per_site": 1,
+                    "ray_num_cpus": 1,
+                    "sites": {n: {"data_dir": str(p)} for n, p in data.items()},
+                },
             }
         )
     )
