@@ -52,16 +52,16 @@ def as_decathlon(root: Path) -> None:
     (root / "dataset.json").write_text(json.dumps(msd))
 
 
-def sites_yaml(root: Path, settings: dict[str, dict[str, Any]], sites: dict[str, dict[str, Any]]) -> Path:
-    """``root``/sites.yaml: ``settings`` with these ``simulation.sites``, each with a site.yaml that accepts the
+def sites_yaml(root: Path, sites: dict[str, dict[str, Any]]) -> Path:
+    """``root``/sites.yaml: ``SETTINGS`` with these ``simulation.sites``, each with a site.yaml that accepts the
     generated cohorts (below a deployed site's floor), and the runs under ``root``."""
     small = root / "small-site.yaml"
     small.write_text(yaml.safe_dump({"site": {"min_cohort": 1}}))
     listed = {name: {**site, "site_yaml": str(small)} for name, site in sites.items()}
     config = {
-        **settings,
-        "simulation": {**settings["simulation"], "sites": listed},
-        "federation": {**settings["federation"], "runs_dir": str(root / "runs")},
+        **SETTINGS,
+        "simulation": {**SETTINGS["simulation"], "sites": listed},
+        "federation": {**SETTINGS["federation"], "runs_dir": str(root / "runs")},
     }
     path = root / "sites.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -83,7 +83,7 @@ def write_own_sites(root: Path) -> tuple[Path, dict[str, Path]]:
     folders["dicom"] = as_dicom_site(source, root / "data" / "Dataset204_Dicom", root / DICOM_REFERENCE)
     sites: dict[str, dict[str, Any]] = {name: {"data_dir": str(folder)} for name, folder in folders.items()}
     sites["east"]["held_out"] = True
-    path = sites_yaml(root, SETTINGS, sites)
+    path = sites_yaml(root, sites)
     return path, folders
 
 
